@@ -1,0 +1,140 @@
+//! The daemon's configuration file (`/etc/portcullis/portcullis.toml`).
+//!
+//! The file is the baseline: the interfaces to protect, where pins live, the
+//! SSH exemption and the rules. Validation happens here, before anything
+//! touches the kernel, so a bad file changes nothing.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::rules::{FirewallRule, RuleSet};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/portcullis/portcullis.toml";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interfaces whose inbound traffic is filtered.
+    pub interfaces: Vec<String>,
+    /// bpffs directory holding the pinned maps and links.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    #[serde(default)]
+    pub ssh: Ssh,
+    /// Brev-format rules, at the top level as the SDK writes them.
+    #[serde(default)]
+    pub ingress_rules: Vec<FirewallRule>,
+    #[serde(default)]
+    pub egress_rules: Vec<FirewallRule>,
+}
+
+/// The SSH exemption: inbound TCP/22 admitted regardless of the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    #[serde(default)]
+    pub allow: bool,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_PIN_DIR)
+}
+
+impl Config {
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let config: Config = toml::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config {}", path.display()))?;
+        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.interfaces.is_empty() {
+            bail!("interfaces: list at least one interface to protect");
+        }
+        for name in &self.interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+                bail!("interfaces: {name:?} is not a valid interface name");
+            }
+        }
+        if !self.pin_dir.is_absolute() {
+            bail!(
+                "pin_dir: {} must be an absolute path",
+                self.pin_dir.display()
+            );
+        }
+        self.rule_set().validate()?;
+        Ok(())
+    }
+
+    /// The rules of this file as a rule set.
+    pub fn rule_set(&self) -> RuleSet {
+        RuleSet {
+            ingress_rules: self.ingress_rules.clone(),
+            egress_rules: self.egress_rules.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_minimal_config_with_defaults() {
+        let c = Config::parse("interfaces = [\"eth0\"]\n").unwrap();
+        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert!(!c.ssh.allow);
+        assert!(c.ingress_rules.is_empty());
+    }
+
+    #[test]
+    fn parses_rules_in_toml() {
+        let c = Config::parse(
+            r#"
+interfaces = ["eth0"]
+pin_dir = "/sys/fs/bpf/x"
+ssh = { allow = true }
+[[ingress_rules]]
+id = "web"
+from_port = 8080
+to_port = 8080
+ip_ranges = []
+"#,
+        )
+        .unwrap();
+        assert!(c.ssh.allow);
+        assert_eq!(c.ingress_rules[0].id, "web");
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("interfaces = []\n").unwrap_err();
+        assert!(e.to_string().starts_with("interfaces:"), "{e}");
+        let e = Config::parse("interfaces = [\"eth0\"]\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::parse(
+            "interfaces = [\"eth0\"]\n[[ingress_rules]]\nid = \"x\"\nfrom_port = 5\nto_port = 4\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ingress_rules[0] (id \"x\"): from_port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let text = include_str!("../../systemd/portcullis.toml");
+        Config::parse(text).unwrap();
+    }
+}

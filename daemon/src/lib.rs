@@ -1,0 +1,9 @@
+//! Portcullis user space: the daemon (`portcullisd`) and the CLI (`portcullis`).
+//!
+//! - [`rules`]: the Brev-format rule model and its validation (pure).
+//! - [`config`]: the configuration file (pure).
+//! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
+
+pub mod config;
+pub mod dataplane;
+pub mod rules;
