@@ -31,7 +31,7 @@ pub mod programs {
 /// Why a packet got its verdict. Each reason has its own counter, so an
 /// operator (and a test) can tell exactly which branch of the policy fired.
 #[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {
     /// ARP, which a host needs to be reachable at all.
     PassArp = 0,

@@ -1,1 +1,519 @@
+//! Test harness shared by the integration tests: throw-away network
+//! namespaces joined by veth pairs, the real daemon running inside them, and
+//! real TCP, UDP, ICMP and raw IP traffic across.
+//!
+//! Everything a test creates carries a name unique to the test process and
+//! the test, so tests run in parallel, and everything is removed by `Drop`,
+//! which also runs when a test panics.
 
+use std::{
+    collections::HashMap,
+    fs,
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+pub use portcullis_common::Reason;
+
+/// Returns early from a test, with a message saying why, when not root.
+/// As root the test must run: set-up failures after this point fail the test.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::is_root() {
+            eprintln!("SKIPPED: this test needs root (network namespaces, XDP); run it as root");
+            return;
+        }
+    };
+}
+
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name no other test (in this or another test process) uses.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Runs a command, failing with its output when it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop (with every interface in it).
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> anyhow::Result<Self> {
+        let name = unique(&format!("pct{tag}"));
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> ARGS`.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<String> {
+        run(Command::new("ip").arg("-n").arg(&self.name).args(args))
+    }
+
+    /// A command that runs in this namespace's network stack only (the
+    /// host's bpffs and /sys stay visible, unlike `ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    pub fn sysctl(&self, key: &str, value: &str) -> anyhow::Result<()> {
+        run(self
+            .command("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")]))?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace. Sockets created
+    /// there belong to the namespace and can be used from any thread after.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = self.path();
+        thread::scope(|s| {
+            s.spawn(move || {
+                let file = fs::File::open(&path).expect("open netns");
+                nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns");
+                f()
+            })
+            .join()
+            .expect("thread in namespace panicked")
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `host` is protected (interface
+/// `pc0`), `peer` sends to it (interface `pc1`).
+pub struct Pair {
+    pub host: Netns,
+    pub peer: Netns,
+}
+
+pub const HOST_IFACE: &str = "pc0";
+pub const PEER_IFACE: &str = "pc1";
+pub const HOST_V4: &str = "10.200.0.1";
+pub const PEER_V4: &str = "10.200.0.2";
+pub const HOST_V6: &str = "fd00:200::1";
+pub const PEER_V6: &str = "fd00:200::2";
+
+impl Pair {
+    pub fn new() -> anyhow::Result<Self> {
+        let host = Netns::new("h")?;
+        let peer = Netns::new("p")?;
+        host.ip(&[
+            "link",
+            "add",
+            HOST_IFACE,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            PEER_IFACE,
+            "netns",
+            peer.name(),
+        ])?;
+        for (ns, dev, v4, v6) in [
+            (&host, HOST_IFACE, HOST_V4, HOST_V6),
+            (&peer, PEER_IFACE, PEER_V4, PEER_V6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        Ok(Pair { host, peer })
+    }
+
+    /// Forgets learned neighbours on both sides, so the next packet needs a
+    /// fresh ARP or neighbour-discovery exchange.
+    pub fn flush_neighbours(&self) -> anyhow::Result<()> {
+        self.host.ip(&["neigh", "flush", "dev", HOST_IFACE])?;
+        self.peer.ip(&["neigh", "flush", "dev", PEER_IFACE])?;
+        Ok(())
+    }
+
+    /// The peer's neighbour state for `addr` (`REACHABLE`, `STALE`, `FAILED`...).
+    pub fn peer_neighbour_state(&self, addr: &str) -> anyhow::Result<String> {
+        let out = self.peer.ip(&["neigh", "show", addr, "dev", PEER_IFACE])?;
+        Ok(out.split_whitespace().last().unwrap_or("NONE").to_string())
+    }
+}
+
+/// A bpffs directory for one test's pins, removed on drop.
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    pub fn new() -> anyhow::Result<Self> {
+        ensure_bpffs()?;
+        Ok(PinDir {
+            path: Path::new("/sys/fs/bpf").join(unique("portcullis-test")),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Verdict counters, summed over CPUs, by reason.
+    pub fn counters(&self) -> anyhow::Result<HashMap<Reason, u64>> {
+        Ok(portcullis::dataplane::read_counters(&self.path)?
+            .into_iter()
+            .map(|(r, c)| (r, c.packets))
+            .collect())
+    }
+
+    pub fn counter(&self, reason: Reason) -> u64 {
+        self.counters().expect("read counters")[&reason]
+    }
+
+    /// Waits until counter `reason` reaches `want` and checks it stays there
+    /// (no more than `want`): asserts the exact count of packets.
+    pub fn expect_counter(&self, reason: Reason, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut got = self.counter(reason);
+        while got < want && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+            got = self.counter(reason);
+        }
+        thread::sleep(Duration::from_millis(100));
+        got = self.counter(reason);
+        assert_eq!(
+            got,
+            want,
+            "counter {} is {got}, expected {want}",
+            reason.name()
+        );
+    }
+
+    /// Link id and program id of the pinned XDP link of `ifname`.
+    pub fn xdp_link(&self, ifname: &str) -> anyhow::Result<(u32, u32)> {
+        let path = self.path.join("links").join(format!("xdp-{ifname}"));
+        let link = aya::programs::links::PinnedLink::from_pin(&path)
+            .with_context(|| format!("no pinned link at {}", path.display()))?;
+        let info = aya::programs::links::FdLink::from(link).info()?;
+        Ok((info.id(), info.program_id()))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        // Unpinning the links detaches the programs.
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf if it is not there yet.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounted = fs::read_to_string("/proc/self/mounts")?
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "));
+    if !mounted {
+        run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    }
+    Ok(())
+}
+
+/// Path of a binary built from this workspace (`cargo build --bins`).
+pub fn workspace_bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let mut dir = exe.parent().context("unexpected executable location")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("unexpected test binary location")?;
+    }
+    let bin = dir.join(name);
+    ensure!(
+        bin.exists(),
+        "{} is missing: build the binaries first (`cargo build --bins`; `cargo xtask test` does)",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// A configuration file in a temporary directory.
+pub struct ConfigFile {
+    dir: tempfile::TempDir,
+}
+
+impl ConfigFile {
+    pub fn new(text: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        fs::write(dir.path().join("portcullis.toml"), text)?;
+        Ok(ConfigFile { dir })
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("portcullis.toml")
+    }
+}
+
+/// A `portcullisd` running in a namespace. Killed on drop; its pins stay
+/// (they belong to the [`PinDir`]).
+pub struct Daemon {
+    child: Child,
+    log: tempfile::NamedTempFile,
+}
+
+impl Daemon {
+    /// Starts the daemon on `config` in `ns` and waits until it reports
+    /// that it enforces.
+    pub fn start(ns: &Netns, config: &ConfigFile) -> anyhow::Result<Self> {
+        let log = tempfile::NamedTempFile::new()?;
+        let child = ns
+            .command(workspace_bin("portcullisd")?)
+            .arg("--config")
+            .arg(config.path())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(log.reopen()?)
+            .spawn()?;
+        let mut d = Daemon { child, log };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.contains(" ready") {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("portcullisd exited ({status}) before it was ready:\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("portcullisd not ready after 20 s:\n{log}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash would; returns the log once the process is gone.
+    pub fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
+
+    /// SIGTERM; returns the exit status once the daemon has exited.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(Instant::now() < deadline, "portcullisd ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A config for the daemon on the host side of a [`Pair`] with `pins`.
+pub fn config(pins: &PinDir, ssh: bool, rules_toml: &str) -> anyhow::Result<ConfigFile> {
+    ConfigFile::new(&format!(
+        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\n[ssh]\nallow = {ssh}\n{rules_toml}",
+        pins.path().display()
+    ))
+}
+
+pub fn sock(addr: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(addr.parse::<IpAddr>().expect("address"), port)
+}
+
+/// A TCP listener that accepts and holds connections without sending.
+pub struct TcpServer {
+    pub addr: SocketAddr,
+}
+
+impl TcpServer {
+    pub fn start(ns: &Netns, addr: SocketAddr) -> anyhow::Result<Self> {
+        let listener = ns.enter(|| TcpListener::bind(addr))?;
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        Ok(TcpServer { addr })
+    }
+}
+
+/// How long a probe waits for a handshake: less than the first SYN
+/// retransmission (1 s), so a dropped probe sends exactly one SYN.
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
+
+/// Connects from `ns` and closes with a reset: exactly three packets
+/// (SYN, ACK, RST) reach the server when the connection succeeds, one (SYN)
+/// when it is dropped (the attempt ends before the SYN is retransmitted).
+pub fn tcp_probe(ns: &Netns, to: SocketAddr) -> io::Result<()> {
+    let stream = ns.enter(|| TcpStream::connect_timeout(&to, PROBE_TIMEOUT))?;
+    let sock = Socket::from(stream);
+    sock.set_linger(Some(Duration::ZERO))?;
+    drop(sock);
+    Ok(())
+}
+
+/// A TCP connection that stays open, for long-lived flows.
+pub fn tcp_connect(ns: &Netns, to: SocketAddr) -> io::Result<TcpStream> {
+    let s = ns.enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    Ok(s)
+}
+
+/// An echo server: echoes each TCP connection's bytes back.
+pub fn tcp_echo_server(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = ns.enter(|| TcpListener::bind(addr))?;
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = stream.shutdown(Shutdown::Both);
+            });
+        }
+    });
+    Ok(())
+}
+
+/// Sends a line on `s` and checks it comes back.
+pub fn echo_roundtrip(s: &mut TcpStream, line: &[u8]) -> io::Result<()> {
+    s.write_all(line)?;
+    let mut buf = vec![0u8; line.len()];
+    s.read_exact(&mut buf)?;
+    if buf != line {
+        return Err(io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// A UDP socket bound in `ns`, with a short receive timeout.
+pub fn udp_bind(ns: &Netns, addr: SocketAddr) -> anyhow::Result<UdpSocket> {
+    let s = ns.enter(|| UdpSocket::bind(addr))?;
+    s.set_read_timeout(Some(Duration::from_millis(700)))?;
+    Ok(s)
+}
+
+/// Sends one datagram from `ns` to `to`.
+pub fn udp_send(ns: &Netns, to: SocketAddr, payload: &[u8]) -> anyhow::Result<()> {
+    let any: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let s = ns.enter(|| UdpSocket::bind(any))?;
+    s.send_to(payload, to)?;
+    Ok(())
+}
+
+/// Whether `sock` receives a datagram within its timeout.
+pub fn udp_received(sock: &UdpSocket) -> bool {
+    let mut buf = [0u8; 2048];
+    sock.recv_from(&mut buf).is_ok()
+}
+
+/// A raw IP socket for `protocol` (GRE = 47, SCTP = 132, ...) in `ns`.
+pub fn raw_socket(ns: &Netns, v6: bool, protocol: i32) -> anyhow::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = ns.enter(|| Socket::new(domain, Type::RAW, Some(Protocol::from(protocol))))?;
+    s.set_read_timeout(Some(Duration::from_millis(700)))?;
+    Ok(s)
+}
+
+/// Sends `payload` as one IP packet of `protocol` from `ns` to `to`.
+pub fn raw_send(ns: &Netns, to: IpAddr, protocol: i32, payload: &[u8]) -> anyhow::Result<()> {
+    let s = raw_socket(ns, to.is_ipv6(), protocol)?;
+    s.send_to(payload, &SockAddr::from(SocketAddr::new(to, 0)))?;
+    Ok(())
+}
+
+/// Whether a raw socket receives a packet within its timeout.
+pub fn raw_received(sock: &Socket) -> bool {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    sock.recv(&mut buf).is_ok()
+}
+
+/// One ICMP echo from `ns` to `addr`; true when the reply came back.
+pub fn ping(ns: &Netns, addr: &str) -> bool {
+    ns.command("ping")
+        .args(["-c", "1", "-W", "1", addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}

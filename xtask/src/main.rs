@@ -1,1 +1,268 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup | test | demo`.
+//!
+//! This crate depends on nothing that needs the eBPF toolchain, so it builds
+//! on a fresh machine and can install that toolchain itself.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use clap::{Parser, Subcommand};
+
+/// Nightly used for the BPF target (see daemon/build.rs); its LLVM must be
+/// the one bpf-linker links against.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_FEATURE: &str = "llvm-23";
+
+/// Debian packages the tests and the demo use.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",     // ip, netns, veth
+    "util-linux",   // nsenter, mount
+    "iputils-ping", // ping
+    "procps",       // sysctl
+    "bpftool",      // inspecting programs by hand
+];
+
+#[derive(Parser)]
+#[command(about = "Portcullis project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what a fresh machine lacks: toolchains, bpf-linker, packages.
+    Setup,
+    /// The whole suite: setup, fmt, clippy, build, unit and integration tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Runs portcullisd between two throw-away namespaces and shows what it does.
+    Demo,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match Cli::parse().task {
+        Task::Setup => setup(),
+        Task::Test { args } => test(&args),
+        Task::Demo => {
+            setup()?;
+            cargo(&["build", "--bins"])?;
+            cargo(&[
+                "run",
+                "--quiet",
+                "-p",
+                "portcullis-tests",
+                "--bin",
+                "portcullis-demo",
+            ])
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    Ok(dir
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_owned())
+}
+
+/// Phases with their durations, printed at the end of `test`.
+struct Phases(Vec<(String, Duration, bool)>);
+
+impl Phases {
+    fn run(&mut self, name: &str, f: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+        eprintln!("\n==> {name}");
+        let start = Instant::now();
+        let result = f();
+        self.0
+            .push((name.to_string(), start.elapsed(), result.is_ok()));
+        result.with_context(|| format!("phase {name} failed"))
+    }
+
+    fn print(&self) {
+        eprintln!("\nphase timings:");
+        for (name, took, ok) in &self.0 {
+            let status = if *ok { "ok" } else { "FAILED" };
+            eprintln!("  {name:<28} {:>8.1} s  {status}", took.as_secs_f64());
+        }
+        let total: Duration = self.0.iter().map(|p| p.1).sum();
+        eprintln!("  {:<28} {:>8.1} s", "total", total.as_secs_f64());
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let mut phases = Phases(Vec::new());
+    let result = (|| {
+        phases.run("setup", setup)?;
+        phases.run("fmt", || cargo(&["fmt", "--all", "--check"]))?;
+        phases.run("clippy", || {
+            cargo(&[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ])
+        })?;
+        phases.run("build", || cargo(&["build", "--workspace", "--bins"]))?;
+        phases.run("test", || {
+            let mut a = vec!["test", "--workspace"];
+            a.extend(args.iter().map(String::as_str));
+            cargo(&a)
+        })
+    })();
+    phases.print();
+    result
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo).args(args))
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    ensure!(status.success(), "{cmd:?} failed: {status}");
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Idempotent: every step checks first and does nothing when satisfied.
+fn setup() -> anyhow::Result<()> {
+    ebpf_toolchain()?;
+    bpf_linker()?;
+    apt_packages()?;
+    bpffs()?;
+    eprintln!("setup: everything is in place");
+    Ok(())
+}
+
+fn ebpf_toolchain() -> anyhow::Result<()> {
+    let has_src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
+    ]))
+    .is_some_and(|out| out.lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        eprintln!("setup: installing {EBPF_TOOLCHAIN} with rust-src");
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let want = format!("bpf-linker {BPF_LINKER_VERSION}");
+    if output(Command::new("bpf-linker").arg("--version")).is_some_and(|v| v.trim() == want) {
+        return Ok(());
+    }
+    eprintln!("setup: building {want} against {EBPF_TOOLCHAIN}'s LLVM (about a minute)");
+    // bpf-linker must link the same LLVM major as the nightly's rustc. Debian
+    // has no LLVM 23, so link against the nightly's own libLLVM, through a
+    // stable directory that bpf-linker's rpath then points to.
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{EBPF_TOOLCHAIN}"), "--print", "sysroot"]))
+            .context("cannot find the eBPF toolchain's sysroot")?;
+    let lib = std::fs::read_dir(Path::new(sysroot.trim()).join("lib"))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
+        .context("the eBPF toolchain ships no libLLVM.so")?;
+    let home = std::env::var("HOME").context("HOME not set")?;
+    let prefix = Path::new(&home).join(".local/share/portcullis/llvm");
+    let libdir = prefix.join("lib");
+    std::fs::create_dir_all(&libdir)?;
+    for name in [
+        std::ffi::OsString::from("libLLVM.so"),
+        lib.file_name().unwrap().to_owned(),
+    ] {
+        let link = libdir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "--locked",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--no-default-features",
+            "--features",
+            BPF_LINKER_LLVM_FEATURE,
+        ])
+        .env("LLVM_PREFIX", &prefix))?;
+    let got = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    ensure!(
+        got.trim() == want,
+        "bpf-linker installed but reports {got:?}; is ~/.cargo/bin on PATH?"
+    );
+    Ok(())
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            output(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_none_or(|s| !s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// The tests pin under /sys/fs/bpf; this machine kind does not mount it.
+fn bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| l.starts_with("bpf /sys/fs/bpf ")) {
+        return Ok(());
+    }
+    if !nix_is_root() {
+        bail!("/sys/fs/bpf is not mounted and mounting it needs root");
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+fn nix_is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
+}
