@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -20,12 +20,18 @@ pub mod maps {
     pub const PORT_CLASS: &str = "PORT_CLASS";
     /// `Array<Settings>` with a single entry.
     pub const SETTINGS: &str = "SETTINGS";
+    /// `LruHashMap<FlowKey, Flow>`: flows the host opened (connection table).
+    pub const CONNTRACK: &str = "CONNTRACK";
+    /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment passed.
+    pub const FRAGMENTS: &str = "FRAGMENTS";
 }
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
     /// The XDP ingress filter.
     pub const INGRESS: &str = "portcullis_ingress";
+    /// The TC egress flow recorder.
+    pub const EGRESS: &str = "portcullis_egress";
 }
 
 /// Why a packet got its verdict. Each reason has its own counter, so an
@@ -41,33 +47,51 @@ pub enum Reason {
     PassSsh = 2,
     /// TCP or UDP to a destination port a rule admits.
     PassRule = 3,
+    /// A packet of a flow the host opened (the connection table).
+    PassEstablished = 4,
+    /// An ICMP error about a flow the host opened or a port it serves.
+    PassRelated = 5,
+    /// A DHCPv4 or DHCPv6 server reply.
+    PassDhcp = 6,
+    /// An echo request while pings are allowed.
+    PassPing = 7,
+    /// A later fragment of a packet whose first fragment passed.
+    PassFragment = 8,
     /// TCP or UDP to a destination port no rule admits.
-    DropNoRule = 4,
-    /// ICMP or ICMPv6 that is not always allowed.
-    DropIcmp = 5,
-    /// Any other IP protocol (GRE, SCTP, ESP, ...).
-    DropProtocol = 6,
+    DropNoRule = 9,
+    /// ICMP or ICMPv6 that is neither always allowed nor related to a flow.
+    DropIcmp = 10,
+    /// Any other IP protocol (GRE, SCTP, ESP, ...) without a flow.
+    DropProtocol = 11,
     /// A header that is truncated or inconsistent.
-    DropMalformed = 7,
+    DropMalformed = 12,
     /// An Ethernet type that is neither ARP, IPv4 nor IPv6.
-    DropEthertype = 8,
-    /// A non-first IP fragment (it carries no ports to check).
-    DropFragment = 9,
+    DropEthertype = 13,
+    /// A fragment of no packet that passed.
+    DropFragment = 14,
+    /// More than one VLAN tag.
+    DropVlanStack = 15,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 10] = [
+    pub const ALL: [Reason; 16] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
         Reason::PassRule,
+        Reason::PassEstablished,
+        Reason::PassRelated,
+        Reason::PassDhcp,
+        Reason::PassPing,
+        Reason::PassFragment,
         Reason::DropNoRule,
         Reason::DropIcmp,
         Reason::DropProtocol,
         Reason::DropMalformed,
         Reason::DropEthertype,
         Reason::DropFragment,
+        Reason::DropVlanStack,
     ];
 
     /// Number of counters in [`maps::VERDICTS`].
@@ -80,21 +104,24 @@ impl Reason {
             Reason::PassNeighbor => "pass_neighbor_discovery",
             Reason::PassSsh => "pass_ssh",
             Reason::PassRule => "pass_rule",
+            Reason::PassEstablished => "pass_established",
+            Reason::PassRelated => "pass_related_icmp",
+            Reason::PassDhcp => "pass_dhcp",
+            Reason::PassPing => "pass_ping",
+            Reason::PassFragment => "pass_fragment",
             Reason::DropNoRule => "drop_no_rule",
             Reason::DropIcmp => "drop_icmp",
             Reason::DropProtocol => "drop_protocol",
             Reason::DropMalformed => "drop_malformed",
             Reason::DropEthertype => "drop_ethertype",
             Reason::DropFragment => "drop_fragment",
+            Reason::DropVlanStack => "drop_vlan_stack",
         }
     }
 
     /// Whether packets with this reason are passed.
     pub const fn passes(self) -> bool {
-        matches!(
-            self,
-            Reason::PassArp | Reason::PassNeighbor | Reason::PassSsh | Reason::PassRule
-        )
+        (self as u32) < Reason::DropNoRule as u32
     }
 }
 
@@ -117,6 +144,97 @@ pub struct Settings {
 
 /// Admit inbound TCP to port 22 regardless of the rules.
 pub const SETTING_SSH: u32 = 1 << 0;
+/// Admit inbound ICMP/ICMPv6 echo requests.
+pub const SETTING_PING: u32 = 1 << 1;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+
+/// A flow as the host sees it, whichever direction the packet goes: `local`
+/// is this host's address and port, `remote` the other end's. Addresses are
+/// in network byte order, IPv4 in the first four bytes. For ICMP echo the
+/// local port is the echo identifier and the remote port 0; for protocols
+/// without ports both are 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Connection-table entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the last packet, rounded to
+    /// the refresh interval: the data path rewrites it at most once a second.
+    pub last_seen_ns: u64,
+    /// One of the `FLOW_*` states.
+    pub state: u8,
+    pub _pad: [u8; 7],
+}
+
+/// TCP: SYN sent, no answer yet.
+pub const FLOW_TCP_SYN_SENT: u8 = 1;
+/// TCP: the peer answered the SYN.
+pub const FLOW_TCP_ESTABLISHED: u8 = 2;
+/// TCP: a FIN was seen.
+pub const FLOW_TCP_CLOSING: u8 = 3;
+/// TCP: a RST was seen.
+pub const FLOW_TCP_CLOSED: u8 = 4;
+/// UDP, ICMP echo, other protocols: sent, no reply yet.
+pub const FLOW_UNREPLIED: u8 = 5;
+/// UDP, ICMP echo, other protocols: a reply came back.
+pub const FLOW_REPLIED: u8 = 6;
+
+const SEC: u64 = 1_000_000_000;
+
+/// How long a flow in `state` lives without packets (nanoseconds). Modelled
+/// on Linux conntrack's defaults, shorter where a stale entry only costs a
+/// slot in an LRU table that evicts the oldest anyway.
+pub const fn flow_timeout_ns(proto: u8, state: u8) -> u64 {
+    match (proto, state) {
+        (IPPROTO_TCP, FLOW_TCP_SYN_SENT) => 60 * SEC,
+        (IPPROTO_TCP, FLOW_TCP_ESTABLISHED) => 5 * 24 * 3600 * SEC,
+        (IPPROTO_TCP, FLOW_TCP_CLOSING) => 120 * SEC,
+        (IPPROTO_TCP, _) => 10 * SEC,
+        (IPPROTO_UDP, FLOW_REPLIED) => 180 * SEC,
+        (IPPROTO_UDP, _) => 30 * SEC,
+        (IPPROTO_ICMP | IPPROTO_ICMPV6, _) => 30 * SEC,
+        _ => 600 * SEC,
+    }
+}
+
+/// The data path rewrites `last_seen_ns` at most this often per flow.
+pub const FLOW_REFRESH_NS: u64 = SEC;
+
+/// Default size of [`maps::CONNTRACK`]; the config can change it.
+pub const CONNTRACK_DEFAULT_ENTRIES: u32 = 65536;
+
+/// A fragmented packet: addresses, IP identification, protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Later fragments are admitted this long after their first fragment.
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30 * SEC;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Transport protocols the port table distinguishes.
 #[repr(u8)]
@@ -141,6 +259,12 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: plain #[repr(C)] struct of integers without padding.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.
+    unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
+    unsafe impl aya::Pod for super::Flow {}
+    // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.
+    unsafe impl aya::Pod for super::FragKey {}
 }
 
 #[cfg(test)]
@@ -152,6 +276,24 @@ mod tests {
         for (i, r) in Reason::ALL.iter().enumerate() {
             assert_eq!(*r as usize, i, "{} out of order", r.name());
         }
+    }
+
+    #[test]
+    fn passing_reasons_come_first() {
+        let passing = Reason::ALL.iter().filter(|r| r.passes()).count();
+        assert_eq!(passing, Reason::DropNoRule as usize);
+        assert!(
+            Reason::ALL
+                .iter()
+                .all(|r| r.passes() == r.name().starts_with("pass_"))
+        );
+    }
+
+    #[test]
+    fn keys_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<Flow>(), 16);
+        assert_eq!(core::mem::size_of::<FragKey>(), 40);
     }
 
     #[test]

@@ -24,6 +24,18 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default)]
     pub ssh: Ssh,
+    /// Admit inbound ICMP/ICMPv6 echo requests (pings). Replies to this
+    /// host's own pings are always admitted.
+    #[serde(default)]
+    pub allow_ping: bool,
+    /// Size of the connection table (flows this host opened). When full, the
+    /// least recently used flow is evicted.
+    #[serde(default = "default_conntrack_entries")]
+    pub conntrack_entries: u32,
+    /// How the egress program attaches: `auto` (TCX on kernels that have it,
+    /// 6.6 and later; a clsact qdisc filter otherwise), `tcx` or `clsact`.
+    #[serde(default)]
+    pub tc_attach: TcAttachMode,
     /// Brev-format rules, at the top level as the SDK writes them.
     #[serde(default)]
     pub ingress_rules: Vec<FirewallRule>,
@@ -37,6 +49,19 @@ pub struct Config {
 pub struct Ssh {
     #[serde(default)]
     pub allow: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+fn default_conntrack_entries() -> u32 {
+    portcullis_common::CONNTRACK_DEFAULT_ENTRIES
 }
 
 fn default_pin_dir() -> PathBuf {
@@ -69,6 +94,12 @@ impl Config {
             bail!(
                 "pin_dir: {} must be an absolute path",
                 self.pin_dir.display()
+            );
+        }
+        if !(256..=16 << 20).contains(&self.conntrack_entries) {
+            bail!(
+                "conntrack_entries: {} is out of range (256 to 16777216)",
+                self.conntrack_entries
             );
         }
         self.rule_set().validate()?;

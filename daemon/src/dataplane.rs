@@ -7,8 +7,16 @@
 //! <pin_dir>/maps/VERDICTS        per-CPU verdict counters
 //! <pin_dir>/maps/PORT_CLASS      (protocol, port) -> class
 //! <pin_dir>/maps/SETTINGS        global switches
+//! <pin_dir>/maps/CONNTRACK       flows this host opened
+//! <pin_dir>/maps/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
+//! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
+//!
+//! Where TCX is not available (kernels before 6.6) or not wanted, the egress
+//! program is a clsact filter with a fixed priority and handle: the kernel
+//! keeps such a filter (and its program) until it is deleted, and a restarted
+//! daemon finds it by that priority and handle to replace its program.
 //!
 //! The links hold the programs and the programs hold the maps, so as long as
 //! the pins exist the host stays protected, whether or not a daemon runs.
@@ -23,19 +31,29 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
-        Xdp, XdpMode,
-        links::{FdLink, LinkError, PinnedLink},
+        SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, LinkError, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcHandle},
         xdp::XdpLink,
     },
 };
 use portcullis_common::{
-    Counter, PORT_CLASS_ENTRIES, Reason, SETTING_SSH, Settings, maps, port_index, programs,
+    Counter, FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow,
+    FlowKey, PORT_CLASS_ENTRIES, Reason, SETTING_PING, SETTING_SSH, Settings, maps, port_index,
+    programs,
 };
 use tracing::{info, warn};
 
-use crate::config::Config;
+use crate::{
+    config::{Config, TcAttachMode},
+    sockets::Connection,
+};
+
+/// Priority and handle of our clsact egress filter (the clsact path).
+const CLSACT_PRIORITY: u16 = 0xc0de;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x7063);
 
 /// The compiled eBPF object, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
@@ -56,7 +74,13 @@ impl Policy {
                 port_class[port_index(l4, port) as usize] = 1;
             }
         }
-        let flags = if config.ssh.allow { SETTING_SSH } else { 0 };
+        let mut flags = 0;
+        if config.ssh.allow {
+            flags |= SETTING_SSH;
+        }
+        if config.allow_ping {
+            flags |= SETTING_PING;
+        }
         Policy {
             settings: Settings {
                 flags,
@@ -67,13 +91,13 @@ impl Policy {
     }
 }
 
-/// How an interface came to be protected.
+/// How a program came to run on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Attach {
-    /// A new XDP link was created and pinned.
+    /// A new link (or clsact filter) was created.
     New,
-    /// The pinned link of an earlier daemon was kept; the new program was
-    /// swapped in under it atomically.
+    /// The link of an earlier daemon was kept; the new program was swapped
+    /// in under it atomically.
     Adopted,
 }
 
@@ -86,7 +110,7 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the programs, reusing maps already pinned under `pin_dir` (so
     /// counters and rules survive a restart) and pinning new ones otherwise.
-    pub fn load(pin_dir: &Path) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: &Path, conntrack_entries: u32) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         for dir in [&maps_dir, &pin_dir.join("links")] {
@@ -95,6 +119,7 @@ impl Dataplane {
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
+            .map_max_entries(maps::CONNTRACK, conntrack_entries)
             .load(EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -102,9 +127,12 @@ impl Dataplane {
                     maps_dir.display()
                 )
             })?;
-        let prog = ingress(&mut ebpf)?;
-        prog.load()
+        ingress(&mut ebpf)?
+            .load()
             .with_context(|| format!("the kernel refused program {}", programs::INGRESS))?;
+        egress(&mut ebpf)?
+            .load()
+            .with_context(|| format!("the kernel refused program {}", programs::EGRESS))?;
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
@@ -133,10 +161,10 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Protects `ifname`: adopts its pinned link if there is one, attaches and
-    /// pins a new link otherwise.
-    pub fn enforce(&mut self, ifname: &str) -> anyhow::Result<Attach> {
-        let pin = link_pin(&self.pin_dir, ifname);
+    /// Filters inbound traffic on `ifname`: adopts its pinned XDP link if
+    /// there is one, attaches and pins a new link otherwise.
+    pub fn attach_ingress(&mut self, ifname: &str) -> anyhow::Result<Attach> {
+        let pin = link_pin(&self.pin_dir, "xdp", ifname);
         let prog = ingress(&mut self.ebpf)?;
         if pin.exists() {
             match adopt(prog, &pin) {
@@ -163,6 +191,156 @@ impl Dataplane {
             .with_context(|| format!("cannot pin the XDP link of {ifname} at {}", pin.display()))?;
         Ok(Attach::New)
     }
+
+    /// Records outbound flows on `ifname` (TCX link or clsact filter).
+    pub fn attach_egress(&mut self, ifname: &str, mode: TcAttachMode) -> anyhow::Result<Attach> {
+        let use_tcx = match mode {
+            TcAttachMode::Tcx => true,
+            TcAttachMode::Clsact => false,
+            TcAttachMode::Auto => kernel_has_tcx(),
+        };
+        let c_name = CString::new(ifname).context("interface name contains NUL")?;
+        let prog = egress(&mut self.ebpf)?;
+        if !use_tcx {
+            return attach_clsact(prog, &c_name);
+        }
+        let pin = link_pin(&self.pin_dir, "tcx", ifname);
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+                .and_then(|link| Ok(prog.attach_to_link(link)?));
+            match adopted {
+                Ok(id) => {
+                    drop(prog.take_link(id)?);
+                    return Ok(Attach::Adopted);
+                }
+                Err(e) => {
+                    warn!(interface = ifname, error = %format!("{e:#}"), "pinned TCX link unusable, attaching anew");
+                    fs::remove_file(&pin)
+                        .with_context(|| format!("cannot remove stale pin {}", pin.display()))?;
+                }
+            }
+        }
+        let attach = TcAttach::Tcx {
+            attach_type: TcAttachType::Egress,
+            order: LinkOrder::default(),
+        };
+        let id = prog
+            .attach(c_name.as_c_str(), attach)
+            .with_context(|| format!("cannot attach TCX egress to interface {ifname}"))?;
+        let link: FdLink = prog.take_link(id)?.try_into().map_err(|e: LinkError| {
+            anyhow!("interface {ifname}: TCX link is not a bpf_link: {e}")
+        })?;
+        link.pin(&pin)
+            .with_context(|| format!("cannot pin the TCX link of {ifname} at {}", pin.display()))?;
+        Ok(Attach::New)
+    }
+
+    /// Adds connections that exist now to the connection table, so that
+    /// enforcement does not cut them. Existing entries are left as they are.
+    pub fn seed_connections(&mut self, connections: &[Connection]) -> anyhow::Result<usize> {
+        let mut table: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
+        let now = monotonic_ns();
+        let mut added = 0;
+        for c in connections {
+            let key = flow_key(c);
+            if table.get(&key, 0).is_ok() {
+                continue;
+            }
+            let state = match (c.proto, c.tcp_syn_sent) {
+                (portcullis_common::IPPROTO_TCP, true) => FLOW_TCP_SYN_SENT,
+                (portcullis_common::IPPROTO_TCP, false) => FLOW_TCP_ESTABLISHED,
+                _ => FLOW_REPLIED,
+            };
+            let flow = Flow {
+                last_seen_ns: now,
+                state,
+                _pad: [0; 7],
+            };
+            table
+                .insert(&key, &flow, 0)
+                .with_context(|| format!("seeding the connection table with {c:?}"))?;
+            added += 1;
+        }
+        Ok(added)
+    }
+}
+
+/// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).
+pub fn flow_key(c: &Connection) -> FlowKey {
+    fn octets(ip: std::net::IpAddr) -> (u8, [u8; 16]) {
+        let ip = ip.to_canonical();
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&v4.octets());
+                (FAMILY_V4, a)
+            }
+            std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+        }
+    }
+    let (family, local) = octets(c.local);
+    let (_, remote) = octets(c.remote);
+    FlowKey {
+        local,
+        remote,
+        local_port: c.local_port,
+        remote_port: c.remote_port,
+        proto: c.proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .expect("CLOCK_MONOTONIC is always available");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
+/// TCX arrived in Linux 6.6.
+fn kernel_has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// The clsact path: replace the program of our filter if it exists (an
+/// earlier daemon's), create the qdisc and the filter otherwise. The filter
+/// is left in the kernel when this process exits.
+fn attach_clsact(prog: &mut SchedClassifier, ifname: &std::ffi::CStr) -> anyhow::Result<Attach> {
+    let name = ifname.to_string_lossy();
+    let parent: TcHandle = TcAttachType::Egress.into();
+    let existing =
+        SchedClassifierLink::attached(ifname, parent, CLSACT_PRIORITY, CLSACT_HANDLE, None)?;
+    let (id, how) = match prog.attach_to_link(existing) {
+        Ok(id) => (id, Attach::Adopted),
+        Err(_) => {
+            // No such filter yet; the qdisc may already exist.
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    return Err(e).with_context(|| format!("cannot add a clsact qdisc to {name}"));
+                }
+            }
+            let attach = TcAttach::Netlink {
+                parent,
+                options: NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle: CLSACT_HANDLE,
+                    classid: None,
+                },
+            };
+            let id = prog
+                .attach(ifname, attach)
+                .with_context(|| format!("cannot attach a clsact egress filter to {name}"))?;
+            (id, Attach::New)
+        }
+    };
+    // Dropping the link would delete the filter; it must outlive us.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(how)
 }
 
 fn adopt(prog: &mut Xdp, pin: &Path) -> anyhow::Result<()> {
@@ -172,6 +350,13 @@ fn adopt(prog: &mut Xdp, pin: &Path) -> anyhow::Result<()> {
     // Dropping our handle closes the fd; the pin keeps the link alive.
     drop(prog.take_link(id)?);
     Ok(())
+}
+
+fn egress(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
+    let prog = ebpf
+        .program_mut(programs::EGRESS)
+        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", programs::EGRESS))?;
+    Ok(prog.try_into()?)
 }
 
 fn ingress(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
@@ -186,8 +371,8 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
-fn link_pin(pin_dir: &Path, ifname: &str) -> PathBuf {
-    pin_dir.join("links").join(format!("xdp-{ifname}"))
+fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{kind}-{ifname}"))
 }
 
 /// Refuses a pin directory that is not on a bpffs: pins elsewhere fail with
@@ -238,9 +423,26 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
 }
 
 /// Removes every link and map pinned under `pin_dir`, which detaches the
-/// programs: the explicit way to stop enforcing.
-pub fn detach_all(pin_dir: &Path) -> anyhow::Result<usize> {
+/// programs, and our clsact filters on `interfaces`: the explicit way to stop.
+pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize> {
     let mut removed = 0;
+    for ifname in interfaces {
+        let Ok(c_name) = CString::new(ifname.as_str()) else {
+            continue;
+        };
+        match tc::qdisc_detach_program(
+            c_name.as_c_str(),
+            TcAttachType::Egress.into(),
+            programs::EGRESS,
+        ) {
+            Ok(()) => {
+                info!(interface = %ifname, "clsact egress filter removed");
+                removed += 1;
+            }
+            Err(tc::TcError::IoError(e)) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => warn!(interface = %ifname, error = %e, "cannot check for a clsact filter"),
+        }
+    }
     let links = pin_dir.join("links");
     match fs::read_dir(&links) {
         Ok(entries) => {

@@ -3,7 +3,9 @@
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
+//! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 
 pub mod config;
 pub mod dataplane;
 pub mod rules;
+pub mod sockets;

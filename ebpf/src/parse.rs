@@ -1,22 +1,26 @@
 //! Stage 1: parse. Turns the bytes of a frame into the few facts the policy
-//! needs, with every read bounds-checked against `data_end`.
+//! and the connection table need, with every read bounds-checked.
 //!
 //! Header lengths are never assumed: the IPv4 header length comes from IHL and
 //! the IPv6 extension-header chain is walked (bounded), so options and
-//! extension headers cannot hide the transport header from the policy.
+//! extension headers cannot hide the transport header. One 802.1Q/802.1ad tag
+//! is looked through; a second is reported, not parsed.
+//!
+//! The same code parses XDP frames (direct packet access) and TC packets
+//! (`bpf_skb_load_bytes`, which also reads non-linear skbs): see [`Packet`].
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::programs::{TcContext, XdpContext};
+use portcullis_common::{
+    FAMILY_V4, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_ARP: u16 = 0x0806;
 pub const ETH_P_IPV6: u16 = 0x86DD;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_ICMPV6: u8 = 58;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
 
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
@@ -26,16 +30,49 @@ const IPV6_DSTOPTS: u8 = 60;
 
 /// Extension headers walked before giving up (and dropping as malformed).
 const MAX_IPV6_EXT_HEADERS: usize = 6;
-/// Upper bound on the transport header offset; keeps the verifier's range
-/// tracking small and rejects absurd header chains.
-const MAX_L4_OFFSET: usize = 512;
+/// Upper bound on any header offset; keeps the verifier's range tracking
+/// small and rejects absurd header chains.
+const MAX_OFFSET: usize = 512;
 
 const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
 const IPV4_MIN_HLEN: usize = 20;
 const IPV6_HLEN: usize = 40;
+/// ICMP and ICMPv6 headers are 8 bytes before the payload (or embedded packet).
+pub const ICMP_HLEN: usize = 8;
 
 /// A frame that cannot be parsed safely. Always dropped.
 pub struct Malformed;
+
+/// Byte access to a packet, bounds-checked.
+pub trait Packet {
+    /// `N` bytes at `offset`, or `Malformed` when the packet is shorter.
+    fn bytes<const N: usize>(&self, offset: usize) -> Result<[u8; N], Malformed>;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Result<[u8; N], Malformed> {
+        let start = self.data();
+        let end = self.data_end();
+        if offset > MAX_OFFSET || start + offset + size_of::<[u8; N]>() > end {
+            return Err(Malformed);
+        }
+        // SAFETY: the check above keeps the N bytes at `offset` inside the
+        // packet's linear data; a byte array needs no alignment.
+        Ok(unsafe { *((start + offset) as *const [u8; N]) })
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn bytes<const N: usize>(&self, offset: usize) -> Result<[u8; N], Malformed> {
+        if offset > MAX_OFFSET {
+            return Err(Malformed);
+        }
+        self.load::<[u8; N]>(offset).map_err(|_| Malformed)
+    }
+}
 
 /// What the policy gets to see.
 pub enum Frame {
@@ -43,40 +80,58 @@ pub enum Frame {
     Ip(Ip),
     /// Any Ethernet type other than ARP, IPv4 and IPv6.
     OtherEthertype,
+    /// Two or more VLAN tags.
+    VlanStack,
 }
 
-/// The facts of an IPv4 or IPv6 packet the policy decides on.
+/// The facts of an IPv4 or IPv6 packet.
 pub struct Ip {
-    pub v6: bool,
+    pub family: u8,
     /// Transport protocol (after IPv6 extension headers).
     pub proto: u8,
     /// IPv4 TTL or IPv6 hop limit.
     pub hop_limit: u8,
+    /// TCP flags (0 for other protocols).
+    pub tcp_flags: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Part of a fragmented packet (first or later fragment).
+    pub fragment: bool,
     /// A non-first fragment: no transport header to look at.
     pub later_fragment: bool,
-    /// TCP/UDP destination port in host order (0 for other protocols).
+    /// IPv4 identification or IPv6 fragment identification.
+    pub frag_id: u32,
+    /// TCP/UDP ports in host order (0 for other protocols).
+    pub sport: u16,
     pub dport: u16,
-    /// ICMP/ICMPv6 type (0 for other protocols).
+    /// ICMP/ICMPv6 type, code and echo identifier.
     pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub icmp_id: u16,
+    /// Offset of the transport header.
+    pub l4_off: usize,
 }
 
-#[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, Malformed> {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    if start + offset + size_of::<T>() > end {
-        return Err(Malformed);
+impl Ip {
+    const fn new(family: u8) -> Self {
+        Ip {
+            family,
+            proto: 0,
+            hop_limit: 0,
+            tcp_flags: 0,
+            src: [0; 16],
+            dst: [0; 16],
+            fragment: false,
+            later_fragment: false,
+            frag_id: 0,
+            sport: 0,
+            dport: 0,
+            icmp_type: 0,
+            icmp_code: 0,
+            icmp_id: 0,
+            l4_off: 0,
+        }
     }
-    Ok((start + offset) as *const T)
-}
-
-/// Reads `N` bytes at `offset`.
-#[inline(always)]
-fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Result<[u8; N], Malformed> {
-    let p = ptr_at::<[u8; N]>(ctx, offset)?;
-    // SAFETY: `ptr_at` checked that N bytes at `offset` lie inside the packet;
-    // a byte array has no alignment requirement.
-    Ok(unsafe { *p })
 }
 
 #[inline(always)]
@@ -84,18 +139,40 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
-pub fn parse(ctx: &XdpContext) -> Result<Frame, Malformed> {
-    let ethertype = be16(bytes::<2>(ctx, 12)?);
+#[inline(always)]
+pub fn parse<P: Packet>(p: &P) -> Result<Frame, Malformed> {
+    let mut ethertype = be16(p.bytes::<2>(12)?);
+    let mut off = ETH_HLEN;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(p.bytes::<2>(off + 2)?);
+        off += VLAN_HLEN;
+        if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+            return Ok(Frame::VlanStack);
+        }
+    }
     match ethertype {
         ETH_P_ARP => Ok(Frame::Arp),
-        ETH_P_IP => parse_ipv4(ctx, ETH_HLEN).map(Frame::Ip),
-        ETH_P_IPV6 => parse_ipv6(ctx, ETH_HLEN).map(Frame::Ip),
+        ETH_P_IP => ipv4(p, off, false).map(Frame::Ip),
+        ETH_P_IPV6 => ipv6(p, off, false).map(Frame::Ip),
         _ => Ok(Frame::OtherEthertype),
     }
 }
 
-fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
-    let h = bytes::<IPV4_MIN_HLEN>(ctx, off)?;
+/// Parses the packet an ICMP error at `ip.l4_off` quotes. Only its IP header
+/// and the first 8 bytes of its transport header are guaranteed to be there.
+#[inline(always)]
+pub fn embedded<P: Packet>(p: &P, outer: &Ip) -> Result<Ip, Malformed> {
+    let off = outer.l4_off + ICMP_HLEN;
+    if outer.family == FAMILY_V4 {
+        ipv4(p, off, true)
+    } else {
+        ipv6(p, off, true)
+    }
+}
+
+#[inline(always)]
+fn ipv4<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
+    let h = p.bytes::<IPV4_MIN_HLEN>(off)?;
     if h[0] >> 4 != 4 {
         return Err(Malformed);
     }
@@ -103,54 +180,51 @@ fn parse_ipv4(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
     if ihl < IPV4_MIN_HLEN {
         return Err(Malformed);
     }
+    let mut ip = Ip::new(FAMILY_V4);
+    ip.proto = h[9];
+    ip.hop_limit = h[8];
+    ip.src[..4].copy_from_slice(&h[12..16]);
+    ip.dst[..4].copy_from_slice(&h[16..20]);
     let frag = be16([h[6], h[7]]);
-    let later_fragment = frag & 0x1fff != 0;
-    let mut ip = Ip {
-        v6: false,
-        proto: h[9],
-        hop_limit: h[8],
-        later_fragment,
-        dport: 0,
-        icmp_type: 0,
-    };
-    if !later_fragment {
-        transport(ctx, off + ihl, &mut ip)?;
+    // More-fragments flag or a non-zero offset.
+    ip.fragment = frag & 0x3fff != 0;
+    ip.later_fragment = frag & 0x1fff != 0;
+    ip.frag_id = be16([h[4], h[5]]) as u32;
+    ip.l4_off = off + ihl;
+    if !ip.later_fragment {
+        transport(p, &mut ip, quoted)?;
     }
     Ok(ip)
 }
 
-fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
-    let h = bytes::<8>(ctx, off)?;
+#[inline(always)]
+fn ipv6<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
+    let h = p.bytes::<IPV6_HLEN>(off)?;
     if h[0] >> 4 != 6 {
         return Err(Malformed);
     }
-    // The rest of the fixed header (addresses) must be there too.
-    ptr_at::<[u8; IPV6_HLEN]>(ctx, off)?;
-    let mut ip = Ip {
-        v6: true,
-        proto: h[6],
-        hop_limit: h[7],
-        later_fragment: false,
-        dport: 0,
-        icmp_type: 0,
-    };
+    let mut ip = Ip::new(FAMILY_V6);
+    ip.proto = h[6];
+    ip.hop_limit = h[7];
+    ip.src.copy_from_slice(&h[8..24]);
+    ip.dst.copy_from_slice(&h[24..40]);
     let mut l4 = off + IPV6_HLEN;
     let mut done = false;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let (next, len) = match ip.proto {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let e = bytes::<2>(ctx, l4)?;
+                let e = p.bytes::<2>(l4)?;
                 (e[0], (e[1] as usize + 1) * 8)
             }
             IPV6_AH => {
-                let e = bytes::<2>(ctx, l4)?;
+                let e = p.bytes::<2>(l4)?;
                 (e[0], (e[1] as usize + 2) * 4)
             }
             IPV6_FRAGMENT => {
-                let e = bytes::<4>(ctx, l4)?;
-                if be16([e[2], e[3]]) & 0xfff8 != 0 {
-                    ip.later_fragment = true;
-                }
+                let e = p.bytes::<8>(l4)?;
+                ip.fragment = true;
+                ip.later_fragment = be16([e[2], e[3]]) & 0xfff8 != 0;
+                ip.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
                 (e[0], 8)
             }
             _ => {
@@ -160,10 +234,11 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
         };
         ip.proto = next;
         l4 += len;
-        if l4 > MAX_L4_OFFSET {
+        if l4 > MAX_OFFSET {
             return Err(Malformed);
         }
         if ip.later_fragment {
+            ip.l4_off = l4;
             return Ok(ip);
         }
     }
@@ -171,29 +246,34 @@ fn parse_ipv6(ctx: &XdpContext, off: usize) -> Result<Ip, Malformed> {
         // Still inside the chain after the bound: refuse rather than guess.
         return Err(Malformed);
     }
-    transport(ctx, l4, &mut ip)?;
+    ip.l4_off = l4;
+    transport(p, &mut ip, quoted)?;
     Ok(ip)
 }
 
-/// Reads the transport facts at `off`; a header too short to hold them is malformed.
+/// Reads the transport facts at `ip.l4_off`. A header too short to hold them
+/// is malformed; a quoted (ICMP error) packet only carries 8 bytes of it.
 #[inline(always)]
-fn transport(ctx: &XdpContext, off: usize, ip: &mut Ip) -> Result<(), Malformed> {
-    if off > MAX_L4_OFFSET {
-        return Err(Malformed);
-    }
+fn transport<P: Packet>(p: &P, ip: &mut Ip, quoted: bool) -> Result<(), Malformed> {
+    let off = ip.l4_off;
     match ip.proto {
-        IPPROTO_TCP => {
+        IPPROTO_TCP if !quoted => {
             // The whole minimal TCP header must be present, not just the ports.
-            let t = bytes::<20>(ctx, off)?;
+            let t = p.bytes::<20>(off)?;
+            ip.sport = be16([t[0], t[1]]);
             ip.dport = be16([t[2], t[3]]);
+            ip.tcp_flags = t[13];
         }
-        IPPROTO_UDP => {
-            let u = bytes::<8>(ctx, off)?;
+        IPPROTO_TCP | IPPROTO_UDP => {
+            let u = p.bytes::<8>(off)?;
+            ip.sport = be16([u[0], u[1]]);
             ip.dport = be16([u[2], u[3]]);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let i = bytes::<4>(ctx, off)?;
+            let i = p.bytes::<ICMP_HLEN>(off)?;
             ip.icmp_type = i[0];
+            ip.icmp_code = i[1];
+            ip.icmp_id = be16([i[4], i[5]]);
         }
         _ => {}
     }

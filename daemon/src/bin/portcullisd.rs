@@ -9,6 +9,7 @@ use clap::Parser;
 use portcullis::{
     config::{Config, DEFAULT_CONFIG_PATH},
     dataplane::{self, Dataplane, Policy},
+    sockets,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
@@ -41,7 +42,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if args.detach {
-        let n = dataplane::detach_all(&config.pin_dir)?;
+        let n = dataplane::detach_all(&config.pin_dir, &config.interfaces)?;
         info!(links = n, pin_dir = %config.pin_dir.display(), "detached; inbound traffic is no longer filtered");
         return Ok(());
     }
@@ -55,12 +56,26 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
 
-    let mut dataplane = Dataplane::load(&config.pin_dir)?;
-    // Policy first, then attach: a new link never runs on empty maps.
+    let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries)?;
+    // Policy first: a new ingress link never runs on empty maps. Then egress,
+    // so flows opened from now on are recorded; then the connections that
+    // already exist; only then the ingress filter.
     dataplane.write_policy(&Policy::from_config(&config))?;
     for ifname in &config.interfaces {
         let how = dataplane
-            .enforce(ifname)
+            .attach_egress(ifname, config.tc_attach)
+            .with_context(|| format!("interface {ifname}"))?;
+        info!(interface = %ifname, attach = ?how, "recording outbound flows");
+    }
+    let existing = sockets::connections().context("listing open connections")?;
+    let seeded = dataplane.seed_connections(&existing)?;
+    info!(
+        connections = existing.len(),
+        seeded, "connection table seeded"
+    );
+    for ifname in &config.interfaces {
+        let how = dataplane
+            .attach_ingress(ifname)
             .with_context(|| format!("interface {ifname}"))?;
         info!(interface = %ifname, attach = ?how, "enforcing");
     }

@@ -1,0 +1,114 @@
+//! The kernel's list of open connections (netlink `sock_diag`), used to seed
+//! the connection table at start: connections that predate enforcement (the
+//! operator's SSH session, a running download) are not cut.
+
+use std::net::IpAddr;
+
+use anyhow::{Context as _, bail};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_sock_diag::{
+    SockDiagMessage,
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN_SENT},
+    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
+
+/// A connected socket: this host's end and the remote end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub proto: u8,
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    /// A TCP connection still waiting for the SYN-ACK.
+    pub tcp_syn_sent: bool,
+}
+
+/// Every established or closing TCP connection and every connected UDP
+/// socket in the caller's network namespace, IPv4 and IPv6.
+pub fn connections() -> anyhow::Result<Vec<Connection>> {
+    let tcp_states = StateFlags::ESTABLISHED
+        | StateFlags::SYN_SENT
+        | StateFlags::FIN_WAIT1
+        | StateFlags::FIN_WAIT2
+        | StateFlags::CLOSE_WAIT
+        | StateFlags::LAST_ACK
+        | StateFlags::CLOSING;
+    let mut all = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        all.extend(dump(family, IPPROTO_TCP, tcp_states.clone())?);
+        all.extend(dump(family, IPPROTO_UDP, StateFlags::ESTABLISHED)?);
+    }
+    Ok(all)
+}
+
+fn dump(family: u8, protocol: u8, states: StateFlags) -> anyhow::Result<Vec<Connection>> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let socket_id = if family == AF_INET {
+        SocketId::new_v4()
+    } else {
+        SocketId::new_v6()
+    };
+    let mut request = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol,
+            extensions: ExtensionFlags::empty(),
+            states,
+            socket_id,
+        })
+        .into(),
+    );
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket
+        .send(&buf, 0)
+        .context("sending the sock_diag request")?;
+
+    let mut found = Vec::new();
+    let mut rx = vec![0u8; 1 << 16];
+    loop {
+        let size = socket
+            .recv(&mut &mut rx[..], 0)
+            .context("reading sock_diag")?;
+        let mut offset = 0;
+        while offset < size {
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[offset..size])
+                .context("parsing a sock_diag reply")?;
+            match msg.payload {
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
+                    let id = &r.header.socket_id;
+                    // Unconnected UDP sockets have no remote end to admit.
+                    if !id.destination_address.is_unspecified() && id.destination_port != 0 {
+                        found.push(Connection {
+                            proto: protocol,
+                            local: id.source_address,
+                            local_port: id.source_port,
+                            remote: id.destination_address,
+                            remote_port: id.destination_port,
+                            tcp_syn_sent: protocol == IPPROTO_TCP && r.header.state == TCP_SYN_SENT,
+                        });
+                    }
+                }
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) => bail!("sock_diag dump failed: {e:?}"),
+                _ => {}
+            }
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            offset += len;
+        }
+    }
+}
