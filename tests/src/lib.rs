@@ -149,30 +149,49 @@ pub const PEER_V4: &str = "10.200.0.2";
 pub const HOST_V6: &str = "fd00:200::1";
 pub const PEER_V6: &str = "fd00:200::2";
 
+/// Joins `a` and `b` with a veth pair named `a_if` / `b_if` and brings both up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> anyhow::Result<()> {
+    a.ip(&[
+        "link",
+        "add",
+        a_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_if,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// Adds an IPv4 and an IPv6 address (no duplicate detection) to `dev`.
+pub fn addresses(ns: &Netns, dev: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+    ns.ip(&["addr", "add", v4, "dev", dev])?;
+    ns.ip(&["addr", "add", v6, "dev", dev, "nodad"])?;
+    Ok(())
+}
+
 impl Pair {
     pub fn new() -> anyhow::Result<Self> {
         let host = Netns::new("h")?;
         let peer = Netns::new("p")?;
-        host.ip(&[
-            "link",
-            "add",
+        veth(&host, HOST_IFACE, &peer, PEER_IFACE)?;
+        addresses(
+            &host,
             HOST_IFACE,
-            "type",
-            "veth",
-            "peer",
-            "name",
+            &format!("{HOST_V4}/24"),
+            &format!("{HOST_V6}/64"),
+        )?;
+        addresses(
+            &peer,
             PEER_IFACE,
-            "netns",
-            peer.name(),
-        ])?;
-        for (ns, dev, v4, v6) in [
-            (&host, HOST_IFACE, HOST_V4, HOST_V6),
-            (&peer, PEER_IFACE, PEER_V4, PEER_V6),
-        ] {
-            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
-            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])?;
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
+            &format!("{PEER_V4}/24"),
+            &format!("{PEER_V6}/64"),
+        )?;
         Ok(Pair { host, peer })
     }
 
@@ -188,6 +207,51 @@ impl Pair {
     pub fn peer_neighbour_state(&self, addr: &str) -> anyhow::Result<String> {
         let out = self.peer.ip(&["neigh", "show", addr, "dev", PEER_IFACE])?;
         Ok(out.split_whitespace().last().unwrap_or("NONE").to_string())
+    }
+}
+
+/// The protected host behind a router from a server: host `pc0` —
+/// `r0` router `r1` — `s0` server. The router's link towards the server has
+/// an MTU of 1280 while both end hosts use 1500, so full-size packets between
+/// them need path-MTU discovery.
+pub struct Routed {
+    pub host: Netns,
+    pub router: Netns,
+    pub server: Netns,
+}
+
+pub const ROUTED_HOST_V4: &str = "10.200.1.1";
+pub const ROUTED_HOST_V6: &str = "fd00:200:1::1";
+pub const ROUTED_SERVER_V4: &str = "10.200.2.1";
+pub const ROUTED_SERVER_V6: &str = "fd00:200:2::1";
+pub const NARROW_MTU: u32 = 1280;
+
+impl Routed {
+    pub fn new() -> anyhow::Result<Self> {
+        let host = Netns::new("h")?;
+        let router = Netns::new("r")?;
+        let server = Netns::new("s")?;
+        veth(&host, HOST_IFACE, &router, "r0")?;
+        veth(&router, "r1", &server, "s0")?;
+        addresses(&host, HOST_IFACE, "10.200.1.1/24", "fd00:200:1::1/64")?;
+        addresses(&router, "r0", "10.200.1.254/24", "fd00:200:1::fe/64")?;
+        addresses(&router, "r1", "10.200.2.254/24", "fd00:200:2::fe/64")?;
+        addresses(&server, "s0", "10.200.2.1/24", "fd00:200:2::1/64")?;
+        router.ip(&["link", "set", "r1", "mtu", &NARROW_MTU.to_string()])?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        for (ns, v4, v6) in [
+            (&host, "10.200.1.254", "fd00:200:1::fe"),
+            (&server, "10.200.2.254", "fd00:200:2::fe"),
+        ] {
+            ns.ip(&["route", "add", "default", "via", v4])?;
+            ns.ip(&["-6", "route", "add", "default", "via", v6])?;
+        }
+        Ok(Routed {
+            host,
+            router,
+            server,
+        })
     }
 }
 
@@ -458,6 +522,78 @@ pub fn echo_roundtrip(s: &mut TcpStream, line: &[u8]) -> io::Result<()> {
     if buf != line {
         return Err(io::Error::other("echo mismatch"));
     }
+    Ok(())
+}
+
+/// Timeout for each read or write of a bulk transfer: a stalled transfer
+/// fails the test instead of hanging it.
+pub const BULK_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn bulk(stream: &TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(BULK_TIMEOUT))?;
+    stream.set_write_timeout(Some(BULK_TIMEOUT))
+}
+
+/// Sends `len` bytes on `stream`, then closes its sending side.
+pub fn send_bytes(stream: &mut TcpStream, len: usize) -> io::Result<()> {
+    bulk(stream)?;
+    let chunk = vec![0x5a_u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        stream.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    stream.shutdown(Shutdown::Write)
+}
+
+/// Reads `stream` to its end; the number of bytes.
+pub fn receive_all(stream: &mut TcpStream) -> io::Result<usize> {
+    bulk(stream)?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf)? {
+            0 => return Ok(total),
+            n => total += n,
+        }
+    }
+}
+
+/// Serves one connection on `addr` in `ns`: sends `len` bytes to it.
+pub fn tcp_source_server(ns: &Netns, addr: SocketAddr, len: usize) -> anyhow::Result<()> {
+    let listener = ns.enter(|| TcpListener::bind(addr))?;
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = send_bytes(&mut s, len);
+        }
+    });
+    Ok(())
+}
+
+/// Serves one connection on `addr` in `ns`: counts what it receives.
+pub fn tcp_sink_server(
+    ns: &Netns,
+    addr: SocketAddr,
+) -> anyhow::Result<std::sync::mpsc::Receiver<io::Result<usize>>> {
+    let listener = ns.enter(|| TcpListener::bind(addr))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let result = listener.accept().and_then(|(mut s, _)| receive_all(&mut s));
+        let _ = tx.send(result);
+    });
+    Ok(rx)
+}
+
+/// A UDP echo server in `ns`.
+pub fn udp_echo_server(ns: &Netns, addr: SocketAddr) -> anyhow::Result<()> {
+    let sock = ns.enter(|| UdpSocket::bind(addr))?;
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let _ = sock.send_to(&buf[..n], from);
+        }
+    });
     Ok(())
 }
 

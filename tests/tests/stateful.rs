@@ -1,0 +1,315 @@
+//! The stateful data path with real traffic: replies to what the protected
+//! host opens come back in, forged or unrelated "replies" do not, open
+//! connections survive the daemon's start and restart, and path-MTU
+//! discovery works through a narrow hop.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use portcullis_tests::*;
+
+const MB: usize = 1024 * 1024;
+
+fn host_addr(v6: bool) -> &'static str {
+    if v6 { HOST_V6 } else { HOST_V4 }
+}
+
+fn peer_addr(v6: bool) -> &'static str {
+    if v6 { PEER_V6 } else { PEER_V4 }
+}
+
+fn any_port(v6: bool) -> SocketAddr {
+    if v6 {
+        "[::]:0".parse().unwrap()
+    } else {
+        "0.0.0.0:0".parse().unwrap()
+    }
+}
+
+fn start(ns: &Netns, config: &ConfigFile) -> Daemon {
+    Daemon::start(ns, config).expect("start portcullisd")
+}
+
+fn outbound_flows_get_replies(v6: bool) {
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, "").unwrap();
+    tcp_source_server(&pair.peer, sock(peer_addr(v6), 5001), 8 * MB).unwrap();
+    udp_echo_server(&pair.peer, sock(peer_addr(v6), 5002)).unwrap();
+    TcpServer::start(&pair.host, sock(host_addr(v6), 5003)).unwrap();
+    let _daemon = start(&pair.host, &cfg);
+
+    // A download of several MB.
+    let mut s = tcp_connect(&pair.host, sock(peer_addr(v6), 5001)).unwrap();
+    assert_eq!(receive_all(&mut s).unwrap(), 8 * MB, "download incomplete");
+
+    // UDP request and reply.
+    let c = pair.host.enter(|| UdpSocket::bind(any_port(v6))).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    c.send_to(b"question", sock(peer_addr(v6), 5002)).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = c.recv_from(&mut buf).expect("UDP reply dropped");
+    assert_eq!(&buf[..n], b"question");
+
+    // Our own ping gets its reply.
+    assert!(ping(&pair.host, peer_addr(v6)), "echo reply dropped");
+    assert!(pins.counter(Reason::PassEstablished) > 8 * MB as u64 / 1500 / 2);
+
+    // New inbound connections are still dropped.
+    let before = pins.counter(Reason::DropNoRule);
+    let r = tcp_probe(&pair.peer, sock(host_addr(v6), 5003));
+    assert!(r.is_err(), "inbound connection admitted");
+    pins.expect_counter(Reason::DropNoRule, before + 1);
+}
+
+#[test]
+fn ipv4_outbound_flows_get_their_replies() {
+    require_root!();
+    outbound_flows_get_replies(false);
+}
+
+#[test]
+fn ipv6_outbound_flows_get_their_replies() {
+    require_root!();
+    outbound_flows_get_replies(true);
+}
+
+fn forged_replies_dropped(v6: bool) {
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, "").unwrap();
+    let _daemon = start(&pair.host, &cfg);
+
+    let client = udp_bind(&pair.host, any_port(v6)).unwrap();
+    let other = udp_bind(&pair.host, any_port(v6)).unwrap();
+    let client_addr = sock(host_addr(v6), client.local_addr().unwrap().port());
+    let other_addr = sock(host_addr(v6), other.local_addr().unwrap().port());
+    let server = udp_bind(&pair.peer, sock(peer_addr(v6), 5002)).unwrap();
+    let forger = udp_bind(&pair.peer, sock(peer_addr(v6), 5999)).unwrap();
+
+    client.send_to(b"hello", sock(peer_addr(v6), 5002)).unwrap();
+    assert!(udp_received(&server));
+
+    let c = pins.counters().unwrap();
+    // The real reply.
+    server.send_to(b"reply", client_addr).unwrap();
+    assert!(udp_received(&client), "the genuine reply was dropped");
+    pins.expect_counter(Reason::PassEstablished, c[&Reason::PassEstablished] + 1);
+    // From the right host but another source port.
+    forger.send_to(b"forged", client_addr).unwrap();
+    assert!(
+        !udp_received(&client),
+        "reply from a forged source port admitted"
+    );
+    // From the right source port to a port with no flow.
+    server.send_to(b"stray", other_addr).unwrap();
+    assert!(
+        !udp_received(&other),
+        "reply to a port without a flow admitted"
+    );
+    pins.expect_counter(Reason::DropNoRule, c[&Reason::DropNoRule] + 2);
+    pins.expect_counter(Reason::PassEstablished, c[&Reason::PassEstablished] + 1);
+}
+
+#[test]
+fn ipv4_forged_or_unrelated_replies_are_dropped() {
+    require_root!();
+    forged_replies_dropped(false);
+}
+
+#[test]
+fn ipv6_forged_or_unrelated_replies_are_dropped() {
+    require_root!();
+    forged_replies_dropped(true);
+}
+
+#[test]
+fn connections_open_before_start_survive_start_and_restart() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, "").unwrap();
+    // Inbound (like the operator's SSH session) and outbound (a download),
+    // IPv4 and IPv6, all to ports no rule admits.
+    for v6 in [false, true] {
+        tcp_echo_server(&pair.host, sock(host_addr(v6), 7000)).unwrap();
+        tcp_echo_server(&pair.peer, sock(peer_addr(v6), 7001)).unwrap();
+    }
+    let mut flows = Vec::new();
+    for v6 in [false, true] {
+        flows.push(tcp_connect(&pair.peer, sock(host_addr(v6), 7000)).unwrap());
+        flows.push(tcp_connect(&pair.host, sock(peer_addr(v6), 7001)).unwrap());
+    }
+    let roundtrip_all = |flows: &mut Vec<std::net::TcpStream>, when: &str| {
+        for (i, f) in flows.iter_mut().enumerate() {
+            echo_roundtrip(f, b"still here\n").unwrap_or_else(|e| panic!("flow {i} {when}: {e}"));
+        }
+    };
+    roundtrip_all(&mut flows, "before start");
+
+    let daemon = start(&pair.host, &cfg);
+    roundtrip_all(&mut flows, "after start");
+    assert!(daemon.log().contains("seeded=4"), "{}", daemon.log());
+    // The filter is on: a new connection to the same port is dropped.
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_err());
+
+    daemon.kill();
+    let daemon = start(&pair.host, &cfg);
+    let log = daemon.log();
+    assert!(log.contains("attach=Adopted"), "{log}");
+    roundtrip_all(&mut flows, "after restart");
+    let _ = daemon.terminate();
+    roundtrip_all(&mut flows, "after the daemon exited");
+}
+
+/// Sends 4 MB across the 1280-byte hop: from the protected host to the
+/// server (`outbound`), or from an admitted port of the protected host to a
+/// client on the server's side. Either way the host's full-size segments only
+/// get through once the router's "fragmentation needed" / "packet too big"
+/// reaches the host.
+fn path_mtu(v6: bool, outbound: bool) {
+    let net = Routed::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = ConfigFile::new(&format!(
+        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\n[[ingress_rules]]\nid = \"svc\"\nfrom_port = 8080\nto_port = 8080\n",
+        pins.path().display()
+    ))
+    .unwrap();
+    let (host, server) = if v6 {
+        (ROUTED_HOST_V6, ROUTED_SERVER_V6)
+    } else {
+        (ROUTED_HOST_V4, ROUTED_SERVER_V4)
+    };
+    let _daemon = start(&net.host, &cfg);
+    let received = if outbound {
+        let rx = tcp_sink_server(&net.server, sock(server, 9000)).unwrap();
+        let mut s = tcp_connect(&net.host, sock(server, 9000)).unwrap();
+        send_bytes(&mut s, 4 * MB).expect("upload stalled: ICMP error not delivered?");
+        rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap()
+    } else {
+        tcp_source_server(&net.host, sock(host, 8080), 4 * MB).unwrap();
+        let mut s = tcp_connect(&net.server, sock(host, 8080)).unwrap();
+        receive_all(&mut s).expect("download stalled: ICMP error not delivered?")
+    };
+    assert_eq!(received, 4 * MB);
+    assert!(
+        pins.counter(Reason::PassRelated) >= 1,
+        "no ICMP error was admitted"
+    );
+    let route = net.host.ip(&["route", "get", server]).unwrap();
+    assert!(
+        route.contains(&format!("mtu {NARROW_MTU}")),
+        "no PMTU learned: {route}"
+    );
+}
+
+#[test]
+fn ipv4_path_mtu_discovery_for_outbound_flows() {
+    require_root!();
+    path_mtu(false, true);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_for_outbound_flows() {
+    require_root!();
+    path_mtu(true, true);
+}
+
+#[test]
+fn ipv4_path_mtu_discovery_for_admitted_server_port() {
+    require_root!();
+    path_mtu(false, false);
+}
+
+#[test]
+fn ipv6_path_mtu_discovery_for_admitted_server_port() {
+    require_root!();
+    path_mtu(true, false);
+}
+
+#[test]
+fn clsact_egress_path_records_flows_and_is_adopted() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = ConfigFile::new(&format!(
+        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\ntc_attach = \"clsact\"\n",
+        pins.path().display()
+    ))
+    .unwrap();
+    udp_echo_server(&pair.peer, sock(PEER_V4, 5002)).unwrap();
+    let daemon = start(&pair.host, &cfg);
+    assert!(daemon.log().contains("attach=New"), "{}", daemon.log());
+    let filters = pair
+        .host
+        .command("tc")
+        .args(["filter", "show", "dev", HOST_IFACE, "egress"])
+        .output()
+        .unwrap();
+    let filters = String::from_utf8_lossy(&filters.stdout).into_owned();
+    assert!(
+        filters.contains("portcullis_egress"),
+        "no clsact filter: {filters}"
+    );
+    assert!(
+        !pins.path().join("links/tcx-pc0").exists(),
+        "a TCX link was made too"
+    );
+
+    let check_reply = || {
+        let c = pair.host.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        c.send_to(b"q", sock(PEER_V4, 5002)).unwrap();
+        let mut buf = [0u8; 8];
+        c.recv_from(&mut buf)
+            .expect("UDP reply dropped on the clsact path");
+    };
+    check_reply();
+
+    daemon.kill();
+    let daemon = start(&pair.host, &cfg);
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("recording outbound flows") && l.contains("attach=Adopted")),
+        "{log}"
+    );
+    let after = pair
+        .host
+        .command("tc")
+        .args(["filter", "show", "dev", HOST_IFACE, "egress"])
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&after.stdout).into_owned();
+    assert_eq!(
+        after.matches("portcullis_egress").count(),
+        1,
+        "filters after restart: {after}"
+    );
+    check_reply();
+
+    // Detach removes the filter too.
+    let out = pair
+        .host
+        .command(workspace_bin("portcullisd").unwrap())
+        .arg("--config")
+        .arg(cfg.path())
+        .arg("--detach")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = pair
+        .host
+        .command("tc")
+        .args(["filter", "show", "dev", HOST_IFACE, "egress"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&gone.stdout).contains("portcullis_egress"));
+    drop(daemon);
+}
