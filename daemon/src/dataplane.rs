@@ -268,6 +268,34 @@ impl Dataplane {
     }
 }
 
+/// The two programs, for [`Dataplane::test_run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    Ingress,
+    Egress,
+}
+
+impl Dataplane {
+    /// Runs one of the loaded programs on `packet` (see [`crate::testrun`]):
+    /// with the live maps, so counters and the connection table change.
+    pub fn test_run(
+        &mut self,
+        program: Program,
+        packet: &[u8],
+        repeat: u32,
+    ) -> anyhow::Result<crate::testrun::Outcome> {
+        use std::os::fd::AsFd as _;
+        let fd = match program {
+            Program::Ingress => ingress(&mut self.ebpf)?
+                .fd()?
+                .as_fd()
+                .try_clone_to_owned()?,
+            Program::Egress => egress(&mut self.ebpf)?.fd()?.as_fd().try_clone_to_owned()?,
+        };
+        Ok(crate::testrun::run(fd.as_fd(), packet, repeat)?)
+    }
+}
+
 /// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).
 pub fn flow_key(c: &Connection) -> FlowKey {
     fn octets(ip: std::net::IpAddr) -> (u8, [u8; 16]) {

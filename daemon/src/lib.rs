@@ -4,8 +4,10 @@
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
+//! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
 pub mod config;
 pub mod dataplane;
 pub mod rules;
 pub mod sockets;
+pub mod testrun;

@@ -177,7 +177,8 @@ fn ipv4<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
         return Err(Malformed);
     }
     let ihl = ((h[0] & 0x0f) as usize) * 4;
-    if ihl < IPV4_MIN_HLEN {
+    let total_len = be16([h[2], h[3]]) as usize;
+    if ihl < IPV4_MIN_HLEN || total_len < ihl {
         return Err(Malformed);
     }
     let mut ip = Ip::new(FAMILY_V4);

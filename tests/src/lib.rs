@@ -24,6 +24,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub use portcullis_common::Reason;
 
+pub mod packet;
+
 /// Returns early from a test, with a message saying why, when not root.
 /// As root the test must run: set-up failures after this point fail the test.
 #[macro_export]

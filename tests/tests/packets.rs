@@ -1,0 +1,421 @@
+//! Crafted packets through the real programs with `BPF_PROG_TEST_RUN`: each
+//! case checks the verdict and that exactly the expected counter moved.
+
+use portcullis::{
+    config::Config,
+    dataplane::{Dataplane, Policy, Program},
+};
+use portcullis_tests::{packet::*, *};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+/// TC_ACT_UNSPEC (-1): "continue", the egress program's only verdict.
+const TC_CONTINUE: u32 = u32::MAX;
+
+const H4: &str = "10.200.0.1";
+const P4: &str = "10.200.0.2";
+const H6: &str = "fd00:200::1";
+const P6: &str = "fd00:200::2";
+
+struct Bench {
+    dp: Dataplane,
+    pins: PinDir,
+}
+
+impl Bench {
+    fn new() -> Self {
+        let pins = PinDir::new().unwrap();
+        let config = Config::parse(&format!(
+            "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8090\n",
+            pins.path().display()
+        ))
+        .unwrap();
+        let mut dp = Dataplane::load(pins.path(), 1024).unwrap();
+        dp.write_policy(&Policy::from_config(&config)).unwrap();
+        Bench { dp, pins }
+    }
+
+    /// Runs the ingress program; returns the action and the one reason whose
+    /// counter moved (panics if none or several did).
+    fn ingress(&mut self, frame: &[u8]) -> (u32, Reason) {
+        let before = self.pins.counters().unwrap();
+        let out = self.dp.test_run(Program::Ingress, frame, 1).unwrap();
+        let after = self.pins.counters().unwrap();
+        let moved: Vec<Reason> = Reason::ALL
+            .into_iter()
+            .filter(|r| after[r] != before[r])
+            .collect();
+        assert_eq!(moved.len(), 1, "counters moved: {moved:?}");
+        assert_eq!(after[&moved[0]], before[&moved[0]] + 1);
+        (out.retval, moved[0])
+    }
+
+    fn expect(&mut self, what: &str, frame: &[u8], reason: Reason) {
+        let (action, got) = self.ingress(frame);
+        assert_eq!(got, reason, "{what}: credited {}", got.name());
+        let want = if reason.passes() { XDP_PASS } else { XDP_DROP };
+        assert_eq!(action, want, "{what}: action {action}");
+    }
+
+    fn egress(&mut self, frame: &[u8]) {
+        let out = self.dp.test_run(Program::Egress, frame, 1).unwrap();
+        assert_eq!(out.retval, TC_CONTINUE, "egress must never drop");
+    }
+}
+
+#[test]
+fn ports_protocols_and_always_allowed() {
+    require_root!();
+    let mut b = Bench::new();
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        b.expect(
+            "listed",
+            &Pkt::new(p, h).tcp(40000, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        b.expect(
+            "range end",
+            &Pkt::new(p, h).udp(40000, 8090).bytes(),
+            Reason::PassRule,
+        );
+        b.expect(
+            "unlisted",
+            &Pkt::new(p, h).tcp(40000, 8091, SYN).bytes(),
+            Reason::DropNoRule,
+        );
+        b.expect(
+            "ssh off",
+            &Pkt::new(p, h).tcp(40000, 22, SYN).bytes(),
+            Reason::DropNoRule,
+        );
+        b.expect(
+            "gre",
+            &Pkt::new(p, h).proto(47, &[0; 8]).bytes(),
+            Reason::DropProtocol,
+        );
+        b.expect(
+            "sctp",
+            &Pkt::new(p, h).proto(132, &[0; 12]).bytes(),
+            Reason::DropProtocol,
+        );
+    }
+    // DHCP server replies, and only those.
+    b.expect(
+        "dhcpv4",
+        &Pkt::new("10.200.0.254", "255.255.255.255")
+            .udp(67, 68)
+            .bytes(),
+        Reason::PassDhcp,
+    );
+    b.expect(
+        "dhcpv4 wrong way",
+        &Pkt::new(P4, H4).udp(68, 67).bytes(),
+        Reason::DropNoRule,
+    );
+    b.expect(
+        "dhcpv6",
+        &Pkt::new("fe80::1", "fe80::2").udp(547, 546).bytes(),
+        Reason::PassDhcp,
+    );
+    // Neighbour discovery needs hop limit 255.
+    let na = Pkt::new("fe80::2", "fe80::1").icmp(136, 0, 0, &[0; 20]);
+    b.expect(
+        "NA hop 255",
+        &na.clone().ttl(255).bytes(),
+        Reason::PassNeighbor,
+    );
+    b.expect("NA forwarded", &na.ttl(64).bytes(), Reason::DropIcmp);
+    b.expect(
+        "RA",
+        &Pkt::new("fe80::2", "ff02::1")
+            .icmp(134, 0, 0, &[0; 8])
+            .ttl(255)
+            .bytes(),
+        Reason::PassNeighbor,
+    );
+    // Pings are denied by default, and ICMP of the wrong family is dropped.
+    b.expect(
+        "echo v4",
+        &Pkt::new(P4, H4).icmp(8, 0, 7, b"ping").bytes(),
+        Reason::DropIcmp,
+    );
+    b.expect(
+        "echo v6",
+        &Pkt::new(P6, H6).icmp(128, 0, 7, b"ping").bytes(),
+        Reason::DropIcmp,
+    );
+    b.expect(
+        "icmpv6 in v4",
+        &Pkt::new(P4, H4)
+            .proto(ICMPV6, &[136, 0, 0, 0, 0, 0, 0, 0])
+            .ttl(255)
+            .bytes(),
+        Reason::DropIcmp,
+    );
+    // Other Ethernet types; ARP.
+    let mut arp = Pkt::new(P4, H4).udp(1, 8080).bytes();
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    b.expect("arp", &arp, Reason::PassArp);
+    let mut lldp = arp.clone();
+    lldp[12..14].copy_from_slice(&0x88ccu16.to_be_bytes());
+    b.expect("lldp", &lldp, Reason::DropEthertype);
+}
+
+#[test]
+fn malformed_headers_are_dropped_and_counted() {
+    require_root!();
+    let mut b = Bench::new();
+    let tcp4 = Pkt::new(P4, H4).tcp(40000, 8080, SYN).bytes();
+    let tcp6 = Pkt::new(P6, H6).tcp(40000, 8080, SYN).bytes();
+    // Truncated at every header boundary and inside each header.
+    // (The kernel refuses test frames shorter than an Ethernet header.)
+    for cut in [14, 20, 33, 34, 40, 53] {
+        b.expect(
+            &format!("v4 cut at {cut}"),
+            &tcp4[..cut],
+            Reason::DropMalformed,
+        );
+    }
+    for cut in [14, 40, 53, 54, 60, 73] {
+        b.expect(
+            &format!("v6 cut at {cut}"),
+            &tcp6[..cut],
+            Reason::DropMalformed,
+        );
+    }
+    // Bad version, IHL below 5, IHL beyond the packet, total length below IHL.
+    let mut bad = tcp4.clone();
+    bad[14] = 0x55;
+    b.expect("version 5", &bad, Reason::DropMalformed);
+    let mut bad = tcp4.clone();
+    bad[14] = 0x44;
+    b.expect("ihl 4", &bad, Reason::DropMalformed);
+    let mut bad = tcp4.clone();
+    bad[14] = 0x4f;
+    b.expect("ihl 15 past the end", &bad, Reason::DropMalformed);
+    let mut bad = tcp4.clone();
+    bad[16..18].copy_from_slice(&10u16.to_be_bytes());
+    b.expect("total length 10", &bad, Reason::DropMalformed);
+    let mut bad = tcp6.clone();
+    bad[14] = 0x40;
+    b.expect("v6 ethertype, v4 header", &bad, Reason::DropMalformed);
+    // A TCP header with only its ports.
+    let short = Pkt::new(P4, H4)
+        .proto(TCP, &[0x9c, 0x40, 0x1f, 0x90, 0, 0, 0, 0])
+        .bytes();
+    b.expect("8-byte tcp header", &short, Reason::DropMalformed);
+}
+
+#[test]
+fn options_extension_headers_and_vlan_tags_are_walked() {
+    require_root!();
+    let mut b = Bench::new();
+    for opts in [4, 20, 40] {
+        let ok = Pkt::new(P4, H4).ipv4_options(opts).tcp(40000, 8080, SYN);
+        b.expect(
+            &format!("{opts}B options, listed"),
+            &ok.bytes(),
+            Reason::PassRule,
+        );
+        let no = Pkt::new(P4, H4).ipv4_options(opts).tcp(40000, 9999, SYN);
+        b.expect(
+            &format!("{opts}B options, unlisted"),
+            &no.bytes(),
+            Reason::DropNoRule,
+        );
+    }
+    let chain = Pkt::new(P6, H6)
+        .ext(HOPOPTS, 0)
+        .ext(ROUTING, 1)
+        .ext(DSTOPTS, 2);
+    b.expect(
+        "v6 chain, listed",
+        &chain.clone().tcp(1, 8080, SYN).bytes(),
+        Reason::PassRule,
+    );
+    b.expect(
+        "v6 chain, unlisted",
+        &chain.tcp(1, 9999, SYN).bytes(),
+        Reason::DropNoRule,
+    );
+    let mut deep = Pkt::new(P6, H6);
+    for _ in 0..7 {
+        deep = deep.ext(DSTOPTS, 0);
+    }
+    b.expect(
+        "7 extension headers",
+        &deep.tcp(1, 8080, SYN).bytes(),
+        Reason::DropMalformed,
+    );
+    let cut = Pkt::new(P6, H6).ext(DSTOPTS, 3).tcp(1, 8080, SYN).bytes();
+    b.expect(
+        "extension header past the end",
+        &cut[..14 + 40 + 16],
+        Reason::DropMalformed,
+    );
+
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        b.expect(
+            "vlan, listed",
+            &Pkt::new(p, h).vlan(100).tcp(1, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        b.expect(
+            "vlan, unlisted",
+            &Pkt::new(p, h).vlan(100).tcp(1, 9999, SYN).bytes(),
+            Reason::DropNoRule,
+        );
+        let qinq = Pkt::new(p, h).vlan(100).vlan(200).tcp(1, 8080, SYN);
+        b.expect("double tagged", &qinq.bytes(), Reason::DropVlanStack);
+    }
+}
+
+#[test]
+fn fragments_pass_only_with_an_admitted_first_fragment() {
+    require_root!();
+    let mut b = Bench::new();
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        let first = Pkt::new(p, h).fragment(77, 0, true).udp(5000, 8080);
+        b.expect("first fragment, listed", &first.bytes(), Reason::PassRule);
+        let later = Pkt::new(p, h)
+            .fragment(77, 185, false)
+            .proto(UDP, &[0xab; 64]);
+        b.expect("its later fragment", &later.bytes(), Reason::PassFragment);
+        let stray = Pkt::new(p, h)
+            .fragment(78, 185, false)
+            .proto(UDP, &[0xab; 64]);
+        b.expect(
+            "later fragment, unknown id",
+            &stray.bytes(),
+            Reason::DropFragment,
+        );
+        let denied = Pkt::new(p, h).fragment(79, 0, true).udp(5000, 9999);
+        b.expect(
+            "first fragment, unlisted",
+            &denied.bytes(),
+            Reason::DropNoRule,
+        );
+        let after_denied = Pkt::new(p, h)
+            .fragment(79, 185, false)
+            .proto(UDP, &[0xab; 64]);
+        b.expect(
+            "later fragment of a dropped packet",
+            &after_denied.bytes(),
+            Reason::DropFragment,
+        );
+    }
+}
+
+#[test]
+fn connection_table_admits_replies_and_related_errors_only() {
+    require_root!();
+    let mut b = Bench::new();
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        let syn = Pkt::new(h, p).tcp(41000, 443, SYN);
+        // Before the host sent anything, the "reply" is a new inbound packet.
+        b.expect(
+            "reply before request",
+            &Pkt::new(p, h).tcp(443, 41000, SYN | ACK).bytes(),
+            Reason::DropNoRule,
+        );
+        b.egress(&syn.bytes());
+        b.expect(
+            "syn-ack",
+            &Pkt::new(p, h).tcp(443, 41000, SYN | ACK).bytes(),
+            Reason::PassEstablished,
+        );
+        b.expect(
+            "ack",
+            &Pkt::new(p, h).tcp(443, 41000, ACK).bytes(),
+            Reason::PassEstablished,
+        );
+        b.expect(
+            "other source port",
+            &Pkt::new(p, h).tcp(444, 41000, ACK).bytes(),
+            Reason::DropNoRule,
+        );
+        b.expect(
+            "other local port",
+            &Pkt::new(p, h).tcp(443, 41001, ACK).bytes(),
+            Reason::DropNoRule,
+        );
+        // A TCP packet that is not a SYN opens nothing (inbound-accepted flows).
+        b.egress(&Pkt::new(h, p).tcp(8080, 50000, SYN | ACK).bytes());
+        b.expect(
+            "after our syn-ack",
+            &Pkt::new(p, h).tcp(50000, 8080, ACK).bytes(),
+            Reason::PassRule,
+        );
+        b.expect(
+            "after our syn-ack, unlisted",
+            &Pkt::new(p, h).tcp(50000, 9999, ACK).bytes(),
+            Reason::DropNoRule,
+        );
+
+        // Echo: our request admits its reply (same identifier) only.
+        let (req, rep) = if h == H4 { (8, 0) } else { (128, 129) };
+        b.egress(&Pkt::new(h, p).icmp(req, 0, 4242, b"ping").bytes());
+        b.expect(
+            "echo reply",
+            &Pkt::new(p, h).icmp(rep, 0, 4242, b"ping").bytes(),
+            Reason::PassEstablished,
+        );
+        b.expect(
+            "echo reply, other id",
+            &Pkt::new(p, h).icmp(rep, 0, 4243, b"ping").bytes(),
+            Reason::DropIcmp,
+        );
+
+        // ICMP errors quoting a packet we sent on that flow; or a random one.
+        let (unreach, ptb) = if h == H4 { (3, 3) } else { (1, 2) };
+        let quoted = syn.ip_bytes();
+        let err = Pkt::new(p, h).icmp(ptb, if h == H4 { 4 } else { 0 }, 0, &quoted);
+        b.expect(
+            "frag needed / packet too big",
+            &err.bytes(),
+            Reason::PassRelated,
+        );
+        let other = Pkt::new(h, p).tcp(41999, 443, SYN).ip_bytes();
+        b.expect(
+            "error about an unknown flow",
+            &Pkt::new(p, h).icmp(unreach, 1, 0, &other).bytes(),
+            Reason::DropIcmp,
+        );
+        let served = Pkt::new(h, p).tcp(8080, 50000, ACK).ip_bytes();
+        b.expect(
+            "error about a served port",
+            &Pkt::new(p, h).icmp(ptb, 4, 0, &served).bytes(),
+            Reason::PassRelated,
+        );
+        let spoofed = Pkt::new(p, h).tcp(41000, 443, SYN).ip_bytes();
+        b.expect(
+            "error quoting a packet we did not send",
+            &Pkt::new(p, h).icmp(ptb, 4, 0, &spoofed).bytes(),
+            Reason::DropIcmp,
+        );
+        b.expect(
+            "truncated quote",
+            &Pkt::new(p, h).icmp(ptb, 4, 0, &quoted[..10]).bytes(),
+            Reason::DropIcmp,
+        );
+
+        // UDP and other protocols.
+        b.egress(&Pkt::new(h, p).udp(53000, 53).bytes());
+        b.expect(
+            "dns reply",
+            &Pkt::new(p, h).udp(53, 53000).bytes(),
+            Reason::PassEstablished,
+        );
+        b.egress(&Pkt::new(h, p).proto(47, &[0; 8]).bytes());
+        b.expect(
+            "gre back",
+            &Pkt::new(p, h).proto(47, &[0; 8]).bytes(),
+            Reason::PassEstablished,
+        );
+        b.expect(
+            "sctp back",
+            &Pkt::new(p, h).proto(132, &[0; 12]).bytes(),
+            Reason::DropProtocol,
+        );
+    }
+}
