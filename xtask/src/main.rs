@@ -20,11 +20,14 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-23";
 
 /// Debian packages the tests and the demo use.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2",     // ip, netns, veth
-    "util-linux",   // nsenter, mount
-    "iputils-ping", // ping
-    "procps",       // sysctl
-    "bpftool",      // inspecting programs by hand
+    "iproute2",       // ip, netns, veth
+    "util-linux",     // nsenter, mount
+    "iputils-ping",   // ping
+    "procps",         // sysctl
+    "bpftool",        // inspecting programs by hand
+    "nftables",       // published-port (DNAT) test
+    "openssh-server", // real sshd for the session tests
+    "openssh-client", // real ssh client
 ];
 
 #[derive(Parser)]
