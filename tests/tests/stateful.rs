@@ -148,10 +148,20 @@ fn connections_open_before_start_survive_start_and_restart() {
         }
     };
     roundtrip_all(&mut flows, "before start");
+    // A download that runs for about 4 s, across the start and the restart.
+    tcp_paced_source_server(
+        &pair.peer,
+        sock(PEER_V4, 7002),
+        200,
+        Duration::from_millis(20),
+    )
+    .unwrap();
+    let mut download = tcp_connect(&pair.host, sock(PEER_V4, 7002)).unwrap();
+    let download = std::thread::spawn(move || receive_all(&mut download));
 
     let daemon = start(&pair.host, &cfg);
     roundtrip_all(&mut flows, "after start");
-    assert!(daemon.log().contains("seeded=4"), "{}", daemon.log());
+    assert!(daemon.log().contains("seeded=5"), "{}", daemon.log());
     // The filter is on: a new connection to the same port is dropped.
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_err());
 
@@ -162,6 +172,8 @@ fn connections_open_before_start_survive_start_and_restart() {
     roundtrip_all(&mut flows, "after restart");
     let _ = daemon.terminate();
     roundtrip_all(&mut flows, "after the daemon exited");
+    let got = download.join().unwrap().expect("the download broke");
+    assert_eq!(got, 200 * 64 * 1024, "download incomplete");
 }
 
 /// Sends 4 MB across the 1280-byte hop: from the protected host to the
@@ -401,4 +413,35 @@ fn jumbo_mtu_interfaces_are_protected_natively() {
             "8000-byte datagram to {port}"
         );
     }
+}
+
+/// The operator's SSH session (real sshd and ssh) survives the daemon's
+/// start and a restart, even with the SSH exemption off: the connection
+/// table is seeded from the kernel's socket list. New sessions are refused.
+#[test]
+fn ssh_session_survives_start_and_restart() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let sshd = Sshd::start(&pair.host).unwrap();
+    let mut session = SshSession::open(&sshd, &pair.peer, HOST_V4).unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, "").unwrap();
+
+    let daemon = start(&pair.host, &cfg);
+    session.roundtrip("after start").unwrap();
+    let fresh = sshd
+        .client(&pair.peer, HOST_V4)
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(
+        !fresh.status.success(),
+        "a new SSH session got in with the exemption off"
+    );
+
+    daemon.kill();
+    session.roundtrip("daemon killed").unwrap();
+    let daemon = start(&pair.host, &cfg);
+    session.roundtrip("after restart").unwrap();
+    drop(daemon);
 }
