@@ -28,6 +28,9 @@ const APT_PACKAGES: &[&str] = &[
     "nftables",       // published-port (DNAT) test
     "openssh-server", // real sshd for the session tests
     "openssh-client", // real ssh client
+    "dnsmasq-base",   // DHCP server for the lease test (binary only, no service)
+    "udhcpc",         // DHCP client for the lease test
+    "radvd",          // router advertisements for the SLAAC test
 ];
 
 #[derive(Parser)]
@@ -248,10 +251,25 @@ fn apt_packages() -> anyhow::Result<()> {
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
     run(Command::new("apt-get").arg("update").arg("-q"))?;
-    run(Command::new("apt-get")
+    // These packages are tools for the tests: their services (sshd, radvd)
+    // must not start on this machine. policy-rc.d tells invoke-rc.d so.
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists();
+    if ours {
+        std::fs::write(
+            policy,
+            "#!/bin/sh\n# portcullis xtask setup: start no services\nexit 101\n",
+        )?;
+        std::fs::set_permissions(policy, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    }
+    let result = run(Command::new("apt-get")
         .args(["install", "-y", "-q", "--no-install-recommends"])
         .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+        .env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        std::fs::remove_file(policy)?;
+    }
+    result
 }
 
 /// The tests pin under /sys/fs/bpf; this machine kind does not mount it.
