@@ -17,8 +17,16 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Interfaces whose inbound traffic is filtered.
+    /// Interfaces to protect. Empty (the default): every non-virtual link,
+    /// including ones that appear later; see `auto_include`/`auto_exclude`.
+    #[serde(default)]
     pub interfaces: Vec<String>,
+    /// Automatic mode: name patterns of virtual links to protect as well.
+    #[serde(default)]
+    pub auto_include: Vec<String>,
+    /// Automatic mode: name patterns never protected (container runtimes).
+    #[serde(default = "default_exclude")]
+    pub auto_exclude: Vec<String>,
     /// bpffs directory holding the pinned maps and links.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
@@ -60,6 +68,13 @@ pub enum TcAttachMode {
     Clsact,
 }
 
+fn default_exclude() -> Vec<String> {
+    crate::links::DEFAULT_EXCLUDE
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 fn default_conntrack_entries() -> u32 {
     portcullis_common::CONNTRACK_DEFAULT_ENTRIES
 }
@@ -82,9 +97,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.interfaces.is_empty() {
-            bail!("interfaces: list at least one interface to protect");
-        }
+        self.selector()?;
         for name in &self.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                 bail!("interfaces: {name:?} is not a valid interface name");
@@ -106,6 +119,11 @@ impl Config {
         Ok(())
     }
 
+    /// The interface selection this file describes.
+    pub fn selector(&self) -> anyhow::Result<crate::links::Selector> {
+        crate::links::Selector::new(&self.interfaces, &self.auto_include, &self.auto_exclude)
+    }
+
     /// The rules of this file as a rule set.
     pub fn rule_set(&self) -> RuleSet {
         RuleSet {
@@ -121,7 +139,9 @@ mod tests {
 
     #[test]
     fn parses_a_minimal_config_with_defaults() {
-        let c = Config::parse("interfaces = [\"eth0\"]\n").unwrap();
+        let c = Config::parse("").unwrap();
+        assert!(c.selector().unwrap().is_auto());
+        assert!(c.auto_exclude.iter().any(|p| p == "docker*"));
         assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
         assert!(!c.ssh.allow);
         assert!(c.ingress_rules.is_empty());
@@ -148,8 +168,10 @@ ip_ranges = []
 
     #[test]
     fn errors_name_the_field() {
-        let e = Config::parse("interfaces = []\n").unwrap_err();
+        let e = Config::parse("interfaces = [\"a/b\"]\n").unwrap_err();
         assert!(e.to_string().starts_with("interfaces:"), "{e}");
+        let e = Config::parse("auto_include = [\"[\"]\n").unwrap_err();
+        assert!(e.to_string().starts_with("auto_include:"), "{e}");
         let e = Config::parse("interfaces = [\"eth0\"]\nbogus = 1\n").unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::parse(

@@ -3,11 +3,13 @@
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
+//! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
 pub mod config;
 pub mod dataplane;
+pub mod links;
 pub mod rules;
 pub mod sockets;
 pub mod testrun;

@@ -24,13 +24,18 @@ struct Bench {
 
 impl Bench {
     fn new() -> Self {
+        Self::with("", 1024)
+    }
+
+    /// With extra top-level config lines and a connection table of `entries`.
+    fn with(extra: &str, entries: u32) -> Self {
         let pins = PinDir::new().unwrap();
         let config = Config::parse(&format!(
-            "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8090\n",
+            "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n{extra}\n[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8090\n",
             pins.path().display()
         ))
         .unwrap();
-        let mut dp = Dataplane::load(pins.path(), 1024).unwrap();
+        let mut dp = Dataplane::load(pins.path(), entries).unwrap();
         dp.write_policy(&Policy::from_config(&config)).unwrap();
         Bench { dp, pins }
     }
@@ -418,4 +423,97 @@ fn connection_table_admits_replies_and_related_errors_only() {
             Reason::DropProtocol,
         );
     }
+}
+
+#[test]
+fn echo_requests_follow_the_configuration() {
+    require_root!();
+    let mut b = Bench::with("allow_ping = true", 1024);
+    b.expect(
+        "echo v4",
+        &Pkt::new(P4, H4).icmp(8, 0, 7, b"ping").bytes(),
+        Reason::PassPing,
+    );
+    b.expect(
+        "echo v6",
+        &Pkt::new(P6, H6).icmp(128, 0, 7, b"ping").bytes(),
+        Reason::PassPing,
+    );
+    b.expect(
+        "timestamp",
+        &Pkt::new(P4, H4).icmp(13, 0, 7, &[0; 12]).bytes(),
+        Reason::DropIcmp,
+    );
+}
+
+/// Flows age by protocol and state: an idle UDP flow is gone after 30 s, a
+/// SYN that got no answer after 60 s, an established TCP flow stays.
+#[test]
+fn flows_age_out_by_protocol_and_state() {
+    require_root!();
+    use aya::maps::{HashMap, Map, MapData};
+    use portcullis_common::{Flow, FlowKey};
+
+    let mut b = Bench::new();
+    b.egress(&Pkt::new(H4, P4).udp(53001, 53).bytes());
+    b.egress(&Pkt::new(H4, P4).tcp(41001, 443, SYN).bytes()); // answered below
+    b.egress(&Pkt::new(H4, P4).tcp(41002, 443, SYN).bytes()); // never answered
+    b.expect(
+        "syn-ack",
+        &Pkt::new(P4, H4).tcp(443, 41001, SYN | ACK).bytes(),
+        Reason::PassEstablished,
+    );
+
+    let path = b.pins.path().join("maps/CONNTRACK");
+    let mut table: HashMap<_, FlowKey, Flow> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).unwrap())).unwrap();
+    let entries: Vec<(FlowKey, Flow)> = table.iter().map(Result::unwrap).collect();
+    assert_eq!(entries.len(), 3);
+    // Pretend 100 s have passed for every flow.
+    for (key, mut flow) in entries {
+        flow.last_seen_ns -= 100_000_000_000;
+        table.insert(&key, &flow, 0).unwrap();
+    }
+    b.expect(
+        "reply to an expired UDP flow",
+        &Pkt::new(P4, H4).udp(53, 53001).bytes(),
+        Reason::DropNoRule,
+    );
+    b.expect(
+        "syn-ack to an expired SYN",
+        &Pkt::new(P4, H4).tcp(443, 41002, SYN | ACK).bytes(),
+        Reason::DropNoRule,
+    );
+    b.expect(
+        "established flow",
+        &Pkt::new(P4, H4).tcp(443, 41001, ACK).bytes(),
+        Reason::PassEstablished,
+    );
+    assert_eq!(table.keys().count(), 1, "expired flows were not removed");
+}
+
+/// A full connection table evicts the least recently used flows; traffic
+/// that matches no flow meets the policy (it does not fail open).
+#[test]
+fn a_full_connection_table_evicts_the_oldest_and_fails_closed() {
+    require_root!();
+    let mut b = Bench::with("", 256);
+    for port in 20000..22000u16 {
+        b.egress(&Pkt::new(H4, P4).udp(port, 53).bytes());
+    }
+    b.expect(
+        "newest flow",
+        &Pkt::new(P4, H4).udp(53, 21999).bytes(),
+        Reason::PassEstablished,
+    );
+    b.expect(
+        "oldest flow, evicted",
+        &Pkt::new(P4, H4).udp(53, 20000).bytes(),
+        Reason::DropNoRule,
+    );
+    b.expect(
+        "never opened",
+        &Pkt::new(P4, H4).udp(53, 30000).bytes(),
+        Reason::DropNoRule,
+    );
 }

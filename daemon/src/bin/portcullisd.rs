@@ -4,15 +4,21 @@
 
 use std::path::PathBuf;
 
+use std::collections::HashSet;
+
 use anyhow::Context as _;
 use clap::Parser;
+use futures::StreamExt as _;
+use netlink_packet_core::NetlinkPayload;
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::AsyncSocket as _;
 use portcullis::{
     config::{Config, DEFAULT_CONFIG_PATH},
-    dataplane::{self, Dataplane, Policy},
-    sockets,
+    dataplane::{self, Attach, Dataplane, Policy},
+    links, sockets,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::info;
+use tracing::{error, info, warn};
 
 #[derive(Parser)]
 #[command(version, about = "Portcullis host firewall daemon")]
@@ -41,27 +47,65 @@ fn main() -> anyhow::Result<()> {
         println!("{}: ok", args.config.display());
         return Ok(());
     }
-    if args.detach {
-        let n = dataplane::detach_all(&config.pin_dir, &config.interfaces)?;
-        info!(links = n, pin_dir = %config.pin_dir.display(), "detached; inbound traffic is no longer filtered");
-        return Ok(());
-    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    if args.detach {
+        // Every link: in automatic mode the config names none.
+        let names: Vec<String> = runtime.block_on(async {
+            let (connection, handle, _) = rtnetlink::new_connection()?;
+            tokio::spawn(connection);
+            anyhow::Ok(
+                links::list(&handle)
+                    .await?
+                    .into_iter()
+                    .map(|l| l.name)
+                    .collect(),
+            )
+        })?;
+        let n = dataplane::detach_all(&config.pin_dir, &names)?;
+        info!(links = n, pin_dir = %config.pin_dir.display(), "detached; inbound traffic is no longer filtered");
+        return Ok(());
+    }
     runtime.block_on(run(config))
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let selector = config.selector()?;
+
+    // Subscribe to link events before listing links, so none is missed.
+    let (mut connection, handle, mut link_events) =
+        rtnetlink::new_connection().context("opening rtnetlink")?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK,
+        ))
+        .context("subscribing to link events")?;
+    tokio::spawn(connection);
+    let targets: Vec<String> = links::list(&handle)
+        .await?
+        .into_iter()
+        .filter(|l| selector.wants(l))
+        .map(|l| l.name)
+        .collect();
+    if targets.is_empty() {
+        warn!(
+            auto = selector.is_auto(),
+            "no interface to protect yet; waiting for one to appear"
+        );
+    }
 
     let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries)?;
     // Policy first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
     // already exist; only then the ingress filter.
     dataplane.write_policy(&Policy::from_config(&config))?;
-    for ifname in &config.interfaces {
+    for ifname in &targets {
         let how = dataplane
             .attach_egress(ifname, config.tc_attach)
             .with_context(|| format!("interface {ifname}"))?;
@@ -73,18 +117,64 @@ async fn run(config: Config) -> anyhow::Result<()> {
         connections = existing.len(),
         seeded, "connection table seeded"
     );
-    for ifname in &config.interfaces {
+    let mut protected = HashSet::new();
+    for ifname in &targets {
         let how = dataplane
             .attach_ingress(ifname)
             .with_context(|| format!("interface {ifname}"))?;
-        info!(interface = %ifname, attach = ?how, "enforcing");
+        report(&handle, ifname, how).await;
+        protected.insert(ifname.clone());
     }
     info!(pin_dir = %config.pin_dir.display(), "ready");
 
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM"); break; }
+            _ = int.recv() => { info!("SIGINT"); break; }
+            event = link_events.next() => {
+                let Some((message, _)) = event else {
+                    anyhow::bail!("the rtnetlink event stream ended");
+                };
+                match message.payload {
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(msg)) => {
+                        let Some(link) = links::Link::from_message(&msg) else { continue };
+                        if protected.contains(&link.name) || !selector.wants(&link) {
+                            continue;
+                        }
+                        // A failure here leaves other interfaces protected; say
+                        // which interface is open and keep running.
+                        let result = dataplane
+                            .attach_egress(&link.name, config.tc_attach)
+                            .and_then(|_| dataplane.attach_ingress(&link.name));
+                        match result {
+                            Ok(how) => {
+                                report(&handle, &link.name, how).await;
+                                protected.insert(link.name);
+                            }
+                            Err(e) => error!(interface = %link.name, error = %format!("{e:#}"), "cannot protect new interface"),
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(msg)) => {
+                        if let Some(link) = links::Link::from_message(&msg)
+                            && protected.remove(&link.name)
+                        {
+                            info!(interface = %link.name, "interface removed");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
     }
     info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
     Ok(())
+}
+
+/// Logs that `ifname` is enforcing, with the XDP mode the kernel chose.
+async fn report(handle: &rtnetlink::Handle, ifname: &str, how: Attach) {
+    let mode = match links::get(handle, ifname).await {
+        Ok(link) => link.xdp.as_str(),
+        Err(_) => "unknown",
+    };
+    info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
 }
