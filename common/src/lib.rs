@@ -10,14 +10,25 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
     /// `PerCpuArray<Counter>` indexed by [`crate::Reason`].
     pub const VERDICTS: &str = "VERDICTS";
-    /// `Array<u32>` indexed by [`crate::port_index`]: non-zero admits the port.
-    pub const PORT_CLASS: &str = "PORT_CLASS";
+    /// `Array<u32>` with a single entry: which generation (0 or 1) of the
+    /// rule maps below is live. The data path reads it once per packet.
+    pub const ACTIVE: &str = "ACTIVE";
+    /// `LpmTrie<RuleKey4, u32>` per generation: (direction, IPv4 prefix) -> region.
+    pub const SRC4: [&str; 2] = ["SRC4_0", "SRC4_1"];
+    /// `LpmTrie<RuleKey6, u32>` per generation: (direction, IPv6 prefix) -> region.
+    pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
+    /// `Array<Region>` per generation.
+    pub const REGIONS: [&str; 2] = ["REGIONS_0", "REGIONS_1"];
+    /// `Array<Segment>` per generation.
+    pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
+    /// `PerCpuArray<Counter>` per generation, indexed by rule slot.
+    pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
     /// `Array<Settings>` with a single entry.
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<FlowKey, Flow>`: flows the host opened (connection table).
@@ -45,7 +56,7 @@ pub enum Reason {
     PassNeighbor = 1,
     /// TCP to port 22 while the SSH exemption is on.
     PassSsh = 2,
-    /// TCP or UDP to a destination port a rule admits.
+    /// A rule admits it (protocol, port and source).
     PassRule = 3,
     /// A packet of a flow the host opened (the connection table).
     PassEstablished = 4,
@@ -57,25 +68,33 @@ pub enum Reason {
     PassPing = 7,
     /// A later fragment of a packet whose first fragment passed.
     PassFragment = 8,
-    /// TCP or UDP to a destination port no rule admits.
-    DropNoRule = 9,
+    /// From a member of this host's cluster (all protocols and ports).
+    PassPeer = 9,
+    /// Outbound: an egress rule admits it, or egress is allow-all.
+    PassEgress = 10,
+    /// TCP or UDP that no rule admits.
+    DropNoRule = 11,
     /// ICMP or ICMPv6 that is neither always allowed nor related to a flow.
-    DropIcmp = 10,
+    DropIcmp = 12,
     /// Any other IP protocol (GRE, SCTP, ESP, ...) without a flow.
-    DropProtocol = 11,
+    DropProtocol = 13,
     /// A header that is truncated or inconsistent.
-    DropMalformed = 12,
+    DropMalformed = 14,
     /// An Ethernet type that is neither ARP, IPv4 nor IPv6.
-    DropEthertype = 13,
+    DropEthertype = 15,
     /// A fragment of no packet that passed.
-    DropFragment = 14,
+    DropFragment = 16,
     /// More than one VLAN tag.
-    DropVlanStack = 15,
+    DropVlanStack = 17,
+    /// From a member of another cluster, and no rule admits it.
+    DropOtherCluster = 18,
+    /// Outbound and the egress allowlist does not admit it.
+    DropEgress = 19,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 16] = [
+    pub const ALL: [Reason; 20] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
@@ -85,6 +104,8 @@ impl Reason {
         Reason::PassDhcp,
         Reason::PassPing,
         Reason::PassFragment,
+        Reason::PassPeer,
+        Reason::PassEgress,
         Reason::DropNoRule,
         Reason::DropIcmp,
         Reason::DropProtocol,
@@ -92,6 +113,8 @@ impl Reason {
         Reason::DropEthertype,
         Reason::DropFragment,
         Reason::DropVlanStack,
+        Reason::DropOtherCluster,
+        Reason::DropEgress,
     ];
 
     /// Number of counters in [`maps::VERDICTS`].
@@ -109,6 +132,8 @@ impl Reason {
             Reason::PassDhcp => "pass_dhcp",
             Reason::PassPing => "pass_ping",
             Reason::PassFragment => "pass_fragment",
+            Reason::PassPeer => "pass_peer",
+            Reason::PassEgress => "pass_egress",
             Reason::DropNoRule => "drop_no_rule",
             Reason::DropIcmp => "drop_icmp",
             Reason::DropProtocol => "drop_protocol",
@@ -116,6 +141,8 @@ impl Reason {
             Reason::DropEthertype => "drop_ethertype",
             Reason::DropFragment => "drop_fragment",
             Reason::DropVlanStack => "drop_vlan_stack",
+            Reason::DropOtherCluster => "drop_other_cluster",
+            Reason::DropEgress => "drop_egress",
         }
     }
 
@@ -236,22 +263,82 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// Transport protocols the port table distinguishes.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum L4 {
-    Tcp = 0,
-    Udp = 1,
+/// Outbound traffic is an allowlist (the egress rules are not empty).
+pub const SETTING_EGRESS_ALLOWLIST: u32 = 1 << 2;
+
+// ---- The rule engine's maps -------------------------------------------------
+//
+// Rules compile, per direction and address family, into:
+//   source prefix --(LPM)--> region --(per protocol class)--> sorted port
+//   segments --> rule slot.
+// A region is the set of rules whose source prefixes cover an address: the
+// user-space compiler walks the nested prefixes and gives each distinct
+// prefix the region of all rules on its path, so the longest match is enough.
+// Each region lists, per protocol class, segments of the port space with the
+// first admitting rule (lowest slot) in each, found with a binary search of a
+// fixed number of steps. Every generation has its own set of these maps; the
+// `ACTIVE` index switches between them in one write.
+
+/// Direction byte that leads every rule key.
+pub const DIR_INGRESS: u8 = 0;
+pub const DIR_EGRESS: u8 = 1;
+
+/// LPM key data for IPv4 rules: direction, then the address. The prefix
+/// length of the trie key counts the direction byte (8 + prefix length).
+pub type RuleKey4 = [u8; 5];
+/// LPM key data for IPv6 rules.
+pub type RuleKey6 = [u8; 17];
+
+/// Protocol classes a region distinguishes.
+pub const PCLASS_TCP: usize = 0;
+pub const PCLASS_UDP: usize = 1;
+/// ICMP and ICMPv6 (no ports: port 0).
+pub const PCLASS_ICMP: usize = 2;
+/// Every other IP protocol (no ports: port 0).
+pub const PCLASS_OTHER: usize = 3;
+pub const PCLASSES: usize = 4;
+
+/// Where a region's segments are, per protocol class.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Region {
+    /// First segment in `SEGMENTS`, per protocol class.
+    pub offset: [u32; PCLASSES],
+    /// Number of segments (0: nothing admitted), per protocol class.
+    pub len: [u32; PCLASSES],
 }
 
-/// Entries in [`maps::PORT_CLASS`]: one per (protocol, port).
-pub const PORT_CLASS_ENTRIES: u32 = 2 * 65536;
-
-/// Index of `(proto, port)` in [`maps::PORT_CLASS`]; the port in host order.
-#[inline(always)]
-pub const fn port_index(proto: L4, port: u16) -> u32 {
-    (proto as u32) * 65536 + port as u32
+/// A run of ports from `start` up to the next segment's start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Segment {
+    pub start: u16,
+    pub _pad: u16,
+    /// `SLOT_NONE`, or a rule slot with its kind in the top bits.
+    pub slot: u32,
 }
+
+pub const SLOT_NONE: u32 = 0;
+/// Low bits: the slot number (index into `RULE_STATS`).
+pub const SLOT_INDEX_MASK: u32 = 0x3fff_ffff;
+pub const SLOT_KIND_SHIFT: u32 = 30;
+/// Kinds of slot: what the match means.
+pub const SLOT_KIND_RULE: u32 = 0;
+pub const SLOT_KIND_PEER: u32 = 1;
+pub const SLOT_KIND_SSH: u32 = 2;
+/// A member of another cluster: dropped unless a rule admits it first.
+pub const SLOT_KIND_FOREIGN: u32 = 3;
+
+/// Default capacities of the rule maps; the configuration can raise them.
+pub const DEFAULT_PREFIXES: u32 = 65536;
+pub const DEFAULT_REGIONS: u32 = 65536;
+pub const DEFAULT_SEGMENTS: u32 = 262144;
+pub const DEFAULT_RULE_SLOTS: u32 = 65536;
+
+/// Binary-search steps per lookup: regions hold at most 2^SEARCH_STEPS
+/// segments per protocol class.
+pub const SEARCH_STEPS: u32 = 10;
+pub const MAX_SEGMENTS_PER_CLASS: u32 = 1 << SEARCH_STEPS;
 
 #[cfg(feature = "user")]
 mod pod {
@@ -265,6 +352,10 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.
     unsafe impl aya::Pod for super::FragKey {}
+    // SAFETY: plain #[repr(C)] struct of u32 arrays.
+    unsafe impl aya::Pod for super::Region {}
+    // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
+    unsafe impl aya::Pod for super::Segment {}
 }
 
 #[cfg(test)]
@@ -297,8 +388,8 @@ mod tests {
     }
 
     #[test]
-    fn port_indices_do_not_overlap() {
-        assert_eq!(port_index(L4::Tcp, 65535) + 1, port_index(L4::Udp, 0));
-        assert_eq!(port_index(L4::Udp, 65535) + 1, PORT_CLASS_ENTRIES);
+    fn rule_layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<Region>(), 32);
+        assert_eq!(core::mem::size_of::<Segment>(), 8);
     }
 }

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::rules::{FirewallRule, RuleSet};
+use crate::{
+    compile::Limits,
+    rules::{Cluster, FirewallRule, RuleSet, Ssh},
+};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portcullis/portcullis.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
@@ -32,6 +35,12 @@ pub struct Config {
     pub pin_dir: PathBuf,
     #[serde(default)]
     pub ssh: Ssh,
+    /// The cluster this host belongs to: its peers reach it on every port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+    /// Map capacities: how large a rule set the data path can hold.
+    #[serde(default)]
+    pub capacity: Capacity,
     /// Admit inbound ICMP/ICMPv6 echo requests (pings). Replies to this
     /// host's own pings are always admitted.
     #[serde(default)]
@@ -51,12 +60,39 @@ pub struct Config {
     pub egress_rules: Vec<FirewallRule>,
 }
 
-/// The SSH exemption: inbound TCP/22 admitted regardless of the rules.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Ssh {
-    #[serde(default)]
-    pub allow: bool,
+/// Capacities of the rule maps (per generation). The defaults hold tens of
+/// thousands of rules; the compiler says which one to raise when a rule set
+/// does not fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capacity {
+    pub prefixes: u32,
+    pub regions: u32,
+    pub segments: u32,
+    pub slots: u32,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        let l = Limits::default();
+        Capacity {
+            prefixes: l.prefixes,
+            regions: l.regions,
+            segments: l.segments,
+            slots: l.slots,
+        }
+    }
+}
+
+impl Capacity {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            prefixes: self.prefixes,
+            regions: self.regions,
+            segments: self.segments,
+            slots: self.slots,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -129,6 +165,8 @@ impl Config {
         RuleSet {
             ingress_rules: self.ingress_rules.clone(),
             egress_rules: self.egress_rules.clone(),
+            cluster: self.cluster.clone(),
+            ssh: self.ssh.clone(),
         }
     }
 }

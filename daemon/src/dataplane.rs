@@ -5,8 +5,10 @@
 //!
 //! ```text
 //! <pin_dir>/maps/VERDICTS        per-CPU verdict counters
-//! <pin_dir>/maps/PORT_CLASS      (protocol, port) -> class
-//! <pin_dir>/maps/SETTINGS        global switches
+//! <pin_dir>/maps/ACTIVE          the live generation of the rule maps (0/1)
+//! <pin_dir>/maps/SETTINGS        global switches, per generation
+//! <pin_dir>/maps/SRC4_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
+//!                                the compiled rules of generation g
 //! <pin_dir>/maps/CONNTRACK       flows this host opened
 //! <pin_dir>/maps/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
@@ -31,7 +33,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, lpm_trie::Key},
     programs::{
         SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
@@ -41,13 +43,14 @@ use aya::{
 };
 use portcullis_common::{
     Counter, FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow,
-    FlowKey, PORT_CLASS_ENTRIES, Reason, SETTING_PING, SETTING_SSH, Settings, maps, port_index,
-    programs,
+    FlowKey, Reason, Region, RuleKey4, RuleKey6, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Segment,
+    Settings, maps, programs,
 };
 use tracing::{info, warn};
 
 use crate::{
-    config::{Config, TcAttachMode},
+    compile::{Image, Limits},
+    config::TcAttachMode,
     sockets::Connection,
 };
 
@@ -57,39 +60,6 @@ const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x7063);
 
 /// The compiled eBPF object, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis"));
-
-/// What the data path enforces, derived from the configuration.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Policy {
-    pub settings: Settings,
-    /// One entry per `port_index`; non-zero admits the port.
-    pub port_class: Vec<u32>,
-}
-
-impl Policy {
-    pub fn from_config(config: &Config) -> Self {
-        let mut port_class = vec![0u32; PORT_CLASS_ENTRIES as usize];
-        for (l4, from, to) in config.rule_set().admitted_ports() {
-            for port in from..=to {
-                port_class[port_index(l4, port) as usize] = 1;
-            }
-        }
-        let mut flags = 0;
-        if config.ssh.allow {
-            flags |= SETTING_SSH;
-        }
-        if config.allow_ping {
-            flags |= SETTING_PING;
-        }
-        Policy {
-            settings: Settings {
-                flags,
-                _reserved: 0,
-            },
-            port_class,
-        }
-    }
-}
 
 /// How a program came to run on an interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,23 +80,31 @@ pub struct Dataplane {
 impl Dataplane {
     /// Loads the programs, reusing maps already pinned under `pin_dir` (so
     /// counters and rules survive a restart) and pinning new ones otherwise.
-    pub fn load(pin_dir: &Path, conntrack_entries: u32) -> anyhow::Result<Self> {
+    pub fn load(pin_dir: &Path, conntrack_entries: u32, limits: &Limits) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         for dir in [&maps_dir, &pin_dir.join("links")] {
             fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
         }
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .default_map_pin_directory(&maps_dir)
-            .map_max_entries(maps::CONNTRACK, conntrack_entries)
-            .load(EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "cannot load the eBPF programs (maps pinned under {})",
-                    maps_dir.display()
-                )
-            })?;
+            .map_max_entries(maps::CONNTRACK, conntrack_entries);
+        for g in 0..2 {
+            loader
+                .map_max_entries(maps::SRC4[g], limits.prefixes)
+                .map_max_entries(maps::SRC6[g], limits.prefixes)
+                .map_max_entries(maps::REGIONS[g], limits.regions)
+                .map_max_entries(maps::SEGMENTS[g], limits.segments)
+                .map_max_entries(maps::RULE_STATS[g], limits.slots);
+        }
+        let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
+            format!(
+                "cannot load the eBPF programs (maps pinned under {})",
+                maps_dir.display()
+            )
+        })?;
         ingress(&mut ebpf)?
             .load()
             .with_context(|| format!("the kernel refused program {}", programs::INGRESS))?;
@@ -139,25 +117,126 @@ impl Dataplane {
         })
     }
 
-    /// Writes the policy maps. Entries that already hold the wanted value are
-    /// left alone, so a restarted daemon with the same config changes nothing.
-    pub fn write_policy(&mut self, policy: &Policy) -> anyhow::Result<()> {
+    /// The live generation of the rule maps (0 or 1).
+    pub fn active(&mut self) -> anyhow::Result<u32> {
+        let active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;
+        Ok(active.get(&0, 0).context("reading ACTIVE")? & 1)
+    }
+
+    /// Makes `image` live: writes it into the idle generation, then switches
+    /// `ACTIVE` to it in one write, so no packet sees half of an update. If
+    /// writing fails, the live generation is untouched. Returns the
+    /// generation now live.
+    pub fn apply(&mut self, image: &Image, allow_ping: bool) -> anyhow::Result<u32> {
+        let live = self.active()?;
+        let idle = (1 - live) as usize;
+        self.write_generation(idle, image, allow_ping)
+            .with_context(|| format!("writing rule generation {idle}"))?;
+        let mut active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;
+        active
+            .set(0, &(idle as u32), 0)
+            .context("switching ACTIVE")?;
+        // A packet that read the old value may still be walking the old maps:
+        // let in-flight packets finish before the next update rewrites them.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        Ok(idle as u32)
+    }
+
+    /// Test-only: writes `image` over the live generation in place, the
+    /// non-atomic way, so a test can show what the generation switch prevents.
+    #[doc(hidden)]
+    pub fn apply_in_place_for_tests(
+        &mut self,
+        image: &Image,
+        allow_ping: bool,
+    ) -> anyhow::Result<()> {
+        let live = self.active()? as usize;
+        self.write_generation(live, image, allow_ping)
+    }
+
+    fn write_generation(
+        &mut self,
+        g: usize,
+        image: &Image,
+        allow_ping: bool,
+    ) -> anyhow::Result<()> {
+        let mut flags = 0;
+        if allow_ping {
+            flags |= SETTING_PING;
+        }
+        if image.egress_allowlist {
+            flags |= SETTING_EGRESS_ALLOWLIST;
+        }
+        {
+            let mut trie: LpmTrie<_, RuleKey4, u32> =
+                LpmTrie::try_from(map_mut(&mut self.ebpf, maps::SRC4[g])?)?;
+            let stale: Vec<Key<RuleKey4>> = trie.keys().collect::<Result<_, _>>()?;
+            let want: std::collections::HashSet<(u32, RuleKey4)> =
+                image.v4.iter().map(|(k, len, _)| (*len, *k)).collect();
+            for key in stale
+                .iter()
+                .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+            {
+                trie.remove(key).context("removing a stale IPv4 prefix")?;
+            }
+            for (data, len, region) in &image.v4 {
+                trie.insert(&Key::new(*len, *data), region, 0)
+                    .context("inserting an IPv4 prefix")?;
+            }
+        }
+        {
+            let mut trie: LpmTrie<_, RuleKey6, u32> =
+                LpmTrie::try_from(map_mut(&mut self.ebpf, maps::SRC6[g])?)?;
+            let stale: Vec<Key<RuleKey6>> = trie.keys().collect::<Result<_, _>>()?;
+            let want: std::collections::HashSet<(u32, RuleKey6)> =
+                image.v6.iter().map(|(k, len, _)| (*len, *k)).collect();
+            for key in stale
+                .iter()
+                .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+            {
+                trie.remove(key).context("removing a stale IPv6 prefix")?;
+            }
+            for (data, len, region) in &image.v6 {
+                trie.insert(&Key::new(*len, *data), region, 0)
+                    .context("inserting an IPv6 prefix")?;
+            }
+        }
+        let mut regions: Array<_, Region> =
+            Array::try_from(map_mut(&mut self.ebpf, maps::REGIONS[g])?)?;
+        for (i, r) in image.regions.iter().enumerate() {
+            regions.set(i as u32, r, 0).context("writing a region")?;
+        }
+        let mut segments: Array<_, Segment> =
+            Array::try_from(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?)?;
+        for (i, seg) in image.segments.iter().enumerate() {
+            segments
+                .set(i as u32, seg, 0)
+                .context("writing a segment")?;
+        }
+        let mut stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, maps::RULE_STATS[g])?)?;
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
+        for slot in 0..image.slots.len() as u32 {
+            stats
+                .set(
+                    slot,
+                    PerCpuValues::try_from(vec![Counter::default(); cpus.get() as usize])?,
+                    0,
+                )
+                .context("clearing rule counters")?;
+        }
         let mut settings: Array<_, Settings> =
             Array::try_from(map_mut(&mut self.ebpf, maps::SETTINGS)?)?;
         settings
-            .set(0, &policy.settings, 0)
+            .set(
+                g as u32,
+                &Settings {
+                    flags,
+                    _reserved: 0,
+                },
+                0,
+            )
             .context("writing SETTINGS")?;
-
-        let mut ports: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::PORT_CLASS)?)?;
-        let mut changed = 0usize;
-        for (index, want) in policy.port_class.iter().enumerate() {
-            let index = index as u32;
-            if ports.get(&index, 0).context("reading PORT_CLASS")? != *want {
-                ports.set(index, want, 0).context("writing PORT_CLASS")?;
-                changed += 1;
-            }
-        }
-        info!(changed, "port table written");
         Ok(())
     }
 
@@ -491,24 +570,4 @@ pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin_dir.display())),
     }
     Ok(removed)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn policy_marks_exactly_the_admitted_ports() {
-        let config = Config::parse(
-            "interfaces = [\"x\"]\nssh = { allow = true }\n[[ingress_rules]]\nid = \"a\"\nfrom_port = 80\nto_port = 82\nprotocol = \"udp\"\n",
-        )
-        .unwrap();
-        let p = Policy::from_config(&config);
-        assert_eq!(p.settings.flags, SETTING_SSH);
-        let admitted: Vec<_> = (0..PORT_CLASS_ENTRIES)
-            .filter(|&i| p.port_class[i as usize] != 0)
-            .collect();
-        let udp = |port| port_index(portcullis_common::L4::Udp, port);
-        assert_eq!(admitted, vec![udp(80), udp(81), udp(82)]);
-    }
 }

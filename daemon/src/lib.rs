@@ -1,12 +1,14 @@
 //! Portcullis user space: the daemon (`portcullisd`) and the CLI (`portcullis`).
 //!
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
+//! - [`compile`]: the rule set compiled into the rule maps' image (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
+pub mod compile;
 pub mod config;
 pub mod dataplane;
 pub mod links;

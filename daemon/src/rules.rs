@@ -4,15 +4,28 @@
 //! `to_port` and `ip_ranges` (CIDRs; empty means any source) and covers TCP
 //! and UDP. Portcullis accepts exactly that and extends it only with optional
 //! fields (`protocol`, `description`) that old producers never send.
+//!
+//! Semantics (see docs/security.md):
+//! - ingress rules admit new inbound traffic that matches them;
+//! - cluster peers admit everything from their addresses;
+//! - the SSH exemption admits TCP/22 from its sources (any when empty);
+//! - egress is allow-all while `egress_rules` is empty and an allowlist as
+//!   soon as it holds a rule (replies to outbound flows are still admitted);
+//! - a packet several rules admit credits the first of them: peers, then
+//!   SSH, then the ingress rules in list order.
+//!
+//! CIDRs with host bits set (`10.0.0.1/8`) are rejected, not normalised: the
+//! author may have meant the address or the network, and guessing either way
+//! can open or close more than intended.
 
 use std::collections::HashSet;
 
-use portcullis_common::L4;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Which transport protocols a rule covers. Brev rules carry none: TCP and UDP.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which protocols a rule covers. Brev rules carry none: TCP and UDP.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
@@ -20,16 +33,10 @@ pub enum Protocol {
     TcpUdp,
     Tcp,
     Udp,
-}
-
-impl Protocol {
-    pub fn l4s(self) -> &'static [L4] {
-        match self {
-            Protocol::TcpUdp => &[L4::Tcp, L4::Udp],
-            Protocol::Tcp => &[L4::Tcp],
-            Protocol::Udp => &[L4::Udp],
-        }
-    }
+    /// ICMP and ICMPv6; the ports do not apply.
+    Icmp,
+    /// Every IP protocol; the ports apply to TCP and UDP.
+    Any,
 }
 
 /// One firewall rule, as the Brev SDK writes it.
@@ -51,7 +58,34 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// The rules of one instance.
+/// The cluster this host belongs to.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub id: String,
+    /// Addresses (CIDRs) of this cluster's members: admitted on every port
+    /// and protocol, both ways.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// Addresses of other clusters' members, when the control plane knows
+    /// them: only so their drops are counted as `drop_other_cluster`. An
+    /// explicit rule still admits them.
+    #[serde(default)]
+    pub other_clusters: Vec<String>,
+}
+
+/// The SSH exemption: inbound TCP/22 regardless of the rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ssh {
+    #[serde(default)]
+    pub allow: bool,
+    /// Source CIDRs admitted; empty means any source.
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+/// Everything that decides what the host admits.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSet {
@@ -59,21 +93,66 @@ pub struct RuleSet {
     pub ingress_rules: Vec<FirewallRule>,
     #[serde(default)]
     pub egress_rules: Vec<FirewallRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+    #[serde(default)]
+    pub ssh: Ssh,
 }
 
-/// A rule set that failed validation: which list, which rule, which field, why.
+/// A rule set that failed validation: where, which field, why.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("{list}[{index}] (id {id:?}): {field}: {reason}")]
+#[error("{place}: {field}: {reason}")]
 pub struct RuleError {
-    pub list: &'static str,
-    pub index: usize,
-    pub id: String,
+    /// `ingress_rules[3] (id "web")`, `cluster`, `ssh`.
+    pub place: String,
     pub field: &'static str,
     pub reason: String,
 }
 
+/// Parses a CIDR (or a bare address, as a host route) and rejects host bits.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let net: IpNet = match text.parse() {
+        Ok(net) => net,
+        Err(_) => match text.parse::<std::net::IpAddr>() {
+            Ok(addr) => IpNet::from(addr),
+            Err(_) => {
+                return Err(format!(
+                    "{text:?} is not a CIDR (like 10.0.0.0/8 or fd00::/64)"
+                ));
+            }
+        },
+    };
+    if net.trunc() != net {
+        return Err(format!(
+            "{text:?} has host bits set; write {} for the network or {} for the one address",
+            net.trunc(),
+            IpNet::from(net.addr())
+        ));
+    }
+    Ok(net)
+}
+
+fn parse_cidrs(list: &[String]) -> Result<Vec<IpNet>, String> {
+    list.iter().map(|c| parse_cidr(c)).collect()
+}
+
+impl FirewallRule {
+    /// Source (ingress) or destination (egress) networks; any when empty.
+    pub fn networks(&self) -> Vec<IpNet> {
+        if self.ip_ranges.is_empty() {
+            return any();
+        }
+        parse_cidrs(&self.ip_ranges).expect("validated rule")
+    }
+}
+
+/// Every address, both families.
+pub fn any() -> Vec<IpNet> {
+    vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()]
+}
+
 impl RuleSet {
-    /// Checks every rule; the first problem found is returned.
+    /// Checks everything; the first problem found is returned.
     pub fn validate(&self) -> Result<(), RuleError> {
         let mut ids = HashSet::new();
         for (list, rules) in [
@@ -82,9 +161,7 @@ impl RuleSet {
         ] {
             for (index, rule) in rules.iter().enumerate() {
                 let err = |field, reason: String| RuleError {
-                    list,
-                    index,
-                    id: rule.id.clone(),
+                    place: format!("{list}[{index}] (id {:?})", rule.id),
                     field,
                     reason,
                 };
@@ -111,41 +188,36 @@ impl RuleSet {
                         ),
                     ));
                 }
-                // Source ranges need the rule engine's source tables; until they
-                // exist a range is refused rather than silently widened to "any".
-                if let Some(range) = rule.ip_ranges.first() {
-                    return Err(err(
-                        "ip_ranges",
-                        format!(
-                            "source ranges ({range}) are not supported by this version; leave the list empty for any source"
-                        ),
-                    ));
-                }
+                parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
             }
         }
-        // An egress list that is parsed but not enforced would be a lie.
-        if let Some(rule) = self.egress_rules.first() {
-            return Err(RuleError {
-                list: "egress_rules",
-                index: 0,
-                id: rule.id.clone(),
-                field: "egress_rules",
-                reason:
-                    "egress allowlists are not supported by this version; outbound is allow-all"
-                        .into(),
-            });
+        if let Some(cluster) = &self.cluster {
+            let err = |field, reason: String| RuleError {
+                place: "cluster".into(),
+                field,
+                reason,
+            };
+            if cluster.id.trim().is_empty() {
+                return Err(err("id", "must not be empty".into()));
+            }
+            parse_cidrs(&cluster.peers).map_err(|e| err("peers", e))?;
+            parse_cidrs(&cluster.other_clusters).map_err(|e| err("other_clusters", e))?;
         }
+        parse_cidrs(&self.ssh.sources).map_err(|e| RuleError {
+            place: "ssh".into(),
+            field: "sources",
+            reason: e,
+        })?;
         Ok(())
     }
 
-    /// The (protocol, port) pairs the ingress rules admit, as inclusive ranges.
-    pub fn admitted_ports(&self) -> impl Iterator<Item = (L4, u16, u16)> + '_ {
-        self.ingress_rules.iter().flat_map(|r| {
-            r.protocol
-                .l4s()
-                .iter()
-                .map(move |l4| (*l4, r.from_port as u16, r.to_port as u16))
-        })
+    /// The SSH exemption's source networks (any when the list is empty).
+    pub fn ssh_sources(&self) -> Vec<IpNet> {
+        if self.ssh.sources.is_empty() {
+            any()
+        } else {
+            parse_cidrs(&self.ssh.sources).expect("validated")
+        }
     }
 }
 
@@ -153,33 +225,37 @@ impl RuleSet {
 mod tests {
     use super::*;
 
-    fn rule(id: &str, from: u32, to: u32) -> FirewallRule {
+    pub fn rule(id: &str, from: u32, to: u32, ranges: &[&str]) -> FirewallRule {
         FirewallRule {
             id: id.into(),
             from_port: from,
             to_port: to,
-            ip_ranges: vec![],
+            ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
             protocol: Protocol::default(),
             description: None,
         }
     }
 
+    fn set(ingress: Vec<FirewallRule>) -> RuleSet {
+        RuleSet {
+            ingress_rules: ingress,
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn accepts_brev_json_shape() {
-        let json = r#"{"ingress_rules":[{"id":"web","from_port":80,"to_port":443,"ip_ranges":[]}],"egress_rules":[]}"#;
-        let set: RuleSet = serde_json::from_str(json).unwrap();
-        assert_eq!(set.ingress_rules, vec![rule("web", 80, 443)]);
-        set.validate().unwrap();
+        let json = r#"{"ingress_rules":[{"id":"web","from_port":80,"to_port":443,"ip_ranges":["10.0.0.0/8"]}],"egress_rules":[]}"#;
+        let s: RuleSet = serde_json::from_str(json).unwrap();
+        assert_eq!(s.ingress_rules, vec![rule("web", 80, 443, &["10.0.0.0/8"])]);
+        s.validate().unwrap();
     }
 
     #[test]
     fn reports_which_rule_and_field() {
-        let set = RuleSet {
-            ingress_rules: vec![rule("ok", 1, 2), rule("bad", 90, 80)],
-            egress_rules: vec![],
-        };
-        let e = set.validate().unwrap_err();
-        assert_eq!((e.index, e.field, e.id.as_str()), (1, "from_port", "bad"));
+        let e = set(vec![rule("ok", 1, 2, &[]), rule("bad", 90, 80, &[])])
+            .validate()
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "ingress_rules[1] (id \"bad\"): from_port: 90 is greater than to_port 80"
@@ -188,46 +264,74 @@ mod tests {
 
     #[test]
     fn rejects_out_of_range_ports_and_duplicate_ids() {
-        let set = RuleSet {
-            ingress_rules: vec![rule("a", 1, 70000)],
-            egress_rules: vec![],
-        };
-        assert_eq!(set.validate().unwrap_err().field, "to_port");
-        let set = RuleSet {
-            ingress_rules: vec![rule("a", 1, 2), rule("a", 3, 4)],
-            egress_rules: vec![],
-        };
-        assert!(set.validate().unwrap_err().reason.contains("duplicate"));
-    }
-
-    #[test]
-    fn refuses_what_it_cannot_enforce() {
-        let mut r = rule("a", 1, 2);
-        r.ip_ranges = vec!["10.0.0.0/8".into()];
-        let set = RuleSet {
-            ingress_rules: vec![r],
-            egress_rules: vec![],
-        };
-        assert_eq!(set.validate().unwrap_err().field, "ip_ranges");
-        let set = RuleSet {
-            ingress_rules: vec![],
-            egress_rules: vec![rule("e", 1, 2)],
-        };
-        assert_eq!(set.validate().unwrap_err().list, "egress_rules");
-    }
-
-    #[test]
-    fn protocol_extension_expands_ports() {
-        let mut r = rule("dns", 53, 53);
-        r.protocol = Protocol::Udp;
-        let set = RuleSet {
-            ingress_rules: vec![r, rule("web", 80, 81)],
-            egress_rules: vec![],
-        };
-        let ports: Vec<_> = set.admitted_ports().collect();
         assert_eq!(
-            ports,
-            vec![(L4::Udp, 53, 53), (L4::Tcp, 80, 81), (L4::Udp, 80, 81)]
+            set(vec![rule("a", 1, 70000, &[])])
+                .validate()
+                .unwrap_err()
+                .field,
+            "to_port"
         );
+        let e = set(vec![rule("a", 1, 2, &[]), rule("a", 3, 4, &[])])
+            .validate()
+            .unwrap_err();
+        assert!(e.reason.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn rejects_bad_cidrs_and_host_bits() {
+        let e = set(vec![rule("a", 1, 2, &["10.0.0.0/33"])])
+            .validate()
+            .unwrap_err();
+        assert_eq!(e.field, "ip_ranges");
+        let e = set(vec![rule("a", 1, 2, &["10.1.2.3/8"])])
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.reason.contains("host bits")
+                && e.reason.contains("10.0.0.0/8")
+                && e.reason.contains("10.1.2.3/32"),
+            "{e}"
+        );
+        let e = set(vec![rule("a", 1, 2, &["fd00::1/64"])])
+            .validate()
+            .unwrap_err();
+        assert!(e.reason.contains("fd00::/64"), "{e}");
+        // A bare address is a host route.
+        set(vec![rule("a", 1, 2, &["192.0.2.7", "2001:db8::1"])])
+            .validate()
+            .unwrap();
+        let mut s = set(vec![]);
+        s.cluster = Some(Cluster {
+            id: "c".into(),
+            peers: vec!["nope".into()],
+            other_clusters: vec![],
+        });
+        assert_eq!(s.validate().unwrap_err().place, "cluster");
+    }
+
+    #[test]
+    fn toml_and_extensions() {
+        let s: RuleSet = toml::from_str(
+            r#"
+[[ingress_rules]]
+id = "dns"
+from_port = 53
+to_port = 53
+ip_ranges = []
+protocol = "udp"
+description = "resolver"
+[cluster]
+id = "c1"
+peers = ["10.1.0.0/16", "fd01::/64"]
+[ssh]
+allow = true
+sources = ["203.0.113.0/24"]
+"#,
+        )
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.ingress_rules[0].protocol, Protocol::Udp);
+        assert_eq!(s.ssh_sources().len(), 1);
+        assert_eq!(s.ingress_rules[0].networks(), any());
     }
 }

@@ -11,27 +11,40 @@ mod maps;
 mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
+#[cfg(target_arch = "bpf")]
+mod rules;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{TC_ACT_UNSPEC, xdp_action},
+        bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
     use portcullis_common::Reason;
 
-    use crate::{conntrack, maps, parse, policy};
+    use crate::{maps, parse, policy, rules};
+
+    /// The live generation and its settings, read once for this packet.
+    #[inline(always)]
+    fn ctx() -> policy::Ctx {
+        let generation = rules::active();
+        policy::Ctx {
+            generation,
+            settings: maps::settings(generation),
+        }
+    }
 
     /// XDP ingress: default deny. Built with `frags` so native XDP also loads
     /// on interfaces with jumbo MTUs; headers are always in the first buffer.
     #[xdp(frags)]
     pub fn portcullis_ingress(ctx: XdpContext) -> u32 {
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
         let reason = match parse::parse(&ctx) {
-            Ok(frame) => policy::decide(&ctx, &frame, &maps::settings()),
+            Ok(frame) => policy::decide(&ctx, &frame, &self::ctx(), bytes),
             Err(parse::Malformed) => Reason::DropMalformed,
         };
-        maps::count(reason, (ctx.data_end() - ctx.data()) as u64);
+        maps::count(reason, bytes);
         if reason.passes() {
             xdp_action::XDP_PASS
         } else {
@@ -39,15 +52,24 @@ mod programs {
         }
     }
 
-    /// TC egress: records the flows this host opens. Outbound is allow-all,
-    /// so the verdict is always "continue": TC_ACT_UNSPEC lets later programs
-    /// on the hook (TCX or clsact) run, and passes when there are none.
+    /// TC egress: records the flows this host opens and, when the egress
+    /// allowlist is on, drops what it does not admit. A pass is "continue"
+    /// (TC_ACT_UNSPEC): later programs on the hook (TCX or clsact) still run.
+    /// Non-IP frames (ARP) and frames this parser cannot read are the host's
+    /// own and pass uncounted: outbound is not where malformed input comes from.
     #[classifier]
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
-        if let Ok(parse::Frame::Ip(ip)) = parse::parse(&ctx) {
-            conntrack::track_egress(&ip);
+        let Ok(parse::Frame::Ip(ip)) = parse::parse(&ctx) else {
+            return TC_ACT_UNSPEC;
+        };
+        let bytes = ctx.len() as u64;
+        let reason = policy::decide_egress(&ip, &self::ctx(), bytes);
+        maps::count(reason, bytes);
+        if reason.passes() {
+            TC_ACT_UNSPEC
+        } else {
+            TC_ACT_SHOT as i32
         }
-        TC_ACT_UNSPEC
     }
 
     #[panic_handler]

@@ -4,23 +4,20 @@
 //! | map          | type            | key            | value      | written by |
 //! |--------------|-----------------|----------------|------------|------------|
 //! | `VERDICTS`   | per-CPU array   | `Reason` index | `Counter`  | XDP        |
-//! | `PORT_CLASS` | array (131072)  | `port_index()` | `u32` class, 0 = no rule | daemon |
-//! | `SETTINGS`   | array (1)       | 0              | `Settings` | daemon     |
+//! | `SETTINGS`   | array (2)       | generation     | `Settings` | daemon     |
 
 use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use portcullis_common::{Counter, PORT_CLASS_ENTRIES, Reason, Settings};
+use portcullis_common::{Counter, Reason, Settings};
 
 #[map]
 pub static VERDICTS: PerCpuArray<Counter> = PerCpuArray::pinned(Reason::COUNT, 0);
 
+/// One entry per generation, switched with the rules.
 #[map]
-pub static PORT_CLASS: Array<u32> = Array::pinned(PORT_CLASS_ENTRIES, 0);
-
-#[map]
-pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+pub static SETTINGS: Array<Settings> = Array::pinned(2, 0);
 
 /// Stage 4: count. Per-CPU, so no atomics on the hot path.
 #[inline(always)]
@@ -35,10 +32,10 @@ pub fn count(reason: Reason, bytes: u64) {
     }
 }
 
-/// The settings entry, or all-off when user space has not written it yet.
+/// The settings of `generation`, or all-off when not written yet.
 #[inline(always)]
-pub fn settings() -> Settings {
-    match SETTINGS.get(0) {
+pub fn settings(generation: usize) -> Settings {
+    match SETTINGS.get(generation as u32) {
         Some(s) => *s,
         None => Settings::default(),
     }

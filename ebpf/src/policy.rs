@@ -5,17 +5,17 @@
 //! then the rules.
 
 use portcullis_common::{
-    FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, L4, Reason, SETTING_PING,
-    SETTING_SSH, Settings, port_index,
+    DIR_EGRESS, DIR_INGRESS, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST,
+    SETTING_PING, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
+    SLOT_KIND_SSH, SLOT_NONE, Settings,
 };
 
 use crate::{
     conntrack::{self, Dir},
-    maps::PORT_CLASS,
     parse::{self, Frame, Ip, Packet},
+    rules,
 };
-
-const SSH_PORT: u16 = 22;
 
 /// ICMPv6 router solicitation .. redirect: neighbour and router discovery.
 const ND_FIRST: u8 = 133;
@@ -39,8 +39,16 @@ const DHCPV4_CLIENT: u16 = 68;
 const DHCPV6_SERVER: u16 = 547;
 const DHCPV6_CLIENT: u16 = 546;
 
+/// What one packet's decision reads: the live generation (read once) and
+/// its settings.
+pub struct Ctx {
+    pub generation: usize,
+    pub settings: Settings,
+}
+
+/// Ingress verdict of one frame; `bytes` is what a matched rule is credited.
 #[inline(always)]
-pub fn decide<P: Packet>(p: &P, frame: &Frame, settings: &Settings) -> Reason {
+pub fn decide<P: Packet>(p: &P, frame: &Frame, ctx: &Ctx, bytes: u64) -> Reason {
     match frame {
         Frame::Arp => Reason::PassArp,
         Frame::OtherEthertype => Reason::DropEthertype,
@@ -53,7 +61,7 @@ pub fn decide<P: Packet>(p: &P, frame: &Frame, settings: &Settings) -> Reason {
             }
         }
         Frame::Ip(ip) => {
-            let reason = decide_ip(p, ip, settings);
+            let reason = decide_ip(p, ip, ctx, bytes);
             if ip.fragment && reason.passes() {
                 conntrack::remember_fragment(ip);
             }
@@ -63,16 +71,60 @@ pub fn decide<P: Packet>(p: &P, frame: &Frame, settings: &Settings) -> Reason {
 }
 
 #[inline(always)]
-fn decide_ip<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> Reason {
+fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if conntrack::match_ingress(ip) {
         return Reason::PassEstablished;
     }
     match ip.proto {
-        IPPROTO_TCP => decide_port(L4::Tcp, ip.dport, settings),
+        IPPROTO_TCP => by_rules(ctx, ip, PCLASS_TCP, ip.dport, Reason::DropNoRule, bytes),
         IPPROTO_UDP if is_dhcp_reply(ip) => Reason::PassDhcp,
-        IPPROTO_UDP => decide_port(L4::Udp, ip.dport, settings),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => decide_icmp(p, ip, settings),
-        _ => Reason::DropProtocol,
+        IPPROTO_UDP => by_rules(ctx, ip, PCLASS_UDP, ip.dport, Reason::DropNoRule, bytes),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => decide_icmp(p, ip, ctx, bytes),
+        _ => by_rules(ctx, ip, PCLASS_OTHER, 0, Reason::DropProtocol, bytes),
+    }
+}
+
+/// New inbound traffic from `ip.src`: what the rules, peers and the SSH
+/// exemption say; `otherwise` when nothing admits it.
+#[inline(always)]
+fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, bytes: u64) -> Reason {
+    let m = rules::lookup(
+        ctx.generation,
+        DIR_INGRESS,
+        ip.family,
+        &ip.src,
+        pclass,
+        port,
+    );
+    if m.slot == SLOT_NONE {
+        return otherwise;
+    }
+    let reason = match m.slot >> SLOT_KIND_SHIFT {
+        SLOT_KIND_RULE => Reason::PassRule,
+        SLOT_KIND_PEER => Reason::PassPeer,
+        SLOT_KIND_SSH => Reason::PassSsh,
+        _ => Reason::DropOtherCluster,
+    };
+    if reason.passes() {
+        rules::count(&m, bytes);
+    }
+    reason
+}
+
+/// Whether the rules admit new inbound traffic from `remote` (no counting).
+#[inline(always)]
+fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
+    let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
+    m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+}
+
+#[inline(always)]
+fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
+    match proto {
+        IPPROTO_TCP => (PCLASS_TCP, port),
+        IPPROTO_UDP => (PCLASS_UDP, port),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => (PCLASS_ICMP, 0),
+        _ => (PCLASS_OTHER, 0),
     }
 }
 
@@ -86,7 +138,7 @@ fn is_dhcp_reply(ip: &Ip) -> bool {
 }
 
 #[inline(always)]
-fn decide_icmp<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> Reason {
+fn decide_icmp<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let v6 = ip.proto == IPPROTO_ICMPV6;
     if v6 != (ip.family == FAMILY_V6) {
         // ICMPv4 in IPv6 or ICMPv6 in IPv4.
@@ -106,10 +158,11 @@ fn decide_icmp<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> Reason {
         t == ICMP_ECHO_REQUEST
     };
     if echo_request {
-        return if settings.flags & SETTING_PING != 0 {
+        let by_rule = by_rules(ctx, ip, PCLASS_ICMP, 0, Reason::DropIcmp, bytes);
+        return if by_rule == Reason::DropIcmp && ctx.settings.flags & SETTING_PING != 0 {
             Reason::PassPing
         } else {
-            Reason::DropIcmp
+            by_rule
         };
     }
     let error = if v6 {
@@ -126,16 +179,16 @@ fn decide_icmp<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> Reason {
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
         )
     };
-    if error && related(p, ip, settings) {
+    if error && related(p, ip, ctx) {
         return Reason::PassRelated;
     }
-    Reason::DropIcmp
+    by_rules(ctx, ip, PCLASS_ICMP, 0, Reason::DropIcmp, bytes)
 }
 
 /// Whether the packet an ICMP error quotes is one this host sent on a flow it
 /// opened, or from a port it serves (path-MTU discovery for its servers).
 #[inline(always)]
-fn related<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> bool {
+fn related<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx) -> bool {
     let Ok(quoted) = parse::embedded(p, ip) else {
         return false;
     };
@@ -148,21 +201,86 @@ fn related<P: Packet>(p: &P, ip: &Ip, settings: &Settings) -> bool {
             return true;
         }
     }
-    let l4 = match quoted.proto {
-        IPPROTO_TCP => L4::Tcp,
-        IPPROTO_UDP => L4::Udp,
-        _ => return false,
+    // Or it came from a port this host serves to the error's sender side.
+    if quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP {
+        return false;
+    }
+    let (pclass, port) = pclass_port(quoted.proto, quoted.sport);
+    admitted_from(ctx, quoted.family, &quoted.dst, pclass, port)
+}
+
+const DHCPV4_CLIENT_REQUEST: (u16, u16) = (DHCPV4_CLIENT, DHCPV4_SERVER);
+const DHCPV6_CLIENT_REQUEST: (u16, u16) = (DHCPV6_CLIENT, DHCPV6_SERVER);
+const MLD_QUERY: u8 = 130;
+const MLD_REPORT: u8 = 131;
+const MLD_DONE: u8 = 132;
+const MLDV2_REPORT: u8 = 143;
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+
+/// Egress verdict of one outbound packet (recording its flow if it opens
+/// one). Allow-all unless the egress allowlist is on; then the packet must
+/// belong to a flow this host opened, answer traffic the rules admit in, be
+/// what a host always sends (neighbour discovery, MLD, DHCP requests, ICMP
+/// errors), or be admitted by an egress rule.
+#[inline(always)]
+pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+    if ctx.settings.flags & SETTING_EGRESS_ALLOWLIST == 0 || ip.later_fragment {
+        conntrack::track_egress(ip);
+        return Reason::PassEgress;
+    }
+    if conntrack::key(ip, Dir::Out).is_some_and(|k| conntrack::match_key(&k, None)) {
+        conntrack::track_egress(ip);
+        return Reason::PassEgress;
+    }
+    if always_sent(ip) {
+        return Reason::PassEgress;
+    }
+    // A reply to inbound traffic the rules admit (we serve that port).
+    let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
+    let reply = match ip.proto {
+        IPPROTO_ICMP => ip.icmp_type == ICMP_ECHO_REPLY,
+        IPPROTO_ICMPV6 => ip.icmp_type == ICMPV6_ECHO_REPLY,
+        _ => true,
     };
-    decide_port(l4, quoted.sport, settings).passes()
+    if reply
+        && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
+            || (pclass == PCLASS_ICMP && ctx.settings.flags & SETTING_PING != 0))
+    {
+        return Reason::PassEgress;
+    }
+    let (pclass, port) = pclass_port(ip.proto, ip.dport);
+    let m = rules::lookup(ctx.generation, DIR_EGRESS, ip.family, &ip.dst, pclass, port);
+    if m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN {
+        rules::count(&m, bytes);
+        conntrack::track_egress(ip);
+        return Reason::PassEgress;
+    }
+    Reason::DropEgress
 }
 
 #[inline(always)]
-fn decide_port(proto: L4, dport: u16, settings: &Settings) -> Reason {
-    if proto == L4::Tcp && dport == SSH_PORT && settings.flags & SETTING_SSH != 0 {
-        return Reason::PassSsh;
-    }
-    match PORT_CLASS.get(port_index(proto, dport)) {
-        Some(class) if *class != 0 => Reason::PassRule,
-        _ => Reason::DropNoRule,
+fn always_sent(ip: &Ip) -> bool {
+    match ip.proto {
+        IPPROTO_UDP if ip.family == FAMILY_V6 => (ip.sport, ip.dport) == DHCPV6_CLIENT_REQUEST,
+        IPPROTO_UDP => (ip.sport, ip.dport) == DHCPV4_CLIENT_REQUEST,
+        IPPROTO_ICMPV6 => matches!(
+            ip.icmp_type,
+            ND_FIRST
+                ..=ND_LAST
+                    | MLD_QUERY
+                    | MLD_REPORT
+                    | MLD_DONE
+                    | MLDV2_REPORT
+                    | ICMPV6_DEST_UNREACH
+                    | ICMPV6_PACKET_TOO_BIG
+                    | ICMPV6_TIME_EXCEEDED
+                    | ICMPV6_PARAMETER_PROBLEM
+        ),
+        IPPROTO_ICMP => matches!(
+            ip.icmp_type,
+            ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
+        ),
+        _ => false,
     }
 }

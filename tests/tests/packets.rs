@@ -2,8 +2,9 @@
 //! case checks the verdict and that exactly the expected counter moved.
 
 use portcullis::{
+    compile,
     config::Config,
-    dataplane::{Dataplane, Policy, Program},
+    dataplane::{Dataplane, Program},
 };
 use portcullis_tests::{packet::*, *};
 
@@ -35,8 +36,10 @@ impl Bench {
             pins.path().display()
         ))
         .unwrap();
-        let mut dp = Dataplane::load(pins.path(), entries).unwrap();
-        dp.write_policy(&Policy::from_config(&config)).unwrap();
+        let limits = config.capacity.limits();
+        let mut dp = Dataplane::load(pins.path(), entries, &limits).unwrap();
+        let image = compile::compile(&config.rule_set(), &limits).unwrap();
+        dp.apply(&image, config.allow_ping).unwrap();
         Bench { dp, pins }
     }
 

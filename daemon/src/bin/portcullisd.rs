@@ -13,8 +13,9 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket as _;
 use portcullis::{
+    compile,
     config::{Config, DEFAULT_CONFIG_PATH},
-    dataplane::{self, Attach, Dataplane, Policy},
+    dataplane::{self, Attach, Dataplane},
     links, sockets,
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -100,11 +101,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
 
-    let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries)?;
-    // Policy first: a new ingress link never runs on empty maps. Then egress,
+    let limits = config.capacity.limits();
+    let image = compile::compile(&config.rule_set(), &limits).context("compiling the rules")?;
+    let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries, &limits)?;
+    // Rules first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
     // already exist; only then the ingress filter.
-    dataplane.write_policy(&Policy::from_config(&config))?;
+    let generation = dataplane.apply(&image, config.allow_ping)?;
+    info!(generation, rules = image.slots.len() - 1, hash = %image.hash, "rules live");
     for ifname in &targets {
         let how = dataplane
             .attach_egress(ifname, config.tc_attach)

@@ -1,0 +1,692 @@
+//! Compiles a rule set into the image of the rule maps (pure: no kernel).
+//!
+//! The data path answers "which rule admits a packet from `addr` of protocol
+//! class `c` to port `p`" in three steps of fixed cost:
+//!
+//! 1. `SRC4`/`SRC6` (LPM): the longest compiled prefix containing `addr`
+//!    gives a *region*. Prefixes of different rules nest or are disjoint, so
+//!    the compiler gives each distinct prefix the region of every rule whose
+//!    prefix contains it: the longest match alone is enough.
+//! 2. `REGIONS[region]` gives, per protocol class, where its segments are.
+//! 3. `SEGMENTS`: runs of ports, each with the first rule (lowest slot) that
+//!    admits it; a binary search of `SEARCH_STEPS` steps finds the run.
+//!
+//! Regions with identical segments are stored once. `reference` evaluates
+//! the same rules one by one; tests hold the two against each other.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
+
+use ipnet::IpNet;
+use portcullis_common::{
+    DIR_EGRESS, DIR_INGRESS, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, PCLASSES,
+    Region, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE,
+    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment,
+};
+use sha2::{Digest as _, Sha256};
+use thiserror::Error;
+
+use crate::rules::{Protocol, RuleSet};
+
+/// What a slot (a counter, and a verdict) stands for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Slot {
+    /// `rule:<id>`, `cluster:<id>`, `ssh`, `other-clusters`.
+    pub name: String,
+    pub kind: u32,
+    pub dir: u8,
+}
+
+/// One rule in one direction, in priority order.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub dir: u8,
+    /// Raw slot value: kind in the top bits, index below.
+    pub slot: u32,
+    /// Admitted port range per protocol class (ICMP and other: all).
+    pub ports: [Option<(u16, u16)>; PCLASSES],
+    pub nets: Vec<IpNet>,
+}
+
+/// Map capacities the image must fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub prefixes: u32,
+    pub regions: u32,
+    pub segments: u32,
+    pub slots: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            prefixes: portcullis_common::DEFAULT_PREFIXES,
+            regions: portcullis_common::DEFAULT_REGIONS,
+            segments: portcullis_common::DEFAULT_SEGMENTS,
+            slots: portcullis_common::DEFAULT_RULE_SLOTS,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error(
+        "the rule set needs {needed} {what}, more than the maps hold ({capacity}); raise [capacity] {what} in the configuration"
+    )]
+    TooLarge {
+        what: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
+    #[error(
+        "one source region needs {needed} port segments for one protocol, more than {max}; split the overlapping rules"
+    )]
+    TooManySegments { needed: usize, max: u32 },
+}
+
+/// The compiled maps of one generation.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Image {
+    /// (key data: direction byte + address, LPM prefix length incl. the direction byte, region)
+    pub v4: Vec<([u8; 5], u32, u32)>,
+    pub v6: Vec<([u8; 17], u32, u32)>,
+    pub regions: Vec<Region>,
+    pub segments: Vec<Segment>,
+    /// Index 0 is unused (`SLOT_NONE`).
+    pub slots: Vec<Slot>,
+    pub egress_allowlist: bool,
+    /// SHA-256 of the rule set (canonical JSON), hex.
+    pub hash: String,
+}
+
+fn pclasses(protocol: Protocol, from: u16, to: u16) -> [Option<(u16, u16)>; PCLASSES] {
+    let all = Some((0, u16::MAX));
+    let range = Some((from, to));
+    let mut p = [None; PCLASSES];
+    match protocol {
+        Protocol::TcpUdp => (p[PCLASS_TCP], p[PCLASS_UDP]) = (range, range),
+        Protocol::Tcp => p[PCLASS_TCP] = range,
+        Protocol::Udp => p[PCLASS_UDP] = range,
+        Protocol::Icmp => p[PCLASS_ICMP] = all,
+        Protocol::Any => p = [range, range, all, all],
+    }
+    p
+}
+
+/// The rule set as entries in priority order, and their slots: cluster peers
+/// (both directions), the SSH exemption, ingress rules, egress rules, then
+/// members of other clusters (which only name a drop reason).
+pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
+    let mut entries = Vec::new();
+    let mut slots = vec![Slot {
+        name: String::new(),
+        kind: 0,
+        dir: 0,
+    }];
+    let mut push = |name: String, kind: u32, dir: u8, ports, nets: Vec<IpNet>| {
+        let index = slots.len() as u32;
+        slots.push(Slot { name, kind, dir });
+        entries.push(Entry {
+            dir,
+            slot: (kind << SLOT_KIND_SHIFT) | index,
+            ports,
+            nets,
+        });
+    };
+    let everything = pclasses(Protocol::Any, 0, u16::MAX);
+    if let Some(cluster) = &set.cluster {
+        let peers: Vec<IpNet> = cluster
+            .peers
+            .iter()
+            .map(|c| crate::rules::parse_cidr(c).expect("validated"))
+            .collect();
+        if !peers.is_empty() {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                push(
+                    format!("cluster:{}", cluster.id),
+                    SLOT_KIND_PEER,
+                    dir,
+                    everything,
+                    peers.clone(),
+                );
+            }
+        }
+    }
+    if set.ssh.allow {
+        push(
+            "ssh".into(),
+            SLOT_KIND_SSH,
+            DIR_INGRESS,
+            pclasses(Protocol::Tcp, 22, 22),
+            set.ssh_sources(),
+        );
+    }
+    for (dir, rules) in [
+        (DIR_INGRESS, &set.ingress_rules),
+        (DIR_EGRESS, &set.egress_rules),
+    ] {
+        for r in rules {
+            let ports = pclasses(r.protocol, r.from_port as u16, r.to_port as u16);
+            push(
+                format!("rule:{}", r.id),
+                SLOT_KIND_RULE,
+                dir,
+                ports,
+                r.networks(),
+            );
+        }
+    }
+    if let Some(cluster) = &set.cluster {
+        let others: Vec<IpNet> = cluster
+            .other_clusters
+            .iter()
+            .map(|c| crate::rules::parse_cidr(c).expect("validated"))
+            .collect();
+        if !others.is_empty() {
+            push(
+                "other-clusters".into(),
+                SLOT_KIND_FOREIGN,
+                DIR_INGRESS,
+                everything,
+                others,
+            );
+        }
+    }
+    (entries, slots)
+}
+
+/// The straightforward evaluator: the first entry that matches, or `SLOT_NONE`.
+pub fn reference(entries: &[Entry], dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+    entries
+        .iter()
+        .find(|e| {
+            e.dir == dir
+                && e.ports[pclass].is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
+                && e.nets.iter().any(|n| n.contains(&addr))
+        })
+        .map_or(SLOT_NONE, |e| e.slot)
+}
+
+fn index(slot: u32) -> u32 {
+    slot & SLOT_INDEX_MASK
+}
+
+/// Port segments of one protocol class for the entries `on_path`: runs of
+/// ports with the lowest admitting slot, starting at port 0.
+fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment> {
+    // Boundary -> (slots starting, slots ending) as counted multiset changes.
+    let mut events: BTreeMap<u32, Vec<(u32, i32)>> = BTreeMap::new();
+    for &i in on_path {
+        if let Some((lo, hi)) = entries[i].ports[pclass] {
+            events
+                .entry(lo as u32)
+                .or_default()
+                .push((entries[i].slot, 1));
+            events
+                .entry(hi as u32 + 1)
+                .or_default()
+                .push((entries[i].slot, -1));
+        }
+    }
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let mut active: BTreeMap<u32, (u32, i32)> = BTreeMap::new(); // index -> (slot, count)
+    let mut out: Vec<Segment> = vec![Segment {
+        start: 0,
+        _pad: 0,
+        slot: SLOT_NONE,
+    }];
+    for (at, changes) in events {
+        if at > u16::MAX as u32 {
+            break;
+        }
+        for (slot, delta) in changes {
+            let e = active.entry(index(slot)).or_insert((slot, 0));
+            e.1 += delta;
+            if e.1 == 0 {
+                active.remove(&index(slot));
+            }
+        }
+        let slot = active.values().next().map_or(SLOT_NONE, |v| v.0);
+        let last = out.last_mut().expect("never empty");
+        if last.slot == slot {
+            continue;
+        }
+        if last.start as u32 == at {
+            last.slot = slot;
+        } else {
+            out.push(Segment {
+                start: at as u16,
+                _pad: 0,
+                slot,
+            });
+        }
+    }
+    // A first run that changed at port 0 may now equal nothing before it.
+    out.dedup_by(|b, a| a.slot == b.slot);
+    out
+}
+
+/// Compiles `set` for maps of capacity `limits`.
+pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
+    let (entries, slots) = entries(set);
+    let mut image = Image {
+        egress_allowlist: !set.egress_rules.is_empty(),
+        hash: hash(set),
+        ..Default::default()
+    };
+    let mut region_ids: HashMap<[Vec<Segment>; PCLASSES], u32> = HashMap::new();
+    for dir in [DIR_INGRESS, DIR_EGRESS] {
+        for v6 in [false, true] {
+            // Distinct networks of this direction and family, with their entries.
+            let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
+            for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
+                for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
+                    nets.entry((net_bits(n), n.prefix_len()))
+                        .or_default()
+                        .push(i);
+                }
+            }
+            // Sorted by (address, length): each network follows the networks
+            // that contain it, so a stack holds the current chain.
+            let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
+            for ((bits, len), own) in nets {
+                while let Some(((top_bits, top_len), _)) = stack.last() {
+                    if contains(*top_bits, *top_len, bits, len, v6) {
+                        break;
+                    }
+                    stack.pop();
+                }
+                let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
+                path.extend(own);
+                path.sort_unstable();
+                path.dedup();
+                let segs: [Vec<Segment>; PCLASSES] =
+                    std::array::from_fn(|c| segments(&entries, &path, c));
+                for s in &segs {
+                    if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
+                        return Err(CompileError::TooManySegments {
+                            needed: s.len(),
+                            max: MAX_SEGMENTS_PER_CLASS,
+                        });
+                    }
+                }
+                let next = region_ids.len() as u32;
+                let region = *region_ids.entry(segs).or_insert(next);
+                if v6 {
+                    let mut key = [0u8; 17];
+                    key[0] = dir;
+                    key[1..].copy_from_slice(&bits.to_be_bytes());
+                    image.v6.push((key, 8 + len as u32, region));
+                } else {
+                    let mut key = [0u8; 5];
+                    key[0] = dir;
+                    key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
+                    image.v4.push((key, 8 + len as u32, region));
+                }
+                stack.push(((bits, len), path));
+            }
+        }
+    }
+    // Lay the regions out in id order.
+    let mut by_id: Vec<_> = region_ids.into_iter().collect();
+    by_id.sort_by_key(|(_, id)| *id);
+    for (segs, _) in by_id {
+        let mut region = Region::default();
+        for (c, s) in segs.iter().enumerate() {
+            region.offset[c] = image.segments.len() as u32;
+            region.len[c] = s.len() as u32;
+            image.segments.extend_from_slice(s);
+        }
+        image.regions.push(region);
+    }
+    image.slots = slots;
+    for (what, needed, capacity) in [
+        (
+            "prefixes",
+            image.v4.len().max(image.v6.len()),
+            limits.prefixes,
+        ),
+        ("regions", image.regions.len(), limits.regions),
+        ("segments", image.segments.len(), limits.segments),
+        ("slots", image.slots.len(), limits.slots),
+    ] {
+        if needed > capacity as usize {
+            return Err(CompileError::TooLarge {
+                what,
+                needed,
+                capacity,
+            });
+        }
+    }
+    Ok(image)
+}
+
+/// Network address as a 128-bit number (IPv4 in the low 32 bits).
+fn net_bits(n: &IpNet) -> u128 {
+    match n {
+        IpNet::V4(n) => u32::from(n.network()) as u128,
+        IpNet::V6(n) => u128::from(n.network()),
+    }
+}
+
+fn contains(outer: u128, outer_len: u8, inner: u128, inner_len: u8, v6: bool) -> bool {
+    if outer_len > inner_len {
+        return false;
+    }
+    let width = if v6 { 128 } else { 32 };
+    let shift = width - outer_len as u32;
+    shift >= 128 || (outer >> shift) == (inner >> shift)
+}
+
+/// SHA-256 of the rule set's canonical JSON.
+pub fn hash(set: &RuleSet) -> String {
+    let json = serde_json::to_vec(set).expect("a rule set always serialises");
+    Sha256::digest(&json)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+impl Image {
+    /// What the data path answers for this image: the same three steps,
+    /// with a linear longest-prefix match (for tests).
+    pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+        let region = match addr {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4
+                    .iter()
+                    .filter(|(k, len, _)| {
+                        let plen = len - 8;
+                        let net = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
+                        k[0] == dir && (plen == 0 || (a >> (32 - plen)) == (net >> (32 - plen)))
+                    })
+                    .max_by_key(|(_, len, _)| *len)
+                    .map(|e| e.2)
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6
+                    .iter()
+                    .filter(|(k, len, _)| {
+                        let plen = len - 8;
+                        let net = u128::from_be_bytes(k[1..].try_into().unwrap());
+                        k[0] == dir && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
+                    })
+                    .max_by_key(|(_, len, _)| *len)
+                    .map(|e| e.2)
+            }
+        };
+        let Some(region) = region else {
+            return SLOT_NONE;
+        };
+        let r = self.regions[region as usize];
+        let (offset, len) = (r.offset[pclass], r.len[pclass]);
+        if len == 0 {
+            return SLOT_NONE;
+        }
+        let mut lo = 0u32;
+        for step in (0..SEARCH_STEPS).rev() {
+            let probe = lo + (1 << step);
+            if probe < len && self.segments[(offset + probe) as usize].start <= port {
+                lo = probe;
+            }
+        }
+        self.segments[(offset + lo) as usize].slot
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use portcullis_common::PCLASS_OTHER;
+
+    use super::*;
+    use crate::rules::{Cluster, FirewallRule};
+
+    fn rule(id: &str, from: u32, to: u32, ranges: &[&str], protocol: Protocol) -> FirewallRule {
+        FirewallRule {
+            id: id.into(),
+            from_port: from,
+            to_port: to,
+            ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
+            protocol,
+            description: None,
+        }
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn first_rule_in_list_order_is_credited() {
+        let set = RuleSet {
+            ingress_rules: vec![
+                rule("narrow-late", 80, 80, &["10.1.0.0/16"], Protocol::Tcp),
+                rule("wide", 1, 1000, &["10.0.0.0/8"], Protocol::TcpUdp),
+                rule("any", 80, 80, &[], Protocol::Tcp),
+            ],
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        assert_eq!(
+            name(image.lookup(DIR_INGRESS, ip("10.1.2.3"), PCLASS_TCP, 80)),
+            "rule:narrow-late"
+        );
+        assert_eq!(
+            name(image.lookup(DIR_INGRESS, ip("10.2.2.3"), PCLASS_TCP, 80)),
+            "rule:wide"
+        );
+        assert_eq!(
+            name(image.lookup(DIR_INGRESS, ip("11.0.0.1"), PCLASS_TCP, 80)),
+            "rule:any"
+        );
+        assert_eq!(
+            name(image.lookup(DIR_INGRESS, ip("10.1.2.3"), PCLASS_UDP, 80)),
+            "rule:wide"
+        );
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("11.0.0.1"), PCLASS_TCP, 81),
+            SLOT_NONE
+        );
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("10.0.0.1"), PCLASS_ICMP, 0),
+            SLOT_NONE
+        );
+        assert_eq!(
+            image.lookup(DIR_EGRESS, ip("10.0.0.1"), PCLASS_TCP, 80),
+            SLOT_NONE
+        );
+    }
+
+    #[test]
+    fn peers_ssh_and_other_clusters() {
+        let set = RuleSet {
+            ingress_rules: vec![rule("cross", 9000, 9000, &["10.2.0.0/16"], Protocol::Tcp)],
+            cluster: Some(Cluster {
+                id: "c1".into(),
+                peers: vec!["10.1.0.0/16".into(), "fd01::/64".into()],
+                other_clusters: vec!["10.2.0.0/16".into()],
+            }),
+            ssh: crate::rules::Ssh {
+                allow: true,
+                sources: vec!["192.0.2.0/24".into()],
+            },
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        let kind = |slot: u32| slot >> SLOT_KIND_SHIFT;
+        assert_eq!(
+            kind(image.lookup(DIR_INGRESS, ip("10.1.0.9"), PCLASS_OTHER, 0)),
+            SLOT_KIND_PEER
+        );
+        assert_eq!(
+            kind(image.lookup(DIR_INGRESS, ip("fd01::9"), PCLASS_UDP, 7)),
+            SLOT_KIND_PEER
+        );
+        assert_eq!(
+            kind(image.lookup(DIR_EGRESS, ip("10.1.0.9"), PCLASS_TCP, 7)),
+            SLOT_KIND_PEER
+        );
+        assert_eq!(
+            kind(image.lookup(DIR_INGRESS, ip("10.2.0.9"), PCLASS_TCP, 9000)),
+            SLOT_KIND_RULE
+        );
+        assert_eq!(
+            kind(image.lookup(DIR_INGRESS, ip("10.2.0.9"), PCLASS_TCP, 9001)),
+            SLOT_KIND_FOREIGN
+        );
+        assert_eq!(
+            kind(image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_TCP, 22)),
+            SLOT_KIND_SSH
+        );
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("198.51.100.5"), PCLASS_TCP, 22),
+            SLOT_NONE
+        );
+    }
+
+    #[test]
+    fn identical_regions_are_shared_and_limits_are_enforced() {
+        let set = RuleSet {
+            ingress_rules: (0..50)
+                .map(|i| {
+                    rule(
+                        &format!("r{i}"),
+                        443,
+                        443,
+                        &[&format!("10.{i}.0.0/16")],
+                        Protocol::Tcp,
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        assert_eq!(image.v4.len(), 50);
+        assert_eq!(image.regions.len(), 50, "each rule credits its own slot");
+        let tight = Limits {
+            prefixes: 10,
+            ..Limits::default()
+        };
+        assert_eq!(
+            compile(&set, &tight).unwrap_err(),
+            CompileError::TooLarge {
+                what: "prefixes",
+                needed: 50,
+                capacity: 10
+            }
+        );
+    }
+
+    fn arb_net() -> impl Strategy<Value = IpNet> {
+        prop_oneof![
+            (0u32..4, 0u8..=3, 8u8..=32).prop_map(|(a, b, len)| {
+                // Few distinct high bits, so networks overlap and nest.
+                let addr = std::net::Ipv4Addr::from(
+                    (10u32 << 24) | (a << 22) | ((b as u32) << 14) | 0x1234,
+                );
+                IpNet::new(IpAddr::V4(addr), len).unwrap().trunc()
+            }),
+            (0u16..4, 32u8..=128).prop_map(|(a, len)| {
+                let addr = std::net::Ipv6Addr::new(0xfd00, a, 0x200, 1, 2, 3, 4, 5);
+                IpNet::new(IpAddr::V6(addr), len).unwrap().trunc()
+            }),
+        ]
+    }
+
+    fn arb_rule(i: usize) -> impl Strategy<Value = FirewallRule> {
+        (
+            0u32..400,
+            0u32..200,
+            prop::collection::vec(arb_net(), 0..4),
+            prop_oneof![
+                Just(Protocol::TcpUdp),
+                Just(Protocol::Tcp),
+                Just(Protocol::Udp),
+                Just(Protocol::Icmp),
+                Just(Protocol::Any)
+            ],
+        )
+            .prop_map(move |(from, span, nets, protocol)| FirewallRule {
+                id: format!("r{i}"),
+                from_port: from,
+                to_port: from + span,
+                ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
+                protocol,
+                description: None,
+            })
+    }
+
+    fn arb_set() -> impl Strategy<Value = RuleSet> {
+        (1usize..25, 0usize..4).prop_flat_map(|(n, m)| {
+            (
+                (0..n).map(arb_rule).collect::<Vec<_>>(),
+                (0..m).map(|i| arb_rule(100 + i)).collect::<Vec<_>>(),
+                prop::collection::vec(arb_net(), 0..3),
+                any::<bool>(),
+            )
+                .prop_map(|(ingress_rules, egress_rules, peers, ssh)| RuleSet {
+                    ingress_rules,
+                    egress_rules,
+                    cluster: Some(Cluster {
+                        id: "c".into(),
+                        peers: peers.iter().map(|n| n.to_string()).collect(),
+                        other_clusters: vec!["10.64.0.0/10".into()],
+                    }),
+                    ssh: crate::rules::Ssh {
+                        allow: ssh,
+                        sources: vec![],
+                    },
+                })
+        })
+    }
+
+    fn arb_addr() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            (0u32..4, any::<u32>()).prop_map(|(a, r)| IpAddr::V4(
+                ((10u32 << 24) | (a << 22) | (r & 0x3f_ffff)).into()
+            )),
+            (0u16..4, any::<u64>()).prop_map(|(a, r)| IpAddr::V6(std::net::Ipv6Addr::new(
+                0xfd00,
+                a,
+                0x200,
+                1,
+                (r >> 48) as u16,
+                (r >> 32) as u16,
+                (r >> 16) as u16,
+                r as u16
+            ))),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        /// The compiled image answers exactly what the one-by-one evaluator does.
+        #[test]
+        fn compiled_lookup_matches_the_reference(
+            set in arb_set(),
+            probes in prop::collection::vec((arb_addr(), 0usize..PCLASSES, 0u16..700, any::<bool>()), 50),
+        ) {
+            set.validate().unwrap();
+            let image = compile(&set, &Limits::default()).unwrap();
+            let (entries, _) = entries(&set);
+            for (addr, pclass, port, egress) in probes {
+                let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
+                let port = if pclass >= PCLASS_ICMP { 0 } else { port };
+                prop_assert_eq!(
+                    image.lookup(dir, addr, pclass, port),
+                    reference(&entries, dir, addr, pclass, port),
+                    "dir {} addr {} class {} port {}", dir, addr, pclass, port
+                );
+            }
+        }
+    }
+}
