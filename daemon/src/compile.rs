@@ -446,6 +446,8 @@ mod tests {
 
     use portcullis_common::PCLASS_OTHER;
 
+    use crate::compile::strategies;
+
     use super::*;
     use crate::rules::{Cluster, FirewallRule};
 
@@ -586,7 +588,42 @@ mod tests {
         );
     }
 
-    fn arb_net() -> impl Strategy<Value = IpNet> {
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        /// The compiled image answers exactly what the one-by-one evaluator does.
+        #[test]
+        fn compiled_lookup_matches_the_reference(
+            set in strategies::rule_set(),
+            probes in prop::collection::vec((strategies::address(), 0usize..PCLASSES, 0u16..700, any::<bool>()), 50),
+        ) {
+            set.validate().unwrap();
+            let image = compile(&set, &Limits::default()).unwrap();
+            let (entries, _) = entries(&set);
+            for (addr, pclass, port, egress) in probes {
+                let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
+                let port = if pclass >= PCLASS_ICMP { 0 } else { port };
+                prop_assert_eq!(
+                    image.lookup(dir, addr, pclass, port),
+                    reference(&entries, dir, addr, pclass, port),
+                    "dir {} addr {} class {} port {}", dir, addr, pclass, port
+                );
+            }
+        }
+    }
+}
+
+/// Random rule sets and addresses whose networks overlap and nest, for the
+/// property tests here and the kernel ones in `tests/`.
+#[cfg(any(test, feature = "testing"))]
+pub mod strategies {
+    use std::net::IpAddr;
+
+    use ipnet::IpNet;
+    use proptest::prelude::*;
+
+    use crate::rules::{Cluster, FirewallRule, Protocol, RuleSet, Ssh};
+
+    pub fn network() -> impl Strategy<Value = IpNet> {
         prop_oneof![
             (0u32..4, 0u8..=3, 8u8..=32).prop_map(|(a, b, len)| {
                 // Few distinct high bits, so networks overlap and nest.
@@ -602,11 +639,11 @@ mod tests {
         ]
     }
 
-    fn arb_rule(i: usize) -> impl Strategy<Value = FirewallRule> {
+    pub fn rule(i: usize) -> impl Strategy<Value = FirewallRule> {
         (
             0u32..400,
             0u32..200,
-            prop::collection::vec(arb_net(), 0..4),
+            prop::collection::vec(network(), 0..4),
             prop_oneof![
                 Just(Protocol::TcpUdp),
                 Just(Protocol::Tcp),
@@ -625,12 +662,12 @@ mod tests {
             })
     }
 
-    fn arb_set() -> impl Strategy<Value = RuleSet> {
+    pub fn rule_set() -> impl Strategy<Value = RuleSet> {
         (1usize..25, 0usize..4).prop_flat_map(|(n, m)| {
             (
-                (0..n).map(arb_rule).collect::<Vec<_>>(),
-                (0..m).map(|i| arb_rule(100 + i)).collect::<Vec<_>>(),
-                prop::collection::vec(arb_net(), 0..3),
+                (0..n).map(rule).collect::<Vec<_>>(),
+                (0..m).map(|i| rule(100 + i)).collect::<Vec<_>>(),
+                prop::collection::vec(network(), 0..3),
                 any::<bool>(),
             )
                 .prop_map(|(ingress_rules, egress_rules, peers, ssh)| RuleSet {
@@ -641,7 +678,7 @@ mod tests {
                         peers: peers.iter().map(|n| n.to_string()).collect(),
                         other_clusters: vec!["10.64.0.0/10".into()],
                     }),
-                    ssh: crate::rules::Ssh {
+                    ssh: Ssh {
                         allow: ssh,
                         sources: vec![],
                     },
@@ -649,7 +686,7 @@ mod tests {
         })
     }
 
-    fn arb_addr() -> impl Strategy<Value = IpAddr> {
+    pub fn address() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
             (0u32..4, any::<u32>()).prop_map(|(a, r)| IpAddr::V4(
                 ((10u32 << 24) | (a << 22) | (r & 0x3f_ffff)).into()
@@ -665,28 +702,5 @@ mod tests {
                 r as u16
             ))),
         ]
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
-        /// The compiled image answers exactly what the one-by-one evaluator does.
-        #[test]
-        fn compiled_lookup_matches_the_reference(
-            set in arb_set(),
-            probes in prop::collection::vec((arb_addr(), 0usize..PCLASSES, 0u16..700, any::<bool>()), 50),
-        ) {
-            set.validate().unwrap();
-            let image = compile(&set, &Limits::default()).unwrap();
-            let (entries, _) = entries(&set);
-            for (addr, pclass, port, egress) in probes {
-                let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
-                let port = if pclass >= PCLASS_ICMP { 0 } else { port };
-                prop_assert_eq!(
-                    image.lookup(dir, addr, pclass, port),
-                    reference(&entries, dir, addr, pclass, port),
-                    "dir {} addr {} class {} port {}", dir, addr, pclass, port
-                );
-            }
-        }
     }
 }
