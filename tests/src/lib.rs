@@ -813,3 +813,50 @@ impl Drop for SshSession {
         let _ = self.child.wait();
     }
 }
+
+/// Hosts on one Ethernet segment: a bridge in its own namespace, each host a
+/// namespace with interface `pc0` on it, addressed in 10.200.10.0/24 and
+/// fd00:200:10::/64.
+pub struct Lan {
+    bridge: Netns,
+    pub hosts: Vec<Netns>,
+}
+
+impl Lan {
+    /// Host `i` (from 1) gets 10.200.10.i and fd00:200:10::i.
+    pub fn new(hosts: usize) -> anyhow::Result<Self> {
+        let bridge = Netns::new("b")?;
+        bridge.ip(&["link", "add", "br0", "type", "bridge"])?;
+        bridge.ip(&["link", "set", "br0", "up"])?;
+        let mut lan = Lan {
+            bridge,
+            hosts: Vec::new(),
+        };
+        for i in 1..=hosts {
+            let ns = Netns::new("n")?;
+            let port = format!("p{i}");
+            veth(&ns, HOST_IFACE, &lan.bridge, &port)?;
+            lan.bridge.ip(&["link", "set", &port, "master", "br0"])?;
+            addresses(
+                &ns,
+                HOST_IFACE,
+                &format!("10.200.10.{i}/24"),
+                &format!("fd00:200:10::{i}/64"),
+            )?;
+            lan.hosts.push(ns);
+        }
+        Ok(lan)
+    }
+
+    pub fn host(&self, i: usize) -> &Netns {
+        &self.hosts[i - 1]
+    }
+
+    pub fn v4(i: usize) -> String {
+        format!("10.200.10.{i}")
+    }
+
+    pub fn v6(i: usize) -> String {
+        format!("fd00:200:10::{i}")
+    }
+}
