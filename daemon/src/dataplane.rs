@@ -364,6 +364,14 @@ impl Dataplane {
         repeat: u32,
     ) -> anyhow::Result<crate::testrun::Outcome> {
         use std::os::fd::AsFd as _;
+        let fd = self.program_fd(program)?;
+        Ok(crate::testrun::run(fd.as_fd(), packet, repeat)?)
+    }
+
+    /// A duplicate of a loaded program's fd, for running it from another
+    /// thread with [`crate::testrun::run`].
+    pub fn program_fd(&mut self, program: Program) -> anyhow::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd as _;
         let fd = match program {
             Program::Ingress => ingress(&mut self.ebpf)?
                 .fd()?
@@ -371,7 +379,7 @@ impl Dataplane {
                 .try_clone_to_owned()?,
             Program::Egress => egress(&mut self.ebpf)?.fd()?.as_fd().try_clone_to_owned()?,
         };
-        Ok(crate::testrun::run(fd.as_fd(), packet, repeat)?)
+        Ok(fd)
     }
 }
 

@@ -210,3 +210,99 @@ fn kernel_verdicts_and_counters_match_the_reference() {
     eprintln!("{} probes checked in both directions", checked.get());
     assert!(checked.get() >= 48 * 48);
 }
+
+/// Rule sets A and B such that a mix of their maps admits a probe that
+/// neither admits: A has 10/8 -> port 1000, B has 11/8 -> port 2000, and the
+/// two compile to the same region and segment positions. A mix of A's
+/// prefixes with B's segments admits 10.1.1.1:2000; B's prefixes with A's
+/// segments admit 11.1.1.1:1000. Neither A nor B admits either.
+fn mixing_pair() -> (RuleSet, RuleSet) {
+    let set = |net: &str, port: u32| -> RuleSet {
+        toml::from_str(&format!(
+            "[[ingress_rules]]\nid = \"r\"\nfrom_port = {port}\nto_port = {port}\nip_ranges = [\"{net}\"]\nprotocol = \"tcp\"\n"
+        ))
+        .unwrap()
+    };
+    (set("10.0.0.0/8", 1000), set("11.0.0.0/8", 2000))
+}
+
+/// Swaps A and B `swaps` times (atomically, or in place) while another
+/// thread keeps running the two probes through the ingress program; returns
+/// how many probe runs were admitted, and how many ran.
+fn swap_under_traffic(in_place: bool, swaps: usize) -> (u64, u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    let pins = PinDir::new().unwrap();
+    let mut dp = Dataplane::load(pins.path(), 4096, &Limits::default()).unwrap();
+    let (a, b) = mixing_pair();
+    let images = [
+        compile::compile(&a, &Limits::default()).unwrap(),
+        compile::compile(&b, &Limits::default()).unwrap(),
+    ];
+    assert_eq!(
+        images[0].regions, images[1].regions,
+        "the pair must share region layout"
+    );
+    dp.apply(&images[0], false).unwrap();
+    let fd = dp.program_fd(Program::Ingress).unwrap();
+    let probes = [
+        Pkt::new("10.1.1.1", "10.200.0.1")
+            .tcp(40000, 2000, SYN)
+            .bytes(),
+        Pkt::new("11.1.1.1", "10.200.0.1")
+            .tcp(40000, 1000, SYN)
+            .bytes(),
+    ];
+    let stop = AtomicBool::new(false);
+    let (admitted, runs) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            use std::os::fd::AsFd as _;
+            while !stop.load(Ordering::Relaxed) {
+                for p in &probes {
+                    let out = portcullis::testrun::run(fd.as_fd(), p, 1).unwrap();
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    if out.retval == XDP_PASS {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        for i in 0..swaps {
+            let image = &images[(i + 1) % 2];
+            if in_place {
+                dp.apply_in_place_for_tests(image, false).unwrap();
+                if admitted.load(Ordering::Relaxed) > 0 {
+                    break;
+                }
+            } else {
+                dp.apply(image, false).unwrap();
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    (admitted.into_inner(), runs.into_inner())
+}
+
+#[test]
+fn generation_switch_never_shows_a_mix_of_two_rule_sets() {
+    require_root!();
+    let (admitted, runs) = swap_under_traffic(false, 2000);
+    eprintln!("atomic: {runs} probe runs during 2000 swaps, {admitted} admitted");
+    assert!(
+        runs > 2000,
+        "too little traffic during the swaps to mean anything"
+    );
+    assert_eq!(admitted, 0, "a probe saw a mix of two rule sets");
+}
+
+#[test]
+fn the_same_test_catches_an_in_place_writer() {
+    require_root!();
+    let (admitted, runs) = swap_under_traffic(true, 20000);
+    eprintln!("in place: {runs} probe runs, {admitted} admitted");
+    assert!(
+        admitted > 0,
+        "the in-place writer was not caught: the test cannot see mixes"
+    );
+}
