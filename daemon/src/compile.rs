@@ -331,15 +331,23 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
             }
         }
     }
-    // Lay the regions out in id order.
+    // Lay the regions out in id order; identical segment lists (TCP and UDP
+    // of a Brev rule, or the same ports in two regions) are stored once.
     let mut by_id: Vec<_> = region_ids.into_iter().collect();
     by_id.sort_by_key(|(_, id)| *id);
+    let mut lists: HashMap<Vec<Segment>, u32> = HashMap::new();
     for (segs, _) in by_id {
         let mut region = Region::default();
-        for (c, s) in segs.iter().enumerate() {
-            region.offset[c] = image.segments.len() as u32;
+        for (c, s) in segs.into_iter().enumerate() {
             region.len[c] = s.len() as u32;
-            image.segments.extend_from_slice(s);
+            if s.is_empty() {
+                continue;
+            }
+            region.offset[c] = *lists.entry(s).or_insert_with_key(|s| {
+                let offset = image.segments.len() as u32;
+                image.segments.extend_from_slice(s);
+                offset
+            });
         }
         image.regions.push(region);
     }

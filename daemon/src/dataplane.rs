@@ -537,6 +537,34 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
         .collect()
 }
 
+/// Kernel memory of every map pinned under `pin_dir` (the kernel's own
+/// `memlock` accounting, from fdinfo), by map name.
+pub fn map_memory(pin_dir: &Path) -> anyhow::Result<Vec<(String, u64)>> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let dir = pin_dir.join("maps");
+    let mut out = Vec::new();
+    for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let map =
+            MapData::from_pin(&path).with_context(|| format!("cannot open {}", path.display()))?;
+        let fd = map.fd().as_fd().as_raw_fd();
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))?;
+        let bytes = info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        out.push((name, bytes));
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// Removes every link and map pinned under `pin_dir`, which detaches the
 /// programs, and our clsact filters on `interfaces`: the explicit way to stop.
 pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize> {

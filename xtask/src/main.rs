@@ -52,6 +52,8 @@ enum Task {
     },
     /// Runs portcullisd between two throw-away namespaces and shows what it does.
     Demo,
+    /// Benchmarks (release build): rule-engine cost per packet by rule count.
+    Bench,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -60,6 +62,18 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup(),
         Task::Test { args } => test(&args),
+        Task::Bench => {
+            setup()?;
+            cargo(&[
+                "run",
+                "--release",
+                "--quiet",
+                "-p",
+                "portcullis-tests",
+                "--bin",
+                "portcullis-bench",
+            ])
+        }
         Task::Demo => {
             setup()?;
             cargo(&["build", "--bins"])?;
