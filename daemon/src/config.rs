@@ -30,6 +30,10 @@ pub struct Config {
     /// Automatic mode: name patterns never protected (container runtimes).
     #[serde(default = "default_exclude")]
     pub auto_exclude: Vec<String>,
+    /// Where the live rule set is kept across restarts (default
+    /// /var/lib/portcullis; `--state-dir` overrides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
     /// bpffs directory holding the pinned maps and links.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,

@@ -5,6 +5,7 @@
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
+//! - [`state`]: the live rule set on disk, written atomically (pure I/O).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
@@ -14,4 +15,5 @@ pub mod dataplane;
 pub mod links;
 pub mod rules;
 pub mod sockets;
+pub mod state;
 pub mod testrun;

@@ -365,6 +365,18 @@ impl ConfigFile {
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("portcullis.toml")
     }
+
+    /// The daemon's state directory for this configuration: restarts with
+    /// the same file find the same live rule set.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Replaces the file's contents (a reload applies them).
+    pub fn rewrite(&self, text: &str) -> anyhow::Result<()> {
+        fs::write(self.path(), text)?;
+        Ok(())
+    }
 }
 
 /// A `portcullisd` running in a namespace. Killed on drop; its pins stay
@@ -383,6 +395,8 @@ impl Daemon {
             .command(workspace_bin("portcullisd")?)
             .arg("--config")
             .arg(config.path())
+            .arg("--state-dir")
+            .arg(config.state_dir())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -412,6 +426,28 @@ impl Daemon {
 
     pub fn log(&self) -> String {
         fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Sends SIGHUP (reload) and waits for the daemon to log the outcome.
+    pub fn reload(&self) -> anyhow::Result<String> {
+        let before = self.log().len();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = self.log();
+            let new = &log[before.min(log.len())..];
+            if new.contains("reloaded") || new.contains("reload refused") {
+                return Ok(new.to_string());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no reload outcome logged:\n{log}"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGKILL, as a crash would; returns the log once the process is gone.
@@ -447,10 +483,18 @@ impl Drop for Daemon {
 
 /// A config for the daemon on the host side of a [`Pair`] with `pins`.
 pub fn config(pins: &PinDir, ssh: bool, rules_toml: &str) -> anyhow::Result<ConfigFile> {
-    ConfigFile::new(&format!(
-        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\n[ssh]\nallow = {ssh}\n{rules_toml}",
-        pins.path().display()
+    ConfigFile::new(&config_text(
+        pins,
+        &format!("[ssh]\nallow = {ssh}\n{rules_toml}"),
     ))
+}
+
+/// The text of a config for interface `pc0` with `pins`, plus `rest`.
+pub fn config_text(pins: &PinDir, rest: &str) -> String {
+    format!(
+        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\n{rest}",
+        pins.path().display()
+    )
 }
 
 pub fn sock(addr: &str, port: u16) -> SocketAddr {

@@ -297,3 +297,59 @@ fn sigterm_exits_cleanly_and_detach_stops_enforcing() {
         "XDP still attached:\n{attached}"
     );
 }
+
+/// The config file is the baseline; the live rule set is kept on disk and
+/// restored on restart; a changed file takes effect only on reload (SIGHUP),
+/// and a bad file is refused without changing anything.
+#[test]
+fn live_rules_survive_restarts_and_change_only_on_reload() {
+    require_root!();
+    let mut env = Env::new(false);
+    for port in [LISTED, UNLISTED] {
+        TcpServer::start(&env.pair.host, sock(HOST_V4, port)).unwrap();
+    }
+    env.start();
+    let reached = |env: &Env, port| tcp_probe(&env.pair.peer, sock(HOST_V4, port)).is_ok();
+    assert!(reached(&env, LISTED) && !reached(&env, UNLISTED));
+
+    // Edit the file: nothing changes until a reload.
+    let other = "[[ingress_rules]]\nid = \"other\"\nfrom_port = 9090\nto_port = 9090\n";
+    env.config.rewrite(&config_text(&env.pins, other)).unwrap();
+    assert!(reached(&env, LISTED) && !reached(&env, UNLISTED));
+    let log = env.daemon.as_ref().unwrap().reload().unwrap();
+    assert!(log.contains("reloaded"), "{log}");
+    assert!(
+        !reached(&env, LISTED) && reached(&env, UNLISTED),
+        "reload did not apply the file"
+    );
+
+    // Restart with yet another file: the live set (9090) is restored, not the file.
+    env.config.rewrite(&config_text(&env.pins, RULES)).unwrap();
+    env.daemon.take().unwrap().kill();
+    env.start();
+    let log = env.daemon.as_ref().unwrap().log();
+    assert!(
+        log.contains("restored the live rule set") && log.contains("differs"),
+        "{log}"
+    );
+    assert!(
+        !reached(&env, LISTED) && reached(&env, UNLISTED),
+        "restart did not restore the live set"
+    );
+
+    // A bad file is refused on reload and changes nothing.
+    env.config
+        .rewrite(
+            "interfaces = [\"pc0\"]\n[[ingress_rules]]\nid = \"x\"\nfrom_port = 5\nto_port = 4\n",
+        )
+        .unwrap();
+    let log = env.daemon.as_ref().unwrap().reload().unwrap();
+    assert!(
+        log.contains("reload refused") && log.contains("from_port"),
+        "{log}"
+    );
+    assert!(
+        !reached(&env, LISTED) && reached(&env, UNLISTED),
+        "a refused reload changed the rules"
+    );
+}

@@ -16,7 +16,7 @@ use portcullis::{
     compile,
     config::{Config, DEFAULT_CONFIG_PATH},
     dataplane::{self, Attach, Dataplane},
-    links, sockets,
+    links, sockets, state,
 };
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
@@ -33,6 +33,9 @@ struct Args {
     /// Remove every pinned link and map (stop enforcing) and exit.
     #[arg(long)]
     detach: bool,
+    /// Where the live rule set is kept (overrides `state_dir` in the config).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -68,12 +71,17 @@ fn main() -> anyhow::Result<()> {
         info!(links = n, pin_dir = %config.pin_dir.display(), "detached; inbound traffic is no longer filtered");
         return Ok(());
     }
-    runtime.block_on(run(config))
+    let state_dir = args
+        .state_dir
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
+    runtime.block_on(run(config, args.config, state::Store::new(&state_dir)))
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let selector = config.selector()?;
 
     // Subscribe to link events before listing links, so none is missed.
@@ -102,12 +110,27 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let limits = config.capacity.limits();
-    let image = compile::compile(&config.rule_set(), &limits).context("compiling the rules")?;
+    // The live set: what was live before a restart, else the config file.
+    let (rules, mut generation) = match store.load()? {
+        Some(restored) => {
+            info!(generation = restored.generation, state_dir = %store.dir().display(), "restored the live rule set");
+            if restored.rules != config.rule_set() {
+                warn!(config = %config_path.display(), "the config file differs from the live rule set; send SIGHUP (reload) to apply it");
+            }
+            (restored.rules, restored.generation)
+        }
+        None => {
+            let rules = config.rule_set();
+            store.save(&rules, 1)?;
+            (rules, 1)
+        }
+    };
+    let image = compile::compile(&rules, &limits).context("compiling the rules")?;
     let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries, &limits)?;
     // Rules first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
     // already exist; only then the ingress filter.
-    let generation = dataplane.apply(&image, config.allow_ping)?;
+    dataplane.apply(&image, config.allow_ping)?;
     info!(generation, rules = image.slots.len() - 1, hash = %image.hash, "rules live");
     for ifname in &targets {
         let how = dataplane
@@ -135,6 +158,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
+            _ = hup.recv() => {
+                match reload(&config_path, &config, &store, &mut dataplane, generation + 1) {
+                    Ok(()) => generation += 1,
+                    Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
+                }
+            }
             event = link_events.next() => {
                 let Some((message, _)) = event else {
                     anyhow::bail!("the rtnetlink event stream ended");
@@ -171,6 +200,25 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
+    Ok(())
+}
+
+/// Re-reads the config file and makes its rule set live (SIGHUP). Only the
+/// rules change: interfaces, pins and map sizes need a restart.
+fn reload(
+    path: &std::path::Path,
+    running: &Config,
+    store: &state::Store,
+    dataplane: &mut Dataplane,
+    generation: u64,
+) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let rules = config.rule_set();
+    let image =
+        compile::compile(&rules, &running.capacity.limits()).context("compiling the rules")?;
+    store.save(&rules, generation)?;
+    dataplane.apply(&image, config.allow_ping)?;
+    info!(generation, rules = image.slots.len() - 1, hash = %image.hash, config = %path.display(), "reloaded: rules live");
     Ok(())
 }
 

@@ -1,0 +1,202 @@
+//! The live rule set on disk, so a restart restores what was live.
+//!
+//! Model of truth: the configuration file is the baseline. Whatever is live
+//! (the baseline, or a later change) is written here, atomically, each time
+//! it changes; on start the daemon restores it. Re-reading a changed
+//! configuration is an explicit reload (SIGHUP), which replaces the live set.
+//!
+//! Each write goes to a temporary file, is fsynced, and renamed over
+//! `live.json` after the previous version was kept as `live.prev.json`; the
+//! directory is fsynced too. Every file carries the SHA-256 of its rule set,
+//! so a torn or edited file is detected, and the previous one used instead.
+
+use std::{
+    fs::{self, File},
+    io::{ErrorKind, Write as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{compile, rules::RuleSet};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
+const LIVE: &str = "live.json";
+const PREVIOUS: &str = "live.prev.json";
+const FORMAT: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format: u32,
+    generation: u64,
+    sha256: String,
+    rules: RuleSet,
+}
+
+/// A rule set restored from disk.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub rules: RuleSet,
+    pub generation: u64,
+    /// Restored from the previous file because the latest one was damaged.
+    pub from_previous: bool,
+}
+
+pub struct Store {
+    dir: PathBuf,
+}
+
+impl Store {
+    pub fn new(dir: &Path) -> Self {
+        Store {
+            dir: dir.to_owned(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes `rules` as the live set, atomically and durably.
+    pub fn save(&self, rules: &RuleSet, generation: u64) -> anyhow::Result<()> {
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
+        let envelope = Envelope {
+            format: FORMAT,
+            generation,
+            sha256: compile::hash(rules),
+            rules: rules.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&envelope)?;
+        let tmp = self.dir.join(format!(".{LIVE}.tmp"));
+        let live = self.dir.join(LIVE);
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            match fs::rename(&live, self.dir.join(PREVIOUS)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            fs::rename(&tmp, &live)?;
+            File::open(&self.dir)?.sync_all()
+        };
+        write().with_context(|| format!("cannot write {}", live.display()))
+    }
+
+    /// The live set last saved: `Ok(None)` when there is none yet; the
+    /// previous version (flagged) when the latest is damaged; an error when
+    /// both are.
+    pub fn load(&self) -> anyhow::Result<Option<Restored>> {
+        let latest = read(&self.dir.join(LIVE));
+        match latest {
+            Ok(Some((rules, generation))) => Ok(Some(Restored {
+                rules,
+                generation,
+                from_previous: false,
+            })),
+            Ok(None) => match read(&self.dir.join(PREVIOUS))? {
+                // Interrupted between the two renames: the previous one is whole.
+                Some((rules, generation)) => Ok(Some(Restored {
+                    rules,
+                    generation,
+                    from_previous: true,
+                })),
+                None => Ok(None),
+            },
+            Err(damaged) => match read(&self.dir.join(PREVIOUS)) {
+                Ok(Some((rules, generation))) => {
+                    tracing::error!(error = %format!("{damaged:#}"), "the live rule set on disk is damaged; restoring the previous one");
+                    Ok(Some(Restored {
+                        rules,
+                        generation,
+                        from_previous: true,
+                    }))
+                }
+                _ => Err(damaged.context("and there is no usable previous version")),
+            },
+        }
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Option<(RuleSet, u64)>> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let envelope: Envelope = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{} is not a saved rule set (torn or edited?)",
+            path.display()
+        )
+    })?;
+    if envelope.format != FORMAT {
+        bail!("{}: unknown format {}", path.display(), envelope.format);
+    }
+    if compile::hash(&envelope.rules) != envelope.sha256 {
+        bail!(
+            "{}: checksum mismatch (the file was changed after it was written)",
+            path.display()
+        );
+    }
+    envelope
+        .rules
+        .validate()
+        .with_context(|| format!("{}: invalid rule set", path.display()))?;
+    Ok(Some((envelope.rules, envelope.generation)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(port: u32) -> RuleSet {
+        toml::from_str(&format!(
+            "[[ingress_rules]]\nid = \"r\"\nfrom_port = {port}\nto_port = {port}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn saves_and_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("state"));
+        assert_eq!(store.load().unwrap(), None);
+        store.save(&set(1), 1).unwrap();
+        store.save(&set(2), 2).unwrap();
+        assert_eq!(
+            store.load().unwrap(),
+            Some(Restored {
+                rules: set(2),
+                generation: 2,
+                from_previous: false
+            })
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_falls_back_to_the_previous_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.save(&set(1), 1).unwrap();
+        store.save(&set(2), 2).unwrap();
+        // Torn: cut in half.
+        let live = dir.path().join(LIVE);
+        let bytes = fs::read(&live).unwrap();
+        fs::write(&live, &bytes[..bytes.len() / 2]).unwrap();
+        let r = store.load().unwrap().unwrap();
+        assert_eq!((r.rules, r.from_previous), (set(1), true));
+        // Edited: valid JSON, wrong checksum.
+        let text = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"from_port\": 2", "\"from_port\": 1");
+        fs::write(&live, text).unwrap();
+        assert!(store.load().unwrap().unwrap().from_previous);
+        // Both damaged: an error, never an empty rule set.
+        fs::write(dir.path().join(PREVIOUS), b"{").unwrap();
+        assert!(store.load().is_err());
+    }
+}
