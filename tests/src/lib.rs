@@ -265,6 +265,8 @@ pub struct PinDir {
 impl PinDir {
     pub fn new() -> anyhow::Result<Self> {
         ensure_bpffs()?;
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(remove_stale_pins);
         Ok(PinDir {
             path: Path::new("/sys/fs/bpf").join(unique("portcullis-test")),
         })
@@ -319,6 +321,24 @@ impl Drop for PinDir {
     fn drop(&mut self) {
         // Unpinning the links detaches the programs.
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Removes pin directories left by test processes that were killed before
+/// their `Drop` ran (the name carries the pid; only dead pids are swept).
+fn remove_stale_pins() {
+    let Ok(entries) = fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("portcullis-test-") else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or_default();
+        if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
+            let _ = fs::remove_dir_all(entry.path());
+        }
     }
 }
 

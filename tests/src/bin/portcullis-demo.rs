@@ -60,6 +60,14 @@ fn main() -> anyhow::Result<()> {
         show(&format!("ping {addr}"), ping(&pair.peer, addr));
     }
 
+    tcp_source_server(&pair.peer, sock(PEER_V4, 5001), 4 << 20)?;
+    let mut download = tcp_connect(&pair.host, sock(PEER_V4, 5001))?;
+    let got = receive_all(&mut download)?;
+    println!(
+        "  {:<44} {} bytes, replies admitted",
+        "download from the host to the peer", got
+    );
+
     println!("\n`portcullis counters`:");
     let cli = workspace_bin("portcullis")?;
     run(Command::new(&cli)
