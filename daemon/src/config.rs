@@ -42,6 +42,9 @@ pub struct Config {
     /// The cluster this host belongs to: its peers reach it on every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<Cluster>,
+    /// The control API.
+    #[serde(default)]
+    pub api: ApiConfig,
     /// Map capacities: how large a rule set the data path can hold.
     #[serde(default)]
     pub capacity: Capacity,
@@ -62,6 +65,32 @@ pub struct Config {
     pub ingress_rules: Vec<FirewallRule>,
     #[serde(default)]
     pub egress_rules: Vec<FirewallRule>,
+}
+
+/// The control socket and who may change rules through it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Socket path (default /run/portcullis/portcullis.sock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// Members of this group may change rules (root always may); the socket
+    /// is owned by it, mode 0660. Without it, only root can connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+impl ApiConfig {
+    /// The writers' group id, checked to exist.
+    pub fn writers_gid(&self) -> anyhow::Result<Option<u32>> {
+        let Some(name) = &self.group else {
+            return Ok(None);
+        };
+        match nix::unistd::Group::from_name(name)? {
+            Some(g) => Ok(Some(g.gid.as_raw())),
+            None => bail!("api: group: no group named {name:?} on this host"),
+        }
+    }
 }
 
 /// Capacities of the rule maps (per generation). The defaults hold tens of

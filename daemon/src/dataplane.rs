@@ -117,6 +117,26 @@ impl Dataplane {
         })
     }
 
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Per-slot counters of the live generation, summed over CPUs.
+    pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
+        let g = self.active()? as usize;
+        let stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, maps::RULE_STATS[g])?)?;
+        (0..slots as u32)
+            .map(|slot| {
+                let per_cpu = stats.get(&slot, 0)?;
+                Ok(per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                    packets: a.packets + c.packets,
+                    bytes: a.bytes + c.bytes,
+                }))
+            })
+            .collect()
+    }
+
     /// The live generation of the rule maps (0 or 1).
     pub fn active(&mut self) -> anyhow::Result<u32> {
         let active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;

@@ -1,6 +1,8 @@
 //! Portcullis user space: the daemon (`portcullisd`) and the CLI (`portcullis`).
 //!
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
+//! - [`core`]: owns the live rule set; every change goes through it.
+//! - [`api`]: the control API (HTTP over a Unix socket) on top of the core.
 //! - [`compile`]: the rule set compiled into the rule maps' image (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
@@ -9,8 +11,11 @@
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
+pub mod api;
+pub mod client;
 pub mod compile;
 pub mod config;
+pub mod core;
 pub mod dataplane;
 pub mod links;
 pub mod rules;

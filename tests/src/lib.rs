@@ -379,6 +379,9 @@ impl ConfigFile {
     pub fn new(text: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         fs::write(dir.path().join("portcullis.toml"), text)?;
+        // Unprivileged test clients must reach the API socket in here.
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
         Ok(ConfigFile { dir })
     }
 
@@ -390,6 +393,11 @@ impl ConfigFile {
     /// the same file find the same live rule set.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.path().join("state")
+    }
+
+    /// The API socket of the daemon started on this configuration.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
     }
 
     /// Replaces the file's contents (a reload applies them).
@@ -417,6 +425,8 @@ impl Daemon {
             .arg(config.path())
             .arg("--state-dir")
             .arg(config.state_dir())
+            .arg("--socket")
+            .arg(config.socket())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())

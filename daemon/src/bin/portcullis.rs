@@ -1,52 +1,280 @@
-//! `portcullis`: the command-line tool.
+//! `portcullis`: the command-line tool, a thin client of the daemon's API.
 
-use std::path::PathBuf;
+use std::{io::Write as _, path::PathBuf};
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use portcullis::{config::DEFAULT_PIN_DIR, dataplane};
+use hyper::Method;
+use portcullis::{
+    api::DEFAULT_SOCKET,
+    client,
+    rules::{FirewallRule, Protocol, RuleSet},
+};
+use serde_json::{Value, json};
 
 #[derive(Parser)]
 #[command(version, about = "Inspect and control the Portcullis host firewall")]
 struct Cli {
+    /// The daemon's API socket.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the API's JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the verdict counters of the pinned data path.
+    /// Whether the host is protected, on which interfaces, what it dropped.
+    Status,
+    /// The rule set: show, replace, add or remove rules.
+    #[command(subcommand)]
+    Rules(RulesCmd),
+    /// Cluster peers: admitted on every port and protocol.
+    #[command(subcommand)]
+    Peers(PeersCmd),
+    /// Packets and bytes by verdict reason and by rule.
     Counters {
-        /// bpffs directory the daemon pins under.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
-        pin_dir: PathBuf,
-        /// Print JSON instead of a table.
+        /// Read the pinned counters directly (works without the daemon).
         #[arg(long)]
-        json: bool,
+        pin_dir: Option<PathBuf>,
+    },
+    /// Metrics in the Prometheus text format.
+    Metrics,
+}
+
+#[derive(Subcommand)]
+enum RulesCmd {
+    /// Print the live rule set (Brev JSON shape).
+    Get,
+    /// Replace the whole rule set with FILE (JSON, or TOML when it ends in .toml).
+    Apply {
+        file: PathBuf,
+        /// Refuse unless this generation is still live (see `rules get`).
+        #[arg(long)]
+        expect_generation: Option<u64>,
+    },
+    /// Add one rule.
+    Add {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        from_port: u32,
+        #[arg(long)]
+        to_port: u32,
+        /// Source CIDR (repeatable; none means any source).
+        #[arg(long = "ip-range")]
+        ip_ranges: Vec<String>,
+        #[arg(long, value_enum, default_value = "tcp-udp")]
+        protocol: ProtocolArg,
+        #[arg(long)]
+        description: Option<String>,
+        /// Add to the egress list instead (destinations in --ip-range).
+        #[arg(long)]
+        egress: bool,
+        #[arg(long)]
+        expect_generation: Option<u64>,
+    },
+    /// Remove the rule with this id.
+    Remove {
+        id: String,
+        #[arg(long)]
+        expect_generation: Option<u64>,
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Counters { pin_dir, json } => {
-            let counters = dataplane::read_counters(&pin_dir)?;
-            if json {
-                let map: serde_json::Map<_, _> = counters
-                    .iter()
-                    .map(|(r, c)| {
-                        (
-                            r.name().to_string(),
-                            serde_json::json!({"packets": c.packets, "bytes": c.bytes}),
-                        )
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Object(map));
-            } else {
-                println!("{:<26} {:>12} {:>14}", "REASON", "PACKETS", "BYTES");
-                for (r, c) in counters {
-                    println!("{:<26} {:>12} {:>14}", r.name(), c.packets, c.bytes);
-                }
-            }
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProtocolArg {
+    TcpUdp,
+    Tcp,
+    Udp,
+    Icmp,
+    Any,
+}
+
+impl From<ProtocolArg> for Protocol {
+    fn from(p: ProtocolArg) -> Self {
+        match p {
+            ProtocolArg::TcpUdp => Protocol::TcpUdp,
+            ProtocolArg::Tcp => Protocol::Tcp,
+            ProtocolArg::Udp => Protocol::Udp,
+            ProtocolArg::Icmp => Protocol::Icmp,
+            ProtocolArg::Any => Protocol::Any,
         }
     }
+}
+
+#[derive(Subcommand)]
+enum PeersCmd {
+    List,
+    Add {
+        cidrs: Vec<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    Remove {
+        cidrs: Vec<String>,
+    },
+    Replace {
+        cidrs: Vec<String>,
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+}
+
+fn expect(path: &str, generation: Option<u64>) -> String {
+    match generation {
+        Some(g) => format!("{path}?expected_generation={g}"),
+        None => path.to_string(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let call = |method: Method, path: &str, body: Option<Value>| -> anyhow::Result<Value> {
+        let body = body.map(|b| serde_json::to_vec(&b)).transpose()?;
+        runtime
+            .block_on(client::request(&cli.socket, method, path, body))?
+            .json()
+    };
+    let out = match cli.command {
+        Command::Status => call(Method::GET, "/v1/status", None)?,
+        Command::Rules(RulesCmd::Get) => call(Method::GET, "/v1/rules", None)?,
+        Command::Rules(RulesCmd::Apply {
+            file,
+            expect_generation,
+        }) => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let rules: RuleSet = if file.extension().is_some_and(|e| e == "toml") {
+                toml::from_str(&text)
+                    .with_context(|| format!("{} is not a rule set", file.display()))?
+            } else {
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a rule set", file.display()))?
+            };
+            rules
+                .validate()
+                .with_context(|| format!("{}", file.display()))?;
+            call(
+                Method::PUT,
+                &expect("/v1/rules", expect_generation),
+                Some(serde_json::to_value(rules)?),
+            )?
+        }
+        Command::Rules(RulesCmd::Add {
+            id,
+            from_port,
+            to_port,
+            ip_ranges,
+            protocol,
+            description,
+            egress,
+            expect_generation,
+        }) => {
+            let rule = FirewallRule {
+                id,
+                from_port,
+                to_port,
+                ip_ranges,
+                protocol: protocol.into(),
+                description,
+            };
+            let path = if egress {
+                "/v1/rules/egress"
+            } else {
+                "/v1/rules/ingress"
+            };
+            call(
+                Method::POST,
+                &expect(path, expect_generation),
+                Some(serde_json::to_value(rule)?),
+            )?
+        }
+        Command::Rules(RulesCmd::Remove {
+            id,
+            expect_generation,
+        }) => call(
+            Method::DELETE,
+            &expect(&format!("/v1/rule/{id}"), expect_generation),
+            None,
+        )?,
+        Command::Peers(PeersCmd::List) => call(Method::GET, "/v1/peers", None)?,
+        Command::Peers(PeersCmd::Add { cidrs, cluster }) => call(
+            Method::POST,
+            "/v1/peers",
+            Some(json!({ "peers": cidrs, "cluster": cluster })),
+        )?,
+        Command::Peers(PeersCmd::Remove { cidrs }) => {
+            call(Method::DELETE, "/v1/peers", Some(json!({ "peers": cidrs })))?
+        }
+        Command::Peers(PeersCmd::Replace { cidrs, cluster }) => call(
+            Method::PUT,
+            "/v1/peers",
+            Some(json!({ "peers": cidrs, "cluster": cluster })),
+        )?,
+        Command::Counters { pin_dir: Some(dir) } => {
+            let reasons: serde_json::Map<_, _> = portcullis::dataplane::read_counters(&dir)?
+                .into_iter()
+                .map(|(r, c)| {
+                    (
+                        r.name().to_string(),
+                        json!({ "packets": c.packets, "bytes": c.bytes }),
+                    )
+                })
+                .collect();
+            json!({ "reasons": reasons })
+        }
+        Command::Counters { pin_dir: None } => call(Method::GET, "/v1/counters", None)?,
+        Command::Metrics => {
+            let reply = runtime.block_on(client::request(
+                &cli.socket,
+                Method::GET,
+                "/v1/metrics",
+                None,
+            ))?;
+            std::io::stdout().write_all(&reply.body)?;
+            return Ok(());
+        }
+    };
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_text(&out);
+    }
     Ok(())
+}
+
+/// Human output: counters as a table, everything else as indented JSON-ish text.
+fn print_text(v: &Value) {
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            match val {
+                Value::Object(inner) if inner.values().all(|x| x.get("packets").is_some()) => {
+                    println!("{k}:");
+                    println!("  {:<28} {:>12} {:>14}", "", "PACKETS", "BYTES");
+                    for (name, c) in inner {
+                        println!("  {:<28} {:>12} {:>14}", name, c["packets"], c["bytes"]);
+                    }
+                }
+                Value::Object(_) | Value::Array(_) => {
+                    println!(
+                        "{k}: {}",
+                        serde_json::to_string_pretty(val)
+                            .unwrap_or_default()
+                            .replace('\n', "\n  ")
+                    )
+                }
+                Value::String(s) => println!("{k}: {s}"),
+                other => println!("{k}: {other}"),
+            }
+        }
+    } else {
+        println!("{v}");
+    }
 }

@@ -1,10 +1,10 @@
-//! `portcullisd`: loads the data path onto the configured interfaces, writes
-//! the policy, and stays in the foreground until SIGTERM or SIGINT. Enforcement
-//! is pinned, so it continues after the daemon exits; `--detach` ends it.
+//! `portcullisd`: makes the live rule set live, attaches the data path to
+//! the interfaces it protects (and to new ones as they appear), serves the
+//! control API, and stays in the foreground until SIGTERM or SIGINT.
+//! Enforcement is pinned, so it continues after the daemon exits;
+//! `--detach` ends it.
 
-use std::path::PathBuf;
-
-use std::collections::HashSet;
+use std::{collections::HashSet, path::PathBuf, sync::Arc};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -13,12 +13,16 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket as _;
 use portcullis::{
-    compile,
+    api,
     config::{Config, DEFAULT_CONFIG_PATH},
-    dataplane::{self, Attach, Dataplane},
+    core::Core,
+    dataplane::{self, Dataplane},
     links, sockets, state,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Mutex,
+};
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
@@ -36,6 +40,9 @@ struct Args {
     /// Where the live rule set is kept (overrides `state_dir` in the config).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// The API socket (overrides `[api] socket` in the config).
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -75,14 +82,28 @@ fn main() -> anyhow::Result<()> {
         .state_dir
         .or_else(|| config.state_dir.clone())
         .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
-    runtime.block_on(run(config, args.config, state::Store::new(&state_dir)))
+    let socket = args
+        .socket
+        .unwrap_or_else(|| api::socket_path(config.api.socket.as_deref()));
+    runtime.block_on(run(
+        config,
+        args.config,
+        state::Store::new(&state_dir),
+        socket,
+    ))
 }
 
-async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyhow::Result<()> {
+async fn run(
+    config: Config,
+    config_path: PathBuf,
+    store: state::Store,
+    socket: PathBuf,
+) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let selector = config.selector()?;
+    let writers_gid = config.api.writers_gid()?;
 
     // Subscribe to link events before listing links, so none is missed.
     let (mut connection, handle, mut link_events) =
@@ -109,9 +130,8 @@ async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyho
         );
     }
 
-    let limits = config.capacity.limits();
     // The live set: what was live before a restart, else the config file.
-    let (rules, mut generation) = match store.load()? {
+    let (rules, generation) = match store.load()? {
         Some(restored) => {
             info!(generation = restored.generation, state_dir = %store.dir().display(), "restored the live rule set");
             if restored.rules != config.rule_set() {
@@ -119,49 +139,68 @@ async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyho
             }
             (restored.rules, restored.generation)
         }
-        None => {
-            let rules = config.rule_set();
-            store.save(&rules, 1)?;
-            (rules, 1)
-        }
+        None => (config.rule_set(), 1),
     };
-    let image = compile::compile(&rules, &limits).context("compiling the rules")?;
-    let mut dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries, &limits)?;
+    let limits = config.capacity.limits();
+    let dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries, &limits)?;
     // Rules first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
     // already exist; only then the ingress filter.
-    dataplane.apply(&image, config.allow_ping)?;
-    info!(generation, rules = image.slots.len() - 1, hash = %image.hash, "rules live");
+    let mut core = Core::start(
+        dataplane,
+        store,
+        limits,
+        config.allow_ping,
+        rules,
+        generation,
+    )
+    .context("making the rules live")?;
+    info!(generation, hash = core.hash(), "rules live");
     for ifname in &targets {
-        let how = dataplane
+        let how = core
+            .dataplane()
             .attach_egress(ifname, config.tc_attach)
             .with_context(|| format!("interface {ifname}"))?;
         info!(interface = %ifname, attach = ?how, "recording outbound flows");
     }
     let existing = sockets::connections().context("listing open connections")?;
-    let seeded = dataplane.seed_connections(&existing)?;
+    let seeded = core.dataplane().seed_connections(&existing)?;
     info!(
         connections = existing.len(),
         seeded, "connection table seeded"
     );
     let mut protected = HashSet::new();
     for ifname in &targets {
-        let how = dataplane
+        let how = core
+            .dataplane()
             .attach_ingress(ifname)
             .with_context(|| format!("interface {ifname}"))?;
-        report(&handle, ifname, how).await;
+        let mode = xdp_mode(&handle, ifname).await;
+        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
+        core.interfaces.insert(ifname.clone(), mode);
         protected.insert(ifname.clone());
     }
-    info!(pin_dir = %config.pin_dir.display(), "ready");
+    let core = Arc::new(Mutex::new(core));
+    let api = api::Api {
+        core: core.clone(),
+        writers: api::Writers { gid: writers_gid },
+    };
+    let listener = api::bind(&socket, writers_gid)?;
+    let mut server = tokio::spawn(api::serve(listener, api));
+    info!(pin_dir = %config.pin_dir.display(), socket = %socket.display(), "ready");
 
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
             _ = hup.recv() => {
-                match reload(&config_path, &config, &store, &mut dataplane, generation + 1) {
-                    Ok(()) => generation += 1,
+                let mut core = core.lock().await;
+                match Config::load(&config_path) {
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
+                    Ok(new) => match core.change(None, Some(new.allow_ping), |live| { *live = new.rule_set(); Ok(()) }) {
+                        Ok(c) => info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"),
+                        Err(e) => error!(error = %e, "reload refused; the live rule set is unchanged"),
+                    },
                 }
             }
             event = link_events.next() => {
@@ -176,12 +215,16 @@ async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyho
                         }
                         // A failure here leaves other interfaces protected; say
                         // which interface is open and keep running.
-                        let result = dataplane
+                        let mut core = core.lock().await;
+                        let result = core
+                            .dataplane()
                             .attach_egress(&link.name, config.tc_attach)
-                            .and_then(|_| dataplane.attach_ingress(&link.name));
+                            .and_then(|_| core.dataplane().attach_ingress(&link.name));
                         match result {
                             Ok(how) => {
-                                report(&handle, &link.name, how).await;
+                                let mode = xdp_mode(&handle, &link.name).await;
+                                info!(interface = %link.name, attach = ?how, xdp_mode = %mode, "enforcing");
+                                core.interfaces.insert(link.name.clone(), mode);
                                 protected.insert(link.name);
                             }
                             Err(e) => error!(interface = %link.name, error = %format!("{e:#}"), "cannot protect new interface"),
@@ -191,42 +234,31 @@ async fn run(config: Config, config_path: PathBuf, store: state::Store) -> anyho
                         if let Some(link) = links::Link::from_message(&msg)
                             && protected.remove(&link.name)
                         {
+                            core.lock().await.interfaces.remove(&link.name);
                             info!(interface = %link.name, "interface removed");
                         }
                     }
                     _ => {}
                 }
             }
+            stopped = &mut server => {
+                // The data path stays pinned; the service manager restarts us.
+                return match stopped {
+                    Ok(Err(e)) => Err(e.context("the API server stopped")),
+                    _ => Err(anyhow::anyhow!("the API server stopped")),
+                };
+            }
         }
     }
+    let _ = std::fs::remove_file(&socket);
     info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
     Ok(())
 }
 
-/// Re-reads the config file and makes its rule set live (SIGHUP). Only the
-/// rules change: interfaces, pins and map sizes need a restart.
-fn reload(
-    path: &std::path::Path,
-    running: &Config,
-    store: &state::Store,
-    dataplane: &mut Dataplane,
-    generation: u64,
-) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    let rules = config.rule_set();
-    let image =
-        compile::compile(&rules, &running.capacity.limits()).context("compiling the rules")?;
-    store.save(&rules, generation)?;
-    dataplane.apply(&image, config.allow_ping)?;
-    info!(generation, rules = image.slots.len() - 1, hash = %image.hash, config = %path.display(), "reloaded: rules live");
-    Ok(())
-}
-
-/// Logs that `ifname` is enforcing, with the XDP mode the kernel chose.
-async fn report(handle: &rtnetlink::Handle, ifname: &str, how: Attach) {
-    let mode = match links::get(handle, ifname).await {
-        Ok(link) => link.xdp.as_str(),
-        Err(_) => "unknown",
-    };
-    info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
+/// The XDP mode the kernel chose for `ifname`.
+async fn xdp_mode(handle: &rtnetlink::Handle, ifname: &str) -> String {
+    match links::get(handle, ifname).await {
+        Ok(link) => link.xdp.as_str().to_string(),
+        Err(_) => "unknown".to_string(),
+    }
 }

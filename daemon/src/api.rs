@@ -1,0 +1,549 @@
+//! The control API: HTTP/1.1 and JSON over a Unix socket (`curl
+//! --unix-socket` works as well as the CLI), paths under `/v1`.
+//!
+//! Who may change what is decided by the caller's credentials
+//! (`SO_PEERCRED`): root and members of the configured group may write;
+//! everybody who can open the socket may read. Refused writes are logged and
+//! counted. Bodies are size-limited and requests time-limited; a malformed
+//! request gets a 4xx that says what is wrong.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use axum::{
+    Json, Router,
+    extract::{
+        ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, State, connect_info::Connected,
+        rejection::JsonRejection,
+    },
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{delete, get, post},
+    serve::IncomingStream,
+};
+use serde::{Deserialize, Serialize};
+use tokio::{net::UnixListener, sync::Mutex};
+use tracing::{info, warn};
+
+use crate::{
+    core::{ChangeError, Changed, Core, Count},
+    rules::{Cluster, FirewallRule, RuleSet},
+};
+
+pub const DEFAULT_SOCKET: &str = "/run/portcullis/portcullis.sock";
+/// Largest request body: a 100k-rule set in JSON fits.
+pub const MAX_BODY: usize = 32 << 20;
+/// A request that takes longer (a slow client included) is cut off.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The caller, from the socket's peer credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: Option<i32>,
+}
+
+impl Connected<IncomingStream<'_, UnixListener>> for Caller {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        match stream.io().peer_cred() {
+            Ok(c) => Caller {
+                uid: c.uid(),
+                gid: c.gid(),
+                pid: c.pid(),
+            },
+            // No credentials: treat as nobody (read-only).
+            Err(_) => Caller {
+                uid: u32::MAX,
+                gid: u32::MAX,
+                pid: None,
+            },
+        }
+    }
+}
+
+/// Who may write: root, and the members of `group` when set.
+#[derive(Clone, Debug, Default)]
+pub struct Writers {
+    pub gid: Option<u32>,
+}
+
+impl Writers {
+    fn allows(&self, caller: &Caller) -> bool {
+        if caller.uid == 0 {
+            return true;
+        }
+        let Some(gid) = self.gid else { return false };
+        if caller.gid == gid {
+            return true;
+        }
+        // The supplementary groups of the connecting process itself.
+        if let Some(pid) = caller.pid
+            && let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            && let Some(groups) = status.lines().find_map(|l| l.strip_prefix("Groups:"))
+        {
+            return groups.split_whitespace().any(|g| g.parse() == Ok(gid));
+        }
+        // Else the supplementary groups of the caller's user.
+        let Ok(Some(user)) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(caller.uid))
+        else {
+            return false;
+        };
+        let Ok(name) = std::ffi::CString::new(user.name) else {
+            return false;
+        };
+        nix::unistd::getgrouplist(&name, user.gid)
+            .map(|groups| groups.iter().any(|g| g.as_raw() == gid))
+            .unwrap_or(false)
+    }
+}
+
+#[derive(Clone)]
+pub struct Api {
+    pub core: Arc<Mutex<Core>>,
+    pub writers: Writers,
+}
+
+/// An error reply: `{"error": "..."}` with a status that says whose fault.
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        let status = match &e {
+            ChangeError::Invalid(_) | ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ChangeError::Conflict { .. } | ChangeError::Exists(_) => StatusCode::CONFLICT,
+            ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(e.status(), format!("bad request body: {}", e.body_text()))
+    }
+}
+
+/// `?expected_generation=N`: refuse the change unless N is live.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    pub expected_generation: Option<u64>,
+}
+
+impl Api {
+    async fn write<T>(
+        &self,
+        caller: &Caller,
+        what: &str,
+        f: impl FnOnce(&mut Core) -> Result<T, ChangeError>,
+    ) -> Result<T, ApiError> {
+        let mut core = self.core.lock().await;
+        if !self.writers.allows(caller) {
+            core.refused_writes += 1;
+            warn!(uid = caller.uid, pid = ?caller.pid, what, "write refused: not root or in the portcullis group");
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "uid {} may not change rules (root or the configured group only)",
+                    caller.uid
+                ),
+            ));
+        }
+        let result = f(&mut core);
+        match &result {
+            Ok(_) => {
+                info!(uid = caller.uid, pid = ?caller.pid, what, generation = core.generation(), hash = core.hash(), "change applied")
+            }
+            Err(e) => {
+                warn!(uid = caller.uid, pid = ?caller.pid, what, error = %e, "change refused")
+            }
+        }
+        result.map_err(ApiError::from)
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    enforcing: bool,
+    generation: u64,
+    hash: String,
+    interfaces: BTreeMap<String, String>,
+    rules: usize,
+    counters: BTreeMap<&'static str, Count>,
+    refused_writes: u64,
+}
+
+async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
+    let core = api.core.lock().await;
+    let counters = core
+        .reason_counters()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
+        .into_iter()
+        .map(|(r, c)| (r.name(), c))
+        .collect();
+    Ok(Json(Status {
+        enforcing: !core.interfaces.is_empty(),
+        generation: core.generation(),
+        hash: core.hash().to_string(),
+        interfaces: core.interfaces.clone(),
+        rules: core.rules().ingress_rules.len() + core.rules().egress_rules.len(),
+        counters,
+        refused_writes: core.refused_writes,
+    }))
+}
+
+#[derive(Serialize)]
+struct Rules {
+    generation: u64,
+    hash: String,
+    #[serde(flatten)]
+    rules: RuleSet,
+}
+
+async fn get_rules(State(api): State<Api>) -> Json<Rules> {
+    let core = api.core.lock().await;
+    Json(Rules {
+        generation: core.generation(),
+        hash: core.hash().to_string(),
+        rules: core.rules().clone(),
+    })
+}
+
+async fn put_rules(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<RuleSet>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    let Json(rules) = body?;
+    let changed = api
+        .write(&caller, "replace rules", |core| {
+            core.change(expect.expected_generation, None, |live| {
+                *live = rules;
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(Json(changed))
+}
+
+/// Which list a single-rule change is for.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum Direction {
+    Ingress,
+    Egress,
+}
+
+async fn add_rule(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    UrlPath(direction): UrlPath<Direction>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<FirewallRule>, JsonRejection>,
+) -> Result<(StatusCode, Json<Changed>), ApiError> {
+    let Json(rule) = body?;
+    let changed = api
+        .write(&caller, "add rule", |core| {
+            core.change(expect.expected_generation, None, |live| {
+                if live
+                    .ingress_rules
+                    .iter()
+                    .chain(&live.egress_rules)
+                    .any(|r| r.id == rule.id)
+                {
+                    return Err(ChangeError::Exists(rule.id.clone()));
+                }
+                match direction {
+                    Direction::Ingress => live.ingress_rules.push(rule),
+                    Direction::Egress => live.egress_rules.push(rule),
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(changed)))
+}
+
+async fn remove_rule(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    UrlPath(id): UrlPath<String>,
+    Query(expect): Query<Expect>,
+) -> Result<Json<Changed>, ApiError> {
+    let changed = api
+        .write(&caller, "remove rule", |core| {
+            core.change(expect.expected_generation, None, |live| {
+                let before = live.ingress_rules.len() + live.egress_rules.len();
+                live.ingress_rules.retain(|r| r.id != id);
+                live.egress_rules.retain(|r| r.id != id);
+                if live.ingress_rules.len() + live.egress_rules.len() == before {
+                    return Err(ChangeError::NotFound(id.clone()));
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(Json(changed))
+}
+
+/// Peer CIDRs, for add, remove and replace.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Peers {
+    peers: Vec<String>,
+    /// The cluster id, when there is no cluster yet.
+    #[serde(default)]
+    cluster: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum PeerOp {
+    Add,
+    Remove,
+    Replace,
+}
+
+async fn get_peers(State(api): State<Api>) -> Json<serde_json::Value> {
+    let core = api.core.lock().await;
+    let cluster = core.rules().cluster.clone().unwrap_or_default();
+    Json(serde_json::json!({
+        "generation": core.generation(),
+        "cluster": cluster.id,
+        "peers": cluster.peers,
+    }))
+}
+
+async fn change_peers(
+    api: Api,
+    caller: Caller,
+    expect: Expect,
+    body: Result<Json<Peers>, JsonRejection>,
+    op: PeerOp,
+) -> Result<Json<Changed>, ApiError> {
+    let Json(body) = body?;
+    let changed = api
+        .write(&caller, "change peers", |core| {
+            core.change(expect.expected_generation, None, |live| {
+                let cluster = live.cluster.get_or_insert_with(|| Cluster {
+                    id: body.cluster.clone().unwrap_or_else(|| "default".into()),
+                    ..Default::default()
+                });
+                match op {
+                    PeerOp::Replace => cluster.peers = body.peers.clone(),
+                    PeerOp::Add => {
+                        for p in &body.peers {
+                            if !cluster.peers.contains(p) {
+                                cluster.peers.push(p.clone());
+                            }
+                        }
+                    }
+                    PeerOp::Remove => {
+                        for p in &body.peers {
+                            if !cluster.peers.contains(p) {
+                                return Err(ChangeError::NotFound(p.clone()));
+                            }
+                        }
+                        cluster.peers.retain(|p| !body.peers.contains(p));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await?;
+    Ok(Json(changed))
+}
+
+async fn add_peers(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<Peers>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    change_peers(api, caller, expect, body, PeerOp::Add).await
+}
+
+async fn remove_peers(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<Peers>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    change_peers(api, caller, expect, body, PeerOp::Remove).await
+}
+
+async fn replace_peers(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<Peers>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    change_peers(api, caller, expect, body, PeerOp::Replace).await
+}
+
+#[derive(Serialize)]
+struct Counters {
+    generation: u64,
+    reasons: BTreeMap<&'static str, Count>,
+    rules: BTreeMap<String, Count>,
+}
+
+async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
+    let mut core = api.core.lock().await;
+    let reasons = core
+        .reason_counters()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
+        .into_iter()
+        .map(|(r, c)| (r.name(), c))
+        .collect();
+    Ok(Json(Counters {
+        generation: core.generation(),
+        reasons,
+        rules: core.rule_counters().into_iter().collect(),
+    }))
+}
+
+/// Prometheus text exposition.
+async fn metrics(State(api): State<Api>) -> Result<String, ApiError> {
+    use std::fmt::Write as _;
+    let mut core = api.core.lock().await;
+    let reasons = core
+        .reason_counters()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_packets_total Packets by verdict reason.\n# TYPE portcullis_packets_total counter"
+    );
+    for (r, c) in &reasons {
+        let _ = writeln!(
+            out,
+            "portcullis_packets_total{{reason=\"{}\"}} {}",
+            r.name(),
+            c.packets
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_bytes_total Bytes by verdict reason.\n# TYPE portcullis_bytes_total counter"
+    );
+    for (r, c) in &reasons {
+        let _ = writeln!(
+            out,
+            "portcullis_bytes_total{{reason=\"{}\"}} {}",
+            r.name(),
+            c.bytes
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_rule_packets_total Packets admitted by each rule.\n# TYPE portcullis_rule_packets_total counter"
+    );
+    let rules: BTreeMap<_, _> = core.rule_counters().into_iter().collect();
+    for (name, c) in &rules {
+        let _ = writeln!(
+            out,
+            "portcullis_rule_packets_total{{rule=\"{}\"}} {}",
+            name.replace('"', "'"),
+            c.packets
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_rules_generation Generation of the live rule set.\n# TYPE portcullis_rules_generation gauge"
+    );
+    let _ = writeln!(out, "portcullis_rules_generation {}", core.generation());
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_api_refused_writes_total Rule changes refused for lack of permission.\n# TYPE portcullis_api_refused_writes_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "portcullis_api_refused_writes_total {}",
+        core.refused_writes
+    );
+    let _ = writeln!(
+        out,
+        "# HELP portcullis_enforcing Whether the data path is attached to at least one interface.\n# TYPE portcullis_enforcing gauge"
+    );
+    let _ = writeln!(
+        out,
+        "portcullis_enforcing {}",
+        u8::from(!core.interfaces.is_empty())
+    );
+    Ok(out)
+}
+
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see /v1/status, /v1/rules, /v1/peers, /v1/counters, /v1/metrics".into(),
+    )
+}
+
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/rules", get(get_rules).put(put_rules))
+        .route("/v1/rules/{direction}", post(add_rule))
+        .route("/v1/rule/{id}", delete(remove_rule))
+        .route(
+            "/v1/peers",
+            get(get_peers)
+                .put(replace_peers)
+                .post(add_peers)
+                .delete(remove_peers),
+        )
+        .route("/v1/counters", get(counters))
+        .route("/v1/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(api)
+}
+
+/// Binds the socket. Anyone on the host may connect and read (mode 0666);
+/// writes are checked per request against the caller's credentials. The
+/// socket is owned by the writers' group when there is one.
+pub fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let _ = std::fs::remove_file(path);
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    if let Some(gid) = gid {
+        nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))?;
+    }
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until the future is dropped.
+pub async fn serve(listener: UnixListener, api: Api) -> anyhow::Result<()> {
+    let app = router(api).into_make_service_with_connect_info::<Caller>();
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// The socket path for a configuration.
+pub fn socket_path(configured: Option<&Path>) -> PathBuf {
+    configured.map_or_else(|| PathBuf::from(DEFAULT_SOCKET), Path::to_path_buf)
+}

@@ -1,0 +1,63 @@
+//! A small HTTP/1.1 client for the API socket (what the CLI uses).
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use http_body_util::{BodyExt as _, Full};
+use hyper::{Method, Request, body::Bytes};
+use hyper_util::rt::TokioIo;
+
+/// A reply: status code and body.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON, or the API's error message as an error.
+    pub fn json(self) -> anyhow::Result<serde_json::Value> {
+        let value: serde_json::Value = serde_json::from_slice(&self.body).with_context(|| {
+            format!(
+                "the daemon answered {} with a body that is not JSON",
+                self.status
+            )
+        })?;
+        if !(200..300).contains(&self.status) {
+            let msg = value["error"].as_str().unwrap_or("no reason given");
+            bail!("{msg} (HTTP {})", self.status);
+        }
+        Ok(value)
+    }
+}
+
+/// Sends one request to the API at `socket`.
+pub async fn request(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> anyhow::Result<Reply> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {} (is portcullisd running, and may you use it?)",
+                socket.display()
+            )
+        })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "portcullis");
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = sender.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes().to_vec();
+    Ok(Reply { status, body })
+}

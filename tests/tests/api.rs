@@ -1,0 +1,360 @@
+//! The control API with the real daemon in a namespace, through the CLI and
+//! through raw HTTP (curl): every endpoint, compare-and-swap, permissions by
+//! peer credentials, bad and oversized requests, many concurrent clients.
+
+use std::{
+    process::{Command, Output},
+    thread,
+};
+
+use portcullis_tests::*;
+use serde_json::Value;
+
+const RULES: &str =
+    "[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8080\nip_ranges = []\n";
+
+struct Env {
+    daemon: Option<Daemon>,
+    config: ConfigFile,
+    _pins: PinDir,
+    pair: Pair,
+}
+
+impl Env {
+    fn new(extra: &str) -> Self {
+        let pair = Pair::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        let config = ConfigFile::new(&config_text(&pins, &format!("{extra}\n{RULES}"))).unwrap();
+        let daemon = Some(Daemon::start(&pair.host, &config).unwrap());
+        Env {
+            daemon,
+            config,
+            _pins: pins,
+            pair,
+        }
+    }
+
+    /// Runs the CLI (as root unless `as_user` is set, via setpriv).
+    fn cli_as(&self, as_user: Option<&str>, args: &[&str]) -> Output {
+        let bin = workspace_bin("portcullis").unwrap();
+        let mut cmd = match as_user {
+            None => Command::new(&bin),
+            Some(groups) => {
+                let mut c = Command::new("setpriv");
+                c.args(["--reuid=65534", "--regid=65534"]);
+                if groups.is_empty() {
+                    c.arg("--clear-groups");
+                } else {
+                    c.arg(format!("--groups={groups}"));
+                }
+                c.arg(&bin);
+                c
+            }
+        };
+        cmd.arg("--socket")
+            .arg(self.config.socket())
+            .arg("--json")
+            .args(args);
+        cmd.output().unwrap()
+    }
+
+    fn cli(&self, args: &[&str]) -> Value {
+        let out = self.cli_as(None, args);
+        assert!(
+            out.status.success(),
+            "portcullis {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Raw HTTP with curl: (status, body).
+    fn curl(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "-", "-w", "\n%{http_code}", "--unix-socket"])
+            .arg(self.config.socket())
+            .args(["-X", method, &format!("http://portcullis{path}")]);
+        if let Some(b) = body {
+            cmd.args(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse().unwrap(), body.to_string())
+    }
+
+    fn reached(&self, port: u16) -> bool {
+        tcp_probe(&self.pair.peer, sock(HOST_V4, port)).is_ok()
+    }
+}
+
+#[test]
+fn every_endpoint_through_the_cli_and_raw_http() {
+    require_root!();
+    let env = Env::new("");
+    for port in [8080, 9090] {
+        TcpServer::start(&env.pair.host, sock(HOST_V4, port)).unwrap();
+    }
+    let status = env.cli(&["status"]);
+    assert_eq!(status["enforcing"], true);
+    assert_eq!(status["interfaces"]["pc0"], "native");
+    let g0 = status["generation"].as_u64().unwrap();
+
+    // Add a rule: traffic follows, the generation moves on.
+    assert!(!env.reached(9090));
+    let added = env.cli(&[
+        "rules",
+        "add",
+        "--id",
+        "web",
+        "--from-port",
+        "9090",
+        "--to-port",
+        "9090",
+    ]);
+    assert_eq!(added["generation"].as_u64().unwrap(), g0 + 1);
+    assert!(env.reached(9090), "added rule not live");
+    let rules = env.cli(&["rules", "get"]);
+    assert_eq!(rules["ingress_rules"][1]["id"], "web");
+
+    // Remove: gone again.
+    let removed = env.cli(&["rules", "remove", "web"]);
+    assert_eq!(removed["generation"].as_u64().unwrap(), g0 + 2);
+    assert!(!env.reached(9090));
+
+    // Replace the whole set in the Brev JSON shape, with compare-and-swap.
+    let brev = r#"{"ingress_rules":[{"id":"only","from_port":9090,"to_port":9090,"ip_ranges":[]}],"egress_rules":[]}"#;
+    let (code, body) = env.curl(
+        "PUT",
+        &format!("/v1/rules?expected_generation={g0}"),
+        Some(brev),
+    );
+    assert_eq!(code, 409, "a stale generation must be refused: {body}");
+    assert!(body.contains("expected"), "{body}");
+    assert!(!env.reached(9090), "a refused change took effect");
+    let (code, body) = env.curl(
+        "PUT",
+        &format!("/v1/rules?expected_generation={}", g0 + 2),
+        Some(brev),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(env.reached(9090) && !env.reached(8080));
+
+    // Peers.
+    let peers = env.cli(&["peers", "add", "10.200.0.2/32", "--cluster", "c1"]);
+    assert!(peers["generation"].as_u64().is_some());
+    assert!(env.reached(8080), "peer not admitted on every port");
+    assert_eq!(env.cli(&["peers", "list"])["peers"][0], "10.200.0.2/32");
+    env.cli(&["peers", "replace", "10.9.9.9/32"]);
+    assert!(!env.reached(8080));
+    env.cli(&["peers", "remove", "10.9.9.9/32"]);
+    let out = env.cli_as(None, &["peers", "remove", "10.9.9.9/32"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("10.9.9.9/32"));
+
+    // Counters per reason and per rule; metrics.
+    let counters = env.cli(&["counters"]);
+    assert!(
+        counters["reasons"]["drop_no_rule"]["packets"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+    assert!(
+        counters["rules"]["rule:only"]["packets"].as_u64().unwrap() >= 3,
+        "{counters}"
+    );
+    let (code, metrics) = env.curl("GET", "/v1/metrics", None);
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("portcullis_packets_total{reason=\"drop_no_rule\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_rule_packets_total{rule=\"rule:only\"}"),
+        "{metrics}"
+    );
+
+    // The live set survives a restart (it was saved).
+    let mut env = env;
+    env.daemon.take().unwrap().kill();
+    env.daemon = Some(Daemon::start(&env.pair.host, &env.config).unwrap());
+    assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "only");
+}
+
+#[test]
+fn bad_requests_get_a_precise_4xx_and_change_nothing() {
+    require_root!();
+    let env = Env::new("");
+    let g = env.cli(&["status"])["generation"].as_u64().unwrap();
+    for (method, path, body, want, says) in [
+        (
+            "PUT",
+            "/v1/rules",
+            Some("{not json"),
+            400,
+            "bad request body",
+        ),
+        (
+            "PUT",
+            "/v1/rules",
+            Some(r#"{"ingress_rules":[{"id":"x","from_port":9,"to_port":1}]}"#),
+            422,
+            "from_port",
+        ),
+        (
+            "PUT",
+            "/v1/rules",
+            Some(
+                r#"{"ingress_rules":[{"id":"x","from_port":1,"to_port":2,"ip_ranges":["10.0.0.1/8"]}]}"#,
+            ),
+            422,
+            "host bits",
+        ),
+        (
+            "PUT",
+            "/v1/rules",
+            Some(r#"{"ingress_rules":[],"bogus":1}"#),
+            422,
+            "bogus",
+        ),
+        ("POST", "/v1/rules/sideways", Some("{}"), 400, ""),
+        ("DELETE", "/v1/rule/nope", None, 404, "nope"),
+        ("GET", "/v2/status", None, 404, "no such endpoint"),
+        (
+            "PUT",
+            "/v1/rules?expected_generation=abc",
+            Some("{}"),
+            400,
+            "",
+        ),
+    ] {
+        let (code, reply) = env.curl(method, path, body);
+        assert_eq!(code, want, "{method} {path}: {reply}");
+        assert!(reply.contains(says), "{method} {path}: {reply}");
+    }
+    // Larger than the limit: refused before it is read whole.
+    let huge = format!(
+        "{{\"ingress_rules\":[],\"pad\":\"{}\"}}",
+        "x".repeat(33 << 20)
+    );
+    let path = std::env::temp_dir().join(format!("huge-{}.json", std::process::id()));
+    std::fs::write(&path, huge).unwrap();
+    let (code, _) = env.curl("PUT", "/v1/rules", Some(&format!("@{}", path.display())));
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(code, 413);
+    let status = env.cli(&["status"]);
+    assert_eq!(
+        status["generation"].as_u64().unwrap(),
+        g,
+        "a refused request changed the rules"
+    );
+}
+
+#[test]
+fn unprivileged_callers_may_read_but_not_write() {
+    require_root!();
+    // Writers: root and the members of group "users" (gid 100 on Debian).
+    let env = Env::new("[api]\ngroup = \"users\"");
+    let nobody = env.cli_as(Some(""), &["status"]);
+    assert!(
+        nobody.status.success(),
+        "reads are open: {}",
+        String::from_utf8_lossy(&nobody.stderr)
+    );
+    let refused = env.cli_as(
+        Some(""),
+        &[
+            "rules",
+            "add",
+            "--id",
+            "x",
+            "--from-port",
+            "1",
+            "--to-port",
+            "2",
+        ],
+    );
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("uid 65534 may not change rules") && err.contains("403"),
+        "{err}"
+    );
+    let status = env.cli(&["status"]);
+    assert_eq!(status["refused_writes"], 1, "refusal not counted");
+    assert!(
+        env.daemon.as_ref().unwrap().log().contains("write refused"),
+        "refusal not logged"
+    );
+    // The same user in the writers' group may.
+    let member = env.cli_as(
+        Some("100"),
+        &[
+            "rules",
+            "add",
+            "--id",
+            "x",
+            "--from-port",
+            "1",
+            "--to-port",
+            "2",
+        ],
+    );
+    assert!(
+        member.status.success(),
+        "{}",
+        String::from_utf8_lossy(&member.stderr)
+    );
+}
+
+#[test]
+fn fifty_concurrent_clients_get_answers_and_generations_only_grow() {
+    require_root!();
+    let env = Env::new("");
+    let results: Vec<Vec<u64>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..50)
+            .map(|i| {
+                let env = &env;
+                s.spawn(move || {
+                    let mut seen = Vec::new();
+                    for round in 0..4 {
+                        let status = env.cli(&["status"]);
+                        assert!(status["generation"].as_u64().is_some());
+                        let id = format!("c{i}-{round}");
+                        let added = env.cli(&[
+                            "rules",
+                            "add",
+                            "--id",
+                            &id,
+                            "--from-port",
+                            "2000",
+                            "--to-port",
+                            "2001",
+                        ]);
+                        seen.push(added["generation"].as_u64().unwrap());
+                    }
+                    seen
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut all: Vec<u64> = results.iter().flatten().copied().collect();
+    for seen in &results {
+        assert!(
+            seen.windows(2).all(|w| w[0] < w[1]),
+            "a client saw generations go back: {seen:?}"
+        );
+    }
+    all.sort_unstable();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(all.len(), n, "two changes got the same generation");
+    let live = env.cli(&["rules", "get"]);
+    assert_eq!(
+        live["generation"].as_u64().unwrap(),
+        *all.last().unwrap(),
+        "live set is not the newest"
+    );
+    assert_eq!(live["ingress_rules"].as_array().unwrap().len(), 1 + 200);
+}
