@@ -151,28 +151,41 @@ impl Api {
         f: impl FnOnce(&mut Core) -> Result<T, ChangeError>,
     ) -> Result<T, ApiError> {
         let mut core = self.core.lock().await;
+        let (uid, pid) = (Some(caller.uid), caller.pid);
         if !self.writers.allows(caller) {
             core.refused_writes += 1;
             warn!(uid = caller.uid, pid = ?caller.pid, what, "write refused: not root or in the portcullis group");
-            return Err(ApiError(
-                StatusCode::FORBIDDEN,
-                format!(
-                    "uid {} may not change rules (root or the configured group only)",
-                    caller.uid
-                ),
-            ));
+            let reason = format!(
+                "uid {} may not change rules (root or the configured group only)",
+                caller.uid
+            );
+            audited(core.record(uid, pid, what, format!("refused: {reason}")))?;
+            return Err(ApiError(StatusCode::FORBIDDEN, reason));
         }
         let result = f(&mut core);
-        match &result {
+        let outcome = match &result {
             Ok(_) => {
-                info!(uid = caller.uid, pid = ?caller.pid, what, generation = core.generation(), hash = core.hash(), "change applied")
+                info!(uid = caller.uid, pid = ?caller.pid, what, generation = core.generation(), hash = core.hash(), "change applied");
+                "applied".to_string()
             }
             Err(e) => {
-                warn!(uid = caller.uid, pid = ?caller.pid, what, error = %e, "change refused")
+                warn!(uid = caller.uid, pid = ?caller.pid, what, error = %e, "change refused");
+                format!("refused: {e}")
             }
-        }
+        };
+        // The record is on disk before the caller hears the answer.
+        audited(core.record(uid, pid, what, outcome))?;
         result.map_err(ApiError::from)
     }
+}
+
+fn audited(r: anyhow::Result<()>) -> Result<(), ApiError> {
+    r.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot write the audit log: {e:#}"),
+        )
+    })
 }
 
 #[derive(Serialize)]
@@ -184,6 +197,7 @@ struct Status {
     rules: usize,
     counters: BTreeMap<&'static str, Count>,
     refused_writes: u64,
+    audit_head: String,
 }
 
 async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
@@ -202,6 +216,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         rules: core.rules().ingress_rules.len() + core.rules().egress_rules.len(),
         counters,
         refused_writes: core.refused_writes,
+        audit_head: core.audit.head().to_string(),
     }))
 }
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
+    audit,
     compile::{self, CompileError, Image, Limits},
     dataplane::{self, Dataplane},
     rules::{RuleError, RuleSet},
@@ -73,6 +74,7 @@ pub struct Core {
     pub interfaces: BTreeMap<String, String>,
     /// Writes refused for lack of permission (a metric to alert on).
     pub refused_writes: u64,
+    pub audit: audit::Log,
 }
 
 impl Core {
@@ -86,6 +88,7 @@ impl Core {
         generation: u64,
     ) -> anyhow::Result<Self> {
         let image = compile::compile(&rules, &limits)?;
+        let audit = audit::Log::open(store.dir())?;
         store.save(&rules, generation)?;
         dataplane.apply(&image, allow_ping)?;
         Ok(Core {
@@ -99,6 +102,7 @@ impl Core {
             carried: HashMap::new(),
             interfaces: BTreeMap::new(),
             refused_writes: 0,
+            audit,
         })
     }
 
@@ -116,6 +120,27 @@ impl Core {
 
     pub fn hash(&self) -> &str {
         &self.image.hash
+    }
+
+    /// Appends an audit record of `action` by `uid`/`pid` with `outcome`,
+    /// at the current generation (fsynced before this returns).
+    pub fn record(
+        &mut self,
+        uid: Option<u32>,
+        pid: Option<i32>,
+        action: &str,
+        outcome: String,
+    ) -> anyhow::Result<()> {
+        let rules_hash = self.image.hash.clone();
+        self.audit.append(audit::Event {
+            uid,
+            pid,
+            action,
+            outcome,
+            generation: self.generation,
+            rules_hash: &rules_hash,
+        })?;
+        Ok(())
     }
 
     /// Applies `edit` to a copy of the live rules and makes the result live.

@@ -3,6 +3,7 @@
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
 //! - [`core`]: owns the live rule set; every change goes through it.
 //! - [`api`]: the control API (HTTP over a Unix socket) on top of the core.
+//! - [`audit`]: the hash-chained audit log of every change and refusal.
 //! - [`compile`]: the rule set compiled into the rule maps' image (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
@@ -12,6 +13,7 @@
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
 
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod compile;
 pub mod config;

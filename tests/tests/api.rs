@@ -358,3 +358,114 @@ fn fifty_concurrent_clients_get_answers_and_generations_only_grow() {
     );
     assert_eq!(live["ingress_rules"].as_array().unwrap().len(), 1 + 200);
 }
+
+/// Every change and refusal is in the audit log; `portcullis audit verify`
+/// finds the log intact, and reports each kind of tampering with a copy.
+#[test]
+fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
+    require_root!();
+    let env = Env::new("");
+    env.cli(&[
+        "rules",
+        "add",
+        "--id",
+        "a",
+        "--from-port",
+        "1",
+        "--to-port",
+        "2",
+    ]);
+    env.cli(&[
+        "rules",
+        "add",
+        "--id",
+        "b",
+        "--from-port",
+        "3",
+        "--to-port",
+        "4",
+    ]);
+    let _ = env.cli_as(Some(""), &["rules", "remove", "a"]); // refused: nobody
+    let _ = env.cli_as(None, &["rules", "remove", "zzz"]); // refused: no such rule
+    env.cli(&["rules", "remove", "a"]);
+    let state = env.config.state_dir();
+    let log = std::fs::read_to_string(state.join("audit.log")).unwrap();
+    let records: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 5, "{log}");
+    assert!(
+        records[2]["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("refused: uid 65534")
+    );
+    assert_eq!(records[2]["uid"], 65534);
+    assert!(
+        records[3]["outcome"]
+            .as_str()
+            .unwrap()
+            .contains("no rule with id")
+    );
+    let head = env.cli(&["status"])["audit_head"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        records[4]["hash"],
+        head.as_str(),
+        "status does not report the latest record's hash"
+    );
+
+    let verify = |dir: &std::path::Path| {
+        let out = Command::new(workspace_bin("portcullis").unwrap())
+            .args(["audit", "verify", "--state-dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(verify(&state), (true, String::new()));
+    let lines: Vec<&str> = log.lines().collect();
+    let tampered: [(&str, Vec<String>); 4] = [
+        ("edited", {
+            let mut l: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+            l[1] = l[1]
+                .replace("\"b\"", "\"c\"")
+                .replace("uid\":0", "uid\":1000");
+            l
+        }),
+        (
+            "removed",
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 2)
+                .map(|(_, s)| s.to_string())
+                .collect(),
+        ),
+        ("reordered", {
+            let mut l: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+            l.swap(1, 3);
+            l
+        }),
+        (
+            "truncated",
+            lines[..3].iter().map(|s| s.to_string()).collect(),
+        ),
+    ];
+    for (kind, content) in tampered {
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::write(copy.path().join("audit.log"), content.join("\n") + "\n").unwrap();
+        std::fs::copy(state.join("audit.head"), copy.path().join("audit.head")).unwrap();
+        let (ok, report) = verify(copy.path());
+        assert!(
+            !ok && report.contains(kind),
+            "{kind} not reported: {report}"
+        );
+    }
+}

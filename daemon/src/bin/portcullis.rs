@@ -43,6 +43,22 @@ enum Command {
     },
     /// Metrics in the Prometheus text format.
     Metrics,
+    /// The audit log.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the log's hash chain against its recorded head: reports edited,
+    /// removed, reordered and truncated records. Reads the files directly.
+    Verify {
+        #[arg(long, default_value = portcullis::state::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+        /// Check against this head hash instead of the state directory's.
+        #[arg(long)]
+        head: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -231,6 +247,24 @@ fn main() -> anyhow::Result<()> {
             json!({ "reasons": reasons })
         }
         Command::Counters { pin_dir: None } => call(Method::GET, "/v1/counters", None)?,
+        Command::Audit(AuditCmd::Verify { state_dir, head }) => {
+            let head = match head {
+                Some(h) => Some(h),
+                None => std::fs::read_to_string(state_dir.join(portcullis::audit::HEAD)).ok(),
+            };
+            let problems = portcullis::audit::verify(
+                &state_dir.join(portcullis::audit::LOG),
+                head.as_deref(),
+            )?;
+            if problems.is_empty() {
+                println!("audit log intact");
+                return Ok(());
+            }
+            for p in &problems {
+                eprintln!("{p}");
+            }
+            anyhow::bail!("the audit log has {} problem(s)", problems.len());
+        }
         Command::Metrics => {
             let reply = runtime.block_on(client::request(
                 &cli.socket,

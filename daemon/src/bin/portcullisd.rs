@@ -197,10 +197,16 @@ async fn run(
                 let mut core = core.lock().await;
                 match Config::load(&config_path) {
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
-                    Ok(new) => match core.change(None, Some(new.allow_ping), |live| { *live = new.rule_set(); Ok(()) }) {
-                        Ok(c) => info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"),
-                        Err(e) => error!(error = %e, "reload refused; the live rule set is unchanged"),
-                    },
+                    Ok(new) => {
+                        let result = core.change(None, Some(new.allow_ping), |live| { *live = new.rule_set(); Ok(()) });
+                        let outcome = match &result {
+                            Ok(c) => { info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"); "applied".to_string() }
+                            Err(e) => { error!(error = %e, "reload refused; the live rule set is unchanged"); format!("refused: {e}") }
+                        };
+                        if let Err(e) = core.record(None, None, "reload", outcome) {
+                            error!(error = %format!("{e:#}"), "cannot write the audit log");
+                        }
+                    }
                 }
             }
             event = link_events.next() => {

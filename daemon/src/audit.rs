@@ -1,0 +1,269 @@
+//! The audit log: one JSON record per line for every change and refusal,
+//! appended and fsynced before the change is acknowledged. Each record
+//! carries the SHA-256 of the previous one, so an edited, removed or
+//! reordered record breaks the chain; the hash of the latest record is also
+//! kept outside the log (`audit.head`, and in every status reply), so a
+//! truncated tail is detected too.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::{BufRead as _, BufReader, Write as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+pub const LOG: &str = "audit.log";
+pub const HEAD: &str = "audit.head";
+/// The `prev` of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audited event.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// Seconds since the Unix epoch.
+    pub time: u64,
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    /// What was asked: `add rule`, `replace rules`, `reload`, ...
+    pub action: String,
+    /// `applied`, `refused: <why>`, `rolled back`, ...
+    pub outcome: String,
+    pub generation: u64,
+    /// SHA-256 of the rule set live after the event.
+    pub rules_hash: String,
+    pub prev: String,
+    pub hash: String,
+}
+
+impl Record {
+    /// The hash over every field but `hash`, in a fixed order.
+    fn digest(&self) -> String {
+        let body = serde_json::json!([
+            self.seq,
+            self.time,
+            self.uid,
+            self.pid,
+            self.action,
+            self.outcome,
+            self.generation,
+            self.rules_hash,
+            self.prev
+        ]);
+        hex(&Sha256::digest(body.to_string().as_bytes()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub struct Log {
+    dir: PathBuf,
+    next_seq: u64,
+    head: String,
+}
+
+/// What the caller asked, for a record.
+pub struct Event<'a> {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    pub action: &'a str,
+    pub outcome: String,
+    pub generation: u64,
+    pub rules_hash: &'a str,
+}
+
+impl Log {
+    /// Opens the log in `dir`, continuing its chain.
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(dir)?;
+        let (mut next_seq, mut head) = (0, GENESIS.to_string());
+        if let Ok(f) = File::open(dir.join(LOG)) {
+            for line in BufReader::new(f).lines() {
+                let line = line?;
+                if let Ok(r) = serde_json::from_str::<Record>(&line) {
+                    next_seq = r.seq + 1;
+                    head = r.hash;
+                }
+            }
+        }
+        Ok(Log {
+            dir: dir.to_owned(),
+            next_seq,
+            head,
+        })
+    }
+
+    /// The hash of the latest record.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Appends and fsyncs a record, then updates `audit.head` atomically.
+    pub fn append(&mut self, e: Event<'_>) -> anyhow::Result<Record> {
+        let mut r = Record {
+            seq: self.next_seq,
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            uid: e.uid,
+            pid: e.pid,
+            action: e.action.to_string(),
+            outcome: e.outcome,
+            generation: e.generation,
+            rules_hash: e.rules_hash.to_string(),
+            prev: self.head.clone(),
+            hash: String::new(),
+        };
+        r.hash = r.digest();
+        let path = self.dir.join(LOG);
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        writeln!(f, "{}", serde_json::to_string(&r)?)?;
+        f.sync_all()?;
+        let tmp = self.dir.join(format!(".{HEAD}.tmp"));
+        fs::write(&tmp, format!("{}\n", r.hash))?;
+        File::open(&tmp)?.sync_all()?;
+        fs::rename(&tmp, self.dir.join(HEAD))?;
+        File::open(&self.dir)?.sync_all()?;
+        self.next_seq += 1;
+        self.head = r.hash.clone();
+        Ok(r)
+    }
+}
+
+/// Checks a log against its head: every problem found, by line.
+pub fn verify(log: &Path, head: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let text = fs::read_to_string(log).with_context(|| format!("cannot read {}", log.display()))?;
+    let mut problems = Vec::new();
+    let mut prev = GENESIS.to_string();
+    let mut expected_seq = 0u64;
+    let mut last_hash = GENESIS.to_string();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let r: Record = match serde_json::from_str(line) {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("line {n}: not a record ({e})"));
+                continue;
+            }
+        };
+        if r.digest() != r.hash {
+            problems.push(format!(
+                "line {n} (seq {}): edited: its content does not match its hash",
+                r.seq
+            ));
+        }
+        if r.seq != expected_seq {
+            let what = if r.seq > expected_seq {
+                "removed"
+            } else {
+                "reordered or repeated"
+            };
+            problems.push(format!(
+                "line {n}: seq {} where {expected_seq} was due: records {what}",
+                r.seq
+            ));
+        }
+        if r.prev != prev {
+            problems.push(format!(
+                "line {n} (seq {}): chain broken: prev does not match the record before it",
+                r.seq
+            ));
+        }
+        prev = r.hash.clone();
+        last_hash = r.hash;
+        expected_seq = r.seq + 1;
+    }
+    if let Some(head) = head
+        && head.trim() != last_hash
+    {
+        problems.push(format!(
+            "truncated or rolled back: the last record's hash {} is not the recorded head {}",
+            short(&last_hash),
+            short(head.trim())
+        ));
+    }
+    Ok(problems)
+}
+
+fn short(h: &str) -> &str {
+    &h[..h.len().min(12)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(i: u64) -> Event<'static> {
+        Event {
+            uid: Some(0),
+            pid: Some(1),
+            action: "add rule",
+            outcome: "applied".into(),
+            generation: i,
+            rules_hash: "ab",
+        }
+    }
+
+    fn setup(n: u64) -> (tempfile::TempDir, PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path()).unwrap();
+        for i in 0..n {
+            log.append(event(i)).unwrap();
+        }
+        let head = fs::read_to_string(dir.path().join(HEAD)).unwrap();
+        let path = dir.path().join(LOG);
+        (dir, path, head)
+    }
+
+    fn lines(path: &Path) -> Vec<String> {
+        fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_reopening_continues_the_chain() {
+        let (dir, path, head) = setup(3);
+        assert!(verify(&path, Some(&head)).unwrap().is_empty());
+        let mut log = Log::open(dir.path()).unwrap();
+        assert_eq!(log.head(), head.trim());
+        log.append(event(3)).unwrap();
+        let head = fs::read_to_string(dir.path().join(HEAD)).unwrap();
+        assert!(verify(&path, Some(&head)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn edits_removals_reorderings_and_truncations_are_reported() {
+        let (_dir, path, head) = setup(5);
+        let original = lines(&path);
+        let check = |mutated: Vec<String>, want: &str| {
+            fs::write(&path, mutated.join("\n") + "\n").unwrap();
+            let problems = verify(&path, Some(&head)).unwrap();
+            assert!(
+                problems.iter().any(|p| p.contains(want)),
+                "{want}: {problems:?}"
+            );
+        };
+        let mut edited = original.clone();
+        edited[2] = edited[2].replace("add rule", "remove rule");
+        check(edited, "edited");
+        let mut removed = original.clone();
+        removed.remove(2);
+        check(removed, "removed");
+        let mut reordered = original.clone();
+        reordered.swap(1, 3);
+        check(reordered, "reordered");
+        check(original[..4].to_vec(), "truncated");
+    }
+}
