@@ -31,7 +31,7 @@ use tokio::{net::UnixListener, sync::Mutex};
 use tracing::{info, warn};
 
 use crate::{
-    core::{ChangeError, Changed, Core, Count},
+    core::{ChangeError, Changed, Core, Count, Options, Session},
     rules::{Cluster, FirewallRule, RuleSet},
 };
 
@@ -122,8 +122,11 @@ impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> Self {
         let status = match &e {
             ChangeError::Invalid(_) | ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ChangeError::Conflict { .. } | ChangeError::Exists(_) => StatusCode::CONFLICT,
-            ChangeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ChangeError::Conflict { .. }
+            | ChangeError::Exists(_)
+            | ChangeError::LocksOutCaller(_)
+            | ChangeError::AwaitingConfirmation { .. } => StatusCode::CONFLICT,
+            ChangeError::NotFound(_) | ChangeError::NothingToConfirm => StatusCode::NOT_FOUND,
             ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -136,11 +139,39 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-/// `?expected_generation=N`: refuse the change unless N is live.
+/// Query parameters of a change: `expected_generation=N` (refuse unless N
+/// is live), `dry_run=true` (only report), `force=true` (even if it cuts the
+/// caller's SSH session), `confirm_within=SECS` (roll back unless confirmed).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Expect {
     pub expected_generation: Option<u64>,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub force: bool,
+    pub confirm_within: Option<u64>,
+}
+
+impl Expect {
+    fn options(&self, caller: &Caller) -> Options {
+        Options {
+            expected: self.expected_generation,
+            allow_ping: None,
+            dry_run: self.dry_run,
+            force: self.force,
+            caller_session: caller.pid.and_then(Session::of_process),
+            confirm_within: self.confirm_within,
+        }
+    }
+
+    fn label(&self, what: &str) -> String {
+        if self.dry_run {
+            format!("{what} (dry run)")
+        } else {
+            what.to_string()
+        }
+    }
 }
 
 impl Api {
@@ -198,6 +229,9 @@ struct Status {
     counters: BTreeMap<&'static str, Count>,
     refused_writes: u64,
     audit_head: String,
+    /// A change awaiting confirmation: its generation and deadline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pending: Option<serde_json::Value>,
 }
 
 async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
@@ -217,6 +251,9 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         counters,
         refused_writes: core.refused_writes,
         audit_head: core.audit.head().to_string(),
+        pending: core
+            .pending()
+            .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
     }))
 }
 
@@ -244,14 +281,17 @@ async fn put_rules(
     body: Result<Json<RuleSet>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     let Json(rules) = body?;
+    let opts = expect.options(&caller);
+    let what = expect.label("replace rules");
     let changed = api
-        .write(&caller, "replace rules", |core| {
-            core.change(expect.expected_generation, None, |live| {
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
                 *live = rules;
                 Ok(())
             })
         })
         .await?;
+    arm(&api, &changed);
     Ok(Json(changed))
 }
 
@@ -271,9 +311,11 @@ async fn add_rule(
     body: Result<Json<FirewallRule>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Changed>), ApiError> {
     let Json(rule) = body?;
+    let opts = expect.options(&caller);
+    let what = expect.label("add rule");
     let changed = api
-        .write(&caller, "add rule", |core| {
-            core.change(expect.expected_generation, None, |live| {
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
                 if live
                     .ingress_rules
                     .iter()
@@ -290,6 +332,7 @@ async fn add_rule(
             })
         })
         .await?;
+    arm(&api, &changed);
     Ok((StatusCode::CREATED, Json(changed)))
 }
 
@@ -299,9 +342,11 @@ async fn remove_rule(
     UrlPath(id): UrlPath<String>,
     Query(expect): Query<Expect>,
 ) -> Result<Json<Changed>, ApiError> {
+    let opts = expect.options(&caller);
+    let what = expect.label("remove rule");
     let changed = api
-        .write(&caller, "remove rule", |core| {
-            core.change(expect.expected_generation, None, |live| {
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
                 let before = live.ingress_rules.len() + live.egress_rules.len();
                 live.ingress_rules.retain(|r| r.id != id);
                 live.egress_rules.retain(|r| r.id != id);
@@ -312,6 +357,7 @@ async fn remove_rule(
             })
         })
         .await?;
+    arm(&api, &changed);
     Ok(Json(changed))
 }
 
@@ -350,9 +396,11 @@ async fn change_peers(
     op: PeerOp,
 ) -> Result<Json<Changed>, ApiError> {
     let Json(body) = body?;
+    let opts = expect.options(&caller);
+    let what = expect.label("change peers");
     let changed = api
-        .write(&caller, "change peers", |core| {
-            core.change(expect.expected_generation, None, |live| {
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
                 let cluster = live.cluster.get_or_insert_with(|| Cluster {
                     id: body.cluster.clone().unwrap_or_else(|| "default".into()),
                     ..Default::default()
@@ -379,6 +427,7 @@ async fn change_peers(
             })
         })
         .await?;
+    arm(&api, &changed);
     Ok(Json(changed))
 }
 
@@ -502,6 +551,45 @@ async fn metrics(State(api): State<Api>) -> Result<String, ApiError> {
     Ok(out)
 }
 
+/// Starts the rollback timer of a change applied with a confirmation window.
+fn arm(api: &Api, changed: &Changed) {
+    if let Some(deadline) = changed.confirm_by {
+        arm_rollback(api.core.clone(), deadline);
+    }
+}
+
+/// Rolls the pending change back at `deadline` unless it was confirmed.
+pub fn arm_rollback(core: Arc<Mutex<Core>>, deadline: u64) {
+    tokio::spawn(async move {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        tokio::time::sleep(Duration::from_secs(deadline.saturating_sub(now))).await;
+        let mut core = core.lock().await;
+        match core.roll_back_if_due() {
+            Ok(Some(generation)) => {
+                warn!(generation, "change not confirmed in time: rolled back");
+                let _ = core.record(
+                    None,
+                    None,
+                    "confirmation window",
+                    "rolled back: not confirmed".into(),
+                );
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "rollback failed"),
+        }
+    });
+}
+
+async fn confirm(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let generation = api.write(&caller, "confirm", |core| core.confirm()).await?;
+    Ok(Json(serde_json::json!({ "confirmed": generation })))
+}
+
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
@@ -522,6 +610,7 @@ pub fn router(api: Api) -> Router {
                 .post(add_peers)
                 .delete(remove_peers),
         )
+        .route("/v1/confirm", post(confirm))
         .route("/v1/counters", get(counters))
         .route("/v1/metrics", get(metrics))
         .fallback(not_found)

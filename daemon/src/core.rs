@@ -6,7 +6,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use portcullis_common::{Counter, Reason};
+use std::net::IpAddr;
+
+use portcullis_common::{
+    Counter, DIR_INGRESS, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason,
+    SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
+};
+use serde::Deserialize;
 use serde::Serialize;
 use thiserror::Error;
 
@@ -33,15 +39,179 @@ pub enum ChangeError {
     NotFound(String),
     #[error("a rule with id {0:?} exists already")]
     Exists(String),
+    #[error("the change would cut your own SSH session ({0}); pass force to apply it anyway")]
+    LocksOutCaller(String),
+    #[error(
+        "generation {generation} awaits confirmation until {deadline} (Unix time); confirm it or wait for the rollback"
+    )]
+    AwaitingConfirmation { generation: u64, deadline: u64 },
+    #[error("no change awaits confirmation")]
+    NothingToConfirm,
     #[error("{0:#}")]
     Internal(anyhow::Error),
 }
 
-/// The outcome of an accepted change.
+/// How a change is made.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Compare-and-swap: refuse unless this generation is live.
+    pub expected: Option<u64>,
+    pub allow_ping: Option<bool>,
+    /// Only say what would change and which open flows would be cut.
+    pub dry_run: bool,
+    /// Apply even if it cuts the caller's own SSH session.
+    pub force: bool,
+    /// The caller's SSH session, when it has one.
+    pub caller_session: Option<Session>,
+    /// Roll back unless confirmed within this many seconds.
+    pub confirm_within: Option<u64>,
+}
+
+/// An SSH session: `SSH_CONNECTION` of the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub server: IpAddr,
+    pub server_port: u16,
+}
+
+impl std::fmt::Display for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "from {} port {} to port {}",
+            self.client, self.client_port, self.server_port
+        )
+    }
+}
+
+impl Session {
+    /// Parses `SSH_CONNECTION` ("client_ip client_port server_ip server_port").
+    pub fn parse(value: &str) -> Option<Session> {
+        let mut it = value.split_whitespace();
+        Some(Session {
+            client: it.next()?.parse().ok()?,
+            client_port: it.next()?.parse().ok()?,
+            server: it.next()?.parse().ok()?,
+            server_port: it.next()?.parse().ok()?,
+        })
+    }
+
+    /// The SSH session of process `pid` or its nearest ancestor that has one.
+    pub fn of_process(mut pid: i32) -> Option<Session> {
+        for _ in 0..32 {
+            if let Ok(env) = std::fs::read(format!("/proc/{pid}/environ"))
+                && let Some(v) = env
+                    .split(|b| *b == 0)
+                    .find_map(|kv| kv.strip_prefix(b"SSH_CONNECTION="))
+            {
+                return Session::parse(&String::from_utf8_lossy(v));
+            }
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // pid (comm) state ppid ...: comm may contain spaces, so split after ')'.
+            let ppid: i32 = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            if ppid <= 1 {
+                return None;
+            }
+            pid = ppid;
+        }
+        None
+    }
+}
+
+/// A change applied with a confirmation window.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pending {
+    pub previous: RuleSet,
+    pub previous_allow_ping: bool,
+    pub generation: u64,
+    /// Unix time after which it is rolled back.
+    pub deadline: u64,
+}
+
+/// What a change changes, by rule id.
+#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Diff {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub peers_added: Vec<String>,
+    pub peers_removed: Vec<String>,
+    pub ssh_changed: bool,
+}
+
+impl Diff {
+    pub fn between(old: &RuleSet, new: &RuleSet) -> Diff {
+        let index = |s: &RuleSet| -> BTreeMap<String, crate::rules::FirewallRule> {
+            s.ingress_rules
+                .iter()
+                .map(|r| (format!("ingress:{}", r.id), r.clone()))
+                .chain(
+                    s.egress_rules
+                        .iter()
+                        .map(|r| (format!("egress:{}", r.id), r.clone())),
+                )
+                .collect()
+        };
+        let (a, b) = (index(old), index(new));
+        let peers = |s: &RuleSet| {
+            s.cluster
+                .as_ref()
+                .map(|c| c.peers.clone())
+                .unwrap_or_default()
+        };
+        let (pa, pb) = (peers(old), peers(new));
+        Diff {
+            added: b.keys().filter(|k| !a.contains_key(*k)).cloned().collect(),
+            removed: a.keys().filter(|k| !b.contains_key(*k)).cloned().collect(),
+            changed: a
+                .iter()
+                .filter(|(k, r)| b.get(*k).is_some_and(|n| n != *r))
+                .map(|(k, _)| k.clone())
+                .collect(),
+            peers_added: pb.iter().filter(|p| !pa.contains(p)).cloned().collect(),
+            peers_removed: pa.iter().filter(|p| !pb.contains(p)).cloned().collect(),
+            ssh_changed: old.ssh != new.ssh,
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
+    match proto {
+        portcullis_common::IPPROTO_TCP => (PCLASS_TCP, port),
+        portcullis_common::IPPROTO_UDP => (PCLASS_UDP, port),
+        portcullis_common::IPPROTO_ICMP | portcullis_common::IPPROTO_ICMPV6 => (PCLASS_ICMP, 0),
+        _ => (PCLASS_OTHER, 0),
+    }
+}
+
+/// The outcome of an accepted change (or of a dry run).
 #[derive(Clone, Debug, Serialize, PartialEq, Eq)]
 pub struct Changed {
+    /// The generation now live (for a dry run: still the old one).
     pub generation: u64,
+    /// Hash of the (new) rule set.
     pub hash: String,
+    pub dry_run: bool,
+    pub diff: Diff,
+    /// Open connections the change cuts (or would cut).
+    pub would_cut: Vec<String>,
+    /// Unix time by which the change must be confirmed, or it is rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confirm_by: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -75,6 +245,7 @@ pub struct Core {
     /// Writes refused for lack of permission (a metric to alert on).
     pub refused_writes: u64,
     pub audit: audit::Log,
+    pending: Option<Pending>,
 }
 
 impl Core {
@@ -103,6 +274,7 @@ impl Core {
             interfaces: BTreeMap::new(),
             refused_writes: 0,
             audit,
+            pending: None,
         })
     }
 
@@ -143,15 +315,14 @@ impl Core {
         Ok(())
     }
 
-    /// Applies `edit` to a copy of the live rules and makes the result live.
-    /// `expected`: the generation the caller read (compare-and-swap).
+    /// Applies `edit` to a copy of the live rules and makes the result live
+    /// (or, for a dry run, says what it would do). See [`Options`].
     pub fn change(
         &mut self,
-        expected: Option<u64>,
-        allow_ping: Option<bool>,
+        opts: &Options,
         edit: impl FnOnce(&mut RuleSet) -> Result<(), ChangeError>,
     ) -> Result<Changed, ChangeError> {
-        if let Some(expected) = expected
+        if let Some(expected) = opts.expected
             && expected != self.generation
         {
             return Err(ChangeError::Conflict {
@@ -159,11 +330,62 @@ impl Core {
                 current: self.generation,
             });
         }
+        if let Some(p) = &self.pending {
+            return Err(ChangeError::AwaitingConfirmation {
+                generation: p.generation,
+                deadline: p.deadline,
+            });
+        }
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
         let image = compile::compile(&next, &self.limits)?;
-        let allow_ping = allow_ping.unwrap_or(self.allow_ping);
+        let diff = Diff::between(&self.rules, &next);
+        let would_cut = self.flows_cut_by(&image);
+        if let Some(session) = &opts.caller_session
+            && !opts.force
+            && !self.survives(session, &image)
+        {
+            return Err(ChangeError::LocksOutCaller(session.to_string()));
+        }
+        if opts.dry_run {
+            return Ok(Changed {
+                generation: self.generation,
+                hash: image.hash.clone(),
+                dry_run: true,
+                diff,
+                would_cut,
+                confirm_by: None,
+            });
+        }
+        let previous = (self.rules.clone(), self.allow_ping);
+        let allow_ping = opts.allow_ping.unwrap_or(self.allow_ping);
+        let generation = self.make_live(next, image, allow_ping)?;
+        let confirm_by = opts.confirm_within.map(|secs| {
+            let deadline = unix_now() + secs;
+            let pending = Pending { previous: previous.0, previous_allow_ping: previous.1, generation, deadline };
+            if let Err(e) = self.store.save_pending(Some(&pending)) {
+                tracing::error!(error = %format!("{e:#}"), "cannot persist the pending confirmation");
+            }
+            self.pending = Some(pending);
+            deadline
+        });
+        Ok(Changed {
+            generation,
+            hash: self.image.hash.clone(),
+            dry_run: false,
+            diff,
+            would_cut,
+            confirm_by,
+        })
+    }
+
+    fn make_live(
+        &mut self,
+        next: RuleSet,
+        image: Image,
+        allow_ping: bool,
+    ) -> Result<u64, ChangeError> {
         let generation = self.generation + 1;
         // Keep the counters of the generation about to go idle.
         let totals = self.rule_counters();
@@ -180,10 +402,103 @@ impl Core {
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
-        Ok(Changed {
-            generation,
-            hash: self.image.hash.clone(),
-        })
+        Ok(generation)
+    }
+
+    /// The change awaiting confirmation, if any.
+    pub fn pending(&self) -> Option<&Pending> {
+        self.pending.as_ref()
+    }
+
+    /// Confirms the pending change: it stays.
+    pub fn confirm(&mut self) -> Result<u64, ChangeError> {
+        let Some(p) = self.pending.take() else {
+            return Err(ChangeError::NothingToConfirm);
+        };
+        self.store
+            .save_pending(None)
+            .map_err(ChangeError::Internal)?;
+        Ok(p.generation)
+    }
+
+    /// Rolls the pending change back if its deadline has passed; returns the
+    /// generation that restored the previous rules.
+    pub fn roll_back_if_due(&mut self) -> Result<Option<u64>, ChangeError> {
+        let Some(p) = &self.pending else {
+            return Ok(None);
+        };
+        if unix_now() < p.deadline {
+            return Ok(None);
+        }
+        let p = self.pending.take().expect("checked");
+        let image = compile::compile(&p.previous, &self.limits)?;
+        let generation = self.make_live(p.previous, image, p.previous_allow_ping)?;
+        self.store
+            .save_pending(None)
+            .map_err(ChangeError::Internal)?;
+        Ok(Some(generation))
+    }
+
+    /// Restores a confirmation that was pending when the daemon stopped.
+    pub fn restore_pending(&mut self) -> anyhow::Result<()> {
+        self.pending = self.store.load_pending()?;
+        Ok(())
+    }
+
+    /// Open connections that `image` would cut: admitted by the live rules
+    /// (not by the connection table) and not by `image`.
+    fn flows_cut_by(&mut self, image: &Image) -> Vec<String> {
+        let Ok(connections) = crate::sockets::connections() else {
+            return Vec::new();
+        };
+        connections
+            .into_iter()
+            .filter(|c| {
+                let (pclass, port) = pclass_port(c.proto, c.local_port);
+                let remote = c.remote.to_canonical();
+                let admitted = |img: &Image| {
+                    let slot = img.lookup(DIR_INGRESS, remote, pclass, port);
+                    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+                };
+                !self.dataplane.has_flow(&dataplane::flow_key(c))
+                    && admitted(&self.image)
+                    && !admitted(image)
+            })
+            .map(|c| {
+                let proto = if c.proto == portcullis_common::IPPROTO_TCP {
+                    "tcp"
+                } else {
+                    "udp"
+                };
+                format!(
+                    "{proto} {} -> {}",
+                    std::net::SocketAddr::new(c.remote, c.remote_port),
+                    std::net::SocketAddr::new(c.local, c.local_port)
+                )
+            })
+            .collect()
+    }
+
+    /// Whether the SSH session `s` keeps working under `image`.
+    fn survives(&mut self, s: &Session, image: &Image) -> bool {
+        let conn = crate::sockets::Connection {
+            proto: portcullis_common::IPPROTO_TCP,
+            local: s.server,
+            local_port: s.server_port,
+            remote: s.client,
+            remote_port: s.client_port,
+            tcp_syn_sent: false,
+        };
+        if self.dataplane.has_flow(&dataplane::flow_key(&conn)) {
+            return true;
+        }
+        let slot = image.lookup(
+            DIR_INGRESS,
+            s.client.to_canonical(),
+            PCLASS_TCP,
+            s.server_port,
+        );
+        slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
     }
 
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,

@@ -121,6 +121,18 @@ impl Dataplane {
         &self.pin_dir
     }
 
+    /// Whether the connection table holds `key` (a flow that survives rule
+    /// changes: opened by this host, or seeded at start).
+    pub fn has_flow(&mut self, key: &FlowKey) -> bool {
+        let Ok(map) = map_mut(&mut self.ebpf, maps::CONNTRACK) else {
+            return false;
+        };
+        let Ok(table) = HashMap::<_, FlowKey, Flow>::try_from(map) else {
+            return false;
+        };
+        table.get(key, 0).is_ok()
+    }
+
     /// Per-slot counters of the live generation, summed over CPUs.
     pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
         let g = self.active()? as usize;

@@ -24,6 +24,7 @@ use crate::{compile, rules::RuleSet};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 const LIVE: &str = "live.json";
 const PREVIOUS: &str = "live.prev.json";
+const PENDING: &str = "pending.json";
 const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -84,6 +85,40 @@ impl Store {
             File::open(&self.dir)?.sync_all()
         };
         write().with_context(|| format!("cannot write {}", live.display()))
+    }
+
+    /// Saves (or with `None`, removes) the change awaiting confirmation.
+    pub fn save_pending(&self, pending: Option<&crate::core::Pending>) -> anyhow::Result<()> {
+        let path = self.dir.join(PENDING);
+        match pending {
+            None => match fs::remove_file(&path) {
+                Ok(()) => Ok(File::open(&self.dir)?.sync_all()?),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+            },
+            Some(p) => {
+                let tmp = self.dir.join(format!(".{PENDING}.tmp"));
+                let mut f = File::create(&tmp)?;
+                f.write_all(&serde_json::to_vec_pretty(p)?)?;
+                f.sync_all()?;
+                fs::rename(&tmp, &path)?;
+                File::open(&self.dir)?.sync_all()?;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn load_pending(&self) -> anyhow::Result<Option<crate::core::Pending>> {
+        let path = self.dir.join(PENDING);
+        match fs::read(&path) {
+            Ok(b) => {
+                Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                    format!("{} is damaged", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
     }
 
     /// The live set last saved: `Ok(None)` when there is none yet; the

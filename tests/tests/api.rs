@@ -469,3 +469,112 @@ fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
         );
     }
 }
+
+/// Dry runs change nothing and name the open flows a change would cut;
+/// a change applied with a confirmation window and not confirmed is rolled
+/// back on time (a confirmed one stays); a change that would cut the
+/// caller's own SSH session is refused unless forced.
+#[test]
+fn dry_runs_confirmation_windows_and_anti_lockout_with_real_traffic() {
+    require_root!();
+    let env = Env::new("");
+    tcp_echo_server(&env.pair.host, sock(HOST_V4, 8080)).unwrap();
+    let mut open = tcp_connect(&env.pair.peer, sock(HOST_V4, 8080)).unwrap();
+    echo_roundtrip(&mut open, b"hi\n").unwrap();
+    let local_port = open.local_addr().unwrap().port();
+    let g = env.cli(&["status"])["generation"].as_u64().unwrap();
+
+    // Dry run.
+    let dry = env.cli(&["rules", "remove", "app", "--dry-run"]);
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["diff"]["removed"][0], "ingress:app");
+    let cut = dry["would_cut"].as_array().unwrap();
+    assert!(
+        cut.iter()
+            .any(|f| f == &Value::from(format!("tcp 10.200.0.2:{local_port} -> 10.200.0.1:8080"))),
+        "{dry}"
+    );
+    assert_eq!(
+        env.cli(&["status"])["generation"].as_u64().unwrap(),
+        g,
+        "a dry run changed the rules"
+    );
+    echo_roundtrip(&mut open, b"still\n").expect("a dry run cut the flow");
+
+    // Confirmation window, not confirmed: rolled back on time.
+    let applied = env.cli(&["rules", "remove", "app", "--confirm-within", "2"]);
+    assert!(applied["confirm_by"].as_u64().is_some());
+    assert!(!env.reached(8080), "the change was not applied");
+    let busy = env.cli_as(
+        None,
+        &[
+            "rules",
+            "add",
+            "--id",
+            "x",
+            "--from-port",
+            "1",
+            "--to-port",
+            "1",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&busy.stderr).contains("awaits confirmation"),
+        "changes must wait for the confirmation"
+    );
+    let started = std::time::Instant::now();
+    while !env.reached(8080) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(6),
+            "not rolled back in time"
+        );
+        thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(env.cli(&["status"]).get("pending").is_none());
+    assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "app");
+    let log = std::fs::read_to_string(env.config.state_dir().join("audit.log")).unwrap();
+    assert!(log.contains("rolled back: not confirmed"), "{log}");
+
+    // Confirmed: stays.
+    env.cli(&["rules", "remove", "app", "--confirm-within", "2"]);
+    env.cli(&["confirm"]);
+    thread::sleep(std::time::Duration::from_secs(3));
+    assert!(!env.reached(8080), "a confirmed change was rolled back");
+
+    // Anti-lockout: the caller's SSH session (SSH_CONNECTION) would be cut.
+    env.cli(&[
+        "rules",
+        "add",
+        "--id",
+        "ssh",
+        "--from-port",
+        "22",
+        "--to-port",
+        "22",
+    ]);
+    let bin = workspace_bin("portcullis").unwrap();
+    let remove_ssh = |force: bool| {
+        let mut c = Command::new(&bin);
+        c.env("SSH_CONNECTION", "10.200.0.2 50022 10.200.0.1 22")
+            .arg("--socket")
+            .arg(env.config.socket())
+            .args(["rules", "remove", "ssh"]);
+        if force {
+            c.arg("--force");
+        }
+        c.output().unwrap()
+    };
+    let refused = remove_ssh(false);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("would cut your own SSH session"),
+        "{err}"
+    );
+    assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "ssh");
+    let forced = remove_ssh(true);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+}

@@ -21,6 +21,15 @@ struct Cli {
     /// Print the API's JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// For changes: only show the diff and the open flows it would cut.
+    #[arg(long, global = true)]
+    dry_run: bool,
+    /// For changes: apply even if it cuts your own SSH session.
+    #[arg(long, global = true)]
+    force: bool,
+    /// For changes: roll back unless `portcullis confirm` runs within SECS.
+    #[arg(long, global = true, value_name = "SECS")]
+    confirm_within: Option<u64>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,6 +52,8 @@ enum Command {
     },
     /// Metrics in the Prometheus text format.
     Metrics,
+    /// Keep the change applied with --confirm-within.
+    Confirm,
     /// The audit log.
     #[command(subcommand)]
     Audit(AuditCmd),
@@ -140,15 +151,44 @@ enum PeersCmd {
     },
 }
 
-fn expect(path: &str, generation: Option<u64>) -> String {
-    match generation {
-        Some(g) => format!("{path}?expected_generation={g}"),
-        None => path.to_string(),
+/// The query of a change request.
+struct ChangeFlags {
+    dry_run: bool,
+    force: bool,
+    confirm_within: Option<u64>,
+}
+
+impl ChangeFlags {
+    fn path(&self, path: &str, generation: Option<u64>) -> String {
+        let mut q = Vec::new();
+        if let Some(g) = generation {
+            q.push(format!("expected_generation={g}"));
+        }
+        if self.dry_run {
+            q.push("dry_run=true".into());
+        }
+        if self.force {
+            q.push("force=true".into());
+        }
+        if let Some(s) = self.confirm_within {
+            q.push(format!("confirm_within={s}"));
+        }
+        if q.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", q.join("&"))
+        }
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let flags = ChangeFlags {
+        dry_run: cli.dry_run,
+        force: cli.force,
+        confirm_within: cli.confirm_within,
+    };
+    let expect = |path: &str, generation: Option<u64>| flags.path(path, generation);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -223,15 +263,17 @@ fn main() -> anyhow::Result<()> {
         Command::Peers(PeersCmd::List) => call(Method::GET, "/v1/peers", None)?,
         Command::Peers(PeersCmd::Add { cidrs, cluster }) => call(
             Method::POST,
-            "/v1/peers",
+            &expect("/v1/peers", None),
             Some(json!({ "peers": cidrs, "cluster": cluster })),
         )?,
-        Command::Peers(PeersCmd::Remove { cidrs }) => {
-            call(Method::DELETE, "/v1/peers", Some(json!({ "peers": cidrs })))?
-        }
+        Command::Peers(PeersCmd::Remove { cidrs }) => call(
+            Method::DELETE,
+            &expect("/v1/peers", None),
+            Some(json!({ "peers": cidrs })),
+        )?,
         Command::Peers(PeersCmd::Replace { cidrs, cluster }) => call(
             Method::PUT,
-            "/v1/peers",
+            &expect("/v1/peers", None),
             Some(json!({ "peers": cidrs, "cluster": cluster })),
         )?,
         Command::Counters { pin_dir: Some(dir) } => {
@@ -265,6 +307,7 @@ fn main() -> anyhow::Result<()> {
             }
             anyhow::bail!("the audit log has {} problem(s)", problems.len());
         }
+        Command::Confirm => call(Method::POST, "/v1/confirm", None)?,
         Command::Metrics => {
             let reply = runtime.block_on(client::request(
                 &cli.socket,

@@ -15,7 +15,7 @@ use netlink_sys::AsyncSocket as _;
 use portcullis::{
     api,
     config::{Config, DEFAULT_CONFIG_PATH},
-    core::Core,
+    core::{self, Core},
     dataplane::{self, Dataplane},
     links, sockets, state,
 };
@@ -180,7 +180,18 @@ async fn run(
         core.interfaces.insert(ifname.clone(), mode);
         protected.insert(ifname.clone());
     }
+    // A change that awaited confirmation when we stopped: roll it back now
+    // if its time is up, else keep waiting for it.
+    core.restore_pending()?;
+    let pending = core.pending().map(|p| p.deadline);
     let core = Arc::new(Mutex::new(core));
+    if let Some(deadline) = pending {
+        warn!(
+            deadline,
+            "a change awaits confirmation; it is rolled back unless confirmed in time"
+        );
+        api::arm_rollback(core.clone(), deadline);
+    }
     let api = api::Api {
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
@@ -198,7 +209,8 @@ async fn run(
                 match Config::load(&config_path) {
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
                     Ok(new) => {
-                        let result = core.change(None, Some(new.allow_ping), |live| { *live = new.rule_set(); Ok(()) });
+                        let opts = core::Options { allow_ping: Some(new.allow_ping), ..Default::default() };
+                        let result = core.change(&opts, |live| { *live = new.rule_set(); Ok(()) });
                         let outcome = match &result {
                             Ok(c) => { info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"); "applied".to_string() }
                             Err(e) => { error!(error = %e, "reload refused; the live rule set is unchanged"); format!("refused: {e}") }
