@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -72,29 +72,32 @@ pub enum Reason {
     PassPeer = 9,
     /// Outbound: an egress rule admits it, or egress is allow-all.
     PassEgress = 10,
+    /// Would have been dropped, but enforcement is in audit (or open) mode;
+    /// the drop reason is counted too.
+    PassAudit = 11,
     /// TCP or UDP that no rule admits.
-    DropNoRule = 11,
+    DropNoRule = 12,
     /// ICMP or ICMPv6 that is neither always allowed nor related to a flow.
-    DropIcmp = 12,
+    DropIcmp = 13,
     /// Any other IP protocol (GRE, SCTP, ESP, ...) without a flow.
-    DropProtocol = 13,
+    DropProtocol = 14,
     /// A header that is truncated or inconsistent.
-    DropMalformed = 14,
+    DropMalformed = 15,
     /// An Ethernet type that is neither ARP, IPv4 nor IPv6.
-    DropEthertype = 15,
+    DropEthertype = 16,
     /// A fragment of no packet that passed.
-    DropFragment = 16,
+    DropFragment = 17,
     /// More than one VLAN tag.
-    DropVlanStack = 17,
+    DropVlanStack = 18,
     /// From a member of another cluster, and no rule admits it.
-    DropOtherCluster = 18,
+    DropOtherCluster = 19,
     /// Outbound and the egress allowlist does not admit it.
-    DropEgress = 19,
+    DropEgress = 20,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 20] = [
+    pub const ALL: [Reason; 21] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
@@ -106,6 +109,7 @@ impl Reason {
         Reason::PassFragment,
         Reason::PassPeer,
         Reason::PassEgress,
+        Reason::PassAudit,
         Reason::DropNoRule,
         Reason::DropIcmp,
         Reason::DropProtocol,
@@ -134,6 +138,7 @@ impl Reason {
             Reason::PassFragment => "pass_fragment",
             Reason::PassPeer => "pass_peer",
             Reason::PassEgress => "pass_egress",
+            Reason::PassAudit => "pass_audit",
             Reason::DropNoRule => "drop_no_rule",
             Reason::DropIcmp => "drop_icmp",
             Reason::DropProtocol => "drop_protocol",
@@ -265,6 +270,9 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// Outbound traffic is an allowlist (the egress rules are not empty).
 pub const SETTING_EGRESS_ALLOWLIST: u32 = 1 << 2;
+/// Audit (or open) mode: decide and count as usual, but pass what would be
+/// dropped (counted under its drop reason and `PassAudit`).
+pub const SETTING_PASS_ALL: u32 = 1 << 3;
 
 // ---- The rule engine's maps -------------------------------------------------
 //

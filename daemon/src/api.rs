@@ -31,7 +31,7 @@ use tokio::{net::UnixListener, sync::Mutex};
 use tracing::{info, warn};
 
 use crate::{
-    core::{ChangeError, Changed, Core, Count, Options, Session},
+    core::{ChangeError, Changed, Core, Count, Mode, Options, Session},
     rules::{Cluster, FirewallRule, RuleSet},
 };
 
@@ -229,6 +229,7 @@ struct Status {
     counters: BTreeMap<&'static str, Count>,
     refused_writes: u64,
     audit_head: String,
+    mode: Mode,
     /// A change awaiting confirmation: its generation and deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pending: Option<serde_json::Value>,
@@ -251,6 +252,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         counters,
         refused_writes: core.refused_writes,
         audit_head: core.audit.head().to_string(),
+        mode: core.mode().clone(),
         pending: core
             .pending()
             .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
@@ -582,6 +584,26 @@ pub fn arm_rollback(core: Arc<Mutex<Core>>, deadline: u64) {
     });
 }
 
+async fn get_mode(State(api): State<Api>) -> Json<Mode> {
+    Json(api.core.lock().await.mode().clone())
+}
+
+async fn put_mode(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    body: Result<Json<Mode>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    let Json(mode) = body?;
+    let what = format!(
+        "set mode {}",
+        serde_json::to_string(&mode).unwrap_or_default()
+    );
+    let changed = api
+        .write(&caller, &what, |core| core.set_mode(mode))
+        .await?;
+    Ok(Json(changed))
+}
+
 async fn confirm(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
@@ -611,6 +633,7 @@ pub fn router(api: Api) -> Router {
                 .delete(remove_peers),
         )
         .route("/v1/confirm", post(confirm))
+        .route("/v1/mode", get(get_mode).put(put_mode))
         .route("/v1/counters", get(counters))
         .route("/v1/metrics", get(metrics))
         .fallback(not_found)

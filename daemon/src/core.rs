@@ -136,6 +136,26 @@ pub struct Pending {
     pub deadline: u64,
 }
 
+/// How the data path treats what the rules do not admit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop it (the normal mode).
+    #[default]
+    Enforce,
+    /// Pass it, counting each packet under the reason it would be dropped
+    /// for: to roll out a policy safely.
+    Audit,
+    /// Emergency: enforcement suspended (everything passes, still counted).
+    Open,
+    /// Emergency: drop everything new inbound; only flows already open and
+    /// SSH from `admin` (when given) get in.
+    Lockdown {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin: Option<String>,
+    },
+}
+
 /// What a change changes, by rule id.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
 pub struct Diff {
@@ -246,6 +266,7 @@ pub struct Core {
     pub refused_writes: u64,
     pub audit: audit::Log,
     pending: Option<Pending>,
+    mode: Mode,
 }
 
 impl Core {
@@ -275,6 +296,7 @@ impl Core {
             refused_writes: 0,
             audit,
             pending: None,
+            mode: Mode::Enforce,
         })
     }
 
@@ -393,7 +415,11 @@ impl Core {
         self.store
             .save(&next, generation)
             .map_err(ChangeError::Internal)?;
-        if let Err(e) = self.dataplane.apply(&image, allow_ping) {
+        let effective = self.effective()?;
+        if let Err(e) = self
+            .dataplane
+            .apply(effective.as_ref().unwrap_or(&image), allow_ping)
+        {
             let _ = self.store.save(&self.rules, self.generation);
             return Err(ChangeError::Internal(e));
         }
@@ -403,6 +429,85 @@ impl Core {
         self.generation = generation;
         self.allow_ping = allow_ping;
         Ok(generation)
+    }
+
+    /// In lockdown the data path runs a rule set of its own (nothing but SSH
+    /// from the admin source); otherwise the live rules' image.
+    fn effective(&self) -> Result<Option<Image>, ChangeError> {
+        match &self.mode {
+            Mode::Lockdown { admin } => {
+                let lockdown = RuleSet {
+                    ssh: crate::rules::Ssh {
+                        allow: admin.is_some(),
+                        sources: admin.iter().cloned().collect(),
+                    },
+                    ..Default::default()
+                };
+                Ok(Some(compile::compile(&lockdown, &self.limits)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// Switches the mode (audited by the caller) and makes it take effect.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<Changed, ChangeError> {
+        if let Mode::Lockdown { admin: Some(a) } = &mode {
+            crate::rules::parse_cidr(a).map_err(|reason| {
+                ChangeError::Invalid(crate::rules::RuleError {
+                    place: "lockdown".into(),
+                    field: "admin",
+                    reason,
+                })
+            })?;
+        }
+        if matches!(mode, Mode::Lockdown { .. }) {
+            // Connections open now are "established": they stay, including
+            // inbound ones the rules admitted (not in the table until now).
+            let open = crate::sockets::connections().map_err(ChangeError::Internal)?;
+            self.dataplane
+                .seed_connections(&open)
+                .map_err(ChangeError::Internal)?;
+        }
+        let old = std::mem::replace(&mut self.mode, mode);
+        let result = self.effective().and_then(|effective| {
+            self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
+            self.dataplane
+                .apply(effective.as_ref().unwrap_or(&self.image), self.allow_ping)
+                .map_err(ChangeError::Internal)
+        });
+        if let Err(e) = result {
+            self.mode = old;
+            self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
+            return Err(e);
+        }
+        self.store
+            .save_mode(&self.mode)
+            .map_err(ChangeError::Internal)?;
+        Ok(Changed {
+            generation: self.generation,
+            hash: self.image.hash.clone(),
+            dry_run: false,
+            diff: Diff::default(),
+            would_cut: Vec::new(),
+            confirm_by: None,
+        })
+    }
+
+    /// Restores the mode saved before a restart.
+    pub fn restore_mode(&mut self) -> anyhow::Result<()> {
+        let mode = self.store.load_mode()?;
+        if mode != Mode::Enforce {
+            tracing::warn!(
+                ?mode,
+                "restoring a non-enforcing mode saved before the restart"
+            );
+            self.set_mode(mode).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        Ok(())
     }
 
     /// The change awaiting confirmation, if any.

@@ -75,6 +75,9 @@ pub enum Attach {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    /// Audit/open mode: pass what would be dropped (counted). Takes effect
+    /// with the next `apply`.
+    pub pass_all: bool,
 }
 
 impl Dataplane {
@@ -114,6 +117,7 @@ impl Dataplane {
         Ok(Self {
             ebpf,
             pin_dir: pin_dir.to_owned(),
+            pass_all: false,
         })
     }
 
@@ -193,6 +197,9 @@ impl Dataplane {
         allow_ping: bool,
     ) -> anyhow::Result<()> {
         let mut flags = 0;
+        if self.pass_all {
+            flags |= portcullis_common::SETTING_PASS_ALL;
+        }
         if allow_ping {
             flags |= SETTING_PING;
         }

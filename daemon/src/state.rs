@@ -25,6 +25,7 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/portcullis";
 const LIVE: &str = "live.json";
 const PREVIOUS: &str = "live.prev.json";
 const PENDING: &str = "pending.json";
+const MODE: &str = "mode.json";
 const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -85,6 +86,28 @@ impl Store {
             File::open(&self.dir)?.sync_all()
         };
         write().with_context(|| format!("cannot write {}", live.display()))
+    }
+
+    /// Saves the data path's mode (enforce, audit, open, lockdown).
+    pub fn save_mode(&self, mode: &crate::core::Mode) -> anyhow::Result<()> {
+        let tmp = self.dir.join(format!(".{MODE}.tmp"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(&serde_json::to_vec(mode)?)?;
+        f.sync_all()?;
+        fs::rename(&tmp, self.dir.join(MODE))?;
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    pub fn load_mode(&self) -> anyhow::Result<crate::core::Mode> {
+        let path = self.dir.join(MODE);
+        match fs::read(&path) {
+            Ok(b) => {
+                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(crate::core::Mode::Enforce),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        }
     }
 
     /// Saves (or with `None`, removes) the change awaiting confirmation.

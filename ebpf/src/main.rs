@@ -21,7 +21,7 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use portcullis_common::Reason;
+    use portcullis_common::{Reason, SETTING_PASS_ALL};
 
     use crate::{maps, parse, policy, rules};
 
@@ -40,12 +40,13 @@ mod programs {
     #[xdp(frags)]
     pub fn portcullis_ingress(ctx: XdpContext) -> u32 {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
+        let c = self::ctx();
         let reason = match parse::parse(&ctx) {
-            Ok(frame) => policy::decide(&ctx, &frame, &self::ctx(), bytes),
+            Ok(frame) => policy::decide(&ctx, &frame, &c, bytes),
             Err(parse::Malformed) => Reason::DropMalformed,
         };
         maps::count(reason, bytes);
-        if reason.passes() {
+        if reason.passes() || audited(&c, bytes) {
             xdp_action::XDP_PASS
         } else {
             xdp_action::XDP_DROP
@@ -63,13 +64,24 @@ mod programs {
             return TC_ACT_UNSPEC;
         };
         let bytes = ctx.len() as u64;
-        let reason = policy::decide_egress(&ip, &self::ctx(), bytes);
+        let c = self::ctx();
+        let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
-        if reason.passes() {
+        if reason.passes() || audited(&c, bytes) {
             TC_ACT_UNSPEC
         } else {
             TC_ACT_SHOT as i32
         }
+    }
+
+    /// In audit (or open) mode a drop becomes a pass, counted as such.
+    #[inline(always)]
+    fn audited(c: &policy::Ctx, bytes: u64) -> bool {
+        if c.settings.flags & SETTING_PASS_ALL == 0 {
+            return false;
+        }
+        maps::count(Reason::PassAudit, bytes);
+        true
     }
 
     #[panic_handler]

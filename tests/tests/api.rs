@@ -578,3 +578,63 @@ fn dry_runs_confirmation_windows_and_anti_lockout_with_real_traffic() {
         String::from_utf8_lossy(&forced.stderr)
     );
 }
+
+/// Emergency controls with real traffic: lockdown keeps open flows and the
+/// admin's SSH and drops everything new; open and audit pass what enforce
+/// drops, counting each such packet; enforce restores the rules.
+#[test]
+fn lockdown_open_and_audit_modes_with_real_traffic() {
+    require_root!();
+    let env = Env::new("");
+    tcp_echo_server(&env.pair.host, sock(HOST_V4, 8080)).unwrap();
+    TcpServer::start(&env.pair.host, sock(HOST_V4, 22)).unwrap();
+    TcpServer::start(&env.pair.host, sock(HOST_V4, 9090)).unwrap();
+    let mut open = tcp_connect(&env.pair.peer, sock(HOST_V4, 8080)).unwrap();
+    echo_roundtrip(&mut open, b"before\n").unwrap();
+
+    // Lockdown with an admin source.
+    let out = env.cli(&["lockdown", "--admin", "10.200.0.2/32"]);
+    assert!(out["generation"].as_u64().is_some());
+    assert_eq!(env.cli(&["status"])["mode"]["mode"], "lockdown");
+    assert!(!env.reached(8080), "lockdown admitted a new connection");
+    echo_roundtrip(&mut open, b"during lockdown\n").expect("lockdown cut an open flow");
+    assert!(env.reached(22), "the admin source lost SSH");
+    env.cli(&["enforce"]);
+    assert!(env.reached(8080) && !env.reached(22));
+
+    // Audit: what enforce drops passes, and each packet is counted.
+    env.cli(&["audit"]);
+    let c = env.cli(&["counters"]);
+    let (drops, audited) = (
+        c["reasons"]["drop_no_rule"]["packets"].as_u64().unwrap(),
+        c["reasons"]["pass_audit"]["packets"].as_u64().unwrap(),
+    );
+    assert!(env.reached(9090), "audit mode dropped");
+    let c = env.cli(&["counters"]);
+    // SYN, ACK, RST: each would have been dropped, each was passed.
+    assert_eq!(
+        c["reasons"]["drop_no_rule"]["packets"].as_u64().unwrap(),
+        drops + 3
+    );
+    assert_eq!(
+        c["reasons"]["pass_audit"]["packets"].as_u64().unwrap(),
+        audited + 3
+    );
+
+    // Open (emergency suspend), then back; the mode survives a restart.
+    env.cli(&["open"]);
+    assert!(env.reached(9090));
+    let mut env = env;
+    env.daemon.take().unwrap().kill();
+    env.daemon = Some(Daemon::start(&env.pair.host, &env.config).unwrap());
+    assert_eq!(env.cli(&["status"])["mode"]["mode"], "open");
+    env.cli(&["enforce"]);
+    assert!(!env.reached(9090), "enforce did not restore the rules");
+    let log = std::fs::read_to_string(env.config.state_dir().join("audit.log")).unwrap();
+    for m in ["lockdown", "audit", "open", "enforce"] {
+        assert!(
+            log.contains(&format!("set mode {{\\\"mode\\\":\\\"{m}\\\"")),
+            "mode {m} not audited"
+        );
+    }
+}

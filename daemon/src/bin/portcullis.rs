@@ -54,9 +54,26 @@ enum Command {
     Metrics,
     /// Keep the change applied with --confirm-within.
     Confirm,
-    /// The audit log.
+    /// Emergency: drop everything new inbound except SSH from --admin; open
+    /// flows keep working. `portcullis enforce` ends it.
+    Lockdown {
+        /// Admin source network admitted to SSH.
+        #[arg(long)]
+        admin: Option<String>,
+    },
+    /// Emergency: suspend enforcement (everything passes, still counted).
+    Open,
+    /// Audit mode (no subcommand): pass what would be dropped, counting it by
+    /// reason. `audit verify`: check the audit log.
+    Audit(AuditArgs),
+    /// Back to normal enforcement.
+    Enforce,
+}
+
+#[derive(clap::Args)]
+struct AuditArgs {
     #[command(subcommand)]
-    Audit(AuditCmd),
+    cmd: Option<AuditCmd>,
 }
 
 #[derive(Subcommand)]
@@ -289,7 +306,19 @@ fn main() -> anyhow::Result<()> {
             json!({ "reasons": reasons })
         }
         Command::Counters { pin_dir: None } => call(Method::GET, "/v1/counters", None)?,
-        Command::Audit(AuditCmd::Verify { state_dir, head }) => {
+        Command::Lockdown { admin } => call(
+            Method::PUT,
+            "/v1/mode",
+            Some(json!({ "mode": "lockdown", "admin": admin })),
+        )?,
+        Command::Open => call(Method::PUT, "/v1/mode", Some(json!({ "mode": "open" })))?,
+        Command::Enforce => call(Method::PUT, "/v1/mode", Some(json!({ "mode": "enforce" })))?,
+        Command::Audit(AuditArgs { cmd: None }) => {
+            call(Method::PUT, "/v1/mode", Some(json!({ "mode": "audit" })))?
+        }
+        Command::Audit(AuditArgs {
+            cmd: Some(AuditCmd::Verify { state_dir, head }),
+        }) => {
             let head = match head {
                 Some(h) => Some(h),
                 None => std::fs::read_to_string(state_dir.join(portcullis::audit::HEAD)).ok(),

@@ -183,6 +183,7 @@ async fn run(
     // A change that awaited confirmation when we stopped: roll it back now
     // if its time is up, else keep waiting for it.
     core.restore_pending()?;
+    core.restore_mode()?;
     let pending = core.pending().map(|p| p.deadline);
     let core = Arc::new(Mutex::new(core));
     if let Some(deadline) = pending {
