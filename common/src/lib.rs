@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -35,6 +35,8 @@ pub mod maps {
     pub const CONNTRACK: &str = "CONNTRACK";
     /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment passed.
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// `RingBuf` of `DropEvent`s (rate-limited per CPU).
+    pub const EVENTS: &str = "EVENTS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -337,6 +339,28 @@ pub const SLOT_KIND_SSH: u32 = 2;
 /// A member of another cluster: dropped unless a rule admits it first.
 pub const SLOT_KIND_FOREIGN: u32 = 3;
 
+/// A dropped (or, in audit mode, would-be-dropped) packet, for the event
+/// stream. Addresses as in `FlowKey`; ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// `CLOCK_MONOTONIC` nanoseconds.
+    pub time_ns: u64,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    /// `Reason` as u8.
+    pub reason: u8,
+    /// `DIR_INGRESS` or `DIR_EGRESS`.
+    pub dir: u8,
+}
+
+/// Drop events each CPU may report per second; the rest are only counted.
+pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
+
 /// Default capacities of the rule maps; the configuration can raise them.
 pub const DEFAULT_PREFIXES: u32 = 65536;
 pub const DEFAULT_REGIONS: u32 = 65536;
@@ -362,6 +386,8 @@ mod pod {
     unsafe impl aya::Pod for super::FragKey {}
     // SAFETY: plain #[repr(C)] struct of u32 arrays.
     unsafe impl aya::Pod for super::Region {}
+    // SAFETY: plain #[repr(C)] struct of integers and byte arrays, no padding.
+    unsafe impl aya::Pod for super::DropEvent {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::Segment {}
 }
@@ -397,6 +423,7 @@ mod tests {
 
     #[test]
     fn rule_layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<DropEvent>(), 48);
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
     }

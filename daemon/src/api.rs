@@ -107,6 +107,7 @@ impl Writers {
 pub struct Api {
     pub core: Arc<Mutex<Core>>,
     pub writers: Writers,
+    pub feed: crate::events::Feed,
 }
 
 /// An error reply: `{"error": "..."}` with a status that says whose fault.
@@ -230,6 +231,8 @@ struct Status {
     refused_writes: u64,
     audit_head: String,
     mode: Mode,
+    /// The most recent drops (sampled: at most a few hundred a second).
+    recent_drops: Vec<crate::events::Event>,
     /// A change awaiting confirmation: its generation and deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pending: Option<serde_json::Value>,
@@ -253,6 +256,10 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         refused_writes: core.refused_writes,
         audit_head: core.audit.head().to_string(),
         mode: core.mode().clone(),
+        recent_drops: {
+            let recent = api.feed.recent();
+            recent[recent.len().saturating_sub(10)..].to_vec()
+        },
         pending: core
             .pending()
             .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
@@ -584,6 +591,39 @@ pub fn arm_rollback(core: Arc<Mutex<Core>>, deadline: u64) {
     });
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    #[serde(default)]
+    follow: bool,
+}
+
+/// Recent drop events as a JSON array, or with `follow=true` a stream of
+/// them, one JSON object per line, as they happen.
+async fn events(State(api): State<Api>, Query(q): Query<EventsQuery>) -> Response {
+    if !q.follow {
+        return Json(api.feed.recent()).into_response();
+    }
+    let rx = api.feed.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => {
+                    let line = serde_json::to_string(&e).unwrap_or_default() + "\n";
+                    return Some((Ok::<_, std::convert::Infallible>(line), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 async fn get_mode(State(api): State<Api>) -> Json<Mode> {
     Json(api.core.lock().await.mode().clone())
 }
@@ -635,6 +675,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/confirm", post(confirm))
         .route("/v1/mode", get(get_mode).put(put_mode))
         .route("/v1/counters", get(counters))
+        .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -61,3 +61,35 @@ pub async fn request(
     let body = resp.into_body().collect().await?.to_bytes().to_vec();
     Ok(Reply { status, body })
 }
+
+/// Sends a GET and calls `on_line` with each line of the streamed body as it
+/// arrives, until the server ends it.
+pub async fn follow(
+    socket: &Path,
+    path: &str,
+    mut on_line: impl FnMut(&str),
+) -> anyhow::Result<()> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header("host", "portcullis")
+        .body(Full::new(Bytes::new()))?;
+    let mut body = sender.send_request(req).await?.into_body();
+    let mut pending = String::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            pending.push_str(&String::from_utf8_lossy(&data));
+            while let Some(i) = pending.find('\n') {
+                on_line(&pending[..i]);
+                pending.drain(..=i);
+            }
+        }
+    }
+    Ok(())
+}

@@ -121,6 +121,15 @@ impl Dataplane {
         })
     }
 
+    /// Takes the drop-event ring buffer out, for its reader.
+    pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
+        let map = self
+            .ebpf
+            .take_map(maps::EVENTS)
+            .ok_or_else(|| anyhow!("map {} missing from the eBPF object", maps::EVENTS))?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }

@@ -7,6 +7,7 @@
 //! - [`compile`]: the rule set compiled into the rule maps' image (pure).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
+//! - [`events`]: drop events from the ring buffer, for status and watch.
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
 //! - [`state`]: the live rule set on disk, written atomically (pure I/O).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
@@ -19,6 +20,7 @@ pub mod compile;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod events;
 pub mod links;
 pub mod rules;
 pub mod sockets;

@@ -6,6 +6,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod events;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -21,9 +23,9 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use portcullis_common::{Reason, SETTING_PASS_ALL};
+    use portcullis_common::{DIR_EGRESS, DIR_INGRESS, Reason, SETTING_PASS_ALL};
 
-    use crate::{maps, parse, policy, rules};
+    use crate::{events, maps, parse, policy, rules};
 
     /// The live generation and its settings, read once for this packet.
     #[inline(always)]
@@ -41,11 +43,17 @@ mod programs {
     pub fn portcullis_ingress(ctx: XdpContext) -> u32 {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         let c = self::ctx();
-        let reason = match parse::parse(&ctx) {
-            Ok(frame) => policy::decide(&ctx, &frame, &c, bytes),
+        let parsed = parse::parse(&ctx);
+        let reason = match &parsed {
+            Ok(frame) => policy::decide(&ctx, frame, &c, bytes),
             Err(parse::Malformed) => Reason::DropMalformed,
         };
         maps::count(reason, bytes);
+        if !reason.passes()
+            && let Ok(parse::Frame::Ip(ip)) = &parsed
+        {
+            events::report(ip, reason, DIR_INGRESS);
+        }
         if reason.passes() || audited(&c, bytes) {
             xdp_action::XDP_PASS
         } else {
@@ -67,6 +75,9 @@ mod programs {
         let c = self::ctx();
         let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
+        if !reason.passes() {
+            events::report(&ip, reason, DIR_EGRESS);
+        }
         if reason.passes() || audited(&c, bytes) {
             TC_ACT_UNSPEC
         } else {

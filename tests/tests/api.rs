@@ -638,3 +638,91 @@ fn lockdown_open_and_audit_modes_with_real_traffic() {
         );
     }
 }
+
+/// Drops are reported as events (address, ports, protocol, reason) to
+/// `portcullis watch` and in status, rate-limited: a flood is counted in
+/// full but reported in part.
+#[test]
+fn drop_events_reach_watch_and_status_rate_limited() {
+    require_root!();
+    use std::io::BufRead as _;
+    let env = Env::new("");
+    let mut watch = Command::new(workspace_bin("portcullis").unwrap())
+        .arg("--socket")
+        .arg(env.config.socket())
+        .args(["--json", "watch"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Ok(v) = serde_json::from_str(&line) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    thread::sleep(std::time::Duration::from_millis(300));
+    let before = env.cli(&["counters"])["reasons"]["drop_no_rule"]["packets"]
+        .as_u64()
+        .unwrap();
+    udp_send(&env.pair.peer, sock(HOST_V4, 9999), b"knock").unwrap();
+    // (Other drops, such as IPv6 multicast listener reports, come too.)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let event = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let e = rx.recv_timeout(left).expect("no event for the drop");
+        if e["destination_port"] == 9999 {
+            break e;
+        }
+    };
+    assert_eq!(event["source"], PEER_V4);
+    assert_eq!(event["destination"], HOST_V4);
+    assert_eq!(event["destination_port"], 9999);
+    assert_eq!(event["protocol"], 17);
+    assert_eq!(event["reason"], "drop_no_rule");
+    assert_eq!(event["direction"], "ingress");
+    let status = env.cli(&["status"]);
+    assert!(
+        status["recent_drops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["destination_port"] == 9999),
+        "{status}"
+    );
+
+    // A flood: every packet counted, only some reported.
+    let flood = 3000;
+    let s = env
+        .pair
+        .peer
+        .enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .unwrap();
+    for _ in 0..flood {
+        let _ = s.send_to(b"x", sock(HOST_V4, 9998));
+    }
+    thread::sleep(std::time::Duration::from_millis(1500));
+    let reported = rx
+        .try_iter()
+        .filter(|e| e["destination_port"] == 9998)
+        .count();
+    let counted = env.cli(&["counters"])["reasons"]["drop_no_rule"]["packets"]
+        .as_u64()
+        .unwrap()
+        - before
+        - 1;
+    let _ = watch.kill();
+    let _ = watch.wait();
+    eprintln!("flood: {counted} dropped and counted, {reported} reported");
+    assert_eq!(counted, flood, "drops not all counted");
+    assert!(reported >= 1, "the flood was not reported at all");
+    assert!(
+        reported < flood as usize / 2,
+        "the event stream is not rate-limited ({reported})"
+    );
+}

@@ -54,6 +54,8 @@ enum Command {
     Metrics,
     /// Keep the change applied with --confirm-within.
     Confirm,
+    /// Follow drop events live (sampled), one line each.
+    Watch,
     /// Emergency: drop everything new inbound except SSH from --admin; open
     /// flows keep working. `portcullis enforce` ends it.
     Lockdown {
@@ -337,6 +339,32 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("the audit log has {} problem(s)", problems.len());
         }
         Command::Confirm => call(Method::POST, "/v1/confirm", None)?,
+        Command::Watch => {
+            let json = cli.json;
+            runtime.block_on(client::follow(
+                &cli.socket,
+                "/v1/events?follow=true",
+                |line| {
+                    if json {
+                        println!("{line}");
+                    } else if let Ok(e) = serde_json::from_str::<Value>(line) {
+                        println!(
+                            "{} {} {}:{} -> {}:{} proto {} {}",
+                            e["time_ms"],
+                            e["direction"].as_str().unwrap_or(""),
+                            e["source"].as_str().unwrap_or(""),
+                            e["source_port"],
+                            e["destination"].as_str().unwrap_or(""),
+                            e["destination_port"],
+                            e["protocol"],
+                            e["reason"].as_str().unwrap_or("")
+                        );
+                    }
+                    let _ = std::io::stdout().flush();
+                },
+            ))?;
+            return Ok(());
+        }
         Command::Metrics => {
             let reply = runtime.block_on(client::request(
                 &cli.socket,

@@ -193,7 +193,18 @@ async fn run(
         );
         api::arm_rollback(core.clone(), deadline);
     }
+    let feed = portcullis::events::Feed::default();
+    let ring = core.lock().await.dataplane().take_events()?;
+    tokio::spawn({
+        let feed = feed.clone();
+        async move {
+            if let Err(e) = feed.run(ring).await {
+                error!(error = %format!("{e:#}"), "drop events are no longer read");
+            }
+        }
+    });
     let api = api::Api {
+        feed,
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
     };

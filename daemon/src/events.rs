@@ -1,0 +1,134 @@
+//! Drop events: read from the data path's ring buffer, kept (the most recent
+//! few) for `status`, and fanned out to `watch` clients.
+
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, RingBuf};
+use portcullis_common::{DIR_EGRESS, DropEvent, FAMILY_V4, Reason};
+use serde::Serialize;
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+
+/// How many recent events `status` shows.
+pub const RECENT: usize = 50;
+
+/// One event, as the API shows it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Event {
+    /// Unix time, milliseconds.
+    pub time_ms: u64,
+    pub direction: &'static str,
+    pub source: String,
+    pub destination: String,
+    pub protocol: u8,
+    pub source_port: u16,
+    pub destination_port: u16,
+    pub reason: &'static str,
+}
+
+fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    } else {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    }
+}
+
+impl Event {
+    fn from_raw(e: &DropEvent, mono_to_unix_ns: i128) -> Event {
+        let reason = Reason::ALL
+            .get(e.reason as usize)
+            .map_or("unknown", |r| r.name());
+        Event {
+            time_ms: ((e.time_ns as i128 + mono_to_unix_ns) / 1_000_000).max(0) as u64,
+            direction: if e.dir == DIR_EGRESS {
+                "egress"
+            } else {
+                "ingress"
+            },
+            source: addr(e.family, e.src).to_string(),
+            destination: addr(e.family, e.dst).to_string(),
+            protocol: e.proto,
+            source_port: e.sport,
+            destination_port: e.dport,
+            reason,
+        }
+    }
+}
+
+/// The recent events and the live feed.
+#[derive(Clone)]
+pub struct Feed {
+    recent: Arc<Mutex<VecDeque<Event>>>,
+    tx: broadcast::Sender<Event>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Feed {
+            recent: Arc::default(),
+            tx: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl Feed {
+    pub fn recent(&self) -> Vec<Event> {
+        self.recent
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    fn push(&self, e: Event) {
+        let mut recent = self.recent.lock().expect("not poisoned");
+        if recent.len() == RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(e.clone());
+        // No watcher is fine.
+        let _ = self.tx.send(e);
+    }
+
+    /// Reads the ring buffer until it fails.
+    pub async fn run(self, ring: RingBuf<MapData>) -> anyhow::Result<()> {
+        let offset = mono_to_unix_ns();
+        // SAFETY: the RingBuf owns its map fd, which stays open and the same
+        // for as long as the AsyncFd owns the RingBuf.
+        let mut fd =
+            unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+                .map_err(|e| anyhow::anyhow!("cannot poll the event ring buffer: {e}"))?;
+        loop {
+            let mut guard = fd.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<DropEvent>() {
+                    // SAFETY: the kernel wrote a whole `DropEvent` (checked
+                    // length); read_unaligned makes no alignment assumption.
+                    let raw: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    self.push(Event::from_raw(&raw, offset));
+                }
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
+/// Unix time minus `CLOCK_MONOTONIC`, in ns.
+fn mono_to_unix_ns() -> i128 {
+    let mono =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+    let unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128);
+    unix - (mono.tv_sec() as i128 * 1_000_000_000 + mono.tv_nsec() as i128)
+}
