@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test { args } => test(&args),
         Task::Bench => {
             setup()?;
+            cargo(&["build", "--release", "--bins"])?;
             cargo(&[
                 "run",
                 "--release",

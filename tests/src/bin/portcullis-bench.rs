@@ -264,5 +264,107 @@ fn main() -> anyhow::Result<()> {
             mean / base
         );
     }
+    api_round_trips(&limits)?;
+    Ok(())
+}
+
+/// Round trips through the API socket of a real daemon: single rule adds,
+/// and replacing the whole set with 10k rules.
+fn api_round_trips(limits: &Limits) -> anyhow::Result<()> {
+    use hyper::Method;
+    use portcullis::client;
+    let pins = PinDir::new()?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("api.sock");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"bench1\"]\npin_dir = \"{}\"\n[capacity]\nprefixes = {}\nregions = {}\nsegments = {}\nslots = {}\n",
+            pins.path().display(),
+            limits.prefixes,
+            limits.regions,
+            limits.segments,
+            limits.slots
+        ),
+    )?;
+    let mut daemon = std::process::Command::new(portcullis_tests::workspace_bin("portcullisd")?)
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    while !socket.exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 20,
+            "portcullisd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let start_ms = started.elapsed().as_secs_f64() * 1e3;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut adds = Vec::new();
+    for i in 0..100 {
+        let rule = serde_json::json!({"id": format!("a{i}"), "from_port": 1000 + i, "to_port": 1000 + i, "ip_ranges": []});
+        let t = Instant::now();
+        let reply = rt.block_on(client::request(
+            &socket,
+            Method::POST,
+            "/v1/rules/ingress",
+            Some(serde_json::to_vec(&rule)?),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 201,
+            "add failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        adds.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut rng = StdRng::seed_from_u64(10_000);
+    let big = shape(10_000, &mut rng);
+    let body = serde_json::to_vec(&big)?;
+    let mut replaces = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let reply = rt.block_on(client::request(
+            &socket,
+            Method::PUT,
+            "/v1/rules",
+            Some(body.clone()),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "replace failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        replaces.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", daemon.id()))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let (add, add_lo, add_hi) = median_min_max(adds);
+    let (rep, rep_lo, rep_hi) = median_min_max(replaces);
+    println!("\ncontrol plane (real portcullisd, API over its Unix socket)");
+    println!("  daemon start to socket ready     {start_ms:8.1} ms");
+    println!(
+        "  single rule add, round trip      {add:8.2} ms [{add_lo:.2}-{add_hi:.2}] (median of 100)"
+    );
+    println!(
+        "  replace with 10k rules, round trip {rep:6.1} ms [{rep_lo:.1}-{rep_hi:.1}] (median of 3)"
+    );
+    println!(
+        "  daemon RSS with 10k rules        {:8.1} MiB",
+        rss_kib / 1024.0
+    );
     Ok(())
 }
