@@ -480,6 +480,12 @@ impl Daemon {
         }
     }
 
+    /// SIGKILL, as a crash would, keeping the value (for a restart loop).
+    pub fn kill_in_place(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGKILL, as a crash would; returns the log once the process is gone.
     pub fn kill(mut self) -> String {
         let _ = self.child.kill();
