@@ -38,8 +38,6 @@ use crate::{
 pub const DEFAULT_SOCKET: &str = "/run/portcullis/portcullis.sock";
 /// Largest request body: a 100k-rule set in JSON fits.
 pub const MAX_BODY: usize = 32 << 20;
-/// A request that takes longer (a slow client included) is cut off.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The caller, from the socket's peer credentials.
 #[derive(Clone, Copy, Debug)]
@@ -108,6 +106,8 @@ pub struct Api {
     pub core: Arc<Mutex<Core>>,
     pub writers: Writers,
     pub feed: crate::events::Feed,
+    /// A request that takes longer (a slow client's included) gets a 408.
+    pub request_timeout: Duration,
 }
 
 /// An error reply: `{"error": "..."}` with a status that says whose fault.
@@ -660,6 +660,7 @@ async fn not_found() -> ApiError {
 }
 
 pub fn router(api: Api) -> Router {
+    let timeout = api.request_timeout;
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/rules", get(get_rules).put(put_rules))
@@ -681,7 +682,7 @@ pub fn router(api: Api) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
-            REQUEST_TIMEOUT,
+            timeout,
         ))
         .with_state(api)
 }

@@ -68,7 +68,7 @@ pub struct Config {
 }
 
 /// The control socket and who may change rules through it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Socket path (default /run/portcullis/portcullis.sock).
@@ -78,6 +78,24 @@ pub struct ApiConfig {
     /// is owned by it, mode 0660. Without it, only root can connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// A request (a slow client's included) that takes longer is answered
+    /// 408 and closed.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_request_timeout() -> u64 {
+    30
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: None,
+            group: None,
+            request_timeout_secs: default_request_timeout(),
+        }
+    }
 }
 
 impl ApiConfig {

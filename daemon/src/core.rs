@@ -326,7 +326,7 @@ impl Core {
         outcome: String,
     ) -> anyhow::Result<()> {
         let rules_hash = self.image.hash.clone();
-        self.audit.append(audit::Event {
+        let r = self.audit.append(audit::Event {
             uid,
             pid,
             action,
@@ -334,6 +334,8 @@ impl Core {
             generation: self.generation,
             rules_hash: &rules_hash,
         })?;
+        // The chain head goes to the journal too, outside the log itself.
+        tracing::info!(seq = r.seq, audit_head = %r.hash, action, outcome = %r.outcome, "audited");
         Ok(())
     }
 

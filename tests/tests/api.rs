@@ -726,3 +726,28 @@ fn drop_events_reach_watch_and_status_rate_limited() {
         "the event stream is not rate-limited ({reported})"
     );
 }
+
+/// A client that sends half a request and stalls gets a 408 when the
+/// request time limit ends; other clients are served meanwhile.
+#[test]
+fn slow_requests_are_cut_off_without_affecting_others() {
+    require_root!();
+    use std::io::{Read as _, Write as _};
+    let env = Env::new("[api]\nrequest_timeout_secs = 2");
+    let mut slow = std::os::unix::net::UnixStream::connect(env.config.socket()).unwrap();
+    slow.write_all(b"PUT /v1/rules HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"ingress").unwrap();
+    let started = std::time::Instant::now();
+    // Meanwhile the daemon answers others.
+    assert_eq!(env.cli(&["status"])["enforcing"], true);
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = String::new();
+    let _ = slow.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(8));
+    assert_eq!(
+        env.cli(&["status"])["enforcing"],
+        true,
+        "the daemon was affected"
+    );
+}

@@ -205,6 +205,7 @@ async fn run(
     });
     let api = api::Api {
         feed,
+        request_timeout: std::time::Duration::from_secs(config.api.request_timeout_secs),
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
     };
