@@ -43,8 +43,8 @@ use aya::{
 };
 use portcullis_common::{
     Counter, FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow,
-    FlowKey, Reason, Region, RuleKey4, RuleKey6, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Segment,
-    Settings, maps, programs,
+    FlowKey, Reason, Region, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Segment, Settings, maps,
+    programs,
 };
 use tracing::{info, warn};
 
@@ -215,40 +215,8 @@ impl Dataplane {
         if image.egress_allowlist {
             flags |= SETTING_EGRESS_ALLOWLIST;
         }
-        {
-            let mut trie: LpmTrie<_, RuleKey4, u32> =
-                LpmTrie::try_from(map_mut(&mut self.ebpf, maps::SRC4[g])?)?;
-            let stale: Vec<Key<RuleKey4>> = trie.keys().collect::<Result<_, _>>()?;
-            let want: std::collections::HashSet<(u32, RuleKey4)> =
-                image.v4.iter().map(|(k, len, _)| (*len, *k)).collect();
-            for key in stale
-                .iter()
-                .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-            {
-                trie.remove(key).context("removing a stale IPv4 prefix")?;
-            }
-            for (data, len, region) in &image.v4 {
-                trie.insert(&Key::new(*len, *data), region, 0)
-                    .context("inserting an IPv4 prefix")?;
-            }
-        }
-        {
-            let mut trie: LpmTrie<_, RuleKey6, u32> =
-                LpmTrie::try_from(map_mut(&mut self.ebpf, maps::SRC6[g])?)?;
-            let stale: Vec<Key<RuleKey6>> = trie.keys().collect::<Result<_, _>>()?;
-            let want: std::collections::HashSet<(u32, RuleKey6)> =
-                image.v6.iter().map(|(k, len, _)| (*len, *k)).collect();
-            for key in stale
-                .iter()
-                .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-            {
-                trie.remove(key).context("removing a stale IPv6 prefix")?;
-            }
-            for (data, len, region) in &image.v6 {
-                trie.insert(&Key::new(*len, *data), region, 0)
-                    .context("inserting an IPv6 prefix")?;
-            }
-        }
+        write_trie(map_mut(&mut self.ebpf, maps::SRC4[g])?, &image.v4, "IPv4")?;
+        write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &image.v6, "IPv6")?;
         let mut regions: Array<_, Region> =
             Array::try_from(map_mut(&mut self.ebpf, maps::REGIONS[g])?)?;
         for (i, r) in image.regions.iter().enumerate() {
@@ -429,6 +397,34 @@ impl Dataplane {
         };
         Ok(fd)
     }
+}
+
+/// Makes an idle LPM trie hold exactly `entries` (key data, prefix length,
+/// region): stale prefixes are removed, the wanted ones written.
+fn write_trie<K>(
+    map: &mut aya::maps::Map,
+    entries: &[(K, u32, u32)],
+    family: &str,
+) -> anyhow::Result<()>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+{
+    let mut trie: LpmTrie<_, K, u32> = LpmTrie::try_from(map)?;
+    let stale: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
+    let want: std::collections::HashSet<(u32, K)> =
+        entries.iter().map(|(k, len, _)| (*len, *k)).collect();
+    for key in stale
+        .iter()
+        .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
+    {
+        trie.remove(key)
+            .with_context(|| format!("removing a stale {family} prefix"))?;
+    }
+    for (data, len, region) in entries {
+        trie.insert(&Key::new(*len, *data), region, 0)
+            .with_context(|| format!("inserting an {family} prefix"))?;
+    }
+    Ok(())
 }
 
 /// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).

@@ -407,6 +407,27 @@ impl ConfigFile {
     }
 }
 
+/// The CLI against the daemon started on `config`: `portcullis --socket
+/// <its socket> ARGS`, as root.
+pub fn cli(config: &ConfigFile, args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("portcullis").expect("portcullis binary"))
+        .arg("--socket")
+        .arg(config.socket())
+        .args(args)
+        .output()
+        .expect("run portcullis")
+}
+
+/// `portcullisd --config <config> --detach` in `ns`.
+pub fn detach(ns: &Netns, config: &ConfigFile) -> std::process::Output {
+    ns.command(workspace_bin("portcullisd").expect("portcullisd binary"))
+        .arg("--config")
+        .arg(config.path())
+        .arg("--detach")
+        .output()
+        .expect("run portcullisd --detach")
+}
+
 /// A `portcullisd` running in a namespace. Killed on drop; its pins stay
 /// (they belong to the [`PinDir`]).
 pub struct Daemon {

@@ -17,12 +17,7 @@ use serde_json::Value;
 const RULES: &str = "[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8080\n";
 
 fn rules_json(config: &ConfigFile) -> Value {
-    let out = std::process::Command::new(workspace_bin("portcullis").unwrap())
-        .arg("--socket")
-        .arg(config.socket())
-        .args(["--json", "rules", "get"])
-        .output()
-        .unwrap();
+    let out = cli(config, &["--json", "rules", "get"]);
     assert!(
         out.status.success(),
         "{}",
@@ -51,10 +46,9 @@ fn ten_sigkills_under_traffic_open_nothing_and_lose_nothing() {
         .unwrap();
     let mut daemon = Daemon::start(&pair.host, &config).unwrap();
     // One change through the API, so the live set is not just the file.
-    let added = std::process::Command::new(workspace_bin("portcullis").unwrap())
-        .arg("--socket")
-        .arg(config.socket())
-        .args([
+    let added = cli(
+        &config,
+        &[
             "rules",
             "add",
             "--id",
@@ -63,9 +57,8 @@ fn ten_sigkills_under_traffic_open_nothing_and_lose_nothing() {
             "7000",
             "--to-port",
             "7001",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(added.status.success());
     let before = rules_json(&config);
 
@@ -139,12 +132,10 @@ fn a_kill_during_a_confirmation_window_still_rolls_back() {
     let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
     TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
     let mut daemon = Daemon::start(&pair.host, &config).unwrap();
-    let out = std::process::Command::new(workspace_bin("portcullis").unwrap())
-        .arg("--socket")
-        .arg(config.socket())
-        .args(["rules", "remove", "app", "--confirm-within", "3"])
-        .output()
-        .unwrap();
+    let out = cli(
+        &config,
+        &["rules", "remove", "app", "--confirm-within", "3"],
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -180,10 +171,9 @@ fn a_torn_state_file_restores_the_previous_rule_set() {
     TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
     TcpServer::start(&pair.host, sock(HOST_V4, 7000)).unwrap();
     let mut daemon = Daemon::start(&pair.host, &config).unwrap();
-    let add = std::process::Command::new(workspace_bin("portcullis").unwrap())
-        .arg("--socket")
-        .arg(config.socket())
-        .args([
+    let add = cli(
+        &config,
+        &[
             "rules",
             "add",
             "--id",
@@ -192,9 +182,8 @@ fn a_torn_state_file_restores_the_previous_rule_set() {
             "7000",
             "--to-port",
             "7000",
-        ])
-        .output()
-        .unwrap();
+        ],
+    );
     assert!(add.status.success());
     daemon.kill_in_place();
     let live = config.state_dir().join("live.json");

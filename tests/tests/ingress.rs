@@ -271,15 +271,7 @@ fn sigterm_exits_cleanly_and_detach_stops_enforcing() {
     assert!(status.success(), "portcullisd exited with {status}");
     env.check_port(false, UNLISTED, false, Reason::PassRule);
 
-    let out = env
-        .pair
-        .host
-        .command(workspace_bin("portcullisd").unwrap())
-        .arg("--config")
-        .arg(env.config.path())
-        .arg("--detach")
-        .output()
-        .unwrap();
+    let out = detach(&env.pair.host, &env.config);
     assert!(
         out.status.success(),
         "{}",

@@ -303,14 +303,7 @@ fn clsact_egress_path_records_flows_and_is_adopted() {
     check_reply();
 
     // Detach removes the filter too.
-    let out = pair
-        .host
-        .command(workspace_bin("portcullisd").unwrap())
-        .arg("--config")
-        .arg(cfg.path())
-        .arg("--detach")
-        .output()
-        .unwrap();
+    let out = detach(&pair.host, &cfg);
     assert!(
         out.status.success(),
         "{}",
