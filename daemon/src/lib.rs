@@ -9,6 +9,7 @@
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`events`]: drop events from the ring buffer, for status and watch.
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
+//! - [`sshkeys`]: SSH key validation and injection into authorized_keys.
 //! - [`state`]: the live rule set on disk, written atomically (pure I/O).
 //! - [`sockets`]: the kernel's open connections (netlink sock_diag).
 //! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
@@ -24,5 +25,6 @@ pub mod events;
 pub mod links;
 pub mod rules;
 pub mod sockets;
+pub mod sshkeys;
 pub mod state;
 pub mod testrun;

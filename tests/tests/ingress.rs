@@ -345,3 +345,41 @@ fn live_rules_survive_restarts_and_change_only_on_reload() {
         "a refused reload changed the rules"
     );
 }
+
+/// Type=notify: once enforcing, the daemon sends READY=1 and a STATUS= line
+/// to $NOTIFY_SOCKET (here a socket of the test's, not systemd's).
+#[test]
+fn readiness_is_notified_once_enforcing() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, RULES).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut child = pair
+        .host
+        .command(workspace_bin("portcullisd").unwrap())
+        .arg("--config")
+        .arg(cfg.path())
+        .arg("--state-dir")
+        .arg(cfg.state_dir())
+        .arg("--socket")
+        .arg(cfg.socket())
+        .env("NOTIFY_SOCKET", &path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf);
+    let _ = child.kill();
+    let _ = child.wait();
+    let msg = String::from_utf8_lossy(&buf[..n.expect("no notification")]).into_owned();
+    assert!(msg.contains("READY=1"), "{msg}");
+    assert!(msg.contains("STATUS=enforcing on 1 interface(s)"), "{msg}");
+    // It came only after the filter was attached.
+    let link = pair.host.ip(&["-d", "link", "show", HOST_IFACE]).unwrap();
+    assert!(link.contains("prog/xdp"), "{link}");
+}

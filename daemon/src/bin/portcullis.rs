@@ -56,6 +56,9 @@ enum Command {
     Confirm,
     /// Follow drop events live (sampled), one line each.
     Watch,
+    /// SSH keys.
+    #[command(subcommand)]
+    Ssh(SshCmd),
     /// Emergency: drop everything new inbound except SSH from --admin; open
     /// flows keep working. `portcullis enforce` ends it.
     Lockdown {
@@ -70,6 +73,22 @@ enum Command {
     Audit(AuditArgs),
     /// Back to normal enforcement.
     Enforce,
+}
+
+#[derive(Subcommand)]
+enum SshCmd {
+    /// Add public keys to a user's authorized_keys (run as root): validated,
+    /// merged without duplicates, existing keys kept, written atomically with
+    /// safe ownership and modes.
+    AddKey {
+        #[arg(long)]
+        user: String,
+        /// Keys ("ssh-ed25519 AAAA... comment"); or use --file.
+        keys: Vec<String>,
+        /// Read keys from this file, one per line.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -339,6 +358,30 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("the audit log has {} problem(s)", problems.len());
         }
         Command::Confirm => call(Method::POST, "/v1/confirm", None)?,
+        Command::Ssh(SshCmd::AddKey { user, keys, file }) => {
+            let mut lines = keys;
+            if let Some(f) = file {
+                let text = std::fs::read_to_string(&f)
+                    .with_context(|| format!("cannot read {}", f.display()))?;
+                lines.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                        .map(String::from),
+                );
+            }
+            anyhow::ensure!(!lines.is_empty(), "no key given");
+            let parsed = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    portcullis::sshkeys::PublicKey::parse(l)
+                        .with_context(|| format!("key {}", i + 1))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let added = portcullis::sshkeys::add_keys(&user, &parsed)?;
+            json!({ "user": user, "added": added, "already_present": parsed.len() - added })
+        }
         Command::Watch => {
             let json = cli.json;
             runtime.block_on(client::follow(

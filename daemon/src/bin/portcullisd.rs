@@ -212,11 +212,31 @@ async fn run(
     let listener = api::bind(&socket, writers_gid)?;
     let mut server = tokio::spawn(api::serve(listener, api));
     info!(pin_dir = %config.pin_dir.display(), socket = %socket.display(), "ready");
+    // Tell systemd (Type=notify) that the host is protected, and keep its
+    // watchdog fed while the loop runs.
+    let summary = format!(
+        "enforcing on {} interface(s), rules generation {generation}",
+        protected.len()
+    );
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&summary),
+    ]) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
+    let mut watchdog = tokio::time::interval(
+        sd_notify::watchdog_enabled().map_or(std::time::Duration::from_secs(3600), |d| d / 2),
+    );
 
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
+            _ = watchdog.tick() => {
+                if sd_notify::watchdog_enabled().is_some() {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                }
+            }
             _ = hup.recv() => {
                 let mut core = core.lock().await;
                 match Config::load(&config_path) {
