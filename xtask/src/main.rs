@@ -31,6 +31,7 @@ const APT_PACKAGES: &[&str] = &[
     "dnsmasq-base",   // DHCP server for the lease test (binary only, no service)
     "udhcpc",         // DHCP client for the lease test
     "radvd",          // router advertisements for the SLAAC test
+    "systemd",        // systemd-analyze: the unit's hardening score
 ];
 
 #[derive(Parser)]
