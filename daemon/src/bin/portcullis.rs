@@ -237,6 +237,10 @@ fn main() -> anyhow::Result<()> {
             .json()
     };
     let out = match cli.command {
+        Command::Status if !cli.json => {
+            print_status(&call(Method::GET, "/v1/status", None)?);
+            return Ok(());
+        }
         Command::Status => call(Method::GET, "/v1/status", None)?,
         Command::Rules(RulesCmd::Get) => call(Method::GET, "/v1/rules", None)?,
         Command::Rules(RulesCmd::Apply {
@@ -391,17 +395,7 @@ fn main() -> anyhow::Result<()> {
                     if json {
                         println!("{line}");
                     } else if let Ok(e) = serde_json::from_str::<Value>(line) {
-                        println!(
-                            "{} {} {}:{} -> {}:{} proto {} {}",
-                            e["time_ms"],
-                            e["direction"].as_str().unwrap_or(""),
-                            e["source"].as_str().unwrap_or(""),
-                            e["source_port"],
-                            e["destination"].as_str().unwrap_or(""),
-                            e["destination_port"],
-                            e["protocol"],
-                            e["reason"].as_str().unwrap_or("")
-                        );
+                        println!("{} {}", e["time_ms"], describe_drop(&e));
                     }
                     let _ = std::io::stdout().flush();
                 },
@@ -425,6 +419,102 @@ fn main() -> anyhow::Result<()> {
         print_text(&out);
     }
     Ok(())
+}
+
+/// One drop event on one line: `ingress 10.0.0.2:5000 -> 10.0.0.1:22 tcp (drop_no_rule)`.
+fn describe_drop(d: &Value) -> String {
+    let endpoint = |addr: &Value, port: &Value| {
+        let a = addr.as_str().unwrap_or("?");
+        if a.contains(':') {
+            format!("[{a}]:{port}")
+        } else {
+            format!("{a}:{port}")
+        }
+    };
+    let proto = match d["protocol"].as_u64() {
+        Some(6) => "tcp".to_string(),
+        Some(17) => "udp".to_string(),
+        Some(1) => "icmp".to_string(),
+        Some(58) => "icmpv6".to_string(),
+        Some(p) => format!("proto {p}"),
+        None => "?".to_string(),
+    };
+    format!(
+        "{} {} -> {} {proto} ({})",
+        d["direction"].as_str().unwrap_or(""),
+        endpoint(&d["source"], &d["source_port"]),
+        endpoint(&d["destination"], &d["destination_port"]),
+        d["reason"].as_str().unwrap_or("")
+    )
+}
+
+/// `portcullis status` for people: protected or not, where, how, and what
+/// was dropped lately.
+fn print_status(s: &Value) {
+    let interfaces = s["interfaces"].as_object().cloned().unwrap_or_default();
+    let mode = s["mode"]["mode"].as_str().unwrap_or("?");
+    let protected = s["enforcing"] == true && mode != "open";
+    println!(
+        "Protected:   {}{}",
+        if protected { "yes" } else { "NO" },
+        match mode {
+            "enforce" => String::new(),
+            "lockdown" => format!(
+                " (LOCKDOWN, admin {})",
+                s["mode"]["admin"].as_str().unwrap_or("none")
+            ),
+            other => format!(" ({} mode: nothing is dropped)", other.to_uppercase()),
+        }
+    );
+    let list: Vec<String> = interfaces
+        .iter()
+        .map(|(k, v)| format!("{k} ({})", v.as_str().unwrap_or("?")))
+        .collect();
+    println!(
+        "Interfaces:  {}",
+        if list.is_empty() {
+            "none".into()
+        } else {
+            list.join(", ")
+        }
+    );
+    println!(
+        "Rules:       {} rule(s), generation {}, sha256 {}",
+        s["rules"],
+        s["generation"],
+        s["hash"].as_str().unwrap_or("").get(..12).unwrap_or("")
+    );
+    if let Some(p) = s.get("pending") {
+        println!(
+            "Pending:     generation {} rolls back at {} unless confirmed",
+            p["generation"], p["deadline"]
+        );
+    }
+    if s["refused_writes"].as_u64().unwrap_or(0) > 0 {
+        println!(
+            "Refused:     {} write(s) refused for lack of permission",
+            s["refused_writes"]
+        );
+    }
+    let counters = s["counters"].as_object().cloned().unwrap_or_default();
+    let sum = |pass: bool| -> u64 {
+        counters
+            .iter()
+            .filter(|(k, _)| k.starts_with("pass_") == pass)
+            .filter_map(|(_, v)| v["packets"].as_u64())
+            .sum()
+    };
+    println!("Packets:     {} passed, {} dropped", sum(true), sum(false));
+    let drops = s["recent_drops"].as_array().cloned().unwrap_or_default();
+    if drops.is_empty() {
+        println!("Recent drops: none");
+    } else {
+        println!("Recent drops:");
+        for d in drops.iter().rev().take(5) {
+            println!("  {}", describe_drop(d));
+        }
+    }
+    println!("Audit head:  {}", s["audit_head"].as_str().unwrap_or(""));
 }
 
 /// Human output: counters as a table, everything else as indented JSON-ish text.

@@ -68,6 +68,10 @@ fn main() -> anyhow::Result<()> {
         "download from the host to the peer", got
     );
 
+    println!("\n`portcullis status`:");
+    let status = cli(&config, &["status"]);
+    print!("{}", String::from_utf8_lossy(&status.stdout));
+
     println!("\n`portcullis counters`:");
     let cli = workspace_bin("portcullis")?;
     run(Command::new(&cli)
