@@ -231,6 +231,8 @@ struct Status {
     refused_writes: u64,
     audit_head: String,
     mode: Mode,
+    /// Flows in the connection table, and its capacity.
+    conntrack: serde_json::Value,
     /// The most recent drops (sampled: at most a few hundred a second).
     recent_drops: Vec<crate::events::Event>,
     /// A change awaiting confirmation: its generation and deadline.
@@ -239,7 +241,11 @@ struct Status {
 }
 
 async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
-    let core = api.core.lock().await;
+    let mut core = api.core.lock().await;
+    let conntrack = match core.dataplane().conntrack_usage() {
+        Ok((entries, capacity)) => serde_json::json!({ "entries": entries, "capacity": capacity }),
+        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+    };
     let counters = core
         .reason_counters()
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
@@ -256,6 +262,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         refused_writes: core.refused_writes,
         audit_head: core.audit.head().to_string(),
         mode: core.mode().clone(),
+        conntrack,
         recent_drops: {
             let recent = api.feed.recent();
             recent[recent.len().saturating_sub(10)..].to_vec()

@@ -134,6 +134,17 @@ impl Dataplane {
         &self.pin_dir
     }
 
+    /// Entries in the connection table, and its capacity.
+    pub fn conntrack_usage(&mut self) -> anyhow::Result<(usize, u32)> {
+        let map = map_mut(&mut self.ebpf, maps::CONNTRACK)?;
+        let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(&*map)?;
+        let capacity = MapData::from_pin(self.pin_dir.join("maps").join(maps::CONNTRACK))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map_or(0, |i| i.max_entries());
+        Ok((table.keys().filter(Result::is_ok).count(), capacity))
+    }
+
     /// Whether the connection table holds `key` (a flow that survives rule
     /// changes: opened by this host, or seeded at start).
     pub fn has_flow(&mut self, key: &FlowKey) -> bool {

@@ -98,6 +98,16 @@ fn every_endpoint_through_the_cli_and_raw_http() {
     let status = env.cli(&["status"]);
     assert_eq!(status["enforcing"], true);
     assert_eq!(status["interfaces"]["pc0"], "native");
+    assert_eq!(status["conntrack"]["capacity"], 65536);
+    let flows_before = status["conntrack"]["entries"]
+        .as_u64()
+        .expect("conntrack usage");
+    // An outbound flow shows up in the connection table's usage.
+    udp_send(&env.pair.host, sock(PEER_V4, 5353), b"out").unwrap();
+    let flows_after = env.cli(&["status"])["conntrack"]["entries"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(flows_after, flows_before + 1);
     let g0 = status["generation"].as_u64().unwrap();
 
     // Add a rule: traffic follows, the generation moves on.

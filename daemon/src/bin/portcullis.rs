@@ -484,6 +484,10 @@ fn print_status(s: &Value) {
         s["generation"],
         s["hash"].as_str().unwrap_or("").get(..12).unwrap_or("")
     );
+    println!(
+        "Flows:       {} of {} connection-table entries in use",
+        s["conntrack"]["entries"], s["conntrack"]["capacity"]
+    );
     if let Some(p) = s.get("pending") {
         println!(
             "Pending:     generation {} rolls back at {} unless confirmed",
