@@ -4,13 +4,13 @@
 //! Pin layout under the configured directory:
 //!
 //! ```text
-//! <pin_dir>/maps/VERDICTS        per-CPU verdict counters
-//! <pin_dir>/maps/ACTIVE          the live generation of the rule maps (0/1)
-//! <pin_dir>/maps/SETTINGS        global switches, per generation
-//! <pin_dir>/maps/SRC4_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
+//! <pin_dir>/maps-vN/VERDICTS        per-CPU verdict counters
+//! <pin_dir>/maps-vN/ACTIVE          the live generation of the rule maps (0/1)
+//! <pin_dir>/maps-vN/SETTINGS        global switches, per generation
+//! <pin_dir>/maps-vN/SRC4_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
-//! <pin_dir>/maps/CONNTRACK       flows this host opened
-//! <pin_dir>/maps/FRAGMENTS       fragmented packets whose first fragment passed
+//! <pin_dir>/maps-vN/CONNTRACK       flows this host opened
+//! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
@@ -85,7 +85,7 @@ impl Dataplane {
     /// counters and rules survive a restart) and pinning new ones otherwise.
     pub fn load(pin_dir: &Path, conntrack_entries: u32, limits: &Limits) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
-        let maps_dir = pin_dir.join("maps");
+        let maps_dir = maps_dir(pin_dir);
         for dir in [&maps_dir, &pin_dir.join("links")] {
             fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
@@ -138,7 +138,7 @@ impl Dataplane {
     pub fn conntrack_usage(&mut self) -> anyhow::Result<(usize, u32)> {
         let map = map_mut(&mut self.ebpf, maps::CONNTRACK)?;
         let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(&*map)?;
-        let capacity = MapData::from_pin(self.pin_dir.join("maps").join(maps::CONNTRACK))
+        let capacity = MapData::from_pin(maps_dir(&self.pin_dir).join(maps::CONNTRACK))
             .ok()
             .and_then(|m| m.info().ok())
             .map_or(0, |i| i.max_entries());
@@ -541,6 +541,35 @@ fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::ma
         .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
+/// Where this version's maps are pinned: one directory per map layout
+/// version, so a daemon whose layouts differ from the pinned ones creates
+/// fresh maps beside them instead of failing on, or misreading, the old.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("maps-v{}", portcullis_common::LAYOUT_VERSION))
+}
+
+/// Removes the maps of other layout versions, once this version's programs
+/// run under every link (the old programs, and with them the last users of
+/// the old maps, are gone). Returns the directories removed.
+pub fn remove_old_layouts(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let current = maps_dir(pin_dir);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if path != current && (name == "maps" || name.starts_with("maps-v")) {
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
     pin_dir.join("links").join(format!("{kind}-{ifname}"))
 }
@@ -570,7 +599,7 @@ fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
 
 /// Reads the verdict counters from the pinned map, summed over CPUs.
 pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
-    let path = pin_dir.join("maps").join(maps::VERDICTS);
+    let path = maps_dir(pin_dir).join(maps::VERDICTS);
     let data = MapData::from_pin(&path).with_context(|| {
         format!(
             "no pinned counters at {} (is Portcullis enforcing?)",
@@ -596,7 +625,7 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
 /// `memlock` accounting, from fdinfo), by map name.
 pub fn map_memory(pin_dir: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     use std::os::fd::{AsFd as _, AsRawFd as _};
-    let dir = pin_dir.join("maps");
+    let dir = maps_dir(pin_dir);
     let mut out = Vec::new();
     for entry in fs::read_dir(&dir).with_context(|| format!("cannot list {}", dir.display()))? {
         let path = entry?.path();

@@ -196,3 +196,41 @@ fn a_torn_state_file_restores_the_previous_rule_set() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_err());
     drop(daemon);
 }
+
+/// Maps pinned by a daemon with other map layouts (an older version) are
+/// left alone until this version's programs run under the links, then
+/// removed; enforcement continues throughout.
+#[test]
+fn maps_of_an_older_layout_are_replaced() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 9090)).unwrap();
+    let daemon = Daemon::start(&pair.host, &config).unwrap();
+    drop(daemon);
+    // What an older version would have left: its own maps directory.
+    let old = pins.path().join("maps-v1");
+    std::fs::create_dir(&old).unwrap();
+    run(std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(old.join("VERDICTS"))
+        .args([
+            "type", "array", "key", "4", "value", "8", "entries", "1", "name", "VERDICTS",
+        ]))
+    .unwrap();
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 9090)).is_err());
+    let daemon = Daemon::start(&pair.host, &config).unwrap();
+    assert!(
+        daemon.log().contains("removed the maps of an older layout"),
+        "{}",
+        daemon.log()
+    );
+    assert!(!old.exists());
+    assert!(portcullis::dataplane::maps_dir(pins.path()).exists());
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 9090)).is_err(),
+        "not enforcing after the replacement"
+    );
+    drop(daemon);
+}

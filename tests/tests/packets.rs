@@ -467,7 +467,7 @@ fn flows_age_out_by_protocol_and_state() {
         Reason::PassEstablished,
     );
 
-    let path = b.pins.path().join("maps/CONNTRACK");
+    let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK");
     let mut table: HashMap<_, FlowKey, Flow> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).unwrap())).unwrap();
     let entries: Vec<(FlowKey, Flow)> = table.iter().map(Result::unwrap).collect();

@@ -32,7 +32,7 @@ const TC_SHOT: u32 = 2;
 
 /// Per-CPU sum of the rule counter of `slot` in generation `g`.
 fn rule_packets(pins: &PinDir, g: u32, slot: u32) -> u64 {
-    let path = pins.path().join(format!("maps/RULE_STATS_{g}"));
+    let path = portcullis::dataplane::maps_dir(pins.path()).join(format!("RULE_STATS_{g}"));
     let map: PerCpuArray<_, Counter> =
         PerCpuArray::try_from(Map::PerCpuArray(MapData::from_pin(path).unwrap())).unwrap();
     map.get(&(slot & SLOT_INDEX_MASK), 0)
@@ -44,7 +44,7 @@ fn rule_packets(pins: &PinDir, g: u32, slot: u32) -> u64 {
 
 fn active(pins: &PinDir) -> u32 {
     let map: Array<_, u32> = Array::try_from(Map::Array(
-        MapData::from_pin(pins.path().join("maps/ACTIVE")).unwrap(),
+        MapData::from_pin(portcullis::dataplane::maps_dir(pins.path()).join("ACTIVE")).unwrap(),
     ))
     .unwrap();
     map.get(&0, 0).unwrap()

@@ -185,6 +185,11 @@ async fn run(
     core.restore_pending()?;
     core.restore_mode()?;
     let pending = core.pending().map(|p| p.deadline);
+    // Every link now runs this version's programs: maps of older layouts
+    // have no users left.
+    for old in dataplane::remove_old_layouts(&config.pin_dir)? {
+        info!(maps = %old.display(), "removed the maps of an older layout");
+    }
     let core = Arc::new(Mutex::new(core));
     if let Some(deadline) = pending {
         warn!(
