@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -21,6 +21,12 @@ pub mod maps {
     pub const ACTIVE: &str = "ACTIVE";
     /// `LpmTrie<RuleKey4, u32>` per generation: (direction, IPv4 prefix) -> region.
     pub const SRC4: [&str; 2] = ["SRC4_0", "SRC4_1"];
+    /// `Array<u32>` per generation: IPv4 stride table root, indexed by
+    /// direction * 65536 + the address's top 16 bits (see `V4_NODE`).
+    pub const V4_ROOT: [&str; 2] = ["V4_ROOT_0", "V4_ROOT_1"];
+    /// `Array<u32>` per generation: IPv4 stride table chunks of 16 entries,
+    /// one per 4 more bits of the address.
+    pub const V4_CHUNKS: [&str; 2] = ["V4_CHUNKS_0", "V4_CHUNKS_1"];
     /// `LpmTrie<RuleKey6, u32>` per generation: (direction, IPv6 prefix) -> region.
     pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
     /// `Array<Region>` per generation.
@@ -361,11 +367,22 @@ pub struct DropEvent {
 /// Drop events each CPU may report per second; the rest are only counted.
 pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
 
+/// IPv4 sources use a fixed-stride table instead of an LPM trie: the top 16
+/// bits index `V4_ROOT`, then up to four 4-bit steps through `V4_CHUNKS`. An
+/// entry is 0 (no rule covers the address), `region + 1`, or `V4_NODE |
+/// chunk` (look at the next 4 bits in that chunk). At most five array reads,
+/// whatever the rules.
+pub const V4_NODE: u32 = 1 << 31;
+pub const V4_ROOT_ENTRIES: u32 = 2 * 65536;
+pub const V4_CHUNK_ENTRIES: u32 = 16;
+
 /// Default capacities of the rule maps; the configuration can raise them.
 pub const DEFAULT_PREFIXES: u32 = 65536;
 pub const DEFAULT_REGIONS: u32 = 65536;
 pub const DEFAULT_SEGMENTS: u32 = 262144;
 pub const DEFAULT_RULE_SLOTS: u32 = 65536;
+/// In chunks of `V4_CHUNK_ENTRIES`.
+pub const DEFAULT_V4_CHUNKS: u32 = 65536;
 
 /// Binary-search steps per lookup: regions hold at most 2^SEARCH_STEPS
 /// segments per protocol class.

@@ -23,7 +23,7 @@ use ipnet::IpNet;
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, PCLASSES,
     Region, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment,
+    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES,
 };
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -57,6 +57,8 @@ pub struct Limits {
     pub regions: u32,
     pub segments: u32,
     pub slots: u32,
+    /// IPv4 stride-table chunks (of 16 entries).
+    pub v4_chunks: u32,
 }
 
 impl Default for Limits {
@@ -66,6 +68,7 @@ impl Default for Limits {
             regions: portcullis_common::DEFAULT_REGIONS,
             segments: portcullis_common::DEFAULT_SEGMENTS,
             slots: portcullis_common::DEFAULT_RULE_SLOTS,
+            v4_chunks: portcullis_common::DEFAULT_V4_CHUNKS,
         }
     }
 }
@@ -92,6 +95,9 @@ pub struct Image {
     /// (key data: direction byte + address, LPM prefix length incl. the direction byte, region)
     pub v4: Vec<([u8; 5], u32, u32)>,
     pub v6: Vec<([u8; 17], u32, u32)>,
+    /// The IPv4 stride table built from `v4` (see `portcullis_common::V4_NODE`).
+    pub v4_root: Vec<u32>,
+    pub v4_chunks: Vec<u32>,
     pub regions: Vec<Region>,
     pub segments: Vec<Segment>,
     /// Index 0 is unused (`SLOT_NONE`).
@@ -352,6 +358,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         image.regions.push(region);
     }
     image.slots = slots;
+    (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
     for (what, needed, capacity) in [
         (
             "prefixes",
@@ -361,6 +368,11 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         ("regions", image.regions.len(), limits.regions),
         ("segments", image.segments.len(), limits.segments),
         ("slots", image.slots.len(), limits.slots),
+        (
+            "v4_chunks",
+            image.v4_chunks.len() / V4_CHUNK_ENTRIES as usize,
+            limits.v4_chunks,
+        ),
     ] {
         if needed > capacity as usize {
             return Err(CompileError::TooLarge {
@@ -371,6 +383,79 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         }
     }
     Ok(image)
+}
+
+/// Builds the IPv4 stride table: each prefix fills the entries it covers at
+/// the level where it ends (expanded to that level's 4-bit boundary), in
+/// order of length, so a longer prefix overwrites a shorter one and a new
+/// chunk starts out with the entry it replaces (the shorter prefix's region).
+fn v4_table(prefixes: &[([u8; 5], u32, u32)]) -> (Vec<u32>, Vec<u32>) {
+    let mut root = vec![0u32; V4_ROOT_ENTRIES as usize];
+    let mut chunks: Vec<u32> = Vec::new();
+    let mut sorted: Vec<_> = prefixes.iter().collect();
+    sorted.sort_by_key(|(_, len, _)| *len);
+    for (key, len, region) in sorted {
+        let plen = len - 8;
+        let a = u32::from_be_bytes([key[1], key[2], key[3], key[4]]);
+        let value = region + 1;
+        let base = key[0] as usize * 65536;
+        if plen <= 16 {
+            let start = base + (a >> 16) as usize;
+            root[start..start + (1usize << (16 - plen))].fill(value);
+            continue;
+        }
+        // Walk (creating chunks) down to the level where the prefix ends.
+        let mut at = Cell::Root(base + (a >> 16) as usize);
+        let mut depth = 16;
+        loop {
+            let next = depth + 4;
+            let nibble = ((a >> (32 - next)) & 0xf) as usize;
+            let current = at.get(&root, &chunks);
+            let chunk = if current & V4_NODE != 0 {
+                (current & !V4_NODE) as usize
+            } else {
+                let id = chunks.len() / V4_CHUNK_ENTRIES as usize;
+                chunks.extend(std::iter::repeat_n(current, V4_CHUNK_ENTRIES as usize));
+                at.set(&mut root, &mut chunks, V4_NODE | id as u32);
+                id
+            };
+            let first = chunk * V4_CHUNK_ENTRIES as usize;
+            if plen <= next {
+                let start = first + (nibble & !((1usize << (next - plen)) - 1));
+                for e in &mut chunks[start..start + (1usize << (next - plen))] {
+                    // Deeper chunks come only from longer prefixes, written later.
+                    debug_assert!(*e & V4_NODE == 0);
+                    *e = value;
+                }
+                break;
+            }
+            at = Cell::Chunk(first + nibble);
+            depth = next;
+        }
+    }
+    (root, chunks)
+}
+
+#[derive(Clone, Copy)]
+enum Cell {
+    Root(usize),
+    Chunk(usize),
+}
+
+impl Cell {
+    fn get(self, root: &[u32], chunks: &[u32]) -> u32 {
+        match self {
+            Cell::Root(i) => root[i],
+            Cell::Chunk(i) => chunks[i],
+        }
+    }
+
+    fn set(self, root: &mut [u32], chunks: &mut [u32], v: u32) {
+        match self {
+            Cell::Root(i) => root[i] = v,
+            Cell::Chunk(i) => chunks[i] = v,
+        }
+    }
 }
 
 /// Network address as a 128-bit number (IPv4 in the low 32 bits).
@@ -405,16 +490,16 @@ impl Image {
     pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
         let region = match addr {
             IpAddr::V4(a) => {
+                // The same walk as the data path's v4_region.
                 let a = u32::from(a);
-                self.v4
-                    .iter()
-                    .filter(|(k, len, _)| {
-                        let plen = len - 8;
-                        let net = u32::from_be_bytes([k[1], k[2], k[3], k[4]]);
-                        k[0] == dir && (plen == 0 || (a >> (32 - plen)) == (net >> (32 - plen)))
-                    })
-                    .max_by_key(|(_, len, _)| *len)
-                    .map(|e| e.2)
+                let mut v = self.v4_root[dir as usize * 65536 + (a >> 16) as usize];
+                let mut shift = 12i32;
+                while v & V4_NODE != 0 && shift >= 0 {
+                    v = self.v4_chunks
+                        [((v & !V4_NODE) * V4_CHUNK_ENTRIES + ((a >> shift) & 0xf)) as usize];
+                    shift -= 4;
+                }
+                (v != 0 && v & V4_NODE == 0).then(|| v - 1)
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);

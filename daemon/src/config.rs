@@ -121,6 +121,7 @@ pub struct Capacity {
     pub regions: u32,
     pub segments: u32,
     pub slots: u32,
+    pub v4_chunks: u32,
 }
 
 impl Default for Capacity {
@@ -131,6 +132,7 @@ impl Default for Capacity {
             regions: l.regions,
             segments: l.segments,
             slots: l.slots,
+            v4_chunks: l.v4_chunks,
         }
     }
 }
@@ -142,6 +144,7 @@ impl Capacity {
             regions: self.regions,
             segments: self.segments,
             slots: self.slots,
+            v4_chunks: self.v4_chunks,
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct Dataplane {
     /// Audit/open mode: pass what would be dropped (counted). Takes effect
     /// with the next `apply`.
     pub pass_all: bool,
+    /// The IPv4 stride table last written to each generation, so an update
+    /// writes only the entries that differ.
+    v4_written: [Option<(Vec<u32>, Vec<u32>)>; 2],
 }
 
 impl Dataplane {
@@ -96,7 +99,10 @@ impl Dataplane {
             .map_max_entries(maps::CONNTRACK, conntrack_entries);
         for g in 0..2 {
             loader
-                .map_max_entries(maps::SRC4[g], limits.prefixes)
+                .map_max_entries(
+                    maps::V4_CHUNKS[g],
+                    limits.v4_chunks * portcullis_common::V4_CHUNK_ENTRIES,
+                )
                 .map_max_entries(maps::SRC6[g], limits.prefixes)
                 .map_max_entries(maps::REGIONS[g], limits.regions)
                 .map_max_entries(maps::SEGMENTS[g], limits.segments)
@@ -118,6 +124,7 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
+            v4_written: [None, None],
         })
     }
 
@@ -226,7 +233,20 @@ impl Dataplane {
         if image.egress_allowlist {
             flags |= SETTING_EGRESS_ALLOWLIST;
         }
-        write_trie(map_mut(&mut self.ebpf, maps::SRC4[g])?, &image.v4, "IPv4")?;
+        let written = self.v4_written[g].take();
+        write_array_diff(
+            map_mut(&mut self.ebpf, maps::V4_ROOT[g])?,
+            &image.v4_root,
+            written.as_ref().map(|w| w.0.as_slice()),
+        )
+        .context("writing the IPv4 table root")?;
+        write_array_diff(
+            map_mut(&mut self.ebpf, maps::V4_CHUNKS[g])?,
+            &image.v4_chunks,
+            written.as_ref().map(|w| w.1.as_slice()),
+        )
+        .context("writing the IPv4 table chunks")?;
+        self.v4_written[g] = Some((image.v4_root.clone(), image.v4_chunks.clone()));
         write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &image.v6, "IPv6")?;
         let mut regions: Array<_, Region> =
             Array::try_from(map_mut(&mut self.ebpf, maps::REGIONS[g])?)?;
@@ -408,6 +428,23 @@ impl Dataplane {
         };
         Ok(fd)
     }
+}
+
+/// Writes `want` into an array map, skipping entries equal in `before` (what
+/// was written there last); everything when `before` is unknown. Entries
+/// past `want` need no clearing: nothing refers to them.
+fn write_array_diff(
+    map: &mut aya::maps::Map,
+    want: &[u32],
+    before: Option<&[u32]>,
+) -> anyhow::Result<()> {
+    let mut array: Array<_, u32> = Array::try_from(map)?;
+    for (i, v) in want.iter().enumerate() {
+        if before.and_then(|b| b.get(i)) != Some(v) {
+            array.set(i as u32, v, 0)?;
+        }
+    }
+    Ok(())
 }
 
 /// Makes an idle LPM trie hold exactly `entries` (key data, prefix length,
@@ -621,6 +658,71 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
         .collect()
 }
 
+/// Detaches the pinned link at `path` at once (`BPF_OBJ_GET`, then
+/// `BPF_LINK_DETACH`), whoever else still holds it. aya 0.16 has no call
+/// for this, and its `FdLink` does not lend its fd.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        _pad: u32,
+    }
+    #[repr(C)]
+    struct LinkDetach {
+        link_fd: u32,
+    }
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let get = ObjGet {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `get` is a valid, zero-padded `bpf_attr.obj_get` whose pathname
+    // points to a NUL-terminated string that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            size_of::<ObjGet>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us; we own it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach = LinkDetach {
+        link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+    };
+    // SAFETY: `detach` is a valid `bpf_attr.link_detach` of the size passed;
+    // the fd it names is open for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            &detach as *const LinkDetach,
+            size_of::<LinkDetach>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 /// Kernel memory of every map pinned under `pin_dir` (the kernel's own
 /// `memlock` accounting, from fdinfo), by map name.
 pub fn map_memory(pin_dir: &Path) -> anyhow::Result<Vec<(String, u64)>> {
@@ -675,6 +777,11 @@ pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize
         Ok(entries) => {
             for entry in entries {
                 let path = entry?.path();
+                // Detach now (BPF_LINK_DETACH), not whenever the last reference
+                // to the link happens to go: the caller is told it is done.
+                if let Err(e) = detach_pinned_link(&path) {
+                    warn!(link = %path.display(), error = %e, "BPF_LINK_DETACH failed; unpinning only");
+                }
                 fs::remove_file(&path)
                     .with_context(|| format!("cannot unpin {}", path.display()))?;
                 info!(link = %path.display(), "detached");

@@ -4,7 +4,8 @@
 //! | map            | type              | key                         | value     |
 //! |----------------|-------------------|-----------------------------|-----------|
 //! | `ACTIVE`       | array (1)         | 0                           | live generation (0/1) |
-//! | `SRC4_g`       | LPM trie          | direction byte + IPv4 prefix | region   |
+//! | `V4_ROOT_g`    | array (2 x 65536) | direction, top 16 bits      | region+1, or chunk (`V4_NODE`) |
+//! | `V4_CHUNKS_g`  | array (16 x chunks) | chunk, next 4 bits        | region+1, or chunk |
 //! | `SRC6_g`       | LPM trie          | direction byte + IPv6 prefix | region   |
 //! | `REGIONS_g`    | array             | region                      | `Region` (segments per protocol class) |
 //! | `SEGMENTS_g`   | array             | index                       | `Segment` (port run start, slot) |
@@ -18,17 +19,22 @@ use aya_ebpf::{
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use portcullis_common::{
-    Counter, DEFAULT_PREFIXES, DEFAULT_REGIONS, DEFAULT_RULE_SLOTS, DEFAULT_SEGMENTS, FAMILY_V4,
-    Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_NONE, Segment,
+    Counter, DEFAULT_PREFIXES, DEFAULT_REGIONS, DEFAULT_RULE_SLOTS, DEFAULT_SEGMENTS,
+    DEFAULT_V4_CHUNKS, FAMILY_V4, Region, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_NONE,
+    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES,
 };
 
 #[map]
 pub static ACTIVE: Array<u32> = Array::pinned(1, 0);
 
 #[map]
-pub static SRC4_0: LpmTrie<RuleKey4, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
+pub static V4_ROOT_0: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, 0);
 #[map]
-pub static SRC4_1: LpmTrie<RuleKey4, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
+pub static V4_ROOT_1: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, 0);
+#[map]
+pub static V4_CHUNKS_0: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, 0);
+#[map]
+pub static V4_CHUNKS_1: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, 0);
 #[map]
 pub static SRC6_0: LpmTrie<RuleKey6, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
 #[map]
@@ -48,7 +54,8 @@ pub static RULE_STATS_1: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE
 
 /// One generation's maps.
 struct Generation {
-    src4: &'static LpmTrie<RuleKey4, u32>,
+    v4_root: &'static Array<u32>,
+    v4_chunks: &'static Array<u32>,
     src6: &'static LpmTrie<RuleKey6, u32>,
     regions: &'static Array<Region>,
     segments: &'static Array<Segment>,
@@ -61,7 +68,8 @@ macro_rules! with_generation {
     ($index:expr, |$g:ident| $body:expr) => {
         if $index == 0 {
             let $g = Generation {
-                src4: &SRC4_0,
+                v4_root: &V4_ROOT_0,
+                v4_chunks: &V4_CHUNKS_0,
                 src6: &SRC6_0,
                 regions: &REGIONS_0,
                 segments: &SEGMENTS_0,
@@ -70,7 +78,8 @@ macro_rules! with_generation {
             $body
         } else {
             let $g = Generation {
-                src4: &SRC4_1,
+                v4_root: &V4_ROOT_1,
+                v4_chunks: &V4_CHUNKS_1,
                 src6: &SRC6_1,
                 regions: &REGIONS_1,
                 segments: &SEGMENTS_1,
@@ -124,10 +133,11 @@ fn lookup_in(
     port: u16,
 ) -> u32 {
     let region = if family == FAMILY_V4 {
-        let mut data = [0u8; 5];
-        data[0] = dir;
-        data[1..].copy_from_slice(&addr[..4]);
-        g.src4.get(&Key::new(8 + 32, data)).copied()
+        v4_region(
+            g,
+            dir,
+            u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]),
+        )
     } else {
         let mut data = [0u8; 17];
         data[0] = dir;
@@ -137,6 +147,33 @@ fn lookup_in(
     match region {
         Some(region) => search(g, region, pclass, port),
         None => SLOT_NONE,
+    }
+}
+
+/// The region of IPv4 address `a`: the root entry of its top 16 bits, then
+/// at most four 4-bit steps. Five array reads at most.
+#[inline(always)]
+fn v4_region(g: &Generation, dir: u8, a: u32) -> Option<u32> {
+    let mut v = match g.v4_root.get(dir as u32 * 65536 + (a >> 16)) {
+        Some(v) => *v,
+        None => return None,
+    };
+    let mut shift = 12u32;
+    for _ in 0..4 {
+        if v & V4_NODE == 0 {
+            break;
+        }
+        let index = (v & !V4_NODE) * V4_CHUNK_ENTRIES + ((a >> shift) & 0xf);
+        v = match g.v4_chunks.get(index) {
+            Some(v) => *v,
+            None => return None,
+        };
+        shift = shift.wrapping_sub(4);
+    }
+    if v == 0 || v & V4_NODE != 0 {
+        None
+    } else {
+        Some(v - 1)
     }
 }
 

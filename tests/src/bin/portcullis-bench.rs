@@ -194,6 +194,7 @@ fn main() -> anyhow::Result<()> {
         regions: 600_000,
         segments: 8_000_000,
         slots: 110_000,
+        v4_chunks: 1_000_000,
     };
     println!(
         "rule engine: ns/packet (BPF_PROG_TEST_RUN, {PACKETS} packets x {REPEAT} repeats, median of {RUNS} runs [min-max])"
@@ -280,12 +281,13 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<()> {
     std::fs::write(
         &config,
         format!(
-            "interfaces = [\"bench1\"]\npin_dir = \"{}\"\n[capacity]\nprefixes = {}\nregions = {}\nsegments = {}\nslots = {}\n",
+            "interfaces = [\"bench1\"]\npin_dir = \"{}\"\n[capacity]\nprefixes = {}\nregions = {}\nsegments = {}\nslots = {}\nv4_chunks = {}\n",
             pins.path().display(),
             limits.prefixes,
             limits.regions,
             limits.segments,
-            limits.slots
+            limits.slots,
+            limits.v4_chunks
         ),
     )?;
     let mut daemon = std::process::Command::new(portcullis_tests::workspace_bin("portcullisd")?)
