@@ -43,8 +43,7 @@ use aya::{
 };
 use portcullis_common::{
     Counter, FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow,
-    FlowKey, Reason, Region, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Segment, Settings, maps,
-    programs,
+    FlowKey, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps, programs,
 };
 use tracing::{info, warn};
 
@@ -248,18 +247,10 @@ impl Dataplane {
         .context("writing the IPv4 table chunks")?;
         self.v4_written[g] = Some((image.v4_root.clone(), image.v4_chunks.clone()));
         write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &image.v6, "IPv6")?;
-        let mut regions: Array<_, Region> =
-            Array::try_from(map_mut(&mut self.ebpf, maps::REGIONS[g])?)?;
-        for (i, r) in image.regions.iter().enumerate() {
-            regions.set(i as u32, r, 0).context("writing a region")?;
-        }
-        let mut segments: Array<_, Segment> =
-            Array::try_from(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?)?;
-        for (i, seg) in image.segments.iter().enumerate() {
-            segments
-                .set(i as u32, seg, 0)
-                .context("writing a segment")?;
-        }
+        write_array(map_mut(&mut self.ebpf, maps::REGIONS[g])?, &image.regions)
+            .context("writing the regions")?;
+        write_array(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?, &image.segments)
+            .context("writing the port segments")?;
         let mut stats: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map_mut(&mut self.ebpf, maps::RULE_STATS[g])?)?;
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| e)?;
@@ -430,20 +421,107 @@ impl Dataplane {
     }
 }
 
-/// Writes `want` into an array map, skipping entries equal in `before` (what
-/// was written there last); everything when `before` is unknown. Entries
-/// past `want` need no clearing: nothing refers to them.
+/// Writes `want` into an array map from index 0. Where `before` (what was
+/// written there last) is known, only the runs of entries that differ are
+/// written; each run goes in one `BPF_MAP_UPDATE_BATCH`. Entries past `want`
+/// need no clearing: nothing refers to them.
 fn write_array_diff(
     map: &mut aya::maps::Map,
     want: &[u32],
     before: Option<&[u32]>,
 ) -> anyhow::Result<()> {
-    let mut array: Array<_, u32> = Array::try_from(map)?;
-    for (i, v) in want.iter().enumerate() {
-        if before.and_then(|b| b.get(i)) != Some(v) {
-            array.set(i as u32, v, 0)?;
+    let Some(before) = before else {
+        return write_array(map, want);
+    };
+    let fd = array_fd(map)?;
+    let mut i = 0;
+    while i < want.len() {
+        if before.get(i) == Some(&want[i]) {
+            i += 1;
+            continue;
         }
+        let start = i;
+        while i < want.len() && before.get(i) != Some(&want[i]) {
+            i += 1;
+        }
+        update_batch(fd, start as u32, &want[start..i])?;
     }
+    Ok(())
+}
+
+/// Writes all of `values` into an array map from index 0, in batches.
+fn write_array<V: aya::Pod>(map: &mut aya::maps::Map, values: &[V]) -> anyhow::Result<()> {
+    let fd = array_fd(map)?;
+    for (n, chunk) in values.chunks(1 << 16).enumerate() {
+        update_batch(fd, (n << 16) as u32, chunk)?;
+    }
+    Ok(())
+}
+
+fn array_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::RawFd> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    match map {
+        aya::maps::Map::Array(data) => Ok(data.fd().as_fd().as_raw_fd()),
+        _ => bail!("not an array map"),
+    }
+}
+
+/// `BPF_MAP_UPDATE_BATCH` of `values` at indices `first..` of an array map:
+/// one system call instead of one per entry (aya 0.16 has no batch calls).
+fn update_batch<V>(fd: std::os::fd::RawFd, first: u32, values: &[V]) -> anyhow::Result<()> {
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+    /// `bpf_attr.batch` (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct Batch {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    if values.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<u32> = (first..first + values.len() as u32).collect();
+    let mut attr = Batch {
+        in_batch: 0,
+        out_batch: 0,
+        keys: keys.as_ptr() as u64,
+        values: values.as_ptr() as u64,
+        count: values.len() as u32,
+        map_fd: fd as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed; `keys`
+    // and `values` hold `count` elements of the map's key and value sizes
+    // (u32 indices; `V` is the map's value type) and outlive the call; `fd`
+    // is an open array map fd borrowed from the caller's map.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_BATCH,
+            &mut attr as *mut Batch,
+            size_of::<Batch>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "BPF_MAP_UPDATE_BATCH of {} entries at {first}",
+                values.len()
+            )
+        });
+    }
+    anyhow::ensure!(
+        attr.count as usize == values.len(),
+        "batch update wrote {} of {} entries",
+        attr.count,
+        values.len()
+    );
     Ok(())
 }
 
