@@ -469,7 +469,6 @@ fn array_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::RawFd> {
 /// `BPF_MAP_UPDATE_BATCH` of `values` at indices `first..` of an array map:
 /// one system call instead of one per entry (aya 0.16 has no batch calls).
 fn update_batch<V>(fd: std::os::fd::RawFd, first: u32, values: &[V]) -> anyhow::Result<()> {
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
     /// `bpf_attr.batch` (include/uapi/linux/bpf.h).
     #[repr(C)]
     struct Batch {
@@ -496,26 +495,18 @@ fn update_batch<V>(fd: std::os::fd::RawFd, first: u32, values: &[V]) -> anyhow::
         elem_flags: 0,
         flags: 0,
     };
-    // SAFETY: `attr` is a valid `bpf_attr.batch` of the size passed; `keys`
-    // and `values` hold `count` elements of the map's key and value sizes
-    // (u32 indices; `V` is the map's value type) and outlive the call; `fd`
-    // is an open array map fd borrowed from the caller's map.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_BATCH,
-            &mut attr as *mut Batch,
-            size_of::<Batch>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| {
+    // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys` and
+    // `values` hold `count` elements of the map's key and value sizes (u32
+    // indices; `V` is the map's value type) and outlive the call; `fd` is an
+    // open array map fd borrowed from the caller's map.
+    unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_MAP_UPDATE_BATCH, &mut attr) }.with_context(
+        || {
             format!(
                 "BPF_MAP_UPDATE_BATCH of {} entries at {first}",
                 values.len()
             )
-        });
-    }
+        },
+    )?;
     anyhow::ensure!(
         attr.count as usize == values.len(),
         "batch update wrote {} of {} entries",
@@ -744,8 +735,6 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
         fd::{FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
     };
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_LINK_DETACH: libc::c_long = 34;
     #[repr(C)]
     struct ObjGet {
         pathname: u64,
@@ -766,39 +755,20 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
         path_fd: 0,
         _pad: 0,
     };
-    // SAFETY: `get` is a valid, zero-padded `bpf_attr.obj_get` whose pathname
-    // points to a NUL-terminated string that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            size_of::<ObjGet>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let mut get = get;
+    // SAFETY: `get` is `bpf_attr.obj_get`, padding explicit and zero; its
+    // pathname points to a NUL-terminated string that outlives the call.
+    let fd = unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_OBJ_GET, &mut get) }?;
     // SAFETY: the kernel just returned this fd to us; we own it.
     let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     let detach = LinkDetach {
         link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
     };
-    // SAFETY: `detach` is a valid `bpf_attr.link_detach` of the size passed;
-    // the fd it names is open for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            &detach as *const LinkDetach,
-            size_of::<LinkDetach>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    let mut detach = detach;
+    // SAFETY: `detach` is `bpf_attr.link_detach`; the fd it names is open
+    // for the duration of the call.
+    unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_LINK_DETACH, &mut detach) }?;
+    Ok(())
 }
 
 /// Kernel memory of every map pinned under `pin_dir` (the kernel's own

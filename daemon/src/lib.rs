@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod bpfsys;
 pub mod client;
 pub mod compile;
 pub mod config;

@@ -8,8 +8,6 @@ use std::{
     os::fd::{AsRawFd as _, BorrowedFd},
 };
 
-const BPF_PROG_TEST_RUN: libc::c_long = 10;
-
 /// The `test` member of `union bpf_attr` (include/uapi/linux/bpf.h).
 #[repr(C, align(8))]
 #[derive(Default)]
@@ -58,20 +56,10 @@ pub fn run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<Outco
         repeat: repeat.max(1),
         ..Default::default()
     };
-    // SAFETY: `attr` is a valid, fully initialised `bpf_attr.test` of the
-    // size passed; `data_in`/`data_out` point to live buffers of the sizes
-    // given, which outlive the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_TEST_RUN,
-            &mut attr as *mut TestRunAttr,
-            size_of::<TestRunAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // SAFETY: `attr` is `bpf_attr.test`, padding explicit and zero;
+    // `data_in`/`data_out` point to live buffers of the sizes given, which
+    // outlive the call; `prog` is an open program fd.
+    unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_PROG_TEST_RUN, &mut attr) }?;
     out.truncate(attr.data_size_out as usize);
     Ok(Outcome {
         retval: attr.retval,
