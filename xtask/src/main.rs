@@ -24,7 +24,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",     // nsenter, mount
     "iputils-ping",   // ping
     "procps",         // sysctl
-    "bpftool",        // inspecting programs by hand
+    "bpftool",        // the layout-upgrade test pins a map with it
     "nftables",       // published-port (DNAT) test
     "openssh-server", // real sshd for the session tests
     "openssh-client", // real ssh client
@@ -32,6 +32,7 @@ const APT_PACKAGES: &[&str] = &[
     "udhcpc",         // DHCP client for the lease test
     "radvd",          // router advertisements for the SLAAC test
     "systemd",        // systemd-analyze: the unit's hardening score
+    "curl",           // raw HTTP to the API socket in the API tests
 ];
 
 #[derive(Parser)]
