@@ -19,8 +19,6 @@ pub mod maps {
     /// `Array<u32>` with a single entry: which generation (0 or 1) of the
     /// rule maps below is live. The data path reads it once per packet.
     pub const ACTIVE: &str = "ACTIVE";
-    /// `LpmTrie<RuleKey4, u32>` per generation: (direction, IPv4 prefix) -> region.
-    pub const SRC4: [&str; 2] = ["SRC4_0", "SRC4_1"];
     /// `Array<u32>` per generation: IPv4 stride table root, indexed by
     /// direction * 65536 + the address's top 16 bits (see `V4_NODE`).
     pub const V4_ROOT: [&str; 2] = ["V4_ROOT_0", "V4_ROOT_1"];
@@ -299,11 +297,23 @@ pub const SETTING_PASS_ALL: u32 = 1 << 3;
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
-/// LPM key data for IPv4 rules: direction, then the address. The prefix
-/// length of the trie key counts the direction byte (8 + prefix length).
+/// A compiled IPv4 prefix: direction, then the address (its length, like an
+/// LPM key's, counts the direction byte: 8 + prefix length).
 pub type RuleKey4 = [u8; 5];
 /// LPM key data for IPv6 rules.
 pub type RuleKey6 = [u8; 17];
+
+/// The protocol class of an IP protocol, and the port its rules match on
+/// (ICMP and other protocols have none: 0).
+#[inline(always)]
+pub const fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
+    match proto {
+        IPPROTO_TCP => (PCLASS_TCP, port),
+        IPPROTO_UDP => (PCLASS_UDP, port),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => (PCLASS_ICMP, 0),
+        _ => (PCLASS_OTHER, 0),
+    }
+}
 
 /// Protocol classes a region distinguishes.
 pub const PCLASS_TCP: usize = 0;

@@ -3,8 +3,8 @@
 //! The data path answers "which rule admits a packet from `addr` of protocol
 //! class `c` to port `p`" in three steps of fixed cost:
 //!
-//! 1. `SRC4`/`SRC6` (LPM): the longest compiled prefix containing `addr`
-//!    gives a *region*. Prefixes of different rules nest or are disjoint, so
+//! 1. The longest compiled prefix containing `addr` gives a *region*
+//!    (IPv4: the stride table `V4_ROOT`/`V4_CHUNKS`; IPv6: the LPM trie `SRC6`). Prefixes of different rules nest or are disjoint, so
 //!    the compiler gives each distinct prefix the region of every rule whose
 //!    prefix contains it: the longest match alone is enough.
 //! 2. `REGIONS[region]` gives, per protocol class, where its segments are.
@@ -22,8 +22,9 @@ use std::{
 use ipnet::IpNet;
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, PCLASSES,
-    Region, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES,
+    Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER,
+    SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE,
+    V4_ROOT_ENTRIES,
 };
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -93,8 +94,8 @@ pub enum CompileError {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Image {
     /// (key data: direction byte + address, LPM prefix length incl. the direction byte, region)
-    pub v4: Vec<([u8; 5], u32, u32)>,
-    pub v6: Vec<([u8; 17], u32, u32)>,
+    pub v4: Vec<(RuleKey4, u32, u32)>,
+    pub v6: Vec<(RuleKey6, u32, u32)>,
     /// The IPv4 stride table built from `v4` (see `portcullis_common::V4_NODE`).
     pub v4_root: Vec<u32>,
     pub v4_chunks: Vec<u32>,
@@ -389,7 +390,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
 /// the level where it ends (expanded to that level's 4-bit boundary), in
 /// order of length, so a longer prefix overwrites a shorter one and a new
 /// chunk starts out with the entry it replaces (the shorter prefix's region).
-fn v4_table(prefixes: &[([u8; 5], u32, u32)]) -> (Vec<u32>, Vec<u32>) {
+fn v4_table(prefixes: &[(RuleKey4, u32, u32)]) -> (Vec<u32>, Vec<u32>) {
     let mut root = vec![0u32; V4_ROOT_ENTRIES as usize];
     let mut chunks: Vec<u32> = Vec::new();
     let mut sorted: Vec<_> = prefixes.iter().collect();

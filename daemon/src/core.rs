@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use portcullis_common::{
-    Counter, DIR_INGRESS, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason,
-    SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
+    Counter, DIR_INGRESS, PCLASS_TCP, Reason, SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
+    pclass_port,
 };
 use serde::Deserialize;
 use serde::Serialize;
@@ -207,15 +207,6 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
-    match proto {
-        portcullis_common::IPPROTO_TCP => (PCLASS_TCP, port),
-        portcullis_common::IPPROTO_UDP => (PCLASS_UDP, port),
-        portcullis_common::IPPROTO_ICMP | portcullis_common::IPPROTO_ICMPV6 => (PCLASS_ICMP, 0),
-        _ => (PCLASS_OTHER, 0),
-    }
 }
 
 /// The outcome of an accepted change (or of a dry run).

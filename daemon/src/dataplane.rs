@@ -7,7 +7,7 @@
 //! <pin_dir>/maps-vN/VERDICTS        per-CPU verdict counters
 //! <pin_dir>/maps-vN/ACTIVE          the live generation of the rule maps (0/1)
 //! <pin_dir>/maps-vN/SETTINGS        global switches, per generation
-//! <pin_dir>/maps-vN/SRC4_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
+//! <pin_dir>/maps-vN/V4_ROOT_g, V4_CHUNKS_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
 //! <pin_dir>/maps-vN/CONNTRACK       flows this host opened
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed

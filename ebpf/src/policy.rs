@@ -8,7 +8,7 @@ use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
     PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST,
     SETTING_PING, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
-    SLOT_KIND_SSH, SLOT_NONE, Settings,
+    SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port,
 };
 
 use crate::{
@@ -116,16 +116,6 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
 fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
     let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
     m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
-}
-
-#[inline(always)]
-fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
-    match proto {
-        IPPROTO_TCP => (PCLASS_TCP, port),
-        IPPROTO_UDP => (PCLASS_UDP, port),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => (PCLASS_ICMP, 0),
-        _ => (PCLASS_OTHER, 0),
-    }
 }
 
 #[inline(always)]
