@@ -128,11 +128,7 @@ impl Log {
             .with_context(|| format!("cannot open {}", path.display()))?;
         writeln!(f, "{}", serde_json::to_string(&r)?)?;
         f.sync_all()?;
-        let tmp = self.dir.join(format!(".{HEAD}.tmp"));
-        fs::write(&tmp, format!("{}\n", r.hash))?;
-        File::open(&tmp)?.sync_all()?;
-        fs::rename(&tmp, self.dir.join(HEAD))?;
-        File::open(&self.dir)?.sync_all()?;
+        crate::state::replace_file(&self.dir, HEAD, format!("{}\n", r.hash).as_bytes(), None)?;
         self.next_seq += 1;
         self.head = r.hash.clone();
         Ok(r)

@@ -70,33 +70,17 @@ impl Store {
             sha256: compile::hash(rules),
             rules: rules.clone(),
         };
-        let bytes = serde_json::to_vec_pretty(&envelope)?;
-        let tmp = self.dir.join(format!(".{LIVE}.tmp"));
-        let live = self.dir.join(LIVE);
-        let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            match fs::rename(&live, self.dir.join(PREVIOUS)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
-            fs::rename(&tmp, &live)?;
-            File::open(&self.dir)?.sync_all()
-        };
-        write().with_context(|| format!("cannot write {}", live.display()))
+        replace_file(
+            &self.dir,
+            LIVE,
+            &serde_json::to_vec_pretty(&envelope)?,
+            Some(PREVIOUS),
+        )
     }
 
     /// Saves the data path's mode (enforce, audit, open, lockdown).
     pub fn save_mode(&self, mode: &crate::core::Mode) -> anyhow::Result<()> {
-        let tmp = self.dir.join(format!(".{MODE}.tmp"));
-        let mut f = File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec(mode)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, self.dir.join(MODE))?;
-        File::open(&self.dir)?.sync_all()?;
-        Ok(())
+        replace_file(&self.dir, MODE, &serde_json::to_vec(mode)?, None)
     }
 
     pub fn load_mode(&self) -> anyhow::Result<crate::core::Mode> {
@@ -119,15 +103,7 @@ impl Store {
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
             },
-            Some(p) => {
-                let tmp = self.dir.join(format!(".{PENDING}.tmp"));
-                let mut f = File::create(&tmp)?;
-                f.write_all(&serde_json::to_vec_pretty(p)?)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)?;
-                File::open(&self.dir)?.sync_all()?;
-                Ok(())
-            }
+            Some(p) => replace_file(&self.dir, PENDING, &serde_json::to_vec_pretty(p)?, None),
         }
     }
 
@@ -177,6 +153,35 @@ impl Store {
             },
         }
     }
+}
+
+/// Replaces `dir/name` with `bytes`, durably and atomically: a temporary file
+/// in `dir`, fsynced, renamed over `name` (after the old file was renamed to
+/// `keep_previous_as`, when given), then `dir` fsynced. A crash leaves the
+/// old or the new file whole, never a mix.
+pub(crate) fn replace_file(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    keep_previous_as: Option<&str>,
+) -> anyhow::Result<()> {
+    let path = dir.join(name);
+    let write = || -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        if let Some(previous) = keep_previous_as {
+            match fs::rename(&path, dir.join(previous)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn read(path: &Path) -> anyhow::Result<Option<(RuleSet, u64)>> {
