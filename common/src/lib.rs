@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -25,8 +25,17 @@ pub mod maps {
     /// `Array<u32>` per generation: IPv4 stride table chunks of 16 entries,
     /// one per 4 more bits of the address.
     pub const V4_CHUNKS: [&str; 2] = ["V4_CHUNKS_0", "V4_CHUNKS_1"];
-    /// `LpmTrie<RuleKey6, u32>` per generation: (direction, IPv6 prefix) -> region.
+    /// `LpmTrie<RuleKey6, u32>` per generation: (direction, IPv6 prefix) ->
+    /// region, for prefixes of up to [`crate::V6_SHORT_MAX`] bits (and those
+    /// of a /32 whose bucket overflowed).
     pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
+    /// `HashMap<V6BucketKey, V6Lengths>` per generation: (direction, the top
+    /// 32 bits of an address) -> the prefix lengths (33..=128) that exist
+    /// under that /32, longest first. Absent: no longer prefix covers it.
+    pub const V6_BUCKETS: [&str; 2] = ["V6_BUCKETS_0", "V6_BUCKETS_1"];
+    /// `HashMap<V6PrefixKey, u32>` per generation: (direction, length,
+    /// address masked to it) -> region, for prefixes longer than /32.
+    pub const V6_PREFIXES: [&str; 2] = ["V6_PREFIXES_0", "V6_PREFIXES_1"];
     /// `Array<Region>` per generation.
     pub const REGIONS: [&str; 2] = ["REGIONS_0", "REGIONS_1"];
     /// `Array<Segment>` per generation.
@@ -302,6 +311,20 @@ pub const DIR_EGRESS: u8 = 1;
 pub type RuleKey4 = [u8; 5];
 /// LPM key data for IPv6 rules.
 pub type RuleKey6 = [u8; 17];
+/// IPv6 prefixes up to this length go to the LPM trie; longer ones to the
+/// per-/32 hash tables (see `maps::V6_BUCKETS`).
+pub const V6_SHORT_MAX: u32 = 32;
+/// (direction, top 32 bits of the address).
+pub type V6BucketKey = [u8; 5];
+/// (direction, prefix length, the address masked to that length).
+pub type V6PrefixKey = [u8; 18];
+/// Prefix lengths under one /32, longest first, 0-terminated; at most
+/// [`V6_BUCKET_LENGTHS`], so a lookup makes at most that many probes. A /32
+/// with more distinct lengths is marked [`V6_BUCKET_OVERFLOW`] in the first
+/// byte and its prefixes go to the LPM trie instead.
+pub type V6Lengths = [u8; V6_BUCKET_LENGTHS];
+pub const V6_BUCKET_LENGTHS: usize = 8;
+pub const V6_BUCKET_OVERFLOW: u8 = 255;
 
 /// The protocol class of an IP protocol, and the port its rules match on
 /// (ICMP and other protocols have none: 0).

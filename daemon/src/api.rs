@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::{
     core::{ChangeError, Changed, Core, Count, Mode, Options, Session},
+    readiness::{Checker, Live, Report},
     rules::{Cluster, FirewallRule, RuleSet},
 };
 
@@ -108,6 +109,7 @@ pub struct Api {
     pub feed: crate::events::Feed,
     /// A request that takes longer (a slow client's included) gets a 408.
     pub request_timeout: Duration,
+    pub readiness: Arc<Checker>,
 }
 
 /// An error reply: `{"error": "..."}` with a status that says whose fault.
@@ -235,12 +237,40 @@ struct Status {
     conntrack: serde_json::Value,
     /// The most recent drops (sampled: at most a few hundred a second).
     recent_drops: Vec<crate::events::Event>,
+    /// SSH readiness: each check with its state and reason.
+    readiness: Report,
     /// A change awaiting confirmation: its generation and deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pending: Option<serde_json::Value>,
 }
 
+/// Evaluates SSH readiness (the core's part under its lock, the probes of
+/// the host outside it).
+pub async fn readiness(api: &Api) -> Report {
+    let live = {
+        let core = api.core.lock().await;
+        Live::of(&core, api.readiness.ssh_port())
+    };
+    let checker = api.readiness.clone();
+    match tokio::task::spawn_blocking(move || checker.report(live)).await {
+        Ok(report) => report,
+        Err(e) => Report::failed(format!("readiness evaluation panicked: {e}")),
+    }
+}
+
+/// `GET /v1/ready`: the readiness document, 200 when SSH-ready, else 503.
+async fn ready(State(api): State<Api>) -> (StatusCode, Json<Report>) {
+    let report = readiness(&api).await;
+    let code = if report.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(report))
+}
+
 async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
+    let readiness = readiness(&api).await;
     let mut core = api.core.lock().await;
     let conntrack = match core.dataplane().conntrack_usage() {
         Ok((entries, capacity)) => serde_json::json!({ "entries": entries, "capacity": capacity }),
@@ -267,6 +297,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
             let recent = api.feed.recent();
             recent[recent.len().saturating_sub(10)..].to_vec()
         },
+        readiness,
         pending: core
             .pending()
             .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
@@ -670,6 +701,7 @@ pub fn router(api: Api) -> Router {
     let timeout = api.request_timeout;
     Router::new()
         .route("/v1/status", get(status))
+        .route("/v1/ready", get(ready))
         .route("/v1/rules", get(get_rules).put(put_rules))
         .route("/v1/rules/{direction}", post(add_rule))
         .route("/v1/rule/{id}", delete(remove_rule))
@@ -715,6 +747,21 @@ pub fn bind(path: &Path, gid: Option<u32>) -> anyhow::Result<UnixListener> {
 /// Serves the API on `listener` until the future is dropped.
 pub async fn serve(listener: UnixListener, api: Api) -> anyhow::Result<()> {
     let app = router(api).into_make_service_with_connect_info::<Caller>();
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+/// Serves the read-only health endpoint: `GET /` (or `/health`) answers the
+/// readiness document, 200 when SSH-ready and 503 otherwise. Nothing else.
+pub async fn serve_health(listener: tokio::net::TcpListener, api: Api) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/", get(ready))
+        .route("/health", get(ready))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(10),
+        ))
+        .with_state(api);
     axum::serve(listener, app).await?;
     Ok(())
 }

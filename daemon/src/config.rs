@@ -16,6 +16,9 @@ use crate::{
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/portcullis/portcullis.toml";
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+/// Where `run-bpffs.mount` mounts a bpffs on hosts whose `/sys/fs/bpf` is
+/// not one (containers).
+pub const FALLBACK_BPFFS: &str = "/run/bpffs";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,11 +37,17 @@ pub struct Config {
     /// /var/lib/portcullis; `--state-dir` overrides).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_dir: Option<PathBuf>,
-    /// bpffs directory holding the pinned maps and links.
-    #[serde(default = "default_pin_dir")]
-    pub pin_dir: PathBuf,
+    /// bpffs directory holding the pinned maps and links. Default:
+    /// `/sys/fs/bpf/portcullis` where systemd mounted bpffs at
+    /// `/sys/fs/bpf` (a VM), else `/run/bpffs/portcullis` (containers, where
+    /// `/sys` is read-only and `run-bpffs.mount` provides a bpffs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pin_dir: Option<PathBuf>,
     #[serde(default)]
     pub ssh: Ssh,
+    /// What SSH readiness checks, and the optional HTTP health endpoint.
+    #[serde(default)]
+    pub readiness: ReadinessConfig,
     /// The cluster this host belongs to: its peers reach it on every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<Cluster>,
@@ -60,6 +69,11 @@ pub struct Config {
     /// 6.6 and later; a clsact qdisc filter otherwise), `tcx` or `clsact`.
     #[serde(default)]
     pub tc_attach: TcAttachMode,
+    /// What the host gets if the eBPF data path cannot load: `none` (the
+    /// service fails, loudly, and nothing filters) or `nftables` (it also
+    /// installs a deny-inbound policy that admits SSH and established flows).
+    #[serde(default)]
+    pub fallback: Fallback,
     /// Brev-format rules, at the top level as the SDK writes them.
     #[serde(default)]
     pub ingress_rules: Vec<FirewallRule>,
@@ -151,6 +165,14 @@ impl Capacity {
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    #[default]
+    None,
+    Nftables,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TcAttachMode {
     #[default]
     Auto,
@@ -169,8 +191,56 @@ fn default_conntrack_entries() -> u32 {
     portcullis_common::CONNTRACK_DEFAULT_ENTRIES
 }
 
-fn default_pin_dir() -> PathBuf {
-    PathBuf::from(DEFAULT_PIN_DIR)
+/// bpffs's magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// SSH readiness settings (`[readiness]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReadinessConfig {
+    /// The unit running sshd. Default: the first of ssh.service,
+    /// sshd.service and ssh.socket that is loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_unit: Option<String>,
+    pub ssh_port: u16,
+    /// A user whose `~/.ssh/authorized_keys` must hold a key, with safe
+    /// ownership and modes, for the host to count as ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_user: Option<String>,
+    /// sshd, asked for its effective configuration (`sshd -T`).
+    pub sshd: PathBuf,
+    /// A read-only HTTP endpoint answering 200 (ready) or 503 with the
+    /// readiness document. Off unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthConfig>,
+}
+
+impl Default for ReadinessConfig {
+    fn default() -> Self {
+        ReadinessConfig {
+            ssh_unit: None,
+            ssh_port: 22,
+            ssh_user: None,
+            sshd: PathBuf::from("/usr/sbin/sshd"),
+            health: None,
+        }
+    }
+}
+
+/// `[readiness.health]`: where the health endpoint listens and who may ask.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Address and port, e.g. "0.0.0.0:9123" or "[::]:9123".
+    pub listen: std::net::SocketAddr,
+    /// Sources admitted to the endpoint's port (its own rule,
+    /// `portcullis-health`); empty means any.
+    #[serde(default)]
+    pub sources: Vec<String>,
 }
 
 impl Config {
@@ -193,11 +263,25 @@ impl Config {
                 bail!("interfaces: {name:?} is not a valid interface name");
             }
         }
-        if !self.pin_dir.is_absolute() {
-            bail!(
-                "pin_dir: {} must be an absolute path",
-                self.pin_dir.display()
-            );
+        if let Some(dir) = &self.pin_dir
+            && !dir.is_absolute()
+        {
+            bail!("pin_dir: {} must be an absolute path", dir.display());
+        }
+        if let Some(unit) = &self.readiness.ssh_unit
+            && !unit.contains('.')
+        {
+            bail!("readiness: ssh_unit: {unit:?} needs its suffix, e.g. \"ssh.service\"");
+        }
+        if self.readiness.ssh_port == 0 {
+            bail!("readiness: ssh_port: 0 is not a port");
+        }
+        if let Some(health) = &self.readiness.health {
+            crate::rules::parse_cidrs(&health.sources)
+                .map_err(|e| anyhow::anyhow!("readiness: health: sources: {e}"))?;
+            if health.listen.port() == 0 {
+                bail!("readiness: health: listen: {} needs a port", health.listen);
+            }
         }
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
@@ -207,6 +291,35 @@ impl Config {
         }
         self.rule_set().validate()?;
         Ok(())
+    }
+
+    /// The pin directory: configured, or the default for this host.
+    pub fn pin_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.pin_dir {
+            return dir.clone();
+        }
+        if is_bpffs(Path::new("/sys/fs/bpf")) || !is_bpffs(Path::new(FALLBACK_BPFFS)) {
+            PathBuf::from(DEFAULT_PIN_DIR)
+        } else {
+            Path::new(FALLBACK_BPFFS).join("portcullis")
+        }
+    }
+
+    /// Rules this configuration adds to every rule set: the health
+    /// endpoint's port (TCP) from its sources.
+    pub fn service_rules(&self) -> Vec<FirewallRule> {
+        self.readiness
+            .health
+            .iter()
+            .map(|h| FirewallRule {
+                id: format!("{}health", crate::rules::RESERVED_ID_PREFIX),
+                from_port: u32::from(h.listen.port()),
+                to_port: u32::from(h.listen.port()),
+                ip_ranges: h.sources.clone(),
+                protocol: crate::rules::Protocol::Tcp,
+                description: Some("readiness health endpoint ([readiness.health])".into()),
+            })
+            .collect()
     }
 
     /// The interface selection this file describes.
@@ -234,7 +347,7 @@ mod tests {
         let c = Config::parse("").unwrap();
         assert!(c.selector().unwrap().is_auto());
         assert!(c.auto_exclude.iter().any(|p| p == "docker*"));
-        assert_eq!(c.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(c.pin_dir, None);
         assert!(!c.ssh.allow);
         assert!(c.ingress_rules.is_empty());
     }

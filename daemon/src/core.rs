@@ -20,7 +20,7 @@ use crate::{
     audit,
     compile::{self, CompileError, Image, Limits},
     dataplane::{self, Dataplane},
-    rules::{RuleError, RuleSet},
+    rules::{FirewallRule, RuleError, RuleSet},
     state::Store,
 };
 
@@ -258,6 +258,23 @@ pub struct Core {
     pub audit: audit::Log,
     pending: Option<Pending>,
     mode: Mode,
+    /// Rules the daemon's configuration adds to every rule set (the health
+    /// endpoint's); not part of the live set that is shown and saved.
+    service: Vec<FirewallRule>,
+}
+
+/// Compiles `set` with the service rules appended.
+fn compile_with(
+    set: &RuleSet,
+    service: &[FirewallRule],
+    limits: &Limits,
+) -> Result<Image, CompileError> {
+    if service.is_empty() {
+        return compile::compile(set, limits);
+    }
+    let mut all = set.clone();
+    all.ingress_rules.extend(service.iter().cloned());
+    compile::compile(&all, limits)
 }
 
 impl Core {
@@ -269,8 +286,9 @@ impl Core {
         allow_ping: bool,
         rules: RuleSet,
         generation: u64,
+        service: Vec<FirewallRule>,
     ) -> anyhow::Result<Self> {
-        let image = compile::compile(&rules, &limits)?;
+        let image = compile_with(&rules, &service, &limits)?;
         let audit = audit::Log::open(store.dir())?;
         store.save(&rules, generation)?;
         dataplane.apply(&image, allow_ping)?;
@@ -288,6 +306,7 @@ impl Core {
             audit,
             pending: None,
             mode: Mode::Enforce,
+            service,
         })
     }
 
@@ -354,7 +373,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
-        let image = compile::compile(&next, &self.limits)?;
+        let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
         let would_cut = self.flows_cut_by(&image);
         if let Some(session) = &opts.caller_session
@@ -421,6 +440,7 @@ impl Core {
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
+        release_free_memory();
         Ok(generation)
     }
 
@@ -529,7 +549,7 @@ impl Core {
             return Ok(None);
         }
         let p = self.pending.take().expect("checked");
-        let image = compile::compile(&p.previous, &self.limits)?;
+        let image = compile_with(&p.previous, &self.service, &self.limits)?;
         let generation = self.make_live(p.previous, image, p.previous_allow_ping)?;
         self.store
             .save_pending(None)
@@ -619,5 +639,17 @@ impl Core {
             .into_iter()
             .map(|(r, c)| (r, c.into()))
             .collect())
+    }
+}
+
+/// Hands the memory a compile freed back to the system: a large rule set's
+/// intermediate buffers would otherwise stay in the allocator's arenas and
+/// in the daemon's RSS until the next change reuses them.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has
+    // no preconditions and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

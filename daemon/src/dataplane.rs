@@ -7,7 +7,8 @@
 //! <pin_dir>/maps-vN/VERDICTS        per-CPU verdict counters
 //! <pin_dir>/maps-vN/ACTIVE          the live generation of the rule maps (0/1)
 //! <pin_dir>/maps-vN/SETTINGS        global switches, per generation
-//! <pin_dir>/maps-vN/V4_ROOT_g, V4_CHUNKS_g, SRC6_g, REGIONS_g, SEGMENTS_g, RULE_STATS_g
+//! <pin_dir>/maps-vN/V4_ROOT_g, V4_CHUNKS_g, SRC6_g, V6_BUCKETS_g, V6_PREFIXES_g,
+//!                   REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
 //! <pin_dir>/maps-vN/CONNTRACK       flows this host opened
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
@@ -43,7 +44,8 @@ use aya::{
 };
 use portcullis_common::{
     Counter, FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow,
-    FlowKey, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps, programs,
+    FlowKey, Reason, RuleKey6, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, V6_BUCKET_LENGTHS,
+    V6_BUCKET_OVERFLOW, V6_SHORT_MAX, V6BucketKey, V6Lengths, V6PrefixKey, maps, programs,
 };
 use tracing::{info, warn};
 
@@ -103,6 +105,8 @@ impl Dataplane {
                     limits.v4_chunks * portcullis_common::V4_CHUNK_ENTRIES,
                 )
                 .map_max_entries(maps::SRC6[g], limits.prefixes)
+                .map_max_entries(maps::V6_BUCKETS[g], limits.prefixes)
+                .map_max_entries(maps::V6_PREFIXES[g], limits.prefixes)
                 .map_max_entries(maps::REGIONS[g], limits.regions)
                 .map_max_entries(maps::SEGMENTS[g], limits.segments)
                 .map_max_entries(maps::RULE_STATS[g], limits.slots);
@@ -246,7 +250,18 @@ impl Dataplane {
         )
         .context("writing the IPv4 table chunks")?;
         self.v4_written[g] = Some((image.v4_root.clone(), image.v4_chunks.clone()));
-        write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &image.v6, "IPv6")?;
+        let v6 = V6Tables::of(&image.v6);
+        write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &v6.short, "IPv6")?;
+        write_hash(
+            map_mut(&mut self.ebpf, maps::V6_PREFIXES[g])?,
+            &v6.prefixes,
+            "IPv6 prefix",
+        )?;
+        write_hash(
+            map_mut(&mut self.ebpf, maps::V6_BUCKETS[g])?,
+            &v6.buckets,
+            "IPv6 /32 bucket",
+        )?;
         write_array(map_mut(&mut self.ebpf, maps::REGIONS[g])?, &image.regions)
             .context("writing the regions")?;
         write_array(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?, &image.segments)
@@ -540,6 +555,95 @@ where
     for (data, len, region) in entries {
         trie.insert(&Key::new(*len, *data), region, 0)
             .with_context(|| format!("inserting an {family} prefix"))?;
+    }
+    Ok(())
+}
+
+/// The IPv6 prefixes of an image as the data path looks them up: up to /32
+/// in the LPM trie, longer ones in a hash per (length, masked address) with,
+/// per /32, the lengths present (longest first). A /32 with more distinct
+/// lengths than a bucket lists keeps its prefixes in the trie instead.
+struct V6Tables {
+    short: Vec<(RuleKey6, u32, u32)>,
+    prefixes: std::collections::HashMap<V6PrefixKey, u32>,
+    buckets: std::collections::HashMap<V6BucketKey, V6Lengths>,
+}
+
+impl V6Tables {
+    fn of(v6: &[(RuleKey6, u32, u32)]) -> V6Tables {
+        use std::collections::{BTreeSet, HashMap};
+        let bucket = |key: &RuleKey6| [key[0], key[1], key[2], key[3], key[4]];
+        let mut lengths: HashMap<V6BucketKey, BTreeSet<u8>> = HashMap::new();
+        for (key, len, _) in v6 {
+            if len - 8 > V6_SHORT_MAX {
+                lengths
+                    .entry(bucket(key))
+                    .or_default()
+                    .insert((len - 8) as u8);
+            }
+        }
+        let mut t = V6Tables {
+            short: Vec::new(),
+            prefixes: HashMap::new(),
+            buckets: HashMap::new(),
+        };
+        for (b, set) in &lengths {
+            let mut list = [0u8; V6_BUCKET_LENGTHS];
+            if set.len() > V6_BUCKET_LENGTHS {
+                list[0] = V6_BUCKET_OVERFLOW;
+            } else {
+                for (slot, len) in list.iter_mut().zip(set.iter().rev()) {
+                    *slot = *len;
+                }
+            }
+            t.buckets.insert(*b, list);
+        }
+        for &(key, len, region) in v6 {
+            let plen = len - 8;
+            let overflow = t
+                .buckets
+                .get(&bucket(&key))
+                .is_some_and(|l| l[0] == V6_BUCKET_OVERFLOW);
+            if plen <= V6_SHORT_MAX || overflow {
+                t.short.push((key, len, region));
+                continue;
+            }
+            let addr = u128::from_be_bytes(key[1..].try_into().expect("17-byte key"));
+            let masked = addr & (u128::MAX << (128 - plen));
+            let mut p = [0u8; 18];
+            p[0] = key[0];
+            p[1] = plen as u8;
+            p[2..].copy_from_slice(&masked.to_be_bytes());
+            t.prefixes.insert(p, region);
+        }
+        t
+    }
+}
+
+/// Makes a hash map hold exactly `want`: stale keys removed, the rest written.
+fn write_hash<K, V>(
+    map: &mut aya::maps::Map,
+    want: &std::collections::HashMap<K, V>,
+    what: &str,
+) -> anyhow::Result<()>
+where
+    K: aya::Pod + Eq + std::hash::Hash,
+    V: aya::Pod,
+{
+    let mut hash: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(map)?;
+    let stale: Vec<K> = hash
+        .keys()
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|k| !want.contains_key(k))
+        .collect();
+    for key in &stale {
+        hash.remove(key)
+            .with_context(|| format!("removing a stale {what}"))?;
+    }
+    for (key, value) in want {
+        hash.insert(key, value, 0)
+            .with_context(|| format!("inserting an {what}"))?;
     }
     Ok(())
 }

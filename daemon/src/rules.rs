@@ -24,6 +24,10 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// Ids of rules the daemon's own configuration adds (the health endpoint's
+/// `portcullis-health`); refused in rule sets so counters stay unambiguous.
+pub const RESERVED_ID_PREFIX: &str = "portcullis-";
+
 /// Which protocols a rule covers. Brev rules carry none: TCP and UDP.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -132,11 +136,19 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     Ok(net)
 }
 
-fn parse_cidrs(list: &[String]) -> Result<Vec<IpNet>, String> {
+pub fn parse_cidrs(list: &[String]) -> Result<Vec<IpNet>, String> {
     list.iter().map(|c| parse_cidr(c)).collect()
 }
 
 impl FirewallRule {
+    /// Whether this rule admits new TCP connections to `port`.
+    pub fn admits_tcp_port(&self, port: u16) -> bool {
+        matches!(
+            self.protocol,
+            Protocol::TcpUdp | Protocol::Tcp | Protocol::Any
+        ) && (self.from_port..=self.to_port).contains(&u32::from(port))
+    }
+
     /// Source (ingress) or destination (egress) networks; any when empty.
     pub fn networks(&self) -> Vec<IpNet> {
         if self.ip_ranges.is_empty() {
@@ -167,6 +179,14 @@ impl RuleSet {
                 };
                 if rule.id.trim().is_empty() {
                     return Err(err("id", "must not be empty".into()));
+                }
+                if rule.id.starts_with(RESERVED_ID_PREFIX) {
+                    return Err(err(
+                        "id",
+                        format!(
+                            "ids starting with {RESERVED_ID_PREFIX:?} are reserved for rules the daemon adds itself"
+                        ),
+                    ));
                 }
                 if !ids.insert(rule.id.as_str()) {
                     return Err(err(

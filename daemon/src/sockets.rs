@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::{
     SockDiagMessage,
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP, TCP_SYN_SENT},
-    inet::{ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
@@ -45,7 +45,47 @@ pub fn connections() -> anyhow::Result<Vec<Connection>> {
     Ok(all)
 }
 
+/// Whether a TCP socket listens on `port` (any address, IPv4 or IPv6).
+pub fn listening_tcp(port: u16) -> anyhow::Result<bool> {
+    for family in [AF_INET, AF_INET6] {
+        let mut found = false;
+        dump_with(family, IPPROTO_TCP, StateFlags::LISTEN, |r| {
+            found |= r.header.socket_id.source_port == port;
+        })?;
+        if found {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 fn dump(family: u8, protocol: u8, states: StateFlags) -> anyhow::Result<Vec<Connection>> {
+    let mut found = Vec::new();
+    dump_with(family, protocol, states, |r| {
+        let id = &r.header.socket_id;
+        // Unconnected UDP sockets have no remote end to admit.
+        if !id.destination_address.is_unspecified() && id.destination_port != 0 {
+            found.push(Connection {
+                proto: protocol,
+                local: id.source_address,
+                local_port: id.source_port,
+                remote: id.destination_address,
+                remote_port: id.destination_port,
+                tcp_syn_sent: protocol == IPPROTO_TCP && r.header.state == TCP_SYN_SENT,
+            });
+        }
+    })?;
+    Ok(found)
+}
+
+/// Dumps the sockets of one family and protocol in `states`, handing each
+/// to `each`.
+fn dump_with(
+    family: u8,
+    protocol: u8,
+    states: StateFlags,
+    mut each: impl FnMut(&InetResponse),
+) -> anyhow::Result<()> {
     let mut socket = Socket::new(NETLINK_SOCK_DIAG).context("opening a sock_diag socket")?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
@@ -75,7 +115,6 @@ fn dump(family: u8, protocol: u8, states: StateFlags) -> anyhow::Result<Vec<Conn
         .send(&buf, 0)
         .context("sending the sock_diag request")?;
 
-    let mut found = Vec::new();
     let mut rx = vec![0u8; 1 << 16];
     loop {
         let size = socket
@@ -86,21 +125,8 @@ fn dump(family: u8, protocol: u8, states: StateFlags) -> anyhow::Result<Vec<Conn
             let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[offset..size])
                 .context("parsing a sock_diag reply")?;
             match msg.payload {
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    let id = &r.header.socket_id;
-                    // Unconnected UDP sockets have no remote end to admit.
-                    if !id.destination_address.is_unspecified() && id.destination_port != 0 {
-                        found.push(Connection {
-                            proto: protocol,
-                            local: id.source_address,
-                            local_port: id.source_port,
-                            remote: id.destination_address,
-                            remote_port: id.destination_port,
-                            tcp_syn_sent: protocol == IPPROTO_TCP && r.header.state == TCP_SYN_SENT,
-                        });
-                    }
-                }
-                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(&r),
+                NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => bail!("sock_diag dump failed: {e:?}"),
                 _ => {}
             }

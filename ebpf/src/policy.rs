@@ -75,12 +75,23 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if conntrack::match_ingress(ip) {
         return Reason::PassEstablished;
     }
-    match ip.proto {
-        IPPROTO_TCP => by_rules(ctx, ip, PCLASS_TCP, ip.dport, Reason::DropNoRule, bytes),
-        IPPROTO_UDP if is_dhcp_reply(ip) => Reason::PassDhcp,
-        IPPROTO_UDP => by_rules(ctx, ip, PCLASS_UDP, ip.dport, Reason::DropNoRule, bytes),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => decide_icmp(p, ip, ctx, bytes),
-        _ => by_rules(ctx, ip, PCLASS_OTHER, 0, Reason::DropProtocol, bytes),
+    let (pclass, port, otherwise) = match ip.proto {
+        IPPROTO_TCP => (PCLASS_TCP, ip.dport, Reason::DropNoRule),
+        IPPROTO_UDP if is_dhcp_reply(ip) => return Reason::PassDhcp,
+        IPPROTO_UDP => (PCLASS_UDP, ip.dport, Reason::DropNoRule),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => match icmp_before_rules(p, ip, ctx) {
+            Some(reason) => return reason,
+            None => (PCLASS_ICMP, 0, Reason::DropIcmp),
+        },
+        _ => (PCLASS_OTHER, 0, Reason::DropProtocol),
+    };
+    // The one place the ingress path asks the rules about new traffic (the
+    // lookup is inlined, so one call site keeps the program small).
+    let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
+    if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
+        Reason::PassPing
+    } else {
+        reason
     }
 }
 
@@ -127,33 +138,27 @@ fn is_dhcp_reply(ip: &Ip) -> bool {
     }
 }
 
+/// What ICMP gets before (or instead of) the rules: the wrong family for
+/// the IP version is dropped, neighbour discovery passes with hop limit
+/// 255, errors about this host's own flows or served ports pass. `None`:
+/// ask the rules (echo requests, then the ping setting; everything else).
 #[inline(always)]
-fn decide_icmp<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx) -> Option<Reason> {
     let v6 = ip.proto == IPPROTO_ICMPV6;
     if v6 != (ip.family == FAMILY_V6) {
         // ICMPv4 in IPv6 or ICMPv6 in IPv4.
-        return Reason::DropIcmp;
+        return Some(Reason::DropIcmp);
     }
     let t = ip.icmp_type;
     if v6 && (ND_FIRST..=ND_LAST).contains(&t) {
-        return if ip.hop_limit == ND_HOP_LIMIT {
+        return Some(if ip.hop_limit == ND_HOP_LIMIT {
             Reason::PassNeighbor
         } else {
             Reason::DropIcmp
-        };
+        });
     }
-    let echo_request = if v6 {
-        t == ICMPV6_ECHO_REQUEST
-    } else {
-        t == ICMP_ECHO_REQUEST
-    };
-    if echo_request {
-        let by_rule = by_rules(ctx, ip, PCLASS_ICMP, 0, Reason::DropIcmp, bytes);
-        return if by_rule == Reason::DropIcmp && ctx.settings.flags & SETTING_PING != 0 {
-            Reason::PassPing
-        } else {
-            by_rule
-        };
+    if is_echo_request(ip) {
+        return None;
     }
     let error = if v6 {
         matches!(
@@ -170,9 +175,18 @@ fn decide_icmp<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         )
     };
     if error && related(p, ip, ctx) {
-        return Reason::PassRelated;
+        return Some(Reason::PassRelated);
     }
-    by_rules(ctx, ip, PCLASS_ICMP, 0, Reason::DropIcmp, bytes)
+    None
+}
+
+#[inline(always)]
+fn is_echo_request(ip: &Ip) -> bool {
+    match ip.proto {
+        IPPROTO_ICMP => ip.family != FAMILY_V6 && ip.icmp_type == ICMP_ECHO_REQUEST,
+        IPPROTO_ICMPV6 => ip.family == FAMILY_V6 && ip.icmp_type == ICMPV6_ECHO_REQUEST,
+        _ => false,
+    }
 }
 
 /// Whether the packet an ICMP error quotes is one this host sent on a flow it

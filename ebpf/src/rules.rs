@@ -16,13 +16,18 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use portcullis_common::{
     Counter, DEFAULT_PREFIXES, DEFAULT_REGIONS, DEFAULT_RULE_SLOTS, DEFAULT_SEGMENTS,
     DEFAULT_V4_CHUNKS, FAMILY_V4, Region, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_NONE,
-    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES,
+    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES, V6_BUCKET_OVERFLOW, V6BucketKey,
+    V6Lengths, V6PrefixKey,
 };
+
+/// Hash maps allocated as entries are inserted (BPF_F_NO_PREALLOC): their
+/// memory follows the rule set, not the capacity.
+const NO_PREALLOC: u32 = 1;
 
 #[map]
 pub static ACTIVE: Array<u32> = Array::pinned(1, 0);
@@ -39,6 +44,18 @@ pub static V4_CHUNKS_1: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_
 pub static SRC6_0: LpmTrie<RuleKey6, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
 #[map]
 pub static SRC6_1: LpmTrie<RuleKey6, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
+#[map]
+pub static V6_BUCKETS_0: HashMap<V6BucketKey, V6Lengths> =
+    HashMap::pinned(DEFAULT_PREFIXES, NO_PREALLOC);
+#[map]
+pub static V6_BUCKETS_1: HashMap<V6BucketKey, V6Lengths> =
+    HashMap::pinned(DEFAULT_PREFIXES, NO_PREALLOC);
+#[map]
+pub static V6_PREFIXES_0: HashMap<V6PrefixKey, u32> =
+    HashMap::pinned(DEFAULT_PREFIXES, NO_PREALLOC);
+#[map]
+pub static V6_PREFIXES_1: HashMap<V6PrefixKey, u32> =
+    HashMap::pinned(DEFAULT_PREFIXES, NO_PREALLOC);
 #[map]
 pub static REGIONS_0: Array<Region> = Array::pinned(DEFAULT_REGIONS, 0);
 #[map]
@@ -57,6 +74,8 @@ struct Generation {
     v4_root: &'static Array<u32>,
     v4_chunks: &'static Array<u32>,
     src6: &'static LpmTrie<RuleKey6, u32>,
+    v6_buckets: &'static HashMap<V6BucketKey, V6Lengths>,
+    v6_prefixes: &'static HashMap<V6PrefixKey, u32>,
     regions: &'static Array<Region>,
     segments: &'static Array<Segment>,
     stats: &'static PerCpuArray<Counter>,
@@ -71,6 +90,8 @@ macro_rules! with_generation {
                 v4_root: &V4_ROOT_0,
                 v4_chunks: &V4_CHUNKS_0,
                 src6: &SRC6_0,
+                v6_buckets: &V6_BUCKETS_0,
+                v6_prefixes: &V6_PREFIXES_0,
                 regions: &REGIONS_0,
                 segments: &SEGMENTS_0,
                 stats: &RULE_STATS_0,
@@ -81,6 +102,8 @@ macro_rules! with_generation {
                 v4_root: &V4_ROOT_1,
                 v4_chunks: &V4_CHUNKS_1,
                 src6: &SRC6_1,
+                v6_buckets: &V6_BUCKETS_1,
+                v6_prefixes: &V6_PREFIXES_1,
                 regions: &REGIONS_1,
                 segments: &SEGMENTS_1,
                 stats: &RULE_STATS_1,
@@ -139,10 +162,7 @@ fn lookup_in(
             u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]),
         )
     } else {
-        let mut data = [0u8; 17];
-        data[0] = dir;
-        data[1..].copy_from_slice(addr);
-        g.src6.get(&Key::new(8 + 128, data)).copied()
+        v6_region(g, dir, addr)
     };
     match region {
         Some(region) => search(g, region, pclass, port),
@@ -175,6 +195,63 @@ fn v4_region(g: &Generation, dir: u8, a: u32) -> Option<u32> {
     } else {
         Some(v - 1)
     }
+}
+
+/// The region of IPv6 address `addr`. Prefixes longer than /32 first: the
+/// hash of its /32 lists the lengths that exist there (at most
+/// `V6_BUCKET_LENGTHS`), each one hash probe, longest first; an address under
+/// no such /32 makes none. Then, if none matched, the LPM trie, which holds
+/// the prefixes of up to /32 (and those of the rare /32 with more lengths
+/// than a bucket lists), so it stays small and shallow.
+#[inline(always)]
+fn v6_region(g: &Generation, dir: u8, addr: &[u8; 16]) -> Option<u32> {
+    let bucket: V6BucketKey = [dir, addr[0], addr[1], addr[2], addr[3]];
+    // SAFETY: the value is copied out at once; entries only change while
+    // this generation is idle.
+    if let Some(lengths) = unsafe { g.v6_buckets.get(&bucket) }.copied()
+        && lengths[0] != V6_BUCKET_OVERFLOW
+    {
+        let hi = u64::from_be_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]);
+        let lo = u64::from_be_bytes([
+            addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+        ]);
+        for len in lengths {
+            if len == 0 || len > 128 {
+                break;
+            }
+            // The address masked to `len` bits (33..=128), without a loop;
+            // every shift stays below 64.
+            let (h, l) = if len > 64 {
+                (
+                    hi,
+                    if len == 128 {
+                        lo
+                    } else {
+                        lo & (u64::MAX << (128 - len))
+                    },
+                )
+            } else if len == 64 {
+                (hi, 0)
+            } else {
+                (hi & (u64::MAX << (64 - len)), 0)
+            };
+            let mut key: V6PrefixKey = [0; 18];
+            key[0] = dir;
+            key[1] = len;
+            key[2..10].copy_from_slice(&h.to_be_bytes());
+            key[10..].copy_from_slice(&l.to_be_bytes());
+            // SAFETY: as above.
+            if let Some(region) = unsafe { g.v6_prefixes.get(&key) } {
+                return Some(*region);
+            }
+        }
+    }
+    let mut data = [0u8; 17];
+    data[0] = dir;
+    data[1..].copy_from_slice(addr);
+    g.src6.get(&Key::new(8 + 128, data)).copied()
 }
 
 /// Finds the last segment starting at or below `port`: SEARCH_STEPS steps,

@@ -14,7 +14,10 @@ use std::{
     os::fd::AsFd as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
@@ -24,6 +27,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 pub use portcullis_common::Reason;
 
+pub mod container;
 pub mod packet;
 
 /// Returns early from a test, with a message saying why, when not root.
@@ -828,23 +832,106 @@ impl Sshd {
 
     /// An `ssh` command from `ns` to `addr` with the accepted key.
     pub fn client(&self, ns: &Netns, addr: &str) -> Command {
-        let mut cmd = ns.command("ssh");
-        cmd.arg("-i")
-            .arg(self.dir.path().join("client_key"))
-            .args([
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "ConnectTimeout=3",
-                "-o",
-                "LogLevel=ERROR",
-            ])
-            .arg(format!("root@{addr}"));
-        cmd
+        ssh_command(
+            ns,
+            &self.dir.path().join("client_key"),
+            &format!("root@{addr}"),
+        )
+    }
+}
+
+/// `ssh` from `ns` to `target` (`user@addr`) with only the key at `key`,
+/// never prompting, trusting any host key, giving up after 3 s.
+pub fn ssh_command(ns: &Netns, key: &Path, target: &str) -> Command {
+    let mut cmd = ns.command("ssh");
+    cmd.arg("-i")
+        .arg(key)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "ConnectTimeout=3",
+            "-o",
+            "LogLevel=ERROR",
+        ])
+        .arg(target);
+    cmd
+}
+
+/// A UDP sender that keeps hitting `to` from `from` (one datagram every
+/// `gap`, for at most two minutes) and a sink that counts what arrives, for
+/// tests where nothing may arrive while something else happens.
+pub struct Flood {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    received: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Flood {
+    pub fn start(
+        from: &Netns,
+        sink: UdpSocket,
+        to: SocketAddr,
+        gap: Duration,
+    ) -> anyhow::Result<Flood> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, received) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let socket =
+            from.enter(|| UdpSocket::bind(if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }))?;
+        sink.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let sender = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(120);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let _ = socket.send_to(b"denied", to);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(gap);
+                }
+            })
+        };
+        let counter = {
+            let (stop, received) = (stop.clone(), received.clone());
+            thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                while !stop.load(Ordering::Relaxed) {
+                    if sink.recv(&mut buf).is_ok() {
+                        received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        };
+        Ok(Flood {
+            stop,
+            sent,
+            received,
+            threads: vec![sender, counter],
+        })
+    }
+
+    /// Stops both; returns (sent, received).
+    pub fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.received.load(Ordering::Relaxed),
+        )
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -960,4 +1047,21 @@ impl Lan {
     pub fn v6(i: usize) -> String {
         format!("fd00:200:10::{i}")
     }
+}
+
+/// The overall exposure `systemd-analyze security` printed, with its line.
+pub fn security_exposure(output: &str) -> Option<(f64, String)> {
+    let line = output
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))?
+        .trim()
+        .to_string();
+    let exposure = line
+        .split(':')
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some((exposure, line))
 }

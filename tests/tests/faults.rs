@@ -3,10 +3,6 @@
 
 use std::{
     net::UdpSocket,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
     thread,
     time::{Duration, Instant},
 };
@@ -62,32 +58,13 @@ fn ten_sigkills_under_traffic_open_nothing_and_lose_nothing() {
     assert!(added.status.success());
     let before = rules_json(&config);
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let received = Arc::new(AtomicU64::new(0));
-    let sender = {
-        let (stop, sent) = (stop.clone(), sent.clone());
-        let s = pair.peer.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
-        thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let _ = s.send_to(b"denied", sock(HOST_V4, 9999));
-                sent.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(Duration::from_micros(200));
-            }
-        })
-    };
-    let counter = {
-        let (stop, received) = (stop.clone(), received.clone());
-        thread::spawn(move || {
-            let mut buf = [0u8; 64];
-            while !stop.load(Ordering::Relaxed) {
-                if sink.recv(&mut buf).is_ok() {
-                    received.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        })
-    };
+    let flood = Flood::start(
+        &pair.peer,
+        sink,
+        sock(HOST_V4, 9999),
+        Duration::from_micros(200),
+    )
+    .unwrap();
     let mut flow = tcp_connect(&pair.peer, sock(HOST_V4, 8080)).unwrap();
     for i in 0..10 {
         daemon.kill_in_place();
@@ -97,23 +74,10 @@ fn ten_sigkills_under_traffic_open_nothing_and_lose_nothing() {
         echo_roundtrip(&mut flow, format!("after {i}\n").as_bytes())
             .expect("allowed flow broke after a restart");
     }
-    stop.store(true, Ordering::Relaxed);
-    sender.join().unwrap();
-    counter.join().unwrap();
-    eprintln!(
-        "{} datagrams sent to the denied port across 10 kills, {} received",
-        sent.load(Ordering::Relaxed),
-        received.load(Ordering::Relaxed)
-    );
-    assert!(
-        sent.load(Ordering::Relaxed) > 1000,
-        "too little traffic to mean anything"
-    );
-    assert_eq!(
-        received.load(Ordering::Relaxed),
-        0,
-        "the denied sink received packets"
-    );
+    let (sent, received) = flood.stop();
+    eprintln!("{sent} datagrams sent to the denied port across 10 kills, {received} received");
+    assert!(sent > 1000, "too little traffic to mean anything");
+    assert_eq!(received, 0, "the denied sink received packets");
     assert_eq!(
         rules_json(&config),
         before,
@@ -233,4 +197,202 @@ fn maps_of_an_older_layout_are_replaced() {
         "not enforcing after the replacement"
     );
     drop(daemon);
+}
+
+/// A tmpfs mounted over a directory for one test, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        run(std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir))
+        .unwrap();
+        SmallDisk(dir.to_owned())
+    }
+
+    /// Fills the file system; returns the filler's path.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = [0u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// The state directory's disk fills up: a change is refused with the reason
+/// (it cannot be made durable, so it is not made live either), the rules and
+/// the traffic stay as they were; with space again, changes work and survive
+/// a restart.
+#[test]
+fn a_full_state_disk_refuses_changes_and_keeps_the_rules() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
+    let disk = SmallDisk::mount(&config.state_dir(), "256k");
+    TcpServer::start(&pair.host, sock(HOST_V4, 7000)).unwrap();
+    let mut daemon = Daemon::start(&pair.host, &config).unwrap();
+    let before = rules_json(&config);
+    let add = [
+        "rules",
+        "add",
+        "--id",
+        "later",
+        "--from-port",
+        "7000",
+        "--to-port",
+        "7000",
+    ];
+
+    let filler = disk.fill();
+    let out = cli(&config, &add);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a change was accepted on a full disk"
+    );
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(rules_json(&config), before, "the live rules changed");
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_err(),
+        "the refused rule is live"
+    );
+
+    std::fs::remove_file(filler).unwrap();
+    let out = cli(&config, &add);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_ok());
+    daemon.kill_in_place();
+    daemon = Daemon::start(&pair.host, &config).unwrap();
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_ok(),
+        "the change was lost"
+    );
+    drop(daemon);
+}
+
+/// SIGKILL while a large replacement is being made live: after the restart
+/// the live set is the old one or the new one, whole, and the traffic agrees
+/// with it.
+#[test]
+fn a_kill_mid_update_leaves_the_old_or_the_new_set_whole() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 7000)).unwrap();
+    // The new set: 5,000 rules on other ports, and port 7000 instead of 8080.
+    let mut rules: Vec<Value> = (0..5000)
+        .map(|i| {
+            serde_json::json!({
+                "id": format!("r{i}"),
+                "from_port": 10000 + i,
+                "to_port": 10000 + i,
+                "ip_ranges": [format!("10.{}.{}.0/24", 100 + i / 256, i % 256)],
+            })
+        })
+        .collect();
+    rules.push(
+        serde_json::json!({"id": "new", "from_port": 7000, "to_port": 7000, "ip_ranges": []}),
+    );
+    let file = config.state_dir().with_file_name("big.json");
+    std::fs::write(
+        &file,
+        serde_json::json!({ "ingress_rules": rules }).to_string(),
+    )
+    .unwrap();
+    // How long the whole apply takes, CLI start to reply (then undone).
+    let daemon = Daemon::start(&pair.host, &config).unwrap();
+    let baseline = config.state_dir().with_file_name("baseline.json");
+    let mut set = rules_json(&config);
+    set.as_object_mut().unwrap().remove("hash");
+    std::fs::write(&baseline, set.to_string()).unwrap();
+    let started = Instant::now();
+    assert!(
+        cli(&config, &["rules", "apply", file.to_str().unwrap()])
+            .status
+            .success()
+    );
+    let whole = started.elapsed();
+    let undo = cli(&config, &["rules", "apply", baseline.to_str().unwrap()]);
+    assert!(
+        undo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&undo.stderr)
+    );
+    drop(daemon);
+    let mut outcomes = Vec::new();
+    for percent in [30u32, 60, 80, 95, 110] {
+        let delay = whole * percent / 100;
+        let delay_ms = delay.as_millis();
+        let mut daemon = Daemon::start(&pair.host, &config).unwrap();
+        let old = rules_json(&config);
+        let apply = std::process::Command::new(workspace_bin("portcullis").unwrap())
+            .arg("--socket")
+            .arg(config.socket())
+            .args(["rules", "apply"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        thread::sleep(delay);
+        daemon.kill_in_place();
+        let _ = apply.wait_with_output();
+        daemon = Daemon::start(&pair.host, &config).unwrap();
+        let now = rules_json(&config);
+        let count = now["ingress_rules"].as_array().map_or(0, Vec::len);
+        let new = count == 5001;
+        assert!(
+            now == old || new,
+            "after a kill {delay_ms} ms in: {count} rules, neither set"
+        );
+        // The traffic agrees with the live set.
+        assert_eq!(
+            tcp_probe(&pair.peer, sock(HOST_V4, 7000)).is_ok(),
+            new,
+            "port 7000, {delay_ms} ms"
+        );
+        assert_eq!(
+            tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_ok(),
+            !new,
+            "port 8080, {delay_ms} ms"
+        );
+        outcomes.push((delay_ms, if new { "new" } else { "old" }));
+        // Back to the baseline for the next round.
+        if new {
+            let out = cli(&config, &["rules", "apply", baseline.to_str().unwrap()]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        drop(daemon);
+    }
+    eprintln!(
+        "a whole apply takes {whole:?}; kill mid-update (delay ms, live set after restart): {outcomes:?}"
+    );
 }

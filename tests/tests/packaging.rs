@@ -10,21 +10,12 @@ fn the_service_unit_is_hardened_to_an_exposure_of_at_most_2() {
         .output()
         .expect("systemd-analyze (package systemd; cargo xtask setup installs it)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.contains("Overall exposure level"))
-        .unwrap_or_else(|| {
-            panic!(
-                "no exposure in:\n{text}{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let exposure: f64 = line
-        .split(':')
-        .nth(1)
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("cannot read {line:?}"));
-    eprintln!("{}", line.trim());
+    let (exposure, line) = portcullis_tests::security_exposure(&text).unwrap_or_else(|| {
+        panic!(
+            "no exposure in:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    eprintln!("{line}");
     assert!(exposure <= 2.0, "exposure {exposure} above 2.0:\n{text}");
 }

@@ -97,6 +97,9 @@ fn kernel_verdicts_and_counters_match_the_reference() {
         Config {
             cases: 48,
             failure_persistence: None,
+            // The connection table outlives a case, so a shrinking rerun would
+            // meet flows of earlier runs: report the first failure as it is.
+            max_shrink_iters: 0,
             ..Config::default()
         },
         TestRng::deterministic_rng(RngAlgorithm::ChaCha),

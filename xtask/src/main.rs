@@ -12,6 +12,9 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use clap::{Parser, Subcommand};
 
+mod deb;
+mod rootfs;
+
 /// Nightly used for the BPF target (see daemon/build.rs); its LLVM must be
 /// the one bpf-linker links against.
 const EBPF_TOOLCHAIN: &str = "nightly-2026-10-29";
@@ -20,19 +23,24 @@ const BPF_LINKER_LLVM_FEATURE: &str = "llvm-23";
 
 /// Debian packages the tests and the demo use.
 const APT_PACKAGES: &[&str] = &[
-    "iproute2",       // ip, netns, veth
-    "util-linux",     // nsenter, mount
-    "iputils-ping",   // ping
-    "procps",         // sysctl
-    "bpftool",        // the layout-upgrade test pins a map with it
-    "nftables",       // published-port (DNAT) test
-    "openssh-server", // real sshd for the session tests
-    "openssh-client", // real ssh client
-    "dnsmasq-base",   // DHCP server for the lease test (binary only, no service)
-    "udhcpc",         // DHCP client for the lease test
-    "radvd",          // router advertisements for the SLAAC test
-    "systemd",        // systemd-analyze: the unit's hardening score
-    "curl",           // raw HTTP to the API socket in the API tests
+    "iproute2",          // ip, netns, veth
+    "util-linux",        // nsenter, mount
+    "iputils-ping",      // ping
+    "procps",            // sysctl
+    "bpftool",           // the layout-upgrade test pins a map with it
+    "nftables",          // published-port (DNAT) test
+    "openssh-server",    // real sshd for the session tests
+    "openssh-client",    // real ssh client
+    "dnsmasq-base",      // DHCP server for the lease test (binary only, no service)
+    "udhcpc",            // DHCP client for the lease test
+    "radvd",             // router advertisements for the SLAAC test
+    "systemd",           // systemd-analyze: the unit's hardening score
+    "curl",              // raw HTTP to the API socket in the API tests
+    "systemd-container", // systemd-nspawn: a real systemd host for the container tests
+    "debootstrap",       // builds that host's root file system
+    "dpkg-dev",          // dpkg-scanpackages: the package repository cloud-init installs from
+    "xdp-tools",         // xdp-filter: the benchmark's stateless XDP reference
+    "iptables",          // iptables-legacy: the benchmark's classic comparison
 ];
 
 #[derive(Parser)]
@@ -56,6 +64,16 @@ enum Task {
     Demo,
     /// Benchmarks (release build): rule-engine cost per packet by rule count.
     Bench,
+    /// The Debian package (release build) in target/debian/.
+    Deb {
+        /// Package version (default: the crate's, revision 1).
+        #[arg(long)]
+        deb_version: Option<String>,
+    },
+    /// End-to-end: boots a Debian container with systemd-nspawn, provisions
+    /// it with cloud-init from systemd/cloud-init/user-data.yaml (installing
+    /// the package), and checks it from outside; then upgrade and purge.
+    E2e,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -76,6 +94,18 @@ fn main() -> anyhow::Result<()> {
                 "--bin",
                 "portcullis-bench",
             ])
+        }
+        Task::Deb { deb_version } => {
+            setup()?;
+            let version = deb_version.unwrap_or_else(|| format!("{}-1", env!("CARGO_PKG_VERSION")));
+            let out = root.join("target/debian");
+            let deb = deb::build(&root, &version, &out)?;
+            eprintln!("{}", deb.display());
+            Ok(())
+        }
+        Task::E2e => {
+            setup()?;
+            e2e(&root)
         }
         Task::Demo => {
             setup()?;
@@ -139,15 +169,44 @@ fn test(args: &[String]) -> anyhow::Result<()> {
                 "warnings",
             ])
         })?;
-        phases.run("build", || cargo(&["build", "--workspace", "--bins"]))?;
+        phases.run("build", || cargo(&["build", "--bins"]))?;
         phases.run("test", || {
             let mut a = vec!["test", "--workspace"];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
-        })
+        })?;
+        phases.run("e2e", || e2e(&workspace_root()?))
     })();
     phases.print();
     result
+}
+
+/// Builds versions N and N+1 of the package into a local repository
+/// (target/e2e) and runs the end-to-end test against it.
+fn e2e(root: &Path) -> anyhow::Result<()> {
+    let dir = root.join("target/e2e");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (repo, next) = (dir.join("repo"), dir.join("next"));
+    let base = env!("CARGO_PKG_VERSION");
+    deb::build(root, &format!("{base}-1"), &repo)?;
+    deb::build(root, &format!("{base}-2"), &next)?;
+    deb::index(&repo)?;
+    cargo(&["build", "--bins"])?;
+    run(
+        Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args([
+                "test",
+                "-p",
+                "portcullis-tests",
+                "--test",
+                "e2e",
+                "--",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("PORTCULLIS_E2E_DIR", &dir),
+    )
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -176,6 +235,8 @@ fn setup() -> anyhow::Result<()> {
     bpf_linker()?;
     apt_packages()?;
     bpffs()?;
+    rootfs::ensure()?;
+    deb::ensure_cargo_deb()?;
     eprintln!("setup: everything is in place");
     Ok(())
 }

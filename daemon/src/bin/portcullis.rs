@@ -73,6 +73,18 @@ enum Command {
     Audit(AuditArgs),
     /// Back to normal enforcement.
     Enforce,
+    /// Write shell completions (bash, zsh) and man pages into DIR (used by
+    /// `cargo xtask deb`).
+    #[command(hide = true)]
+    GenerateDocs { dir: PathBuf },
+    /// Wait until the host is SSH-ready (enforcing, SSH unit active and
+    /// listening, admitted by the rules, key authentication on). Exits 0 when
+    /// it is; on timeout exits 1 and lists the checks that fail.
+    WaitReady {
+        /// Give up after SECS.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,6 +249,14 @@ fn main() -> anyhow::Result<()> {
             .json()
     };
     let out = match cli.command {
+        Command::GenerateDocs { dir } => return generate_docs(&dir),
+        Command::WaitReady { timeout } => {
+            return wait_ready(
+                &cli.socket,
+                std::time::Duration::from_secs(timeout),
+                cli.json,
+            );
+        }
         Command::Status if !cli.json => {
             print_status(&call(Method::GET, "/v1/status", None)?);
             return Ok(());
@@ -488,6 +508,27 @@ fn print_status(s: &Value) {
         "Flows:       {} of {} connection-table entries in use",
         s["conntrack"]["entries"], s["conntrack"]["capacity"]
     );
+    let r = &s["readiness"];
+    println!(
+        "SSH-ready:   {}",
+        if r["ready"] == true { "yes" } else { "NO" }
+    );
+    print_checks(r);
+    let failed: Vec<&str> = r["failed_units"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    println!(
+        "System:      {}{}",
+        r["system_state"].as_str().unwrap_or("unknown (no D-Bus)"),
+        if failed.is_empty() {
+            String::new()
+        } else {
+            format!(", failed units: {}", failed.join(", "))
+        }
+    );
     if let Some(p) = s.get("pending") {
         println!(
             "Pending:     generation {} rolls back at {} unless confirmed",
@@ -548,4 +589,107 @@ fn print_text(v: &Value) {
     } else {
         println!("{v}");
     }
+}
+
+/// Polls `/v1/ready` until it answers 200 or `timeout` passes. A daemon
+/// that is not up yet counts as not ready (this runs early in boot).
+fn wait_ready(
+    socket: &std::path::Path,
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut last: Result<Value, String>;
+    loop {
+        let reply = runtime.block_on(client::request(socket, Method::GET, "/v1/ready", None));
+        match reply {
+            Ok(r) if r.status == 200 || r.status == 503 => {
+                let ready = r.status == 200;
+                let doc: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+                if ready {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&doc)?);
+                    } else {
+                        println!("SSH-ready");
+                        print_checks(&doc);
+                    }
+                    return Ok(());
+                }
+                last = Ok(doc);
+            }
+            Ok(r) => last = Err(format!("the daemon answered HTTP {}", r.status)),
+            Err(e) => last = Err(format!("{e:#}")),
+        }
+        if std::time::Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    match last {
+        Ok(doc) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            eprintln!(
+                "not SSH-ready after {} s; failing checks:",
+                timeout.as_secs()
+            );
+            for check in doc["checks"].as_array().into_iter().flatten() {
+                let passes = matches!(check["state"].as_str(), Some("pass" | "warn" | "skipped"));
+                if check["gates"].as_bool() == Some(true) && !passes {
+                    eprintln!(
+                        "  {}: {} ({})",
+                        check["name"].as_str().unwrap_or("?"),
+                        check["detail"].as_str().unwrap_or(""),
+                        check["state"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
+        Err(e) => eprintln!("not SSH-ready after {} s: {e}", timeout.as_secs()),
+    }
+    std::process::exit(1);
+}
+
+/// The readiness checks of a readiness document, one per line.
+fn print_checks(doc: &Value) {
+    for check in doc["checks"].as_array().into_iter().flatten() {
+        println!(
+            "  {:<16} {:<8} {}",
+            check["name"].as_str().unwrap_or("?"),
+            check["state"].as_str().unwrap_or("?"),
+            check["detail"].as_str().unwrap_or("")
+        );
+    }
+}
+
+/// Completions and man pages, generated from this CLI's own definition so
+/// they never drift from it.
+fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    std::fs::create_dir_all(dir)?;
+    let mut cmd = Cli::command();
+    for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
+        clap_complete::generate_to(shell, &mut cmd, "portcullis", dir)?;
+    }
+    let man = clap_mangen::Man::new(cmd.clone());
+    let mut page = Vec::new();
+    man.render(&mut page)?;
+    std::fs::write(dir.join("portcullis.1"), page)?;
+    // One page per subcommand, as git and systemd's tools have.
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
+        let name = format!("portcullis-{}", sub.get_name());
+        let mut page = Vec::new();
+        clap_mangen::Man::new(sub.clone())
+            .title(name.to_uppercase())
+            .render(&mut page)?;
+        std::fs::write(dir.join(format!("{name}.1")), page)?;
+    }
+    Ok(())
 }

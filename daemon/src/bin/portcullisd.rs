@@ -14,10 +14,12 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket as _;
 use portcullis::{
     api,
-    config::{Config, DEFAULT_CONFIG_PATH},
+    config::{Config, DEFAULT_CONFIG_PATH, Fallback},
     core::{self, Core},
     dataplane::{self, Dataplane},
-    links, sockets, state,
+    fallback, links,
+    readiness::{self, SystemdView},
+    sockets, state,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -43,6 +45,9 @@ struct Args {
     /// The API socket (overrides `[api] socket` in the config).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Write this program's man page into DIR and exit (packaging).
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,6 +58,14 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    if let Some(dir) = &args.generate_man {
+        use clap::CommandFactory as _;
+        let mut page = Vec::new();
+        clap_mangen::Man::new(Args::command()).render(&mut page)?;
+        std::fs::create_dir_all(dir)?;
+        std::fs::write(dir.join("portcullisd.8"), page)?;
+        return Ok(());
+    }
     let config = Config::load(&args.config)?;
     if args.check_config {
         println!("{}: ok", args.config.display());
@@ -74,8 +87,9 @@ fn main() -> anyhow::Result<()> {
                     .collect(),
             )
         })?;
-        let n = dataplane::detach_all(&config.pin_dir, &names)?;
-        info!(links = n, pin_dir = %config.pin_dir.display(), "detached; inbound traffic is no longer filtered");
+        let pin_dir = config.pin_dir();
+        let n = dataplane::detach_all(&pin_dir, &names)?;
+        info!(links = n, pin_dir = %pin_dir.display(), "detached; inbound traffic is no longer filtered");
         return Ok(());
     }
     let state_dir = args
@@ -104,6 +118,9 @@ async fn run(
     let mut hup = signal(SignalKind::hangup())?;
     let selector = config.selector()?;
     let writers_gid = config.api.writers_gid()?;
+    // Resolved once (a default pin directory depends on what is mounted), so
+    // loading, cleaning up and logging all name the same directory.
+    let pin_dir = config.pin_dir();
 
     // Subscribe to link events before listing links, so none is missed.
     let (mut connection, handle, mut link_events) =
@@ -142,7 +159,11 @@ async fn run(
         None => (config.rule_set(), 1),
     };
     let limits = config.capacity.limits();
-    let dataplane = Dataplane::load(&config.pin_dir, config.conntrack_entries, &limits)?;
+    let dataplane = match Dataplane::load(&pin_dir, config.conntrack_entries, &limits) {
+        Ok(d) => d,
+        Err(e) => return Err(data_path_failed(&config, e)),
+    };
+
     // Rules first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
     // already exist; only then the ingress filter.
@@ -153,14 +174,17 @@ async fn run(
         config.allow_ping,
         rules,
         generation,
+        config.service_rules(),
     )
-    .context("making the rules live")?;
+    .context("making the rules live")
+    .map_err(|e| data_path_failed(&config, e))?;
     info!(generation, hash = core.hash(), "rules live");
     for ifname in &targets {
         let how = core
             .dataplane()
             .attach_egress(ifname, config.tc_attach)
-            .with_context(|| format!("interface {ifname}"))?;
+            .with_context(|| format!("interface {ifname}"))
+            .map_err(|e| data_path_failed(&config, e))?;
         info!(interface = %ifname, attach = ?how, "recording outbound flows");
     }
     let existing = sockets::connections().context("listing open connections")?;
@@ -174,11 +198,19 @@ async fn run(
         let how = core
             .dataplane()
             .attach_ingress(ifname)
-            .with_context(|| format!("interface {ifname}"))?;
+            .with_context(|| format!("interface {ifname}"))
+            .map_err(|e| data_path_failed(&config, e))?;
         let mode = xdp_mode(&handle, ifname).await;
         info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
         core.interfaces.insert(ifname.clone(), mode);
         protected.insert(ifname.clone());
+    }
+    // Enforcing: a fallback policy from a failed start is no longer needed.
+    if fallback::remove() {
+        info!(
+            table = fallback::TABLE,
+            "the data path enforces again: removed the nftables fallback"
+        );
     }
     // A change that awaited confirmation when we stopped: roll it back now
     // if its time is up, else keep waiting for it.
@@ -187,7 +219,7 @@ async fn run(
     let pending = core.pending().map(|p| p.deadline);
     // Every link now runs this version's programs: maps of older layouts
     // have no users left.
-    for old in dataplane::remove_old_layouts(&config.pin_dir)? {
+    for old in dataplane::remove_old_layouts(&pin_dir)? {
         info!(maps = %old.display(), "removed the maps of an older layout");
     }
     let core = Arc::new(Mutex::new(core));
@@ -208,15 +240,33 @@ async fn run(
             }
         }
     });
+    // systemd's view over D-Bus, kept current in the background; the bus
+    // may not exist yet at this point of the boot.
+    let (systemd_tx, systemd_rx) = tokio::sync::watch::channel(SystemdView::default());
+    tokio::spawn(readiness::watch_systemd(
+        config.readiness.ssh_unit.clone(),
+        systemd_tx,
+    ));
     let api = api::Api {
         feed,
         request_timeout: std::time::Duration::from_secs(config.api.request_timeout_secs),
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
+        readiness: Arc::new(readiness::Checker::new(
+            config.readiness.clone(),
+            systemd_rx,
+        )),
     };
+    if let Some(health) = &config.readiness.health {
+        let listener = tokio::net::TcpListener::bind(health.listen)
+            .await
+            .with_context(|| format!("readiness: health: cannot listen on {}", health.listen))?;
+        info!(listen = %health.listen, "health endpoint");
+        tokio::spawn(api::serve_health(listener, api.clone()));
+    }
     let listener = api::bind(&socket, writers_gid)?;
-    let mut server = tokio::spawn(api::serve(listener, api));
-    info!(pin_dir = %config.pin_dir.display(), socket = %socket.display(), "ready");
+    let mut server = tokio::spawn(api::serve(listener, api.clone()));
+    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), "ready");
     // Tell systemd (Type=notify) that the host is protected, and keep its
     // watchdog fed while the loop runs.
     let summary = format!(
@@ -229,6 +279,11 @@ async fn run(
     ]) {
         warn!(error = %e, "cannot notify the service manager");
     }
+    // Readiness, re-evaluated every second and on every change systemd
+    // reports: kept in STATUS= and logged when it changes.
+    let mut recheck = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut systemd_changes = api.readiness.systemd();
+    let mut last_summary = String::new();
     let mut watchdog = tokio::time::interval(
         sd_notify::watchdog_enabled().map_or(std::time::Duration::from_secs(3600), |d| d / 2),
     );
@@ -237,6 +292,12 @@ async fn run(
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM"); break; }
             _ = int.recv() => { info!("SIGINT"); break; }
+            _ = recheck.tick() => {
+                report_readiness(&api, &mut last_summary).await;
+            }
+            _ = systemd_changes.changed() => {
+                report_readiness(&api, &mut last_summary).await;
+            }
             _ = watchdog.tick() => {
                 if sd_notify::watchdog_enabled().is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
@@ -309,6 +370,44 @@ async fn run(
     let _ = std::fs::remove_file(&socket);
     info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
     Ok(())
+}
+
+/// The eBPF data path cannot load: say so loudly and, when configured, put
+/// the nftables fallback in place before failing.
+fn data_path_failed(config: &Config, e: anyhow::Error) -> anyhow::Error {
+    error!(error = %format!("{e:#}"), "the eBPF data path cannot load: the host is NOT protected by Portcullis");
+    if config.fallback == Fallback::Nftables {
+        match fallback::apply(&config.ssh, config.readiness.ssh_port) {
+            Ok(()) => warn!(
+                table = fallback::TABLE,
+                "nftables fallback in place: inbound denied except SSH and established flows"
+            ),
+            Err(fe) => error!(error = %format!("{fe:#}"), "the nftables fallback failed too"),
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+        "FAILED: the eBPF data path cannot load; see the journal",
+    )]);
+    e.context("loading the eBPF data path")
+}
+
+/// Logs readiness when its summary changes and keeps systemd's `STATUS=`
+/// current.
+async fn report_readiness(api: &api::Api, last: &mut String) {
+    let report = api::readiness(api).await;
+    let summary = report.summary();
+    if summary == *last {
+        return;
+    }
+    if report.ready {
+        info!(status = %summary, "SSH-ready");
+    } else {
+        warn!(status = %summary, "not SSH-ready");
+    }
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Status(&summary)]) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
+    *last = summary;
 }
 
 /// The XDP mode the kernel chose for `ifname`.

@@ -1,0 +1,630 @@
+//! `cargo xtask bench`: what Portcullis costs per packet, next to what users
+//! would pick instead, measured side by side in one run.
+//!
+//! 1. The rule engine with `BPF_PROG_TEST_RUN`: ns/packet as the rule set
+//!    grows (seeded shape: N rules, each with 1 to 4 source prefixes of mixed
+//!    lengths, /8 to /32 for IPv4 and /32 to /128 for IPv6, and a range of 1
+//!    to 1000 ports, plus 1000 cluster peers), for allowed, denied and
+//!    established-flow packets, IPv4 and IPv6; compile time, time to make the
+//!    set live, kernel map memory. Beside it, over the same packets: an empty
+//!    XDP program (the floor) and xdp-filter (xdp-tools).
+//! 2. Real traffic (`traffic.rs`): Portcullis, nftables (linear and interval
+//!    set) and iptables-legacy at 1k and 10k rules, one raw-frame generator.
+//! 3. The control plane through a real daemon's API.
+//!
+//! Results: printed, and written to target/bench/bench.json and
+//! target/bench/ns-per-packet.svg.
+
+mod rawbpf;
+mod report;
+mod traffic;
+mod xdpfilter;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsFd as _,
+    time::Instant,
+};
+
+use ipnet::IpNet;
+use portcullis::{
+    compile::{self, Limits},
+    dataplane::{self, Dataplane, Program},
+    rules::{Cluster, FirewallRule, RuleSet},
+    testrun,
+};
+use portcullis_tests::{PinDir, is_root, packet::*};
+use rand::{RngExt as _, SeedableRng, rngs::StdRng};
+use report::{Control, EngineRow, Reference, Report, Stat};
+
+const SIZES: [usize; 5] = [1, 100, 1_000, 10_000, 100_000];
+const PACKETS: usize = 2048;
+const REPEAT: u32 = 50;
+const RUNS: usize = 5;
+
+fn random_net(rng: &mut StdRng, v6: bool) -> IpNet {
+    if v6 {
+        let addr = Ipv6Addr::from(rng.random::<u128>());
+        IpNet::new(IpAddr::V6(addr), rng.random_range(32..=128))
+            .unwrap()
+            .trunc()
+    } else {
+        let addr = Ipv4Addr::from(rng.random::<u32>());
+        IpNet::new(IpAddr::V4(addr), rng.random_range(8..=32))
+            .unwrap()
+            .trunc()
+    }
+}
+
+fn random_in(rng: &mut StdRng, net: &IpNet) -> IpAddr {
+    match net {
+        IpNet::V4(n) => {
+            let host = if n.prefix_len() == 32 {
+                0
+            } else {
+                rng.random::<u32>() >> n.prefix_len()
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
+        }
+        IpNet::V6(n) => {
+            let host = if n.prefix_len() == 128 {
+                0
+            } else {
+                rng.random::<u128>() >> n.prefix_len()
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
+        }
+    }
+}
+
+fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
+    let rules = (0..n)
+        .map(|i| {
+            let from = rng.random_range(1..=64_535u32);
+            let nets: Vec<IpNet> = (0..rng.random_range(1..=4))
+                .map(|_| {
+                    let v6 = rng.random();
+                    random_net(rng, v6)
+                })
+                .collect();
+            FirewallRule {
+                id: format!("r{i}"),
+                from_port: from,
+                to_port: from + rng.random_range(0..1000),
+                ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
+                protocol: Default::default(),
+                description: None,
+            }
+        })
+        .collect();
+    let peers = (0..1000)
+        .map(|i| {
+            let addr = if i % 2 == 0 {
+                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()))
+            };
+            IpNet::from(addr).to_string()
+        })
+        .collect();
+    RuleSet {
+        ingress_rules: rules,
+        cluster: Some(Cluster {
+            id: "bench".into(),
+            peers,
+            other_clusters: vec![],
+        }),
+        ..Default::default()
+    }
+}
+
+/// Packets for `set`: (v6, admitted-by-construction, frame).
+fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<(bool, bool, Vec<u8>)> {
+    (0..PACKETS)
+        .map(|i| {
+            let allowed = i % 2 == 0;
+            let (src, port) = if allowed {
+                let r = &set.ingress_rules[rng.random_range(0..set.ingress_rules.len())];
+                let nets = r.networks();
+                let net = nets[rng.random_range(0..nets.len())];
+                (
+                    random_in(rng, &net),
+                    rng.random_range(r.from_port..=r.to_port) as u16,
+                )
+            } else if rng.random() {
+                (
+                    IpAddr::V6(Ipv6Addr::from(rng.random::<u128>())),
+                    rng.random(),
+                )
+            } else {
+                (
+                    IpAddr::V4(Ipv4Addr::from(rng.random::<u32>())),
+                    rng.random(),
+                )
+            };
+            let dst = if src.is_ipv4() {
+                "10.200.0.1"
+            } else {
+                "fd00:200::1"
+            };
+            let frame = Pkt::new(&src.to_string(), dst)
+                .tcp(40000, port, SYN)
+                .bytes();
+            (src.is_ipv6(), allowed, frame)
+        })
+        .collect()
+}
+
+/// Mean ns/packet over the packets selected by `pick`, per run.
+fn measure(
+    fd: std::os::fd::BorrowedFd<'_>,
+    pkts: &[(bool, bool, Vec<u8>)],
+    pick: impl Fn(bool, bool) -> bool,
+) -> Vec<f64> {
+    (0..RUNS)
+        .map(|_| {
+            let chosen: Vec<_> = pkts.iter().filter(|(v6, ok, _)| pick(*v6, *ok)).collect();
+            let total: u64 = chosen
+                .iter()
+                .map(|(_, _, f)| testrun::run(fd, f, REPEAT).expect("test run").duration_ns as u64)
+                .sum();
+            total as f64 / chosen.len() as f64
+        })
+        .collect()
+}
+
+fn median_min_max(v: Vec<f64>) -> (f64, f64, f64) {
+    let s = Stat::of(v);
+    (s.median, s.min, s.max)
+}
+
+/// Opens the flows of `pkts` through the egress program (the outbound
+/// packet each inbound one answers), so they become established replies.
+fn establish(dp: &mut Dataplane, pkts: &[(bool, bool, Vec<u8>)]) -> anyhow::Result<()> {
+    for (_, _, inbound) in pkts {
+        let Some(outbound) = reverse(inbound) else {
+            continue;
+        };
+        dp.test_run(Program::Egress, &outbound, 1)?;
+    }
+    Ok(())
+}
+
+/// The TCP SYN this host would have sent for `inbound` to be its reply:
+/// addresses and ports swapped (frames as `packets` builds them).
+fn reverse(inbound: &[u8]) -> Option<Vec<u8>> {
+    let v6 = u16::from_be_bytes([inbound[12], inbound[13]]) == 0x86dd;
+    let (src, dst, l4) = if v6 {
+        let a: [u8; 16] = inbound[22..38].try_into().ok()?;
+        let b: [u8; 16] = inbound[38..54].try_into().ok()?;
+        (IpAddr::from(a), IpAddr::from(b), 54)
+    } else {
+        let a: [u8; 4] = inbound[26..30].try_into().ok()?;
+        let b: [u8; 4] = inbound[30..34].try_into().ok()?;
+        (IpAddr::from(a), IpAddr::from(b), 34)
+    };
+    let sport = u16::from_be_bytes([inbound[l4], inbound[l4 + 1]]);
+    let dport = u16::from_be_bytes([inbound[l4 + 2], inbound[l4 + 3]]);
+    Some(
+        Pkt::new(&dst.to_string(), &src.to_string())
+            .tcp(dport, sport, SYN)
+            .bytes(),
+    )
+}
+
+/// Mean ns/packet of `fd` over all of `pkts`, per run.
+fn measure_all(fd: std::os::fd::BorrowedFd<'_>, pkts: &[(bool, bool, Vec<u8>)]) -> Stat {
+    Stat::of(measure(fd, pkts, |_, _| true))
+}
+
+fn main() -> anyhow::Result<()> {
+    anyhow::ensure!(
+        is_root(),
+        "the benchmark loads eBPF programs: run it as root"
+    );
+    // Our own network namespace (gone when we exit), with a veth pair to
+    // attach the program to: an XDP program attached in driver mode stays
+    // in the kernel's XDP dispatcher, so a test run does not swap it in and
+    // out (which waits for an RCU grace period on every run).
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+    let ip = |args: &[&str]| portcullis_tests::run(std::process::Command::new("ip").args(args));
+    ip(&[
+        "link", "add", "bench0", "type", "veth", "peer", "name", "bench1",
+    ])?;
+    for dev in ["bench0", "bench1", "lo"] {
+        ip(&["link", "set", dev, "up"])?;
+    }
+    let sizes: Vec<usize> = match std::env::var("PORTCULLIS_BENCH_SIZES") {
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()?,
+        Err(_) => SIZES.to_vec(),
+    };
+    let limits = Limits {
+        prefixes: 600_000,
+        regions: 600_000,
+        segments: 8_000_000,
+        slots: 110_000,
+        v4_chunks: 1_000_000,
+    };
+    println!(
+        "rule engine: ns/packet (BPF_PROG_TEST_RUN, {PACKETS} packets x {REPEAT} repeats, median of {RUNS} runs [min-max])"
+    );
+    println!(
+        "{:>8} {:>20} {:>20} {:>20} {:>20} {:>20} {:>20} {:>10} {:>10} {:>8} {:>7}",
+        "rules",
+        "v4 allowed",
+        "v4 denied",
+        "v6 allowed",
+        "v6 denied",
+        "v4 established",
+        "v6 established",
+        "compile",
+        "live",
+        "map MiB",
+        "vs 1"
+    );
+    let mut report = Report {
+        machine: machine(),
+        ..Default::default()
+    };
+    let mut floor_pkts = None;
+    for n in sizes {
+        let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
+        let set = shape(n, &mut rng);
+        let started = Instant::now();
+        let image = compile::compile(&set, &limits)?;
+        let compile_ms = started.elapsed().as_secs_f64() * 1e3;
+        // Maps sized for this set with 10% to spare, as an operator would
+        // set [capacity]: the memory reported is what this set needs.
+        let fit = |n: usize| ((n as f64 * 1.1) as u32).max(1024);
+        let fitted = Limits {
+            prefixes: fit(image.v4.len().max(image.v6.len())),
+            regions: fit(image.regions.len()),
+            segments: fit(image.segments.len()),
+            slots: fit(image.slots.len()),
+            v4_chunks: fit(image.v4_chunks.len() / portcullis_common::V4_CHUNK_ENTRIES as usize),
+        };
+        let pins = PinDir::new()?;
+        let mut dp = Dataplane::load(pins.path(), 65536, &fitted)?;
+        let started = Instant::now();
+        dp.apply(&image, false)?;
+        let live_ms = started.elapsed().as_secs_f64() * 1e3;
+        dp.attach_ingress("bench0")?;
+        let memory: u64 = dataplane::map_memory(pins.path())?
+            .iter()
+            .filter(|(name, _)| {
+                ["SRC", "REGIONS", "SEGMENTS", "RULE_STATS", "ACTIVE", "V4_"]
+                    .iter()
+                    .any(|p| name.starts_with(p))
+            })
+            .map(|(_, b)| b)
+            .sum();
+        let pkts = packets(&set, &mut rng);
+        let fd = dp.program_fd(Program::Ingress)?;
+        let cell =
+            |v6: bool, ok: bool| Stat::of(measure(fd.as_fd(), &pkts, |a, b| a == v6 && b == ok));
+        let cells = [
+            cell(false, true),
+            cell(false, false),
+            cell(true, true),
+            cell(true, false),
+        ];
+        // Established: the denied packets again, once their flows exist.
+        let denied: Vec<_> = pkts.iter().filter(|p| !p.1).cloned().collect();
+        establish(&mut dp, &denied)?;
+        let fd = dp.program_fd(Program::Ingress)?;
+        let est = |v6: bool| Stat::of(measure(fd.as_fd(), &denied, |a, _| a == v6));
+        let (v4_est, v6_est) = (est(false), est(true));
+        let mean = cells.iter().map(|c| c.median).sum::<f64>() / 4.0;
+        let row = EngineRow {
+            rules: n,
+            v4_allowed: cells[0],
+            v4_denied: cells[1],
+            v6_allowed: cells[2],
+            v6_denied: cells[3],
+            v4_established: v4_est,
+            v6_established: v6_est,
+            mean,
+            compile_ms,
+            live_ms,
+            map_mib: memory as f64 / (1 << 20) as f64,
+        };
+        let base = report.engine.first().map_or(mean, |r: &EngineRow| r.mean);
+        println!(
+            "{:>8} {} {} {} {} {} {} {:>8.1}ms {:>8.1}ms {:>8.1} {:>6.2}x",
+            n,
+            row.v4_allowed,
+            row.v4_denied,
+            row.v6_allowed,
+            row.v6_denied,
+            row.v4_established,
+            row.v6_established,
+            compile_ms,
+            live_ms,
+            row.map_mib,
+            mean / base
+        );
+        report.engine.push(row);
+        floor_pkts = Some(pkts);
+    }
+
+    // The same packets (of the largest set) through the references.
+    let pkts = floor_pkts.expect("at least one size");
+    let floor = rawbpf::empty_xdp()?;
+    let bench1 = nix::net::if_::if_nametoindex("bench1")?;
+    let floor_link = rawbpf::attach_xdp(&floor, bench1)?;
+    report.references.push(Reference {
+        name: "empty XDP program (floor)".into(),
+        entries: 0,
+        ns_per_packet: measure_all(floor.as_fd(), &pkts),
+    });
+    // bench1 is the control-plane daemon's interface below.
+    drop(floor_link);
+    ip(&[
+        "link", "add", "bench2", "type", "veth", "peer", "name", "bench3",
+    ])?;
+    for dev in ["bench2", "bench3"] {
+        ip(&["link", "set", dev, "up"])?;
+    }
+    for entries in [1usize, 1000] {
+        let ports: Vec<u16> = (0..entries).map(|i| 1000 + i as u16).collect();
+        let sources: Vec<String> = (0..entries)
+            .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
+            .collect();
+        match xdpfilter::XdpFilter::load("bench2", &ports, &sources) {
+            Ok(xf) => report.references.push(Reference {
+                name: "xdp-filter (deny policy, ports + sources)".into(),
+                entries: 2 * entries,
+                ns_per_packet: measure_all(xf.prog.as_fd(), &pkts),
+            }),
+            Err(e) => eprintln!("xdp-filter not measured: {e:#}"),
+        }
+    }
+    let floor_ns = report.references[0].ns_per_packet.median;
+    println!("\nreferences over the same {PACKETS} packets");
+    for r in &report.references {
+        println!(
+            "  {:<44} {:>6} entries  {} ns/packet  {:>5.2}x the floor",
+            r.name,
+            r.entries,
+            r.ns_per_packet,
+            r.ns_per_packet.median / floor_ns
+        );
+    }
+    println!("\nPortcullis against the floor (mean of the four columns):");
+    for r in &report.engine {
+        println!(
+            "  {:>8} rules  {:>6.1} ns/packet  {:>5.2}x the empty program",
+            r.rules,
+            r.mean,
+            r.mean / floor_ns
+        );
+    }
+    if let Some(xf) = report
+        .references
+        .iter()
+        .rfind(|r| r.name.starts_with("xdp-filter"))
+    {
+        let last = report.engine.last().unwrap();
+        println!(
+            "  at {} rules: {:.2}x xdp-filter's cost ({:.1} ns/packet)",
+            last.rules,
+            last.mean / xf.ns_per_packet.median,
+            xf.ns_per_packet.median
+        );
+    }
+
+    let traffic_sizes: Vec<usize> = std::env::var("PORTCULLIS_BENCH_TRAFFIC")
+        .ok()
+        .map(|l| l.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 10_000]);
+    if !traffic_sizes.is_empty() {
+        report.traffic = traffic::compare(&traffic_sizes)?;
+        print_traffic(&report.traffic);
+    }
+    report.control = api_round_trips(&limits)?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    report.write(&dir)?;
+    println!(
+        "\nwritten: {0}/bench.json, {0}/ns-per-packet.svg",
+        dir.display()
+    );
+    Ok(())
+}
+
+fn print_traffic(rows: &[traffic::Row]) {
+    println!(
+        "\nreal traffic: UDP no rule admits, one AF_PACKET generator over a veth pair, 2 s per filter"
+    );
+    println!(
+        "(on veth the receive path runs in the sender's context: the generator's rate follows the filter's cost)"
+    );
+    println!(
+        "{:<26} {:>7} {:>14} {:>14} {:>12}",
+        "filter", "rules", "pps at filter", "generator pps", "portcullis/x"
+    );
+    for r in rows {
+        let ours = rows
+            .iter()
+            .find(|p| p.rules == r.rules && p.filter.starts_with("portcullis"))
+            .map(|p| p.filtered_pps);
+        let ratio = ours.map_or(String::from("-"), |o| {
+            format!("{:.1}x", o / r.filtered_pps.max(1.0))
+        });
+        let note = if r.generator_bound {
+            "  (generator-bound)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<26} {:>7} {:>14.0} {:>14.0} {:>12}{note}",
+            r.filter, r.rules, r.filtered_pps, r.sent_pps, ratio
+        );
+    }
+}
+
+/// One line about this machine: kernel and CPU.
+fn machine() -> String {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("Linux {}, {cpu}, {cores} cores", kernel.trim())
+}
+
+/// Round trips through the API socket of a real daemon: single rule adds,
+/// and replacing the whole set with 10k rules.
+fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
+    use hyper::Method;
+    use portcullis::client;
+    let pins = PinDir::new()?;
+    let dir = tempfile::tempdir()?;
+    let socket = dir.path().join("api.sock");
+    let config = dir.path().join("portcullis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interfaces = [\"bench1\"]\npin_dir = \"{}\"\n[capacity]\nprefixes = {}\nregions = {}\nsegments = {}\nslots = {}\nv4_chunks = {}\n",
+            pins.path().display(),
+            limits.prefixes,
+            limits.regions,
+            limits.segments,
+            limits.slots,
+            limits.v4_chunks
+        ),
+    )?;
+    let mut daemon = std::process::Command::new(portcullis_tests::workspace_bin("portcullisd")?)
+        .arg("--config")
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--socket")
+        .arg(&socket)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let started = Instant::now();
+    while !socket.exists() {
+        anyhow::ensure!(
+            started.elapsed().as_secs() < 20,
+            "portcullisd did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let start_ms = started.elapsed().as_secs_f64() * 1e3;
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let rss_idle_kib = rss_kib(daemon.id())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut adds = Vec::new();
+    for i in 0..100 {
+        let rule = serde_json::json!({"id": format!("a{i}"), "from_port": 1000 + i, "to_port": 1000 + i, "ip_ranges": []});
+        let t = Instant::now();
+        let reply = rt.block_on(client::request(
+            &socket,
+            Method::POST,
+            "/v1/rules/ingress",
+            Some(serde_json::to_vec(&rule)?),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 201,
+            "add failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        adds.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut rng = StdRng::seed_from_u64(10_000);
+    let big = shape(10_000, &mut rng);
+    let body = serde_json::to_vec(&big)?;
+    let mut replaces = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let reply = rt.block_on(client::request(
+            &socket,
+            Method::PUT,
+            "/v1/rules",
+            Some(body.clone()),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 200,
+            "replace failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        replaces.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let rss_10k_kib = rss_kib(daemon.id())?;
+    // And the whole 100k-rule set, once.
+    let mut rng = StdRng::seed_from_u64(100_000);
+    let huge = serde_json::to_vec(&shape(100_000, &mut rng))?;
+    let t = Instant::now();
+    let reply = rt.block_on(client::request(
+        &socket,
+        Method::PUT,
+        "/v1/rules",
+        Some(huge),
+    ))?;
+    anyhow::ensure!(
+        reply.status == 200,
+        "100k replace failed: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let replace_100k_ms = t.elapsed().as_secs_f64() * 1e3;
+    let rss_100k_kib = rss_kib(daemon.id())?;
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let (add, add_lo, add_hi) = median_min_max(adds);
+    let (rep, rep_lo, rep_hi) = median_min_max(replaces);
+    println!("\ncontrol plane (real portcullisd, API over its Unix socket)");
+    println!("  daemon start to socket ready     {start_ms:8.1} ms");
+    println!(
+        "  single rule add, round trip      {add:8.2} ms [{add_lo:.2}-{add_hi:.2}] (median of 100)"
+    );
+    println!(
+        "  replace with 10k rules, round trip {rep:6.1} ms [{rep_lo:.1}-{rep_hi:.1}] (median of 3)"
+    );
+    println!(
+        "  daemon RSS idle                  {:8.1} MiB",
+        rss_idle_kib / 1024.0
+    );
+    println!(
+        "  daemon RSS with 10k rules        {:8.1} MiB",
+        rss_10k_kib / 1024.0
+    );
+    println!("  replace with 100k rules          {replace_100k_ms:8.1} ms");
+    println!(
+        "  daemon RSS with 100k rules       {:8.1} MiB",
+        rss_100k_kib / 1024.0
+    );
+    Ok(Control {
+        start_ms,
+        add_ms: Some(Stat {
+            median: add,
+            min: add_lo,
+            max: add_hi,
+        }),
+        replace_10k_ms: Some(Stat {
+            median: rep,
+            min: rep_lo,
+            max: rep_hi,
+        }),
+        rss_idle_mib: rss_idle_kib / 1024.0,
+        rss_10k_mib: rss_10k_kib / 1024.0,
+        rss_100k_mib: rss_100k_kib / 1024.0,
+        replace_100k_ms,
+    })
+}
+
+/// Resident memory of `pid`, KiB.
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0))
+}
