@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -26,15 +26,15 @@ pub mod maps {
     /// one per 4 more bits of the address.
     pub const V4_CHUNKS: [&str; 2] = ["V4_CHUNKS_0", "V4_CHUNKS_1"];
     /// `LpmTrie<RuleKey6, u32>` per generation: (direction, IPv6 prefix) ->
-    /// region, for prefixes of up to [`crate::V6_SHORT_MAX`] bits (and those
-    /// of a /32 whose bucket overflowed).
+    /// region, for prefixes shorter than /32 (up to [`crate::V6_SHORT_MAX`]
+    /// bits) and those of a /32 whose bucket overflowed.
     pub const SRC6: [&str; 2] = ["SRC6_0", "SRC6_1"];
     /// `HashMap<V6BucketKey, V6Lengths>` per generation: (direction, the top
-    /// 32 bits of an address) -> the prefix lengths (33..=128) that exist
-    /// under that /32, longest first. Absent: no longer prefix covers it.
+    /// 32 bits of an address) -> the prefix lengths (32..=128) that exist
+    /// under that /32, longest first. Absent: no such prefix covers it.
     pub const V6_BUCKETS: [&str; 2] = ["V6_BUCKETS_0", "V6_BUCKETS_1"];
     /// `HashMap<V6PrefixKey, u32>` per generation: (direction, length,
-    /// address masked to it) -> region, for prefixes longer than /32.
+    /// address masked to it) -> region, for prefixes of /32 and longer.
     pub const V6_PREFIXES: [&str; 2] = ["V6_PREFIXES_0", "V6_PREFIXES_1"];
     /// `Array<Region>` per generation.
     pub const REGIONS: [&str; 2] = ["REGIONS_0", "REGIONS_1"];
@@ -311,9 +311,11 @@ pub const DIR_EGRESS: u8 = 1;
 pub type RuleKey4 = [u8; 5];
 /// LPM key data for IPv6 rules.
 pub type RuleKey6 = [u8; 17];
-/// IPv6 prefixes up to this length go to the LPM trie; longer ones to the
-/// per-/32 hash tables (see `maps::V6_BUCKETS`).
-pub const V6_SHORT_MAX: u32 = 32;
+/// IPv6 prefixes up to this length go to the LPM trie; longer ones (from /32,
+/// the usual allocation to a network, on) to the per-/32 hash tables (see
+/// `maps::V6_BUCKETS`). So the trie holds only the rare short prefixes, and
+/// an address that no longer prefix covers walks a trie that stays small.
+pub const V6_SHORT_MAX: u32 = 31;
 /// (direction, top 32 bits of the address).
 pub type V6BucketKey = [u8; 5];
 /// (direction, prefix length, the address masked to that length).

@@ -726,7 +726,10 @@ pub mod strategies {
                 );
                 IpNet::new(IpAddr::V4(addr), len).unwrap().trunc()
             }),
-            (0u16..4, 32u8..=128).prop_map(|(a, len)| {
+            // Lengths on both sides of the data path's /32 split (trie below,
+            // hashes from /32 on); a few /32s, some with more lengths than a
+            // bucket lists.
+            (0u16..12, 16u8..=128).prop_map(|(a, len)| {
                 let addr = std::net::Ipv6Addr::new(0xfd00, a, 0x200, 1, 2, 3, 4, 5);
                 IpNet::new(IpAddr::V6(addr), len).unwrap().trunc()
             }),

@@ -559,7 +559,7 @@ where
     Ok(())
 }
 
-/// The IPv6 prefixes of an image as the data path looks them up: up to /32
+/// The IPv6 prefixes of an image as the data path looks them up: shorter than /32
 /// in the LPM trie, longer ones in a hash per (length, masked address) with,
 /// per /32, the lengths present (longest first). A /32 with more distinct
 /// lengths than a bucket lists keeps its prefixes in the trie instead.

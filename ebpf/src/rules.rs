@@ -197,12 +197,12 @@ fn v4_region(g: &Generation, dir: u8, a: u32) -> Option<u32> {
     }
 }
 
-/// The region of IPv6 address `addr`. Prefixes longer than /32 first: the
+/// The region of IPv6 address `addr`. Prefixes of /32 and longer first: the
 /// hash of its /32 lists the lengths that exist there (at most
 /// `V6_BUCKET_LENGTHS`), each one hash probe, longest first; an address under
 /// no such /32 makes none. Then, if none matched, the LPM trie, which holds
-/// the prefixes of up to /32 (and those of the rare /32 with more lengths
-/// than a bucket lists), so it stays small and shallow.
+/// only the prefixes shorter than /32 (and those of the rare /32 with more
+/// lengths than a bucket lists), so it stays small and shallow.
 #[inline(always)]
 fn v6_region(g: &Generation, dir: u8, addr: &[u8; 16]) -> Option<u32> {
     let bucket: V6BucketKey = [dir, addr[0], addr[1], addr[2], addr[3]];
@@ -221,7 +221,7 @@ fn v6_region(g: &Generation, dir: u8, addr: &[u8; 16]) -> Option<u32> {
             if len == 0 || len > 128 {
                 break;
             }
-            // The address masked to `len` bits (33..=128), without a loop;
+            // The address masked to `len` bits (32..=128), without a loop;
             // every shift stays below 64.
             let (h, l) = if len > 64 {
                 (
