@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 8;
+pub const LAYOUT_VERSION: u32 = 9;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {

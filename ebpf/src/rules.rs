@@ -28,18 +28,22 @@ use portcullis_common::{
 /// Hash maps allocated as entries are inserted (BPF_F_NO_PREALLOC): their
 /// memory follows the rule set, not the capacity.
 const NO_PREALLOC: u32 = 1;
+/// Arrays user space writes through a shared mapping of their memory
+/// (BPF_F_MMAPABLE): a memory copy, where a batch update still copies entry
+/// by entry in the kernel. Lookups from the program are unchanged.
+const MMAPABLE: u32 = 1 << 10;
 
 #[map]
 pub static ACTIVE: Array<u32> = Array::pinned(1, 0);
 
 #[map]
-pub static V4_ROOT_0: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, 0);
+pub static V4_ROOT_0: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, MMAPABLE);
 #[map]
-pub static V4_ROOT_1: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, 0);
+pub static V4_ROOT_1: Array<u32> = Array::pinned(V4_ROOT_ENTRIES, MMAPABLE);
 #[map]
-pub static V4_CHUNKS_0: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, 0);
+pub static V4_CHUNKS_0: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, MMAPABLE);
 #[map]
-pub static V4_CHUNKS_1: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, 0);
+pub static V4_CHUNKS_1: Array<u32> = Array::pinned(DEFAULT_V4_CHUNKS * V4_CHUNK_ENTRIES, MMAPABLE);
 #[map]
 pub static SRC6_0: LpmTrie<RuleKey6, u32> = LpmTrie::pinned(DEFAULT_PREFIXES, 0);
 #[map]
@@ -57,13 +61,13 @@ pub static V6_PREFIXES_0: HashMap<V6PrefixKey, u32> =
 pub static V6_PREFIXES_1: HashMap<V6PrefixKey, u32> =
     HashMap::pinned(DEFAULT_PREFIXES, NO_PREALLOC);
 #[map]
-pub static REGIONS_0: Array<Region> = Array::pinned(DEFAULT_REGIONS, 0);
+pub static REGIONS_0: Array<Region> = Array::pinned(DEFAULT_REGIONS, MMAPABLE);
 #[map]
-pub static REGIONS_1: Array<Region> = Array::pinned(DEFAULT_REGIONS, 0);
+pub static REGIONS_1: Array<Region> = Array::pinned(DEFAULT_REGIONS, MMAPABLE);
 #[map]
-pub static SEGMENTS_0: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, 0);
+pub static SEGMENTS_0: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, MMAPABLE);
 #[map]
-pub static SEGMENTS_1: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, 0);
+pub static SEGMENTS_1: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, MMAPABLE);
 #[map]
 pub static RULE_STATS_0: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE_SLOTS, 0);
 #[map]
