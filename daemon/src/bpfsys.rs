@@ -1,11 +1,14 @@
-//! The `bpf(2)` commands aya 0.16 does not offer (test runs, batch updates,
+//! The `bpf(2)` commands aya 0.16 does not offer (test runs, batch updates and
+//! deletes, key walks,
 //! link detach, object get), behind one system-call wrapper.
 
 use std::io;
 
 pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
+pub const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+pub const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 pub const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// Calls `bpf(cmd, attr, size_of::<A>())`; the kernel may write into `attr`.

@@ -34,7 +34,7 @@ use std::{
 use anyhow::{Context as _, anyhow, bail, ensure};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::{
         SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
@@ -79,6 +79,11 @@ pub struct Dataplane {
     /// Audit/open mode: pass what would be dropped (counted). Takes effect
     /// with the next `apply`.
     pub pass_all: bool,
+    /// The IPv6 tables this process last wrote to each generation, so an
+    /// update writes only what changed and knows the stale keys without
+    /// reading them back (`None` until the first write, and after a failed
+    /// one).
+    v6_written: [Option<V6Tables>; 2],
 }
 
 impl Dataplane {
@@ -124,6 +129,7 @@ impl Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
+            v6_written: [None, None],
         })
     }
 
@@ -240,17 +246,28 @@ impl Dataplane {
         )
         .context("writing the IPv4 table chunks")?;
         let v6 = V6Tables::of(&image.v6);
-        write_trie(map_mut(&mut self.ebpf, maps::SRC6[g])?, &v6.short, "IPv6")?;
-        write_hash(
+        // Forgotten until the writes succeed: after a failure, the next write
+        // reads the keys from the kernel.
+        let before = self.v6_written[g].take();
+        write_keyed(
+            map_mut(&mut self.ebpf, maps::SRC6[g])?,
+            &v6.short,
+            before.as_ref().map(|b| &b.short),
+        )
+        .context("writing the IPv6 short prefixes (LPM trie)")?;
+        write_keyed(
             map_mut(&mut self.ebpf, maps::V6_PREFIXES[g])?,
             &v6.prefixes,
-            "IPv6 prefix",
-        )?;
-        write_hash(
+            before.as_ref().map(|b| &b.prefixes),
+        )
+        .context("writing the IPv6 prefixes")?;
+        write_keyed(
             map_mut(&mut self.ebpf, maps::V6_BUCKETS[g])?,
             &v6.buckets,
-            "IPv6 /32 bucket",
-        )?;
+            before.as_ref().map(|b| &b.buckets),
+        )
+        .context("writing the IPv6 /32 buckets")?;
+        self.v6_written[g] = Some(v6);
         write_array(map_mut(&mut self.ebpf, maps::REGIONS[g])?, &image.regions)
             .context("writing the regions")?;
         write_array(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?, &image.segments)
@@ -471,7 +488,7 @@ fn write_array<V: aya::Pod>(map: &aya::maps::Map, values: &[V]) -> anyhow::Resul
 /// `BPF_MAP_UPDATE_BATCH` (a per-CPU array cannot be mapped), instead of a
 /// system call per slot.
 fn clear_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use std::os::fd::AsFd as _;
     let aya::maps::Map::PerCpuArray(data) = map else {
         bail!("not a per-CPU array map");
     };
@@ -484,12 +501,24 @@ fn clear_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Result<()> {
     // up to 8 bytes.
     let zeros = vec![0u8; slots * cpus * size_of::<Counter>().next_multiple_of(8)];
     let keys: Vec<u32> = (0..slots as u32).collect();
-    update_batch(data.fd().as_fd().as_raw_fd(), &keys, &zeros)
+    batch(
+        crate::bpfsys::BPF_MAP_UPDATE_BATCH,
+        data.fd().as_fd(),
+        &keys,
+        &zeros,
+    )
 }
 
-/// `BPF_MAP_UPDATE_BATCH`: `keys` with their `values` (laid out as the map's
-/// values are, one after another), in one system call.
-fn update_batch<K>(fd: std::os::fd::RawFd, keys: &[K], values: &[u8]) -> anyhow::Result<()> {
+/// `BPF_MAP_UPDATE_BATCH` (`keys` with their `values`, laid out as the map
+/// lays out values, one after another) or `BPF_MAP_DELETE_BATCH` (`keys`;
+/// no values) in one system call.
+fn batch<K: aya::Pod, V: aya::Pod>(
+    cmd: libc::c_long,
+    fd: std::os::fd::BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
     /// `bpf_attr.batch` (include/uapi/linux/bpf.h).
     #[repr(C)]
     struct Batch {
@@ -509,52 +538,28 @@ fn update_batch<K>(fd: std::os::fd::RawFd, keys: &[K], values: &[u8]) -> anyhow:
         in_batch: 0,
         out_batch: 0,
         keys: keys.as_ptr() as u64,
-        values: values.as_ptr() as u64,
+        values: if values.is_empty() {
+            0
+        } else {
+            values.as_ptr() as u64
+        },
         count: keys.len() as u32,
-        map_fd: fd as u32,
+        map_fd: fd.as_raw_fd() as u32,
         elem_flags: 0,
         flags: 0,
     };
     // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys` holds
-    // `count` keys of the map's key size and `values` `count` values as the
-    // map lays them out (the callers size it so); both outlive the call; `fd`
-    // is an open map fd borrowed from the caller's map.
-    unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_MAP_UPDATE_BATCH, &mut attr) }
-        .with_context(|| format!("BPF_MAP_UPDATE_BATCH of {} entries", keys.len()))?;
+    // `count` keys of the map's key size and, for an update, `values` `count`
+    // values as the map lays them out (the callers size it so); both outlive
+    // the call; `fd` is an open map fd borrowed from the caller's map.
+    unsafe { crate::bpfsys::bpf(cmd, &mut attr) }
+        .with_context(|| format!("batch command {cmd} on {} entries", keys.len()))?;
     ensure!(
         attr.count as usize == keys.len(),
-        "batch update wrote {} of {} entries",
+        "batch command {cmd} did {} of {} entries",
         attr.count,
         keys.len()
     );
-    Ok(())
-}
-
-/// Makes an idle LPM trie hold exactly `entries` (key data, prefix length,
-/// region): stale prefixes are removed, the wanted ones written.
-fn write_trie<K>(
-    map: &mut aya::maps::Map,
-    entries: &[(K, u32, u32)],
-    family: &str,
-) -> anyhow::Result<()>
-where
-    K: aya::Pod + Eq + std::hash::Hash,
-{
-    let mut trie: LpmTrie<_, K, u32> = LpmTrie::try_from(map)?;
-    let stale: Vec<Key<K>> = trie.keys().collect::<Result<_, _>>()?;
-    let want: std::collections::HashSet<(u32, K)> =
-        entries.iter().map(|(k, len, _)| (*len, *k)).collect();
-    for key in stale
-        .iter()
-        .filter(|k| !want.contains(&(k.prefix_len(), k.data())))
-    {
-        trie.remove(key)
-            .with_context(|| format!("removing a stale {family} prefix"))?;
-    }
-    for (data, len, region) in entries {
-        trie.insert(&Key::new(*len, *data), region, 0)
-            .with_context(|| format!("inserting an {family} prefix"))?;
-    }
     Ok(())
 }
 
@@ -563,7 +568,9 @@ where
 /// per /32, the lengths present (longest first). A /32 with more distinct
 /// lengths than a bucket lists keeps its prefixes in the trie instead.
 struct V6Tables {
-    short: Vec<(RuleKey6, u32, u32)>,
+    /// LPM trie keys as the kernel reads them: the prefix length (counting
+    /// the direction byte) in host order, then the `RuleKey6`.
+    short: std::collections::HashMap<[u8; 21], u32>,
     prefixes: std::collections::HashMap<V6PrefixKey, u32>,
     buckets: std::collections::HashMap<V6BucketKey, V6Lengths>,
 }
@@ -582,7 +589,7 @@ impl V6Tables {
             }
         }
         let mut t = V6Tables {
-            short: Vec::new(),
+            short: HashMap::new(),
             prefixes: HashMap::new(),
             buckets: HashMap::new(),
         };
@@ -604,7 +611,10 @@ impl V6Tables {
                 .get(&bucket(&key))
                 .is_some_and(|l| l[0] == V6_BUCKET_OVERFLOW);
             if plen <= V6_SHORT_MAX || overflow {
-                t.short.push((key, len, region));
+                let mut k = [0u8; 21];
+                k[..4].copy_from_slice(&len.to_ne_bytes());
+                k[4..].copy_from_slice(&key);
+                t.short.insert(k, region);
                 continue;
             }
             let addr = u128::from_be_bytes(key[1..].try_into().expect("17-byte key"));
@@ -619,32 +629,86 @@ impl V6Tables {
     }
 }
 
-/// Makes a hash map hold exactly `want`: stale keys removed, the rest written.
-fn write_hash<K, V>(
-    map: &mut aya::maps::Map,
+/// Makes an idle hash map or LPM trie hold exactly `want`. `before` is what
+/// this process last wrote there; without it the keys present are read from
+/// the kernel. Stale keys go in one `BPF_MAP_DELETE_BATCH`, new and changed
+/// entries in one `BPF_MAP_UPDATE_BATCH`.
+fn write_keyed<K, V>(
+    map: &aya::maps::Map,
     want: &std::collections::HashMap<K, V>,
-    what: &str,
+    before: Option<&std::collections::HashMap<K, V>>,
 ) -> anyhow::Result<()>
 where
     K: aya::Pod + Eq + std::hash::Hash,
-    V: aya::Pod,
+    V: aya::Pod + PartialEq,
 {
-    let mut hash: aya::maps::HashMap<_, K, V> = aya::maps::HashMap::try_from(map)?;
-    let stale: Vec<K> = hash
-        .keys()
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|k| !want.contains_key(k))
-        .collect();
-    for key in &stale {
-        hash.remove(key)
-            .with_context(|| format!("removing a stale {what}"))?;
+    let fd = map_fd(map)?;
+    let stale: Vec<K> = match before {
+        Some(before) => before
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .copied()
+            .collect(),
+        None => keys::<K>(fd)?
+            .into_iter()
+            .filter(|k| !want.contains_key(k))
+            .collect(),
+    };
+    batch(crate::bpfsys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V])
+        .context("removing stale entries")?;
+    let (keys, values): (Vec<K>, Vec<V>) = want
+        .iter()
+        .filter(|(k, v)| before.is_none_or(|b| b.get(k) != Some(v)))
+        .map(|(k, v)| (*k, *v))
+        .unzip();
+    batch(crate::bpfsys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")
+}
+
+/// Every key of a map, read with `BPF_MAP_GET_NEXT_KEY`.
+fn keys<K: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<Vec<K>> {
+    use std::os::fd::AsRawFd as _;
+    /// `bpf_attr` for the map element commands (include/uapi/linux/bpf.h).
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        next_key: u64,
+        flags: u64,
     }
-    for (key, value) in want {
-        hash.insert(key, value, 0)
-            .with_context(|| format!("inserting an {what}"))?;
+    let mut keys: Vec<K> = Vec::new();
+    let mut next = std::mem::MaybeUninit::<K>::uninit();
+    loop {
+        let mut attr = Elem {
+            map_fd: fd.as_raw_fd() as u32,
+            _pad: 0,
+            // No key: the first one.
+            key: keys.last().map_or(0, |k| k as *const K as u64),
+            next_key: next.as_mut_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: `attr` is the element member of `bpf_attr` (padding
+        // explicit); `key` is null or a key of the map's key size, `next_key`
+        // room for one; both outlive the call; `fd` is an open map fd.
+        match unsafe { crate::bpfsys::bpf(crate::bpfsys::BPF_MAP_GET_NEXT_KEY, &mut attr) } {
+            // SAFETY: the kernel wrote a whole key into `next`; `K` is Pod.
+            Ok(_) => keys.push(unsafe { next.assume_init_read() }),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+            Err(e) => return Err(e).context("BPF_MAP_GET_NEXT_KEY"),
+        }
     }
-    Ok(())
+}
+
+/// The file descriptor of a map of any of the kinds this module writes.
+fn map_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+    use aya::maps::Map;
+    use std::os::fd::AsFd as _;
+    match map {
+        Map::Array(data) | Map::PerCpuArray(data) | Map::HashMap(data) | Map::LpmTrie(data) => {
+            Ok(data.fd().as_fd())
+        }
+        _ => bail!("unexpected kind of map"),
+    }
 }
 
 /// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).

@@ -595,6 +595,21 @@ pub fn tcp_probe(ns: &Netns, to: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+/// A control probe, before any filter runs: retried for up to 5 s, since an
+/// unfiltered path can be slow to answer its first connection on a loaded
+/// machine (neighbour resolution), and that is not what a test checks.
+pub fn tcp_probe_control(ns: &Netns, to: SocketAddr) -> io::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tcp_probe(ns, to) {
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// A TCP connection that stays open, for long-lived flows.
 pub fn tcp_connect(ns: &Netns, to: SocketAddr) -> io::Result<TcpStream> {
     let s = ns.enter(|| TcpStream::connect_timeout(&to, Duration::from_secs(3)))?;

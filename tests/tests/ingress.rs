@@ -87,7 +87,7 @@ fn listed_and_unlisted_ports(v6: bool) {
         TcpServer::start(&env.pair.host, sock(host, port)).unwrap();
     }
     // Control: without Portcullis both ports answer, so a failure below is the filter's.
-    tcp_probe(&env.pair.peer, sock(host, UNLISTED)).expect("unfiltered control connect");
+    tcp_probe_control(&env.pair.peer, sock(host, UNLISTED)).expect("unfiltered control connect");
 
     env.start();
     env.check_port(v6, UNLISTED, false, Reason::PassRule);

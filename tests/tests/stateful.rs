@@ -347,7 +347,7 @@ fn published_ports_are_filtered_before_dnat() {
     }
     TcpServer::start(&container, sock("10.200.9.2", 80)).unwrap();
     let published = sock(HOST_V4, 8081);
-    tcp_probe(&pair.peer, published).expect("control: the published port works unfiltered");
+    tcp_probe_control(&pair.peer, published).expect("control: the published port works unfiltered");
 
     for (admitted, rules) in [
         (false, ""),

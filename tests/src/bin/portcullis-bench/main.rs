@@ -118,6 +118,9 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
     }
 }
 
+/// A test packet: (v6, admitted by construction, frame).
+type TestPacket = (bool, bool, Vec<u8>);
+
 /// Packets for `set`: (v6, admitted-by-construction, frame).
 fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<(bool, bool, Vec<u8>)> {
     (0..PACKETS)
@@ -161,16 +164,51 @@ fn measure(
     pkts: &[(bool, bool, Vec<u8>)],
     pick: impl Fn(bool, bool) -> bool,
 ) -> Vec<f64> {
-    (0..RUNS)
-        .map(|_| {
-            let chosen: Vec<_> = pkts.iter().filter(|(v6, ok, _)| pick(*v6, *ok)).collect();
-            let total: u64 = chosen
-                .iter()
-                .map(|(_, _, f)| testrun::run(fd, f, REPEAT).expect("test run").duration_ns as u64)
-                .sum();
-            total as f64 / chosen.len() as f64
-        })
-        .collect()
+    (0..RUNS).map(|_| run_once(fd, pkts, &pick)).collect()
+}
+
+/// Mean ns/packet over the packets selected by `pick`, one run.
+fn run_once(
+    fd: std::os::fd::BorrowedFd<'_>,
+    pkts: &[(bool, bool, Vec<u8>)],
+    pick: impl Fn(bool, bool) -> bool,
+) -> f64 {
+    let chosen: Vec<_> = pkts.iter().filter(|(v6, ok, _)| pick(*v6, *ok)).collect();
+    let total: u64 = chosen
+        .iter()
+        .map(|(_, _, f)| testrun::run(fd, f, REPEAT).expect("test run").duration_ns as u64)
+        .sum();
+    total as f64 / chosen.len() as f64
+}
+
+/// The four new-traffic cells (v4/v6 x allowed/denied) of one rule set,
+/// each run paired with a run of the same cell on the `base` rule set right
+/// before it, so machine noise (these machines are shared) hits both sides
+/// of the ratio alike. Returns the cells and, per run, the ratio of the
+/// summed cells to the base's.
+fn paired_cells(
+    fd: std::os::fd::BorrowedFd<'_>,
+    pkts: &[(bool, bool, Vec<u8>)],
+    base: Option<(std::os::fd::BorrowedFd<'_>, &[TestPacket])>,
+) -> ([Stat; 4], Vec<f64>) {
+    const CELLS: [(bool, bool); 4] = [(false, true), (false, false), (true, true), (true, false)];
+    let mut runs: [Vec<f64>; 4] = Default::default();
+    let mut ratios = Vec::new();
+    for _ in 0..RUNS {
+        let (mut sum, mut base_sum) = (0.0, 0.0);
+        for (i, (v6, ok)) in CELLS.into_iter().enumerate() {
+            let pick = |a: bool, b: bool| a == v6 && b == ok;
+            let ns = run_once(fd, pkts, pick);
+            base_sum += match base {
+                Some((base_fd, base_pkts)) => run_once(base_fd, base_pkts, pick),
+                None => ns,
+            };
+            sum += ns;
+            runs[i].push(ns);
+        }
+        ratios.push(sum / base_sum);
+    }
+    (runs.map(Stat::of), ratios)
 }
 
 fn median_min_max(v: Vec<f64>) -> (f64, f64, f64) {
@@ -263,13 +301,22 @@ fn main() -> anyhow::Result<()> {
         "compile",
         "live",
         "map MiB",
-        "vs 1"
+        "vs first"
     );
     let mut report = Report {
         machine: machine(),
         ..Default::default()
     };
     let mut floor_pkts = None;
+    // The first (smallest) set stays loaded, attached to its own veth pair,
+    // as the base every larger set's runs are paired with.
+    ip(&[
+        "link", "add", "base0", "type", "veth", "peer", "name", "base1",
+    ])?;
+    for dev in ["base0", "base1"] {
+        ip(&["link", "set", dev, "up"])?;
+    }
+    let mut base: Option<(Dataplane, PinDir, Vec<TestPacket>)> = None;
     for n in sizes {
         let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
         let set = shape(n, &mut rng);
@@ -291,26 +338,38 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         dp.apply(&image, false)?;
         let live_ms = started.elapsed().as_secs_f64() * 1e3;
-        dp.attach_ingress("bench0")?;
+        dp.attach_ingress(if base.is_none() { "base0" } else { "bench0" })?;
         let memory: u64 = dataplane::map_memory(pins.path())?
             .iter()
             .filter(|(name, _)| {
-                ["SRC", "REGIONS", "SEGMENTS", "RULE_STATS", "ACTIVE", "V4_"]
-                    .iter()
-                    .any(|p| name.starts_with(p))
+                [
+                    "SRC",
+                    "REGIONS",
+                    "SEGMENTS",
+                    "RULE_STATS",
+                    "ACTIVE",
+                    "V4_",
+                    "V6_",
+                ]
+                .iter()
+                .any(|p| name.starts_with(p))
             })
             .map(|(_, b)| b)
             .sum();
         let pkts = packets(&set, &mut rng);
         let fd = dp.program_fd(Program::Ingress)?;
-        let cell =
-            |v6: bool, ok: bool| Stat::of(measure(fd.as_fd(), &pkts, |a, b| a == v6 && b == ok));
-        let cells = [
-            cell(false, true),
-            cell(false, false),
-            cell(true, true),
-            cell(true, false),
-        ];
+        let base_fd = match &mut base {
+            Some((base_dp, _, _)) => Some(base_dp.program_fd(Program::Ingress)?),
+            None => None,
+        };
+        let (cells, ratios) = paired_cells(
+            fd.as_fd(),
+            &pkts,
+            base_fd
+                .as_ref()
+                .zip(base.as_ref())
+                .map(|(f, (_, _, p))| (f.as_fd(), p.as_slice())),
+        );
         // Established: the denied packets again, once their flows exist.
         let denied: Vec<_> = pkts.iter().filter(|p| !p.1).cloned().collect();
         establish(&mut dp, &denied)?;
@@ -327,11 +386,11 @@ fn main() -> anyhow::Result<()> {
             v4_established: v4_est,
             v6_established: v6_est,
             mean,
+            vs_first: Stat::of(ratios),
             compile_ms,
             live_ms,
             map_mib: memory as f64 / (1 << 20) as f64,
         };
-        let base = report.engine.first().map_or(mean, |r: &EngineRow| r.mean);
         println!(
             "{:>8} {} {} {} {} {} {} {:>8.1}ms {:>8.1}ms {:>8.1} {:>6.2}x",
             n,
@@ -344,9 +403,12 @@ fn main() -> anyhow::Result<()> {
             compile_ms,
             live_ms,
             row.map_mib,
-            mean / base
+            row.vs_first.median
         );
         report.engine.push(row);
+        if base.is_none() {
+            base = Some((dp, pins, pkts.clone()));
+        }
         floor_pkts = Some(pkts);
     }
 

@@ -42,6 +42,9 @@ pub struct EngineRow {
     pub v4_established: Stat,
     pub v6_established: Stat,
     pub mean: f64,
+    /// Cost relative to the first (smallest) set, from runs paired with
+    /// runs of that set (see `paired_cells`): median, min, max.
+    pub vs_first: Stat,
     pub compile_ms: f64,
     pub live_ms: f64,
     pub map_mib: f64,
