@@ -1,6 +1,6 @@
 //! The `bpf(2)` commands aya 0.16 does not offer (test runs, batch updates and
-//! deletes, key walks,
-//! link detach, object get), behind one system-call wrapper.
+//! deletes, key walks, link detach, object get), behind one system-call
+//! wrapper.
 
 use std::io;
 

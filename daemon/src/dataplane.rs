@@ -643,17 +643,14 @@ where
     V: aya::Pod + PartialEq,
 {
     let fd = map_fd(map)?;
-    let stale: Vec<K> = match before {
-        Some(before) => before
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect(),
-        None => keys::<K>(fd)?
-            .into_iter()
-            .filter(|k| !want.contains_key(k))
-            .collect(),
+    let present: Vec<K> = match before {
+        Some(before) => before.keys().copied().collect(),
+        None => keys::<K>(fd)?,
     };
+    let stale: Vec<K> = present
+        .into_iter()
+        .filter(|k| !want.contains_key(k))
+        .collect();
     batch(crate::bpfsys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V])
         .context("removing stale entries")?;
     let (keys, values): (Vec<K>, Vec<V>) = want

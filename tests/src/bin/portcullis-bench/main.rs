@@ -121,8 +121,8 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
 /// A test packet: (v6, admitted by construction, frame).
 type TestPacket = (bool, bool, Vec<u8>);
 
-/// Packets for `set`: (v6, admitted-by-construction, frame).
-fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<(bool, bool, Vec<u8>)> {
+/// Packets for `set`.
+fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<TestPacket> {
     (0..PACKETS)
         .map(|i| {
             let allowed = i % 2 == 0;
@@ -161,16 +161,25 @@ fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<(bool, bool, Vec<u8>)> {
 /// Mean ns/packet over the packets selected by `pick`, per run.
 fn measure(
     fd: std::os::fd::BorrowedFd<'_>,
-    pkts: &[(bool, bool, Vec<u8>)],
+    pkts: &[TestPacket],
     pick: impl Fn(bool, bool) -> bool,
 ) -> Vec<f64> {
     (0..RUNS).map(|_| run_once(fd, pkts, &pick)).collect()
 }
 
+/// The first (smallest) rule set, kept loaded and attached while the larger
+/// ones are measured: the base of their paired ratios.
+struct Base {
+    program: std::os::fd::OwnedFd,
+    packets: Vec<TestPacket>,
+    _dataplane: Dataplane,
+    _pins: PinDir,
+}
+
 /// Mean ns/packet over the packets selected by `pick`, one run.
 fn run_once(
     fd: std::os::fd::BorrowedFd<'_>,
-    pkts: &[(bool, bool, Vec<u8>)],
+    pkts: &[TestPacket],
     pick: impl Fn(bool, bool) -> bool,
 ) -> f64 {
     let chosen: Vec<_> = pkts.iter().filter(|(v6, ok, _)| pick(*v6, *ok)).collect();
@@ -188,7 +197,7 @@ fn run_once(
 /// summed cells to the base's.
 fn paired_cells(
     fd: std::os::fd::BorrowedFd<'_>,
-    pkts: &[(bool, bool, Vec<u8>)],
+    pkts: &[TestPacket],
     base: Option<(std::os::fd::BorrowedFd<'_>, &[TestPacket])>,
 ) -> ([Stat; 4], Vec<f64>) {
     const CELLS: [(bool, bool); 4] = [(false, true), (false, false), (true, true), (true, false)];
@@ -218,7 +227,7 @@ fn median_min_max(v: Vec<f64>) -> (f64, f64, f64) {
 
 /// Opens the flows of `pkts` through the egress program (the outbound
 /// packet each inbound one answers), so they become established replies.
-fn establish(dp: &mut Dataplane, pkts: &[(bool, bool, Vec<u8>)]) -> anyhow::Result<()> {
+fn establish(dp: &mut Dataplane, pkts: &[TestPacket]) -> anyhow::Result<()> {
     for (_, _, inbound) in pkts {
         let Some(outbound) = reverse(inbound) else {
             continue;
@@ -251,7 +260,7 @@ fn reverse(inbound: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Mean ns/packet of `fd` over all of `pkts`, per run.
-fn measure_all(fd: std::os::fd::BorrowedFd<'_>, pkts: &[(bool, bool, Vec<u8>)]) -> Stat {
+fn measure_all(fd: std::os::fd::BorrowedFd<'_>, pkts: &[TestPacket]) -> Stat {
     Stat::of(measure(fd, pkts, |_, _| true))
 }
 
@@ -316,7 +325,7 @@ fn main() -> anyhow::Result<()> {
     for dev in ["base0", "base1"] {
         ip(&["link", "set", dev, "up"])?;
     }
-    let mut base: Option<(Dataplane, PinDir, Vec<TestPacket>)> = None;
+    let mut base: Option<Base> = None;
     for n in sizes {
         let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
         let set = shape(n, &mut rng);
@@ -358,17 +367,11 @@ fn main() -> anyhow::Result<()> {
             .sum();
         let pkts = packets(&set, &mut rng);
         let fd = dp.program_fd(Program::Ingress)?;
-        let base_fd = match &mut base {
-            Some((base_dp, _, _)) => Some(base_dp.program_fd(Program::Ingress)?),
-            None => None,
-        };
         let (cells, ratios) = paired_cells(
             fd.as_fd(),
             &pkts,
-            base_fd
-                .as_ref()
-                .zip(base.as_ref())
-                .map(|(f, (_, _, p))| (f.as_fd(), p.as_slice())),
+            base.as_ref()
+                .map(|b| (b.program.as_fd(), b.packets.as_slice())),
         );
         // Established: the denied packets again, once their flows exist.
         let denied: Vec<_> = pkts.iter().filter(|p| !p.1).cloned().collect();
@@ -407,7 +410,12 @@ fn main() -> anyhow::Result<()> {
         );
         report.engine.push(row);
         if base.is_none() {
-            base = Some((dp, pins, pkts.clone()));
+            base = Some(Base {
+                program: dp.program_fd(Program::Ingress)?,
+                packets: pkts.clone(),
+                _dataplane: dp,
+                _pins: pins,
+            });
         }
         floor_pkts = Some(pkts);
     }
