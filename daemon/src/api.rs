@@ -28,7 +28,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::{net::UnixListener, sync::Mutex};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     core::{ChangeError, Changed, Core, Count, Mode, Options, Session},
@@ -224,10 +224,14 @@ fn audited(r: anyhow::Result<()>) -> Result<(), ApiError> {
 
 #[derive(Serialize)]
 struct Status {
+    /// Every interface to protect is protected (none missing).
     enforcing: bool,
     generation: u64,
     hash: String,
     interfaces: BTreeMap<String, String>,
+    /// Configured interfaces that are missing: not protected.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    missing_interfaces: Vec<String>,
     rules: usize,
     counters: BTreeMap<&'static str, Count>,
     refused_writes: u64,
@@ -249,7 +253,7 @@ struct Status {
 pub async fn readiness(api: &Api) -> Report {
     let live = {
         let core = api.core.lock().await;
-        Live::of(&core, api.readiness.ssh_port())
+        Live::of(&core)
     };
     let checker = api.readiness.clone();
     match tokio::task::spawn_blocking(move || checker.report(live)).await {
@@ -283,10 +287,11 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         .map(|(r, c)| (r.name(), c))
         .collect();
     Ok(Json(Status {
-        enforcing: !core.interfaces.is_empty(),
+        enforcing: core.protected(),
         generation: core.generation(),
         hash: core.hash().to_string(),
         interfaces: core.interfaces.clone(),
+        missing_interfaces: core.missing_interfaces(),
         rules: core.rules().ingress_rules.len() + core.rules().egress_rules.len(),
         counters,
         refused_writes: core.refused_writes,
@@ -590,41 +595,60 @@ async fn metrics(State(api): State<Api>) -> Result<String, ApiError> {
         out,
         "# HELP portcullis_enforcing Whether the data path is attached to at least one interface.\n# TYPE portcullis_enforcing gauge"
     );
-    let _ = writeln!(
-        out,
-        "portcullis_enforcing {}",
-        u8::from(!core.interfaces.is_empty())
-    );
+    let _ = writeln!(out, "portcullis_enforcing {}", u8::from(core.protected()));
     Ok(out)
 }
 
 /// Starts the rollback timer of a change applied with a confirmation window.
 fn arm(api: &Api, changed: &Changed) {
     if let Some(deadline) = changed.confirm_by {
-        arm_rollback(api.core.clone(), deadline);
-    }
-}
-
-/// Rolls the pending change back at `deadline` unless it was confirmed.
-pub fn arm_rollback(core: Arc<Mutex<Core>>, deadline: u64) {
-    tokio::spawn(async move {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        tokio::time::sleep(Duration::from_secs(deadline.saturating_sub(now))).await;
-        let mut core = core.lock().await;
-        match core.roll_back_if_due() {
-            Ok(Some(generation)) => {
-                warn!(generation, "change not confirmed in time: rolled back");
-                let _ = core.record(
-                    None,
-                    None,
-                    "confirmation window",
-                    "rolled back: not confirmed".into(),
-                );
+        arm_rollback(
+            api.core.clone(),
+            changed.generation,
+            deadline.saturating_sub(now),
+        );
+    }
+}
+
+/// Rolls the pending change of `generation` back after `secs` unless it was
+/// confirmed. The timer is monotonic (a clock step does not move it); a
+/// failed rollback keeps the change pending and is retried.
+pub fn arm_rollback(core: Arc<Mutex<Core>>, generation: u64, secs: u64) {
+    const RETRY: Duration = Duration::from_secs(5);
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        loop {
+            let mut core = core.lock().await;
+            match core.roll_back(generation) {
+                Ok(Some(restored)) => {
+                    warn!(
+                        generation,
+                        restored, "change not confirmed in time: rolled back"
+                    );
+                    let _ = core.record(
+                        None,
+                        None,
+                        "confirmation window",
+                        "rolled back: not confirmed".into(),
+                    );
+                    return;
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    error!(generation, error = %e, "rollback failed; the change stays pending, retrying");
+                    let _ = core.record(
+                        None,
+                        None,
+                        "confirmation window",
+                        format!("rollback failed, retrying: {e}"),
+                    );
+                }
             }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "rollback failed"),
+            drop(core);
+            tokio::time::sleep(RETRY).await;
         }
     });
 }

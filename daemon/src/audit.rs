@@ -65,6 +65,8 @@ pub struct Log {
     dir: PathBuf,
     next_seq: u64,
     head: String,
+    /// What [`verify`] found wrong with the log when it was opened.
+    problems: Vec<String>,
 }
 
 /// What the caller asked, for a record.
@@ -78,24 +80,49 @@ pub struct Event<'a> {
 }
 
 impl Log {
-    /// Opens the log in `dir`, continuing its chain.
+    /// Opens the log in `dir`, continuing its chain. The log is checked
+    /// against `audit.head` first: a truncated, edited or missing log is not
+    /// accepted silently; what is wrong is in [`Log::problems`] for the
+    /// caller to report (and to record, so the break shows in the chain).
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
         fs::create_dir_all(dir)?;
         let (mut next_seq, mut head) = (0, GENESIS.to_string());
-        if let Ok(f) = File::open(dir.join(LOG)) {
-            for line in BufReader::new(f).lines() {
-                let line = line?;
-                if let Ok(r) = serde_json::from_str::<Record>(&line) {
-                    next_seq = r.seq + 1;
-                    head = r.hash;
+        let recorded_head = fs::read_to_string(dir.join(HEAD)).ok();
+        let mut problems = Vec::new();
+        match File::open(dir.join(LOG)) {
+            Ok(f) => {
+                for line in BufReader::new(f).lines() {
+                    let line = line?;
+                    if let Ok(r) = serde_json::from_str::<Record>(&line) {
+                        next_seq = r.seq + 1;
+                        head = r.hash;
+                    }
                 }
+                problems = verify(&dir.join(LOG), recorded_head.as_deref())?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(h) = &recorded_head {
+                    problems.push(format!(
+                        "{LOG} is missing but {HEAD} records {}: the log was removed",
+                        short(h.trim())
+                    ));
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", dir.join(LOG).display()));
             }
         }
         Ok(Log {
             dir: dir.to_owned(),
             next_seq,
             head,
+            problems,
         })
+    }
+
+    /// What was wrong with the log when it was opened (empty: intact).
+    pub fn problems(&self) -> &[String] {
+        &self.problems
     }
 
     /// The hash of the latest record.
@@ -261,5 +288,26 @@ mod tests {
         reordered.swap(1, 3);
         check(reordered, "reordered");
         check(original[..4].to_vec(), "truncated");
+    }
+
+    #[test]
+    fn opening_a_truncated_or_removed_log_reports_it() {
+        let (dir, path, _head) = setup(4);
+        assert!(Log::open(dir.path()).unwrap().problems().is_empty());
+        let original = lines(&path);
+        fs::write(&path, original[..2].join("\n") + "\n").unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        assert!(
+            log.problems().iter().any(|p| p.contains("truncated")),
+            "{:?}",
+            log.problems()
+        );
+        fs::remove_file(&path).unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        assert!(
+            log.problems().iter().any(|p| p.contains("removed")),
+            "{:?}",
+            log.problems()
+        );
     }
 }

@@ -47,7 +47,7 @@ pub struct Entry {
     /// Raw slot value: kind in the top bits, index below.
     pub slot: u32,
     /// Admitted port range per protocol class (ICMP and other: all).
-    pub ports: [Option<(u16, u16)>; PCLASSES],
+    pub ports: Ports,
     pub nets: Vec<IpNet>,
 }
 
@@ -108,7 +108,10 @@ pub struct Image {
     pub hash: String,
 }
 
-fn pclasses(protocol: Protocol, from: u16, to: u16) -> [Option<(u16, u16)>; PCLASSES] {
+/// An admitted port range (inclusive) per protocol class, `None` for none.
+pub type Ports = [Option<(u16, u16)>; PCLASSES];
+
+fn pclasses(protocol: Protocol, from: u16, to: u16) -> Ports {
     let all = Some((0, u16::MAX));
     let range = Some((from, to));
     let mut p = [None; PCLASSES];
@@ -132,17 +135,21 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         kind: 0,
         dir: 0,
     }];
-    let mut push = |name: String, kind: u32, dir: u8, ports, nets: Vec<IpNet>| {
+    // One slot (one counter) per rule; a rule with several port sets (the
+    // SSH exemption on several ports) is one entry per set, all on its slot.
+    let mut push = |name: String, kind: u32, dir: u8, port_sets: &[Ports], nets: Vec<IpNet>| {
         let index = slots.len() as u32;
         slots.push(Slot { name, kind, dir });
-        entries.push(Entry {
-            dir,
-            slot: (kind << SLOT_KIND_SHIFT) | index,
-            ports,
-            nets,
-        });
+        for &ports in port_sets {
+            entries.push(Entry {
+                dir,
+                slot: (kind << SLOT_KIND_SHIFT) | index,
+                ports,
+                nets: nets.clone(),
+            });
+        }
     };
-    let everything = pclasses(Protocol::Any, 0, u16::MAX);
+    let everything = [pclasses(Protocol::Any, 0, u16::MAX)];
     if let Some(cluster) = &set.cluster {
         let peers: Vec<IpNet> = cluster
             .peers
@@ -155,20 +162,23 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                     format!("cluster:{}", cluster.id),
                     SLOT_KIND_PEER,
                     dir,
-                    everything,
+                    &everything,
                     peers.clone(),
                 );
             }
         }
     }
     if set.ssh.allow {
-        push(
-            "ssh".into(),
-            SLOT_KIND_SSH,
-            DIR_INGRESS,
-            pclasses(Protocol::Tcp, 22, 22),
-            set.ssh_sources(),
-        );
+        // Sources that do not parse (validation refuses them) admit nothing:
+        // closed, not open.
+        let ports: Vec<Ports> = set
+            .ssh
+            .ports
+            .iter()
+            .map(|&p| pclasses(Protocol::Tcp, p, p))
+            .collect();
+        let nets = set.ssh.networks().unwrap_or_default();
+        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, &ports, nets);
     }
     for (dir, rules) in [
         (DIR_INGRESS, &set.ingress_rules),
@@ -180,7 +190,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                 format!("rule:{}", r.id),
                 SLOT_KIND_RULE,
                 dir,
-                ports,
+                &[ports],
                 r.networks(),
             );
         }
@@ -196,7 +206,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                 "other-clusters".into(),
                 SLOT_KIND_FOREIGN,
                 DIR_INGRESS,
-                everything,
+                &everything,
                 others,
             );
         }
@@ -614,6 +624,7 @@ mod tests {
             ssh: crate::rules::Ssh {
                 allow: true,
                 sources: vec!["192.0.2.0/24".into()],
+                ports: vec![22, 2222],
             },
             ..Default::default()
         };
@@ -647,6 +658,20 @@ mod tests {
             image.lookup(DIR_INGRESS, ip("198.51.100.5"), PCLASS_TCP, 22),
             SLOT_NONE
         );
+        // Every SSH port, one slot; nothing between them.
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_TCP, 2222),
+            image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_TCP, 22)
+        );
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_TCP, 2221),
+            SLOT_NONE
+        );
+        assert_eq!(
+            image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_UDP, 2222),
+            SLOT_NONE
+        );
+        assert_eq!(image.slots.iter().filter(|s| s.name == "ssh").count(), 1);
     }
 
     #[test]
@@ -777,7 +802,8 @@ pub mod strategies {
                     }),
                     ssh: Ssh {
                         allow: ssh,
-                        sources: vec![],
+                        ports: vec![22, 2222],
+                        ..Ssh::default()
                     },
                 })
         })

@@ -163,11 +163,15 @@ impl Capacity {
     }
 }
 
+/// What the host gets when the daemon cannot bring enforcement up. The
+/// default fails closed: deny inbound except the SSH exemption and
+/// established flows. `none` is for hosts without nftables, and says so
+/// loudly when it leaves the host open.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Fallback {
-    #[default]
     None,
+    #[default]
     Nftables,
 }
 
@@ -206,7 +210,9 @@ pub struct ReadinessConfig {
     /// sshd.service and ssh.socket that is loaded.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ssh_unit: Option<String>,
-    pub ssh_port: u16,
+    /// Deprecated alias of `[ssh] ports = [PORT]`, kept so older files load.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ssh_port: Option<u16>,
     /// A user whose `~/.ssh/authorized_keys` must hold a key, with safe
     /// ownership and modes, for the host to count as ready.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -223,7 +229,7 @@ impl Default for ReadinessConfig {
     fn default() -> Self {
         ReadinessConfig {
             ssh_unit: None,
-            ssh_port: 22,
+            ssh_port: None,
             ssh_user: None,
             sshd: PathBuf::from("/usr/sbin/sshd"),
             health: None,
@@ -245,9 +251,34 @@ pub struct HealthConfig {
 
 impl Config {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
-        let config: Config = toml::from_str(text)?;
+        let mut config: Config = toml::from_str(text)?;
+        config.resolve_ssh_port_alias()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// `readiness.ssh_port` (deprecated) names the SSH port when `[ssh] ports`
+    /// does not; when both are set they must agree.
+    fn resolve_ssh_port_alias(&mut self) -> anyhow::Result<()> {
+        let Some(port) = self.readiness.ssh_port else {
+            return Ok(());
+        };
+        if port == 0 {
+            bail!("readiness: ssh_port: 0 is not a port");
+        }
+        if self.ssh.ports == [crate::rules::DEFAULT_SSH_PORT] {
+            self.ssh.ports = vec![port];
+        } else if !self.ssh.ports.contains(&port) {
+            bail!(
+                "readiness: ssh_port: {port} is not in [ssh] ports {:?}; ssh_port is deprecated, set [ssh] ports only",
+                self.ssh.ports
+            );
+        }
+        tracing::warn!(
+            port,
+            "readiness.ssh_port is deprecated; use [ssh] ports = [{port}]"
+        );
+        Ok(())
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
@@ -272,9 +303,6 @@ impl Config {
             && !unit.contains('.')
         {
             bail!("readiness: ssh_unit: {unit:?} needs its suffix, e.g. \"ssh.service\"");
-        }
-        if self.readiness.ssh_port == 0 {
-            bail!("readiness: ssh_port: 0 is not a port");
         }
         if let Some(health) = &self.readiness.health {
             crate::rules::parse_cidrs(&health.sources)
@@ -388,6 +416,35 @@ ip_ranges = []
                 .contains("ingress_rules[0] (id \"x\"): from_port"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn ssh_ports_and_the_deprecated_alias() {
+        let c = Config::parse("[ssh]\nallow = true\nports = [22, 2222]\n").unwrap();
+        assert_eq!(c.rule_set().ssh.ports, [22, 2222]);
+        let c = Config::parse("[readiness]\nssh_port = 2222\n").unwrap();
+        assert_eq!(c.ssh.ports, [2222]);
+        let c = Config::parse("[ssh]\nports = [22, 2222]\n[readiness]\nssh_port = 2222\n").unwrap();
+        assert_eq!(c.ssh.ports, [22, 2222]);
+        let e = Config::parse("[ssh]\nports = [2200]\n[readiness]\nssh_port = 2222\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("ssh_port: 2222 is not in"),
+            "{e:#}"
+        );
+        for (bad, says) in [
+            ("ports = []", "at least one"),
+            ("ports = [0]", "0 is not a port"),
+            ("ports = [22, 22]", "22 is listed twice"),
+            ("ports = [70000]", "70000"),
+        ] {
+            let e = Config::parse(&format!("[ssh]\n{bad}\n")).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+    }
+
+    #[test]
+    fn the_default_fallback_fails_closed() {
+        assert_eq!(Config::parse("").unwrap().fallback, Fallback::Nftables);
     }
 
     #[test]

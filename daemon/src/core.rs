@@ -253,6 +253,9 @@ pub struct Core {
     carried: HashMap<String, Count>,
     /// Protected interfaces and the XDP mode the kernel chose.
     pub interfaces: BTreeMap<String, String>,
+    /// Interfaces the configuration names (empty in automatic mode): those
+    /// not in `interfaces` are reported as not protected.
+    configured: Vec<String>,
     /// Writes refused for lack of permission (a metric to alert on).
     pub refused_writes: u64,
     pub audit: audit::Log,
@@ -292,7 +295,7 @@ impl Core {
         let audit = audit::Log::open(store.dir())?;
         store.save(&rules, generation)?;
         dataplane.apply(&image, allow_ping)?;
-        Ok(Core {
+        let mut core = Core {
             dataplane,
             store,
             limits,
@@ -302,12 +305,66 @@ impl Core {
             image,
             carried: HashMap::new(),
             interfaces: BTreeMap::new(),
+            configured: Vec::new(),
             refused_writes: 0,
             audit,
             pending: None,
             mode: Mode::Enforce,
             service,
-        })
+        };
+        let problems = core.audit.problems().to_vec();
+        if !problems.is_empty() {
+            for p in &problems {
+                tracing::error!(problem = %p, "the audit log is damaged");
+            }
+            // In the chain itself, so `audit verify` and readers see where
+            // the break is and what was found.
+            let mut outcome = format!("damaged: {}", problems.join("; "));
+            outcome.truncate(outcome.floor_char_boundary(2048));
+            core.record(None, None, "open audit log", outcome)?;
+        }
+        Ok(core)
+    }
+
+    /// The interfaces the configuration names explicitly (none: automatic).
+    pub fn expect_interfaces(&mut self, names: &[String]) {
+        self.configured = names.to_vec();
+    }
+
+    /// Configured interfaces that are not protected (missing, or not yet
+    /// attached): while there is one, the host is not protected.
+    pub fn missing_interfaces(&self) -> Vec<String> {
+        self.configured
+            .iter()
+            .filter(|n| !self.interfaces.contains_key(*n))
+            .cloned()
+            .collect()
+    }
+
+    /// Whether every interface to protect is protected (and there is one).
+    pub fn protected(&self) -> bool {
+        !self.interfaces.is_empty() && self.missing_interfaces().is_empty()
+    }
+
+    /// One line for systemd's `STATUS=` and the journal: what is protected,
+    /// and, first, what is not.
+    pub fn protection_summary(&self) -> String {
+        let missing = self.missing_interfaces();
+        if !missing.is_empty() {
+            return format!(
+                "not protected: {} missing (enforcing on {} interface(s))",
+                missing.join(", "),
+                self.interfaces.len()
+            );
+        }
+        if self.interfaces.is_empty() {
+            return "not protected: no interface to protect yet".into();
+        }
+        format!(
+            "enforcing on {} interface(s), rules generation {}",
+            self.interfaces.len(),
+            self.generation
+        )
     }
 
     pub fn dataplane(&mut self) -> &mut Dataplane {
@@ -428,10 +485,10 @@ impl Core {
             .save(&next, generation)
             .map_err(ChangeError::Internal)?;
         let effective = self.effective()?;
-        if let Err(e) = self
-            .dataplane
-            .apply(effective.as_ref().unwrap_or(&image), allow_ping)
-        {
+        if let Err(e) = self.dataplane.apply(
+            effective.as_ref().unwrap_or(&image),
+            self.effective_ping(allow_ping),
+        ) {
             let _ = self.store.save(&self.rules, self.generation);
             return Err(ChangeError::Internal(e));
         }
@@ -444,22 +501,24 @@ impl Core {
         Ok(generation)
     }
 
-    /// In lockdown the data path runs a rule set of its own (nothing but SSH
-    /// from the admin source); otherwise the live rules' image.
+    /// In lockdown the data path runs a rule set of its own, narrower than
+    /// the live one in both directions: inbound, nothing but SSH (on the SSH
+    /// ports) from the admin network; outbound, the live egress allowlist
+    /// when there is one (no peers, no rules added), else what passed
+    /// before. Otherwise the live rules' image.
     fn effective(&self) -> Result<Option<Image>, ChangeError> {
         match &self.mode {
             Mode::Lockdown { admin } => {
-                let lockdown = RuleSet {
-                    ssh: crate::rules::Ssh {
-                        allow: admin.is_some(),
-                        sources: admin.iter().cloned().collect(),
-                    },
-                    ..Default::default()
-                };
+                let lockdown = lockdown_rules(&self.rules, admin.as_deref());
                 Ok(Some(compile::compile(&lockdown, &self.limits)?))
             }
             _ => Ok(None),
         }
+    }
+
+    /// Pings are admitted only outside lockdown.
+    fn effective_ping(&self, allow_ping: bool) -> bool {
+        allow_ping && !matches!(self.mode, Mode::Lockdown { .. })
     }
 
     pub fn mode(&self) -> &Mode {
@@ -477,25 +536,35 @@ impl Core {
                 })
             })?;
         }
-        if matches!(mode, Mode::Lockdown { .. }) {
-            // Connections open now are "established": they stay, including
-            // inbound ones the rules admitted (not in the table until now).
-            let open = crate::sockets::connections().map_err(ChangeError::Internal)?;
-            self.dataplane
-                .seed_connections(&open)
-                .map_err(ChangeError::Internal)?;
-        }
         let old = std::mem::replace(&mut self.mode, mode);
         let result = self.effective().and_then(|effective| {
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
             self.dataplane
-                .apply(effective.as_ref().unwrap_or(&self.image), self.allow_ping)
+                .apply(
+                    effective.as_ref().unwrap_or(&self.image),
+                    self.effective_ping(self.allow_ping),
+                )
                 .map_err(ChangeError::Internal)
         });
         if let Err(e) = result {
             self.mode = old;
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
             return Err(e);
+        }
+        if let Mode::Lockdown { admin } = &self.mode {
+            // Open flows are cut too (an intruder's session included), except
+            // those with the admin network.
+            let admin = admin
+                .as_deref()
+                .and_then(|a| crate::rules::parse_cidr(a).ok());
+            let cut = self
+                .dataplane
+                .cut_flows(|remote| admin.is_some_and(|net| net.contains(&remote)))
+                .map_err(ChangeError::Internal)?;
+            tracing::warn!(
+                flows = cut,
+                "lockdown: cut the open flows not with the admin network"
+            );
         }
         self.store
             .save_mode(&self.mode)
@@ -513,6 +582,19 @@ impl Core {
     /// Restores the mode saved before a restart.
     pub fn restore_mode(&mut self) -> anyhow::Result<()> {
         let mode = self.store.load_mode()?;
+        let mode = match mode {
+            // A lockdown that admits nobody survives a daemon restart but
+            // not a reboot: a reboot is how an operator without a console
+            // gets a locked-out machine back (docs/security.md).
+            Mode::Lockdown { admin: None } if self.store.mode_is_from_an_earlier_boot() => {
+                tracing::warn!(
+                    "a lockdown without an admin network ended with the reboot; enforcing"
+                );
+                self.store.save_mode(&Mode::Enforce)?;
+                Mode::Enforce
+            }
+            mode => mode,
+        };
         if mode != Mode::Enforce {
             tracing::warn!(
                 ?mode,
@@ -539,27 +621,54 @@ impl Core {
         Ok(p.generation)
     }
 
-    /// Rolls the pending change back if its deadline has passed; returns the
-    /// generation that restored the previous rules.
-    pub fn roll_back_if_due(&mut self) -> Result<Option<u64>, ChangeError> {
-        let Some(p) = &self.pending else {
+    /// Rolls back the pending change of `generation` (its window ended: the
+    /// caller's timer is monotonic, so a clock step neither delays nor
+    /// hastens it); returns the generation that restored the previous rules.
+    /// `Ok(None)` when that change is no longer pending (confirmed). On a
+    /// failure the change stays pending, so a retry can still roll it back.
+    pub fn roll_back(&mut self, generation: u64) -> Result<Option<u64>, ChangeError> {
+        let Some(p) = self.pending.clone() else {
             return Ok(None);
         };
-        if unix_now() < p.deadline {
+        if p.generation != generation {
             return Ok(None);
         }
-        let p = self.pending.take().expect("checked");
         let image = compile_with(&p.previous, &self.service, &self.limits)?;
-        let generation = self.make_live(p.previous, image, p.previous_allow_ping)?;
+        // `make_live` refuses nothing on account of the pending change; it
+        // stays set until the previous rules are live.
+        let restored = self.make_live(p.previous, image, p.previous_allow_ping)?;
+        self.pending = None;
         self.store
             .save_pending(None)
             .map_err(ChangeError::Internal)?;
-        Ok(Some(generation))
+        Ok(Some(restored))
+    }
+
+    /// Seconds until the pending change's deadline (0: due now).
+    pub fn pending_remaining(&self) -> Option<(u64, u64)> {
+        self.pending
+            .as_ref()
+            .map(|p| (p.generation, p.deadline.saturating_sub(unix_now())))
     }
 
     /// Restores a confirmation that was pending when the daemon stopped.
+    /// A damaged record is reported (journal and audit log) and dropped: the
+    /// live rules stay as they are, and the daemon keeps enforcing them.
     pub fn restore_pending(&mut self) -> anyhow::Result<()> {
-        self.pending = self.store.load_pending()?;
+        match self.store.load_pending() {
+            Ok(pending) => self.pending = pending,
+            Err(e) => {
+                let e = format!("{e:#}");
+                tracing::error!(error = %e, "the change awaiting confirmation cannot be restored; the live rules stay and nothing will roll back");
+                self.record(
+                    None,
+                    None,
+                    "restore pending change",
+                    format!("refused: {e}"),
+                )?;
+                self.store.save_pending(None)?;
+            }
+        }
         Ok(())
     }
 
@@ -639,6 +748,19 @@ impl Core {
             .into_iter()
             .map(|(r, c)| (r, c.into()))
             .collect())
+    }
+}
+
+/// The rule set the data path runs in lockdown (see [`Core::effective`]).
+pub fn lockdown_rules(live: &RuleSet, admin: Option<&str>) -> RuleSet {
+    RuleSet {
+        ssh: crate::rules::Ssh {
+            allow: admin.is_some(),
+            sources: admin.iter().map(ToString::to_string).collect(),
+            ports: live.ssh.ports.clone(),
+        },
+        egress_rules: live.egress_rules.clone(),
+        ..Default::default()
     }
 }
 

@@ -169,6 +169,23 @@ impl Dataplane {
         table.get(key, 0).is_ok()
     }
 
+    /// Removes every flow whose remote address `keep` refuses, so its next
+    /// packet meets the policy again; returns how many were removed.
+    pub fn cut_flows(&mut self, keep: impl Fn(std::net::IpAddr) -> bool) -> anyhow::Result<usize> {
+        let mut table: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
+        let doomed: Vec<FlowKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(flow_remote(k)))
+            .collect();
+        for key in &doomed {
+            // Gone already (aged out, evicted): nothing left to cut.
+            let _ = table.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
     /// Per-slot counters of the live generation, summed over CPUs.
     pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
         let g = self.active()? as usize;
@@ -705,6 +722,16 @@ fn map_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
             Ok(data.fd().as_fd())
         }
         _ => bail!("unexpected kind of map"),
+    }
+}
+
+/// The remote address of a flow.
+pub fn flow_remote(k: &FlowKey) -> std::net::IpAddr {
+    let [a, b, c, d, ..] = k.remote;
+    if k.family == FAMILY_V6 {
+        k.remote.into()
+    } else {
+        [a, b, c, d].into()
     }
 }
 

@@ -20,14 +20,18 @@ use crate::rules::Ssh;
 pub const TABLE: &str = "portcullis_fallback";
 
 /// The ruleset, as one `nft -f` transaction that replaces any earlier copy
-/// of the table.
-pub fn ruleset(ssh: &Ssh, ssh_port: u16) -> String {
+/// of the table. SSH sources are read as the compiler reads them
+/// ([`Ssh::networks`]: a bare address is a host route); sources that do not
+/// parse admit nothing, never everyone.
+pub fn ruleset(ssh: &Ssh) -> String {
     let mut ssh_rules = String::new();
-    if ssh.allow {
-        let nets: Vec<IpNet> = ssh.sources.iter().filter_map(|s| s.parse().ok()).collect();
-        if nets.is_empty() {
-            ssh_rules.push_str(&format!("    tcp dport {ssh_port} accept\n"));
-        } else {
+    let ports: Vec<String> = ssh.ports.iter().map(ToString::to_string).collect();
+    let ports = format!("{{ {} }}", ports.join(", "));
+    match ssh.networks() {
+        Ok(_) if ssh.allow && ssh.sources.is_empty() => {
+            ssh_rules.push_str(&format!("    tcp dport {ports} accept\n"));
+        }
+        Ok(nets) if ssh.allow => {
             for (family, v4) in [("ip", true), ("ip6", false)] {
                 let list: Vec<String> = nets
                     .iter()
@@ -36,11 +40,15 @@ pub fn ruleset(ssh: &Ssh, ssh_port: u16) -> String {
                     .collect();
                 if !list.is_empty() {
                     ssh_rules.push_str(&format!(
-                        "    {family} saddr {{ {} }} tcp dport {ssh_port} accept\n",
+                        "    {family} saddr {{ {} }} tcp dport {ports} accept\n",
                         list.join(", ")
                     ));
                 }
             }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "ssh: sources: the fallback admits SSH from nowhere");
         }
     }
     format!(
@@ -60,7 +68,7 @@ pub fn ruleset(ssh: &Ssh, ssh_port: u16) -> String {
 }
 
 /// Installs the fallback policy with `nft`.
-pub fn apply(ssh: &Ssh, ssh_port: u16) -> anyhow::Result<()> {
+pub fn apply(ssh: &Ssh) -> anyhow::Result<()> {
     let mut child = Command::new("nft")
         .args(["-f", "-"])
         .stdin(Stdio::piped())
@@ -72,7 +80,7 @@ pub fn apply(ssh: &Ssh, ssh_port: u16) -> anyhow::Result<()> {
         .stdin
         .take()
         .context("nft has no stdin")?
-        .write_all(ruleset(ssh, ssh_port).as_bytes())?;
+        .write_all(ruleset(ssh).as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!(
@@ -97,26 +105,26 @@ pub fn remove() -> bool {
 mod tests {
     use super::*;
 
+    fn ssh(sources: &[&str], ports: &[u16]) -> Ssh {
+        Ssh {
+            allow: true,
+            sources: sources.iter().map(ToString::to_string).collect(),
+            ports: ports.to_vec(),
+        }
+    }
+
     #[test]
     fn ssh_sources_split_by_family_and_the_table_is_replaced_atomically() {
-        let ssh = Ssh {
-            allow: true,
-            sources: vec![
-                "10.0.0.0/8".into(),
-                "fd00::/8".into(),
-                "192.0.2.0/24".into(),
-            ],
-        };
-        let r = ruleset(&ssh, 22);
+        let r = ruleset(&ssh(&["10.0.0.0/8", "fd00::/8", "192.0.2.0/24"], &[22]));
         assert!(r.starts_with(
             "table inet portcullis_fallback\ndelete table inet portcullis_fallback\n"
         ));
         assert!(
-            r.contains("ip saddr { 10.0.0.0/8, 192.0.2.0/24 } tcp dport 22 accept"),
+            r.contains("ip saddr { 10.0.0.0/8, 192.0.2.0/24 } tcp dport { 22 } accept"),
             "{r}"
         );
         assert!(
-            r.contains("ip6 saddr { fd00::/8 } tcp dport 22 accept"),
+            r.contains("ip6 saddr { fd00::/8 } tcp dport { 22 } accept"),
             "{r}"
         );
         assert!(r.contains("policy drop;"));
@@ -124,15 +132,24 @@ mod tests {
 
     #[test]
     fn without_the_exemption_no_port_is_open() {
-        let r = ruleset(&Ssh::default(), 22);
-        assert!(!r.contains("dport 22"), "{r}");
-        let r = ruleset(
-            &Ssh {
-                allow: true,
-                sources: vec![],
-            },
-            2222,
+        let r = ruleset(&Ssh::default());
+        assert!(!r.contains("dport { 22"), "{r}");
+        let r = ruleset(&ssh(&[], &[22, 2222]));
+        assert!(r.contains("    tcp dport { 22, 2222 } accept\n"), "{r}");
+    }
+
+    /// Issue 14: a bare address in `sources` (which the rule validator
+    /// accepts as a host route) used to be dropped by the fallback's own
+    /// parser, leaving `tcp dport 22 accept` for everyone.
+    #[test]
+    fn a_bare_source_address_restricts_ssh_and_bad_sources_admit_nobody() {
+        let r = ruleset(&ssh(&["10.200.90.5"], &[2222]));
+        assert!(
+            r.contains("ip saddr { 10.200.90.5/32 } tcp dport { 2222 } accept"),
+            "{r}"
         );
-        assert!(r.contains("    tcp dport 2222 accept\n"), "{r}");
+        assert_eq!(r.matches("tcp dport").count(), 1, "{r}");
+        let r = ruleset(&ssh(&["not-an-address"], &[22]));
+        assert!(!r.contains("dport { 22"), "{r}");
     }
 }

@@ -170,14 +170,24 @@ impl Report {
 /// rest of the evaluation runs without it).
 pub struct Live {
     pub interfaces: BTreeMap<String, String>,
-    pub admitted: Check,
+    /// Configured interfaces that do not exist (yet): not protected.
+    pub missing: Vec<String>,
+    /// Whether the live rules admit SSH, per SSH port.
+    pub admitted: Vec<(u16, Check)>,
 }
 
 impl Live {
-    pub fn of(core: &Core, ssh_port: u16) -> Live {
+    pub fn of(core: &Core) -> Live {
         Live {
             interfaces: core.interfaces.clone(),
-            admitted: admitted(core.rules(), core.mode(), ssh_port),
+            missing: core.missing_interfaces(),
+            admitted: core
+                .rules()
+                .ssh
+                .ports
+                .iter()
+                .map(|&port| (port, admitted(core.rules(), core.mode(), port)))
+                .collect(),
         }
     }
 }
@@ -208,18 +218,16 @@ impl Checker {
         self.systemd.clone()
     }
 
-    pub fn ssh_port(&self) -> u16 {
-        self.config.ssh_port
-    }
-
     /// Evaluates every check (blocking: forks `sshd -T` now and then).
     pub fn report(&self, live: Live) -> Report {
         let view = self.systemd.borrow().clone();
+        let ports: Vec<u16> = live.admitted.iter().map(|(p, _)| *p).collect();
+        let (listening, open) = listening(&ports);
         let checks = vec![
-            enforcing(&live.interfaces),
+            enforcing(&live.interfaces, &live.missing),
             ssh_unit(&view),
-            listening(self.config.ssh_port),
-            live.admitted,
+            listening,
+            admitted_on(live.admitted, &open),
             self.key_auth(&view),
             authorized_keys(self.config.ssh_user.as_deref()),
         ];
@@ -240,8 +248,14 @@ impl Checker {
     }
 }
 
-fn enforcing(interfaces: &BTreeMap<String, String>) -> Check {
-    if interfaces.is_empty() {
+fn enforcing(interfaces: &BTreeMap<String, String>, missing: &[String]) -> Check {
+    if !missing.is_empty() {
+        Check::new(
+            "enforcing",
+            State::Fail,
+            format!("not protected: {} missing", missing.join(", ")),
+        )
+    } else if interfaces.is_empty() {
         Check::new("enforcing", State::Fail, "no interface is protected yet")
     } else {
         let names: Vec<String> = interfaces
@@ -291,21 +305,61 @@ fn ssh_unit(view: &SystemdView) -> Check {
     }
 }
 
-fn listening(port: u16) -> Check {
+/// Whether something listens on one of the SSH ports; also which do.
+fn listening(ports: &[u16]) -> (Check, Vec<u16>) {
     let name = "listening";
-    match sockets::listening_tcp(port) {
-        Ok(true) => Check::new(
-            name,
-            State::Pass,
-            format!("a TCP socket listens on port {port}"),
-        ),
-        Ok(false) => Check::new(
+    let mut open = Vec::new();
+    for &port in ports {
+        match sockets::listening_tcp(port) {
+            Ok(true) => open.push(port),
+            Ok(false) => {}
+            Err(e) => {
+                let c = Check::new(name, State::Unknown, format!("cannot list sockets: {e:#}"));
+                return (c, open);
+            }
+        }
+    }
+    let list = |ports: &[u16]| {
+        ports
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let check = if open.is_empty() {
+        Check::new(
             name,
             State::Fail,
-            format!("nothing listens on TCP port {port}"),
-        ),
-        Err(e) => Check::new(name, State::Unknown, format!("cannot list sockets: {e:#}")),
+            format!(
+                "nothing listens on TCP port {} (the SSH ports)",
+                list(ports)
+            ),
+        )
+    } else {
+        Check::new(
+            name,
+            State::Pass,
+            format!("a TCP socket listens on port {}", list(&open)),
+        )
+    };
+    (check, open)
+}
+
+/// The `admitted` check over the SSH ports: it passes when an SSH port that
+/// something listens on is admitted (any SSH port, when none listens, so
+/// the report still says what the rules allow).
+fn admitted_on(per_port: Vec<(u16, Check)>, listening: &[u16]) -> Check {
+    let relevant: Vec<Check> = per_port
+        .iter()
+        .filter(|(p, _)| listening.is_empty() || listening.contains(p))
+        .map(|(_, c)| c.clone())
+        .collect();
+    if let Some(pass) = relevant.iter().find(|c| c.state.passes()) {
+        return pass.clone();
     }
+    let details: Vec<String> = relevant.iter().map(|c| c.detail.clone()).collect();
+    let state = relevant.first().map_or(State::Fail, |c| c.state);
+    Check::new("admitted", state, details.join("; "))
 }
 
 /// Whether the live rules admit new TCP connections to `port`, and from where.
@@ -336,7 +390,7 @@ pub fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
         Mode::Enforce => {}
     }
     let mut from = Vec::new();
-    if rules.ssh.allow && port == 22 {
+    if rules.ssh.allow && rules.ssh.ports.contains(&port) {
         from.push(describe_sources("the SSH exemption", &rules.ssh.sources));
     }
     for rule in &rules.ingress_rules {
@@ -742,8 +796,11 @@ mod tests {
             "{}",
             c.detail
         );
-        // The exemption is for port 22; another SSH port needs a rule.
+        // The exemption is for the SSH ports; another port needs a rule.
         assert_eq!(admitted(&rules, &Mode::Enforce, 2222).state, State::Fail);
+        rules.ssh.ports = vec![22, 2222];
+        assert_eq!(admitted(&rules, &Mode::Enforce, 2222).state, State::Pass);
+        assert_eq!(admitted(&rules, &Mode::Enforce, 2223).state, State::Fail);
         assert_eq!(
             admitted(&rules, &Mode::Lockdown { admin: None }, 22).state,
             State::Fail

@@ -8,7 +8,8 @@
 //! Semantics (see docs/security.md):
 //! - ingress rules admit new inbound traffic that matches them;
 //! - cluster peers admit everything from their addresses;
-//! - the SSH exemption admits TCP/22 from its sources (any when empty);
+//! - the SSH exemption admits TCP to its ports (default 22) from its
+//!   sources (any when empty);
 //! - egress is allow-all while `egress_rules` is empty and an allowlist as
 //!   soon as it holds a rule (replies to outbound flows are still admitted);
 //! - a packet several rules admit credits the first of them: peers, then
@@ -78,8 +79,8 @@ pub struct Cluster {
     pub other_clusters: Vec<String>,
 }
 
-/// The SSH exemption: inbound TCP/22 regardless of the rules.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// The SSH exemption: inbound TCP to the SSH ports regardless of the rules.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ssh {
     #[serde(default)]
@@ -87,6 +88,83 @@ pub struct Ssh {
     /// Source CIDRs admitted; empty means any source.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// The TCP ports sshd listens on (default `[22]`; Brev's providers also
+    /// use 2222). They drive the exemption, the nftables fallback, readiness,
+    /// lockdown and the anti-lockout check. Not written when default, so rule
+    /// sets saved before the field existed keep their hash.
+    #[serde(
+        default = "default_ssh_ports",
+        skip_serializing_if = "is_default_ssh_ports"
+    )]
+    pub ports: Vec<u16>,
+}
+
+/// Where sshd listens unless configured otherwise.
+pub const DEFAULT_SSH_PORT: u16 = 22;
+/// More SSH ports than this is a mistake, not a configuration.
+pub const MAX_SSH_PORTS: usize = 16;
+
+fn default_ssh_ports() -> Vec<u16> {
+    vec![DEFAULT_SSH_PORT]
+}
+
+fn is_default_ssh_ports(ports: &[u16]) -> bool {
+    ports == [DEFAULT_SSH_PORT]
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Ssh {
+            allow: false,
+            sources: Vec::new(),
+            ports: default_ssh_ports(),
+        }
+    }
+}
+
+impl Ssh {
+    /// The exemption's source networks (any when the list is empty), or why
+    /// a source is not a network. Everything that enforces SSH sources (the
+    /// compiler, the fallback, lockdown) reads them through here, so a bare
+    /// address means the same host route everywhere.
+    pub fn networks(&self) -> Result<Vec<IpNet>, String> {
+        if self.sources.is_empty() {
+            Ok(any())
+        } else {
+            parse_cidrs(&self.sources)
+        }
+    }
+
+    fn validate(&self) -> Result<(), RuleError> {
+        let err = |field, reason: String| RuleError {
+            place: "ssh".into(),
+            field,
+            reason,
+        };
+        self.networks().map_err(|e| err("sources", e))?;
+        if self.ports.is_empty() {
+            return Err(err(
+                "ports",
+                "must name at least one port (sshd's, usually [22])".into(),
+            ));
+        }
+        if self.ports.len() > MAX_SSH_PORTS {
+            return Err(err(
+                "ports",
+                format!("{} ports, more than {MAX_SSH_PORTS}", self.ports.len()),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for &port in &self.ports {
+            if port == 0 {
+                return Err(err("ports", "0 is not a port".into()));
+            }
+            if !seen.insert(port) {
+                return Err(err("ports", format!("{port} is listed twice")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Everything that decides what the host admits.
@@ -223,21 +301,7 @@ impl RuleSet {
             parse_cidrs(&cluster.peers).map_err(|e| err("peers", e))?;
             parse_cidrs(&cluster.other_clusters).map_err(|e| err("other_clusters", e))?;
         }
-        parse_cidrs(&self.ssh.sources).map_err(|e| RuleError {
-            place: "ssh".into(),
-            field: "sources",
-            reason: e,
-        })?;
-        Ok(())
-    }
-
-    /// The SSH exemption's source networks (any when the list is empty).
-    pub fn ssh_sources(&self) -> Vec<IpNet> {
-        if self.ssh.sources.is_empty() {
-            any()
-        } else {
-            parse_cidrs(&self.ssh.sources).expect("validated")
-        }
+        self.ssh.validate()
     }
 }
 
@@ -351,7 +415,8 @@ sources = ["203.0.113.0/24"]
         .unwrap();
         s.validate().unwrap();
         assert_eq!(s.ingress_rules[0].protocol, Protocol::Udp);
-        assert_eq!(s.ssh_sources().len(), 1);
+        assert_eq!(s.ssh.networks().unwrap().len(), 1);
+        assert_eq!(s.ssh.ports, [22]);
         assert_eq!(s.ingress_rules[0].networks(), any());
     }
 }

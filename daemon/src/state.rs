@@ -36,6 +36,28 @@ struct Envelope {
     rules: RuleSet,
 }
 
+#[derive(Serialize, Deserialize)]
+struct SavedMode {
+    #[serde(flatten)]
+    mode: crate::core::Mode,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SavedPending {
+    format: u32,
+    sha256: String,
+    pending: crate::core::Pending,
+}
+
+/// This boot's id (the kernel makes a new one at every boot).
+fn boot_id() -> Option<String> {
+    fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
 /// A rule set restored from disk.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Restored {
@@ -78,23 +100,53 @@ impl Store {
         )
     }
 
-    /// Saves the data path's mode (enforce, audit, open, lockdown).
+    /// Saves the data path's mode (enforce, audit, open, lockdown) with the
+    /// boot it was set in.
     pub fn save_mode(&self, mode: &crate::core::Mode) -> anyhow::Result<()> {
-        replace_file(&self.dir, MODE, &serde_json::to_vec(mode)?, None)
+        let saved = SavedMode {
+            mode: mode.clone(),
+            boot_id: boot_id(),
+        };
+        replace_file(&self.dir, MODE, &serde_json::to_vec(&saved)?, None)
     }
 
     pub fn load_mode(&self) -> anyhow::Result<crate::core::Mode> {
-        let path = self.dir.join(MODE);
-        match fs::read(&path) {
-            Ok(b) => {
-                serde_json::from_slice(&b).with_context(|| format!("{} is damaged", path.display()))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(crate::core::Mode::Enforce),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(self
+            .load_saved_mode()?
+            .map_or_else(Default::default, |m| m.mode))
+    }
+
+    /// Whether the saved mode was set before this boot (or by a version that
+    /// did not record the boot: treated as earlier, which only ever ends a
+    /// lockout).
+    pub fn mode_is_from_an_earlier_boot(&self) -> bool {
+        match self.load_saved_mode() {
+            Ok(Some(saved)) => saved.boot_id.is_none() || saved.boot_id != boot_id(),
+            _ => false,
         }
     }
 
-    /// Saves (or with `None`, removes) the change awaiting confirmation.
+    fn load_saved_mode(&self) -> anyhow::Result<Option<SavedMode>> {
+        let path = self.dir.join(MODE);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        // Files written before the boot was recorded hold the bare mode.
+        serde_json::from_slice::<SavedMode>(&bytes)
+            .or_else(|_| {
+                serde_json::from_slice(&bytes).map(|mode| SavedMode {
+                    mode,
+                    boot_id: None,
+                })
+            })
+            .map(Some)
+            .with_context(|| format!("{} is damaged", path.display()))
+    }
+
+    /// Saves (or with `None`, removes) the change awaiting confirmation,
+    /// with the checksum of the rules a rollback would restore.
     pub fn save_pending(&self, pending: Option<&crate::core::Pending>) -> anyhow::Result<()> {
         let path = self.dir.join(PENDING);
         match pending {
@@ -103,21 +155,53 @@ impl Store {
                 Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
             },
-            Some(p) => replace_file(&self.dir, PENDING, &serde_json::to_vec_pretty(p)?, None),
+            Some(p) => {
+                let saved = SavedPending {
+                    format: FORMAT,
+                    sha256: compile::hash(&p.previous),
+                    pending: p.clone(),
+                };
+                replace_file(
+                    &self.dir,
+                    PENDING,
+                    &serde_json::to_vec_pretty(&saved)?,
+                    None,
+                )
+            }
         }
     }
 
+    /// The change awaiting confirmation, checked like the live set: a file
+    /// that is torn, edited or holds an invalid rule set is an error naming
+    /// the file, never a panic later at the rollback.
     pub fn load_pending(&self) -> anyhow::Result<Option<crate::core::Pending>> {
         let path = self.dir.join(PENDING);
-        match fs::read(&path) {
-            Ok(b) => {
-                Ok(Some(serde_json::from_slice(&b).with_context(|| {
-                    format!("{} is damaged", path.display())
-                })?))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        let saved: SavedPending = serde_json::from_slice(&bytes).with_context(|| {
+            format!(
+                "{} is not a saved pending change (torn or edited?)",
+                path.display()
+            )
+        })?;
+        if saved.format != FORMAT {
+            bail!("{}: unknown format {}", path.display(), saved.format);
         }
+        if compile::hash(&saved.pending.previous) != saved.sha256 {
+            bail!(
+                "{}: checksum mismatch (the file was changed after it was written)",
+                path.display()
+            );
+        }
+        saved
+            .pending
+            .previous
+            .validate()
+            .with_context(|| format!("{}: invalid rule set to roll back to", path.display()))?;
+        Ok(Some(saved.pending))
     }
 
     /// The live set last saved: `Ok(None)` when there is none yet; the
@@ -261,5 +345,58 @@ mod tests {
         // Both damaged: an error, never an empty rule set.
         fs::write(dir.path().join(PREVIOUS), b"{").unwrap();
         assert!(store.load().is_err());
+    }
+
+    fn pending() -> crate::core::Pending {
+        crate::core::Pending {
+            previous: set(7),
+            previous_allow_ping: false,
+            generation: 3,
+            deadline: 100,
+        }
+    }
+
+    #[test]
+    fn a_damaged_pending_change_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        store.save_pending(Some(&pending())).unwrap();
+        assert_eq!(store.load_pending().unwrap(), Some(pending()));
+        let path = dir.path().join(PENDING);
+        let text = fs::read_to_string(&path).unwrap();
+        // Edited: the rules to roll back to changed.
+        fs::write(&path, text.replace("\"from_port\": 7", "\"from_port\": 8")).unwrap();
+        let e = format!("{:#}", store.load_pending().unwrap_err());
+        assert!(e.contains("pending.json") && e.contains("checksum"), "{e}");
+        // Torn.
+        fs::write(&path, &text[..text.len() / 2]).unwrap();
+        let e = format!("{:#}", store.load_pending().unwrap_err());
+        assert!(e.contains("pending.json") && e.contains("torn"), "{e}");
+        // Invalid rules, with a matching checksum.
+        let mut bad = pending();
+        bad.previous.ingress_rules[0].from_port = 9;
+        bad.previous.ingress_rules[0].to_port = 8;
+        store.save_pending(Some(&bad)).unwrap();
+        let e = format!("{:#}", store.load_pending().unwrap_err());
+        assert!(e.contains("invalid rule set"), "{e}");
+    }
+
+    #[test]
+    fn modes_remember_their_boot_and_old_files_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let lockdown = crate::core::Mode::Lockdown { admin: None };
+        store.save_mode(&lockdown).unwrap();
+        assert_eq!(store.load_mode().unwrap(), lockdown);
+        assert!(!store.mode_is_from_an_earlier_boot());
+        fs::write(
+            dir.path().join(MODE),
+            br#"{"mode":"lockdown","boot_id":"another"}"#,
+        )
+        .unwrap();
+        assert!(store.mode_is_from_an_earlier_boot());
+        fs::write(dir.path().join(MODE), br#"{"mode":"lockdown"}"#).unwrap();
+        assert_eq!(store.load_mode().unwrap(), lockdown);
+        assert!(store.mode_is_from_an_earlier_boot());
     }
 }

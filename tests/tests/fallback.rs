@@ -46,7 +46,7 @@ fn without_the_data_path_the_service_fails_loudly_and_the_fallback_denies_inboun
     wait_failed(&c);
     let journal = c.journal("portcullis.service");
     assert!(
-        journal.contains("the eBPF data path cannot load: the host is NOT protected"),
+        journal.contains("enforcement cannot start: the host is NOT protected"),
         "{journal}"
     );
     assert!(journal.contains("nftables fallback in place"), "{journal}");
@@ -77,7 +77,7 @@ fn without_the_data_path_and_no_fallback_the_service_fails_loudly() {
     wait_failed(&c);
     let journal = c.journal("portcullis.service");
     assert!(
-        journal.contains("the eBPF data path cannot load: the host is NOT protected"),
+        journal.contains("enforcement cannot start: the host is NOT protected"),
         "{journal}"
     );
     assert!(!journal.contains("nftables fallback in place"), "{journal}");

@@ -473,10 +473,19 @@ fn describe_drop(d: &Value) -> String {
 fn print_status(s: &Value) {
     let interfaces = s["interfaces"].as_object().cloned().unwrap_or_default();
     let mode = s["mode"]["mode"].as_str().unwrap_or("?");
-    let protected = s["enforcing"] == true && mode != "open";
+    let protected = s["enforcing"] == true && mode != "open" && mode != "audit";
+    let missing: Vec<&str> = s["missing_interfaces"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
     println!(
-        "Protected:   {}{}",
+        "Protected:   {}{}{}",
         if protected { "yes" } else { "NO" },
+        if missing.is_empty() {
+            String::new()
+        } else {
+            format!(" (not protected: {} missing)", missing.join(", "))
+        },
         match mode {
             "enforce" => String::new(),
             "lockdown" => format!(

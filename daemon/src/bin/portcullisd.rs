@@ -4,7 +4,11 @@
 //! Enforcement is pinned, so it continues after the daemon exits;
 //! `--detach` ends it.
 
-use std::{collections::HashSet, path::PathBuf, sync::Arc};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -19,6 +23,7 @@ use portcullis::{
     dataplane::{self, Dataplane},
     fallback, links,
     readiness::{self, SystemdView},
+    rules::Ssh,
     sockets, state,
 };
 use tokio::{
@@ -66,7 +71,24 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(dir.join("portcullisd.8"), page)?;
         return Ok(());
     }
-    let config = Config::load(&args.config)?;
+    let config = match Config::load(&args.config) {
+        Ok(config) => config,
+        Err(e) if args.check_config || args.detach => return Err(e),
+        // Fail closed: without a configuration there is no rule to enforce,
+        // but the host still gets the fallback (with the SSH exemption of
+        // the last live rule set, so the admin can get in to fix the file).
+        Err(e) => {
+            let state_dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
+            let ssh = last_live_ssh(&state::Store::new(&state_dir)).unwrap_or_else(|| Ssh {
+                allow: true,
+                ..Ssh::default()
+            });
+            return Err(fail_closed(Fallback::default(), &ssh, e));
+        }
+    };
     if args.check_config {
         println!("{}: ok", args.config.display());
         return Ok(());
@@ -116,119 +138,31 @@ async fn run(
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let selector = config.selector()?;
-    let writers_gid = config.api.writers_gid()?;
-    // Resolved once (a default pin directory depends on what is mounted), so
-    // loading, cleaning up and logging all name the same directory.
+    // What the host gets if enforcement cannot come up: the SSH exemption of
+    // the rules that were live (else the file's).
+    let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.ssh.clone());
+    let Started {
+        core,
+        handle,
+        mut link_events,
+        mut protected,
+        selector,
+        writers_gid,
+        pending,
+    } = match start(&config, &config_path, store).await {
+        Ok(started) => started,
+        Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e)),
+    };
     let pin_dir = config.pin_dir();
-
-    // Subscribe to link events before listing links, so none is missed.
-    let (mut connection, handle, mut link_events) =
-        rtnetlink::new_connection().context("opening rtnetlink")?;
-    connection
-        .socket_mut()
-        .socket_mut()
-        .bind(&netlink_sys::SocketAddr::new(
-            0,
-            rtnetlink::constants::RTMGRP_LINK,
-        ))
-        .context("subscribing to link events")?;
-    tokio::spawn(connection);
-    let targets: Vec<String> = links::list(&handle)
-        .await?
-        .into_iter()
-        .filter(|l| selector.wants(l))
-        .map(|l| l.name)
-        .collect();
-    if targets.is_empty() {
-        warn!(
-            auto = selector.is_auto(),
-            "no interface to protect yet; waiting for one to appear"
-        );
-    }
-
-    // The live set: what was live before a restart, else the config file.
-    let (rules, generation) = match store.load()? {
-        Some(restored) => {
-            info!(generation = restored.generation, state_dir = %store.dir().display(), "restored the live rule set");
-            if restored.rules != config.rule_set() {
-                warn!(config = %config_path.display(), "the config file differs from the live rule set; send SIGHUP (reload) to apply it");
-            }
-            (restored.rules, restored.generation)
-        }
-        None => (config.rule_set(), 1),
-    };
-    let limits = config.capacity.limits();
-    let dataplane = match Dataplane::load(&pin_dir, config.conntrack_entries, &limits) {
-        Ok(d) => d,
-        Err(e) => return Err(data_path_failed(&config, e)),
-    };
-
-    // Rules first: a new ingress link never runs on empty maps. Then egress,
-    // so flows opened from now on are recorded; then the connections that
-    // already exist; only then the ingress filter.
-    let mut core = Core::start(
-        dataplane,
-        store,
-        limits,
-        config.allow_ping,
-        rules,
-        generation,
-        config.service_rules(),
-    )
-    .context("making the rules live")
-    .map_err(|e| data_path_failed(&config, e))?;
-    info!(generation, hash = core.hash(), "rules live");
-    for ifname in &targets {
-        let how = core
-            .dataplane()
-            .attach_egress(ifname, config.tc_attach)
-            .with_context(|| format!("interface {ifname}"))
-            .map_err(|e| data_path_failed(&config, e))?;
-        info!(interface = %ifname, attach = ?how, "recording outbound flows");
-    }
-    let existing = sockets::connections().context("listing open connections")?;
-    let seeded = core.dataplane().seed_connections(&existing)?;
-    info!(
-        connections = existing.len(),
-        seeded, "connection table seeded"
-    );
-    let mut protected = HashSet::new();
-    for ifname in &targets {
-        let how = core
-            .dataplane()
-            .attach_ingress(ifname)
-            .with_context(|| format!("interface {ifname}"))
-            .map_err(|e| data_path_failed(&config, e))?;
-        let mode = xdp_mode(&handle, ifname).await;
-        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
-        core.interfaces.insert(ifname.clone(), mode);
-        protected.insert(ifname.clone());
-    }
-    // Enforcing: a fallback policy from a failed start is no longer needed.
-    if fallback::remove() {
-        info!(
-            table = fallback::TABLE,
-            "the data path enforces again: removed the nftables fallback"
-        );
-    }
-    // A change that awaited confirmation when we stopped: roll it back now
-    // if its time is up, else keep waiting for it.
-    core.restore_pending()?;
-    core.restore_mode()?;
-    let pending = core.pending().map(|p| p.deadline);
-    // Every link now runs this version's programs: maps of older layouts
-    // have no users left.
-    for old in dataplane::remove_old_layouts(&pin_dir)? {
-        info!(maps = %old.display(), "removed the maps of an older layout");
-    }
+    let generation = core.generation();
+    let summary = core.protection_summary();
     let core = Arc::new(Mutex::new(core));
-    if let Some(deadline) = pending {
+    if let Some((generation, secs)) = pending {
         warn!(
-            deadline,
-            "a change awaits confirmation; it is rolled back unless confirmed in time"
+            generation,
+            secs, "a change awaits confirmation; it is rolled back unless confirmed in time"
         );
-        api::arm_rollback(core.clone(), deadline);
+        api::arm_rollback(core.clone(), generation, secs);
     }
     let feed = portcullis::events::Feed::default();
     let ring = core.lock().await.dataplane().take_events()?;
@@ -266,13 +200,9 @@ async fn run(
     }
     let listener = api::bind(&socket, writers_gid)?;
     let mut server = tokio::spawn(api::serve(listener, api.clone()));
-    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), "ready");
+    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), generation, status = %summary, "ready");
     // Tell systemd (Type=notify) that the host is protected, and keep its
     // watchdog fed while the loop runs.
-    let summary = format!(
-        "enforcing on {} interface(s), rules generation {generation}",
-        protected.len()
-    );
     if let Err(e) = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&summary),
@@ -372,23 +302,174 @@ async fn run(
     Ok(())
 }
 
-/// The eBPF data path cannot load: say so loudly and, when configured, put
-/// the nftables fallback in place before failing.
-fn data_path_failed(config: &Config, e: anyhow::Error) -> anyhow::Error {
-    error!(error = %format!("{e:#}"), "the eBPF data path cannot load: the host is NOT protected by Portcullis");
-    if config.fallback == Fallback::Nftables {
-        match fallback::apply(&config.ssh, config.readiness.ssh_port) {
-            Ok(()) => warn!(
-                table = fallback::TABLE,
-                "nftables fallback in place: inbound denied except SSH and established flows"
-            ),
-            Err(fe) => error!(error = %format!("{fe:#}"), "the nftables fallback failed too"),
-        }
+/// What [`start`] brought up: enforcement, and what the loop needs.
+struct Started {
+    core: Core,
+    handle: rtnetlink::Handle,
+    link_events: futures::channel::mpsc::UnboundedReceiver<(
+        netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+        netlink_sys::SocketAddr,
+    )>,
+    protected: HashSet<String>,
+    selector: links::Selector,
+    writers_gid: Option<u32>,
+    /// A change awaiting confirmation: its generation and seconds left.
+    pending: Option<(u64, u64)>,
+}
+
+/// Everything up to enforcement, in order: rules live, egress attached,
+/// open connections seeded, ingress attached. Any error here means the host
+/// is not (fully) protected: the caller applies the fallback.
+async fn start(
+    config: &Config,
+    config_path: &Path,
+    store: state::Store,
+) -> anyhow::Result<Started> {
+    let selector = config.selector()?;
+    let writers_gid = config.api.writers_gid()?;
+    // Resolved once (a default pin directory depends on what is mounted), so
+    // loading, cleaning up and logging all name the same directory.
+    let pin_dir = config.pin_dir();
+
+    // Subscribe to link events before listing links, so none is missed.
+    let (mut connection, handle, link_events) =
+        rtnetlink::new_connection().context("opening rtnetlink")?;
+    connection
+        .socket_mut()
+        .socket_mut()
+        .bind(&netlink_sys::SocketAddr::new(
+            0,
+            rtnetlink::constants::RTMGRP_LINK,
+        ))
+        .context("subscribing to link events")?;
+    tokio::spawn(connection);
+    let targets: Vec<String> = links::list(&handle)
+        .await?
+        .into_iter()
+        .filter(|l| selector.wants(l))
+        .map(|l| l.name)
+        .collect();
+    if targets.is_empty() {
+        warn!(
+            auto = selector.is_auto(),
+            "no interface to protect yet; waiting for one to appear"
+        );
     }
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-        "FAILED: the eBPF data path cannot load; see the journal",
-    )]);
-    e.context("loading the eBPF data path")
+
+    // The live set: what was live before a restart, else the config file.
+    let (rules, generation) = match store.load()? {
+        Some(restored) => {
+            info!(generation = restored.generation, state_dir = %store.dir().display(), "restored the live rule set");
+            if restored.rules != config.rule_set() {
+                warn!(config = %config_path.display(), "the config file differs from the live rule set; send SIGHUP (reload) to apply it");
+            }
+            (restored.rules, restored.generation)
+        }
+        None => (config.rule_set(), 1),
+    };
+    let limits = config.capacity.limits();
+    let dataplane = Dataplane::load(&pin_dir, config.conntrack_entries, &limits)
+        .context("loading the eBPF data path")?;
+
+    // Rules first: a new ingress link never runs on empty maps. Then egress,
+    // so flows opened from now on are recorded; then the connections that
+    // already exist; only then the ingress filter.
+    let mut core = Core::start(
+        dataplane,
+        store,
+        limits,
+        config.allow_ping,
+        rules,
+        generation,
+        config.service_rules(),
+    )
+    .context("making the rules live")?;
+    core.expect_interfaces(&config.interfaces);
+    info!(generation, hash = core.hash(), "rules live");
+    for ifname in &targets {
+        let how = core
+            .dataplane()
+            .attach_egress(ifname, config.tc_attach)
+            .with_context(|| format!("interface {ifname}"))?;
+        info!(interface = %ifname, attach = ?how, "recording outbound flows");
+    }
+    let existing = sockets::connections().context("listing open connections")?;
+    let seeded = core.dataplane().seed_connections(&existing)?;
+    info!(
+        connections = existing.len(),
+        seeded, "connection table seeded"
+    );
+    let mut protected = HashSet::new();
+    for ifname in &targets {
+        let how = core
+            .dataplane()
+            .attach_ingress(ifname)
+            .with_context(|| format!("interface {ifname}"))?;
+        let mode = xdp_mode(&handle, ifname).await;
+        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
+        core.interfaces.insert(ifname.clone(), mode);
+        protected.insert(ifname.clone());
+    }
+    // Enforcing: a fallback policy from a failed start is no longer needed.
+    if fallback::remove() {
+        info!(
+            table = fallback::TABLE,
+            "the data path enforces again: removed the nftables fallback"
+        );
+    }
+    // A change that awaited confirmation when we stopped: roll it back now
+    // if its time is up, else keep waiting for it.
+    core.restore_pending()?;
+    core.restore_mode()?;
+    let pending = core.pending_remaining();
+    // Every link now runs this version's programs: maps of older layouts
+    // have no users left.
+    for old in dataplane::remove_old_layouts(&pin_dir)? {
+        info!(maps = %old.display(), "removed the maps of an older layout");
+    }
+    Ok(Started {
+        core,
+        handle,
+        link_events,
+        protected,
+        selector,
+        writers_gid,
+        pending,
+    })
+}
+
+/// The last live rule set's SSH exemption, if one can be read.
+fn last_live_ssh(store: &state::Store) -> Option<Ssh> {
+    store.load().ok().flatten().map(|r| r.rules.ssh)
+}
+
+/// Enforcement cannot come up: say so loudly and, unless configured off,
+/// put the nftables fallback in place before failing. Every exit before
+/// enforcement goes through here.
+fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error {
+    error!(error = %format!("{e:#}"), "enforcement cannot start: the host is NOT protected by Portcullis");
+    let status = match fallback {
+        Fallback::Nftables => match fallback::apply(ssh) {
+            Ok(()) => {
+                warn!(
+                    table = fallback::TABLE,
+                    ssh_ports = ?ssh.ports,
+                    "nftables fallback in place: inbound denied except SSH and established flows"
+                );
+                "FAILED: Portcullis cannot enforce; the nftables fallback denies inbound except SSH"
+            }
+            Err(fe) => {
+                error!(error = %format!("{fe:#}"), "the nftables fallback failed too: the host is OPEN");
+                "FAILED: Portcullis cannot enforce and the fallback failed: the host is OPEN"
+            }
+        },
+        Fallback::None => {
+            error!("fallback = \"none\": the host is OPEN until the daemon starts");
+            "FAILED: Portcullis cannot enforce (fallback none): the host is OPEN"
+        }
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
+    e
 }
 
 /// Logs readiness when its summary changes and keeps systemd's `STATUS=`
