@@ -536,6 +536,27 @@ impl Core {
                 })
             })?;
         }
+        let admin = match &mode {
+            Mode::Lockdown { admin } => Some(
+                admin
+                    .as_deref()
+                    .and_then(|a| crate::rules::parse_cidr(a).ok()),
+            ),
+            _ => None,
+        };
+        if let Some(Some(admin)) = admin {
+            // The admin network's open connections are "established": they
+            // stay, inbound ones the rules admitted included (not in the
+            // table until now).
+            let open = crate::sockets::connections().map_err(ChangeError::Internal)?;
+            let admin_open: Vec<_> = open
+                .into_iter()
+                .filter(|c| admin.contains(&c.remote.to_canonical()))
+                .collect();
+            self.dataplane
+                .seed_connections(&admin_open)
+                .map_err(ChangeError::Internal)?;
+        }
         let old = std::mem::replace(&mut self.mode, mode);
         let result = self.effective().and_then(|effective| {
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
@@ -551,12 +572,8 @@ impl Core {
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
             return Err(e);
         }
-        if let Mode::Lockdown { admin } = &self.mode {
-            // Open flows are cut too (an intruder's session included), except
-            // those with the admin network.
-            let admin = admin
-                .as_deref()
-                .and_then(|a| crate::rules::parse_cidr(a).ok());
+        if let Some(admin) = admin {
+            // Every other open flow is cut (an intruder's session included).
             let cut = self
                 .dataplane
                 .cut_flows(|remote| admin.is_some_and(|net| net.contains(&remote)))

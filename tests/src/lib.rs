@@ -443,6 +443,22 @@ impl Daemon {
     /// Starts the daemon on `config` in `ns` and waits until it reports
     /// that it enforces.
     pub fn start(ns: &Netns, config: &ConfigFile) -> anyhow::Result<Self> {
+        Self::start_with_env(ns, config, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables (`NOTIFY_SOCKET`).
+    pub fn start_with_env(
+        ns: &Netns,
+        config: &ConfigFile,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let mut d = Self::spawn(ns, config, env)?;
+        d.wait_ready()?;
+        Ok(d)
+    }
+
+    /// Starts the daemon without waiting for anything.
+    pub fn spawn(ns: &Netns, config: &ConfigFile, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
         let child = ns
             .command(workspace_bin("portcullisd")?)
@@ -454,12 +470,33 @@ impl Daemon {
             .arg(config.socket())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log.reopen()?)
             .spawn()?;
-        let mut d = Daemon { child, log };
-        d.wait_ready()?;
-        Ok(d)
+        Ok(Daemon { child, log })
+    }
+
+    /// Waits (up to 20 s) for a daemon that must fail to start to exit;
+    /// its exit status and log.
+    pub fn expect_exit(mut self) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok((status, self.log()));
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "portcullisd still runs after 20 s:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     fn wait_ready(&mut self) -> anyhow::Result<()> {
