@@ -69,13 +69,17 @@ fn the_fallback_admits_ssh_only_from_its_sources_even_as_a_bare_address() {
     tcp_probe_control(&pair.peer, sock(HOST_V4, 22)).expect("unfiltered control");
     for (sources, ports, admitted) in [
         // Someone else's address: the peer gets nothing.
-        ("\"10.200.90.5\"", "[22]", vec![]),
+        ("\"10.200.90.5\"", "", vec![]),
         // The peer's own address, bare, on two SSH ports.
-        (&format!("\"{PEER_V4}\""), "[22, 2222]", vec![22, 2222]),
+        (
+            &format!("\"{PEER_V4}\""),
+            "ports = [22, 2222]",
+            vec![22, 2222],
+        ),
     ] {
         let config = ConfigFile::new(&format!(
             "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\nfallback = \"nftables\"\n\
-             [ssh]\nallow = true\nsources = [{sources}]\nports = {ports}\n",
+             [ssh]\nallow = true\nsources = [{sources}]\n{ports}\n",
             dir.path().display()
         ))
         .unwrap();
@@ -469,4 +473,125 @@ fn ssh_on_2222_and_22_together() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 2222)).is_ok());
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok());
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 2223)).is_err());
+}
+
+fn rule_ids(config: &ConfigFile) -> Vec<String> {
+    json(cli(config, &["--json", "rules", "get"]))["ingress_rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn add_unconfirmed(config: &ConfigFile, id: &str, secs: &str) {
+    json(cli(
+        config,
+        &[
+            "--json",
+            "--confirm-within",
+            secs,
+            "rules",
+            "add",
+            "--id",
+            id,
+            "--from-port",
+            "7100",
+            "--to-port",
+            "7100",
+        ],
+    ));
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
+
+/// A wall-clock step back (NTP correcting a fast clock, say) used to stall
+/// a rollback: the timer fired, then compared the Unix time with the
+/// deadline and did nothing, leaving an unconfirmed change live for good.
+#[test]
+fn a_clock_step_does_not_stall_a_rollback() {
+    require_root!();
+    assert!(
+        std::path::Path::new(FAKETIME).exists(),
+        "libfaketime is missing (cargo xtask setup installs it)"
+    );
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("faketime");
+    fs::write(&clock, "+0\n").unwrap();
+    let _d = Daemon::start_with_env(
+        &pair.host,
+        &config,
+        &[
+            ("LD_PRELOAD", FAKETIME),
+            ("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_NO_CACHE", "1"),
+        ],
+    )
+    .unwrap();
+    add_unconfirmed(&config, "trial", "2");
+    assert_eq!(rule_ids(&config), ["trial"]);
+    // The daemon's wall clock steps an hour back.
+    fs::write(&clock, "-1h\n").unwrap();
+    wait_until("the unconfirmed change rolled back", 10, || {
+        rule_ids(&config).is_empty()
+    });
+    let status = json(cli(&config, &["--json", "status"]));
+    assert!(status["pending"].is_null(), "{status}");
+    // The step was real: the rollback's audit record is an hour "early".
+    let audit = fs::read_to_string(config.state_dir().join("audit.log")).unwrap();
+    let rolled: Value = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["outcome"].as_str().unwrap_or("").contains("rolled back"))
+        .expect("no rollback record");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(rolled["time"].as_u64().unwrap() + 3000 < now, "{rolled}");
+}
+
+/// A rollback that fails (the state directory cannot be written) used to
+/// drop the pending change: nothing would ever roll it back. It must stay
+/// pending and be rolled back once the cause is gone.
+#[test]
+fn a_failed_rollback_keeps_the_change_pending_and_retries() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    add_unconfirmed(&config, "trial", "2");
+    let state = config.state_dir();
+    let chattr = |flag: &str| {
+        let ok = Command::new("chattr")
+            .arg(flag)
+            .arg(&state)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "chattr {flag}");
+    };
+    chattr("+i");
+    thread::sleep(Duration::from_secs(4));
+    let failed = d.log().contains("rollback failed");
+    let still = rule_ids(&config);
+    let pending = json(cli(&config, &["--json", "status"]))["pending"].clone();
+    chattr("-i");
+    assert!(failed, "the rollback did not fail:\n{}", d.log());
+    assert_eq!(still, ["trial"]);
+    assert_eq!(pending["generation"], 2, "the pending change was lost");
+    wait_until("the retried rollback", 15, || rule_ids(&config).is_empty());
 }

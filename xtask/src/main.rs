@@ -41,6 +41,7 @@ const APT_PACKAGES: &[&str] = &[
     "dpkg-dev",          // dpkg-scanpackages: the package repository cloud-init installs from
     "xdp-tools",         // xdp-filter: the benchmark's stateless XDP reference
     "iptables",          // iptables-legacy: the benchmark's classic comparison
+    "libfaketime",       // the attack suite steps the daemon's wall clock
 ];
 
 #[derive(Parser)]
