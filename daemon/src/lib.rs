@@ -25,6 +25,7 @@ pub mod dataplane;
 pub mod events;
 pub mod fallback;
 pub mod fuzzing;
+pub mod journal;
 pub mod links;
 pub mod readiness;
 pub mod rules;

@@ -232,6 +232,14 @@ impl ChangeFlags {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Like other command-line tools, end quietly when the reader of our
+    // output goes away (`portcullis status | head -1`) instead of panicking
+    // in println! on EPIPE.
+    // SAFETY: setting a signal's disposition to the default, before any
+    // other thread exists; no handler runs Rust code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let flags = ChangeFlags {
         dry_run: cli.dry_run,

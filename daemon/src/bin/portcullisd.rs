@@ -56,12 +56,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    portcullis::journal::init();
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
         use clap::CommandFactory as _;
