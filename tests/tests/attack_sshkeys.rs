@@ -111,9 +111,6 @@ impl TestUser {
 
 impl Drop for TestUser {
     fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-U", &self.uid.to_string()])
-            .status();
         let out = Command::new("userdel")
             .args(["-r", &self.name])
             .output()
