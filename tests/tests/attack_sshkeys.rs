@@ -558,19 +558,21 @@ impl Swapper {
                 assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
                 assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
             }
+            // SAFETY: `dir` is a valid C string; the descriptor is closed below.
+            let fd = unsafe { libc::open(dir.as_ptr(), libc::O_DIRECTORY | libc::O_CLOEXEC) };
+            assert!(fd >= 0, "cannot open the home directory as the user");
             let mut swaps = 0u64;
             while !flag.load(Ordering::Relaxed) {
-                // SAFETY: the C strings live for the whole loop.
+                // SAFETY: `fd` is open and the names are valid C strings.
                 let r = unsafe {
-                    let fd = libc::open(dir.as_ptr(), libc::O_DIRECTORY | libc::O_CLOEXEC);
-                    let r = libc::renameat2(fd, a.as_ptr(), fd, b.as_ptr(), libc::RENAME_EXCHANGE);
-                    libc::close(fd);
-                    r
+                    libc::renameat2(fd, a.as_ptr(), fd, b.as_ptr(), libc::RENAME_EXCHANGE)
                 };
                 if r == 0 {
                     swaps += 1;
                 }
             }
+            // SAFETY: `fd` was opened above and is closed once.
+            unsafe { libc::close(fd) };
             swaps
         });
         Swapper {
