@@ -17,7 +17,7 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::Mutex,
     time::{Duration, Instant},
@@ -513,15 +513,20 @@ fn authorized_keys(user: Option<&str>) -> Check {
             );
         }
     };
+    // The walk from descriptors, never following a symbolic link, never
+    // blocking on a FIFO or device (the user owns these paths and may swap
+    // them): the home, then .ssh and the file relative to their parent.
+    use std::os::fd::AsFd as _;
+    let uid = entry.uid.as_raw();
     let dir = entry.dir.join(".ssh");
     let file = dir.join("authorized_keys");
-    for (path, is_dir) in [(&entry.dir, true), (&dir, true), (&file, false)] {
-        if let Err(why) = safe_path(path, is_dir, entry.uid.as_raw()) {
-            return Check::new(name, State::Fail, why);
-        }
-    }
-    match std::fs::read_to_string(&file) {
-        Ok(text) => {
+    let walked = safe_path(nix::fcntl::AT_FDCWD, &entry.dir, &entry.dir, true, uid)
+        .and_then(|home| safe_path(home.as_fd(), Path::new(".ssh"), &dir, true, uid))
+        .and_then(|ssh| safe_path(ssh.as_fd(), Path::new("authorized_keys"), &file, false, uid))
+        .and_then(|fd| crate::sshkeys::read_bounded(fd, &file));
+    match walked {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
             let keys = text
                 .lines()
                 .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
@@ -540,40 +545,28 @@ fn authorized_keys(user: Option<&str>) -> Check {
                 )
             }
         }
-        Err(e) => Check::new(
-            name,
-            State::Fail,
-            format!("cannot read {}: {e}", file.display()),
-        ),
+        Err(why) => Check::new(name, State::Fail, why),
     }
 }
 
-fn safe_path(path: &PathBuf, is_dir: bool, uid: u32) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if is_dir != meta.is_dir() {
-        let want = if is_dir {
-            "a directory"
-        } else {
-            "a regular file"
-        };
-        return Err(format!("{} is not {want}", path.display()));
-    }
-    if meta.uid() != uid && meta.uid() != 0 {
-        return Err(format!(
-            "{} is owned by uid {}, not by its user (uid {uid}) or root",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "{} is writable by group or others (mode {:o}); sshd ignores such keys",
-            path.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
+/// Opens `name` in `at` (`shown` in messages; a directory if `is_dir`) if
+/// it is what sshd accepts on the way to the keys: not a symbolic link, not
+/// a special file, owned by `uid` or root, not writable by group or others.
+/// Checked through a descriptor opened without following a link or
+/// blocking on a FIFO.
+fn safe_path(
+    at: std::os::fd::BorrowedFd<'_>,
+    name: &Path,
+    shown: &Path,
+    is_dir: bool,
+    uid: u32,
+) -> Result<std::os::fd::OwnedFd, String> {
+    let kind = if is_dir {
+        crate::sshkeys::Kind::Dir
+    } else {
+        crate::sshkeys::Kind::File
+    };
+    crate::sshkeys::open_for_sshd(at, name, shown, kind, uid)
 }
 
 /// systemd's D-Bus interfaces, as far as readiness needs them.
@@ -870,21 +863,25 @@ mod tests {
 
     #[test]
     fn authorized_keys_must_not_be_writable_by_others() {
+        use nix::fcntl::AT_FDCWD;
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("authorized_keys");
         std::fs::write(&file, "ssh-ed25519 AAAA x\n").unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let uid = nix::unistd::getuid().as_raw();
-        assert_eq!(safe_path(&file, false, uid), Ok(()));
+        assert_eq!(
+            safe_path(AT_FDCWD, &file, &file, false, uid).map(drop),
+            Ok(())
+        );
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let err = safe_path(&file, false, uid).unwrap_err();
+        let err = safe_path(AT_FDCWD, &file, &file, false, uid).unwrap_err();
         assert!(
             err.contains("writable by group or others (mode 666)"),
             "{err}"
         );
         assert!(
-            safe_path(&file, true, uid)
+            safe_path(AT_FDCWD, &file, &file, true, uid)
                 .unwrap_err()
                 .contains("not a directory")
         );
