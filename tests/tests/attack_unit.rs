@@ -1,0 +1,150 @@
+//! Attack suite under the shipped unit file (issue 14): a Debian container
+//! booted with systemd-nspawn, Portcullis installed as its hardened service
+//! (`systemd/portcullis.service`), real sshd. What the namespace tests
+//! cannot show, because they start the daemon by hand: the anti-lockout
+//! refusal over a real SSH session (the unit's `ProtectProc=invisible` and
+//! capability bounding set apply), and `[api] group` (the socket's group
+//! needs a capability the unit must keep).
+
+use std::time::Duration;
+
+use portcullis_tests::{
+    container::{Boot, Container, INSTANCE_IFACE, INSTANCE_V4, SshKey},
+    is_root,
+};
+
+const BOOT: Duration = Duration::from_secs(90);
+const WRITERS: &str = "pcwriters";
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+fn boot(extra: &str) -> Container {
+    let config = format!("interfaces = [\"{INSTANCE_IFACE}\"]\n[ssh]\nallow = true\n{extra}");
+    let c = Boot::new()
+        .portcullis(&config)
+        .unwrap()
+        .start(BOOT)
+        .unwrap();
+    c.wait_for("portcullis to enforce", Duration::from_secs(30), || {
+        let out = c.exec("portcullis", &["--json", "status"]).ok()?;
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (s["enforcing"] == true).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    c
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// An admin logged in over SSH applies a rule set that turns the SSH
+/// exemption off: the daemon must see the session (through the unit's
+/// `ProtectProc=invisible`) and refuse, and the session keeps working.
+#[test]
+fn the_anti_lockout_refusal_holds_over_a_real_ssh_session_under_the_unit() {
+    require_root!();
+    let key = SshKey::new().unwrap();
+    let c = boot("");
+    c.check(
+        "portcullis",
+        &["ssh", "add-key", "--user", "root", &key.public().unwrap()],
+    )
+    .unwrap();
+    c.check(
+        "sh",
+        &[
+            "-c",
+            "echo '{\"ssh\": {\"allow\": false}}' > /root/no-ssh.json",
+        ],
+    )
+    .unwrap();
+    let over_ssh = |command: &str| {
+        key.ssh(&c.client, "root", INSTANCE_V4)
+            .arg(command)
+            .output()
+            .unwrap()
+    };
+    let out = over_ssh("portcullis rules apply /root/no-ssh.json");
+    assert!(
+        !out.status.success() && text(&out).contains("would cut your own SSH session"),
+        "turning SSH off over SSH was not refused: {}\n{}",
+        text(&out),
+        c.journal("portcullis.service")
+    );
+    let out = over_ssh("portcullis --json rules get");
+    assert!(
+        out.status.success() && text(&out).contains("\"allow\": true"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// `[api] group`: the socket belongs to the writers' group (mode 0660) and
+/// its members may change rules, under the unit's capability bounding set.
+#[test]
+fn the_writers_group_works_under_the_unit() {
+    require_root!();
+    let c = boot("");
+    // The group and its member, then the configuration naming the group
+    // (the daemon resolves it at start, so it restarts).
+    c.check("groupadd", &[WRITERS]).unwrap();
+    c.check("useradd", &["-m", "-G", WRITERS, "pcwriter"])
+        .unwrap();
+    c.check("useradd", &["-m", "pcother"]).unwrap();
+    c.check(
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "printf '[api]\\ngroup = \"{WRITERS}\"\\n' >> /etc/portcullis/portcullis.toml"
+            ),
+        ],
+    )
+    .unwrap();
+    c.check("systemctl", &["restart", "portcullis.service"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    let mode = c
+        .check("stat", &["-c", "%a %G", "/run/portcullis/portcullis.sock"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    assert_eq!(mode.trim(), format!("660 {WRITERS}"), "the API socket");
+    let as_user = |user: &str, args: &[&str]| {
+        let mut cmd = c.command("runuser");
+        cmd.args(["-u", user, "--", "portcullis"]).args(args);
+        cmd.output().unwrap()
+    };
+    let add = [
+        "rules",
+        "add",
+        "--id",
+        "by-writer",
+        "--from-port",
+        "8080",
+        "--to-port",
+        "8080",
+    ];
+    let out = as_user("pcwriter", &add);
+    assert!(
+        out.status.success(),
+        "a member of {WRITERS} could not write: {}\n{}",
+        text(&out),
+        c.journal("portcullis.service")
+    );
+    let out = as_user("pcother", &["status"]);
+    assert!(
+        !out.status.success(),
+        "a non-member read the API: {}",
+        text(&out)
+    );
+}
