@@ -154,7 +154,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         let peers: Vec<IpNet> = cluster
             .peers
             .iter()
-            .map(|c| crate::rules::parse_cidr(c).expect("validated"))
+            .filter_map(|c| crate::rules::parse_cidr(c).ok())
             .collect();
         if !peers.is_empty() {
             for dir in [DIR_INGRESS, DIR_EGRESS] {
@@ -199,7 +199,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         let others: Vec<IpNet> = cluster
             .other_clusters
             .iter()
-            .map(|c| crate::rules::parse_cidr(c).expect("validated"))
+            .filter_map(|c| crate::rules::parse_cidr(c).ok())
             .collect();
         if !others.is_empty() {
             push(
@@ -220,7 +220,11 @@ pub fn reference(entries: &[Entry], dir: u8, addr: IpAddr, pclass: usize, port: 
         .iter()
         .find(|e| {
             e.dir == dir
-                && e.ports[pclass].is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
+                && e.ports
+                    .get(pclass)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
                 && e.nets.iter().any(|n| n.contains(&addr))
         })
         .map_or(SLOT_NONE, |e| e.slot)
@@ -235,16 +239,10 @@ fn index(slot: u32) -> u32 {
 fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment> {
     // Boundary -> (slots starting, slots ending) as counted multiset changes.
     let mut events: BTreeMap<u32, Vec<(u32, i32)>> = BTreeMap::new();
-    for &i in on_path {
-        if let Some((lo, hi)) = entries[i].ports[pclass] {
-            events
-                .entry(lo as u32)
-                .or_default()
-                .push((entries[i].slot, 1));
-            events
-                .entry(hi as u32 + 1)
-                .or_default()
-                .push((entries[i].slot, -1));
+    for e in on_path.iter().filter_map(|&i| entries.get(i)) {
+        if let Some((lo, hi)) = e.ports.get(pclass).copied().flatten() {
+            events.entry(lo as u32).or_default().push((e.slot, 1));
+            events.entry(hi as u32 + 1).or_default().push((e.slot, -1));
         }
     }
     if events.is_empty() {
@@ -268,7 +266,8 @@ fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment>
             }
         }
         let slot = active.values().next().map_or(SLOT_NONE, |v| v.0);
-        let last = out.last_mut().expect("never empty");
+        // `out` starts with one segment and only grows.
+        let Some(last) = out.last_mut() else { break };
         if last.slot == slot {
             continue;
         }
@@ -355,12 +354,16 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let mut lists: HashMap<Vec<Segment>, u32> = HashMap::new();
     for (segs, _) in by_id {
         let mut region = Region::default();
-        for (c, s) in segs.into_iter().enumerate() {
-            region.len[c] = s.len() as u32;
+        for ((s, len), offset) in segs
+            .into_iter()
+            .zip(region.len.iter_mut())
+            .zip(region.offset.iter_mut())
+        {
+            *len = s.len() as u32;
             if s.is_empty() {
                 continue;
             }
-            region.offset[c] = *lists.entry(s).or_insert_with_key(|s| {
+            *offset = *lists.entry(s).or_insert_with_key(|s| {
                 let offset = image.segments.len() as u32;
                 image.segments.extend_from_slice(s);
                 offset
@@ -400,6 +403,13 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
 /// the level where it ends (expanded to that level's 4-bit boundary), in
 /// order of length, so a longer prefix overwrites a shorter one and a new
 /// chunk starts out with the entry it replaces (the shorter prefix's region).
+///
+/// Indexing here cannot go out of bounds: `root` has 2 x 65536 entries and
+/// is indexed by the direction (0 or 1) times 65536 plus the top 16 bits,
+/// with a run of `2^(16 - plen)` that stays inside the aligned 16-bit block;
+/// chunks are indexed by ids this function appended (`chunk` <
+/// `chunks.len() / 16`) plus a nibble or an aligned run within the chunk.
+#[allow(clippy::indexing_slicing)]
 fn v4_table(prefixes: &[(RuleKey4, u32, u32)]) -> (Vec<u32>, Vec<u32>) {
     let mut root = vec![0u32; V4_ROOT_ENTRIES as usize];
     let mut chunks: Vec<u32> = Vec::new();
@@ -447,12 +457,14 @@ fn v4_table(prefixes: &[(RuleKey4, u32, u32)]) -> (Vec<u32>, Vec<u32>) {
     (root, chunks)
 }
 
+/// A cell of the table being built: indices from `v4_table` only (see there).
 #[derive(Clone, Copy)]
 enum Cell {
     Root(usize),
     Chunk(usize),
 }
 
+#[allow(clippy::indexing_slicing)]
 impl Cell {
     fn get(self, root: &[u32], chunks: &[u32]) -> u32 {
         match self {
@@ -488,6 +500,9 @@ fn contains(outer: u128, outer_len: u8, inner: u128, inner_len: u8, v6: bool) ->
 
 /// SHA-256 of the rule set's canonical JSON.
 pub fn hash(set: &RuleSet) -> String {
+    // A rule set is plain data (strings, numbers, lists, structs with
+    // string keys): serde_json has no way to fail on it.
+    #[allow(clippy::expect_used)]
     let json = serde_json::to_vec(set).expect("a rule set always serialises");
     Sha256::digest(&json)
         .iter()
@@ -498,16 +513,19 @@ pub fn hash(set: &RuleSet) -> String {
 impl Image {
     /// What the data path answers for this image: the same three steps,
     /// with a linear longest-prefix match (for tests).
+    /// An index outside the image (one that `compile` did not build) admits
+    /// nothing.
     pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
         let region = match addr {
             IpAddr::V4(a) => {
                 // The same walk as the data path's v4_region.
                 let a = u32::from(a);
-                let mut v = self.v4_root[dir as usize * 65536 + (a >> 16) as usize];
+                let root = dir as usize * 65536 + (a >> 16) as usize;
+                let mut v = self.v4_root.get(root).copied().unwrap_or(0);
                 let mut shift = 12i32;
                 while v & V4_NODE != 0 && shift >= 0 {
-                    v = self.v4_chunks
-                        [((v & !V4_NODE) * V4_CHUNK_ENTRIES + ((a >> shift) & 0xf)) as usize];
+                    let i = (v & !V4_NODE) * V4_CHUNK_ENTRIES + ((a >> shift) & 0xf);
+                    v = self.v4_chunks.get(i as usize).copied().unwrap_or(0);
                     shift -= 4;
                 }
                 (v != 0 && v & V4_NODE == 0).then(|| v - 1)
@@ -516,31 +534,34 @@ impl Image {
                 let a = u128::from(a);
                 self.v6
                     .iter()
-                    .filter(|(k, len, _)| {
+                    .filter(|([d, net @ ..], len, _)| {
                         let plen = len - 8;
-                        let net = u128::from_be_bytes(k[1..].try_into().unwrap());
-                        k[0] == dir && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
+                        let net = u128::from_be_bytes(*net);
+                        *d == dir
+                            && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
                     })
                     .max_by_key(|(_, len, _)| *len)
                     .map(|e| e.2)
             }
         };
-        let Some(region) = region else {
+        let Some(r) = region.and_then(|r| self.regions.get(r as usize)) else {
             return SLOT_NONE;
         };
-        let r = self.regions[region as usize];
-        let (offset, len) = (r.offset[pclass], r.len[pclass]);
+        let (Some(&offset), Some(&len)) = (r.offset.get(pclass), r.len.get(pclass)) else {
+            return SLOT_NONE;
+        };
+        let segment = |i: u32| self.segments.get((offset + i) as usize);
         if len == 0 {
             return SLOT_NONE;
         }
         let mut lo = 0u32;
         for step in (0..SEARCH_STEPS).rev() {
             let probe = lo + (1 << step);
-            if probe < len && self.segments[(offset + probe) as usize].start <= port {
+            if probe < len && segment(probe).is_some_and(|s| s.start <= port) {
                 lo = probe;
             }
         }
-        self.segments[(offset + lo) as usize].slot
+        segment(lo).map_or(SLOT_NONE, |s| s.slot)
     }
 }
 
