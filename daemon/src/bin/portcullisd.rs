@@ -118,6 +118,10 @@ async fn run(
     let mut hup = signal(SignalKind::hangup())?;
     let selector = config.selector()?;
     let writers_gid = config.api.writers_gid()?;
+    let readers_gid = config.api.readers_gid()?;
+    // systemd's soft limit is 1024: take the hard limit, and bound what
+    // unprivileged API clients may hold below it.
+    let fd_limit = api::raise_fd_limit();
     // Resolved once (a default pin directory depends on what is mounted), so
     // loading, cleaning up and logging all name the same directory.
     let pin_dir = config.pin_dir();
@@ -252,6 +256,7 @@ async fn run(
         request_timeout: std::time::Duration::from_secs(config.api.request_timeout_secs),
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
+        control: Arc::new(api::Control::new(&config.api, readers_gid)),
         readiness: Arc::new(readiness::Checker::new(
             config.readiness.clone(),
             systemd_rx,
@@ -262,11 +267,11 @@ async fn run(
             .await
             .with_context(|| format!("readiness: health: cannot listen on {}", health.listen))?;
         info!(listen = %health.listen, "health endpoint");
-        tokio::spawn(api::serve_health(listener, api.clone()));
+        tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
-    let listener = api::bind(&socket, writers_gid)?;
+    let listener = api::bind(&socket, readers_gid.or(writers_gid))?;
     let mut server = tokio::spawn(api::serve(listener, api.clone()));
-    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), "ready");
+    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), fd_limit, "ready");
     // Tell systemd (Type=notify) that the host is protected, and keep its
     // watchdog fed while the loop runs.
     let summary = format!(
