@@ -1457,3 +1457,68 @@ async fn health_answer(
 pub fn socket_path(configured: Option<&Path>) -> PathBuf {
     configured.map_or_else(|| PathBuf::from(DEFAULT_SOCKET), Path::to_path_buf)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_end_the_label_or_the_line() {
+        assert_eq!(label_value("rule:web"), "rule:web");
+        assert_eq!(label_value("a\"} 1\nx{b=\"\\"), "a\\\"} 1\\nx{b=\\\"\\\\");
+    }
+
+    #[test]
+    fn refusals_are_logged_a_few_times_a_minute_then_summarised() {
+        let mut w = Window::new();
+        let logged = (0..25).filter(|_| w.admit(10).0).count();
+        assert_eq!(logged, 10);
+        assert_eq!(w.suppressed, 15);
+        // A new minute: the first refusal carries the summary.
+        w.start -= Duration::from_secs(61);
+        assert_eq!(w.admit(10), (true, 15));
+        assert_eq!((w.logged, w.suppressed), (1, 0));
+    }
+
+    #[test]
+    fn actions_are_bounded_at_a_character_boundary() {
+        let long = "é".repeat(300);
+        let b = bounded(&long);
+        assert!(b.len() < MAX_ACTION + 30, "{b}");
+        assert!(b.ends_with("(600 bytes)"), "{b}");
+    }
+
+    #[test]
+    fn peer_groups_are_the_connecting_tasks() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut groups = peer_groups(a.as_raw_fd()).unwrap();
+        let mut ours: Vec<u32> = nix::unistd::getgroups()
+            .unwrap()
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        groups.sort_unstable();
+        ours.sort_unstable();
+        assert_eq!(groups, ours);
+    }
+
+    #[test]
+    fn connections_are_bounded_per_uid_and_in_total() {
+        let config = ApiConfig {
+            max_connections_per_uid: 2,
+            max_connections: 3,
+            ..ApiConfig::default()
+        };
+        let control = Arc::new(Control::new(&config, None));
+        let a1 = control.admit(1000).unwrap();
+        let _a2 = control.admit(1000).unwrap();
+        assert!(control.admit(1000).is_err(), "per uid");
+        let _b1 = control.admit(1001).unwrap();
+        assert!(control.admit(1002).is_err(), "in total");
+        drop(a1);
+        assert!(
+            control.admit(1002).is_ok(),
+            "a closed connection frees its slot"
+        );
+    }
+}

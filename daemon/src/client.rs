@@ -106,7 +106,7 @@ pub async fn follow(
         if let Ok(data) = frame?.into_data() {
             pending.push_str(&String::from_utf8_lossy(&data));
             while let Some(i) = pending.find('\n') {
-                on_line(&pending[..i]);
+                on_line(pending.get(..i).unwrap_or_default());
                 pending.drain(..=i);
             }
         }
