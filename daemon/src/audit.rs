@@ -57,6 +57,28 @@ impl Record {
     }
 }
 
+/// The longest `action` and `outcome` kept in a record: whatever a caller
+/// sends, a record stays small.
+pub const MAX_ACTION: usize = 512;
+pub const MAX_OUTCOME: usize = 4096;
+
+/// `s` cut to at most `max` bytes at a character boundary, saying how long
+/// it was.
+fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... ({} bytes)",
+        s.get(..end).unwrap_or_default(),
+        s.len()
+    )
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -139,8 +161,8 @@ impl Log {
                 .map_or(0, |d| d.as_secs()),
             uid: e.uid,
             pid: e.pid,
-            action: e.action.to_string(),
-            outcome: e.outcome,
+            action: bounded(e.action, MAX_ACTION),
+            outcome: bounded(&e.outcome, MAX_OUTCOME),
             generation: e.generation,
             rules_hash: e.rules_hash.to_string(),
             prev: self.head.clone(),

@@ -30,6 +30,26 @@ impl Reply {
     }
 }
 
+/// `s` as one URL path segment: every byte but the unreserved ones
+/// (RFC 3986: letters, digits, `-`, `.`, `_`, `~`) percent-encoded, so an id
+/// with `/`, `?`, `#`, `%`, spaces or `..` names itself and nothing else.
+/// A segment that is only dots is encoded whole (`.` and `..` are never
+/// sent as path steps).
+pub fn path_segment(s: &str) -> String {
+    use std::fmt::Write as _;
+    let only_dots = s.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'~') || (b == b'.' && !only_dots)
+        {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+    out
+}
+
 /// Sends one request to the API at `socket`.
 pub async fn request(
     socket: &Path,
@@ -86,10 +106,25 @@ pub async fn follow(
         if let Ok(data) = frame?.into_data() {
             pending.push_str(&String::from_utf8_lossy(&data));
             while let Some(i) = pending.find('\n') {
-                on_line(&pending[..i]);
+                on_line(pending.get(..i).unwrap_or_default());
                 pending.drain(..=i);
             }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_segment;
+
+    #[test]
+    fn path_segments_name_only_themselves() {
+        assert_eq!(path_segment("web-1_a.b~"), "web-1_a.b~");
+        assert_eq!(path_segment("a/../../mode"), "a%2F..%2F..%2Fmode");
+        assert_eq!(path_segment("a?force=true#x y"), "a%3Fforce%3Dtrue%23x%20y");
+        assert_eq!(path_segment("%41"), "%2541");
+        assert_eq!(path_segment(".."), "%2E%2E");
+        assert_eq!(path_segment("é"), "%C3%A9");
+    }
 }

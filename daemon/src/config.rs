@@ -81,25 +81,65 @@ pub struct Config {
     pub egress_rules: Vec<FirewallRule>,
 }
 
-/// The control socket and who may change rules through it.
+/// The control socket, who may read and change rules through it, and the
+/// bounds no local user can push it past.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     /// Socket path (default /run/portcullis/portcullis.sock).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
-    /// Members of this group may change rules (root always may); the socket
-    /// is owned by it, mode 0660. Without it, only root can connect.
+    /// Members of this group may change rules (root always may) and read.
+    /// Without it (and without `reader_group`), only root can connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Members of this group may read (rules, peers, status, readiness,
+    /// counters, metrics, events) but not change anything. The socket is
+    /// owned by this group when set (else by `group`, else by root), mode
+    /// 0660: writers outside it cannot connect, so make them members too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reader_group: Option<String>,
     /// A request (a slow client's included) that takes longer is answered
     /// 408 and closed.
     #[serde(default = "default_request_timeout")]
     pub request_timeout_secs: u64,
+    /// Open connections of one uid that is neither root nor a writer;
+    /// more are closed at once (with a 503).
+    #[serde(default = "default_connections_per_uid")]
+    pub max_connections_per_uid: usize,
+    /// Open connections of all such uids together. Capped further at a
+    /// quarter of the descriptor limit, so root and the writers always find
+    /// descriptors left.
+    #[serde(default = "default_connections")]
+    pub max_connections: usize,
+    /// Concurrent `GET /v1/events?follow=true` streams of one uid that is
+    /// neither root nor a writer; more get a 429.
+    #[serde(default = "default_streams_per_uid")]
+    pub max_streams_per_uid: usize,
+    /// Refused requests of one uid recorded (audit log and journal) per
+    /// minute; past that, one summary record says how many more there were.
+    #[serde(default = "default_refusals_per_minute")]
+    pub refusals_logged_per_minute: u32,
 }
 
 fn default_request_timeout() -> u64 {
     30
+}
+
+fn default_connections_per_uid() -> usize {
+    32
+}
+
+fn default_connections() -> usize {
+    256
+}
+
+fn default_streams_per_uid() -> usize {
+    4
+}
+
+fn default_refusals_per_minute() -> u32 {
+    10
 }
 
 impl Default for ApiConfig {
@@ -107,7 +147,12 @@ impl Default for ApiConfig {
         ApiConfig {
             socket: None,
             group: None,
+            reader_group: None,
             request_timeout_secs: default_request_timeout(),
+            max_connections_per_uid: default_connections_per_uid(),
+            max_connections: default_connections(),
+            max_streams_per_uid: default_streams_per_uid(),
+            refusals_logged_per_minute: default_refusals_per_minute(),
         }
     }
 }
@@ -115,13 +160,45 @@ impl Default for ApiConfig {
 impl ApiConfig {
     /// The writers' group id, checked to exist.
     pub fn writers_gid(&self) -> anyhow::Result<Option<u32>> {
-        let Some(name) = &self.group else {
-            return Ok(None);
-        };
-        match nix::unistd::Group::from_name(name)? {
-            Some(g) => Ok(Some(g.gid.as_raw())),
-            None => bail!("api: group: no group named {name:?} on this host"),
+        group_id("group", self.group.as_deref())
+    }
+
+    /// The readers' group id, checked to exist.
+    pub fn readers_gid(&self) -> anyhow::Result<Option<u32>> {
+        group_id("reader_group", self.reader_group.as_deref())
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.request_timeout_secs == 0 {
+            bail!("api: request_timeout_secs: must be at least 1");
         }
+        for (key, value) in [
+            ("max_connections_per_uid", self.max_connections_per_uid),
+            ("max_connections", self.max_connections),
+            ("max_streams_per_uid", self.max_streams_per_uid),
+        ] {
+            if !(1..=65536).contains(&value) {
+                bail!("api: {key}: {value} is out of range (1 to 65536)");
+            }
+        }
+        if self.max_connections_per_uid > self.max_connections {
+            bail!(
+                "api: max_connections_per_uid ({}) exceeds max_connections ({})",
+                self.max_connections_per_uid,
+                self.max_connections
+            );
+        }
+        Ok(())
+    }
+}
+
+fn group_id(key: &str, name: Option<&str>) -> anyhow::Result<Option<u32>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    match nix::unistd::Group::from_name(name)? {
+        Some(g) => Ok(Some(g.gid.as_raw())),
+        None => bail!("api: {key}: no group named {name:?} on this host"),
     }
 }
 
@@ -237,7 +314,8 @@ impl Default for ReadinessConfig {
     }
 }
 
-/// `[readiness.health]`: where the health endpoint listens and who may ask.
+/// `[readiness.health]`: where the health endpoint listens, who may ask,
+/// and how much of the daemon a remote client may hold.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthConfig {
@@ -247,6 +325,56 @@ pub struct HealthConfig {
     /// `portcullis-health`); empty means any.
     #[serde(default)]
     pub sources: Vec<String>,
+    /// Open connections at once; more are closed at once.
+    #[serde(default = "default_health_connections")]
+    pub max_connections: usize,
+    /// Open connections from one source address at once.
+    #[serde(default = "default_health_per_source")]
+    pub max_connections_per_source: usize,
+    /// A client that has not sent its whole request head by then is
+    /// disconnected (slowloris); a connection lasts at most twice this.
+    #[serde(default = "default_health_header_timeout")]
+    pub header_timeout_secs: u64,
+}
+
+fn default_health_connections() -> usize {
+    64
+}
+
+fn default_health_per_source() -> usize {
+    4
+}
+
+fn default_health_header_timeout() -> u64 {
+    5
+}
+
+impl HealthConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::rules::parse_cidrs(&self.sources)
+            .map_err(|e| anyhow::anyhow!("readiness: health: sources: {e}"))?;
+        if self.listen.port() == 0 {
+            bail!("readiness: health: listen: {} needs a port", self.listen);
+        }
+        for (key, value) in [
+            ("max_connections", self.max_connections),
+            (
+                "max_connections_per_source",
+                self.max_connections_per_source,
+            ),
+        ] {
+            if !(1..=4096).contains(&value) {
+                bail!("readiness: health: {key}: {value} is out of range (1 to 4096)");
+            }
+        }
+        if !(1..=300).contains(&self.header_timeout_secs) {
+            bail!(
+                "readiness: health: header_timeout_secs: {} is out of range (1 to 300)",
+                self.header_timeout_secs
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Config {
@@ -305,12 +433,9 @@ impl Config {
             bail!("readiness: ssh_unit: {unit:?} needs its suffix, e.g. \"ssh.service\"");
         }
         if let Some(health) = &self.readiness.health {
-            crate::rules::parse_cidrs(&health.sources)
-                .map_err(|e| anyhow::anyhow!("readiness: health: sources: {e}"))?;
-            if health.listen.port() == 0 {
-                bail!("readiness: health: listen: {} needs a port", health.listen);
-            }
+            health.validate()?;
         }
+        self.api.validate()?;
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
                 "conntrack_entries: {} is out of range (256 to 16777216)",

@@ -222,6 +222,7 @@ mod harness {
             let api = Api {
                 core: core.clone(),
                 writers: Writers { gid: None },
+                control: Default::default(),
                 feed: Default::default(),
                 request_timeout: Duration::from_secs(5),
                 readiness: Arc::new(Checker::new(ReadinessConfig::default(), rx)),
@@ -252,11 +253,7 @@ mod harness {
             else {
                 return 0;
             };
-            req.extensions_mut().insert(ConnectInfo(Caller {
-                uid: 0,
-                gid: 0,
-                pid: None,
-            }));
+            req.extensions_mut().insert(ConnectInfo(Caller::root()));
             self.runtime.block_on(async {
                 let before = self.core.lock().await.rules().clone();
                 let router = api::router(self.api.clone());

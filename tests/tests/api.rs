@@ -265,10 +265,21 @@ fn unprivileged_callers_may_read_but_not_write() {
     require_root!();
     // Writers: root and the members of group "users" (gid 100 on Debian).
     let env = Env::new("[api]\ngroup = \"users\"");
+    // Without a reader group, a user in neither group cannot even connect.
+    let nobody = env.cli_as(Some(""), &["status"]);
+    assert!(
+        !nobody.status.success()
+            && String::from_utf8_lossy(&nobody.stderr).contains("cannot connect"),
+        "reads are not open to everybody: {}",
+        String::from_utf8_lossy(&nobody.stdout)
+    );
+    drop(env);
+    // Readers: the members of group "nogroup" (uid 65534's own group).
+    let env = Env::new("[api]\ngroup = \"users\"\nreader_group = \"nogroup\"");
     let nobody = env.cli_as(Some(""), &["status"]);
     assert!(
         nobody.status.success(),
-        "reads are open: {}",
+        "readers may read: {}",
         String::from_utf8_lossy(&nobody.stderr)
     );
     let refused = env.cli_as(
@@ -374,7 +385,8 @@ fn fifty_concurrent_clients_get_answers_and_generations_only_grow() {
 #[test]
 fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
     require_root!();
-    let env = Env::new("");
+    // uid 65534 (group nogroup) may connect and read, not write.
+    let env = Env::new("[api]\nreader_group = \"nogroup\"");
     env.cli(&[
         "rules",
         "add",

@@ -327,7 +327,10 @@ fn main() -> anyhow::Result<()> {
             expect_generation,
         }) => call(
             Method::DELETE,
-            &expect(&format!("/v1/rule/{id}"), expect_generation),
+            &expect(
+                &format!("/v1/rule/{}", client::path_segment(&id)),
+                expect_generation,
+            ),
             None,
         )?,
         Command::Peers(PeersCmd::List) => call(Method::GET, "/v1/peers", None)?,

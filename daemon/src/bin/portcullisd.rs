@@ -143,11 +143,15 @@ async fn run(
         mut protected,
         selector,
         writers_gid,
+        readers_gid,
         pending,
     } = match start(&config, &config_path, store).await {
         Ok(started) => started,
         Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e)),
     };
+    // systemd's soft limit is 1024: take the hard limit, and bound what
+    // unprivileged API clients may hold below it.
+    let fd_limit = api::raise_fd_limit();
     let pin_dir = config.pin_dir();
     let generation = core.generation();
     let summary = core.protection_summary();
@@ -181,6 +185,7 @@ async fn run(
         request_timeout: std::time::Duration::from_secs(config.api.request_timeout_secs),
         core: core.clone(),
         writers: api::Writers { gid: writers_gid },
+        control: Arc::new(api::Control::new(&config.api, readers_gid)),
         readiness: Arc::new(readiness::Checker::new(
             config.readiness.clone(),
             systemd_rx,
@@ -191,11 +196,11 @@ async fn run(
             .await
             .with_context(|| format!("readiness: health: cannot listen on {}", health.listen))?;
         info!(listen = %health.listen, "health endpoint");
-        tokio::spawn(api::serve_health(listener, api.clone()));
+        tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
-    let listener = api::bind(&socket, writers_gid)?;
+    let listener = api::bind(&socket, readers_gid.or(writers_gid))?;
     let mut server = tokio::spawn(api::serve(listener, api.clone()));
-    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), generation, status = %summary, "ready");
+    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), generation, fd_limit, status = %summary, "ready");
     // Tell systemd (Type=notify) that the host is protected, and keep its
     // watchdog fed while the loop runs.
     if let Err(e) = sd_notify::notify(&[
@@ -308,6 +313,7 @@ struct Started {
     protected: HashSet<String>,
     selector: links::Selector,
     writers_gid: Option<u32>,
+    readers_gid: Option<u32>,
     /// A change awaiting confirmation: its generation and seconds left.
     pending: Option<(u64, u64)>,
 }
@@ -322,6 +328,7 @@ async fn start(
 ) -> anyhow::Result<Started> {
     let selector = config.selector()?;
     let writers_gid = config.api.writers_gid()?;
+    let readers_gid = config.api.readers_gid()?;
     // Resolved once (a default pin directory depends on what is mounted), so
     // loading, cleaning up and logging all name the same directory.
     let pin_dir = config.pin_dir();
@@ -429,6 +436,7 @@ async fn start(
         protected,
         selector,
         writers_gid,
+        readers_gid,
         pending,
     })
 }
