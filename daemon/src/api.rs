@@ -507,16 +507,27 @@ pub struct Expect {
     #[serde(default)]
     pub force: bool,
     pub confirm_within: Option<u64>,
+    /// The caller's `SSH_CONNECTION`, as the CLI declares it. Trusted only
+    /// to refuse more: a caller who lies can only give up its own lockout
+    /// protection, which `force` does anyway.
+    pub ssh_session: Option<String>,
 }
 
 impl Expect {
     fn options(&self, caller: &Caller) -> Options {
+        // The daemon's own reading of the caller's environment first; the
+        // declared session where the daemon cannot see the caller (another
+        // user's process under ProtectProc=invisible).
+        let session = caller
+            .pid
+            .and_then(Session::of_process)
+            .or_else(|| self.ssh_session.as_deref().and_then(Session::parse));
         Options {
             expected: self.expected_generation,
             allow_ping: None,
             dry_run: self.dry_run,
             force: self.force,
-            caller_session: caller.pid.and_then(Session::of_process),
+            caller_session: session,
             confirm_within: self.confirm_within,
         }
     }

@@ -537,8 +537,7 @@ impl Image {
                     .filter(|([d, net @ ..], len, _)| {
                         let plen = len - 8;
                         let net = u128::from_be_bytes(*net);
-                        *d == dir
-                            && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
+                        *d == dir && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
                     })
                     .max_by_key(|(_, len, _)| *len)
                     .map(|e| e.2)

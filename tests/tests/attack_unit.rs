@@ -147,4 +147,39 @@ fn the_writers_group_works_under_the_unit() {
         "a non-member read the API: {}",
         text(&out)
     );
+
+    // The member, logged in over SSH, turns SSH off: the daemon cannot read
+    // another user's environment under ProtectProc=invisible, so the CLI
+    // declares the session; the change is refused all the same.
+    let key = SshKey::new().unwrap();
+    c.check(
+        "portcullis",
+        &[
+            "ssh",
+            "add-key",
+            "--user",
+            "pcwriter",
+            &key.public().unwrap(),
+        ],
+    )
+    .unwrap();
+    c.check(
+        "sh",
+        &[
+            "-c",
+            "echo '{\"ssh\": {\"allow\": false}}' > /tmp/no-ssh.json && chmod 644 /tmp/no-ssh.json",
+        ],
+    )
+    .unwrap();
+    let out = key
+        .ssh(&c.client, "pcwriter", INSTANCE_V4)
+        .arg("portcullis rules apply /tmp/no-ssh.json")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && text(&out).contains("would cut your own SSH session"),
+        "a writer turned SSH off over SSH: {}\n{}",
+        text(&out),
+        c.journal("portcullis.service")
+    );
 }

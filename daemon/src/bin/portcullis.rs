@@ -223,6 +223,18 @@ impl ChangeFlags {
         if let Some(s) = self.confirm_within {
             q.push(format!("confirm_within={s}"));
         }
+        // Our own SSH session, so the daemon can refuse a change that cuts
+        // it even where it cannot read our environment (the unit's
+        // ProtectProc=invisible hides other users' processes from it).
+        if let Some(session) = std::env::var("SSH_CONNECTION")
+            .ok()
+            .filter(|s| !s.is_empty())
+        {
+            q.push(format!(
+                "ssh_session={}",
+                portcullis::client::path_segment(&session)
+            ));
+        }
         if q.is_empty() {
             path.to_string()
         } else {
