@@ -183,3 +183,87 @@ fn the_writers_group_works_under_the_unit() {
         c.journal("portcullis.service")
     );
 }
+
+/// Opens up to `n` live event streams to the API as `user`, holds them for
+/// `hold` seconds, and prints how many the daemon accepted (an HTTP 200
+/// head) before it refused or stopped answering. Runs inside the container
+/// (perl is in Debian's minimal base).
+const STREAMS: &str = r#"
+use IO::Socket::UNIX; use IO::Select;
+my ($n, $hold) = @ARGV; my @open; my $ok = 0;
+for (1..$n) {
+  my $s = IO::Socket::UNIX->new(Peer => '/run/portcullis/portcullis.sock') or last;
+  print $s "GET /v1/events?follow=true HTTP/1.1\r\nHost: portcullis\r\n\r\n";
+  my $sel = IO::Select->new($s);
+  last unless $sel->can_read(2);
+  my $line = <$s>;
+  last unless defined $line && $line =~ m{^HTTP/1\.1 200};
+  $ok++; push @open, $s;
+}
+print "$ok\n"; STDOUT->flush; sleep $hold;
+"#;
+
+/// Any local user the reader group admits opens event streams until
+/// refused, from two uids (so a higher descriptor limit alone could not
+/// save the daemon); root's lockdown and status still answer, under the
+/// unit's own descriptor limit.
+#[test]
+fn local_readers_cannot_starve_root_under_the_unit() {
+    require_root!();
+    let c = boot("");
+    c.check("groupadd", &["pcreaders"]).unwrap();
+    for user in ["pcr1", "pcr2"] {
+        c.check("useradd", &["-M", "-G", "pcreaders", user])
+            .unwrap();
+    }
+    c.check(
+        "sh",
+        &[
+            "-c",
+            "printf '[api]\\nreader_group = \"pcreaders\"\\n' >> /etc/portcullis/portcullis.toml",
+        ],
+    )
+    .unwrap();
+    c.check("systemctl", &["restart", "portcullis.service"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    let mut holders = Vec::new();
+    for user in ["pcr1", "pcr2"] {
+        let mut cmd = c.command("runuser");
+        cmd.args(["-u", user, "--", "perl", "-e", STREAMS, "2000", "40"])
+            .stdout(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut first = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+        let accepted: usize = first.trim().parse().unwrap_or(usize::MAX);
+        eprintln!("{user}: {accepted} event streams accepted, then refused");
+        assert!(accepted < 2000, "{user} was never refused");
+        holders.push(child);
+    }
+    // Both users hold what they got; root must still be answered.
+    for args in [
+        &["--json", "status"][..],
+        &["--json", "lockdown", "--admin", "10.200.0.0/16"][..],
+        &["--json", "enforce"][..],
+    ] {
+        let started = std::time::Instant::now();
+        let out = c
+            .command("timeout")
+            .arg("5")
+            .arg("portcullis")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "root's {args:?} did not answer within 5 s ({:?}): {}\n{}",
+            started.elapsed(),
+            text(&out),
+            c.journal("portcullis.service")
+        );
+    }
+    for mut h in holders {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+}
