@@ -760,7 +760,10 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         conntrack,
         recent_drops: {
             let recent = api.feed.recent();
-            recent[recent.len().saturating_sub(10)..].to_vec()
+            recent
+                .get(recent.len().saturating_sub(10)..)
+                .unwrap_or_default()
+                .to_vec()
         },
         readiness,
         pending: core

@@ -23,7 +23,10 @@ impl Reply {
             )
         })?;
         if !(200..300).contains(&self.status) {
-            let msg = value["error"].as_str().unwrap_or("no reason given");
+            let msg = value
+                .get("error")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("no reason given");
             bail!("{msg} (HTTP {})", self.status);
         }
         Ok(value)

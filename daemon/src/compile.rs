@@ -754,6 +754,9 @@ mod tests {
 /// Random rule sets and addresses whose networks overlap and nest, for the
 /// property tests here and the kernel ones in `tests/`.
 #[cfg(any(test, feature = "testing"))]
+// Test support only (feature `testing`): prefix lengths come from ranges
+// that fit their family, so `IpNet::new` cannot fail.
+#[allow(clippy::unwrap_used)]
 pub mod strategies {
     use std::net::IpAddr;
 

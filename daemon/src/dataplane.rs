@@ -103,15 +103,15 @@ impl Dataplane {
         for g in 0..2 {
             loader
                 .map_max_entries(
-                    maps::V4_CHUNKS[g],
+                    generation(maps::V4_CHUNKS, g),
                     limits.v4_chunks * portcullis_common::V4_CHUNK_ENTRIES,
                 )
-                .map_max_entries(maps::SRC6[g], limits.prefixes)
-                .map_max_entries(maps::V6_BUCKETS[g], limits.prefixes)
-                .map_max_entries(maps::V6_PREFIXES[g], limits.prefixes)
-                .map_max_entries(maps::REGIONS[g], limits.regions)
-                .map_max_entries(maps::SEGMENTS[g], limits.segments)
-                .map_max_entries(maps::RULE_STATS[g], limits.slots);
+                .map_max_entries(generation(maps::SRC6, g), limits.prefixes)
+                .map_max_entries(generation(maps::V6_BUCKETS, g), limits.prefixes)
+                .map_max_entries(generation(maps::V6_PREFIXES, g), limits.prefixes)
+                .map_max_entries(generation(maps::REGIONS, g), limits.regions)
+                .map_max_entries(generation(maps::SEGMENTS, g), limits.segments)
+                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
             format!(
@@ -190,7 +190,7 @@ impl Dataplane {
     pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
         let g = self.active()? as usize;
         let stats: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(map_mut(&mut self.ebpf, maps::RULE_STATS[g])?)?;
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?)?;
         (0..slots as u32)
             .map(|slot| {
                 let per_cpu = stats.get(&slot, 0)?;
@@ -255,42 +255,53 @@ impl Dataplane {
         if image.egress_allowlist {
             flags |= SETTING_EGRESS_ALLOWLIST;
         }
-        write_array(map_mut(&mut self.ebpf, maps::V4_ROOT[g])?, &image.v4_root)
-            .context("writing the IPv4 table root")?;
         write_array(
-            map_mut(&mut self.ebpf, maps::V4_CHUNKS[g])?,
+            map_mut(&mut self.ebpf, generation(maps::V4_ROOT, g))?,
+            &image.v4_root,
+        )
+        .context("writing the IPv4 table root")?;
+        write_array(
+            map_mut(&mut self.ebpf, generation(maps::V4_CHUNKS, g))?,
             &image.v4_chunks,
         )
         .context("writing the IPv4 table chunks")?;
         let v6 = V6Tables::of(&image.v6);
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
-        let before = self.v6_written[g].take();
+        let before = self.v6_written.get_mut(g).and_then(Option::take);
         write_keyed(
-            map_mut(&mut self.ebpf, maps::SRC6[g])?,
+            map_mut(&mut self.ebpf, generation(maps::SRC6, g))?,
             &v6.short,
             before.as_ref().map(|b| &b.short),
         )
         .context("writing the IPv6 short prefixes (LPM trie)")?;
         write_keyed(
-            map_mut(&mut self.ebpf, maps::V6_PREFIXES[g])?,
+            map_mut(&mut self.ebpf, generation(maps::V6_PREFIXES, g))?,
             &v6.prefixes,
             before.as_ref().map(|b| &b.prefixes),
         )
         .context("writing the IPv6 prefixes")?;
         write_keyed(
-            map_mut(&mut self.ebpf, maps::V6_BUCKETS[g])?,
+            map_mut(&mut self.ebpf, generation(maps::V6_BUCKETS, g))?,
             &v6.buckets,
             before.as_ref().map(|b| &b.buckets),
         )
         .context("writing the IPv6 /32 buckets")?;
-        self.v6_written[g] = Some(v6);
-        write_array(map_mut(&mut self.ebpf, maps::REGIONS[g])?, &image.regions)
-            .context("writing the regions")?;
-        write_array(map_mut(&mut self.ebpf, maps::SEGMENTS[g])?, &image.segments)
-            .context("writing the port segments")?;
+        if let Some(written) = self.v6_written.get_mut(g) {
+            *written = Some(v6);
+        }
+        write_array(
+            map_mut(&mut self.ebpf, generation(maps::REGIONS, g))?,
+            &image.regions,
+        )
+        .context("writing the regions")?;
+        write_array(
+            map_mut(&mut self.ebpf, generation(maps::SEGMENTS, g))?,
+            &image.segments,
+        )
+        .context("writing the port segments")?;
         clear_counters(
-            map_mut(&mut self.ebpf, maps::RULE_STATS[g])?,
+            map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?,
             image.slots.len(),
         )
         .context("clearing rule counters")?;
@@ -634,7 +645,8 @@ impl V6Tables {
                 t.short.insert(k, region);
                 continue;
             }
-            let addr = u128::from_be_bytes(key[1..].try_into().expect("17-byte key"));
+            let [_, addr @ ..] = key;
+            let addr = u128::from_be_bytes(addr);
             let masked = addr & (u128::MAX << (128 - plen));
             let mut p = [0u8; 18];
             p[0] = key[0];
@@ -763,9 +775,16 @@ pub fn flow_key(c: &Connection) -> FlowKey {
 
 /// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
 fn monotonic_ns() -> u64 {
-    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .expect("CLOCK_MONOTONIC is always available");
-    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}
+
+/// The map of generation `g` (0 or 1) among a pair of names.
+fn generation(names: [&'static str; 2], g: usize) -> &'static str {
+    let [zero, one] = names;
+    if g & 1 == 0 { zero } else { one }
 }
 
 /// TCX arrived in Linux 6.6.

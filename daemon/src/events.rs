@@ -79,7 +79,7 @@ impl Feed {
     pub fn recent(&self) -> Vec<Event> {
         self.recent
             .lock()
-            .expect("not poisoned")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .iter()
             .cloned()
             .collect()
@@ -90,7 +90,10 @@ impl Feed {
     }
 
     fn push(&self, e: Event) {
-        let mut recent = self.recent.lock().expect("not poisoned");
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if recent.len() == RECENT {
             recent.pop_front();
         }
@@ -125,10 +128,12 @@ impl Feed {
 
 /// Unix time minus `CLOCK_MONOTONIC`, in ns.
 fn mono_to_unix_ns() -> i128 {
-    let mono =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("monotonic clock");
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only skew event times.
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128
+    });
     let unix = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i128);
-    unix - (mono.tv_sec() as i128 * 1_000_000_000 + mono.tv_nsec() as i128)
+    unix - mono
 }

@@ -122,8 +122,10 @@ fn dump_with(
             .context("reading sock_diag")?;
         let mut offset = 0;
         while offset < size {
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&rx[offset..size])
-                .context("parsing a sock_diag reply")?;
+            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(
+                rx.get(offset..size).unwrap_or_default(),
+            )
+            .context("parsing a sock_diag reply")?;
             match msg.payload {
                 NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => each(&r),
                 NetlinkPayload::Done(_) => return Ok(()),

@@ -114,7 +114,7 @@ fn every_exit_before_enforcement_applies_the_fallback() {
     tcp_probe_control(&pair.peer, sock(HOST_V4, 9999)).expect("unfiltered control");
     let good = config_text(&pins, "[ssh]\nallow = true\n");
     type Damage = fn(&ConfigFile);
-    let cases: [(&str, String, Damage); 3] = [
+    let cases: [(&str, String, Damage); 4] = [
         ("config", format!("{good}bogus = [\n"), |_| {}),
         (
             "[api] group",
@@ -126,6 +126,10 @@ fn every_exit_before_enforcement_applies_the_fallback() {
             for f in ["live.json", "live.prev.json"] {
                 fs::write(c.state_dir().join(f), b"{\"format\": 1, \"torn").unwrap();
             }
+        }),
+        ("saved mode", good.clone(), |c: &ConfigFile| {
+            fs::create_dir_all(c.state_dir()).unwrap();
+            fs::write(c.state_dir().join("mode.json"), b"{\"mode\": \"lockd").unwrap();
         }),
     ];
     for (what, text, damage) in cases {
@@ -140,6 +144,9 @@ fn every_exit_before_enforcement_applies_the_fallback() {
             log.contains("enforcement cannot start") && log.contains("nftables fallback in place"),
             "{what}: {log}"
         );
+        if what == "saved mode" {
+            assert!(log.contains("mode.json is damaged"), "{log}");
+        }
         assert!(fallback_table(&pair.host).is_some(), "{what}: no fallback");
         assert!(
             tcp_probe(&pair.peer, sock(HOST_V4, 9999)).is_err(),

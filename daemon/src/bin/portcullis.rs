@@ -1,5 +1,16 @@
 //! `portcullis`: the command-line tool, a thin client of the daemon's API.
 
+// No panic reachable from input (issue 14); see the library's root.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::{io::Write as _, path::PathBuf};
 
 use anyhow::Context as _;
@@ -438,7 +449,11 @@ fn main() -> anyhow::Result<()> {
                     if json {
                         println!("{line}");
                     } else if let Ok(e) = serde_json::from_str::<Value>(line) {
-                        println!("{} {}", e["time_ms"], describe_drop(&e));
+                        println!(
+                            "{} {}",
+                            e.get("time_ms").unwrap_or(&Value::Null),
+                            describe_drop(&e)
+                        );
                     }
                     let _ = std::io::stdout().flush();
                 },
@@ -495,7 +510,10 @@ fn describe_drop(d: &Value) -> String {
 /// was dropped lately.
 fn print_status(s: &Value) {
     let interfaces = s["interfaces"].as_object().cloned().unwrap_or_default();
-    let mode = s["mode"]["mode"].as_str().unwrap_or("?");
+    let mode = s
+        .pointer("/mode/mode")
+        .and_then(Value::as_str)
+        .unwrap_or("?");
     let protected = s["enforcing"] == true && mode != "open" && mode != "audit";
     let missing: Vec<&str> = s["missing_interfaces"]
         .as_array()
@@ -513,7 +531,9 @@ fn print_status(s: &Value) {
             "enforce" => String::new(),
             "lockdown" => format!(
                 " (LOCKDOWN, admin {})",
-                s["mode"]["admin"].as_str().unwrap_or("none")
+                s.pointer("/mode/admin")
+                    .and_then(Value::as_str)
+                    .unwrap_or("none")
             ),
             other => format!(" ({} mode: nothing is dropped)", other.to_uppercase()),
         }
@@ -538,7 +558,8 @@ fn print_status(s: &Value) {
     );
     println!(
         "Flows:       {} of {} connection-table entries in use",
-        s["conntrack"]["entries"], s["conntrack"]["capacity"]
+        s.pointer("/conntrack/entries").unwrap_or(&Value::Null),
+        s.pointer("/conntrack/capacity").unwrap_or(&Value::Null)
     );
     let r = &s["readiness"];
     println!(
@@ -669,7 +690,12 @@ fn wait_ready(
                 "not SSH-ready after {} s; failing checks:",
                 timeout.as_secs()
             );
-            for check in doc["checks"].as_array().into_iter().flatten() {
+            for check in doc
+                .get("checks")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 let passes = matches!(check["state"].as_str(), Some("pass" | "warn" | "skipped"));
                 if check["gates"].as_bool() == Some(true) && !passes {
                     eprintln!(

@@ -4,6 +4,17 @@
 //! Enforcement is pinned, so it continues after the daemon exits;
 //! `--detach` ends it.
 
+// No panic reachable from input (issue 14); see the library's root.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 use std::{
     collections::HashSet,
     path::{Path, PathBuf},
