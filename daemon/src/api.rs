@@ -556,7 +556,13 @@ impl Api {
         }
         let mut core = self.core.lock().await;
         let (uid, pid) = (Some(caller.uid), caller.pid);
+        core.acting(crate::core::Actor {
+            uid,
+            pid,
+            action: what.clone(),
+        });
         let result = f(&mut core);
+        core.acting(crate::core::Actor::default());
         let outcome = match &result {
             Ok(_) => {
                 info!(uid = caller.uid, pid = ?caller.pid, what, generation = core.generation(), hash = core.hash(), "change applied");
@@ -1100,7 +1106,13 @@ pub fn arm_rollback(core: Arc<Mutex<Core>>, generation: u64, secs: u64) {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         loop {
             let mut core = core.lock().await;
-            match core.roll_back(generation) {
+            core.acting(crate::core::Actor {
+                action: "confirmation window".into(),
+                ..Default::default()
+            });
+            let rolled = core.roll_back(generation);
+            core.acting(crate::core::Actor::default());
+            match rolled {
                 Ok(Some(restored)) => {
                     warn!(
                         generation,

@@ -264,6 +264,18 @@ pub struct Core {
     /// Rules the daemon's configuration adds to every rule set (the health
     /// endpoint's); not part of the live set that is shown and saved.
     service: Vec<FirewallRule>,
+    /// Who is changing what, for the record written before a change goes
+    /// live (see [`Core::acting`]).
+    actor: Actor,
+}
+
+/// The caller of a change, as the audit log names it.
+#[derive(Clone, Debug, Default)]
+pub struct Actor {
+    pub uid: Option<u32>,
+    pub pid: Option<i32>,
+    /// What was asked (`add rule`, `reload`, ...).
+    pub action: String,
 }
 
 /// Compiles `set` with the service rules appended.
@@ -311,6 +323,7 @@ impl Core {
             pending: None,
             mode: Mode::Enforce,
             service,
+            actor: Actor::default(),
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -406,6 +419,43 @@ impl Core {
         Ok(())
     }
 
+    /// Names the caller of the changes that follow (until the next call):
+    /// each is recorded in the audit log, as "applying", before it goes
+    /// live, and a change whose record cannot be written does not go live.
+    pub fn acting(&mut self, actor: Actor) {
+        self.actor = actor;
+    }
+
+    /// The record written before the data path changes: who, what, and the
+    /// generation and rules hash about to go live.
+    fn record_intent(
+        &mut self,
+        generation: u64,
+        hash: &str,
+        what: &str,
+    ) -> Result<(), ChangeError> {
+        let action = if self.actor.action.is_empty() {
+            what.to_string()
+        } else {
+            self.actor.action.clone()
+        };
+        let r = self
+            .audit
+            .append(audit::Event {
+                uid: self.actor.uid,
+                pid: self.actor.pid,
+                action: &action,
+                outcome: format!("applying: {what}"),
+                generation,
+                rules_hash: hash,
+            })
+            .map_err(|e| {
+                ChangeError::Internal(e.context("cannot write the audit log; nothing changed"))
+            })?;
+        tracing::info!(seq = r.seq, audit_head = %r.hash, action, "audited before going live");
+        Ok(())
+    }
+
     /// Applies `edit` to a copy of the live rules and makes the result live
     /// (or, for a dry run, says what it would do). See [`Options`].
     pub fn change(
@@ -480,7 +530,9 @@ impl Core {
         let generation = self.generation + 1;
         // Keep the counters of the generation about to go idle.
         let totals = self.rule_counters();
-        // Durable first: a crash after this point restores the new set.
+        // Audited first: nothing goes live without its record.
+        self.record_intent(generation, &image.hash, &format!("generation {generation}"))?;
+        // Durable next: a crash after this point restores the new set.
         self.store
             .save(&next, generation)
             .map_err(ChangeError::Internal)?;
@@ -557,6 +609,9 @@ impl Core {
                 .seed_connections(&admin_open)
                 .map_err(ChangeError::Internal)?;
         }
+        let what = format!("mode {}", serde_json::to_string(&mode).unwrap_or_default());
+        let hash = self.image.hash.clone();
+        self.record_intent(self.generation, &hash, &what)?;
         let old = std::mem::replace(&mut self.mode, mode);
         let result = self.effective().and_then(|effective| {
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);

@@ -416,16 +416,20 @@ fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(records.len(), 5, "{log}");
+    // Each applied change is recorded twice: before it goes live
+    // ("applying") and with its outcome.
+    assert_eq!(records.len(), 8, "{log}");
+    assert_eq!(records[0]["outcome"], "applying: generation 2", "{log}");
+    assert_eq!(records[1]["outcome"], "applied", "{log}");
     assert!(
-        records[2]["outcome"]
+        records[4]["outcome"]
             .as_str()
             .unwrap()
             .starts_with("refused: uid 65534")
     );
-    assert_eq!(records[2]["uid"], 65534);
+    assert_eq!(records[4]["uid"], 65534);
     assert!(
-        records[3]["outcome"]
+        records[5]["outcome"]
             .as_str()
             .unwrap()
             .contains("no rule with id")
@@ -435,7 +439,7 @@ fn the_audit_log_records_changes_and_refusals_and_detects_tampering() {
         .unwrap()
         .to_string();
     assert_eq!(
-        records[4]["hash"],
+        records[7]["hash"],
         head.as_str(),
         "status does not report the latest record's hash"
     );

@@ -602,3 +602,89 @@ fn a_failed_rollback_keeps_the_change_pending_and_retries() {
     assert_eq!(pending["generation"], 2, "the pending change was lost");
     wait_until("the retried rollback", 15, || rule_ids(&config).is_empty());
 }
+
+/// A change used to go live before its audit record was written: with the
+/// log unwritable, a rule was admitted (traffic passed) although the caller
+/// got an error and the log held no record of it. Now nothing goes live
+/// unaudited.
+#[test]
+fn nothing_goes_live_without_its_audit_record() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 7300)).unwrap();
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7300)).is_err());
+    // A first, audited change, so the log exists.
+    json(cli(
+        &config,
+        &[
+            "--json",
+            "rules",
+            "add",
+            "--id",
+            "first",
+            "--from-port",
+            "7301",
+            "--to-port",
+            "7301",
+        ],
+    ));
+    let log = config.state_dir().join("audit.log");
+    let chattr = |flag: &str| {
+        assert!(
+            Command::new("chattr")
+                .arg(flag)
+                .arg(&log)
+                .status()
+                .unwrap()
+                .success()
+        )
+    };
+    chattr("+i");
+    let out = cli(
+        &config,
+        &[
+            "rules",
+            "add",
+            "--id",
+            "unaudited",
+            "--from-port",
+            "7300",
+            "--to-port",
+            "7300",
+        ],
+    );
+    let reached = tcp_probe(&pair.peer, sock(HOST_V4, 7300)).is_ok();
+    let ids = rule_ids(&config);
+    chattr("-i");
+    assert!(
+        !out.status.success(),
+        "the change was acknowledged unaudited"
+    );
+    assert!(!reached, "an unaudited rule went live");
+    assert_eq!(ids, ["first"], "an unaudited rule is in the live set");
+    // With the log writable again, the same change goes live, recorded
+    // before it did.
+    json(cli(
+        &config,
+        &[
+            "--json",
+            "rules",
+            "add",
+            "--id",
+            "audited",
+            "--from-port",
+            "7300",
+            "--to-port",
+            "7300",
+        ],
+    ));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 7300)).is_ok());
+    let text = fs::read_to_string(&log).unwrap();
+    assert!(
+        text.lines().any(|l| l.contains("applying: generation 3")),
+        "{text}"
+    );
+}

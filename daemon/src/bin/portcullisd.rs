@@ -250,7 +250,9 @@ async fn run(
                     Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
                     Ok(new) => {
                         let opts = core::Options { allow_ping: Some(new.allow_ping), ..Default::default() };
+                        core.acting(core::Actor { action: "reload".into(), ..Default::default() });
                         let result = core.change(&opts, |live| { *live = new.rule_set(); Ok(()) });
+                        core.acting(core::Actor::default());
                         let outcome = match &result {
                             Ok(c) => { info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"); "applied".to_string() }
                             Err(e) => { error!(error = %e, "reload refused; the live rule set is unchanged"); format!("refused: {e}") }
