@@ -267,3 +267,77 @@ fn local_readers_cannot_starve_root_under_the_unit() {
         let _ = h.wait();
     }
 }
+
+/// A configured interface that systemd-networkd creates after the daemon
+/// started (Portcullis runs before network-pre.target, so this is the
+/// normal order at boot): until it exists the daemon says "not protected",
+/// in `status` and in systemd's status text, and protects it the moment it
+/// appears.
+#[test]
+fn a_netdev_networkd_creates_later_is_reported_missing_then_protected() {
+    require_root!();
+    const NETDEV: &str = "pcnd0";
+    let config =
+        format!("interfaces = [\"{INSTANCE_IFACE}\", \"{NETDEV}\"]\n[ssh]\nallow = true\n");
+    let c = Boot::new()
+        .portcullis(&config)
+        .unwrap()
+        .file(
+            "/etc/systemd/network/10-pcnd0.netdev",
+            format!("[NetDev]\nName={NETDEV}\nKind=veth\n[Peer]\nName=pcnd1\n"),
+            0o644,
+        )
+        .file(
+            "/etc/systemd/network/10-pcnd0.network",
+            format!("[Match]\nName={NETDEV}\n[Network]\nAddress=10.200.77.1/24\n"),
+            0o644,
+        )
+        .start(BOOT)
+        .unwrap();
+    let status = || -> serde_json::Value {
+        c.exec("portcullis", &["--json", "status"])
+            .ok()
+            .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+            .unwrap_or_default()
+    };
+    let s = c
+        .wait_for("portcullis to answer", Duration::from_secs(30), || {
+            Some(status()).filter(|s| s["interfaces"][INSTANCE_IFACE].is_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    assert_eq!(s["enforcing"], false, "{s:#}");
+    assert_eq!(s["missing_interfaces"][0], NETDEV, "{s:#}");
+    let shown = c
+        .check(
+            "systemctl",
+            &["show", "-p", "StatusText", "portcullis.service"],
+        )
+        .unwrap();
+    assert!(
+        shown.contains(&format!("not protected: {NETDEV} missing")),
+        "{shown}"
+    );
+    let wait = c
+        .exec("portcullis", &["wait-ready", "--timeout", "1"])
+        .unwrap();
+    assert!(!wait.status.success(), "{}", text(&wait));
+
+    // networkd starts (as it would after network-pre.target) and creates it.
+    c.check("systemctl", &["start", "systemd-networkd.service"])
+        .unwrap();
+    c.wait_for("the new netdev protected", Duration::from_secs(20), || {
+        let s = status();
+        (s["enforcing"] == true && s["interfaces"][NETDEV].is_string()).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{:#}\n{}\n{}\n{}",
+            status(),
+            c.journal("portcullis.service"),
+            c.journal("systemd-networkd.service"),
+            c.check("ip", &["link"]).unwrap_or_default()
+        )
+    });
+    let link = c.check("ip", &["-d", "link", "show", NETDEV]).unwrap();
+    assert!(link.contains("xdp"), "no XDP program on {NETDEV}: {link}");
+}
