@@ -284,9 +284,10 @@ fn the_readmes_first_command_installs_the_pinned_toolchains_on_a_fresh_machine()
                 break Err(format!("no {BUILD_STARTS:?} within {TIMEOUT:?}"));
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().map(|s| s.to_string());
                 break Err(format!(
-                    "`{command}` ended ({:?}) before {BUILD_STARTS:?}",
-                    child.wait()
+                    "`{command}` ended ({}) before {BUILD_STARTS:?}",
+                    status.unwrap_or_else(|e| e.to_string())
                 ));
             }
         }

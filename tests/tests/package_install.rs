@@ -294,14 +294,19 @@ fn an_upgrade_from_the_conffile_packaging_keeps_the_admins_config_without_a_prom
         .check("dpkg-query", &["-W", "-f=${Conffiles}", "portcullis"])
         .unwrap();
     assert!(conffiles.contains(CONFIG_PATH), "{conffiles}");
-    // The admin edits the conffile.
+    // The admin edits the conffile, reloads (the rules: a restart alone
+    // keeps the saved live set) and restarts (the interfaces).
     std::fs::write(c.host_path(Path::new(CONFIG_PATH)), ADMIN_CONFIG).unwrap();
+    for action in ["reload", "restart"] {
+        let o = c.systemctl(&[action, "portcullis.service"]).unwrap();
+        assert_success(&format!("systemctl {action}"), &o, &c);
+    }
+    assert_protected_with_admin_config(&c, "with the conffile packaging");
 
     for (deb, at) in [(&first, "/srv/debs/repo"), (&next, "/srv/debs/next")] {
         let o = install(&c, &["dpkg", "-i", &in_container(at, deb)]);
         assert_success(&format!("dpkg -i {}", deb.display()), &o, &c);
         assert_config_kept(&c, ADMIN_CONFIG.as_bytes(), "after the upgrade");
-        // The running daemon re-reads it on restart (postinst restarts).
         assert_protected_with_admin_config(&c, &format!("after upgrading to {}", deb.display()));
     }
     purge(&c);
