@@ -116,50 +116,57 @@ fn copy_checkout(from: &Path, to: &Path) {
 }
 
 /// A rustup home holding only the machine's stable toolchain (hard links,
-/// so nothing is downloaded or copied), and a cargo home with nothing but
-/// rustup and its proxies: a machine right after rustup-init.
+/// so nothing is downloaded or copied; no toolchain at all where the
+/// machine has no stable one, as after `rustup-init --default-toolchain
+/// none`), and a cargo home with nothing but rustup and its proxies: a
+/// machine right after rustup-init.
 fn scratch_rustup(scratch: &Path) -> (PathBuf, PathBuf) {
     let real_home = std::env::var_os("RUSTUP_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(&std::env::var("HOME").unwrap()).join(".rustup"));
     let stable = std::fs::read_dir(real_home.join("toolchains"))
-        .expect("the machine's rustup home")
+        .into_iter()
+        .flatten()
         .flatten()
         .map(|e| e.path())
         .find(|p| {
             p.file_name()
                 .is_some_and(|n| n.to_string_lossy().starts_with("stable-"))
-        })
-        .unwrap_or_else(|| {
-            panic!(
-                "no stable toolchain in {}: a fresh rustup has one (rustup toolchain install stable --profile minimal)",
-                real_home.display()
-            )
         });
     let (rustup_home, cargo_home) = (scratch.join("rustup"), scratch.join("cargo"));
     std::fs::create_dir_all(rustup_home.join("toolchains")).unwrap();
     std::fs::create_dir_all(cargo_home.join("bin")).unwrap();
-    let name = stable.file_name().unwrap().to_owned();
-    let linked = Command::new("cp")
-        .arg("-al")
-        .arg(&stable)
-        .arg(rustup_home.join("toolchains"))
-        .status()
-        .is_ok_and(|s| s.success());
-    if !linked {
-        // Another file system: a symbolic link (nothing here updates it).
-        let _ = std::fs::remove_dir_all(rustup_home.join("toolchains").join(&name));
-        std::os::unix::fs::symlink(&stable, rustup_home.join("toolchains").join(&name)).unwrap();
+    let mut settings =
+        String::from("version = \"12\"\nprofile = \"minimal\"\nauto_self_update = \"disable\"\n");
+    if let Some(stable) = stable {
+        let name = stable.file_name().unwrap().to_owned();
+        let linked = Command::new("cp")
+            .arg("-al")
+            .arg(&stable)
+            .arg(rustup_home.join("toolchains"))
+            .status()
+            .is_ok_and(|s| s.success());
+        if !linked {
+            // Another file system: a symbolic link (nothing here updates it).
+            let _ = std::fs::remove_dir_all(rustup_home.join("toolchains").join(&name));
+            std::os::unix::fs::symlink(&stable, rustup_home.join("toolchains").join(&name))
+                .unwrap();
+        }
+        settings += &format!("default_toolchain = \"{}\"\n", name.to_string_lossy());
+    } else {
+        eprintln!(
+            "no stable toolchain in {}: the scratch rustup home starts with none",
+            real_home.display()
+        );
     }
-    std::fs::write(
-        rustup_home.join("settings.toml"),
-        format!(
-            "version = \"12\"\ndefault_toolchain = \"{}\"\nprofile = \"minimal\"\nauto_self_update = \"disable\"\n",
-            name.to_string_lossy()
-        ),
-    )
-    .unwrap();
-    let rustup = on_path("rustup").expect("rustup on PATH");
+    std::fs::write(rustup_home.join("settings.toml"), settings).unwrap();
+    let rustup = on_path("rustup")
+        .or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            let p = Path::new(&home).join(".cargo/bin/rustup");
+            p.is_file().then_some(p)
+        })
+        .expect("rustup on PATH or in ~/.cargo/bin");
     std::fs::copy(&rustup, cargo_home.join("bin/rustup")).unwrap();
     for proxy in [
         "cargo",
