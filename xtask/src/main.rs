@@ -42,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "xdp-tools",         // xdp-filter: the benchmark's stateless XDP reference
     "iptables",          // iptables-legacy: the benchmark's classic comparison
     "libfaketime",       // the attack suite steps the daemon's wall clock
+    "binutils",          // objdump: the packaged binaries' glibc floor
 ];
 
 #[derive(Parser)]
@@ -176,6 +177,21 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
         })?;
+        // The README's first command on a fresh machine (a scratch rustup
+        // home with only stable, RUSTUP_AUTO_INSTALL=0): downloads the two
+        // pinned toolchains, so it is a phase of its own.
+        phases.run("fresh machine", || {
+            cargo(&[
+                "test",
+                "-p",
+                "portcullis-tests",
+                "--test",
+                "fresh_machine",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ])
+        })?;
         phases.run("e2e", || e2e(&workspace_root()?))
     })();
     phases.print();
@@ -183,7 +199,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// Builds versions N and N+1 of the package into a local repository
-/// (target/e2e) and runs the end-to-end test against it.
+/// (target/e2e) and runs the end-to-end and package tests against them.
 fn e2e(root: &Path) -> anyhow::Result<()> {
     let dir = root.join("target/e2e");
     let _ = std::fs::remove_dir_all(&dir);
@@ -201,6 +217,8 @@ fn e2e(root: &Path) -> anyhow::Result<()> {
                 "portcullis-tests",
                 "--test",
                 "e2e",
+                "--test",
+                "package_install",
                 "--",
                 "--ignored",
                 "--nocapture",
