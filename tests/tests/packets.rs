@@ -107,24 +107,22 @@ fn ports_protocols_and_always_allowed() {
             Reason::DropProtocol,
         );
     }
-    // DHCP server replies, and only those.
-    b.expect(
-        "dhcpv4",
-        &Pkt::new("10.200.0.254", "255.255.255.255")
-            .udp(67, 68)
-            .bytes(),
-        Reason::PassDhcp,
-    );
+    // DHCP server replies, and only those, and only after a request of the
+    // same family (broadcast, so the reply matches no flow the request opened).
+    let dhcpv4 = Pkt::new("10.200.0.254", "255.255.255.255").udp(67, 68);
+    let dhcpv6 = Pkt::new("fe80::1", "fe80::2").udp(547, 546);
+    b.expect("dhcpv4 unasked", &dhcpv4.bytes(), Reason::DropNoRule);
+    b.expect("dhcpv6 unasked", &dhcpv6.bytes(), Reason::DropNoRule);
+    b.egress(&Pkt::new("0.0.0.0", "255.255.255.255").udp(68, 67).bytes());
+    b.expect("dhcpv4", &dhcpv4.bytes(), Reason::PassDhcp);
+    b.expect("dhcpv6 after v4", &dhcpv6.bytes(), Reason::DropNoRule);
     b.expect(
         "dhcpv4 wrong way",
         &Pkt::new(P4, H4).udp(68, 67).bytes(),
         Reason::DropNoRule,
     );
-    b.expect(
-        "dhcpv6",
-        &Pkt::new("fe80::1", "fe80::2").udp(547, 546).bytes(),
-        Reason::PassDhcp,
-    );
+    b.egress(&Pkt::new("fe80::2", "ff02::1:2").udp(546, 547).bytes());
+    b.expect("dhcpv6", &dhcpv6.bytes(), Reason::PassDhcp);
     // Neighbour discovery needs hop limit 255.
     let na = Pkt::new("fe80::2", "fe80::1").icmp(136, 0, 0, &[0; 20]);
     b.expect(
