@@ -141,23 +141,11 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
     reason
 }
 
-/// What kind of slot (`SLOT_KIND_*`) admits new inbound traffic from
-/// `remote` to `port` (no counting), or `None`.
+/// Whether the rules admit new inbound traffic from `remote` (no counting).
 #[inline(always)]
-fn admitted_from(
-    ctx: &Ctx,
-    family: u8,
-    remote: &[u8; 16],
-    pclass: usize,
-    port: u16,
-) -> Option<u32> {
+fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
     let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
-    let kind = m.slot >> SLOT_KIND_SHIFT;
-    if m.slot == SLOT_NONE || kind == SLOT_KIND_FOREIGN {
-        None
-    } else {
-        Some(kind)
-    }
+    m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
 }
 
 #[inline(always)]
@@ -251,9 +239,10 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Egress verdict of one outbound packet (recording its flow if it opens
 /// one). Allow-all unless the egress allowlist is on; then the packet must
 /// belong to a flow this host opened, be a reply on an inbound flow the
-/// rules admitted (and still admit), go to a peer, be what a host always
+/// rules admitted (and still admit), be what a host always
 /// sends (neighbour discovery, MLD, DHCP requests, ICMP errors, echo
-/// replies to admitted pings), or be admitted by an egress rule. A later
+/// replies to admitted pings), or be admitted by an egress rule (peers are
+/// among those). A later
 /// fragment passes only if its first fragment passed egress.
 #[inline(always)]
 pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
@@ -293,19 +282,18 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if always_sent(ip) {
         return Reason::PassEgress;
     }
-    // What the rules admit in from the destination, to this packet's source
-    // port: a peer (admitted both ways), or the inbound flow this packet
-    // answers, while a rule still admits it.
-    let inbound = admitted_from(ctx, ip.family, &ip.dst, pclass, local_port);
+    // A reply on an inbound flow the rules admitted, while they still admit
+    // it; an echo reply to a ping they (or the ping setting) admit. Peers
+    // are among the egress rules.
     let echo_reply = match ip.proto {
         IPPROTO_ICMP => ip.icmp_type == ICMP_ECHO_REPLY,
         IPPROTO_ICMPV6 => ip.icmp_type == ICMPV6_ECHO_REPLY,
         _ => false,
     };
-    let passes = inbound == Some(SLOT_KIND_PEER)
-        || (origin == Some(ORIGIN_IN) && inbound.is_some())
-        || (echo_reply && (inbound.is_some() || ctx.settings.flags & SETTING_PING != 0));
-    if passes {
+    if (origin == Some(ORIGIN_IN) || echo_reply)
+        && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
+            || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
+    {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
