@@ -44,9 +44,13 @@ pub mod maps {
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
     /// `Array<Settings>` with a single entry.
     pub const SETTINGS: &str = "SETTINGS";
-    /// `LruHashMap<FlowKey, Flow>`: flows the host opened, and inbound flows
-    /// the rules admitted (connection table; `Flow::origin` tells which).
+    /// `LruHashMap<FlowKey, Flow>`: flows the host opened (connection table).
     pub const CONNTRACK: &str = "CONNTRACK";
+    /// `LruHashMap<FlowKey, Flow>`: inbound flows the rules admitted. They
+    /// admit no inbound packet (the rules decide each); they let this host's
+    /// replies out under an egress allowlist and relate ICMP errors to them.
+    /// Apart from `CONNTRACK`, so an inbound flood cannot evict its flows.
+    pub const INBOUND: &str = "INBOUND";
     /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment
     /// passed, per direction.
     pub const FRAGMENTS: &str = "FRAGMENTS";
@@ -234,19 +238,8 @@ pub struct Flow {
     pub last_seen_ns: u64,
     /// One of the `FLOW_*` states.
     pub state: u8,
-    /// Who opened the flow: `ORIGIN_OUT` (this host) or `ORIGIN_IN` (a
-    /// remote host, admitted by the rules). Inbound-originated flows never
-    /// admit inbound packets by themselves (the rules decide each one, so
-    /// removing a rule takes effect at once); they let this host's replies
-    /// out under an egress allowlist and relate ICMP errors to them.
-    pub origin: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 7],
 }
-
-/// `Flow::origin`: this host opened the flow (egress, or seeded from its sockets).
-pub const ORIGIN_OUT: u8 = 0;
-/// `Flow::origin`: a remote host opened it and the rules admitted it.
-pub const ORIGIN_IN: u8 = 1;
 
 /// TCP: SYN sent, no answer yet.
 pub const FLOW_TCP_SYN_SENT: u8 = 1;

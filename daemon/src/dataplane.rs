@@ -385,13 +385,10 @@ impl Dataplane {
                 (portcullis_common::IPPROTO_TCP, false) => FLOW_TCP_ESTABLISHED,
                 _ => FLOW_REPLIED,
             };
-            // Seeded as this host's own: an accepted connection that predates
-            // the daemon (the operator's SSH session) keeps working both ways.
             let flow = Flow {
                 last_seen_ns: now,
                 state,
-                origin: portcullis_common::ORIGIN_OUT,
-                _pad: [0; 6],
+                _pad: [0; 7],
             };
             table
                 .insert(&key, &flow, 0)

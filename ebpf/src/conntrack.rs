@@ -9,12 +9,14 @@
 //! subject to the rules (the daemon seeds connections that predate it).
 //!
 //! Inbound traffic the rules admit (a rule, a peer, the SSH exemption) is
-//! recorded too, marked `ORIGIN_IN`: such an entry never admits an inbound
-//! packet (each one meets the rules, so removing a rule stops the flow at
-//! once); it is what lets this host's replies out under an egress allowlist
-//! (with the rules still admitting the flow) and what an ICMP error about
-//! the flow is related to. A reply is a packet of a tracked flow, never a
-//! packet that merely comes from a served port.
+//! recorded too, in a table of its own (`INBOUND`): such an entry never
+//! admits an inbound packet (each one meets the rules, so removing a rule
+//! stops the flow at once); it is what lets this host's replies out under an
+//! egress allowlist (with the rules still admitting the flow) and what an
+//! ICMP error about the flow is related to. A reply is a packet of a tracked
+//! flow, never a packet that merely comes from a served port. Its own table,
+//! so a flood of admitted inbound flows (SYNs from spoofed sources to a
+//! public port) evicts only inbound flows, never the flows this host opened.
 //!
 //! Only this host's own packets shorten a flow's life: an inbound FIN or RST
 //! (which anyone who knows or guesses the 4-tuple can forge, since no
@@ -33,17 +35,21 @@ use portcullis_common::{
     CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
     FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
     FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FragKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, ORIGIN_IN, ORIGIN_OUT, flow_timeout_ns,
+    IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
 use crate::parse::Ip;
 
 /// `FlowKey` (this host's address and port, the other end's, protocol) →
-/// `Flow` (last seen, state, origin). Written by egress (flows this host
-/// opens), by ingress (inbound flows the rules admitted, `ORIGIN_IN`; state
-/// changes of tracked flows) and by the daemon (seeded from sock_diag).
+/// `Flow` (last seen, state): the flows this host opened. Written by egress
+/// (new flows, state), ingress (state) and the daemon (seeded from sock_diag).
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Flow`, as `CONNTRACK`: inbound flows the rules admitted.
+/// Written by ingress (new flows, refresh) and egress (state of replies).
+#[map]
+pub static INBOUND: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FragKey` (addresses, IP id, protocol, direction) → when its first
 /// fragment passed. Ingress admits later fragments of a first fragment that
@@ -78,6 +84,23 @@ pub fn now() -> u64 {
 pub enum Dir {
     Out,
     In,
+}
+
+/// Who opened a flow, and so which table holds it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This host (`CONNTRACK`).
+    Out,
+    /// A remote host the rules admitted (`INBOUND`).
+    In,
+}
+
+#[inline(always)]
+fn table(origin: Origin) -> &'static LruHashMap<FlowKey, Flow> {
+    match origin {
+        Origin::Out => &CONNTRACK,
+        Origin::In => &INBOUND,
+    }
 }
 
 /// The flow key of `ip`, or `None` for packets that belong to no flow
@@ -116,7 +139,8 @@ pub fn key(ip: &Ip, dir: Dir) -> Option<FlowKey> {
     })
 }
 
-/// Egress: opens or refreshes the flow of `ip`.
+/// Egress: opens or refreshes the flow of `ip` (a reply on an inbound flow
+/// refreshes that one and opens none).
 #[inline(always)]
 pub fn track_egress(ip: &Ip) {
     if ip.later_fragment {
@@ -126,37 +150,37 @@ pub fn track_egress(ip: &Ip) {
         return;
     };
     let now = now();
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; concurrent writers only
-        // race on a timestamp and a state byte, both benign.
-        let flow = unsafe { &mut *flow };
-        let state = next_state(ip, Dir::Out, flow);
-        touch(flow, state, now);
-        return;
+    for origin in [Origin::Out, Origin::In] {
+        if let Some(flow) = table(origin).get_ptr_mut(&key) {
+            // SAFETY: pointer from a successful lookup; concurrent writers
+            // only race on a timestamp and a state byte, both benign.
+            let flow = unsafe { &mut *flow };
+            let state = next_state(ip, Dir::Out, origin, flow.state);
+            touch(flow, state, now);
+            return;
+        }
     }
     let state = match ip.proto {
         IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => FLOW_TCP_SYN_SENT,
         IPPROTO_TCP => return,
         _ => FLOW_UNREPLIED,
     };
-    insert(&key, state, ORIGIN_OUT, now);
+    insert(Origin::Out, &key, state, now);
 }
 
 #[inline(always)]
-fn insert(key: &FlowKey, state: u8, origin: u8, now: u64) {
+fn insert(origin: Origin, key: &FlowKey, state: u8, now: u64) {
     let flow = Flow {
         last_seen_ns: now,
         state,
-        origin,
-        _pad: [0; 6],
+        _pad: [0; 7],
     };
-    let _ = CONNTRACK.insert(key, &flow, 0);
+    let _ = table(origin).insert(key, &flow, 0);
 }
 
-/// Ingress, after the rules admitted `ip`: records (or refreshes, at most
-/// once a second) its flow as inbound-originated, so this host's replies
-/// may leave under an egress allowlist. A flow this host opened is left as
-/// it is (`match_ingress` already refreshed it).
+/// Ingress, after the rules admitted `ip`: records its inbound flow, or
+/// refreshes it (at most once a second), so this host's replies may leave
+/// under an egress allowlist.
 #[inline(always)]
 pub fn track_ingress(ip: &Ip) {
     if ip.later_fragment {
@@ -166,13 +190,11 @@ pub fn track_ingress(ip: &Ip) {
         return;
     };
     let now = now();
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
+    if let Some(flow) = INBOUND.get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup; see `track_egress`.
         let flow = unsafe { &mut *flow };
-        if flow.origin == ORIGIN_IN {
-            let state = next_state(ip, Dir::In, flow);
-            touch(flow, state, now);
-        }
+        let state = next_state(ip, Dir::In, Origin::In, flow.state);
+        touch(flow, state, now);
         return;
     }
     let state = match ip.proto {
@@ -180,38 +202,42 @@ pub fn track_ingress(ip: &Ip) {
         IPPROTO_TCP => FLOW_TCP_ESTABLISHED,
         _ => FLOW_UNREPLIED,
     };
-    insert(&key, state, ORIGIN_IN, now);
+    insert(Origin::In, &key, state, now);
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes
-/// it. Inbound-originated flows do not count: the rules decide those.
+/// it. Inbound flows do not count: the rules decide those.
 #[inline(always)]
 pub fn match_ingress(ip: &Ip) -> bool {
-    match key(ip, Dir::In) {
-        Some(key) => lookup(&key, Some(ip)) == Some(ORIGIN_OUT),
-        None => false,
-    }
-}
-
-/// The origin of the live flow `key`, or `None` (no entry, or expired: then
-/// removed). With `ip`, a flow this host opened is refreshed by it.
-#[inline(always)]
-pub fn lookup(key: &FlowKey, ip: Option<&Ip>) -> Option<u8> {
-    let flow = CONNTRACK.get_ptr_mut(key)?;
+    let Some(key) = key(ip, Dir::In) else {
+        return false;
+    };
+    let Some(flow) = live(Origin::Out, &key) else {
+        return false;
+    };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
-    let now = now();
-    if now.saturating_sub(flow.last_seen_ns) > flow_timeout_ns(key.proto, flow.state) {
-        let _ = CONNTRACK.remove(key);
+    let state = next_state(ip, Dir::In, Origin::Out, flow.state);
+    touch(flow, state, now());
+    true
+}
+
+/// Whether `key` is a live flow of `origin` (an expired one is removed).
+#[inline(always)]
+pub fn tracked(origin: Origin, key: &FlowKey) -> bool {
+    live(origin, key).is_some()
+}
+
+#[inline(always)]
+fn live(origin: Origin, key: &FlowKey) -> Option<*mut Flow> {
+    let flow = table(origin).get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; see `track_egress`.
+    let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
+    if now().saturating_sub(seen) > flow_timeout_ns(key.proto, state) {
+        let _ = table(origin).remove(key);
         return None;
     }
-    if let Some(ip) = ip
-        && flow.origin == ORIGIN_OUT
-    {
-        let state = next_state(ip, Dir::In, flow);
-        touch(flow, state, now);
-    }
-    Some(flow.origin)
+    Some(flow)
 }
 
 #[inline(always)]
@@ -222,14 +248,14 @@ fn touch(flow: &mut Flow, state: u8, now: u64) {
     }
 }
 
-/// The state of `flow` after the packet `ip` going `dir`. Only this host's
-/// own FIN or RST (`Dir::Out`) closes a flow: an inbound one is not checked
-/// against the sequence numbers, so it may be forged and changes nothing.
+/// The state of a flow of `origin` in `state` after the packet `ip` going
+/// `dir`. Only this host's own FIN or RST (`Dir::Out`) closes a flow: an
+/// inbound one is not checked against the sequence numbers, so it may be
+/// forged and changes nothing.
 #[inline(always)]
-fn next_state(ip: &Ip, dir: Dir, flow: &Flow) -> u8 {
-    let state = flow.state;
-    // Relative to the flow: does the packet come from the side that opened it?
-    let from_opener = (dir == Dir::Out) == (flow.origin == ORIGIN_OUT);
+fn next_state(ip: &Ip, dir: Dir, origin: Origin, state: u8) -> u8 {
+    // Does the packet come from the side that opened the flow?
+    let from_opener = (dir == Dir::Out) == (origin == Origin::Out);
     if ip.proto != IPPROTO_TCP {
         return if from_opener { state } else { FLOW_REPLIED };
     }

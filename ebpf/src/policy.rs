@@ -7,13 +7,13 @@
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    ORIGIN_IN, ORIGIN_OUT, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason,
-    SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port,
+    PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST,
+    SETTING_PING, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
+    SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port,
 };
 
 use crate::{
-    conntrack::{self, Dir},
+    conntrack::{self, Dir, Origin},
     parse::{self, Frame, Ip, Packet},
     rules,
 };
@@ -222,7 +222,7 @@ fn related<P: Packet>(p: &P, ip: &Ip) -> bool {
         return false;
     }
     match conntrack::key(&quoted, Dir::Out) {
-        Some(key) => conntrack::lookup(&key, None).is_some(),
+        Some(key) => conntrack::tracked(Origin::Out, &key) || conntrack::tracked(Origin::In, &key),
         None => false,
     }
 }
@@ -271,11 +271,8 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 #[inline(always)]
 fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
-    let origin = match conntrack::key(ip, Dir::Out) {
-        Some(key) => conntrack::lookup(&key, None),
-        None => None,
-    };
-    if origin == Some(ORIGIN_OUT) {
+    let key = conntrack::key(ip, Dir::Out);
+    if key.is_some_and(|k| conntrack::tracked(Origin::Out, &k)) {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
@@ -290,7 +287,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         IPPROTO_ICMPV6 => ip.icmp_type == ICMPV6_ECHO_REPLY,
         _ => false,
     };
-    if (origin == Some(ORIGIN_IN) || echo_reply)
+    if (echo_reply || key.is_some_and(|k| conntrack::tracked(Origin::In, &k)))
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
     {

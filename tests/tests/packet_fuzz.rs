@@ -521,13 +521,16 @@ impl Kernel {
         self.pins.counters().unwrap().into_iter().collect()
     }
 
+    /// Empties both connection tables: flows this host opened, inbound flows.
     fn clear_flows(&self) {
-        let path = portcullis::dataplane::maps_dir(self.pins.path()).join("CONNTRACK");
-        let mut map: BpfHashMap<_, FlowKey, portcullis_common::Flow> =
-            BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
-        let keys: Vec<FlowKey> = map.keys().flatten().collect();
-        for k in keys {
-            let _ = map.remove(&k);
+        for name in ["CONNTRACK", "INBOUND"] {
+            let path = portcullis::dataplane::maps_dir(self.pins.path()).join(name);
+            let mut map: BpfHashMap<_, FlowKey, portcullis_common::Flow> =
+                BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
+            let keys: Vec<FlowKey> = map.keys().flatten().collect();
+            for k in keys {
+                let _ = map.remove(&k);
+            }
         }
     }
 }
