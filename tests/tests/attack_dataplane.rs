@@ -504,6 +504,46 @@ fn egress_allowlist_is_not_bypassed_from_a_served_source_port() {
     assert!(pins.counter(Reason::DropEgress) >= before + 3);
 }
 
+/// An inbound flow the rules admitted is tracked, but never admits a packet
+/// by itself: once its rule is removed, the next datagram of the flow is
+/// dropped at once, and so is the host's reply under the allowlist.
+#[test]
+fn removing_a_rule_stops_an_admitted_inbound_flow_at_once() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let (cfg, daemon) = start(&pair, &pins, SERVED_AND_ALLOWLIST);
+    let served = sock(HOST_V4, 8888);
+    let server = udp_bind(&pair.host, served).unwrap();
+    let client = udp_bind(&pair.peer, sock(PEER_V4, 0)).unwrap();
+    client.send_to(b"one", served).unwrap();
+    let mut buf = [0u8; 64];
+    let (_, from) = server.recv_from(&mut buf).expect("admitted datagram");
+    server.send_to(b"reply", from).unwrap();
+    assert!(udp_received(&client), "reply on the admitted flow dropped");
+
+    // Only the egress rule is left.
+    let egress_only =
+        &SERVED_AND_ALLOWLIST[SERVED_AND_ALLOWLIST.find("[[egress_rules]]").unwrap()..];
+    cfg.rewrite(&config_text(
+        &pins,
+        &format!("[ssh]\nallow = false\n{egress_only}"),
+    ))
+    .unwrap();
+    let log = daemon.reload().unwrap();
+    assert!(log.contains("reloaded"), "{log}");
+    let c = pins.counters().unwrap();
+    client.send_to(b"two", served).unwrap();
+    assert!(!udp_received(&server), "the flow outlived its rule");
+    pins.expect_counter(Reason::DropNoRule, c[&Reason::DropNoRule] + 1);
+    server.send_to(b"late reply", from).unwrap();
+    assert!(
+        !udp_received(&client),
+        "a reply left after its rule was removed"
+    );
+    pins.expect_counter(Reason::DropEgress, c[&Reason::DropEgress] + 1);
+}
+
 fn echo_roundtrip_pair(client: &mut std::net::TcpStream, server: &mut std::net::TcpStream) {
     use std::io::{Read, Write};
     client.write_all(b"ping").unwrap();

@@ -518,3 +518,29 @@ fn a_full_connection_table_evicts_the_oldest_and_fails_closed() {
         Reason::DropNoRule,
     );
 }
+
+/// Inbound flows the rules admit are tracked in a table of their own: a
+/// flood of them (SYNs from many sources to a served port) evicts inbound
+/// flows only, never a flow this host opened.
+#[test]
+fn an_inbound_flood_does_not_evict_outbound_flows() {
+    require_root!();
+    let mut b = Bench::with("", 256);
+    b.egress(&Pkt::new(H4, P4).tcp(41000, 443, SYN).bytes());
+    for i in 0..2048u32 {
+        let src = format!("10.201.{}.{}", i / 250, 1 + i % 250);
+        let out =
+            b.dp.test_run(
+                Program::Ingress,
+                &Pkt::new(&src, H4).tcp(40000, 8080, SYN).bytes(),
+                1,
+            )
+            .unwrap();
+        assert_eq!(out.retval, XDP_PASS, "admitted SYN {i}");
+    }
+    b.expect(
+        "outbound flow after the flood",
+        &Pkt::new(P4, H4).tcp(443, 41000, SYN | ACK).bytes(),
+        Reason::PassEstablished,
+    );
+}
