@@ -12,7 +12,9 @@
 //! the kernel trims) are never looked at. A packet quoted inside an ICMP
 //! error is bounded by the end of the error that carries it. So a first
 //! fragment must hold its whole header chain and transport header itself
-//! (RFC 7112), or it is malformed.
+//! (RFC 7112), or it is malformed. One exception, outbound only: a GSO
+//! packet larger than 64 KiB (BIG TCP) carries 0 in its length field and
+//! ends with the skb.
 //!
 //! The same code parses XDP frames (direct packet access) and TC packets
 //! (`bpf_skb_load_bytes`, which also reads non-linear skbs): see [`Packet`].
@@ -56,6 +58,10 @@ pub struct Malformed;
 pub trait Packet {
     /// `N` bytes at `offset`, or `Malformed` when the packet is shorter.
     fn bytes<const N: usize>(&self, offset: usize) -> Result<[u8; N], Malformed>;
+
+    /// The length of an outbound GSO packet, whose IP length field may be
+    /// 0 (BIG TCP: more than 64 KiB); `None` where that cannot happen (XDP).
+    fn gso_len(&self) -> Option<usize>;
 }
 
 impl Packet for XdpContext {
@@ -70,6 +76,11 @@ impl Packet for XdpContext {
         // packet's linear data; a byte array needs no alignment.
         Ok(unsafe { *((start + offset) as *const [u8; N]) })
     }
+
+    #[inline(always)]
+    fn gso_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Packet for TcContext {
@@ -79,6 +90,11 @@ impl Packet for TcContext {
             return Err(Malformed);
         }
         self.load::<[u8; N]>(offset).map_err(|_| Malformed)
+    }
+
+    #[inline(always)]
+    fn gso_len(&self) -> Option<usize> {
+        Some(self.len() as usize)
     }
 }
 
@@ -212,7 +228,13 @@ fn ipv4<P: Packet>(p: &P, off: usize, quoted: Option<usize>) -> Result<Ip, Malfo
         return Err(Malformed);
     }
     let ihl = ((h[0] & 0x0f) as usize) * 4;
-    let total_len = be16([h[2], h[3]]) as usize;
+    let mut total_len = be16([h[2], h[3]]) as usize;
+    if total_len == 0
+        && quoted.is_none()
+        && let Some(len) = p.gso_len()
+    {
+        total_len = len.saturating_sub(off);
+    }
     if ihl < IPV4_MIN_HLEN || total_len < ihl {
         return Err(Malformed);
     }
@@ -251,9 +273,11 @@ fn ipv6<P: Packet>(p: &P, off: usize, quoted: Option<usize>) -> Result<Ip, Malfo
         return Err(Malformed);
     }
     let mut ip = Ip::new(FAMILY_V6);
-    ip.end = match quoted {
-        Some(end) => end,
-        None => off + IPV6_HLEN + be16([h[4], h[5]]) as usize,
+    let payload_len = be16([h[4], h[5]]) as usize;
+    ip.end = match (quoted, p.gso_len()) {
+        (Some(end), _) => end,
+        (None, Some(len)) if payload_len == 0 => len,
+        (None, _) => off + IPV6_HLEN + payload_len,
     };
     let end = ip.end;
     ip.proto = h[6];

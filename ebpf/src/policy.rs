@@ -239,11 +239,10 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Egress verdict of one outbound packet (recording its flow if it opens
 /// one). Allow-all unless the egress allowlist is on; then the packet must
 /// belong to a flow this host opened, be a reply on an inbound flow the
-/// rules admitted (and still admit), be what a host always
-/// sends (neighbour discovery, MLD, DHCP requests, ICMP errors, echo
-/// replies to admitted pings), or be admitted by an egress rule (peers are
-/// among those). A later
-/// fragment passes only if its first fragment passed egress.
+/// rules admitted (and still admit), be what a host always sends (neighbour
+/// discovery, MLD, DHCP requests, ICMP errors, echo replies to admitted
+/// pings), or be admitted by an egress rule (peers are among those). A
+/// later fragment passes only if its first fragment passed egress.
 #[inline(always)]
 pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if is_dhcp_request(ip) {

@@ -363,7 +363,7 @@ fn ipv6_fragment_with_trailing_nd_bytes_does_not_reach_a_denied_port() {
     );
     pins.expect_counter(Reason::DropMalformed, c[&Reason::DropMalformed] + 1);
     pins.expect_counter(Reason::DropFragment, c[&Reason::DropFragment] + 1);
-    pins.expect_counter(Reason::PassNeighbor, c[&Reason::PassNeighbor]);
+    // (Not pass_neighbor_discovery: real neighbour discovery may run meanwhile.)
     pins.expect_counter(Reason::PassFragment, c[&Reason::PassFragment]);
 }
 

@@ -143,8 +143,14 @@ fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
 
-/// `None`: malformed.
+/// `None`: malformed. Inbound.
 fn parse(b: &[u8]) -> Option<Frame> {
+    parse_dir(b, false)
+}
+
+/// `outbound`: a GSO packet may have 0 in its IP length field (BIG TCP);
+/// it then ends with the frame.
+fn parse_dir(b: &[u8], outbound: bool) -> Option<Frame> {
     let mut et = be16(get(b, 12, 2)?);
     let mut off = 14;
     if et == 0x8100 || et == 0x88a8 {
@@ -156,16 +162,19 @@ fn parse(b: &[u8]) -> Option<Frame> {
     }
     match et {
         0x0806 => Some(Frame::Arp),
-        0x0800 => ipv4(b, off).map(Frame::Ip),
-        0x86dd => ipv6(b, off).map(Frame::Ip),
+        0x0800 => ipv4(b, off, outbound).map(Frame::Ip),
+        0x86dd => ipv6(b, off, outbound).map(Frame::Ip),
         _ => Some(Frame::Other),
     }
 }
 
-fn ipv4(b: &[u8], off: usize) -> Option<Ip> {
+fn ipv4(b: &[u8], off: usize, outbound: bool) -> Option<Ip> {
     let h = get(b, off, 20)?;
     let ihl = usize::from(h[0] & 15) * 4;
-    let total = usize::from(be16(&h[2..]));
+    let total = match usize::from(be16(&h[2..])) {
+        0 if outbound => b.len().saturating_sub(off),
+        n => n,
+    };
     if h[0] >> 4 != 4 || ihl < 20 || total < ihl {
         return None;
     }
@@ -184,7 +193,7 @@ fn ipv4(b: &[u8], off: usize) -> Option<Ip> {
     Some(ip)
 }
 
-fn ipv6(b: &[u8], off: usize) -> Option<Ip> {
+fn ipv6(b: &[u8], off: usize, outbound: bool) -> Option<Ip> {
     let h = get(b, off, 40)?;
     if h[0] >> 4 != 6 {
         return None;
@@ -197,7 +206,10 @@ fn ipv6(b: &[u8], off: usize) -> Option<Ip> {
     };
     ip.src.copy_from_slice(&h[8..24]);
     ip.dst.copy_from_slice(&h[24..40]);
-    let end = off + 40 + usize::from(be16(&h[4..]));
+    let end = match usize::from(be16(&h[4..])) {
+        0 if outbound => b.len(),
+        n => off + 40 + n,
+    };
     let mut l4 = off + 40;
     // At most five extension headers; a sixth is refused.
     for _ in 0..6 {
@@ -300,7 +312,7 @@ impl Model {
     /// open their flow (TCP only with a bare SYN) unless they belong to an
     /// inbound one; DHCP client requests are remembered.
     fn egress(&mut self, b: &[u8]) -> Option<Reason> {
-        let Some(Frame::Ip(ip)) = parse(b) else {
+        let Some(Frame::Ip(ip)) = parse_dir(b, true) else {
             return None;
         };
         if !ip.later_fragment && ip.proto == UDP {
