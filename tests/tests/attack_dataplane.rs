@@ -369,6 +369,9 @@ fn ipv6_fragment_with_trailing_nd_bytes_does_not_reach_a_denied_port() {
 
 // ---- 2, 3: IPv4 headers past the total length, tiny and overlapping fragments --
 
+/// What a case is called, its frames, and how each counter must move.
+type Case<'a> = (&'a str, Vec<Vec<u8>>, &'a [(Reason, u64)]);
+
 /// Finding: IPv4 transport headers were read past the total length: a TCP
 /// SYN to the SSH port whose total length holds only 8 bytes of its TCP
 /// header (the rest trails the packet) passed as SSH. Also the RFC 1858
@@ -390,7 +393,7 @@ fn ipv4_reads_stay_inside_the_total_length_and_tiny_tcp_fragments_are_dropped() 
     let mut first = syn.clone();
     first.extend_from_slice(&[0; 4]);
     let overlap = tcp(src.into(), dst.into(), 40001, 22, 1, 0x12);
-    let cases: [(&str, Vec<Vec<u8>>, &[(Reason, u64)]); 3] = [
+    let cases: [Case; 3] = [
         (
             // The frame carries the whole TCP header; the IP header says 8 bytes.
             "a SYN whose total length holds 8 bytes of its TCP header",
