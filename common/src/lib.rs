@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 9;
+pub const LAYOUT_VERSION: u32 = 10;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -46,8 +46,17 @@ pub mod maps {
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<FlowKey, Flow>`: flows the host opened (connection table).
     pub const CONNTRACK: &str = "CONNTRACK";
-    /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment passed.
+    /// `LruHashMap<FlowKey, Flow>`: inbound flows the rules admitted. They
+    /// admit no inbound packet (the rules decide each); they let this host's
+    /// replies out under an egress allowlist and relate ICMP errors to them.
+    /// Apart from `CONNTRACK`, so an inbound flood cannot evict its flows.
+    pub const INBOUND: &str = "INBOUND";
+    /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment
+    /// passed, per direction.
     pub const FRAGMENTS: &str = "FRAGMENTS";
+    /// `Array<u64>`, 2 entries (`DHCP_V4`, `DHCP_V6`): when this host last
+    /// sent a DHCP client request of that family.
+    pub const DHCP_REQUESTS: &str = "DHCP_REQUESTS";
     /// `RingBuf` of `DropEvent`s (rate-limited per CPU).
     pub const EVENTS: &str = "EVENTS";
 }
@@ -75,9 +84,11 @@ pub enum Reason {
     PassRule = 3,
     /// A packet of a flow the host opened (the connection table).
     PassEstablished = 4,
-    /// An ICMP error about a flow the host opened or a port it serves.
+    /// An ICMP error quoting a packet of a tracked flow (one the host opened,
+    /// or an inbound one the rules admitted).
     PassRelated = 5,
-    /// A DHCPv4 or DHCPv6 server reply.
+    /// A DHCPv4 or DHCPv6 server reply within `DHCP_REPLY_WINDOW_NS` of this
+    /// host's last client request of that family.
     PassDhcp = 6,
     /// An echo request while pings are allowed.
     PassPing = 7,
@@ -96,11 +107,15 @@ pub enum Reason {
     DropIcmp = 13,
     /// Any other IP protocol (GRE, SCTP, ESP, ...) without a flow.
     DropProtocol = 14,
-    /// A header that is truncated or inconsistent.
+    /// A header that is truncated or inconsistent: a header that does not fit
+    /// in what the IP header says the packet holds, a first fragment without
+    /// its whole header chain and transport header (RFC 7112). Outbound only
+    /// under an egress allowlist.
     DropMalformed = 15,
     /// An Ethernet type that is neither ARP, IPv4 nor IPv6.
     DropEthertype = 16,
-    /// A fragment of no packet that passed.
+    /// A fragment of no packet that passed (either direction), or an IPv4
+    /// TCP fragment at offset 1 (RFC 1858/3128 overlapping-fragment attack).
     DropFragment = 17,
     /// More than one VLAN tag.
     DropVlanStack = 18,
@@ -263,7 +278,7 @@ pub const FLOW_REFRESH_NS: u64 = SEC;
 /// Default size of [`maps::CONNTRACK`]; the config can change it.
 pub const CONNTRACK_DEFAULT_ENTRIES: u32 = 65536;
 
-/// A fragmented packet: addresses, IP identification, protocol.
+/// A fragmented packet: addresses, IP identification, protocol, direction.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragKey {
@@ -272,11 +287,21 @@ pub struct FragKey {
     pub id: u32,
     pub proto: u8,
     pub family: u8,
-    pub _pad: [u8; 2],
+    /// `DIR_INGRESS` or `DIR_EGRESS`: a first fragment admitted one way
+    /// admits no later fragment the other way.
+    pub dir: u8,
+    pub _pad: u8,
 }
 
 /// Later fragments are admitted this long after their first fragment.
 pub const FRAGMENT_TIMEOUT_NS: u64 = 30 * SEC;
+
+/// `maps::DHCP_REQUESTS` indexes.
+pub const DHCP_V4: u32 = 0;
+pub const DHCP_V6: u32 = 1;
+/// DHCP server replies are admitted this long after this host's last DHCP
+/// client request of the same family (none before the first request).
+pub const DHCP_REPLY_WINDOW_NS: u64 = 60 * SEC;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;

@@ -8,24 +8,60 @@
 //! that is not a SYN opens nothing: connections accepted from outside stay
 //! subject to the rules (the daemon seeds connections that predate it).
 //!
+//! Inbound traffic the rules admit (a rule, a peer, the SSH exemption) is
+//! recorded too, in a table of its own (`INBOUND`): such an entry never
+//! admits an inbound packet (each one meets the rules, so removing a rule
+//! stops the flow at once); it is what lets this host's replies out under an
+//! egress allowlist (with the rules still admitting the flow) and what an
+//! ICMP error about the flow is related to. A reply is a packet of a tracked
+//! flow, never a packet that merely comes from a served port. Its own table,
+//! so a flood of admitted inbound flows (SYNs from spoofed sources to a
+//! public port) evicts only inbound flows, never the flows this host opened.
+//!
+//! Only this host's own packets shorten a flow's life: an inbound FIN or RST
+//! (which anyone who knows or guesses the 4-tuple can forge, since no
+//! sequence numbers are checked) leaves the state as it is.
+//!
 //! Entries age by protocol and state ([`flow_timeout_ns`]); the map is an LRU
 //! hash, so a full table evicts the least recently used entry and a new
 //! inbound packet without an entry is simply not matched (fails closed).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{Array, LruHashMap},
+};
 use portcullis_common::{
-    CONNTRACK_DEFAULT_ENTRIES, FLOW_REFRESH_NS, FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING,
-    FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey,
-    FragKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
+    CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
+    FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
+    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FragKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
 use crate::parse::Ip;
 
+/// `FlowKey` (this host's address and port, the other end's, protocol) →
+/// `Flow` (last seen, state): the flows this host opened. Written by egress
+/// (new flows, state), ingress (state) and the daemon (seeded from sock_diag).
 #[map]
 pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
+/// `FlowKey` → `Flow`, as `CONNTRACK`: inbound flows the rules admitted.
+/// Written by ingress (new flows, refresh) and egress (state of replies).
+#[map]
+pub static INBOUND: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FragKey` (addresses, IP id, protocol, direction) → when its first
+/// fragment passed. Ingress admits later fragments of a first fragment that
+/// passed ingress; egress, under an allowlist, of one that passed egress.
 #[map]
 pub static FRAGMENTS: LruHashMap<FragKey, u64> = LruHashMap::pinned(8192, 0);
+
+/// `DHCP_V4`/`DHCP_V6` → when this host last sent a DHCP client request of
+/// that family (egress writes it); ingress admits server replies only within
+/// `DHCP_REPLY_WINDOW_NS` of it. 0: never.
+#[map]
+pub static DHCP_REQUESTS: Array<u64> = Array::pinned(2, 0);
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -48,6 +84,23 @@ pub fn now() -> u64 {
 pub enum Dir {
     Out,
     In,
+}
+
+/// Who opened a flow, and so which table holds it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This host (`CONNTRACK`).
+    Out,
+    /// A remote host the rules admitted (`INBOUND`).
+    In,
+}
+
+#[inline(always)]
+fn table(origin: Origin) -> &'static LruHashMap<FlowKey, Flow> {
+    match origin {
+        Origin::Out => &CONNTRACK,
+        Origin::In => &INBOUND,
+    }
 }
 
 /// The flow key of `ip`, or `None` for packets that belong to no flow
@@ -86,7 +139,8 @@ pub fn key(ip: &Ip, dir: Dir) -> Option<FlowKey> {
     })
 }
 
-/// Egress: opens or refreshes the flow of `ip`.
+/// Egress: opens or refreshes the flow of `ip` (a reply on an inbound flow
+/// refreshes that one and opens none).
 #[inline(always)]
 pub fn track_egress(ip: &Ip) {
     if ip.later_fragment {
@@ -96,54 +150,94 @@ pub fn track_egress(ip: &Ip) {
         return;
     };
     let now = now();
-    if let Some(flow) = CONNTRACK.get_ptr_mut(&key) {
-        // SAFETY: pointer from a successful lookup; concurrent writers only
-        // race on a timestamp and a state byte, both benign.
-        let flow = unsafe { &mut *flow };
-        let state = next_state(ip, Dir::Out, flow.state);
-        touch(flow, state, now);
-        return;
+    for origin in [Origin::Out, Origin::In] {
+        if let Some(flow) = table(origin).get_ptr_mut(&key) {
+            // SAFETY: pointer from a successful lookup; concurrent writers
+            // only race on a timestamp and a state byte, both benign.
+            let flow = unsafe { &mut *flow };
+            let state = next_state(ip, Dir::Out, origin, flow.state);
+            touch(flow, state, now);
+            return;
+        }
     }
     let state = match ip.proto {
         IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => FLOW_TCP_SYN_SENT,
         IPPROTO_TCP => return,
         _ => FLOW_UNREPLIED,
     };
+    insert(Origin::Out, &key, state, now);
+}
+
+#[inline(always)]
+fn insert(origin: Origin, key: &FlowKey, state: u8, now: u64) {
     let flow = Flow {
         last_seen_ns: now,
         state,
         _pad: [0; 7],
     };
-    let _ = CONNTRACK.insert(&key, &flow, 0);
+    let _ = table(origin).insert(key, &flow, 0);
 }
 
-/// Ingress: whether `ip` belongs to a live flow this host opened; refreshes it.
+/// Ingress, after the rules admitted `ip`: records its inbound flow, or
+/// refreshes it (at most once a second), so this host's replies may leave
+/// under an egress allowlist.
+#[inline(always)]
+pub fn track_ingress(ip: &Ip) {
+    if ip.later_fragment {
+        return;
+    }
+    let Some(key) = key(ip, Dir::In) else {
+        return;
+    };
+    let now = now();
+    if let Some(flow) = INBOUND.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup; see `track_egress`.
+        let flow = unsafe { &mut *flow };
+        let state = next_state(ip, Dir::In, Origin::In, flow.state);
+        touch(flow, state, now);
+        return;
+    }
+    let state = match ip.proto {
+        IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => FLOW_TCP_SYN_SENT,
+        IPPROTO_TCP => FLOW_TCP_ESTABLISHED,
+        _ => FLOW_UNREPLIED,
+    };
+    insert(Origin::In, &key, state, now);
+}
+
+/// Ingress: whether `ip` belongs to a live flow this host opened; refreshes
+/// it. Inbound flows do not count: the rules decide those.
 #[inline(always)]
 pub fn match_ingress(ip: &Ip) -> bool {
-    match key(ip, Dir::In) {
-        Some(key) => match_key(&key, Some(ip)),
-        None => false,
-    }
-}
-
-/// Whether `key` is a live flow. With `ip`, the flow is refreshed by it.
-#[inline(always)]
-pub fn match_key(key: &FlowKey, ip: Option<&Ip>) -> bool {
-    let Some(flow) = CONNTRACK.get_ptr_mut(key) else {
+    let Some(key) = key(ip, Dir::In) else {
+        return false;
+    };
+    let Some(flow) = live(Origin::Out, &key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
-    let now = now();
-    if now.saturating_sub(flow.last_seen_ns) > flow_timeout_ns(key.proto, flow.state) {
-        let _ = CONNTRACK.remove(key);
-        return false;
-    }
-    if let Some(ip) = ip {
-        let state = next_state(ip, Dir::In, flow.state);
-        touch(flow, state, now);
-    }
+    let state = next_state(ip, Dir::In, Origin::Out, flow.state);
+    touch(flow, state, now());
     true
+}
+
+/// Whether `key` is a live flow of `origin` (an expired one is removed).
+#[inline(always)]
+pub fn tracked(origin: Origin, key: &FlowKey) -> bool {
+    live(origin, key).is_some()
+}
+
+#[inline(always)]
+fn live(origin: Origin, key: &FlowKey) -> Option<*mut Flow> {
+    let flow = table(origin).get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup; see `track_egress`.
+    let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
+    if now().saturating_sub(seen) > flow_timeout_ns(key.proto, state) {
+        let _ = table(origin).remove(key);
+        return None;
+    }
+    Some(flow)
 }
 
 #[inline(always)]
@@ -154,21 +248,29 @@ fn touch(flow: &mut Flow, state: u8, now: u64) {
     }
 }
 
+/// The state of a flow of `origin` in `state` after the packet `ip` going
+/// `dir`. Only this host's own FIN or RST (`Dir::Out`) closes a flow: an
+/// inbound one is not checked against the sequence numbers, so it may be
+/// forged and changes nothing.
 #[inline(always)]
-fn next_state(ip: &Ip, dir: Dir, state: u8) -> u8 {
+fn next_state(ip: &Ip, dir: Dir, origin: Origin, state: u8) -> u8 {
+    // Does the packet come from the side that opened the flow?
+    let from_opener = (dir == Dir::Out) == (origin == Origin::Out);
     if ip.proto != IPPROTO_TCP {
-        return if dir == Dir::In { FLOW_REPLIED } else { state };
+        return if from_opener { state } else { FLOW_REPLIED };
     }
     let f = ip.tcp_flags;
-    if f & TCP_RST != 0 {
+    if dir == Dir::In && f & (TCP_RST | TCP_FIN) != 0 {
+        state
+    } else if f & TCP_RST != 0 {
         FLOW_TCP_CLOSED
     } else if f & TCP_FIN != 0 {
         FLOW_TCP_CLOSING
-    } else if f & (TCP_SYN | TCP_ACK) == TCP_SYN && dir == Dir::Out {
+    } else if f & (TCP_SYN | TCP_ACK) == TCP_SYN && from_opener {
         // A new connection reusing the tuple of an old one.
         FLOW_TCP_SYN_SENT
     } else if state == FLOW_TCP_SYN_SENT
-        && dir == Dir::In
+        && !from_opener
         && f & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
     {
         FLOW_TCP_ESTABLISHED
@@ -178,29 +280,61 @@ fn next_state(ip: &Ip, dir: Dir, state: u8) -> u8 {
 }
 
 #[inline(always)]
-fn frag_key(ip: &Ip) -> FragKey {
+fn frag_key(ip: &Ip, dir: u8) -> FragKey {
     FragKey {
         src: ip.src,
         dst: ip.dst,
         id: ip.frag_id,
         proto: ip.proto,
         family: ip.family,
-        _pad: [0; 2],
+        dir,
+        _pad: 0,
     }
 }
 
-/// Remembers a first fragment that passed, so its later fragments pass too.
+/// Remembers a first fragment that passed `dir` (`DIR_INGRESS`/`DIR_EGRESS`),
+/// so its later fragments pass that way too.
 #[inline(always)]
-pub fn remember_fragment(ip: &Ip) {
-    let _ = FRAGMENTS.insert(&frag_key(ip), &now(), 0);
+pub fn remember_fragment(ip: &Ip, dir: u8) {
+    let _ = FRAGMENTS.insert(&frag_key(ip, dir), &now(), 0);
 }
 
-/// Whether the later fragment `ip` belongs to a packet whose first fragment passed.
+/// Whether the later fragment `ip` belongs to a packet whose first fragment
+/// passed `dir`.
 #[inline(always)]
-pub fn fragment_admitted(ip: &Ip) -> bool {
-    match FRAGMENTS.get_ptr(&frag_key(ip)) {
+pub fn fragment_admitted(ip: &Ip, dir: u8) -> bool {
+    match FRAGMENTS.get_ptr(&frag_key(ip, dir)) {
         // SAFETY: pointer from a successful lookup of a plain u64.
         Some(seen) => now().saturating_sub(unsafe { *seen }) <= FRAGMENT_TIMEOUT_NS,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn dhcp_index(ip: &Ip) -> u32 {
+    if ip.family == FAMILY_V6 {
+        DHCP_V6
+    } else {
+        DHCP_V4
+    }
+}
+
+/// Egress: this host sent a DHCP client request of `ip`'s family now.
+#[inline(always)]
+pub fn dhcp_requested(ip: &Ip) {
+    if let Some(t) = DHCP_REQUESTS.get_ptr_mut(dhcp_index(ip)) {
+        // SAFETY: pointer from a successful lookup of a plain u64 in an array;
+        // concurrent writers only race on a timestamp, which is benign.
+        unsafe { *t = now() };
+    }
+}
+
+/// Ingress: whether a DHCP server reply of `ip`'s family comes within the
+/// window after this host's last client request of that family.
+#[inline(always)]
+pub fn dhcp_expected(ip: &Ip) -> bool {
+    match DHCP_REQUESTS.get(dhcp_index(ip)) {
+        Some(&t) => t != 0 && now().saturating_sub(t) <= DHCP_REPLY_WINDOW_NS,
         None => false,
     }
 }

@@ -23,7 +23,9 @@ mod programs {
         macros::{classifier, xdp},
         programs::{TcContext, XdpContext},
     };
-    use portcullis_common::{DIR_EGRESS, DIR_INGRESS, Reason, SETTING_PASS_ALL};
+    use portcullis_common::{
+        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PASS_ALL,
+    };
 
     use crate::{events, maps, parse, policy, rules};
 
@@ -64,15 +66,26 @@ mod programs {
     /// TC egress: records the flows this host opens and, when the egress
     /// allowlist is on, drops what it does not admit. A pass is "continue"
     /// (TC_ACT_UNSPEC): later programs on the hook (TCX or clsact) still run.
-    /// Non-IP frames (ARP) and frames this parser cannot read are the host's
-    /// own and pass uncounted: outbound is not where malformed input comes from.
+    /// Non-IP frames (ARP) pass uncounted. An IP packet this parser cannot
+    /// read passes uncounted without an allowlist; under one it is dropped
+    /// (`drop_malformed`): a process with CAP_NET_RAW could otherwise send
+    /// anything past the allowlist by making it unparsable.
     #[classifier]
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
-        let Ok(parse::Frame::Ip(ip)) = parse::parse(&ctx) else {
-            return TC_ACT_UNSPEC;
-        };
         let bytes = ctx.len() as u64;
         let c = self::ctx();
+        let ip = match parse::parse(&ctx) {
+            Ok(parse::Frame::Ip(ip)) => ip,
+            Err(parse::Malformed) if c.settings.flags & SETTING_EGRESS_ALLOWLIST != 0 => {
+                maps::count(Reason::DropMalformed, bytes);
+                return if audited(&c, bytes) {
+                    TC_ACT_UNSPEC
+                } else {
+                    TC_ACT_SHOT as i32
+                };
+            }
+            _ => return TC_ACT_UNSPEC,
+        };
         let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {

@@ -6,6 +6,16 @@
 //! extension headers cannot hide the transport header. One 802.1Q/802.1ad tag
 //! is looked through; a second is reported, not parsed.
 //!
+//! Every read after the fixed IP header is bounded by what that header says
+//! the packet holds (IPv4 total length, IPv6 40 + payload length), not by the
+//! frame: bytes after it (Ethernet padding, or bytes an attacker appends and
+//! the kernel trims) are never looked at. A packet quoted inside an ICMP
+//! error is bounded by the end of the error that carries it. So a first
+//! fragment must hold its whole header chain and transport header itself
+//! (RFC 7112), or it is malformed. One exception, outbound only: a GSO
+//! packet larger than 64 KiB (BIG TCP) carries 0 in its length field and
+//! ends with the skb.
+//!
 //! The same code parses XDP frames (direct packet access) and TC packets
 //! (`bpf_skb_load_bytes`, which also reads non-linear skbs): see [`Packet`].
 
@@ -48,6 +58,10 @@ pub struct Malformed;
 pub trait Packet {
     /// `N` bytes at `offset`, or `Malformed` when the packet is shorter.
     fn bytes<const N: usize>(&self, offset: usize) -> Result<[u8; N], Malformed>;
+
+    /// The length of an outbound GSO packet, whose IP length field may be
+    /// 0 (BIG TCP: more than 64 KiB); `None` where that cannot happen (XDP).
+    fn gso_len(&self) -> Option<usize>;
 }
 
 impl Packet for XdpContext {
@@ -62,6 +76,11 @@ impl Packet for XdpContext {
         // packet's linear data; a byte array needs no alignment.
         Ok(unsafe { *((start + offset) as *const [u8; N]) })
     }
+
+    #[inline(always)]
+    fn gso_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 impl Packet for TcContext {
@@ -71,6 +90,11 @@ impl Packet for TcContext {
             return Err(Malformed);
         }
         self.load::<[u8; N]>(offset).map_err(|_| Malformed)
+    }
+
+    #[inline(always)]
+    fn gso_len(&self) -> Option<usize> {
+        Some(self.len() as usize)
     }
 }
 
@@ -108,8 +132,12 @@ pub struct Ip {
     pub icmp_type: u8,
     pub icmp_code: u8,
     pub icmp_id: u16,
+    /// IPv4 fragment offset in 8-byte units (0 for IPv6 and whole packets).
+    pub frag_offset: u16,
     /// Offset of the transport header.
     pub l4_off: usize,
+    /// Offset just past the IP packet (what its header says it holds).
+    pub end: usize,
 }
 
 impl Ip {
@@ -129,7 +157,9 @@ impl Ip {
             icmp_type: 0,
             icmp_code: 0,
             icmp_id: 0,
+            frag_offset: 0,
             l4_off: 0,
+            end: 0,
         }
     }
 }
@@ -137,6 +167,20 @@ impl Ip {
 #[inline(always)]
 fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
+}
+
+/// `N` bytes at `offset`, which must end at or before `end` (the end of the
+/// IP packet), or `Malformed`.
+#[inline(always)]
+fn within<P: Packet, const N: usize>(
+    p: &P,
+    offset: usize,
+    end: usize,
+) -> Result<[u8; N], Malformed> {
+    if offset + N > end {
+        return Err(Malformed);
+    }
+    p.bytes::<N>(offset)
 }
 
 #[inline(always)]
@@ -152,36 +196,56 @@ pub fn parse<P: Packet>(p: &P) -> Result<Frame, Malformed> {
     }
     match ethertype {
         ETH_P_ARP => Ok(Frame::Arp),
-        ETH_P_IP => ipv4(p, off, false).map(Frame::Ip),
-        ETH_P_IPV6 => ipv6(p, off, false).map(Frame::Ip),
+        ETH_P_IP => ipv4(p, off, None).map(Frame::Ip),
+        ETH_P_IPV6 => ipv6(p, off, None).map(Frame::Ip),
         _ => Ok(Frame::OtherEthertype),
     }
 }
 
 /// Parses the packet an ICMP error at `ip.l4_off` quotes. Only its IP header
-/// and the first 8 bytes of its transport header are guaranteed to be there.
+/// and the first 8 bytes of its transport header are guaranteed to be there;
+/// every read stays inside the error (`outer.end`), whatever the quoted
+/// header claims (a quoted packet is usually truncated).
 #[inline(always)]
 pub fn embedded<P: Packet>(p: &P, outer: &Ip) -> Result<Ip, Malformed> {
     let off = outer.l4_off + ICMP_HLEN;
     if outer.family == FAMILY_V4 {
-        ipv4(p, off, true)
+        ipv4(p, off, Some(outer.end))
     } else {
-        ipv6(p, off, true)
+        ipv6(p, off, Some(outer.end))
     }
 }
 
+/// `quoted`: the end of the ICMP error this header is quoted in; `None` for
+/// the packet itself.
 #[inline(always)]
-fn ipv4<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
-    let h = p.bytes::<IPV4_MIN_HLEN>(off)?;
+fn ipv4<P: Packet>(p: &P, off: usize, quoted: Option<usize>) -> Result<Ip, Malformed> {
+    let h = match quoted {
+        Some(end) => within::<P, IPV4_MIN_HLEN>(p, off, end)?,
+        None => p.bytes::<IPV4_MIN_HLEN>(off)?,
+    };
     if h[0] >> 4 != 4 {
         return Err(Malformed);
     }
     let ihl = ((h[0] & 0x0f) as usize) * 4;
-    let total_len = be16([h[2], h[3]]) as usize;
+    let mut total_len = be16([h[2], h[3]]) as usize;
+    if total_len == 0
+        && quoted.is_none()
+        && let Some(len) = p.gso_len()
+    {
+        total_len = len.saturating_sub(off);
+    }
     if ihl < IPV4_MIN_HLEN || total_len < ihl {
         return Err(Malformed);
     }
     let mut ip = Ip::new(FAMILY_V4);
+    ip.end = match quoted {
+        Some(end) => end,
+        None => off + total_len,
+    };
+    if off + ihl > ip.end {
+        return Err(Malformed);
+    }
     ip.proto = h[9];
     ip.hop_limit = h[8];
     ip.src[..4].copy_from_slice(&h[12..16]);
@@ -190,6 +254,7 @@ fn ipv4<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
     // More-fragments flag or a non-zero offset.
     ip.fragment = frag & 0x3fff != 0;
     ip.later_fragment = frag & 0x1fff != 0;
+    ip.frag_offset = frag & 0x1fff;
     ip.frag_id = be16([h[4], h[5]]) as u32;
     ip.l4_off = off + ihl;
     if !ip.later_fragment {
@@ -199,12 +264,22 @@ fn ipv4<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
 }
 
 #[inline(always)]
-fn ipv6<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
-    let h = p.bytes::<IPV6_HLEN>(off)?;
+fn ipv6<P: Packet>(p: &P, off: usize, quoted: Option<usize>) -> Result<Ip, Malformed> {
+    let h = match quoted {
+        Some(end) => within::<P, IPV6_HLEN>(p, off, end)?,
+        None => p.bytes::<IPV6_HLEN>(off)?,
+    };
     if h[0] >> 4 != 6 {
         return Err(Malformed);
     }
     let mut ip = Ip::new(FAMILY_V6);
+    let payload_len = be16([h[4], h[5]]) as usize;
+    ip.end = match (quoted, p.gso_len()) {
+        (Some(end), _) => end,
+        (None, Some(len)) if payload_len == 0 => len,
+        (None, _) => off + IPV6_HLEN + payload_len,
+    };
+    let end = ip.end;
     ip.proto = h[6];
     ip.hop_limit = h[7];
     ip.src.copy_from_slice(&h[8..24]);
@@ -214,15 +289,15 @@ fn ipv6<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         let (next, len) = match ip.proto {
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS => {
-                let e = p.bytes::<2>(l4)?;
+                let e = within::<P, 2>(p, l4, end)?;
                 (e[0], (e[1] as usize + 1) * 8)
             }
             IPV6_AH => {
-                let e = p.bytes::<2>(l4)?;
+                let e = within::<P, 2>(p, l4, end)?;
                 (e[0], (e[1] as usize + 2) * 4)
             }
             IPV6_FRAGMENT => {
-                let e = p.bytes::<8>(l4)?;
+                let e = within::<P, 8>(p, l4, end)?;
                 ip.fragment = true;
                 ip.later_fragment = be16([e[2], e[3]]) & 0xfff8 != 0;
                 ip.frag_id = u32::from_be_bytes([e[4], e[5], e[6], e[7]]);
@@ -235,7 +310,8 @@ fn ipv6<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
         };
         ip.proto = next;
         l4 += len;
-        if l4 > MAX_OFFSET {
+        // The whole extension header must be inside the packet.
+        if l4 > MAX_OFFSET || l4 > end {
             return Err(Malformed);
         }
         if ip.later_fragment {
@@ -252,26 +328,33 @@ fn ipv6<P: Packet>(p: &P, off: usize, quoted: bool) -> Result<Ip, Malformed> {
     Ok(ip)
 }
 
-/// Reads the transport facts at `ip.l4_off`. A header too short to hold them
-/// is malformed; a quoted (ICMP error) packet only carries 8 bytes of it.
+/// Reads the transport facts at `ip.l4_off`, inside the packet (`ip.end`).
+/// A header too short to hold them is malformed (in a first fragment too:
+/// RFC 7112); a quoted (ICMP error) packet only carries 8 bytes of it.
 #[inline(always)]
-fn transport<P: Packet>(p: &P, ip: &mut Ip, quoted: bool) -> Result<(), Malformed> {
+fn transport<P: Packet>(p: &P, ip: &mut Ip, quoted: Option<usize>) -> Result<(), Malformed> {
     let off = ip.l4_off;
+    let end = ip.end;
     match ip.proto {
-        IPPROTO_TCP if !quoted => {
-            // The whole minimal TCP header must be present, not just the ports.
-            let t = p.bytes::<20>(off)?;
+        IPPROTO_TCP if quoted.is_none() => {
+            // The whole TCP header must be present, options included, not
+            // just the ports.
+            let t = within::<P, 20>(p, off, end)?;
+            let doff = (t[12] >> 4) as usize * 4;
+            if doff < 20 || off + doff > end {
+                return Err(Malformed);
+            }
             ip.sport = be16([t[0], t[1]]);
             ip.dport = be16([t[2], t[3]]);
             ip.tcp_flags = t[13];
         }
         IPPROTO_TCP | IPPROTO_UDP => {
-            let u = p.bytes::<8>(off)?;
+            let u = within::<P, 8>(p, off, end)?;
             ip.sport = be16([u[0], u[1]]);
             ip.dport = be16([u[2], u[3]]);
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let i = p.bytes::<ICMP_HLEN>(off)?;
+            let i = within::<P, ICMP_HLEN>(p, off, end)?;
             ip.icmp_type = i[0];
             ip.icmp_code = i[1];
             ip.icmp_id = be16([i[4], i[5]]);

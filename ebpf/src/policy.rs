@@ -1,8 +1,9 @@
 //! Stage 2: decide. A function of the parsed frame, the connection table and
 //! the maps the control plane wrote; every branch ends in exactly one
 //! [`Reason`]. The order is: flows this host opened, then what a host always
-//! needs (neighbour discovery, DHCP replies, ICMP errors about its own flows),
-//! then the rules.
+//! needs (neighbour discovery, DHCP replies to its own requests, ICMP errors
+//! about its tracked flows), then the rules. What the rules admit is
+//! recorded as an inbound flow (`conntrack::INBOUND`).
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
@@ -12,7 +13,7 @@ use portcullis_common::{
 };
 
 use crate::{
-    conntrack::{self, Dir},
+    conntrack::{self, Dir, Origin},
     parse::{self, Frame, Ip, Packet},
     rules,
 };
@@ -53,20 +54,30 @@ pub fn decide<P: Packet>(p: &P, frame: &Frame, ctx: &Ctx, bytes: u64) -> Reason 
         Frame::Arp => Reason::PassArp,
         Frame::OtherEthertype => Reason::DropEthertype,
         Frame::VlanStack => Reason::DropVlanStack,
-        Frame::Ip(ip) if ip.later_fragment => {
-            if conntrack::fragment_admitted(ip) {
-                Reason::PassFragment
-            } else {
-                Reason::DropFragment
-            }
-        }
+        Frame::Ip(ip) if ip.later_fragment => later_fragment(ip, DIR_INGRESS),
         Frame::Ip(ip) => {
             let reason = decide_ip(p, ip, ctx, bytes);
             if ip.fragment && reason.passes() {
-                conntrack::remember_fragment(ip);
+                conntrack::remember_fragment(ip, DIR_INGRESS);
             }
             reason
         }
+    }
+}
+
+/// A later fragment (no transport header): passes `dir` when its first
+/// fragment passed that way. An IPv4 TCP fragment at offset 1 (8 bytes)
+/// can only serve to overwrite the first fragment's TCP header (RFC 1858,
+/// RFC 3128): dropped.
+#[inline(always)]
+pub fn later_fragment(ip: &Ip, dir: u8) -> Reason {
+    if ip.family != FAMILY_V6 && ip.proto == IPPROTO_TCP && ip.frag_offset == 1 {
+        return Reason::DropFragment;
+    }
+    if conntrack::fragment_admitted(ip, dir) {
+        Reason::PassFragment
+    } else {
+        Reason::DropFragment
     }
 }
 
@@ -77,9 +88,11 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
     let (pclass, port, otherwise) = match ip.proto {
         IPPROTO_TCP => (PCLASS_TCP, ip.dport, Reason::DropNoRule),
-        IPPROTO_UDP if is_dhcp_reply(ip) => return Reason::PassDhcp,
+        IPPROTO_UDP if is_dhcp_reply(ip) && conntrack::dhcp_expected(ip) => {
+            return Reason::PassDhcp;
+        }
         IPPROTO_UDP => (PCLASS_UDP, ip.dport, Reason::DropNoRule),
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => match icmp_before_rules(p, ip, ctx) {
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => match icmp_before_rules(p, ip) {
             Some(reason) => return reason,
             None => (PCLASS_ICMP, 0, Reason::DropIcmp),
         },
@@ -88,6 +101,12 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
+    if matches!(
+        reason,
+        Reason::PassRule | Reason::PassPeer | Reason::PassSsh
+    ) {
+        conntrack::track_ingress(ip);
+    }
     if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
         Reason::PassPing
     } else {
@@ -140,10 +159,10 @@ fn is_dhcp_reply(ip: &Ip) -> bool {
 
 /// What ICMP gets before (or instead of) the rules: the wrong family for
 /// the IP version is dropped, neighbour discovery passes with hop limit
-/// 255, errors about this host's own flows or served ports pass. `None`:
+/// 255, errors about this host's tracked flows pass. `None`:
 /// ask the rules (echo requests, then the ping setting; everything else).
 #[inline(always)]
-fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx) -> Option<Reason> {
+fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip) -> Option<Reason> {
     let v6 = ip.proto == IPPROTO_ICMPV6;
     if v6 != (ip.family == FAMILY_V6) {
         // ICMPv4 in IPv6 or ICMPv6 in IPv4.
@@ -174,7 +193,7 @@ fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx) -> Option<Reason> {
             ICMP_DEST_UNREACH | ICMP_TIME_EXCEEDED | ICMP_PARAMETER_PROBLEM
         )
     };
-    if error && related(p, ip, ctx) {
+    if error && related(p, ip) {
         return Some(Reason::PassRelated);
     }
     None
@@ -189,28 +208,23 @@ fn is_echo_request(ip: &Ip) -> bool {
     }
 }
 
-/// Whether the packet an ICMP error quotes is one this host sent on a flow it
-/// opened, or from a port it serves (path-MTU discovery for its servers).
+/// Whether the packet an ICMP error quotes is one this host sent on a
+/// tracked flow: one it opened, or an inbound one the rules admitted
+/// (path-MTU discovery for its servers). The error's own source is not
+/// checked: any router on the path may send one.
 #[inline(always)]
-fn related<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx) -> bool {
+fn related<P: Packet>(p: &P, ip: &Ip) -> bool {
     let Ok(quoted) = parse::embedded(p, ip) else {
         return false;
     };
-    // The quoted packet went out from this host to the error's sender side.
+    // The quoted packet went out from this host.
     if quoted.src != ip.dst || quoted.family != ip.family {
         return false;
     }
-    if let Some(key) = conntrack::key(&quoted, Dir::Out) {
-        if conntrack::match_key(&key, None) {
-            return true;
-        }
+    match conntrack::key(&quoted, Dir::Out) {
+        Some(key) => conntrack::tracked(Origin::Out, &key) || conntrack::tracked(Origin::In, &key),
+        None => false,
     }
-    // Or it came from a port this host serves to the error's sender side.
-    if quoted.proto != IPPROTO_TCP && quoted.proto != IPPROTO_UDP {
-        return false;
-    }
-    let (pclass, port) = pclass_port(quoted.proto, quoted.sport);
-    admitted_from(ctx, quoted.family, &quoted.dst, pclass, port)
 }
 
 const DHCPV4_CLIENT_REQUEST: (u16, u16) = (DHCPV4_CLIENT, DHCPV4_SERVER);
@@ -224,33 +238,59 @@ const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Egress verdict of one outbound packet (recording its flow if it opens
 /// one). Allow-all unless the egress allowlist is on; then the packet must
-/// belong to a flow this host opened, answer traffic the rules admit in, be
-/// what a host always sends (neighbour discovery, MLD, DHCP requests, ICMP
-/// errors), or be admitted by an egress rule.
+/// belong to a flow this host opened, be a reply on an inbound flow the
+/// rules admitted (and still admit), be what a host always sends (neighbour
+/// discovery, MLD, DHCP requests, ICMP errors, echo replies to admitted
+/// pings), or be admitted by an egress rule (peers are among those). A
+/// later fragment passes only if its first fragment passed egress.
 #[inline(always)]
 pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
-    if ctx.settings.flags & SETTING_EGRESS_ALLOWLIST == 0 || ip.later_fragment {
+    if is_dhcp_request(ip) {
+        conntrack::dhcp_requested(ip);
+    }
+    if ctx.settings.flags & SETTING_EGRESS_ALLOWLIST == 0 {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
-    if conntrack::key(ip, Dir::Out).is_some_and(|k| conntrack::match_key(&k, None)) {
+    let reason = if ip.later_fragment {
+        match later_fragment(ip, DIR_EGRESS) {
+            Reason::PassFragment => Reason::PassEgress,
+            _ => Reason::DropEgress,
+        }
+    } else {
+        allowlist(ip, ctx, bytes)
+    };
+    if ip.fragment && !ip.later_fragment && reason.passes() {
+        conntrack::remember_fragment(ip, DIR_EGRESS);
+    }
+    reason
+}
+
+/// Egress under the allowlist, for a packet with its transport header.
+#[inline(always)]
+fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+    let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
+    let key = conntrack::key(ip, Dir::Out);
+    if key.is_some_and(|k| conntrack::tracked(Origin::Out, &k)) {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
     if always_sent(ip) {
         return Reason::PassEgress;
     }
-    // A reply to inbound traffic the rules admit (we serve that port).
-    let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
-    let reply = match ip.proto {
+    // A reply on an inbound flow the rules admitted, while they still admit
+    // it; an echo reply to a ping they (or the ping setting) admit. Peers
+    // are among the egress rules.
+    let echo_reply = match ip.proto {
         IPPROTO_ICMP => ip.icmp_type == ICMP_ECHO_REPLY,
         IPPROTO_ICMPV6 => ip.icmp_type == ICMPV6_ECHO_REPLY,
-        _ => true,
+        _ => false,
     };
-    if reply
+    if (echo_reply || key.is_some_and(|k| conntrack::tracked(Origin::In, &k)))
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
-            || (pclass == PCLASS_ICMP && ctx.settings.flags & SETTING_PING != 0))
+            || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
     {
+        conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
     let (pclass, port) = pclass_port(ip.proto, ip.dport);
@@ -263,11 +303,21 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     Reason::DropEgress
 }
 
+/// A DHCP client request (source port 68/546 needs privilege to bind: only
+/// root or a process with CAP_NET_BIND_SERVICE or CAP_NET_RAW sends one).
 #[inline(always)]
-fn always_sent(ip: &Ip) -> bool {
+fn is_dhcp_request(ip: &Ip) -> bool {
     match ip.proto {
         IPPROTO_UDP if ip.family == FAMILY_V6 => (ip.sport, ip.dport) == DHCPV6_CLIENT_REQUEST,
         IPPROTO_UDP => (ip.sport, ip.dport) == DHCPV4_CLIENT_REQUEST,
+        _ => false,
+    }
+}
+
+#[inline(always)]
+fn always_sent(ip: &Ip) -> bool {
+    match ip.proto {
+        IPPROTO_UDP => is_dhcp_request(ip),
         IPPROTO_ICMPV6 => matches!(
             ip.icmp_type,
             ND_FIRST

@@ -4,9 +4,12 @@
 //!
 //! The model is written from the documented semantics, independently of the
 //! data path's code: a plain parser (VLAN, IPv4 IHL, the IPv6 extension
-//! chain, transport headers, bounds) and the decision order (connection
-//! table, DHCP replies, neighbour discovery, pings, rules by the one-by-one
-//! reference evaluator). Two cases are outside it and only checked to end
+//! chain, transport headers, bounds: the frame's and what the IP header says
+//! the packet holds) and the decision order (connection table, DHCP replies
+//! after a request, neighbour discovery, pings, rules by the one-by-one
+//! reference evaluator). Its connection table keeps what this host opened
+//! apart from inbound flows the rules admitted, which never admit a packet
+//! by themselves. Two cases are outside it and only checked to end
 //! in PASS or DROP: non-first fragments (their verdict depends on the
 //! fragment table) and ICMP errors (they quote another packet).
 //!
@@ -128,12 +131,26 @@ fn get(b: &[u8], off: usize, n: usize) -> Option<&[u8]> {
     (off <= 512 && off + n <= b.len()).then(|| &b[off..off + n])
 }
 
+/// The same, and inside the IP packet, which ends at `end`.
+fn inside(b: &[u8], off: usize, n: usize, end: usize) -> Option<&[u8]> {
+    if off + n > end {
+        return None;
+    }
+    get(b, off, n)
+}
+
 fn be16(b: &[u8]) -> u16 {
     u16::from_be_bytes([b[0], b[1]])
 }
 
-/// `None`: malformed.
+/// `None`: malformed. Inbound.
 fn parse(b: &[u8]) -> Option<Frame> {
+    parse_dir(b, false)
+}
+
+/// `outbound`: a GSO packet may have 0 in its IP length field (BIG TCP);
+/// it then ends with the frame.
+fn parse_dir(b: &[u8], outbound: bool) -> Option<Frame> {
     let mut et = be16(get(b, 12, 2)?);
     let mut off = 14;
     if et == 0x8100 || et == 0x88a8 {
@@ -145,16 +162,20 @@ fn parse(b: &[u8]) -> Option<Frame> {
     }
     match et {
         0x0806 => Some(Frame::Arp),
-        0x0800 => ipv4(b, off).map(Frame::Ip),
-        0x86dd => ipv6(b, off).map(Frame::Ip),
+        0x0800 => ipv4(b, off, outbound).map(Frame::Ip),
+        0x86dd => ipv6(b, off, outbound).map(Frame::Ip),
         _ => Some(Frame::Other),
     }
 }
 
-fn ipv4(b: &[u8], off: usize) -> Option<Ip> {
+fn ipv4(b: &[u8], off: usize, outbound: bool) -> Option<Ip> {
     let h = get(b, off, 20)?;
     let ihl = usize::from(h[0] & 15) * 4;
-    if h[0] >> 4 != 4 || ihl < 20 || usize::from(be16(&h[2..])) < ihl {
+    let total = match usize::from(be16(&h[2..])) {
+        0 if outbound => b.len().saturating_sub(off),
+        n => n,
+    };
+    if h[0] >> 4 != 4 || ihl < 20 || total < ihl {
         return None;
     }
     let mut ip = Ip {
@@ -167,12 +188,12 @@ fn ipv4(b: &[u8], off: usize) -> Option<Ip> {
     ip.src[..4].copy_from_slice(&h[12..16]);
     ip.dst[..4].copy_from_slice(&h[16..20]);
     if !ip.later_fragment {
-        transport(b, off + ihl, &mut ip)?;
+        transport(b, off + ihl, off + total, &mut ip)?;
     }
     Some(ip)
 }
 
-fn ipv6(b: &[u8], off: usize) -> Option<Ip> {
+fn ipv6(b: &[u8], off: usize, outbound: bool) -> Option<Ip> {
     let h = get(b, off, 40)?;
     if h[0] >> 4 != 6 {
         return None;
@@ -185,24 +206,29 @@ fn ipv6(b: &[u8], off: usize) -> Option<Ip> {
     };
     ip.src.copy_from_slice(&h[8..24]);
     ip.dst.copy_from_slice(&h[24..40]);
+    let end = match usize::from(be16(&h[4..])) {
+        0 if outbound => b.len(),
+        n => off + 40 + n,
+    };
     let mut l4 = off + 40;
     // At most five extension headers; a sixth is refused.
     for _ in 0..6 {
         let len = match ip.proto {
-            0 | 43 | 60 => (usize::from(get(b, l4, 2)?[1]) + 1) * 8,
-            51 => (usize::from(get(b, l4, 2)?[1]) + 2) * 4,
+            0 | 43 | 60 => (usize::from(inside(b, l4, 2, end)?[1]) + 1) * 8,
+            51 => (usize::from(inside(b, l4, 2, end)?[1]) + 2) * 4,
             44 => {
-                ip.later_fragment = be16(&get(b, l4, 8)?[2..]) & 0xfff8 != 0;
+                ip.later_fragment = be16(&inside(b, l4, 8, end)?[2..]) & 0xfff8 != 0;
                 8
             }
             _ => {
-                transport(b, l4, &mut ip)?;
+                transport(b, l4, end, &mut ip)?;
                 return Some(ip);
             }
         };
         ip.proto = get(b, l4, 1)?[0];
         l4 += len;
-        if l4 > 512 {
+        // Every extension header lies wholly inside the packet.
+        if l4 > 512 || l4 > end {
             return None;
         }
         if ip.later_fragment {
@@ -212,18 +238,24 @@ fn ipv6(b: &[u8], off: usize) -> Option<Ip> {
     None
 }
 
-fn transport(b: &[u8], l4: usize, ip: &mut Ip) -> Option<()> {
+/// The transport header at `l4`, wholly inside the packet (which ends at
+/// `end`): TCP with its options (data offset), UDP's 8 bytes, ICMP's 8.
+fn transport(b: &[u8], l4: usize, end: usize, ip: &mut Ip) -> Option<()> {
     match ip.proto {
         TCP => {
-            let t = get(b, l4, 20)?;
+            let t = inside(b, l4, 20, end)?;
+            let doff = usize::from(t[12] >> 4) * 4;
+            if doff < 20 || l4 + doff > end {
+                return None;
+            }
             (ip.sport, ip.dport, ip.flags) = (be16(t), be16(&t[2..]), t[13]);
         }
         UDP => {
-            let u = get(b, l4, 8)?;
+            let u = inside(b, l4, 8, end)?;
             (ip.sport, ip.dport) = (be16(u), be16(&u[2..]));
         }
         ICMP | ICMPV6 => {
-            let i = get(b, l4, 8)?;
+            let i = inside(b, l4, 8, end)?;
             (ip.icmp_type, ip.icmp_id) = (i[0], be16(&i[4..]));
         }
         _ => {}
@@ -241,7 +273,14 @@ fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
 
 struct Model {
     entries: Vec<Entry>,
+    /// Flows this host opened: they admit inbound packets.
     flows: HashSet<Flow>,
+    /// Inbound flows the rules admitted: they admit nothing inbound, and
+    /// this host's packets on them open no flow of its own.
+    inbound: HashSet<Flow>,
+    /// Whether this host has sent a DHCP client request (IPv4, IPv6); the
+    /// window after it (a minute) outlasts the run.
+    dhcp_requested: [bool; 2],
 }
 
 impl Model {
@@ -270,13 +309,22 @@ impl Model {
     }
 
     /// Egress (allow-all): every frame passes; IP frames are counted and
-    /// open their flow (TCP only with a bare SYN).
+    /// open their flow (TCP only with a bare SYN) unless they belong to an
+    /// inbound one; DHCP client requests are remembered.
     fn egress(&mut self, b: &[u8]) -> Option<Reason> {
-        let Some(Frame::Ip(ip)) = parse(b) else {
+        let Some(Frame::Ip(ip)) = parse_dir(b, true) else {
             return None;
         };
+        if !ip.later_fragment && ip.proto == UDP {
+            match (ip.family, ip.sport, ip.dport) {
+                (4, 68, 67) => self.dhcp_requested[0] = true,
+                (6, 546, 547) => self.dhcp_requested[1] = true,
+                _ => {}
+            }
+        }
         if !ip.later_fragment
             && let Some(flow) = Model::flow(&ip, true)
+            && !self.inbound.contains(&flow)
             && (ip.proto != TCP
                 || ip.flags & (0x02 | 0x10 | 0x04) == 0x02
                 || self.flows.contains(&flow))
@@ -286,8 +334,22 @@ impl Model {
         Some(Reason::PassEgress)
     }
 
-    /// Ingress: the reason, or `None` outside the model.
-    fn ingress(&self, b: &[u8]) -> Option<Reason> {
+    /// Ingress: the reason, or `None` outside the model. What the rules
+    /// admit is recorded as an inbound flow.
+    fn ingress(&mut self, b: &[u8]) -> Option<Reason> {
+        let reason = self.verdict(b);
+        if matches!(
+            reason,
+            Some(Reason::PassRule | Reason::PassPeer | Reason::PassSsh)
+        ) && let Some(Frame::Ip(ip)) = parse(b)
+            && let Some(flow) = Model::flow(&ip, false)
+        {
+            self.inbound.insert(flow);
+        }
+        reason
+    }
+
+    fn verdict(&self, b: &[u8]) -> Option<Reason> {
         let ip = match parse(b) {
             None => return Some(Reason::DropMalformed),
             Some(Frame::Arp) => return Some(Reason::PassArp),
@@ -302,9 +364,10 @@ impl Model {
             return Some(Reason::PassEstablished);
         }
         let dhcp = if ip.family == 6 { (547, 546) } else { (67, 68) };
+        let requested = self.dhcp_requested[usize::from(ip.family == 6)];
         Some(match ip.proto {
             TCP => self.rules(&ip, PCLASS_TCP, ip.dport, Reason::DropNoRule),
-            UDP if (ip.sport, ip.dport) == dhcp => Reason::PassDhcp,
+            UDP if (ip.sport, ip.dport) == dhcp && requested => Reason::PassDhcp,
             UDP => self.rules(&ip, PCLASS_UDP, ip.dport, Reason::DropNoRule),
             ICMP | ICMPV6 => {
                 let v6 = ip.proto == ICMPV6;
@@ -430,10 +493,16 @@ fn reply(rng: &mut Xorshift, out: &[u8]) -> Option<Vec<u8>> {
 
 /// Damage: truncation, bit flips and random bytes in the headers (never
 /// below `min` bytes: `BPF_PROG_TEST_RUN` wants an Ethernet header for XDP,
-/// and for TC the whole IP header of an IP ethertype too).
+/// and for TC the whole IP header of an IP ethertype too), or bytes after
+/// the IP packet (padding, or an attacker's trailer that the kernel trims).
 fn mutate(rng: &mut Xorshift, mut b: Vec<u8>, min: usize) -> Vec<u8> {
     match rng.below(10) {
-        0..=4 => {}
+        0..=3 => {}
+        4 => {
+            for _ in 0..1 + rng.below(40) {
+                b.push(rng.next_u64() as u8);
+            }
+        }
         5 | 6 => {
             let len = min + rng.below(b.len().saturating_sub(min) + 1);
             b.truncate(len);
@@ -464,13 +533,16 @@ impl Kernel {
         self.pins.counters().unwrap().into_iter().collect()
     }
 
+    /// Empties both connection tables: flows this host opened, inbound flows.
     fn clear_flows(&self) {
-        let path = portcullis::dataplane::maps_dir(self.pins.path()).join("CONNTRACK");
-        let mut map: BpfHashMap<_, FlowKey, portcullis_common::Flow> =
-            BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
-        let keys: Vec<FlowKey> = map.keys().flatten().collect();
-        for k in keys {
-            let _ = map.remove(&k);
+        for name in ["CONNTRACK", "INBOUND"] {
+            let path = portcullis::dataplane::maps_dir(self.pins.path()).join(name);
+            let mut map: BpfHashMap<_, FlowKey, portcullis_common::Flow> =
+                BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
+            let keys: Vec<FlowKey> = map.keys().flatten().collect();
+            for k in keys {
+                let _ = map.remove(&k);
+            }
         }
     }
 }
@@ -548,6 +620,8 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
     let mut model = Model {
         entries,
         flows: HashSet::new(),
+        inbound: HashSet::new(),
+        dhcp_requested: [false; 2],
     };
 
     // The saved corpus: "in|out HEX" per line.
@@ -578,6 +652,7 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
     for round in 0..40u16 {
         kernel.clear_flows();
         model.flows.clear();
+        model.inbound.clear();
         // This round's local ports: replies to them belong to its flows only.
         let base = 40000 + round * 16;
         let mut sent = Vec::new();
@@ -622,7 +697,7 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
                 &format!("round {round} ingress {i}"),
             ) {
                 inside += 1;
-                *reasons.entry(model.ingress(&b).unwrap()).or_insert(0u32) += 1;
+                *reasons.entry(model.verdict(&b).unwrap()).or_insert(0u32) += 1;
             }
         }
     }

@@ -107,24 +107,22 @@ fn ports_protocols_and_always_allowed() {
             Reason::DropProtocol,
         );
     }
-    // DHCP server replies, and only those.
-    b.expect(
-        "dhcpv4",
-        &Pkt::new("10.200.0.254", "255.255.255.255")
-            .udp(67, 68)
-            .bytes(),
-        Reason::PassDhcp,
-    );
+    // DHCP server replies, and only those, and only after a request of the
+    // same family (broadcast, so the reply matches no flow the request opened).
+    let dhcpv4 = Pkt::new("10.200.0.254", "255.255.255.255").udp(67, 68);
+    let dhcpv6 = Pkt::new("fe80::1", "fe80::2").udp(547, 546);
+    b.expect("dhcpv4 unasked", &dhcpv4.bytes(), Reason::DropNoRule);
+    b.expect("dhcpv6 unasked", &dhcpv6.bytes(), Reason::DropNoRule);
+    b.egress(&Pkt::new("0.0.0.0", "255.255.255.255").udp(68, 67).bytes());
+    b.expect("dhcpv4", &dhcpv4.bytes(), Reason::PassDhcp);
+    b.expect("dhcpv6 after v4", &dhcpv6.bytes(), Reason::DropNoRule);
     b.expect(
         "dhcpv4 wrong way",
         &Pkt::new(P4, H4).udp(68, 67).bytes(),
         Reason::DropNoRule,
     );
-    b.expect(
-        "dhcpv6",
-        &Pkt::new("fe80::1", "fe80::2").udp(547, 546).bytes(),
-        Reason::PassDhcp,
-    );
+    b.egress(&Pkt::new("fe80::2", "ff02::1:2").udp(546, 547).bytes());
+    b.expect("dhcpv6", &dhcpv6.bytes(), Reason::PassDhcp);
     // Neighbour discovery needs hop limit 255.
     let na = Pkt::new("fe80::2", "fe80::1").icmp(136, 0, 0, &[0; 20]);
     b.expect(
@@ -518,5 +516,31 @@ fn a_full_connection_table_evicts_the_oldest_and_fails_closed() {
         "never opened",
         &Pkt::new(P4, H4).udp(53, 30000).bytes(),
         Reason::DropNoRule,
+    );
+}
+
+/// Inbound flows the rules admit are tracked in a table of their own: a
+/// flood of them (SYNs from many sources to a served port) evicts inbound
+/// flows only, never a flow this host opened.
+#[test]
+fn an_inbound_flood_does_not_evict_outbound_flows() {
+    require_root!();
+    let mut b = Bench::with("", 256);
+    b.egress(&Pkt::new(H4, P4).tcp(41000, 443, SYN).bytes());
+    for i in 0..2048u32 {
+        let src = format!("10.201.{}.{}", i / 250, 1 + i % 250);
+        let out =
+            b.dp.test_run(
+                Program::Ingress,
+                &Pkt::new(&src, H4).tcp(40000, 8080, SYN).bytes(),
+                1,
+            )
+            .unwrap();
+        assert_eq!(out.retval, XDP_PASS, "admitted SYN {i}");
+    }
+    b.expect(
+        "outbound flow after the flood",
+        &Pkt::new(P4, H4).tcp(443, 41000, SYN | ACK).bytes(),
+        Reason::PassEstablished,
     );
 }

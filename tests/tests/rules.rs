@@ -16,8 +16,9 @@ use portcullis::{
     rules::RuleSet,
 };
 use portcullis_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, SLOT_INDEX_MASK,
-    SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE,
+    Counter, DIR_EGRESS, DIR_INGRESS, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP,
+    SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
+    SLOT_KIND_SSH, SLOT_NONE,
 };
 use portcullis_tests::{packet::*, *};
 use proptest::{
@@ -161,25 +162,19 @@ fn kernel_verdicts_and_counters_match_the_reference() {
                 );
             }
 
-            // Egress: a new flow to `addr`, from a source port no rule serves
-            // (unless `addr` is a peer, whose traffic is admitted both ways).
+            // Egress: a new flow to `addr`, from a source port no rule serves.
+            // Peers are among the egress rules. A reply passes only on an
+            // inbound flow the rules admitted: here only another protocol
+            // (no ports) to `addr`, whose ingress probe just passed.
             unique_sport.set(unique_sport.get().wrapping_add(1).max(20000));
             let sport = if pclass == PCLASS_ICMP {
                 i as u16
             } else {
                 unique_sport.get()
             };
-            let reply_slot = compile::reference(
-                &entries,
-                DIR_INGRESS,
-                addr,
-                pclass,
-                if pclass >= PCLASS_ICMP { 0 } else { sport },
-            );
             let egress_slot = compile::reference(&entries, DIR_EGRESS, addr, pclass, port);
             let allowlist = !set.egress_rules.is_empty();
-            // ICMP echo requests are not replies; the reply check only serves echo replies.
-            let reply = pclass != PCLASS_ICMP && admits(reply_slot);
+            let reply = pclass == PCLASS_OTHER && want.passes();
             let pass = !allowlist || reply || admits(egress_slot);
             let credited = allowlist && !reply && admits(egress_slot);
             let before = pins.counter(Reason::DropEgress);
