@@ -11,7 +11,9 @@
 //!                   REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
 //! <pin_dir>/maps-vN/CONNTRACK       flows this host opened
+//! <pin_dir>/maps-vN/INBOUND         inbound flows the rules admitted (for replies)
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
+//! <pin_dir>/maps-vN/DHCP_REQUESTS   when this host last asked for a lease, per family
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
