@@ -51,13 +51,14 @@ const DENIED_BANNER: &str = "PORTCULLIS-REBOOT-TEST: the denied port answered";
 /// What the rule's port says.
 const RULE_BANNER: &str = "PORTCULLIS-REBOOT-TEST: the rule port answered";
 
-/// The early listener on the denied port: before sockets.target, no default
-/// dependencies, so it listens from the first moments of the boot, before
-/// any address exists (FreeBind), as a service that binds early would.
+/// The early listener on the denied port: no default dependencies, before
+/// sockets.target and before Portcullis itself, so it listens from the
+/// first moments of the boot, before any address exists (FreeBind), as a
+/// service that binds early would: only the order of the boot keeps it shut.
 fn denied_socket() -> String {
     format!(
         "[Unit]\nDescription=Early listener on a denied port (reboot test)\n\
-         DefaultDependencies=no\nBefore=sockets.target\n\n\
+         DefaultDependencies=no\nBefore=sockets.target portcullis.service\n\n\
          [Socket]\nListenStream=0.0.0.0:{DENIED_PORT}\nFreeBind=yes\nAccept=yes\n\n\
          [Install]\nWantedBy=sockets.target\n"
     )
