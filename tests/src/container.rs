@@ -2,9 +2,11 @@
 //! `cargo xtask setup` builds, booted with systemd-nspawn (real systemd,
 //! D-Bus, sshd and, when seeded, cloud-init).
 //!
-//! Every boot is a fresh instance: the shared root is the lower layer of an
-//! overlay whose upper layer is this container's own, so files can be put in
-//! place before boot ([`Boot::file`]) and nothing leaks into the next test.
+//! Every container is a fresh instance: the shared root is the lower layer
+//! of an overlay whose upper layer is this container's own, so files can be
+//! put in place before boot ([`Boot::file`]) and nothing leaks into the next
+//! test. A container can be rebooted ([`Container::shut_down`], then
+//! [`Container::boot`]) on that same upper layer: what it wrote persists.
 //! The container runs in a network namespace the test created (`instance`),
 //! joined by a veth pair to a second one (`client`) that plays the outside
 //! world. Dropping a [`Container`] kills it (its PID 1, so the whole PID
@@ -32,6 +34,9 @@ pub const INSTANCE_V4: &str = "10.200.60.1";
 pub const CLIENT_V4: &str = "10.200.60.2";
 pub const INSTANCE_V6: &str = "fd00:200:60::1";
 pub const CLIENT_V6: &str = "fd00:200:60::2";
+/// The instance interface's MAC when the container addresses itself
+/// ([`Boot::self_addressed`]): fixed, so the client can know it in advance.
+pub const INSTANCE_MAC: &str = "02:00:0a:c8:3c:01";
 
 /// The cached root file system, or an error that says how to get it.
 pub fn rootfs() -> anyhow::Result<PathBuf> {
@@ -55,6 +60,7 @@ pub struct Boot {
     files: Vec<(PathBuf, Vec<u8>, u32)>,
     links: Vec<(PathBuf, PathBuf)>,
     binds: Vec<(PathBuf, PathBuf)>,
+    self_addressed: bool,
 }
 
 impl Default for Boot {
@@ -70,6 +76,7 @@ impl Boot {
             files: Vec::new(),
             links: Vec::new(),
             binds: Vec::new(),
+            self_addressed: false,
         }
     }
 
@@ -129,9 +136,54 @@ impl Boot {
         Ok(boot)
     }
 
+    /// The container configures its own addresses, as a provider's image
+    /// does: systemd-networkd enabled (with its wait-online service) and a
+    /// `.network` file for [`INSTANCE_IFACE`] giving [`INSTANCE_V4`] and
+    /// [`INSTANCE_V6`]. The harness leaves that interface down and without
+    /// addresses before each boot, with the fixed MAC [`INSTANCE_MAC`], and
+    /// gives the client permanent neighbour entries for the instance's
+    /// addresses, so a probe leaves at once (no address resolution to wait
+    /// for) and is answered from the moment the container configures itself.
+    pub fn self_addressed(mut self) -> Boot {
+        self.self_addressed = true;
+        self.file(
+            "/etc/systemd/network/10-portcullis-test.network",
+            format!(
+                "[Match]\nName={INSTANCE_IFACE}\n\n[Network]\nAddress={INSTANCE_V4}/24\n\
+                 Address={INSTANCE_V6}/64\nIPv6AcceptRA=no\n"
+            ),
+            0o644,
+        )
+        .symlink(
+            "/etc/systemd/system/multi-user.target.wants/systemd-networkd.service",
+            "/lib/systemd/system/systemd-networkd.service",
+        )
+        .symlink(
+            "/etc/systemd/system/sockets.target.wants/systemd-networkd.socket",
+            "/lib/systemd/system/systemd-networkd.socket",
+        )
+        .symlink(
+            "/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service",
+            "/lib/systemd/system/systemd-networkd-wait-online.service",
+        )
+        .symlink(
+            "/etc/systemd/system/dbus-org.freedesktop.network1.service",
+            "/lib/systemd/system/systemd-networkd.service",
+        )
+    }
+
     /// Boots the container and waits until systemd has finished starting
     /// (`running` or `degraded`), or `timeout`.
     pub fn start(self, timeout: Duration) -> anyhow::Result<Container> {
+        let mut container = self.prepare()?;
+        container.boot(timeout)?;
+        Ok(container)
+    }
+
+    /// Everything up to the boot: the namespaces and their link, the
+    /// overlay and the files in it, the cgroups. [`Container::boot`] boots
+    /// it (and can again after [`Container::shut_down`]).
+    pub fn prepare(self) -> anyhow::Result<Container> {
         let root = rootfs()?;
         sweep_stale_cgroups();
         let dir = tempfile::Builder::new()
@@ -147,19 +199,7 @@ impl Boot {
         }
         let instance = Netns::new("inst")?;
         let client = Netns::new("cli")?;
-        veth(&instance, INSTANCE_IFACE, &client, CLIENT_IFACE)?;
-        addresses(
-            &instance,
-            INSTANCE_IFACE,
-            &format!("{INSTANCE_V4}/24"),
-            &format!("{INSTANCE_V6}/64"),
-        )?;
-        addresses(
-            &client,
-            CLIENT_IFACE,
-            &format!("{CLIENT_V4}/24"),
-            &format!("{CLIENT_V6}/64"),
-        )?;
+        plug(&instance, &client, self.self_addressed)?;
         run(Command::new("mount")
             .args([
                 "-t",
@@ -174,7 +214,7 @@ impl Boot {
                 ),
             ])
             .arg(&merged))?;
-        let mut container = Container {
+        let container = Container {
             name: unique("pct"),
             child: None,
             leader: 0,
@@ -182,6 +222,10 @@ impl Boot {
             _dir: dir,
             instance,
             client,
+            bpf: self.bpf,
+            binds: self.binds.clone(),
+            self_addressed: self.self_addressed,
+            boot_started: None,
         };
         for (path, contents, mode) in &self.files {
             let at = container.host_path(path);
@@ -195,56 +239,53 @@ impl Boot {
             let _ = std::fs::remove_file(&at);
             std::os::unix::fs::symlink(target, &at)?;
         }
-        // The container's cgroups: nspawn (--keep-unit) nests them under its
-        // own, so each container gets one of its own; shared ones would mix
-        // units (and their cgroup BPF programs) of concurrent containers.
-        for dir in container.cgroups() {
-            std::fs::create_dir_all(&dir)
-                .with_context(|| format!("cannot create cgroup {}", dir.display()))?;
-        }
-        let join: Vec<String> = container
-            .cgroups()
-            .iter()
-            .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
-            .collect();
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c")
-            .arg(format!("{}exec systemd-nspawn \"$@\"", join.concat()))
-            .arg("sh");
-        cmd.args([
-            "--register=no",
-            "--keep-unit",
-            "-q",
-            "-b",
-            "--console=passive",
-        ])
-        .arg(format!("--machine={}", container.name))
-        .arg("-D")
-        .arg(&container.merged)
-        .arg(format!(
-            "--network-namespace-path={}",
-            container.instance.path().display()
-        ))
-        .arg("--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_RESOURCE");
-        if self.bpf {
-            cmd.arg("--system-call-filter=bpf perf_event_open");
-        }
-        for (host, path) in &self.binds {
-            cmd.arg(format!("--bind-ro={}:{}", host.display(), path.display()));
-        }
-        let log = std::fs::File::create(container._dir.path().join("console.log"))?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting systemd-nspawn (package systemd-container)")?;
-        let nspawn = child.id() as i32;
-        container.child = Some(child);
-        container.leader = wait_for_leader(nspawn, Duration::from_secs(20))?;
-        container.wait_booted(timeout)?;
         Ok(container)
     }
+}
+
+/// Joins `instance` and `client` with a new veth pair, both ends up and
+/// addressed; or, when the container addresses itself, its end down, without
+/// addresses and with [`INSTANCE_MAC`], and the client's neighbour entries
+/// for the instance's addresses permanent.
+fn plug(instance: &Netns, client: &Netns, self_addressed: bool) -> anyhow::Result<()> {
+    veth(instance, INSTANCE_IFACE, client, CLIENT_IFACE)?;
+    addresses(
+        client,
+        CLIENT_IFACE,
+        &format!("{CLIENT_V4}/24"),
+        &format!("{CLIENT_V6}/64"),
+    )?;
+    if !self_addressed {
+        return addresses(
+            instance,
+            INSTANCE_IFACE,
+            &format!("{INSTANCE_V4}/24"),
+            &format!("{INSTANCE_V6}/64"),
+        );
+    }
+    instance.ip(&["link", "set", INSTANCE_IFACE, "down"])?;
+    instance.ip(&["link", "set", INSTANCE_IFACE, "address", INSTANCE_MAC])?;
+    for addr in [INSTANCE_V4, INSTANCE_V6] {
+        client.ip(&[
+            "neigh",
+            "replace",
+            addr,
+            "lladdr",
+            INSTANCE_MAC,
+            "dev",
+            CLIENT_IFACE,
+            "nud",
+            "permanent",
+        ])?;
+    }
+    Ok(())
+}
+
+/// `CLOCK_MONOTONIC` now.
+pub fn monotonic_now() -> Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(Duration::from)
+        .unwrap_or_default()
 }
 
 /// The container's PID 1 (systemd), a descendant of `nspawn`.
@@ -305,11 +346,128 @@ pub struct Container {
     pub instance: Netns,
     /// The outside world, joined to `instance` by a veth pair.
     pub client: Netns,
+    bpf: bool,
+    binds: Vec<(PathBuf, PathBuf)>,
+    self_addressed: bool,
+    boot_started: Option<(Instant, Duration)>,
 }
 
 impl Container {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Boots the prepared (or shut down) container on its overlay, so what
+    /// an earlier boot wrote is still there, and waits until systemd has
+    /// finished starting (`running` or `degraded`), or `timeout`.
+    pub fn boot(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        ensure!(self.child.is_none(), "container {} is running", self.name);
+        // The container's cgroups: nspawn (--keep-unit) nests them under its
+        // own, so each container gets one of its own; shared ones would mix
+        // units (and their cgroup BPF programs) of concurrent containers.
+        // Made afresh for every boot: an earlier boot's are gone or empty.
+        for dir in self.cgroups() {
+            remove_cgroup(&dir);
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create cgroup {}", dir.display()))?;
+        }
+        let join: Vec<String> = self
+            .cgroups()
+            .iter()
+            .map(|d| format!("echo $$ > {}/cgroup.procs && ", d.display()))
+            .collect();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("{}exec systemd-nspawn \"$@\"", join.concat()))
+            .arg("sh");
+        cmd.args([
+            "--register=no",
+            "--keep-unit",
+            "-q",
+            "-b",
+            "--console=passive",
+        ])
+        .arg(format!("--machine={}", self.name))
+        .arg("-D")
+        .arg(&self.merged)
+        .arg(format!(
+            "--network-namespace-path={}",
+            self.instance.path().display()
+        ))
+        .arg("--capability=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN,CAP_SYS_RESOURCE");
+        if self.bpf {
+            cmd.arg("--system-call-filter=bpf perf_event_open");
+        }
+        for (host, path) in &self.binds {
+            cmd.arg(format!("--bind-ro={}:{}", host.display(), path.display()));
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self._dir.path().join("console.log"))?;
+        self.boot_started = Some((Instant::now(), monotonic_now()));
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting systemd-nspawn (package systemd-container)")?;
+        let nspawn = child.id() as i32;
+        self.child = Some(child);
+        self.leader = wait_for_leader(nspawn, Duration::from_secs(20))?;
+        self.wait_booted(timeout)
+    }
+
+    /// When the current (or last) boot started: the moment systemd-nspawn
+    /// was started, as an `Instant` and as a `CLOCK_MONOTONIC` reading, the
+    /// clock of the journal's `__MONOTONIC_TIMESTAMP` and of systemd's
+    /// `*TimestampMonotonic` properties (the container shares the host's).
+    pub fn boot_started(&self) -> Option<(Instant, Duration)> {
+        self.boot_started
+    }
+
+    /// Reboots the container from inside (`systemctl reboot`: a clean
+    /// shutdown of every unit) and waits, up to `timeout`, for its systemd
+    /// to end; systemd-nspawn then exits (status 133, "reboot"), and the
+    /// container stays down until [`Container::boot`]. The overlay (so
+    /// `/etc` and `/var/lib`) stays; what lived in memory (`/run`, the
+    /// bpffs and so its pins and links) is gone.
+    pub fn shut_down(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            bail!("container {} is not running", self.name);
+        };
+        // systemctl may be killed by the shutdown before it reports.
+        let _ = self.systemctl(&["reboot"]);
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                self.child = Some(child);
+                bail!(
+                    "container {} did not shut down within {timeout:?}; console:\n{}",
+                    self.name,
+                    self.console()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        self.leader = 0;
+        Ok(status)
+    }
+
+    /// Replaces the link between the instance and the client with a new
+    /// veth pair, as [`Boot::prepare`] made it: a rebooted machine's NIC
+    /// comes up bare (no addresses, no programs attached).
+    pub fn replug(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.child.is_none(),
+            "container {} is running: shut it down first",
+            self.name
+        );
+        self.instance.ip(&["link", "del", INSTANCE_IFACE])?;
+        plug(&self.instance, &self.client, self.self_addressed)
     }
 
     /// The cgroups the container runs under (unified and, on a hybrid
