@@ -63,8 +63,10 @@ pub mod maps {
 
 /// Names of the programs in the eBPF object.
 pub mod programs {
-    /// The XDP ingress filter.
+    /// The XDP ingress filter (multi-buffer: `xdp.frags`, kernel 5.18+).
     pub const INGRESS: &str = "portcullis_ingress";
+    /// The same filter for single-buffer XDP (kernels before 5.18).
+    pub const INGRESS_SINGLE: &str = "portcullis_ingress_single";
     /// The TC egress flow recorder.
     pub const EGRESS: &str = "portcullis_egress";
 }

@@ -69,6 +69,12 @@ pub struct Config {
     /// 6.6 and later; a clsact qdisc filter otherwise), `tcx` or `clsact`.
     #[serde(default)]
     pub tc_attach: TcAttachMode,
+    /// Which XDP program filters inbound: `auto` (the multi-buffer one,
+    /// which native XDP needs on jumbo-MTU interfaces, else, on kernels
+    /// before 5.18 that refuse it, the single-buffer one), `frags` or
+    /// `single-buffer` (forced; the tests run both).
+    #[serde(default)]
+    pub xdp_program: XdpProgram,
     /// What the host gets if the eBPF data path cannot load: `none` (the
     /// service fails, loudly, and nothing filters) or `nftables` (it also
     /// installs a deny-inbound policy that admits SSH and established flows).
@@ -250,6 +256,16 @@ pub enum Fallback {
     None,
     #[default]
     Nftables,
+}
+
+/// The XDP program variant (see `Config::xdp_program`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpProgram {
+    #[default]
+    Auto,
+    Frags,
+    SingleBuffer,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -53,7 +53,7 @@ use tracing::{info, warn};
 
 use crate::{
     compile::{Image, Limits},
-    config::TcAttachMode,
+    config::{TcAttachMode, XdpProgram},
     sockets::Connection,
 };
 
@@ -77,6 +77,8 @@ pub enum Attach {
 /// The loaded eBPF object with its maps pinned under `pin_dir/maps`.
 pub struct Dataplane {
     ebpf: Ebpf,
+    /// The XDP program loaded (multi- or single-buffer).
+    ingress_program: &'static str,
     pin_dir: PathBuf,
     /// Audit/open mode: pass what would be dropped (counted). Takes effect
     /// with the next `apply`.
@@ -92,6 +94,18 @@ impl Dataplane {
     /// Loads the programs, reusing maps already pinned under `pin_dir` (so
     /// counters and rules survive a restart) and pinning new ones otherwise.
     pub fn load(pin_dir: &Path, conntrack_entries: u32, limits: &Limits) -> anyhow::Result<Self> {
+        Self::load_with(pin_dir, conntrack_entries, limits, XdpProgram::Auto)
+    }
+
+    /// [`Dataplane::load`] with the XDP program variant chosen: `Auto` loads
+    /// the multi-buffer program and, if the kernel refuses it (before 5.18),
+    /// the single-buffer one.
+    pub fn load_with(
+        pin_dir: &Path,
+        conntrack_entries: u32,
+        limits: &Limits,
+        xdp: XdpProgram,
+    ) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = maps_dir(pin_dir);
         for dir in [&maps_dir, &pin_dir.join("links")] {
@@ -121,14 +135,13 @@ impl Dataplane {
                 maps_dir.display()
             )
         })?;
-        ingress(&mut ebpf)?
-            .load()
-            .with_context(|| format!("the kernel refused program {}", programs::INGRESS))?;
+        let ingress_program = load_ingress(&mut ebpf, xdp)?;
         egress(&mut ebpf)?
             .load()
             .with_context(|| format!("the kernel refused program {}", programs::EGRESS))?;
         Ok(Self {
             ebpf,
+            ingress_program,
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
             v6_written: [None, None],
@@ -146,6 +159,11 @@ impl Dataplane {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The XDP program variant loaded.
+    pub fn ingress_program(&self) -> &'static str {
+        self.ingress_program
     }
 
     /// Entries in the connection table, and its capacity.
@@ -326,7 +344,7 @@ impl Dataplane {
     /// there is one, attaches and pins a new link otherwise.
     pub fn attach_ingress(&mut self, ifname: &str) -> anyhow::Result<Attach> {
         let pin = link_pin(&self.pin_dir, "xdp", ifname);
-        let prog = ingress(&mut self.ebpf)?;
+        let prog = ingress(&mut self.ebpf, self.ingress_program)?;
         if pin.exists() {
             match adopt(prog, &pin) {
                 Ok(()) => return Ok(Attach::Adopted),
@@ -339,9 +357,21 @@ impl Dataplane {
             }
         }
         let c_name = CString::new(ifname).context("interface name contains NUL")?;
-        let link_id = prog
-            .attach(c_name.as_c_str(), XdpMode::default())
-            .with_context(|| format!("cannot attach XDP to interface {ifname}"))?;
+        let single_buffer = self.ingress_program == programs::INGRESS_SINGLE;
+        let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
+            Ok(id) => id,
+            // A single-buffer program cannot run natively where frames do
+            // not fit a page (jumbo MTUs); generic XDP still filters them.
+            Err(e) if single_buffer => {
+                warn!(interface = ifname, error = %e, "native XDP refused the single-buffer program; attaching in generic mode");
+                prog.attach(c_name.as_c_str(), XdpMode::Skb)
+                    .with_context(|| format!("cannot attach XDP to interface {ifname}"))?
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot attach XDP to interface {ifname}"));
+            }
+        };
         let link: FdLink = prog
             .take_link(link_id)?
             .try_into()
@@ -455,7 +485,7 @@ impl Dataplane {
     pub fn program_fd(&mut self, program: Program) -> anyhow::Result<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd as _;
         let fd = match program {
-            Program::Ingress => ingress(&mut self.ebpf)?
+            Program::Ingress => ingress(&mut self.ebpf, self.ingress_program)?
                 .fd()?
                 .as_fd()
                 .try_clone_to_owned()?,
@@ -847,11 +877,29 @@ fn egress(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
     Ok(prog.try_into()?)
 }
 
-fn ingress(ebpf: &mut Ebpf) -> anyhow::Result<&mut Xdp> {
+fn ingress<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
     let prog = ebpf
-        .program_mut(programs::INGRESS)
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", programs::INGRESS))?;
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
     Ok(prog.try_into()?)
+}
+
+/// Loads the XDP program `choice` asks for; returns its name.
+fn load_ingress(ebpf: &mut Ebpf, choice: XdpProgram) -> anyhow::Result<&'static str> {
+    let load = |ebpf: &mut Ebpf, name: &'static str| -> anyhow::Result<&'static str> {
+        ingress(ebpf, name)?
+            .load()
+            .with_context(|| format!("the kernel refused program {name}"))?;
+        Ok(name)
+    };
+    match choice {
+        XdpProgram::Frags => load(ebpf, programs::INGRESS),
+        XdpProgram::SingleBuffer => load(ebpf, programs::INGRESS_SINGLE),
+        XdpProgram::Auto => load(ebpf, programs::INGRESS).or_else(|e| {
+            warn!(error = %format!("{e:#}"), "multi-buffer XDP refused (kernel before 5.18?); using the single-buffer program");
+            load(ebpf, programs::INGRESS_SINGLE)
+        }),
+    }
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

@@ -43,11 +43,24 @@ mod programs {
     /// on interfaces with jumbo MTUs; headers are always in the first buffer.
     #[xdp(frags)]
     pub fn portcullis_ingress(ctx: XdpContext) -> u32 {
+        ingress(&ctx)
+    }
+
+    /// The same filter without multi-buffer support, for kernels before 5.18
+    /// (which refuse a `frags` program); chosen by the daemon when the first
+    /// does not load, or by `xdp_program = "single-buffer"`.
+    #[xdp]
+    pub fn portcullis_ingress_single(ctx: XdpContext) -> u32 {
+        ingress(&ctx)
+    }
+
+    #[inline(always)]
+    fn ingress(ctx: &XdpContext) -> u32 {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         let c = self::ctx();
-        let parsed = parse::parse(&ctx);
+        let parsed = parse::parse(ctx);
         let reason = match &parsed {
-            Ok(frame) => policy::decide(&ctx, frame, &c, bytes),
+            Ok(frame) => policy::decide(ctx, frame, &c, bytes),
             Err(parse::Malformed) => Reason::DropMalformed,
         };
         maps::count(reason, bytes);

@@ -379,10 +379,34 @@ pub struct ConfigFile {
     dir: tempfile::TempDir,
 }
 
+/// Data-path variants forced on every test daemon from the environment:
+/// `cargo xtask test` runs the ingress, stateful and attack tests once more
+/// with the single-buffer XDP program and the clsact egress path, as on
+/// kernels before 5.18 and 6.6.
+pub const FORCED_VARIANTS: [(&str, &str); 2] = [
+    ("PORTCULLIS_TEST_XDP_PROGRAM", "xdp_program"),
+    ("PORTCULLIS_TEST_TC_ATTACH", "tc_attach"),
+];
+
+fn with_forced_variants(text: &str) -> String {
+    let mut forced = String::new();
+    for (var, key) in FORCED_VARIANTS {
+        if let Ok(value) = std::env::var(var)
+            && !text.contains(&format!("{key} ="))
+        {
+            forced.push_str(&format!("{key} = \"{value}\"\n"));
+        }
+    }
+    forced + text
+}
+
 impl ConfigFile {
     pub fn new(text: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
-        fs::write(dir.path().join("portcullis.toml"), text)?;
+        fs::write(
+            dir.path().join("portcullis.toml"),
+            with_forced_variants(text),
+        )?;
         // Unprivileged test clients must reach the API socket in here.
         use std::os::unix::fs::PermissionsExt as _;
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755))?;
@@ -406,7 +430,7 @@ impl ConfigFile {
 
     /// Replaces the file's contents (a reload applies them).
     pub fn rewrite(&self, text: &str) -> anyhow::Result<()> {
-        fs::write(self.path(), text)?;
+        fs::write(self.path(), with_forced_variants(text))?;
         Ok(())
     }
 }
@@ -504,6 +528,17 @@ impl Daemon {
         loop {
             let log = self.log();
             if log.contains(" ready") {
+                // A forced variant must really be the one running.
+                if let Ok(forced) = std::env::var("PORTCULLIS_TEST_XDP_PROGRAM") {
+                    let program = match forced.as_str() {
+                        "single-buffer" => portcullis_common::programs::INGRESS_SINGLE,
+                        _ => portcullis_common::programs::INGRESS,
+                    };
+                    ensure!(
+                        log.contains(&format!("program=\"{program}\"")),
+                        "xdp_program = {forced} forced, but not loaded:\n{log}"
+                    );
+                }
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {

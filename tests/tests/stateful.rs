@@ -391,9 +391,12 @@ fn jumbo_mtu_interfaces_are_protected_natively() {
     .unwrap();
     let _daemon = start(&pair.host, &cfg);
     let link = pair.host.ip(&["-d", "link", "show", HOST_IFACE]).unwrap();
+    // The single-buffer program (kernels before 5.18, or forced) cannot run
+    // natively at this MTU: the daemon attaches it in generic mode instead.
+    let single = std::env::var("PORTCULLIS_TEST_XDP_PROGRAM").is_ok_and(|v| v == "single-buffer");
     assert!(
-        link.contains("prog/xdp") && !link.contains("xdpgeneric"),
-        "not native XDP:\n{link}"
+        link.contains("prog/xdp") && link.contains("xdpgeneric") == single,
+        "not native XDP (or, single-buffer, not generic):\n{link}"
     );
 
     let big = vec![0x42u8; 8000];

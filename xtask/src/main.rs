@@ -177,6 +177,18 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
         })?;
+        // The data path as older kernels get it: the single-buffer XDP
+        // program (before 5.18) and the clsact egress path (before 6.6),
+        // forced on this kernel (tests/src/lib.rs, FORCED_VARIANTS).
+        phases.run("forced variants", || {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            run(Command::new(cargo)
+                .args(["test", "-p", "portcullis-tests"])
+                .args(["--test", "ingress", "--test", "stateful"])
+                .args(["--test", "attack_dataplane", "--test", "attack_lifecycle"])
+                .env("PORTCULLIS_TEST_XDP_PROGRAM", "single-buffer")
+                .env("PORTCULLIS_TEST_TC_ATTACH", "clsact"))
+        })?;
         // The README's first command on a fresh machine (a scratch rustup
         // home with only stable, RUSTUP_AUTO_INSTALL=0): downloads the two
         // pinned toolchains, so it is a phase of its own.

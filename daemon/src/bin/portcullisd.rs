@@ -383,8 +383,17 @@ async fn start(
         None => (config.rule_set(), 1),
     };
     let limits = config.capacity.limits();
-    let dataplane = Dataplane::load(&pin_dir, config.conntrack_entries, &limits)
-        .context("loading the eBPF data path")?;
+    let dataplane = Dataplane::load_with(
+        &pin_dir,
+        config.conntrack_entries,
+        &limits,
+        config.xdp_program,
+    )
+    .context("loading the eBPF data path")?;
+    info!(
+        program = dataplane.ingress_program(),
+        "XDP ingress program loaded"
+    );
 
     // Rules first: a new ingress link never runs on empty maps. Then egress,
     // so flows opened from now on are recorded; then the connections that
