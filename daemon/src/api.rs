@@ -624,18 +624,7 @@ impl Api {
 
 /// `s`, cut to at most [`MAX_ACTION`] bytes at a character boundary.
 fn bounded(s: &str) -> String {
-    if s.len() <= MAX_ACTION {
-        return s.to_string();
-    }
-    let mut end = MAX_ACTION;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!(
-        "{}... ({} bytes)",
-        s.get(..end).unwrap_or_default(),
-        s.len()
-    )
+    crate::audit::bounded(s, MAX_ACTION)
 }
 
 /// Decides from the connection's credentials and the method alone, before

@@ -64,7 +64,7 @@ pub const MAX_OUTCOME: usize = 4096;
 
 /// `s` cut to at most `max` bytes at a character boundary, saying how long
 /// it was.
-fn bounded(s: &str, max: usize) -> String {
+pub(crate) fn bounded(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

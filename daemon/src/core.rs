@@ -332,8 +332,7 @@ impl Core {
             }
             // In the chain itself, so `audit verify` and readers see where
             // the break is and what was found.
-            let mut outcome = format!("damaged: {}", problems.join("; "));
-            outcome.truncate(outcome.floor_char_boundary(2048));
+            let outcome = audit::bounded(&format!("damaged: {}", problems.join("; ")), 2048);
             core.record(None, None, "open audit log", outcome)?;
         }
         Ok(core)
