@@ -788,7 +788,7 @@ async fn put_rules(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<RuleSet>, JsonRejection>,
+    body: Result<Json<crate::rules::Replacement>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     let Json(rules) = body?;
     let opts = expect.options(&caller);
@@ -796,7 +796,7 @@ async fn put_rules(
     let changed = api
         .write(&caller, &what, |core| {
             core.change(&opts, |live| {
-                *live = rules;
+                *live = rules.over(live);
                 Ok(())
             })
         })
@@ -1194,15 +1194,17 @@ async fn get_mode(State(api): State<Api>) -> Json<Mode> {
 async fn put_mode(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
     body: Result<Json<Mode>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     let Json(mode) = body?;
-    let what = format!(
+    let what = expect.label(&format!(
         "set mode {}",
         serde_json::to_string(&mode).unwrap_or_default()
-    );
+    ));
+    let opts = expect.options(&caller);
     let changed = api
-        .write(&caller, &what, |core| core.set_mode(mode))
+        .write(&caller, &what, |core| core.set_mode_with(mode, &opts))
         .await?;
     Ok(Json(changed))
 }

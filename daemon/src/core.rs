@@ -578,14 +578,49 @@ impl Core {
 
     /// Switches the mode (audited by the caller) and makes it take effect.
     pub fn set_mode(&mut self, mode: Mode) -> Result<Changed, ChangeError> {
-        if let Mode::Lockdown { admin: Some(a) } = &mode {
-            crate::rules::parse_cidr(a).map_err(|reason| {
-                ChangeError::Invalid(crate::rules::RuleError {
-                    place: "lockdown".into(),
-                    field: "admin",
-                    reason,
-                })
-            })?;
+        self.set_mode_with(mode, &Options::default())
+    }
+
+    /// [`Core::set_mode`] as a caller asks for it: `dry_run` only says what
+    /// would happen; a lockdown that would cut the caller's own SSH session
+    /// (its source outside `admin`) is refused unless `force`; a
+    /// confirmation window does not apply to modes and is refused, not
+    /// ignored.
+    pub fn set_mode_with(&mut self, mode: Mode, opts: &Options) -> Result<Changed, ChangeError> {
+        let admin_net = match &mode {
+            Mode::Lockdown { admin: Some(a) } => {
+                Some(crate::rules::parse_cidr(a).map_err(|reason| {
+                    ChangeError::Invalid(crate::rules::RuleError {
+                        place: "lockdown".into(),
+                        field: "admin",
+                        reason,
+                    })
+                })?)
+            }
+            _ => None,
+        };
+        if opts.confirm_within.is_some() {
+            return Err(ChangeError::Invalid(crate::rules::RuleError {
+                place: "mode".into(),
+                field: "confirm_within",
+                reason: "a mode change has no confirmation window; `portcullis enforce` ends an emergency mode".into(),
+            }));
+        }
+        if let (Mode::Lockdown { .. }, Some(session)) = (&mode, &opts.caller_session)
+            && !opts.force
+            && !admin_net.is_some_and(|net| net.contains(&session.client.to_canonical()))
+        {
+            return Err(ChangeError::LocksOutCaller(session.to_string()));
+        }
+        if opts.dry_run {
+            return Ok(Changed {
+                generation: self.generation,
+                hash: self.image.hash.clone(),
+                dry_run: true,
+                diff: Diff::default(),
+                would_cut: Vec::new(),
+                confirm_by: None,
+            });
         }
         let admin = match &mode {
             Mode::Lockdown { admin } => Some(

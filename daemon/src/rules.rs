@@ -181,6 +181,34 @@ pub struct RuleSet {
     pub ssh: Ssh,
 }
 
+/// A whole rule set as a caller replaces the live one (`PUT /v1/rules`,
+/// `portcullis rules apply`): the same shape, but a set without `ssh` leaves
+/// the SSH exemption as it is, so SSH is never switched off by omission.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacement {
+    #[serde(default)]
+    pub ingress_rules: Vec<FirewallRule>,
+    #[serde(default)]
+    pub egress_rules: Vec<FirewallRule>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Cluster>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh: Option<Ssh>,
+}
+
+impl Replacement {
+    /// The rule set that replaces `live`.
+    pub fn over(self, live: &RuleSet) -> RuleSet {
+        RuleSet {
+            ingress_rules: self.ingress_rules,
+            egress_rules: self.egress_rules,
+            cluster: self.cluster,
+            ssh: self.ssh.unwrap_or_else(|| live.ssh.clone()),
+        }
+    }
+}
+
 /// A rule set that failed validation: where, which field, why.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{place}: {field}: {reason}")]
@@ -394,6 +422,20 @@ mod tests {
             other_clusters: vec![],
         });
         assert_eq!(s.validate().unwrap_err().place, "cluster");
+    }
+
+    #[test]
+    fn a_replacement_without_ssh_keeps_the_live_exemption() {
+        let mut live = set(vec![]);
+        live.ssh = Ssh {
+            allow: true,
+            sources: vec!["192.0.2.0/24".into()],
+            ports: vec![2222],
+        };
+        let r: Replacement = serde_json::from_str(r#"{"ingress_rules": []}"#).unwrap();
+        assert_eq!(r.over(&live).ssh, live.ssh);
+        let r: Replacement = serde_json::from_str(r#"{"ssh": {"allow": false}}"#).unwrap();
+        assert!(!r.over(&live).ssh.allow);
     }
 
     #[test]

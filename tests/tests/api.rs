@@ -629,7 +629,7 @@ fn lockdown_open_and_audit_modes_with_real_traffic() {
     assert!(env.reached(8080) && !env.reached(22));
 
     // Audit: what enforce drops passes, and each packet is counted.
-    env.cli(&["audit"]);
+    env.cli(&["mode", "audit"]);
     let c = env.cli(&["counters"]);
     let (drops, audited) = (
         c["reasons"]["drop_no_rule"]["packets"].as_u64().unwrap(),

@@ -233,7 +233,7 @@ fn a_lockdown_without_admin_survives_a_restart_but_not_a_reboot() {
     let pins = PinDir::new().unwrap();
     let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
     let d = Daemon::start(&pair.host, &config).unwrap();
-    json(cli(&config, &["--json", "lockdown"]));
+    json(cli(&config, &["--json", "lockdown", "--no-admin"]));
     d.kill();
     let d = Daemon::start(&pair.host, &config).unwrap();
     let status = json(cli(&config, &["--json", "status"]));

@@ -70,20 +70,20 @@ enum Command {
     /// SSH keys.
     #[command(subcommand)]
     Ssh(SshCmd),
-    /// Emergency: drop everything new inbound except SSH from --admin; open
-    /// flows keep working. `portcullis enforce` ends it.
-    Lockdown {
-        /// Admin source network admitted to SSH.
-        #[arg(long)]
-        admin: Option<String>,
-    },
-    /// Emergency: suspend enforcement (everything passes, still counted).
+    /// Emergency: drop everything new except SSH from --admin, and cut open
+    /// flows not with it (short for `mode lockdown`). `portcullis enforce`
+    /// ends it.
+    Lockdown(LockdownArgs),
+    /// Emergency: suspend enforcement (short for `mode open`).
     Open,
-    /// Audit mode (no subcommand): pass what would be dropped, counting it by
-    /// reason. `audit verify`: check the audit log.
-    Audit(AuditArgs),
-    /// Back to normal enforcement.
+    /// Back to normal enforcement (short for `mode enforce`).
     Enforce,
+    /// What the data path does with what the rules do not admit.
+    #[command(subcommand)]
+    Mode(ModeCmd),
+    /// The audit log of every change and refusal.
+    #[command(subcommand, visible_alias = "audit-log")]
+    Audit(AuditCmd),
     /// Write shell completions (bash, zsh) and man pages into DIR (used by
     /// `cargo xtask deb`).
     #[command(hide = true)]
@@ -114,10 +114,26 @@ enum SshCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum ModeCmd {
+    /// Drop what the rules do not admit (the normal mode).
+    Enforce,
+    /// Pass what would be dropped, counting it by reason (to roll out rules).
+    Audit,
+    /// Emergency: suspend enforcement (everything passes, still counted).
+    Open,
+    /// Emergency: nothing new but SSH from --admin, both ways narrower.
+    Lockdown(LockdownArgs),
+}
+
 #[derive(clap::Args)]
-struct AuditArgs {
-    #[command(subcommand)]
-    cmd: Option<AuditCmd>,
+struct LockdownArgs {
+    /// Admin source network admitted to SSH (e.g. 203.0.113.0/24).
+    #[arg(long, value_name = "CIDR", required_unless_present = "no_admin")]
+    admin: Option<String>,
+    /// Admit no one, SSH included (until `portcullis enforce` or a reboot).
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +270,16 @@ impl ChangeFlags {
     }
 }
 
+/// The body of a lockdown request.
+fn lockdown(l: &LockdownArgs) -> Value {
+    if l.no_admin {
+        eprintln!(
+            "lockdown without --admin: SSH is blocked from everywhere until `portcullis enforce` or a reboot"
+        );
+    }
+    json!({ "mode": "lockdown", "admin": l.admin })
+}
+
 fn main() -> anyhow::Result<()> {
     // Like other command-line tools, end quietly when the reader of our
     // output goes away (`portcullis status | head -1`) instead of panicking
@@ -300,16 +326,25 @@ fn main() -> anyhow::Result<()> {
         }) => {
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
-            let rules: RuleSet = if file.extension().is_some_and(|e| e == "toml") {
-                toml::from_str(&text)
-                    .with_context(|| format!("{} is not a rule set", file.display()))?
-            } else {
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a rule set", file.display()))?
-            };
+            // Without an `ssh` key the live SSH exemption stays as it is.
+            let rules: portcullis::rules::Replacement =
+                if file.extension().is_some_and(|e| e == "toml") {
+                    toml::from_str(&text)
+                        .with_context(|| format!("{} is not a rule set", file.display()))?
+                } else {
+                    serde_json::from_str(&text)
+                        .with_context(|| format!("{} is not a rule set", file.display()))?
+                };
             rules
+                .clone()
+                .over(&RuleSet::default())
                 .validate()
                 .with_context(|| format!("{}", file.display()))?;
+            if rules.ssh.as_ref().is_some_and(|s| !s.allow) {
+                eprintln!(
+                    "warning: this rule set turns the SSH exemption off: new SSH logins need a rule admitting the SSH port"
+                );
+            }
             call(
                 Method::PUT,
                 &expect("/v1/rules", expect_generation),
@@ -385,19 +420,31 @@ fn main() -> anyhow::Result<()> {
             json!({ "reasons": reasons })
         }
         Command::Counters { pin_dir: None } => call(Method::GET, "/v1/counters", None)?,
-        Command::Lockdown { admin } => call(
+        Command::Lockdown(l) => call(
             Method::PUT,
-            "/v1/mode",
-            Some(json!({ "mode": "lockdown", "admin": admin })),
+            &flags.path("/v1/mode", None),
+            Some(lockdown(&l)),
         )?,
-        Command::Open => call(Method::PUT, "/v1/mode", Some(json!({ "mode": "open" })))?,
-        Command::Enforce => call(Method::PUT, "/v1/mode", Some(json!({ "mode": "enforce" })))?,
-        Command::Audit(AuditArgs { cmd: None }) => {
-            call(Method::PUT, "/v1/mode", Some(json!({ "mode": "audit" })))?
+        Command::Open => call(
+            Method::PUT,
+            &flags.path("/v1/mode", None),
+            Some(json!({ "mode": "open" })),
+        )?,
+        Command::Enforce => call(
+            Method::PUT,
+            &flags.path("/v1/mode", None),
+            Some(json!({ "mode": "enforce" })),
+        )?,
+        Command::Mode(m) => {
+            let body = match &m {
+                ModeCmd::Enforce => json!({ "mode": "enforce" }),
+                ModeCmd::Audit => json!({ "mode": "audit" }),
+                ModeCmd::Open => json!({ "mode": "open" }),
+                ModeCmd::Lockdown(l) => lockdown(l),
+            };
+            call(Method::PUT, &flags.path("/v1/mode", None), Some(body))?
         }
-        Command::Audit(AuditArgs {
-            cmd: Some(AuditCmd::Verify { state_dir, head }),
-        }) => {
+        Command::Audit(AuditCmd::Verify { state_dir, head }) => {
             let head = match head {
                 Some(h) => Some(h),
                 None => std::fs::read_to_string(state_dir.join(portcullis::audit::HEAD)).ok(),

@@ -96,6 +96,13 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if args.check_config {
+        if !config.ssh.allow {
+            eprintln!(
+                "{}: warning: [ssh] allow is off: new SSH logins are dropped unless a rule admits port(s) {:?}",
+                args.config.display(),
+                config.ssh.ports
+            );
+        }
         println!("{}: ok", args.config.display());
         return Ok(());
     }
