@@ -35,7 +35,7 @@ fn cache() -> anyhow::Result<PathBuf> {
     let home = std::env::var("HOME").context("HOME not set")?;
     let dir = Path::new(&home).join(".cache/portcullis/vm");
     ensure!(
-        dir.join("ready-v1").exists(),
+        dir.join("ready-v2").exists(),
         "{} is missing: run `cargo xtask setup` (it fetches Debian 12's kernel, busybox and qemu)",
         dir.display()
     );
@@ -307,6 +307,25 @@ fn debian12_kernel_loads_attaches_and_enforces() {
     ] {
         assert!(vm.contains(&check), "{check} missing: {vm:#?}");
     }
+    // What the kernel shows attached: the ingress program as XDP, the
+    // egress program as a clsact filter (6.1 has no TCX: tc_attach = "auto"
+    // must have fallen back).
+    assert!(
+        vm.iter().any(|l| l.starts_with("link ")
+            && l.contains("prog/xdp")
+            && l.contains("portcullis_ingr")),
+        "no XDP program on pc0: {vm:#?}"
+    );
+    assert!(
+        vm.iter()
+            .any(|l| l.starts_with("qdisc ") && l.contains("clsact")),
+        "no clsact qdisc on pc0: {vm:#?}"
+    );
+    assert!(
+        vm.iter()
+            .any(|l| l.starts_with("egress ") && l.contains("portcullis_egress")),
+        "no egress filter on pc0: {vm:#?}"
+    );
     let boot = uptime_at(&console, "VM: uptime-at-init ");
     let started = uptime_at(&console, "VM: starting portcullisd at ");
     let ready = uptime_at(&console, "VM: daemon ready at ");

@@ -33,9 +33,8 @@ mkdir -p /tmp /var/lib/portcullis /run/netns
 echo "VM: kernel $(uname -r)"
 echo "VM: uptime-at-init $(cut -d' ' -f1 /proc/uptime)"
 
-for m in /lib/modules/*.ko; do
-    [ -e "$m" ] || continue
-    insmod "$m" || fail "insmod $m"
+for m in $(cat /lib/modules/load-order); do
+    insmod "/lib/modules/$m" || fail "insmod $m"
 done
 
 ip link set lo up

@@ -20,20 +20,27 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 
 /// Bump when anything below changes: the next setup fetches again.
-const RECIPE: &str = "v1";
+const RECIPE: &str = "v2";
 
 /// The metapackage whose dependency names the current 6.1 cloud kernel
 /// (`linux-image-6.1.0-N-cloud-amd64`); its `-unsigned` twin is fetched.
 const KERNEL_META: &str = "linux-image-cloud-amd64";
 
-/// Modules the guest loads (built as modules in Debian's cloud kernel; the
-/// BPF core, XDP and bpffs are built in): veth for the test's pair,
-/// sch_ingress for the clsact qdisc the egress program attaches to before
-/// TCX (6.6), cls_bpf for that qdisc's BPF filter.
+/// Modules the guest loads, in this order (built as modules in Debian's
+/// cloud kernel; the BPF core, XDP and bpffs are built in). A Debian host
+/// loads them on demand (the kernel runs modprobe); the guest has no
+/// modprobe, so its /init loads them from `kernel/modules/load-order`.
+/// veth: the test's pair. sch_ingress: the clsact qdisc the egress program
+/// attaches to before TCX (6.6); cls_bpf: that qdisc's BPF filter.
+/// inet_diag, tcp_diag, udp_diag: the sock_diag dumps the daemon seeds its
+/// connection table from at start.
 const MODULES: &[&str] = &[
     "drivers/net/veth.ko",
     "net/sched/sch_ingress.ko",
     "net/sched/cls_bpf.ko",
+    "net/ipv4/inet_diag.ko",
+    "net/ipv4/tcp_diag.ko",
+    "net/ipv4/udp_diag.ko",
 ];
 
 pub fn dir() -> anyhow::Result<PathBuf> {
@@ -118,12 +125,15 @@ fn fetch(dir: &Path) -> anyhow::Result<()> {
     )?;
     std::fs::write(kernel.join("release"), format!("{release}\n"))?;
     let modules = tree.join("lib/modules").join(&release).join("kernel");
+    let mut order = String::new();
     for m in MODULES {
         let from = modules.join(m);
         let name = from.file_name().context("module path")?.to_owned();
-        std::fs::copy(&from, kernel.join("modules").join(name))
+        std::fs::copy(&from, kernel.join("modules").join(&name))
             .with_context(|| format!("{} is not in {kernel_pkg}", from.display()))?;
+        order.push_str(&format!("{}\n", name.to_string_lossy()));
     }
+    std::fs::write(kernel.join("modules/load-order"), order)?;
     if !has_system_qemu() {
         let bin = dir.join("qemu/usr/bin/qemu-system-x86_64");
         ensure!(bin.exists(), "qemu-system-x86 unpacked without its binary");
