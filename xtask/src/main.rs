@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod deb;
 mod rootfs;
+mod vm;
 
 /// Nightly used for the BPF target (see daemon/build.rs); its LLVM must be
 /// the one bpf-linker links against.
@@ -267,6 +268,7 @@ fn setup() -> anyhow::Result<()> {
     apt_packages()?;
     bpffs()?;
     rootfs::ensure()?;
+    vm::ensure()?;
     deb::ensure_cargo_deb()?;
     eprintln!("setup: everything is in place");
     Ok(())
