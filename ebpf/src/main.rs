@@ -41,7 +41,14 @@ mod programs {
 
     /// XDP ingress: default deny. Built with `frags` so native XDP also loads
     /// on interfaces with jumbo MTUs; headers are always in the first buffer.
+    //
+    // `inline(always)` on each entry point: aya's macros call the function
+    // from the program's real entry, and a call is a second stack frame;
+    // kernels before 6.9 round each frame up to 32 bytes, which puts this
+    // program over the 512-byte stack limit (refused on 6.1 and 6.8,
+    // tests/tests/kernel_vm.rs).
     #[xdp(frags)]
+    #[inline(always)]
     pub fn portcullis_ingress(ctx: XdpContext) -> u32 {
         ingress(&ctx)
     }
@@ -50,6 +57,7 @@ mod programs {
     /// (which refuse a `frags` program); chosen by the daemon when the first
     /// does not load, or by `xdp_program = "single-buffer"`.
     #[xdp]
+    #[inline(always)]
     pub fn portcullis_ingress_single(ctx: XdpContext) -> u32 {
         ingress(&ctx)
     }
@@ -84,6 +92,7 @@ mod programs {
     /// (`drop_malformed`): a process with CAP_NET_RAW could otherwise send
     /// anything past the allowlist by making it unparsable.
     #[classifier]
+    #[inline(always)]
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
         let bytes = ctx.len() as u64;
         let c = self::ctx();
