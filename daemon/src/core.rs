@@ -561,7 +561,12 @@ impl Core {
         match &self.mode {
             Mode::Lockdown { admin } => {
                 let lockdown = lockdown_rules(&self.rules, admin.as_deref());
-                Ok(Some(compile::compile(&lockdown, &self.limits)?))
+                let mut image = compile::compile(&lockdown, &self.limits)?;
+                // Outbound is an allowlist in lockdown even without egress
+                // rules: nothing new leaves (an intruder's beacon included)
+                // but replies, the admin's flows and what a host always sends.
+                image.egress_allowlist = true;
+                Ok(Some(image))
             }
             _ => Ok(None),
         }
@@ -858,11 +863,44 @@ impl Core {
 }
 
 /// The rule set the data path runs in lockdown (see [`Core::effective`]).
+///
+/// SSH is admitted from the admin network only where the live rules admit
+/// it already (the exemption, or else ingress rules covering an SSH port):
+/// the intersection, so lockdown never admits SSH from more addresses than
+/// before.
 pub fn lockdown_rules(live: &RuleSet, admin: Option<&str>) -> RuleSet {
+    use ipnet::IpNet;
+    let admin: Option<IpNet> = admin.and_then(|a| crate::rules::parse_cidr(a).ok());
+    let live_ssh: Vec<IpNet> = if live.ssh.allow {
+        live.ssh.networks().unwrap_or_default()
+    } else {
+        live.ingress_rules
+            .iter()
+            .filter(|r| live.ssh.ports.iter().any(|&p| r.admits_tcp_port(p)))
+            .flat_map(|r| r.networks())
+            .collect()
+    };
+    let mut sources: Vec<IpNet> = Vec::new();
+    if let Some(admin) = admin {
+        for net in live_ssh {
+            let both = if admin.contains(&net) {
+                Some(net)
+            } else if net.contains(&admin) {
+                Some(admin)
+            } else {
+                None
+            };
+            if let Some(n) = both
+                && !sources.contains(&n)
+            {
+                sources.push(n);
+            }
+        }
+    }
     RuleSet {
         ssh: crate::rules::Ssh {
-            allow: admin.is_some(),
-            sources: admin.iter().map(ToString::to_string).collect(),
+            allow: !sources.is_empty(),
+            sources: sources.iter().map(ToString::to_string).collect(),
             ports: live.ssh.ports.clone(),
         },
         egress_rules: live.egress_rules.clone(),
@@ -879,5 +917,58 @@ fn release_free_memory() {
     // no preconditions and touches no live allocation.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn live(allow: bool, sources: &[&str]) -> RuleSet {
+        RuleSet {
+            ssh: crate::rules::Ssh {
+                allow,
+                sources: sources.iter().map(ToString::to_string).collect(),
+                ports: vec![22],
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn lockdown_admits_ssh_only_where_both_the_admin_network_and_the_live_rules_do() {
+        let ssh = |set: &RuleSet, admin: &str| lockdown_rules(set, Some(admin)).ssh;
+        // Admin inside the live sources: the admin network.
+        let s = ssh(&live(true, &["10.0.0.0/8"]), "10.1.0.0/16");
+        assert_eq!(
+            (s.allow, s.sources),
+            (true, vec!["10.1.0.0/16".to_string()])
+        );
+        // Admin wider than the live sources: still only the live sources.
+        let s = ssh(&live(true, &["10.1.2.0/24"]), "10.0.0.0/8");
+        assert_eq!(
+            (s.allow, s.sources),
+            (true, vec!["10.1.2.0/24".to_string()])
+        );
+        // Disjoint, or the exemption off with no rule for port 22: no SSH.
+        assert!(!ssh(&live(true, &["192.0.2.0/24"]), "10.0.0.0/8").allow);
+        assert!(!ssh(&live(false, &[]), "10.0.0.0/8").allow);
+        // The exemption off but a rule admitting 22 from 10/8: that.
+        let mut set = live(false, &[]);
+        set.ingress_rules.push(crate::rules::FirewallRule {
+            id: "ssh".into(),
+            from_port: 22,
+            to_port: 22,
+            ip_ranges: vec!["10.0.0.0/8".into()],
+            protocol: crate::rules::Protocol::Tcp,
+            description: None,
+        });
+        let s = ssh(&set, "10.9.0.0/16");
+        assert_eq!(
+            (s.allow, s.sources),
+            (true, vec!["10.9.0.0/16".to_string()])
+        );
+        // Without an admin network, nobody.
+        assert!(!lockdown_rules(&live(true, &[]), None).ssh.allow);
     }
 }

@@ -59,8 +59,9 @@ pub fn ruleset(ssh: &Ssh) -> String {
          \x20   type filter hook input priority filter; policy drop;\n\
          \x20   iif \"lo\" accept\n\
          \x20   ct state established,related accept\n\
-         \x20   icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, packet-too-big }} accept\n\
-         \x20   udp dport {{ 68, 546 }} accept\n\
+         \x20   ip6 hoplimit 255 icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert }} accept\n\
+         \x20   ip protocol udp udp sport 67 udp dport 68 accept\n\
+         \x20   ip6 nexthdr udp udp sport 547 udp dport 546 accept\n\
          {ssh_rules}\
          \x20 }}\n\
          }}\n"
@@ -128,6 +129,12 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("policy drop;"));
+        // Host essentials as narrow as the data path's: DHCP replies from
+        // the server port only, neighbour discovery from the link only
+        // (ICMP errors come in as `related` to tracked connections).
+        assert!(r.contains("udp sport 67 udp dport 68 accept"), "{r}");
+        assert!(r.contains("ip6 hoplimit 255 icmpv6 type"), "{r}");
+        assert!(!r.contains("udp dport { 68, 546 }"), "{r}");
     }
 
     #[test]

@@ -68,6 +68,13 @@ const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
+/// A TCP SYN without ACK: the first packet of a new connection, opened by
+/// whoever sends it. Never a reply.
+#[inline(always)]
+pub fn opens_tcp_connection(ip: &Ip) -> bool {
+    ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+}
+
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;

@@ -286,7 +286,13 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         IPPROTO_ICMPV6 => ip.icmp_type == ICMPV6_ECHO_REPLY,
         _ => false,
     };
-    if (echo_reply || key.is_some_and(|k| conntrack::tracked(Origin::In, &k)))
+    // A SYN opens a new connection from this host: it is never a reply,
+    // whatever flow its ports match (a remote can plant an inbound entry
+    // for any admitted port with one packet; a local user could then
+    // connect out from that port as if answering).
+    let reply = !conntrack::opens_tcp_connection(ip)
+        && key.is_some_and(|k| conntrack::tracked(Origin::In, &k));
+    if (echo_reply || reply)
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
     {

@@ -518,6 +518,37 @@ fn egress_allowlist_is_not_bypassed_from_a_served_source_port() {
     assert!(pins.counter(Reason::DropEgress) >= before + 3);
 }
 
+/// Finding (review): one forged non-SYN TCP packet (an RST draws no answer)
+/// from a remote to an admitted port planted an inbound-flow entry; a local
+/// user then connected *out* from that port to the remote as if answering:
+/// its SYN passed as a "reply" and opened an outbound flow. A SYN is never a
+/// reply now.
+#[test]
+fn a_planted_inbound_entry_does_not_let_a_local_user_connect_out() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    TcpServer::start(&pair.peer, sock(PEER_V4, 5356)).unwrap();
+    TcpServer::start(&pair.peer, sock(PEER_V4, 5357)).unwrap();
+    let served = sock(HOST_V4, 8888);
+    as_nobody(&pair.host, || tcp_from(served, sock(PEER_V4, 5356)))
+        .expect("control: TCP from port 8888 failed");
+    let (_cfg, _daemon) = start(&pair, &pins, SERVED_AND_ALLOWLIST);
+    // The remote plants the entry: an RST from 5357 to the served port
+    // (another port than the control's, whose 4-tuple is in TIME_WAIT).
+    let (h, p) = (v4(HOST_V4), v4(PEER_V4));
+    let rst = tcp(p.into(), h.into(), 5357, 8888, 1, 0x04);
+    let before = pins.counter(Reason::PassRule);
+    raw_send(&pair.peer, IpAddr::V4(h), libc::IPPROTO_TCP, &rst).unwrap();
+    pins.expect_counter(Reason::PassRule, before + 1);
+    // The local user "answers" by connecting out from the served port.
+    let escaped = as_nobody(&pair.host, || tcp_from(served, sock(PEER_V4, 5357))).is_ok();
+    assert!(
+        !escaped,
+        "nobody connected out past the allowlist on a planted inbound entry"
+    );
+}
+
 /// An inbound flow the rules admitted is tracked, but never admits a packet
 /// by itself: once its rule is removed, the next datagram of the flow is
 /// dropped at once, and so is the host's reply under the allowlist.

@@ -224,6 +224,31 @@ fn lockdown_narrows_egress_and_cuts_sessions_not_from_the_admin_network() {
     assert!(egress(&admitted, 5000));
 }
 
+/// Review finding: without egress rules, lockdown left outbound allow-all,
+/// so an intruder's program kept beaconing out (each datagram opened a flow
+/// whose replies came back). In lockdown outbound is an allowlist too.
+#[test]
+fn lockdown_stops_new_outbound_flows_even_without_egress_rules() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    let c2 = udp_bind(&pair.peer, sock(PEER_V4, 6001)).unwrap();
+    let beacon = || {
+        udp_send(&pair.host, sock(PEER_V4, 6001), b"beacon").unwrap();
+        udp_received(&c2)
+    };
+    assert!(beacon(), "outbound is allow-all before the lockdown");
+    json(cli(
+        &config,
+        &["--json", "lockdown", "--admin", "10.200.99.0/24"],
+    ));
+    assert!(!beacon(), "a new outbound flow left the host in lockdown");
+    json(cli(&config, &["--json", "enforce"]));
+    assert!(beacon());
+}
+
 /// A lockdown that admits nobody must not outlive a reboot: it would be a
 /// lockout that only a console can end. It does survive a daemon restart.
 #[test]
