@@ -627,14 +627,8 @@ impl Core {
                 confirm_by: None,
             });
         }
-        let admin = match &mode {
-            Mode::Lockdown { admin } => Some(
-                admin
-                    .as_deref()
-                    .and_then(|a| crate::rules::parse_cidr(a).ok()),
-            ),
-            _ => None,
-        };
+        // Lockdown: its admin network (parsed above), or none.
+        let admin = matches!(mode, Mode::Lockdown { .. }).then_some(admin_net);
         if let Some(Some(admin)) = admin {
             // The admin network's open connections are "established": they
             // stay, inbound ones the rules admitted included (not in the
