@@ -42,13 +42,13 @@ use tokio::{
     net::{UnixListener, UnixStream},
     sync::Mutex,
 };
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
     config::{ApiConfig, HealthConfig},
     core::{ChangeError, Changed, Core, Count, Mode, Options, Session},
     readiness::{Checker, Live, Report},
-    rules::{Cluster, FirewallRule, RuleSet},
+    rules::{Direction, EditError, FirewallRule, PeerEdit, RuleSet},
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/portcullis/portcullis.sock";
@@ -477,12 +477,17 @@ impl IntoResponse for ApiError {
 impl From<ChangeError> for ApiError {
     fn from(e: ChangeError) -> Self {
         let status = match &e {
-            ChangeError::Invalid(_) | ChangeError::TooLarge(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ChangeError::Invalid(_) | ChangeError::TooLarge(_) | ChangeError::Config(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             ChangeError::Conflict { .. }
-            | ChangeError::Exists(_)
+            | ChangeError::Edit(EditError::Exists(_))
             | ChangeError::LocksOutCaller(_)
+            | ChangeError::BlocksNextLogin(_)
+            | ChangeError::RuntimeChanges(_)
             | ChangeError::AwaitingConfirmation { .. } => StatusCode::CONFLICT,
-            ChangeError::NotFound(_) | ChangeError::NothingToConfirm => StatusCode::NOT_FOUND,
+            ChangeError::Edit(EditError::NoRule(_) | EditError::NoPeer(_))
+            | ChangeError::NothingToConfirm => StatusCode::NOT_FOUND,
             ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
@@ -589,7 +594,7 @@ impl Api {
         );
         let (log, left_out) = self.control.refusal(caller.uid);
         let mut core = self.core.lock().await;
-        core.refused_writes += 1;
+        core.refused_write();
         let (uid, pid) = (Some(caller.uid), caller.pid);
         if left_out > 0 {
             warn!(
@@ -731,7 +736,7 @@ async fn ready(State(api): State<Api>) -> (StatusCode, Json<Report>) {
 async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
     let readiness = readiness(&api).await;
     let mut core = api.core.lock().await;
-    let conntrack = match core.dataplane().conntrack_usage() {
+    let conntrack = match core.conntrack_usage() {
         Ok((entries, capacity)) => serde_json::json!({ "entries": entries, "capacity": capacity }),
         Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
     };
@@ -745,12 +750,12 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         enforcing: core.protected(),
         generation: core.generation(),
         hash: core.hash().to_string(),
-        interfaces: core.interfaces.clone(),
+        interfaces: core.interfaces().clone(),
         missing_interfaces: core.missing_interfaces(),
         rules: core.rules().ingress_rules.len() + core.rules().egress_rules.len(),
         counters,
-        refused_writes: core.refused_writes,
-        audit_head: core.audit.head().to_string(),
+        refused_writes: core.refused_writes(),
+        audit_head: core.audit_head().to_string(),
         mode: core.mode().clone(),
         conntrack,
         recent_drops: {
@@ -801,16 +806,8 @@ async fn put_rules(
             })
         })
         .await?;
-    arm(&api, &changed);
+    crate::core::watch_confirmation(&api.core, &changed);
     Ok(Json(changed))
-}
-
-/// Which list a single-rule change is for.
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum Direction {
-    Ingress,
-    Egress,
 }
 
 async fn add_rule(
@@ -825,24 +822,10 @@ async fn add_rule(
     let what = expect.label("add rule");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change(&opts, |live| {
-                if live
-                    .ingress_rules
-                    .iter()
-                    .chain(&live.egress_rules)
-                    .any(|r| r.id == rule.id)
-                {
-                    return Err(ChangeError::Exists(rule.id.clone()));
-                }
-                match direction {
-                    Direction::Ingress => live.ingress_rules.push(rule),
-                    Direction::Egress => live.egress_rules.push(rule),
-                }
-                Ok(())
-            })
+            core.change(&opts, |live| Ok(live.add_rule(direction, rule)?))
         })
         .await?;
-    arm(&api, &changed);
+    crate::core::watch_confirmation(&api.core, &changed);
     Ok((StatusCode::CREATED, Json(changed)))
 }
 
@@ -856,18 +839,10 @@ async fn remove_rule(
     let what = expect.label("remove rule");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change(&opts, |live| {
-                let before = live.ingress_rules.len() + live.egress_rules.len();
-                live.ingress_rules.retain(|r| r.id != id);
-                live.egress_rules.retain(|r| r.id != id);
-                if live.ingress_rules.len() + live.egress_rules.len() == before {
-                    return Err(ChangeError::NotFound(id.clone()));
-                }
-                Ok(())
-            })
+            core.change(&opts, |live| Ok(live.remove_rule(&id)?))
         })
         .await?;
-    arm(&api, &changed);
+    crate::core::watch_confirmation(&api.core, &changed);
     Ok(Json(changed))
 }
 
@@ -879,13 +854,6 @@ struct Peers {
     /// The cluster id, when there is no cluster yet.
     #[serde(default)]
     cluster: Option<String>,
-}
-
-#[derive(Clone, Copy)]
-enum PeerOp {
-    Add,
-    Remove,
-    Replace,
 }
 
 async fn get_peers(State(api): State<Api>) -> Json<serde_json::Value> {
@@ -903,7 +871,7 @@ async fn change_peers(
     caller: Caller,
     expect: Expect,
     body: Result<Json<Peers>, JsonRejection>,
-    op: PeerOp,
+    op: PeerEdit,
 ) -> Result<Json<Changed>, ApiError> {
     let Json(body) = body?;
     let opts = expect.options(&caller);
@@ -911,33 +879,11 @@ async fn change_peers(
     let changed = api
         .write(&caller, &what, |core| {
             core.change(&opts, |live| {
-                let cluster = live.cluster.get_or_insert_with(|| Cluster {
-                    id: body.cluster.clone().unwrap_or_else(|| "default".into()),
-                    ..Default::default()
-                });
-                match op {
-                    PeerOp::Replace => cluster.peers = body.peers.clone(),
-                    PeerOp::Add => {
-                        for p in &body.peers {
-                            if !cluster.peers.contains(p) {
-                                cluster.peers.push(p.clone());
-                            }
-                        }
-                    }
-                    PeerOp::Remove => {
-                        for p in &body.peers {
-                            if !cluster.peers.contains(p) {
-                                return Err(ChangeError::NotFound(p.clone()));
-                            }
-                        }
-                        cluster.peers.retain(|p| !body.peers.contains(p));
-                    }
-                }
-                Ok(())
+                Ok(live.edit_peers(op, &body.peers, body.cluster.as_deref())?)
             })
         })
         .await?;
-    arm(&api, &changed);
+    crate::core::watch_confirmation(&api.core, &changed);
     Ok(Json(changed))
 }
 
@@ -947,7 +893,7 @@ async fn add_peers(
     Query(expect): Query<Expect>,
     body: Result<Json<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    change_peers(api, caller, expect, body, PeerOp::Add).await
+    change_peers(api, caller, expect, body, PeerEdit::Add).await
 }
 
 async fn remove_peers(
@@ -956,7 +902,7 @@ async fn remove_peers(
     Query(expect): Query<Expect>,
     body: Result<Json<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    change_peers(api, caller, expect, body, PeerOp::Remove).await
+    change_peers(api, caller, expect, body, PeerEdit::Remove).await
 }
 
 async fn replace_peers(
@@ -965,7 +911,7 @@ async fn replace_peers(
     Query(expect): Query<Expect>,
     body: Result<Json<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    change_peers(api, caller, expect, body, PeerOp::Replace).await
+    change_peers(api, caller, expect, body, PeerEdit::Replace).await
 }
 
 #[derive(Serialize)]
@@ -1047,7 +993,7 @@ async fn metrics(State(api): State<Api>) -> Result<String, ApiError> {
     let _ = writeln!(
         out,
         "portcullis_api_refused_writes_total {}",
-        core.refused_writes
+        core.refused_writes()
     );
     let _ = writeln!(
         out,
@@ -1070,66 +1016,6 @@ fn label_value(s: &str) -> String {
         }
     }
     out
-}
-
-/// Starts the rollback timer of a change applied with a confirmation window.
-fn arm(api: &Api, changed: &Changed) {
-    if let Some(deadline) = changed.confirm_by {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        arm_rollback(
-            api.core.clone(),
-            changed.generation,
-            deadline.saturating_sub(now),
-        );
-    }
-}
-
-/// Rolls the pending change of `generation` back after `secs` unless it was
-/// confirmed. The timer is monotonic (a clock step does not move it); a
-/// failed rollback keeps the change pending and is retried.
-pub fn arm_rollback(core: Arc<Mutex<Core>>, generation: u64, secs: u64) {
-    const RETRY: Duration = Duration::from_secs(5);
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_secs(secs)).await;
-        loop {
-            let mut core = core.lock().await;
-            core.acting(crate::core::Actor {
-                action: "confirmation window".into(),
-                ..Default::default()
-            });
-            let rolled = core.roll_back(generation);
-            core.acting(crate::core::Actor::default());
-            match rolled {
-                Ok(Some(restored)) => {
-                    warn!(
-                        generation,
-                        restored, "change not confirmed in time: rolled back"
-                    );
-                    let _ = core.record(
-                        None,
-                        None,
-                        "confirmation window",
-                        "rolled back: not confirmed".into(),
-                    );
-                    return;
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    error!(generation, error = %e, "rollback failed; the change stays pending, retrying");
-                    let _ = core.record(
-                        None,
-                        None,
-                        "confirmation window",
-                        format!("rollback failed, retrying: {e}"),
-                    );
-                }
-            }
-            drop(core);
-            tokio::time::sleep(RETRY).await;
-        }
-    });
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1217,6 +1103,64 @@ async fn confirm(
     Ok(Json(serde_json::json!({ "confirmed": generation })))
 }
 
+/// Query parameters of a reload: `dry_run=true` (only report),
+/// `discard_runtime=true` (drop runtime changes the file would undo),
+/// `force=true` and `ssh_session` as for a change.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadQuery {
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub discard_runtime: bool,
+    #[serde(default)]
+    pub force: bool,
+    pub ssh_session: Option<String>,
+}
+
+/// `POST /v1/reload`: re-reads the configuration file and applies what it
+/// can, synchronously; the reply says what changed and what needs a
+/// restart. Refused (409) when it would drop runtime changes, naming them.
+async fn reload(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(q): Query<ReloadQuery>,
+) -> Result<Json<crate::core::Reloaded>, ApiError> {
+    let expect = Expect {
+        dry_run: q.dry_run,
+        force: q.force,
+        ssh_session: q.ssh_session,
+        ..Default::default()
+    };
+    let session = expect.options(&caller).caller_session;
+    let opts = crate::core::ReloadOptions {
+        dry_run: q.dry_run,
+        discard_runtime: q.discard_runtime,
+        force: q.force,
+        caller_session: session,
+    };
+    let what = expect.label(if q.discard_runtime {
+        "reload --discard-runtime"
+    } else {
+        "reload"
+    });
+    let reloaded = api
+        .write(&caller, &what, |core| core.reload_file(&opts))
+        .await?;
+    Ok(Json(reloaded))
+}
+
+/// `POST /v1/rules/save`: the live rule set becomes permanent.
+async fn save_rules(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+) -> Result<Json<crate::core::Saved>, ApiError> {
+    let saved = api
+        .write(&caller, "save rules", |core| core.save_rules())
+        .await?;
+    Ok(Json(saved))
+}
+
 async fn not_found() -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
@@ -1236,7 +1180,9 @@ pub fn router(api: Api) -> Router {
                 .put(put_rules)
                 .layer(DefaultBodyLimit::max(MAX_BODY)),
         )
+        .route("/v1/rules/save", post(save_rules).layer(small))
         .route("/v1/rules/{direction}", post(add_rule).layer(small))
+        .route("/v1/reload", post(reload).layer(small))
         .route("/v1/rule/{id}", delete(remove_rule).layer(small))
         .route(
             "/v1/peers",

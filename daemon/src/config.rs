@@ -85,7 +85,19 @@ pub struct Config {
     pub ingress_rules: Vec<FirewallRule>,
     #[serde(default)]
     pub egress_rules: Vec<FirewallRule>,
+    /// The permanent rule set `portcullis rules save` writes (default:
+    /// `saved/rules.toml` beside this file). While it exists it is the rule
+    /// set of this configuration: its `ingress_rules`, `egress_rules`,
+    /// `cluster` and `[ssh]` replace this file's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules_file: Option<PathBuf>,
+    /// The rules read from `rules_file` when it exists (by [`Config::load`]).
+    #[serde(skip)]
+    saved: Option<RuleSet>,
 }
+
+/// Where `portcullis rules save` writes, relative to the configuration.
+pub const SAVED_RULES: &str = "saved/rules.toml";
 
 /// The control socket, who may read and change rules through it, and the
 /// bounds no local user can push it past.
@@ -428,7 +440,47 @@ impl Config {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read config {}", path.display()))?;
-        Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))
+        let mut config =
+            Self::parse(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let saved = config.rules_file_path(path);
+        config.saved = read_saved_rules(&saved)?;
+        if config.saved.is_some() && config.has_own_rules() {
+            tracing::warn!(
+                config = %path.display(),
+                rules_file = %saved.display(),
+                "the rules of the config file are replaced by the saved rules file (`portcullis rules save` wrote it); edit that file, or remove it to use the config's rules"
+            );
+        }
+        Ok(config)
+    }
+
+    /// The saved rules file of the configuration at `config_path`.
+    pub fn rules_file_path(&self, config_path: &Path) -> PathBuf {
+        match &self.rules_file {
+            Some(p) => p.clone(),
+            None => config_path
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .join(SAVED_RULES),
+        }
+    }
+
+    /// Whether this file sets any rule key itself.
+    fn has_own_rules(&self) -> bool {
+        !self.ingress_rules.is_empty()
+            || !self.egress_rules.is_empty()
+            || self.cluster.is_some()
+            || self.ssh != Ssh::default()
+    }
+
+    /// The text of a saved rules file holding `rules`.
+    pub fn saved_rules_text(rules: &RuleSet) -> anyhow::Result<String> {
+        Ok(format!(
+            "# The permanent rule set, written by `portcullis rules save`.\n\
+             # While this file exists it replaces the rules of portcullis.toml;\n\
+             # edit it and run `portcullis reload`, or remove it to go back to them.\n\n{}",
+            toml::to_string(rules)?
+        ))
     }
 
     fn validate(&self) -> anyhow::Result<()> {
@@ -442,6 +494,11 @@ impl Config {
             && !dir.is_absolute()
         {
             bail!("pin_dir: {} must be an absolute path", dir.display());
+        }
+        if let Some(file) = &self.rules_file
+            && !file.is_absolute()
+        {
+            bail!("rules_file: {} must be an absolute path", file.display());
         }
         if let Some(unit) = &self.readiness.ssh_unit
             && !unit.contains('.')
@@ -496,8 +553,12 @@ impl Config {
         crate::links::Selector::new(&self.interfaces, &self.auto_include, &self.auto_exclude)
     }
 
-    /// The rules of this file as a rule set.
+    /// The rules of this configuration as a rule set: the saved rules file
+    /// when there is one, else this file's.
     pub fn rule_set(&self) -> RuleSet {
+        if let Some(saved) = &self.saved {
+            return saved.clone();
+        }
         RuleSet {
             ingress_rules: self.ingress_rules.clone(),
             egress_rules: self.egress_rules.clone(),
@@ -505,6 +566,21 @@ impl Config {
             ssh: self.ssh.clone(),
         }
     }
+}
+
+/// The saved rules file at `path`, if there is one, validated.
+fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    let rules: RuleSet =
+        toml::from_str(&text).with_context(|| format!("invalid rules file {}", path.display()))?;
+    rules
+        .validate()
+        .with_context(|| format!("invalid rules file {}", path.display()))?;
+    Ok(Some(rules))
 }
 
 #[cfg(test)]
@@ -581,6 +657,38 @@ ip_ranges = []
             let e = Config::parse(&format!("[ssh]\n{bad}\n")).unwrap_err();
             assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
         }
+    }
+
+    #[test]
+    fn a_saved_rules_file_replaces_the_files_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &path,
+            "[[ingress_rules]]\nid = \"web\"\nfrom_port = 80\nto_port = 80\n",
+        )
+        .unwrap();
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.rule_set().ingress_rules[0].id, "web");
+        let mut saved = c.rule_set();
+        saved.ingress_rules[0].id = "https".into();
+        saved.ssh.allow = true;
+        let file = c.rules_file_path(&path);
+        assert_eq!(file, dir.path().join(SAVED_RULES));
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, Config::saved_rules_text(&saved).unwrap()).unwrap();
+        assert_eq!(Config::load(&path).unwrap().rule_set(), saved);
+        // A bad saved file names itself.
+        std::fs::write(
+            &file,
+            "[[ingress_rules]]\nid = \"x\"\nfrom_port = 5\nto_port = 4\n",
+        )
+        .unwrap();
+        let e = format!("{:#}", Config::load(&path).unwrap_err());
+        assert!(
+            e.contains("saved/rules.toml") && e.contains("from_port"),
+            "{e}"
+        );
     }
 
     #[test]

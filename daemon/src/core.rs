@@ -20,7 +20,7 @@ use crate::{
     audit,
     compile::{self, CompileError, Image, Limits},
     dataplane::{self, Dataplane},
-    rules::{FirewallRule, RuleError, RuleSet},
+    rules::{EditError, FirewallRule, RuleError, RuleSet},
     state::Store,
 };
 
@@ -35,12 +35,21 @@ pub enum ChangeError {
         "generation {expected} expected, but {current} is live: someone else changed the rules; re-read and retry"
     )]
     Conflict { expected: u64, current: u64 },
-    #[error("no rule with id {0:?}")]
-    NotFound(String),
-    #[error("a rule with id {0:?} exists already")]
-    Exists(String),
-    #[error("the change would cut your own SSH session ({0}); pass force to apply it anyway")]
+    #[error("{0}")]
+    Edit(#[from] EditError),
+    #[error("the change would cut your own SSH session ({0}); use --force to apply it anyway")]
     LocksOutCaller(String),
+    #[error(
+        "the change turns SSH off for your own session's source ({0}): your next login would be dropped; use --force to apply it anyway"
+    )]
+    BlocksNextLogin(String),
+    #[error(
+        "the reload would drop runtime changes not in the configuration: {}; `portcullis rules save` makes them permanent, `portcullis reload --discard-runtime` drops them",
+        .0.join(", ")
+    )]
+    RuntimeChanges(Vec<String>),
+    #[error("{0}")]
+    Config(String),
     #[error(
         "generation {generation} awaits confirmation until {deadline} (Unix time); confirm it or wait for the rollback"
     )]
@@ -157,7 +166,7 @@ pub enum Mode {
 }
 
 /// What a change changes, by rule id.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Diff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
@@ -252,13 +261,13 @@ pub struct Core {
     /// survive changes.
     carried: HashMap<String, Count>,
     /// Protected interfaces and the XDP mode the kernel chose.
-    pub interfaces: BTreeMap<String, String>,
+    interfaces: BTreeMap<String, String>,
     /// Interfaces the configuration names (empty in automatic mode): those
     /// not in `interfaces` are reported as not protected.
     configured: Vec<String>,
     /// Writes refused for lack of permission (a metric to alert on).
-    pub refused_writes: u64,
-    pub audit: audit::Log,
+    refused_writes: u64,
+    audit: audit::Log,
     pending: Option<Pending>,
     mode: Mode,
     /// Rules the daemon's configuration adds to every rule set (the health
@@ -267,6 +276,44 @@ pub struct Core {
     /// Who is changing what, for the record written before a change goes
     /// live (see [`Core::acting`]).
     actor: Actor,
+    /// The configuration's rule set at the last apply: what differs from
+    /// it in the live set is a runtime change (see [`crate::reload`]).
+    baseline: RuleSet,
+    /// The configuration file and what it said at start (the settings only
+    /// a restart applies are compared with it).
+    config: Option<(std::path::PathBuf, crate::config::Config)>,
+}
+
+/// How a reload is made (`POST /v1/reload`, SIGHUP).
+#[derive(Clone, Debug, Default)]
+pub struct ReloadOptions {
+    /// Only say what would change.
+    pub dry_run: bool,
+    /// Drop runtime changes the new configuration would undo (audited).
+    pub discard_runtime: bool,
+    /// Apply even if it cuts the caller's own SSH session.
+    pub force: bool,
+    pub caller_session: Option<Session>,
+}
+
+/// The outcome of a reload (or of a dry run).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Reloaded {
+    pub config: String,
+    pub dry_run: bool,
+    /// The generation now live (for a dry run: still the old one).
+    pub generation: u64,
+    pub hash: String,
+    /// What changed: `+https`, `-web`, `~api`, `+peer CIDR`, `ssh`,
+    /// `allow_ping: false -> true`.
+    pub changes: Vec<String>,
+    pub diff: Diff,
+    pub would_cut: Vec<String>,
+    /// Settings that differ from what the daemon started with and that only
+    /// a restart applies.
+    pub restart_needed: Vec<String>,
+    /// Runtime changes dropped by `--discard-runtime`.
+    pub discarded: Vec<String>,
 }
 
 /// The caller of a change, as the audit log names it.
@@ -312,6 +359,7 @@ impl Core {
             store,
             limits,
             allow_ping,
+            baseline: rules.clone(),
             rules,
             generation,
             image,
@@ -324,6 +372,7 @@ impl Core {
             mode: Mode::Enforce,
             service,
             actor: Actor::default(),
+            config: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -379,8 +428,83 @@ impl Core {
         )
     }
 
-    pub fn dataplane(&mut self) -> &mut Dataplane {
-        &mut self.dataplane
+    /// Protected interfaces and the XDP mode the kernel chose for each.
+    pub fn interfaces(&self) -> &BTreeMap<String, String> {
+        &self.interfaces
+    }
+
+    /// Attaches the egress program to `ifname`: flows this host opens
+    /// through it from now on are recorded (the first step of protecting it).
+    pub fn record_outbound(
+        &mut self,
+        ifname: &str,
+        tc: crate::config::TcAttachMode,
+    ) -> anyhow::Result<dataplane::Attach> {
+        self.dataplane.attach_egress(ifname, tc)
+    }
+
+    /// Seeds the connection table with the connections open now, so they
+    /// survive the ingress filter; returns (open, seeded).
+    pub fn seed_open_connections(&mut self) -> anyhow::Result<(usize, usize)> {
+        let existing = crate::sockets::connections()?;
+        let seeded = self.dataplane.seed_connections(&existing)?;
+        Ok((existing.len(), seeded))
+    }
+
+    /// Attaches the ingress filter to `ifname` (egress first: see
+    /// [`Core::protect`]).
+    pub fn enforce_on(&mut self, ifname: &str) -> anyhow::Result<dataplane::Attach> {
+        self.dataplane.attach_ingress(ifname)
+    }
+
+    /// Protects a new interface: egress, then ingress.
+    pub fn protect(
+        &mut self,
+        ifname: &str,
+        tc: crate::config::TcAttachMode,
+    ) -> anyhow::Result<dataplane::Attach> {
+        self.record_outbound(ifname, tc)?;
+        self.enforce_on(ifname)
+    }
+
+    /// Records that `ifname` is protected, with the XDP mode the kernel chose.
+    pub fn protected_as(&mut self, ifname: &str, xdp_mode: String) {
+        self.interfaces.insert(ifname.to_string(), xdp_mode);
+    }
+
+    /// Forgets an interface that went away; whether it was protected.
+    pub fn interface_gone(&mut self, ifname: &str) -> bool {
+        self.interfaces.remove(ifname).is_some()
+    }
+
+    /// The drop-event ring buffer (taken once, by the event feed).
+    pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.dataplane.take_events()
+    }
+
+    /// Flows in the connection table, and its capacity.
+    pub fn conntrack_usage(&mut self) -> anyhow::Result<(usize, u32)> {
+        self.dataplane.conntrack_usage()
+    }
+
+    /// The ingress program variant loaded.
+    pub fn ingress_program(&self) -> &'static str {
+        self.dataplane.ingress_program()
+    }
+
+    /// Counts a write refused for lack of permission.
+    pub fn refused_write(&mut self) {
+        self.refused_writes += 1;
+    }
+
+    /// Writes refused for lack of permission since the daemon started.
+    pub fn refused_writes(&self) -> u64 {
+        self.refused_writes
+    }
+
+    /// The audit log's chain head.
+    pub fn audit_head(&self) -> &str {
+        self.audit.head()
     }
 
     pub fn rules(&self) -> &RuleSet {
@@ -488,6 +612,15 @@ impl Core {
         {
             return Err(ChangeError::LocksOutCaller(session.to_string()));
         }
+        // A session that survives on its open flow still loses its next
+        // login when SSH is turned off for its source.
+        if let Some(session) = &opts.caller_session
+            && !opts.force
+            && admits_login(session, &self.image)
+            && !admits_login(session, &image)
+        {
+            return Err(ChangeError::BlocksNextLogin(session.to_string()));
+        }
         if opts.dry_run {
             return Ok(Changed {
                 generation: self.generation,
@@ -592,31 +725,7 @@ impl Core {
     /// confirmation window does not apply to modes and is refused, not
     /// ignored.
     pub fn set_mode_with(&mut self, mode: Mode, opts: &Options) -> Result<Changed, ChangeError> {
-        let admin_net = match &mode {
-            Mode::Lockdown { admin: Some(a) } => {
-                Some(crate::rules::parse_cidr(a).map_err(|reason| {
-                    ChangeError::Invalid(crate::rules::RuleError {
-                        place: "lockdown".into(),
-                        field: "admin",
-                        reason,
-                    })
-                })?)
-            }
-            _ => None,
-        };
-        if opts.confirm_within.is_some() {
-            return Err(ChangeError::Invalid(crate::rules::RuleError {
-                place: "mode".into(),
-                field: "confirm_within",
-                reason: "a mode change has no confirmation window; `portcullis enforce` ends an emergency mode".into(),
-            }));
-        }
-        if let (Mode::Lockdown { .. }, Some(session)) = (&mode, &opts.caller_session)
-            && !opts.force
-            && !admin_net.is_some_and(|net| net.contains(&session.client.to_canonical()))
-        {
-            return Err(ChangeError::LocksOutCaller(session.to_string()));
-        }
+        let admin_net = mode_request(&mode, opts)?;
         if opts.dry_run {
             return Ok(Changed {
                 generation: self.generation,
@@ -821,16 +930,7 @@ impl Core {
             remote_port: s.client_port,
             tcp_syn_sent: false,
         };
-        if self.dataplane.has_flow(&dataplane::flow_key(&conn)) {
-            return true;
-        }
-        let slot = image.lookup(
-            DIR_INGRESS,
-            s.client.to_canonical(),
-            PCLASS_TCP,
-            s.server_port,
-        );
-        slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+        self.dataplane.has_flow(&dataplane::flow_key(&conn)) || admits_login(s, image)
     }
 
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,
@@ -853,6 +953,301 @@ impl Core {
             .into_iter()
             .map(|(r, c)| (r, c.into()))
             .collect())
+    }
+}
+
+impl Core {
+    /// Names the configuration file and what it said at start, and sets
+    /// the baseline: the saved one when the live set was restored from the
+    /// state directory (`restored`), else the configuration's rule set
+    /// (saved now). A missing or damaged saved baseline is replaced by the
+    /// configuration's rule set: every difference then counts as a runtime
+    /// change, which a reload refuses to drop rather than drop silently.
+    pub fn configured(
+        &mut self,
+        path: &std::path::Path,
+        config: crate::config::Config,
+        restored: bool,
+    ) -> anyhow::Result<()> {
+        self.configured = config.interfaces.clone();
+        let saved = if restored {
+            self.store.load_baseline().unwrap_or_else(|e| {
+                tracing::error!(error = %format!("{e:#}"), "the saved baseline is damaged; every difference from the config counts as a runtime change");
+                None
+            })
+        } else {
+            None
+        };
+        self.baseline = match saved {
+            Some(b) => b,
+            None => {
+                let b = config.rule_set();
+                self.store.save_baseline(&b)?;
+                b
+            }
+        };
+        self.config = Some((path.to_owned(), config));
+        Ok(())
+    }
+
+    /// Re-reads the configuration file and applies it ([`Core::reload`]),
+    /// logging the outcome.
+    pub fn reload_file(&mut self, opts: &ReloadOptions) -> Result<Reloaded, ChangeError> {
+        let path = match &self.config {
+            Some((path, _)) => path.clone(),
+            None => {
+                return Err(ChangeError::Config(
+                    "the daemon was started without a configuration file".into(),
+                ));
+            }
+        };
+        let result = crate::config::Config::load(&path)
+            .map_err(|e| ChangeError::Config(format!("{e:#}")))
+            .and_then(|new| self.reload(&path, new, opts));
+        match &result {
+            Ok(r) if r.dry_run => {}
+            Ok(r) => {
+                let changes = if r.changes.is_empty() {
+                    "no change".to_string()
+                } else {
+                    r.changes.join(" ")
+                };
+                let restart = if r.restart_needed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; needs a restart: {}", r.restart_needed.join(", "))
+                };
+                tracing::info!(generation = r.generation, hash = %r.hash, config = %path.display(), "reloaded: {changes}{restart}");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the live rule set is unchanged")
+            }
+        }
+        result
+    }
+
+    /// Applies `new`: its rule set replaces the live one (unless that drops
+    /// runtime changes and the caller did not ask to discard them), its
+    /// `allow_ping` takes effect, and the settings only a restart applies
+    /// are named.
+    pub fn reload(
+        &mut self,
+        path: &std::path::Path,
+        new: crate::config::Config,
+        opts: &ReloadOptions,
+    ) -> Result<Reloaded, ChangeError> {
+        let next = new.rule_set();
+        let conflicts = crate::reload::conflicts(&self.baseline, &self.rules, &next);
+        if !conflicts.is_empty() && !opts.discard_runtime {
+            return Err(ChangeError::RuntimeChanges(conflicts));
+        }
+        let restart_needed = self
+            .config
+            .as_ref()
+            .map(|(_, started)| crate::reload::restart_needed(started, &new))
+            .unwrap_or_default();
+        let settings = crate::reload::applied_settings(self.allow_ping, &new);
+        let change = Options {
+            allow_ping: Some(new.allow_ping),
+            dry_run: opts.dry_run,
+            force: opts.force,
+            caller_session: opts.caller_session.clone(),
+            ..Default::default()
+        };
+        let changed = self.change(&change, |live| {
+            *live = next.clone();
+            Ok(())
+        })?;
+        if !opts.dry_run {
+            self.baseline = next;
+            self.store
+                .save_baseline(&self.baseline)
+                .map_err(ChangeError::Internal)?;
+            if !conflicts.is_empty() {
+                let (uid, pid) = (self.actor.uid, self.actor.pid);
+                let outcome = audit::bounded(&format!("discarded: {}", conflicts.join(", ")), 2048);
+                self.record(uid, pid, "discard runtime changes", outcome)
+                    .map_err(ChangeError::Internal)?;
+            }
+        }
+        let mut changes = crate::reload::summary(&changed.diff);
+        changes.extend(settings);
+        Ok(Reloaded {
+            config: path.display().to_string(),
+            dry_run: changed.dry_run,
+            generation: changed.generation,
+            hash: changed.hash,
+            changes,
+            diff: changed.diff,
+            would_cut: changed.would_cut,
+            restart_needed,
+            discarded: if opts.discard_runtime {
+                conflicts
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// Makes the live rule set permanent (`portcullis rules save`): writes
+    /// it to the configuration's saved rules file, atomically, and makes it
+    /// the baseline. Refused while a change awaits confirmation.
+    pub fn save_rules(&mut self) -> Result<Saved, ChangeError> {
+        if let Some(p) = &self.pending {
+            return Err(ChangeError::AwaitingConfirmation {
+                generation: p.generation,
+                deadline: p.deadline,
+            });
+        }
+        let Some((path, config)) = &self.config else {
+            return Err(ChangeError::Config(
+                "the daemon was started without a configuration file".into(),
+            ));
+        };
+        let file = config.rules_file_path(path);
+        let text =
+            crate::config::Config::saved_rules_text(&self.rules).map_err(ChangeError::Internal)?;
+        crate::state::write_new_file(&file, text.as_bytes(), 0o644)
+            .map_err(ChangeError::Internal)?;
+        self.baseline = self.rules.clone();
+        self.store
+            .save_baseline(&self.baseline)
+            .map_err(ChangeError::Internal)?;
+        tracing::info!(file = %file.display(), generation = self.generation, "rules saved: the live rule set is permanent");
+        Ok(Saved {
+            file: file.display().to_string(),
+            generation: self.generation,
+            hash: self.image.hash.clone(),
+        })
+    }
+
+    /// Runtime changes: what differs between the live set and the baseline
+    /// (as a reload to the baseline would name them).
+    pub fn runtime_changes(&self) -> Vec<String> {
+        crate::reload::conflicts(&self.baseline, &self.rules, &self.baseline)
+    }
+}
+
+/// What `portcullis rules save` wrote.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Saved {
+    pub file: String,
+    pub generation: u64,
+    pub hash: String,
+}
+
+/// A mode change as asked, checked: the lockdown's admin network (parsed),
+/// a confirmation window refused (modes have none, and it is never
+/// ignored), a lockdown that leaves out the caller's own SSH source refused
+/// unless forced.
+fn mode_request(mode: &Mode, opts: &Options) -> Result<Option<ipnet::IpNet>, ChangeError> {
+    let admin_net = match mode {
+        Mode::Lockdown { admin: Some(a) } => {
+            Some(crate::rules::parse_cidr(a).map_err(|reason| {
+                ChangeError::Invalid(crate::rules::RuleError {
+                    place: "lockdown".into(),
+                    field: "admin",
+                    reason,
+                })
+            })?)
+        }
+        _ => None,
+    };
+    if opts.confirm_within.is_some() {
+        return Err(ChangeError::Invalid(crate::rules::RuleError {
+                place: "mode".into(),
+                field: "confirm_within",
+                reason: "a mode change has no confirmation window; `portcullis enforce` ends an emergency mode".into(),
+            }));
+    }
+    if let (Mode::Lockdown { .. }, Some(session)) = (mode, &opts.caller_session)
+        && !opts.force
+        && !admin_net.is_some_and(|net| net.contains(&session.client.to_canonical()))
+    {
+        return Err(ChangeError::LocksOutCaller(session.to_string()));
+    }
+    Ok(admin_net)
+}
+
+/// Whether `image` admits a new connection like the SSH session `s` (its
+/// client to its server port), whatever flows are open.
+fn admits_login(s: &Session, image: &Image) -> bool {
+    let slot = image.lookup(
+        DIR_INGRESS,
+        s.client.to_canonical(),
+        PCLASS_TCP,
+        s.server_port,
+    );
+    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+}
+
+/// The core as the daemon's tasks share it.
+pub type Shared = std::sync::Arc<tokio::sync::Mutex<Core>>;
+
+/// Starts the rollback timer of a change applied with a confirmation window
+/// (nothing when `changed` has none).
+pub fn watch_confirmation(core: &Shared, changed: &Changed) {
+    if let Some(deadline) = changed.confirm_by {
+        arm_rollback(
+            core.clone(),
+            changed.generation,
+            deadline.saturating_sub(unix_now()),
+        );
+    }
+}
+
+/// Rolls the pending change of `generation` back after `secs` unless it was
+/// confirmed: a task of the core's. The timer is monotonic (a clock step
+/// does not move it); a failed rollback keeps the change pending and is
+/// retried.
+pub fn arm_rollback(core: Shared, generation: u64, secs: u64) {
+    const RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+        while !core.lock().await.rollback_due(generation) {
+            tokio::time::sleep(RETRY).await;
+        }
+    });
+}
+
+impl Core {
+    /// The confirmation window of `generation` ended: rolls it back
+    /// (audited). Whether the timer is done (rolled back, or confirmed
+    /// meanwhile); `false`: the rollback failed and is to be retried.
+    fn rollback_due(&mut self, generation: u64) -> bool {
+        self.acting(Actor {
+            action: "confirmation window".into(),
+            ..Default::default()
+        });
+        let rolled = self.roll_back(generation);
+        self.acting(Actor::default());
+        match rolled {
+            Ok(Some(restored)) => {
+                tracing::warn!(
+                    generation,
+                    restored,
+                    "change not confirmed in time: rolled back"
+                );
+                let _ = self.record(
+                    None,
+                    None,
+                    "confirmation window",
+                    "rolled back: not confirmed".into(),
+                );
+                true
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::error!(generation, error = %e, "rollback failed; the change stays pending, retrying");
+                let _ = self.record(
+                    None,
+                    None,
+                    "confirmation window",
+                    format!("rollback failed, retrying: {e}"),
+                );
+                false
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`events`]: drop events from the ring buffer, for status and watch.
+//! - [`reload`]: runtime changes against the configuration's baseline (pure).
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
 //! - [`sshkeys`]: SSH key validation and injection into authorized_keys.
 //! - [`state`]: the live rule set on disk, written atomically (pure I/O).
@@ -40,6 +41,7 @@ pub mod fuzzing;
 pub mod journal;
 pub mod links;
 pub mod readiness;
+pub mod reload;
 pub mod rules;
 pub mod sockets;
 pub mod sshkeys;

@@ -179,7 +179,7 @@ pub struct Live {
 impl Live {
     pub fn of(core: &Core) -> Live {
         Live {
-            interfaces: core.interfaces.clone(),
+            interfaces: core.interfaces().clone(),
             missing: core.missing_interfaces(),
             admitted: core
                 .rules()

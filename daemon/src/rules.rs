@@ -209,6 +209,98 @@ impl Replacement {
     }
 }
 
+/// Which list of a rule set a rule belongs to.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// Why an edit of a rule set cannot be made.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EditError {
+    #[error("no rule with id {0:?}")]
+    NoRule(String),
+    #[error("no peer {0:?} in the cluster")]
+    NoPeer(String),
+    #[error("a rule with id {0:?} exists already")]
+    Exists(String),
+}
+
+/// How a list of peers changes the cluster's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerEdit {
+    Add,
+    Remove,
+    Replace,
+}
+
+impl RuleSet {
+    /// Adds `rule` to the `direction` list; ids are unique across both.
+    pub fn add_rule(&mut self, direction: Direction, rule: FirewallRule) -> Result<(), EditError> {
+        if self.rule(&rule.id).is_some() {
+            return Err(EditError::Exists(rule.id));
+        }
+        match direction {
+            Direction::Ingress => self.ingress_rules.push(rule),
+            Direction::Egress => self.egress_rules.push(rule),
+        }
+        Ok(())
+    }
+
+    /// Removes the rule with `id` from whichever list holds it.
+    pub fn remove_rule(&mut self, id: &str) -> Result<(), EditError> {
+        let before = self.ingress_rules.len() + self.egress_rules.len();
+        self.ingress_rules.retain(|r| r.id != id);
+        self.egress_rules.retain(|r| r.id != id);
+        if self.ingress_rules.len() + self.egress_rules.len() == before {
+            return Err(EditError::NoRule(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The rule with `id`, in either list.
+    pub fn rule(&self, id: &str) -> Option<&FirewallRule> {
+        self.ingress_rules
+            .iter()
+            .chain(&self.egress_rules)
+            .find(|r| r.id == id)
+    }
+
+    /// Adds, removes or replaces cluster peers; the cluster is created (with
+    /// `cluster_id`, else "default") when there is none. Removing a peer
+    /// that is not there is an error and changes nothing.
+    pub fn edit_peers(
+        &mut self,
+        edit: PeerEdit,
+        peers: &[String],
+        cluster_id: Option<&str>,
+    ) -> Result<(), EditError> {
+        let cluster = self.cluster.get_or_insert_with(|| Cluster {
+            id: cluster_id.unwrap_or("default").to_string(),
+            ..Default::default()
+        });
+        match edit {
+            PeerEdit::Replace => cluster.peers = peers.to_vec(),
+            PeerEdit::Add => {
+                for p in peers {
+                    if !cluster.peers.contains(p) {
+                        cluster.peers.push(p.clone());
+                    }
+                }
+            }
+            PeerEdit::Remove => {
+                if let Some(missing) = peers.iter().find(|p| !cluster.peers.contains(p)) {
+                    return Err(EditError::NoPeer(missing.clone()));
+                }
+                cluster.peers.retain(|p| !peers.contains(p));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A rule set that failed validation: where, which field, why.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("{place}: {field}: {reason}")]
@@ -422,6 +514,46 @@ mod tests {
             other_clusters: vec![],
         });
         assert_eq!(s.validate().unwrap_err().place, "cluster");
+    }
+
+    #[test]
+    fn edits_keep_ids_unique_and_say_what_is_missing() {
+        let mut set = RuleSet::default();
+        set.add_rule(Direction::Ingress, rule("web", 80, 80, &[]))
+            .unwrap();
+        assert_eq!(
+            set.add_rule(Direction::Egress, rule("web", 81, 81, &[])),
+            Err(EditError::Exists("web".into()))
+        );
+        assert_eq!(
+            set.remove_rule("nope"),
+            Err(EditError::NoRule("nope".into()))
+        );
+        set.remove_rule("web").unwrap();
+        assert!(set.ingress_rules.is_empty());
+        let peers = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        set.edit_peers(PeerEdit::Add, &peers(&["10.0.0.0/8"]), Some("c"))
+            .unwrap();
+        set.edit_peers(PeerEdit::Add, &peers(&["10.0.0.0/8", "10.1.0.0/16"]), None)
+            .unwrap();
+        let cluster = set.cluster.clone().unwrap();
+        assert_eq!((cluster.id.as_str(), cluster.peers.len()), ("c", 2));
+        let e = set
+            .edit_peers(
+                PeerEdit::Remove,
+                &peers(&["10.1.0.0/16", "192.0.2.0/24"]),
+                None,
+            )
+            .unwrap_err();
+        assert_eq!(e.to_string(), "no peer \"192.0.2.0/24\" in the cluster");
+        assert_eq!(
+            set.cluster.as_ref().unwrap().peers.len(),
+            2,
+            "a failed edit changed nothing"
+        );
+        set.edit_peers(PeerEdit::Replace, &peers(&["10.2.0.0/16"]), None)
+            .unwrap();
+        assert_eq!(set.cluster.unwrap().peers, peers(&["10.2.0.0/16"]));
     }
 
     #[test]

@@ -2,8 +2,12 @@
 //!
 //! Model of truth: the configuration file is the baseline. Whatever is live
 //! (the baseline, or a later change) is written here, atomically, each time
-//! it changes; on start the daemon restores it. Re-reading a changed
-//! configuration is an explicit reload (SIGHUP), which replaces the live set.
+//! it changes; on start the daemon restores it. The baseline itself (the
+//! configuration's rule set at the last apply) is kept beside it in
+//! `baseline.json`, so runtime changes are known across restarts (see
+//! [`crate::reload`]). Re-reading a changed configuration is an explicit
+//! reload (`portcullis reload`, SIGHUP), which replaces the live set unless
+//! that would drop runtime changes.
 //!
 //! Each write goes to a temporary file, is fsynced, and renamed over
 //! `live.json` after the previous version was kept as `live.prev.json`; the
@@ -26,6 +30,7 @@ const LIVE: &str = "live.json";
 const PREVIOUS: &str = "live.prev.json";
 const PENDING: &str = "pending.json";
 const MODE: &str = "mode.json";
+const BASELINE: &str = "baseline.json";
 const FORMAT: u32 = 1;
 
 #[derive(Serialize, Deserialize)]
@@ -98,6 +103,31 @@ impl Store {
             &serde_json::to_vec_pretty(&envelope)?,
             Some(PREVIOUS),
         )
+    }
+
+    /// Writes the baseline (the configuration's rule set at the last
+    /// apply), atomically and durably, checksummed like the live set.
+    pub fn save_baseline(&self, rules: &RuleSet) -> anyhow::Result<()> {
+        fs::create_dir_all(&self.dir)
+            .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
+        let envelope = Envelope {
+            format: FORMAT,
+            generation: 0,
+            sha256: compile::hash(rules),
+            rules: rules.clone(),
+        };
+        replace_file(
+            &self.dir,
+            BASELINE,
+            &serde_json::to_vec_pretty(&envelope)?,
+            None,
+        )
+    }
+
+    /// The baseline last saved (`None`: none yet); a damaged file is an
+    /// error naming it.
+    pub fn load_baseline(&self) -> anyhow::Result<Option<RuleSet>> {
+        Ok(read(&self.dir.join(BASELINE))?.map(|(rules, _)| rules))
     }
 
     /// Saves the data path's mode (enforce, audit, open, lockdown) with the
@@ -268,6 +298,46 @@ pub(crate) fn replace_file(
     write().with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// Writes `bytes` to `path` atomically and durably without following a
+/// link anywhere on the way: a new temporary file beside it (created
+/// exclusively, never through a link), fsynced, renamed over `path` (a link
+/// there is replaced, not followed), then the directory fsynced. The
+/// directory is created (0755) if missing.
+pub fn write_new_file(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        bail!("{} is not a file path", path.display());
+    };
+    let write = || -> std::io::Result<()> {
+        match fs::DirBuilder::new().mode(0o755).create(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let dir_file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(dir)?;
+        let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        dir_file.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn read(path: &Path) -> anyhow::Result<Option<(RuleSet, u64)>> {
     let bytes = match fs::read(path) {
         Ok(b) => b,
@@ -305,6 +375,39 @@ mod tests {
             "[[ingress_rules]]\nid = \"r\"\nfrom_port = {port}\nto_port = {port}\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn the_baseline_is_kept_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert_eq!(store.load_baseline().unwrap(), None);
+        store.save_baseline(&set(3)).unwrap();
+        assert_eq!(store.load_baseline().unwrap(), Some(set(3)));
+        let path = dir.path().join(BASELINE);
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, text.replace("\"from_port\": 3", "\"from_port\": 4")).unwrap();
+        let e = format!("{:#}", store.load_baseline().unwrap_err());
+        assert!(e.contains("baseline.json") && e.contains("checksum"), "{e}");
+    }
+
+    #[test]
+    fn new_files_replace_links_instead_of_following_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        fs::write(&target, "keep").unwrap();
+        let path = dir.path().join("saved").join("rules.toml");
+        write_new_file(&path, b"one", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "one");
+        fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_new_file(&path, b"two", 0o644).unwrap();
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        assert!(!fs::symlink_metadata(&path).unwrap().is_symlink());
+        // A link as the directory is refused.
+        let linked = dir.path().join("linked");
+        std::os::unix::fs::symlink(dir.path().join("saved"), &linked).unwrap();
+        assert!(write_new_file(&linked.join("rules.toml"), b"x", 0o644).is_err());
     }
 
     #[test]

@@ -65,6 +65,14 @@ enum Command {
     Metrics,
     /// Keep the change applied with --confirm-within.
     Confirm,
+    /// Re-read the configuration file and apply it (what `systemctl reload`
+    /// runs): says what changed and which settings need a restart. Refused
+    /// when it would drop runtime changes (`rules save` keeps them).
+    Reload {
+        /// Drop the runtime changes the configuration would undo.
+        #[arg(long)]
+        discard_runtime: bool,
+    },
     /// Follow drop events live (sampled), one line each.
     Watch,
     /// SSH keys.
@@ -181,6 +189,9 @@ enum RulesCmd {
         #[arg(long)]
         expect_generation: Option<u64>,
     },
+    /// Make the live rule set permanent: write it to the saved rules file
+    /// the configuration reads, so a reload or reboot keeps it.
+    Save,
     /// Remove the rule with this id.
     Remove {
         id: String,
@@ -268,6 +279,55 @@ impl ChangeFlags {
             format!("{path}?{}", q.join("&"))
         }
     }
+}
+
+/// A request to the daemon: method, path, JSON body; the JSON reply.
+type Call<'a> = &'a dyn Fn(Method, &str, Option<Value>) -> anyhow::Result<Value>;
+
+/// `portcullis reload`: a synchronous reload; fails (non-zero) with the
+/// daemon's reason when it is refused.
+fn reload(
+    call: Call,
+    flags: &ChangeFlags,
+    discard_runtime: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        flags.confirm_within.is_none(),
+        "--confirm-within: a reload has no confirmation window; use --dry-run to see what it would change"
+    );
+    let mut path = flags.path("/v1/reload", None);
+    if discard_runtime {
+        path.push(if path.contains('?') { '&' } else { '?' });
+        path.push_str("discard_runtime=true");
+    }
+    let reply = call(Method::POST, &path, None)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    let r: portcullis::core::Reloaded = serde_json::from_value(reply)?;
+    let what = if r.changes.is_empty() {
+        "no change".to_string()
+    } else {
+        r.changes.join(" ")
+    };
+    let verb = if r.dry_run {
+        "would reload"
+    } else {
+        "reloaded"
+    };
+    println!("{verb} {}: {what} (generation {})", r.config, r.generation);
+    if !r.discarded.is_empty() {
+        println!("discarded runtime changes: {}", r.discarded.join(", "));
+    }
+    if !r.restart_needed.is_empty() {
+        println!(
+            "needs a restart (systemctl restart portcullis): {}",
+            r.restart_needed.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The body of a lockdown request.
@@ -463,6 +523,10 @@ fn main() -> anyhow::Result<()> {
             anyhow::bail!("the audit log has {} problem(s)", problems.len());
         }
         Command::Confirm => call(Method::POST, "/v1/confirm", None)?,
+        Command::Reload { discard_runtime } => {
+            return reload(&call, &flags, discard_runtime, cli.json);
+        }
+        Command::Rules(RulesCmd::Save) => call(Method::POST, "/v1/rules/save", None)?,
         Command::Ssh(SshCmd::AddKey { user, keys, file }) => {
             let mut lines = keys;
             if let Some(f) = file {

@@ -29,13 +29,13 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket as _;
 use portcullis::{
     api,
-    config::{Config, DEFAULT_CONFIG_PATH, Fallback},
+    config::{Config, DEFAULT_CONFIG_PATH, Fallback, TcAttachMode},
     core::{self, Core},
     dataplane::{self, Dataplane},
     fallback, links,
     readiness::{self, SystemdView},
-    rules::Ssh,
-    sockets, state,
+    rules::{RuleSet, Ssh},
+    state,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -148,41 +148,77 @@ async fn run(
     store: state::Store,
     socket: PathBuf,
 ) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let signals = Signals::new()?;
     // What the host gets if enforcement cannot come up: the SSH exemption of
     // the rules that were live (else the file's).
-    let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.ssh.clone());
-    let Started {
-        core,
-        handle,
-        mut link_events,
-        mut protected,
-        selector,
-        writers_gid,
-        readers_gid,
-        pending,
-    } = match start(&config, &config_path, store).await {
+    let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
+    let (core, links, pending) = match start(&config, &config_path, store).await {
         Ok(started) => started,
         Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e)),
     };
     // systemd's soft limit is 1024: take the hard limit, and bound what
     // unprivileged API clients may hold below it.
     let fd_limit = api::raise_fd_limit();
-    let pin_dir = config.pin_dir();
-    let generation = core.generation();
-    let summary = core.protection_summary();
-    let core = Arc::new(Mutex::new(core));
+    let (generation, summary) = (core.generation(), core.protection_summary());
+    let core: core::Shared = Arc::new(Mutex::new(core));
     if let Some((generation, secs)) = pending {
         warn!(
             generation,
             secs, "a change awaits confirmation; it is rolled back unless confirmed in time"
         );
-        api::arm_rollback(core.clone(), generation, secs);
+        core::arm_rollback(core.clone(), generation, secs);
     }
+    let services = spawn_services(&config, &socket, core.clone()).await?;
+    info!(pin_dir = %config.pin_dir().display(), socket = %socket.display(), generation, fd_limit, status = %summary, "ready");
+    // Tell systemd (Type=notify) that the host is protected.
+    if let Err(e) = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&summary),
+    ]) {
+        warn!(error = %e, "cannot notify the service manager");
+    }
+    let result = event_loop(signals, &core, services, links).await;
+    let _ = std::fs::remove_file(&socket);
+    if result.is_ok() {
+        info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
+    }
+    result
+}
+
+/// The signals the daemon acts on.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// What the daemon serves once enforcing: the API and its server task.
+struct Services {
+    api: api::Api,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts the services around the core: the drop-event feed, systemd's
+/// view over D-Bus, the optional health endpoint and the API socket.
+async fn spawn_services(
+    config: &Config,
+    socket: &Path,
+    core: core::Shared,
+) -> anyhow::Result<Services> {
+    let writers_gid = config.api.writers_gid()?;
+    let readers_gid = config.api.readers_gid()?;
     let feed = portcullis::events::Feed::default();
-    let ring = core.lock().await.dataplane().take_events()?;
+    let ring = core.lock().await.take_events()?;
     tokio::spawn({
         let feed = feed.clone();
         async move {
@@ -201,7 +237,7 @@ async fn run(
     let api = api::Api {
         feed,
         request_timeout: std::time::Duration::from_secs(config.api.request_timeout_secs),
-        core: core.clone(),
+        core,
         writers: api::Writers { gid: writers_gid },
         control: Arc::new(api::Control::new(&config.api, readers_gid)),
         readiness: Arc::new(readiness::Checker::new(
@@ -216,99 +252,46 @@ async fn run(
         info!(listen = %health.listen, "health endpoint");
         tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
-    let listener = api::bind(&socket, readers_gid.or(writers_gid))?;
-    let mut server = tokio::spawn(api::serve(listener, api.clone()));
-    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), generation, fd_limit, status = %summary, "ready");
-    // Tell systemd (Type=notify) that the host is protected, and keep its
-    // watchdog fed while the loop runs.
-    if let Err(e) = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&summary),
-    ]) {
-        warn!(error = %e, "cannot notify the service manager");
-    }
+    let listener = api::bind(socket, readers_gid.or(writers_gid))?;
+    let server = tokio::spawn(api::serve(listener, api.clone()));
+    Ok(Services { api, server })
+}
+
+/// Runs until SIGTERM or SIGINT: readiness kept in `STATUS=` and the
+/// watchdog fed, reloads on SIGHUP, new and removed interfaces followed.
+async fn event_loop(
+    mut signals: Signals,
+    core: &core::Shared,
+    mut services: Services,
+    mut links: LinkWatch,
+) -> anyhow::Result<()> {
     // Readiness, re-evaluated every second and on every change systemd
     // reports: kept in STATUS= and logged when it changes.
     let mut recheck = tokio::time::interval(std::time::Duration::from_secs(1));
-    let mut systemd_changes = api.readiness.systemd();
+    let mut systemd_changes = services.api.readiness.systemd();
     let mut last_summary = String::new();
     let mut watchdog = tokio::time::interval(
         sd_notify::watchdog_enabled().map_or(std::time::Duration::from_secs(3600), |d| d / 2),
     );
-
     loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM"); break; }
-            _ = int.recv() => { info!("SIGINT"); break; }
-            _ = recheck.tick() => {
-                report_readiness(&api, &mut last_summary).await;
-            }
-            _ = systemd_changes.changed() => {
-                report_readiness(&api, &mut last_summary).await;
-            }
+            _ = signals.term.recv() => { info!("SIGTERM"); return Ok(()); }
+            _ = signals.int.recv() => { info!("SIGINT"); return Ok(()); }
+            _ = recheck.tick() => report_readiness(&services.api, &mut last_summary).await,
+            _ = systemd_changes.changed() => report_readiness(&services.api, &mut last_summary).await,
             _ = watchdog.tick() => {
                 if sd_notify::watchdog_enabled().is_some() {
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
                 }
             }
-            _ = hup.recv() => {
-                let mut core = core.lock().await;
-                match Config::load(&config_path) {
-                    Err(e) => error!(error = %format!("{e:#}"), "reload refused; the live rule set is unchanged"),
-                    Ok(new) => {
-                        let opts = core::Options { allow_ping: Some(new.allow_ping), ..Default::default() };
-                        core.acting(core::Actor { action: "reload".into(), ..Default::default() });
-                        let result = core.change(&opts, |live| { *live = new.rule_set(); Ok(()) });
-                        core.acting(core::Actor::default());
-                        let outcome = match &result {
-                            Ok(c) => { info!(generation = c.generation, hash = %c.hash, config = %config_path.display(), "reloaded: rules live"); "applied".to_string() }
-                            Err(e) => { error!(error = %e, "reload refused; the live rule set is unchanged"); format!("refused: {e}") }
-                        };
-                        if let Err(e) = core.record(None, None, "reload", outcome) {
-                            error!(error = %format!("{e:#}"), "cannot write the audit log");
-                        }
-                    }
-                }
-            }
-            event = link_events.next() => {
+            _ = signals.hup.recv() => reload_on_hangup(core).await,
+            event = links.events.next() => {
                 let Some((message, _)) = event else {
                     anyhow::bail!("the rtnetlink event stream ended");
                 };
-                match message.payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(msg)) => {
-                        let Some(link) = links::Link::from_message(&msg) else { continue };
-                        if protected.contains(&link.name) || !selector.wants(&link) {
-                            continue;
-                        }
-                        // A failure here leaves other interfaces protected; say
-                        // which interface is open and keep running.
-                        let mut core = core.lock().await;
-                        let result = core
-                            .dataplane()
-                            .attach_egress(&link.name, config.tc_attach)
-                            .and_then(|_| core.dataplane().attach_ingress(&link.name));
-                        match result {
-                            Ok(how) => {
-                                let mode = xdp_mode(&handle, &link.name).await;
-                                info!(interface = %link.name, attach = ?how, xdp_mode = %mode, "enforcing");
-                                core.interfaces.insert(link.name.clone(), mode);
-                                protected.insert(link.name);
-                            }
-                            Err(e) => error!(interface = %link.name, error = %format!("{e:#}"), "cannot protect new interface"),
-                        }
-                    }
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(msg)) => {
-                        if let Some(link) = links::Link::from_message(&msg)
-                            && protected.remove(&link.name)
-                        {
-                            core.lock().await.interfaces.remove(&link.name);
-                            info!(interface = %link.name, "interface removed");
-                        }
-                    }
-                    _ => {}
-                }
+                links.handle(core, message).await;
             }
-            stopped = &mut server => {
+            stopped = &mut services.server => {
                 // The data path stays pinned; the service manager restarts us.
                 return match stopped {
                     Ok(Err(e)) => Err(e.context("the API server stopped")),
@@ -317,43 +300,91 @@ async fn run(
             }
         }
     }
-    let _ = std::fs::remove_file(&socket);
-    info!("exiting; enforcement stays pinned (portcullisd --detach removes it)");
-    Ok(())
 }
 
-/// What [`start`] brought up: enforcement, and what the loop needs.
-struct Started {
-    core: Core,
+/// SIGHUP: the same reload as `portcullis reload` (`POST /v1/reload`),
+/// without discarding runtime changes; the core logs the outcome.
+async fn reload_on_hangup(core: &core::Shared) {
+    let mut core = core.lock().await;
+    core.acting(core::Actor {
+        action: "reload".into(),
+        ..Default::default()
+    });
+    let result = core.reload_file(&core::ReloadOptions::default());
+    core.acting(core::Actor::default());
+    let outcome = match &result {
+        Ok(r) if r.changes.is_empty() => "applied: no change".to_string(),
+        Ok(r) => format!("applied: {}", r.changes.join(" ")),
+        Err(e) => format!("refused: {e}"),
+    };
+    if let Err(e) = core.record(None, None, "reload", outcome) {
+        error!(error = %format!("{e:#}"), "cannot write the audit log");
+    }
+}
+
+type LinkEvents = futures::channel::mpsc::UnboundedReceiver<(
+    netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    netlink_sys::SocketAddr,
+)>;
+
+/// The interfaces to protect, followed as links appear and go.
+struct LinkWatch {
     handle: rtnetlink::Handle,
-    link_events: futures::channel::mpsc::UnboundedReceiver<(
-        netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
-        netlink_sys::SocketAddr,
-    )>,
+    events: LinkEvents,
     protected: HashSet<String>,
     selector: links::Selector,
-    writers_gid: Option<u32>,
-    readers_gid: Option<u32>,
-    /// A change awaiting confirmation: its generation and seconds left.
-    pending: Option<(u64, u64)>,
+    tc_attach: TcAttachMode,
 }
 
-/// Everything up to enforcement, in order: rules live, egress attached,
-/// open connections seeded, ingress attached. Any error here means the host
-/// is not (fully) protected: the caller applies the fallback.
-async fn start(
-    config: &Config,
-    config_path: &Path,
-    store: state::Store,
-) -> anyhow::Result<Started> {
-    let selector = config.selector()?;
-    let writers_gid = config.api.writers_gid()?;
-    let readers_gid = config.api.readers_gid()?;
-    // Resolved once (a default pin directory depends on what is mounted), so
-    // loading, cleaning up and logging all name the same directory.
-    let pin_dir = config.pin_dir();
+impl LinkWatch {
+    /// A new link the selection wants is protected; a protected link that
+    /// goes away is forgotten.
+    async fn handle(
+        &mut self,
+        core: &core::Shared,
+        message: netlink_packet_core::NetlinkMessage<RouteNetlinkMessage>,
+    ) {
+        match message.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(msg)) => {
+                let Some(link) = links::Link::from_message(&msg) else {
+                    return;
+                };
+                if self.protected.contains(&link.name) || !self.selector.wants(&link) {
+                    return;
+                }
+                // A failure here leaves other interfaces protected; say
+                // which interface is open and keep running.
+                let mut core = core.lock().await;
+                match core.protect(&link.name, self.tc_attach) {
+                    Ok(how) => {
+                        let mode = xdp_mode(&self.handle, &link.name).await;
+                        info!(interface = %link.name, attach = ?how, xdp_mode = %mode, "enforcing");
+                        core.protected_as(&link.name, mode);
+                        self.protected.insert(link.name);
+                    }
+                    Err(e) => {
+                        error!(interface = %link.name, error = %format!("{e:#}"), "cannot protect new interface")
+                    }
+                }
+            }
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(msg)) => {
+                if let Some(link) = links::Link::from_message(&msg)
+                    && self.protected.remove(&link.name)
+                {
+                    core.lock().await.interface_gone(&link.name);
+                    info!(interface = %link.name, "interface removed");
+                }
+            }
+            _ => {}
+        }
+    }
+}
 
-    // Subscribe to link events before listing links, so none is missed.
+/// Subscribes to link events, then lists the links to protect now (in
+/// that order, so none is missed).
+async fn subscribe_links(
+    selector: &links::Selector,
+) -> anyhow::Result<(rtnetlink::Handle, LinkEvents, Vec<String>)> {
     let (mut connection, handle, link_events) =
         rtnetlink::new_connection().context("opening rtnetlink")?;
     connection
@@ -377,18 +408,47 @@ async fn start(
             "no interface to protect yet; waiting for one to appear"
         );
     }
+    Ok((handle, link_events, targets))
+}
 
-    // The live set: what was live before a restart, else the config file.
-    let (rules, generation) = match store.load()? {
+/// The live set to start with: what was live before a restart (and
+/// whether it was restored), else the config file's rules.
+fn live_rules(
+    store: &state::Store,
+    config: &Config,
+    config_path: &Path,
+) -> anyhow::Result<(RuleSet, u64, bool)> {
+    Ok(match store.load()? {
         Some(restored) => {
             info!(generation = restored.generation, state_dir = %store.dir().display(), "restored the live rule set");
             if restored.rules != config.rule_set() {
-                warn!(config = %config_path.display(), "the config file differs from the live rule set; send SIGHUP (reload) to apply it");
+                warn!(config = %config_path.display(), "the config file differs from the live rule set; `portcullis reload` (or SIGHUP) applies it");
             }
-            (restored.rules, restored.generation)
+            (restored.rules, restored.generation, true)
         }
-        None => (config.rule_set(), 1),
-    };
+        None => (config.rule_set(), 1, false),
+    })
+}
+
+/// Everything up to enforcement, in order: rules live, egress attached,
+/// open connections seeded, ingress attached. Any error here means the host
+/// is not (fully) protected: the caller applies the fallback. Returns the
+/// core, the link watch and a change awaiting confirmation (its generation
+/// and seconds left).
+async fn start(
+    config: &Config,
+    config_path: &Path,
+    store: state::Store,
+) -> anyhow::Result<(Core, LinkWatch, Option<(u64, u64)>)> {
+    let selector = config.selector()?;
+    // Checked before anything is attached: a missing group fails the start.
+    config.api.writers_gid()?;
+    config.api.readers_gid()?;
+    // Resolved once (a default pin directory depends on what is mounted), so
+    // loading, cleaning up and logging all name the same directory.
+    let pin_dir = config.pin_dir();
+    let (handle, events, targets) = subscribe_links(&selector).await?;
+    let (rules, generation, restored) = live_rules(&store, config, config_path)?;
     let limits = config.capacity.limits();
     let dataplane = Dataplane::load_with(
         &pin_dir,
@@ -401,10 +461,7 @@ async fn start(
         program = dataplane.ingress_program(),
         "XDP ingress program loaded"
     );
-
-    // Rules first: a new ingress link never runs on empty maps. Then egress,
-    // so flows opened from now on are recorded; then the connections that
-    // already exist; only then the ingress filter.
+    // Rules first: a new ingress link never runs on empty maps.
     let mut core = Core::start(
         dataplane,
         store,
@@ -415,32 +472,9 @@ async fn start(
         config.service_rules(),
     )
     .context("making the rules live")?;
-    core.expect_interfaces(&config.interfaces);
+    core.configured(config_path, config.clone(), restored)?;
     info!(generation, hash = core.hash(), "rules live");
-    for ifname in &targets {
-        let how = core
-            .dataplane()
-            .attach_egress(ifname, config.tc_attach)
-            .with_context(|| format!("interface {ifname}"))?;
-        info!(interface = %ifname, attach = ?how, "recording outbound flows");
-    }
-    let existing = sockets::connections().context("listing open connections")?;
-    let seeded = core.dataplane().seed_connections(&existing)?;
-    info!(
-        connections = existing.len(),
-        seeded, "connection table seeded"
-    );
-    let mut protected = HashSet::new();
-    for ifname in &targets {
-        let how = core
-            .dataplane()
-            .attach_ingress(ifname)
-            .with_context(|| format!("interface {ifname}"))?;
-        let mode = xdp_mode(&handle, ifname).await;
-        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
-        core.interfaces.insert(ifname.clone(), mode);
-        protected.insert(ifname.clone());
-    }
+    let protected = protect_all(&mut core, &targets, &handle, config.tc_attach).await?;
     // Enforcing: a fallback policy from a failed start is no longer needed.
     if fallback::remove() {
         info!(
@@ -458,16 +492,46 @@ async fn start(
     for old in dataplane::remove_old_layouts(&pin_dir)? {
         info!(maps = %old.display(), "removed the maps of an older layout");
     }
-    Ok(Started {
-        core,
+    let links = LinkWatch {
         handle,
-        link_events,
+        events,
         protected,
         selector,
-        writers_gid,
-        readers_gid,
-        pending,
-    })
+        tc_attach: config.tc_attach,
+    };
+    Ok((core, links, pending))
+}
+
+/// Protects `targets`: egress first, so flows opened from now on are
+/// recorded; then the connections that already exist; only then the
+/// ingress filter.
+async fn protect_all(
+    core: &mut Core,
+    targets: &[String],
+    handle: &rtnetlink::Handle,
+    tc_attach: TcAttachMode,
+) -> anyhow::Result<HashSet<String>> {
+    for ifname in targets {
+        let how = core
+            .record_outbound(ifname, tc_attach)
+            .with_context(|| format!("interface {ifname}"))?;
+        info!(interface = %ifname, attach = ?how, "recording outbound flows");
+    }
+    let (connections, seeded) = core
+        .seed_open_connections()
+        .context("listing open connections")?;
+    info!(connections, seeded, "connection table seeded");
+    let mut protected = HashSet::new();
+    for ifname in targets {
+        let how = core
+            .enforce_on(ifname)
+            .with_context(|| format!("interface {ifname}"))?;
+        let mode = xdp_mode(handle, ifname).await;
+        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
+        core.protected_as(ifname, mode);
+        protected.insert(ifname.clone());
+    }
+    Ok(protected)
 }
 
 /// The last live rule set's SSH exemption, if one can be read.
