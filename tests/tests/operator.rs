@@ -179,3 +179,192 @@ fn a_rule_set_without_ssh_keeps_ssh_admitted() {
         "applying a rule set without ssh switched SSH off"
     );
 }
+
+/// Runtime and permanent (issue 21): a rule added at runtime used to be
+/// dropped silently by a reload. Now the reload refuses and names it;
+/// `rules save` makes it permanent (a reload then keeps it); and
+/// `--discard-runtime` drops runtime changes explicitly, audited.
+#[test]
+fn a_runtime_rule_survives_reload_or_the_reload_refuses_naming_it() {
+    require_root!();
+    let (pair, _pins, config, _d) = env_with("[ssh]\nallow = true\n");
+    TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    let add = |id: &str, port: &str| {
+        let out = cli(
+            &config,
+            &[
+                "rules",
+                "add",
+                "--id",
+                id,
+                "--from-port",
+                port,
+                "--to-port",
+                port,
+            ],
+        );
+        assert!(out.status.success(), "{}", said(&out));
+    };
+    add("https", "8443");
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+
+    let out = cli(&config, &["reload"]);
+    assert!(
+        !out.status.success()
+            && said(&out).contains("+https (ingress tcp+udp 8443 from any)")
+            && said(&out).contains("rules save"),
+        "the reload did not refuse naming the runtime rule: {}",
+        said(&out)
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok(),
+        "a refused reload dropped the runtime rule"
+    );
+
+    let out = cli(&config, &["rules", "save"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let saved = config.path().parent().unwrap().join("saved/rules.toml");
+    let text = std::fs::read_to_string(&saved).unwrap();
+    assert!(text.contains("https"), "{text}");
+    let out = cli(&config, &["reload"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok(),
+        "a reload after rules save dropped the saved rule"
+    );
+
+    add("web", "8080");
+    let out = cli(&config, &["reload", "--discard-runtime"]);
+    assert!(
+        out.status.success() && said(&out).contains("discarded runtime changes: +web"),
+        "{}",
+        said(&out)
+    );
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+    let log = std::fs::read_to_string(config.state_dir().join("audit.log")).unwrap();
+    assert!(
+        log.contains("discard runtime changes") && log.contains("discarded: +web"),
+        "{log}"
+    );
+}
+
+/// A config the reload refuses used to leave `systemctl reload` (SIGHUP)
+/// at exit 0, saying nothing: `portcullis reload` is synchronous and fails
+/// with the config's error.
+#[test]
+fn a_refused_config_makes_reload_exit_non_zero_with_the_error() {
+    require_root!();
+    let (pair, pins, config, _d) = env_with("[ssh]\nallow = true\n");
+    config
+        .rewrite(&config_text(
+            &pins,
+            "[ssh]\nallow = true\n[[ingress_rules]]\nid = \"x\"\nfrom_port = 5\nto_port = 4\n",
+        ))
+        .unwrap();
+    let out = cli(&config, &["reload"]);
+    assert!(
+        !out.status.success()
+            && said(&out).contains("from_port")
+            && said(&out).contains("invalid config"),
+        "{:?}: {}",
+        out.status,
+        said(&out)
+    );
+    TcpServer::start(&pair.host, sock(HOST_V4, 22)).unwrap();
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok());
+}
+
+/// Changing `interfaces` and reloading used to log "reloaded" and change
+/// nothing: the reload applies what it can (a new rule) and names what
+/// needs a restart, in its answer and in the journal line.
+#[test]
+fn a_reload_names_the_settings_that_need_a_restart() {
+    require_root!();
+    let (pair, pins, config, d) = env_with("[ssh]\nallow = true\n");
+    TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
+    let text = config_text(
+        &pins,
+        "[ssh]\nallow = true\n[[ingress_rules]]\nid = \"https\"\nfrom_port = 8443\nto_port = 8443\n",
+    )
+    .replace("interfaces = [\"pc0\"]", "interfaces = [\"pc0\", \"pcnew\"]");
+    config.rewrite(&text).unwrap();
+    let out = cli(&config, &["--dry-run", "reload"]);
+    assert!(
+        out.status.success()
+            && said(&out).contains("would reload")
+            && said(&out).contains("+https"),
+        "{}",
+        said(&out)
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_err(),
+        "a dry run applied"
+    );
+    let out = cli(&config, &["reload"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("+https")
+            && said(&out).contains("needs a restart")
+            && said(&out).contains("interfaces"),
+        "{}",
+        said(&out)
+    );
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+    assert!(
+        d.log()
+            .contains("reloaded: +https; needs a restart: interfaces"),
+        "{}",
+        d.log()
+    );
+}
+
+/// Turning SSH off over an SSH session is a self-lockout even when the
+/// session itself survives on its open flow: the next login would be
+/// dropped. Refused without `--force`, and the refusal says `--force`.
+#[test]
+fn turning_ssh_off_over_an_ssh_session_is_refused_without_force() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    // The session is open before the daemon starts: it is seeded into the
+    // connection table, so it survives any rule change.
+    TcpServer::start(&pair.host, sock(HOST_V4, 22)).unwrap();
+    let session = tcp_connect(&pair.peer, sock(HOST_V4, 22)).unwrap();
+    let client_port = session.local_addr().unwrap().port();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("no-ssh.json");
+    std::fs::write(&file, r#"{"ssh": {"allow": false}}"#).unwrap();
+    let apply = |force: bool| {
+        let mut c = Command::new(workspace_bin("portcullis").unwrap());
+        c.env(
+            "SSH_CONNECTION",
+            format!("{PEER_V4} {client_port} {HOST_V4} 22"),
+        )
+        .arg("--socket")
+        .arg(config.socket());
+        if force {
+            c.arg("--force");
+        }
+        c.args(["rules", "apply"]).arg(&file).output().unwrap()
+    };
+    let out = apply(false);
+    assert!(
+        !out.status.success()
+            && said(&out).contains("your next login would be dropped")
+            && said(&out).contains("--force"),
+        "{}",
+        said(&out)
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok(),
+        "a refused change turned SSH off"
+    );
+    let out = apply(true);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_err());
+    drop(session);
+}
