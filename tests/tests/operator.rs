@@ -187,7 +187,7 @@ fn a_rule_set_without_ssh_keeps_ssh_admitted() {
 #[test]
 fn a_runtime_rule_survives_reload_or_the_reload_refuses_naming_it() {
     require_root!();
-    let (pair, _pins, config, _d) = env_with("[ssh]\nallow = true\n");
+    let (pair, _pins, config, d) = env_with("[ssh]\nallow = true\n");
     TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
     TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
     let add = |id: &str, port: &str| {
@@ -208,6 +208,17 @@ fn a_runtime_rule_survives_reload_or_the_reload_refuses_naming_it() {
     };
     add("https", "8443");
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+
+    // SIGHUP (the old `systemctl reload`) takes the same path.
+    let log = d.reload().unwrap();
+    assert!(
+        log.contains("reload refused") && log.contains("+https"),
+        "{log}"
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok(),
+        "a reload (SIGHUP) dropped the runtime rule"
+    );
 
     let out = cli(&config, &["reload"]);
     assert!(
