@@ -706,6 +706,10 @@ struct Status {
     /// A change awaiting confirmation: its generation and deadline.
     #[serde(skip_serializing_if = "Option::is_none")]
     pending: Option<serde_json::Value>,
+    /// Runtime changes: what the live set holds that the configuration
+    /// does not (a reload refuses to drop them; `rules save` keeps them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    runtime_changes: Vec<String>,
 }
 
 /// Evaluates SSH readiness (the core's part under its lock, the probes of
@@ -769,6 +773,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         pending: core
             .pending()
             .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
+        runtime_changes: core.runtime_changes(),
     }))
 }
 

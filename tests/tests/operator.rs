@@ -233,6 +233,13 @@ fn a_runtime_rule_survives_reload_or_the_reload_refuses_naming_it() {
         "a refused reload dropped the runtime rule"
     );
 
+    let status: serde_json::Value =
+        serde_json::from_slice(&cli(&config, &["--json", "status"]).stdout).unwrap();
+    assert_eq!(
+        status["runtime_changes"],
+        serde_json::json!(["+https (ingress tcp+udp 8443 from any)"]),
+        "{status}"
+    );
     let out = cli(&config, &["rules", "save"]);
     assert!(out.status.success(), "{}", said(&out));
     let saved = config.path().parent().unwrap().join("saved/rules.toml");
