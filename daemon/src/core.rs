@@ -177,6 +177,24 @@ pub struct Diff {
 }
 
 impl Diff {
+    /// What a change did, as a journal line reads it: `+https -web ~api
+    /// +peer 10.0.0.0/8 ssh`.
+    pub fn summary(&self) -> Vec<String> {
+        let id = |k: &String| {
+            k.split_once(':')
+                .map_or(k.clone(), |(_, id)| id.to_string())
+        };
+        let mut out: Vec<String> = self.added.iter().map(|k| format!("+{}", id(k))).collect();
+        out.extend(self.removed.iter().map(|k| format!("-{}", id(k))));
+        out.extend(self.changed.iter().map(|k| format!("~{}", id(k))));
+        out.extend(self.peers_added.iter().map(|p| format!("+peer {p}")));
+        out.extend(self.peers_removed.iter().map(|p| format!("-peer {p}")));
+        if self.ssh_changed {
+            out.push("ssh".into());
+        }
+        out
+    }
+
     pub fn between(old: &RuleSet, new: &RuleSet) -> Diff {
         let index = |s: &RuleSet| -> BTreeMap<String, crate::rules::FirewallRule> {
             s.ingress_rules
@@ -1070,7 +1088,7 @@ impl Core {
                     .map_err(ChangeError::Internal)?;
             }
         }
-        let mut changes = crate::reload::summary(&changed.diff);
+        let mut changes = changed.diff.summary();
         changes.extend(settings);
         Ok(Reloaded {
             config: path.display().to_string(),
@@ -1322,6 +1340,25 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_diff_summary_reads_like_a_diff() {
+        let set = |id: &str| RuleSet {
+            ingress_rules: vec![crate::rules::FirewallRule {
+                id: id.into(),
+                from_port: 1,
+                to_port: 1,
+                ip_ranges: Vec::new(),
+                protocol: crate::rules::Protocol::Tcp,
+                description: None,
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            Diff::between(&set("web"), &set("https")).summary(),
+            ["+https", "-web"]
+        );
     }
 
     #[test]

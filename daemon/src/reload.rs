@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 
 use crate::{
     config::Config,
-    core::Diff,
     rules::{FirewallRule, RuleSet},
 };
 
@@ -108,24 +107,6 @@ fn rule_summary(r: &FirewallRule) -> String {
         r.ip_ranges.join(",")
     };
     format!("{proto} {ports} from {from}")
-}
-
-/// What a change did, as a journal line reads it: `+https -web ~api
-/// +peer 10.0.0.0/8 ssh`.
-pub fn summary(diff: &Diff) -> Vec<String> {
-    let id = |k: &String| {
-        k.split_once(':')
-            .map_or(k.clone(), |(_, id)| id.to_string())
-    };
-    let mut out: Vec<String> = diff.added.iter().map(|k| format!("+{}", id(k))).collect();
-    out.extend(diff.removed.iter().map(|k| format!("-{}", id(k))));
-    out.extend(diff.changed.iter().map(|k| format!("~{}", id(k))));
-    out.extend(diff.peers_added.iter().map(|p| format!("+peer {p}")));
-    out.extend(diff.peers_removed.iter().map(|p| format!("-peer {p}")));
-    if diff.ssh_changed {
-        out.push("ssh".into());
-    }
-    out
 }
 
 /// Settings a reload applies besides the rules (each `name: old -> new`).
@@ -245,11 +226,5 @@ mod tests {
             vec!["allow_ping: false -> true"]
         );
         assert!(restart_needed(&a, &a).is_empty());
-    }
-
-    #[test]
-    fn a_summary_reads_like_a_diff() {
-        let d = Diff::between(&set(WEB), &set(HTTPS));
-        assert_eq!(summary(&d), vec!["+https", "-web"]);
     }
 }
