@@ -485,7 +485,12 @@ impl From<ChangeError> for ApiError {
             ChangeError::NotFound(_) | ChangeError::NothingToConfirm => StatusCode::NOT_FOUND,
             ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
+        let message = match &e {
+            // The place in words (`ingress rule "web"`), not as an index.
+            ChangeError::Invalid(r) => format!("invalid rule set: {}", r.in_words()),
+            _ => e.to_string(),
+        };
+        ApiError(status, message)
     }
 }
 
@@ -677,30 +682,94 @@ fn audited(r: anyhow::Result<()>) -> Result<(), ApiError> {
     })
 }
 
-#[derive(Serialize)]
-struct Status {
+/// `GET /v1/status`: is the host protected, where, how (the CLI's
+/// `portcullis status` reads it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
     /// Every interface to protect is protected (none missing).
-    enforcing: bool,
-    generation: u64,
-    hash: String,
-    interfaces: BTreeMap<String, String>,
+    pub enforcing: bool,
+    pub generation: u64,
+    pub hash: String,
+    pub interfaces: BTreeMap<String, String>,
     /// Configured interfaces that are missing: not protected.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    missing_interfaces: Vec<String>,
-    rules: usize,
-    counters: BTreeMap<&'static str, Count>,
-    refused_writes: u64,
-    audit_head: String,
-    mode: Mode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_interfaces: Vec<String>,
+    pub rules: usize,
+    pub counters: BTreeMap<String, ReasonCount>,
+    pub refused_writes: u64,
+    pub audit_head: String,
+    pub mode: Mode,
     /// Flows in the connection table, and its capacity.
-    conntrack: serde_json::Value,
+    pub conntrack: Conntrack,
     /// The most recent drops (sampled: at most a few hundred a second).
-    recent_drops: Vec<crate::events::Event>,
+    pub recent_drops: Vec<crate::events::Event>,
     /// SSH readiness: each check with its state and reason.
-    readiness: Report,
+    pub readiness: Report,
     /// A change awaiting confirmation: its generation and deadline.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pending: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingWindow>,
+    /// The last change rolled back for want of confirmation, since the
+    /// daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<Rollback>,
+}
+
+/// A verdict counter, and whether its packets were passed or dropped (so
+/// no reader needs to guess from the name).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReasonCount {
+    pub packets: u64,
+    pub bytes: u64,
+    pub passes: bool,
+}
+
+impl ReasonCount {
+    fn of(reason: portcullis_common::Reason, c: Count) -> Self {
+        ReasonCount {
+            packets: c.packets,
+            bytes: c.bytes,
+            passes: reason.passes(),
+        }
+    }
+}
+
+/// The connection table's use, or why it could not be read.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conntrack {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A change awaiting confirmation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingWindow {
+    pub generation: u64,
+    /// Unix time (seconds) at which it is rolled back unless confirmed.
+    pub deadline: u64,
+}
+
+/// A change rolled back because nobody confirmed it in time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rollback {
+    /// The generation that was rolled back.
+    pub generation: u64,
+    /// The generation that restored the rules before it.
+    pub restored: u64,
+    /// Unix time (seconds) of the rollback.
+    pub time: u64,
+}
+
+/// The last rollback of this process (there is one core per daemon).
+static LAST_ROLLBACK: std::sync::Mutex<Option<Rollback>> = std::sync::Mutex::new(None);
+
+/// An error reply's body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
 }
 
 /// Evaluates SSH readiness (the core's part under its lock, the probes of
@@ -732,15 +801,17 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
     let readiness = readiness(&api).await;
     let mut core = api.core.lock().await;
     let conntrack = match core.dataplane().conntrack_usage() {
-        Ok((entries, capacity)) => serde_json::json!({ "entries": entries, "capacity": capacity }),
-        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        Ok((entries, capacity)) => Conntrack {
+            entries: u64::try_from(entries).ok(),
+            capacity: Some(capacity.into()),
+            error: None,
+        },
+        Err(e) => Conntrack {
+            error: Some(format!("{e:#}")),
+            ..Conntrack::default()
+        },
     };
-    let counters = core
-        .reason_counters()
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
-        .into_iter()
-        .map(|(r, c)| (r.name(), c))
-        .collect();
+    let counters = reason_counts(&core)?;
     Ok(Json(Status {
         enforcing: core.protected(),
         generation: core.generation(),
@@ -761,18 +832,34 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
                 .to_vec()
         },
         readiness,
-        pending: core
-            .pending()
-            .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
+        pending: core.pending().map(|p| PendingWindow {
+            generation: p.generation,
+            deadline: p.deadline,
+        }),
+        last_rollback: LAST_ROLLBACK
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
     }))
 }
 
-#[derive(Serialize)]
-struct Rules {
-    generation: u64,
-    hash: String,
+/// The verdict counters by reason name.
+fn reason_counts(core: &Core) -> Result<BTreeMap<String, ReasonCount>, ApiError> {
+    Ok(core
+        .reason_counters()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
+        .into_iter()
+        .map(|(r, c)| (r.name().to_string(), ReasonCount::of(r, c)))
+        .collect())
+}
+
+/// `GET /v1/rules`: the live rule set with its generation and hash.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Rules {
+    pub generation: u64,
+    pub hash: String,
     #[serde(flatten)]
-    rules: RuleSet,
+    pub rules: RuleSet,
 }
 
 async fn get_rules(State(api): State<Api>) -> Json<Rules> {
@@ -872,13 +959,21 @@ async fn remove_rule(
 }
 
 /// Peer CIDRs, for add, remove and replace.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Peers {
-    peers: Vec<String>,
+pub struct Peers {
+    pub peers: Vec<String>,
     /// The cluster id, when there is no cluster yet.
     #[serde(default)]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
+}
+
+/// `GET /v1/peers`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerList {
+    pub generation: u64,
+    pub cluster: String,
+    pub peers: Vec<String>,
 }
 
 #[derive(Clone, Copy)]
@@ -888,14 +983,14 @@ enum PeerOp {
     Replace,
 }
 
-async fn get_peers(State(api): State<Api>) -> Json<serde_json::Value> {
+async fn get_peers(State(api): State<Api>) -> Json<PeerList> {
     let core = api.core.lock().await;
     let cluster = core.rules().cluster.clone().unwrap_or_default();
-    Json(serde_json::json!({
-        "generation": core.generation(),
-        "cluster": cluster.id,
-        "peers": cluster.peers,
-    }))
+    Json(PeerList {
+        generation: core.generation(),
+        cluster: cluster.id,
+        peers: cluster.peers,
+    })
 }
 
 async fn change_peers(
@@ -968,21 +1063,18 @@ async fn replace_peers(
     change_peers(api, caller, expect, body, PeerOp::Replace).await
 }
 
-#[derive(Serialize)]
-struct Counters {
-    generation: u64,
-    reasons: BTreeMap<&'static str, Count>,
-    rules: BTreeMap<String, Count>,
+/// `GET /v1/counters`: by verdict reason, and by rule slot (`rule:<id>`,
+/// `cluster:<id>`, `ssh`; rules removed since the daemon started included).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Counters {
+    pub generation: u64,
+    pub reasons: BTreeMap<String, ReasonCount>,
+    pub rules: BTreeMap<String, Count>,
 }
 
 async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
     let mut core = api.core.lock().await;
-    let reasons = core
-        .reason_counters()
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
-        .into_iter()
-        .map(|(r, c)| (r.name(), c))
-        .collect();
+    let reasons = reason_counts(&core)?;
     Ok(Json(Counters {
         generation: core.generation(),
         reasons,
@@ -1107,6 +1199,13 @@ pub fn arm_rollback(core: Arc<Mutex<Core>>, generation: u64, secs: u64) {
                         generation,
                         restored, "change not confirmed in time: rolled back"
                     );
+                    *LAST_ROLLBACK.lock().unwrap_or_else(|p| p.into_inner()) = Some(Rollback {
+                        generation,
+                        restored,
+                        time: std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_secs()),
+                    });
                     let _ = core.record(
                         None,
                         None,
@@ -1209,12 +1308,20 @@ async fn put_mode(
     Ok(Json(changed))
 }
 
+/// `POST /v1/confirm`: the generation that stays.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Confirmed {
+    pub confirmed: u64,
+}
+
 async fn confirm(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Confirmed>, ApiError> {
     let generation = api.write(&caller, "confirm", |core| core.confirm()).await?;
-    Ok(Json(serde_json::json!({ "confirmed": generation })))
+    Ok(Json(Confirmed {
+        confirmed: generation,
+    }))
 }
 
 async fn not_found() -> ApiError {

@@ -157,7 +157,7 @@ pub enum Mode {
 }
 
 /// What a change changes, by rule id.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Diff {
     pub added: Vec<String>,
     pub removed: Vec<String>,
@@ -210,7 +210,7 @@ fn unix_now() -> u64 {
 }
 
 /// The outcome of an accepted change (or of a dry run).
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Changed {
     /// The generation now live (for a dry run: still the old one).
     pub generation: u64,
@@ -225,7 +225,7 @@ pub struct Changed {
     pub confirm_by: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,

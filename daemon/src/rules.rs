@@ -219,6 +219,49 @@ pub struct RuleError {
     pub reason: String,
 }
 
+impl RuleError {
+    /// The error with its place in words: `ingress rule "web": from_port:
+    /// ...` rather than `ingress_rules[3] (id "web"): ...`.
+    pub fn in_words(&self) -> String {
+        let place = ["ingress", "egress"]
+            .iter()
+            .find_map(|list| {
+                let rest = self.place.strip_prefix(list)?.strip_prefix("_rules[")?;
+                let id = rest.split_once("] (id ")?.1.strip_suffix(')')?;
+                Some(format!("{list} rule {id}"))
+            })
+            .unwrap_or_else(|| self.place.clone());
+        format!("{place}: {}: {}", self.field, self.reason)
+    }
+}
+
+/// Longest rule id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why `id` is not a rule id, if it is not: ids are names an operator types
+/// and that appear in URLs, metric labels and logs, so they are letters,
+/// digits and `-`, `_`, `.`, `:`, `@`, starting with a letter or digit.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("{} bytes long, more than {MAX_ID_LEN}", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed in an id (letters, digits, '-', '_', '.', ':' and '@' only)"
+        ));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or a digit".into());
+    }
+    Ok(())
+}
+
 /// Parses a CIDR (or a bare address, as a host route) and rejects host bits.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let net: IpNet = match text.parse() {
@@ -286,9 +329,7 @@ impl RuleSet {
                     field,
                     reason,
                 };
-                if rule.id.trim().is_empty() {
-                    return Err(err("id", "must not be empty".into()));
-                }
+                check_id(&rule.id).map_err(|e| err("id", e))?;
                 if rule.id.starts_with(RESERVED_ID_PREFIX) {
                     return Err(err(
                         "id",
@@ -307,6 +348,17 @@ impl RuleSet {
                     if port > u32::from(u16::MAX) {
                         return Err(err(field, format!("{port} is not a port (0-65535)")));
                     }
+                }
+                if rule.to_port == 0
+                    && matches!(
+                        rule.protocol,
+                        Protocol::TcpUdp | Protocol::Tcp | Protocol::Udp
+                    )
+                {
+                    return Err(err(
+                        "to_port",
+                        "port 0 is not a port: a TCP/UDP rule for port 0 admits nothing".into(),
+                    ));
                 }
                 if rule.from_port > rule.to_port {
                     return Err(err(
@@ -390,6 +442,34 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.reason.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn rejects_port_zero_and_odd_ids_naming_rule_and_field() {
+        let e = set(vec![rule("zero", 0, 0, &[])]).validate().unwrap_err();
+        assert_eq!(
+            e.in_words(),
+            "ingress rule \"zero\": to_port: port 0 is not a port: a TCP/UDP rule for port 0 admits nothing"
+        );
+        // ICMP has no ports; a range from 0 admits its other ports.
+        let mut icmp = rule("ping", 0, 0, &[]);
+        icmp.protocol = Protocol::Icmp;
+        set(vec![icmp, rule("all", 0, 65535, &[])])
+            .validate()
+            .unwrap();
+        for bad in ["a b", "a/b", "x\ny", "a#b", "%61", "..", "-x", "é"] {
+            let e = set(vec![rule(bad, 1, 2, &[])]).validate().unwrap_err();
+            assert_eq!(e.field, "id", "{bad:?}: {e}");
+            assert!(e.in_words().starts_with("ingress rule "), "{e}");
+        }
+        for good in ["web-8080", "a.b_c:d@e", "9000"] {
+            set(vec![rule(good, 1, 2, &[])]).validate().unwrap();
+        }
+        assert!(
+            set(vec![rule(&"a".repeat(129), 1, 2, &[])])
+                .validate()
+                .is_err()
+        );
     }
 
     #[test]
