@@ -234,7 +234,7 @@ fn json_errors_are_json() {
         "2",
     ]);
     assert!(!out.status.success());
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+    let doc: serde_json::Value = serde_json::from_slice(&out.stderr)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", said(&out)));
     assert!(doc["error"].as_str().unwrap().contains("id:"), "{doc}");
     assert_eq!(doc["status"], 422, "{doc}");

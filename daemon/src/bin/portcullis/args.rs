@@ -133,7 +133,10 @@ pub enum Command {
     /// Write shell completions (bash, zsh) and man pages into DIR (used by
     /// `cargo xtask deb`).
     #[command(hide = true)]
-    GenerateDocs { dir: PathBuf },
+    GenerateDocs {
+        /// Where to write them.
+        dir: PathBuf,
+    },
     /// Wait until the host is SSH-ready (enforcing, SSH unit active and
     /// listening, admitted by the rules, key authentication on). Exits 0 when
     /// it is; on timeout exits 1 and lists the checks that fail.

@@ -122,15 +122,15 @@ fn main() {
     std::process::exit(code);
 }
 
-/// An error for people (`error: ...` on stderr) or for scripts (a JSON
-/// object on stdout, the same words, plus the daemon's status when it
-/// answered).
+/// An error for people (`error: ...`) or for scripts (a JSON object: the
+/// same words, plus the daemon's status when it answered), on stderr so
+/// that stdout holds only documents.
 fn report_error(e: &anyhow::Error, json: bool) {
     let message = format!("{e:#}");
     if json {
         let status = e.downcast_ref::<client::Refused>().map(|r| r.status);
         let doc = serde_json::json!({ "error": message, "status": status });
-        println!(
+        eprintln!(
             "{}",
             serde_json::to_string_pretty(&doc).unwrap_or_else(|_| doc.to_string())
         );
@@ -171,5 +171,114 @@ fn command_changes(c: &Command) -> bool {
         Command::Rules(r) => !matches!(r, RulesCmd::List),
         Command::Peers(p) => !matches!(p, PeersCmd::List),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    const CHANGE_FLAGS: [&str; 4] = ["dry_run", "force", "confirm_within", "expect_generation"];
+
+    /// Every visible subcommand, argument and flag says what it is for.
+    fn check_help(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if !arg.is_hide_set() && id != "help" && id != "version" && arg.get_help().is_none() {
+                missing.push(format!("{path} {id}"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let name = format!("{path} {}", sub.get_name());
+            if sub.get_name() != "help" && !sub.is_hide_set() && sub.get_about().is_none() {
+                missing.push(name.clone());
+            }
+            check_help(sub, &name, missing);
+        }
+    }
+
+    #[test]
+    fn every_flag_and_subcommand_has_help() {
+        let mut missing = Vec::new();
+        check_help(&super::Cli::command(), "portcullis", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+    }
+
+    /// The change flags are offered on the commands that change something,
+    /// and only there.
+    #[test]
+    fn change_flags_only_on_changes() {
+        let cli = super::Cli::command();
+        let find = |path: &[&str]| -> clap::Command {
+            let mut c = cli.clone();
+            for p in path {
+                c = c
+                    .find_subcommand(p)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("{p}"));
+            }
+            c
+        };
+        let has = |c: &clap::Command, flag: &str| {
+            c.get_arguments()
+                .any(|a| a.get_id().as_str() == flag && !a.is_hide_set())
+        };
+        for read in [
+            &["status"][..],
+            &["rules", "list"],
+            &["peers", "list"],
+            &["counters"],
+            &["watch"],
+            &["metrics"],
+            &["confirm"],
+            &["audit-log", "show"],
+            &["wait-ready"],
+        ] {
+            let c = find(read);
+            for flag in CHANGE_FLAGS {
+                assert!(!has(&c, flag), "{read:?} offers --{flag}");
+            }
+        }
+        for change in [
+            &["allow"][..],
+            &["rules", "add"],
+            &["rules", "remove"],
+            &["rules", "apply"],
+            &["peers", "add"],
+            &["peers", "remove"],
+            &["peers", "replace"],
+        ] {
+            let c = find(change);
+            for flag in CHANGE_FLAGS {
+                assert!(has(&c, flag), "{change:?} lacks --{flag}");
+            }
+        }
+        for mode in [
+            &["lockdown"][..],
+            &["enforce"],
+            &["open"],
+            &["mode", "audit"],
+        ] {
+            let c = find(mode);
+            for flag in ["dry_run", "force", "confirm_within"] {
+                assert!(has(&c, flag), "{mode:?} lacks --{flag}");
+            }
+        }
+        // The top level keeps them for older scripts, hidden.
+        for flag in ["dry_run", "force", "confirm_within"] {
+            assert!(!has(&cli, flag), "top level shows --{flag}");
+        }
+    }
+
+    #[test]
+    fn rules_help_lists_the_real_subcommands() {
+        let mut cli = super::Cli::command();
+        let rules = cli.find_subcommand_mut("rules").unwrap();
+        let help = rules.render_long_help().to_string();
+        for sub in ["list", "apply", "add", "remove"] {
+            assert!(help.contains(&format!("  {sub} ")), "{help}");
+        }
+        let about = rules.get_about().unwrap().to_string();
+        assert!(about.contains("list, add, remove"), "{about}");
     }
 }

@@ -274,10 +274,19 @@ fn remove(ctx: &Ctx, which: &str, change: &RuleChange) -> anyhow::Result<()> {
             b.2.id
         ),
         (Some(r), _) | (None, Some(r)) => *r,
-        (None, None) => anyhow::bail!(
-            "no rule {which:?}: give a number from `portcullis rules list` (1-{}) or an id",
+        (None, None) if which.bytes().all(|b| b.is_ascii_digit()) => anyhow::bail!(
+            "no rule number {which}: `portcullis rules list` shows {} rule(s)",
             all.len()
         ),
+        // The daemon refuses it, naming it, and records the refusal.
+        (None, None) => {
+            return remove_id(
+                ctx,
+                which,
+                &ctx.change(&change.change),
+                change.expect_generation,
+            );
+        }
     };
     let flags = ctx.change(&change.change);
     // The number names the rule of the generation just read: refuse if the
@@ -290,6 +299,28 @@ fn remove(ctx: &Ctx, which: &str, change: &RuleChange) -> anyhow::Result<()> {
         &change_path(
             &format!("/v1/rule/{}", portcullis::client::path_segment(&rule.id)),
             &flags,
+            generation,
+        ),
+        None,
+        (&format!("Removed {what}"), &format!("remove {what}")),
+    )?;
+    Ok(())
+}
+
+/// Removes the rule `id` without looking it up first.
+fn remove_id(
+    ctx: &Ctx,
+    id: &str,
+    flags: &crate::args::Change,
+    generation: Option<u64>,
+) -> anyhow::Result<()> {
+    let what = format!("rule {id}");
+    apply_change::<()>(
+        ctx,
+        Method::DELETE,
+        &change_path(
+            &format!("/v1/rule/{}", portcullis::client::path_segment(id)),
+            flags,
             generation,
         ),
         None,

@@ -22,7 +22,8 @@ use crate::{
 pub fn status(ctx: &Ctx, pin_dir: &Path) -> anyhow::Result<i32> {
     let reply = match ctx.call(Method::GET, "/v1/status", None) {
         Ok(r) => r,
-        Err(e) => return pinned(ctx, pin_dir, &e),
+        Err(e) if daemon_down(&e) => return pinned(ctx, pin_dir, &e),
+        Err(e) => return Err(e),
     };
     let s: Status = reply.typed()?;
     if ctx.json {
@@ -31,6 +32,19 @@ pub fn status(ctx: &Ctx, pin_dir: &Path) -> anyhow::Result<i32> {
     }
     let protected = print_status(&s);
     Ok(if protected { 0 } else { EXIT_NOT_PROTECTED })
+}
+
+/// Whether `e` says nobody listens on the socket (rather than, say, that
+/// we may not connect).
+fn daemon_down(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            )
+        })
 }
 
 /// Prints the status for people; whether the host is protected.
