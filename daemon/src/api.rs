@@ -883,7 +883,9 @@ async fn put_rules(
     let changed = api
         .write(&caller, &what, |core| {
             core.change(&opts, |live| {
-                *live = rules.over(live);
+                let next = rules.over(live);
+                next.check_additions(live)?;
+                *live = next;
                 Ok(())
             })
         })
@@ -921,10 +923,12 @@ async fn add_rule(
                 {
                     return Err(ChangeError::Exists(rule.id.clone()));
                 }
+                let before = live.clone();
                 match direction {
                     Direction::Ingress => live.ingress_rules.push(rule),
                     Direction::Egress => live.egress_rules.push(rule),
                 }
+                live.check_additions(&before)?;
                 Ok(())
             })
         })

@@ -329,7 +329,9 @@ impl RuleSet {
                     field,
                     reason,
                 };
-                check_id(&rule.id).map_err(|e| err("id", e))?;
+                if rule.id.trim().is_empty() {
+                    return Err(err("id", "must not be empty".into()));
+                }
                 if rule.id.starts_with(RESERVED_ID_PREFIX) {
                     return Err(err(
                         "id",
@@ -348,17 +350,6 @@ impl RuleSet {
                     if port > u32::from(u16::MAX) {
                         return Err(err(field, format!("{port} is not a port (0-65535)")));
                     }
-                }
-                if rule.to_port == 0
-                    && matches!(
-                        rule.protocol,
-                        Protocol::TcpUdp | Protocol::Tcp | Protocol::Udp
-                    )
-                {
-                    return Err(err(
-                        "to_port",
-                        "port 0 is not a port: a TCP/UDP rule for port 0 admits nothing".into(),
-                    ));
                 }
                 if rule.from_port > rule.to_port {
                     return Err(err(
@@ -385,6 +376,47 @@ impl RuleSet {
             parse_cidrs(&cluster.other_clusters).map_err(|e| err("other_clusters", e))?;
         }
         self.ssh.validate()
+    }
+
+    /// Checks what a change brings in that `before` did not have: each new
+    /// or changed rule must have a plain id (see [`check_id`]) and, for TCP
+    /// and UDP, a port other than 0. Rules already live keep working as
+    /// they are (sets saved or sent before these checks existed load and
+    /// can be edited); what is added from now on is held to them.
+    pub fn check_additions(&self, before: &RuleSet) -> Result<(), RuleError> {
+        let old: std::collections::HashMap<&str, &FirewallRule> = before
+            .ingress_rules
+            .iter()
+            .chain(&before.egress_rules)
+            .map(|r| (r.id.as_str(), r))
+            .collect();
+        for (list, rules) in [
+            ("ingress_rules", &self.ingress_rules),
+            ("egress_rules", &self.egress_rules),
+        ] {
+            for (index, rule) in rules.iter().enumerate() {
+                if old.get(rule.id.as_str()) == Some(&rule) {
+                    continue;
+                }
+                let err = |field, reason: String| RuleError {
+                    place: format!("{list}[{index}] (id {:?})", rule.id),
+                    field,
+                    reason,
+                };
+                check_id(&rule.id).map_err(|e| err("id", e))?;
+                let ports_apply = matches!(
+                    rule.protocol,
+                    Protocol::TcpUdp | Protocol::Tcp | Protocol::Udp
+                );
+                if ports_apply && rule.to_port == 0 {
+                    return Err(err(
+                        "to_port",
+                        "port 0 is not a port: a TCP/UDP rule for port 0 admits nothing".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -446,7 +478,8 @@ mod tests {
 
     #[test]
     fn rejects_port_zero_and_odd_ids_naming_rule_and_field() {
-        let e = set(vec![rule("zero", 0, 0, &[])]).validate().unwrap_err();
+        let new = |s: RuleSet| s.check_additions(&RuleSet::default());
+        let e = new(set(vec![rule("zero", 0, 0, &[])])).unwrap_err();
         assert_eq!(
             e.in_words(),
             "ingress rule \"zero\": to_port: port 0 is not a port: a TCP/UDP rule for port 0 admits nothing"
@@ -454,22 +487,25 @@ mod tests {
         // ICMP has no ports; a range from 0 admits its other ports.
         let mut icmp = rule("ping", 0, 0, &[]);
         icmp.protocol = Protocol::Icmp;
-        set(vec![icmp, rule("all", 0, 65535, &[])])
-            .validate()
-            .unwrap();
+        new(set(vec![icmp, rule("all", 0, 65535, &[])])).unwrap();
         for bad in ["a b", "a/b", "x\ny", "a#b", "%61", "..", "-x", "é"] {
-            let e = set(vec![rule(bad, 1, 2, &[])]).validate().unwrap_err();
+            let e = new(set(vec![rule(bad, 1, 2, &[])])).unwrap_err();
             assert_eq!(e.field, "id", "{bad:?}: {e}");
             assert!(e.in_words().starts_with("ingress rule "), "{e}");
         }
         for good in ["web-8080", "a.b_c:d@e", "9000"] {
-            set(vec![rule(good, 1, 2, &[])]).validate().unwrap();
+            new(set(vec![rule(good, 1, 2, &[])])).unwrap();
         }
-        assert!(
-            set(vec![rule(&"a".repeat(129), 1, 2, &[])])
-                .validate()
-                .is_err()
-        );
+        assert!(new(set(vec![rule(&"a".repeat(129), 1, 2, &[])])).is_err());
+        // What is live already stays acceptable (sets saved before these
+        // checks); a changed rule is checked again.
+        let old = set(vec![rule("a b", 1, 2, &[]), rule("zero", 0, 0, &[])]);
+        let mut next = old.clone();
+        next.ingress_rules.push(rule("web", 80, 80, &[]));
+        next.check_additions(&old).unwrap();
+        next.validate().unwrap();
+        next.ingress_rules[0].to_port = 3;
+        assert_eq!(next.check_additions(&old).unwrap_err().field, "id");
     }
 
     #[test]

@@ -213,15 +213,11 @@ fn json_errors_are_json() {
     let env = Env::new("[ssh]\nallow = true\n");
     let out = env.cli(&["--json", "rules", "remove", "nosuch"]);
     assert!(!out.status.success());
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+    assert!(out.stdout.is_empty(), "{}", said(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stderr)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", said(&out)));
-    assert!(
-        doc["error"]
-            .as_str()
-            .unwrap()
-            .contains("no rule \"nosuch\""),
-        "{doc}"
-    );
+    assert_eq!(doc["error"], "no rule with id \"nosuch\"", "{doc}");
+    assert_eq!(doc["status"], 404, "{doc}");
     let out = env.cli(&[
         "--json",
         "rules",
