@@ -243,15 +243,15 @@ fn counters(ctx: &Ctx, pin_dir: Option<std::path::PathBuf>) -> anyhow::Result<()
                 let verdict = if r.passes() { "pass" } else { "drop" };
                 vec![
                     r.name().into(),
-                    verdict.into(),
                     c.packets.to_string(),
                     c.bytes.to_string(),
+                    verdict.into(),
                 ]
             })
             .collect();
         println!(
             "{}",
-            table(&["REASON", "VERDICT", "PACKETS", "BYTES"], &rows, &[2, 3])
+            table(&["REASON", "PACKETS", "BYTES", "VERDICT"], &rows, &[1, 2])
         );
         return Ok(());
     }
@@ -267,13 +267,13 @@ fn counters_text(c: &Counters, rules: &Rules) -> String {
         .map(|(name, r)| {
             vec![
                 name.clone(),
-                if r.passes { "pass" } else { "drop" }.into(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
+                if r.passes { "pass" } else { "drop" }.into(),
             ]
         })
         .collect();
-    let live: Vec<String> = rules
+    let live: std::collections::HashSet<String> = rules
         .rules
         .ingress_rules
         .iter()
@@ -291,15 +291,15 @@ fn counters_text(c: &Counters, rules: &Rules) -> String {
     let by_rule: Vec<Vec<String>> = c
         .rules
         .iter()
-        .filter(|(name, _)| live.contains(name))
+        .filter(|(name, _)| live.contains(name.as_str()))
         .map(|(name, r)| vec![name.clone(), r.packets.to_string(), r.bytes.to_string()])
         .collect();
     format!(
         "By verdict reason:\n{}\n\nBy rule (generation {}):\n{}",
         table(
-            &["REASON", "VERDICT", "PACKETS", "BYTES"],
+            &["REASON", "PACKETS", "BYTES", "VERDICT"],
             &reasons,
-            &[2, 3]
+            &[1, 2]
         ),
         c.generation,
         table(&["RULE", "PACKETS", "BYTES"], &by_rule, &[1, 2])
