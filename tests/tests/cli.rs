@@ -499,7 +499,13 @@ fn operator_transcript() {
     require_root!();
     let env = Env::new("[ssh]\nallow = true\n");
     TcpServer::start(&env.pair.host, sock(HOST_V4, 8080)).unwrap();
-    let mut transcript = String::new();
+    let mut transcript = String::from(
+        "# The everyday tasks as a new operator types them, run for real against a test\n\
+         # daemon protecting interface pc0 of a network namespace (no D-Bus there, so the\n\
+         # SSH unit checks say unknown). Made by:\n\
+         #   PORTCULLIS_WRITE_TRANSCRIPT=$PWD/docs/operator-transcript.txt \\\n\
+         #     cargo test -p portcullis-tests --test cli operator_transcript\n\n",
+    );
     let mut step = |args: &[&str], note: &str| -> String {
         let out = env.cli(args);
         let text = said(&out);
@@ -551,6 +557,10 @@ fn operator_transcript() {
     );
     step(&["status"], "");
     step(&["confirm"], "");
+    step(
+        &["mode", "lockdown", "--admin", "10.200.0.2/32", "--dry-run"],
+        "Emergency: what would a lockdown do?",
+    );
     step(
         &["mode", "lockdown", "--admin", "10.200.0.2/32"],
         "Emergency: lockdown, SSH from the admin network only.",
