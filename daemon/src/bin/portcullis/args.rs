@@ -75,6 +75,11 @@ pub enum Command {
     /// Whether the host is protected, on which interfaces, what it dropped;
     /// the pending confirmation and the last rollback. Without the daemon,
     /// what the pins still enforce.
+    ///
+    /// Exit status: 0 protected; 3 not protected (an interface missing, or
+    /// the audit or open mode); 4 the daemon is not running. With --json the
+    /// daemon's document is printed and the exit status is 0 whenever the
+    /// daemon answered (read `enforcing` and `mode`).
     Status {
         /// Where the daemon pins its programs (read when it is not running).
         #[arg(long, value_name = "DIR", default_value = DEFAULT_PIN_DIR)]
@@ -158,7 +163,7 @@ pub struct AllowArgs {
     /// A note shown in `rules list`.
     #[arg(long)]
     pub description: Option<String>,
-    /// The rule's id (default: generated from the port, like web-8080).
+    /// The rule's id (default: generated from the protocol and port, like tcp-8080).
     #[arg(long)]
     pub id: Option<String>,
     #[command(flatten)]
