@@ -46,7 +46,7 @@ use tracing::{info, warn};
 
 use crate::{
     config::{ApiConfig, HealthConfig},
-    core::{ChangeError, Changed, Core, Count, Mode, Options, Session},
+    core::{ChangeError, Changed, Core, Count, Mode, Options, Rollback, Session},
     readiness::{Checker, Live, Report},
     rules::{Direction, EditError, FirewallRule, PeerEdit, RuleSet},
 };
@@ -470,7 +470,7 @@ pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -490,7 +490,12 @@ impl From<ChangeError> for ApiError {
             | ChangeError::NothingToConfirm => StatusCode::NOT_FOUND,
             ChangeError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError(status, e.to_string())
+        let message = match &e {
+            // The place in words (`ingress rule "web"`), not as an index.
+            ChangeError::Invalid(r) => format!("invalid rule set: {}", r.in_words()),
+            _ => e.to_string(),
+        };
+        ApiError(status, message)
     }
 }
 
@@ -682,34 +687,84 @@ fn audited(r: anyhow::Result<()>) -> Result<(), ApiError> {
     })
 }
 
-#[derive(Serialize)]
-struct Status {
+/// `GET /v1/status`: is the host protected, where, how (the CLI's
+/// `portcullis status` reads it).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
     /// Every interface to protect is protected (none missing).
-    enforcing: bool,
-    generation: u64,
-    hash: String,
-    interfaces: BTreeMap<String, String>,
+    pub enforcing: bool,
+    pub generation: u64,
+    pub hash: String,
+    pub interfaces: BTreeMap<String, String>,
     /// Configured interfaces that are missing: not protected.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    missing_interfaces: Vec<String>,
-    rules: usize,
-    counters: BTreeMap<&'static str, Count>,
-    refused_writes: u64,
-    audit_head: String,
-    mode: Mode,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_interfaces: Vec<String>,
+    pub rules: usize,
+    pub counters: BTreeMap<String, ReasonCount>,
+    pub refused_writes: u64,
+    pub audit_head: String,
+    pub mode: Mode,
     /// Flows in the connection table, and its capacity.
-    conntrack: serde_json::Value,
+    pub conntrack: Conntrack,
     /// The most recent drops (sampled: at most a few hundred a second).
-    recent_drops: Vec<crate::events::Event>,
+    pub recent_drops: Vec<crate::events::Event>,
     /// SSH readiness: each check with its state and reason.
-    readiness: Report,
+    pub readiness: Report,
     /// A change awaiting confirmation: its generation and deadline.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pending: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<PendingWindow>,
+    /// The last change rolled back for want of confirmation, since the
+    /// daemon started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollback: Option<Rollback>,
     /// Runtime changes: what the live set holds that the configuration
     /// does not (a reload refuses to drop them; `rules save` keeps them).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    runtime_changes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub runtime_changes: Vec<String>,
+}
+
+/// A verdict counter, and whether its packets were passed or dropped (so
+/// no reader needs to guess from the name).
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReasonCount {
+    pub packets: u64,
+    pub bytes: u64,
+    pub passes: bool,
+}
+
+impl ReasonCount {
+    fn of(reason: portcullis_common::Reason, c: Count) -> Self {
+        ReasonCount {
+            packets: c.packets,
+            bytes: c.bytes,
+            passes: reason.passes(),
+        }
+    }
+}
+
+/// The connection table's use, or why it could not be read.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Conntrack {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A change awaiting confirmation.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PendingWindow {
+    pub generation: u64,
+    /// Unix time (seconds) at which it is rolled back unless confirmed.
+    pub deadline: u64,
+}
+
+/// An error reply's body.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
 }
 
 /// Evaluates SSH readiness (the core's part under its lock, the probes of
@@ -741,15 +796,17 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
     let readiness = readiness(&api).await;
     let mut core = api.core.lock().await;
     let conntrack = match core.conntrack_usage() {
-        Ok((entries, capacity)) => serde_json::json!({ "entries": entries, "capacity": capacity }),
-        Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+        Ok((entries, capacity)) => Conntrack {
+            entries: u64::try_from(entries).ok(),
+            capacity: Some(capacity.into()),
+            error: None,
+        },
+        Err(e) => Conntrack {
+            error: Some(format!("{e:#}")),
+            ..Conntrack::default()
+        },
     };
-    let counters = core
-        .reason_counters()
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
-        .into_iter()
-        .map(|(r, c)| (r.name(), c))
-        .collect();
+    let counters = reason_counts(&core)?;
     Ok(Json(Status {
         enforcing: core.protected(),
         generation: core.generation(),
@@ -770,19 +827,32 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
                 .to_vec()
         },
         readiness,
-        pending: core
-            .pending()
-            .map(|p| serde_json::json!({ "generation": p.generation, "deadline": p.deadline })),
+        pending: core.pending().map(|p| PendingWindow {
+            generation: p.generation,
+            deadline: p.deadline,
+        }),
+        last_rollback: core.last_rollback().cloned(),
         runtime_changes: core.runtime_changes(),
     }))
 }
 
-#[derive(Serialize)]
-struct Rules {
-    generation: u64,
-    hash: String,
+/// The verdict counters by reason name.
+fn reason_counts(core: &Core) -> Result<BTreeMap<String, ReasonCount>, ApiError> {
+    Ok(core
+        .reason_counters()
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
+        .into_iter()
+        .map(|(r, c)| (r.name().to_string(), ReasonCount::of(r, c)))
+        .collect())
+}
+
+/// `GET /v1/rules`: the live rule set with its generation and hash.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Rules {
+    pub generation: u64,
+    pub hash: String,
     #[serde(flatten)]
-    rules: RuleSet,
+    pub rules: RuleSet,
 }
 
 async fn get_rules(State(api): State<Api>) -> Json<Rules> {
@@ -806,7 +876,9 @@ async fn put_rules(
     let changed = api
         .write(&caller, &what, |core| {
             core.change(&opts, |live| {
-                *live = rules.over(live);
+                let next = rules.over(live);
+                next.check_additions(live)?;
+                *live = next;
                 Ok(())
             })
         })
@@ -827,7 +899,12 @@ async fn add_rule(
     let what = expect.label("add rule");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change(&opts, |live| Ok(live.add_rule(direction, rule)?))
+            core.change(&opts, |live| {
+                let before = live.clone();
+                live.add_rule(direction, rule)?;
+                live.check_additions(&before)?;
+                Ok(())
+            })
         })
         .await?;
     crate::core::watch_confirmation(&api.core, &changed);
@@ -852,23 +929,31 @@ async fn remove_rule(
 }
 
 /// Peer CIDRs, for add, remove and replace.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Peers {
-    peers: Vec<String>,
+pub struct Peers {
+    pub peers: Vec<String>,
     /// The cluster id, when there is no cluster yet.
     #[serde(default)]
-    cluster: Option<String>,
+    pub cluster: Option<String>,
 }
 
-async fn get_peers(State(api): State<Api>) -> Json<serde_json::Value> {
+/// `GET /v1/peers`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PeerList {
+    pub generation: u64,
+    pub cluster: String,
+    pub peers: Vec<String>,
+}
+
+async fn get_peers(State(api): State<Api>) -> Json<PeerList> {
     let core = api.core.lock().await;
     let cluster = core.rules().cluster.clone().unwrap_or_default();
-    Json(serde_json::json!({
-        "generation": core.generation(),
-        "cluster": cluster.id,
-        "peers": cluster.peers,
-    }))
+    Json(PeerList {
+        generation: core.generation(),
+        cluster: cluster.id,
+        peers: cluster.peers,
+    })
 }
 
 async fn change_peers(
@@ -919,21 +1004,18 @@ async fn replace_peers(
     change_peers(api, caller, expect, body, PeerEdit::Replace).await
 }
 
-#[derive(Serialize)]
-struct Counters {
-    generation: u64,
-    reasons: BTreeMap<&'static str, Count>,
-    rules: BTreeMap<String, Count>,
+/// `GET /v1/counters`: by verdict reason, and by rule slot (`rule:<id>`,
+/// `cluster:<id>`, `ssh`; rules removed since the daemon started included).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Counters {
+    pub generation: u64,
+    pub reasons: BTreeMap<String, ReasonCount>,
+    pub rules: BTreeMap<String, Count>,
 }
 
 async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
     let mut core = api.core.lock().await;
-    let reasons = core
-        .reason_counters()
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?
-        .into_iter()
-        .map(|(r, c)| (r.name(), c))
-        .collect();
+    let reasons = reason_counts(&core)?;
     Ok(Json(Counters {
         generation: core.generation(),
         reasons,
@@ -1100,12 +1182,20 @@ async fn put_mode(
     Ok(Json(changed))
 }
 
+/// `POST /v1/confirm`: the generation that stays.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Confirmed {
+    pub confirmed: u64,
+}
+
 async fn confirm(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Confirmed>, ApiError> {
     let generation = api.write(&caller, "confirm", |core| core.confirm()).await?;
-    Ok(Json(serde_json::json!({ "confirmed": generation })))
+    Ok(Json(Confirmed {
+        confirmed: generation,
+    }))
 }
 
 /// Query parameters of a reload: `dry_run=true` (only report),

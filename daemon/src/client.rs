@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use http_body_util::{BodyExt as _, Full};
 use hyper::{Method, Request, body::Bytes};
 use hyper_util::rt::TokioIo;
@@ -13,23 +13,48 @@ pub struct Reply {
     pub body: Vec<u8>,
 }
 
+/// The daemon refused a request: its own words, without transport details.
+#[derive(Debug)]
+pub struct Refused {
+    /// The HTTP status (for scripts that want it; not part of the message).
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 impl Reply {
     /// The body as JSON, or the API's error message as an error.
     pub fn json(self) -> anyhow::Result<serde_json::Value> {
-        let value: serde_json::Value = serde_json::from_slice(&self.body).with_context(|| {
-            format!(
-                "the daemon answered {} with a body that is not JSON",
-                self.status
-            )
-        })?;
+        self.typed()
+    }
+
+    /// The body as `T`, or the API's error message as a [`Refused`] error.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self) -> anyhow::Result<T> {
         if !(200..300).contains(&self.status) {
-            let msg = value
-                .get("error")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("no reason given");
-            bail!("{msg} (HTTP {})", self.status);
+            let message = serde_json::from_slice::<crate::api::ErrorBody>(&self.body)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| {
+                    format!(
+                        "the daemon refused the request without saying why ({})",
+                        String::from_utf8_lossy(&self.body).trim()
+                    )
+                });
+            return Err(Refused {
+                status: self.status,
+                message,
+            }
+            .into());
         }
-        Ok(value)
+        serde_json::from_slice(&self.body).with_context(|| {
+            "the daemon answered with a document this portcullis does not understand (a different version?)"
+        })
     }
 }
 

@@ -237,7 +237,7 @@ fn unix_now() -> u64 {
 }
 
 /// The outcome of an accepted change (or of a dry run).
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Changed {
     /// The generation now live (for a dry run: still the old one).
     pub generation: u64,
@@ -252,7 +252,7 @@ pub struct Changed {
     pub confirm_by: Option<u64>,
 }
 
-#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Count {
     pub packets: u64,
     pub bytes: u64,
@@ -287,6 +287,8 @@ pub struct Core {
     refused_writes: u64,
     audit: audit::Log,
     pending: Option<Pending>,
+    /// The last change rolled back for want of confirmation, since start.
+    last_rollback: Option<Rollback>,
     mode: Mode,
     /// Rules the daemon's configuration adds to every rule set (the health
     /// endpoint's); not part of the live set that is shown and saved.
@@ -387,6 +389,7 @@ impl Core {
             refused_writes: 0,
             audit,
             pending: None,
+            last_rollback: None,
             mode: Mode::Enforce,
             service,
             actor: Actor::default(),
@@ -1147,7 +1150,7 @@ impl Core {
 }
 
 /// What `portcullis rules save` wrote.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Saved {
     pub file: String,
     pub generation: u64,
@@ -1228,7 +1231,23 @@ pub fn arm_rollback(core: Shared, generation: u64, secs: u64) {
     });
 }
 
+/// A change rolled back because nobody confirmed it in time.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Rollback {
+    /// The generation that was rolled back.
+    pub generation: u64,
+    /// The generation that restored the rules before it.
+    pub restored: u64,
+    /// Unix time (seconds) of the rollback.
+    pub time: u64,
+}
+
 impl Core {
+    /// The last change rolled back for want of confirmation, since start.
+    pub fn last_rollback(&self) -> Option<&Rollback> {
+        self.last_rollback.as_ref()
+    }
+
     /// The confirmation window of `generation` ended: rolls it back
     /// (audited). Whether the timer is done (rolled back, or confirmed
     /// meanwhile); `false`: the rollback failed and is to be retried.
@@ -1241,6 +1260,11 @@ impl Core {
         self.acting(Actor::default());
         match rolled {
             Ok(Some(restored)) => {
+                self.last_rollback = Some(Rollback {
+                    generation,
+                    restored,
+                    time: unix_now(),
+                });
                 tracing::warn!(
                     generation,
                     restored,

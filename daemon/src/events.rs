@@ -9,24 +9,24 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use portcullis_common::{DIR_EGRESS, DropEvent, FAMILY_V4, Reason};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
 /// How many recent events `status` shows.
 pub const RECENT: usize = 50;
 
-/// One event, as the API shows it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+/// One event, as the API shows it (and the CLI reads it).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Event {
     /// Unix time, milliseconds.
     pub time_ms: u64,
-    pub direction: &'static str,
+    pub direction: std::borrow::Cow<'static, str>,
     pub source: String,
     pub destination: String,
     pub protocol: u8,
     pub source_port: u16,
     pub destination_port: u16,
-    pub reason: &'static str,
+    pub reason: std::borrow::Cow<'static, str>,
 }
 
 fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
@@ -45,16 +45,16 @@ impl Event {
         Event {
             time_ms: ((e.time_ns as i128 + mono_to_unix_ns) / 1_000_000).max(0) as u64,
             direction: if e.dir == DIR_EGRESS {
-                "egress"
+                "egress".into()
             } else {
-                "ingress"
+                "ingress".into()
             },
             source: addr(e.family, e.src).to_string(),
             destination: addr(e.family, e.dst).to_string(),
             protocol: e.proto,
             source_port: e.sport,
             destination_port: e.dport,
-            reason,
+            reason: reason.into(),
         }
     }
 }

@@ -311,6 +311,49 @@ pub struct RuleError {
     pub reason: String,
 }
 
+impl RuleError {
+    /// The error with its place in words: `ingress rule "web": from_port:
+    /// ...` rather than `ingress_rules[3] (id "web"): ...`.
+    pub fn in_words(&self) -> String {
+        let place = ["ingress", "egress"]
+            .iter()
+            .find_map(|list| {
+                let rest = self.place.strip_prefix(list)?.strip_prefix("_rules[")?;
+                let id = rest.split_once("] (id ")?.1.strip_suffix(')')?;
+                Some(format!("{list} rule {id}"))
+            })
+            .unwrap_or_else(|| self.place.clone());
+        format!("{place}: {}: {}", self.field, self.reason)
+    }
+}
+
+/// Longest rule id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Why `id` is not a rule id, if it is not: ids are names an operator types
+/// and that appear in URLs, metric labels and logs, so they are letters,
+/// digits and `-`, `_`, `.`, `:`, `@`, starting with a letter or digit.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("{} bytes long, more than {MAX_ID_LEN}", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@')))
+    {
+        return Err(format!(
+            "{c:?} is not allowed in an id (letters, digits, '-', '_', '.', ':' and '@' only)"
+        ));
+    }
+    if !id.starts_with(|c: char| c.is_ascii_alphanumeric()) {
+        return Err("must start with a letter or a digit".into());
+    }
+    Ok(())
+}
+
 /// Parses a CIDR (or a bare address, as a host route) and rejects host bits.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     let net: IpNet = match text.parse() {
@@ -426,6 +469,47 @@ impl RuleSet {
         }
         self.ssh.validate()
     }
+
+    /// Checks what a change brings in that `before` did not have: each new
+    /// or changed rule must have a plain id (see [`check_id`]) and, for TCP
+    /// and UDP, a port other than 0. Rules already live keep working as
+    /// they are (sets saved or sent before these checks existed load and
+    /// can be edited); what is added from now on is held to them.
+    pub fn check_additions(&self, before: &RuleSet) -> Result<(), RuleError> {
+        let old: std::collections::HashMap<&str, &FirewallRule> = before
+            .ingress_rules
+            .iter()
+            .chain(&before.egress_rules)
+            .map(|r| (r.id.as_str(), r))
+            .collect();
+        for (list, rules) in [
+            ("ingress_rules", &self.ingress_rules),
+            ("egress_rules", &self.egress_rules),
+        ] {
+            for (index, rule) in rules.iter().enumerate() {
+                if old.get(rule.id.as_str()) == Some(&rule) {
+                    continue;
+                }
+                let err = |field, reason: String| RuleError {
+                    place: format!("{list}[{index}] (id {:?})", rule.id),
+                    field,
+                    reason,
+                };
+                check_id(&rule.id).map_err(|e| err("id", e))?;
+                let ports_apply = matches!(
+                    rule.protocol,
+                    Protocol::TcpUdp | Protocol::Tcp | Protocol::Udp
+                );
+                if ports_apply && rule.to_port == 0 {
+                    return Err(err(
+                        "to_port",
+                        "port 0 is not a port: a TCP/UDP rule for port 0 admits nothing".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +566,38 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.reason.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn rejects_port_zero_and_odd_ids_naming_rule_and_field() {
+        let new = |s: RuleSet| s.check_additions(&RuleSet::default());
+        let e = new(set(vec![rule("zero", 0, 0, &[])])).unwrap_err();
+        assert_eq!(
+            e.in_words(),
+            "ingress rule \"zero\": to_port: port 0 is not a port: a TCP/UDP rule for port 0 admits nothing"
+        );
+        // ICMP has no ports; a range from 0 admits its other ports.
+        let mut icmp = rule("ping", 0, 0, &[]);
+        icmp.protocol = Protocol::Icmp;
+        new(set(vec![icmp, rule("all", 0, 65535, &[])])).unwrap();
+        for bad in ["a b", "a/b", "x\ny", "a#b", "%61", "..", "-x", "é"] {
+            let e = new(set(vec![rule(bad, 1, 2, &[])])).unwrap_err();
+            assert_eq!(e.field, "id", "{bad:?}: {e}");
+            assert!(e.in_words().starts_with("ingress rule "), "{e}");
+        }
+        for good in ["web-8080", "a.b_c:d@e", "9000"] {
+            new(set(vec![rule(good, 1, 2, &[])])).unwrap();
+        }
+        assert!(new(set(vec![rule(&"a".repeat(129), 1, 2, &[])])).is_err());
+        // What is live already stays acceptable (sets saved before these
+        // checks); a changed rule is checked again.
+        let old = set(vec![rule("a b", 1, 2, &[]), rule("zero", 0, 0, &[])]);
+        let mut next = old.clone();
+        next.ingress_rules.push(rule("web", 80, 80, &[]));
+        next.check_additions(&old).unwrap();
+        next.validate().unwrap();
+        next.ingress_rules[0].to_port = 3;
+        assert_eq!(next.check_additions(&old).unwrap_err().field, "id");
     }
 
     #[test]

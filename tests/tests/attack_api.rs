@@ -520,6 +520,7 @@ fn only_the_connections_own_groups_make_a_writer() {
             .arg(workspace_bin("portcullis").unwrap())
             .arg("--socket")
             .arg(config.socket())
+            .arg("--json")
             .args([
                 "rules",
                 "add",
@@ -704,8 +705,12 @@ const CRAFTED: [&str; 9] = [
     "..",
 ];
 
-/// Replaces the live set with one rule per crafted id.
-fn put_crafted_rules(config: &ConfigFile) {
+/// Makes the live set one rule per crafted id. The API refuses such ids as
+/// new rules now (issue 21), so the set is planted as a daemon that
+/// accepted them (an older version, or a control plane before the check)
+/// saved it: a saved set that holds them still loads, and must still be
+/// safe to show, export and edit.
+fn put_crafted_rules(pair: &Pair, config: &ConfigFile, daemon: Daemon) -> Daemon {
     let rules: Vec<Value> = CRAFTED
         .iter()
         .enumerate()
@@ -715,7 +720,13 @@ fn put_crafted_rules(config: &ConfigFile) {
         .collect();
     let set = serde_json::json!({ "ingress_rules": rules, "egress_rules": [] }).to_string();
     let (code, body) = http(&config.socket(), "PUT", "/v1/rules", set.as_bytes()).unwrap();
-    assert_eq!(code, 200, "{body}");
+    assert_eq!(code, 422, "crafted ids accepted as new rules: {body}");
+    daemon.kill();
+    let rules: portcullis::rules::RuleSet = serde_json::from_str(&set).unwrap();
+    portcullis::state::Store::new(&config.state_dir())
+        .save(&rules, 100)
+        .unwrap();
+    Daemon::start(&pair.host, config).unwrap()
 }
 
 /// Finding: rule ids went into metric labels with only `"` escaped: a line
@@ -726,8 +737,8 @@ fn rule_ids_cannot_inject_metric_lines() {
     require_root!();
     let pair = Pair::new().unwrap();
     let pins = PinDir::new().unwrap();
-    let (config, _daemon) = start(&pair, &pins, "");
-    put_crafted_rules(&config);
+    let (config, daemon) = start(&pair, &pins, "");
+    let _daemon = put_crafted_rules(&pair, &config, daemon);
     let (code, metrics) = http(&config.socket(), "GET", "/v1/metrics", b"").unwrap();
     assert_eq!(code, 200);
     for line in metrics.lines() {
@@ -755,8 +766,8 @@ fn crafted_rule_ids_remove_only_themselves() {
     require_root!();
     let pair = Pair::new().unwrap();
     let pins = PinDir::new().unwrap();
-    let (config, _daemon) = start(&pair, &pins, "");
-    put_crafted_rules(&config);
+    let (config, daemon) = start(&pair, &pins, "");
+    let _daemon = put_crafted_rules(&pair, &config, daemon);
 
     // Removing each crafted id removes that rule and no other.
     let mut left: Vec<&str> = CRAFTED.to_vec();
