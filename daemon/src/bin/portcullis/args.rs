@@ -119,9 +119,8 @@ pub enum Command {
         /// Drop the runtime changes the configuration would undo.
         #[arg(long)]
         discard_runtime: bool,
-        /// Only say what would change.
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        change: Change,
     },
     /// Follow drops live (sampled), one line each, with local times.
     Watch(WatchArgs),

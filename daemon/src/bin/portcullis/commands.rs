@@ -51,8 +51,8 @@ pub fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
         }
         Command::Reload {
             discard_runtime,
-            dry_run,
-        } => reload(ctx, discard_runtime, dry_run)?,
+            change,
+        } => reload(ctx, discard_runtime, &change)?,
         Command::Watch(w) => crate::watch::watch(ctx, &w)?,
         Command::Ssh(SshCmd::AddKey { user, keys, file }) => add_keys(ctx, &user, keys, file)?,
         Command::Lockdown(l) => lockdown(ctx, &l)?,
@@ -70,11 +70,12 @@ pub fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
 
 /// `portcullis reload`: a synchronous reload; fails (non-zero) with the
 /// daemon's reason when it is refused.
-fn reload(ctx: &Ctx, discard_runtime: bool, dry_run: bool) -> anyhow::Result<()> {
-    let change = Change {
-        dry_run,
-        ..Change::default()
-    };
+fn reload(ctx: &Ctx, discard_runtime: bool, change: &Change) -> anyhow::Result<()> {
+    let change = ctx.change(change);
+    anyhow::ensure!(
+        change.confirm_within.is_none(),
+        "--confirm-within: a reload has no confirmation window; use --dry-run to see what it would change"
+    );
     let mut path = change_path("/v1/reload", &change, None);
     if discard_runtime {
         path.push(if path.contains('?') { '&' } else { '?' });
@@ -89,20 +90,20 @@ fn reload(ctx: &Ctx, discard_runtime: bool, dry_run: bool) -> anyhow::Result<()>
             r.changes.join(" ")
         };
         let verb = if r.dry_run {
-            "Would reload"
+            "Dry run: would reload"
         } else {
             "Reloaded"
         };
         let mut out = format!("{verb} {}: {what} (generation {}).", r.config, r.generation);
         if !r.discarded.is_empty() {
             out.push_str(&format!(
-                "\nDiscarded runtime changes: {}.",
+                "\nIt discarded runtime changes: {}.",
                 r.discarded.join(", ")
             ));
         }
         if !r.restart_needed.is_empty() {
             out.push_str(&format!(
-                "\nNeeds a restart (systemctl restart portcullis): {}.",
+                "\nNot applied, needs a restart (systemctl restart portcullis): {}.",
                 r.restart_needed.join(", ")
             ));
         }
