@@ -168,8 +168,10 @@ fn purge(c: &Container) {
     let mounted = c.exec("mountpoint", &["-q", "/run/bpffs"]).unwrap();
     assert!(
         !mounted.status.success(),
-        "/run/bpffs is still mounted after purge:\n{}",
-        text(&c.exec("findmnt", &["/run/bpffs"]).unwrap())
+        "/run/bpffs is still mounted after purge:\n{}{}{}",
+        text(&c.exec("findmnt", &["/run/bpffs"]).unwrap()),
+        text(&c.exec("ls", &["-la", "/run/bpffs"]).unwrap()),
+        text(&c.systemctl(&["status", "run-bpffs.mount"]).unwrap())
     );
 }
 
@@ -208,6 +210,7 @@ fn apt_remove_says_enforcement_stays_and_how_to_lift_it() {
     let o = install(&c, &["apt-get", "remove", "-y", "portcullis"]);
     assert_success("apt-get remove", &o, &c);
     let said = text(&o);
+    eprintln!("apt-get remove said:\n{said}");
     for want in [
         "the firewall stays in force",
         "interfaces: eth0",
