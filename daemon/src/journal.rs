@@ -62,8 +62,18 @@ pub fn priority(level: &Level) -> u8 {
     }
 }
 
-/// A format that prefixes each line with `<priority>`.
+/// A format that prefixes each line with `<priority>`: every line, so a
+/// message that spans several (a tool's output in an error) keeps its
+/// priority on each.
 struct Prioritised<F>(F);
+
+/// `text` with `<priority>` before each of its lines, each ending in `\n`.
+fn prefix_lines(priority: u8, text: &str) -> String {
+    text.trim_end_matches('\n')
+        .split('\n')
+        .map(|line| format!("<{priority}>{line}\n"))
+        .collect()
+}
 
 impl<S, N, F> FormatEvent<S, N> for Prioritised<F>
 where
@@ -77,8 +87,9 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        write!(writer, "<{}>", priority(event.metadata().level()))?;
-        self.0.format_event(ctx, writer, event)
+        let mut text = String::new();
+        self.0.format_event(ctx, Writer::new(&mut text), event)?;
+        writer.write_str(&prefix_lines(priority(event.metadata().level()), &text))
     }
 }
 
@@ -160,6 +171,13 @@ impl Visit for PlainVisitor<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_line_carries_the_priority() {
+        assert_eq!(prefix_lines(4, "a: b\n"), "<4>a: b\n");
+        assert_eq!(prefix_lines(3, "a: b\nnft: c\n"), "<3>a: b\n<3>nft: c\n");
+        assert_eq!(prefix_lines(6, "x"), "<6>x\n");
+    }
 
     #[test]
     fn optional_values_are_written_plainly() {
