@@ -708,6 +708,10 @@ mod tests {
                     )
                 })
                 .collect(),
+            ssh: crate::rules::Ssh {
+                allow: false,
+                ..Default::default()
+            },
             ..Default::default()
         };
         let image = compile(&set, &Limits::default()).unwrap();

@@ -593,8 +593,25 @@ mod tests {
         assert!(c.selector().unwrap().is_auto());
         assert!(c.auto_exclude.iter().any(|p| p == "docker*"));
         assert_eq!(c.pin_dir, None);
-        assert!(!c.ssh.allow);
+        assert!(c.ssh.allow);
         assert!(c.ingress_rules.is_empty());
+    }
+
+    /// Issue 21: a file that says nothing about SSH (or names only its
+    /// sources or ports) never switches it off; only `allow = false` does.
+    #[test]
+    fn ssh_is_admitted_unless_turned_off_explicitly() {
+        for text in [
+            "",
+            "interfaces = [\"eth0\"]\n",
+            "[ssh]\n",
+            "[ssh]\nsources = [\"10.0.0.0/8\"]\n",
+            "[ssh]\nports = [2222]\n",
+            "ssh = {}\n",
+        ] {
+            assert!(Config::parse(text).unwrap().ssh.allow, "{text:?}");
+        }
+        assert!(!Config::parse("[ssh]\nallow = false\n").unwrap().ssh.allow);
     }
 
     #[test]
@@ -700,5 +717,152 @@ ip_ranges = []
     fn the_example_config_is_valid() {
         let text = include_str!("../../systemd/portcullis.toml");
         Config::parse(text).unwrap();
+    }
+
+    /// Every section and key, optional ones set: a struct literal, so a new
+    /// field does not compile until it is added here (and then to the
+    /// example, which the next test checks).
+    fn every_key() -> Config {
+        let rule = FirewallRule {
+            id: "r".into(),
+            from_port: 1,
+            to_port: 1,
+            ip_ranges: vec![],
+            protocol: crate::rules::Protocol::Tcp,
+            description: Some("d".into()),
+        };
+        Config {
+            interfaces: vec![],
+            auto_include: vec![],
+            auto_exclude: vec![],
+            state_dir: Some("/s".into()),
+            pin_dir: Some("/p".into()),
+            ssh: Ssh {
+                allow: true,
+                sources: vec![],
+                ports: vec![22, 2222],
+            },
+            readiness: ReadinessConfig {
+                ssh_unit: Some("ssh.service".into()),
+                ssh_port: Some(22),
+                ssh_user: Some("u".into()),
+                sshd: "/usr/sbin/sshd".into(),
+                health: Some(HealthConfig {
+                    listen: "0.0.0.0:9123".parse().unwrap(),
+                    sources: vec![],
+                    max_connections: 1,
+                    max_connections_per_source: 1,
+                    header_timeout_secs: 1,
+                }),
+            },
+            cluster: Some(Cluster {
+                id: "c".into(),
+                peers: vec![],
+                other_clusters: vec![],
+            }),
+            api: ApiConfig {
+                socket: Some("/a".into()),
+                group: Some("g".into()),
+                reader_group: Some("r".into()),
+                ..ApiConfig::default()
+            },
+            capacity: Capacity::default(),
+            allow_ping: false,
+            conntrack_entries: 256,
+            tc_attach: TcAttachMode::Auto,
+            xdp_program: XdpProgram::Auto,
+            fallback: Fallback::Nftables,
+            ingress_rules: vec![rule.clone()],
+            egress_rules: vec![rule],
+            rules_file: Some("/etc/portcullis/saved/rules.toml".into()),
+            saved: None,
+        }
+    }
+
+    /// `(section, key)` for every key the annotated example names, set or
+    /// commented out (`# key = ...` under a `[section]` or `# [section]`).
+    fn documented_keys(text: &str) -> std::collections::BTreeSet<(String, String)> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        };
+        let mut section = String::new();
+        let mut keys = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let line = line.trim_start_matches('#').trim();
+            let header = line.trim_start_matches('[').trim_end_matches(']');
+            if line.starts_with('[') && line.ends_with(']') && ident(header) {
+                section = header.to_string();
+                keys.insert((String::new(), section.clone()));
+            } else if let Some((key, _)) = line.split_once('=')
+                && ident(key.trim())
+            {
+                keys.insert((section.clone(), key.trim().to_string()));
+            }
+        }
+        keys
+    }
+
+    /// `(section, key)` for every key of `value`, tables within tables
+    /// (and arrays of tables) as dotted sections.
+    fn known_keys(
+        section: &str,
+        value: &toml::Value,
+        out: &mut std::collections::BTreeSet<(String, String)>,
+    ) {
+        let table = match value {
+            toml::Value::Table(t) => t,
+            toml::Value::Array(a) => {
+                for v in a {
+                    known_keys(section, v, out);
+                }
+                return;
+            }
+            _ => return,
+        };
+        for (key, v) in table {
+            let nested = match v {
+                toml::Value::Table(_) => true,
+                toml::Value::Array(a) => a.iter().all(toml::Value::is_table) && !a.is_empty(),
+                _ => false,
+            };
+            if nested {
+                let inner = if section.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{section}.{key}")
+                };
+                out.insert((String::new(), inner.clone()));
+                known_keys(&inner, v, out);
+            } else {
+                out.insert((section.to_string(), key.clone()));
+            }
+        }
+    }
+
+    /// Issue 21: the annotated example documents every section and key this
+    /// module accepts, so the two cannot drift apart.
+    #[test]
+    fn the_example_config_documents_every_key() {
+        let text = include_str!("../../systemd/portcullis.toml");
+        let documented = documented_keys(text);
+        let mut known = std::collections::BTreeSet::new();
+        known_keys("", &toml::Value::try_from(every_key()).unwrap(), &mut known);
+        let missing: Vec<String> = known
+            .difference(&documented)
+            .map(|(section, key)| match section.as_str() {
+                "" => key.clone(),
+                s => format!("[{s}] {key}"),
+            })
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "systemd/portcullis.toml does not document: {}",
+            missing.join(", ")
+        );
+        // And the checker itself sees what it must: a key and a section.
+        assert!(documented.contains(&("api".into(), "group".into())));
+        assert!(documented.contains(&(String::new(), "readiness.health".into())));
     }
 }

@@ -139,7 +139,10 @@ mod tests {
 
     #[test]
     fn without_the_exemption_no_port_is_open() {
-        let r = ruleset(&Ssh::default());
+        let r = ruleset(&Ssh {
+            allow: false,
+            ..Ssh::default()
+        });
         assert!(!r.contains("dport { 22"), "{r}");
         let r = ruleset(&ssh(&[], &[22, 2222]));
         assert!(r.contains("    tcp dport { 22, 2222 } accept\n"), "{r}");

@@ -766,6 +766,7 @@ mod tests {
     #[test]
     fn ssh_is_admitted_by_the_exemption_or_a_covering_rule_only() {
         let mut rules = RuleSet::default();
+        rules.ssh.allow = false;
         let c = admitted(&rules, &Mode::Enforce, 22);
         assert_eq!(c.state, State::Fail, "{c:?}");
         rules.ingress_rules.push(rule("web", 80, 443, &[]));
@@ -804,10 +805,11 @@ mod tests {
     fn a_udp_only_rule_does_not_admit_ssh() {
         let mut r = rule("dns", 22, 22, &[]);
         r.protocol = crate::rules::Protocol::Udp;
-        let rules = RuleSet {
+        let mut rules = RuleSet {
             ingress_rules: vec![r],
             ..Default::default()
         };
+        rules.ssh.allow = false;
         assert_eq!(admitted(&rules, &Mode::Enforce, 22).state, State::Fail);
     }
 

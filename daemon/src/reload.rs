@@ -201,8 +201,10 @@ mod tests {
         let peers = set("[cluster]\nid = \"c\"\npeers = [\"10.1.0.0/16\"]\n");
         let c = conflicts(&set(""), &peers, &set(""));
         assert!(c.contains(&"+peer 10.1.0.0/16".to_string()), "{c:?}");
+        // (SSH is on by default: the baseline turns it off.)
+        let ssh_off = set("[ssh]\nallow = false\n");
         let ssh_on = set("[ssh]\nallow = true\n");
-        let c = conflicts(&set(""), &ssh_on, &set(""));
+        let c = conflicts(&ssh_off, &ssh_on, &ssh_off);
         assert_eq!(c.len(), 1, "{c:?}");
         assert!(c[0].starts_with("~ssh"), "{c:?}");
     }

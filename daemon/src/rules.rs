@@ -83,7 +83,9 @@ pub struct Cluster {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Ssh {
-    #[serde(default)]
+    /// On unless turned off explicitly: a file or rule set that says nothing
+    /// about SSH never locks the operator out.
+    #[serde(default = "default_ssh_allow")]
     pub allow: bool,
     /// Source CIDRs admitted; empty means any source.
     #[serde(default)]
@@ -104,6 +106,10 @@ pub const DEFAULT_SSH_PORT: u16 = 22;
 /// More SSH ports than this is a mistake, not a configuration.
 pub const MAX_SSH_PORTS: usize = 16;
 
+fn default_ssh_allow() -> bool {
+    true
+}
+
 fn default_ssh_ports() -> Vec<u16> {
     vec![DEFAULT_SSH_PORT]
 }
@@ -115,7 +121,7 @@ fn is_default_ssh_ports(ports: &[u16]) -> bool {
 impl Default for Ssh {
     fn default() -> Self {
         Ssh {
-            allow: false,
+            allow: default_ssh_allow(),
             sources: Vec::new(),
             ports: default_ssh_ports(),
         }

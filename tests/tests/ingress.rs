@@ -135,6 +135,123 @@ fn ssh_reached_only_when_enabled_ipv6() {
     ssh_port(true);
 }
 
+/// A TCP handshake to `to` from `from`, an address the peer gets for it
+/// (so it is no address any config names), closed with a reset.
+fn probe_from(pair: &Pair, from: IpAddr, to: std::net::SocketAddr) -> std::io::Result<()> {
+    let prefix = if from.is_ipv4() { "24" } else { "64" };
+    let mut add = vec!["addr", "add"];
+    let addr = format!("{from}/{prefix}");
+    add.extend([addr.as_str(), "dev", PEER_IFACE]);
+    if from.is_ipv6() {
+        add.push("nodad");
+    }
+    pair.peer.ip(&add).unwrap();
+    let domain = socket2::Domain::for_address(to);
+    pair.peer.enter(|| {
+        let s = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+        s.bind(&std::net::SocketAddr::new(from, 0).into())?;
+        s.connect_timeout(&to.into(), PROBE_TIMEOUT)?;
+        s.set_linger(Some(std::time::Duration::ZERO))
+    })
+}
+
+/// Issue 21: SSH is never switched off by omission. A config without
+/// `[ssh]` admits a new SSH connection from any source, and a rule set
+/// replaced without an `ssh` key keeps it admitted.
+#[test]
+fn ssh_is_admitted_when_neither_the_config_nor_a_replacement_mentions_it() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    // Written here, not by `config_text` (whose tests expect SSH off).
+    let config = ConfigFile::new(&format!(
+        "interfaces = [\"{HOST_IFACE}\"]\npin_dir = \"{}\"\n{RULES}",
+        pins.path().display()
+    ))
+    .unwrap();
+    for v6 in [false, true] {
+        TcpServer::start(&pair.host, sock(host_addr(v6), 22)).unwrap();
+    }
+    let _daemon = Daemon::start(&pair.host, &config).unwrap();
+    let random_source = |v6: bool| -> IpAddr {
+        let n: u8 = rand::random_range(10..250);
+        let text = if v6 {
+            format!("fd00:200::{:x}", u16::from(n) << 8 | u16::from(n))
+        } else {
+            format!("10.200.0.{n}")
+        };
+        text.parse().unwrap()
+    };
+    let check = |when: &str| {
+        for v6 in [false, true] {
+            let from = random_source(v6);
+            let before = pins.counter(Reason::PassSsh);
+            let to = sock(host_addr(v6), 22);
+            let r = probe_from(&pair, from, to);
+            assert!(r.is_ok(), "{when}: SSH from {from} to {to}: {r:?}");
+            pins.expect_counter(Reason::PassSsh, before + 3);
+            pair.peer
+                .ip(&[
+                    "addr",
+                    "del",
+                    &format!("{from}/{}", if v6 { 64 } else { 24 }),
+                    "dev",
+                    PEER_IFACE,
+                ])
+                .unwrap();
+        }
+    };
+    check("a config without [ssh]");
+
+    // A rule set without `ssh`, as `rules apply` or an SDK sends one.
+    let body =
+        r#"{"ingress_rules": [{"id": "web", "from_port": 443, "to_port": 443, "ip_ranges": []}]}"#;
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(config.socket())
+        .args(["-X", "PUT", "http://portcullis/v1/rules"])
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+        ])
+        .output()
+        .unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(reply.ends_with("\n200"), "PUT /v1/rules: {reply}");
+    check("after a replacement without ssh");
+}
+
+/// `--check-config` says "ok" to a file that turns SSH off, and warns; a
+/// file that says nothing about SSH gets no warning (SSH stays admitted).
+#[test]
+fn check_config_warns_when_ssh_is_turned_off() {
+    let check = |text: &str| {
+        let file = ConfigFile::new(text).unwrap();
+        let out = std::process::Command::new(workspace_bin("portcullisd").unwrap())
+            .arg("--config")
+            .arg(file.path())
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (stdout, stderr) = check("interfaces = [\"eth0\"]\n[ssh]\nallow = false\n");
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+    assert!(
+        stderr.contains("warning") && stderr.contains("[ssh] allow is off"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = check("interfaces = [\"eth0\"]\n");
+    assert!(stdout.trim_end().ends_with(": ok"), "{stdout}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 const GRE: i32 = 47;
 const SCTP: i32 = 132;
 const ESP: i32 = 50;

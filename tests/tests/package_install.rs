@@ -91,8 +91,13 @@ fn assert_success(what: &str, o: &Output, c: &Container) {
 /// at /srv/debs/{repo,next,legacy} and, when given, a config written before
 /// boot; TCP listeners on the admitted and the denied port.
 fn boot(config: Option<&str>, legacy: Option<&Path>) -> Container {
+    boot_from(Boot::new(), config, legacy)
+}
+
+/// [`boot`] from `b` (e.g. a container that refuses bpf(2)).
+fn boot_from(b: Boot, config: Option<&str>, legacy: Option<&Path>) -> Container {
     let dir = e2e_dir();
-    let mut b = Boot::new()
+    let mut b = b
         .bind_ro(&dir.join("repo"), "/srv/debs/repo")
         .bind_ro(&dir.join("next"), "/srv/debs/next");
     if let Some(legacy) = legacy {
@@ -157,13 +162,98 @@ fn assert_config_kept(c: &Container, want: &[u8], when: &str) {
     );
 }
 
-/// Purge: the config goes, and so does the firewall (the host is open).
+/// Purge: the config goes, and so does the firewall (the host is open),
+/// and the bpffs run-bpffs.mount mounted for the pins.
 fn purge(c: &Container) {
     let o = install(c, &["dpkg", "--purge", "portcullis"]);
     assert_success("dpkg --purge", &o, c);
     assert!(config_now(c).is_none(), "{CONFIG_PATH} survived the purge");
     tcp_probe_control(&c.client, sock(INSTANCE_V4, DENIED))
         .expect("the host stays filtered after purge");
+    let mounted = c.exec("mountpoint", &["-q", "/run/bpffs"]).unwrap();
+    assert!(
+        !mounted.status.success(),
+        "/run/bpffs is still mounted after purge:\n{}{}{}",
+        text(&c.exec("findmnt", &["/run/bpffs"]).unwrap()),
+        text(&c.exec("ls", &["-la", "/run/bpffs"]).unwrap()),
+        text(&c.systemctl(&["status", "run-bpffs.mount"]).unwrap())
+    );
+}
+
+/// Issue 21: `apt remove` leaves the host filtered (a firewall does not open
+/// because its package went away), says so, and prints the commands that
+/// lift it, which work with no binary of the package left: here with the
+/// clsact egress path, so both the pins and the tc filter are covered.
+#[test]
+#[ignore = "run by `cargo xtask e2e`"]
+fn apt_remove_says_enforcement_stays_and_how_to_lift_it() {
+    assert!(is_root(), "the package tests need root");
+    let config = format!("tc_attach = \"clsact\"\n{ADMIN_CONFIG}");
+    let c = boot(Some(&config), None);
+    let o = install(
+        &c,
+        &[
+            "sh",
+            "-c",
+            "cd /srv/debs/repo && exec apt-get install -y ./portcullis_*.deb",
+        ],
+    );
+    assert_success("apt-get install", &o, &c);
+    assert_protected_with_admin_config(&c, "after apt-get install");
+    let egress = || {
+        text(
+            &c.exec("tc", &["filter", "show", "dev", "eth0", "egress"])
+                .unwrap(),
+        )
+    };
+    assert!(
+        egress().contains("pref 49374"),
+        "no clsact filter:\n{}",
+        egress()
+    );
+
+    let o = install(&c, &["apt-get", "remove", "-y", "portcullis"]);
+    assert_success("apt-get remove", &o, &c);
+    let said = text(&o);
+    eprintln!("apt-get remove said:\n{said}");
+    for want in [
+        "the firewall stays in force",
+        "interfaces: eth0",
+        "apt purge portcullis",
+        "    rm -rf /run/bpffs/portcullis",
+        "    tc filter del dev eth0 egress pref 49374",
+    ] {
+        assert!(
+            said.contains(want),
+            "apt-get remove did not say {want:?}:\n{said}"
+        );
+    }
+    assert!(
+        !c.host_path(Path::new("/usr/bin/portcullisd")).exists(),
+        "the binary survived the removal"
+    );
+    assert!(
+        tcp_probe(&c.client, sock(INSTANCE_V4, DENIED)).is_err(),
+        "the host is open after apt remove: enforcement must stay"
+    );
+
+    // Follow it, as root, with nothing of the package left.
+    let commands: Vec<&str> = said
+        .lines()
+        .filter_map(|l| l.strip_prefix("    "))
+        .collect();
+    assert_eq!(commands.len(), 2, "{said}");
+    for command in commands {
+        let o = c.exec("sh", &["-c", command]).unwrap();
+        assert!(o.status.success(), "{command}: {}", text(&o));
+    }
+    tcp_probe_control(&c.client, sock(INSTANCE_V4, DENIED))
+        .expect("the host is still filtered after following the removal's instructions");
+    assert!(!egress().contains("pref 49374"), "{}", egress());
+    let link = text(&c.exec("ip", &["link", "show", "eth0"]).unwrap());
+    assert!(!link.contains("xdp"), "{link}");
+
+    purge(&c);
 }
 
 #[test]
@@ -225,6 +315,58 @@ fn a_clean_install_gets_the_documented_default_config() {
     }
     let o = c.systemctl(&["is-active", "portcullis.service"]).unwrap();
     assert!(o.status.success(), "{}", c.journal("portcullis.service"));
+    purge(&c);
+}
+
+/// When the data path cannot start (here: bpf(2) refused), the nftables
+/// fallback filters; it stays on `apt remove` too, which names it and prints
+/// the command that lifts it.
+#[test]
+#[ignore = "run by `cargo xtask e2e`"]
+fn apt_remove_names_the_nftables_fallback_and_how_to_lift_it() {
+    assert!(is_root(), "the package tests need root");
+    let first = deb_in(&e2e_dir().join("repo"));
+    let c = boot_from(Boot::new().without_bpf(), Some(ADMIN_CONFIG), None);
+    // The service fails (loudly); the package stays installed.
+    let o = install(&c, &["dpkg", "-i", &in_container("/srv/debs/repo", &first)]);
+    assert_success("dpkg -i without bpf(2)", &o, &c);
+    let fallback = || {
+        c.exec("nft", &["list", "table", "inet", "portcullis_fallback"])
+            .unwrap()
+            .status
+            .success()
+    };
+    c.wait_for("the nftables fallback", Duration::from_secs(30), || {
+        fallback().then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    assert!(tcp_probe(&c.client, sock(INSTANCE_V4, DENIED)).is_err());
+
+    let o = install(&c, &["apt-get", "remove", "-y", "portcullis"]);
+    assert_success("apt-get remove", &o, &c);
+    let said = text(&o);
+    eprintln!("apt-get remove said:\n{said}");
+    for want in [
+        "the firewall stays in force",
+        "the nftables fallback policy keeps filtering",
+        "    nft delete table inet portcullis_fallback",
+    ] {
+        assert!(
+            said.contains(want),
+            "apt-get remove did not say {want:?}:\n{said}"
+        );
+    }
+    assert!(
+        tcp_probe(&c.client, sock(INSTANCE_V4, DENIED)).is_err(),
+        "the host is open after apt remove: the fallback must stay"
+    );
+    for command in said.lines().filter_map(|l| l.strip_prefix("    ")) {
+        let o = c.exec("sh", &["-c", command]).unwrap();
+        assert!(o.status.success(), "{command}: {}", text(&o));
+    }
+    assert!(!fallback(), "the fallback table is still there");
+    tcp_probe_control(&c.client, sock(INSTANCE_V4, DENIED))
+        .expect("the host is still filtered after following the removal's instructions");
     purge(&c);
 }
 

@@ -32,7 +32,7 @@ impl Bench {
     fn with(extra: &str, entries: u32) -> Self {
         let pins = PinDir::new().unwrap();
         let config = Config::parse(&format!(
-            "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n{extra}\n[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8090\n",
+            "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n{extra}\n[[ingress_rules]]\nid = \"app\"\nfrom_port = 8080\nto_port = 8090\n[ssh]\nallow = false\n",
             pins.path().display()
         ))
         .unwrap();

@@ -44,7 +44,11 @@ use tokio::{
 use tracing::{error, info, warn};
 
 #[derive(Parser)]
-#[command(version, about = "Portcullis host firewall daemon")]
+#[command(
+    name = "portcullisd",
+    version,
+    about = "Portcullis host firewall daemon"
+)]
 struct Args {
     /// Configuration file.
     #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
@@ -72,7 +76,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(dir) = &args.generate_man {
         use clap::CommandFactory as _;
         let mut page = Vec::new();
-        clap_mangen::Man::new(Args::command()).render(&mut page)?;
+        clap_mangen::Man::new(Args::command())
+            .section("8")
+            .render(&mut page)?;
         std::fs::create_dir_all(dir)?;
         std::fs::write(dir.join("portcullisd.8"), page)?;
         return Ok(());

@@ -465,21 +465,29 @@ fn generate_docs(dir: &std::path::Path) -> anyhow::Result<()> {
     for shell in [clap_complete::Shell::Bash, clap_complete::Shell::Zsh] {
         clap_complete::generate_to(shell, &mut cmd, "portcullis", dir)?;
     }
-    let man = clap_mangen::Man::new(cmd.clone());
+    // One page per command and subcommand at every depth, as git and
+    // systemd's tools have: each page lists its subcommands as
+    // `portcullis-rules-add(1)`, so each of those must exist. The `help`
+    // subcommands get none (and are not listed).
+    fn without_help(cmd: clap::Command) -> clap::Command {
+        cmd.disable_help_subcommand(true)
+            .mut_subcommands(without_help)
+    }
+    let mut cmd = without_help(crate::args::Cli::command());
+    cmd.build();
+    man_pages(&cmd, dir)
+}
+
+fn man_pages(cmd: &clap::Command, dir: &std::path::Path) -> anyhow::Result<()> {
+    let name = cmd.get_display_name().unwrap_or(cmd.get_name());
     let mut page = Vec::new();
-    man.render(&mut page)?;
-    std::fs::write(dir.join("portcullis.1"), page)?;
-    // One page per subcommand, as git and systemd's tools have.
-    for sub in cmd
-        .get_subcommands()
-        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
-    {
-        let name = format!("portcullis-{}", sub.get_name());
-        let mut page = Vec::new();
-        clap_mangen::Man::new(sub.clone())
-            .title(name.to_uppercase())
-            .render(&mut page)?;
-        std::fs::write(dir.join(format!("{name}.1")), page)?;
+    clap_mangen::Man::new(cmd.clone())
+        .title(name.to_uppercase())
+        .source(format!("portcullis {}", env!("CARGO_PKG_VERSION")))
+        .render(&mut page)?;
+    std::fs::write(dir.join(format!("{name}.1")), page)?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        man_pages(sub, dir)?;
     }
     Ok(())
 }

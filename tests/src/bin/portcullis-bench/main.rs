@@ -114,6 +114,11 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
             peers,
             other_clusters: vec![],
         }),
+        // As measured before SSH was on by default: no exemption.
+        ssh: portcullis::rules::Ssh {
+            allow: false,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }

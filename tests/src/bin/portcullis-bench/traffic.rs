@@ -69,6 +69,11 @@ fn rule_set(n: usize) -> RuleSet {
                 }
             })
             .collect(),
+        // Like the nftables sets it is compared with: no SSH exemption.
+        ssh: portcullis::rules::Ssh {
+            allow: false,
+            ..Default::default()
+        },
         ..Default::default()
     }
 }
