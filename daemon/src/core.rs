@@ -1058,6 +1058,9 @@ impl Core {
         opts: &ReloadOptions,
     ) -> Result<Reloaded, ChangeError> {
         let next = new.rule_set();
+        // What the file brings in is held to the API's checks (plain ids,
+        // no port 0); rules already live load as they are.
+        next.check_additions(&self.rules)?;
         let conflicts = crate::reload::conflicts(&self.baseline, &self.rules, &next);
         if !conflicts.is_empty() && !opts.discard_runtime {
             return Err(ChangeError::RuntimeChanges(conflicts));

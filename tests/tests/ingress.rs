@@ -507,3 +507,34 @@ fn readiness_is_notified_once_enforcing() {
     let link = pair.host.ip(&["-d", "link", "show", HOST_IFACE]).unwrap();
     assert!(link.contains("prog/xdp"), "{link}");
 }
+
+/// A config file is held to the API's checks: port 0 and an id with odd
+/// characters are refused by `--check-config`, naming the rule and field.
+#[test]
+fn check_config_refuses_port_zero_and_odd_ids() {
+    let check = |text: &str| {
+        let file = ConfigFile::new(text).unwrap();
+        std::process::Command::new(workspace_bin("portcullisd").unwrap())
+            .arg("--config")
+            .arg(file.path())
+            .arg("--check-config")
+            .output()
+            .unwrap()
+    };
+    let zero = check(
+        "interfaces = [\"eth0\"]\n[[ingress_rules]]\nid = \"zero\"\nfrom_port = 0\nto_port = 0\nprotocol = \"tcp\"\n",
+    );
+    let said = String::from_utf8_lossy(&zero.stderr);
+    assert!(
+        !zero.status.success() && said.contains("\"zero\"") && said.contains("port 0"),
+        "{zero:?}"
+    );
+    let odd = check(
+        "interfaces = [\"eth0\"]\n[[ingress_rules]]\nid = \"web server\"\nfrom_port = 80\nto_port = 80\n",
+    );
+    let said = String::from_utf8_lossy(&odd.stderr);
+    assert!(
+        !odd.status.success() && said.contains("web server") && said.contains("id"),
+        "{odd:?}"
+    );
+}

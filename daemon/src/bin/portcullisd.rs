@@ -102,11 +102,16 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if args.check_config {
-        if !config.ssh.allow {
+        // The effective rules (a saved rules file replaces the file's).
+        let rules = config.rule_set();
+        rules
+            .check_additions(&portcullis::rules::RuleSet::default())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
+        if !rules.ssh.allow {
             eprintln!(
                 "{}: warning: [ssh] allow is off: new SSH logins are dropped unless a rule admits port(s) {:?}",
                 args.config.display(),
-                config.ssh.ports
+                rules.ssh.ports
             );
         }
         println!("{}: ok", args.config.display());
