@@ -12,10 +12,10 @@ use portcullis_common::{
     Counter, DIR_INGRESS, PCLASS_TCP, Reason, SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
     pclass_port,
 };
-use serde::Deserialize;
 use serde::Serialize;
 use thiserror::Error;
 
+pub use crate::model::{Mode, Pending};
 use crate::{
     audit,
     compile::{self, CompileError, Image, Limits},
@@ -124,36 +124,6 @@ impl Session {
         }
         None
     }
-}
-
-/// A change applied with a confirmation window.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Pending {
-    pub previous: RuleSet,
-    pub previous_allow_ping: bool,
-    pub generation: u64,
-    /// Unix time after which it is rolled back.
-    pub deadline: u64,
-}
-
-/// How the data path treats what the rules do not admit.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "mode", rename_all = "lowercase")]
-pub enum Mode {
-    /// Drop it (the normal mode).
-    #[default]
-    Enforce,
-    /// Pass it, counting each packet under the reason it would be dropped
-    /// for: to roll out a policy safely.
-    Audit,
-    /// Emergency: enforcement suspended (everything passes, still counted).
-    Open,
-    /// Emergency: drop everything new inbound; only flows already open and
-    /// SSH from `admin` (when given) get in.
-    Lockdown {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        admin: Option<String>,
-    },
 }
 
 /// What a change changes, by rule id.
@@ -548,7 +518,7 @@ impl Core {
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
-        release_free_memory();
+        crate::host::release_free_memory();
         Ok(generation)
     }
 
@@ -633,7 +603,7 @@ impl Core {
             // The admin network's open connections are "established": they
             // stay, inbound ones the rules admitted included (not in the
             // table until now).
-            let open = crate::sockets::connections().map_err(ChangeError::Internal)?;
+            let open = dataplane::connections().map_err(ChangeError::Internal)?;
             let admin_open: Vec<_> = open
                 .into_iter()
                 .filter(|c| admin.contains(&c.remote.to_canonical()))
@@ -780,7 +750,7 @@ impl Core {
     /// Open connections that `image` would cut: admitted by the live rules
     /// (not by the connection table) and not by `image`.
     fn flows_cut_by(&mut self, image: &Image) -> Vec<String> {
-        let Ok(connections) = crate::sockets::connections() else {
+        let Ok(connections) = dataplane::connections() else {
             return Vec::new();
         };
         connections
@@ -813,7 +783,7 @@ impl Core {
 
     /// Whether the SSH session `s` keeps working under `image`.
     fn survives(&mut self, s: &Session, image: &Image) -> bool {
-        let conn = crate::sockets::Connection {
+        let conn = crate::model::Connection {
             proto: portcullis_common::IPPROTO_TCP,
             local: s.server,
             local_port: s.server_port,
@@ -899,18 +869,6 @@ pub fn lockdown_rules(live: &RuleSet, admin: Option<&str>) -> RuleSet {
         },
         egress_rules: live.egress_rules.clone(),
         ..Default::default()
-    }
-}
-
-/// Hands the memory a compile freed back to the system: a large rule set's
-/// intermediate buffers would otherwise stay in the allocator's arenas and
-/// in the daemon's RSS until the next change reuses them.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has
-    // no preconditions and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

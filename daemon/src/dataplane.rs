@@ -53,8 +53,8 @@ use tracing::{info, warn};
 
 use crate::{
     compile::{Image, Limits},
-    config::{TcAttachMode, XdpProgram},
-    sockets::Connection,
+    model::{Connection, TcAttachMode, XdpProgram},
+    sockets,
 };
 
 /// Priority and handle of our clsact egress filter (the clsact path).
@@ -777,6 +777,11 @@ pub fn flow_remote(k: &FlowKey) -> std::net::IpAddr {
     } else {
         [a, b, c, d].into()
     }
+}
+
+/// The kernel's open connections (netlink `sock_diag`, see [`sockets`]).
+pub fn connections() -> anyhow::Result<Vec<Connection>> {
+    sockets::connections()
 }
 
 /// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).

@@ -8,6 +8,9 @@
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
 //! - [`events`]: drop events from the ring buffer, for status and watch.
+//! - [`host`]: host probes at start-up (bpffs, groups) and memory release.
+//! - [`model`]: the plain types the layers share (mode, pending change,
+//!   connections, links and their selector) (pure).
 //! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
 //! - [`sshkeys`]: SSH key validation and injection into authorized_keys.
 //! - [`state`]: the live rule set on disk, written atomically (pure I/O).
@@ -37,8 +40,10 @@ pub mod dataplane;
 pub mod events;
 pub mod fallback;
 pub mod fuzzing;
+pub mod host;
 pub mod journal;
 pub mod links;
+pub mod model;
 pub mod readiness;
 pub mod rules;
 pub mod sockets;
