@@ -13,7 +13,7 @@
 //! every unit's `PropertiesChanged` and on `JobRemoved`, with a 60 s poll as a
 //! fallback. The daemon starts before D-Bus at boot, so the watcher keeps
 //! trying until the bus appears. The host checks are cheap and run at each
-//! evaluation; `sshd -T` forks, so its answer is kept for a few seconds.
+//! evaluation; `sshd -T` forks, so its answer is kept for 30 s (`SSHD_CACHE`).
 
 use std::{
     collections::BTreeMap,
