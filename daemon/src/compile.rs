@@ -513,10 +513,7 @@ pub fn hash(set: &RuleSet) -> String {
     // string keys): serde_json has no way to fail on it.
     #[allow(clippy::expect_used)]
     let json = serde_json::to_vec(set).expect("a rule set always serialises");
-    Sha256::digest(&json)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::model::hex(&Sha256::digest(&json))
 }
 
 /// The IPv6 prefixes of an image as the data path looks them up: shorter than /32

@@ -8,13 +8,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::net::IpAddr;
 
-use portcullis_common::{
-    Counter, DIR_INGRESS, PCLASS_TCP, Reason, SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
-    pclass_port,
-};
+use portcullis_common::{Counter, DIR_INGRESS, PCLASS_TCP, Reason, pclass_port, slot_admits};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
 use crate::{
     audit,
@@ -171,12 +169,6 @@ impl Diff {
             ssh_changed: old.ssh != new.ssh,
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The outcome of an accepted change (or of a dry run).
@@ -760,7 +752,7 @@ impl Core {
                 let remote = c.remote.to_canonical();
                 let admitted = |img: &Image| {
                     let slot = img.lookup(DIR_INGRESS, remote, pclass, port);
-                    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+                    slot_admits(slot)
                 };
                 !self.dataplane.has_flow(&dataplane::flow_key(c))
                     && admitted(&self.image)
@@ -800,7 +792,7 @@ impl Core {
             PCLASS_TCP,
             s.server_port,
         );
-        slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+        slot_admits(slot)
     }
 
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,
