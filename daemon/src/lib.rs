@@ -43,6 +43,7 @@ pub mod fallback;
 pub mod fuzzing;
 pub mod host;
 pub mod journal;
+pub mod metrics;
 pub mod model;
 pub mod readiness;
 pub mod rules;
