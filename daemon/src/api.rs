@@ -994,6 +994,7 @@ async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
 async fn metrics(
     State(api): State<Api>,
 ) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let ready = readiness(&api).await.ready;
     let mut core = api.core.lock().await;
     let reasons = core
         .reason_counters()
@@ -1006,6 +1007,9 @@ async fn metrics(
         generation: core.generation(),
         refused_writes: core.refused_writes,
         enforcing: core.protected(),
+        mode: core.mode().clone(),
+        ready,
+        conntrack: core.dataplane().conntrack_usage().ok(),
     };
     Ok((
         [(

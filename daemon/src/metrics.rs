@@ -11,7 +11,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::core::Count;
+use crate::{core::Count, model::Mode};
 
 /// The content type of [`render`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -27,6 +27,25 @@ pub struct Snapshot {
     pub refused_writes: u64,
     /// The data path is attached to at least one interface.
     pub enforcing: bool,
+    /// The mode (issue 21): what the data path does with what the rules do
+    /// not admit.
+    pub mode: Mode,
+    /// SSH readiness, as `/v1/ready` reports it.
+    pub ready: bool,
+    /// Connection-table entries and capacity (`None` when unreadable).
+    pub conntrack: Option<(usize, u32)>,
+}
+
+/// The `mode` label of each mode.
+const MODES: [&str; 4] = ["enforce", "audit", "open", "lockdown"];
+
+fn mode_name(mode: &Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "enforce",
+        Mode::Audit => "audit",
+        Mode::Open => "open",
+        Mode::Lockdown { .. } => "lockdown",
+    }
 }
 
 type Labels = Vec<(String, String)>;
@@ -100,6 +119,37 @@ pub fn render(s: &Snapshot) -> String {
         "Whether the data path is attached to at least one interface",
         i64::from(s.enforcing),
     );
+    let modes = Family::<Labels, Gauge>::default();
+    for m in MODES {
+        modes
+            .get_or_create(&vec![("mode".to_owned(), m.to_owned())])
+            .set(i64::from(m == mode_name(&s.mode)));
+    }
+    r.register(
+        "portcullis_mode",
+        "The mode (enforce, audit, open, lockdown): 1 for the current one",
+        modes,
+    );
+    gauge(
+        &mut r,
+        "portcullis_ready",
+        "Whether the host is SSH-ready (as /v1/ready)",
+        i64::from(s.ready),
+    );
+    if let Some((entries, capacity)) = s.conntrack {
+        gauge(
+            &mut r,
+            "portcullis_conntrack_entries",
+            "Entries in the connection table",
+            i64::try_from(entries).unwrap_or(i64::MAX),
+        );
+        gauge(
+            &mut r,
+            "portcullis_conntrack_capacity",
+            "Capacity of the connection table",
+            i64::from(capacity),
+        );
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -170,6 +220,9 @@ mod tests {
             generation: 7,
             refused_writes: 1,
             enforcing: true,
+            mode: Mode::Lockdown { admin: None },
+            ready: true,
+            conntrack: Some((5, 65536)),
         };
         let text = render(&s);
         for line in [
@@ -181,6 +234,11 @@ mod tests {
             "portcullis_rules_generation 7",
             "portcullis_api_refused_writes_total 1",
             "portcullis_enforcing 1",
+            "portcullis_mode{mode=\"enforce\"} 0",
+            "portcullis_mode{mode=\"lockdown\"} 1",
+            "portcullis_ready 1",
+            "portcullis_conntrack_entries 5",
+            "portcullis_conntrack_capacity 65536",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
