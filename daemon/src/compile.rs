@@ -136,6 +136,15 @@ fn pclasses(protocol: Protocol, from: u16, to: u16) -> Ports {
 /// The rule set as entries in priority order, and their slots: cluster peers
 /// (both directions), the SSH exemption, ingress rules, egress rules, then
 /// members of other clusters (which only name a drop reason).
+/// The networks of `cidrs` that parse (validation refuses the others; here
+/// they admit nothing: closed, not open).
+fn networks(cidrs: &[String]) -> Vec<IpNet> {
+    cidrs
+        .iter()
+        .filter_map(|c| crate::rules::parse_cidr(c).ok())
+        .collect()
+}
+
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     let mut entries = Vec::new();
     let mut slots = vec![Slot {
@@ -159,11 +168,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     };
     let everything = [pclasses(Protocol::Any, 0, u16::MAX)];
     if let Some(cluster) = &set.cluster {
-        let peers: Vec<IpNet> = cluster
-            .peers
-            .iter()
-            .filter_map(|c| crate::rules::parse_cidr(c).ok())
-            .collect();
+        let peers = networks(&cluster.peers);
         if !peers.is_empty() {
             for dir in [DIR_INGRESS, DIR_EGRESS] {
                 push(
@@ -204,11 +209,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         }
     }
     if let Some(cluster) = &set.cluster {
-        let others: Vec<IpNet> = cluster
-            .other_clusters
-            .iter()
-            .filter_map(|c| crate::rules::parse_cidr(c).ok())
-            .collect();
+        let others = networks(&cluster.other_clusters);
         if !others.is_empty() {
             push(
                 "other-clusters".into(),
@@ -294,6 +295,9 @@ fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment>
     out
 }
 
+/// Region ids by their segment lists: identical regions are stored once.
+type RegionIds = HashMap<[Vec<Segment>; PCLASSES], u32>;
+
 /// Compiles `set` for maps of capacity `limits`.
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
@@ -302,61 +306,83 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         hash: hash(set),
         ..Default::default()
     };
-    let mut region_ids: HashMap<[Vec<Segment>; PCLASSES], u32> = HashMap::new();
+    let mut region_ids = RegionIds::new();
     for dir in [DIR_INGRESS, DIR_EGRESS] {
         for v6 in [false, true] {
-            // Distinct networks of this direction and family, with their entries.
-            let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
-            for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
-                for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
-                    nets.entry((net_bits(n), n.prefix_len()))
-                        .or_default()
-                        .push(i);
-                }
-            }
-            // Sorted by (address, length): each network follows the networks
-            // that contain it, so a stack holds the current chain.
-            let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
-            for ((bits, len), own) in nets {
-                while let Some(((top_bits, top_len), _)) = stack.last() {
-                    if contains(*top_bits, *top_len, bits, len, v6) {
-                        break;
-                    }
-                    stack.pop();
-                }
-                let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
-                path.extend(own);
-                path.sort_unstable();
-                path.dedup();
-                let segs: [Vec<Segment>; PCLASSES] =
-                    std::array::from_fn(|c| segments(&entries, &path, c));
-                for s in &segs {
-                    if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
-                        return Err(CompileError::TooManySegments {
-                            needed: s.len(),
-                            max: MAX_SEGMENTS_PER_CLASS,
-                        });
-                    }
-                }
-                let next = region_ids.len() as u32;
-                let region = *region_ids.entry(segs).or_insert(next);
-                if v6 {
-                    let mut key = [0u8; 17];
-                    key[0] = dir;
-                    key[1..].copy_from_slice(&bits.to_be_bytes());
-                    image.v6.push((key, 8 + len as u32, region));
-                } else {
-                    let mut key = [0u8; 5];
-                    key[0] = dir;
-                    key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
-                    image.v4.push((key, 8 + len as u32, region));
-                }
-                stack.push(((bits, len), path));
-            }
+            prefixes(&entries, dir, v6, &mut image, &mut region_ids)?;
         }
     }
-    // Lay the regions out in id order; identical segment lists (TCP and UDP
-    // of a Brev rule, or the same ports in two regions) are stored once.
+    lay_out_regions(&mut image, region_ids);
+    image.slots = slots;
+    (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
+    image.v6_tables = Arc::new(V6Tables::of(&image.v6));
+    check_limits(&image, limits)?;
+    Ok(image)
+}
+
+/// The prefixes of direction `dir` and one family into `image.v4` or
+/// `image.v6`, each with the region of every entry whose network contains
+/// it (regions numbered in `region_ids`).
+fn prefixes(
+    entries: &[Entry],
+    dir: u8,
+    v6: bool,
+    image: &mut Image,
+    region_ids: &mut RegionIds,
+) -> Result<(), CompileError> {
+    // Distinct networks of this direction and family, with their entries.
+    let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
+        for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
+            nets.entry((net_bits(n), n.prefix_len()))
+                .or_default()
+                .push(i);
+        }
+    }
+    // Sorted by (address, length): each network follows the networks
+    // that contain it, so a stack holds the current chain.
+    let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
+    for ((bits, len), own) in nets {
+        while let Some(((top_bits, top_len), _)) = stack.last() {
+            if contains(*top_bits, *top_len, bits, len, v6) {
+                break;
+            }
+            stack.pop();
+        }
+        let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
+        path.extend(own);
+        path.sort_unstable();
+        path.dedup();
+        let segs: [Vec<Segment>; PCLASSES] = std::array::from_fn(|c| segments(entries, &path, c));
+        for s in &segs {
+            if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
+                return Err(CompileError::TooManySegments {
+                    needed: s.len(),
+                    max: MAX_SEGMENTS_PER_CLASS,
+                });
+            }
+        }
+        let next = region_ids.len() as u32;
+        let region = *region_ids.entry(segs).or_insert(next);
+        if v6 {
+            let mut key = [0u8; 17];
+            key[0] = dir;
+            key[1..].copy_from_slice(&bits.to_be_bytes());
+            image.v6.push((key, 8 + len as u32, region));
+        } else {
+            let mut key = [0u8; 5];
+            key[0] = dir;
+            key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
+            image.v4.push((key, 8 + len as u32, region));
+        }
+        stack.push(((bits, len), path));
+    }
+    Ok(())
+}
+
+/// Lays the regions out in id order; identical segment lists (TCP and UDP
+/// of a Brev rule, or the same ports in two regions) are stored once.
+fn lay_out_regions(image: &mut Image, region_ids: RegionIds) {
     let mut by_id: Vec<_> = region_ids.into_iter().collect();
     by_id.sort_by_key(|(_, id)| *id);
     let mut lists: HashMap<Vec<Segment>, u32> = HashMap::new();
@@ -379,9 +405,10 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         }
         image.regions.push(region);
     }
-    image.slots = slots;
-    (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
-    image.v6_tables = Arc::new(V6Tables::of(&image.v6));
+}
+
+/// Refuses an image larger than the maps.
+fn check_limits(image: &Image, limits: &Limits) -> Result<(), CompileError> {
     for (what, needed, capacity) in [
         (
             "prefixes",
@@ -405,7 +432,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
             });
         }
     }
-    Ok(image)
+    Ok(())
 }
 
 /// Builds the IPv4 stride table: each prefix fills the entries it covers at

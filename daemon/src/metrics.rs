@@ -72,6 +72,41 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     registry.register(name, help, g);
 }
 
+/// The mode, readiness and connection-table gauges.
+fn state_gauges(r: &mut Registry, s: &Snapshot) {
+    let modes = Family::<Labels, Gauge>::default();
+    for m in MODES {
+        modes
+            .get_or_create(&vec![("mode".to_owned(), m.to_owned())])
+            .set(i64::from(m == mode_name(&s.mode)));
+    }
+    r.register(
+        "portcullis_mode",
+        "The mode (enforce, audit, open, lockdown): 1 for the current one",
+        modes,
+    );
+    gauge(
+        r,
+        "portcullis_ready",
+        "Whether the host is SSH-ready (as /v1/ready)",
+        i64::from(s.ready),
+    );
+    if let Some((entries, capacity)) = s.conntrack {
+        gauge(
+            r,
+            "portcullis_conntrack_entries",
+            "Entries in the connection table",
+            i64::try_from(entries).unwrap_or(i64::MAX),
+        );
+        gauge(
+            r,
+            "portcullis_conntrack_capacity",
+            "Capacity of the connection table",
+            i64::from(capacity),
+        );
+    }
+}
+
 /// The exposition text of `s`.
 pub fn render(s: &Snapshot) -> String {
     let mut r = Registry::default();
@@ -119,37 +154,7 @@ pub fn render(s: &Snapshot) -> String {
         "Whether the data path is attached to at least one interface",
         i64::from(s.enforcing),
     );
-    let modes = Family::<Labels, Gauge>::default();
-    for m in MODES {
-        modes
-            .get_or_create(&vec![("mode".to_owned(), m.to_owned())])
-            .set(i64::from(m == mode_name(&s.mode)));
-    }
-    r.register(
-        "portcullis_mode",
-        "The mode (enforce, audit, open, lockdown): 1 for the current one",
-        modes,
-    );
-    gauge(
-        &mut r,
-        "portcullis_ready",
-        "Whether the host is SSH-ready (as /v1/ready)",
-        i64::from(s.ready),
-    );
-    if let Some((entries, capacity)) = s.conntrack {
-        gauge(
-            &mut r,
-            "portcullis_conntrack_entries",
-            "Entries in the connection table",
-            i64::try_from(entries).unwrap_or(i64::MAX),
-        );
-        gauge(
-            &mut r,
-            "portcullis_conntrack_capacity",
-            "Capacity of the connection table",
-            i64::from(capacity),
-        );
-    }
+    state_gauges(&mut r, s);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
