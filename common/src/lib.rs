@@ -206,8 +206,8 @@ pub struct Settings {
     pub _reserved: u32,
 }
 
-/// Admit inbound TCP to port 22 regardless of the rules.
-pub const SETTING_SSH: u32 = 1 << 0;
+/// Bit 0 is unused: the SSH exemption is a compiled rule (`SLOT_KIND_SSH`)
+/// on the configured ports, not a switch.
 /// Admit inbound ICMP/ICMPv6 echo requests.
 pub const SETTING_PING: u32 = 1 << 1;
 
@@ -310,6 +310,20 @@ pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_ICMPV6: u8 = 58;
 
+/// ICMP message types (RFC 792) the data path tells apart.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+pub const ICMP_DEST_UNREACH: u8 = 3;
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
+pub const ICMP_PARAMETER_PROBLEM: u8 = 12;
+/// ICMPv6 message types (RFC 4443, 2710, 3810, 4861) the data path tells apart.
+pub const ICMPV6_DEST_UNREACH: u8 = 1;
+pub const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+pub const ICMPV6_TIME_EXCEEDED: u8 = 3;
+pub const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
+pub const ICMPV6_ECHO_REQUEST: u8 = 128;
+pub const ICMPV6_ECHO_REPLY: u8 = 129;
+
 /// Outbound traffic is an allowlist (the egress rules are not empty).
 pub const SETTING_EGRESS_ALLOWLIST: u32 = 1 << 2;
 /// Audit (or open) mode: decide and count as usual, but pass what would be
@@ -406,6 +420,14 @@ pub const SLOT_KIND_PEER: u32 = 1;
 pub const SLOT_KIND_SSH: u32 = 2;
 /// A member of another cluster: dropped unless a rule admits it first.
 pub const SLOT_KIND_FOREIGN: u32 = 3;
+
+/// Whether a lookup's slot admits the packet: a slot was found and it is not
+/// the other-clusters marker. The one definition, used by the data path
+/// (`ebpf/src/policy.rs`) and the daemon (`core`, `readiness`).
+#[inline(always)]
+pub const fn slot_admits(slot: u32) -> bool {
+    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+}
 
 /// A dropped (or, in audit mode, would-be-dropped) packet, for the event
 /// stream. Addresses as in `FlowKey`; ports in host order.

@@ -1023,86 +1023,34 @@ async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
     }))
 }
 
-/// Prometheus text exposition.
-async fn metrics(State(api): State<Api>) -> Result<String, ApiError> {
-    use std::fmt::Write as _;
+/// Prometheus exposition (OpenMetrics text, see [`crate::metrics`]).
+async fn metrics(
+    State(api): State<Api>,
+) -> Result<([(axum::http::HeaderName, &'static str); 1], String), ApiError> {
+    let ready = readiness(&api).await.ready;
     let mut core = api.core.lock().await;
     let reasons = core
         .reason_counters()
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")))?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_packets_total Packets by verdict reason.\n# TYPE portcullis_packets_total counter"
-    );
-    for (r, c) in &reasons {
-        let _ = writeln!(
-            out,
-            "portcullis_packets_total{{reason=\"{}\"}} {}",
-            r.name(),
-            c.packets
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_bytes_total Bytes by verdict reason.\n# TYPE portcullis_bytes_total counter"
-    );
-    for (r, c) in &reasons {
-        let _ = writeln!(
-            out,
-            "portcullis_bytes_total{{reason=\"{}\"}} {}",
-            r.name(),
-            c.bytes
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_rule_packets_total Packets admitted by each rule.\n# TYPE portcullis_rule_packets_total counter"
-    );
-    let rules: BTreeMap<_, _> = core.rule_counters().into_iter().collect();
-    for (name, c) in &rules {
-        let _ = writeln!(
-            out,
-            "portcullis_rule_packets_total{{rule=\"{}\"}} {}",
-            label_value(name),
-            c.packets
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_rules_generation Generation of the live rule set.\n# TYPE portcullis_rules_generation gauge"
-    );
-    let _ = writeln!(out, "portcullis_rules_generation {}", core.generation());
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_api_refused_writes_total Rule changes refused for lack of permission.\n# TYPE portcullis_api_refused_writes_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "portcullis_api_refused_writes_total {}",
-        core.refused_writes()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP portcullis_enforcing Whether the data path is attached to at least one interface.\n# TYPE portcullis_enforcing gauge"
-    );
-    let _ = writeln!(out, "portcullis_enforcing {}", u8::from(core.protected()));
-    Ok(out)
-}
-
-/// A label value in the Prometheus text format: `\\`, `"` and line feeds
-/// escaped, so a rule id cannot end the label or the line.
-fn label_value(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
+    let mut rules: Vec<_> = core.rule_counters().into_iter().collect();
+    rules.sort_by(|a, b| a.0.cmp(&b.0));
+    let snapshot = crate::metrics::Snapshot {
+        reasons,
+        rules,
+        generation: core.generation(),
+        refused_writes: core.refused_writes(),
+        enforcing: core.protected(),
+        mode: core.mode().clone(),
+        ready,
+        conntrack: core.conntrack_usage().ok(),
+    };
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        crate::metrics::render(&snapshot),
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -1537,12 +1485,6 @@ pub fn socket_path(configured: Option<&Path>) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn label_values_cannot_end_the_label_or_the_line() {
-        assert_eq!(label_value("rule:web"), "rule:web");
-        assert_eq!(label_value("a\"} 1\nx{b=\"\\"), "a\\\"} 1\\nx{b=\\\"\\\\");
-    }
 
     #[test]
     fn refusals_are_logged_a_few_times_a_minute_then_summarised() {

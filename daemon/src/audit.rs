@@ -15,6 +15,8 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::model::{hex, unix_now};
+
 pub const LOG: &str = "audit.log";
 pub const HEAD: &str = "audit.head";
 /// The `prev` of the first record.
@@ -77,10 +79,6 @@ pub(crate) fn bounded(s: &str, max: usize) -> String {
         s.get(..end).unwrap_or_default(),
         s.len()
     )
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub struct Log {
@@ -156,9 +154,7 @@ impl Log {
     pub fn append(&mut self, e: Event<'_>) -> anyhow::Result<Record> {
         let mut r = Record {
             seq: self.next_seq,
-            time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            time: unix_now(),
             uid: e.uid,
             pid: e.pid,
             action: bounded(e.action, MAX_ACTION),

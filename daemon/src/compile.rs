@@ -4,7 +4,10 @@
 //! class `c` to port `p`" in three steps of fixed cost:
 //!
 //! 1. The longest compiled prefix containing `addr` gives a *region*
-//!    (IPv4: the stride table `V4_ROOT`/`V4_CHUNKS`; IPv6: the LPM trie `SRC6`). Prefixes of different rules nest or are disjoint, so
+//!    (IPv4: the stride table `V4_ROOT`/`V4_CHUNKS`; IPv6: per /32 bucket
+//!    `V6_BUCKETS` the lengths present, each probed in `V6_PREFIXES`, and
+//!    prefixes shorter than /32 in the LPM trie `SRC6`, see [`V6Tables`]).
+//!    Prefixes of different rules nest or are disjoint, so
 //!    the compiler gives each distinct prefix the region of every rule whose
 //!    prefix contains it: the longest match alone is enough.
 //! 2. `REGIONS[region]` gives, per protocol class, where its segments are.
@@ -17,6 +20,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    sync::Arc,
 };
 
 use ipnet::IpNet;
@@ -24,7 +28,8 @@ use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, PCLASSES,
     Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER,
     SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE,
-    V4_ROOT_ENTRIES,
+    V4_ROOT_ENTRIES, V6_BUCKET_LENGTHS, V6_BUCKET_OVERFLOW, V6_SHORT_MAX, V6BucketKey, V6Lengths,
+    V6PrefixKey,
 };
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -96,6 +101,9 @@ pub struct Image {
     /// (key data: direction byte + address, LPM prefix length incl. the direction byte, region)
     pub v4: Vec<(RuleKey4, u32, u32)>,
     pub v6: Vec<(RuleKey6, u32, u32)>,
+    /// `v6` as the data path looks it up (trie, buckets, prefixes): what
+    /// the data plane writes and [`Image::lookup`] walks.
+    pub v6_tables: Arc<V6Tables>,
     /// The IPv4 stride table built from `v4` (see `portcullis_common::V4_NODE`).
     pub v4_root: Vec<u32>,
     pub v4_chunks: Vec<u32>,
@@ -128,6 +136,15 @@ fn pclasses(protocol: Protocol, from: u16, to: u16) -> Ports {
 /// The rule set as entries in priority order, and their slots: cluster peers
 /// (both directions), the SSH exemption, ingress rules, egress rules, then
 /// members of other clusters (which only name a drop reason).
+/// The networks of `cidrs` that parse (validation refuses the others; here
+/// they admit nothing: closed, not open).
+fn networks(cidrs: &[String]) -> Vec<IpNet> {
+    cidrs
+        .iter()
+        .filter_map(|c| crate::rules::parse_cidr(c).ok())
+        .collect()
+}
+
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     let mut entries = Vec::new();
     let mut slots = vec![Slot {
@@ -151,11 +168,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     };
     let everything = [pclasses(Protocol::Any, 0, u16::MAX)];
     if let Some(cluster) = &set.cluster {
-        let peers: Vec<IpNet> = cluster
-            .peers
-            .iter()
-            .filter_map(|c| crate::rules::parse_cidr(c).ok())
-            .collect();
+        let peers = networks(&cluster.peers);
         if !peers.is_empty() {
             for dir in [DIR_INGRESS, DIR_EGRESS] {
                 push(
@@ -196,11 +209,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         }
     }
     if let Some(cluster) = &set.cluster {
-        let others: Vec<IpNet> = cluster
-            .other_clusters
-            .iter()
-            .filter_map(|c| crate::rules::parse_cidr(c).ok())
-            .collect();
+        let others = networks(&cluster.other_clusters);
         if !others.is_empty() {
             push(
                 "other-clusters".into(),
@@ -286,6 +295,9 @@ fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment>
     out
 }
 
+/// Region ids by their segment lists: identical regions are stored once.
+type RegionIds = HashMap<[Vec<Segment>; PCLASSES], u32>;
+
 /// Compiles `set` for maps of capacity `limits`.
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
@@ -294,61 +306,83 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         hash: hash(set),
         ..Default::default()
     };
-    let mut region_ids: HashMap<[Vec<Segment>; PCLASSES], u32> = HashMap::new();
+    let mut region_ids = RegionIds::new();
     for dir in [DIR_INGRESS, DIR_EGRESS] {
         for v6 in [false, true] {
-            // Distinct networks of this direction and family, with their entries.
-            let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
-            for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
-                for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
-                    nets.entry((net_bits(n), n.prefix_len()))
-                        .or_default()
-                        .push(i);
-                }
-            }
-            // Sorted by (address, length): each network follows the networks
-            // that contain it, so a stack holds the current chain.
-            let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
-            for ((bits, len), own) in nets {
-                while let Some(((top_bits, top_len), _)) = stack.last() {
-                    if contains(*top_bits, *top_len, bits, len, v6) {
-                        break;
-                    }
-                    stack.pop();
-                }
-                let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
-                path.extend(own);
-                path.sort_unstable();
-                path.dedup();
-                let segs: [Vec<Segment>; PCLASSES] =
-                    std::array::from_fn(|c| segments(&entries, &path, c));
-                for s in &segs {
-                    if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
-                        return Err(CompileError::TooManySegments {
-                            needed: s.len(),
-                            max: MAX_SEGMENTS_PER_CLASS,
-                        });
-                    }
-                }
-                let next = region_ids.len() as u32;
-                let region = *region_ids.entry(segs).or_insert(next);
-                if v6 {
-                    let mut key = [0u8; 17];
-                    key[0] = dir;
-                    key[1..].copy_from_slice(&bits.to_be_bytes());
-                    image.v6.push((key, 8 + len as u32, region));
-                } else {
-                    let mut key = [0u8; 5];
-                    key[0] = dir;
-                    key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
-                    image.v4.push((key, 8 + len as u32, region));
-                }
-                stack.push(((bits, len), path));
-            }
+            prefixes(&entries, dir, v6, &mut image, &mut region_ids)?;
         }
     }
-    // Lay the regions out in id order; identical segment lists (TCP and UDP
-    // of a Brev rule, or the same ports in two regions) are stored once.
+    lay_out_regions(&mut image, region_ids);
+    image.slots = slots;
+    (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
+    image.v6_tables = Arc::new(V6Tables::of(&image.v6));
+    check_limits(&image, limits)?;
+    Ok(image)
+}
+
+/// The prefixes of direction `dir` and one family into `image.v4` or
+/// `image.v6`, each with the region of every entry whose network contains
+/// it (regions numbered in `region_ids`).
+fn prefixes(
+    entries: &[Entry],
+    dir: u8,
+    v6: bool,
+    image: &mut Image,
+    region_ids: &mut RegionIds,
+) -> Result<(), CompileError> {
+    // Distinct networks of this direction and family, with their entries.
+    let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
+        for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
+            nets.entry((net_bits(n), n.prefix_len()))
+                .or_default()
+                .push(i);
+        }
+    }
+    // Sorted by (address, length): each network follows the networks
+    // that contain it, so a stack holds the current chain.
+    let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
+    for ((bits, len), own) in nets {
+        while let Some(((top_bits, top_len), _)) = stack.last() {
+            if contains(*top_bits, *top_len, bits, len, v6) {
+                break;
+            }
+            stack.pop();
+        }
+        let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
+        path.extend(own);
+        path.sort_unstable();
+        path.dedup();
+        let segs: [Vec<Segment>; PCLASSES] = std::array::from_fn(|c| segments(entries, &path, c));
+        for s in &segs {
+            if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
+                return Err(CompileError::TooManySegments {
+                    needed: s.len(),
+                    max: MAX_SEGMENTS_PER_CLASS,
+                });
+            }
+        }
+        let next = region_ids.len() as u32;
+        let region = *region_ids.entry(segs).or_insert(next);
+        if v6 {
+            let mut key = [0u8; 17];
+            key[0] = dir;
+            key[1..].copy_from_slice(&bits.to_be_bytes());
+            image.v6.push((key, 8 + len as u32, region));
+        } else {
+            let mut key = [0u8; 5];
+            key[0] = dir;
+            key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
+            image.v4.push((key, 8 + len as u32, region));
+        }
+        stack.push(((bits, len), path));
+    }
+    Ok(())
+}
+
+/// Lays the regions out in id order; identical segment lists (TCP and UDP
+/// of a Brev rule, or the same ports in two regions) are stored once.
+fn lay_out_regions(image: &mut Image, region_ids: RegionIds) {
     let mut by_id: Vec<_> = region_ids.into_iter().collect();
     by_id.sort_by_key(|(_, id)| *id);
     let mut lists: HashMap<Vec<Segment>, u32> = HashMap::new();
@@ -371,8 +405,10 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         }
         image.regions.push(region);
     }
-    image.slots = slots;
-    (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
+}
+
+/// Refuses an image larger than the maps.
+fn check_limits(image: &Image, limits: &Limits) -> Result<(), CompileError> {
     for (what, needed, capacity) in [
         (
             "prefixes",
@@ -396,7 +432,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
             });
         }
     }
-    Ok(image)
+    Ok(())
 }
 
 /// Builds the IPv4 stride table: each prefix fills the entries it covers at
@@ -504,10 +540,117 @@ pub fn hash(set: &RuleSet) -> String {
     // string keys): serde_json has no way to fail on it.
     #[allow(clippy::expect_used)]
     let json = serde_json::to_vec(set).expect("a rule set always serialises");
-    Sha256::digest(&json)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::model::hex(&Sha256::digest(&json))
+}
+
+/// The IPv6 prefixes of an image as the data path looks them up: shorter than /32
+/// in the LPM trie, longer ones in a hash per (length, masked address) with,
+/// per /32, the lengths present (longest first). A /32 with more distinct
+/// lengths than a bucket lists keeps its prefixes in the trie instead.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct V6Tables {
+    /// LPM trie keys as the kernel reads them: the prefix length (counting
+    /// the direction byte) in host order, then the `RuleKey6`.
+    pub short: HashMap<[u8; 21], u32>,
+    /// `V6_PREFIXES`: (direction, length, masked address) -> region.
+    pub prefixes: HashMap<V6PrefixKey, u32>,
+    /// `V6_BUCKETS`: per (direction, /32), the lengths present, longest first.
+    pub buckets: HashMap<V6BucketKey, V6Lengths>,
+}
+
+impl V6Tables {
+    /// The tables of the prefixes `v6` (as in [`Image::v6`]).
+    pub fn of(v6: &[(RuleKey6, u32, u32)]) -> V6Tables {
+        use std::collections::BTreeSet;
+        let bucket = |key: &RuleKey6| [key[0], key[1], key[2], key[3], key[4]];
+        let mut lengths: HashMap<V6BucketKey, BTreeSet<u8>> = HashMap::new();
+        for (key, len, _) in v6 {
+            if len - 8 > V6_SHORT_MAX {
+                lengths
+                    .entry(bucket(key))
+                    .or_default()
+                    .insert((len - 8) as u8);
+            }
+        }
+        let mut t = V6Tables {
+            short: HashMap::new(),
+            prefixes: HashMap::new(),
+            buckets: HashMap::new(),
+        };
+        for (b, set) in &lengths {
+            let mut list = [0u8; V6_BUCKET_LENGTHS];
+            if set.len() > V6_BUCKET_LENGTHS {
+                list[0] = V6_BUCKET_OVERFLOW;
+            } else {
+                for (slot, len) in list.iter_mut().zip(set.iter().rev()) {
+                    *slot = *len;
+                }
+            }
+            t.buckets.insert(*b, list);
+        }
+        for &(key, len, region) in v6 {
+            let plen = len - 8;
+            let overflow = t
+                .buckets
+                .get(&bucket(&key))
+                .is_some_and(|l| l[0] == V6_BUCKET_OVERFLOW);
+            if plen <= V6_SHORT_MAX || overflow {
+                let mut k = [0u8; 21];
+                k[..4].copy_from_slice(&len.to_ne_bytes());
+                k[4..].copy_from_slice(&key);
+                t.short.insert(k, region);
+                continue;
+            }
+            let [_, addr @ ..] = key;
+            let addr = u128::from_be_bytes(addr);
+            let masked = addr & (u128::MAX << (128 - plen));
+            let mut p = [0u8; 18];
+            p[0] = key[0];
+            p[1] = plen as u8;
+            p[2..].copy_from_slice(&masked.to_be_bytes());
+            t.prefixes.insert(p, region);
+        }
+        t
+    }
+    /// The region of `addr` in direction `dir`, walked as the data path
+    /// walks it (`v6_region` in ebpf/src/rules.rs): the /32 bucket's lengths,
+    /// longest first, each probed in `V6_PREFIXES`; then the longest match
+    /// in the trie (`SRC6`).
+    pub fn region(&self, dir: u8, addr: u128) -> Option<u32> {
+        let b = addr.to_be_bytes();
+        let bucket: V6BucketKey = [dir, b[0], b[1], b[2], b[3]];
+        if let Some(lengths) = self.buckets.get(&bucket)
+            && lengths.first() != Some(&V6_BUCKET_OVERFLOW)
+        {
+            for &len in lengths {
+                if len == 0 || len > 128 {
+                    break;
+                }
+                let masked = addr & (u128::MAX << (128 - u32::from(len)));
+                let mut key: V6PrefixKey = [0; 18];
+                key[0] = dir;
+                key[1] = len;
+                key[2..].copy_from_slice(&masked.to_be_bytes());
+                if let Some(region) = self.prefixes.get(&key) {
+                    return Some(*region);
+                }
+            }
+        }
+        // The LPM trie: the longest stored prefix of this direction containing `addr`.
+        self.short
+            .iter()
+            .filter_map(|(k, region)| {
+                let (len, key) = k.split_at(4);
+                let len = u32::from_ne_bytes(len.try_into().ok()?);
+                let (&d, net) = key.split_first()?;
+                let net = u128::from_be_bytes(net.try_into().ok()?);
+                let plen = len.checked_sub(8)?;
+                let covers = plen == 0 || (addr >> (128 - plen)) == (net >> (128 - plen));
+                (d == dir && covers).then_some((len, *region))
+            })
+            .max_by_key(|(len, _)| *len)
+            .map(|(_, region)| region)
+    }
 }
 
 impl Image {
@@ -530,18 +673,7 @@ impl Image {
                 }
                 (v != 0 && v & V4_NODE == 0).then(|| v - 1)
             }
-            IpAddr::V6(a) => {
-                let a = u128::from(a);
-                self.v6
-                    .iter()
-                    .filter(|([d, net @ ..], len, _)| {
-                        let plen = len - 8;
-                        let net = u128::from_be_bytes(*net);
-                        *d == dir && (plen == 0 || (a >> (128 - plen)) == (net >> (128 - plen)))
-                    })
-                    .max_by_key(|(_, len, _)| *len)
-                    .map(|e| e.2)
-            }
+            IpAddr::V6(a) => self.v6_tables.region(dir, u128::from(a)),
         };
         let Some(r) = region.and_then(|r| self.regions.get(r as usize)) else {
             return SLOT_NONE;

@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
+pub use crate::model::{DEFAULT_EXCLUDE, TcAttachMode, XdpProgram};
 use crate::{
     compile::Limits,
+    model::Selector,
     rules::{Cluster, FirewallRule, RuleSet, Ssh},
 };
 
@@ -176,16 +178,6 @@ impl Default for ApiConfig {
 }
 
 impl ApiConfig {
-    /// The writers' group id, checked to exist.
-    pub fn writers_gid(&self) -> anyhow::Result<Option<u32>> {
-        group_id("group", self.group.as_deref())
-    }
-
-    /// The readers' group id, checked to exist.
-    pub fn readers_gid(&self) -> anyhow::Result<Option<u32>> {
-        group_id("reader_group", self.reader_group.as_deref())
-    }
-
     fn validate(&self) -> anyhow::Result<()> {
         if self.request_timeout_secs == 0 {
             bail!("api: request_timeout_secs: must be at least 1");
@@ -207,16 +199,6 @@ impl ApiConfig {
             );
         }
         Ok(())
-    }
-}
-
-fn group_id(key: &str, name: Option<&str>) -> anyhow::Result<Option<u32>> {
-    let Some(name) = name else {
-        return Ok(None);
-    };
-    match nix::unistd::Group::from_name(name)? {
-        Some(g) => Ok(Some(g.gid.as_raw())),
-        None => bail!("api: {key}: no group named {name:?} on this host"),
     }
 }
 
@@ -270,41 +252,12 @@ pub enum Fallback {
     Nftables,
 }
 
-/// The XDP program variant (see `Config::xdp_program`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum XdpProgram {
-    #[default]
-    Auto,
-    Frags,
-    SingleBuffer,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TcAttachMode {
-    #[default]
-    Auto,
-    Tcx,
-    Clsact,
-}
-
 fn default_exclude() -> Vec<String> {
-    crate::links::DEFAULT_EXCLUDE
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect()
 }
 
 fn default_conntrack_entries() -> u32 {
     portcullis_common::CONNTRACK_DEFAULT_ENTRIES
-}
-
-/// bpffs's magic number (statfs f_type).
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// SSH readiness settings (`[readiness]`).
@@ -519,16 +472,10 @@ impl Config {
         Ok(())
     }
 
-    /// The pin directory: configured, or the default for this host.
-    pub fn pin_dir(&self) -> PathBuf {
-        if let Some(dir) = &self.pin_dir {
-            return dir.clone();
-        }
-        if is_bpffs(Path::new("/sys/fs/bpf")) || !is_bpffs(Path::new(FALLBACK_BPFFS)) {
-            PathBuf::from(DEFAULT_PIN_DIR)
-        } else {
-            Path::new(FALLBACK_BPFFS).join("portcullis")
-        }
+    /// The pin directory when configured; `None` leaves the choice to the
+    /// host (`host::ConfigProbes::pin_dir`).
+    pub fn configured_pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
     }
 
     /// Rules this configuration adds to every rule set: the health
@@ -549,8 +496,8 @@ impl Config {
     }
 
     /// The interface selection this file describes.
-    pub fn selector(&self) -> anyhow::Result<crate::links::Selector> {
-        crate::links::Selector::new(&self.interfaces, &self.auto_include, &self.auto_exclude)
+    pub fn selector(&self) -> anyhow::Result<Selector> {
+        Selector::new(&self.interfaces, &self.auto_include, &self.auto_exclude)
     }
 
     /// The rules of this configuration as a rule set: the saved rules file

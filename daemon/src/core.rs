@@ -8,14 +8,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::net::IpAddr;
 
-use portcullis_common::{
-    Counter, DIR_INGRESS, PCLASS_TCP, Reason, SLOT_KIND_FOREIGN, SLOT_KIND_SHIFT, SLOT_NONE,
-    pclass_port,
-};
-use serde::Deserialize;
-use serde::Serialize;
+use portcullis_common::{Counter, DIR_INGRESS, PCLASS_TCP, Reason, pclass_port, slot_admits};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::model::unix_now;
+pub use crate::model::{Mode, Pending};
 use crate::{
     audit,
     compile::{self, CompileError, Image, Limits},
@@ -135,36 +133,6 @@ impl Session {
     }
 }
 
-/// A change applied with a confirmation window.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Pending {
-    pub previous: RuleSet,
-    pub previous_allow_ping: bool,
-    pub generation: u64,
-    /// Unix time after which it is rolled back.
-    pub deadline: u64,
-}
-
-/// How the data path treats what the rules do not admit.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "mode", rename_all = "lowercase")]
-pub enum Mode {
-    /// Drop it (the normal mode).
-    #[default]
-    Enforce,
-    /// Pass it, counting each packet under the reason it would be dropped
-    /// for: to roll out a policy safely.
-    Audit,
-    /// Emergency: enforcement suspended (everything passes, still counted).
-    Open,
-    /// Emergency: drop everything new inbound; only flows already open and
-    /// SSH from `admin` (when given) get in.
-    Lockdown {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        admin: Option<String>,
-    },
-}
-
 /// What a change changes, by rule id.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Diff {
@@ -228,12 +196,6 @@ impl Diff {
             ssh_changed: old.ssh != new.ssh,
         }
     }
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// The outcome of an accepted change (or of a dry run).
@@ -467,7 +429,7 @@ impl Core {
     /// Seeds the connection table with the connections open now, so they
     /// survive the ingress filter; returns (open, seeded).
     pub fn seed_open_connections(&mut self) -> anyhow::Result<(usize, usize)> {
-        let existing = crate::sockets::connections()?;
+        let existing = dataplane::connections()?;
         let seeded = self.dataplane.seed_connections(&existing)?;
         Ok((existing.len(), seeded))
     }
@@ -702,7 +664,7 @@ impl Core {
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
-        release_free_memory();
+        crate::host::release_free_memory();
         Ok(generation)
     }
 
@@ -763,7 +725,7 @@ impl Core {
             // The admin network's open connections are "established": they
             // stay, inbound ones the rules admitted included (not in the
             // table until now).
-            let open = crate::sockets::connections().map_err(ChangeError::Internal)?;
+            let open = dataplane::connections().map_err(ChangeError::Internal)?;
             let admin_open: Vec<_> = open
                 .into_iter()
                 .filter(|c| admin.contains(&c.remote.to_canonical()))
@@ -910,7 +872,7 @@ impl Core {
     /// Open connections that `image` would cut: admitted by the live rules
     /// (not by the connection table) and not by `image`.
     fn flows_cut_by(&mut self, image: &Image) -> Vec<String> {
-        let Ok(connections) = crate::sockets::connections() else {
+        let Ok(connections) = dataplane::connections() else {
             return Vec::new();
         };
         connections
@@ -920,7 +882,7 @@ impl Core {
                 let remote = c.remote.to_canonical();
                 let admitted = |img: &Image| {
                     let slot = img.lookup(DIR_INGRESS, remote, pclass, port);
-                    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+                    slot_admits(slot)
                 };
                 !self.dataplane.has_flow(&dataplane::flow_key(c))
                     && admitted(&self.image)
@@ -943,7 +905,7 @@ impl Core {
 
     /// Whether the SSH session `s` keeps working under `image`.
     fn survives(&mut self, s: &Session, image: &Image) -> bool {
-        let conn = crate::sockets::Connection {
+        let conn = crate::model::Connection {
             proto: portcullis_common::IPPROTO_TCP,
             local: s.server,
             local_port: s.server_port,
@@ -1202,7 +1164,7 @@ fn admits_login(s: &Session, image: &Image) -> bool {
         PCLASS_TCP,
         s.server_port,
     );
-    slot != SLOT_NONE && slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+    slot_admits(slot)
 }
 
 /// The core as the daemon's tasks share it.
@@ -1339,18 +1301,6 @@ pub fn lockdown_rules(live: &RuleSet, admin: Option<&str>) -> RuleSet {
         },
         egress_rules: live.egress_rules.clone(),
         ..Default::default()
-    }
-}
-
-/// Hands the memory a compile freed back to the system: a large rule set's
-/// intermediate buffers would otherwise stay in the allocator's arenas and
-/// in the daemon's RSS until the next change reuses them.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has
-    // no preconditions and touches no live allocation.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 

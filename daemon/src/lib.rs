@@ -6,14 +6,19 @@
 //! - [`audit`]: the hash-chained audit log of every change and refusal.
 //! - [`compile`]: the rule set compiled into the rule maps' image (pure).
 //! - [`config`]: the configuration file (pure).
-//! - [`dataplane`]: loading, attaching, pinning and writing maps (kernel).
+//! - [`dataplane`]: everything that talks to the kernel's bpf(2), rtnetlink
+//!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
+//!   connection table, test runs, links and open sockets.
 //! - [`events`]: drop events from the ring buffer, for status and watch.
 //! - [`reload`]: runtime changes against the configuration's baseline (pure).
-//! - [`links`]: which interfaces to protect; watching for new ones (rtnetlink).
+//! - [`host`]: host probes at start-up (bpffs, groups) and memory release.
+//! - [`model`]: the plain types the layers share (mode, pending change,
+//!   connections, links and their selector) (pure).
+//! - [`links`] (`dataplane::links`): which interfaces to protect; watching for new ones.
 //! - [`sshkeys`]: SSH key validation and injection into authorized_keys.
 //! - [`state`]: the live rule set on disk, written atomically (pure I/O).
-//! - [`sockets`]: the kernel's open connections (netlink sock_diag).
-//! - [`testrun`]: runs a loaded program on a crafted packet (`BPF_PROG_TEST_RUN`).
+//! - [`sockets`] (`dataplane::sockets`): the kernel's open connections (sock_diag).
+//! - [`testrun`] (`dataplane::testrun`): runs a loaded program on a crafted packet.
 
 // No panic reachable from input in the daemon (issue 14): where one of these
 // is allowed, a comment beside it proves why it cannot fire.
@@ -29,7 +34,6 @@
 
 pub mod api;
 pub mod audit;
-pub mod bpfsys;
 pub mod client;
 pub mod compile;
 pub mod config;
@@ -38,12 +42,15 @@ pub mod dataplane;
 pub mod events;
 pub mod fallback;
 pub mod fuzzing;
+pub mod host;
 pub mod journal;
-pub mod links;
+pub mod metrics;
+pub mod model;
 pub mod readiness;
 pub mod reload;
 pub mod rules;
-pub mod sockets;
 pub mod sshkeys;
 pub mod state;
-pub mod testrun;
+
+// Kernel-facing modules live under `dataplane/`; their old paths stay.
+pub use dataplane::{links, sockets, sys as bpfsys, testrun};

@@ -410,8 +410,10 @@ fn temp_name() -> anyhow::Result<String> {
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("cannot read /dev/urandom")?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    Ok(format!(".authorized_keys.portcullis.{hex}"))
+    Ok(format!(
+        ".authorized_keys.portcullis.{}",
+        crate::model::hex(&bytes)
+    ))
 }
 
 /// The walk and the write, on the thread that is the user.

@@ -44,7 +44,7 @@ struct Envelope {
 #[derive(Serialize, Deserialize)]
 struct SavedMode {
     #[serde(flatten)]
-    mode: crate::core::Mode,
+    mode: crate::model::Mode,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     boot_id: Option<String>,
 }
@@ -53,7 +53,7 @@ struct SavedMode {
 struct SavedPending {
     format: u32,
     sha256: String,
-    pending: crate::core::Pending,
+    pending: crate::model::Pending,
 }
 
 /// This boot's id (the kernel makes a new one at every boot).
@@ -132,7 +132,7 @@ impl Store {
 
     /// Saves the data path's mode (enforce, audit, open, lockdown) with the
     /// boot it was set in.
-    pub fn save_mode(&self, mode: &crate::core::Mode) -> anyhow::Result<()> {
+    pub fn save_mode(&self, mode: &crate::model::Mode) -> anyhow::Result<()> {
         let saved = SavedMode {
             mode: mode.clone(),
             boot_id: boot_id(),
@@ -140,7 +140,7 @@ impl Store {
         replace_file(&self.dir, MODE, &serde_json::to_vec(&saved)?, None)
     }
 
-    pub fn load_mode(&self) -> anyhow::Result<crate::core::Mode> {
+    pub fn load_mode(&self) -> anyhow::Result<crate::model::Mode> {
         Ok(self
             .load_saved_mode()?
             .map_or_else(Default::default, |m| m.mode))
@@ -177,7 +177,7 @@ impl Store {
 
     /// Saves (or with `None`, removes) the change awaiting confirmation,
     /// with the checksum of the rules a rollback would restore.
-    pub fn save_pending(&self, pending: Option<&crate::core::Pending>) -> anyhow::Result<()> {
+    pub fn save_pending(&self, pending: Option<&crate::model::Pending>) -> anyhow::Result<()> {
         let path = self.dir.join(PENDING);
         match pending {
             None => match fs::remove_file(&path) {
@@ -204,7 +204,7 @@ impl Store {
     /// The change awaiting confirmation, checked like the live set: a file
     /// that is torn, edited or holds an invalid rule set is an error naming
     /// the file, never a panic later at the rollback.
-    pub fn load_pending(&self) -> anyhow::Result<Option<crate::core::Pending>> {
+    pub fn load_pending(&self) -> anyhow::Result<Option<crate::model::Pending>> {
         let path = self.dir.join(PENDING);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
@@ -450,8 +450,8 @@ mod tests {
         assert!(store.load().is_err());
     }
 
-    fn pending() -> crate::core::Pending {
-        crate::core::Pending {
+    fn pending() -> crate::model::Pending {
+        crate::model::Pending {
             previous: set(7),
             previous_allow_ping: false,
             generation: 3,
@@ -488,7 +488,7 @@ mod tests {
     fn modes_remember_their_boot_and_old_files_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        let lockdown = crate::core::Mode::Lockdown { admin: None };
+        let lockdown = crate::model::Mode::Lockdown { admin: None };
         store.save_mode(&lockdown).unwrap();
         assert_eq!(store.load_mode().unwrap(), lockdown);
         assert!(!store.mode_is_from_an_earlier_boot());

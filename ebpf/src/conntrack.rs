@@ -34,7 +34,8 @@ use aya_ebpf::{
 use portcullis_common::{
     CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
     FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
-    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FragKey, IPPROTO_ICMP, IPPROTO_ICMPV6,
+    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FragKey, ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
@@ -74,11 +75,6 @@ const TCP_ACK: u8 = 0x10;
 pub fn opens_tcp_connection(ip: &Ip) -> bool {
     ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
-
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
-const ICMPV6_ECHO_REPLY: u8 = 129;
 
 #[inline(always)]
 pub fn now() -> u64 {

@@ -3,7 +3,7 @@
 //!
 //! | map          | type            | key            | value      | written by |
 //! |--------------|-----------------|----------------|------------|------------|
-//! | `VERDICTS`   | per-CPU array   | `Reason` index | `Counter`  | XDP        |
+//! | `VERDICTS`   | per-CPU array   | `Reason` index | `Counter`  | XDP and TC |
 //! | `SETTINGS`   | array (2)       | generation     | `Settings` | daemon     |
 
 use aya_ebpf::{

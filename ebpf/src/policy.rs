@@ -6,10 +6,12 @@
 //! recorded as an inbound flow (`conntrack::INBOUND`).
 
 use portcullis_common::{
-    DIR_EGRESS, DIR_INGRESS, FAMILY_V6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
-    PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP, PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST,
-    SETTING_PING, SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
-    SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port,
+    DIR_EGRESS, DIR_INGRESS, FAMILY_V6, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
+    ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED,
+    IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP,
+    PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER, SLOT_KIND_RULE,
+    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port, slot_admits,
 };
 
 use crate::{
@@ -24,16 +26,6 @@ const ND_LAST: u8 = 137;
 /// RFC 4861: a discovery message whose hop limit is not 255 was forwarded,
 /// so it did not come from the link and must be ignored.
 const ND_HOP_LIMIT: u8 = 255;
-
-const ICMP_DEST_UNREACH: u8 = 3;
-const ICMP_ECHO_REQUEST: u8 = 8;
-const ICMP_TIME_EXCEEDED: u8 = 11;
-const ICMP_PARAMETER_PROBLEM: u8 = 12;
-const ICMPV6_DEST_UNREACH: u8 = 1;
-const ICMPV6_PACKET_TOO_BIG: u8 = 2;
-const ICMPV6_TIME_EXCEEDED: u8 = 3;
-const ICMPV6_PARAMETER_PROBLEM: u8 = 4;
-const ICMPV6_ECHO_REQUEST: u8 = 128;
 
 const DHCPV4_SERVER: u16 = 67;
 const DHCPV4_CLIENT: u16 = 68;
@@ -145,7 +137,7 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
 #[inline(always)]
 fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
     let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
-    m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN
+    slot_admits(m.slot)
 }
 
 #[inline(always)]
@@ -233,8 +225,6 @@ const MLD_QUERY: u8 = 130;
 const MLD_REPORT: u8 = 131;
 const MLD_DONE: u8 = 132;
 const MLDV2_REPORT: u8 = 143;
-const ICMP_ECHO_REPLY: u8 = 0;
-const ICMPV6_ECHO_REPLY: u8 = 129;
 
 /// Egress verdict of one outbound packet (recording its flow if it opens
 /// one). Allow-all unless the egress allowlist is on; then the packet must
@@ -301,7 +291,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
     let (pclass, port) = pclass_port(ip.proto, ip.dport);
     let m = rules::lookup(ctx.generation, DIR_EGRESS, ip.family, &ip.dst, pclass, port);
-    if m.slot != SLOT_NONE && m.slot >> SLOT_KIND_SHIFT != SLOT_KIND_FOREIGN {
+    if slot_admits(m.slot) {
         rules::count(&m, bytes);
         conntrack::track_egress(ip);
         return Reason::PassEgress;

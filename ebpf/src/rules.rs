@@ -6,7 +6,9 @@
 //! | `ACTIVE`       | array (1)         | 0                           | live generation (0/1) |
 //! | `V4_ROOT_g`    | array (2 x 65536) | direction, top 16 bits      | region+1, or chunk (`V4_NODE`) |
 //! | `V4_CHUNKS_g`  | array (16 x chunks) | chunk, next 4 bits        | region+1, or chunk |
-//! | `SRC6_g`       | LPM trie          | direction byte + IPv6 prefix | region   |
+//! | `V6_BUCKETS_g` | hash (no prealloc) | direction, top 32 bits of the address | prefix lengths of /32 and longer there, longest first (or `V6_BUCKET_OVERFLOW`) |
+//! | `V6_PREFIXES_g` | hash (no prealloc) | direction, length, masked address | region |
+//! | `SRC6_g`       | LPM trie          | direction byte + IPv6 prefix | region, for prefixes shorter than /32 (and an overflowing /32's) |
 //! | `REGIONS_g`    | array             | region                      | `Region` (segments per protocol class) |
 //! | `SEGMENTS_g`   | array             | index                       | `Segment` (port run start, slot) |
 //! | `RULE_STATS_g` | per-CPU array     | slot                        | `Counter` |

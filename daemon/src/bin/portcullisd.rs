@@ -27,6 +27,7 @@ use futures::StreamExt as _;
 use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::AsyncSocket as _;
+use portcullis::host::{ApiProbes as _, ConfigProbes as _};
 use portcullis::{
     api,
     config::{Config, DEFAULT_CONFIG_PATH, Fallback, TcAttachMode},

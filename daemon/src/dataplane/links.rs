@@ -8,53 +8,12 @@
 //! the configuration overrides all of this.
 
 use futures::TryStreamExt as _;
-use glob::Pattern;
 use netlink_packet_route::link::{
     InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, LinkXdp, XdpAttached,
 };
 use rtnetlink::Handle;
 
-/// Names never protected in automatic mode: the host side of container
-/// networking, which the external interface already covers.
-pub const DEFAULT_EXCLUDE: &[&str] = &[
-    "lo", "docker*", "br-*", "cni*", "veth*", "flannel*", "cali*", "virbr*", "lxc*", "cilium*",
-    "vxlan*", "tun*", "tap*", "wg*",
-];
-
-/// What the kernel says about one link.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    /// The link kind (`veth`, `bridge`, ...); `None` for real and paravirtual NICs.
-    pub kind: Option<String>,
-    pub loopback: bool,
-    pub xdp: XdpMode,
-}
-
-/// How XDP runs on a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum XdpMode {
-    None,
-    /// In the driver (native).
-    Native,
-    /// In the generic (skb) path: drivers without XDP support.
-    Generic,
-    Offloaded,
-    Multiple,
-}
-
-impl XdpMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            XdpMode::None => "none",
-            XdpMode::Native => "native",
-            XdpMode::Generic => "generic",
-            XdpMode::Offloaded => "offloaded",
-            XdpMode::Multiple => "multiple",
-        }
-    }
-}
+pub use crate::model::{DEFAULT_EXCLUDE, Link, Selector, XdpMode};
 
 impl Link {
     pub fn from_message(msg: &LinkMessage) -> Option<Link> {
@@ -101,52 +60,6 @@ fn kind_name(kind: &InfoKind) -> String {
     match kind {
         InfoKind::Other(s) => s.clone(),
         k => format!("{k:?}").to_lowercase(),
-    }
-}
-
-/// Decides which links are protected.
-#[derive(Clone, Debug)]
-pub struct Selector {
-    explicit: Vec<String>,
-    include: Vec<Pattern>,
-    exclude: Vec<Pattern>,
-}
-
-impl Selector {
-    /// `explicit` non-empty: exactly those names. Otherwise automatic:
-    /// links without a kind, plus `include` matches, minus `exclude` matches.
-    pub fn new(
-        explicit: &[String],
-        include: &[String],
-        exclude: &[String],
-    ) -> anyhow::Result<Self> {
-        let compile = |field: &str, list: &[String]| -> anyhow::Result<Vec<Pattern>> {
-            list.iter()
-                .map(|p| {
-                    Pattern::new(p)
-                        .map_err(|e| anyhow::anyhow!("{field}: {p:?} is not a valid pattern: {e}"))
-                })
-                .collect()
-        };
-        Ok(Selector {
-            explicit: explicit.to_vec(),
-            include: compile("auto_include", include)?,
-            exclude: compile("auto_exclude", exclude)?,
-        })
-    }
-
-    pub fn is_auto(&self) -> bool {
-        self.explicit.is_empty()
-    }
-
-    pub fn wants(&self, link: &Link) -> bool {
-        if !self.explicit.is_empty() {
-            return self.explicit.contains(&link.name);
-        }
-        if link.loopback || self.exclude.iter().any(|p| p.matches(&link.name)) {
-            return false;
-        }
-        link.kind.is_none() || self.include.iter().any(|p| p.matches(&link.name))
     }
 }
 

@@ -2,8 +2,6 @@
 //! the connection table at start: connections that predate enforcement (the
 //! operator's SSH session, a running download) are not cut.
 
-use std::net::IpAddr;
-
 use anyhow::{Context as _, bail};
 use netlink_packet_core::{
     NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
@@ -15,17 +13,7 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
-/// A connected socket: this host's end and the remote end.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Connection {
-    pub proto: u8,
-    pub local: IpAddr,
-    pub local_port: u16,
-    pub remote: IpAddr,
-    pub remote_port: u16,
-    /// A TCP connection still waiting for the SYN-ACK.
-    pub tcp_syn_sent: bool,
-}
+pub use crate::model::Connection;
 
 /// Every established or closing TCP connection and every connected UDP
 /// socket in the caller's network namespace, IPv4 and IPv6.

@@ -1,0 +1,313 @@
+//! Attaching the programs to interfaces, adopting and pinning their links,
+//! and detaching them; where the pins live.
+
+use std::{
+    ffi::CString,
+    fs,
+    io::ErrorKind,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::programs::{
+    SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
+    links::{FdLink, LinkError, LinkOrder, PinnedLink},
+    tc::{self, NlOptions, SchedClassifierLink, TcHandle},
+    xdp::XdpLink,
+};
+use portcullis_common::programs;
+use tracing::{info, warn};
+
+use super::{Dataplane, egress, ingress, sys};
+use crate::model::TcAttachMode;
+
+/// Priority and handle of our clsact egress filter (the clsact path).
+const CLSACT_PRIORITY: u16 = 0xc0de;
+const CLSACT_HANDLE: TcHandle = TcHandle::new(0, 0x7063);
+
+/// How a program came to run on an interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attach {
+    /// A new link (or clsact filter) was created.
+    New,
+    /// The link of an earlier daemon was kept; the new program was swapped
+    /// in under it atomically.
+    Adopted,
+}
+
+impl Dataplane {
+    /// Filters inbound traffic on `ifname`: adopts its pinned XDP link if
+    /// there is one, attaches and pins a new link otherwise.
+    pub fn attach_ingress(&mut self, ifname: &str) -> anyhow::Result<Attach> {
+        let pin = link_pin(&self.pin_dir, "xdp", ifname);
+        let prog = ingress(&mut self.ebpf, self.ingress_program)?;
+        if pin.exists() {
+            match adopt(prog, &pin) {
+                Ok(()) => return Ok(Attach::Adopted),
+                Err(e) => {
+                    // A link whose interface is gone cannot be updated; replace it.
+                    warn!(interface = ifname, error = %format!("{e:#}"), "pinned link unusable, attaching anew");
+                    fs::remove_file(&pin)
+                        .with_context(|| format!("cannot remove stale pin {}", pin.display()))?;
+                }
+            }
+        }
+        let c_name = CString::new(ifname).context("interface name contains NUL")?;
+        let single_buffer = self.ingress_program == programs::INGRESS_SINGLE;
+        let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
+            Ok(id) => id,
+            // A single-buffer program cannot run natively where frames do
+            // not fit a page (jumbo MTUs); generic XDP still filters them.
+            Err(e) if single_buffer => {
+                warn!(interface = ifname, error = %e, "native XDP refused the single-buffer program; attaching in generic mode");
+                prog.attach(c_name.as_c_str(), XdpMode::Skb)
+                    .with_context(|| format!("cannot attach XDP to interface {ifname}"))?
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot attach XDP to interface {ifname}"));
+            }
+        };
+        let link: FdLink = prog
+            .take_link(link_id)?
+            .try_into()
+            .map_err(|e: LinkError| {
+                anyhow!("interface {ifname}: XDP link is not a bpf_link: {e}")
+            })?;
+        link.pin(&pin)
+            .with_context(|| format!("cannot pin the XDP link of {ifname} at {}", pin.display()))?;
+        Ok(Attach::New)
+    }
+
+    /// Records outbound flows on `ifname` (TCX link or clsact filter).
+    pub fn attach_egress(&mut self, ifname: &str, mode: TcAttachMode) -> anyhow::Result<Attach> {
+        let use_tcx = match mode {
+            TcAttachMode::Tcx => true,
+            TcAttachMode::Clsact => false,
+            TcAttachMode::Auto => kernel_has_tcx(),
+        };
+        let c_name = CString::new(ifname).context("interface name contains NUL")?;
+        let prog = egress(&mut self.ebpf)?;
+        if !use_tcx {
+            return attach_clsact(prog, &c_name);
+        }
+        let pin = link_pin(&self.pin_dir, "tcx", ifname);
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+                .and_then(|link| Ok(prog.attach_to_link(link)?));
+            match adopted {
+                Ok(id) => {
+                    drop(prog.take_link(id)?);
+                    return Ok(Attach::Adopted);
+                }
+                Err(e) => {
+                    warn!(interface = ifname, error = %format!("{e:#}"), "pinned TCX link unusable, attaching anew");
+                    fs::remove_file(&pin)
+                        .with_context(|| format!("cannot remove stale pin {}", pin.display()))?;
+                }
+            }
+        }
+        let attach = TcAttach::Tcx {
+            attach_type: TcAttachType::Egress,
+            order: LinkOrder::default(),
+        };
+        let id = prog
+            .attach(c_name.as_c_str(), attach)
+            .with_context(|| format!("cannot attach TCX egress to interface {ifname}"))?;
+        let link: FdLink = prog.take_link(id)?.try_into().map_err(|e: LinkError| {
+            anyhow!("interface {ifname}: TCX link is not a bpf_link: {e}")
+        })?;
+        link.pin(&pin)
+            .with_context(|| format!("cannot pin the TCX link of {ifname} at {}", pin.display()))?;
+        Ok(Attach::New)
+    }
+}
+
+/// TCX arrived in Linux 6.6.
+fn kernel_has_tcx() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+}
+
+/// The clsact path: replace the program of our filter if it exists (an
+/// earlier daemon's), create the qdisc and the filter otherwise. The filter
+/// is left in the kernel when this process exits.
+fn attach_clsact(prog: &mut SchedClassifier, ifname: &std::ffi::CStr) -> anyhow::Result<Attach> {
+    let name = ifname.to_string_lossy();
+    let parent: TcHandle = TcAttachType::Egress.into();
+    let existing =
+        SchedClassifierLink::attached(ifname, parent, CLSACT_PRIORITY, CLSACT_HANDLE, None)?;
+    let (id, how) = match prog.attach_to_link(existing) {
+        Ok(id) => (id, Attach::Adopted),
+        Err(_) => {
+            // No such filter yet; the qdisc may already exist.
+            if let Err(e) = tc::qdisc_add_clsact(ifname) {
+                let exists = matches!(&e, tc::TcError::NetlinkError(n) if n.raw_os_error() == Some(libc::EEXIST));
+                if !exists {
+                    return Err(e).with_context(|| format!("cannot add a clsact qdisc to {name}"));
+                }
+            }
+            let attach = TcAttach::Netlink {
+                parent,
+                options: NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle: CLSACT_HANDLE,
+                    classid: None,
+                },
+            };
+            let id = prog
+                .attach(ifname, attach)
+                .with_context(|| format!("cannot attach a clsact egress filter to {name}"))?;
+            (id, Attach::New)
+        }
+    };
+    // Dropping the link would delete the filter; it must outlive us.
+    std::mem::forget(prog.take_link(id)?);
+    Ok(how)
+}
+
+fn adopt(prog: &mut Xdp, pin: &Path) -> anyhow::Result<()> {
+    let pinned = PinnedLink::from_pin(pin)?;
+    let link = XdpLink::try_from(FdLink::from(pinned))?;
+    let id = prog.attach_to_link(link)?;
+    // Dropping our handle closes the fd; the pin keeps the link alive.
+    drop(prog.take_link(id)?);
+    Ok(())
+}
+
+/// Where this version's maps are pinned: one directory per map layout
+/// version, so a daemon whose layouts differ from the pinned ones creates
+/// fresh maps beside them instead of failing on, or misreading, the old.
+pub fn maps_dir(pin_dir: &Path) -> PathBuf {
+    pin_dir.join(format!("maps-v{}", portcullis_common::LAYOUT_VERSION))
+}
+
+/// Removes the maps of other layout versions, once this version's programs
+/// run under every link (the old programs, and with them the last users of
+/// the old maps, are gone). Returns the directories removed.
+pub fn remove_old_layouts(pin_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let current = maps_dir(pin_dir);
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(pin_dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        if path != current && (name == "maps" || name.starts_with("maps-v")) {
+            fs::remove_dir_all(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+fn link_pin(pin_dir: &Path, kind: &str, ifname: &str) -> PathBuf {
+    pin_dir.join("links").join(format!("{kind}-{ifname}"))
+}
+
+/// Refuses a pin directory that is not on a bpffs: pins elsewhere fail with
+/// an obscure error, and a tmpfs would silently lose them.
+pub(super) fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
+    const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+    let mut probe = pin_dir.to_path_buf();
+    while !probe.exists() {
+        if !probe.pop() {
+            break;
+        }
+    }
+    let stat = nix::sys::statfs::statfs(&probe)
+        .with_context(|| format!("cannot stat {}", probe.display()))?;
+    if stat.filesystem_type().0 as i64 != BPF_FS_MAGIC {
+        bail!(
+            "pin directory {} is not on a bpf file system ({} is not bpffs; mount one with `mount -t bpf bpf {}`)",
+            pin_dir.display(),
+            probe.display(),
+            probe.display()
+        );
+    }
+    Ok(())
+}
+
+/// Detaches the pinned link at `path` at once (`BPF_OBJ_GET`, then
+/// `BPF_LINK_DETACH`), whoever else still holds it. aya 0.16 has no call
+/// for this, and its `FdLink` does not lend its fd.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let get = sys::ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    let mut get = get;
+    // SAFETY: `get` is `bpf_attr.obj_get`, padding explicit and zero; its
+    // pathname points to a NUL-terminated string that outlives the call.
+    let fd = unsafe { sys::bpf(sys::BPF_OBJ_GET, &mut get) }?;
+    // SAFETY: the kernel just returned this fd to us; we own it.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let detach = sys::LinkDetachAttr {
+        link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+    };
+    let mut detach = detach;
+    // SAFETY: `detach` is `bpf_attr.link_detach`; the fd it names is open
+    // for the duration of the call.
+    unsafe { sys::bpf(sys::BPF_LINK_DETACH, &mut detach) }?;
+    Ok(())
+}
+
+/// Removes every link and map pinned under `pin_dir`, which detaches the
+/// programs, and our clsact filters on `interfaces`: the explicit way to stop.
+pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize> {
+    let mut removed = 0;
+    for ifname in interfaces {
+        let Ok(c_name) = CString::new(ifname.as_str()) else {
+            continue;
+        };
+        match tc::qdisc_detach_program(
+            c_name.as_c_str(),
+            TcAttachType::Egress.into(),
+            programs::EGRESS,
+        ) {
+            Ok(()) => {
+                info!(interface = %ifname, "clsact egress filter removed");
+                removed += 1;
+            }
+            Err(tc::TcError::IoError(e)) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => warn!(interface = %ifname, error = %e, "cannot check for a clsact filter"),
+        }
+    }
+    let links = pin_dir.join("links");
+    match fs::read_dir(&links) {
+        Ok(entries) => {
+            for entry in entries {
+                let path = entry?.path();
+                // Detach now (BPF_LINK_DETACH), not whenever the last reference
+                // to the link happens to go: the caller is told it is done.
+                if let Err(e) = detach_pinned_link(&path) {
+                    warn!(link = %path.display(), error = %e, "BPF_LINK_DETACH failed; unpinning only");
+                }
+                fs::remove_file(&path)
+                    .with_context(|| format!("cannot unpin {}", path.display()))?;
+                info!(link = %path.display(), "detached");
+                removed += 1;
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", links.display())),
+    }
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin_dir.display())),
+    }
+    Ok(removed)
+}

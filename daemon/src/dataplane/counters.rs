@@ -1,0 +1,46 @@
+//! The per-CPU counters (verdicts and rules), summed over CPUs by one fold.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use portcullis_common::{Counter, Reason, maps};
+
+use super::{Dataplane, generation, map_mut, maps_dir};
+
+/// One counter summed over the CPUs.
+fn sum(per_cpu: &PerCpuValues<Counter>) -> Counter {
+    per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+    })
+}
+
+impl Dataplane {
+    /// Per-slot counters of the live generation, summed over CPUs.
+    pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
+        let g = self.active()? as usize;
+        let stats: PerCpuArray<_, Counter> =
+            PerCpuArray::try_from(map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?)?;
+        (0..slots as u32)
+            .map(|slot| Ok(sum(&stats.get(&slot, 0)?)))
+            .collect()
+    }
+}
+
+/// Reads the verdict counters from the pinned map, summed over CPUs.
+pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
+    let path = maps_dir(pin_dir).join(maps::VERDICTS);
+    let data = MapData::from_pin(&path).with_context(|| {
+        format!(
+            "no pinned counters at {} (is Portcullis enforcing?)",
+            path.display()
+        )
+    })?;
+    let counters: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    Reason::ALL
+        .iter()
+        .map(|&reason| Ok((reason, sum(&counters.get(&(reason as u32), 0)?))))
+        .collect()
+}

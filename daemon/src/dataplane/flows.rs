@@ -1,0 +1,133 @@
+//! The connection table: seeding it with the connections open at start,
+//! asking it about a flow, cutting flows, and its keys.
+
+use anyhow::Context as _;
+use aya::maps::{HashMap, MapData};
+use portcullis_common::{
+    FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow, FlowKey,
+    maps,
+};
+
+use super::{Dataplane, map_mut, maps_dir, sockets};
+use crate::model::Connection;
+
+impl Dataplane {
+    /// Entries in the connection table, and its capacity.
+    pub fn conntrack_usage(&mut self) -> anyhow::Result<(usize, u32)> {
+        let map = map_mut(&mut self.ebpf, maps::CONNTRACK)?;
+        let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(&*map)?;
+        let capacity = MapData::from_pin(maps_dir(&self.pin_dir).join(maps::CONNTRACK))
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map_or(0, |i| i.max_entries());
+        Ok((table.keys().filter(Result::is_ok).count(), capacity))
+    }
+
+    /// Whether the connection table holds `key` (a flow that survives rule
+    /// changes: opened by this host, or seeded at start).
+    pub fn has_flow(&mut self, key: &FlowKey) -> bool {
+        let Ok(map) = map_mut(&mut self.ebpf, maps::CONNTRACK) else {
+            return false;
+        };
+        let Ok(table) = HashMap::<_, FlowKey, Flow>::try_from(map) else {
+            return false;
+        };
+        table.get(key, 0).is_ok()
+    }
+
+    /// Removes every flow whose remote address `keep` refuses, so its next
+    /// packet meets the policy again; returns how many were removed.
+    pub fn cut_flows(&mut self, keep: impl Fn(std::net::IpAddr) -> bool) -> anyhow::Result<usize> {
+        let mut table: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
+        let doomed: Vec<FlowKey> = table
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(flow_remote(k)))
+            .collect();
+        for key in &doomed {
+            // Gone already (aged out, evicted): nothing left to cut.
+            let _ = table.remove(key);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Adds connections that exist now to the connection table, so that
+    /// enforcement does not cut them. Existing entries are left as they are.
+    pub fn seed_connections(&mut self, connections: &[Connection]) -> anyhow::Result<usize> {
+        let mut table: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
+        let now = monotonic_ns();
+        let mut added = 0;
+        for c in connections {
+            let key = flow_key(c);
+            if table.get(&key, 0).is_ok() {
+                continue;
+            }
+            let state = match (c.proto, c.tcp_syn_sent) {
+                (portcullis_common::IPPROTO_TCP, true) => FLOW_TCP_SYN_SENT,
+                (portcullis_common::IPPROTO_TCP, false) => FLOW_TCP_ESTABLISHED,
+                _ => FLOW_REPLIED,
+            };
+            let flow = Flow {
+                last_seen_ns: now,
+                state,
+                _pad: [0; 7],
+            };
+            table
+                .insert(&key, &flow, 0)
+                .with_context(|| format!("seeding the connection table with {c:?}"))?;
+            added += 1;
+        }
+        Ok(added)
+    }
+}
+
+/// The remote address of a flow.
+pub fn flow_remote(k: &FlowKey) -> std::net::IpAddr {
+    let [a, b, c, d, ..] = k.remote;
+    if k.family == FAMILY_V6 {
+        k.remote.into()
+    } else {
+        [a, b, c, d].into()
+    }
+}
+
+/// The kernel's open connections (netlink `sock_diag`, see [`sockets`]).
+pub fn connections() -> anyhow::Result<Vec<Connection>> {
+    sockets::connections()
+}
+
+/// The connection-table key of a socket (IPv4-mapped IPv6 sockets as IPv4).
+pub fn flow_key(c: &Connection) -> FlowKey {
+    fn octets(ip: std::net::IpAddr) -> (u8, [u8; 16]) {
+        let ip = ip.to_canonical();
+        match ip {
+            std::net::IpAddr::V4(v4) => {
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&v4.octets());
+                (FAMILY_V4, a)
+            }
+            std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+        }
+    }
+    let (family, local) = octets(c.local);
+    let (_, remote) = octets(c.remote);
+    FlowKey {
+        local,
+        remote,
+        local_port: c.local_port,
+        remote_port: c.remote_port,
+        proto: c.proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
+}

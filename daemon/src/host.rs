@@ -1,0 +1,76 @@
+//! Host probes the daemon makes when it starts: which bpffs to pin under,
+//! which groups exist, and handing freed memory back. The configuration
+//! only describes; asking the host what it has happens here, on the side
+//! that starts the daemon (issue 16: the pure side is pure).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+use crate::config::{self, ApiConfig, Config};
+
+/// What the configuration means on this host.
+pub trait ConfigProbes {
+    /// The pin directory: configured, or the default for this host.
+    fn pin_dir(&self) -> PathBuf;
+}
+
+impl ConfigProbes for Config {
+    fn pin_dir(&self) -> PathBuf {
+        if let Some(dir) = self.configured_pin_dir() {
+            return dir.to_path_buf();
+        }
+        if is_bpffs(Path::new("/sys/fs/bpf")) || !is_bpffs(Path::new(config::FALLBACK_BPFFS)) {
+            PathBuf::from(config::DEFAULT_PIN_DIR)
+        } else {
+            Path::new(config::FALLBACK_BPFFS).join("portcullis")
+        }
+    }
+}
+
+/// The API's groups on this host.
+pub trait ApiProbes {
+    /// The writers' group id, checked to exist.
+    fn writers_gid(&self) -> anyhow::Result<Option<u32>>;
+    /// The readers' group id, checked to exist.
+    fn readers_gid(&self) -> anyhow::Result<Option<u32>>;
+}
+
+impl ApiProbes for ApiConfig {
+    fn writers_gid(&self) -> anyhow::Result<Option<u32>> {
+        group_id("group", self.group.as_deref())
+    }
+
+    fn readers_gid(&self) -> anyhow::Result<Option<u32>> {
+        group_id("reader_group", self.reader_group.as_deref())
+    }
+}
+
+fn group_id(key: &str, name: Option<&str>) -> anyhow::Result<Option<u32>> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    match nix::unistd::Group::from_name(name)? {
+        Some(g) => Ok(Some(g.gid.as_raw())),
+        None => bail!("api: {key}: no group named {name:?} on this host"),
+    }
+}
+
+/// bpffs's magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Hands the memory a compile freed back to the system: a large rule set's
+/// intermediate buffers would otherwise stay in the allocator's arenas and
+/// in the daemon's RSS until the next change reuses them.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it has
+    // no preconditions and touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,187 @@
+//! The daemon's shared model: plain types that the core, the state store,
+//! the configuration and the data plane all speak, so none of them has to
+//! import another to name them (issue 16: the layers only point down).
+//! Nothing here touches the kernel or the host.
+
+use std::net::IpAddr;
+
+use glob::Pattern;
+use serde::{Deserialize, Serialize};
+
+use crate::rules::RuleSet;
+
+/// A change applied with a confirmation window.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pending {
+    pub previous: RuleSet,
+    pub previous_allow_ping: bool,
+    pub generation: u64,
+    /// Unix time after which it is rolled back.
+    pub deadline: u64,
+}
+
+/// How the data path treats what the rules do not admit.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "mode", rename_all = "lowercase")]
+pub enum Mode {
+    /// Drop it (the normal mode).
+    #[default]
+    Enforce,
+    /// Pass it, counting each packet under the reason it would be dropped
+    /// for: to roll out a policy safely.
+    Audit,
+    /// Emergency: enforcement suspended (everything passes, still counted).
+    Open,
+    /// Emergency: drop everything new inbound; only flows already open and
+    /// SSH from `admin` (when given) get in.
+    Lockdown {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin: Option<String>,
+    },
+}
+
+/// The XDP program variant (see `Config::xdp_program`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum XdpProgram {
+    #[default]
+    Auto,
+    Frags,
+    SingleBuffer,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TcAttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+/// A connected socket: this host's end and the remote end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub proto: u8,
+    pub local: IpAddr,
+    pub local_port: u16,
+    pub remote: IpAddr,
+    pub remote_port: u16,
+    /// A TCP connection still waiting for the SYN-ACK.
+    pub tcp_syn_sent: bool,
+}
+
+/// Names never protected in automatic mode: the host side of container
+/// networking, which the external interface already covers.
+pub const DEFAULT_EXCLUDE: &[&str] = &[
+    "lo", "docker*", "br-*", "cni*", "veth*", "flannel*", "cali*", "virbr*", "lxc*", "cilium*",
+    "vxlan*", "tun*", "tap*", "wg*",
+];
+
+/// What the kernel says about one link.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// The link kind (`veth`, `bridge`, ...); `None` for real and paravirtual NICs.
+    pub kind: Option<String>,
+    pub loopback: bool,
+    pub xdp: XdpMode,
+}
+
+/// How XDP runs on a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpMode {
+    None,
+    /// In the driver (native).
+    Native,
+    /// In the generic (skb) path: drivers without XDP support.
+    Generic,
+    Offloaded,
+    Multiple,
+}
+
+impl XdpMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            XdpMode::None => "none",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+            XdpMode::Offloaded => "offloaded",
+            XdpMode::Multiple => "multiple",
+        }
+    }
+}
+
+/// Decides which links are protected.
+#[derive(Clone, Debug)]
+pub struct Selector {
+    explicit: Vec<String>,
+    include: Vec<Pattern>,
+    exclude: Vec<Pattern>,
+}
+
+impl Selector {
+    /// `explicit` non-empty: exactly those names. Otherwise automatic:
+    /// links without a kind, plus `include` matches, minus `exclude` matches.
+    pub fn new(
+        explicit: &[String],
+        include: &[String],
+        exclude: &[String],
+    ) -> anyhow::Result<Self> {
+        let compile = |field: &str, list: &[String]| -> anyhow::Result<Vec<Pattern>> {
+            list.iter()
+                .map(|p| {
+                    Pattern::new(p)
+                        .map_err(|e| anyhow::anyhow!("{field}: {p:?} is not a valid pattern: {e}"))
+                })
+                .collect()
+        };
+        Ok(Selector {
+            explicit: explicit.to_vec(),
+            include: compile("auto_include", include)?,
+            exclude: compile("auto_exclude", exclude)?,
+        })
+    }
+
+    pub fn is_auto(&self) -> bool {
+        self.explicit.is_empty()
+    }
+
+    pub fn wants(&self, link: &Link) -> bool {
+        if !self.explicit.is_empty() {
+            return self.explicit.contains(&link.name);
+        }
+        if link.loopback || self.exclude.iter().any(|p| p.matches(&link.name)) {
+            return false;
+        }
+        link.kind.is_none() || self.include.iter().any(|p| p.matches(&link.name))
+    }
+}
+
+/// Lower-case hex of `bytes` (hashes, random names): the one encoder.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_is_lower_case_two_digits_per_byte() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
+        assert_eq!(super::hex(&[]), "");
+    }
+}
