@@ -5,6 +5,8 @@
 //! `--detach` ends it.
 
 // No panic reachable from input (issue 14); see the library's root.
+// Functions short enough to read at once (threshold in clippy.toml).
+#![deny(clippy::too_many_lines)]
 #![cfg_attr(
     not(test),
     deny(
@@ -75,14 +77,7 @@ fn main() -> anyhow::Result<()> {
     portcullis::journal::init();
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
-        use clap::CommandFactory as _;
-        let mut page = Vec::new();
-        clap_mangen::Man::new(Args::command())
-            .section("8")
-            .render(&mut page)?;
-        std::fs::create_dir_all(dir)?;
-        std::fs::write(dir.join("portcullisd.8"), page)?;
-        return Ok(());
+        return generate_man(dir);
     }
     let config = match Config::load(&args.config) {
         Ok(config) => config,
@@ -103,41 +98,13 @@ fn main() -> anyhow::Result<()> {
         }
     };
     if args.check_config {
-        // The effective rules (a saved rules file replaces the file's).
-        let rules = config.rule_set();
-        rules
-            .check_additions(&portcullis::rules::RuleSet::default())
-            .map_err(|e| anyhow::anyhow!("{}: {e}", args.config.display()))?;
-        if !rules.ssh.allow {
-            eprintln!(
-                "{}: warning: [ssh] allow is off: new SSH logins are dropped unless a rule admits port(s) {:?}",
-                args.config.display(),
-                rules.ssh.ports
-            );
-        }
-        println!("{}: ok", args.config.display());
-        return Ok(());
+        return check_config(&args.config, &config);
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     if args.detach {
-        // Every link: in automatic mode the config names none.
-        let names: Vec<String> = runtime.block_on(async {
-            let (connection, handle, _) = rtnetlink::new_connection()?;
-            tokio::spawn(connection);
-            anyhow::Ok(
-                links::list(&handle)
-                    .await?
-                    .into_iter()
-                    .map(|l| l.name)
-                    .collect(),
-            )
-        })?;
-        let pin_dir = config.pin_dir();
-        let n = dataplane::detach_all(&pin_dir, &names)?;
-        info!(links = n, pin_dir = %pin_dir.display(), "detached; inbound traffic is no longer filtered");
-        return Ok(());
+        return runtime.block_on(detach(&config));
     }
     let state_dir = args
         .state_dir
@@ -152,6 +119,53 @@ fn main() -> anyhow::Result<()> {
         state::Store::new(&state_dir),
         socket,
     ))
+}
+
+/// `--generate-man DIR`: this program's man page (packaging).
+fn generate_man(dir: &Path) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Args::command())
+        .section("8")
+        .render(&mut page)?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("portcullisd.8"), page)?;
+    Ok(())
+}
+
+/// `--check-config`: the file parses and its rules pass the API's checks;
+/// SSH turned off is warned about.
+fn check_config(path: &Path, config: &Config) -> anyhow::Result<()> {
+    // The effective rules (a saved rules file replaces the file's).
+    let rules = config.rule_set();
+    rules
+        .check_additions(&portcullis::rules::RuleSet::default())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if !rules.ssh.allow {
+        eprintln!(
+            "{}: warning: [ssh] allow is off: new SSH logins are dropped unless a rule admits port(s) {:?}",
+            path.display(),
+            rules.ssh.ports
+        );
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+/// `--detach`: every pinned link removed (stop enforcing).
+async fn detach(config: &Config) -> anyhow::Result<()> {
+    // Every link: in automatic mode the config names none.
+    let (connection, handle, _) = rtnetlink::new_connection()?;
+    tokio::spawn(connection);
+    let names: Vec<String> = links::list(&handle)
+        .await?
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    let pin_dir = config.pin_dir();
+    let n = dataplane::detach_all(&pin_dir, &names)?;
+    info!(links = n, pin_dir = %pin_dir.display(), "detached; inbound traffic is no longer filtered");
+    Ok(())
 }
 
 async fn run(

@@ -4,6 +4,8 @@
 //! daemon sent them.
 
 // No panic reachable from input (issue 14); see the library's root.
+// Functions short enough to read at once (threshold in clippy.toml).
+#![deny(clippy::too_many_lines)]
 #![cfg_attr(
     not(test),
     deny(
