@@ -84,7 +84,9 @@ pub enum State {
 }
 
 impl State {
-    fn passes(self) -> bool {
+    /// Whether this check lets the host count as ready (a warning or a
+    /// skipped check does).
+    pub fn passes(self) -> bool {
         matches!(self, State::Pass | State::Warn | State::Skipped)
     }
 }

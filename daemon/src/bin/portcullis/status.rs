@@ -278,7 +278,7 @@ fn not_ready(
                 timeout.as_secs()
             );
             for check in &doc.checks {
-                let passes = matches!(check.state, State::Pass | State::Warn | State::Skipped);
+                let passes = check.state.passes();
                 if check.gates && !passes {
                     eprintln!(
                         "  {}: {} ({})",
