@@ -68,6 +68,11 @@ pub fn run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<Outco
     })
 }
 
+/// The benchmark's floor programs (`ebpf/src/floor.rs`): XDP programs that
+/// do one thing each. Not loaded by the daemon.
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-floor"));
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,8 +87,3 @@ mod tests {
         assert_eq!(std::mem::offset_of!(TestRunAttr, flags), 64);
     }
 }
-
-/// The benchmark's floor programs (`ebpf/src/floor.rs`): XDP programs that
-/// do one thing each. Not loaded by the daemon.
-pub static FLOOR_OBJECT: &[u8] =
-    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-floor"));

@@ -15,6 +15,7 @@
 //! | `floor_lru_hit`  | one LRU hash lookup of a `FlowKey` that is present           |
 //! | `floor_lru_miss` | one LRU hash lookup of a `FlowKey` that is absent            |
 //! | `floor_ktime`    | one `bpf_ktime_get_ns` (conntrack refresh, the event budget) |
+//! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (the cheaper clock, to compare) |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //!
 //! The LRU map has the connection table's key and value types, size and
@@ -30,7 +31,7 @@ mod programs {
 
     use aya_ebpf::{
         bindings::xdp_action,
-        helpers::bpf_ktime_get_ns,
+        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{map, xdp},
         maps::{Array, LruHashMap, PerCpuArray},
         programs::XdpContext,
@@ -45,8 +46,7 @@ mod programs {
     static FLOOR_ARRAY: Array<u64> = Array::with_max_entries(2, 0);
 
     #[map]
-    static FLOOR_COUNTERS: PerCpuArray<Counter> =
-        PerCpuArray::with_max_entries(Reason::COUNT, 0);
+    static FLOOR_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
 
     /// The key `floor_lru_hit` looks up; the benchmark inserts it
     /// (`local_port` 1). `floor_lru_miss` looks up `local_port` 2.
@@ -124,6 +124,12 @@ mod programs {
     pub fn floor_ktime(_ctx: XdpContext) -> u32 {
         // SAFETY: a helper without arguments or side effects.
         pass_unless(unsafe { bpf_ktime_get_ns() } == 0)
+    }
+
+    #[xdp]
+    pub fn floor_coarse(_ctx: XdpContext) -> u32 {
+        // SAFETY: a helper without arguments or side effects.
+        pass_unless(unsafe { bpf_ktime_get_coarse_ns() } == 0)
     }
 
     /// `N` bytes at `offset`, bounds-checked as the data path's parser does.

@@ -451,7 +451,10 @@ async fn start(
     let t = std::time::Instant::now();
     debug!(interfaces = targets.len(), "links subscribed");
     let (rules, generation, restored) = live_rules(&store, config, config_path)?;
-    debug!(ms = t.elapsed().as_secs_f64() * 1e3, restored, "live rule set chosen");
+    debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        restored, "live rule set chosen"
+    );
     let limits = config.capacity.limits();
     let dataplane = Dataplane::load_with(
         &pin_dir,

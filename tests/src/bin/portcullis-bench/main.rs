@@ -345,7 +345,7 @@ fn main() -> anyhow::Result<()> {
         ip(&["link", "set", dev, "up"])?;
     }
     let mut base: Option<Base> = None;
-    let floors = floors::Floors::load(&ip)?;
+    let floors = floors::Floors::load(ip)?;
     for n in sizes {
         let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
         let set = shape(n, &mut rng);
@@ -558,7 +558,10 @@ fn floor_rows(floors: &floors::Floors, pkts: &[TestPacket]) -> Vec<Floor> {
 fn print_floors_and_stages(report: &Report) {
     println!("
 the kernel's floor per stage (ebpf/src/floor.rs; {PACKETS} packets, median of {RUNS} interleaved rounds [min-max])");
-    println!("  {:<16} {:<34} {:>22} {:>22}", "program", "does", "ns/packet", "minus empty");
+    println!(
+        "  {:<16} {:<34} {:>22} {:>22}",
+        "program", "does", "ns/packet", "minus empty"
+    );
     for f in &report.floors {
         println!(
             "  {:<16} {:<34} {} {}",
@@ -584,10 +587,14 @@ the kernel's floor per stage (ebpf/src/floor.rs; {PACKETS} packets, median of {R
             .map(|(n, s)| format!("{n} {:.1}", s.median))
             .collect();
         println!("    classes (ns/packet): {}", classes.join(", "));
+        println!(
+            "    {:<48} {:<24} {:>21} {:>8} {:<24} {:>8}",
+            "stage", "from classes", "ns/packet", "floor", "floor programs", "over"
+        );
         for s in &st.stages {
             println!(
-                "    {:<48} {:<22} {}  floor: {}",
-                s.stage, s.how, s.ns, s.floor
+                "    {:<48} {:<24} {} {:>8.1} {:<24} {:>8.1}",
+                s.stage, s.how, s.ns, s.floor_ns.median, s.floor, s.over_floor.median
             );
         }
     }

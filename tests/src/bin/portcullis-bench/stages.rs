@@ -8,7 +8,7 @@
 //! | `trunc`   | IPv4 TCP, header cut after 10 bytes     | + IPv4 header parse (then malformed: no event)           |
 //! | `frag`    | IPv4 TCP fragment at offset 1 (8 bytes) | as `trunc`, dropped as a fragment: + drop event (budget) |
 //! | `est`     | IPv4 SYN-ACK of a flow this host opened | + L4 parse, connection-table key and lookup (hit)        |
-//! | `denied`  | IPv4 SYN no rule admits                 | + lookup (miss), rules (no match), drop event            |
+//! | `denied`  | IPv4 SYN no rule admits                 | + L4, lookup (miss), rules (no match), drop event        |
 //! | `allowed` | IPv4 SYN a rule admits                  | + lookup (miss), rules (match), INBOUND update, counters |
 //!
 //! Each round runs every class once (interleaved); a stage's cost is the
@@ -58,6 +58,10 @@ pub struct Stage {
     pub ns: Stat,
     /// The floor programs (net of the empty program) it compares with.
     pub floor: String,
+    /// Their cost, summed, in the same rounds.
+    pub floor_ns: Stat,
+    /// The stage's cost minus its floor, per round.
+    pub over_floor: Stat,
 }
 
 fn random_v4(rng: &mut StdRng) -> String {
@@ -65,7 +69,9 @@ fn random_v4(rng: &mut StdRng) -> String {
 }
 
 fn arp_frame() -> Vec<u8> {
-    let mut f = vec![0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06];
+    let mut f = vec![
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06,
+    ];
     // htype 1, ptype IPv4, hlen 6, plen 4, request; sender, target.
     f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1, 2, 0, 0, 0, 0, 2, 10, 200, 0, 2]);
     f.extend_from_slice(&[0, 0, 0, 0, 0, 0, 10, 200, 0, 1]);
@@ -123,8 +129,11 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
         );
         if !v4_rules.is_empty() {
             let (src, port) = v4_rules[rng.random_range(0..v4_rules.len())];
-            c.allowed
-                .push(Pkt::new(&src.to_string(), local).tcp(40000, port, SYN).bytes());
+            c.allowed.push(
+                Pkt::new(&src.to_string(), local)
+                    .tcp(40000, port, SYN)
+                    .bytes(),
+            );
         }
     }
     Ok(c)
@@ -144,8 +153,50 @@ pub fn floor_round(floors: &[std::os::fd::OwnedFd], frames: &[Vec<u8>]) -> Vec<f
     floors.iter().map(|f| ns(f.as_fd(), frames)).collect()
 }
 
+/// The stages: (name, classes, floor programs it is compared with) and
+/// how each is computed from a round's class costs `v` (in `names` order)
+/// and floor costs net of the empty program `n` (in `floors::PROGRAMS`
+/// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6).
+type Derive = fn(&[f64], &[f64]) -> (f64, f64);
+const STAGES: [(&str, &str, &str, Derive); 6] = [
+    (
+        "fixed: generation + settings, Ethernet, verdict counter",
+        "arp - empty",
+        "2 array + counter",
+        |v, n| (v[0], 2.0 * n[1] + n[2]),
+    ),
+    ("IPv4 header parse", "trunc - arp", "parse", |v, n| {
+        (v[1] - v[0], n[6])
+    }),
+    (
+        "drop event (budget spent)",
+        "frag - trunc",
+        "ktime + counter",
+        |v, n| (v[2] - v[1], n[5] + n[2]),
+    ),
+    (
+        "established: L4 + conntrack hit + age check",
+        "est - trunc",
+        "lru hit + ktime",
+        |v, n| (v[3] - v[1], n[3] + n[5]),
+    ),
+    (
+        "new, denied: L4 + conntrack miss + rules",
+        "denied - trunc - event",
+        "lru miss",
+        |v, n| (v[4] - v[1] - (v[2] - v[1]), n[4]),
+    ),
+    (
+        "new, allowed: + rules match + INBOUND + counter",
+        "allowed - trunc",
+        "2 lru + ktime + counter",
+        |v, n| (v[5] - v[1], n[4] + n[3] + n[5] + n[2]),
+    ),
+];
+
 /// Runs the classes interleaved with the floor programs for `rounds`
-/// rounds and derives the stages.
+/// rounds and derives the stages. `fixed` is against the empty program:
+/// `v[0]` there is `arp - empty`.
 pub fn measure(
     fd: BorrowedFd<'_>,
     c: &Classes,
@@ -155,35 +206,23 @@ pub fn measure(
     let names = ["arp", "trunc", "frag", "est", "denied", "allowed"];
     let sets = [&c.arp, &c.trunc, &c.frag, &c.est, &c.denied, &c.allowed];
     let mut abs: Vec<Vec<f64>> = vec![vec![]; names.len()];
-    let mut derived: Vec<Vec<f64>> = vec![vec![]; 6];
+    let mut derived: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); STAGES.len()];
     for _ in 0..rounds {
         let v: Vec<f64> = sets.iter().map(|s| ns(fd, s)).collect();
-        // The floors over the frames of the stage each is compared with.
         let f = floor_round(floors, &c.est);
+        let n: Vec<f64> = f.iter().map(|x| x - f[0]).collect();
         for (i, x) in v.iter().enumerate() {
             abs[i].push(*x);
         }
-        let event = v[2] - v[1];
-        let d = [
-            v[0] - f[0],
-            v[1] - v[0],
-            event,
-            v[3] - v[1],
-            v[4] - v[3] - event,
-            v[5] - v[3],
-        ];
-        for (i, x) in d.into_iter().enumerate() {
-            derived[i].push(x);
+        let mut w = v.clone();
+        w[0] -= f[0];
+        for (i, (.., derive)) in STAGES.iter().enumerate() {
+            let (ns, floor) = derive(&w, &n);
+            derived[i].0.push(ns);
+            derived[i].1.push(floor);
         }
     }
-    let how = [
-        ("fixed: generation + settings reads, Ethernet, verdict counter", "arp - empty", "2 array + counter"),
-        ("IPv4 header parse", "trunc - arp", "parse"),
-        ("drop event (budget spent)", "frag - trunc", "ktime + array"),
-        ("L4 parse + connection-table lookup (hit)", "est - trunc", "lru hit"),
-        ("rules, no match (+ lookup miss vs hit)", "denied - est - event", "(lru miss - lru hit)"),
-        ("rules, match + INBOUND update + rule counter", "allowed - est", "counter + lru"),
-    ];
+    let count = if c.allowed.is_empty() { 5 } else { 6 };
     Stages {
         classes: names
             .iter()
@@ -191,16 +230,17 @@ pub fn measure(
             .filter(|(_, v)| v.iter().all(|x| x.is_finite() && *x > 0.0))
             .map(|(n, v)| (n.to_string(), Stat::of(v)))
             .collect(),
-        stages: how
+        stages: STAGES
             .iter()
             .zip(derived)
-            .take(if c.allowed.is_empty() { 5 } else { 6 })
-            .filter(|(_, v)| v.iter().all(|x| x.is_finite()))
-            .map(|((stage, how, floor), v)| Stage {
+            .take(count)
+            .map(|((stage, how, floor, _), (v, f))| Stage {
                 stage: stage.to_string(),
                 how: how.to_string(),
+                over_floor: Stat::of(v.iter().zip(&f).map(|(a, b)| a - b).collect()),
                 ns: Stat::of(v),
                 floor: floor.to_string(),
+                floor_ns: Stat::of(f),
             })
             .collect(),
     }

@@ -27,7 +27,10 @@ const STARTS: usize = 5;
 const MARKERS: [(&str, &str); 8] = [
     ("links subscribed", "exec, config, netlink link watch"),
     ("live rule set chosen", "saved state read"),
-    ("XDP ingress program loaded", "eBPF object: BTF, maps, verifier"),
+    (
+        "XDP ingress program loaded",
+        "eBPF object: BTF, maps, verifier",
+    ),
     ("rules live", "rules compiled, written, saved"),
     ("recording outbound flows", "egress (TC) attached"),
     ("connection table seeded", "open connections seeded"),
@@ -65,12 +68,15 @@ fn message_is(line: &str, msg: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Log lines with their arrival, ms since the spawn.
+type Lines = mpsc::Receiver<(f64, String)>;
+
 fn spawn(
     config: &Path,
     state: &Path,
     socket: &Path,
     strace: Option<&Path>,
-) -> anyhow::Result<(Child, mpsc::Receiver<(f64, String)>, Instant)> {
+) -> anyhow::Result<(Child, Lines)> {
     let bin = portcullis_tests::workspace_bin("portcullisd")?;
     let mut cmd = match strace {
         Some(out) => {
@@ -101,11 +107,13 @@ fn spawn(
             let _ = tx.send((started.elapsed().as_secs_f64() * 1e3, line));
         }
     });
-    Ok((child, rx, started))
+    Ok((child, rx))
 }
 
 fn xdp_attached(ifname: &str) -> anyhow::Result<bool> {
-    let out = portcullis_tests::run(Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]))?;
+    let out = portcullis_tests::run(
+        Command::new("ip").args(["-j", "-d", "link", "show", "dev", ifname]),
+    )?;
     Ok(out.contains("\"xdp\""))
 }
 
@@ -117,7 +125,7 @@ fn once(
     ifname: &str,
     strace: Option<&Path>,
 ) -> anyhow::Result<Run> {
-    let (mut child, rx, _) = spawn(config, state, socket, strace)?;
+    let (mut child, rx) = spawn(config, state, socket, strace)?;
     let mut marks = vec![None; MARKERS.len()];
     let mut log = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -140,14 +148,26 @@ fn once(
         }
     };
     let attached = xdp_attached(ifname);
+    // Under strace the child is strace: stop the daemon it runs.
+    let pid = match strace {
+        Some(_) => std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+            .ok()
+            .and_then(|c| c.split_whitespace().next()?.parse().ok())
+            .unwrap_or(child.id() as i32),
+        None => child.id() as i32,
+    };
     let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = child.wait();
     result?;
-    anyhow::ensure!(attached?, "{ifname} carries no XDP program after `enforcing`");
-    let enforcing_ms = marks[MARKERS.len() - 2].ok_or_else(|| anyhow::anyhow!("no `enforcing` line"))?;
+    anyhow::ensure!(
+        attached?,
+        "{ifname} carries no XDP program after `enforcing`"
+    );
+    let enforcing_ms =
+        marks[MARKERS.len() - 2].ok_or_else(|| anyhow::anyhow!("no `enforcing` line"))?;
     let ready_ms = marks[MARKERS.len() - 1].unwrap_or(f64::NAN);
     Ok(Run {
         enforcing_ms,
@@ -189,7 +209,12 @@ fn bpf_calls(log: &Path) -> Vec<(String, usize, f64)> {
         else {
             continue;
         };
-        let e = by.entry(cmd.to_string()).or_default();
+        // Program loads by name: which program the verifier spent it on.
+        let name = line
+            .split_once("prog_name=\"")
+            .and_then(|(_, r)| r.split('"').next())
+            .map_or(String::new(), |n| format!(" {n}"));
+        let e = by.entry(format!("{cmd}{name}")).or_default();
         e.0 += 1;
         e.1 += secs * 1e3;
     }
@@ -241,7 +266,10 @@ pub fn measure(ifname: &str) -> anyhow::Result<StartReport> {
         let dir = tempfile::tempdir()?;
         let config = config_for(dir.path(), &pins, ifname)?;
         let (state, socket) = (dir.path().join("state"), dir.path().join("api.sock"));
-        let (a, b) = (dir.path().join("strace-start"), dir.path().join("strace-restart"));
+        let (a, b) = (
+            dir.path().join("strace-start"),
+            dir.path().join("strace-restart"),
+        );
         once(&config, &state, &socket, ifname, Some(&a))?;
         once(&config, &state, &socket, ifname, Some(&b))?;
         report.start_bpf_calls = bpf_calls(&a);
@@ -251,7 +279,9 @@ pub fn measure(ifname: &str) -> anyhow::Result<StartReport> {
 }
 
 pub fn print(r: &StartReport) {
-    println!("\ndaemon start (real portcullisd, default config, 1 interface; median of {STARTS} [min-max], ms)");
+    println!(
+        "\ndaemon start (real portcullisd, default config, 1 interface; median of {STARTS} [min-max], ms)"
+    );
     let row = |name: &str, s: &Option<Stat>| {
         if let Some(s) = s {
             println!("  {name:<34} {s}");
@@ -259,12 +289,21 @@ pub fn print(r: &StartReport) {
     };
     row("start to enforcing", &r.start_to_enforcing_ms);
     row("start to READY (socket ready)", &r.start_to_ready_ms);
-    row("restart (pins present) to enforcing", &r.restart_to_enforcing_ms);
+    row(
+        "restart (pins present) to enforcing",
+        &r.restart_to_enforcing_ms,
+    );
     row("restart to READY", &r.restart_to_ready_ms);
     if let Some(s) = &r.restart_vs_start {
-        println!("  restart / start (paired)           {:.2}x [{:.2}-{:.2}]", s.median, s.min, s.max);
+        println!(
+            "  restart / start (paired)           {:.2}x [{:.2}-{:.2}]",
+            s.median, s.min, s.max
+        );
     }
-    println!("  phases (ms, median)                {:>10} {:>10}", "start", "restart");
+    println!(
+        "  phases (ms, median)                {:>10} {:>10}",
+        "start", "restart"
+    );
     for (name, s) in &r.start_phases {
         let re = r
             .restart_phases
@@ -273,13 +312,16 @@ pub fn print(r: &StartReport) {
             .map_or(String::from("-"), |(_, s)| format!("{:.1}", s.median));
         println!("    {name:<32} {:>10.1} {re:>10}", s.median);
     }
-    for (label, calls) in [("start", &r.start_bpf_calls), ("restart", &r.restart_bpf_calls)] {
+    for (label, calls) in [
+        ("start", &r.start_bpf_calls),
+        ("restart", &r.restart_bpf_calls),
+    ] {
         if calls.is_empty() {
             continue;
         }
         println!("  bpf(2) calls of one {label} (strace -T; traced, so slower):");
         for (cmd, n, ms) in calls.iter().take(8) {
-            println!("    {cmd:<28} {n:>6} calls {ms:>9.1} ms");
+            println!("    {cmd:<40} {n:>6} calls {ms:>9.1} ms");
         }
     }
 }
