@@ -346,6 +346,10 @@ fn main() -> anyhow::Result<()> {
     }
     let mut base: Option<Base> = None;
     let floors = floors::Floors::load(ip)?;
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    // The largest set (when it is not the base), kept loaded for the paired
+    // comparison with xdp-filter below.
+    let mut kept: Option<(std::os::fd::OwnedFd, Dataplane, PinDir)> = None;
     for n in sizes {
         let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
         let set = shape(n, &mut rng);
@@ -444,6 +448,8 @@ fn main() -> anyhow::Result<()> {
                 _dataplane: dp,
                 _pins: pins,
             });
+        } else if n == largest {
+            kept = Some((dp.program_fd(Program::Ingress)?, dp, pins));
         }
         floor_pkts = Some(pkts);
     }
@@ -457,6 +463,7 @@ fn main() -> anyhow::Result<()> {
         name: "empty XDP program (floor)".into(),
         entries: 0,
         ns_per_packet: measure_all(floor.as_fd(), &pkts),
+        portcullis_vs: None,
     });
     // bench1 is the control-plane daemon's interface below.
     drop(floor_link);
@@ -472,11 +479,18 @@ fn main() -> anyhow::Result<()> {
             .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
             .collect();
         match xdpfilter::XdpFilter::load("bench2", &ports, &sources) {
-            Ok(xf) => report.references.push(Reference {
-                name: "xdp-filter (deny policy, ports + sources)".into(),
-                entries: 2 * entries,
-                ns_per_packet: measure_all(xf.prog.as_fd(), &pkts),
-            }),
+            Ok(xf) => {
+                let ours = kept
+                    .as_ref()
+                    .map(|k| k.0.as_fd())
+                    .or(base.as_ref().map(|b| b.program.as_fd()));
+                report.references.push(Reference {
+                    name: "xdp-filter (deny policy, ports + sources)".into(),
+                    entries: 2 * entries,
+                    ns_per_packet: measure_all(xf.prog.as_fd(), &pkts),
+                    portcullis_vs: ours.map(|fd| paired_vs(fd, xf.prog.as_fd(), &pkts)),
+                })
+            }
             Err(e) => eprintln!("xdp-filter not measured: {e:#}"),
         }
     }
@@ -484,11 +498,15 @@ fn main() -> anyhow::Result<()> {
     println!("\nreferences over the same {PACKETS} packets");
     for r in &report.references {
         println!(
-            "  {:<44} {:>6} entries  {} ns/packet  {:>5.2}x the floor",
+            "  {:<44} {:>6} entries  {} ns/packet  {:>5.2}x the floor{}",
             r.name,
             r.entries,
             r.ns_per_packet,
-            r.ns_per_packet.median / floor_ns
+            r.ns_per_packet.median / floor_ns,
+            r.portcullis_vs.map_or(String::new(), |s| format!(
+                "  Portcullis at {largest} rules / it, paired: {:.2}x [{:.2}-{:.2}]",
+                s.median, s.min, s.max
+            ))
         );
     }
     println!("\nPortcullis against the floor (mean of the four columns):");

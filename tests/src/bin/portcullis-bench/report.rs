@@ -73,6 +73,9 @@ pub struct Reference {
     pub name: String,
     pub entries: usize,
     pub ns_per_packet: Stat,
+    /// Portcullis at the largest rule count over this program, the same
+    /// packets, per round, the two runs back to back.
+    pub portcullis_vs: Option<Stat>,
 }
 
 #[derive(Debug, Default, Serialize)]
