@@ -16,6 +16,7 @@
 //! | `floor_lru_miss` | one LRU hash lookup of a `FlowKey` that is absent            |
 //! | `floor_ktime`    | one `bpf_ktime_get_ns` (conntrack refresh, the event budget) |
 //! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (the cheaper clock, to compare) |
+//! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //!
 //! The LRU map has the connection table's key and value types, size and
@@ -40,6 +41,12 @@ mod programs {
 
     #[map]
     static FLOOR_LRU: LruHashMap<FlowKey, Flow> =
+        LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+    /// As `FLOOR_LRU` with the smallest IPv4 5-tuple key (addresses, ports,
+    /// protocol and padding: 16 bytes), to price a smaller key.
+    #[map]
+    static FLOOR_LRU16: LruHashMap<[u32; 4], Flow> =
         LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 0);
 
     #[map]
@@ -118,6 +125,16 @@ mod programs {
     #[xdp]
     pub fn floor_lru_miss(_ctx: XdpContext) -> u32 {
         lru(2)
+    }
+
+    #[xdp]
+    pub fn floor_lru16_miss(_ctx: XdpContext) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 2, 6];
+        // SAFETY: the value is only read, as a copy.
+        match unsafe { FLOOR_LRU16.get(&k) } {
+            Some(f) => pass_unless(f.state == u8::MAX),
+            None => xdp_action::XDP_PASS,
+        }
     }
 
     #[xdp]

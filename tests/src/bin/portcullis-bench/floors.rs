@@ -14,7 +14,7 @@ use portcullis::testrun::FLOOR_OBJECT;
 use portcullis_common::{Flow, FlowKey};
 
 /// The floor programs, in the order printed: (program, what it does).
-pub const PROGRAMS: [(&str, &str); 8] = [
+pub const PROGRAMS: [(&str, &str); 9] = [
     ("floor_empty", "empty program (call + return)"),
     ("floor_array", "one array read"),
     ("floor_counter", "one per-CPU counter update"),
@@ -23,6 +23,7 @@ pub const PROGRAMS: [(&str, &str); 8] = [
     ("floor_ktime", "one bpf_ktime_get_ns"),
     ("floor_parse", "bounds-checked eth/IP/L4 parse"),
     ("floor_coarse", "one bpf_ktime_get_coarse_ns"),
+    ("floor_lru16_miss", "one LRU lookup, 16-byte key, miss"),
 ];
 
 pub struct Floors {

@@ -543,9 +543,12 @@ fn main() -> anyhow::Result<()> {
         report.traffic = traffic::compare(&traffic_sizes)?;
         print_traffic(&report.traffic);
     }
-    report.start = start::measure("bench1")?;
-    start::print(&report.start);
-    report.control = api_round_trips(&limits)?;
+    // PORTCULLIS_BENCH_CONTROL= (empty) skips the daemon's start and API.
+    if std::env::var("PORTCULLIS_BENCH_CONTROL").map_or(true, |v| !v.is_empty()) {
+        report.start = start::measure("bench1")?;
+        start::print(&report.start);
+        report.control = api_round_trips(&limits)?;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     report.write(&dir)?;
     println!(

@@ -136,7 +136,41 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
             );
         }
     }
+    check(&c, dp)?;
     Ok(c)
+}
+
+/// Each class gets the verdict reason the table above says (so its cost
+/// is the stages it names): one frame of each, counted by reason.
+fn check(c: &Classes, dp: &mut Dataplane) -> anyhow::Result<()> {
+    use portcullis_common::Reason;
+    let pins = dp.pin_dir().to_owned();
+    let count = |reason: Reason| -> anyhow::Result<u64> {
+        Ok(portcullis::dataplane::read_counters(&pins)?
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, c)| c.packets))
+    };
+    let expect = [
+        ("arp", &c.arp, Reason::PassArp),
+        ("trunc", &c.trunc, Reason::DropMalformed),
+        ("frag", &c.frag, Reason::DropFragment),
+        ("est", &c.est, Reason::PassEstablished),
+        ("denied", &c.denied, Reason::DropNoRule),
+        ("allowed", &c.allowed, Reason::PassRule),
+    ];
+    for (name, frames, reason) in expect {
+        let Some(frame) = frames.first() else {
+            continue;
+        };
+        let before = count(reason)?;
+        dp.test_run(Program::Ingress, frame, 1)?;
+        anyhow::ensure!(
+            count(reason)? == before + 1,
+            "stage class {name}: the ingress program did not count it as {reason:?}"
+        );
+    }
+    Ok(())
 }
 
 fn ns(fd: BorrowedFd<'_>, frames: &[Vec<u8>]) -> f64 {
@@ -157,46 +191,45 @@ pub fn floor_round(floors: &[std::os::fd::OwnedFd], frames: &[Vec<u8>]) -> Vec<f
 /// how each is computed from a round's class costs `v` (in `names` order)
 /// and floor costs net of the empty program `n` (in `floors::PROGRAMS`
 /// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6).
-type Derive = fn(&[f64], &[f64]) -> (f64, f64);
+type Derive = fn(&[f64], &[f64], f64) -> (f64, f64);
 const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
         "fixed: generation + settings, Ethernet, verdict counter",
         "arp - empty",
         "2 array + counter",
-        |v, n| (v[0], 2.0 * n[1] + n[2]),
+        |v, n, empty| (v[0] - empty, 2.0 * n[1] + n[2]),
     ),
-    ("IPv4 header parse", "trunc - arp", "parse", |v, n| {
+    ("IPv4 header parse", "trunc - arp", "parse", |v, n, _| {
         (v[1] - v[0], n[6])
     }),
     (
         "drop event (budget spent)",
         "frag - trunc",
         "ktime + counter",
-        |v, n| (v[2] - v[1], n[5] + n[2]),
+        |v, n, _| (v[2] - v[1], n[5] + n[2]),
     ),
     (
         "established: L4 + conntrack hit + age check",
         "est - trunc",
         "lru hit + ktime",
-        |v, n| (v[3] - v[1], n[3] + n[5]),
+        |v, n, _| (v[3] - v[1], n[3] + n[5]),
     ),
     (
         "new, denied: L4 + conntrack miss + rules",
         "denied - trunc - event",
         "lru miss",
-        |v, n| (v[4] - v[1] - (v[2] - v[1]), n[4]),
+        |v, n, _| (v[4] - v[1] - (v[2] - v[1]), n[4]),
     ),
     (
         "new, allowed: + rules match + INBOUND + counter",
         "allowed - trunc",
         "2 lru + ktime + counter",
-        |v, n| (v[5] - v[1], n[4] + n[3] + n[5] + n[2]),
+        |v, n, _| (v[5] - v[1], n[4] + n[3] + n[5] + n[2]),
     ),
 ];
 
 /// Runs the classes interleaved with the floor programs for `rounds`
-/// rounds and derives the stages. `fixed` is against the empty program:
-/// `v[0]` there is `arp - empty`.
+/// rounds and derives the stages.
 pub fn measure(
     fd: BorrowedFd<'_>,
     c: &Classes,
@@ -214,10 +247,8 @@ pub fn measure(
         for (i, x) in v.iter().enumerate() {
             abs[i].push(*x);
         }
-        let mut w = v.clone();
-        w[0] -= f[0];
         for (i, (.., derive)) in STAGES.iter().enumerate() {
-            let (ns, floor) = derive(&w, &n);
+            let (ns, floor) = derive(&v, &n, f[0]);
             derived[i].0.push(ns);
             derived[i].1.push(floor);
         }
