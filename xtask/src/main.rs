@@ -42,6 +42,7 @@ const APT_PACKAGES: &[&str] = &[
     "dpkg-dev",          // dpkg-scanpackages: the package repository cloud-init installs from
     "xdp-tools",         // xdp-filter: the benchmark's stateless XDP reference
     "iptables",          // iptables-legacy: the benchmark's classic comparison
+    "strace",            // the benchmark times the daemon's bpf(2) calls at start
     "libfaketime",       // the attack suite steps the daemon's wall clock
     "binutils",          // objdump: the packaged binaries' glibc floor
 ];

@@ -44,7 +44,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Mutex,
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 #[derive(Parser)]
 #[command(
@@ -474,7 +474,13 @@ async fn start(
     // loading, cleaning up and logging all name the same directory.
     let pin_dir = config.pin_dir();
     let (handle, events, targets) = subscribe_links(&selector).await?;
+    let t = std::time::Instant::now();
+    debug!(interfaces = targets.len(), "links subscribed");
     let (rules, generation, restored) = live_rules(&store, config, config_path)?;
+    debug!(
+        ms = t.elapsed().as_secs_f64() * 1e3,
+        restored, "live rule set chosen"
+    );
     let limits = config.capacity.limits();
     let dataplane = Dataplane::load_with(
         &pin_dir,
@@ -485,6 +491,7 @@ async fn start(
     .context("loading the eBPF data path")?;
     info!(
         program = dataplane.ingress_program(),
+        ms = t.elapsed().as_secs_f64() * 1e3,
         "XDP ingress program loaded"
     );
     // Rules first: a new ingress link never runs on empty maps.

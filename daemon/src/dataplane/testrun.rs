@@ -45,3 +45,8 @@ pub fn run(prog: BorrowedFd<'_>, packet: &[u8], repeat: u32) -> io::Result<Outco
         data_out: out,
     })
 }
+
+/// The benchmark's floor programs (`ebpf/src/floor.rs`): XDP programs that
+/// do one thing each. Not loaded by the daemon.
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-floor"));

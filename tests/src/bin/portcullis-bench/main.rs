@@ -11,12 +11,18 @@
 //! 2. Real traffic (`traffic.rs`): Portcullis, nftables (linear and interval
 //!    set) and iptables-legacy at 1k and 10k rules, one raw-frame generator.
 //! 3. The control plane through a real daemon's API.
+//! 4. The kernel's floor per stage (`floors.rs`, programs of
+//!    `ebpf/src/floor.rs`), the ingress program's stages from traffic classes
+//!    (`stages.rs`), and daemon start and restart to enforcing (`start.rs`).
 //!
 //! Results: printed, and written to target/bench/bench.json and
 //! target/bench/ns-per-packet.svg.
 
+mod floors;
 mod rawbpf;
 mod report;
+mod stages;
+mod start;
 mod traffic;
 mod xdpfilter;
 
@@ -35,7 +41,7 @@ use portcullis::{
 };
 use portcullis_tests::{PinDir, is_root, packet::*};
 use rand::{RngExt as _, SeedableRng, rngs::StdRng};
-use report::{Control, EngineRow, Reference, Report, Stat};
+use report::{Control, EngineRow, Floor, Reference, Report, Stat};
 
 const SIZES: [usize; 5] = [1, 100, 1_000, 10_000, 100_000];
 const PACKETS: usize = 2048;
@@ -264,6 +270,19 @@ fn reverse(inbound: &[u8]) -> Option<Vec<u8>> {
     )
 }
 
+/// `fd` over `other` on all of `pkts`, per round, the two back to back.
+fn paired_vs(
+    fd: std::os::fd::BorrowedFd<'_>,
+    other: std::os::fd::BorrowedFd<'_>,
+    pkts: &[TestPacket],
+) -> Stat {
+    Stat::of(
+        (0..RUNS)
+            .map(|_| run_once(fd, pkts, |_, _| true) / run_once(other, pkts, |_, _| true))
+            .collect(),
+    )
+}
+
 /// Mean ns/packet of `fd` over all of `pkts`, per run.
 fn measure_all(fd: std::os::fd::BorrowedFd<'_>, pkts: &[TestPacket]) -> Stat {
     Stat::of(measure(fd, pkts, |_, _| true))
@@ -331,6 +350,11 @@ fn main() -> anyhow::Result<()> {
         ip(&["link", "set", dev, "up"])?;
     }
     let mut base: Option<Base> = None;
+    let floors = floors::Floors::load(ip)?;
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    // The largest set (when it is not the base), kept loaded for the paired
+    // comparison with xdp-filter below.
+    let mut kept: Option<(std::os::fd::OwnedFd, Dataplane, PinDir)> = None;
     for n in sizes {
         let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
         let set = shape(n, &mut rng);
@@ -378,12 +402,17 @@ fn main() -> anyhow::Result<()> {
             base.as_ref()
                 .map(|b| (b.program.as_fd(), b.packets.as_slice())),
         );
+        let vs_empty = paired_vs(fd.as_fd(), floors.empty(), &pkts);
         // Established: the denied packets again, once their flows exist.
         let denied: Vec<_> = pkts.iter().filter(|p| !p.1).cloned().collect();
         establish(&mut dp, &denied)?;
         let fd = dp.program_fd(Program::Ingress)?;
         let est = |v6: bool| Stat::of(measure(fd.as_fd(), &denied, |a, _| a == v6));
         let (v4_est, v6_est) = (est(false), est(true));
+        let established_vs_empty = paired_vs(fd.as_fd(), floors.empty(), &denied);
+        let classes = stages::classes(&set, &mut rng, &mut dp)?;
+        let fd = dp.program_fd(Program::Ingress)?;
+        let stage_costs = stages::measure(fd.as_fd(), &classes, &floors.fds, RUNS);
         let mean = cells.iter().map(|c| c.median).sum::<f64>() / 4.0;
         let row = EngineRow {
             rules: n,
@@ -398,6 +427,9 @@ fn main() -> anyhow::Result<()> {
             compile_ms,
             live_ms,
             map_mib: memory as f64 / (1 << 20) as f64,
+            vs_empty: Some(vs_empty),
+            established_vs_empty: Some(established_vs_empty),
+            stages: Some(stage_costs),
         };
         println!(
             "{:>8} {} {} {} {} {} {} {:>8.1}ms {:>8.1}ms {:>8.1} {:>6.2}x",
@@ -421,6 +453,8 @@ fn main() -> anyhow::Result<()> {
                 _dataplane: dp,
                 _pins: pins,
             });
+        } else if n == largest {
+            kept = Some((dp.program_fd(Program::Ingress)?, dp, pins));
         }
         floor_pkts = Some(pkts);
     }
@@ -429,11 +463,12 @@ fn main() -> anyhow::Result<()> {
     let pkts = floor_pkts.expect("at least one size");
     let floor = rawbpf::empty_xdp()?;
     let bench1 = nix::net::if_::if_nametoindex("bench1")?;
-    let floor_link = rawbpf::attach_xdp(&floor, bench1)?;
+    let floor_link = rawbpf::attach_xdp(floor.as_fd(), bench1)?;
     report.references.push(Reference {
         name: "empty XDP program (floor)".into(),
         entries: 0,
         ns_per_packet: measure_all(floor.as_fd(), &pkts),
+        portcullis_vs: None,
     });
     // bench1 is the control-plane daemon's interface below.
     drop(floor_link);
@@ -449,11 +484,18 @@ fn main() -> anyhow::Result<()> {
             .map(|i| format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255))
             .collect();
         match xdpfilter::XdpFilter::load("bench2", &ports, &sources) {
-            Ok(xf) => report.references.push(Reference {
-                name: "xdp-filter (deny policy, ports + sources)".into(),
-                entries: 2 * entries,
-                ns_per_packet: measure_all(xf.prog.as_fd(), &pkts),
-            }),
+            Ok(xf) => {
+                let ours = kept
+                    .as_ref()
+                    .map(|k| k.0.as_fd())
+                    .or(base.as_ref().map(|b| b.program.as_fd()));
+                report.references.push(Reference {
+                    name: "xdp-filter (deny policy, ports + sources)".into(),
+                    entries: 2 * entries,
+                    ns_per_packet: measure_all(xf.prog.as_fd(), &pkts),
+                    portcullis_vs: ours.map(|fd| paired_vs(fd, xf.prog.as_fd(), &pkts)),
+                })
+            }
             Err(e) => eprintln!("xdp-filter not measured: {e:#}"),
         }
     }
@@ -461,11 +503,15 @@ fn main() -> anyhow::Result<()> {
     println!("\nreferences over the same {PACKETS} packets");
     for r in &report.references {
         println!(
-            "  {:<44} {:>6} entries  {} ns/packet  {:>5.2}x the floor",
+            "  {:<44} {:>6} entries  {} ns/packet  {:>5.2}x the floor{}",
             r.name,
             r.entries,
             r.ns_per_packet,
-            r.ns_per_packet.median / floor_ns
+            r.ns_per_packet.median / floor_ns,
+            r.portcullis_vs.map_or(String::new(), |s| format!(
+                "  Portcullis at {largest} rules / it, paired: {:.2}x [{:.2}-{:.2}]",
+                s.median, s.min, s.max
+            ))
         );
     }
     println!("\nPortcullis against the floor (mean of the four columns):");
@@ -491,6 +537,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    report.floors = floor_rows(&floors, &pkts);
+    print_floors_and_stages(&report);
+
     let traffic_sizes: Vec<usize> = std::env::var("PORTCULLIS_BENCH_TRAFFIC")
         .ok()
         .map(|l| l.split(',').filter_map(|s| s.trim().parse().ok()).collect())
@@ -499,7 +548,12 @@ fn main() -> anyhow::Result<()> {
         report.traffic = traffic::compare(&traffic_sizes)?;
         print_traffic(&report.traffic);
     }
-    report.control = api_round_trips(&limits)?;
+    // PORTCULLIS_BENCH_CONTROL= (empty) skips the daemon's start and API.
+    if std::env::var("PORTCULLIS_BENCH_CONTROL").map_or(true, |v| !v.is_empty()) {
+        report.start = start::measure("bench1")?;
+        start::print(&report.start);
+        report.control = api_round_trips(&limits)?;
+    }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     report.write(&dir)?;
     println!(
@@ -507,6 +561,69 @@ fn main() -> anyhow::Result<()> {
         dir.display()
     );
     Ok(())
+}
+
+/// The floor programs over `pkts`, all in each round (interleaved).
+fn floor_rows(floors: &floors::Floors, pkts: &[TestPacket]) -> Vec<Floor> {
+    let frames: Vec<Vec<u8>> = pkts.iter().map(|p| p.2.clone()).collect();
+    let rounds: Vec<Vec<f64>> = (0..RUNS)
+        .map(|_| stages::floor_round(&floors.fds, &frames))
+        .collect();
+    floors::PROGRAMS
+        .iter()
+        .enumerate()
+        .map(|(i, (program, does))| Floor {
+            program: program.to_string(),
+            does: does.to_string(),
+            ns_per_packet: Stat::of(rounds.iter().map(|r| r[i]).collect()),
+            net_of_empty: Stat::of(rounds.iter().map(|r| r[i] - r[0]).collect()),
+        })
+        .collect()
+}
+
+fn print_floors_and_stages(report: &Report) {
+    println!("
+the kernel's floor per stage (ebpf/src/floor.rs; {PACKETS} packets, median of {RUNS} interleaved rounds [min-max])");
+    println!(
+        "  {:<16} {:<34} {:>22} {:>22}",
+        "program", "does", "ns/packet", "minus empty"
+    );
+    for f in &report.floors {
+        println!(
+            "  {:<16} {:<34} {} {}",
+            f.program, f.does, f.ns_per_packet, f.net_of_empty
+        );
+    }
+    for r in &report.engine {
+        println!(
+            "
+  {} rules: new traffic {:.2}x the empty program [{:.2}-{:.2}], established {:.2}x [{:.2}-{:.2}] (paired runs)",
+            r.rules,
+            r.vs_empty.map_or(f64::NAN, |s| s.median),
+            r.vs_empty.map_or(f64::NAN, |s| s.min),
+            r.vs_empty.map_or(f64::NAN, |s| s.max),
+            r.established_vs_empty.map_or(f64::NAN, |s| s.median),
+            r.established_vs_empty.map_or(f64::NAN, |s| s.min),
+            r.established_vs_empty.map_or(f64::NAN, |s| s.max),
+        );
+        let Some(st) = &r.stages else { continue };
+        let classes: Vec<String> = st
+            .classes
+            .iter()
+            .map(|(n, s)| format!("{n} {:.1}", s.median))
+            .collect();
+        println!("    classes (ns/packet): {}", classes.join(", "));
+        println!(
+            "    {:<48} {:<24} {:>21} {:>8} {:<24} {:>8}",
+            "stage", "from classes", "ns/packet", "floor", "floor programs", "over"
+        );
+        for s in &st.stages {
+            println!(
+                "    {:<48} {:<24} {} {:>8.1} {:<24} {:>8.1}",
+                s.stage, s.how, s.ns, s.floor_ns.median, s.floor, s.over_floor.median
+            );
+        }
+    }
 }
 
 fn print_traffic(rows: &[traffic::Row]) {
@@ -651,6 +768,8 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     );
     let replace_100k_ms = t.elapsed().as_secs_f64() * 1e3;
     let rss_100k_kib = rss_kib(daemon.id())?;
+    let rss_settled_kib = settled_rss_kib(daemon.id())?;
+    let hwm_kib = status_kib(daemon.id(), "VmHWM:")?;
     let _ = daemon.kill();
     let _ = daemon.wait();
     let (add, add_lo, add_hi) = median_min_max(adds);
@@ -673,8 +792,10 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     );
     println!("  replace with 100k rules          {replace_100k_ms:8.1} ms");
     println!(
-        "  daemon RSS with 100k rules       {:8.1} MiB",
-        rss_100k_kib / 1024.0
+        "  daemon RSS with 100k rules       {:8.1} MiB (settled {:.1} MiB, peak VmHWM {:.1} MiB)",
+        rss_100k_kib / 1024.0,
+        rss_settled_kib / 1024.0,
+        hwm_kib / 1024.0
     );
     Ok(Control {
         start_ms,
@@ -692,14 +813,36 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
         rss_10k_mib: rss_10k_kib / 1024.0,
         rss_100k_mib: rss_100k_kib / 1024.0,
         replace_100k_ms,
+        rss_100k_settled_mib: rss_settled_kib / 1024.0,
+        hwm_100k_mib: hwm_kib / 1024.0,
     })
 }
 
 /// Resident memory of `pid`, KiB.
 fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// VmRSS once it has settled: sampled every 200 ms until two samples in a
+/// row are within 1% of each other (at most 10 s).
+fn settled_rss_kib(pid: u32) -> anyhow::Result<f64> {
+    let mut last = rss_kib(pid)?;
+    for _ in 0..50 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let now = rss_kib(pid)?;
+        if (now - last).abs() <= last * 0.01 {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// A `kB` field of /proc/`pid`/status, KiB.
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
     Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0))
 }

@@ -81,7 +81,7 @@ pub fn empty_xdp() -> anyhow::Result<OwnedFd> {
 
 /// Attaches an XDP program to `ifindex` (driver mode); detached when the
 /// returned link is closed.
-pub fn attach_xdp(prog: &OwnedFd, ifindex: u32) -> anyhow::Result<OwnedFd> {
+pub fn attach_xdp(prog: std::os::fd::BorrowedFd<'_>, ifindex: u32) -> anyhow::Result<OwnedFd> {
     use std::os::fd::AsRawFd as _;
     let mut attr = LinkCreate {
         prog_fd: prog.as_raw_fd() as u32,

@@ -48,6 +48,23 @@ pub struct EngineRow {
     pub compile_ms: f64,
     pub live_ms: f64,
     pub map_mib: f64,
+    /// New traffic (all four cells' packets) / the empty floor program over
+    /// the same packets, per round, the two runs back to back.
+    pub vs_empty: Option<Stat>,
+    /// Established flows / the empty floor program, paired the same way.
+    pub established_vs_empty: Option<Stat>,
+    /// Per-stage costs from traffic classes (`stages.rs`), IPv4.
+    pub stages: Option<crate::stages::Stages>,
+}
+
+/// A floor program (`ebpf/src/floor.rs`): one thing each.
+#[derive(Debug, Serialize)]
+pub struct Floor {
+    pub program: String,
+    pub does: String,
+    pub ns_per_packet: Stat,
+    /// Minus the empty floor program in the same round.
+    pub net_of_empty: Stat,
 }
 
 /// Another XDP program over the same packets.
@@ -56,6 +73,9 @@ pub struct Reference {
     pub name: String,
     pub entries: usize,
     pub ns_per_packet: Stat,
+    /// Portcullis at the largest rule count over this program, the same
+    /// packets, per round, the two runs back to back.
+    pub portcullis_vs: Option<Stat>,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -67,6 +87,10 @@ pub struct Control {
     pub rss_10k_mib: f64,
     pub rss_100k_mib: f64,
     pub replace_100k_ms: f64,
+    /// VmRSS once it stopped moving after the 100k replace (see `settled_rss`).
+    pub rss_100k_settled_mib: f64,
+    /// VmHWM (peak resident) at that point.
+    pub hwm_100k_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -76,6 +100,8 @@ pub struct Report {
     pub references: Vec<Reference>,
     pub traffic: Vec<crate::traffic::Row>,
     pub control: Control,
+    pub floors: Vec<Floor>,
+    pub start: crate::start::StartReport,
 }
 
 impl Report {

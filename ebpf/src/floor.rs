@@ -1,0 +1,210 @@
+//! The kernel's floor for each stage of the data path: XDP programs that do
+//! one thing each, run by the benchmark (`cargo xtask bench`) with the same
+//! `BPF_PROG_TEST_RUN` harness as the real ingress program, so a stage's cost
+//! can be set against what the kernel itself charges for it.
+//!
+//! A binary of its own (`portcullis-floor`), so the daemon's object, and so
+//! what the daemon loads and the maps it creates, stay as they are. Its maps
+//! are not pinned.
+//!
+//! | program          | does                                                         |
+//! |------------------|--------------------------------------------------------------|
+//! | `floor_empty`    | nothing: returns XDP_PASS (the program call itself)          |
+//! | `floor_array`    | one array read (as the live generation or its settings)      |
+//! | `floor_counter`  | one per-CPU counter update (as a verdict or rule counter)    |
+//! | `floor_lru_hit`  | one LRU hash lookup of a `FlowKey` that is present           |
+//! | `floor_lru_miss` | one LRU hash lookup of a `FlowKey` that is absent            |
+//! | `floor_ktime`    | one `bpf_ktime_get_ns` (conntrack refresh, the event budget) |
+//! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (the cheaper clock, to compare) |
+//! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
+//! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
+//!
+//! The LRU map has the connection table's key and value types, size and
+//! flags (`CONNTRACK` in `conntrack.rs`: `FlowKey` -> `Flow`,
+//! `CONNTRACK_DEFAULT_ENTRIES`, no flags). The key is built on the stack
+//! from constants: building it from the packet is the parse floor's part.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use core::ptr::read_volatile;
+
+    use aya_ebpf::{
+        bindings::xdp_action,
+        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+        macros::{map, xdp},
+        maps::{Array, LruHashMap, PerCpuArray},
+        programs::XdpContext,
+    };
+    use portcullis_common::{CONNTRACK_DEFAULT_ENTRIES, Counter, Flow, FlowKey, Reason};
+
+    #[map]
+    static FLOOR_LRU: LruHashMap<FlowKey, Flow> =
+        LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+    /// As `FLOOR_LRU` with the smallest IPv4 5-tuple key (addresses, ports,
+    /// protocol and padding: 16 bytes), to price a smaller key.
+    #[map]
+    static FLOOR_LRU16: LruHashMap<[u32; 4], Flow> =
+        LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+    #[map]
+    static FLOOR_ARRAY: Array<u64> = Array::with_max_entries(2, 0);
+
+    #[map]
+    static FLOOR_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+
+    /// The key `floor_lru_hit` looks up; the benchmark inserts it
+    /// (`local_port` 1). `floor_lru_miss` looks up `local_port` 2.
+    #[inline(always)]
+    fn key(local_port: u16) -> FlowKey {
+        FlowKey {
+            local: [10, 200, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: [10, 200, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port,
+            remote_port: 40000,
+            proto: 6,
+            family: 4,
+            _pad: [0; 2],
+        }
+    }
+
+    #[inline(always)]
+    fn pass_unless(zero: bool) -> u32 {
+        if zero {
+            xdp_action::XDP_DROP
+        } else {
+            xdp_action::XDP_PASS
+        }
+    }
+
+    #[xdp]
+    pub fn floor_empty(_ctx: XdpContext) -> u32 {
+        xdp_action::XDP_PASS
+    }
+
+    #[xdp]
+    pub fn floor_array(_ctx: XdpContext) -> u32 {
+        match FLOOR_ARRAY.get_ptr(1) {
+            // SAFETY: a pointer from a successful array lookup.
+            Some(v) => pass_unless(unsafe { read_volatile(v) } == u64::MAX),
+            None => xdp_action::XDP_ABORTED,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_counter(ctx: XdpContext) -> u32 {
+        let bytes = (ctx.data_end() - ctx.data()) as u64;
+        if let Some(c) = FLOOR_COUNTERS.get_ptr_mut(Reason::PassRule as u32) {
+            // SAFETY: a per-CPU entry from a successful lookup; only this
+            // CPU writes it while we run.
+            unsafe {
+                (*c).packets += 1;
+                (*c).bytes += bytes;
+            }
+        }
+        xdp_action::XDP_PASS
+    }
+
+    #[inline(always)]
+    fn lru(local_port: u16) -> u32 {
+        let k = key(local_port);
+        // SAFETY: the value is only read, as a copy.
+        match unsafe { FLOOR_LRU.get(&k) } {
+            Some(f) => pass_unless(f.state == u8::MAX),
+            None => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_lru_hit(_ctx: XdpContext) -> u32 {
+        lru(1)
+    }
+
+    #[xdp]
+    pub fn floor_lru_miss(_ctx: XdpContext) -> u32 {
+        lru(2)
+    }
+
+    #[xdp]
+    pub fn floor_lru16_miss(_ctx: XdpContext) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 2, 6];
+        // SAFETY: the value is only read, as a copy.
+        match unsafe { FLOOR_LRU16.get(&k) } {
+            Some(f) => pass_unless(f.state == u8::MAX),
+            None => xdp_action::XDP_PASS,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_ktime(_ctx: XdpContext) -> u32 {
+        // SAFETY: a helper without arguments or side effects.
+        pass_unless(unsafe { bpf_ktime_get_ns() } == 0)
+    }
+
+    #[xdp]
+    pub fn floor_coarse(_ctx: XdpContext) -> u32 {
+        // SAFETY: a helper without arguments or side effects.
+        pass_unless(unsafe { bpf_ktime_get_coarse_ns() } == 0)
+    }
+
+    /// `N` bytes at `offset`, bounds-checked as the data path's parser does.
+    #[inline(always)]
+    fn bytes<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<[u8; N]> {
+        let (start, end) = (ctx.data(), ctx.data_end());
+        if offset > 512 || start + offset + N > end {
+            return None;
+        }
+        // SAFETY: the check above keeps the N bytes inside the packet.
+        Some(unsafe { *((start + offset) as *const [u8; N]) })
+    }
+
+    #[inline(always)]
+    fn parse(ctx: &XdpContext) -> Option<(u8, u16, u16)> {
+        let ethertype = u16::from_be_bytes(bytes::<2>(ctx, 12)?);
+        let (proto, l4) = match ethertype {
+            0x0800 => {
+                let [vihl, ..] = bytes::<1>(ctx, 14)?;
+                let ihl = ((vihl & 0x0f) as usize) * 4;
+                if vihl >> 4 != 4 || ihl < 20 {
+                    return None;
+                }
+                let h = bytes::<20>(ctx, 14)?;
+                (h[9], 14 + ihl)
+            }
+            0x86dd => {
+                let h = bytes::<40>(ctx, 14)?;
+                (h[6], 54)
+            }
+            _ => return None,
+        };
+        let p = bytes::<4>(ctx, l4)?;
+        Some((
+            proto,
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ))
+    }
+
+    #[xdp]
+    pub fn floor_parse(ctx: XdpContext) -> u32 {
+        match parse(&ctx) {
+            Some((proto, sport, dport)) => pass_unless(proto == 0 && sport == dport),
+            None => xdp_action::XDP_DROP,
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
