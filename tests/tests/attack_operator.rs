@@ -1,0 +1,133 @@
+//! Attacks on the operator's paths of issue 21: runtime and permanent
+//! rules, reloads, `rules save`. Each test performs the attack for real
+//! against a running daemon; docs/security.md names them.
+
+use std::process::Command;
+
+use portcullis_tests::*;
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("skipped: needs root");
+            return;
+        }
+    };
+}
+
+fn said(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout)
+}
+
+/// `portcullis ARGS` as a caller outside any SSH session (a console, a
+/// script, `ExecReload=` under `systemctl reload`).
+fn cli_no_session(config: &ConfigFile, args: &[&str]) -> std::process::Output {
+    Command::new(workspace_bin("portcullis").unwrap())
+        .env_remove("SSH_CONNECTION")
+        .arg("--socket")
+        .arg(config.socket())
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `rules_file` is reloadable: a reload reads the saved rules from the
+/// path the config names now. `rules save` used to write to the path the
+/// daemon started with, say "a reload or reboot keeps it", and the next
+/// reload (reading the new path, finding no saved file, and seeing no
+/// runtime change since the save) silently dropped the saved rule.
+#[test]
+fn rules_save_writes_where_the_reloaded_config_reads() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
+
+    let moved = config
+        .path()
+        .parent()
+        .unwrap()
+        .join("perm")
+        .join("rules.toml");
+    config
+        .rewrite(&config_text(
+            &pins,
+            &format!(
+                "rules_file = \"{}\"\n[ssh]\nallow = true\n",
+                moved.display()
+            ),
+        ))
+        .unwrap();
+    let out = cli_no_session(&config, &["reload"]);
+    assert!(out.status.success(), "{}", said(&out));
+
+    let out = cli_no_session(&config, &["allow", "8443/tcp"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+    let out = cli_no_session(&config, &["rules", "save"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains(&moved.display().to_string()),
+        "rules save wrote elsewhere than the config's rules_file {}: {}",
+        moved.display(),
+        said(&out)
+    );
+    assert!(moved.exists(), "nothing saved at {}", moved.display());
+
+    let out = cli_no_session(&config, &["reload"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok(),
+        "a reload after `rules save` dropped the saved rule: {}",
+        said(&out)
+    );
+}
+
+/// A reload whose caller has no SSH session the daemon can see
+/// (`systemctl reload` runs `portcullis reload` under the service; SIGHUP
+/// has no caller) used to turn SSH off under an operator's open SSH
+/// session without a word: the self-lockout refusal only knew the
+/// caller's own `SSH_CONNECTION`. Now every open session to the SSH ports
+/// stands in for the caller: the reload is refused, naming it, unless
+/// forced.
+#[test]
+fn a_reload_without_a_caller_session_does_not_lock_out_open_ssh_sessions() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 22)).unwrap();
+    // An operator's session, open while the config is edited.
+    let session = tcp_connect(&pair.peer, sock(HOST_V4, 22)).unwrap();
+    let client_port = session.local_addr().unwrap().port();
+    config
+        .rewrite(&config_text(&pins, "[ssh]\nallow = false\n"))
+        .unwrap();
+
+    let out = cli_no_session(&config, &["reload"]);
+    assert!(
+        !out.status.success()
+            && said(&out).contains(&format!("{PEER_V4} port {client_port}"))
+            && said(&out).contains("--force"),
+        "a reload without a caller session turned SSH off under an open session: {:?}: {}",
+        out.status,
+        said(&out)
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok(),
+        "a refused reload turned SSH off"
+    );
+    // SIGHUP takes the same path.
+    let log = d.reload().unwrap();
+    assert!(log.contains("reload refused"), "{log}");
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok());
+
+    // Explicit: forced.
+    let out = cli_no_session(&config, &["--force", "reload"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_err());
+    drop(session);
+}
