@@ -708,6 +708,50 @@ ip_ranges = []
         );
     }
 
+    /// What a writer puts in a rule (any description, any valid id,
+    /// every protocol and list) is saved by `rules save` as TOML that reads
+    /// back as the same rule set: a writer cannot make the saved file
+    /// inject keys or fail the next start.
+    #[test]
+    fn saved_rules_read_back_as_saved_whatever_the_writer_put_in_them() {
+        let odd = "\0\u{1b}[31m\"'''\n[ssh]\nallow = false\r\t\u{7f}\u{feff}\u{202e}\\ é 𝄞";
+        let rule = |id: &str, protocol, ranges: &[&str]| FirewallRule {
+            id: id.into(),
+            from_port: 1,
+            to_port: 65535,
+            ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+            protocol,
+            description: Some(odd.into()),
+        };
+        use crate::rules::Protocol::*;
+        let set = RuleSet {
+            ingress_rules: Vec::new(),
+            egress_rules: vec![
+                rule("a", Icmp, &["fd00::/8", "10.0.0.1"]),
+                rule(&"x".repeat(crate::rules::MAX_ID_LEN), Any, &[]),
+                rule("b.c_d-e", Udp, &["0.0.0.0/0"]),
+            ],
+            cluster: Some(crate::rules::Cluster {
+                id: "c".into(),
+                peers: vec!["10.1.0.0/16".into()],
+                other_clusters: vec!["10.2.0.0/16".into()],
+            }),
+            ssh: Ssh {
+                allow: true,
+                sources: vec!["192.0.2.0/24".into()],
+                ports: vec![2222, 22],
+            },
+        };
+        set.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "").unwrap();
+        let file = Config::load(&path).unwrap().rules_file_path(&path);
+        let text = Config::saved_rules_text(&set).unwrap();
+        crate::state::write_new_file(&file, text.as_bytes(), 0o600).unwrap();
+        assert_eq!(Config::load(&path).unwrap().rule_set(), set, "{text}");
+    }
+
     #[test]
     fn the_default_fallback_fails_closed() {
         assert_eq!(Config::parse("").unwrap().fallback, Fallback::Nftables);
