@@ -131,3 +131,74 @@ fn a_reload_without_a_caller_session_does_not_lock_out_open_ssh_sessions() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_err());
     drop(session);
 }
+
+/// A reload never lifts a lockdown: the new rules become the live set, but
+/// the data path keeps the lockdown's narrower set until `enforce`, also
+/// with `--discard-runtime`. A dry run changes nothing: neither the data
+/// path, nor the baseline (the runtime changes it names stay named).
+#[test]
+fn a_reload_never_lifts_lockdown_and_a_dry_run_changes_nothing() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
+    let runtime = |config: &ConfigFile| -> serde_json::Value {
+        let out = cli_no_session(config, &["--json", "status"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s["runtime_changes"].clone()
+    };
+    // A runtime rule, then a config that brings another one.
+    let out = cli_no_session(&config, &["allow", "8080/tcp"]);
+    assert!(out.status.success(), "{}", said(&out));
+    config
+        .rewrite(&config_text(
+            &pins,
+            "[ssh]\nallow = true\n[[ingress_rules]]\nid = \"https\"\nfrom_port = 8443\nto_port = 8443\n",
+        ))
+        .unwrap();
+    let before = runtime(&config);
+    assert!(
+        before.to_string().contains("tcp-8080"),
+        "no runtime change named: {before}"
+    );
+    let out = cli_no_session(&config, &["--dry-run", "reload", "--discard-runtime"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_err(),
+        "a dry run applied"
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_ok(),
+        "a dry run discarded"
+    );
+    assert_eq!(runtime(&config), before, "a dry run moved the baseline");
+
+    let out = cli_no_session(&config, &["lockdown", "--admin", "10.200.99.0/24"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+    // Refused (runtime changes), then discarded: the lockdown stays.
+    let out = cli_no_session(&config, &["reload"]);
+    assert!(!out.status.success(), "{}", said(&out));
+    let out = cli_no_session(&config, &["reload", "--discard-runtime"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let out = cli_no_session(&config, &["--json", "status"]);
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        s["mode"]["mode"], "lockdown",
+        "a reload lifted the lockdown: {s}"
+    );
+    for port in [8443, 8080, 22] {
+        assert!(
+            tcp_probe(&pair.peer, sock(HOST_V4, port)).is_err(),
+            "port {port} answered in lockdown after a reload"
+        );
+    }
+    // Back to enforcing: the reloaded rules.
+    let out = cli_no_session(&config, &["mode", "enforce"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+}
