@@ -202,3 +202,57 @@ fn a_reload_never_lifts_lockdown_and_a_dry_run_changes_nothing() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_ok());
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
 }
+
+/// `rules remove N` names the rule of the list the caller read: the
+/// removal carries that list's generation, and the daemon refuses it once
+/// another writer has changed the list (the number may name another rule
+/// by then). Nothing is removed.
+#[test]
+fn a_removal_by_number_is_refused_once_the_list_changed() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    assert!(
+        cli_no_session(&config, &["allow", "8080/tcp"])
+            .status
+            .success()
+    );
+    let listed: serde_json::Value =
+        serde_json::from_slice(&cli_no_session(&config, &["--json", "rules", "list"]).stdout)
+            .unwrap();
+    let generation = listed["generation"]
+        .as_u64()
+        .expect("generation in the list");
+    // Another writer changes the list in between.
+    assert!(
+        cli_no_session(&config, &["allow", "8443/tcp"])
+            .status
+            .success()
+    );
+    let out = cli_no_session(
+        &config,
+        &[
+            "rules",
+            "remove",
+            "1",
+            "--expect-generation",
+            &generation.to_string(),
+        ],
+    );
+    assert!(
+        !out.status.success() && said(&out).contains("someone else changed the rules"),
+        "{}",
+        said(&out)
+    );
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_ok(),
+        "a stale removal removed a rule"
+    );
+    // Against the current list it goes through.
+    let out = cli_no_session(&config, &["rules", "remove", "1"]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+}
