@@ -256,3 +256,72 @@ fn a_removal_by_number_is_refused_once_the_list_changed() {
     assert!(out.status.success(), "{}", said(&out));
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
 }
+
+/// `apt remove` prints the commands that lift enforcement, for the admin
+/// to paste. Interface names come from the kernel, and a name may hold
+/// `;`, `$`, `{`, quotes and globs (only `/`, `:` and white space are
+/// refused): whoever named an interface `x;touch${IFS}p` got a command run
+/// by the admin who pasted the line. The names are quoted now, and the
+/// pasted line only lifts the filter.
+#[test]
+fn apt_remove_prints_commands_that_quote_interface_names() {
+    require_root!();
+    let ns = Netns::new("q").unwrap();
+    let name = "x;touch${IFS}p";
+    ns.ip(&["link", "add", name, "type", "veth", "peer", "name", "pcq1"])
+        .unwrap();
+    ns.ip(&["link", "set", name, "up"]).unwrap();
+    ns.ip(&["link", "set", "pcq1", "up"]).unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&format!(
+        "interfaces = [\"{name}\"]\npin_dir = \"{}\"\ntc_attach = \"clsact\"\n",
+        pins.path().display()
+    ))
+    .unwrap();
+    let d = Daemon::start(&ns, &config).unwrap();
+    drop(d);
+    let filters = || {
+        let out = Command::new("tc")
+            .args(["-n", ns.name(), "filter", "show", "dev", name, "egress"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(
+        filters().contains("pref 49374 "),
+        "no clsact filter: {}",
+        filters()
+    );
+    let postrm = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/debian/postrm");
+    let cwd = tempfile::tempdir().unwrap();
+    // `ip netns exec` shows the namespace's interfaces in /sys/class/net.
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sh"])
+        .arg(&postrm)
+        .arg("remove")
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", said(&out));
+    let said = said(&out);
+    let line = said
+        .lines()
+        .find(|l| l.contains("tc filter del"))
+        .unwrap_or_else(|| panic!("no tc command printed: {said}"))
+        .trim()
+        .to_string();
+    let run = Command::new("ip")
+        .args(["netns", "exec", ns.name(), "sh", "-c", &line])
+        .current_dir(cwd.path())
+        .output()
+        .unwrap();
+    assert!(
+        !cwd.path().join("p").exists(),
+        "the printed command ran what the interface name says: {line}"
+    );
+    assert!(
+        run.status.success() && !filters().contains("pref 49374 "),
+        "the printed command did not lift the filter: {line}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
