@@ -44,7 +44,7 @@ pub enum ChangeError {
     )]
     BlocksNextLogin(String),
     #[error(
-        "the reload would cut or turn SSH off for the open SSH session(s) {}: its caller has no SSH session the daemon can see (`systemctl reload`, SIGHUP), so every open session counts as the caller's; run `portcullis reload --force` to apply it anyway",
+        "the reload would turn SSH off for the open SSH session(s) {} (whoever reloads, `systemctl reload` and SIGHUP included, may be one of them); run `portcullis reload --force` to apply it anyway",
         .0.join(", ")
     )]
     LocksOutOpenSessions(Vec<String>),
@@ -1076,8 +1076,12 @@ impl Core {
             .map(|(_, started)| crate::reload::restart_needed(started, &new))
             .unwrap_or_default();
         let settings = crate::reload::applied_settings(self.allow_ping, &new);
-        if opts.caller_session.is_none() && !opts.force {
-            let locked_out = self.open_sessions_locked_out(&next)?;
+        if !opts.force {
+            let mut locked_out = self.open_sessions_locked_out(&next)?;
+            // The caller's own session: refused below, in its own words.
+            if let Some(own) = &opts.caller_session {
+                locked_out.retain(|s| *s != own.to_string());
+            }
             if !locked_out.is_empty() {
                 return Err(ChangeError::LocksOutOpenSessions(locked_out));
             }
@@ -1163,8 +1167,9 @@ impl Core {
     }
 
     /// The open SSH sessions (TCP to the live SSH ports) whose source the
-    /// live rules admit and `next` would not: a reload whose caller is
-    /// unknown treats each as the caller's own session.
+    /// live rules admit and `next` would not: a reload treats each as its
+    /// caller's own (`systemctl reload` and SIGHUP have no session the
+    /// daemon can see, and a declared one must not lift the check).
     fn open_sessions_locked_out(&self, next: &RuleSet) -> Result<Vec<String>, ChangeError> {
         let image = compile_with(next, &self.service, &self.limits)?;
         let Ok(open) = crate::sockets::connections() else {

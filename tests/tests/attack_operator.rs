@@ -90,8 +90,8 @@ fn rules_save_writes_where_the_reloaded_config_reads() {
 /// has no caller) used to turn SSH off under an operator's open SSH
 /// session without a word: the self-lockout refusal only knew the
 /// caller's own `SSH_CONNECTION`. Now every open session to the SSH ports
-/// stands in for the caller: the reload is refused, naming it, unless
-/// forced.
+/// stands in for the caller (a declared session does not lift that): the
+/// reload is refused, naming it, unless forced.
 #[test]
 fn a_reload_without_a_caller_session_does_not_lock_out_open_ssh_sessions() {
     require_root!();
@@ -119,6 +119,19 @@ fn a_reload_without_a_caller_session_does_not_lock_out_open_ssh_sessions() {
     assert!(
         tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok(),
         "a refused reload turned SSH off"
+    );
+    // A session the caller declares (any writer may) does not lift it.
+    let out = Command::new(workspace_bin("portcullis").unwrap())
+        .env("SSH_CONNECTION", format!("10.200.0.99 40000 {HOST_V4} 22"))
+        .arg("--socket")
+        .arg(config.socket())
+        .arg("reload")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && said(&out).contains(&format!("{PEER_V4} port {client_port}")),
+        "a declared session lifted the open-session check: {}",
+        said(&out)
     );
     // SIGHUP takes the same path.
     let log = d.reload().unwrap();
