@@ -575,12 +575,41 @@ fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    // It replaces the config's rules: whoever may write it (or replace it
+    // in its directory) controls the firewall, so only root may.
+    for p in [path.parent().unwrap_or(Path::new("/")), path] {
+        only_root_writes(p)?;
+    }
     let rules: RuleSet =
         toml::from_str(&text).with_context(|| format!("invalid rules file {}", path.display()))?;
     rules
         .validate()
         .with_context(|| format!("invalid rules file {}", path.display()))?;
     Ok(Some(rules))
+}
+
+/// Refuses `path` unless it is owned by root (or by this process's user)
+/// and writable by nobody else, as sshd's StrictModes does.
+fn only_root_writes(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        bail!(
+            "{} is owned by uid {}, not root: it replaces the config's rules, so only root may write it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is writable by group or others (mode {:o}): it replaces the config's rules, so only root may write it",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

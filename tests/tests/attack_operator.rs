@@ -338,3 +338,61 @@ fn apt_remove_prints_commands_that_quote_interface_names() {
         String::from_utf8_lossy(&run.stderr)
     );
 }
+
+/// The saved rules file replaces the config's rules: whoever can write it,
+/// or create it in its directory, controls the firewall. A directory left
+/// writable by others (a careless `chmod`) used to let `nobody` plant a
+/// rules file that the next reload applied. Now the file and its
+/// directory must be root's and writable by nobody else (as sshd's
+/// StrictModes): the reload is refused, naming the problem.
+#[test]
+fn a_saved_rules_file_others_can_write_is_refused() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8443)).unwrap();
+    let saved = config.path().parent().unwrap().join("saved");
+    std::fs::create_dir(&saved).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&saved, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mut planted = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg("cat > \"$0\"")
+        .arg(saved.join("rules.toml"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        planted
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"[[ingress_rules]]\nid = \"evil\"\nfrom_port = 8443\nto_port = 8443\n")
+            .unwrap();
+    }
+    assert!(
+        planted.wait().unwrap().success(),
+        "nobody could not plant the file"
+    );
+
+    let out = cli_no_session(&config, &["reload"]);
+    assert!(
+        tcp_probe(&pair.peer, sock(HOST_V4, 8443)).is_err(),
+        "a rules file planted by nobody was applied: {}",
+        said(&out)
+    );
+    assert!(
+        !out.status.success() && said(&out).contains("only root may write it"),
+        "{}",
+        said(&out)
+    );
+}
