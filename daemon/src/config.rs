@@ -578,7 +578,7 @@ fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
     // It replaces the config's rules: whoever may write it (or replace it
     // in its directory) controls the firewall, so only root may.
     for p in [path.parent().unwrap_or(Path::new("/")), path] {
-        only_root_writes(p)?;
+        only_root_writes(p, "it replaces the config's rules")?;
     }
     let rules: RuleSet =
         toml::from_str(&text).with_context(|| format!("invalid rules file {}", path.display()))?;
@@ -588,23 +588,59 @@ fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
     Ok(Some(rules))
 }
 
+/// Refuses the pin directory and its `dirs` (those that exist) unless
+/// they are root's (a link to one included): a bpffs mounted without
+/// `mode=` is world-writable (1777), and a pin directory a local user made
+/// first would let that user unpin the links (and so end enforcement) or
+/// put other objects where the daemon looks. One of ours that group or
+/// others may write (a umask) loses that write permission.
+pub fn secure_pin_dirs(pin_dir: &Path, dirs: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let why = "the pins that enforce the rules live there";
+    for dir in std::iter::once(pin_dir).chain(dirs.iter().map(PathBuf::as_path)) {
+        let link = match std::fs::symlink_metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        let meta =
+            std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        for m in [&link, &meta] {
+            if m.uid() != 0 && m.uid() != me {
+                bail!(
+                    "{} is owned by uid {}, not root: {why}, so only root may write it; remove it and start again",
+                    dir.display(),
+                    m.uid()
+                );
+            }
+        }
+        if meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7755))
+                .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
 /// Refuses `path` unless it is owned by root (or by this process's user)
-/// and writable by nobody else, as sshd's StrictModes does.
-fn only_root_writes(path: &Path) -> anyhow::Result<()> {
+/// and writable by nobody else, as sshd's StrictModes does; `why` says
+/// why that matters.
+fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     let me = nix::unistd::geteuid().as_raw();
     if meta.uid() != 0 && meta.uid() != me {
         bail!(
-            "{} is owned by uid {}, not root: it replaces the config's rules, so only root may write it",
+            "{} is owned by uid {}, not root: {why}, so only root may write it",
             path.display(),
             meta.uid()
         );
     }
     if meta.mode() & 0o022 != 0 {
         bail!(
-            "{} is writable by group or others (mode {:o}): it replaces the config's rules, so only root may write it",
+            "{} is writable by group or others (mode {:o}): {why}, so only root may write it",
             path.display(),
             meta.mode() & 0o7777
         );

@@ -396,3 +396,82 @@ fn a_saved_rules_file_others_can_write_is_refused() {
         said(&out)
     );
 }
+
+/// `nobody` runs `ARGS` through `sh -c SCRIPT`; whether it succeeded.
+fn as_nobody(script: &str, args: &[&std::path::Path]) -> bool {
+    Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .args(args)
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// A bpffs mounted without `mode=` is world-writable (1777, sticky): a
+/// local user could make the pin directory before the daemon did; the
+/// daemon used to pin into it, and the user, owning the directory, could
+/// unpin the links, so that enforcement ended when the daemon next
+/// stopped. Now the daemon refuses a pin directory that is not root's,
+/// naming it, and the start fails closed (the nftables fallback).
+#[test]
+fn a_pin_directory_a_local_user_made_is_refused() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    if !as_nobody("mkdir -p \"$0/links\"", &[pins.path()]) {
+        eprintln!("skipped: the bpffs here is not writable by others (mounted with mode=0700)");
+        return;
+    }
+    TcpServer::start(&pair.host, sock(HOST_V4, 22)).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 9999)).unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let mut d = Daemon::spawn(&pair.host, &config, &[]).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while d.running() && !d.log().contains(" ready") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if d.running() {
+        // The attack: nobody unpins the links in its own directory; the
+        // daemon's next stop ends enforcement.
+        as_nobody("rm -rf \"$0\"/links/*", &[pins.path()]);
+        drop(d);
+        // The kernel lets the links go once the daemon's descriptors close.
+        let open = (0..20).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            tcp_probe(&pair.peer, sock(HOST_V4, 9999)).is_ok()
+        });
+        panic!(
+            "the daemon enforced from a pin directory nobody made; nobody unpinned the links and, once the daemon stopped, port 9999 {}",
+            if open {
+                "answered: enforcement ended"
+            } else {
+                "stayed closed"
+            }
+        );
+    }
+    let (status, log) = d.expect_exit().unwrap();
+    let cleanup = || {
+        pair.host
+            .command("nft")
+            .args(["delete", "table", "inet", "portcullis_fallback"])
+            .status()
+            .unwrap();
+    };
+    assert!(
+        !status.success()
+            && log.contains("owned by uid 65534")
+            && log.contains("nftables fallback in place"),
+        "{log}"
+    );
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 9999)).is_err(), "{log}");
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok(), "{log}");
+    cleanup();
+}
