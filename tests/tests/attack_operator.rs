@@ -475,3 +475,35 @@ fn a_pin_directory_a_local_user_made_is_refused() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_ok(), "{log}");
     cleanup();
 }
+
+/// With the daemon down, `portcullis status` reads the pins. On a
+/// world-writable bpffs a local user can make entries with the pins'
+/// names: root's `status` used to report "enforcement pinned on pc0
+/// (filtering continues)" from them while nothing filtered. Only root's
+/// pins count now.
+#[test]
+fn status_does_not_take_a_local_users_entries_for_pins() {
+    require_root!();
+    let pins = PinDir::new().unwrap();
+    if !as_nobody(
+        "mkdir -p \"$0/links/xdp-pc0\" \"$0/links/tcx-pc0\"",
+        &[pins.path()],
+    ) {
+        eprintln!("skipped: the bpffs here is not writable by others (mounted with mode=0700)");
+        return;
+    }
+    let socket = tempfile::tempdir().unwrap();
+    let out = Command::new(workspace_bin("portcullis").unwrap())
+        .arg("--socket")
+        .arg(socket.path().join("api.sock"))
+        .args(["status", "--pin-dir"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        !text.contains("enforcement pinned") && text.contains("Protected:   NO"),
+        "status took nobody's entries for pins: {text}"
+    );
+}
