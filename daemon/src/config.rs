@@ -626,7 +626,7 @@ pub fn secure_pin_dirs(pin_dir: &Path, dirs: &[PathBuf]) -> anyhow::Result<()> {
 /// Refuses `path` unless it is owned by root (or by this process's user)
 /// and writable by nobody else, as sshd's StrictModes does; `why` says
 /// why that matters.
-fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
+pub(crate) fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -1150,6 +1150,15 @@ impl Core {
             ));
         };
         let file = config.rules_file_path(path);
+        // Refused now rather than at the next load (a reload, or the
+        // next start, failing closed).
+        if let Some(dir) = file.parent().filter(|d| d.exists()) {
+            crate::config::only_root_writes(
+                dir,
+                "the saved rules file replaces the config's rules",
+            )
+            .map_err(|e| ChangeError::Config(format!("{e:#}")))?;
+        }
         let text =
             crate::config::Config::saved_rules_text(&self.rules).map_err(ChangeError::Internal)?;
         crate::state::write_new_file(&file, text.as_bytes(), 0o644)

@@ -395,6 +395,15 @@ fn a_saved_rules_file_others_can_write_is_refused() {
         "{}",
         said(&out)
     );
+    // Nor does `rules save` write there (the next start would fail closed).
+    std::fs::remove_file(saved.join("rules.toml")).unwrap();
+    let out = cli_no_session(&config, &["rules", "save"]);
+    assert!(
+        !out.status.success() && said(&out).contains("only root may write it"),
+        "rules save wrote into a directory others may write: {}",
+        said(&out)
+    );
+    assert!(!saved.join("rules.toml").exists());
 }
 
 /// `nobody` runs `ARGS` through `sh -c SCRIPT`; whether it succeeded.
