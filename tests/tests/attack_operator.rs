@@ -516,3 +516,44 @@ fn status_does_not_take_a_local_users_entries_for_pins() {
         "status took nobody's entries for pins: {text}"
     );
 }
+
+/// A change awaiting confirmation is not made permanent or dropped by a
+/// reload, a forced one or one that discards runtime changes, and `rules
+/// save` refuses it: only `confirm` or the rollback decide it. The rollback
+/// then restores what was live before it.
+#[test]
+fn a_reload_or_save_does_not_decide_a_change_awaiting_confirmation() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "[ssh]\nallow = true\n")).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    let out = cli_no_session(&config, &["--confirm-within", "4", "allow", "8080/tcp"]);
+    assert!(out.status.success(), "{}", said(&out));
+    for args in [
+        &["reload"][..],
+        &["--force", "reload", "--discard-runtime"],
+        &["rules", "save"],
+    ] {
+        let out = cli_no_session(&config, args);
+        assert!(!out.status.success(), "{args:?}: {}", said(&out));
+        assert!(
+            tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_ok(),
+            "{args:?} decided the pending change"
+        );
+    }
+    assert!(
+        !config
+            .path()
+            .parent()
+            .unwrap()
+            .join("saved/rules.toml")
+            .exists()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_ok() {
+        assert!(std::time::Instant::now() < deadline, "no rollback");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
