@@ -484,6 +484,7 @@ impl From<ChangeError> for ApiError {
             | ChangeError::Edit(EditError::Exists(_))
             | ChangeError::LocksOutCaller(_)
             | ChangeError::BlocksNextLogin(_)
+            | ChangeError::LocksOutOpenSessions(_)
             | ChangeError::RuntimeChanges(_)
             | ChangeError::AwaitingConfirmation { .. } => StatusCode::CONFLICT,
             ChangeError::Edit(EditError::NoRule(_) | EditError::NoPeer(_))

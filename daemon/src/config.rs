@@ -522,12 +522,77 @@ fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
     };
+    // It replaces the config's rules: whoever may write it (or replace it
+    // in its directory) controls the firewall, so only root may.
+    for p in [path.parent().unwrap_or(Path::new("/")), path] {
+        only_root_writes(p, "it replaces the config's rules")?;
+    }
     let rules: RuleSet =
         toml::from_str(&text).with_context(|| format!("invalid rules file {}", path.display()))?;
     rules
         .validate()
         .with_context(|| format!("invalid rules file {}", path.display()))?;
     Ok(Some(rules))
+}
+
+/// Refuses the pin directory and its `dirs` (those that exist) unless
+/// they are root's (a link to one included): a bpffs mounted without
+/// `mode=` is world-writable (1777), and a pin directory a local user made
+/// first would let that user unpin the links (and so end enforcement) or
+/// put other objects where the daemon looks. One of ours that group or
+/// others may write (a umask) loses that write permission.
+pub fn secure_pin_dirs(pin_dir: &Path, dirs: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let why = "the pins that enforce the rules live there";
+    for dir in std::iter::once(pin_dir).chain(dirs.iter().map(PathBuf::as_path)) {
+        let link = match std::fs::symlink_metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        let meta =
+            std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        for m in [&link, &meta] {
+            if m.uid() != 0 && m.uid() != me {
+                bail!(
+                    "{} is owned by uid {}, not root: {why}, so only root may write it; remove it and start again",
+                    dir.display(),
+                    m.uid()
+                );
+            }
+        }
+        if meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7755))
+                .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuses `path` unless it is owned by root (or by this process's user)
+/// and writable by nobody else, as sshd's StrictModes does; `why` says
+/// why that matters.
+pub(crate) fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        bail!(
+            "{} is owned by uid {}, not root: {why}, so only root may write it",
+            path.display(),
+            meta.uid()
+        );
+    }
+    if meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is writable by group or others (mode {:o}): {why}, so only root may write it",
+            path.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -653,6 +718,50 @@ ip_ranges = []
             e.contains("saved/rules.toml") && e.contains("from_port"),
             "{e}"
         );
+    }
+
+    /// What a writer puts in a rule (any description, any valid id,
+    /// every protocol and list) is saved by `rules save` as TOML that reads
+    /// back as the same rule set: a writer cannot make the saved file
+    /// inject keys or fail the next start.
+    #[test]
+    fn saved_rules_read_back_as_saved_whatever_the_writer_put_in_them() {
+        let odd = "\0\u{1b}[31m\"'''\n[ssh]\nallow = false\r\t\u{7f}\u{feff}\u{202e}\\ é 𝄞";
+        let rule = |id: &str, protocol, ranges: &[&str]| FirewallRule {
+            id: id.into(),
+            from_port: 1,
+            to_port: 65535,
+            ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+            protocol,
+            description: Some(odd.into()),
+        };
+        use crate::rules::Protocol::*;
+        let set = RuleSet {
+            ingress_rules: Vec::new(),
+            egress_rules: vec![
+                rule("a", Icmp, &["fd00::/8", "10.0.0.1"]),
+                rule(&"x".repeat(crate::rules::MAX_ID_LEN), Any, &[]),
+                rule("b.c_d-e", Udp, &["0.0.0.0/0"]),
+            ],
+            cluster: Some(crate::rules::Cluster {
+                id: "c".into(),
+                peers: vec!["10.1.0.0/16".into()],
+                other_clusters: vec!["10.2.0.0/16".into()],
+            }),
+            ssh: Ssh {
+                allow: true,
+                sources: vec!["192.0.2.0/24".into()],
+                ports: vec![2222, 22],
+            },
+        };
+        set.validate().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "").unwrap();
+        let file = Config::load(&path).unwrap().rules_file_path(&path);
+        let text = Config::saved_rules_text(&set).unwrap();
+        crate::state::write_new_file(&file, text.as_bytes(), 0o600).unwrap();
+        assert_eq!(Config::load(&path).unwrap().rule_set(), set, "{text}");
     }
 
     #[test]

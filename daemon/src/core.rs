@@ -42,6 +42,11 @@ pub enum ChangeError {
     )]
     BlocksNextLogin(String),
     #[error(
+        "the reload would turn SSH off for the open SSH session(s) {} (whoever reloads, `systemctl reload` and SIGHUP included, may be one of them); run `portcullis reload --force` to apply it anyway",
+        .0.join(", ")
+    )]
+    LocksOutOpenSessions(Vec<String>),
+    #[error(
         "the reload would drop runtime changes not in the configuration: {}; `portcullis rules save` makes them permanent, `portcullis reload --discard-runtime` drops them",
         .0.join(", ")
     )]
@@ -1033,6 +1038,16 @@ impl Core {
             .map(|(_, started)| crate::reload::restart_needed(started, &new))
             .unwrap_or_default();
         let settings = crate::reload::applied_settings(self.allow_ping, &new);
+        if !opts.force {
+            let mut locked_out = self.open_sessions_locked_out(&next)?;
+            // The caller's own session: refused below, in its own words.
+            if let Some(own) = &opts.caller_session {
+                locked_out.retain(|s| *s != own.to_string());
+            }
+            if !locked_out.is_empty() {
+                return Err(ChangeError::LocksOutOpenSessions(locked_out));
+            }
+        }
         let change = Options {
             allow_ping: Some(new.allow_ping),
             dry_run: opts.dry_run,
@@ -1045,6 +1060,12 @@ impl Core {
             Ok(())
         })?;
         if !opts.dry_run {
+            // `rules_file` is reloadable: `rules save` writes where the
+            // reloaded config reads (else the next reload would read
+            // another file and drop the saved rules silently).
+            if let Some((_, started)) = &mut self.config {
+                started.rules_file = Some(new.rules_file_path(path));
+            }
             self.baseline = next;
             self.store
                 .save_baseline(&self.baseline)
@@ -1091,6 +1112,15 @@ impl Core {
             ));
         };
         let file = config.rules_file_path(path);
+        // Refused now rather than at the next load (a reload, or the
+        // next start, failing closed).
+        if let Some(dir) = file.parent().filter(|d| d.exists()) {
+            crate::config::only_root_writes(
+                dir,
+                "the saved rules file replaces the config's rules",
+            )
+            .map_err(|e| ChangeError::Config(format!("{e:#}")))?;
+        }
         let text =
             crate::config::Config::saved_rules_text(&self.rules).map_err(ChangeError::Internal)?;
         crate::state::write_new_file(&file, text.as_bytes(), 0o644)
@@ -1105,6 +1135,38 @@ impl Core {
             generation: self.generation,
             hash: self.image.hash.clone(),
         })
+    }
+
+    /// The open SSH sessions (TCP to the live SSH ports) whose source the
+    /// live rules admit and `next` would not: a reload treats each as its
+    /// caller's own (`systemctl reload` and SIGHUP have no session the
+    /// daemon can see, and a declared one must not lift the check).
+    fn open_sessions_locked_out(&self, next: &RuleSet) -> Result<Vec<String>, ChangeError> {
+        let image = compile_with(next, &self.service, &self.limits)?;
+        let Ok(open) = crate::sockets::connections() else {
+            return Ok(Vec::new());
+        };
+        let ports = self.rules.ssh.ports.clone();
+        let sessions = open.into_iter().filter(|c| {
+            c.proto == portcullis_common::IPPROTO_TCP
+                && !c.tcp_syn_sent
+                && ports.contains(&c.local_port)
+        });
+        let mut out = Vec::new();
+        for c in sessions {
+            let s = Session {
+                client: c.remote,
+                client_port: c.remote_port,
+                server: c.local,
+                server_port: c.local_port,
+            };
+            // Admitted now and not by `next`: its next login is dropped,
+            // and the session itself unless the table tracks it.
+            if admits_login(&s, &self.image) && !admits_login(&s, &image) {
+                out.push(s.to_string());
+            }
+        }
+        Ok(out)
     }
 
     /// Runtime changes: what differs between the live set and the baseline

@@ -114,7 +114,7 @@ fn every_exit_before_enforcement_applies_the_fallback() {
     tcp_probe_control(&pair.peer, sock(HOST_V4, 9999)).expect("unfiltered control");
     let good = config_text(&pins, "[ssh]\nallow = true\n");
     type Damage = fn(&ConfigFile);
-    let cases: [(&str, String, Damage); 4] = [
+    let cases: [(&str, String, Damage); 5] = [
         ("config", format!("{good}bogus = [\n"), |_| {}),
         (
             "[api] group",
@@ -131,6 +131,13 @@ fn every_exit_before_enforcement_applies_the_fallback() {
             fs::create_dir_all(c.state_dir()).unwrap();
             fs::write(c.state_dir().join("mode.json"), b"{\"mode\": \"lockd").unwrap();
         }),
+        // `rules save` wrote it; it replaces the config's rules, so a
+        // damaged one cannot be skipped in favour of the config's.
+        ("saved rules file", good.clone(), |c: &ConfigFile| {
+            let saved = c.path().parent().unwrap().join("saved");
+            fs::create_dir_all(&saved).unwrap();
+            fs::write(saved.join("rules.toml"), b"[[ingress_rules]]\nid = \"w").unwrap();
+        }),
     ];
     for (what, text, damage) in cases {
         let config = ConfigFile::new(&text).unwrap();
@@ -146,6 +153,9 @@ fn every_exit_before_enforcement_applies_the_fallback() {
         );
         if what == "saved mode" {
             assert!(log.contains("mode.json is damaged"), "{log}");
+        }
+        if what == "saved rules file" {
+            assert!(log.contains("saved/rules.toml"), "{log}");
         }
         assert!(fallback_table(&pair.host).is_some(), "{what}: no fallback");
         assert!(

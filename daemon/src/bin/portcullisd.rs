@@ -482,6 +482,10 @@ async fn start(
         restored, "live rule set chosen"
     );
     let limits = config.capacity.limits();
+    // Checked before anything is pinned there, and again once the
+    // directories exist (someone may have made one in between).
+    let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(&pin_dir)];
+    portcullis::config::secure_pin_dirs(&pin_dir, &pin_dirs)?;
     let dataplane = Dataplane::load_with(
         &pin_dir,
         config.conntrack_entries,
@@ -489,6 +493,7 @@ async fn start(
         config.xdp_program,
     )
     .context("loading the eBPF data path")?;
+    portcullis::config::secure_pin_dirs(&pin_dir, &pin_dirs)?;
     info!(
         program = dataplane.ingress_program(),
         ms = t.elapsed().as_secs_f64() * 1e3,

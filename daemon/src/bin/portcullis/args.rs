@@ -114,7 +114,8 @@ pub enum Command {
     Confirm,
     /// Re-read the configuration file and apply it (what `systemctl reload`
     /// runs): says what changed and which settings need a restart. Refused
-    /// when it would drop runtime changes (`rules save` keeps them).
+    /// when it would drop runtime changes (`rules save` keeps them), or
+    /// turn SSH off for an open SSH session (`--force` applies it anyway).
     Reload {
         /// Drop the runtime changes the configuration would undo.
         #[arg(long)]

@@ -172,8 +172,23 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
     let links = pin_dir.join("links");
     let mut ingress = Vec::new();
     let mut egress = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(&links) {
-        for e in entries.flatten() {
+    // Only root's pins count: on a world-writable bpffs anyone may make
+    // entries with these names.
+    let roots = |p: &Path| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.uid() == 0 && m.mode() & 0o022 == 0 && !m.is_symlink())
+    };
+    let entries = if roots(pin_dir) && roots(&links) {
+        std::fs::read_dir(&links).ok()
+    } else {
+        None
+    };
+    if let Some(entries) = entries {
+        for e in entries
+            .flatten()
+            .filter(|e| roots(&e.path()) && !e.path().is_dir())
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if let Some(i) = name.strip_prefix("xdp-") {
                 ingress.push(i.to_string());
