@@ -535,50 +535,14 @@ fn read_saved_rules(path: &Path) -> anyhow::Result<Option<RuleSet>> {
     Ok(Some(rules))
 }
 
-/// Refuses the pin directory and its `dirs` (those that exist) unless
-/// they are root's (a link to one included): a bpffs mounted without
-/// `mode=` is world-writable (1777), and a pin directory a local user made
-/// first would let that user unpin the links (and so end enforcement) or
-/// put other objects where the daemon looks. One of ours that group or
-/// others may write (a umask) loses that write permission.
-pub fn secure_pin_dirs(pin_dir: &Path, dirs: &[PathBuf]) -> anyhow::Result<()> {
-    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
-    let why = "the pins that enforce the rules live there";
-    for dir in std::iter::once(pin_dir).chain(dirs.iter().map(PathBuf::as_path)) {
-        let link = match std::fs::symlink_metadata(dir) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
-        };
-        let meta =
-            std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-        let me = nix::unistd::geteuid().as_raw();
-        for m in [&link, &meta] {
-            if m.uid() != 0 && m.uid() != me {
-                bail!(
-                    "{} is owned by uid {}, not root: {why}, so only root may write it; remove it and start again",
-                    dir.display(),
-                    m.uid()
-                );
-            }
-        }
-        if meta.mode() & 0o022 != 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7755))
-                .with_context(|| format!("cannot restrict {}", dir.display()))?;
-        }
-    }
-    Ok(())
-}
-
-/// Refuses `path` unless it is owned by root (or by this process's user)
-/// and writable by nobody else, as sshd's StrictModes does; `why` says
-/// why that matters.
+/// Refuses `path` unless it is owned by root and writable by nobody else,
+/// as sshd's StrictModes does; `why` says why that matters. (Part of
+/// reading a file the daemon trusts, like its own parse: no host probe.)
 pub(crate) fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta =
         std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
+    if meta.uid() != 0 {
         bail!(
             "{} is owned by uid {}, not root: {why}, so only root may write it",
             path.display(),

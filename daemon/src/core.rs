@@ -1143,7 +1143,7 @@ impl Core {
     /// daemon can see, and a declared one must not lift the check).
     fn open_sessions_locked_out(&self, next: &RuleSet) -> Result<Vec<String>, ChangeError> {
         let image = compile_with(next, &self.service, &self.limits)?;
-        let Ok(open) = crate::sockets::connections() else {
+        let Ok(open) = dataplane::connections() else {
             return Ok(Vec::new());
         };
         let ports = self.rules.ssh.ports.clone();

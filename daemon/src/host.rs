@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::config::{self, ApiConfig, Config};
 
@@ -73,4 +73,39 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// Refuses the pin directory and its `dirs` (those that exist) unless
+/// they are root's (a link to one included): a bpffs mounted without
+/// `mode=` is world-writable (1777), and a pin directory a local user made
+/// first would let that user unpin the links (and so end enforcement) or
+/// put other objects where the daemon looks. One of ours that group or
+/// others may write (a umask) loses that write permission.
+pub fn secure_pin_dirs(pin_dir: &Path, dirs: &[PathBuf]) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let why = "the pins that enforce the rules live there";
+    for dir in std::iter::once(pin_dir).chain(dirs.iter().map(PathBuf::as_path)) {
+        let link = match std::fs::symlink_metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        let meta =
+            std::fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        for m in [&link, &meta] {
+            if m.uid() != 0 && m.uid() != me {
+                bail!(
+                    "{} is owned by uid {}, not root: {why}, so only root may write it; remove it and start again",
+                    dir.display(),
+                    m.uid()
+                );
+            }
+        }
+        if meta.mode() & 0o022 != 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(meta.mode() & 0o7755))
+                .with_context(|| format!("cannot restrict {}", dir.display()))?;
+        }
+    }
+    Ok(())
 }

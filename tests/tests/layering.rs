@@ -258,10 +258,7 @@ fn the_pure_side_imports_nothing_kernel_facing() {
             }
         }
         for token in HOST_CRATES {
-            if sources
-                .get(*module)
-                .is_some_and(|code| code.contains(token))
-            {
+            if sources.get(*module).is_some_and(|code| names(code, token)) {
                 wrong.push(format!("{module} names {token}"));
             }
         }
@@ -279,7 +276,7 @@ fn the_pure_side_imports_nothing_kernel_facing() {
         }
     }
     for token in ["libc::", "nix::"] {
-        if sources.get("core").is_some_and(|code| code.contains(token)) {
+        if sources.get("core").is_some_and(|code| names(code, token)) {
             wrong.push(format!("core names {token}"));
         }
     }
@@ -288,4 +285,23 @@ fn the_pure_side_imports_nothing_kernel_facing() {
         "the pure side (model, rules, compile, config) reaches the kernel or the host, or the core or the data plane reach past their layer:\n  {}",
         wrong.join("\n  ")
     );
+}
+
+/// Whether `code` names the path `token` (`nix::`) as a path of its own:
+/// not as the tail of another (`std::os::unix::fs` names no `nix::`).
+fn names(code: &str, token: &str) -> bool {
+    code.match_indices(token).any(|(at, _)| {
+        !code[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':')
+    })
+}
+
+#[test]
+fn a_path_is_named_only_as_itself() {
+    assert!(names("use nix::unistd;", "nix::"));
+    assert!(names("x(nix::unistd::geteuid())", "nix::"));
+    assert!(!names("use std::os::unix::fs::MetadataExt;", "nix::"));
+    assert!(!names("use std::os::unix::fs::MetadataExt;", "libc::"));
 }

@@ -485,7 +485,7 @@ async fn start(
     // Checked before anything is pinned there, and again once the
     // directories exist (someone may have made one in between).
     let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(&pin_dir)];
-    portcullis::config::secure_pin_dirs(&pin_dir, &pin_dirs)?;
+    portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
     let dataplane = Dataplane::load_with(
         &pin_dir,
         config.conntrack_entries,
@@ -493,7 +493,7 @@ async fn start(
         config.xdp_program,
     )
     .context("loading the eBPF data path")?;
-    portcullis::config::secure_pin_dirs(&pin_dir, &pin_dirs)?;
+    portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
     info!(
         program = dataplane.ingress_program(),
         ms = t.elapsed().as_secs_f64() * 1e3,
