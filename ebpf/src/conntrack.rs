@@ -27,7 +27,7 @@
 //! inbound packet without an entry is simply not matched (fails closed).
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, LruHashMap},
 };
@@ -76,10 +76,15 @@ pub fn opens_tcp_connection(ip: &Ip) -> bool {
     ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// CLOCK_MONOTONIC at the kernel's last tick (`bpf_ktime_get_coarse_ns`,
+/// Linux 5.11): a memory read, where the exact clock reads the clock source
+/// (a paravirtual clock on a VM). Every timeout here is a second or more,
+/// and the daemon's own `CLOCK_MONOTONIC` readings (seeded flows) are at
+/// most a tick ahead of it, which `saturating_sub` absorbs.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Direction of a packet relative to this host.
@@ -215,13 +220,13 @@ pub fn match_ingress(ip: &Ip) -> bool {
     let Some(key) = key(ip, Dir::In) else {
         return false;
     };
-    let Some(flow) = live(Origin::Out, &key) else {
+    let Some((flow, now)) = live(Origin::Out, &key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
     let state = next_state(ip, Dir::In, Origin::Out, flow.state);
-    touch(flow, state, now());
+    touch(flow, state, now);
     true
 }
 
@@ -231,16 +236,19 @@ pub fn tracked(origin: Origin, key: &FlowKey) -> bool {
     live(origin, key).is_some()
 }
 
+/// The live flow `key` of `origin` and the time it was read at (the
+/// packet's one clock read), or `None` (an expired one is removed).
 #[inline(always)]
-fn live(origin: Origin, key: &FlowKey) -> Option<*mut Flow> {
+fn live(origin: Origin, key: &FlowKey) -> Option<(*mut Flow, u64)> {
     let flow = table(origin).get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
-    if now().saturating_sub(seen) > flow_timeout_ns(key.proto, state) {
+    let now = now();
+    if now.saturating_sub(seen) > flow_timeout_ns(key.proto, state) {
         let _ = table(origin).remove(key);
         return None;
     }
-    Some(flow)
+    Some((flow, now))
 }
 
 #[inline(always)]

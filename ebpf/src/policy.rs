@@ -39,22 +39,28 @@ pub struct Ctx {
     pub settings: Settings,
 }
 
-/// Ingress verdict of one frame; `bytes` is what a matched rule is credited.
+/// Ingress verdict of a frame that is not IP: ARP passes, the rest drops.
 #[inline(always)]
-pub fn decide<P: Packet>(p: &P, frame: &Frame, ctx: &Ctx, bytes: u64) -> Reason {
+pub fn decide_other(frame: &Frame) -> Reason {
     match frame {
         Frame::Arp => Reason::PassArp,
-        Frame::OtherEthertype => Reason::DropEthertype,
         Frame::VlanStack => Reason::DropVlanStack,
-        Frame::Ip(ip) if ip.later_fragment => later_fragment(ip, DIR_INGRESS),
-        Frame::Ip(ip) => {
-            let reason = decide_ip(p, ip, ctx, bytes);
-            if ip.fragment && reason.passes() {
-                conntrack::remember_fragment(ip, DIR_INGRESS);
-            }
-            reason
-        }
+        Frame::OtherEthertype | Frame::Ip(_) => Reason::DropEthertype,
     }
+}
+
+/// Ingress verdict of an IP packet that [`established`] did not pass;
+/// `bytes` is what a matched rule is credited.
+#[inline(always)]
+pub fn decide<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+    if ip.later_fragment {
+        return later_fragment(ip, DIR_INGRESS);
+    }
+    let reason = decide_ip(p, ip, ctx, bytes);
+    if ip.fragment && reason.passes() {
+        conntrack::remember_fragment(ip, DIR_INGRESS);
+    }
+    reason
 }
 
 /// A later fragment (no transport header): passes `dir` when its first
@@ -73,11 +79,24 @@ pub fn later_fragment(ip: &Ip, dir: u8) -> Reason {
     }
 }
 
+/// Ingress, before anything else: whether `ip` belongs to a live flow this
+/// host opened (`Reason::PassEstablished`; the caller counts it). A first
+/// fragment of one is remembered, so its later fragments pass too. Later
+/// fragments have no ports: never.
+#[inline(always)]
+pub fn established(ip: &Ip) -> bool {
+    if ip.later_fragment || !conntrack::match_ingress(ip) {
+        return false;
+    }
+    if ip.fragment {
+        conntrack::remember_fragment(ip, DIR_INGRESS);
+    }
+    true
+}
+
+/// A packet `established` did not pass.
 #[inline(always)]
 fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
-    if conntrack::match_ingress(ip) {
-        return Reason::PassEstablished;
-    }
     let (pclass, port, otherwise) = match ip.proto {
         IPPROTO_TCP => (PCLASS_TCP, ip.dport, Reason::DropNoRule),
         IPPROTO_UDP if is_dhcp_reply(ip) && conntrack::dhcp_expected(ip) => {
