@@ -232,10 +232,8 @@ fn related<P: Packet>(p: &P, ip: &Ip) -> bool {
     if quoted.src != ip.dst || quoted.family != ip.family {
         return false;
     }
-    match conntrack::key(&quoted, Dir::Out) {
-        Some(key) => conntrack::tracked(Origin::Out, &key) || conntrack::tracked(Origin::In, &key),
-        None => false,
-    }
+    conntrack::tracked(Origin::Out, &quoted, Dir::Out)
+        || conntrack::tracked(Origin::In, &quoted, Dir::Out)
 }
 
 const DHCPV4_CLIENT_REQUEST: (u16, u16) = (DHCPV4_CLIENT, DHCPV4_SERVER);
@@ -279,8 +277,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 #[inline(always)]
 fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
-    let key = conntrack::key(ip, Dir::Out);
-    if key.is_some_and(|k| conntrack::tracked(Origin::Out, &k)) {
+    if conntrack::tracked(Origin::Out, ip, Dir::Out) {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
@@ -299,8 +296,8 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // whatever flow its ports match (a remote can plant an inbound entry
     // for any admitted port with one packet; a local user could then
     // connect out from that port as if answering).
-    let reply = !conntrack::opens_tcp_connection(ip)
-        && key.is_some_and(|k| conntrack::tracked(Origin::In, &k));
+    let reply =
+        !conntrack::opens_tcp_connection(ip) && conntrack::tracked(Origin::In, ip, Dir::Out);
     if (echo_reply || reply)
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
