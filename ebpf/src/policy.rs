@@ -3,7 +3,7 @@
 //! [`Reason`]. The order is: flows this host opened, then what a host always
 //! needs (neighbour discovery, DHCP replies to its own requests, ICMP errors
 //! about its tracked flows), then the rules. What the rules admit is
-//! recorded as an inbound flow (`conntrack::INBOUND`).
+//! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
