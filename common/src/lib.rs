@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 10;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -44,13 +44,20 @@ pub mod maps {
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
     /// `Array<Settings>` with a single entry.
     pub const SETTINGS: &str = "SETTINGS";
-    /// `LruHashMap<FlowKey, Flow>`: flows the host opened (connection table).
-    pub const CONNTRACK: &str = "CONNTRACK";
-    /// `LruHashMap<FlowKey, Flow>`: inbound flows the rules admitted. They
-    /// admit no inbound packet (the rules decide each); they let this host's
-    /// replies out under an egress allowlist and relate ICMP errors to them.
-    /// Apart from `CONNTRACK`, so an inbound flood cannot evict its flows.
-    pub const INBOUND: &str = "INBOUND";
+    /// `LruHashMap<FlowKey4, Flow>`: IPv4 flows the host opened (connection
+    /// table). One table per family, so each key is as small as its 5-tuple.
+    pub const CONNTRACK4: &str = "CONNTRACK4";
+    /// `LruHashMap<FlowKey, Flow>`: IPv6 flows the host opened.
+    pub const CONNTRACK6: &str = "CONNTRACK6";
+    /// Both connection tables, IPv4 first; each holds up to the configured
+    /// number of connections.
+    pub const CONNTRACK: [&str; 2] = [CONNTRACK4, CONNTRACK6];
+    /// `LruHashMap<FlowKey4, Flow>` (IPv4) and `LruHashMap<FlowKey, Flow>`
+    /// (IPv6): inbound flows the rules admitted. They admit no inbound
+    /// packet (the rules decide each); they let this host's replies out
+    /// under an egress allowlist and relate ICMP errors to them. Apart from
+    /// the connection tables, so an inbound flood cannot evict their flows.
+    pub const INBOUND: [&str; 2] = ["INBOUND4", "INBOUND6"];
     /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment
     /// passed, per direction.
     pub const FRAGMENTS: &str = "FRAGMENTS";
@@ -218,7 +225,8 @@ pub const FAMILY_V6: u8 = 6;
 /// is this host's address and port, `remote` the other end's. Addresses are
 /// in network byte order, IPv4 in the first four bytes. For ICMP echo the
 /// local port is the echo identifier and the remote port 0; for protocols
-/// without ports both are 0.
+/// without ports both are 0. The key of the IPv6 tables; the IPv4 tables
+/// use [`FlowKey4`] ([`FlowKey::v4`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
@@ -231,11 +239,57 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+/// An IPv4 flow (`FlowKey` with 4-byte addresses and no family: the
+/// family is the table's): 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey4 {
+    pub local: [u8; 4],
+    pub remote: [u8; 4],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The IPv4 tables' key of this flow (meaningful when `family` is
+    /// `FAMILY_V4`).
+    pub const fn v4(&self) -> FlowKey4 {
+        let (l, r) = (self.local, self.remote);
+        FlowKey4 {
+            local: [l[0], l[1], l[2], l[3]],
+            remote: [r[0], r[1], r[2], r[3]],
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            proto: self.proto,
+            _pad: [0; 3],
+        }
+    }
+}
+
+impl FlowKey4 {
+    /// The same flow as a [`FlowKey`] of family `FAMILY_V4`.
+    pub const fn widen(&self) -> FlowKey {
+        let (l, r) = (self.local, self.remote);
+        FlowKey {
+            local: [l[0], l[1], l[2], l[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            remote: [r[0], r[1], r[2], r[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+            proto: self.proto,
+            family: FAMILY_V4,
+            _pad: [0; 2],
+        }
+    }
+}
+
 /// Connection-table entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// `CLOCK_MONOTONIC` (bpf_ktime_get_ns) of the last packet, rounded to
+    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_coarse_ns`: as of the kernel's
+    /// last tick) of the last packet, rounded to
     /// the refresh interval: the data path rewrites it at most once a second.
     pub last_seen_ns: u64,
     /// One of the `FLOW_*` states.
@@ -481,6 +535,8 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.
     unsafe impl aya::Pod for super::FlowKey {}
+    // SAFETY: repr(C), plain integers, no padding left implicit.
+    unsafe impl aya::Pod for super::FlowKey4 {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::Flow {}
     // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.

@@ -27,30 +27,43 @@
 //! inbound packet without an entry is simply not matched (fails closed).
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, LruHashMap},
 };
 use portcullis_common::{
     CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
     FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
-    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FragKey, ICMP_ECHO_REPLY,
+    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FlowKey4, FragKey, ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
     IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
 use crate::parse::Ip;
 
-/// `FlowKey` (this host's address and port, the other end's, protocol) →
-/// `Flow` (last seen, state): the flows this host opened. Written by egress
-/// (new flows, state), ingress (state) and the daemon (seeded from sock_diag).
+/// `FlowKey4` (this host's address and port, the other end's, protocol:
+/// 16 bytes) → `Flow` (last seen, state): the IPv4 flows this host opened.
+/// Written by egress (new flows, state), ingress (state) and the daemon
+/// (seeded from sock_diag). One table per family, so an IPv4 key is as
+/// small as its 5-tuple: the hash and the compare of every lookup read 16
+/// bytes, not 40.
 #[map]
-pub static CONNTRACK: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+pub static CONNTRACK4: LruHashMap<FlowKey4, Flow> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
-/// `FlowKey` → `Flow`, as `CONNTRACK`: inbound flows the rules admitted.
-/// Written by ingress (new flows, refresh) and egress (state of replies).
+/// `FlowKey` (40 bytes) → `Flow`, as `CONNTRACK4`: the IPv6 flows.
 #[map]
-pub static INBOUND: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+pub static CONNTRACK6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 flows the rules
+/// admitted. Written by ingress (new flows, refresh) and egress (state of
+/// replies).
+#[map]
+pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Flow`, as `INBOUND4`: the IPv6 ones.
+#[map]
+pub static INBOUND6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FragKey` (addresses, IP id, protocol, direction) → when its first
 /// fragment passed. Ingress admits later fragments of a first fragment that
@@ -76,10 +89,15 @@ pub fn opens_tcp_connection(ip: &Ip) -> bool {
     ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
 }
 
+/// CLOCK_MONOTONIC at the kernel's last tick (`bpf_ktime_get_coarse_ns`,
+/// Linux 5.11): a memory read, where the exact clock reads the clock source
+/// (a paravirtual clock on a VM). Every timeout here is a second or more,
+/// and the daemon's own `CLOCK_MONOTONIC` readings (seeded flows) are at
+/// most a tick ahead of it, which `saturating_sub` absorbs.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Direction of a packet relative to this host.
@@ -98,18 +116,48 @@ pub enum Origin {
     In,
 }
 
-#[inline(always)]
-fn table(origin: Origin) -> &'static LruHashMap<FlowKey, Flow> {
-    match origin {
-        Origin::Out => &CONNTRACK,
-        Origin::In => &INBOUND,
+/// A connection-table key: `FlowKey4` (IPv4) or `FlowKey` (IPv6), each
+/// with its own two tables.
+pub trait Key: Sized + 'static {
+    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow>;
+    fn proto(&self) -> u8;
+}
+
+impl Key for FlowKey4 {
+    #[inline(always)]
+    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+        match origin {
+            Origin::Out => &CONNTRACK4,
+            Origin::In => &INBOUND4,
+        }
+    }
+
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
     }
 }
 
-/// The flow key of `ip`, or `None` for packets that belong to no flow
-/// (ICMP other than echo, for example).
+impl Key for FlowKey {
+    #[inline(always)]
+    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+        match origin {
+            Origin::Out => &CONNTRACK6,
+            Origin::In => &INBOUND6,
+        }
+    }
+
+    #[inline(always)]
+    fn proto(&self) -> u8 {
+        self.proto
+    }
+}
+
+/// The flow of `ip` going `dir`: (local address, remote address, local
+/// port, remote port), or `None` for packets that belong to no flow (ICMP
+/// other than echo, for example).
 #[inline(always)]
-pub fn key(ip: &Ip, dir: Dir) -> Option<FlowKey> {
+fn tuple(ip: &Ip, dir: Dir) -> Option<([u8; 16], [u8; 16], u16, u16)> {
     let (local, remote, local_port, remote_port) = match dir {
         Dir::Out => (ip.src, ip.dst, ip.sport, ip.dport),
         Dir::In => (ip.dst, ip.src, ip.dport, ip.sport),
@@ -131,15 +179,61 @@ pub fn key(ip: &Ip, dir: Dir) -> Option<FlowKey> {
         }
         _ => (0, 0),
     };
+    Some((local, remote, local_port, remote_port))
+}
+
+/// The IPv4 key of `ip` going `dir` (see [`tuple`]).
+#[inline(always)]
+fn key4(ip: &Ip, dir: Dir) -> Option<FlowKey4> {
+    let (l, r, local_port, remote_port) = tuple(ip, dir)?;
+    Some(FlowKey4 {
+        local: [l[0], l[1], l[2], l[3]],
+        remote: [r[0], r[1], r[2], r[3]],
+        local_port,
+        remote_port,
+        proto: ip.proto,
+        _pad: [0; 3],
+    })
+}
+
+/// The IPv6 key of `ip` going `dir` (see [`tuple`]).
+#[inline(always)]
+fn key6(ip: &Ip, dir: Dir) -> Option<FlowKey> {
+    let (local, remote, local_port, remote_port) = tuple(ip, dir)?;
     Some(FlowKey {
         local,
         remote,
         local_port,
         remote_port,
         proto: ip.proto,
-        family: ip.family,
+        family: FAMILY_V6,
         _pad: [0; 2],
     })
+}
+
+/// Runs `$body` with `$k` bound to (a reference to) the key of `$ip` going
+/// `$dir`, in its family's type (so each branch names its own tables);
+/// `$none` when the packet belongs to no flow.
+macro_rules! by_family {
+    ($ip:expr, $dir:expr, |$k:ident| $body:expr, $none:expr) => {
+        if $ip.family == FAMILY_V6 {
+            match key6($ip, $dir) {
+                Some(key) => {
+                    let $k = &key;
+                    $body
+                }
+                None => $none,
+            }
+        } else {
+            match key4($ip, $dir) {
+                Some(key) => {
+                    let $k = &key;
+                    $body
+                }
+                None => $none,
+            }
+        }
+    };
 }
 
 /// Egress: opens or refreshes the flow of `ip` (a reply on an inbound flow
@@ -149,12 +243,14 @@ pub fn track_egress(ip: &Ip) {
     if ip.later_fragment {
         return;
     }
-    let Some(key) = key(ip, Dir::Out) else {
-        return;
-    };
+    by_family!(ip, Dir::Out, |key| track_egress_key(ip, key), ())
+}
+
+#[inline(always)]
+fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
     let now = now();
     for origin in [Origin::Out, Origin::In] {
-        if let Some(flow) = table(origin).get_ptr_mut(&key) {
+        if let Some(flow) = K::table(origin).get_ptr_mut(key) {
             // SAFETY: pointer from a successful lookup; concurrent writers
             // only race on a timestamp and a state byte, both benign.
             let flow = unsafe { &mut *flow };
@@ -168,17 +264,17 @@ pub fn track_egress(ip: &Ip) {
         IPPROTO_TCP => return,
         _ => FLOW_UNREPLIED,
     };
-    insert(Origin::Out, &key, state, now);
+    insert(Origin::Out, key, state, now);
 }
 
 #[inline(always)]
-fn insert(origin: Origin, key: &FlowKey, state: u8, now: u64) {
+fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
     let flow = Flow {
         last_seen_ns: now,
         state,
         _pad: [0; 7],
     };
-    let _ = table(origin).insert(key, &flow, 0);
+    let _ = K::table(origin).insert(key, &flow, 0);
 }
 
 /// Ingress, after the rules admitted `ip`: records its inbound flow, or
@@ -189,11 +285,13 @@ pub fn track_ingress(ip: &Ip) {
     if ip.later_fragment {
         return;
     }
-    let Some(key) = key(ip, Dir::In) else {
-        return;
-    };
+    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), ())
+}
+
+#[inline(always)]
+fn track_ingress_key<K: Key>(ip: &Ip, key: &K) {
     let now = now();
-    if let Some(flow) = INBOUND.get_ptr_mut(&key) {
+    if let Some(flow) = K::table(Origin::In).get_ptr_mut(key) {
         // SAFETY: pointer from a successful lookup; see `track_egress`.
         let flow = unsafe { &mut *flow };
         let state = next_state(ip, Dir::In, Origin::In, flow.state);
@@ -205,42 +303,48 @@ pub fn track_ingress(ip: &Ip) {
         IPPROTO_TCP => FLOW_TCP_ESTABLISHED,
         _ => FLOW_UNREPLIED,
     };
-    insert(Origin::In, &key, state, now);
+    insert(Origin::In, key, state, now);
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes
 /// it. Inbound flows do not count: the rules decide those.
 #[inline(always)]
 pub fn match_ingress(ip: &Ip) -> bool {
-    let Some(key) = key(ip, Dir::In) else {
-        return false;
-    };
-    let Some(flow) = live(Origin::Out, &key) else {
+    by_family!(ip, Dir::In, |key| match_ingress_key(ip, key), false)
+}
+
+#[inline(always)]
+fn match_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
+    let Some((flow, now)) = live(Origin::Out, key) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
     let state = next_state(ip, Dir::In, Origin::Out, flow.state);
-    touch(flow, state, now());
+    touch(flow, state, now);
     true
 }
 
-/// Whether `key` is a live flow of `origin` (an expired one is removed).
+/// Whether the flow of `ip` going `dir` is a live flow of `origin` (an
+/// expired one is removed).
 #[inline(always)]
-pub fn tracked(origin: Origin, key: &FlowKey) -> bool {
-    live(origin, key).is_some()
+pub fn tracked(origin: Origin, ip: &Ip, dir: Dir) -> bool {
+    by_family!(ip, dir, |key| live(origin, key).is_some(), false)
 }
 
+/// The live flow `key` of `origin` and the time it was read at (the
+/// packet's one clock read), or `None` (an expired one is removed).
 #[inline(always)]
-fn live(origin: Origin, key: &FlowKey) -> Option<*mut Flow> {
-    let flow = table(origin).get_ptr_mut(key)?;
+fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
+    let flow = K::table(origin).get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
-    if now().saturating_sub(seen) > flow_timeout_ns(key.proto, state) {
-        let _ = table(origin).remove(key);
+    let now = now();
+    if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
+        let _ = K::table(origin).remove(key);
         return None;
     }
-    Some(flow)
+    Some((flow, now))
 }
 
 #[inline(always)]

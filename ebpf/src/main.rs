@@ -67,17 +67,34 @@ mod programs {
     #[inline(always)]
     fn ingress(ctx: &XdpContext) -> u32 {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
-        let c = self::ctx();
-        let parsed = parse::parse(ctx);
-        let reason = match &parsed {
-            Ok(frame) => policy::decide(ctx, frame, &c, bytes),
-            Err(parse::Malformed) => Reason::DropMalformed,
+        let ip = match parse::parse(ctx) {
+            Ok(parse::Frame::Ip(ip)) => ip,
+            // Not IP, or unreadable: ARP passes, the rest drops. Only a drop
+            // needs the settings (audit mode).
+            other => {
+                let reason = match &other {
+                    Ok(frame) => policy::decide_other(frame),
+                    Err(parse::Malformed) => Reason::DropMalformed,
+                };
+                maps::count(reason, bytes);
+                return if reason.passes() || audited(&self::ctx(), bytes) {
+                    xdp_action::XDP_PASS
+                } else {
+                    xdp_action::XDP_DROP
+                };
+            }
         };
+        // A packet of a flow this host opened passes on the connection table
+        // alone: it needs neither the live generation nor its settings.
+        if policy::established(&ip) {
+            maps::count(Reason::PassEstablished, bytes);
+            return xdp_action::XDP_PASS;
+        }
+        let c = self::ctx();
+        let reason = policy::decide(ctx, &ip, &c, bytes);
         maps::count(reason, bytes);
-        if !reason.passes()
-            && let Ok(parse::Frame::Ip(ip)) = &parsed
-        {
-            events::report(ip, reason, DIR_INGRESS);
+        if !reason.passes() {
+            events::report(&ip, reason, DIR_INGRESS);
         }
         if reason.passes() || audited(&c, bytes) {
             xdp_action::XDP_PASS

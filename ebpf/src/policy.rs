@@ -3,7 +3,7 @@
 //! [`Reason`]. The order is: flows this host opened, then what a host always
 //! needs (neighbour discovery, DHCP replies to its own requests, ICMP errors
 //! about its tracked flows), then the rules. What the rules admit is
-//! recorded as an inbound flow (`conntrack::INBOUND`).
+//! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -39,22 +39,28 @@ pub struct Ctx {
     pub settings: Settings,
 }
 
-/// Ingress verdict of one frame; `bytes` is what a matched rule is credited.
+/// Ingress verdict of a frame that is not IP: ARP passes, the rest drops.
 #[inline(always)]
-pub fn decide<P: Packet>(p: &P, frame: &Frame, ctx: &Ctx, bytes: u64) -> Reason {
+pub fn decide_other(frame: &Frame) -> Reason {
     match frame {
         Frame::Arp => Reason::PassArp,
-        Frame::OtherEthertype => Reason::DropEthertype,
         Frame::VlanStack => Reason::DropVlanStack,
-        Frame::Ip(ip) if ip.later_fragment => later_fragment(ip, DIR_INGRESS),
-        Frame::Ip(ip) => {
-            let reason = decide_ip(p, ip, ctx, bytes);
-            if ip.fragment && reason.passes() {
-                conntrack::remember_fragment(ip, DIR_INGRESS);
-            }
-            reason
-        }
+        Frame::OtherEthertype | Frame::Ip(_) => Reason::DropEthertype,
     }
+}
+
+/// Ingress verdict of an IP packet that [`established`] did not pass;
+/// `bytes` is what a matched rule is credited.
+#[inline(always)]
+pub fn decide<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+    if ip.later_fragment {
+        return later_fragment(ip, DIR_INGRESS);
+    }
+    let reason = decide_ip(p, ip, ctx, bytes);
+    if ip.fragment && reason.passes() {
+        conntrack::remember_fragment(ip, DIR_INGRESS);
+    }
+    reason
 }
 
 /// A later fragment (no transport header): passes `dir` when its first
@@ -73,11 +79,24 @@ pub fn later_fragment(ip: &Ip, dir: u8) -> Reason {
     }
 }
 
+/// Ingress, before anything else: whether `ip` belongs to a live flow this
+/// host opened (`Reason::PassEstablished`; the caller counts it). A first
+/// fragment of one is remembered, so its later fragments pass too. Later
+/// fragments have no ports: never.
+#[inline(always)]
+pub fn established(ip: &Ip) -> bool {
+    if ip.later_fragment || !conntrack::match_ingress(ip) {
+        return false;
+    }
+    if ip.fragment {
+        conntrack::remember_fragment(ip, DIR_INGRESS);
+    }
+    true
+}
+
+/// A packet `established` did not pass.
 #[inline(always)]
 fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
-    if conntrack::match_ingress(ip) {
-        return Reason::PassEstablished;
-    }
     let (pclass, port, otherwise) = match ip.proto {
         IPPROTO_TCP => (PCLASS_TCP, ip.dport, Reason::DropNoRule),
         IPPROTO_UDP if is_dhcp_reply(ip) && conntrack::dhcp_expected(ip) => {
@@ -213,10 +232,8 @@ fn related<P: Packet>(p: &P, ip: &Ip) -> bool {
     if quoted.src != ip.dst || quoted.family != ip.family {
         return false;
     }
-    match conntrack::key(&quoted, Dir::Out) {
-        Some(key) => conntrack::tracked(Origin::Out, &key) || conntrack::tracked(Origin::In, &key),
-        None => false,
-    }
+    conntrack::tracked(Origin::Out, &quoted, Dir::Out)
+        || conntrack::tracked(Origin::In, &quoted, Dir::Out)
 }
 
 const DHCPV4_CLIENT_REQUEST: (u16, u16) = (DHCPV4_CLIENT, DHCPV4_SERVER);
@@ -260,8 +277,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 #[inline(always)]
 fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
-    let key = conntrack::key(ip, Dir::Out);
-    if key.is_some_and(|k| conntrack::tracked(Origin::Out, &k)) {
+    if conntrack::tracked(Origin::Out, ip, Dir::Out) {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
@@ -280,8 +296,8 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // whatever flow its ports match (a remote can plant an inbound entry
     // for any admitted port with one packet; a local user could then
     // connect out from that port as if answering).
-    let reply = !conntrack::opens_tcp_connection(ip)
-        && key.is_some_and(|k| conntrack::tracked(Origin::In, &k));
+    let reply =
+        !conntrack::opens_tcp_connection(ip) && conntrack::tracked(Origin::In, ip, Dir::Out);
     if (echo_reply || reply)
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))

@@ -535,14 +535,22 @@ impl Kernel {
 
     /// Empties both connection tables: flows this host opened, inbound flows.
     fn clear_flows(&self) {
-        for name in ["CONNTRACK", "INBOUND"] {
-            let path = portcullis::dataplane::maps_dir(self.pins.path()).join(name);
-            let mut map: BpfHashMap<_, FlowKey, portcullis_common::Flow> =
+        fn clear<K: aya::Pod>(path: std::path::PathBuf) {
+            let mut map: BpfHashMap<_, K, portcullis_common::Flow> =
                 BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
-            let keys: Vec<FlowKey> = map.keys().flatten().collect();
+            let keys: Vec<K> = map.keys().flatten().collect();
             for k in keys {
                 let _ = map.remove(&k);
             }
+        }
+        let dir = portcullis::dataplane::maps_dir(self.pins.path());
+        let (out, inbound) = (
+            portcullis_common::maps::CONNTRACK,
+            portcullis_common::maps::INBOUND,
+        );
+        for [v4, v6] in [out, inbound] {
+            clear::<portcullis_common::FlowKey4>(dir.join(v4));
+            clear::<FlowKey>(dir.join(v6));
         }
     }
 }

@@ -453,7 +453,7 @@ fn echo_requests_follow_the_configuration() {
 fn flows_age_out_by_protocol_and_state() {
     require_root!();
     use aya::maps::{HashMap, Map, MapData};
-    use portcullis_common::{Flow, FlowKey};
+    use portcullis_common::{Flow, FlowKey4};
 
     let mut b = Bench::new();
     b.egress(&Pkt::new(H4, P4).udp(53001, 53).bytes());
@@ -465,10 +465,10 @@ fn flows_age_out_by_protocol_and_state() {
         Reason::PassEstablished,
     );
 
-    let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK");
-    let mut table: HashMap<_, FlowKey, Flow> =
+    let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK4");
+    let mut table: HashMap<_, FlowKey4, Flow> =
         HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).unwrap())).unwrap();
-    let entries: Vec<(FlowKey, Flow)> = table.iter().map(Result::unwrap).collect();
+    let entries: Vec<(FlowKey4, Flow)> = table.iter().map(Result::unwrap).collect();
     assert_eq!(entries.len(), 3);
     // Pretend 100 s have passed for every flow.
     for (key, mut flow) in entries {

@@ -442,6 +442,59 @@ fn ssh_session_survives_start_and_restart() {
     drop(daemon);
 }
 
+/// A version with a new map layout (`LAYOUT_VERSION`) takes over from the
+/// running one under traffic: the previous version's programs keep
+/// enforcing with their maps (pinned under `maps-v<N-1>`) until the new
+/// ones replace them, the operator's SSH session stays up with the SSH
+/// exemption off (the new, empty connection table is seeded from the
+/// kernel's socket list), and no datagram to a denied port gets through.
+/// The previous version here is this one with its maps moved to the
+/// previous layout's directory, so the new daemon finds no maps of its own
+/// layout, as after a real layout change.
+#[test]
+fn a_layout_upgrade_under_traffic_keeps_the_ssh_session() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let sshd = Sshd::start(&pair.host).unwrap();
+    let mut session = SshSession::open(&sshd, &pair.peer, HOST_V4).unwrap();
+    let pins = PinDir::new().unwrap();
+    let cfg = config(&pins, false, "").unwrap();
+    let daemon = start(&pair.host, &cfg);
+    session.roundtrip("before the upgrade").unwrap();
+    let sink = pair
+        .host
+        .enter(|| UdpSocket::bind(sock(HOST_V4, 7999)))
+        .unwrap();
+    let flood = Flood::start(
+        &pair.peer,
+        sink,
+        sock(HOST_V4, 7999),
+        Duration::from_micros(500),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.kill();
+    let current = portcullis::dataplane::maps_dir(pins.path());
+    let previous = pins
+        .path()
+        .join(format!("maps-v{}", portcullis_common::LAYOUT_VERSION - 1));
+    std::fs::rename(&current, &previous).unwrap();
+    session.roundtrip("between the versions").unwrap();
+    let daemon = start(&pair.host, &cfg);
+    assert!(
+        daemon.log().contains("removed the maps of an older layout"),
+        "{}",
+        daemon.log()
+    );
+    assert!(!previous.exists(), "the previous layout's maps are left");
+    session.roundtrip("after the upgrade").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let (sent, received) = flood.stop();
+    assert!(sent > 100, "the sender kept sending ({sent})");
+    assert_eq!(received, 0, "a denied datagram got through the upgrade");
+    drop(daemon);
+}
+
 /// BIG TCP: GSO packets of more than 64 KiB carry 0 in their IP length
 /// field. The egress parser bounds its reads by that field, except for such
 /// outbound GSO packets (which end with the skb), so a bulk upload under an

@@ -5,65 +5,81 @@ use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use portcullis_common::{
     FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow, FlowKey,
-    maps,
+    FlowKey4, maps,
 };
 
 use super::{Dataplane, map_mut, maps_dir, sockets};
 use crate::model::Connection;
 
 impl Dataplane {
-    /// Entries in the connection table, and its capacity.
+    /// Entries in the connection tables (both families), and the capacity
+    /// of each (the configured number of connections per family).
     pub fn conntrack_usage(&mut self) -> anyhow::Result<(usize, u32)> {
-        let map = map_mut(&mut self.ebpf, maps::CONNTRACK)?;
-        let table: HashMap<_, FlowKey, Flow> = HashMap::try_from(&*map)?;
-        let capacity = MapData::from_pin(maps_dir(&self.pin_dir).join(maps::CONNTRACK))
+        let v4: HashMap<_, FlowKey4, Flow> =
+            HashMap::try_from(&*map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        let mut entries = v4.keys().filter(Result::is_ok).count();
+        let v6: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(&*map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        entries += v6.keys().filter(Result::is_ok).count();
+        let capacity = MapData::from_pin(maps_dir(&self.pin_dir).join(maps::CONNTRACK4))
             .ok()
             .and_then(|m| m.info().ok())
             .map_or(0, |i| i.max_entries());
-        Ok((table.keys().filter(Result::is_ok).count(), capacity))
+        Ok((entries, capacity))
     }
 
     /// Whether the connection table holds `key` (a flow that survives rule
     /// changes: opened by this host, or seeded at start).
     pub fn has_flow(&mut self, key: &FlowKey) -> bool {
-        let Ok(map) = map_mut(&mut self.ebpf, maps::CONNTRACK) else {
-            return false;
-        };
-        let Ok(table) = HashMap::<_, FlowKey, Flow>::try_from(map) else {
-            return false;
-        };
-        table.get(key, 0).is_ok()
+        if key.family == FAMILY_V6 {
+            let Ok(map) = map_mut(&mut self.ebpf, maps::CONNTRACK6) else {
+                return false;
+            };
+            HashMap::<_, FlowKey, Flow>::try_from(map).is_ok_and(|t| t.get(key, 0).is_ok())
+        } else {
+            let Ok(map) = map_mut(&mut self.ebpf, maps::CONNTRACK4) else {
+                return false;
+            };
+            HashMap::<_, FlowKey4, Flow>::try_from(map).is_ok_and(|t| t.get(&key.v4(), 0).is_ok())
+        }
     }
 
     /// Removes every flow whose remote address `keep` refuses, so its next
     /// packet meets the policy again; returns how many were removed.
     pub fn cut_flows(&mut self, keep: impl Fn(std::net::IpAddr) -> bool) -> anyhow::Result<usize> {
-        let mut table: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
-        let doomed: Vec<FlowKey> = table
+        let mut v4: HashMap<_, FlowKey4, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        let doomed: Vec<FlowKey4> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep(flow_remote(&k.widen())))
+            .collect();
+        for key in &doomed {
+            // Gone already (aged out, evicted): nothing left to cut.
+            let _ = v4.remove(key);
+        }
+        let mut cut = doomed.len();
+        let mut v6: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        let doomed: Vec<FlowKey> = v6
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !keep(flow_remote(k)))
             .collect();
         for key in &doomed {
-            // Gone already (aged out, evicted): nothing left to cut.
-            let _ = table.remove(key);
+            let _ = v6.remove(key);
         }
-        Ok(doomed.len())
+        cut += doomed.len();
+        Ok(cut)
     }
 
     /// Adds connections that exist now to the connection table, so that
     /// enforcement does not cut them. Existing entries are left as they are.
     pub fn seed_connections(&mut self, connections: &[Connection]) -> anyhow::Result<usize> {
-        let mut table: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK)?)?;
         let now = monotonic_ns();
         let mut added = 0;
         for c in connections {
             let key = flow_key(c);
-            if table.get(&key, 0).is_ok() {
-                continue;
-            }
             let state = match (c.proto, c.tcp_syn_sent) {
                 (portcullis_common::IPPROTO_TCP, true) => FLOW_TCP_SYN_SENT,
                 (portcullis_common::IPPROTO_TCP, false) => FLOW_TCP_ESTABLISHED,
@@ -74,13 +90,27 @@ impl Dataplane {
                 state,
                 _pad: [0; 7],
             };
-            table
-                .insert(&key, &flow, 0)
-                .with_context(|| format!("seeding the connection table with {c:?}"))?;
-            added += 1;
+            let new = if key.family == FAMILY_V6 {
+                seed(map_mut(&mut self.ebpf, maps::CONNTRACK6)?, &key, &flow)
+            } else {
+                seed(map_mut(&mut self.ebpf, maps::CONNTRACK4)?, &key.v4(), &flow)
+            }
+            .with_context(|| format!("seeding the connection table with {c:?}"))?;
+            added += usize::from(new);
         }
         Ok(added)
     }
+}
+
+/// Inserts `key` into the connection table `map` unless it is there;
+/// whether it was added.
+fn seed<K: aya::Pod>(map: &mut aya::maps::Map, key: &K, flow: &Flow) -> anyhow::Result<bool> {
+    let mut table: HashMap<_, K, Flow> = HashMap::try_from(map)?;
+    if table.get(key, 0).is_ok() {
+        return Ok(false);
+    }
+    table.insert(key, flow, 0)?;
+    Ok(true)
 }
 
 /// The remote address of a flow.
@@ -124,7 +154,8 @@ pub fn flow_key(c: &Connection) -> FlowKey {
     }
 }
 
-/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_ns`.
+/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_coarse_ns` (which lags it
+/// by at most a tick).
 fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {

@@ -21,8 +21,8 @@
 //! <pin_dir>/maps-vN/V4_ROOT_g, V4_CHUNKS_g, SRC6_g, V6_BUCKETS_g, V6_PREFIXES_g,
 //!                   REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
-//! <pin_dir>/maps-vN/CONNTRACK       flows this host opened
-//! <pin_dir>/maps-vN/INBOUND         inbound flows the rules admitted (for replies)
+//! <pin_dir>/maps-vN/CONNTRACK4, CONNTRACK6   flows this host opened, per family
+//! <pin_dir>/maps-vN/INBOUND4, INBOUND6       inbound flows the rules admitted (for replies)
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/maps-vN/DHCP_REQUESTS   when this host last asked for a lease, per family
 //! <pin_dir>/maps-vN/EVENTS          the drop-event ring buffer (read by `events`)
@@ -118,7 +118,8 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&maps_dir)
-            .map_max_entries(maps::CONNTRACK, conntrack_entries);
+            .map_max_entries(maps::CONNTRACK4, conntrack_entries)
+            .map_max_entries(maps::CONNTRACK6, conntrack_entries);
         for g in 0..2 {
             loader
                 .map_max_entries(
