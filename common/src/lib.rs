@@ -500,6 +500,12 @@ pub struct DropEvent {
     pub reason: u8,
     /// `DIR_INGRESS` or `DIR_EGRESS`.
     pub dir: u8,
+    /// The interface the packet came in on (ingress) or was leaving by
+    /// (egress), so `portcullis watch` can name it.
+    pub ifindex: u32,
+    /// Explicit padding (the ring buffer copies whole events: no byte of
+    /// one is left unwritten).
+    pub _pad: u32,
 }
 
 /// Drop events each CPU may report per second; the rest are only counted.
@@ -580,7 +586,7 @@ mod tests {
 
     #[test]
     fn rule_layouts_have_no_implicit_padding() {
-        assert_eq!(core::mem::size_of::<DropEvent>(), 48);
+        assert_eq!(core::mem::size_of::<DropEvent>(), 56);
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
     }

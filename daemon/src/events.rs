@@ -21,6 +21,9 @@ pub struct Event {
     /// Unix time, milliseconds.
     pub time_ms: u64,
     pub direction: std::borrow::Cow<'static, str>,
+    /// The interface the packet came in on (ingress) or was leaving by.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub interface: String,
     pub source: String,
     pub destination: String,
     pub protocol: u8,
@@ -37,6 +40,17 @@ fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
+/// The name of interface `ifindex` (as `if<N>` once it is gone; empty for 0).
+fn interface_name(ifindex: u32) -> String {
+    if ifindex == 0 {
+        return String::new();
+    }
+    nix::net::if_::if_indextoname(ifindex).map_or_else(
+        |_| format!("if{ifindex}"),
+        |name| name.to_string_lossy().into_owned(),
+    )
+}
+
 impl Event {
     fn from_raw(e: &DropEvent, mono_to_unix_ns: i128) -> Event {
         let reason = Reason::ALL
@@ -49,6 +63,7 @@ impl Event {
             } else {
                 "ingress".into()
             },
+            interface: interface_name(e.ifindex),
             source: addr(e.family, e.src).to_string(),
             destination: addr(e.family, e.dst).to_string(),
             protocol: e.proto,

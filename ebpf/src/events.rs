@@ -22,7 +22,7 @@ static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0)
 const SECOND: u64 = 1_000_000_000;
 
 #[inline(always)]
-pub fn report(ip: &Ip, reason: Reason, dir: u8) {
+pub fn report(ip: &Ip, reason: Reason, dir: u8, ifindex: u32) {
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };
@@ -47,6 +47,8 @@ pub fn report(ip: &Ip, reason: Reason, dir: u8) {
         family: ip.family,
         reason: reason as u8,
         dir,
+        ifindex,
+        _pad: 0,
     };
     let _ = EVENTS.output(&event, 0);
 }

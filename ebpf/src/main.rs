@@ -29,6 +29,8 @@ mod programs {
         DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PASS_ALL,
     };
 
+    use aya_ebpf::EbpfContext as _;
+
     use crate::{events, maps, parse, policy, rules};
 
     /// The live generation and its settings, read once for this packet.
@@ -94,13 +96,21 @@ mod programs {
         let reason = policy::decide(ctx, &ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {
-            events::report(&ip, reason, DIR_INGRESS);
+            events::report(&ip, reason, DIR_INGRESS, ctx.ingress_ifindex() as u32);
         }
         if reason.passes() || audited(&c, bytes) {
             xdp_action::XDP_PASS
         } else {
             xdp_action::XDP_DROP
         }
+    }
+
+    /// The interface an egress packet is leaving by.
+    #[inline(always)]
+    fn skb_ifindex(ctx: &TcContext) -> u32 {
+        // SAFETY: a TC program's context is the kernel's `__sk_buff`, valid
+        // for the program's run; `ifindex` is a readable field of it.
+        unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
     }
 
     /// TC egress: records the flows this host opens and, when the egress
@@ -130,7 +140,7 @@ mod programs {
         let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {
-            events::report(&ip, reason, DIR_EGRESS);
+            events::report(&ip, reason, DIR_EGRESS, skb_ifindex(&ctx));
         }
         if reason.passes() || audited(&c, bytes) {
             TC_ACT_UNSPEC

@@ -385,7 +385,7 @@ fn watch_shows_local_times_and_filters() {
     let _ = child.kill();
     let _ = child.wait();
     let line = line.unwrap();
-    // 2026-11-30 10:01:02.345 ingress 10.200.0.2:40000 -> 10.200.0.1:9090 tcp (drop_no_rule)
+    // 2026-11-30 10:01:02.345 ingress pc0 10.200.0.2:40000 -> 10.200.0.1:9090 tcp (drop_no_rule)
     let (date, rest) = line.split_once(' ').unwrap();
     assert!(
         date.len() == 10 && date.chars().filter(|c| *c == '-').count() == 2,
@@ -397,7 +397,7 @@ fn watch_shows_local_times_and_filters() {
         "{line}"
     );
     assert!(
-        rest.starts_with(&format!("ingress {PEER_V4}:"))
+        rest.starts_with(&format!("ingress {HOST_IFACE} {PEER_V4}:"))
             && rest.ends_with(&format!("-> {HOST_V4}:9090 tcp (drop_no_rule)")),
         "{line}"
     );

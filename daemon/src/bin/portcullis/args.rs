@@ -192,6 +192,9 @@ pub struct WatchArgs {
     /// Only drops whose source is in this network.
     #[arg(long, value_name = "CIDR")]
     pub source: Option<String>,
+    /// Only drops on this interface.
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
 }
 
 #[derive(Subcommand)]

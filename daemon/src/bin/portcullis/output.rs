@@ -148,8 +148,13 @@ pub fn describe_drop(d: &Event) -> String {
             format!("{addr}:{port}")
         }
     };
+    let interface = if d.interface.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", d.interface)
+    };
     format!(
-        "{} {} -> {} {} ({})",
+        "{}{interface} {} -> {} {} ({})",
         d.direction,
         endpoint(&d.source, d.source_port),
         endpoint(&d.destination, d.destination_port),

@@ -15,6 +15,7 @@ struct Filter {
     port: Option<u16>,
     reason: Option<String>,
     source: Option<ipnet::IpNet>,
+    interface: Option<String>,
 }
 
 impl Filter {
@@ -38,6 +39,7 @@ impl Filter {
             port: w.port,
             reason: w.reason.clone(),
             source,
+            interface: w.interface.clone(),
         })
     }
 
@@ -45,6 +47,7 @@ impl Filter {
         self.port
             .is_none_or(|p| e.source_port == p || e.destination_port == p)
             && self.reason.as_deref().is_none_or(|r| e.reason == r)
+            && self.interface.as_deref().is_none_or(|i| e.interface == i)
             && self.source.is_none_or(|net| {
                 e.source
                     .parse::<std::net::IpAddr>()
@@ -56,7 +59,7 @@ impl Filter {
 pub fn watch(ctx: &Ctx, w: &WatchArgs) -> anyhow::Result<()> {
     let filter = Filter::of(w)?;
     if !ctx.json {
-        // Events do not name their interface: say which ones are watched.
+        // Which interfaces are watched (each event names its own).
         let interfaces = ctx
             .get::<Status>("/v1/status")
             .map(|(s, _)| s.interfaces.keys().cloned().collect::<Vec<_>>().join(", "))
