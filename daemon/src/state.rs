@@ -269,6 +269,89 @@ impl Store {
     }
 }
 
+/// Deny sets on disk: one file per set, `deny/<name>.json`, written like
+/// the live set (atomic, durable) and checksummed (SHA-256 of the set's
+/// JSON), so a restart restores every ban and a damaged file is an error
+/// naming it rather than a silently lost ban.
+const DENY_DIR: &str = "deny";
+
+#[derive(Serialize, Deserialize)]
+struct SavedDenySet {
+    format: u32,
+    sha256: String,
+    set: crate::denylist::Set,
+}
+
+fn deny_hash(set: &crate::denylist::Set) -> anyhow::Result<String> {
+    use sha2::Digest as _;
+    let json = serde_json::to_vec(set).context("serialising a deny set")?;
+    Ok(crate::model::hex(&sha2::Sha256::digest(&json)))
+}
+
+impl Store {
+    /// Saves deny set `name` (its name is checked by `denylist::check_name`:
+    /// a plain file name).
+    pub fn save_deny_set(&self, name: &str, set: &crate::denylist::Set) -> anyhow::Result<()> {
+        crate::denylist::check_name(name).map_err(anyhow::Error::msg)?;
+        let dir = self.dir.join(DENY_DIR);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let saved = SavedDenySet {
+            format: FORMAT,
+            sha256: deny_hash(set)?,
+            set: set.clone(),
+        };
+        let bytes = serde_json::to_vec(&saved).context("serialising a deny set")?;
+        replace_file(&dir, &format!("{name}.json"), &bytes, None)
+    }
+
+    /// Removes deny set `name`'s file (gone already: fine).
+    pub fn remove_deny_set(&self, name: &str) -> anyhow::Result<()> {
+        crate::denylist::check_name(name).map_err(anyhow::Error::msg)?;
+        let path = self.dir.join(DENY_DIR).join(format!("{name}.json"));
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+    }
+
+    /// Every saved deny set; a damaged or edited file is an error naming it.
+    pub fn load_deny_sets(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, crate::denylist::Set>> {
+        let dir = self.dir.join(DENY_DIR);
+        let mut out = std::collections::BTreeMap::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|n| crate::denylist::check_name(n).is_ok())
+            else {
+                continue;
+            };
+            let bytes =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let saved: SavedDenySet = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a deny set", path.display()))?;
+            if deny_hash(&saved.set)? != saved.sha256 {
+                bail!(
+                    "{}: checksum mismatch (the file was changed after it was written)",
+                    path.display()
+                );
+            }
+            out.insert(name.to_string(), saved.set);
+        }
+        Ok(out)
+    }
+}
+
 /// Replaces `dir/name` with `bytes`, durably and atomically: a temporary file
 /// in `dir`, fsynced, renamed over `name` (after the old file was renamed to
 /// `keep_previous_as`, when given), then `dir` fsynced. A crash leaves the

@@ -40,6 +40,7 @@
 
 mod attach;
 mod counters;
+mod deny;
 mod flows;
 pub mod links;
 mod mapio;
@@ -65,6 +66,7 @@ use tracing::warn;
 use attach::ensure_bpffs;
 pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
 pub use counters::read_counters;
+pub use deny::{DenyWrite, boottime_ns, covers};
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
 use mapio::{clear_counters, write_array, write_keyed};
@@ -109,6 +111,18 @@ impl Dataplane {
         limits: &Limits,
         xdp: XdpProgram,
     ) -> anyhow::Result<Self> {
+        let deny = portcullis_common::DEFAULT_DENY_PREFIXES;
+        Self::load_with_deny(pin_dir, conntrack_entries, limits, xdp, [deny, deny])
+    }
+
+    /// [`Dataplane::load_with`] with the deny tries' capacities (IPv4, IPv6).
+    pub fn load_with_deny(
+        pin_dir: &Path,
+        conntrack_entries: u32,
+        limits: &Limits,
+        xdp: XdpProgram,
+        deny: [u32; 2],
+    ) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = maps_dir(pin_dir);
         for dir in [&maps_dir, &pin_dir.join("links")] {
@@ -118,7 +132,9 @@ impl Dataplane {
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&maps_dir)
-            .map_max_entries(maps::CONNTRACK, conntrack_entries);
+            .map_max_entries(maps::CONNTRACK, conntrack_entries)
+            .map_max_entries(maps::DENY_V4, deny[0])
+            .map_max_entries(maps::DENY_V6, deny[1]);
         for g in 0..2 {
             loader
                 .map_max_entries(
