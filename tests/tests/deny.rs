@@ -111,7 +111,10 @@ fn bans_survive_a_daemon_restart() {
     require_root!();
     let mut env = Env::new("allow = true\n");
     env.start();
-    env.ok(&["deny", "add", "kept", A4, A6]);
+    // The first add writes the set's snapshot, the later ones its journal.
+    env.ok(&["deny", "add", "kept", A4]);
+    env.ok(&["deny", "add", "kept", A6, B6]);
+    env.ok(&["deny", "remove", "kept", B6]);
     env.ok(&["deny", "add", "gone", B4]);
     env.ok(&["deny", "flush", "gone"]);
     env.daemon.take().unwrap().kill();

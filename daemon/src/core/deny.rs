@@ -19,6 +19,7 @@ use crate::{
     dataplane::{self, DenyWrite},
     denylist::{self, Entry, Sets},
     model::Mode,
+    state::DenyChange,
 };
 
 /// The outcome of a deny-set change.
@@ -94,10 +95,13 @@ impl Core {
     fn deny_commit(
         &mut self,
         name: &str,
+        change: &DenyChange,
         touched: Vec<IpNet>,
         undo: impl FnOnce(&mut Sets) -> Vec<IpNet>,
     ) -> Result<(), ChangeError> {
-        let saved = self.deny_save(name);
+        let saved = self
+            .store
+            .save_deny_change(name, self.deny.get(name), change);
         let result = saved.and_then(|()| {
             let writes = self.deny_writes(touched.clone());
             self.dataplane.deny_write(&writes)
@@ -144,7 +148,8 @@ impl Core {
         }
         let touched = self.deny.add(name, entries);
         let set = name.to_string();
-        self.deny_commit(name, touched, move |sets| {
+        let change = DenyChange::Add(entries.to_vec());
+        self.deny_commit(name, &change, touched, move |sets| {
             let mut back = Vec::new();
             let (new, old): (Vec<_>, Vec<_>) = before.into_iter().partition(|(_, b)| b.is_none());
             let new: Vec<IpNet> = new.into_iter().map(|(p, _)| p).collect();
@@ -200,7 +205,8 @@ impl Core {
         let touched = self.deny.remove(name, &gone);
         self.deny.drop_if_empty(name);
         let set = name.to_string();
-        self.deny_commit(name, touched, move |sets| {
+        let change = DenyChange::Remove(gone.clone());
+        self.deny_commit(name, &change, touched, move |sets| {
             let _ = sets.ensure_id(&set, id);
             sets.add(&set, &removed)
         })?;
@@ -382,6 +388,13 @@ impl Core {
     pub(super) fn sync_deny_exempt(&mut self) -> anyhow::Result<()> {
         let admin = self.admin_networks();
         self.dataplane.deny_exempt(&admin)
+    }
+
+    /// A duplicate of the loaded ingress program's fd, for the deny-set
+    /// benchmark's `BPF_PROG_TEST_RUN` (the core keeps the data plane).
+    #[doc(hidden)]
+    pub fn ingress_program_fd(&mut self) -> anyhow::Result<std::os::fd::OwnedFd> {
+        self.dataplane.program_fd(dataplane::Program::Ingress)
     }
 
     /// Cuts the connection-table entries of sources inside `banned` and
