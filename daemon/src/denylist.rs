@@ -394,6 +394,50 @@ impl Sets {
         best
     }
 
+    /// [`Sets::effective`] of every held prefix at once, in one ordered
+    /// pass (a stack of the prefixes enclosing the current one): for bulk
+    /// changes, where asking prefix by prefix would walk every shorter
+    /// length of each.
+    pub fn effective_all(&self) -> BTreeMap<IpNet, Effective> {
+        let mut out = BTreeMap::new();
+        let mut stack: Vec<(IpNet, Effective)> = Vec::new();
+        for (p, holders) in &self.holders {
+            while stack.last().is_some_and(|(q, _)| !q.contains(p)) {
+                stack.pop();
+            }
+            let mut best = stack.last().map(|(_, e)| *e);
+            for (set, expires) in holders {
+                if best.is_none_or(|b| later(b.expires, *expires)) {
+                    best = Some(Effective {
+                        set: *set,
+                        expires: *expires,
+                    });
+                }
+            }
+            if let Some(e) = best {
+                out.insert(*p, e);
+                stack.push((*p, e));
+            }
+        }
+        out
+    }
+
+    /// Whether a held prefix (any set) covers `ip`.
+    pub fn covers(&self, ip: std::net::IpAddr) -> bool {
+        let host = IpNet::from(ip.to_canonical());
+        let present = self.per_length.get(family(&host));
+        (0..=host.prefix_len()).any(|len| {
+            present
+                .and_then(|a| a.get(usize::from(len)))
+                .is_some_and(|n| *n > 0)
+                && match host {
+                    IpNet::V4(n) => n.supernet_to(len),
+                    IpNet::V6(n) => n.supernet_to(len),
+                }
+                .is_some_and(|q| self.holders.contains_key(&q))
+        })
+    }
+
     /// Every held prefix, for a full rewrite of the tries.
     pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
         self.holders.keys()
@@ -588,7 +632,10 @@ mod tests {
                 all.retain(|(n, q, _)| !(n == &name && q == &p));
                 all.push((name, p, expires));
             }
+            let bulk = s.effective_all();
             for (_, p, _) in &all {
+                // Equal expiries may name either set.
+                prop_assert_eq!(bulk.get(p).map(|e| e.expires), s.effective(p).map(|e| e.expires));
                 let want = all.iter().filter(|(_, q, _)| q.contains(p)).map(|(_, _, e)| *e)
                     .try_fold(0u64, |acc, e| e.map(|b| acc.max(b)));
                 prop_assert_eq!(s.effective(p).map(|e| e.expires), Some(want));

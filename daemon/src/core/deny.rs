@@ -82,6 +82,14 @@ impl Core {
     fn deny_writes(&self, touched: Vec<IpNet>) -> Vec<DenyWrite> {
         let (unix, boot) = (unix_now(), dataplane::boottime_ns());
         let unique: BTreeSet<IpNet> = touched.into_iter().collect();
+        // Many at once: one ordered pass over every prefix.
+        if unique.len() > 4096 {
+            let all = self.deny.effective_all();
+            return unique
+                .into_iter()
+                .map(|p| (p, all.get(&p).map(|e| entry_of(*e, unix, boot))))
+                .collect();
+        }
         unique
             .into_iter()
             .map(|p| (p, self.deny.effective(&p).map(|e| entry_of(e, unix, boot))))
@@ -164,7 +172,7 @@ impl Core {
         })?;
         let banned: Vec<IpNet> = entries.iter().map(|e| e.prefix).collect();
         let admin = self.admin_networks();
-        let flows_cut = self.cut_banned(&banned, &admin)?;
+        let flows_cut = self.cut_banned(entries, &admin)?;
         let admin_exempt = banned
             .iter()
             .filter(|p| admin.iter().any(|a| a.contains(*p) || p.contains(a)))
@@ -397,15 +405,18 @@ impl Core {
         self.dataplane.program_fd(dataplane::Program::Ingress)
     }
 
-    /// Cuts the connection-table entries of sources inside `banned` and
-    /// outside every admin network.
-    fn cut_banned(&mut self, banned: &[IpNet], admin: &[IpNet]) -> Result<usize, ChangeError> {
+    /// Cuts the connection-table entries of sources inside `banned` (this
+    /// request's prefixes: a flow this host opened to an address banned
+    /// earlier is its own choice, and stays) and outside every admin network.
+    fn cut_banned(&mut self, banned: &[Entry], admin: &[IpNet]) -> Result<usize, ChangeError> {
+        let mut these = Sets::default();
+        these.ensure("request", 1).map_err(ChangeError::Config)?;
+        these.add("request", banned);
         let n = self
             .dataplane
             .cut_flows(|remote| {
                 let remote = remote.to_canonical();
-                !banned.iter().any(|b| b.contains(&remote))
-                    || admin.iter().any(|a| a.contains(&remote))
+                !these.covers(remote) || admin.iter().any(|a| a.contains(&remote))
             })
             .map_err(ChangeError::Internal)?;
         if n > 0 {
