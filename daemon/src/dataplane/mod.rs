@@ -7,6 +7,7 @@
 //! - `mapio`: raw map I/O (mapped arrays, batch writes, key walks);
 //! - `counters`: the per-CPU counters, summed;
 //! - `flows`: the connection table (seed, look up, cut);
+//! - `deny`: the deny sets' tries, their admin exemption and counters;
 //! - [`sys`]: the one `bpf(2)` wrapper and the `bpf_attr` layouts it takes;
 //! - [`testrun`]: `BPF_PROG_TEST_RUN` on a crafted packet;
 //! - [`sockets`]: the kernel's open connections (`sock_diag`);
@@ -26,6 +27,9 @@
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/maps-vN/DHCP_REQUESTS   when this host last asked for a lease, per family
 //! <pin_dir>/maps-vN/EVENTS          the drop-event ring buffer (read by `events`)
+//! <pin_dir>/maps-vN/DENY_V4, DENY_V6 the deny sets' prefixes (set id, expiry)
+//! <pin_dir>/maps-vN/DENY_EXEMPT_V4, DENY_EXEMPT_V6, DENY_STATS
+//!                                the admin networks no ban applies to; drops per set
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
