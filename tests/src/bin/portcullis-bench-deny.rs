@@ -211,7 +211,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     println!(
-        "single add: {:.2} ms median into a small set; {:.0} ms median into the {}-entry set",
+        "single add: {:.2} ms median into a small set; {:.2} ms median into the {}-entry set",
         median(small),
         median(big),
         changed.entries
