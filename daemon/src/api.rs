@@ -1047,6 +1047,17 @@ async fn metrics(
         mode: core.mode().clone(),
         ready,
         conntrack: core.conntrack_usage().ok(),
+        deny_sets: core
+            .deny_sets()
+            .into_iter()
+            .map(|v| {
+                let c = Count {
+                    packets: v.dropped_packets,
+                    bytes: v.dropped_bytes,
+                };
+                (v.set, v.count, c)
+            })
+            .collect(),
     };
     Ok((
         [(

@@ -46,6 +46,14 @@ fn denied_sources_are_dropped_whatever_the_rules_admit() {
     let listed = env.listed("bad");
     assert_eq!(listed["count"], 3, "{listed}");
     assert!(listed["dropped_packets"].as_u64().unwrap() >= 8, "{listed}");
+    let metrics = env.ok(&["metrics"]);
+    assert!(
+        metrics.contains("portcullis_deny_entries{set=\"bad\"} 3")
+            && metrics.contains("portcullis_deny_packets_total{set=\"bad\"}"),
+        "{metrics}"
+    );
+    let sets = env.ok(&["deny", "list"]);
+    assert!(sets.contains("bad") && sets.contains("SET"), "{sets}");
     // Lifting the bans lets them in again.
     env.ok(&["deny", "remove", "bad", A4, OTHER64]);
     assert!(env.reaches(A4, APP) && env.reaches(C6, APP));
