@@ -119,6 +119,9 @@ pub(super) async fn add(
     body: Result<Json<DenyEntries>, JsonRejection>,
 ) -> Result<Json<DenyChanged>, ApiError> {
     let Json(body) = body?;
+    if body.entries.is_empty() {
+        return Err(invalid("entries: nothing to add".into()));
+    }
     let prefixes: Vec<String> = body.entries.iter().map(|e| e.prefix.clone()).collect();
     let label = what("add", &set, &prefixes);
     let parsed = entries(&body.entries);
