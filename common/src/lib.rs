@@ -66,6 +66,16 @@ pub mod maps {
     pub const DHCP_REQUESTS: &str = "DHCP_REQUESTS";
     /// `RingBuf` of `DropEvent`s (rate-limited per CPU).
     pub const EVENTS: &str = "EVENTS";
+    /// `LpmTrie<[u8; 4], DenyEntry>`: banned IPv4 prefixes -> set and expiry.
+    pub const DENY_V4: &str = "DENY_V4";
+    /// `LpmTrie<[u8; 16], DenyEntry>`: banned IPv6 prefixes -> set and expiry.
+    pub const DENY_V6: &str = "DENY_V6";
+    /// `LpmTrie<[u8; 4], u32>`: the admin networks no ban applies to.
+    pub const DENY_EXEMPT_V4: &str = "DENY_EXEMPT_V4";
+    /// `LpmTrie<[u8; 16], u32>`: the same for IPv6.
+    pub const DENY_EXEMPT_V6: &str = "DENY_EXEMPT_V6";
+    /// `PerCpuArray<Counter>` indexed by deny set id: what each set dropped.
+    pub const DENY_STATS: &str = "DENY_STATS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -132,11 +142,14 @@ pub enum Reason {
     DropOtherCluster = 19,
     /// Outbound and the egress allowlist does not admit it.
     DropEgress = 20,
+    /// New inbound traffic from a source in a deny set (not an admin
+    /// network); `DENY_STATS[set]` counts it per set.
+    DropDenied = 21,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 21] = [
+    pub const ALL: [Reason; 22] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
@@ -158,6 +171,7 @@ impl Reason {
         Reason::DropVlanStack,
         Reason::DropOtherCluster,
         Reason::DropEgress,
+        Reason::DropDenied,
     ];
 
     /// Number of counters in [`maps::VERDICTS`].
@@ -187,6 +201,7 @@ impl Reason {
             Reason::DropVlanStack => "drop_vlan_stack",
             Reason::DropOtherCluster => "drop_other_cluster",
             Reason::DropEgress => "drop_egress",
+            Reason::DropDenied => "drop_denied",
         }
     }
 
@@ -508,6 +523,23 @@ pub struct DropEvent {
     pub _pad: u32,
 }
 
+/// The value of a deny-set entry: which set banned the prefix and until
+/// when (`CLOCK_BOOTTIME` ns, `bpf_ktime_get_boot_ns`; 0: no expiry). The
+/// data path ignores an entry whose time has passed, before the daemon's
+/// sweeper removes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEntry {
+    pub expires_ns: u64,
+    pub set: u32,
+    pub _pad: u32,
+}
+
+/// Deny sets a host may have (set ids 0..DENY_SETS_MAX index `DENY_STATS`).
+pub const DENY_SETS_MAX: u32 = 256;
+/// Default capacity of each deny trie (entries are allocated as inserted).
+pub const DEFAULT_DENY_PREFIXES: u32 = 1 << 20;
+
 /// Drop events each CPU may report per second; the rest are only counted.
 pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
 
@@ -553,6 +585,8 @@ mod pod {
     unsafe impl aya::Pod for super::DropEvent {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::Segment {}
+    // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
+    unsafe impl aya::Pod for super::DenyEntry {}
 }
 
 #[cfg(test)]
@@ -589,5 +623,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<DropEvent>(), 56);
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
+        assert_eq!(core::mem::size_of::<DenyEntry>(), 16);
     }
 }

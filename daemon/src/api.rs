@@ -44,6 +44,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+mod deny;
+
+pub use deny::{DenyEntries, DenyItem, DenyRemoval, MAX_DENY_BODY};
+
 use crate::{
     config::{ApiConfig, HealthConfig},
     core::{ChangeError, Changed, Core, Count, Mode, Options, Rollback, Session},
@@ -1044,6 +1048,17 @@ async fn metrics(
         mode: core.mode().clone(),
         ready,
         conntrack: core.conntrack_usage().ok(),
+        deny_sets: core
+            .deny_sets()
+            .into_iter()
+            .map(|v| {
+                let c = Count {
+                    packets: v.dropped_packets,
+                    bytes: v.dropped_bytes,
+                };
+                (v.set, v.count, c)
+            })
+            .collect(),
     };
     Ok((
         [(
@@ -1241,6 +1256,15 @@ pub fn router(api: Api) -> Router {
         .route("/v1/counters", get(counters))
         .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics))
+        .route("/v1/deny", get(deny::list_sets))
+        .route(
+            "/v1/deny/{set}",
+            get(deny::list)
+                .post(deny::add)
+                .put(deny::replace)
+                .delete(deny::remove)
+                .layer(DefaultBodyLimit::max(MAX_DENY_BODY)),
+        )
         .fallback(not_found)
         .layer(small)
         .layer(middleware::from_fn_with_state(api.clone(), guard))

@@ -213,6 +213,11 @@ pub struct Capacity {
     pub segments: u32,
     pub slots: u32,
     pub v4_chunks: u32,
+    /// Capacity of the IPv4 and IPv6 deny tries (prefixes each; memory is
+    /// used only by the entries held, so the 1M default costs nothing
+    /// until filled). Read at start.
+    pub deny_v4_prefixes: u32,
+    pub deny_v6_prefixes: u32,
 }
 
 impl Default for Capacity {
@@ -224,6 +229,8 @@ impl Default for Capacity {
             segments: l.segments,
             slots: l.slots,
             v4_chunks: l.v4_chunks,
+            deny_v4_prefixes: portcullis_common::DEFAULT_DENY_PREFIXES,
+            deny_v6_prefixes: portcullis_common::DEFAULT_DENY_PREFIXES,
         }
     }
 }
@@ -467,6 +474,14 @@ impl Config {
                 "conntrack_entries: {} is out of range (256 to 16777216)",
                 self.conntrack_entries
             );
+        }
+        for (key, value) in [
+            ("deny_v4_prefixes", self.capacity.deny_v4_prefixes),
+            ("deny_v6_prefixes", self.capacity.deny_v6_prefixes),
+        ] {
+            if !(1..=16 << 20).contains(&value) {
+                bail!("capacity: {key}: {value} is out of range (1 to 16777216)");
+            }
         }
         self.rule_set().validate()?;
         Ok(())

@@ -12,6 +12,8 @@ use portcullis_common::{Counter, DIR_INGRESS, PCLASS_TCP, Reason, pclass_port, s
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+mod deny;
+
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
 use crate::{
@@ -21,6 +23,7 @@ use crate::{
     rules::{EditError, FirewallRule, RuleError, RuleSet},
     state::Store,
 };
+pub use deny::{DenyChanged, DenyListed, DenySetView};
 
 /// Why a change was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, Error)]
@@ -269,6 +272,8 @@ pub struct Core {
     /// The configuration file and what it said at start (the settings only
     /// a restart applies are compared with it).
     config: Option<(std::path::PathBuf, crate::config::Config)>,
+    /// The deny sets (see `core/deny.rs`).
+    deny: crate::denylist::Sets,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -361,6 +366,7 @@ impl Core {
             service,
             actor: Actor::default(),
             config: None,
+            deny: Default::default(),
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -669,6 +675,7 @@ impl Core {
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
+        self.exempt_admin();
         crate::host::release_free_memory();
         Ok(generation)
     }
@@ -690,6 +697,14 @@ impl Core {
                 Ok(Some(image))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// Keeps the deny sets' admin exemption in step with the live rules and
+    /// mode (a failure is logged: the rules are live either way).
+    fn exempt_admin(&mut self) {
+        if let Err(e) = self.sync_deny_exempt() {
+            tracing::error!(error = %format!("{e:#}"), "cannot update the deny sets' admin exemption");
         }
     }
 
@@ -768,6 +783,7 @@ impl Core {
                 "lockdown: cut the open flows not with the admin network"
             );
         }
+        self.exempt_admin();
         self.store
             .save_mode(&self.mode)
             .map_err(ChangeError::Internal)?;

@@ -9,6 +9,7 @@
 //! - [`dataplane`]: everything that talks to the kernel's bpf(2), rtnetlink
 //!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
 //!   connection table, test runs, links and open sockets.
+//! - [`denylist`]: deny sets, their files and the tries' values (pure).
 //! - [`events`]: drop events from the ring buffer, for status and watch.
 //! - [`reload`]: runtime changes against the configuration's baseline (pure).
 //! - [`host`]: host probes at start-up (bpffs, groups) and memory release.
@@ -41,6 +42,7 @@ pub mod compile;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod denylist;
 pub mod events;
 pub mod fallback;
 pub mod fuzzing;

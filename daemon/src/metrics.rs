@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub ready: bool,
     /// Connection-table entries and capacity (`None` when unreadable).
     pub conntrack: Option<(usize, u32)>,
+    /// Deny sets: name, entries, and what each dropped.
+    pub deny_sets: Vec<(String, usize, Count)>,
 }
 
 /// The `mode` label of each mode.
@@ -155,6 +157,24 @@ pub fn render(s: &Snapshot) -> String {
         i64::from(s.enforcing),
     );
     state_gauges(&mut r, s);
+    counters(
+        &mut r,
+        "portcullis_deny_packets",
+        "Packets each deny set dropped",
+        "set",
+        s.deny_sets.iter().map(|(n, _, c)| (n.clone(), c.packets)),
+    );
+    let entries = Family::<Labels, Gauge>::default();
+    for (name, n, _) in &s.deny_sets {
+        entries
+            .get_or_create(&vec![("set".to_owned(), name.clone())])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "portcullis_deny_entries",
+        "Entries in each deny set",
+        entries,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -228,6 +248,14 @@ mod tests {
             mode: Mode::Lockdown { admin: None },
             ready: true,
             conntrack: Some((5, 65536)),
+            deny_sets: vec![(
+                "abuse".into(),
+                3,
+                Count {
+                    packets: 4,
+                    bytes: 240,
+                },
+            )],
         };
         let text = render(&s);
         for line in [
@@ -243,6 +271,8 @@ mod tests {
             "portcullis_mode{mode=\"lockdown\"} 1",
             "portcullis_ready 1",
             "portcullis_conntrack_entries 5",
+            "portcullis_deny_packets_total{set=\"abuse\"} 4",
+            "portcullis_deny_entries{set=\"abuse\"} 3",
             "portcullis_conntrack_capacity 65536",
             "# EOF",
         ] {

@@ -74,12 +74,16 @@ pub struct Restored {
 
 pub struct Store {
     dir: PathBuf,
+    /// Per deny set: the checksum of its snapshot on disk and the bytes of
+    /// its journal (see [`Store::save_deny_change`]).
+    deny_journals: std::sync::Mutex<std::collections::BTreeMap<String, (String, u64)>>,
 }
 
 impl Store {
     pub fn new(dir: &Path) -> Self {
         Store {
             dir: dir.to_owned(),
+            deny_journals: Default::default(),
         }
     }
 
@@ -267,6 +271,242 @@ impl Store {
             },
         }
     }
+}
+
+/// Deny sets on disk: per set, a snapshot `deny/<name>.json` (written
+/// like the live set: atomic, durable, with the SHA-256 of the set) and a
+/// journal `deny/<name>.journal` of the changes since, one line each:
+/// `<snapshot sha256> <line sha256> <change as JSON>`, appended and fsynced.
+/// A small change costs one appended line, not a rewrite of a million
+/// entries; a large one, or a journal grown past half the snapshot (and
+/// 4 MiB), writes a new snapshot. Lines naming another snapshot (left by a
+/// crash between a snapshot and the journal's removal) are ignored; a torn
+/// last line (a crash mid-append: that change was never acknowledged) is
+/// ignored; any other damaged line is an error naming the file and line.
+const DENY_DIR: &str = "deny";
+/// A change larger than this goes into a new snapshot instead.
+const DENY_LINE_MAX: usize = 1 << 20;
+/// A journal is folded into a new snapshot past this size (and half the
+/// snapshot's).
+const DENY_JOURNAL_MIN: u64 = 4 << 20;
+
+#[derive(Serialize, Deserialize)]
+struct SavedDenySet {
+    format: u32,
+    sha256: String,
+    set: crate::denylist::Set,
+}
+
+/// One journal line's change to a set.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum DenyChange {
+    Add(Vec<crate::denylist::Entry>),
+    Remove(Vec<ipnet::IpNet>),
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    crate::model::hex(&sha2::Sha256::digest(bytes))
+}
+
+fn deny_hash(set: &crate::denylist::Set) -> anyhow::Result<String> {
+    let json = serde_json::to_vec(set).context("serialising a deny set")?;
+    Ok(sha256_hex(&json))
+}
+
+impl Store {
+    fn journals(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, (String, u64)>> {
+        // A panic while holding it cannot leave the map inconsistent (one
+        // insert or remove): take it back.
+        self.deny_journals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Saves deny set `name` whole (a new snapshot; the journal is emptied).
+    pub fn save_deny_set(&self, name: &str, set: &crate::denylist::Set) -> anyhow::Result<()> {
+        crate::denylist::check_name(name).map_err(anyhow::Error::msg)?;
+        let dir = self.dir.join(DENY_DIR);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let sha256 = deny_hash(set)?;
+        let saved = SavedDenySet {
+            format: FORMAT,
+            sha256: sha256.clone(),
+            set: set.clone(),
+        };
+        let bytes = serde_json::to_vec(&saved).context("serialising a deny set")?;
+        replace_file(&dir, &format!("{name}.json"), &bytes, None)?;
+        // The old journal names the old snapshot: ignored if this fails.
+        let journal = dir.join(format!("{name}.journal"));
+        match fs::remove_file(&journal) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, file = %journal.display(), "cannot remove"),
+        }
+        self.journals().insert(name.to_string(), (sha256, 0));
+        Ok(())
+    }
+
+    /// Records `change` to deny set `name`, now `set` (`None`: the set is
+    /// gone): one journal line when small, else a new snapshot.
+    pub fn save_deny_change(
+        &self,
+        name: &str,
+        set: Option<&crate::denylist::Set>,
+        change: &DenyChange,
+    ) -> anyhow::Result<()> {
+        let Some(set) = set else {
+            return self.remove_deny_set(name);
+        };
+        let known = self.journals().get(name).cloned();
+        let line = serde_json::to_vec(change).context("serialising a deny change")?;
+        let Some((snapshot, bytes)) = known else {
+            return self.save_deny_set(name, set);
+        };
+        let entries = set.entries.len() as u64;
+        if line.len() > DENY_LINE_MAX || bytes > DENY_JOURNAL_MIN.max(entries * 20) {
+            return self.save_deny_set(name, set);
+        }
+        let mut text = format!("{snapshot} {} ", sha256_hex(&line)).into_bytes();
+        text.extend_from_slice(&line);
+        text.push(b'\n');
+        let path = self.dir.join(DENY_DIR).join(format!("{name}.journal"));
+        let append = || -> std::io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(&text)?;
+            f.sync_data()
+        };
+        if let Err(e) = append() {
+            // Torn bytes may be left: the next change writes a snapshot.
+            self.journals().remove(name);
+            return Err(e).with_context(|| format!("cannot append to {}", path.display()));
+        }
+        self.journals()
+            .insert(name.to_string(), (snapshot, bytes + text.len() as u64));
+        Ok(())
+    }
+
+    /// Removes deny set `name`'s files (gone already: fine).
+    pub fn remove_deny_set(&self, name: &str) -> anyhow::Result<()> {
+        crate::denylist::check_name(name).map_err(anyhow::Error::msg)?;
+        self.journals().remove(name);
+        for suffix in ["json", "journal"] {
+            let path = self.dir.join(DENY_DIR).join(format!("{name}.{suffix}"));
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot remove {}", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Every saved deny set, its journal replayed; a damaged snapshot or
+    /// journal line is an error naming the file (and line).
+    pub fn load_deny_sets(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, crate::denylist::Set>> {
+        let dir = self.dir.join(DENY_DIR);
+        let mut out = std::collections::BTreeMap::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
+        };
+        for entry in entries {
+            let path = entry?.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+                .filter(|n| crate::denylist::check_name(n).is_ok())
+            else {
+                continue;
+            };
+            let bytes =
+                fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let saved: SavedDenySet = serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: not a deny set", path.display()))?;
+            if deny_hash(&saved.set)? != saved.sha256 {
+                bail!(
+                    "{}: checksum mismatch (the file was changed after it was written)",
+                    path.display()
+                );
+            }
+            let mut set = saved.set;
+            let journal = dir.join(format!("{name}.journal"));
+            // After a torn line, the next change writes a snapshot (an
+            // append would follow the torn bytes).
+            if let Some(bytes) = replay(&journal, &saved.sha256, &mut set)? {
+                self.journals()
+                    .insert(name.to_string(), (saved.sha256, bytes));
+            }
+            out.insert(name.to_string(), set);
+        }
+        Ok(out)
+    }
+}
+
+/// Applies the lines of `journal` that extend snapshot `snapshot` to
+/// `set`; the journal's size (`None`: it ends in a torn line).
+fn replay(
+    journal: &Path,
+    snapshot: &str,
+    set: &mut crate::denylist::Set,
+) -> anyhow::Result<Option<u64>> {
+    let text = match fs::read(journal) {
+        Ok(t) => t,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Some(0)),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", journal.display())),
+    };
+    let lines: Vec<&[u8]> = text
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
+    let complete = text.ends_with(b"\n");
+    for (i, line) in lines.iter().enumerate() {
+        let last = i + 1 == lines.len();
+        let mut parts = line.splitn(3, |b| *b == b' ');
+        let (Some(snap), Some(sha), Some(json)) = (parts.next(), parts.next(), parts.next()) else {
+            if last && !complete {
+                tracing::warn!(file = %journal.display(), "ignoring a torn last line");
+                return Ok(None);
+            }
+            bail!("{} line {}: damaged", journal.display(), i + 1);
+        };
+        if snap != snapshot.as_bytes() {
+            continue;
+        }
+        if sha != sha256_hex(json).as_bytes() {
+            if last && !complete {
+                tracing::warn!(file = %journal.display(), "ignoring a torn last line");
+                return Ok(None);
+            }
+            bail!("{} line {}: checksum mismatch", journal.display(), i + 1);
+        }
+        let change: DenyChange = serde_json::from_slice(json)
+            .with_context(|| format!("{} line {}: not a change", journal.display(), i + 1))?;
+        match change {
+            DenyChange::Add(entries) => {
+                for e in entries {
+                    set.entries.insert(e.prefix, e.expires);
+                }
+            }
+            DenyChange::Remove(prefixes) => {
+                for p in prefixes {
+                    set.entries.remove(&p);
+                }
+            }
+        }
+    }
+    Ok(Some(text.len() as u64))
 }
 
 /// Replaces `dir/name` with `bytes`, durably and atomically: a temporary file
@@ -501,5 +741,53 @@ mod tests {
         fs::write(dir.path().join(MODE), br#"{"mode":"lockdown"}"#).unwrap();
         assert_eq!(store.load_mode().unwrap(), lockdown);
         assert!(store.mode_is_from_an_earlier_boot());
+    }
+
+    #[test]
+    fn deny_sets_journal_small_changes_and_replay_them() {
+        use crate::denylist::{Entry, Set};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        let mut set = Set {
+            id: 3,
+            entries: Default::default(),
+        };
+        set.entries.insert(net("192.0.2.0/24"), None);
+        store.save_deny_set("s", &set).unwrap();
+        set.entries.insert(net("198.51.100.7/32"), Some(99));
+        let add = DenyChange::Add(vec![Entry {
+            prefix: net("198.51.100.7/32"),
+            expires: Some(99),
+        }]);
+        store.save_deny_change("s", Some(&set), &add).unwrap();
+        set.entries.remove(&net("192.0.2.0/24"));
+        let remove = DenyChange::Remove(vec![net("192.0.2.0/24")]);
+        store.save_deny_change("s", Some(&set), &remove).unwrap();
+        let journal = dir.path().join("deny/s.journal");
+        assert_eq!(
+            std::fs::read_to_string(&journal).unwrap().lines().count(),
+            2
+        );
+        assert_eq!(Store::new(dir.path()).load_deny_sets().unwrap()["s"], set);
+        // A torn last line (a crash mid-append) is ignored...
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal)
+            .unwrap();
+        f.write_all(b"abc 123 {\"Add\"").unwrap();
+        assert_eq!(Store::new(dir.path()).load_deny_sets().unwrap()["s"], set);
+        // ...but a damaged line before the last is an error naming it.
+        let text = std::fs::read_to_string(&journal)
+            .unwrap()
+            .replacen("198.51", "198.52", 1);
+        std::fs::write(&journal, format!("{text}\n")).unwrap();
+        let e = format!("{:#}", Store::new(dir.path()).load_deny_sets().unwrap_err());
+        assert!(e.contains("s.journal line 1"), "{e}");
+        // A new snapshot makes the old journal's lines irrelevant.
+        store.save_deny_set("s", &set).unwrap();
+        assert_eq!(Store::new(dir.path()).load_deny_sets().unwrap()["s"], set);
+        store.save_deny_change("s", None, &remove).unwrap();
+        assert!(Store::new(dir.path()).load_deny_sets().unwrap().is_empty());
     }
 }

@@ -16,6 +16,7 @@ use portcullis_common::{
 
 use crate::{
     conntrack::{self, Dir, Origin},
+    deny,
     parse::{self, Frame, Ip, Packet},
     rules,
 };
@@ -109,6 +110,10 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         },
         _ => (PCLASS_OTHER, 0, Reason::DropProtocol),
     };
+    // Deny sets: before pings, peers, SSH and the rules (`deny.rs`).
+    if deny::denied(ip, bytes) {
+        return Reason::DropDenied;
+    }
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);

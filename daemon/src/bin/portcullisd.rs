@@ -278,9 +278,22 @@ async fn spawn_services(
         info!(listen = %health.listen, "health endpoint");
         tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
+    tokio::spawn(sweep_deny_sets(api.core.clone()));
     let listener = api::bind(socket, readers_gid.or(writers_gid))?;
     let server = tokio::spawn(api::serve(listener, api.clone()));
     Ok(Services { api, server })
+}
+
+/// Removes expired deny-set entries every second (the data path ignores
+/// them from their expiry on; this frees them and saves the sets).
+async fn sweep_deny_sets(core: core::Shared) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if let Err(e) = core.lock().await.deny_sweep() {
+            error!(error = %e, "deny sets: cannot remove expired entries");
+        }
+    }
 }
 
 /// Runs until SIGTERM or SIGINT: readiness kept in `STATUS=` and the
@@ -486,11 +499,15 @@ async fn start(
     // directories exist (someone may have made one in between).
     let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(&pin_dir)];
     portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
-    let dataplane = Dataplane::load_with(
+    let dataplane = Dataplane::load_with_deny(
         &pin_dir,
         config.conntrack_entries,
         &limits,
         config.xdp_program,
+        [
+            config.capacity.deny_v4_prefixes,
+            config.capacity.deny_v6_prefixes,
+        ],
     )
     .context("loading the eBPF data path")?;
     portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
@@ -512,6 +529,9 @@ async fn start(
     .context("making the rules live")?;
     core.configured(config_path, config.clone(), restored)?;
     info!(generation, hash = core.hash(), "rules live");
+    // Bans before any new link: a restart keeps every saved ban in force.
+    let bans = core.restore_deny().context("restoring the deny sets")?;
+    info!(entries = bans, "deny sets restored");
     let protected = protect_all(&mut core, &targets, &handle, config.tc_attach).await?;
     // Enforcing: a fallback policy from a failed start is no longer needed.
     if fallback::remove() {

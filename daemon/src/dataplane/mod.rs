@@ -7,6 +7,7 @@
 //! - `mapio`: raw map I/O (mapped arrays, batch writes, key walks);
 //! - `counters`: the per-CPU counters, summed;
 //! - `flows`: the connection table (seed, look up, cut);
+//! - `deny`: the deny sets' tries, their admin exemption and counters;
 //! - [`sys`]: the one `bpf(2)` wrapper and the `bpf_attr` layouts it takes;
 //! - [`testrun`]: `BPF_PROG_TEST_RUN` on a crafted packet;
 //! - [`sockets`]: the kernel's open connections (`sock_diag`);
@@ -26,6 +27,9 @@
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/maps-vN/DHCP_REQUESTS   when this host last asked for a lease, per family
 //! <pin_dir>/maps-vN/EVENTS          the drop-event ring buffer (read by `events`)
+//! <pin_dir>/maps-vN/DENY_V4, DENY_V6 the deny sets' prefixes (set id, expiry)
+//! <pin_dir>/maps-vN/DENY_EXEMPT_V4, DENY_EXEMPT_V6, DENY_STATS
+//!                                the admin networks no ban applies to; drops per set
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
@@ -40,6 +44,7 @@
 
 mod attach;
 mod counters;
+mod deny;
 mod flows;
 pub mod links;
 mod mapio;
@@ -65,6 +70,7 @@ use tracing::warn;
 use attach::ensure_bpffs;
 pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
 pub use counters::read_counters;
+pub use deny::{DenyWrite, boottime_ns, covers};
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
 use mapio::{clear_counters, write_array, write_keyed};
@@ -109,6 +115,18 @@ impl Dataplane {
         limits: &Limits,
         xdp: XdpProgram,
     ) -> anyhow::Result<Self> {
+        let deny = portcullis_common::DEFAULT_DENY_PREFIXES;
+        Self::load_with_deny(pin_dir, conntrack_entries, limits, xdp, [deny, deny])
+    }
+
+    /// [`Dataplane::load_with`] with the deny tries' capacities (IPv4, IPv6).
+    pub fn load_with_deny(
+        pin_dir: &Path,
+        conntrack_entries: u32,
+        limits: &Limits,
+        xdp: XdpProgram,
+        deny: [u32; 2],
+    ) -> anyhow::Result<Self> {
         ensure_bpffs(pin_dir)?;
         let maps_dir = maps_dir(pin_dir);
         for dir in [&maps_dir, &pin_dir.join("links")] {
@@ -119,7 +137,9 @@ impl Dataplane {
         loader
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(maps::CONNTRACK4, conntrack_entries)
-            .map_max_entries(maps::CONNTRACK6, conntrack_entries);
+            .map_max_entries(maps::CONNTRACK6, conntrack_entries)
+            .map_max_entries(maps::DENY_V4, deny[0])
+            .map_max_entries(maps::DENY_V6, deny[1]);
         for g in 0..2 {
             loader
                 .map_max_entries(

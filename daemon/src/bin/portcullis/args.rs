@@ -70,6 +70,63 @@ pub struct RuleChange {
     pub expect_generation: Option<u64>,
 }
 
+/// `portcullis deny ...`.
+#[derive(Subcommand)]
+pub enum DenyCmd {
+    /// Ban prefixes: `deny add SET 192.0.2.7 2001:db8:1:2::/64 --expires 1h`.
+    /// An IPv6 address bans that address only; give its /64 to ban the host's
+    /// subnet. The banned sources' open connections are cut.
+    Add {
+        /// The set (created if missing): letters, digits, '_', '-', '.'.
+        set: String,
+        /// ADDRESS or ADDRESS/LEN, one or more.
+        #[arg(required = true, value_name = "CIDR")]
+        prefixes: Vec<String>,
+        /// Lift the ban after this long: 90s, 15m, 2h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// Lift bans: `deny remove SET CIDR...`.
+    Remove {
+        /// The set.
+        set: String,
+        /// The prefixes, as they were added.
+        #[arg(required = true, value_name = "CIDR")]
+        prefixes: Vec<String>,
+    },
+    /// The sets (counted), or one set's entries.
+    List {
+        /// One set; without it, every set with its size and drops.
+        set: Option<String>,
+        /// Only the number of entries and the drops.
+        #[arg(long)]
+        count: bool,
+    },
+    /// Remove every entry of a set.
+    Flush {
+        /// The set.
+        set: String,
+    },
+    /// Make a set hold exactly the prefixes of FILE (one a line, `#` and `;`
+    /// comments, e.g. Spamhaus DROP). A bad line rejects the whole file,
+    /// naming the line, and changes nothing.
+    Load {
+        /// The set (replaced, or with --add merged).
+        set: String,
+        /// The file.
+        file: PathBuf,
+        /// Add to the set instead of replacing it.
+        #[arg(long)]
+        add: bool,
+        /// Lift these bans after this long: 90s, 15m, 2h, 7d.
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+    },
+    /// `deny PORT`: port deny rules do not exist (see the message).
+    #[command(external_subcommand)]
+    Other(Vec<String>),
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Whether the host is protected, on which interfaces, what it dropped;
@@ -88,14 +145,11 @@ pub enum Command {
     /// Open a port, as ufw does: `allow 8080/tcp`, `allow 8000:8100/udp`,
     /// `allow 22` (TCP). Adds an ingress rule with a generated id.
     Allow(AllowArgs),
-    /// Drop a port for a source (not supported yet: there are no deny rules).
-    Deny {
-        /// What to deny (PORT[/PROTO]).
-        spec: String,
-        #[arg(long, value_name = "CIDR")]
-        /// Source network.
-        from: Option<String>,
-    },
+    /// Deny sets: ban sources (IPv4/IPv6 prefixes) from opening anything,
+    /// whatever the rules admit, SSH included unless from an admin network
+    /// (`[ssh] sources`, a lockdown's --admin).
+    #[command(subcommand)]
+    Deny(DenyCmd),
     /// The rule set: list, add, remove, apply a file.
     #[command(subcommand)]
     Rules(RulesCmd),

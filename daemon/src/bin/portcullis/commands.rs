@@ -24,11 +24,7 @@ pub fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
             return crate::status::wait_ready(ctx, std::time::Duration::from_secs(timeout));
         }
         Command::Allow(a) => crate::rulecmds::allow(ctx, a)?,
-        Command::Deny { spec, .. } => anyhow::bail!(
-            "`portcullis deny {spec}` is not supported yet: Portcullis has no deny rules (everything \
-             no rule admits is dropped already). To stop admitting a port, remove the rule that \
-             admits it: portcullis rules list, then portcullis rules remove N"
-        ),
+        Command::Deny(d) => crate::denycmds::deny(ctx, d)?,
         Command::Rules(r) => crate::rulecmds::rules(ctx, r)?,
         Command::Peers(p) => peers(ctx, p)?,
         Command::Counters { pin_dir } => counters(ctx, pin_dir)?,

@@ -18,6 +18,7 @@
 
 mod args;
 mod commands;
+mod denycmds;
 mod output;
 mod rulecmds;
 mod status;
@@ -165,7 +166,6 @@ fn command_changes(c: &Command) -> bool {
     use args::{PeersCmd, RulesCmd};
     match c {
         Command::Allow(_)
-        | Command::Deny { .. }
         | Command::Lockdown(_)
         | Command::Open(_)
         | Command::Enforce(_)
