@@ -386,3 +386,50 @@ fn turning_ssh_off_over_an_ssh_session_is_refused_without_force() {
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 22)).is_err());
     drop(session);
 }
+
+/// Over a real SSH session (sshd in the protected namespace, the CLI run by
+/// the login's shell with the SSH_CONNECTION sshd sets), a lockdown whose
+/// admin network leaves out the session's source is refused; one that
+/// includes it is applied.
+#[test]
+fn lockdown_over_a_real_ssh_session_refuses_to_exclude_it() {
+    require_root!();
+    let (pair, _pins, config, _d) = env_with("[ssh]\nallow = true\n");
+    let sshd = Sshd::start(&pair.host).unwrap();
+    let bin = workspace_bin("portcullis").unwrap();
+    let remote = |admin: &str| {
+        let command = format!(
+            "{} --socket {} lockdown --admin {admin}",
+            bin.display(),
+            config.socket().display()
+        );
+        // Bounded: a lockdown that cuts this very session leaves the
+        // client waiting on a dead connection.
+        let mut child = sshd
+            .client(&pair.peer, HOST_V4)
+            .arg(command)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the SSH session running the lockdown hung: it was cut");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        child.wait_with_output().unwrap()
+    };
+    let out = remote("10.200.99.0/24");
+    assert!(
+        !out.status.success() && said(&out).contains("would cut your own SSH session"),
+        "{}",
+        said(&out)
+    );
+    assert_eq!(mode(&config), "enforce");
+    let out = remote(&format!("{PEER_V4}/32"));
+    assert!(out.status.success(), "{}", said(&out));
+    assert_eq!(mode(&config), "lockdown");
+}
