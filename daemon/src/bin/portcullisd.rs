@@ -469,6 +469,31 @@ fn live_rules(
     })
 }
 
+/// Loads the data path into `pin_dir`, refusing a pin directory someone
+/// else made (checked before anything is pinned there, and again once the
+/// directories exist: someone may have made one in between).
+fn load_dataplane(
+    config: &Config,
+    pin_dir: &Path,
+    limits: &portcullis::compile::Limits,
+) -> anyhow::Result<Dataplane> {
+    let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(pin_dir)];
+    portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
+    let dataplane = Dataplane::load_with_deny(
+        pin_dir,
+        config.conntrack_entries,
+        limits,
+        config.xdp_program,
+        [
+            config.capacity.deny_v4_prefixes,
+            config.capacity.deny_v6_prefixes,
+        ],
+    )
+    .context("loading the eBPF data path")?;
+    portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
+    Ok(dataplane)
+}
+
 /// Everything up to enforcement, in order: rules live, egress attached,
 /// open connections seeded, ingress attached. Any error here means the host
 /// is not (fully) protected: the caller applies the fallback. Returns the
@@ -495,22 +520,7 @@ async fn start(
         restored, "live rule set chosen"
     );
     let limits = config.capacity.limits();
-    // Checked before anything is pinned there, and again once the
-    // directories exist (someone may have made one in between).
-    let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(&pin_dir)];
-    portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
-    let dataplane = Dataplane::load_with_deny(
-        &pin_dir,
-        config.conntrack_entries,
-        &limits,
-        config.xdp_program,
-        [
-            config.capacity.deny_v4_prefixes,
-            config.capacity.deny_v6_prefixes,
-        ],
-    )
-    .context("loading the eBPF data path")?;
-    portcullis::host::secure_pin_dirs(&pin_dir, &pin_dirs)?;
+    let dataplane = load_dataplane(config, &pin_dir, &limits)?;
     info!(
         program = dataplane.ingress_program(),
         ms = t.elapsed().as_secs_f64() * 1e3,
