@@ -17,7 +17,8 @@ pub mod maps {
     /// `PerCpuArray<Counter>` indexed by [`crate::Reason`].
     pub const VERDICTS: &str = "VERDICTS";
     /// `Array<u32>` with a single entry: which generation (0 or 1) of the
-    /// rule maps below is live. The data path reads it once per packet.
+    /// rule maps below is live. The data path reads it at most once per
+    /// packet (a packet of an established flow does not read it).
     pub const ACTIVE: &str = "ACTIVE";
     /// `Array<u32>` per generation: IPv4 stride table root, indexed by
     /// direction * 65536 + the address's top 16 bits (see `V4_NODE`).
@@ -42,7 +43,7 @@ pub mod maps {
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     /// `PerCpuArray<Counter>` per generation, indexed by rule slot.
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
-    /// `Array<Settings>` with a single entry.
+    /// `Array<Settings>`, one entry per generation (2).
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<FlowKey4, Flow>`: IPv4 flows the host opened (connection
     /// table). One table per family, so each key is as small as its 5-tuple.

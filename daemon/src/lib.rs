@@ -10,14 +10,23 @@
 //!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
 //!   connection table, test runs, links and open sockets.
 //! - [`denylist`]: deny sets, their files and the tries' values (pure).
-//! - [`events`]: drop events from the ring buffer, for status and watch.
+//! - [`events`]: drop events from the ring buffer, for status and watch
+//!   (read through aya's ring buffer; no bpf(2) call of its own).
+//! - [`readiness`]: whether SSH with a key works now (model, host probes,
+//!   the systemd watcher).
+//! - [`metrics`]: the Prometheus/OpenMetrics text of `/v1/metrics`.
+//! - [`client`]: the CLI's HTTP client over the Unix socket.
+//! - [`fallback`]: the nftables policy applied when enforcement cannot start.
+//! - [`journal`]: logging to the journal (priorities, plain values).
+//! - [`fuzzing`]: entry points the fuzz targets and their replay share.
 //! - [`reload`]: runtime changes against the configuration's baseline (pure).
 //! - [`host`]: host probes at start-up (bpffs, groups) and memory release.
 //! - [`model`]: the plain types the layers share (mode, pending change,
 //!   connections, links and their selector) (pure).
 //! - [`links`] (`dataplane::links`): which interfaces to protect; watching for new ones.
 //! - [`sshkeys`]: SSH key validation and injection into authorized_keys.
-//! - [`state`]: the live rule set on disk, written atomically (pure I/O).
+//! - [`state`]: what survives a restart (live set, baseline, pending change,
+//!   mode, deny sets), written atomically (pure I/O).
 //! - [`sockets`] (`dataplane::sockets`): the kernel's open connections (sock_diag).
 //! - [`testrun`] (`dataplane::testrun`): runs a loaded program on a crafted packet.
 

@@ -1,4 +1,5 @@
-//! The connection table: flows this host opened, recorded on egress (TC) and
+//! The connection tables (per family: `CONNTRACK4` keyed by a 16-byte IPv4
+//! 5-tuple, `CONNTRACK6` by a 40-byte one): flows this host opened, recorded on egress (TC) and
 //! matched on ingress (XDP), so replies to outbound traffic come back in
 //! while new inbound traffic still meets the policy.
 //!
@@ -9,7 +10,7 @@
 //! subject to the rules (the daemon seeds connections that predate it).
 //!
 //! Inbound traffic the rules admit (a rule, a peer, the SSH exemption) is
-//! recorded too, in a table of its own (`INBOUND`): such an entry never
+//! recorded too, in tables of their own (`INBOUND4`/`INBOUND6`): such an entry never
 //! admits an inbound packet (each one meets the rules, so removing a rule
 //! stops the flow at once); it is what lets this host's replies out under an
 //! egress allowlist (with the rules still admitting the flow) and what an
@@ -22,7 +23,7 @@
 //! (which anyone who knows or guesses the 4-tuple can forge, since no
 //! sequence numbers are checked) leaves the state as it is.
 //!
-//! Entries age by protocol and state ([`flow_timeout_ns`]); the map is an LRU
+//! Entries age by protocol and state ([`flow_timeout_ns`]); each map is an LRU
 //! hash, so a full table evicts the least recently used entry and a new
 //! inbound packet without an entry is simply not matched (fails closed).
 
@@ -110,9 +111,9 @@ pub enum Dir {
 /// Who opened a flow, and so which table holds it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    /// This host (`CONNTRACK`).
+    /// This host (`CONNTRACK4`/`CONNTRACK6`).
     Out,
-    /// A remote host the rules admitted (`INBOUND`).
+    /// A remote host the rules admitted (`INBOUND4`/`INBOUND6`).
     In,
 }
 

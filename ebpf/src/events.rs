@@ -1,5 +1,5 @@
 //! Stage 5 (drops only): report. A dropped packet's addresses, ports,
-//! protocol and reason go to the `EVENTS` ring buffer, at most
+//! protocol, reason, direction and interface index go to the `EVENTS` ring buffer, at most
 //! `EVENTS_PER_SECOND_PER_CPU` a second per CPU (a token bucket in a per-CPU
 //! array), so a flood costs a counter, not a ring buffer full of copies.
 //! The verdict never depends on this: a full ring buffer only loses events.

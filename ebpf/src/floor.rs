@@ -14,14 +14,15 @@
 //! | `floor_counter`  | one per-CPU counter update (as a verdict or rule counter)    |
 //! | `floor_lru_hit`  | one LRU hash lookup of a `FlowKey` that is present           |
 //! | `floor_lru_miss` | one LRU hash lookup of a `FlowKey` that is absent            |
-//! | `floor_ktime`    | one `bpf_ktime_get_ns` (conntrack refresh, the event budget) |
-//! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (the cheaper clock, to compare) |
+//! | `floor_ktime`    | one `bpf_ktime_get_ns` (the exact clock, to compare)         |
+//! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (conntrack refresh, the event budget) |
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //!
 //! The LRU map has the connection table's key and value types, size and
-//! flags (`CONNTRACK` in `conntrack.rs`: `FlowKey` -> `Flow`,
-//! `CONNTRACK_DEFAULT_ENTRIES`, no flags). The key is built on the stack
+//! flags (`CONNTRACK6` in `conntrack.rs`: `FlowKey` -> `Flow`,
+//! `CONNTRACK_DEFAULT_ENTRIES`, no flags; `FLOOR_LRU16` stands in for
+//! `CONNTRACK4`'s 16-byte key). The key is built on the stack
 //! from constants: building it from the packet is the parse floor's part.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]

@@ -1,7 +1,7 @@
 //! Portcullis data path: three programs (XDP ingress, multi- and
-//! single-buffer; TC egress) over six modules. Each packet goes through
-//! short stages: parse (`parse`), look up and decide (`conntrack`, `rules`,
-//! `policy`), count (`maps`), and report a drop (`events`).
+//! single-buffer; TC egress) over seven modules. Each packet goes through
+//! short stages: parse (`parse`), look up and decide (`conntrack`, `deny`,
+//! `rules`, `policy`), count (`maps`), and report a drop (`events`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

@@ -1,8 +1,10 @@
 //! Stage 2: decide. A function of the parsed frame, the connection table and
 //! the maps the control plane wrote; every branch ends in exactly one
-//! [`Reason`]. The order is: flows this host opened, then what a host always
-//! needs (neighbour discovery, DHCP replies to its own requests, ICMP errors
-//! about its tracked flows), then the rules. What the rules admit is
+//! [`Reason`]. The order (ingress): flows this host opened (`established`,
+//! called first by `main.rs`), later fragments, what a host always needs
+//! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
+//! its tracked flows), the deny sets (`deny::denied`), the rules, and last
+//! the ping setting for an echo request no rule admitted. What the rules admit is
 //! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
 
 use portcullis_common::{

@@ -1,5 +1,5 @@
-//! The commands other than rules, status and watch: modes, peers, confirm,
-//! counters, the audit log, SSH keys, docs.
+//! The commands other than rules, deny sets, status and watch: modes,
+//! peers, confirm, counters, the audit log, SSH keys, docs.
 
 use std::io::Write as _;
 

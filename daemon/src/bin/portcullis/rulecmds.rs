@@ -1,4 +1,4 @@
-//! `rules list|add|remove|apply` and the ufw-style `allow`.
+//! `rules list|add|remove|apply|save` and the ufw-style `allow`.
 
 use anyhow::Context as _;
 use hyper::Method;
