@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Api, ApiError, Caller};
 use crate::{
-    core::{DenyChanged, DenySetView},
+    core::{ChangeError, Core, DenyChanged, DenySetView},
     denylist::{self, Entry},
     model::unix_now,
 };
@@ -122,15 +122,7 @@ pub(super) async fn add(
     if body.entries.is_empty() {
         return Err(invalid("entries: nothing to add".into()));
     }
-    let prefixes: Vec<String> = body.entries.iter().map(|e| e.prefix.clone()).collect();
-    let label = what("add", &set, &prefixes);
-    let parsed = entries(&body.entries);
-    api.write(&caller, &label, |core| {
-        let parsed = parsed.map_err(|e| crate::core::ChangeError::Config(e.1))?;
-        core.deny_add(&set, &parsed)
-    })
-    .await
-    .map(Json)
+    write_entries(&api, &caller, "add", &set, &body.entries, Core::deny_add).await
 }
 
 pub(super) async fn replace(
@@ -140,12 +132,34 @@ pub(super) async fn replace(
     body: Result<Json<DenyEntries>, JsonRejection>,
 ) -> Result<Json<DenyChanged>, ApiError> {
     let Json(body) = body?;
-    let prefixes: Vec<String> = body.entries.iter().map(|e| e.prefix.clone()).collect();
-    let label = what("replace", &set, &prefixes);
-    let parsed = entries(&body.entries);
-    api.write(&caller, &label, |core| {
+    write_entries(
+        &api,
+        &caller,
+        "replace",
+        &set,
+        &body.entries,
+        Core::deny_replace,
+    )
+    .await
+}
+
+/// Adds or replaces `items` in `set` as one audited write (labelled with
+/// `verb`); an entry that does not parse is refused inside the write, so
+/// the refusal is audited too.
+async fn write_entries(
+    api: &Api,
+    caller: &Caller,
+    verb: &str,
+    set: &str,
+    items: &[DenyItem],
+    op: fn(&mut Core, &str, &[Entry]) -> Result<DenyChanged, ChangeError>,
+) -> Result<Json<DenyChanged>, ApiError> {
+    let prefixes: Vec<String> = items.iter().map(|e| e.prefix.clone()).collect();
+    let label = what(verb, set, &prefixes);
+    let parsed = entries(items);
+    api.write(caller, &label, |core| {
         let parsed = parsed.map_err(|e| crate::core::ChangeError::Config(e.1))?;
-        core.deny_replace(&set, &parsed)
+        op(core, set, &parsed)
     })
     .await
     .map(Json)
