@@ -16,8 +16,10 @@ use crate::{conntrack::now, parse::Ip};
 pub static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);
 
 /// Per CPU: (start of the current one-second window, events in it).
+/// Pinned like every other map, so a restarted daemon can adopt the pinned
+/// programs (which use it) knowing they use only the maps pinned now.
 #[map]
-static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::with_max_entries(1, 0);
+static EVENT_BUDGET: PerCpuArray<[u64; 2]> = PerCpuArray::pinned(1, 0);
 
 const SECOND: u64 = 1_000_000_000;
 

@@ -354,6 +354,28 @@ fn enforcement_survives_sigkill_and_restart_adopts_pins() {
         log.contains("attach=Adopted"),
         "restart did not adopt the pinned link:\n{log}"
     );
+    // Same build, same maps: the pinned programs are adopted, not verified
+    // again, and the link keeps running the very same program.
+    assert!(
+        log.contains("adopted=true"),
+        "restart verified the programs again:\n{log}"
+    );
+    let (link2, prog2) = env.pins.xdp_link(HOST_IFACE).unwrap();
+    assert_eq!(link2, link, "a second link was created");
+    assert_eq!(prog2, prog, "the adopted program was not the pinned one");
+
+    // Without the program pins (another build's daemon left none of this
+    // build), the restart verifies anew and swaps the new program in under
+    // the same link.
+    env.daemon.take().unwrap().kill();
+    std::fs::remove_dir_all(env.pins.path().join("programs")).unwrap();
+    env.start();
+    let log = env.daemon.as_ref().unwrap().log();
+    assert!(log.contains("adopted=false"), "{log}");
+    assert!(
+        log.contains("attach=Adopted"),
+        "restart did not adopt the pinned link:\n{log}"
+    );
     let (link2, prog2) = env.pins.xdp_link(HOST_IFACE).unwrap();
     assert_eq!(link2, link, "a second link was created");
     assert_ne!(
@@ -374,6 +396,43 @@ fn enforcement_survives_sigkill_and_restart_adopts_pins() {
     for r in Reason::ALL {
         assert!(after[&r] >= before[&r], "counter {} went back", r.name());
     }
+    env.check_port(false, UNLISTED, false, Reason::PassRule);
+    env.check_port(false, LISTED, true, Reason::PassRule);
+}
+
+/// A restart never adopts programs bound to maps that were re-created: they
+/// would read tables nobody writes. Removing one pinned map stands in for a
+/// layout upgrade or a resized table; the restart verifies the programs
+/// anew and the rules still hold.
+#[test]
+fn restart_over_recreated_maps_verifies_the_programs_anew() {
+    require_root!();
+    let mut env = Env::new(false);
+    for port in [LISTED, UNLISTED] {
+        TcpServer::start(&env.pair.host, sock(HOST_V4, port)).unwrap();
+    }
+    env.start();
+    let (_, prog) = env.pins.xdp_link(HOST_IFACE).unwrap();
+    env.daemon.take().unwrap().kill();
+    let maps = std::fs::read_dir(env.pins.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("maps-v"))
+        })
+        .expect("a maps directory");
+    std::fs::remove_file(maps.join("FRAGMENTS")).unwrap();
+
+    env.start();
+    let log = env.daemon.as_ref().unwrap().log();
+    assert!(
+        log.contains("adopted=false") && log.contains("no longer pinned"),
+        "programs bound to a re-created map were adopted:\n{log}"
+    );
+    let (_, prog2) = env.pins.xdp_link(HOST_IFACE).unwrap();
+    assert_ne!(prog2, prog, "the old program still runs");
     env.check_port(false, UNLISTED, false, Reason::PassRule);
     env.check_port(false, LISTED, true, Reason::PassRule);
 }

@@ -477,7 +477,11 @@ fn load_dataplane(
     pin_dir: &Path,
     limits: &portcullis::compile::Limits,
 ) -> anyhow::Result<Dataplane> {
-    let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(pin_dir)];
+    let pin_dirs = [
+        pin_dir.join("links"),
+        pin_dir.join("programs"),
+        dataplane::maps_dir(pin_dir),
+    ];
     portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
     let dataplane = Dataplane::load_with_deny(
         pin_dir,
@@ -523,6 +527,7 @@ async fn start(
     let dataplane = load_dataplane(config, &pin_dir, &limits)?;
     info!(
         program = dataplane.ingress_program(),
+        adopted = dataplane.programs_adopted(),
         ms = t.elapsed().as_secs_f64() * 1e3,
         "XDP ingress program loaded"
     );

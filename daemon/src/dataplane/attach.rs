@@ -18,7 +18,7 @@ use aya::programs::{
 use portcullis_common::programs;
 use tracing::{info, warn};
 
-use super::{Dataplane, egress, ingress, sys};
+use super::{Dataplane, sys};
 use crate::model::TcAttachMode;
 
 /// Priority and handle of our clsact egress filter (the clsact path).
@@ -40,7 +40,7 @@ impl Dataplane {
     /// there is one, attaches and pins a new link otherwise.
     pub fn attach_ingress(&mut self, ifname: &str) -> anyhow::Result<Attach> {
         let pin = link_pin(&self.pin_dir, "xdp", ifname);
-        let prog = ingress(&mut self.ebpf, self.ingress_program)?;
+        let prog = &mut self.programs.ingress;
         if pin.exists() {
             match adopt(prog, &pin) {
                 Ok(()) => return Ok(Attach::Adopted),
@@ -53,7 +53,7 @@ impl Dataplane {
             }
         }
         let c_name = CString::new(ifname).context("interface name contains NUL")?;
-        let single_buffer = self.ingress_program == programs::INGRESS_SINGLE;
+        let single_buffer = self.programs.ingress_name == programs::INGRESS_SINGLE;
         let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
             Ok(id) => id,
             // A single-buffer program cannot run natively where frames do
@@ -87,7 +87,7 @@ impl Dataplane {
             TcAttachMode::Auto => kernel_has_tcx(),
         };
         let c_name = CString::new(ifname).context("interface name contains NUL")?;
-        let prog = egress(&mut self.ebpf)?;
+        let prog = &mut self.programs.egress;
         if !use_tcx {
             return attach_clsact(prog, &c_name);
         }

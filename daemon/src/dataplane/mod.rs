@@ -3,6 +3,7 @@
 //! pinned, and write the policy maps. By concern:
 //!
 //! - this module: load, and apply a compiled image (the generation switch);
+//! - `programs`: verify and load the programs, or adopt the pinned ones;
 //! - `attach`: attach, adopt, pin and detach links; the pin directories;
 //! - `mapio`: raw map I/O (mapped arrays, batch writes, key walks);
 //! - `counters`: the per-CPU counters, summed;
@@ -30,6 +31,9 @@
 //! <pin_dir>/maps-vN/DENY_V4, DENY_V6 the deny sets' prefixes (set id, expiry)
 //! <pin_dir>/maps-vN/DENY_EXEMPT_V4, DENY_EXEMPT_V6, DENY_STATS
 //!                                the admin networks no ban applies to; drops per set
+//! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
+//!                                the programs, adopted by a restart of the same
+//!                                build over the same maps (`programs`)
 //! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
@@ -48,6 +52,7 @@ mod deny;
 mod flows;
 pub mod links;
 mod mapio;
+mod programs;
 pub mod sockets;
 pub mod sys;
 pub mod testrun;
@@ -62,10 +67,8 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
-    programs::{SchedClassifier, Xdp},
 };
-use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps, programs};
-use tracing::warn;
+use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
 use attach::ensure_bpffs;
 pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
@@ -86,8 +89,8 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The loaded eBPF object with its maps pinned under `pin_dir/maps-vN`.
 pub struct Dataplane {
     ebpf: Ebpf,
-    /// The XDP program loaded (multi- or single-buffer).
-    ingress_program: &'static str,
+    /// The ingress and egress programs, loaded or adopted.
+    programs: programs::Programs,
     pin_dir: PathBuf,
     /// Audit/open mode: pass what would be dropped (counted). Takes effect
     /// with the next `apply`.
@@ -159,13 +162,10 @@ impl Dataplane {
                 maps_dir.display()
             )
         })?;
-        let ingress_program = load_ingress(&mut ebpf, xdp)?;
-        egress(&mut ebpf)?
-            .load()
-            .with_context(|| format!("the kernel refused program {}", programs::EGRESS))?;
+        let programs = programs::obtain(&mut ebpf, EBPF_OBJECT, pin_dir, &maps_dir, xdp)?;
         Ok(Self {
             ebpf,
-            ingress_program,
+            programs,
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
             v6_written: [None, None],
@@ -187,7 +187,13 @@ impl Dataplane {
 
     /// The XDP program variant loaded.
     pub fn ingress_program(&self) -> &'static str {
-        self.ingress_program
+        self.programs.ingress_name
+    }
+
+    /// Whether the programs were adopted from an earlier daemon's pins
+    /// (same build, same maps) rather than verified by this start.
+    pub fn programs_adopted(&self) -> bool {
+        self.programs.adopted
     }
 
     /// The live generation of the rule maps (0 or 1).
@@ -335,11 +341,8 @@ impl Dataplane {
     pub fn program_fd(&mut self, program: Program) -> anyhow::Result<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd as _;
         let fd = match program {
-            Program::Ingress => ingress(&mut self.ebpf, self.ingress_program)?
-                .fd()?
-                .as_fd()
-                .try_clone_to_owned()?,
-            Program::Egress => egress(&mut self.ebpf)?.fd()?.as_fd().try_clone_to_owned()?,
+            Program::Ingress => self.programs.ingress.fd()?.as_fd().try_clone_to_owned()?,
+            Program::Egress => self.programs.egress.fd()?.as_fd().try_clone_to_owned()?,
         };
         Ok(fd)
     }
@@ -349,38 +352,6 @@ impl Dataplane {
 fn generation(names: [&'static str; 2], g: usize) -> &'static str {
     let [zero, one] = names;
     if g & 1 == 0 { zero } else { one }
-}
-
-fn egress(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
-    let prog = ebpf
-        .program_mut(programs::EGRESS)
-        .ok_or_else(|| anyhow!("program {} missing from the eBPF object", programs::EGRESS))?;
-    Ok(prog.try_into()?)
-}
-
-fn ingress<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
-    Ok(prog.try_into()?)
-}
-
-/// Loads the XDP program `choice` asks for; returns its name.
-fn load_ingress(ebpf: &mut Ebpf, choice: XdpProgram) -> anyhow::Result<&'static str> {
-    let load = |ebpf: &mut Ebpf, name: &'static str| -> anyhow::Result<&'static str> {
-        ingress(ebpf, name)?
-            .load()
-            .with_context(|| format!("the kernel refused program {name}"))?;
-        Ok(name)
-    };
-    match choice {
-        XdpProgram::Frags => load(ebpf, programs::INGRESS),
-        XdpProgram::SingleBuffer => load(ebpf, programs::INGRESS_SINGLE),
-        XdpProgram::Auto => load(ebpf, programs::INGRESS).or_else(|e| {
-            warn!(error = %format!("{e:#}"), "multi-buffer XDP refused (kernel before 5.18?); using the single-buffer program");
-            load(ebpf, programs::INGRESS_SINGLE)
-        }),
-    }
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

@@ -305,6 +305,11 @@ fn main() -> anyhow::Result<()> {
     for dev in ["bench0", "bench1", "lo"] {
         ip(&["link", "set", dev, "up"])?;
     }
+    // PORTCULLIS_BENCH_ONLY=start: only the daemon's start and restart.
+    if std::env::var("PORTCULLIS_BENCH_ONLY").is_ok_and(|v| v == "start") {
+        start::print(&start::measure("bench1")?);
+        return Ok(());
+    }
     let sizes: Vec<usize> = match std::env::var("PORTCULLIS_BENCH_SIZES") {
         Ok(list) => list
             .split(',')
