@@ -77,6 +77,14 @@ pub mod maps {
     pub const DENY_EXEMPT_V6: &str = "DENY_EXEMPT_V6";
     /// `PerCpuArray<Counter>` indexed by deny set id: what each set dropped.
     pub const DENY_STATS: &str = "DENY_STATS";
+    /// `PerCpuHashMap<VolumeKey, Counter>`: what left this host per
+    /// destination (packets count segments of offloaded frames). A plain
+    /// hash, not an LRU: a full table evicts nothing, it counts the rest in
+    /// `EGRESS_VOLUME_OVERFLOW`; the daemon drains idle entries.
+    pub const EGRESS_VOLUME: &str = "EGRESS_VOLUME";
+    /// `PerCpuArray<Counter>`, 1 entry: egress traffic to destinations that
+    /// found `EGRESS_VOLUME` full.
+    pub const EGRESS_VOLUME_OVERFLOW: &str = "EGRESS_VOLUME_OVERFLOW";
 }
 
 /// Names of the programs in the eBPF object.
@@ -399,6 +407,26 @@ pub const SETTING_EGRESS_ALLOWLIST: u32 = 1 << 2;
 /// Audit (or open) mode: decide and count as usual, but pass what would be
 /// dropped (counted under its drop reason and `PassAudit`).
 pub const SETTING_PASS_ALL: u32 = 1 << 3;
+/// Count what passes egress per destination (`maps::EGRESS_VOLUME`).
+pub const SETTING_EGRESS_VOLUME: u32 = 1 << 4;
+
+/// A destination of egress volume: the address (IPv6 cut to its /64, the
+/// rest zero), the destination port (TCP and UDP; 0 otherwise), protocol
+/// and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct VolumeKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Destinations `EGRESS_VOLUME` holds at once.
+pub const EGRESS_DESTINATIONS: u32 = 4096;
+/// Prefix length an IPv6 destination is counted under (an interface
+/// identifier may rotate within its /64).
+pub const VOLUME_V6_PREFIX: usize = 64;
 
 // ---- The rule engine's maps -------------------------------------------------
 //
@@ -588,6 +616,8 @@ mod pod {
     unsafe impl aya::Pod for super::Segment {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::DenyEntry {}
+    // SAFETY: plain #[repr(C)] struct of a byte array and integers, no padding.
+    unsafe impl aya::Pod for super::VolumeKey {}
 }
 
 #[cfg(test)]
@@ -625,5 +655,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
         assert_eq!(core::mem::size_of::<DenyEntry>(), 16);
+        assert_eq!(core::mem::size_of::<VolumeKey>(), 20);
     }
 }

@@ -726,6 +726,9 @@ pub struct Status {
     /// does not (a reload refuses to drop them; `rules save` keeps them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runtime_changes: Vec<String>,
+    /// Egress volume per destination, when counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_volume: Option<crate::core::VolumeStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -812,6 +815,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         },
     };
     let counters = reason_counts(&core)?;
+    read_volume(&api, &mut core);
     Ok(Json(Status {
         enforcing: core.protected(),
         generation: core.generation(),
@@ -838,7 +842,41 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         }),
         last_rollback: core.last_rollback().cloned(),
         runtime_changes: core.runtime_changes(),
+        egress_volume: core.volume_on().then(|| core.volume_status()),
     }))
+}
+
+/// Reads egress volume into the core's ledger and raises what it finds: a
+/// destination over the alert volume (journal warning, `watch` event), and
+/// traffic the data path's table had no room for.
+pub fn read_volume(api: &Api, core: &mut Core) {
+    match core.volume_read() {
+        Ok((alerts, overflow)) => {
+            for a in &alerts {
+                let d = &a.destination;
+                tracing::warn!(
+                    destination = %d.destination,
+                    protocol = %d.protocol,
+                    port = d.port,
+                    bytes = d.window_bytes,
+                    limit = a.limit,
+                    interval_secs = a.interval_secs,
+                    "egress volume: a destination passed the alert volume"
+                );
+                api.feed.notify(crate::events::Event::volume_alert(a));
+            }
+            if overflow.packets > 0 {
+                tracing::warn!(
+                    packets = overflow.packets,
+                    bytes = overflow.bytes,
+                    "egress volume: the destination table was full; this traffic is counted only as overflow"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "egress volume: cannot read the data path's table")
+        }
+    }
 }
 
 /// The verdict counters by reason name.
@@ -1059,6 +1097,7 @@ async fn metrics(
                 (v.set, v.count, c)
             })
             .collect(),
+        egress_volume: core.volume_on().then(|| core.volume_status()),
     };
     Ok((
         [(

@@ -59,6 +59,9 @@ pub struct Config {
     /// Map capacities: how large a rule set the data path can hold.
     #[serde(default)]
     pub capacity: Capacity,
+    /// Egress volume per destination: counted, shown, alerted on.
+    #[serde(default)]
+    pub egress_volume: EgressVolume,
     /// Admit inbound ICMP/ICMPv6 echo requests (pings). Replies to this
     /// host's own pings are always admitted.
     #[serde(default)]
@@ -218,6 +221,62 @@ pub struct Capacity {
     /// until filled). Read at start.
     pub deny_v4_prefixes: u32,
     pub deny_v6_prefixes: u32,
+}
+
+/// `[egress_volume]`: what left this host per destination (address, IPv6
+/// /64, port, protocol), kept by the data path in a bounded table that the
+/// daemon reads every few seconds; see `volume.rs`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressVolume {
+    /// Count it (one hash update per passed egress packet).
+    pub enabled: bool,
+    /// Alert windows, seconds.
+    pub interval_secs: u64,
+    /// Alert (journal warning, `watch` event) when a destination sends more
+    /// than this many bytes within one window; 0: never.
+    pub alert_bytes: u64,
+    /// How many destinations `status` and the metrics show.
+    pub top: usize,
+}
+
+impl Default for EgressVolume {
+    fn default() -> Self {
+        EgressVolume {
+            enabled: true,
+            interval_secs: 60,
+            alert_bytes: 0,
+            top: 10,
+        }
+    }
+}
+
+impl EgressVolume {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !(1..=86_400).contains(&self.interval_secs) {
+            bail!(
+                "egress_volume: interval_secs: {} is out of range (1 to 86400)",
+                self.interval_secs
+            );
+        }
+        if !(1..=1000).contains(&self.top) {
+            bail!(
+                "egress_volume: top: {} is out of range (1 to 1000)",
+                self.top
+            );
+        }
+        Ok(())
+    }
+
+    /// The ledger's settings.
+    pub fn settings(&self) -> crate::volume::Settings {
+        crate::volume::Settings {
+            interval_secs: self.interval_secs,
+            alert_bytes: (self.alert_bytes > 0).then_some(self.alert_bytes),
+            top: self.top,
+            ..crate::volume::Settings::default()
+        }
+    }
 }
 
 impl Default for Capacity {
@@ -469,6 +528,7 @@ impl Config {
             health.validate()?;
         }
         self.api.validate()?;
+        self.egress_volume.validate()?;
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
                 "conntrack_entries: {} is out of range (256 to 16777216)",
@@ -802,6 +862,7 @@ ip_ranges = []
                 ..ApiConfig::default()
             },
             capacity: Capacity::default(),
+            egress_volume: EgressVolume::default(),
             allow_ping: false,
             conntrack_entries: 256,
             tc_attach: TcAttachMode::Auto,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod volume;
 
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
@@ -24,6 +25,7 @@ use crate::{
     state::Store,
 };
 pub use deny::{DenyChanged, DenyListed, DenySetView};
+pub use volume::VolumeStatus;
 
 /// Why a change was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, Error)]
@@ -274,6 +276,9 @@ pub struct Core {
     config: Option<(std::path::PathBuf, crate::config::Config)>,
     /// The deny sets (see `core/deny.rs`).
     deny: crate::denylist::Sets,
+    /// Egress volume per destination (see `core/volume.rs`).
+    volume: crate::volume::Ledger,
+    volume_on: bool,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -367,6 +372,8 @@ impl Core {
             actor: Actor::default(),
             config: None,
             deny: Default::default(),
+            volume: Default::default(),
+            volume_on: false,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {

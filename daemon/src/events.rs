@@ -30,6 +30,34 @@ pub struct Event {
     pub source_port: u16,
     pub destination_port: u16,
     pub reason: std::borrow::Cow<'static, str>,
+    /// What else there is to say (an alert's figures); empty for a drop.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+/// The `reason` of an egress volume alert.
+pub const EGRESS_VOLUME_ALERT: &str = "alert_egress_volume";
+
+impl Event {
+    /// An egress volume alert, as `watch` shows it.
+    pub fn volume_alert(a: &crate::volume::Alert) -> Event {
+        let d = &a.destination;
+        Event {
+            time_ms: crate::model::unix_now().saturating_mul(1000),
+            direction: "egress".into(),
+            interface: String::new(),
+            source: String::new(),
+            destination: d.destination.clone(),
+            protocol: 0,
+            source_port: 0,
+            destination_port: d.port,
+            reason: EGRESS_VOLUME_ALERT.into(),
+            detail: format!(
+                "{} {} bytes in this {} s window, over the alert volume of {} bytes",
+                d.protocol, d.window_bytes, a.interval_secs, a.limit
+            ),
+        }
+    }
 }
 
 fn addr(family: u8, bytes: [u8; 16]) -> IpAddr {
@@ -70,6 +98,7 @@ impl Event {
             source_port: e.sport,
             destination_port: e.dport,
             reason: reason.into(),
+            detail: String::new(),
         }
     }
 }
@@ -102,6 +131,12 @@ impl Feed {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.tx.subscribe()
+    }
+
+    /// Tells `status` and every `watch` of an event the daemon raised
+    /// itself (an alert).
+    pub fn notify(&self, e: Event) {
+        self.push(e);
     }
 
     fn push(&self, e: Event) {

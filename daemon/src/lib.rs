@@ -29,6 +29,7 @@
 //!   mode, deny sets), written atomically (pure I/O).
 //! - [`sockets`] (`dataplane::sockets`): the kernel's open connections (sock_diag).
 //! - [`testrun`] (`dataplane::testrun`): runs a loaded program on a crafted packet.
+//! - [`volume`]: egress volume per destination: totals, top-N, alerts (pure).
 
 // No panic reachable from input in the daemon (issue 14): where one of these
 // is allowed, a comment beside it proves why it cannot fire.
@@ -64,6 +65,7 @@ pub mod reload;
 pub mod rules;
 pub mod sshkeys;
 pub mod state;
+pub mod volume;
 
 // Kernel-facing modules live under `dataplane/`; their old paths stay.
 pub use dataplane::{links, sockets, sys as bpfsys, testrun};

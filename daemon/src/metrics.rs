@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub conntrack: Option<(usize, u32)>,
     /// Deny sets: name, entries, and what each dropped.
     pub deny_sets: Vec<(String, usize, Count)>,
+    /// Egress volume (when counted): the top destinations and the overflow.
+    pub egress_volume: Option<crate::core::VolumeStatus>,
 }
 
 /// The `mode` label of each mode.
@@ -109,6 +111,33 @@ fn state_gauges(r: &mut Registry, s: &Snapshot) {
     }
 }
 
+/// The top destinations of egress volume (a bounded label set: only the
+/// configured top-N), and the traffic the data path's table had no room for.
+fn egress_volume(r: &mut Registry, v: &crate::core::VolumeStatus) {
+    let bytes = Family::<Labels, Counter>::default();
+    for d in &v.top {
+        bytes
+            .get_or_create(&vec![
+                ("destination".to_owned(), d.destination.clone()),
+                ("protocol".to_owned(), d.protocol.clone()),
+                ("port".to_owned(), d.port.to_string()),
+            ])
+            .inc_by(d.bytes);
+    }
+    r.register(
+        "portcullis_egress_bytes",
+        "Bytes sent to each of the top destinations since the daemon started",
+        bytes,
+    );
+    let overflow = Counter::<u64>::default();
+    overflow.inc_by(v.overflow_bytes);
+    r.register(
+        "portcullis_egress_overflow_bytes",
+        "Egress bytes not counted per destination: the table was full",
+        overflow,
+    );
+}
+
 /// The exposition text of `s`.
 pub fn render(s: &Snapshot) -> String {
     let mut r = Registry::default();
@@ -175,6 +204,9 @@ pub fn render(s: &Snapshot) -> String {
         "Entries in each deny set",
         entries,
     );
+    if let Some(v) = &s.egress_volume {
+        egress_volume(&mut r, v);
+    }
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &r);
@@ -256,6 +288,7 @@ mod tests {
                     bytes: 240,
                 },
             )],
+            egress_volume: None,
         };
         let text = render(&s);
         for line in [

@@ -1,7 +1,8 @@
 //! Portcullis data path: three programs (XDP ingress, multi- and
-//! single-buffer; TC egress) over seven modules. Each packet goes through
+//! single-buffer; TC egress) over eight modules. Each packet goes through
 //! short stages: parse (`parse`), look up and decide (`conntrack`, `deny`,
-//! `rules`, `policy`), count (`maps`), and report a drop (`events`).
+//! `rules`, `policy`), count (`maps`; egress volume per destination:
+//! `volume`), and report a drop (`events`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -19,6 +20,8 @@ mod parse;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod rules;
+#[cfg(target_arch = "bpf")]
+mod volume;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -28,12 +31,13 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use portcullis_common::{
-        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PASS_ALL,
+        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_EGRESS_VOLUME,
+        SETTING_PASS_ALL,
     };
 
     use aya_ebpf::EbpfContext as _;
 
-    use crate::{events, maps, parse, policy, rules};
+    use crate::{events, maps, parse, policy, rules, volume};
 
     /// The live generation and its settings, read once for this packet.
     #[inline(always)]
@@ -115,6 +119,15 @@ mod programs {
         unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
     }
 
+    /// The packets an egress frame will leave as: its segments when the
+    /// stack hands down one large offloaded frame (GSO), else 1.
+    #[inline(always)]
+    fn skb_segments(ctx: &TcContext) -> u64 {
+        // SAFETY: as in `skb_ifindex`; `gso_segs` is a readable field.
+        let segs = unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).gso_segs };
+        u64::from(segs.max(1))
+    }
+
     /// TC egress: records the flows this host opens and, when the egress
     /// allowlist is on, drops what it does not admit. A pass is "continue"
     /// (TC_ACT_UNSPEC): later programs on the hook (TCX or clsact) still run.
@@ -143,6 +156,8 @@ mod programs {
         maps::count(reason, bytes);
         if !reason.passes() {
             events::report(&ip, reason, DIR_EGRESS, skb_ifindex(&ctx));
+        } else if c.settings.flags & SETTING_EGRESS_VOLUME != 0 {
+            volume::count(&ip, bytes, skb_segments(&ctx));
         }
         if reason.passes() || audited(&c, bytes) {
             TC_ACT_UNSPEC

@@ -279,6 +279,9 @@ async fn spawn_services(
         tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
     tokio::spawn(sweep_deny_sets(api.core.clone()));
+    if config.egress_volume.enabled {
+        tokio::spawn(read_egress_volume(api.clone()));
+    }
     let listener = api::bind(socket, readers_gid.or(writers_gid))?;
     let server = tokio::spawn(api::serve(listener, api.clone()));
     Ok(Services { api, server })
@@ -293,6 +296,16 @@ async fn sweep_deny_sets(core: core::Shared) {
         if let Err(e) = core.lock().await.deny_sweep() {
             error!(error = %e, "deny sets: cannot remove expired entries");
         }
+    }
+}
+
+/// Reads egress volume every few seconds: frees idle entries of the data
+/// path's table and raises alerts (the status request reads it too).
+async fn read_egress_volume(api: api::Api) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        api::read_volume(&api, &mut *api.core.lock().await);
     }
 }
 
@@ -524,7 +537,8 @@ async fn start(
         restored, "live rule set chosen"
     );
     let limits = config.capacity.limits();
-    let dataplane = load_dataplane(config, &pin_dir, &limits)?;
+    let mut dataplane = load_dataplane(config, &pin_dir, &limits)?;
+    dataplane.egress_volume = config.egress_volume.enabled;
     info!(
         program = dataplane.ingress_program(),
         adopted = dataplane.programs_adopted(),
@@ -543,6 +557,8 @@ async fn start(
     )
     .context("making the rules live")?;
     core.configured(config_path, config.clone(), restored)?;
+    let volume = &config.egress_volume;
+    core.volume_configure(volume.enabled.then(|| volume.settings()));
     info!(generation, hash = core.hash(), "rules live");
     // Bans before any new link: a restart keeps every saved ban in force.
     let bans = core.restore_deny().context("restoring the deny sets")?;

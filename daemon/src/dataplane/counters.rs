@@ -9,7 +9,7 @@ use portcullis_common::{Counter, Reason, maps};
 use super::{Dataplane, generation, map_mut, maps_dir};
 
 /// One counter summed over the CPUs.
-fn sum(per_cpu: &PerCpuValues<Counter>) -> Counter {
+pub(super) fn sum(per_cpu: &PerCpuValues<Counter>) -> Counter {
     per_cpu.iter().fold(Counter::default(), |a, c| Counter {
         packets: a.packets + c.packets,
         bytes: a.bytes + c.bytes,

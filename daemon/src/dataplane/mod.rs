@@ -9,6 +9,7 @@
 //! - `counters`: the per-CPU counters, summed;
 //! - `flows`: the connection table (seed, look up, cut);
 //! - `deny`: the deny sets' tries, their admin exemption and counters;
+//! - `volume`: egress volume per destination (read, idle entries deleted);
 //! - [`sys`]: the one `bpf(2)` wrapper and the `bpf_attr` layouts it takes;
 //! - [`testrun`]: `BPF_PROG_TEST_RUN` on a crafted packet;
 //! - [`sockets`]: the kernel's open connections (`sock_diag`);
@@ -31,6 +32,8 @@
 //! <pin_dir>/maps-vN/DENY_V4, DENY_V6 the deny sets' prefixes (set id, expiry)
 //! <pin_dir>/maps-vN/DENY_EXEMPT_V4, DENY_EXEMPT_V6, DENY_STATS
 //!                                the admin networks no ban applies to; drops per set
+//! <pin_dir>/maps-vN/EGRESS_VOLUME, EGRESS_VOLUME_OVERFLOW
+//!                                egress volume per destination; what found it full
 //! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
 //!                                the programs, adopted by a restart of the same
 //!                                build over the same maps (`programs`)
@@ -56,6 +59,7 @@ mod programs;
 pub mod sockets;
 pub mod sys;
 pub mod testrun;
+mod volume;
 
 use std::{
     fs,
@@ -95,6 +99,9 @@ pub struct Dataplane {
     /// Audit/open mode: pass what would be dropped (counted). Takes effect
     /// with the next `apply`.
     pub pass_all: bool,
+    /// Count egress volume per destination. Takes effect with the next
+    /// `apply`.
+    pub egress_volume: bool,
     /// The IPv6 tables this process last wrote to each generation, so an
     /// update writes only what changed and knows the stale keys without
     /// reading them back (`None` until the first write, and after a failed
@@ -168,6 +175,7 @@ impl Dataplane {
             programs,
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
+            egress_volume: false,
             v6_written: [None, None],
         })
     }
@@ -248,6 +256,9 @@ impl Dataplane {
         }
         if image.egress_allowlist {
             flags |= SETTING_EGRESS_ALLOWLIST;
+        }
+        if self.egress_volume {
+            flags |= portcullis_common::SETTING_EGRESS_VOLUME;
         }
         write_array(
             map_mut(&mut self.ebpf, generation(maps::V4_ROOT, g))?,

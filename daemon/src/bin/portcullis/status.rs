@@ -153,6 +153,9 @@ fn print_traffic(s: &Status) {
             .sum()
     };
     println!("Packets:     {} passed, {} dropped", sum(true), sum(false));
+    if let Some(v) = &s.egress_volume {
+        print_egress_volume(v);
+    }
     if s.recent_drops.is_empty() {
         println!("Recent drops: none");
     } else {
@@ -164,6 +167,32 @@ fn print_traffic(s: &Status) {
                 describe_drop(d)
             );
         }
+    }
+}
+
+/// The destinations this host sent the most to, since the daemon started.
+fn print_egress_volume(v: &portcullis::core::VolumeStatus) {
+    if v.top.is_empty() {
+        println!("Egress:      nothing sent yet");
+    } else {
+        println!("Egress:      top destinations since start");
+        for d in v.top.iter().take(5) {
+            let port = if d.port == 0 {
+                String::new()
+            } else {
+                format!(":{}", d.port)
+            };
+            println!(
+                "  {}{port} {}: {} bytes, {} packets",
+                d.destination, d.protocol, d.bytes, d.packets
+            );
+        }
+    }
+    if v.overflow_bytes > 0 {
+        println!(
+            "  (table full: {} bytes, {} packets not counted per destination)",
+            v.overflow_bytes, v.overflow_packets
+        );
     }
 }
 

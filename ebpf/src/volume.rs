@@ -1,0 +1,82 @@
+//! Egress volume per destination: bytes and packets that passed egress, by
+//! destination (address, IPv6 cut to its /64), port and protocol. Counted
+//! only while the daemon asks for it (`SETTING_EGRESS_VOLUME`).
+//!
+//! | map                      | type | key | value |
+//! |--------------------------|------|-----|-------|
+//! | `EGRESS_VOLUME`          | per-CPU hash, `EGRESS_DESTINATIONS` | `VolumeKey` | `Counter` |
+//! | `EGRESS_VOLUME_OVERFLOW` | per-CPU array, 1 | 0 | `Counter`: traffic that found the table full |
+//!
+//! A plain hash, not an LRU: a burst of new destinations cannot evict a
+//! heavy one; what does not fit is counted in the overflow entry, which the
+//! daemon reports. The daemon reads both, keeps the totals, and deletes
+//! entries idle since its last read, so the table holds the destinations of
+//! the last few seconds. Pinned like every map.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{PerCpuArray, PerCpuHashMap},
+};
+use portcullis_common::{
+    Counter, EGRESS_DESTINATIONS, FAMILY_V6, IPPROTO_TCP, IPPROTO_UDP, VolumeKey,
+};
+
+use crate::parse::Ip;
+
+#[map]
+pub static EGRESS_VOLUME: PerCpuHashMap<VolumeKey, Counter> =
+    PerCpuHashMap::pinned(EGRESS_DESTINATIONS, 0);
+#[map]
+pub static EGRESS_VOLUME_OVERFLOW: PerCpuArray<Counter> = PerCpuArray::pinned(1, 0);
+
+/// Credits `bytes` and `segments` packets to the destination of `ip`.
+#[inline(always)]
+pub fn count(ip: &Ip, bytes: u64, segments: u64) {
+    let mut key = VolumeKey {
+        addr: ip.dst,
+        port: 0,
+        proto: ip.proto,
+        family: ip.family,
+    };
+    if ip.family == FAMILY_V6 {
+        // The /64 (`VOLUME_V6_PREFIX`).
+        key.addr[8..].fill(0);
+    }
+    if matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        key.port = ip.dport;
+    }
+    if add(&key, bytes, segments) {
+        return;
+    }
+    let new = Counter {
+        packets: segments,
+        bytes,
+    };
+    // Another CPU may have inserted it since: then add to that.
+    if EGRESS_VOLUME.insert(&key, &new, BPF_NOEXIST as u64).is_ok() || add(&key, bytes, segments) {
+        return;
+    }
+    if let Some(c) = EGRESS_VOLUME_OVERFLOW.get_ptr_mut(0) {
+        // SAFETY: from a successful lookup in a per-CPU map: valid, and only
+        // this CPU writes it while we run.
+        unsafe {
+            (*c).packets += segments;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+#[inline(always)]
+fn add(key: &VolumeKey, bytes: u64, segments: u64) -> bool {
+    let Some(c) = EGRESS_VOLUME.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: from a successful lookup in a per-CPU map: this CPU's value,
+    // valid while we run, written only by this CPU.
+    unsafe {
+        (*c).packets += segments;
+        (*c).bytes += bytes;
+    }
+    true
+}
