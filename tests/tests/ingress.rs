@@ -443,6 +443,10 @@ fn sigterm_exits_cleanly_and_detach_stops_enforcing() {
     let mut env = Env::new(false);
     TcpServer::start(&env.pair.host, sock(HOST_V4, UNLISTED)).unwrap();
     env.start();
+    // A restart first: its programs come from their pins (so on the clsact
+    // path the filter carries the kernel's shortened program name).
+    env.daemon.take().unwrap().kill();
+    env.start();
     let status = env.daemon.take().unwrap().terminate().unwrap();
     assert!(status.success(), "portcullisd exited with {status}");
     env.check_port(false, UNLISTED, false, Reason::PassRule);
@@ -470,6 +474,18 @@ fn sigterm_exits_cleanly_and_detach_stops_enforcing() {
     assert!(
         !attached.contains("prog/xdp"),
         "XDP still attached:\n{attached}"
+    );
+    let filters = env
+        .pair
+        .host
+        .command("tc")
+        .args(["filter", "show", "dev", HOST_IFACE, "egress"])
+        .output()
+        .unwrap();
+    let filters = String::from_utf8_lossy(&filters.stdout);
+    assert!(
+        !filters.contains("portcullis"),
+        "egress filter still attached:\n{filters}"
     );
 }
 

@@ -264,6 +264,43 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Deletes our clsact egress filter on `ifname`, found by its priority and
+/// handle (not by name: a program adopted from its pin carries the
+/// kernel's 15-character name, so the filter's name may be cut short).
+/// Whether there was one.
+fn remove_clsact_filter(c_name: &CString, ifname: &str) -> bool {
+    use aya::programs::links::Link as _;
+    let parent: TcHandle = TcAttachType::Egress.into();
+    let link = match SchedClassifierLink::attached(
+        c_name.as_c_str(),
+        parent,
+        CLSACT_PRIORITY,
+        CLSACT_HANDLE,
+        None,
+    ) {
+        Ok(link) => link,
+        Err(e) => {
+            warn!(interface = %ifname, error = %e, "cannot check for a clsact filter");
+            return false;
+        }
+    };
+    match link.detach() {
+        Ok(()) => {
+            info!(interface = %ifname, "clsact egress filter removed");
+            true
+        }
+        Err(aya::programs::ProgramError::NetlinkError(e))
+            if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EINVAL)) =>
+        {
+            false
+        }
+        Err(e) => {
+            warn!(interface = %ifname, error = %e, "cannot remove the clsact filter");
+            false
+        }
+    }
+}
+
 /// Removes every link and map pinned under `pin_dir`, which detaches the
 /// programs, and our clsact filters on `interfaces`: the explicit way to stop.
 pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize> {
@@ -272,17 +309,8 @@ pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize
         let Ok(c_name) = CString::new(ifname.as_str()) else {
             continue;
         };
-        match tc::qdisc_detach_program(
-            c_name.as_c_str(),
-            TcAttachType::Egress.into(),
-            programs::EGRESS,
-        ) {
-            Ok(()) => {
-                info!(interface = %ifname, "clsact egress filter removed");
-                removed += 1;
-            }
-            Err(tc::TcError::IoError(e)) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => warn!(interface = %ifname, error = %e, "cannot check for a clsact filter"),
+        if remove_clsact_filter(&c_name, ifname) {
+            removed += 1;
         }
     }
     let links = pin_dir.join("links");
