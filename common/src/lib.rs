@@ -519,9 +519,10 @@ pub struct DropEvent {
     /// The interface the packet came in on (ingress) or was leaving by
     /// (egress), so `portcullis watch` can name it.
     pub ifindex: u32,
-    /// Explicit padding (the ring buffer copies whole events: no byte of
-    /// one is left unwritten).
-    pub _pad: u32,
+    /// A `DropDenied` drop: the banning deny set's id + 1 (0: none, or
+    /// another reason), so the daemon can name the set. Every byte of an
+    /// event is written (the ring buffer copies whole events).
+    pub deny_set: u32,
 }
 
 /// The value of a deny-set entry: which set banned the prefix and until

@@ -243,8 +243,11 @@ async fn spawn_services(
 ) -> anyhow::Result<Services> {
     let writers_gid = config.api.writers_gid()?;
     let readers_gid = config.api.readers_gid()?;
-    let feed = portcullis::events::Feed::default();
-    let ring = core.lock().await.take_events()?;
+    let (ring, names) = {
+        let mut core = core.lock().await;
+        (core.take_events()?, core.deny_set_names())
+    };
+    let feed = portcullis::events::Feed::naming_deny_sets(names);
     tokio::spawn({
         let feed = feed.clone();
         async move {
