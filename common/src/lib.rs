@@ -440,7 +440,8 @@ pub const V6_BUCKET_LENGTHS: usize = 8;
 pub const V6_BUCKET_OVERFLOW: u8 = 255;
 
 /// The protocol class of an IP protocol, and the port its rules match on
-/// (ICMP and other protocols have none: 0).
+/// (other protocols have none: 0; for ICMP the caller uses [`icmp_port`]
+/// instead of this 0).
 #[inline(always)]
 pub const fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
     match proto {
@@ -451,10 +452,17 @@ pub const fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
     }
 }
 
+/// The port an ICMP or ICMPv6 message meets the rules with: its type and
+/// code (`type << 8 | code`). A rule without ICMP types covers them all.
+#[inline(always)]
+pub const fn icmp_port(icmp_type: u8, code: u8) -> u16 {
+    ((icmp_type as u16) << 8) | code as u16
+}
+
 /// Protocol classes a region distinguishes.
 pub const PCLASS_TCP: usize = 0;
 pub const PCLASS_UDP: usize = 1;
-/// ICMP and ICMPv6 (no ports: port 0).
+/// ICMP and ICMPv6 (the port is the type and code: [`icmp_port`]).
 pub const PCLASS_ICMP: usize = 2;
 /// Every other IP protocol (no ports: port 0).
 pub const PCLASS_OTHER: usize = 3;

@@ -1410,6 +1410,8 @@ mod tests {
                 ip_ranges: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: None,
+                icmp_types: Vec::new(),
+                expires: None,
             }],
             ..Default::default()
         };
@@ -1446,6 +1448,8 @@ mod tests {
             ip_ranges: vec!["10.0.0.0/8".into()],
             protocol: crate::rules::Protocol::Tcp,
             description: None,
+            icmp_types: Vec::new(),
+            expires: None,
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(
