@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod expiry;
 
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
@@ -600,6 +601,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
+        next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
         let would_cut = self.flows_cut_by(&image);
@@ -1043,7 +1045,7 @@ impl Core {
         new: crate::config::Config,
         opts: &ReloadOptions,
     ) -> Result<Reloaded, ChangeError> {
-        let next = new.rule_set();
+        let next = expiry::unexpired(new.rule_set());
         // What the file brings in is held to the API's checks (plain ids,
         // no port 0); rules already live load as they are.
         next.check_additions(&self.rules)?;

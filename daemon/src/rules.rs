@@ -647,6 +647,47 @@ impl FirewallRule {
     }
 }
 
+impl RuleSet {
+    /// Removes the rules whose expiry is at or before `now` (Unix seconds)
+    /// from both lists; returns them.
+    pub fn take_expired(&mut self, now: u64) -> Vec<FirewallRule> {
+        let mut gone = Vec::new();
+        for list in [&mut self.ingress_rules, &mut self.egress_rules] {
+            let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|r| r.expires_at().is_some_and(|t| t <= now));
+            *list = kept;
+            gone.extend(expired);
+        }
+        gone
+    }
+
+    /// Refuses new or changed rules (against `before`) that have expired
+    /// already at `now`: adding one would admit nothing, or for a moment.
+    pub fn check_expiries(&self, before: &RuleSet, now: u64) -> Result<(), RuleError> {
+        for (list, rules) in [
+            ("ingress_rules", &self.ingress_rules),
+            ("egress_rules", &self.egress_rules),
+        ] {
+            for (index, rule) in rules.iter().enumerate() {
+                if before.rule(&rule.id) == Some(rule) {
+                    continue;
+                }
+                if let (Some(at), Some(text)) = (rule.expires_at(), &rule.expires)
+                    && at <= now
+                {
+                    return Err(RuleError {
+                        place: format!("{list}[{index}] (id {:?})", rule.id),
+                        field: "expires",
+                        reason: format!("{text} is in the past"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Every address, both families.
 pub fn any() -> Vec<IpNet> {
     use ipnet::{Ipv4Net, Ipv6Net};
@@ -1001,7 +1042,28 @@ mod tests {
         }
         let mut r = rule("brief", 80, 80, &[]);
         r.expires = Some("soon".into());
-        assert_eq!(set(vec![r]).validate().unwrap_err().field, "expires");
+        assert_eq!(
+            set(vec![r.clone()]).validate().unwrap_err().field,
+            "expires"
+        );
+        r.expires = Some("2026-12-01T10:00:00Z".into());
+        let mut s = set(vec![r, rule("kept", 81, 81, &[])]);
+        let e = s
+            .check_expiries(&RuleSet::default(), 1_796_119_200)
+            .unwrap_err();
+        assert_eq!(
+            e.in_words(),
+            "ingress rule \"brief\": expires: 2026-12-01T10:00:00Z is in the past"
+        );
+        s.check_expiries(&RuleSet::default(), 1_796_119_199)
+            .unwrap();
+        // Live already: not refused (the core removes it).
+        s.check_expiries(&s.clone(), 1_796_119_200).unwrap();
+        assert!(s.take_expired(1_796_119_199).is_empty());
+        let gone = s.take_expired(1_796_119_200);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].id, "brief");
+        assert_eq!(s.ingress_rules.len(), 1);
     }
 
     #[test]
