@@ -174,4 +174,9 @@ fn a_drop_event_names_the_deny_set() {
         text.contains("drop_denied, denied by set \"spamhaus\""),
         "{text}"
     );
+    // Status names each set with its counters too.
+    assert!(
+        text.contains("Deny sets:   other (1 entries, 0 dropped), spamhaus (2 entries, "),
+        "{text}"
+    );
 }

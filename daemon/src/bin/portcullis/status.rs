@@ -153,6 +153,19 @@ fn print_traffic(s: &Status) {
             .sum()
     };
     println!("Packets:     {} passed, {} dropped", sum(true), sum(false));
+    if !s.deny_sets.is_empty() {
+        let sets: Vec<String> = s
+            .deny_sets
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} entries, {} dropped)",
+                    d.set, d.count, d.dropped_packets
+                )
+            })
+            .collect();
+        println!("Deny sets:   {}", sets.join(", "));
+    }
     if s.recent_drops.is_empty() {
         println!("Recent drops: none");
     } else {
