@@ -249,3 +249,41 @@ fn a_rule_admits_only_its_icmp_types() {
     );
     assert!(!String::from_utf8_lossy(&cli(&config, &["rules", "list"]).stdout).contains("bad"));
 }
+
+/// What is decided before the rules stays as it was: with `allow_ping`, an
+/// echo request that a typed rule does not name still passes on the ping
+/// setting (and IPv6 neighbour discovery, which ping needs, passes).
+#[test]
+fn the_ping_setting_and_neighbour_discovery_stay_before_typed_rules() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let rules = "allow_ping = true\n[[ingress_rules]]\nid = \"ts\"\nfrom_port = 0\n\
+to_port = 0\nip_ranges = []\nprotocol = \"icmp\"\nicmp_types = [\"timestamp-request\"]\n";
+    // Top-level keys before any table: `config_text` puts `rest` first.
+    let config = ConfigFile::new(&config_text(&pins, rules)).unwrap();
+    let l4 = listener(&pair, false);
+    let _daemon = Daemon::start(&pair.host, &config).expect("portcullisd");
+    pair.flush_neighbours().unwrap();
+    let (ping0, rule0, nd0) = (
+        pins.counter(Reason::PassPing),
+        pins.counter(Reason::PassRule),
+        pins.counter(Reason::PassNeighbor),
+    );
+    assert!(ping(&pair.peer, HOST_V4), "IPv4 ping on the ping setting");
+    assert!(ping(&pair.peer, HOST_V6), "IPv6 ping on the ping setting");
+    assert!(
+        pins.counter(Reason::PassPing) >= ping0 + 2,
+        "counted as pass_ping"
+    );
+    assert!(
+        pins.counter(Reason::PassNeighbor) > nd0,
+        "neighbour discovery"
+    );
+    assert_eq!(pins.counter(Reason::PassRule), rule0, "no rule credited");
+    assert!(
+        arrives(&pair, &l4, false, 13, 0, 31, &[0; 12]),
+        "the rule's own type"
+    );
+    assert_eq!(pins.counter(Reason::PassRule), rule0 + 1);
+}
