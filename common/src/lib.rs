@@ -468,7 +468,8 @@ pub const V6_BUCKET_LENGTHS: usize = 8;
 pub const V6_BUCKET_OVERFLOW: u8 = 255;
 
 /// The protocol class of an IP protocol, and the port its rules match on
-/// (ICMP and other protocols have none: 0).
+/// (other protocols have none: 0; for ICMP the caller uses [`icmp_port`]
+/// instead of this 0).
 #[inline(always)]
 pub const fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
     match proto {
@@ -479,10 +480,17 @@ pub const fn pclass_port(proto: u8, port: u16) -> (usize, u16) {
     }
 }
 
+/// The port an ICMP or ICMPv6 message meets the rules with: its type and
+/// code (`type << 8 | code`). A rule without ICMP types covers them all.
+#[inline(always)]
+pub const fn icmp_port(icmp_type: u8, code: u8) -> u16 {
+    ((icmp_type as u16) << 8) | code as u16
+}
+
 /// Protocol classes a region distinguishes.
 pub const PCLASS_TCP: usize = 0;
 pub const PCLASS_UDP: usize = 1;
-/// ICMP and ICMPv6 (no ports: port 0).
+/// ICMP and ICMPv6 (the port is the type and code: [`icmp_port`]).
 pub const PCLASS_ICMP: usize = 2;
 /// Every other IP protocol (no ports: port 0).
 pub const PCLASS_OTHER: usize = 3;
@@ -547,9 +555,10 @@ pub struct DropEvent {
     /// The interface the packet came in on (ingress) or was leaving by
     /// (egress), so `portcullis watch` can name it.
     pub ifindex: u32,
-    /// Explicit padding (the ring buffer copies whole events: no byte of
-    /// one is left unwritten).
-    pub _pad: u32,
+    /// A `DropDenied` drop: the banning deny set's id + 1 (0: none, or
+    /// another reason), so the daemon can name the set. Every byte of an
+    /// event is written (the ring buffer copies whole events).
+    pub deny_set: u32,
 }
 
 /// The value of a deny-set entry: which set banned the prefix and until

@@ -729,6 +729,9 @@ pub struct Status {
     /// Egress volume per destination, when counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress_volume: Option<crate::core::VolumeStatus>,
+    /// The deny sets by name: entries and what each dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_sets: Vec<crate::core::DenySetView>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -843,6 +846,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         last_rollback: core.last_rollback().cloned(),
         runtime_changes: core.runtime_changes(),
         egress_volume: core.volume_on().then(|| core.volume_status()),
+        deny_sets: core.deny_sets(),
     }))
 }
 

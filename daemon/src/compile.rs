@@ -153,20 +153,21 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
         dir: 0,
     }];
     // One slot (one counter) per rule; a rule with several port sets (the
-    // SSH exemption on several ports) is one entry per set, all on its slot.
-    let mut push = |name: String, kind: u32, dir: u8, port_sets: &[Ports], nets: Vec<IpNet>| {
+    // SSH exemption on several ports, the ICMP types of a rule, per family)
+    // is one entry per set, all on its slot.
+    let mut push = |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>| {
         let index = slots.len() as u32;
         slots.push(Slot { name, kind, dir });
-        for &ports in port_sets {
+        for (ports, nets) in port_sets {
             entries.push(Entry {
                 dir,
                 slot: (kind << SLOT_KIND_SHIFT) | index,
                 ports,
-                nets: nets.clone(),
+                nets,
             });
         }
     };
-    let everything = [pclasses(Protocol::Any, 0, u16::MAX)];
+    let everything = pclasses(Protocol::Any, 0, u16::MAX);
     if let Some(cluster) = &set.cluster {
         let peers = networks(&cluster.peers);
         if !peers.is_empty() {
@@ -175,8 +176,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                     format!("cluster:{}", cluster.id),
                     SLOT_KIND_PEER,
                     dir,
-                    &everything,
-                    peers.clone(),
+                    vec![(everything, peers.clone())],
                 );
             }
         }
@@ -184,27 +184,25 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     if set.ssh.allow {
         // Sources that do not parse (validation refuses them) admit nothing:
         // closed, not open.
-        let ports: Vec<Ports> = set
+        let nets = set.ssh.networks().unwrap_or_default();
+        let ports: Vec<(Ports, Vec<IpNet>)> = set
             .ssh
             .ports
             .iter()
-            .map(|&p| pclasses(Protocol::Tcp, p, p))
+            .map(|&p| (pclasses(Protocol::Tcp, p, p), nets.clone()))
             .collect();
-        let nets = set.ssh.networks().unwrap_or_default();
-        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, &ports, nets);
+        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, ports);
     }
     for (dir, rules) in [
         (DIR_INGRESS, &set.ingress_rules),
         (DIR_EGRESS, &set.egress_rules),
     ] {
         for r in rules {
-            let ports = pclasses(r.protocol, r.from_port as u16, r.to_port as u16);
             push(
                 format!("rule:{}", r.id),
                 SLOT_KIND_RULE,
                 dir,
-                &[ports],
-                r.networks(),
+                rule_port_sets(r),
             );
         }
     }
@@ -215,12 +213,36 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                 "other-clusters".into(),
                 SLOT_KIND_FOREIGN,
                 DIR_INGRESS,
-                &everything,
-                others,
+                vec![(everything, others)],
             );
         }
     }
     (entries, slots)
+}
+
+/// A rule's port sets, each with its networks. An ICMP rule with
+/// `icmp_types` is one set per type (or type and code), as ranges of the
+/// data path's ICMP port (type << 8 | code), each with the networks of its
+/// family only (ICMPv4 types under IPv4 networks, ICMPv6 under IPv6).
+fn rule_port_sets(r: &crate::rules::FirewallRule) -> Vec<(Ports, Vec<IpNet>)> {
+    let nets = r.networks();
+    let Some(matches) = r.icmp_matches() else {
+        let ports = pclasses(r.protocol, r.from_port as u16, r.to_port as u16);
+        return vec![(ports, nets)];
+    };
+    matches
+        .iter()
+        .map(|m| {
+            let mut ports = [None; PCLASSES];
+            ports[PCLASS_ICMP] = Some(m.ports());
+            let family: Vec<IpNet> = nets
+                .iter()
+                .filter(|n| matches!(n, IpNet::V6(_)) == m.v6)
+                .copied()
+                .collect();
+            (ports, family)
+        })
+        .collect()
 }
 
 /// The straightforward evaluator: the first entry that matches, or `SLOT_NONE`.
@@ -715,6 +737,8 @@ mod tests {
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
             protocol,
             description: None,
+            icmp_types: Vec::new(),
+            expires: None,
         }
     }
 
@@ -863,6 +887,48 @@ mod tests {
         );
     }
 
+    #[test]
+    fn icmp_types_admit_their_types_and_codes_per_family() {
+        let mut r = rule("icmp", 0, 0, &[], Protocol::Icmp);
+        r.icmp_types = vec![
+            "echo-request".into(),
+            "destination-unreachable/4".into(),
+            "icmp:13".into(),
+        ];
+        let set = RuleSet {
+            ingress_rules: vec![r, rule("all", 0, 0, &["10.9.0.0/16"], Protocol::Icmp)],
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        let (entries, _) = entries(&set);
+        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let at = |a: &str, t: u8, c: u8| {
+            let port = portcullis_common::icmp_port(t, c);
+            let slot = image.lookup(DIR_INGRESS, ip(a), PCLASS_ICMP, port);
+            assert_eq!(
+                slot,
+                reference(&entries, DIR_INGRESS, ip(a), PCLASS_ICMP, port)
+            );
+            slot
+        };
+        for (a, echo, unreach) in [("192.0.2.1", 8, 3), ("2001:db8::1", 128, 1)] {
+            assert_eq!(name(at(a, echo, 0)), "rule:icmp", "{a}");
+            assert_eq!(name(at(a, echo, 7)), "rule:icmp", "{a}: every code");
+            assert_eq!(name(at(a, unreach, 4)), "rule:icmp", "{a}");
+            assert_eq!(at(a, unreach, 3), SLOT_NONE, "{a}: only code 4");
+            assert_eq!(at(a, 0, 0), SLOT_NONE, "{a}: echo reply");
+        }
+        assert_eq!(name(at("192.0.2.1", 13, 0)), "rule:icmp");
+        assert_eq!(
+            at("2001:db8::1", 13, 0),
+            SLOT_NONE,
+            "icmp:13 is ICMPv4 only"
+        );
+        assert_eq!(at("192.0.2.1", 128, 0), SLOT_NONE, "128 is an ICMPv6 type");
+        // A rule without types still covers every type and code.
+        assert_eq!(name(at("10.9.1.1", 42, 42)), "rule:all");
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
         /// The compiled image answers exactly what the one-by-one evaluator does.
@@ -876,7 +942,11 @@ mod tests {
             let (entries, _) = entries(&set);
             for (addr, pclass, port, egress) in probes {
                 let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
-                let port = if pclass >= PCLASS_ICMP { 0 } else { port };
+                let port = match pclass {
+                    PCLASS_ICMP => strategies::icmp_probe(port),
+                    PCLASS_OTHER => 0,
+                    _ => port,
+                };
                 prop_assert_eq!(
                     image.lookup(dir, addr, pclass, port),
                     reference(&entries, dir, addr, pclass, port),
@@ -933,14 +1003,45 @@ pub mod strategies {
                 Just(Protocol::Any)
             ],
         )
-            .prop_map(move |(from, span, nets, protocol)| FirewallRule {
+            .prop_flat_map(|(from, span, nets, protocol)| {
+                let types = if protocol == Protocol::Icmp {
+                    prop::collection::vec(prop::sample::select(ICMP_TYPES), 0..3).boxed()
+                } else {
+                    Just(Vec::new()).boxed()
+                };
+                (Just((from, span, nets, protocol)), types)
+            })
+            .prop_map(move |((from, span, nets, protocol), types)| FirewallRule {
                 id: format!("r{i}"),
                 from_port: from,
                 to_port: from + span,
                 ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
                 protocol,
                 description: None,
+                icmp_types: types.iter().map(ToString::to_string).collect(),
+                expires: None,
             })
+    }
+
+    /// ICMP types rules pick from: both families, one family, with a code.
+    pub const ICMP_TYPES: &[&str] = &[
+        "echo-request",
+        "echo-request/0",
+        "icmp:13",
+        "destination-unreachable/4",
+        "icmpv6:128/3",
+        "packet-too-big",
+    ];
+
+    /// An ICMP port (type << 8 | code) to probe, from any number: the
+    /// types and codes the rules above name, their neighbours, and others.
+    pub fn icmp_probe(n: u16) -> u16 {
+        const TYPES: [u8; 8] = [0, 1, 2, 3, 8, 13, 128, 129];
+        const CODES: [u8; 5] = [0, 3, 4, 5, 255];
+        let t = TYPES.get(usize::from(n) % TYPES.len()).copied();
+        let c = CODES.get(usize::from(n / 8) % CODES.len()).copied();
+        let (t, c) = (t.unwrap_or(0), c.unwrap_or(0));
+        portcullis_common::icmp_port(t, c)
     }
 
     pub fn rule_set() -> impl Strategy<Value = RuleSet> {

@@ -566,6 +566,8 @@ impl Config {
                 ip_ranges: h.sources.clone(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: Some("readiness health endpoint ([readiness.health])".into()),
+                icmp_types: Vec::new(),
+                expires: None,
             })
             .collect()
     }
@@ -773,6 +775,8 @@ ip_ranges = []
             ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
             protocol,
             description: Some(odd.into()),
+            icmp_types: Vec::new(),
+            expires: None,
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -825,6 +829,8 @@ ip_ranges = []
             ip_ranges: vec![],
             protocol: crate::rules::Protocol::Tcp,
             description: Some("d".into()),
+            icmp_types: Vec::new(),
+            expires: None,
         };
         Config {
             interfaces: vec![],

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod expiry;
 mod volume;
 
 use crate::model::unix_now;
@@ -279,6 +280,8 @@ pub struct Core {
     /// Egress volume per destination (see `core/volume.rs`).
     volume: crate::volume::Ledger,
     volume_on: bool,
+    /// Their names by id, shared with the drop-event feed.
+    deny_names: crate::model::DenySetNames,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -374,6 +377,7 @@ impl Core {
             deny: Default::default(),
             volume: Default::default(),
             volume_on: false,
+            deny_names: Default::default(),
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -604,6 +608,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
+        next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
         let would_cut = self.flows_cut_by(&image);
@@ -1047,7 +1052,7 @@ impl Core {
         new: crate::config::Config,
         opts: &ReloadOptions,
     ) -> Result<Reloaded, ChangeError> {
-        let next = new.rule_set();
+        let next = expiry::unexpired(new.rule_set());
         // What the file brings in is held to the API's checks (plain ids,
         // no port 0); rules already live load as they are.
         next.check_additions(&self.rules)?;
@@ -1414,6 +1419,8 @@ mod tests {
                 ip_ranges: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: None,
+                icmp_types: Vec::new(),
+                expires: None,
             }],
             ..Default::default()
         };
@@ -1450,6 +1457,8 @@ mod tests {
             ip_ranges: vec!["10.0.0.0/8".into()],
             protocol: crate::rules::Protocol::Tcp,
             description: None,
+            icmp_types: Vec::new(),
+            expires: None,
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

@@ -12,6 +12,8 @@ use portcullis_common::{DIR_EGRESS, DropEvent, FAMILY_V4, Reason};
 use serde::{Deserialize, Serialize};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
 
+use crate::model::DenySetNames;
+
 /// How many recent events `status` shows.
 pub const RECENT: usize = 50;
 
@@ -30,6 +32,9 @@ pub struct Event {
     pub source_port: u16,
     pub destination_port: u16,
     pub reason: std::borrow::Cow<'static, str>,
+    /// A `drop_denied` drop: the deny set that banned the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deny_set: Option<String>,
     /// What else there is to say (an alert's figures); empty for a drop.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
@@ -52,6 +57,7 @@ impl Event {
             source_port: 0,
             destination_port: d.port,
             reason: EGRESS_VOLUME_ALERT.into(),
+            deny_set: None,
             detail: format!(
                 "{} {} bytes in this {} s window, over the alert volume of {} bytes",
                 d.protocol, d.window_bytes, a.interval_secs, a.limit
@@ -80,7 +86,7 @@ fn interface_name(ifindex: u32) -> String {
 }
 
 impl Event {
-    fn from_raw(e: &DropEvent, mono_to_unix_ns: i128) -> Event {
+    fn from_raw(e: &DropEvent, mono_to_unix_ns: i128, sets: &DenySetNames) -> Event {
         let reason = Reason::ALL
             .get(e.reason as usize)
             .map_or("unknown", |r| r.name());
@@ -99,8 +105,27 @@ impl Event {
             destination_port: e.dport,
             reason: reason.into(),
             detail: String::new(),
+            deny_set: deny_set_name(e, sets),
         }
     }
+}
+
+/// The name of the deny set a `DropDenied` event carries (its id + 1), or
+/// `set#<id>` when the daemon does not know it.
+fn deny_set_name(e: &DropEvent, sets: &DenySetNames) -> Option<String> {
+    if u32::from(e.reason) != Reason::DropDenied as u32 || e.deny_set == 0 {
+        return None;
+    }
+    let id = e.deny_set - 1;
+    let names = sets
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Some(
+        names
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| format!("set#{id}")),
+    )
 }
 
 /// The recent events and the live feed.
@@ -108,6 +133,8 @@ impl Event {
 pub struct Feed {
     recent: Arc<Mutex<VecDeque<Event>>>,
     tx: broadcast::Sender<Event>,
+    /// Deny set names by id (the core's), to name a ban's set.
+    deny_sets: DenySetNames,
 }
 
 impl Default for Feed {
@@ -115,11 +142,20 @@ impl Default for Feed {
         Feed {
             recent: Arc::default(),
             tx: broadcast::channel(1024).0,
+            deny_sets: DenySetNames::default(),
         }
     }
 }
 
 impl Feed {
+    /// A feed that names deny sets from `names` (`Core::deny_set_names`).
+    pub fn naming_deny_sets(names: DenySetNames) -> Feed {
+        Feed {
+            deny_sets: names,
+            ..Feed::default()
+        }
+    }
+
     pub fn recent(&self) -> Vec<Event> {
         self.recent
             .lock()
@@ -168,7 +204,7 @@ impl Feed {
                     // SAFETY: the kernel wrote a whole `DropEvent` (checked
                     // length); read_unaligned makes no alignment assumption.
                     let raw: DropEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                    self.push(Event::from_raw(&raw, offset));
+                    self.push(Event::from_raw(&raw, offset, &self.deny_sets));
                 }
             }
             guard.clear_ready();

@@ -20,6 +20,11 @@ pub struct Pending {
     pub deadline: u64,
 }
 
+/// Deny set names by set id, as the core last knew them: the drop-event
+/// feed names the set of a `drop_denied` event with it. A set that is gone
+/// keeps its name until its id is reused, so a late event still names it.
+pub type DenySetNames = std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>;
+
 /// How the data path treats what the rules do not admit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "mode", rename_all = "lowercase")]

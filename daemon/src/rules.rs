@@ -57,6 +57,17 @@ pub struct FirewallRule {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// ICMP rules only: the message types (and codes) admitted; empty:
+    /// every one. `"echo-request"` (both families), `"packet-too-big"`
+    /// (ICMPv6 only), `"destination-unreachable/4"` (one code),
+    /// `"icmp:13"`, `"icmpv6:128"` (a number names its family). See
+    /// [`parse_icmp_type`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub icmp_types: Vec<String>,
+    /// When the rule ends (UTC, `2026-12-01T10:00:00Z`): the core removes
+    /// it then, audited, and cuts the flows it alone admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -387,7 +398,211 @@ pub fn parse_cidrs(list: &[String]) -> Result<Vec<IpNet>, String> {
     list.iter().map(|c| parse_cidr(c)).collect()
 }
 
+/// ICMP message type names and their numbers in ICMPv4 and ICMPv6. ICMPv6
+/// neighbour and router discovery (133-137) is not here: it is decided
+/// before the rules (admitted from the link, hop limit 255).
+const ICMP_NAMES: &[(&str, Option<u8>, Option<u8>)] = &[
+    ("echo-reply", Some(0), Some(129)),
+    ("destination-unreachable", Some(3), Some(1)),
+    ("source-quench", Some(4), None),
+    ("redirect", Some(5), None),
+    ("echo-request", Some(8), Some(128)),
+    ("router-advertisement", Some(9), None),
+    ("router-solicitation", Some(10), None),
+    ("time-exceeded", Some(11), Some(3)),
+    ("parameter-problem", Some(12), Some(4)),
+    ("timestamp-request", Some(13), None),
+    ("timestamp-reply", Some(14), None),
+    ("packet-too-big", None, Some(2)),
+];
+
+/// At most this many `icmp_types` in one rule.
+pub const MAX_ICMP_TYPES: usize = 32;
+
+/// One ICMP match of a rule: family, type, and one code or all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IcmpMatch {
+    pub v6: bool,
+    pub icmp_type: u8,
+    pub code: Option<u8>,
+}
+
+impl IcmpMatch {
+    /// The range of the data path's ICMP "port" (type << 8 | code) it
+    /// admits.
+    pub fn ports(&self) -> (u16, u16) {
+        let base = u16::from(self.icmp_type) << 8;
+        match self.code {
+            Some(c) => (base | u16::from(c), base | u16::from(c)),
+            None => (base, base | 0xff),
+        }
+    }
+}
+
+/// Parses one `icmp_types` entry: `[icmp:|icmpv6:]TYPE[/CODE]`, TYPE a name
+/// (see `ICMP_NAMES`; without a family, every family that has it) or a
+/// number (which needs its family), CODE a number.
+pub fn parse_icmp_type(text: &str) -> Result<Vec<IcmpMatch>, String> {
+    let (family, rest) = match text.split_once(':') {
+        Some(("icmp", rest)) => (Some(false), rest),
+        Some(("icmpv6", rest)) => (Some(true), rest),
+        Some((f, _)) => {
+            return Err(format!(
+                "{text:?}: {f:?} is not a family (icmp: or icmpv6:)"
+            ));
+        }
+        None => (None, text),
+    };
+    let (name, code) = match rest.split_once('/') {
+        Some((n, c)) => {
+            let code = c
+                .parse::<u8>()
+                .map_err(|_| format!("{text:?}: code {c:?} is not a number 0-255"))?;
+            (n, Some(code))
+        }
+        None => (rest, None),
+    };
+    let numbers: [Option<u8>; 2] = if let Ok(n) = name.parse::<u32>() {
+        let n = u8::try_from(n).map_err(|_| format!("{text:?}: type {n} is not 0-255"))?;
+        match family {
+            Some(v6) if v6 => [None, Some(n)],
+            Some(_) => [Some(n), None],
+            None => {
+                return Err(format!(
+                    "{text:?}: a type number needs its family (icmp:{n} or icmpv6:{n}); names such as \"destination-unreachable\" cover both"
+                ));
+            }
+        }
+    } else {
+        let Some(&(_, v4, v6)) = ICMP_NAMES.iter().find(|(n, ..)| *n == name) else {
+            let known: Vec<&str> = ICMP_NAMES.iter().map(|(n, ..)| *n).collect();
+            return Err(format!(
+                "{text:?}: {name:?} is not an ICMP type name (known: {}; or icmp:N, icmpv6:N)",
+                known.join(", ")
+            ));
+        };
+        match family {
+            None => [v4, v6],
+            Some(true) => [None, v6],
+            Some(false) => [v4, None],
+        }
+    };
+    let out: Vec<IcmpMatch> = numbers
+        .iter()
+        .zip([false, true])
+        .filter_map(|(n, v6)| {
+            n.map(|icmp_type| IcmpMatch {
+                v6,
+                icmp_type,
+                code,
+            })
+        })
+        .collect();
+    if out.is_empty() {
+        return Err(format!("{text:?}: {name:?} does not exist in that family"));
+    }
+    if let Some(nd) = out
+        .iter()
+        .find(|m| m.v6 && (133..=137).contains(&m.icmp_type))
+    {
+        return Err(format!(
+            "{text:?}: ICMPv6 type {} is neighbour discovery, admitted from the link before any rule (never by one)",
+            nd.icmp_type
+        ));
+    }
+    Ok(out)
+}
+
+/// Parses an expiry: `YYYY-MM-DDTHH:MM:SSZ` (UTC) to Unix seconds.
+pub fn parse_expiry(text: &str) -> Result<u64, String> {
+    let bad = || format!("{text:?} is not a UTC time like 2026-12-01T10:00:00Z");
+    let b = text.as_bytes();
+    let shape = b.len() == 20
+        && b.iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'Z',
+            _ => c.is_ascii_digit(),
+        });
+    if !shape {
+        return Err(bad());
+    }
+    let num = |from: usize, to: usize| -> i64 {
+        text.get(from..to)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1)
+    };
+    let (y, mo, d) = (num(0, 4), num(5, 7), num(8, 10));
+    let (h, mi, sec) = (num(11, 13), num(14, 16), num(17, 19));
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in = match mo {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return Err(bad()),
+    };
+    if y < 1970 || d < 1 || d > days_in || h > 23 || mi > 59 || sec > 59 {
+        return Err(bad());
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy / 400;
+    let yoe = yy - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    u64::try_from(days * 86_400 + h * 3600 + mi * 60 + sec).map_err(|_| bad())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (the inverse of [`parse_expiry`]).
+pub fn format_expiry(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let rem = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 impl FirewallRule {
+    /// The ICMP matches of this rule (`None`: every ICMP message, as
+    /// without `icmp_types`). Entries that do not parse (validation
+    /// refuses them) match nothing: closed, not open.
+    pub fn icmp_matches(&self) -> Option<Vec<IcmpMatch>> {
+        if self.icmp_types.is_empty() {
+            return None;
+        }
+        Some(
+            self.icmp_types
+                .iter()
+                .filter_map(|t| parse_icmp_type(t).ok())
+                .flatten()
+                .collect(),
+        )
+    }
+
+    /// When the rule expires (Unix seconds), if it does. An expiry that
+    /// does not parse (validation refuses it) counts as passed: closed.
+    pub fn expires_at(&self) -> Option<u64> {
+        self.expires
+            .as_deref()
+            .map(|e| parse_expiry(e).unwrap_or(0))
+    }
+
     /// Whether this rule admits new TCP connections to `port`.
     pub fn admits_tcp_port(&self, port: u16) -> bool {
         matches!(
@@ -404,6 +619,72 @@ impl FirewallRule {
         // Validation refuses a set whose ranges do not parse; should one
         // get here anyway, it admits nobody rather than everybody.
         parse_cidrs(&self.ip_ranges).unwrap_or_default()
+    }
+}
+
+impl FirewallRule {
+    /// `icmp_types` and `expires`: the field and why, if one is wrong.
+    fn validate_kinds(&self) -> Result<(), (&'static str, String)> {
+        if !self.icmp_types.is_empty() && self.protocol != Protocol::Icmp {
+            return Err(("icmp_types", "only for rules with protocol \"icmp\"".into()));
+        }
+        if self.icmp_types.len() > MAX_ICMP_TYPES {
+            return Err((
+                "icmp_types",
+                format!(
+                    "{} types, more than {MAX_ICMP_TYPES}",
+                    self.icmp_types.len()
+                ),
+            ));
+        }
+        for t in &self.icmp_types {
+            parse_icmp_type(t).map_err(|e| ("icmp_types", e))?;
+        }
+        if let Some(e) = &self.expires {
+            parse_expiry(e).map_err(|e| ("expires", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl RuleSet {
+    /// Removes the rules whose expiry is at or before `now` (Unix seconds)
+    /// from both lists; returns them.
+    pub fn take_expired(&mut self, now: u64) -> Vec<FirewallRule> {
+        let mut gone = Vec::new();
+        for list in [&mut self.ingress_rules, &mut self.egress_rules] {
+            let (expired, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|r| r.expires_at().is_some_and(|t| t <= now));
+            *list = kept;
+            gone.extend(expired);
+        }
+        gone
+    }
+
+    /// Refuses new or changed rules (against `before`) that have expired
+    /// already at `now`: adding one would admit nothing, or for a moment.
+    pub fn check_expiries(&self, before: &RuleSet, now: u64) -> Result<(), RuleError> {
+        for (list, rules) in [
+            ("ingress_rules", &self.ingress_rules),
+            ("egress_rules", &self.egress_rules),
+        ] {
+            for (index, rule) in rules.iter().enumerate() {
+                if before.rule(&rule.id) == Some(rule) {
+                    continue;
+                }
+                if let (Some(at), Some(text)) = (rule.expires_at(), &rule.expires)
+                    && at <= now
+                {
+                    return Err(RuleError {
+                        place: format!("{list}[{index}] (id {:?})", rule.id),
+                        field: "expires",
+                        reason: format!("{text} is in the past"),
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -459,6 +740,7 @@ impl RuleSet {
                     ));
                 }
                 parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
+                rule.validate_kinds().map_err(|(f, e)| err(f, e))?;
             }
         }
         if let Some(cluster) = &self.cluster {
@@ -530,6 +812,8 @@ mod tests {
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
             protocol: Protocol::default(),
             description: None,
+            icmp_types: Vec::new(),
+            expires: None,
         }
     }
 
@@ -690,6 +974,96 @@ mod tests {
         assert_eq!(r.over(&live).ssh, live.ssh);
         let r: Replacement = serde_json::from_str(r#"{"ssh": {"allow": false}}"#).unwrap();
         assert!(!r.over(&live).ssh.allow);
+    }
+
+    #[test]
+    fn icmp_types_parse_per_family_and_errors_name_rule_and_field() {
+        let m = |t: &str| parse_icmp_type(t).unwrap();
+        let echo = m("echo-request");
+        assert_eq!(echo.len(), 2);
+        assert_eq!(echo[0].ports(), (8 << 8, (8 << 8) | 255));
+        assert_eq!((echo[1].v6, echo[1].icmp_type), (true, 128));
+        assert_eq!(m("destination-unreachable/4")[0].ports(), (0x304, 0x304));
+        assert_eq!(m("destination-unreachable/4")[1].ports(), (0x104, 0x104));
+        assert_eq!(
+            m("icmp:13"),
+            vec![IcmpMatch {
+                v6: false,
+                icmp_type: 13,
+                code: None
+            }]
+        );
+        assert!(m("packet-too-big").iter().all(|x| x.v6));
+        assert!(m("timestamp-request").iter().all(|x| !x.v6));
+        for bad in [
+            "3",
+            "echo",
+            "icmp:256",
+            "icmpv4:3",
+            "echo-request/300",
+            "icmp:packet-too-big",
+            "icmpv6:135",
+        ] {
+            assert!(parse_icmp_type(bad).is_err(), "{bad}");
+        }
+        let mut r = rule("ping", 0, 0, &[]);
+        r.protocol = Protocol::Icmp;
+        r.icmp_types = vec!["echo-request".into(), "nope".into()];
+        let e = set(vec![r.clone()]).validate().unwrap_err();
+        assert_eq!(e.field, "icmp_types");
+        assert!(
+            e.in_words()
+                .starts_with("ingress rule \"ping\": icmp_types: \"nope\""),
+            "{}",
+            e.in_words()
+        );
+        r.icmp_types = vec!["echo-request".into()];
+        set(vec![r.clone()]).validate().unwrap();
+        r.protocol = Protocol::Tcp;
+        assert_eq!(set(vec![r]).validate().unwrap_err().field, "icmp_types");
+    }
+
+    #[test]
+    fn expiries_are_utc_times() {
+        assert_eq!(parse_expiry("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_expiry("2026-12-01T10:00:00Z"), Ok(1_796_119_200));
+        assert_eq!(format_expiry(1_796_119_200), "2026-12-01T10:00:00Z");
+        for t in [0, 951_782_400, 1_709_164_800, 4_102_444_799] {
+            assert_eq!(parse_expiry(&format_expiry(t)), Ok(t), "{t}");
+        }
+        for bad in [
+            "2026-12-01 10:00:00Z",
+            "2026-02-30T10:00:00Z",
+            "2026-12-01T24:00:00Z",
+            "2026-12-01T10:00:00+01:00",
+            "tomorrow",
+        ] {
+            assert!(parse_expiry(bad).is_err(), "{bad}");
+        }
+        let mut r = rule("brief", 80, 80, &[]);
+        r.expires = Some("soon".into());
+        assert_eq!(
+            set(vec![r.clone()]).validate().unwrap_err().field,
+            "expires"
+        );
+        r.expires = Some("2026-12-01T10:00:00Z".into());
+        let mut s = set(vec![r, rule("kept", 81, 81, &[])]);
+        let e = s
+            .check_expiries(&RuleSet::default(), 1_796_119_200)
+            .unwrap_err();
+        assert_eq!(
+            e.in_words(),
+            "ingress rule \"brief\": expires: 2026-12-01T10:00:00Z is in the past"
+        );
+        s.check_expiries(&RuleSet::default(), 1_796_119_199)
+            .unwrap();
+        // Live already: not refused (the core removes it).
+        s.check_expiries(&s.clone(), 1_796_119_200).unwrap();
+        assert!(s.take_expired(1_796_119_199).is_empty());
+        let gone = s.take_expired(1_796_119_200);
+        assert_eq!(gone.len(), 1);
+        assert_eq!(gone[0].id, "brief");
+        assert_eq!(s.ingress_rules.len(), 1);
     }
 
     #[test]

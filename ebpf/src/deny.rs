@@ -70,6 +70,19 @@ pub fn denied(ip: &Ip, bytes: u64) -> bool {
     true
 }
 
+/// For a drop event (after the budget, so at most a few hundred a second):
+/// the id + 1 of the deny set whose entry covers `ip.src` (0: none now).
+#[inline(always)]
+pub fn set_of(ip: &Ip) -> u32 {
+    let entry = if ip.family == FAMILY_V6 {
+        DENY_V6.get(&Key::new(128, ip.src))
+    } else {
+        let [a, b, c, d, ..] = ip.src;
+        DENY_V4.get(&Key::new(32, [a, b, c, d]))
+    };
+    entry.map_or(0, |e| e.set.wrapping_add(1))
+}
+
 #[inline(always)]
 fn exempt(ip: &Ip) -> bool {
     if ip.family == FAMILY_V6 {

@@ -1,5 +1,6 @@
 //! Stage 5 (drops only): report. A dropped packet's addresses, ports,
-//! protocol, reason, direction and interface index go to the `EVENTS` ring buffer, at most
+//! protocol, reason, direction, interface index (and for a ban, the deny
+//! set) go to the `EVENTS` ring buffer, at most
 //! `EVENTS_PER_SECOND_PER_CPU` a second per CPU (a token bucket in a per-CPU
 //! array), so a flood costs a counter, not a ring buffer full of copies.
 //! The verdict never depends on this: a full ring buffer only loses events.
@@ -50,7 +51,11 @@ pub fn report(ip: &Ip, reason: Reason, dir: u8, ifindex: u32) {
         reason: reason as u8,
         dir,
         ifindex,
-        _pad: 0,
+        deny_set: if reason as u32 == Reason::DropDenied as u32 {
+            crate::deny::set_of(ip)
+        } else {
+            0
+        },
     };
     let _ = EVENTS.output(&event, 0);
 }

@@ -4,7 +4,8 @@
 //! called first by `main.rs`), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
 //! its tracked flows), the deny sets (`deny::denied`), the rules, and last
-//! the ping setting for an echo request no rule admitted. What the rules admit is
+//! the ping setting for an echo request no rule admitted. ICMP meets the
+//! rules with its type and code as the port (`icmp_port`). What the rules admit is
 //! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
 
 use portcullis_common::{
@@ -13,7 +14,7 @@ use portcullis_common::{
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP,
     PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, pclass_port, slot_admits,
+    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port, slot_admits,
 };
 
 use crate::{
@@ -108,7 +109,11 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         IPPROTO_UDP => (PCLASS_UDP, ip.dport, Reason::DropNoRule),
         IPPROTO_ICMP | IPPROTO_ICMPV6 => match icmp_before_rules(p, ip) {
             Some(reason) => return reason,
-            None => (PCLASS_ICMP, 0, Reason::DropIcmp),
+            None => (
+                PCLASS_ICMP,
+                icmp_port(ip.icmp_type, ip.icmp_code),
+                Reason::DropIcmp,
+            ),
         },
         _ => (PCLASS_OTHER, 0, Reason::DropProtocol),
     };
@@ -284,6 +289,13 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 #[inline(always)]
 fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
+    // An ICMP reply (an echo reply: ICMP flows are echoes) was admitted as
+    // the echo request it answers (code 0).
+    let local_port = match ip.proto {
+        IPPROTO_ICMP => icmp_port(ICMP_ECHO_REQUEST, 0),
+        IPPROTO_ICMPV6 => icmp_port(ICMPV6_ECHO_REQUEST, 0),
+        _ => local_port,
+    };
     if conntrack::tracked(Origin::Out, ip, Dir::Out) {
         conntrack::track_egress(ip);
         return Reason::PassEgress;
@@ -313,6 +325,11 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         return Reason::PassEgress;
     }
     let (pclass, port) = pclass_port(ip.proto, ip.dport);
+    let port = if pclass == PCLASS_ICMP {
+        icmp_port(ip.icmp_type, ip.icmp_code)
+    } else {
+        port
+    };
     let m = rules::lookup(ctx.generation, DIR_EGRESS, ip.family, &ip.dst, pclass, port);
     if slot_admits(m.slot) {
         rules::count(&m, bytes);

@@ -140,3 +140,43 @@ fn bans_survive_a_daemon_restart() {
     env.ok(&["deny", "remove", "kept", A4, A6]);
     assert!(env.reaches(A4, APP) && env.reaches(A6, 22));
 }
+
+#[test]
+fn a_drop_event_names_the_deny_set() {
+    require_root!();
+    let mut env = Env::new("allow = true\n");
+    env.start();
+    env.ok(&["deny", "add", "other", B4]);
+    env.ok(&["deny", "add", "spamhaus", A4, OTHER64]);
+    assert!(!env.reaches(A4, APP) && !env.reaches(C6, APP), "banned");
+    // The drop events (status's recent drops, the same documents `watch`
+    // streams) name the set that banned each source.
+    let named = |src: &str| {
+        let status: serde_json::Value =
+            serde_json::from_str(&env.ok(&["--json", "status"])).unwrap();
+        status["recent_drops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["source"] == src && e["reason"] == "drop_denied")
+            .map(|e| e["deny_set"].clone())
+            .collect::<Vec<_>>()
+    };
+    for src in [A4, C6] {
+        let sets = named(src);
+        assert!(
+            !sets.is_empty() && sets.iter().all(|s| s == "spamhaus"),
+            "drop events of {src}: {sets:?}"
+        );
+    }
+    let text = env.ok(&["status"]);
+    assert!(
+        text.contains("drop_denied, denied by set \"spamhaus\""),
+        "{text}"
+    );
+    // Status names each set with its counters too.
+    assert!(
+        text.contains("Deny sets:   other (1 entries, 0 dropped), spamhaus (2 entries, "),
+        "{text}"
+    );
+}

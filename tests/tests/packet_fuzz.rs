@@ -7,7 +7,7 @@
 //! chain, transport headers, bounds: the frame's and what the IP header says
 //! the packet holds) and the decision order (connection table, DHCP replies
 //! after a request, neighbour discovery, pings, rules by the one-by-one
-//! reference evaluator). Its connection table keeps what this host opened
+//! reference evaluator; ICMP meets them with its type and code). Its connection table keeps what this host opened
 //! apart from inbound flows the rules admitted, which never admit a packet
 //! by themselves. Two cases are outside it and only checked to end
 //! in PASS or DROP: non-first fragments (their verdict depends on the
@@ -43,6 +43,13 @@ const XDP_PASS: u32 = 2;
 const TC_UNSPEC: u32 = u32::MAX;
 
 const RULES: &str = r#"
+[[ingress_rules]]
+id = "typed-icmp"
+from_port = 0
+to_port = 0
+ip_ranges = ["10.200.1.0/24", "fd00:200::/48"]
+protocol = "icmp"
+icmp_types = ["echo-request", "icmp:13/0", "destination-unreachable/4"]
 [[ingress_rules]]
 id = "web"
 from_port = 8000
@@ -122,6 +129,7 @@ struct Ip {
     sport: u16,
     dport: u16,
     icmp_type: u8,
+    icmp_code: u8,
     icmp_id: u16,
 }
 
@@ -256,7 +264,7 @@ fn transport(b: &[u8], l4: usize, end: usize, ip: &mut Ip) -> Option<()> {
         }
         ICMP | ICMPV6 => {
             let i = inside(b, l4, 8, end)?;
-            (ip.icmp_type, ip.icmp_id) = (i[0], be16(&i[4..]));
+            (ip.icmp_type, ip.icmp_code, ip.icmp_id) = (i[0], i[1], be16(&i[4..]));
         }
         _ => {}
     }
@@ -383,8 +391,10 @@ impl Model {
                 } else if (v6 && matches!(t, 1..=4)) || (!v6 && matches!(t, 3 | 11 | 12)) {
                     return None; // errors quote another packet
                 } else {
-                    // Echo requests and the rest: the rules (no pings setting here).
-                    self.rules(&ip, PCLASS_ICMP, 0, Reason::DropIcmp)
+                    // Echo requests and the rest: the rules, on the type
+                    // and code (no pings setting here).
+                    let port = u16::from(t) << 8 | u16::from(ip.icmp_code);
+                    self.rules(&ip, PCLASS_ICMP, port, Reason::DropIcmp)
                 }
             }
             _ => self.rules(&ip, PCLASS_OTHER, 0, Reason::DropProtocol),
@@ -451,9 +461,9 @@ fn frame(rng: &mut Xorshift, v6: bool, outbound: bool, local_port: u16) -> Vec<u
             let kinds: &[u8] = if v6 {
                 &[128, 129, 133, 135, 136, 2, 1, 200]
             } else {
-                &[8, 0, 3, 11, 13, 42]
+                &[8, 0, 3, 11, 13, 14, 42]
             };
-            let p = p.icmp(*rng.pick(kinds), 0, local_port, b"fuzz");
+            let p = p.icmp(*rng.pick(kinds), *rng.pick(&[0, 0, 4]), local_port, b"fuzz");
             if v6 && rng.chance(50) { p.ttl(255) } else { p }
         }
         8 => p.proto(*rng.pick(&[47, 50, 132, icmp ^ 0x39]), &[0; 12]),

@@ -57,11 +57,23 @@ fn frame(src: IpAddr, dst: IpAddr, pclass: usize, sport: u16, port: u16) -> Vec<
     match pclass {
         PCLASS_TCP => p.tcp(sport, port, SYN).bytes(),
         PCLASS_UDP => p.udp(sport, port).bytes(),
-        PCLASS_ICMP => {
-            let echo = if src.is_ipv4() { 8 } else { 128 };
-            p.icmp(echo, 0, sport, b"probe").bytes()
-        }
+        // ICMP: the port is the type and code (`icmp_port`).
+        PCLASS_ICMP => p
+            .icmp((port >> 8) as u8, port as u8, sport, b"probe")
+            .bytes(),
         _ => p.proto(47, &[0; 8]).bytes(),
+    }
+}
+
+/// An ICMP probe's port (type << 8 | code): an echo request of `addr`'s
+/// family (code 0 or 3), or a timestamp request (13), which nothing before
+/// the rules decides in either direction.
+fn icmp_probe(addr: IpAddr, n: u16) -> u16 {
+    let echo = if addr.is_ipv4() { 8 } else { 128 };
+    match n % 3 {
+        0 => portcullis_common::icmp_port(echo, 0),
+        1 => portcullis_common::icmp_port(echo, 3),
+        _ => portcullis_common::icmp_port(13, 0),
     }
 }
 
@@ -115,7 +127,11 @@ fn kernel_verdicts_and_counters_match_the_reference() {
         let g = dp.apply(&image, false).unwrap();
         prop_assert_eq!(active(&pins), g);
         for (i, (addr, pclass, port)) in probes.into_iter().enumerate() {
-            let port = if pclass >= PCLASS_ICMP { 0 } else { port };
+            let port = match pclass {
+                PCLASS_ICMP => icmp_probe(addr, port),
+                PCLASS_OTHER => 0,
+                _ => port,
+            };
             let local: IpAddr = if addr.is_ipv4() {
                 "10.200.0.1"
             } else {

@@ -243,8 +243,11 @@ async fn spawn_services(
 ) -> anyhow::Result<Services> {
     let writers_gid = config.api.writers_gid()?;
     let readers_gid = config.api.readers_gid()?;
-    let feed = portcullis::events::Feed::default();
-    let ring = core.lock().await.take_events()?;
+    let (ring, names) = {
+        let mut core = core.lock().await;
+        (core.take_events()?, core.deny_set_names())
+    };
+    let feed = portcullis::events::Feed::naming_deny_sets(names);
     tokio::spawn({
         let feed = feed.clone();
         async move {
@@ -288,13 +291,18 @@ async fn spawn_services(
 }
 
 /// Removes expired deny-set entries every second (the data path ignores
-/// them from their expiry on; this frees them and saves the sets).
+/// them from their expiry on; this frees them and saves the sets), and
+/// expired rules (`Core::expire_rules`: removed, audited, their flows cut).
 async fn sweep_deny_sets(core: core::Shared) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        if let Err(e) = core.lock().await.deny_sweep() {
+        let mut core = core.lock().await;
+        if let Err(e) = core.deny_sweep() {
             error!(error = %e, "deny sets: cannot remove expired entries");
+        }
+        if let Err(e) = core.expire_rules() {
+            error!(error = %e, "cannot remove expired rules; retrying");
         }
     }
 }
@@ -575,6 +583,13 @@ async fn start(
     // if its time is up, else keep waiting for it.
     core.restore_pending()?;
     core.restore_mode()?;
+    // Rules that expired while the daemon was down go now (after the
+    // connections were seeded, so their flows are cut too).
+    match core.expire_rules() {
+        Ok(gone) if !gone.is_empty() => info!(rules = %gone.join(", "), "removed expired rules"),
+        Ok(_) => {}
+        Err(e) => error!(error = %e, "cannot remove expired rules yet; retrying"),
+    }
     let pending = core.pending_remaining();
     // Every link now runs this version's programs: maps of older layouts
     // have no users left.

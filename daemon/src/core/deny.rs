@@ -122,7 +122,25 @@ impl Core {
             let _ = self.deny_save(name);
             return Err(ChangeError::Internal(e.context("nothing changed")));
         }
+        self.publish_deny_names();
         Ok(())
+    }
+
+    /// The deny sets' names by id, kept current by every change: for the
+    /// drop-event feed.
+    pub fn deny_set_names(&self) -> crate::model::DenySetNames {
+        self.deny_names.clone()
+    }
+
+    /// Publishes the current sets' names (gone ones stay until reused).
+    fn publish_deny_names(&self) {
+        let mut names = self
+            .deny_names
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (name, set) in self.deny.sets() {
+            names.insert(set.id, name.clone());
+        }
     }
 
     fn deny_save(&self, name: &str) -> anyhow::Result<()> {
@@ -361,6 +379,7 @@ impl Core {
         self.dataplane.deny_write(&writes)?;
         self.dataplane.deny_write(&stale)?;
         self.sync_deny_exempt()?;
+        self.publish_deny_names();
         Ok(held.len())
     }
 

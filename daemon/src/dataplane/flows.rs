@@ -73,6 +73,43 @@ impl Dataplane {
         Ok(cut)
     }
 
+    /// Removes the inbound flows (`INBOUND4`/`INBOUND6`) that `cut` picks,
+    /// and the connection-table entry of the same flow (a connection
+    /// seeded at start); returns how many inbound flows went.
+    pub fn cut_inbound(&mut self, cut: impl Fn(&FlowKey) -> bool) -> anyhow::Result<usize> {
+        let [in4, in6] = maps::INBOUND;
+        let mut v4: HashMap<_, FlowKey4, Flow> = HashMap::try_from(map_mut(&mut self.ebpf, in4)?)?;
+        let doomed4: Vec<FlowKey4> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cut(&k.widen()))
+            .collect();
+        for key in &doomed4 {
+            // Gone already (aged out, evicted): nothing left to cut.
+            let _ = v4.remove(key);
+        }
+        let mut v6: HashMap<_, FlowKey, Flow> = HashMap::try_from(map_mut(&mut self.ebpf, in6)?)?;
+        let doomed6: Vec<FlowKey> = v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| cut(k))
+            .collect();
+        for key in &doomed6 {
+            let _ = v6.remove(key);
+        }
+        let mut c4: HashMap<_, FlowKey4, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        for key in &doomed4 {
+            let _ = c4.remove(key);
+        }
+        let mut c6: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        for key in &doomed6 {
+            let _ = c6.remove(key);
+        }
+        Ok(doomed4.len() + doomed6.len())
+    }
+
     /// Adds connections that exist now to the connection table, so that
     /// enforcement does not cut them. Existing entries are left as they are.
     pub fn seed_connections(&mut self, connections: &[Connection]) -> anyhow::Result<usize> {

@@ -232,7 +232,37 @@ pub struct AllowArgs {
     #[arg(long)]
     pub id: Option<String>,
     #[command(flatten)]
+    pub expiry: Expiry,
+    #[command(flatten)]
     pub change: RuleChange,
+}
+
+/// When a rule ends: the daemon removes it then (audited) and cuts the
+/// flows only it admitted.
+#[derive(Args, Clone, Debug, Default)]
+pub struct Expiry {
+    /// Remove the rule after this long: 90s, 10m, 2h, 7d.
+    #[arg(long = "for", value_name = "DURATION", conflicts_with = "expires")]
+    pub for_: Option<String>,
+    /// Remove the rule at this UTC time: 2026-12-01T10:00:00Z.
+    #[arg(long, value_name = "TIME")]
+    pub expires: Option<String>,
+}
+
+impl Expiry {
+    /// The rule's `expires` field: `--for` made absolute, or `--expires`.
+    pub fn field(&self) -> anyhow::Result<Option<String>> {
+        if let Some(d) = &self.for_ {
+            let secs = portcullis::denylist::parse_duration(d)
+                .map_err(|e| anyhow::anyhow!("--for: {e}"))?;
+            let now = crate::output::unix_now();
+            return Ok(Some(portcullis::rules::format_expiry(now + secs)));
+        }
+        if let Some(t) = &self.expires {
+            portcullis::rules::parse_expiry(t).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+        }
+        Ok(self.expires.clone())
+    }
 }
 
 #[derive(Args)]
@@ -349,9 +379,15 @@ pub enum RulesCmd {
         /// A note shown in `rules list`.
         #[arg(long)]
         description: Option<String>,
+        /// With --protocol icmp: admit only this ICMP type (repeatable):
+        /// echo-request, destination-unreachable/4, icmp:13, icmpv6:128.
+        #[arg(long = "icmp-type", value_name = "TYPE")]
+        icmp_types: Vec<String>,
         /// Add to the egress list instead (destinations in --ip-range).
         #[arg(long)]
         egress: bool,
+        #[command(flatten)]
+        expiry: Expiry,
         #[command(flatten)]
         change: RuleChange,
     },

@@ -153,8 +153,12 @@ pub fn describe_drop(d: &Event) -> String {
     } else {
         format!(" {}", d.interface)
     };
+    let set = d
+        .deny_set
+        .as_ref()
+        .map_or(String::new(), |s| format!(", denied by set {s:?}"));
     format!(
-        "{}{interface} {} -> {} {} ({})",
+        "{}{interface} {} -> {} {} ({}{set})",
         d.direction,
         endpoint(&d.source, d.source_port),
         endpoint(&d.destination, d.destination_port),

@@ -25,7 +25,9 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             ip_ranges,
             protocol,
             description,
+            icmp_types,
             egress,
+            expiry,
             change,
         } => {
             let rule = FirewallRule {
@@ -35,6 +37,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 ip_ranges,
                 protocol: protocol.into(),
                 description,
+                icmp_types,
+                expires: expiry.field()?,
             };
             add(ctx, rule, egress, &change)
         }
@@ -52,6 +56,9 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         r.ip_ranges.join(", ")
     };
     let (proto, ports) = match r.protocol {
+        Protocol::Icmp if !r.icmp_types.is_empty() => {
+            ("icmp".to_string(), format!(" {}", r.icmp_types.join(",")))
+        }
         Protocol::Icmp => ("icmp".to_string(), String::new()),
         p => (proto_name(p).to_string(), format!(" {ports}")),
     };
@@ -64,6 +71,15 @@ fn ports(r: &FirewallRule) -> String {
         r.from_port.to_string()
     } else {
         format!("{}-{}", r.from_port, r.to_port)
+    }
+}
+
+/// An ICMP rule's PORTS column: its types, or `-` for every type.
+fn icmp_column(r: &FirewallRule) -> String {
+    if r.icmp_types.is_empty() {
+        "-".into()
+    } else {
+        r.icmp_types.join(",")
     }
 }
 
@@ -105,7 +121,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     if egress { "out" } else { "in" }.into(),
                     proto_name(r.protocol).into(),
                     if r.protocol == Protocol::Icmp {
-                        "-".into()
+                        icmp_column(r)
                     } else {
                         ports(r)
                     },
@@ -117,12 +133,21 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
                         .map_or_else(|| "-".into(), |c| c.packets.to_string()),
+                    r.expires.clone().unwrap_or_else(|| "-".into()),
                     r.description.clone().unwrap_or_default(),
                 ]
             })
             .collect();
         let header = &[
-            "#", "ID", "DIR", "PROTO", "PORTS", "SOURCES", "HITS", "DESCRIPTION",
+            "#",
+            "ID",
+            "DIR",
+            "PROTO",
+            "PORTS",
+            "SOURCES",
+            "HITS",
+            "EXPIRES",
+            "DESCRIPTION",
         ];
         let ssh = &rules.rules.ssh;
         let mut out = format!(
@@ -195,6 +220,8 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         ip_ranges: a.from,
         protocol,
         description: a.description,
+        icmp_types: Vec::new(),
+        expires: a.expiry.field()?,
     };
     add(ctx, rule, false, &a.change)
 }

@@ -156,6 +156,19 @@ fn print_traffic(s: &Status) {
     if let Some(v) = &s.egress_volume {
         print_egress_volume(v);
     }
+    if !s.deny_sets.is_empty() {
+        let sets: Vec<String> = s
+            .deny_sets
+            .iter()
+            .map(|d| {
+                format!(
+                    "{} ({} entries, {} dropped)",
+                    d.set, d.count, d.dropped_packets
+                )
+            })
+            .collect();
+        println!("Deny sets:   {}", sets.join(", "));
+    }
     if s.recent_drops.is_empty() {
         println!("Recent drops: none");
     } else {

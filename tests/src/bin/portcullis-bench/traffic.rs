@@ -66,6 +66,8 @@ fn rule_set(n: usize) -> RuleSet {
                     ip_ranges: vec![format!("{src}/32")],
                     protocol: Protocol::Udp,
                     description: None,
+                    icmp_types: Vec::new(),
+                    expires: None,
                 }
             })
             .collect(),
