@@ -726,6 +726,9 @@ pub struct Status {
     /// does not (a reload refuses to drop them; `rules save` keeps them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runtime_changes: Vec<String>,
+    /// The CrowdSec bouncer, when configured: last successful poll, error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -838,6 +841,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         }),
         last_rollback: core.last_rollback().cloned(),
         runtime_changes: core.runtime_changes(),
+        crowdsec: core.crowdsec.clone(),
     }))
 }
 

@@ -274,6 +274,8 @@ pub struct Core {
     config: Option<(std::path::PathBuf, crate::config::Config)>,
     /// The deny sets (see `core/deny.rs`).
     deny: crate::denylist::Sets,
+    /// The CrowdSec bouncer's state, when one runs (see `bouncer`).
+    pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -367,6 +369,7 @@ impl Core {
             actor: Actor::default(),
             config: None,
             deny: Default::default(),
+            crowdsec: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {

@@ -279,6 +279,9 @@ async fn spawn_services(
         tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
     tokio::spawn(sweep_deny_sets(api.core.clone()));
+    if let Some(cs) = config.crowdsec.clone() {
+        tokio::spawn(portcullis::bouncer::run(cs, api.core.clone()));
+    }
     let listener = api::bind(socket, readers_gid.or(writers_gid))?;
     let server = tokio::spawn(api::serve(listener, api.clone()));
     Ok(Services { api, server })
