@@ -163,7 +163,7 @@ async fn poll(
     let path = format!("/v1/decisions/stream?startup={startup}");
     let body = tokio::time::timeout(POLL_TIMEOUT, get(url, &path, &key))
         .await
-        .map_err(|_| format!("LAPI: no answer within {POLL_TIMEOUT:?}"))??;
+        .map_err(|_| format!("LAPI unreachable: no answer within {POLL_TIMEOUT:?}"))??;
     let now = unix_now();
     let pulled =
         crowdsec::check_stream(&body, cfg, now).map_err(|e| format!("LAPI: refused: {e}"))?;
