@@ -135,6 +135,13 @@ async fn change(
         error!(error = %format!("{e:#}"), what, "crowdsec: cannot write the audit record");
     }
     let changed = result.map_err(|e| format!("deny set: {e}"))?;
+    info!(
+        set = changed.set,
+        added = changed.added,
+        removed = changed.removed,
+        entries = changed.entries,
+        "crowdsec: deny set updated"
+    );
     if !changed.admin_exempt.is_empty() {
         warn!(
             set = changed.set,

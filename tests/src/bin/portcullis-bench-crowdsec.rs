@@ -2,8 +2,8 @@
 //! to the ban being enforced in the data path, against a real Local API.
 //! A daemon protects one end of a veth pair, its bouncer polling a LAPI in
 //! the same namespace; each round bans a fresh source address of the peer
-//! with cscli and probes from that address (50 ms handshakes) until one is
-//! dropped. Prints cscli's own time, the delay to enforcement (min, median,
+//! with cscli, at a random moment between two polls, and probes from that
+//! address (50 ms handshakes) until one is dropped. Prints cscli's own time, the delay to enforcement (min, median,
 //! max), and the poll interval it depends on (a ban waits on average half
 //! an interval for the next poll).
 //!
@@ -48,6 +48,9 @@ fn main() -> anyhow::Result<()> {
         .transpose()?
         .unwrap_or(10);
     let poll = std::env::var("PORTCULLIS_BENCH_CROWDSEC_POLL").unwrap_or_else(|_| "1s".into());
+    let interval_ms = portcullis::denylist::parse_duration(&poll)
+        .map_err(anyhow::Error::msg)?
+        .saturating_mul(1000);
     let pair = Pair::new()?;
     let sources: Vec<IpAddr> = (0..rounds)
         .map(|i| format!("10.200.0.{}", 100 + i).parse())
@@ -68,20 +71,33 @@ fn main() -> anyhow::Result<()> {
             section("http://127.0.0.1:18060", &key).replace("\"1s\"", &format!("{poll:?}"))
         ),
     ))?;
-    let _daemon = Daemon::start(&pair.host, &config)?;
+    let daemon = Daemon::start(&pair.host, &config)?;
     let mut cscli = Vec::new();
     let mut delays = Vec::new();
     for src in &sources {
         anyhow::ensure!(connects(&pair.peer, *src), "control: {src} cannot connect");
+        // A random phase against the polls: each round would otherwise
+        // start just after the poll that enforced the last one.
+        std::thread::sleep(Duration::from_millis(rand::random_range(
+            0..interval_ms.max(1),
+        )));
         let started = Instant::now();
         lapi.add(&["--ip", &src.to_string(), "--duration", "1h"])?;
         cscli.push(started.elapsed());
+        if std::env::var_os("PORTCULLIS_BENCH_CROWDSEC_TRACE").is_some() {
+            println!("  {src}: cscli done at {:?}", std::time::SystemTime::now());
+        }
         let deadline = started + Duration::from_secs(120);
         while connects(&pair.peer, *src) {
             anyhow::ensure!(Instant::now() < deadline, "{src} was never banned");
             std::thread::sleep(Duration::from_millis(10));
         }
         delays.push(started.elapsed());
+    }
+    if std::env::var_os("PORTCULLIS_BENCH_CROWDSEC_TRACE").is_some() {
+        for l in daemon.log().lines().filter(|l| l.contains("crowdsec")) {
+            println!("  daemon: {l}");
+        }
     }
     delays.sort();
     cscli.sort();
