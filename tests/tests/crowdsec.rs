@@ -103,6 +103,19 @@ fn decisions_are_enforced_and_lifted() {
         cs.lapi.delete_id(id).unwrap();
     }
     cs.expect(&[A6], &[A4, B4, C6, D6]);
+    // Through the core's audited path, as the API's changes are.
+    let audit = std::fs::read_to_string(cs.env.config.state_dir().join("audit.log")).unwrap();
+    for says in [
+        "crowdsec: full pull into crowdsec",
+        "crowdsec: ban 1 entries in crowdsec",
+        "crowdsec: lift",
+    ] {
+        assert!(
+            audit.contains(says),
+            "the audit log lacks {says:?}:
+{audit}"
+        );
+    }
 }
 
 #[test]
