@@ -53,12 +53,18 @@ pub fn read_key(path: &Path) -> Result<String, String> {
     Ok(key.to_string())
 }
 
+/// How long a connection to the LAPI may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The usual cause of an unanswered or refused connection under the unit.
+const UNIT_HINT: &str = "under the shipped unit, IPAddressDeny=any drops it unless a drop-in allows the LAPI's address, e.g. /etc/systemd/system/portcullis.service.d/crowdsec.conf with [Service] IPAddressAllow=127.0.0.1";
+
 /// What a failed connection means, with the unit's usual cause named.
 fn connect_error(url: &Url, e: &std::io::Error) -> String {
     let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
-        " (under the shipped unit, IPAddressDeny=any blocks it: allow the LAPI's address with a drop-in, e.g. /etc/systemd/system/portcullis.service.d/crowdsec.conf with [Service] IPAddressAllow=127.0.0.1)"
+        format!(" ({UNIT_HINT})")
     } else {
-        ""
+        String::new()
     };
     format!(
         "LAPI unreachable: cannot connect to {}:{}: {e}{hint}",
@@ -66,11 +72,22 @@ fn connect_error(url: &Url, e: &std::io::Error) -> String {
     )
 }
 
+/// A connection to the LAPI, within [`CONNECT_TIMEOUT`].
+async fn connect(url: &Url) -> Result<tokio::net::TcpStream, String> {
+    let connecting = tokio::net::TcpStream::connect((url.host.as_str(), url.port));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(connect_error(url, &e)),
+        Err(_) => Err(format!(
+            "LAPI unreachable: no answer from {}:{} within {CONNECT_TIMEOUT:?} (a firewall on the way, or: {UNIT_HINT})",
+            url.host, url.port
+        )),
+    }
+}
+
 /// `GET {base}{path}` with the API key; the body of a 200 answer.
 pub async fn get(url: &Url, path: &str, key: &str) -> Result<Bytes, String> {
-    let stream = tokio::net::TcpStream::connect((url.host.as_str(), url.port))
-        .await
-        .map_err(|e| connect_error(url, &e))?;
+    let stream = connect(url).await?;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await

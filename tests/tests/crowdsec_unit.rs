@@ -57,8 +57,11 @@ fn the_bouncer_needs_the_drop_in_under_the_shipped_unit_and_works_with_it() {
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", journal(&c)));
     let error = st["error"].as_str().unwrap_or_default();
+    eprintln!("as shipped, the bouncer's status says: {error}");
     assert!(
-        st["connected"] == false && error.contains("unreachable"),
+        st["connected"] == false
+            && error.contains("unreachable")
+            && error.contains("IPAddressAllow=127.0.0.1"),
         "{st}"
     );
     let human = c.check("portcullis", &["status"]).unwrap();
