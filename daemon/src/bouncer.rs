@@ -85,10 +85,59 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, String> {
     }
 }
 
-/// `GET {base}{path}` with the API key; the body of a 200 answer.
-pub async fn get(url: &Url, path: &str, key: &str) -> Result<Bytes, String> {
+/// The TLS client for an https LAPI: it trusts exactly the certificates
+/// in `ca_file` (PEM), ring as the crypto provider.
+pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject as _};
+    let bad = |e: String| format!("ca_file: {}: {e}", ca_file.display());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("holds no PEM certificate".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        config,
+    )))
+}
+
+/// `GET {base}{path}` with the API key; the body of a 200 answer. Over TLS
+/// when `tls` is given (an https URL), the LAPI's name checked against its
+/// certificate.
+pub async fn get(
+    url: &Url,
+    tls: Option<&tokio_rustls::TlsConnector>,
+    path: &str,
+    key: &str,
+) -> Result<Bytes, String> {
     let stream = connect(url).await?;
-    let io = hyper_util::rt::TokioIo::new(stream);
+    match tls {
+        None => exchange(hyper_util::rt::TokioIo::new(stream), url, path, key).await,
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from(url.host.clone())
+                .map_err(|e| format!("LAPI: {:?} is not a TLS server name: {e}", url.host))?;
+            let stream = tls
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("LAPI: TLS handshake with {} failed: {e}", url.host))?;
+            exchange(hyper_util::rt::TokioIo::new(stream), url, path, key).await
+        }
+    }
+}
+
+/// One HTTP/1.1 request on an open connection.
+async fn exchange<IO>(io: IO, url: &Url, path: &str, key: &str) -> Result<Bytes, String>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .map_err(|e| format!("LAPI: HTTP handshake failed: {e}"))?;
@@ -183,9 +232,13 @@ async fn poll(
     core: &core::Shared,
 ) -> Result<usize, String> {
     let key = read_key(&cfg.api_key_file)?;
+    let tls = match (&cfg.ca_file, url.tls) {
+        (Some(ca), true) => Some(tls_connector(ca)?),
+        _ => None,
+    };
     let startup = tracker.is_none();
     let path = format!("/v1/decisions/stream?startup={startup}");
-    let body = tokio::time::timeout(POLL_TIMEOUT, get(url, &path, &key))
+    let body = tokio::time::timeout(POLL_TIMEOUT, get(url, tls.as_ref(), &path, &key))
         .await
         .map_err(|_| format!("LAPI unreachable: no answer within {POLL_TIMEOUT:?}"))??;
     let now = unix_now();
@@ -258,7 +311,7 @@ pub async fn run(cfg: CrowdSecConfig, core: core::Shared) {
         set: cfg.set.clone(),
         ..BouncerStatus::default()
     };
-    if !crowdsec::is_loopback(&url.host) {
+    if !url.tls && !crowdsec::is_loopback(&url.host) {
         let w = format!(
             "{} is plain http to a non-loopback address: the API key and the decisions cross the network in the clear",
             cfg.url

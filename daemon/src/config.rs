@@ -824,6 +824,7 @@ ip_ranges = []
                 set: "crowdsec".into(),
                 shortest_v4: 16,
                 shortest_v6: 32,
+                ca_file: Some("/etc/crowdsec/ssl/ca.pem".into()),
             }),
         }
     }

@@ -47,7 +47,8 @@ fn default_v6() -> u8 {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CrowdSecConfig {
-    /// The LAPI's base URL, `http://HOST:PORT` (e.g. `http://127.0.0.1:8080`).
+    /// The LAPI's base URL, `http://HOST:PORT` (e.g. `http://127.0.0.1:8080`)
+    /// or `https://HOST:PORT` (then `ca_file` is required).
     pub url: String,
     /// A file holding the bouncer's API key (`cscli bouncers add NAME`):
     /// owned by root, writable by root only and readable by no others.
@@ -64,12 +65,31 @@ pub struct CrowdSecConfig {
     pub shortest_v4: u8,
     #[serde(default = "default_v6")]
     pub shortest_v6: u8,
+    /// For an `https://` URL: the PEM certificate(s) of the CA that signed
+    /// the LAPI's certificate; no other root is trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl CrowdSecConfig {
     /// Checks every field; the poll interval in seconds.
     pub fn validate(&self) -> Result<u64, String> {
-        parse_url(&self.url)?;
+        let url = parse_url(&self.url)?;
+        match (&self.ca_file, url.tls) {
+            (None, true) => {
+                return Err(
+                    "crowdsec: ca_file: an https url needs the LAPI's certificate or CA".into(),
+                );
+            }
+            (Some(_), false) => return Err("crowdsec: ca_file: only for an https url".into()),
+            (Some(f), true) if !f.is_absolute() => {
+                return Err(format!(
+                    "crowdsec: ca_file: {} is not an absolute path",
+                    f.display()
+                ));
+            }
+            _ => {}
+        }
         denylist::check_name(&self.set).map_err(|e| format!("crowdsec: set: {e}"))?;
         if !self.api_key_file.is_absolute() {
             return Err(format!(
@@ -89,26 +109,25 @@ impl CrowdSecConfig {
     }
 }
 
-/// The LAPI address: (host, port, path prefix without a trailing slash).
+/// The LAPI address: host, port, path prefix without a trailing slash,
+/// and whether it is https.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Url {
     pub host: String,
     pub port: u16,
     pub base: String,
+    pub tls: bool,
 }
 
-/// Parses `http://HOST[:PORT][/PATH]`. `https` is refused for now (this
-/// build has no TLS client): run the LAPI on loopback or a trusted link.
+/// Parses `http://HOST[:PORT][/PATH]` or `https://...`.
 pub fn parse_url(url: &str) -> Result<Url, String> {
     let bad = |why: &str| format!("crowdsec: url {url:?}: {why}");
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") {
-        return Err(bad(
-            "https is not supported by this build; use http:// to a LAPI on loopback or a trusted network",
-        ));
+    let (rest, tls) = if let Some(r) = url.strip_prefix("http://") {
+        (r, false)
+    } else if let Some(r) = url.strip_prefix("https://") {
+        (r, true)
     } else {
-        return Err(bad("must start with http://"));
+        return Err(bad("must start with http:// or https://"));
     };
     let (authority, path) = match rest.find('/') {
         Some(i) => rest.split_at(i),
@@ -127,6 +146,7 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
         }
     };
     let port = match port {
+        None | Some("") if tls => 443,
         None | Some("") => 80,
         Some(p) => p
             .parse::<u16>()
@@ -144,6 +164,7 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
         host,
         port,
         base: path.trim_end_matches('/').to_string(),
+        tls,
     })
 }
 
@@ -453,6 +474,7 @@ mod tests {
             set: default_set(),
             shortest_v4: 16,
             shortest_v6: 32,
+            ca_file: None,
         }
     }
 
@@ -515,8 +537,20 @@ mod tests {
             ("::1", 81, "/lapi")
         );
         assert_eq!(parse_url("http://lapi.example").unwrap().port, 80);
+        let u = parse_url("https://lapi.example").unwrap();
+        assert!(u.tls && u.port == 443);
+        let mut c = cfg();
+        c.url = "https://lapi.example:8443".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .contains("needs the LAPI's certificate")
+        );
+        c.ca_file = Some("/etc/crowdsec/ssl/ca.pem".into());
+        assert!(c.validate().is_ok());
+        c.url = "http://127.0.0.1:8080".into();
+        assert!(c.validate().unwrap_err().contains("only for an https url"));
         for bad in [
-            "https://127.0.0.1:8080",
             "ftp://x",
             "http://",
             "http://u@h:1",

@@ -35,15 +35,22 @@ pub struct Lapi {
     pub listen: String,
     /// The bouncer's API key (`cscli bouncers add portcullis-test -k`).
     pub key: String,
+    /// Served over https with a certificate for 127.0.0.1 from a test CA.
+    tls: bool,
 }
 
-fn config_yaml(dir: &Path, listen: &str) -> String {
+fn config_yaml(dir: &Path, listen: &str, tls: bool) -> String {
     let d = dir.display();
+    let server_tls = if tls {
+        format!("    tls:\n      cert_file: {d}/cert.pem\n      key_file: {d}/key.pem\n")
+    } else {
+        String::new()
+    };
     format!(
         "common:\n  daemonize: false\n  log_media: file\n  log_dir: {d}/\n  log_level: info\n  working_dir: .\n\
 config_paths:\n  config_dir: {d}/\n  data_dir: {d}/data/\n  simulation_path: {d}/simulation.yaml\n  hub_dir: {d}/hub/\n  index_path: {d}/hub/.index.json\n  notification_dir: {d}/notifications/\n  plugin_dir: /usr/lib/crowdsec/plugins/\n\
 db_config:\n  log_level: info\n  type: sqlite\n  db_path: {d}/data/crowdsec.db\n  use_wal: false\n\
-api:\n  client:\n    insecure_skip_verify: false\n    credentials_path: {d}/local_api_credentials.yaml\n  server:\n    log_level: info\n    listen_uri: {listen}\n    profiles_path: {d}/profiles.yaml\n    trusted_ips:\n      - 127.0.0.1\n\
+api:\n  client:\n    insecure_skip_verify: {tls}\n    credentials_path: {d}/local_api_credentials.yaml\n  server:\n    log_level: info\n    listen_uri: {listen}\n    profiles_path: {d}/profiles.yaml\n    trusted_ips:\n      - 127.0.0.1\n{server_tls}\
 prometheus:\n  enabled: false\n"
     )
 }
@@ -54,6 +61,11 @@ impl Lapi {
     /// Configures a LAPI listening on `127.0.0.1:port` in `ns`, registers
     /// a machine (for cscli) and the bouncer key, and starts it.
     pub fn start(ns: &Netns, port: u16) -> anyhow::Result<Lapi> {
+        Self::start_with(ns, port, false)
+    }
+
+    /// [`Lapi::start`], over https when `tls` (its CA: [`Lapi::ca`]).
+    pub fn start_with(ns: &Netns, port: u16, tls: bool) -> anyhow::Result<Lapi> {
         ensure!(
             Path::new("/usr/bin/crowdsec").exists(),
             "crowdsec is not installed: run `cargo xtask setup`"
@@ -63,8 +75,11 @@ impl Lapi {
         std::fs::create_dir_all(dir.path().join("data"))?;
         std::fs::write(
             dir.path().join("config.yaml"),
-            config_yaml(dir.path(), &listen),
+            config_yaml(dir.path(), &listen, tls),
         )?;
+        if tls {
+            test_pki(dir.path(), "127.0.0.1")?;
+        }
         std::fs::write(dir.path().join("profiles.yaml"), PROFILES)?;
         std::fs::write(dir.path().join("simulation.yaml"), "simulation: off\n")?;
         std::fs::write(dir.path().join("local_api_credentials.yaml"), "")?;
@@ -77,6 +92,7 @@ impl Lapi {
             child: None,
             listen,
             key,
+            tls,
         };
         let creds = lapi.dir.path().join("local_api_credentials.yaml");
         let creds = creds.to_string_lossy().into_owned();
@@ -96,7 +112,7 @@ impl Lapi {
             .lines()
             .map(|l| {
                 if l.starts_with("url:") {
-                    format!("url: http://{}\n", lapi.listen)
+                    format!("url: {}\n", lapi.url())
                 } else {
                     format!("{l}\n")
                 }
@@ -107,6 +123,17 @@ impl Lapi {
         lapi.cscli_direct(&["bouncers", "add", "portcullis-test", "-k", &key])?;
         lapi.resume()?;
         Ok(lapi)
+    }
+
+    /// `http://127.0.0.1:PORT` or `https://...`.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.listen)
+    }
+
+    /// The CA that signed the LAPI's certificate (PEM), when it serves https.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
     }
 
     fn config(&self) -> PathBuf {
@@ -201,8 +228,8 @@ impl Lapi {
         loop {
             let probe = self
                 .nsenter("curl")
-                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
-                .arg(format!("http://{}/v1/decisions/stream", self.listen))
+                .args(["-s", "-k", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("{}/v1/decisions/stream", self.url()))
                 .output()?;
             if String::from_utf8_lossy(&probe.stdout).trim() == "403" {
                 return Ok(());
@@ -230,6 +257,49 @@ impl Drop for Lapi {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A test CA (`ca.pem`) and a server certificate it signed for the IP
+/// address `ip` (in its subjectAltName, as TLS clients check): `cert.pem`
+/// and `key.pem`, all in `dir`.
+pub fn test_pki(dir: &Path, ip: &str) -> anyhow::Result<()> {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(Command::new("openssl")
+        .args(["req", "-x509"])
+        .args(ec)
+        .args(["-days", "2", "-subj", "/CN=portcullis-test-ca", "-keyout"])
+        .arg(dir.join("ca.key"))
+        .arg("-out")
+        .arg(dir.join("ca.pem")))?;
+    run(Command::new("openssl")
+        .arg("req")
+        .args(ec)
+        .args(["-subj", &format!("/CN={ip}"), "-keyout"])
+        .arg(dir.join("key.pem"))
+        .arg("-out")
+        .arg(dir.join("server.csr")))?;
+    std::fs::write(
+        dir.join("server.ext"),
+        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\n"),
+    )?;
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "2", "-CAcreateserial", "-in"])
+        .arg(dir.join("server.csr"))
+        .arg("-CA")
+        .arg(dir.join("ca.pem"))
+        .arg("-CAkey")
+        .arg(dir.join("ca.key"))
+        .arg("-extfile")
+        .arg(dir.join("server.ext"))
+        .arg("-out")
+        .arg(dir.join("cert.pem")))?;
+    Ok(())
 }
 
 /// Writes `key` to a root-owned file of mode 0600 in `dir`; its path.

@@ -212,3 +212,42 @@ fn a_lapi_restart_keeps_the_bans_and_picks_up_what_changed() {
         "one error logged per outage:\n{log}"
     );
 }
+
+#[test]
+fn an_https_lapi_is_trusted_only_through_ca_file() {
+    require_root!();
+    let keys = tempfile::tempdir().unwrap();
+    let path = key_file(keys.path(), "placeholder").unwrap();
+    // First another CA than the LAPI's: the handshake fails.
+    test_pki(keys.path(), "127.0.0.1").unwrap();
+    let ca = keys.path().join("ca.pem");
+    let url = format!("https://127.0.0.1:{PORT}");
+    let env = Env::new(&format!(
+        "allow = true\n{}ca_file = \"{}\"\n",
+        section(&url, &path),
+        ca.display()
+    ));
+    let lapi = Lapi::start_with(&env.pair.host, PORT, true).expect("the LAPI");
+    key_file(keys.path(), &lapi.key).unwrap();
+    lapi.add(&["--ip", A4, "--duration", "1h"]).unwrap();
+    let mut cs = Cs {
+        env,
+        lapi,
+        _keys: keys,
+    };
+    cs.env.start();
+    assert!(
+        eventually(WAIT, || cs.status()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("TLS handshake")),
+        "{}",
+        cs.status()
+    );
+    assert!(cs.env.reaches(A4, APP), "banned through an untrusted LAPI");
+    // The LAPI's CA: trusted, the ban is pulled.
+    std::fs::copy(cs.lapi.ca(), &ca).unwrap();
+    cs.expect(&[A4], &[B4, A6]);
+    assert_eq!(cs.status()["connected"], true, "{}", cs.status());
+    assert!(cs.status()["warning"].is_null(), "{}", cs.status());
+}
