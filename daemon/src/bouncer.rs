@@ -325,6 +325,7 @@ pub async fn run(cfg: CrowdSecConfig, core: core::Shared) {
         ?interval,
         "crowdsec: bouncer started"
     );
+    core.lock().await.crowdsec = Some(status.clone());
     let mut tracker: Option<Tracker> = None;
     loop {
         let result = poll(&cfg, &url, &mut tracker, &core).await;

@@ -46,6 +46,7 @@ const APT_PACKAGES: &[&str] = &[
     "libfaketime",       // the attack suite steps the daemon's wall clock
     "binutils",          // objdump: the packaged binaries' glibc floor
     "crowdsec",          // a real Local API (crowdsec -no-cs, cscli) for the bouncer tests
+    "openssl",           // the bouncer tests' TLS certificates for an https LAPI
 ];
 
 /// Debian's crowdsec registers with CrowdSec's online service in its
