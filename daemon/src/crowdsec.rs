@@ -276,17 +276,21 @@ pub fn parse_go_duration(text: &str) -> Result<i128, String> {
     Ok(sign * total)
 }
 
-/// A decision's prefix: an `Ip` is its /32 or /128, a `Range` a prefix
-/// (host bits set are refused, as in set files).
+/// A decision's prefix: an `Ip` is an address (or its /32, /128), a
+/// `Range` a prefix (host bits set are refused, as in set files).
 fn prefix_of(d: &Decision) -> Result<IpNet, String> {
     if d.value.len() > MAX_VALUE {
         return Err(format!("value of {} bytes", d.value.len()));
     }
-    let ip_scope = d.scope.eq_ignore_ascii_case("ip");
-    if ip_scope && d.value.contains('/') {
+    let prefix = denylist::parse_prefix(&d.value)?;
+    let host = match prefix {
+        IpNet::V4(n) => n.prefix_len() == 32,
+        IpNet::V6(n) => n.prefix_len() == 128,
+    };
+    if d.scope.eq_ignore_ascii_case("ip") && !host {
         return Err(format!("scope Ip with a range value {:?}", d.value));
     }
-    denylist::parse_prefix(&d.value)
+    Ok(prefix)
 }
 
 /// Checks a stream response: any decision whose id, duration or (for a ban
@@ -583,6 +587,8 @@ mod tests {
             ]
         );
         assert_eq!(p.ignored, 2);
+        let host = br#"{"new":[{"duration":"1h","id":9,"scope":"Ip","type":"ban","value":"10.1.2.3/32"}]}"#;
+        assert_eq!(check_stream(host, &cfg(), 0).unwrap().new.len(), 1);
         assert_eq!(p.refused.len(), 2, "{:?}", p.refused);
         assert!(
             p.refused[0].contains("0.0.0.0/0 is broader than /16"),
