@@ -732,6 +732,9 @@ pub struct Status {
     /// The deny sets by name: entries and what each dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub deny_sets: Vec<crate::core::DenySetView>,
+    /// The CrowdSec bouncer, when configured: last successful poll, error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -847,6 +850,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         runtime_changes: core.runtime_changes(),
         egress_volume: core.volume_on().then(|| core.volume_status()),
         deny_sets: core.deny_sets(),
+        crowdsec: core.crowdsec.clone(),
     }))
 }
 

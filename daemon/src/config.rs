@@ -99,6 +99,9 @@ pub struct Config {
     /// The rules read from `rules_file` when it exists (by [`Config::load`]).
     #[serde(skip)]
     saved: Option<RuleSet>,
+    /// A CrowdSec Local API whose ban decisions fill a deny set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crowdsec: Option<crate::crowdsec::CrowdSecConfig>,
 }
 
 /// Where `portcullis rules save` writes, relative to the configuration.
@@ -527,6 +530,9 @@ impl Config {
         if let Some(health) = &self.readiness.health {
             health.validate()?;
         }
+        if let Some(cs) = &self.crowdsec {
+            cs.validate().map_err(anyhow::Error::msg)?;
+        }
         self.api.validate()?;
         self.egress_volume.validate()?;
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
@@ -878,6 +884,15 @@ ip_ranges = []
             egress_rules: vec![rule],
             rules_file: Some("/etc/portcullis/saved/rules.toml".into()),
             saved: None,
+            crowdsec: Some(crate::crowdsec::CrowdSecConfig {
+                url: "http://127.0.0.1:8080".into(),
+                api_key_file: "/etc/portcullis/crowdsec.key".into(),
+                poll_interval: "10s".into(),
+                set: "crowdsec".into(),
+                shortest_v4: 16,
+                shortest_v6: 32,
+                ca_file: Some("/etc/crowdsec/ssl/ca.pem".into()),
+            }),
         }
     }
 

@@ -282,6 +282,8 @@ pub struct Core {
     volume_on: bool,
     /// Their names by id, shared with the drop-event feed.
     deny_names: crate::model::DenySetNames,
+    /// The CrowdSec bouncer's state, when one runs (see `bouncer`).
+    pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -378,6 +380,7 @@ impl Core {
             volume: Default::default(),
             volume_on: false,
             deny_names: Default::default(),
+            crowdsec: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {

@@ -1,6 +1,8 @@
 //! Portcullis user space: the daemon (`portcullisd`) and the CLI (`portcullis`).
 //!
 //! - [`rules`]: the Brev-format rule model and its validation (pure).
+//! - [`crowdsec`]: the CrowdSec bouncer protocol: decisions, Go durations (pure).
+//! - [`bouncer`]: the CrowdSec bouncer: polls a Local API into a deny set through the core.
 //! - [`core`]: owns the live rule set; every change goes through it.
 //! - [`api`]: the control API (HTTP over a Unix socket) on top of the core.
 //! - [`audit`]: the hash-chained audit log of every change and refusal.
@@ -47,10 +49,12 @@
 
 pub mod api;
 pub mod audit;
+pub mod bouncer;
 pub mod client;
 pub mod compile;
 pub mod config;
 pub mod core;
+pub mod crowdsec;
 pub mod dataplane;
 pub mod denylist;
 pub mod events;

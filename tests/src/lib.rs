@@ -25,6 +25,7 @@ use anyhow::{Context as _, ensure};
 pub use portcullis_common::Reason;
 
 pub mod container;
+pub mod crowdsec;
 pub mod daemon;
 pub mod net;
 pub mod packet;

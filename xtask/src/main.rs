@@ -45,7 +45,14 @@ const APT_PACKAGES: &[&str] = &[
     "strace",            // the benchmark times the daemon's bpf(2) calls at start
     "libfaketime",       // the attack suite steps the daemon's wall clock
     "binutils",          // objdump: the packaged binaries' glibc floor
+    "crowdsec",          // a real Local API (crowdsec -no-cs, cscli) for the bouncer tests
+    "openssl",           // the bouncer tests' TLS certificates for an https LAPI
 ];
+
+/// Debian's crowdsec registers with CrowdSec's online service in its
+/// postinst unless this file exists and is non-empty (README.Debian); that
+/// registration fails here and would abort the install.
+const CROWDSEC_CAPI: &str = "/etc/crowdsec/online_api_credentials.yaml";
 
 #[derive(Parser)]
 #[command(about = "Portcullis project tasks")]
@@ -362,6 +369,9 @@ fn apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
+    if missing.contains(&"crowdsec") {
+        crowdsec_opt_out()?;
+    }
     run(Command::new("apt-get").arg("update").arg("-q"))?;
     // These packages are tools for the tests: their services (sshd, radvd)
     // must not start on this machine. policy-rc.d tells invoke-rc.d so.
@@ -381,7 +391,32 @@ fn apt_packages() -> anyhow::Result<()> {
     if ours {
         std::fs::remove_file(policy)?;
     }
+    if result.is_ok() && missing.contains(&"crowdsec") {
+        // Its service would hold 127.0.0.1:8080 at the next boot; the
+        // tests need none of it (symlinks only: works without systemd).
+        let _ = output(Command::new("systemctl").args(["disable", "crowdsec.service"]));
+    }
     result
+}
+
+/// Opts out of crowdsec's online registration before the package is
+/// installed (an admin's existing non-empty file is kept). The tests run
+/// their own Local API; the package's service is never started here
+/// (policy-rc.d) and its unit stays disabled.
+fn crowdsec_opt_out() -> anyhow::Result<()> {
+    let capi = Path::new(CROWDSEC_CAPI);
+    if std::fs::metadata(capi).is_ok_and(|m| m.len() > 0) {
+        return Ok(());
+    }
+    if let Some(dir) = capi.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(
+        capi,
+        "# portcullis xtask setup: no registration with CrowdSec's online API\n",
+    )?;
+    std::fs::set_permissions(capi, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    Ok(())
 }
 
 /// The tests pin under /sys/fs/bpf; this machine kind does not mount it.

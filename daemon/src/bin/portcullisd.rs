@@ -285,6 +285,9 @@ async fn spawn_services(
     if config.egress_volume.enabled {
         tokio::spawn(read_egress_volume(api.clone()));
     }
+    if let Some(cs) = config.crowdsec.clone() {
+        tokio::spawn(portcullis::bouncer::run(cs, api.core.clone()));
+    }
     let listener = api::bind(socket, readers_gid.or(writers_gid))?;
     let server = tokio::spawn(api::serve(listener, api.clone()));
     Ok(Services { api, server })

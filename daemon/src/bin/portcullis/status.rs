@@ -96,6 +96,9 @@ fn print_status(s: &Status) -> bool {
         ),
     };
     println!("Flows:       {flows}");
+    if let Some(c) = &s.crowdsec {
+        print_crowdsec(c);
+    }
     print_readiness(&s.readiness);
     print_traffic(s);
     println!("Audit head:  {}", s.audit_head);
@@ -125,6 +128,26 @@ fn print_windows(s: &Status) {
             "Refused:     {} write(s) refused for lack of permission",
             s.refused_writes
         );
+    }
+}
+
+/// The CrowdSec bouncer: connected or why not, and since when.
+fn print_crowdsec(c: &portcullis::crowdsec::BouncerStatus) {
+    let last = c
+        .last_success
+        .map_or_else(|| "never".into(), |t| local_time(t, None));
+    match &c.error {
+        None => println!(
+            "CrowdSec:    {} decisions into deny set {} from {}, last poll {last}",
+            c.decisions, c.set, c.url
+        ),
+        Some(e) => println!(
+            "CrowdSec:    NOT CONNECTED to {} (bans in force stay; last good poll {last}): {e}",
+            c.url
+        ),
+    }
+    if let Some(w) = &c.warning {
+        println!("             warning: {w}");
     }
 }
 

@@ -1,0 +1,191 @@
+//! The CrowdSec bouncer against a hostile Local API (issue 18's attack
+//! suite): a scripted server answers the decision stream with what an
+//! attacker (or a broken LAPI) would send. A ban of the whole Internet is
+//! refused, a ban of the admin network never cuts it, a malformed answer or
+//! a huge value changes nothing, and each is named in the status or log;
+//! an API key file others can read is refused; plain http to a LAPI off
+//! loopback is warned about.
+
+mod deny_env;
+
+use std::time::Duration;
+
+use deny_env::*;
+use portcullis_tests::{crowdsec::*, *};
+
+const PORT: u16 = 18090;
+const WAIT: Duration = Duration::from_secs(20);
+
+fn ban(id: u64, scope: &str, value: &str, duration: &str) -> String {
+    format!(
+        r#"{{"id":{id},"type":"ban","scope":"{scope}","value":"{value}","duration":"{duration}","origin":"crowdsec","scenario":"x"}}"#
+    )
+}
+
+fn stream(new: &[String]) -> String {
+    format!(r#"{{"deleted":null,"new":[{}]}}"#, new.join(","))
+}
+
+struct Hostile {
+    env: Env,
+    fake: FakeLapi,
+    _keys: tempfile::TempDir,
+}
+
+impl Hostile {
+    /// The admin network is B4 and B6 (`[ssh] sources`).
+    fn new(url_host: &str, first: &str) -> Hostile {
+        let keys = tempfile::tempdir().unwrap();
+        let path = key_file(keys.path(), "hostilekey").unwrap();
+        let url = format!("http://{url_host}:{PORT}");
+        let env = Env::new(&format!(
+            "allow = true\nsources = [\"{B4}/32\", \"{B6}/128\"]\n{}",
+            section(&url, &path)
+        ));
+        let addr = format!("{url_host}:{PORT}").parse().unwrap();
+        let fake = FakeLapi::start(&env.pair.host, addr, first).unwrap();
+        Hostile {
+            env,
+            fake,
+            _keys: keys,
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let s: serde_json::Value =
+            serde_json::from_str(&self.env.ok(&["--json", "status"])).unwrap();
+        s["crowdsec"].clone()
+    }
+
+    fn log(&self) -> String {
+        self.env.daemon.as_ref().unwrap().log()
+    }
+
+    fn count(&self) -> serde_json::Value {
+        self.env.listed("crowdsec")["count"].clone()
+    }
+}
+
+#[test]
+fn hostile_decisions_are_refused_and_the_admin_network_is_never_cut() {
+    require_root!();
+    let first = stream(&[
+        ban(1, "Ip", A4, "1h"),
+        ban(2, "Range", "0.0.0.0/0", "4h"),
+        ban(3, "Range", "::/0", "4h"),
+        ban(4, "range", "10.200.0.0/24", "4h"),
+    ]);
+    let mut h = Hostile::new("127.0.0.1", &first);
+    h.env.start();
+    assert!(
+        eventually(WAIT, || h.status()["connected"] == true),
+        "{}",
+        h.status()
+    );
+    // The /24 bans A4; the admin network inside it (B4) is exempt, on SSH
+    // and on the rule's port; the /0s are refused, so IPv6 is untouched.
+    assert!(!h.env.reaches(A4, APP) && !h.env.reaches(A4, 22));
+    for (src, port) in [(B4, 22), (B4, APP), (A6, APP), (B6, 22)] {
+        assert!(h.env.reaches(src, port), "{src} -> {port} was cut");
+    }
+    assert_eq!(h.count(), 2, "{}", h.env.listed("crowdsec"));
+    let log = h.log();
+    for says in [
+        "0.0.0.0/0 is broader than /16",
+        "::/0 is broader than /32",
+        "overlap an admin network",
+    ] {
+        assert!(log.contains(says), "the log does not say {says:?}:\n{log}");
+    }
+}
+
+#[test]
+fn malformed_or_huge_answers_change_nothing() {
+    require_root!();
+    let mut h = Hostile::new("127.0.0.1", &stream(&[ban(1, "Ip", A4, "1h")]));
+    h.env.start();
+    assert!(
+        eventually(WAIT, || !h.env.reaches(A4, APP)),
+        "{}",
+        h.status()
+    );
+    let huge = "9".repeat(200_000);
+    for (body, says) in [
+        (r#"{"new":[{"id":1,"#.to_string(), "not a decision stream"),
+        (stream(&[ban(5, "Ip", &huge, "1h")]), "bytes"),
+        (stream(&[ban(6, "Ip", "10.200.0.300", "1h")]), "10.200.0.300"),
+        (stream(&[ban(7, "Ip", B4, "forever")]), "not a Go duration"),
+        (
+            r#"{"new":[],"deleted":[{"id":1,"type":"ban","scope":"Ip","value":"x","duration":"1h"}]}"#
+                .to_string(),
+            "deleted[0]",
+        ),
+    ] {
+        h.fake.answer(&body);
+        assert!(h.fake.wait_served(2), "the daemon stopped polling");
+        let st = h.status();
+        assert!(
+            st["connected"] == false && st["error"].as_str().unwrap_or_default().contains(says),
+            "status does not name {says:?}: {st}"
+        );
+        // Nothing changed: A4 still banned, the others pass.
+        assert_eq!(h.count(), 1);
+        assert!(!h.env.reaches(A4, APP), "a bad answer lifted the ban");
+        assert!(h.env.reaches(B4, APP) && h.env.reaches(A6, APP));
+    }
+    // The largest Go duration is a long ban, not an overflow.
+    h.fake.answer(&stream(&[
+        ban(1, "Ip", A4, "1h"),
+        ban(8, "Ip", A6, "2562047h47m16.854775807s"),
+    ]));
+    assert!(
+        eventually(WAIT, || !h.env.reaches(A6, APP)),
+        "{}",
+        h.status()
+    );
+    assert!(h.env.daemon.as_mut().unwrap().running());
+    assert_eq!(h.status()["connected"], true);
+}
+
+#[test]
+fn a_key_file_others_can_read_is_refused() {
+    require_root!();
+    let mut h = Hostile::new("127.0.0.1", &stream(&[ban(1, "Ip", A4, "1h")]));
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = h._keys.path().join("crowdsec.key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    h.env.start();
+    assert!(
+        eventually(WAIT, || h.status()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("readable by others")),
+        "{}",
+        h.status()
+    );
+    assert_eq!(h.fake.served(), 0, "the key was sent");
+    assert!(h.env.reaches(A4, APP));
+}
+
+#[test]
+fn plain_http_off_loopback_is_warned_about() {
+    require_root!();
+    let mut h = Hostile::new(HOST_V4, &stream(&[ban(1, "Ip", A4, "1h")]));
+    h.env.start();
+    assert!(
+        eventually(WAIT, || !h.env.reaches(A4, APP)),
+        "{}",
+        h.status()
+    );
+    let st = h.status();
+    assert!(
+        st["warning"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("plain http to a non-loopback address"),
+        "{st}"
+    );
+    assert!(h.log().contains("plain http to a non-loopback address"));
+    let out = h.env.ok(&["status"]);
+    assert!(out.contains("warning: http://10.200.0.1"), "{out}");
+}
