@@ -653,7 +653,11 @@ async fn guard(State(api): State<Api>, req: Request, next: Next) -> Response {
     if api.writers.allows(&caller) {
         return next.run(req).await;
     }
-    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    // `POST /v1/explain` changes nothing (the packet is run through an
+    // instance of the programs that cannot write): a read.
+    let read = req.method() == Method::GET
+        || req.method() == Method::HEAD
+        || (req.method() == Method::POST && req.uri().path() == EXPLAIN_PATH);
     if read && api.control.reads(&caller) {
         return next.run(req).await;
     }
@@ -1028,6 +1032,20 @@ async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
     }))
 }
 
+/// The explain endpoint, which readers may use.
+const EXPLAIN_PATH: &str = "/v1/explain";
+
+/// `POST /v1/explain`: what the live data path decides for a described
+/// packet, and what a proposed rule set would (see [`crate::explain`]).
+async fn explain(
+    State(api): State<Api>,
+    body: Result<Json<crate::explain::Request>, JsonRejection>,
+) -> Result<Json<crate::explain::Explained>, ApiError> {
+    let Json(req) = body?;
+    let mut core = api.core.lock().await;
+    Ok(Json(core.explain(&req)?))
+}
+
 /// Prometheus exposition (OpenMetrics text, see [`crate::metrics`]).
 async fn metrics(
     State(api): State<Api>,
@@ -1254,6 +1272,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/confirm", post(confirm).layer(small))
         .route("/v1/mode", get(get_mode).put(put_mode).layer(small))
         .route("/v1/counters", get(counters))
+        .route(
+            EXPLAIN_PATH,
+            post(explain).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
         .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics))
         .route("/v1/deny", get(deny::list_sets))

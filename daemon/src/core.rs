@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod explain;
 
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};

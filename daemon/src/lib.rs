@@ -10,6 +10,8 @@
 //!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
 //!   connection table, test runs, links and open sockets.
 //! - [`denylist`]: deny sets, their files and the tries' values (pure).
+//! - [`explain`]: `portcullis explain`: a packet's description, its frame,
+//!   the words for a decision (pure; the decision is the kernel's).
 //! - [`events`]: drop events from the ring buffer, for status and watch
 //!   (read through aya's ring buffer; no bpf(2) call of its own).
 //! - [`readiness`]: whether SSH with a key works now (model, host probes,
@@ -53,6 +55,7 @@ pub mod core;
 pub mod dataplane;
 pub mod denylist;
 pub mod events;
+pub mod explain;
 pub mod fallback;
 pub mod fuzzing;
 pub mod host;

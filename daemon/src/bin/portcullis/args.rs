@@ -179,6 +179,12 @@ pub enum Command {
     },
     /// Follow drops live (sampled), one line each, with local times.
     Watch(WatchArgs),
+    /// What the live data path decides for a packet, and why:
+    /// `explain in tcp 10.0.0.2:40000 -> 10.0.0.1:22`. The loaded programs
+    /// decide (run on a crafted frame, in an instance that cannot write):
+    /// nothing changes, no counter, flow or event. With --rules FILE, also
+    /// what that rule set would decide, and whether it differs.
+    Explain(ExplainArgs),
     /// SSH keys.
     #[command(subcommand)]
     Ssh(SshCmd),
@@ -249,6 +255,37 @@ pub struct WatchArgs {
     /// Only drops on this interface.
     #[arg(long, value_name = "NAME")]
     pub interface: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// `in` (arriving) or `out` (leaving).
+    pub direction: String,
+    /// `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address; a source port left
+    /// out is 40000).
+    pub source: String,
+    /// `->`.
+    #[arg(allow_hyphen_values = true, value_name = "->")]
+    pub arrow: String,
+    /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address).
+    pub destination: String,
+    /// The interface it arrives on or leaves by (refused unless protected;
+    /// the decision is the same on every protected interface).
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
+    /// ICMP type (default: echo request, 8 or 128).
+    #[arg(long, value_name = "TYPE")]
+    pub icmp_type: Option<u8>,
+    /// TCP flags: syn (default: a new connection), ack, syn-ack, fin, rst.
+    #[arg(long, value_name = "FLAGS")]
+    pub tcp_flags: Option<String>,
+    /// Also what this rule set (JSON, or TOML by its .toml name, as
+    /// `rules apply` reads it) would decide; it is compiled into scratch
+    /// maps and never goes live.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

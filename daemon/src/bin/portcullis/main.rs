@@ -19,6 +19,7 @@
 mod args;
 mod commands;
 mod denycmds;
+mod explaincmd;
 mod output;
 mod rulecmds;
 mod status;

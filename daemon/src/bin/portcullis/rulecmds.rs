@@ -330,16 +330,21 @@ fn remove_id(
     Ok(())
 }
 
-fn apply(ctx: &Ctx, file: &std::path::Path, change: &RuleChange) -> anyhow::Result<()> {
+/// A rule-set file (JSON, or TOML by its `.toml` name) as a replacement.
+pub fn read_replacement(file: &std::path::Path) -> anyhow::Result<Replacement> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Without an `ssh` key the live SSH exemption stays as it is.
-    let rules: Replacement = if file.extension().is_some_and(|e| e == "toml") {
+    Ok(if file.extension().is_some_and(|e| e == "toml") {
         toml::from_str(&text).with_context(|| format!("{} is not a rule set", file.display()))?
     } else {
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a rule set", file.display()))?
-    };
+    })
+}
+
+fn apply(ctx: &Ctx, file: &std::path::Path, change: &RuleChange) -> anyhow::Result<()> {
+    let rules = read_replacement(file)?;
     rules
         .clone()
         .over(&RuleSet::default())
