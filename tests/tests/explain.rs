@@ -221,12 +221,12 @@ fn agree(env: &Env, row: &Row, traffic: impl FnOnce() -> Option<bool>) {
         row.packet,
         moved.join(", ")
     );
-    assert_eq!(reason, row.expect, "{}: explain said {e}", row.name);
     assert!(
         after.get(&reason) > before.get(&reason),
         "{}: explain says {reason}, but the real packet moved only {moved:?}",
         row.name
     );
+    assert_eq!(reason, row.expect, "{}: explain said {e}", row.name);
     let passes = e["live"]["passes"].as_bool().unwrap();
     if let Some(through) = got_through {
         assert_eq!(passes, through, "{}: explain {e} vs traffic", row.name);
