@@ -33,7 +33,7 @@ use axum::{
     http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
     serve::IncomingStream,
 };
 use serde::{Deserialize, Serialize};
@@ -920,6 +920,34 @@ async fn add_rule(
     Ok((StatusCode::CREATED, Json(changed)))
 }
 
+/// `PUT /v1/egress`: the egress policy (`{"egress": "allow"}` or
+/// `"allowlist"`). A rule change: writers only, audited.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EgressPolicy {
+    pub egress: crate::rules::EgressMode,
+}
+
+async fn put_egress(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<EgressPolicy>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    let Json(policy) = body?;
+    let opts = expect.options(&caller);
+    let what = expect.label(&format!("set egress {}", policy.egress.name()));
+    let changed = api
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
+                live.egress = Some(policy.egress);
+                Ok(())
+            })
+        })
+        .await?;
+    crate::core::watch_confirmation(&api.core, &changed);
+    Ok(Json(changed))
+}
+
 async fn remove_rule(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
@@ -1261,6 +1289,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/rules/{direction}", post(add_rule).layer(small))
         .route("/v1/reload", post(reload).layer(small))
         .route("/v1/rule/{id}", delete(remove_rule).layer(small))
+        .route("/v1/egress", put(put_egress).layer(small))
         .route(
             "/v1/peers",
             get(get_peers)

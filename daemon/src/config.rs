@@ -87,6 +87,11 @@ pub struct Config {
     pub ingress_rules: Vec<FirewallRule>,
     #[serde(default)]
     pub egress_rules: Vec<FirewallRule>,
+    /// `egress = "allow"` (egress rules block nothing) or `"allowlist"`
+    /// (only what they admit leaves). Without it: an allowlist when there
+    /// are egress rules (`--check-config` warns), else allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::rules::EgressMode>,
     /// The permanent rule set `portcullis rules save` writes (default:
     /// `saved/rules.toml` beside this file). While it exists it is the rule
     /// set of this configuration: its `ingress_rules`, `egress_rules`,
@@ -429,6 +434,7 @@ impl Config {
     fn has_own_rules(&self) -> bool {
         !self.ingress_rules.is_empty()
             || !self.egress_rules.is_empty()
+            || self.egress.is_some()
             || self.cluster.is_some()
             || self.ssh != Ssh::default()
     }
@@ -526,6 +532,7 @@ impl Config {
             egress_rules: self.egress_rules.clone(),
             cluster: self.cluster.clone(),
             ssh: self.ssh.clone(),
+            egress: self.egress,
         }
     }
 }
@@ -586,6 +593,59 @@ mod tests {
         assert_eq!(c.pin_dir, None);
         assert!(c.ssh.allow);
         assert!(c.ingress_rules.is_empty());
+    }
+
+    /// Issue 19: the egress policy is explicit or, without the key, what
+    /// it was before the key existed (never widened by omission).
+    #[test]
+    fn the_egress_policy_is_explicit_or_as_before() {
+        let rule = "[[egress_rules]]\nid = \"api\"\nfrom_port = 443\nto_port = 443\nip_ranges = [\"192.0.2.0/24\"]\n";
+        let set = |text: &str| Config::parse(text).unwrap().rule_set();
+        // Egress rules, no key: an allowlist, with a warning to set the key.
+        let implicit = set(rule);
+        assert!(implicit.egress_allowlist());
+        let w = implicit.egress_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("without an `egress` key") && w[0].contains("allowlist"),
+            "{w:?}"
+        );
+        // No rules, no key: allow, as before; nothing to warn about.
+        assert!(!set("").egress_allowlist());
+        assert!(set("").egress_warnings().is_empty());
+        // egress = "allow": the rules are kept, block nothing, and a warning says so.
+        let allow = set(&format!("egress = \"allow\"\n{rule}"));
+        assert!(!allow.egress_allowlist());
+        assert_eq!(allow.egress_rules.len(), 1);
+        let w = allow.egress_warnings();
+        assert!(w.len() == 1 && w[0].contains("block nothing"), "{w:?}");
+        let image = crate::compile::compile(&allow, &crate::compile::Limits::default()).unwrap();
+        assert!(!image.egress_allowlist);
+        // egress = "allowlist": an allowlist even without rules; no warning.
+        let list = set("egress = \"allowlist\"\n");
+        assert!(list.egress_allowlist() && list.egress_warnings().is_empty());
+        let image = crate::compile::compile(&implicit, &crate::compile::Limits::default()).unwrap();
+        assert!(image.egress_allowlist);
+        // A bad value names the key.
+        let e = format!("{:#}", Config::parse("egress = \"deny\"\n").unwrap_err());
+        assert!(e.contains("egress") || e.contains("allowlist"), "{e}");
+        // A replacement without the key keeps the live policy.
+        let r: crate::rules::Replacement = serde_json::from_str(r#"{"egress_rules":[]}"#).unwrap();
+        assert_eq!(
+            r.over(&list).egress,
+            Some(crate::rules::EgressMode::Allowlist)
+        );
+        // Saved state without the key reads back as before (allowlist with rules).
+        let saved: crate::rules::RuleSet =
+            serde_json::from_str(&serde_json::to_string(&implicit).unwrap()).unwrap();
+        assert_eq!(saved.egress, None);
+        assert!(saved.egress_allowlist());
+        // The change is in the diff.
+        let d = crate::core::Diff::between(&implicit, &allow);
+        assert_eq!(
+            d.summary(),
+            vec!["egress allowlist (implicit: no `egress` key) -> allow".to_string()]
+        );
     }
 
     /// Issue 21: a file that says nothing about SSH (or names only its
@@ -732,6 +792,7 @@ ip_ranges = []
                 sources: vec!["192.0.2.0/24".into()],
                 ports: vec![2222, 22],
             },
+            egress: Some(crate::rules::EgressMode::Allowlist),
         };
         set.validate().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -809,6 +870,7 @@ ip_ranges = []
             fallback: Fallback::Nftables,
             ingress_rules: vec![rule.clone()],
             egress_rules: vec![rule],
+            egress: Some(crate::rules::EgressMode::Allowlist),
             rules_file: Some("/etc/portcullis/saved/rules.toml".into()),
             saved: None,
         }

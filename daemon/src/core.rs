@@ -151,6 +151,9 @@ pub struct Diff {
     pub peers_added: Vec<String>,
     pub peers_removed: Vec<String>,
     pub ssh_changed: bool,
+    /// The egress policy changed: `allowlist -> allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_changed: Option<String>,
 }
 
 impl Diff {
@@ -168,6 +171,9 @@ impl Diff {
         out.extend(self.peers_removed.iter().map(|p| format!("-peer {p}")));
         if self.ssh_changed {
             out.push("ssh".into());
+        }
+        if let Some(e) = &self.egress_changed {
+            out.push(format!("egress {e}"));
         }
         out
     }
@@ -203,6 +209,8 @@ impl Diff {
             peers_added: pb.iter().filter(|p| !pa.contains(p)).cloned().collect(),
             peers_removed: pa.iter().filter(|p| !pb.contains(p)).cloned().collect(),
             ssh_changed: old.ssh != new.ssh,
+            egress_changed: (old.egress_policy() != new.egress_policy())
+                .then(|| format!("{} -> {}", old.egress_policy(), new.egress_policy())),
         }
     }
 }
@@ -677,6 +685,9 @@ impl Core {
         self.generation = generation;
         self.allow_ping = allow_ping;
         self.exempt_admin();
+        for warning in self.rules.egress_warnings() {
+            tracing::warn!(generation, "{warning}");
+        }
         crate::host::release_free_memory();
         Ok(generation)
     }

@@ -199,6 +199,17 @@ pub enum Command {
     /// What the data path does with what the rules do not admit.
     #[command(subcommand)]
     Mode(ModeCmd),
+    /// The egress policy: `allow` (egress rules are kept and reported but
+    /// block nothing) or `allowlist` (only what they admit may leave,
+    /// besides replies and flows this host opened). A rule change: writers
+    /// only, audited.
+    Egress {
+        /// `allow` or `allowlist`.
+        #[arg(value_parser = ["allow", "allowlist"])]
+        policy: String,
+        #[command(flatten)]
+        change: RuleChange,
+    },
     /// The audit log of every change and refusal.
     #[command(subcommand)]
     AuditLog(AuditCmd),
