@@ -56,6 +56,9 @@ pub struct Config {
     /// The control API.
     #[serde(default)]
     pub api: ApiConfig,
+    /// Drops written to the journal as structured records.
+    #[serde(default)]
+    pub drop_log: DropLogConfig,
     /// Map capacities: how large a rule set the data path can hold.
     #[serde(default)]
     pub capacity: Capacity,
@@ -101,6 +104,49 @@ pub struct Config {
     /// The rules read from `rules_file` when it exists (by [`Config::load`]).
     #[serde(skip)]
     saved: Option<RuleSet>,
+}
+
+/// Which drops go to the journal (one structured record each, rate
+/// limited), from the sampled drop events (`watch`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropLogConfig {
+    /// Drop reasons logged (`portcullis counters` names them). Default:
+    /// those that say something happened rather than background noise
+    /// (`drop_denied`, `drop_egress`, `drop_other_cluster`,
+    /// `drop_malformed`, `drop_fragment`, `drop_vlan_stack`); `[]` logs none.
+    #[serde(default = "default_drop_log_reasons")]
+    pub reasons: Vec<String>,
+    /// Records a second at most (a burst of as many); the rest are counted
+    /// and reported in one record per interval.
+    #[serde(default = "default_drop_log_rate")]
+    pub per_second: u32,
+}
+
+impl Default for DropLogConfig {
+    fn default() -> Self {
+        DropLogConfig {
+            reasons: default_drop_log_reasons(),
+            per_second: default_drop_log_rate(),
+        }
+    }
+}
+
+fn default_drop_log_reasons() -> Vec<String> {
+    [
+        "drop_denied",
+        "drop_egress",
+        "drop_other_cluster",
+        "drop_malformed",
+        "drop_fragment",
+        "drop_vlan_stack",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_drop_log_rate() -> u32 {
+    10
 }
 
 /// Where `portcullis rules save` writes, relative to the configuration.
@@ -451,6 +497,22 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.selector()?;
+        for (i, name) in self.drop_log.reasons.iter().enumerate() {
+            let known = portcullis_common::Reason::ALL
+                .iter()
+                .any(|r| !r.passes() && r.name() == name);
+            if !known {
+                bail!(
+                    "drop_log: reasons[{i}]: {name:?} is not a drop reason (see `portcullis counters`)"
+                );
+            }
+        }
+        if self.drop_log.per_second > 1000 {
+            bail!(
+                "drop_log: per_second: {} is more than 1000",
+                self.drop_log.per_second
+            );
+        }
         for name in &self.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                 bail!("interfaces: {name:?} is not a valid interface name");
@@ -856,6 +918,10 @@ ip_ranges = []
                 peers: vec![],
                 other_clusters: vec![],
             }),
+            drop_log: DropLogConfig {
+                reasons: vec!["drop_egress".into()],
+                per_second: 5,
+            },
             api: ApiConfig {
                 socket: Some("/a".into()),
                 group: Some("g".into()),

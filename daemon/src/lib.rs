@@ -12,6 +12,7 @@
 //! - [`denylist`]: deny sets, their files and the tries' values (pure).
 //! - [`explain`]: `portcullis explain`: a packet's description, its frame,
 //!   the words for a decision (pure; the decision is the kernel's).
+//! - [`droplog`]: selected drops as rate-limited structured journal records.
 //! - [`events`]: drop events from the ring buffer, for status and watch
 //!   (read through aya's ring buffer; no bpf(2) call of its own).
 //! - [`readiness`]: whether SSH with a key works now (model, host probes,
@@ -54,6 +55,7 @@ pub mod config;
 pub mod core;
 pub mod dataplane;
 pub mod denylist;
+pub mod droplog;
 pub mod events;
 pub mod explain;
 pub mod fallback;

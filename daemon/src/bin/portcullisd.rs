@@ -259,6 +259,10 @@ async fn spawn_services(
             }
         }
     });
+    tokio::spawn(portcullis::droplog::run(
+        feed.clone(),
+        config.drop_log.clone(),
+    ));
     // systemd's view over D-Bus, kept current in the background; the bus
     // may not exist yet at this point of the boot.
     let (systemd_tx, systemd_rx) = tokio::sync::watch::channel(SystemdView::default());
