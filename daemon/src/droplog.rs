@@ -3,7 +3,7 @@
 //! record (`PORTCULLIS_REASON`, `PORTCULLIS_SOURCE`, ...; `MESSAGE_ID`
 //! [`MESSAGE_ID`]), at most `per_second` a second with a burst of as many
 //! (a token bucket); what the limit holds back is counted and reported in
-//! one record a minute. Without a journal (not under systemd) the records
+//! one record every 10 s. Without a journal (not under systemd) the records
 //! are log lines instead.
 
 use std::{collections::BTreeSet, time::Duration};
@@ -15,7 +15,7 @@ use crate::{config::DropLogConfig, events::Event, journal};
 /// `journalctl MESSAGE_ID=...` finds every drop record.
 pub const MESSAGE_ID: &str = "6b1e0c6f2a9d4d8e9f3c5a7b1d2e4f60";
 /// How often what the rate limit held back is reported.
-const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+const SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// The selection and the token bucket.
 pub struct Limiter {
