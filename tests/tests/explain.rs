@@ -33,6 +33,11 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
+        Env::with("")
+    }
+
+    /// With `extra` configuration after the rules' settings.
+    fn with(extra: &str) -> Env {
         let pair = Pair::new().expect("namespaces");
         for host in [HOST_V4, HOST_V6] {
             for port in [22, 8080, 8081] {
@@ -43,7 +48,7 @@ impl Env {
             TcpServer::start(&pair.peer, sock(PEER_V4, port)).unwrap();
         }
         let pins = PinDir::new().unwrap();
-        let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
+        let config = ConfigFile::new(&config_text(&pins, &format!("{RULES}{extra}"))).unwrap();
         let daemon = Daemon::start(&pair.host, &config).expect("portcullisd");
         Env {
             pair,
@@ -469,4 +474,36 @@ fn explain_rules_reports_what_a_changed_set_decides_differently() {
         "{}",
         said(&out)
     );
+}
+
+/// Readers may explain (it changes nothing); they may not change the
+/// egress policy. uid 65534 in `[api] reader_group`, through the CLI.
+#[test]
+fn readers_may_explain_but_not_change_the_egress_policy() {
+    require_root!();
+    let env = Env::with("[api]\nreader_group = \"nogroup\"\n");
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(workspace_bin("portcullis").unwrap())
+            .arg("--socket")
+            .arg(env.config.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let packet = format!("in tcp {PEER_V4}:40000 -> {HOST_V4}:8080");
+    let mut args = vec!["--json", "explain"];
+    args.extend(packet.split_whitespace());
+    let out = as_nobody(&args);
+    assert!(out.status.success(), "a reader explains: {}", said(&out));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["live"]["reason"], "pass_rule", "{e}");
+    let out = as_nobody(&["egress", "allow"]);
+    assert!(
+        !out.status.success(),
+        "a reader changed the egress policy: {}",
+        said(&out)
+    );
+    assert!(said(&out).contains("may not"), "{}", said(&out));
 }
