@@ -336,7 +336,7 @@ pub fn why(reason: Option<Reason>, credited: Option<&str>, set: Option<&str>) ->
         Reason::DropNoRule => "no rule, peer or the SSH exemption admits this source, protocol and port".into(),
         Reason::DropIcmp => "ICMP that no rule admits (and not an echo request while pings are allowed)".into(),
         Reason::DropEgress => "the egress allowlist admits nothing for this destination and port, and it belongs to no tracked flow".into(),
-        Reason::DropOtherCluster => format!("from a member of another cluster ({by}) that no rule admits"),
+        Reason::DropOtherCluster => "from a member of another cluster, and no rule admits it".into(),
         Reason::DropMalformed => "the headers are truncated or inconsistent".into(),
         other => format!("decided by the step `{}`", other.name()),
     }

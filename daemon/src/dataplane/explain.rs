@@ -127,6 +127,13 @@ impl Dataplane {
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
         }
+        if scratch.is_some() {
+            // Generation 1 of the scratch maps is never read (its ACTIVE
+            // stays 0): as small as a map can be.
+            for pair in SCRATCH_MAPS {
+                loader.map_max_entries(generation(pair, 1), 1);
+            }
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("cannot load the explain instance of the eBPF programs")?;

@@ -184,6 +184,19 @@ pub enum Command {
     /// decide (run on a crafted frame, in an instance that cannot write):
     /// nothing changes, no counter, flow or event. With --rules FILE, also
     /// what that rule set would decide, and whether it differs.
+    ///
+    /// How: the daemon builds the frame (Ethernet, IPv4 or IPv6, a TCP SYN
+    /// unless --tcp-flags says otherwise, UDP, or an ICMP echo request
+    /// unless --icmp-type says otherwise) and runs it with BPF_PROG_TEST_RUN
+    /// through a second instance of the same eBPF programs (XDP for `in`,
+    /// TC for `out`), loaded on the first explain with the read-only global
+    /// EXPLAIN set, which compiles out every write (counters, connection
+    /// tables, fragments, DHCP times, events) and reports the reason, the
+    /// rule, peer or SSH exemption credited and the deny set instead. It
+    /// reads the live maps: the rules, the connection tables, the deny sets.
+    /// With --rules, the proposed set is compiled into scratch rule maps of
+    /// a third instance (never pinned, never live). Readers may explain.
+    /// Exit status 0 whatever the verdict (read `passes` with --json).
     Explain(ExplainArgs),
     /// SSH keys.
     #[command(subcommand)]
