@@ -290,8 +290,8 @@ pub struct ExplainArgs {
     /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address; a source port left
     /// out is 40000).
     pub source: String,
-    /// `->`.
-    #[arg(allow_hyphen_values = true, value_name = "->")]
+    /// `->`, literally.
+    #[arg(allow_hyphen_values = true, value_name = "ARROW")]
     pub arrow: String,
     /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address).
     pub destination: String,
