@@ -1,6 +1,7 @@
 //! Drops in the journal (issue 19): each sampled drop event (`events`)
 //! whose reason `[drop_log] reasons` selects becomes one structured journal
-//! record (`PORTCULLIS_REASON`, `PORTCULLIS_SOURCE`, ...; `MESSAGE_ID`
+//! record (`PORTCULLIS_REASON`, `PORTCULLIS_SOURCE`, ..., and for
+//! `drop_denied` the deny set in `PORTCULLIS_SET`; `MESSAGE_ID`
 //! [`MESSAGE_ID`]), at most `per_second` a second with a burst of as many
 //! (a token bucket); what the limit holds back is counted and reported in
 //! one record every 10 s. Without a journal (not under systemd) the records
@@ -129,8 +130,9 @@ fn write(fields: &[(&'static str, String)], journal: bool) {
     tracing::info!("{message} [{}]", text.join(" "));
 }
 
-/// Follows the drop events of `feed` and logs the selected ones.
-pub async fn run(feed: crate::events::Feed, config: DropLogConfig) {
+/// Follows the drop events of `feed` and logs the selected ones (a
+/// `drop_denied` one names its deny set, asked of `core`).
+pub async fn run(feed: crate::events::Feed, config: DropLogConfig, core: crate::core::Shared) {
     if config.reasons.is_empty() || config.per_second == 0 {
         return;
     }
@@ -143,7 +145,14 @@ pub async fn run(feed: crate::events::Feed, config: DropLogConfig) {
             got = events.recv() => match got {
                 Ok(e) => {
                     if limiter.admit(&e.reason, Instant::now()) {
-                        write(&fields(&e), journal);
+                        let mut record = fields(&e);
+                        if e.reason == "drop_denied"
+                            && let Ok(ip) = e.source.parse()
+                            && let Some(set) = core.lock().await.deny_set_of(ip)
+                        {
+                            record.push(("PORTCULLIS_SET", set));
+                        }
+                        write(&record, journal);
                     }
                 }
                 // The feed ran ahead of us: those are held back too.

@@ -217,7 +217,7 @@ fn drops_reach_the_journal_as_structured_rate_limited_records() {
     const RATE: u64 = 5;
     let config = format!(
         "interfaces = [\"{INSTANCE_IFACE}\"]\n[ssh]\nallow = true\n\
-         [drop_log]\nreasons = [\"drop_no_rule\"]\nper_second = {RATE}\n"
+         [drop_log]\nreasons = [\"drop_no_rule\", \"drop_denied\"]\nper_second = {RATE}\n"
     );
     let c = Boot::new()
         .portcullis(&config)
@@ -291,4 +291,18 @@ fn drops_reach_the_journal_as_structured_rate_limited_records() {
     );
     // What the limit held back is reported.
     find(&c, "drop record(s) held back by [drop_log] per_second = 5");
+    // A banned source: the record names the set.
+    c.check("portcullis", &["deny", "add", "intruders", CLIENT_V4])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(tcp_probe(&c.client, sock(INSTANCE_V4, 22)).is_err());
+    let denied = c
+        .wait_for("a drop_denied record", Duration::from_secs(10), || {
+            drop_records(&c)
+                .into_iter()
+                .find(|r| r["PORTCULLIS_REASON"] == "drop_denied")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    assert_eq!(denied["PORTCULLIS_SET"], "intruders", "{denied}");
+    assert_eq!(denied["PORTCULLIS_DESTINATION_PORT"], "22", "{denied}");
 }

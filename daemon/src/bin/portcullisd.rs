@@ -262,6 +262,7 @@ async fn spawn_services(
     tokio::spawn(portcullis::droplog::run(
         feed.clone(),
         config.drop_log.clone(),
+        core.clone(),
     ));
     // systemd's view over D-Bus, kept current in the background; the bus
     // may not exist yet at this point of the boot.
