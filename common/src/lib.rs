@@ -85,6 +85,9 @@ pub mod maps {
     /// `PerCpuArray<Counter>`, 1 entry: egress traffic to destinations that
     /// found `EGRESS_VOLUME` full.
     pub const EGRESS_VOLUME_OVERFLOW: &str = "EGRESS_VOLUME_OVERFLOW";
+    /// `Array<ExplainResult>`, 1 entry, not pinned: what the explain
+    /// instance (`EXPLAIN` = 1) decided for the last crafted packet.
+    pub const EXPLAIN_RESULT: &str = "EXPLAIN_RESULT";
 }
 
 /// Names of the programs in the eBPF object.
@@ -581,6 +584,47 @@ pub const DEFAULT_DENY_PREFIXES: u32 = 1 << 20;
 /// Drop events each CPU may report per second; the rest are only counted.
 pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
 
+/// The read-only global (`.rodata`) that makes a loaded instance of the
+/// programs an explain instance: set to 1 by the daemon's loader, every
+/// write of the data path (counters, flow tables, fragments, DHCP times,
+/// events) is compiled out by the verifier and the decision is written to
+/// `EXPLAIN_RESULT` instead.
+pub const EXPLAIN_GLOBAL: &str = "EXPLAIN";
+/// `ExplainResult` field not set by the run (no reason counted, no slot
+/// credited, no deny set hit).
+pub const EXPLAIN_UNSET: u32 = u32::MAX;
+
+/// What an explain run decided (see [`EXPLAIN_GLOBAL`]). The daemon sets
+/// every field to [`EXPLAIN_UNSET`] before a run.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExplainResult {
+    /// The `Reason` counted (a drop in audit mode: the drop's reason).
+    pub reason: u32,
+    /// 1 when audit (or open) mode turned a drop into a pass.
+    pub audited: u32,
+    /// The rule slot credited (with its kind bits), as `RULE_STATS_g` would.
+    pub slot: u32,
+    /// The deny set whose entry dropped it, as `DENY_STATS` would.
+    pub deny_set: u32,
+    /// The generation whose rules decided (read from `ACTIVE`).
+    pub generation: u32,
+    pub _pad: u32,
+}
+
+impl Default for ExplainResult {
+    fn default() -> Self {
+        ExplainResult {
+            reason: EXPLAIN_UNSET,
+            audited: 0,
+            slot: EXPLAIN_UNSET,
+            deny_set: EXPLAIN_UNSET,
+            generation: EXPLAIN_UNSET,
+            _pad: 0,
+        }
+    }
+}
+
 /// IPv4 sources use a fixed-stride table instead of an LPM trie: the top 16
 /// bits index `V4_ROOT`, then up to four 4-bit steps through `V4_CHUNKS`. An
 /// entry is 0 (no rule covers the address), `region + 1`, or `V4_NODE |
@@ -627,6 +671,8 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEntry {}
     // SAFETY: plain #[repr(C)] struct of a byte array and integers, no padding.
     unsafe impl aya::Pod for super::VolumeKey {}
+    // SAFETY: plain #[repr(C)] struct of u32s, no padding.
+    unsafe impl aya::Pod for super::ExplainResult {}
 }
 
 #[cfg(test)]

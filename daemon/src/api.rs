@@ -33,7 +33,7 @@ use axum::{
     http::{Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    routing::{delete, get, post},
+    routing::{delete, get, post, put},
     serve::IncomingStream,
 };
 use serde::{Deserialize, Serialize};
@@ -653,7 +653,11 @@ async fn guard(State(api): State<Api>, req: Request, next: Next) -> Response {
     if api.writers.allows(&caller) {
         return next.run(req).await;
     }
-    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    // `POST /v1/explain` changes nothing (the packet is run through an
+    // instance of the programs that cannot write): a read.
+    let read = req.method() == Method::GET
+        || req.method() == Method::HEAD
+        || (req.method() == Method::POST && req.uri().path() == EXPLAIN_PATH);
     if read && api.control.reads(&caller) {
         return next.run(req).await;
     }
@@ -962,6 +966,34 @@ async fn add_rule(
     Ok((StatusCode::CREATED, Json(changed)))
 }
 
+/// `PUT /v1/egress`: the egress policy (`{"egress": "allow"}` or
+/// `"allowlist"`). A rule change: writers only, audited.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EgressPolicy {
+    pub egress: crate::rules::EgressMode,
+}
+
+async fn put_egress(
+    State(api): State<Api>,
+    ConnectInfo(caller): ConnectInfo<Caller>,
+    Query(expect): Query<Expect>,
+    body: Result<Json<EgressPolicy>, JsonRejection>,
+) -> Result<Json<Changed>, ApiError> {
+    let Json(policy) = body?;
+    let opts = expect.options(&caller);
+    let what = expect.label(&format!("set egress {}", policy.egress.name()));
+    let changed = api
+        .write(&caller, &what, |core| {
+            core.change(&opts, |live| {
+                live.egress = Some(policy.egress);
+                Ok(())
+            })
+        })
+        .await?;
+    crate::core::watch_confirmation(&api.core, &changed);
+    Ok(Json(changed))
+}
+
 async fn remove_rule(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
@@ -1072,6 +1104,20 @@ async fn counters(State(api): State<Api>) -> Result<Json<Counters>, ApiError> {
         reasons,
         rules: core.rule_counters().into_iter().collect(),
     }))
+}
+
+/// The explain endpoint, which readers may use.
+const EXPLAIN_PATH: &str = "/v1/explain";
+
+/// `POST /v1/explain`: what the live data path decides for a described
+/// packet, and what a proposed rule set would (see [`crate::explain`]).
+async fn explain(
+    State(api): State<Api>,
+    body: Result<Json<crate::explain::Request>, JsonRejection>,
+) -> Result<Json<crate::explain::Explained>, ApiError> {
+    let Json(req) = body?;
+    let mut core = api.core.lock().await;
+    Ok(Json(core.explain(&req)?))
 }
 
 /// Prometheus exposition (OpenMetrics text, see [`crate::metrics`]).
@@ -1290,6 +1336,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/rules/{direction}", post(add_rule).layer(small))
         .route("/v1/reload", post(reload).layer(small))
         .route("/v1/rule/{id}", delete(remove_rule).layer(small))
+        .route("/v1/egress", put(put_egress).layer(small))
         .route(
             "/v1/peers",
             get(get_peers)
@@ -1301,6 +1348,10 @@ pub fn router(api: Api) -> Router {
         .route("/v1/confirm", post(confirm).layer(small))
         .route("/v1/mode", get(get_mode).put(put_mode).layer(small))
         .route("/v1/counters", get(counters))
+        .route(
+            EXPLAIN_PATH,
+            post(explain).layer(DefaultBodyLimit::max(MAX_BODY)),
+        )
         .route("/v1/events", get(events))
         .route("/v1/metrics", get(metrics))
         .route("/v1/deny", get(deny::list_sets))

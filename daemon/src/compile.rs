@@ -324,7 +324,7 @@ type RegionIds = HashMap<[Vec<Segment>; PCLASSES], u32>;
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
     let mut image = Image {
-        egress_allowlist: !set.egress_rules.is_empty(),
+        egress_allowlist: set.egress_allowlist(),
         hash: hash(set),
         ..Default::default()
     };
@@ -1065,6 +1065,7 @@ pub mod strategies {
                         ports: vec![22, 2222],
                         ..Ssh::default()
                     },
+                    egress: None,
                 })
         })
     }

@@ -56,6 +56,9 @@ pub struct Config {
     /// The control API.
     #[serde(default)]
     pub api: ApiConfig,
+    /// Drops written to the journal as structured records.
+    #[serde(default)]
+    pub drop_log: DropLogConfig,
     /// Map capacities: how large a rule set the data path can hold.
     #[serde(default)]
     pub capacity: Capacity,
@@ -90,6 +93,11 @@ pub struct Config {
     pub ingress_rules: Vec<FirewallRule>,
     #[serde(default)]
     pub egress_rules: Vec<FirewallRule>,
+    /// `egress = "allow"` (egress rules block nothing) or `"allowlist"`
+    /// (only what they admit leaves). Without it: an allowlist when there
+    /// are egress rules (`--check-config` warns), else allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<crate::rules::EgressMode>,
     /// The permanent rule set `portcullis rules save` writes (default:
     /// `saved/rules.toml` beside this file). While it exists it is the rule
     /// set of this configuration: its `ingress_rules`, `egress_rules`,
@@ -102,6 +110,49 @@ pub struct Config {
     /// A CrowdSec Local API whose ban decisions fill a deny set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crowdsec: Option<crate::crowdsec::CrowdSecConfig>,
+}
+
+/// Which drops go to the journal (one structured record each, rate
+/// limited), from the sampled drop events (`watch`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropLogConfig {
+    /// Drop reasons logged (`portcullis counters` names them). Default:
+    /// those that say something happened rather than background noise
+    /// (`drop_denied`, `drop_egress`, `drop_other_cluster`,
+    /// `drop_malformed`, `drop_fragment`, `drop_vlan_stack`); `[]` logs none.
+    #[serde(default = "default_drop_log_reasons")]
+    pub reasons: Vec<String>,
+    /// Records a second at most (a burst of as many); the rest are counted
+    /// and reported in one record per interval.
+    #[serde(default = "default_drop_log_rate")]
+    pub per_second: u32,
+}
+
+impl Default for DropLogConfig {
+    fn default() -> Self {
+        DropLogConfig {
+            reasons: default_drop_log_reasons(),
+            per_second: default_drop_log_rate(),
+        }
+    }
+}
+
+fn default_drop_log_reasons() -> Vec<String> {
+    [
+        "drop_denied",
+        "drop_egress",
+        "drop_other_cluster",
+        "drop_malformed",
+        "drop_fragment",
+        "drop_vlan_stack",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+fn default_drop_log_rate() -> u32 {
+    10
 }
 
 /// Where `portcullis rules save` writes, relative to the configuration.
@@ -491,6 +542,7 @@ impl Config {
     fn has_own_rules(&self) -> bool {
         !self.ingress_rules.is_empty()
             || !self.egress_rules.is_empty()
+            || self.egress.is_some()
             || self.cluster.is_some()
             || self.ssh != Ssh::default()
     }
@@ -507,6 +559,22 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.selector()?;
+        for (i, name) in self.drop_log.reasons.iter().enumerate() {
+            let known = portcullis_common::Reason::ALL
+                .iter()
+                .any(|r| !r.passes() && r.name() == name);
+            if !known {
+                bail!(
+                    "drop_log: reasons[{i}]: {name:?} is not a drop reason (see `portcullis counters`)"
+                );
+            }
+        }
+        if self.drop_log.per_second > 1000 {
+            bail!(
+                "drop_log: per_second: {} is more than 1000",
+                self.drop_log.per_second
+            );
+        }
         for name in &self.interfaces {
             if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
                 bail!("interfaces: {name:?} is not a valid interface name");
@@ -594,6 +662,7 @@ impl Config {
             egress_rules: self.egress_rules.clone(),
             cluster: self.cluster.clone(),
             ssh: self.ssh.clone(),
+            egress: self.egress,
         }
     }
 }
@@ -654,6 +723,59 @@ mod tests {
         assert_eq!(c.pin_dir, None);
         assert!(c.ssh.allow);
         assert!(c.ingress_rules.is_empty());
+    }
+
+    /// Issue 19: the egress policy is explicit or, without the key, what
+    /// it was before the key existed (never widened by omission).
+    #[test]
+    fn the_egress_policy_is_explicit_or_as_before() {
+        let rule = "[[egress_rules]]\nid = \"api\"\nfrom_port = 443\nto_port = 443\nip_ranges = [\"192.0.2.0/24\"]\n";
+        let set = |text: &str| Config::parse(text).unwrap().rule_set();
+        // Egress rules, no key: an allowlist, with a warning to set the key.
+        let implicit = set(rule);
+        assert!(implicit.egress_allowlist());
+        let w = implicit.egress_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("without an `egress` key") && w[0].contains("allowlist"),
+            "{w:?}"
+        );
+        // No rules, no key: allow, as before; nothing to warn about.
+        assert!(!set("").egress_allowlist());
+        assert!(set("").egress_warnings().is_empty());
+        // egress = "allow": the rules are kept, block nothing, and a warning says so.
+        let allow = set(&format!("egress = \"allow\"\n{rule}"));
+        assert!(!allow.egress_allowlist());
+        assert_eq!(allow.egress_rules.len(), 1);
+        let w = allow.egress_warnings();
+        assert!(w.len() == 1 && w[0].contains("block nothing"), "{w:?}");
+        let image = crate::compile::compile(&allow, &crate::compile::Limits::default()).unwrap();
+        assert!(!image.egress_allowlist);
+        // egress = "allowlist": an allowlist even without rules; no warning.
+        let list = set("egress = \"allowlist\"\n");
+        assert!(list.egress_allowlist() && list.egress_warnings().is_empty());
+        let image = crate::compile::compile(&implicit, &crate::compile::Limits::default()).unwrap();
+        assert!(image.egress_allowlist);
+        // A bad value names the key.
+        let e = format!("{:#}", Config::parse("egress = \"deny\"\n").unwrap_err());
+        assert!(e.contains("egress") || e.contains("allowlist"), "{e}");
+        // A replacement without the key keeps the live policy.
+        let r: crate::rules::Replacement = serde_json::from_str(r#"{"egress_rules":[]}"#).unwrap();
+        assert_eq!(
+            r.over(&list).egress,
+            Some(crate::rules::EgressMode::Allowlist)
+        );
+        // Saved state without the key reads back as before (allowlist with rules).
+        let saved: crate::rules::RuleSet =
+            serde_json::from_str(&serde_json::to_string(&implicit).unwrap()).unwrap();
+        assert_eq!(saved.egress, None);
+        assert!(saved.egress_allowlist());
+        // The change is in the diff.
+        let d = crate::core::Diff::between(&implicit, &allow);
+        assert_eq!(
+            d.summary(),
+            vec!["egress allowlist (implicit: no `egress` key) -> allow".to_string()]
+        );
     }
 
     /// Issue 21: a file that says nothing about SSH (or names only its
@@ -802,6 +924,7 @@ ip_ranges = []
                 sources: vec!["192.0.2.0/24".into()],
                 ports: vec![2222, 22],
             },
+            egress: Some(crate::rules::EgressMode::Allowlist),
         };
         set.validate().unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -867,6 +990,10 @@ ip_ranges = []
                 peers: vec![],
                 other_clusters: vec![],
             }),
+            drop_log: DropLogConfig {
+                reasons: vec!["drop_egress".into()],
+                per_second: 5,
+            },
             api: ApiConfig {
                 socket: Some("/a".into()),
                 group: Some("g".into()),
@@ -882,6 +1009,7 @@ ip_ranges = []
             fallback: Fallback::Nftables,
             ingress_rules: vec![rule.clone()],
             egress_rules: vec![rule],
+            egress: Some(crate::rules::EgressMode::Allowlist),
             rules_file: Some("/etc/portcullis/saved/rules.toml".into()),
             saved: None,
             crowdsec: Some(crate::crowdsec::CrowdSecConfig {

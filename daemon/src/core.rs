@@ -14,6 +14,7 @@ use thiserror::Error;
 
 mod deny;
 mod expiry;
+mod explain;
 mod volume;
 
 use crate::model::unix_now;
@@ -153,6 +154,9 @@ pub struct Diff {
     pub peers_added: Vec<String>,
     pub peers_removed: Vec<String>,
     pub ssh_changed: bool,
+    /// The egress policy changed: `allowlist -> allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_changed: Option<String>,
 }
 
 impl Diff {
@@ -170,6 +174,9 @@ impl Diff {
         out.extend(self.peers_removed.iter().map(|p| format!("-peer {p}")));
         if self.ssh_changed {
             out.push("ssh".into());
+        }
+        if let Some(e) = &self.egress_changed {
+            out.push(format!("egress {e}"));
         }
         out
     }
@@ -205,6 +212,8 @@ impl Diff {
             peers_added: pb.iter().filter(|p| !pa.contains(p)).cloned().collect(),
             peers_removed: pa.iter().filter(|p| !pb.contains(p)).cloned().collect(),
             ssh_changed: old.ssh != new.ssh,
+            egress_changed: (old.egress_policy() != new.egress_policy())
+                .then(|| format!("{} -> {}", old.egress_policy(), new.egress_policy())),
         }
     }
 }
@@ -691,6 +700,9 @@ impl Core {
         self.generation = generation;
         self.allow_ping = allow_ping;
         self.exempt_admin();
+        for warning in self.rules.egress_warnings() {
+            tracing::warn!(generation, "{warning}");
+        }
         crate::host::release_free_memory();
         Ok(generation)
     }

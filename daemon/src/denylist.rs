@@ -438,6 +438,25 @@ impl Sets {
         })
     }
 
+    /// The set whose ban the data path applies to `ip`: the value the trie
+    /// holds for the longest held prefix covering it.
+    pub fn banning(&self, ip: std::net::IpAddr) -> Option<u32> {
+        let host = IpNet::from(ip.to_canonical());
+        let present = self.per_length.get(family(&host));
+        let longest = (0..=host.prefix_len()).rev().find_map(|len| {
+            present
+                .and_then(|a| a.get(usize::from(len)))
+                .is_some_and(|n| *n > 0)
+                .then(|| match host {
+                    IpNet::V4(n) => n.supernet_to(len),
+                    IpNet::V6(n) => n.supernet_to(len),
+                })
+                .flatten()
+                .filter(|q| self.holders.contains_key(q))
+        })?;
+        self.effective(&longest).map(|e| e.set)
+    }
+
     /// Every held prefix, for a full rewrite of the tries.
     pub fn prefixes(&self) -> impl Iterator<Item = &IpNet> {
         self.holders.keys()
@@ -532,6 +551,25 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    /// Issue 19: the set a drop record names is the one the trie applies.
+    #[test]
+    fn the_banning_set_is_the_longest_held_prefixs_value() {
+        let mut s = Sets::default();
+        s.ensure("a", 4).unwrap();
+        s.ensure("b", 4).unwrap();
+        let entry = |p: &str, expires| Entry {
+            prefix: net(p),
+            expires,
+        };
+        s.add("a", &[entry("10.0.0.0/8", Some(100))]);
+        s.add("b", &[entry("10.1.2.0/24", None)]);
+        let ip = |a: &str| a.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(s.banning(ip("10.9.9.9")), Some(0));
+        assert_eq!(s.banning(ip("10.1.2.3")), Some(1));
+        assert_eq!(s.banning(ip("192.0.2.1")), None);
+        assert_eq!(s.banning(ip("::ffff:10.9.9.9")), Some(0));
     }
 
     #[test]

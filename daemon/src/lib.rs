@@ -12,6 +12,9 @@
 //!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
 //!   connection table, test runs, links and open sockets.
 //! - [`denylist`]: deny sets, their files and the tries' values (pure).
+//! - [`explain`]: `portcullis explain`: a packet's description, its frame,
+//!   the words for a decision (pure; the decision is the kernel's).
+//! - [`droplog`]: selected drops as rate-limited structured journal records.
 //! - [`events`]: drop events from the ring buffer, for status and watch
 //!   (read through aya's ring buffer; no bpf(2) call of its own).
 //! - [`readiness`]: whether SSH with a key works now (model, host probes,
@@ -57,7 +60,9 @@ pub mod core;
 pub mod crowdsec;
 pub mod dataplane;
 pub mod denylist;
+pub mod droplog;
 pub mod events;
+pub mod explain;
 pub mod fallback;
 pub mod fuzzing;
 pub mod host;

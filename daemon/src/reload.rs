@@ -123,9 +123,10 @@ pub fn applied_settings(live_allow_ping: bool, new: &Config) -> Vec<String> {
 
 /// Keys of the configuration a reload applies: the rules (with the saved
 /// rules file) and pings. Every other key needs a restart.
-const RELOADABLE: [&str; 7] = [
+const RELOADABLE: [&str; 8] = [
     "ingress_rules",
     "egress_rules",
+    "egress",
     "cluster",
     "ssh",
     "rules_file",

@@ -196,6 +196,73 @@ pub struct RuleSet {
     pub cluster: Option<Cluster>,
     #[serde(default)]
     pub ssh: Ssh,
+    /// What the egress rules mean (see [`EgressMode`]); absent: an
+    /// allowlist when there are egress rules, as before the key existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressMode>,
+}
+
+/// The egress policy (`egress = "allow"` or `"allowlist"`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Everything may leave: egress rules are accepted and reported, and
+    /// block nothing (as under an "allow all outgoing" default).
+    Allow,
+    /// Only what the egress rules admit may leave (besides replies, flows
+    /// this host opened and what a host always sends), with or without
+    /// egress rules.
+    Allowlist,
+}
+
+impl EgressMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            EgressMode::Allow => "allow",
+            EgressMode::Allowlist => "allowlist",
+        }
+    }
+}
+
+impl RuleSet {
+    /// Whether egress is an allowlist: as `egress` says, or, without the
+    /// key, when there are egress rules (never widened by omission).
+    pub fn egress_allowlist(&self) -> bool {
+        match self.egress {
+            Some(EgressMode::Allow) => false,
+            Some(EgressMode::Allowlist) => true,
+            None => !self.egress_rules.is_empty(),
+        }
+    }
+
+    /// The egress policy in words (`allowlist`, `allow`, with "(implicit)"
+    /// when no key says it).
+    pub fn egress_policy(&self) -> String {
+        let mode = if self.egress_allowlist() {
+            "allowlist"
+        } else {
+            "allow"
+        };
+        match self.egress {
+            Some(_) => mode.to_string(),
+            None => format!("{mode} (implicit: no `egress` key)"),
+        }
+    }
+
+    /// What an operator should hear about the egress policy: rules that
+    /// block nothing, or an allowlist only the rules' presence implies.
+    pub fn egress_warnings(&self) -> Vec<String> {
+        let n = self.egress_rules.len();
+        match self.egress {
+            Some(EgressMode::Allow) if n > 0 => vec![format!(
+                "egress = \"allow\": the {n} egress rule(s) are accepted and reported but block nothing; set egress = \"allowlist\" to let only what they admit leave"
+            )],
+            None if n > 0 => vec![format!(
+                "egress rules without an `egress` key: egress is an allowlist (only what the {n} egress rule(s) admit may leave, besides replies); set egress = \"allowlist\" to say so, or egress = \"allow\" for rules that block nothing"
+            )],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// A whole rule set as a caller replaces the live one (`PUT /v1/rules`,
@@ -212,6 +279,9 @@ pub struct Replacement {
     pub cluster: Option<Cluster>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ssh: Option<Ssh>,
+    /// The egress policy; without it the live one stays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressMode>,
 }
 
 impl Replacement {
@@ -222,6 +292,7 @@ impl Replacement {
             egress_rules: self.egress_rules,
             cluster: self.cluster,
             ssh: self.ssh.unwrap_or_else(|| live.ssh.clone()),
+            egress: self.egress.or(live.egress),
         }
     }
 }

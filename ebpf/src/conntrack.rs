@@ -270,6 +270,9 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
 
 #[inline(always)]
 fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
+    if crate::explain::on() {
+        return;
+    }
     let flow = Flow {
         last_seen_ns: now,
         state,
@@ -342,7 +345,9 @@ fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
     let now = now();
     if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
-        let _ = K::table(origin).remove(key);
+        if !crate::explain::on() {
+            let _ = K::table(origin).remove(key);
+        }
         return None;
     }
     Some((flow, now))
@@ -350,6 +355,9 @@ fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
 
 #[inline(always)]
 fn touch(flow: &mut Flow, state: u8, now: u64) {
+    if crate::explain::on() {
+        return;
+    }
     if state != flow.state || now.saturating_sub(flow.last_seen_ns) > FLOW_REFRESH_NS {
         flow.state = state;
         flow.last_seen_ns = now;
@@ -404,6 +412,9 @@ fn frag_key(ip: &Ip, dir: u8) -> FragKey {
 /// so its later fragments pass that way too.
 #[inline(always)]
 pub fn remember_fragment(ip: &Ip, dir: u8) {
+    if crate::explain::on() {
+        return;
+    }
     let _ = FRAGMENTS.insert(&frag_key(ip, dir), &now(), 0);
 }
 
@@ -430,6 +441,9 @@ fn dhcp_index(ip: &Ip) -> u32 {
 /// Egress: this host sent a DHCP client request of `ip`'s family now.
 #[inline(always)]
 pub fn dhcp_requested(ip: &Ip) {
+    if crate::explain::on() {
+        return;
+    }
     if let Some(t) = DHCP_REQUESTS.get_ptr_mut(dhcp_index(ip)) {
         // SAFETY: pointer from a successful lookup of a plain u64 in an array;
         // concurrent writers only race on a timestamp, which is benign.

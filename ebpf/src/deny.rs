@@ -59,6 +59,10 @@ pub fn denied(ip: &Ip, bytes: u64) -> bool {
     if exempt(ip) {
         return false;
     }
+    if crate::explain::on() {
+        crate::explain::deny_set(set);
+        return true;
+    }
     if let Some(c) = DENY_STATS.get_ptr_mut(set) {
         // SAFETY: from a successful lookup in a per-CPU map: valid, and only
         // this CPU writes it while we run.

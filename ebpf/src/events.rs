@@ -26,6 +26,9 @@ const SECOND: u64 = 1_000_000_000;
 
 #[inline(always)]
 pub fn report(ip: &Ip, reason: Reason, dir: u8, ifindex: u32) {
+    if crate::explain::on() {
+        return;
+    }
     let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
         return;
     };

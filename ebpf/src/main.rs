@@ -13,6 +13,8 @@ mod deny;
 #[cfg(target_arch = "bpf")]
 mod events;
 #[cfg(target_arch = "bpf")]
+mod explain;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -37,12 +39,15 @@ mod programs {
 
     use aya_ebpf::EbpfContext as _;
 
-    use crate::{events, maps, parse, policy, rules, volume};
+    use crate::{events, explain, maps, parse, policy, rules, volume};
 
     /// The live generation and its settings, read once for this packet.
     #[inline(always)]
     fn ctx() -> policy::Ctx {
         let generation = rules::active();
+        if explain::on() {
+            explain::generation(generation);
+        }
         policy::Ctx {
             generation,
             settings: maps::settings(generation),

@@ -22,6 +22,10 @@ pub static SETTINGS: Array<Settings> = Array::pinned(2, 0);
 /// Stage 4: count. Per-CPU, so no atomics on the hot path.
 #[inline(always)]
 pub fn count(reason: Reason, bytes: u64) {
+    if crate::explain::on() {
+        crate::explain::reason(reason);
+        return;
+    }
     if let Some(c) = VERDICTS.get_ptr_mut(reason as u32) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU map,
         // so it is valid and only this CPU writes it while we run.

@@ -296,6 +296,10 @@ fn search(g: &Generation, region: u32, pclass: usize, port: u16) -> u32 {
 /// Credits the matched rule with one packet of `bytes`.
 #[inline(always)]
 pub fn count(m: &Match, bytes: u64) {
+    if crate::explain::on() {
+        crate::explain::slot(m.slot);
+        return;
+    }
     with_generation!(m.generation, |g| {
         if let Some(c) = g.stats.get_ptr_mut(m.slot & SLOT_INDEX_MASK) {
             // SAFETY: pointer from a successful per-CPU lookup; only this CPU

@@ -181,3 +181,128 @@ sys.exit(0 if reply.split()[1].startswith("2") else 1)
         }
     }
 }
+
+/// The drop records (`MESSAGE_ID` of `portcullis::droplog`), as JSON.
+fn drop_records(c: &Container) -> Vec<Value> {
+    let out = c
+        .check(
+            "journalctl",
+            &[
+                "-b",
+                "--no-pager",
+                "-o",
+                "json",
+                &format!("MESSAGE_ID={}", portcullis::droplog::MESSAGE_ID),
+            ],
+        )
+        .unwrap();
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Issue 19: drops of the selected reasons reach the real journal as
+/// structured records with their fields; other reasons do not; under a
+/// flood the rate limit holds and what it held back is reported.
+#[test]
+fn drops_reach_the_journal_as_structured_rate_limited_records() {
+    use portcullis_tests::{
+        container::{CLIENT_V4, INSTANCE_V4},
+        ping, sock, tcp_probe, udp_send,
+    };
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    const RATE: u64 = 5;
+    let config = format!(
+        "interfaces = [\"{INSTANCE_IFACE}\"]\n[ssh]\nallow = true\n\
+         [drop_log]\nreasons = [\"drop_no_rule\", \"drop_denied\"]\nper_second = {RATE}\n"
+    );
+    let c = Boot::new()
+        .portcullis(&config)
+        .unwrap()
+        .start(BOOT)
+        .unwrap();
+    find(&c, "enforcing");
+    // One TCP connection attempt to a port no rule admits.
+    assert!(tcp_probe(&c.client, sock(INSTANCE_V4, 8081)).is_err());
+    let record = c
+        .wait_for("a drop record", Duration::from_secs(10), || {
+            drop_records(&c)
+                .into_iter()
+                .find(|r| r["PORTCULLIS_DESTINATION_PORT"] == "8081")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    for (field, want) in [
+        ("PORTCULLIS_REASON", "drop_no_rule"),
+        ("PORTCULLIS_DIRECTION", "ingress"),
+        ("PORTCULLIS_INTERFACE", INSTANCE_IFACE),
+        ("PORTCULLIS_PROTOCOL", "tcp"),
+        ("PORTCULLIS_SOURCE", CLIENT_V4),
+        ("PORTCULLIS_DESTINATION", INSTANCE_V4),
+        ("PRIORITY", "5"),
+        ("_SYSTEMD_UNIT", "portcullis.service"),
+    ] {
+        assert_eq!(record[field], want, "{field} in {record}");
+    }
+    assert!(
+        record["PORTCULLIS_SOURCE_PORT"]
+            .as_str()
+            .is_some_and(|p| p.parse::<u16>().is_ok())
+    );
+    assert!(
+        record["MESSAGE"]
+            .as_str()
+            .unwrap()
+            .contains("dropped (drop_no_rule): ingress tcp"),
+        "{record}"
+    );
+    // A drop of a reason not selected (an unadmitted ping: drop_icmp) is not logged.
+    assert!(!ping(&c.client, INSTANCE_V4));
+    // A flood: datagrams to a port no rule admits, for about 3 s.
+    let before = drop_records(&c).len();
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < Duration::from_secs(3) {
+        for _ in 0..50 {
+            udp_send(&c.client, sock(INSTANCE_V4, 9999), b"flood").unwrap();
+            sent += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let elapsed = start.elapsed().as_secs();
+    let records = drop_records(&c);
+    let during = records.len() - before;
+    eprintln!(
+        "flood: {sent} datagrams in {elapsed} s; {during} drop records (limit {RATE}/s, burst {RATE})"
+    );
+    assert!(during >= 1, "the flood left no record");
+    assert!(
+        during as u64 <= RATE * (elapsed + 1) + RATE,
+        "{during} records for {elapsed} s at {RATE}/s"
+    );
+    assert!(
+        records
+            .iter()
+            .all(|r| r["PORTCULLIS_REASON"] == "drop_no_rule"),
+        "only the selected reason is logged: {records:?}"
+    );
+    // What the limit held back is reported.
+    find(&c, "drop record(s) held back by [drop_log] per_second = 5");
+    // A banned source: the record names the set.
+    c.check("portcullis", &["deny", "add", "intruders", CLIENT_V4])
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(tcp_probe(&c.client, sock(INSTANCE_V4, 22)).is_err());
+    let denied = c
+        .wait_for("a drop_denied record", Duration::from_secs(10), || {
+            drop_records(&c)
+                .into_iter()
+                .find(|r| r["PORTCULLIS_REASON"] == "drop_denied")
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.journal("portcullis.service")));
+    assert_eq!(denied["PORTCULLIS_SET"], "intruders", "{denied}");
+    assert_eq!(denied["PORTCULLIS_DESTINATION_PORT"], "22", "{denied}");
+}

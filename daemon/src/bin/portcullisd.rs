@@ -141,6 +141,9 @@ fn check_config(path: &Path, config: &Config) -> anyhow::Result<()> {
     rules
         .check_additions(&portcullis::rules::RuleSet::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    for warning in rules.egress_warnings() {
+        eprintln!("{}: warning: {warning}", path.display());
+    }
     if !rules.ssh.allow {
         eprintln!(
             "{}: warning: [ssh] allow is off: new SSH logins are dropped unless a rule admits port(s) {:?}",
@@ -186,6 +189,9 @@ async fn run(
     // unprivileged API clients may hold below it.
     let fd_limit = api::raise_fd_limit();
     let (generation, summary) = (core.generation(), core.protection_summary());
+    for warning in core.rules().egress_warnings() {
+        warn!(generation, "{warning}");
+    }
     let core: core::Shared = Arc::new(Mutex::new(core));
     if let Some((generation, secs)) = pending {
         warn!(
@@ -256,6 +262,11 @@ async fn spawn_services(
             }
         }
     });
+    tokio::spawn(portcullis::droplog::run(
+        feed.clone(),
+        config.drop_log.clone(),
+        core.clone(),
+    ));
     // systemd's view over D-Bus, kept current in the background; the bus
     // may not exist yet at this point of the boot.
     let (systemd_tx, systemd_rx) = tokio::sync::watch::channel(SystemdView::default());

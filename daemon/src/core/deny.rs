@@ -330,6 +330,16 @@ impl Core {
     }
 
     /// Entries in set `name` (0 when there is no such set).
+    /// The name of the deny set whose ban the data path applies to `ip`.
+    pub fn deny_set_of(&self, ip: IpAddr) -> Option<String> {
+        let id = self.deny.banning(ip)?;
+        self.deny
+            .sets()
+            .iter()
+            .find(|(_, s)| s.id == id)
+            .map(|(name, _)| name.clone())
+    }
+
     pub fn deny_count(&self, name: &str) -> usize {
         self.deny.get(name).map_or(0, |s| s.entries.len())
     }

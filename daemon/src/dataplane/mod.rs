@@ -52,6 +52,7 @@
 mod attach;
 mod counters;
 mod deny;
+mod explain;
 mod flows;
 pub mod links;
 mod mapio;
@@ -71,6 +72,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
+    programs::{SchedClassifier, Xdp},
 };
 use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
@@ -78,6 +80,7 @@ use attach::ensure_bpffs;
 pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
 pub use counters::read_counters;
 pub use deny::{DenyWrite, boottime_ns, covers};
+pub use explain::Verdict;
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
 use mapio::{clear_counters, write_array, write_keyed};
@@ -107,6 +110,46 @@ pub struct Dataplane {
     /// reading them back (`None` until the first write, and after a failed
     /// one).
     v6_written: [Option<Arc<V6Tables>>; 2],
+    /// How the maps were sized, so the explain instances load alike.
+    params: LoadParams,
+    /// The explain instances (`explain.rs`), loaded on first use.
+    explainer: explain::Explainers,
+}
+
+/// What the loader needs to size the maps as the pinned ones are.
+#[derive(Clone, Copy)]
+struct LoadParams {
+    conntrack_entries: u32,
+    limits: Limits,
+    deny: [u32; 2],
+}
+
+impl LoadParams {
+    /// A loader that reuses the maps pinned under `maps_dir`, sized alike.
+    fn loader<'a>(&self, maps_dir: &'a Path) -> EbpfLoader<'a> {
+        let mut loader = EbpfLoader::new();
+        loader
+            .default_map_pin_directory(maps_dir)
+            .map_max_entries(maps::CONNTRACK4, self.conntrack_entries)
+            .map_max_entries(maps::CONNTRACK6, self.conntrack_entries)
+            .map_max_entries(maps::DENY_V4, self.deny[0])
+            .map_max_entries(maps::DENY_V6, self.deny[1]);
+        let limits = &self.limits;
+        for g in 0..2 {
+            loader
+                .map_max_entries(
+                    generation(maps::V4_CHUNKS, g),
+                    limits.v4_chunks * portcullis_common::V4_CHUNK_ENTRIES,
+                )
+                .map_max_entries(generation(maps::SRC6, g), limits.prefixes)
+                .map_max_entries(generation(maps::V6_BUCKETS, g), limits.prefixes)
+                .map_max_entries(generation(maps::V6_PREFIXES, g), limits.prefixes)
+                .map_max_entries(generation(maps::REGIONS, g), limits.regions)
+                .map_max_entries(generation(maps::SEGMENTS, g), limits.segments)
+                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots);
+        }
+        loader
+    }
 }
 
 impl Dataplane {
@@ -143,32 +186,20 @@ impl Dataplane {
             fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create pin directory {}", dir.display()))?;
         }
-        let mut loader = EbpfLoader::new();
-        loader
-            .default_map_pin_directory(&maps_dir)
-            .map_max_entries(maps::CONNTRACK4, conntrack_entries)
-            .map_max_entries(maps::CONNTRACK6, conntrack_entries)
-            .map_max_entries(maps::DENY_V4, deny[0])
-            .map_max_entries(maps::DENY_V6, deny[1]);
-        for g in 0..2 {
-            loader
-                .map_max_entries(
-                    generation(maps::V4_CHUNKS, g),
-                    limits.v4_chunks * portcullis_common::V4_CHUNK_ENTRIES,
+        let params = LoadParams {
+            conntrack_entries,
+            limits: *limits,
+            deny,
+        };
+        let mut ebpf = params
+            .loader(&maps_dir)
+            .load(EBPF_OBJECT)
+            .with_context(|| {
+                format!(
+                    "cannot load the eBPF programs (maps pinned under {})",
+                    maps_dir.display()
                 )
-                .map_max_entries(generation(maps::SRC6, g), limits.prefixes)
-                .map_max_entries(generation(maps::V6_BUCKETS, g), limits.prefixes)
-                .map_max_entries(generation(maps::V6_PREFIXES, g), limits.prefixes)
-                .map_max_entries(generation(maps::REGIONS, g), limits.regions)
-                .map_max_entries(generation(maps::SEGMENTS, g), limits.segments)
-                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots);
-        }
-        let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
-            format!(
-                "cannot load the eBPF programs (maps pinned under {})",
-                maps_dir.display()
-            )
-        })?;
+            })?;
         let programs = programs::obtain(&mut ebpf, EBPF_OBJECT, pin_dir, &maps_dir, xdp)?;
         Ok(Self {
             ebpf,
@@ -177,6 +208,8 @@ impl Dataplane {
             pass_all: false,
             egress_volume: false,
             v6_written: [None, None],
+            params,
+            explainer: explain::Explainers::default(),
         })
     }
 
@@ -247,83 +280,107 @@ impl Dataplane {
         image: &Image,
         allow_ping: bool,
     ) -> anyhow::Result<()> {
-        let mut flags = 0;
-        if self.pass_all {
-            flags |= portcullis_common::SETTING_PASS_ALL;
-        }
-        if allow_ping {
-            flags |= SETTING_PING;
-        }
-        if image.egress_allowlist {
-            flags |= SETTING_EGRESS_ALLOWLIST;
-        }
-        if self.egress_volume {
-            flags |= portcullis_common::SETTING_EGRESS_VOLUME;
-        }
-        write_array(
-            map_mut(&mut self.ebpf, generation(maps::V4_ROOT, g))?,
-            &image.v4_root,
-        )
-        .context("writing the IPv4 table root")?;
-        write_array(
-            map_mut(&mut self.ebpf, generation(maps::V4_CHUNKS, g))?,
-            &image.v4_chunks,
-        )
-        .context("writing the IPv4 table chunks")?;
-        let v6 = Arc::clone(&image.v6_tables);
+        let flags = settings_flags(
+            self.pass_all,
+            allow_ping,
+            image.egress_allowlist,
+            self.egress_volume,
+        );
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
         let before = self.v6_written.get_mut(g).and_then(Option::take);
-        write_keyed(
-            map_mut(&mut self.ebpf, generation(maps::SRC6, g))?,
-            &v6.short,
-            before.as_ref().map(|b| &b.short),
-        )
-        .context("writing the IPv6 short prefixes (LPM trie)")?;
-        write_keyed(
-            map_mut(&mut self.ebpf, generation(maps::V6_PREFIXES, g))?,
-            &v6.prefixes,
-            before.as_ref().map(|b| &b.prefixes),
-        )
-        .context("writing the IPv6 prefixes")?;
-        write_keyed(
-            map_mut(&mut self.ebpf, generation(maps::V6_BUCKETS, g))?,
-            &v6.buckets,
-            before.as_ref().map(|b| &b.buckets),
-        )
-        .context("writing the IPv6 /32 buckets")?;
-        if let Some(written) = self.v6_written.get_mut(g) {
-            *written = Some(v6);
+        let written = write_image(&mut self.ebpf, g, image, flags, before.as_deref())?;
+        if let Some(w) = self.v6_written.get_mut(g) {
+            *w = Some(written);
         }
-        write_array(
-            map_mut(&mut self.ebpf, generation(maps::REGIONS, g))?,
-            &image.regions,
-        )
-        .context("writing the regions")?;
-        write_array(
-            map_mut(&mut self.ebpf, generation(maps::SEGMENTS, g))?,
-            &image.segments,
-        )
-        .context("writing the port segments")?;
-        clear_counters(
-            map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?,
-            image.slots.len(),
-        )
-        .context("clearing rule counters")?;
-        let mut settings: Array<_, Settings> =
-            Array::try_from(map_mut(&mut self.ebpf, maps::SETTINGS)?)?;
-        settings
-            .set(
-                g as u32,
-                &Settings {
-                    flags,
-                    _reserved: 0,
-                },
-                0,
-            )
-            .context("writing SETTINGS")?;
         Ok(())
     }
+}
+
+/// The `Settings` flags of a generation.
+fn settings_flags(
+    pass_all: bool,
+    allow_ping: bool,
+    egress_allowlist: bool,
+    egress_volume: bool,
+) -> u32 {
+    let mut flags = 0;
+    if egress_volume {
+        flags |= portcullis_common::SETTING_EGRESS_VOLUME;
+    }
+    if pass_all {
+        flags |= portcullis_common::SETTING_PASS_ALL;
+    }
+    if allow_ping {
+        flags |= SETTING_PING;
+    }
+    if egress_allowlist {
+        flags |= SETTING_EGRESS_ALLOWLIST;
+    }
+    flags
+}
+
+/// Writes `image` into generation `g` of `ebpf`'s rule maps and its
+/// `SETTINGS[g]`; `before` is what this process last wrote there (the IPv6
+/// keys to remove), `None` to read them from the kernel. Returns the IPv6
+/// tables now written.
+fn write_image(
+    ebpf: &mut Ebpf,
+    g: usize,
+    image: &Image,
+    flags: u32,
+    before: Option<&V6Tables>,
+) -> anyhow::Result<Arc<V6Tables>> {
+    write_array(map_mut(ebpf, generation(maps::V4_ROOT, g))?, &image.v4_root)
+        .context("writing the IPv4 table root")?;
+    write_array(
+        map_mut(ebpf, generation(maps::V4_CHUNKS, g))?,
+        &image.v4_chunks,
+    )
+    .context("writing the IPv4 table chunks")?;
+    let v6 = Arc::clone(&image.v6_tables);
+    write_keyed(
+        map_mut(ebpf, generation(maps::SRC6, g))?,
+        &v6.short,
+        before.map(|b| &b.short),
+    )
+    .context("writing the IPv6 short prefixes (LPM trie)")?;
+    write_keyed(
+        map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
+        &v6.prefixes,
+        before.map(|b| &b.prefixes),
+    )
+    .context("writing the IPv6 prefixes")?;
+    write_keyed(
+        map_mut(ebpf, generation(maps::V6_BUCKETS, g))?,
+        &v6.buckets,
+        before.map(|b| &b.buckets),
+    )
+    .context("writing the IPv6 /32 buckets")?;
+    write_array(map_mut(ebpf, generation(maps::REGIONS, g))?, &image.regions)
+        .context("writing the regions")?;
+    write_array(
+        map_mut(ebpf, generation(maps::SEGMENTS, g))?,
+        &image.segments,
+    )
+    .context("writing the port segments")?;
+    clear_counters(
+        map_mut(ebpf, generation(maps::RULE_STATS, g))?,
+        image.slots.len(),
+    )
+    .context("clearing rule counters")?;
+    let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
+    settings
+        .set(
+            g as u32,
+            &Settings {
+                flags,
+                _reserved: 0,
+            },
+            0,
+        )
+        .context("writing SETTINGS")?;
+    Ok(v6)
 }
 
 /// The two programs, for [`Dataplane::test_run`].
@@ -363,6 +420,27 @@ impl Dataplane {
 fn generation(names: [&'static str; 2], g: usize) -> &'static str {
     let [zero, one] = names;
     if g & 1 == 0 { zero } else { one }
+}
+
+/// The egress program of `ebpf` (an explain instance's).
+fn egress(ebpf: &mut Ebpf) -> anyhow::Result<&mut SchedClassifier> {
+    let prog = ebpf
+        .program_mut(portcullis_common::programs::EGRESS)
+        .ok_or_else(|| {
+            anyhow!(
+                "program {} missing from the eBPF object",
+                portcullis_common::programs::EGRESS
+            )
+        })?;
+    Ok(prog.try_into()?)
+}
+
+/// The XDP program `name` of `ebpf` (an explain instance's).
+fn ingress<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
+    Ok(prog.try_into()?)
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {

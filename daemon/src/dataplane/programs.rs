@@ -147,21 +147,33 @@ fn pinned_map_ids(maps_dir: &Path) -> anyhow::Result<HashSet<u32>> {
     Ok(ids)
 }
 
-/// Fails unless every map the program uses is one of `pinned`.
+/// Fails unless every map the program uses is one of `pinned`, or one of
+/// the program's own that the daemon never reads or writes for the live
+/// instance ([`private_map`]).
 fn uses_only(info: &ProgramInfo, pinned: &HashSet<u32>) -> anyhow::Result<()> {
     let Some(ids) = info.map_ids()? else {
         bail!("the kernel does not report the maps a program uses");
     };
-    if let Some(&stale) = ids.iter().find(|id| !pinned.contains(id)) {
-        let name = MapInfo::from_id(stale)
+    for &id in ids.iter().filter(|id| !pinned.contains(id)) {
+        let name = MapInfo::from_id(id)
             .ok()
             .and_then(|m| m.name_as_str().map(str::to_owned))
             .unwrap_or_default();
-        bail!(
-            "uses map {name:?} (id {stale}), which is no longer pinned (the maps were re-created)"
-        );
+        if !private_map(&name) {
+            bail!(
+                "uses map {name:?} (id {id}), which is no longer pinned (the maps were re-created)"
+            );
+        }
     }
     Ok(())
+}
+
+/// Maps each loaded instance has of its own, which the daemon never reads
+/// or writes for the live programs: the object's global data (`.rodata`:
+/// `EXPLAIN` = 0 in every live instance of a build) and the explain
+/// result (written only by the explain instance).
+fn private_map(name: &str) -> bool {
+    name.starts_with('.') || name == "EXPLAIN_RESULT"
 }
 
 /// Verifies and loads the ingress program `choice` asks for and the egress

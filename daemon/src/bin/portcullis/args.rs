@@ -179,6 +179,25 @@ pub enum Command {
     },
     /// Follow drops live (sampled), one line each, with local times.
     Watch(WatchArgs),
+    /// What the live data path decides for a packet, and why:
+    /// `explain in tcp 10.0.0.2:40000 -> 10.0.0.1:22`. The loaded programs
+    /// decide (run on a crafted frame, in an instance that cannot write):
+    /// nothing changes, no counter, flow or event. With --rules FILE, also
+    /// what that rule set would decide, and whether it differs.
+    ///
+    /// How: the daemon builds the frame (Ethernet, IPv4 or IPv6, a TCP SYN
+    /// unless --tcp-flags says otherwise, UDP, or an ICMP echo request
+    /// unless --icmp-type says otherwise) and runs it with BPF_PROG_TEST_RUN
+    /// through a second instance of the same eBPF programs (XDP for `in`,
+    /// TC for `out`), loaded on the first explain with the read-only global
+    /// EXPLAIN set, which compiles out every write (counters, connection
+    /// tables, fragments, DHCP times, events) and reports the reason, the
+    /// rule, peer or SSH exemption credited and the deny set instead. It
+    /// reads the live maps: the rules, the connection tables, the deny sets.
+    /// With --rules, the proposed set is compiled into scratch rule maps of
+    /// a third instance (never pinned, never live). Readers may explain.
+    /// Exit status 0 whatever the verdict (read `passes` with --json).
+    Explain(ExplainArgs),
     /// SSH keys.
     #[command(subcommand)]
     Ssh(SshCmd),
@@ -193,6 +212,17 @@ pub enum Command {
     /// What the data path does with what the rules do not admit.
     #[command(subcommand)]
     Mode(ModeCmd),
+    /// The egress policy: `allow` (egress rules are kept and reported but
+    /// block nothing) or `allowlist` (only what they admit may leave,
+    /// besides replies and flows this host opened). A rule change: writers
+    /// only, audited.
+    Egress {
+        /// `allow` or `allowlist`.
+        #[arg(value_parser = ["allow", "allowlist"])]
+        policy: String,
+        #[command(flatten)]
+        change: RuleChange,
+    },
     /// The audit log of every change and refusal.
     #[command(subcommand)]
     AuditLog(AuditCmd),
@@ -279,6 +309,37 @@ pub struct WatchArgs {
     /// Only drops on this interface.
     #[arg(long, value_name = "NAME")]
     pub interface: Option<String>,
+}
+
+#[derive(Args)]
+pub struct ExplainArgs {
+    /// `in` (arriving) or `out` (leaving).
+    pub direction: String,
+    /// `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address; a source port left
+    /// out is 40000).
+    pub source: String,
+    /// `->`, literally.
+    #[arg(allow_hyphen_values = true, value_name = "ARROW")]
+    pub arrow: String,
+    /// ADDRESS:PORT or [IPv6]:PORT (ICMP: an address).
+    pub destination: String,
+    /// The interface it arrives on or leaves by (refused unless protected;
+    /// the decision is the same on every protected interface).
+    #[arg(long, value_name = "NAME")]
+    pub interface: Option<String>,
+    /// ICMP type (default: echo request, 8 or 128).
+    #[arg(long, value_name = "TYPE")]
+    pub icmp_type: Option<u8>,
+    /// TCP flags: syn (default: a new connection), ack, syn-ack, fin, rst.
+    #[arg(long, value_name = "FLAGS")]
+    pub tcp_flags: Option<String>,
+    /// Also what this rule set (JSON, or TOML by its .toml name, as
+    /// `rules apply` reads it) would decide; it is compiled into scratch
+    /// maps and never goes live.
+    #[arg(long, value_name = "FILE")]
+    pub rules: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]

@@ -50,6 +50,8 @@ pub fn dispatch(ctx: &Ctx, command: Command) -> anyhow::Result<i32> {
             change,
         } => reload(ctx, discard_runtime, &change)?,
         Command::Watch(w) => crate::watch::watch(ctx, &w)?,
+        Command::Egress { policy, change } => crate::rulecmds::egress(ctx, &policy, &change)?,
+        Command::Explain(e) => crate::explaincmd::explain(ctx, &e)?,
         Command::Ssh(SshCmd::AddKey { user, keys, file }) => add_keys(ctx, &user, keys, file)?,
         Command::Lockdown(l) => lockdown(ctx, &l)?,
         Command::Open(c) => set_mode(ctx, Mode::Open, &c)?,

@@ -19,6 +19,7 @@
 mod args;
 mod commands;
 mod denycmds;
+mod explaincmd;
 mod output;
 mod rulecmds;
 mod status;
@@ -170,6 +171,7 @@ fn command_changes(c: &Command) -> bool {
         | Command::Open(_)
         | Command::Enforce(_)
         | Command::Mode(_)
+        | Command::Egress { .. }
         | Command::Reload { .. } => true,
         Command::Rules(r) => !matches!(r, RulesCmd::List | RulesCmd::Save),
         Command::Peers(p) => !matches!(p, PeersCmd::List),

@@ -87,6 +87,9 @@ pub fn diff_words(d: &Diff) -> String {
     if d.ssh_changed {
         parts.push("the SSH exemption changed".into());
     }
+    if let Some(e) = &d.egress_changed {
+        parts.push(format!("egress {e}"));
+    }
     if parts.is_empty() {
         "no rule changed".into()
     } else {

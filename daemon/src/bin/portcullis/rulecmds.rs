@@ -167,6 +167,10 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                 "off".to_string()
             }
         );
+        out += &format!("\nEgress: {}.", rules.rules.egress_policy());
+        for w in rules.rules.egress_warnings() {
+            out += &format!("\nwarning: {w}");
+        }
         if let Some(c) = &rules.rules.cluster {
             out += &format!("\nCluster {}: {} peer network(s) admitted on every port (portcullis peers list).", c.id, c.peers.len());
         }
@@ -357,21 +361,48 @@ fn remove_id(
     Ok(())
 }
 
-fn apply(ctx: &Ctx, file: &std::path::Path, change: &RuleChange) -> anyhow::Result<()> {
+/// `egress allow|allowlist`: sets the egress policy.
+pub fn egress(ctx: &Ctx, policy: &str, change: &RuleChange) -> anyhow::Result<()> {
+    let flags = ctx.change(&change.change);
+    let body = serde_json::json!({ "egress": policy });
+    let (changed, reply): (portcullis::core::Changed, _) = ctx.send(
+        Method::PUT,
+        &change_path("/v1/egress", &flags, change.expect_generation),
+        Some(&body),
+    )?;
+    let diff = diff_words(&changed.diff);
+    ctx.print(&reply, || {
+        crate::output::change_sentence(
+            &format!("Egress policy {policy}: {diff}"),
+            &format!("set egress {policy} ({diff})"),
+            &changed,
+        )
+    })
+}
+
+/// A rule-set file (JSON, or TOML by its `.toml` name) as a replacement.
+pub fn read_replacement(file: &std::path::Path) -> anyhow::Result<Replacement> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     // Without an `ssh` key the live SSH exemption stays as it is.
-    let rules: Replacement = if file.extension().is_some_and(|e| e == "toml") {
+    Ok(if file.extension().is_some_and(|e| e == "toml") {
         toml::from_str(&text).with_context(|| format!("{} is not a rule set", file.display()))?
     } else {
         serde_json::from_str(&text)
             .with_context(|| format!("{} is not a rule set", file.display()))?
-    };
+    })
+}
+
+fn apply(ctx: &Ctx, file: &std::path::Path, change: &RuleChange) -> anyhow::Result<()> {
+    let rules = read_replacement(file)?;
     rules
         .clone()
         .over(&RuleSet::default())
         .validate()
         .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.in_words()))?;
+    for w in rules.clone().over(&RuleSet::default()).egress_warnings() {
+        eprintln!("warning: {w}");
+    }
     if rules.ssh.as_ref().is_some_and(|s| !s.allow) {
         eprintln!(
             "warning: this rule set turns the SSH exemption off: new SSH logins need a rule admitting the SSH port"
