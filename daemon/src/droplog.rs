@@ -146,10 +146,17 @@ pub async fn run(feed: crate::events::Feed, config: DropLogConfig, core: crate::
                 Ok(e) => {
                     if limiter.admit(&e.reason, Instant::now()) {
                         let mut record = fields(&e);
-                        if e.reason == "drop_denied"
-                            && let Ok(ip) = e.source.parse()
-                            && let Some(set) = core.lock().await.deny_set_of(ip)
-                        {
+                        // The set the data path named; the model's answer
+                        // for an event from before the set ids were known.
+                        let set = match &e.deny_set {
+                            Some(set) => Some(set.clone()),
+                            None if e.reason == "drop_denied" => match e.source.parse() {
+                                Ok(ip) => core.lock().await.deny_set_of(ip),
+                                Err(_) => None,
+                            },
+                            None => None,
+                        };
+                        if let Some(set) = set {
                             record.push(("PORTCULLIS_SET", set));
                         }
                         write(&record, journal);
@@ -209,6 +216,8 @@ mod tests {
             source_port: 40000,
             destination_port: 22,
             reason: "drop_denied".into(),
+            deny_set: None,
+            detail: String::new(),
         };
         let f = fields(&e);
         let get = |k: &str| f.iter().find(|(key, _)| *key == k).map(|(_, v)| v.as_str());
