@@ -230,7 +230,7 @@ async fn poll(
     url: &Url,
     tracker: &mut Option<Tracker>,
     core: &core::Shared,
-) -> Result<usize, String> {
+) -> Result<(usize, Vec<String>), String> {
     let key = read_key(&cfg.api_key_file)?;
     let tls = match (&cfg.ca_file, url.tls) {
         (Some(ca), true) => Some(tls_connector(ca)?),
@@ -247,6 +247,7 @@ async fn poll(
     for r in &pulled.refused {
         warn!(decision = %r, "crowdsec: decision refused");
     }
+    let refused: Vec<String> = pulled.refused.iter().take(10).cloned().collect();
     let set = cfg.set.clone();
     let Some(t) = tracker.as_mut() else {
         let (t, entries) = Tracker::of_startup(&pulled.new);
@@ -258,7 +259,7 @@ async fn poll(
         change(core, what, |c| c.deny_replace(&set, &entries)).await?;
         let held = t.decisions();
         *tracker = Some(t);
-        return Ok(held);
+        return Ok((held, refused));
     };
     t.expire(now);
     let delta = t.apply(&pulled.deleted, &pulled.new);
@@ -293,7 +294,7 @@ async fn poll(
             return Err(e);
         }
     }
-    Ok(held)
+    Ok((held, refused))
 }
 
 /// Runs the bouncer for ever: polls every `poll_interval`, keeps the
@@ -337,10 +338,15 @@ pub async fn run(cfg: CrowdSecConfig, core: core::Shared) {
 
 /// Records a poll's outcome: an error logged once per outage (and the
 /// next good answer a full pull), recovery logged.
-fn note(status: &mut BouncerStatus, result: Result<usize, String>, tracker: &mut Option<Tracker>) {
+fn note(
+    status: &mut BouncerStatus,
+    result: Result<(usize, Vec<String>), String>,
+    tracker: &mut Option<Tracker>,
+) {
     let now = unix_now();
     match result {
-        Ok(held) => {
+        Ok((held, refused)) => {
+            status.refused = refused;
             if status.failing_since.is_some() {
                 info!(
                     url = status.url,

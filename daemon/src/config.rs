@@ -1020,6 +1020,7 @@ ip_ranges = []
                 shortest_v4: 16,
                 shortest_v6: 32,
                 ca_file: Some("/etc/crowdsec/ssl/ca.pem".into()),
+                insecure_plain_http: false,
             }),
         }
     }

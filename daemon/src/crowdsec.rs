@@ -69,6 +69,11 @@ pub struct CrowdSecConfig {
     /// the LAPI's certificate; no other root is trusted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<std::path::PathBuf>,
+    /// Allow plain `http://` to a LAPI that is not on loopback. Off by
+    /// default: anyone on the path could read the key and answer in the
+    /// LAPI's name (an empty full pull lifts every ban of the set).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure_plain_http: bool,
 }
 
 impl CrowdSecConfig {
@@ -89,6 +94,12 @@ impl CrowdSecConfig {
                 ));
             }
             _ => {}
+        }
+        if !url.tls && !is_loopback(&url.host) && !self.insecure_plain_http {
+            return Err(format!(
+                "crowdsec: url: plain http to {} (not loopback) would let anyone on the path read the key and lift every ban; use https with ca_file, or set insecure_plain_http = true",
+                url.host
+            ));
         }
         denylist::check_name(&self.set).map_err(|e| format!("crowdsec: set: {e}"))?;
         if !self.api_key_file.is_absolute() {
@@ -224,7 +235,8 @@ pub struct Pulled {
 /// one or more decimal numbers each with a unit (`ns`, `us`, `µs`, `ms`,
 /// `s`, `m`, `h`), e.g. `3h59m58.8s`, `-9.08ms`, `0s`. In nanoseconds.
 pub fn parse_go_duration(text: &str) -> Result<i128, String> {
-    let bad = || format!("{text:?} is not a Go duration (e.g. 3h59m58.8s)");
+    let shown: String = text.chars().take(64).collect();
+    let bad = || format!("{shown:?} is not a Go duration (e.g. 3h59m58.8s)");
     let (sign, mut rest) = match text.strip_prefix('-') {
         Some(r) => (-1i128, r),
         None => (1, text.strip_prefix('+').unwrap_or(text)),
@@ -282,7 +294,7 @@ fn prefix_of(d: &Decision) -> Result<IpNet, String> {
     if d.value.len() > MAX_VALUE {
         return Err(format!("value of {} bytes", d.value.len()));
     }
-    let prefix = denylist::parse_prefix(&d.value)?;
+    let prefix = denylist::parse_prefix(&mapped_as_v4(&d.value))?;
     let host = match prefix {
         IpNet::V4(n) => n.prefix_len() == 32,
         IpNet::V6(n) => n.prefix_len() == 128,
@@ -293,10 +305,48 @@ fn prefix_of(d: &Decision) -> Result<IpNet, String> {
     Ok(prefix)
 }
 
-/// Checks a stream response: any decision whose id, duration or (for a ban
-/// of scope Ip or Range) value does not parse refuses the whole response,
-/// naming it; a new ban broader than the configured shortest prefix or
-/// already expired is refused alone. `now` is Unix seconds.
+/// An IPv4-mapped IPv6 value (`::ffff:192.0.2.7`, as a dual-stack service
+/// logs an IPv4 client, and as the LAPI passes it on) as the IPv4 value it
+/// maps: that is the address such a client's packets carry. Other text as
+/// it is.
+fn mapped_as_v4(value: &str) -> String {
+    let (addr, len) = match value.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (value, None),
+    };
+    let Ok(v6) = addr.trim().parse::<std::net::Ipv6Addr>() else {
+        return value.to_owned();
+    };
+    let Some(v4) = v6.to_ipv4_mapped() else {
+        return value.to_owned();
+    };
+    match len.map(|l| l.trim().parse::<u8>()) {
+        None => v4.to_string(),
+        Some(Ok(l)) if (96..=128).contains(&l) => format!("{v4}/{}", l - 96),
+        Some(_) => value.to_owned(),
+    }
+}
+
+/// At most this much of a LAPI's text goes into an error message.
+const SHOWN: usize = 200;
+
+fn shorten(text: String) -> String {
+    if text.len() <= SHOWN {
+        return text;
+    }
+    let mut cut = SHOWN;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", text.get(..cut).unwrap_or_default())
+}
+
+/// Checks a stream response. A response that is not a decision stream, or
+/// too large, is refused whole; a decision whose id, duration or (for a
+/// ban of scope Ip or Range) value does not parse is refused alone, named
+/// (one bad decision, which a remote attacker may be able to cause, must
+/// not stop every other ban and lift); so is a new ban broader than the
+/// configured shortest prefix or already expired. `now` is Unix seconds.
 pub fn check_stream(body: &[u8], cfg: &CrowdSecConfig, now: u64) -> Result<Pulled, String> {
     if body.len() > MAX_RESPONSE {
         return Err(format!(
@@ -317,21 +367,31 @@ pub fn check_stream(body: &[u8], cfg: &CrowdSecConfig, now: u64) -> Result<Pulle
     for (list, is_new) in [(&deleted, false), (&new, true)] {
         let which = if is_new { "new" } else { "deleted" };
         for (i, d) in list.iter().enumerate() {
-            let at = |e: String| format!("{which}[{i}] (id {}): {e}", d.id);
-            let ns = parse_go_duration(&d.duration).map_err(at)?;
-            let id = u64::try_from(d.id).map_err(|_| at("negative id".into()))?;
+            let at = |e: String| shorten(format!("{which}[{i}] (id {}): {e}", d.id));
             let scoped =
                 d.scope.eq_ignore_ascii_case("ip") || d.scope.eq_ignore_ascii_case("range");
             if !d.kind.eq_ignore_ascii_case("ban") || !scoped {
                 out.ignored += 1;
                 continue;
             }
-            let prefix = prefix_of(d).map_err(at)?;
+            let parsed = parse_go_duration(&d.duration).and_then(|ns| {
+                let id = u64::try_from(d.id).map_err(|_| "negative id".to_owned())?;
+                Ok((ns, id, prefix_of(d)?))
+            });
+            let (ns, id, prefix) = match parsed {
+                Ok(p) => p,
+                // Refused alone: a deletion that does not parse lifts
+                // nothing (its ban, if any, stays until it expires).
+                Err(e) => {
+                    out.refused.push(at(e));
+                    continue;
+                }
+            };
             let (len, shortest) = match prefix {
                 IpNet::V4(n) => (n.prefix_len(), cfg.shortest_v4),
                 IpNet::V6(n) => (n.prefix_len(), cfg.shortest_v6),
             };
-            let secs = u64::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(0);
+            let secs = u64::try_from(ns.div_euclid(1_000_000_000)).unwrap_or(u64::MAX);
             let ban = Ban {
                 id,
                 prefix,
@@ -463,6 +523,9 @@ pub struct BouncerStatus {
     /// A configuration worth fixing (plain http across a network).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+    /// Decisions the last poll refused, each named (at most ten).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<String>,
 }
 
 #[cfg(test)]
@@ -479,6 +542,7 @@ mod tests {
             shortest_v4: 16,
             shortest_v6: 32,
             ca_file: None,
+            insecure_plain_http: false,
         }
     }
 
@@ -598,27 +662,50 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_decision_is_refused_alone_and_mapped_v4_is_v4() {
+        let body = br#"{"new":[
+            {"id":1,"type":"ban","scope":"Ip","value":"10.0.0.300","duration":"1h"},
+            {"id":2,"type":"ban","scope":"Ip","value":"::ffff:192.0.2.7","duration":"1h"},
+            {"id":3,"type":"ban","scope":"Range","value":"10.0.0.1/8","duration":"1h"},
+            {"id":4,"type":"ban","scope":"Ip","value":"10.0.0.9","duration":"forever"},
+            {"id":5,"type":"ban","scope":"Ip","value":"10.0.0.8","duration":"1h"}],
+            "deleted":[{"id":6,"type":"ban","scope":"Ip","value":"nonsense","duration":"0s"}]}"#;
+        let p = check_stream(body, &cfg(), 0).unwrap();
+        let banned: Vec<String> = p.new.iter().map(|b| b.prefix.to_string()).collect();
+        assert_eq!(banned, vec!["192.0.2.7/32", "10.0.0.8/32"]);
+        assert!(p.deleted.is_empty());
+        assert_eq!(p.refused.len(), 4, "{:?}", p.refused);
+        assert!(p.refused.iter().any(|r| r.contains("new[0] (id 1)")));
+        assert!(p.refused.iter().any(|r| r.contains("host bits")));
+        assert!(p.refused.iter().any(|r| r.contains("deleted[0] (id 6)")));
+        // A hostile duration is not copied whole into the message.
+        let long = format!(
+            r#"{{"new":[{{"id":1,"type":"ban","scope":"Ip","value":"10.0.0.1","duration":"{}"}}]}}"#,
+            "9".repeat(100_000)
+        );
+        let p = check_stream(long.as_bytes(), &cfg(), 0).unwrap();
+        assert!(p.refused[0].len() < 300, "{}", p.refused[0].len());
+    }
+
+    #[test]
+    fn plain_http_off_loopback_needs_saying_so() {
+        let mut c = cfg();
+        c.url = "http://192.0.2.1:8080".into();
+        assert!(c.validate().unwrap_err().contains("insecure_plain_http"));
+        c.insecure_plain_http = true;
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
     fn a_bad_response_is_refused_whole_naming_what() {
-        for (body, says) in [
-            (&b"not json"[..], "not a decision stream"),
-            (br#"{"new":[{"id":1,"type":"ban","scope":"Ip","value":"10.0.0.300","duration":"1h"}]}"#, "new[0] (id 1)"),
-            (br#"{"new":[{"id":1,"type":"ban","scope":"Ip","value":"10.0.0.0/8","duration":"1h"}]}"#, "range value"),
-            (br#"{"new":[{"id":1,"type":"ban","scope":"Range","value":"10.0.0.1/8","duration":"1h"}]}"#, "host bits"),
-            (br#"{"deleted":[{"id":2,"type":"ban","scope":"Ip","value":"10.0.0.1","duration":"forever"}]}"#, "deleted[0] (id 2)"),
-            (br#"{"new":[{"id":-1,"type":"ban","scope":"Ip","value":"10.0.0.1","duration":"1h"}]}"#, "negative id"),
-        ] {
-            let e = check_stream(body, &cfg(), 0).unwrap_err();
-            assert!(e.contains(says), "{e}");
-        }
+        let e = check_stream(b"not json", &cfg(), 0).unwrap_err();
+        assert!(e.contains("not a decision stream"), "{e}");
         let long = format!(
             r#"{{"new":[{{"id":1,"type":"ban","scope":"Ip","value":"{}","duration":"1h"}}]}}"#,
             "1".repeat(100_000)
         );
-        assert!(
-            check_stream(long.as_bytes(), &cfg(), 0)
-                .unwrap_err()
-                .contains("bytes")
-        );
+        let p = check_stream(long.as_bytes(), &cfg(), 0).unwrap();
+        assert!(p.new.is_empty() && p.refused[0].contains("bytes"), "{p:?}");
     }
 
     #[test]

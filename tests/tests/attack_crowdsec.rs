@@ -35,11 +35,16 @@ struct Hostile {
 impl Hostile {
     /// The admin network is B4 and B6 (`[ssh] sources`).
     fn new(url_host: &str, first: &str) -> Hostile {
+        Hostile::with(url_host, first, "")
+    }
+
+    /// `extra` goes at the end of the `[crowdsec]` section.
+    fn with(url_host: &str, first: &str, extra: &str) -> Hostile {
         let keys = tempfile::tempdir().unwrap();
         let path = key_file(keys.path(), "hostilekey").unwrap();
         let url = format!("http://{url_host}:{PORT}");
         let env = Env::new(&format!(
-            "allow = true\nsources = [\"{B4}/32\", \"{B6}/128\"]\n{}",
+            "allow = true\nsources = [\"{B4}/32\", \"{B6}/128\"]\n{}\n{extra}",
             section(&url, &path)
         ));
         let addr = format!("{url_host}:{PORT}").parse().unwrap();
@@ -110,29 +115,68 @@ fn malformed_or_huge_answers_change_nothing() {
         h.status()
     );
     let huge = "9".repeat(200_000);
-    for (body, says) in [
-        (r#"{"new":[{"id":1,"#.to_string(), "not a decision stream"),
-        (stream(&[ban(5, "Ip", &huge, "1h")]), "bytes"),
-        (stream(&[ban(6, "Ip", "10.200.0.300", "1h")]), "10.200.0.300"),
-        (stream(&[ban(7, "Ip", B4, "forever")]), "not a Go duration"),
-        (
-            r#"{"new":[],"deleted":[{"id":1,"type":"ban","scope":"Ip","value":"x","duration":"1h"}]}"#
-                .to_string(),
-            "deleted[0]",
-        ),
+    // An answer that is not a decision stream is refused whole.
+    h.fake.answer(r#"{"new":[{"id":1,"#);
+    assert!(h.fake.wait_served(2), "the daemon stopped polling");
+    let st = h.status();
+    assert!(
+        st["connected"] == false
+            && st["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("not a decision stream"),
+        "{st}"
+    );
+    assert_eq!(h.count(), 1);
+    assert!(!h.env.reaches(A4, APP), "a bad answer lifted the ban");
+    assert!(h.env.reaches(B4, APP) && h.env.reaches(A6, APP));
+    // A bad decision is refused alone, named in the status: the rest of the
+    // answer still counts (one value a remote attacker can get into the
+    // LAPI must not stop every other ban and lift).
+    for (bad, says) in [
+        (ban(5, "Ip", &huge, "1h"), "bytes"),
+        (ban(6, "Ip", "10.200.0.300", "1h"), "10.200.0.300"),
+        (ban(7, "Ip", B4, "forever"), "not a Go duration"),
     ] {
-        h.fake.answer(&body);
+        h.fake.answer(&stream(&[ban(1, "Ip", A4, "1h"), bad]));
         assert!(h.fake.wait_served(2), "the daemon stopped polling");
         let st = h.status();
+        let named = st["refused"].as_array().is_some_and(|r| {
+            r.iter()
+                .any(|e| e.as_str().unwrap_or_default().contains(says))
+        });
         assert!(
-            st["connected"] == false && st["error"].as_str().unwrap_or_default().contains(says),
+            st["connected"] == true && named,
             "status does not name {says:?}: {st}"
         );
-        // Nothing changed: A4 still banned, the others pass.
         assert_eq!(h.count(), 1);
-        assert!(!h.env.reaches(A4, APP), "a bad answer lifted the ban");
+        assert!(!h.env.reaches(A4, APP), "a bad decision lifted the ban");
         assert!(h.env.reaches(B4, APP) && h.env.reaches(A6, APP));
     }
+    // A deletion that does not parse lifts nothing.
+    h.fake.answer(
+        r#"{"new":[],"deleted":[{"id":1,"type":"ban","scope":"Ip","value":"x","duration":"1h"}]}"#,
+    );
+    assert!(h.fake.wait_served(2), "the daemon stopped polling");
+    assert!(
+        !h.env.reaches(A4, APP),
+        "an unparsable deletion lifted the ban"
+    );
+    // An IPv4-mapped IPv6 value (as a dual-stack service logs an IPv4
+    // client) is the IPv4 address its packets carry: with id 1 deleted,
+    // the mapped decision (id 9) keeps A4 banned.
+    let mapped = ban(9, "Ip", &format!("::ffff:{A4}"), "1h");
+    h.fake.answer(&format!(
+        r#"{{"new":[{mapped}],"deleted":[{}]}}"#,
+        ban(1, "Ip", A4, "1h")
+    ));
+    assert!(h.fake.wait_served(3), "the daemon stopped polling");
+    assert!(
+        !h.env.reaches(A4, APP),
+        "the mapped decision for {A4} was not taken as {A4}: {}",
+        h.status()
+    );
+    assert_eq!(h.count(), 1, "{}", h.status());
     // The largest Go duration is a long ban, not an overflow.
     h.fake.answer(&stream(&[
         ban(1, "Ip", A4, "1h"),
@@ -168,9 +212,15 @@ fn a_key_file_others_can_read_is_refused() {
 }
 
 #[test]
-fn plain_http_off_loopback_is_warned_about() {
+fn plain_http_off_loopback_is_refused_unless_insecure_and_then_warned_about() {
     require_root!();
-    let mut h = Hostile::new(HOST_V4, &stream(&[ban(1, "Ip", A4, "1h")]));
+    // Refused by default (crowdsec::tests::plain_http_off_loopback_needs_saying_so);
+    // allowed when the config says so, and warned about.
+    let mut h = Hostile::with(
+        HOST_V4,
+        &stream(&[ban(1, "Ip", A4, "1h")]),
+        "insecure_plain_http = true\n",
+    );
     h.env.start();
     assert!(
         eventually(WAIT, || !h.env.reaches(A4, APP)),
