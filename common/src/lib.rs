@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -77,6 +77,15 @@ pub mod maps {
     pub const DENY_EXEMPT_V6: &str = "DENY_EXEMPT_V6";
     /// `PerCpuArray<Counter>` indexed by deny set id: what each set dropped.
     pub const DENY_STATS: &str = "DENY_STATS";
+    /// `Array<RateLimit>` per generation, indexed by rule slot: a rule's own
+    /// limit on new flows per source; entry 0 (`SLOT_NONE`) is the default.
+    pub const RATE_LIMITS: [&str; 2] = ["RATE_LIMITS_0", "RATE_LIMITS_1"];
+    /// `LruHashMap<RateKey, u64>`: each source's token bucket (GCRA: its
+    /// theoretical arrival time, `CLOCK_MONOTONIC` ns).
+    pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
+    /// `LruHashMap<RateKey, u64>`: sources banned for exceeding a limit ->
+    /// until when (`CLOCK_BOOTTIME` ns). Written by the data path.
+    pub const RATE_BANS: &str = "RATE_BANS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -146,11 +155,15 @@ pub enum Reason {
     /// New inbound traffic from a source in a deny set (not an admin
     /// network); `DENY_STATS[set]` counts it per set.
     DropDenied = 21,
+    /// A new inbound flow over its source's rate limit (`[rate_limit]`, or
+    /// the admitting rule's `rate`), or from a source banned for exceeding
+    /// one (`RATE_BANS`).
+    DropRateLimit = 22,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
@@ -173,6 +186,7 @@ impl Reason {
         Reason::DropOtherCluster,
         Reason::DropEgress,
         Reason::DropDenied,
+        Reason::DropRateLimit,
     ];
 
     /// Number of counters in [`maps::VERDICTS`].
@@ -203,6 +217,7 @@ impl Reason {
             Reason::DropOtherCluster => "drop_other_cluster",
             Reason::DropEgress => "drop_egress",
             Reason::DropDenied => "drop_denied",
+            Reason::DropRateLimit => "drop_rate_limit",
         }
     }
 
@@ -536,6 +551,45 @@ pub struct DenyEntry {
     pub _pad: u32,
 }
 
+/// A limit on the new inbound flows of one source (GCRA, the generic cell
+/// rate algorithm: a source's bucket holds its theoretical arrival time
+/// `tat`; with `next = max(tat, now) + interval_ns`, a new flow at `now`
+/// is admitted when `next <= now + burst_ns`, and then `tat` becomes
+/// `next`). The daemon computes both figures, so the data path only
+/// adds and compares. `RATE_LIMITS_g[slot]`; entry 0 is the default for
+/// new inbound traffic, and alone carries `ban_ns` and `v6_prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// The emission interval: 1e9 / rate, in ns. 0: no limit (a rule's
+    /// entry: the default applies).
+    pub interval_ns: u64,
+    /// burst * `interval_ns`: how far ahead of now a source's `tat` may run.
+    pub burst_ns: u64,
+    /// A source over its limit is banned this long (`RATE_BANS`); 0: never.
+    pub ban_ns: u64,
+    /// IPv6 sources share a bucket per prefix of this length (IPv4: /32).
+    pub v6_prefix: u32,
+    pub _pad: u32,
+}
+
+/// The key of a source's bucket and of its ban: its address (IPv6 masked
+/// to `RateLimit::v6_prefix`), and the slot of the rule whose own limit it
+/// counts against (0: the default limit; always 0 for a ban).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub addr: [u8; 16],
+    pub slot: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Sources with a bucket (`RATE_BUCKETS`) and banned sources (`RATE_BANS`)
+/// held at once; the least recently used are evicted.
+pub const RATE_BUCKETS_ENTRIES: u32 = 65536;
+pub const RATE_BANS_ENTRIES: u32 = 65536;
+
 /// Deny sets a host may have (set ids 0..DENY_SETS_MAX index `DENY_STATS`).
 pub const DENY_SETS_MAX: u32 = 256;
 /// Default capacity of each deny trie (entries are allocated as inserted).
@@ -588,6 +642,10 @@ mod pod {
     unsafe impl aya::Pod for super::Segment {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::DenyEntry {}
+    // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
+    unsafe impl aya::Pod for super::RateLimit {}
+    // SAFETY: plain #[repr(C)] struct of a byte array and integers, padding explicit.
+    unsafe impl aya::Pod for super::RateKey {}
 }
 
 #[cfg(test)]
@@ -625,5 +683,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
         assert_eq!(core::mem::size_of::<DenyEntry>(), 16);
+        assert_eq!(core::mem::size_of::<RateLimit>(), 32);
+        assert_eq!(core::mem::size_of::<RateKey>(), 24);
     }
 }

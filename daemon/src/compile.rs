@@ -43,6 +43,9 @@ pub struct Slot {
     pub name: String,
     pub kind: u32,
     pub dir: u8,
+    /// An ingress rule's own rate limit (`rate`, `burst`), as the data path
+    /// reads it from `RATE_LIMITS_g[slot]`.
+    pub limit: Option<portcullis_common::RateLimit>,
 }
 
 /// One rule in one direction, in priority order.
@@ -147,16 +150,12 @@ fn networks(cidrs: &[String]) -> Vec<IpNet> {
 
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     let mut entries = Vec::new();
-    let mut slots = vec![Slot {
-        name: String::new(),
-        kind: 0,
-        dir: 0,
-    }];
+    let mut slots = vec![Slot::new(String::new(), 0, 0)];
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports) is one entry per set, all on its slot.
     let mut push = |name: String, kind: u32, dir: u8, port_sets: &[Ports], nets: Vec<IpNet>| {
         let index = slots.len() as u32;
-        slots.push(Slot { name, kind, dir });
+        slots.push(Slot::new(name, kind, dir));
         for &ports in port_sets {
             entries.push(Entry {
                 dir,
@@ -220,7 +219,31 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
             );
         }
     }
+    rule_limits(set, &mut slots);
     (entries, slots)
+}
+
+impl Slot {
+    fn new(name: String, kind: u32, dir: u8) -> Self {
+        Slot {
+            name,
+            kind,
+            dir,
+            limit: None,
+        }
+    }
+}
+
+/// Each ingress rule's own rate limit, on its slot.
+fn rule_limits(set: &RuleSet, slots: &mut [Slot]) {
+    let ingress = slots
+        .iter_mut()
+        .filter(|s| s.kind == SLOT_KIND_RULE && s.dir == DIR_INGRESS);
+    for (slot, r) in ingress.zip(&set.ingress_rules) {
+        slot.limit = r
+            .rate
+            .map(|rate| crate::model::RateLimit::entry(rate, r.burst));
+    }
 }
 
 /// The straightforward evaluator: the first entry that matches, or `SLOT_NONE`.
@@ -715,6 +738,8 @@ mod tests {
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
             protocol,
             description: None,
+            rate: None,
+            burst: None,
         }
     }
 
@@ -940,6 +965,8 @@ pub mod strategies {
                 ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
                 protocol,
                 description: None,
+                rate: None,
+                burst: None,
             })
     }
 

@@ -67,6 +67,10 @@ pub struct Config {
     /// least recently used flow is evicted.
     #[serde(default = "default_conntrack_entries")]
     pub conntrack_entries: u32,
+    /// `[rate_limit]`: the default limit on new inbound flows per source
+    /// (none unless set). Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::model::RateLimit>,
     /// How the egress program attaches: `auto` (TCX on kernels that have it,
     /// 6.6 and later; a clsact qdisc filter otherwise), `tcx` or `clsact`.
     #[serde(default)]
@@ -469,6 +473,9 @@ impl Config {
             health.validate()?;
         }
         self.api.validate()?;
+        if let Some(limit) = &self.rate_limit {
+            limit.check().map_err(anyhow::Error::msg)?;
+        }
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
                 "conntrack_entries: {} is out of range (256 to 16777216)",
@@ -506,6 +513,8 @@ impl Config {
                 ip_ranges: h.sources.clone(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: Some("readiness health endpoint ([readiness.health])".into()),
+                rate: None,
+                burst: None,
             })
             .collect()
     }
@@ -713,6 +722,8 @@ ip_ranges = []
             ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
             protocol,
             description: Some(odd.into()),
+            rate: None,
+            burst: None,
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -765,6 +776,8 @@ ip_ranges = []
             ip_ranges: vec![],
             protocol: crate::rules::Protocol::Tcp,
             description: Some("d".into()),
+            rate: None,
+            burst: None,
         };
         Config {
             interfaces: vec![],
@@ -804,6 +817,12 @@ ip_ranges = []
             capacity: Capacity::default(),
             allow_ping: false,
             conntrack_entries: 256,
+            rate_limit: Some(crate::model::RateLimit {
+                rate: 10,
+                burst: Some(20),
+                ipv6_prefix: 64,
+                ban_seconds: Some(60),
+            }),
             tc_attach: TcAttachMode::Auto,
             xdp_program: XdpProgram::Auto,
             fallback: Fallback::Nftables,

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod ratelimit;
 
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
@@ -1407,6 +1408,8 @@ mod tests {
                 ip_ranges: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: None,
+                rate: None,
+                burst: None,
             }],
             ..Default::default()
         };
@@ -1443,6 +1446,8 @@ mod tests {
             ip_ranges: vec!["10.0.0.0/8".into()],
             protocol: crate::rules::Protocol::Tcp,
             description: None,
+            rate: None,
+            burst: None,
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

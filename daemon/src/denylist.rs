@@ -21,8 +21,17 @@ pub const MAX_LINE: usize = 512;
 /// Set names: 1 to 64 of `[A-Za-z0-9_.-]`.
 pub const MAX_NAME: usize = 64;
 
+/// The set the rate limiter's bans are listed as (`[rate_limit]
+/// ban_seconds`); written by the data path, not through the API.
+pub const RATELIMIT_SET: &str = "ratelimit";
+
 /// A set name, checked.
 pub fn check_name(name: &str) -> Result<(), String> {
+    if name == RATELIMIT_SET {
+        return Err(format!(
+            "deny set name {name:?} is reserved for the rate limiter's bans ([rate_limit] ban_seconds)"
+        ));
+    }
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with('.')

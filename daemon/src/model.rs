@@ -40,6 +40,105 @@ pub enum Mode {
     },
 }
 
+/// `[rate_limit]`: the default limit on the new inbound flows of each source
+/// (a rule's own `rate`/`burst` replace it for that rule). Enforced in XDP
+/// with GCRA over an LRU hash of per-source buckets (`ebpf/src/ratelimit.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// New flows per second, per source.
+    pub rate: u32,
+    /// New flows a source may open at once (default: `rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// IPv6 sources share a bucket per prefix of this length (IPv4: per
+    /// address).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+    /// A source that exceeds its limit is banned (all new inbound traffic
+    /// dropped) this long; absent: only its excess is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ban_seconds: Option<u64>,
+}
+
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+/// Bounds of a rate (new flows per second) and of a burst.
+pub const RATE_MAX: u32 = 1_000_000;
+/// Longest ban: a day.
+pub const BAN_SECONDS_MAX: u64 = 86_400;
+
+impl RateLimit {
+    /// The problem with a rule's `rate`/`burst`, as (field, reason).
+    pub fn check_rule(
+        ingress: bool,
+        rate: Option<u32>,
+        burst: Option<u32>,
+    ) -> Result<(), (&'static str, String)> {
+        if !ingress && rate.is_some() {
+            return Err(("rate", "applies to ingress rules only".into()));
+        }
+        if !ingress && burst.is_some() {
+            return Err(("burst", "applies to ingress rules only".into()));
+        }
+        if let Some(r) = rate
+            && !(1..=RATE_MAX).contains(&r)
+        {
+            return Err(("rate", format!("{r} is out of range (1 to {RATE_MAX})")));
+        }
+        match (rate, burst) {
+            (None, Some(_)) => Err(("burst", "needs a rate".into())),
+            (Some(_), Some(b)) if !(1..=RATE_MAX).contains(&b) => {
+                Err(("burst", format!("{b} is out of range (1 to {RATE_MAX})")))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The problem with this section, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        Self::check_rule(true, Some(self.rate), self.burst)
+            .map_err(|(field, reason)| format!("rate_limit: {field}: {reason}"))?;
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err(format!(
+                "rate_limit: ipv6_prefix: {} is out of range (1 to 128)",
+                self.ipv6_prefix
+            ));
+        }
+        if let Some(b) = self.ban_seconds
+            && !(1..=BAN_SECONDS_MAX).contains(&b)
+        {
+            return Err(format!(
+                "rate_limit: ban_seconds: {b} is out of range (1 to {BAN_SECONDS_MAX})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data path's entry for `rate` and `burst` (GCRA: the emission
+    /// interval and the tolerance, so the data path needs no division).
+    pub fn entry(rate: u32, burst: Option<u32>) -> portcullis_common::RateLimit {
+        let interval_ns = 1_000_000_000 / u64::from(rate.max(1));
+        let burst = u64::from(burst.unwrap_or(rate).max(1));
+        portcullis_common::RateLimit {
+            interval_ns,
+            burst_ns: burst * interval_ns,
+            ..Default::default()
+        }
+    }
+
+    /// This default as the data path's entry 0 (with the ban and prefix).
+    pub fn default_entry(&self) -> portcullis_common::RateLimit {
+        portcullis_common::RateLimit {
+            ban_ns: self.ban_seconds.unwrap_or(0) * 1_000_000_000,
+            v6_prefix: u32::from(self.ipv6_prefix),
+            ..Self::entry(self.rate, self.burst)
+        }
+    }
+}
+
 /// The XDP program variant (see `Config::xdp_program`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

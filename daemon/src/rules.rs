@@ -57,6 +57,14 @@ pub struct FirewallRule {
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Ingress only: new flows per second each source may open through this
+    /// rule (instead of `[rate_limit]`'s default); see `model::RateLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+    /// With `rate`: how many new flows a source may open at once (default:
+    /// `rate`, one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -459,6 +467,8 @@ impl RuleSet {
                     ));
                 }
                 parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
+                crate::model::RateLimit::check_rule(list == "ingress_rules", rule.rate, rule.burst)
+                    .map_err(|(field, reason)| err(field, reason))?;
             }
         }
         if let Some(cluster) = &self.cluster {
@@ -530,6 +540,8 @@ mod tests {
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
             protocol: Protocol::default(),
             description: None,
+            rate: None,
+            burst: None,
         }
     }
 

@@ -70,8 +70,9 @@ pub fn denied(ip: &Ip, bytes: u64) -> bool {
     true
 }
 
+/// Whether `ip.src` is in an admin network (never banned, never limited).
 #[inline(always)]
-fn exempt(ip: &Ip) -> bool {
+pub fn exempt(ip: &Ip) -> bool {
     if ip.family == FAMILY_V6 {
         DENY_EXEMPT_V6.get(&Key::new(128, ip.src)).is_some()
     } else {

@@ -20,7 +20,7 @@ use crate::{
     conntrack::{self, Dir, Origin},
     deny,
     parse::{self, Frame, Ip, Packet},
-    rules,
+    ratelimit, rules,
 };
 
 /// ICMPv6 router solicitation .. redirect: neighbour and router discovery.
@@ -116,6 +116,10 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if deny::denied(ip, bytes) {
         return Reason::DropDenied;
     }
+    // A source banned for exceeding a rate limit (`ratelimit.rs`).
+    if ratelimit::banned(ip, ctx.generation) {
+        return Reason::DropRateLimit;
+    }
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
@@ -153,10 +157,28 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
         SLOT_KIND_SSH => Reason::PassSsh,
         _ => Reason::DropOtherCluster,
     };
+    // A new flow a rule or the SSH exemption admits counts against its
+    // source's rate limit (cluster peers are not limited).
+    if matches!(reason, Reason::PassRule | Reason::PassSsh)
+        && ratelimit::over_limit(ip, ctx.generation, m.slot, || opens_inbound_flow(ip))
+    {
+        return Reason::DropRateLimit;
+    }
     if reason.passes() {
         rules::count(&m, bytes);
     }
     reason
+}
+
+/// Whether an admitted inbound packet would open a flow: a TCP SYN without
+/// ACK, or a packet of another protocol whose inbound flow is not tracked.
+#[inline(always)]
+fn opens_inbound_flow(ip: &Ip) -> bool {
+    if ip.proto == IPPROTO_TCP {
+        conntrack::opens_tcp_connection(ip)
+    } else {
+        !conntrack::tracked(Origin::In, ip, Dir::In)
+    }
 }
 
 /// Whether the rules admit new inbound traffic from `remote` (no counting).

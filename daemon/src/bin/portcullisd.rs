@@ -479,7 +479,7 @@ fn load_dataplane(
 ) -> anyhow::Result<Dataplane> {
     let pin_dirs = [pin_dir.join("links"), dataplane::maps_dir(pin_dir)];
     portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
-    let dataplane = Dataplane::load_with_deny(
+    let mut dataplane = Dataplane::load_with_deny(
         pin_dir,
         config.conntrack_entries,
         limits,
@@ -491,6 +491,7 @@ fn load_dataplane(
     )
     .context("loading the eBPF data path")?;
     portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
+    dataplane.rate_limit = config.rate_limit.clone();
     Ok(dataplane)
 }
 

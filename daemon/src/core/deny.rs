@@ -281,6 +281,9 @@ impl Core {
 
     /// Set `name`: its size and drops, and its entries unless `count_only`.
     pub fn deny_list(&mut self, name: &str, count_only: bool) -> Result<DenySetView, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_view(count_only);
+        }
         let Some(set) = self.deny.get(name) else {
             return Err(ChangeError::Config(format!("no deny set {name:?}")));
         };
@@ -318,7 +321,10 @@ impl Core {
 
     /// Every set, counted.
     pub fn deny_sets(&mut self) -> Vec<DenySetView> {
-        let names: Vec<String> = self.deny.sets().keys().cloned().collect();
+        let mut names: Vec<String> = self.deny.sets().keys().cloned().collect();
+        if self.ratelimit_bans() {
+            names.push(denylist::RATELIMIT_SET.to_string());
+        }
         names
             .iter()
             .filter_map(|n| self.deny_list(n, true).ok())

@@ -48,6 +48,7 @@ mod deny;
 mod flows;
 pub mod links;
 mod mapio;
+mod ratelimit;
 pub mod sockets;
 pub mod sys;
 pub mod testrun;
@@ -74,10 +75,11 @@ pub use deny::{DenyWrite, boottime_ns, covers};
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
 use mapio::{clear_counters, write_array, write_keyed};
+pub use ratelimit::RateBan;
 
 use crate::{
     compile::{Image, Limits, V6Tables},
-    model::XdpProgram,
+    model::{RateLimit, XdpProgram},
 };
 
 /// The compiled eBPF object, built by `build.rs`.
@@ -97,6 +99,9 @@ pub struct Dataplane {
     /// reading them back (`None` until the first write, and after a failed
     /// one).
     v6_written: [Option<Arc<V6Tables>>; 2],
+    /// `[rate_limit]`: the default limit on new inbound flows per source,
+    /// written with each generation (entry 0 of `RATE_LIMITS_g`).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Dataplane {
@@ -151,7 +156,8 @@ impl Dataplane {
                 .map_max_entries(generation(maps::V6_PREFIXES, g), limits.prefixes)
                 .map_max_entries(generation(maps::REGIONS, g), limits.regions)
                 .map_max_entries(generation(maps::SEGMENTS, g), limits.segments)
-                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots);
+                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots)
+                .map_max_entries(generation(maps::RATE_LIMITS, g), limits.slots);
         }
         let mut ebpf = loader.load(EBPF_OBJECT).with_context(|| {
             format!(
@@ -169,6 +175,7 @@ impl Dataplane {
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
             v6_written: [None, None],
+            rate_limit: None,
         })
     }
 
@@ -293,6 +300,12 @@ impl Dataplane {
             image.slots.len(),
         )
         .context("clearing rule counters")?;
+        let rate_limits = self.rate_limits(image);
+        write_array(
+            map_mut(&mut self.ebpf, generation(maps::RATE_LIMITS, g))?,
+            &rate_limits,
+        )
+        .context("writing the rate limits")?;
         let mut settings: Array<_, Settings> =
             Array::try_from(map_mut(&mut self.ebpf, maps::SETTINGS)?)?;
         settings
@@ -306,6 +319,22 @@ impl Dataplane {
             )
             .context("writing SETTINGS")?;
         Ok(())
+    }
+}
+
+impl Dataplane {
+    /// `RATE_LIMITS_g` for `image`: entry 0 the default, then each slot's
+    /// own limit (zero: none).
+    fn rate_limits(&self, image: &Image) -> Vec<portcullis_common::RateLimit> {
+        let mut out: Vec<_> = image
+            .slots
+            .iter()
+            .map(|s| s.limit.unwrap_or_default())
+            .collect();
+        if let (Some(first), Some(default)) = (out.first_mut(), &self.rate_limit) {
+            *first = default.default_entry();
+        }
+        out
     }
 }
 

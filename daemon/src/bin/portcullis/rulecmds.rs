@@ -35,6 +35,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 ip_ranges,
                 protocol: protocol.into(),
                 description,
+                rate: None,
+                burst: None,
             };
             add(ctx, rule, egress, &change)
         }
@@ -195,6 +197,8 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         ip_ranges: a.from,
         protocol,
         description: a.description,
+        rate: None,
+        burst: None,
     };
     add(ctx, rule, false, &a.change)
 }

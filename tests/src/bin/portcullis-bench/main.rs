@@ -100,6 +100,8 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
                 ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
                 protocol: Default::default(),
                 description: None,
+                rate: None,
+                burst: None,
             }
         })
         .collect();

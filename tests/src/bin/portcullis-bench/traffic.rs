@@ -66,6 +66,8 @@ fn rule_set(n: usize) -> RuleSet {
                     ip_ranges: vec![format!("{src}/32")],
                     protocol: Protocol::Udp,
                     description: None,
+                    rate: None,
+                    burst: None,
                 }
             })
             .collect(),
