@@ -557,7 +557,7 @@ pub struct DenyEntry {
 /// is admitted when `next <= now + burst_ns`, and then `tat` becomes
 /// `next`). The daemon computes both figures, so the data path only
 /// adds and compares. `RATE_LIMITS_g[slot]`; entry 0 is the default for
-/// new inbound traffic, and alone carries `ban_ns` and `v6_prefix`.
+/// new inbound traffic, and alone carries `ban_ns` and `v6_mask`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateLimit {
@@ -568,13 +568,13 @@ pub struct RateLimit {
     pub burst_ns: u64,
     /// A source over its limit is banned this long (`RATE_BANS`); 0: never.
     pub ban_ns: u64,
-    /// IPv6 sources share a bucket per prefix of this length (IPv4: /32).
-    pub v6_prefix: u32,
-    pub _pad: u32,
+    /// IPv6 sources share a bucket per prefix: the mask of its length
+    /// (`ipv6_prefix`; IPv4: per address).
+    pub v6_mask: [u8; 16],
 }
 
 /// The key of a source's bucket and of its ban: its address (IPv6 masked
-/// to `RateLimit::v6_prefix`), and the slot of the rule whose own limit it
+/// with `RateLimit::v6_mask`), and the slot of the rule whose own limit it
 /// counts against (0: the default limit; always 0 for a ban).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -683,7 +683,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Region>(), 32);
         assert_eq!(core::mem::size_of::<Segment>(), 8);
         assert_eq!(core::mem::size_of::<DenyEntry>(), 16);
-        assert_eq!(core::mem::size_of::<RateLimit>(), 32);
+        assert_eq!(core::mem::size_of::<RateLimit>(), 40);
         assert_eq!(core::mem::size_of::<RateKey>(), 24);
     }
 }

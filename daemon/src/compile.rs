@@ -238,6 +238,7 @@ impl Slot {
 fn rule_limits(set: &RuleSet, slots: &mut [Slot]) {
     let ingress = slots
         .iter_mut()
+        .skip(1)
         .filter(|s| s.kind == SLOT_KIND_RULE && s.dir == DIR_INGRESS);
     for (slot, r) in ingress.zip(&set.ingress_rules) {
         slot.limit = r

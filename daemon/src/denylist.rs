@@ -27,11 +27,6 @@ pub const RATELIMIT_SET: &str = "ratelimit";
 
 /// A set name, checked.
 pub fn check_name(name: &str) -> Result<(), String> {
-    if name == RATELIMIT_SET {
-        return Err(format!(
-            "deny set name {name:?} is reserved for the rate limiter's bans ([rate_limit] ban_seconds)"
-        ));
-    }
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with('.')
@@ -230,6 +225,11 @@ impl Sets {
     /// The set `name`, created (with the lowest free id) if missing.
     pub fn ensure(&mut self, name: &str, max_sets: u32) -> Result<u32, String> {
         check_name(name)?;
+        if name == RATELIMIT_SET {
+            return Err(format!(
+                "deny set name {name:?} is reserved for the rate limiter's bans ([rate_limit] ban_seconds)"
+            ));
+        }
         if let Some(s) = self.sets.get(name) {
             return Ok(s.id);
         }

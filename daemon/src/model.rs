@@ -65,41 +65,13 @@ fn default_ipv6_prefix() -> u8 {
     64
 }
 
-/// Bounds of a rate (new flows per second) and of a burst.
-pub const RATE_MAX: u32 = 1_000_000;
 /// Longest ban: a day.
 pub const BAN_SECONDS_MAX: u64 = 86_400;
 
 impl RateLimit {
-    /// The problem with a rule's `rate`/`burst`, as (field, reason).
-    pub fn check_rule(
-        ingress: bool,
-        rate: Option<u32>,
-        burst: Option<u32>,
-    ) -> Result<(), (&'static str, String)> {
-        if !ingress && rate.is_some() {
-            return Err(("rate", "applies to ingress rules only".into()));
-        }
-        if !ingress && burst.is_some() {
-            return Err(("burst", "applies to ingress rules only".into()));
-        }
-        if let Some(r) = rate
-            && !(1..=RATE_MAX).contains(&r)
-        {
-            return Err(("rate", format!("{r} is out of range (1 to {RATE_MAX})")));
-        }
-        match (rate, burst) {
-            (None, Some(_)) => Err(("burst", "needs a rate".into())),
-            (Some(_), Some(b)) if !(1..=RATE_MAX).contains(&b) => {
-                Err(("burst", format!("{b} is out of range (1 to {RATE_MAX})")))
-            }
-            _ => Ok(()),
-        }
-    }
-
     /// The problem with this section, naming the field.
     pub fn check(&self) -> Result<(), String> {
-        Self::check_rule(true, Some(self.rate), self.burst)
+        crate::rules::check_rate(true, Some(self.rate), self.burst)
             .map_err(|(field, reason)| format!("rate_limit: {field}: {reason}"))?;
         if !(1..=128).contains(&self.ipv6_prefix) {
             return Err(format!(
@@ -133,7 +105,7 @@ impl RateLimit {
     pub fn default_entry(&self) -> portcullis_common::RateLimit {
         portcullis_common::RateLimit {
             ban_ns: self.ban_seconds.unwrap_or(0) * 1_000_000_000,
-            v6_prefix: u32::from(self.ipv6_prefix),
+            v6_mask: (u128::MAX << (128 - u32::from(self.ipv6_prefix).min(128))).to_be_bytes(),
             ..Self::entry(self.rate, self.burst)
         }
     }

@@ -67,6 +67,35 @@ pub struct FirewallRule {
     pub burst: Option<u32>,
 }
 
+/// Bounds of a rate (new flows per second) and of a burst.
+pub const RATE_MAX: u32 = 1_000_000;
+
+/// The problem with a rule's (or `[rate_limit]`'s) `rate`/`burst`, as (field, reason).
+pub fn check_rate(
+    ingress: bool,
+    rate: Option<u32>,
+    burst: Option<u32>,
+) -> Result<(), (&'static str, String)> {
+    if !ingress && rate.is_some() {
+        return Err(("rate", "applies to ingress rules only".into()));
+    }
+    if !ingress && burst.is_some() {
+        return Err(("burst", "applies to ingress rules only".into()));
+    }
+    if let Some(r) = rate
+        && !(1..=RATE_MAX).contains(&r)
+    {
+        return Err(("rate", format!("{r} is out of range (1 to {RATE_MAX})")));
+    }
+    match (rate, burst) {
+        (None, Some(_)) => Err(("burst", "needs a rate".into())),
+        (Some(_), Some(b)) if !(1..=RATE_MAX).contains(&b) => {
+            Err(("burst", format!("{b} is out of range (1 to {RATE_MAX})")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
@@ -467,7 +496,7 @@ impl RuleSet {
                     ));
                 }
                 parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
-                crate::model::RateLimit::check_rule(list == "ingress_rules", rule.rate, rule.burst)
+                check_rate(list == "ingress_rules", rule.rate, rule.burst)
                     .map_err(|(field, reason)| err(field, reason))?;
             }
         }

@@ -278,33 +278,39 @@ fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
     let _ = K::table(origin).insert(key, &flow, 0);
 }
 
-/// Ingress, after the rules admitted `ip`: records its inbound flow, or
-/// refreshes it (at most once a second), so this host's replies may leave
-/// under an egress allowlist.
+/// Ingress, after the rules admitted `ip`: refreshes its inbound flow (at
+/// most once a second), so this host's replies may leave under an egress
+/// allowlist. `true`: there is none and `ip` would open one (a TCP SYN
+/// without ACK, or any packet of another protocol); the caller checks the
+/// rate limit, then records it with [`open_ingress`].
 #[inline(always)]
-pub fn track_ingress(ip: &Ip) {
+pub fn track_ingress(ip: &Ip) -> bool {
     if ip.later_fragment {
-        return;
+        return false;
     }
-    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), ())
+    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), false)
 }
 
 #[inline(always)]
-fn track_ingress_key<K: Key>(ip: &Ip, key: &K) {
-    let now = now();
-    if let Some(flow) = K::table(Origin::In).get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup; see `track_egress`.
-        let flow = unsafe { &mut *flow };
-        let state = next_state(ip, Dir::In, Origin::In, flow.state);
-        touch(flow, state, now);
-        return;
-    }
+fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
+    let Some(flow) = K::table(Origin::In).get_ptr_mut(key) else {
+        return ip.proto != IPPROTO_TCP || opens_tcp_connection(ip);
+    };
+    // SAFETY: pointer from a successful lookup; see `track_egress`.
+    let flow = unsafe { &mut *flow };
+    let state = next_state(ip, Dir::In, Origin::In, flow.state);
+    touch(flow, state, now());
+    false
+}
+
+/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]).
+#[inline(always)]
+pub fn open_ingress(ip: &Ip) {
     let state = match ip.proto {
-        IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => FLOW_TCP_SYN_SENT,
-        IPPROTO_TCP => FLOW_TCP_ESTABLISHED,
+        IPPROTO_TCP => FLOW_TCP_SYN_SENT,
         _ => FLOW_UNREPLIED,
     };
-    insert(Origin::In, key, state, now);
+    by_family!(ip, Dir::In, |key| insert(Origin::In, key, state, now()), ())
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes

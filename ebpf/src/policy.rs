@@ -123,12 +123,6 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
-    if matches!(
-        reason,
-        Reason::PassRule | Reason::PassPeer | Reason::PassSsh
-    ) {
-        conntrack::track_ingress(ip);
-    }
     if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
         Reason::PassPing
     } else {
@@ -157,28 +151,19 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
         SLOT_KIND_SSH => Reason::PassSsh,
         _ => Reason::DropOtherCluster,
     };
-    // A new flow a rule or the SSH exemption admits counts against its
-    // source's rate limit (cluster peers are not limited).
-    if matches!(reason, Reason::PassRule | Reason::PassSsh)
-        && ratelimit::over_limit(ip, ctx.generation, m.slot, || opens_inbound_flow(ip))
-    {
-        return Reason::DropRateLimit;
+    // What passes is recorded as an inbound flow; a new flow a rule or the
+    // SSH exemption admits counts against its source's rate limit first
+    // (cluster peers are not limited).
+    if reason.passes() && conntrack::track_ingress(ip) {
+        if reason != Reason::PassPeer && ratelimit::over_limit(ip, ctx.generation, m.slot) {
+            return Reason::DropRateLimit;
+        }
+        conntrack::open_ingress(ip);
     }
     if reason.passes() {
         rules::count(&m, bytes);
     }
     reason
-}
-
-/// Whether an admitted inbound packet would open a flow: a TCP SYN without
-/// ACK, or a packet of another protocol whose inbound flow is not tracked.
-#[inline(always)]
-fn opens_inbound_flow(ip: &Ip) -> bool {
-    if ip.proto == IPPROTO_TCP {
-        conntrack::opens_tcp_connection(ip)
-    } else {
-        !conntrack::tracked(Origin::In, ip, Dir::In)
-    }
 }
 
 /// Whether the rules admit new inbound traffic from `remote` (no counting).

@@ -58,10 +58,10 @@ fn limit(generation: usize, index: u32) -> Option<&'static RateLimit> {
 }
 
 /// The key of `ip.src`'s bucket for `slot`, written into this CPU's
-/// `RATE_KEY`: IPv4 the address, IPv6 the address masked to `v6_prefix`
-/// bits.
+/// `RATE_KEY`: IPv4 the address, IPv6 the address masked with `v6_mask`
+/// (no branch per byte: the verifier walks this on every path).
 #[inline(always)]
-fn source_key(ip: &Ip, v6_prefix: u32, slot: u32) -> Option<&'static mut RateKey> {
+fn source_key(ip: &Ip, v6_mask: &[u8; 16], slot: u32) -> Option<&'static mut RateKey> {
     let key = RATE_KEY.get_ptr_mut(0)?;
     // SAFETY: pointer from a successful per-CPU lookup; only this CPU uses
     // it, and only while this packet runs.
@@ -73,12 +73,7 @@ fn source_key(ip: &Ip, v6_prefix: u32, slot: u32) -> Option<&'static mut RateKey
     if ip.family == FAMILY_V6 {
         let mut i = 0;
         while i < 16 {
-            let first = (i * 8) as u32;
-            if v6_prefix <= first {
-                key.addr[i] = 0;
-            } else if v6_prefix < first + 8 {
-                key.addr[i] &= 0xffu8 << (8 - (v6_prefix - first));
-            }
+            key.addr[i] &= v6_mask[i];
             i += 1;
         }
     }
@@ -103,7 +98,7 @@ pub fn banned(ip: &Ip, generation: usize) -> bool {
     if l.ban_ns == 0 {
         return false;
     }
-    let Some(key) = source_key(ip, l.v6_prefix, 0) else {
+    let Some(key) = source_key(ip, &l.v6_mask, 0) else {
         return false;
     };
     let Some(until) = RATE_BANS.get_ptr(key) else {
@@ -117,12 +112,12 @@ pub fn banned(ip: &Ip, generation: usize) -> bool {
 }
 
 /// Whether a packet from `ip.src` admitted by `slot` that opens a flow
-/// (`opens`, asked only where a limit applies) exceeds its limit: the
+/// (`conntrack::track_ingress` asks) exceeds its limit: the
 /// rule's own (`RATE_LIMITS_g[slot]`), else the default (entry 0). Within
 /// the limit, the source's bucket is charged; over it, nothing is charged
 /// and, when the default says so, the source is banned.
 #[inline(always)]
-pub fn over_limit(ip: &Ip, generation: usize, slot: u32, opens: impl FnOnce() -> bool) -> bool {
+pub fn over_limit(ip: &Ip, generation: usize, slot: u32) -> bool {
     let Some(default) = limit(generation, 0) else {
         return false;
     };
@@ -131,10 +126,10 @@ pub fn over_limit(ip: &Ip, generation: usize, slot: u32, opens: impl FnOnce() ->
         Some(own) if own.interval_ns != 0 => (own, index),
         _ => (default, 0),
     };
-    if l.interval_ns == 0 || !opens() || deny::exempt(ip) {
+    if l.interval_ns == 0 || deny::exempt(ip) {
         return false;
     }
-    let Some(key) = source_key(ip, default.v6_prefix, bucket) else {
+    let Some(key) = source_key(ip, &default.v6_mask, bucket) else {
         return false;
     };
     let now = conntrack::now();
