@@ -59,6 +59,12 @@ pub mod maps {
     /// under an egress allowlist and relate ICMP errors to them. Apart from
     /// the connection tables, so an inbound flood cannot evict their flows.
     pub const INBOUND: [&str; 2] = ["INBOUND4", "INBOUND6"];
+    /// `LruHashMap<FlowKey4, Embryo>` (IPv4) and `LruHashMap<FlowKey,
+    /// Embryo>` (IPv6): inbound TCP connections the rules admitted whose
+    /// handshake has not completed. A flow moves to `INBOUND` only with the
+    /// ACK of this host's SYN-ACK, so a flood of SYNs (spoofed or not)
+    /// evicts embryos, never an established inbound flow.
+    pub const EMBRYO: [&str; 2] = ["EMBRYO4", "EMBRYO6"];
     /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment
     /// passed, per direction.
     pub const FRAGMENTS: &str = "FRAGMENTS";
@@ -326,6 +332,19 @@ pub struct Flow {
     /// One of the `FLOW_*` states.
     pub state: u8,
     pub _pad: [u8; 7],
+}
+
+/// A half-open inbound TCP connection (`maps::EMBRYO`): when its SYN was
+/// admitted, and this host's initial sequence number once its SYN-ACK left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Embryo {
+    /// `CLOCK_MONOTONIC` ns of the SYN.
+    pub seen_ns: u64,
+    /// The SYN-ACK's sequence number (valid when `synack` is 1).
+    pub isn: u32,
+    /// 1 once this host answered with a SYN-ACK.
+    pub synack: u32,
 }
 
 /// TCP: SYN sent, no answer yet.
@@ -644,6 +663,8 @@ mod pod {
     unsafe impl aya::Pod for super::DenyEntry {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::RateLimit {}
+    // SAFETY: plain #[repr(C)] struct of integers, no padding.
+    unsafe impl aya::Pod for super::Embryo {}
     // SAFETY: plain #[repr(C)] struct of a byte array and integers, padding explicit.
     unsafe impl aya::Pod for super::RateKey {}
 }

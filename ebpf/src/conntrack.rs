@@ -33,11 +33,11 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
 };
 use portcullis_common::{
-    CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
-    FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
-    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FlowKey4, FragKey, ICMP_ECHO_REPLY,
-    ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
+    CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, Embryo, FAMILY_V6,
+    FLOW_REFRESH_NS, FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED,
+    FLOW_TCP_SYN_SENT, FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FlowKey4, FragKey,
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
 use crate::parse::Ip;
@@ -65,6 +65,18 @@ pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_D
 /// `FlowKey` → `Flow`, as `INBOUND4`: the IPv6 ones.
 #[map]
 pub static INBOUND6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey4` → `Embryo`: inbound IPv4 TCP connections the rules admitted
+/// whose handshake is not complete (SYN seen; this host's SYN-ACK and its
+/// sequence number). The ACK of that SYN-ACK (acknowledgment number ISN+1,
+/// which an off-path sender cannot guess) moves the flow to `INBOUND4`.
+/// Written by ingress (SYN, ACK) and egress (SYN-ACK).
+#[map]
+pub static EMBRYO4: LruHashMap<FlowKey4, Embryo> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Embryo`, as `EMBRYO4`: the IPv6 ones.
+#[map]
+pub static EMBRYO6: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FragKey` (addresses, IP id, protocol, direction) → when its first
 /// fragment passed. Ingress admits later fragments of a first fragment that
@@ -121,6 +133,8 @@ pub enum Origin {
 /// with its own two tables.
 pub trait Key: Sized + 'static {
     fn table(origin: Origin) -> &'static LruHashMap<Self, Flow>;
+    /// The half-open inbound TCP connections of this family.
+    fn embryos() -> &'static LruHashMap<Self, Embryo>;
     fn proto(&self) -> u8;
 }
 
@@ -131,6 +145,11 @@ impl Key for FlowKey4 {
             Origin::Out => &CONNTRACK4,
             Origin::In => &INBOUND4,
         }
+    }
+
+    #[inline(always)]
+    fn embryos() -> &'static LruHashMap<Self, Embryo> {
+        &EMBRYO4
     }
 
     #[inline(always)]
@@ -146,6 +165,11 @@ impl Key for FlowKey {
             Origin::Out => &CONNTRACK6,
             Origin::In => &INBOUND6,
         }
+    }
+
+    #[inline(always)]
+    fn embryos() -> &'static LruHashMap<Self, Embryo> {
+        &EMBRYO6
     }
 
     #[inline(always)]
@@ -260,12 +284,52 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
             return;
         }
     }
+    if ip.proto == IPPROTO_TCP
+        && let Some(e) = K::embryos().get_ptr_mut(key)
+    {
+        // A half-open inbound connection: this host's SYN-ACK gives the
+        // sequence number its completing ACK must acknowledge. Nothing
+        // this host sends on it opens a flow of its own.
+        if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK {
+            // SAFETY: pointer from a successful lookup; a racing SYN-ACK
+            // retransmission writes the same number.
+            unsafe {
+                (*e).isn = ip.tcp_seq;
+                (*e).synack = 1;
+            }
+        }
+        return;
+    }
     let state = match ip.proto {
         IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => FLOW_TCP_SYN_SENT,
         IPPROTO_TCP => return,
         _ => FLOW_UNREPLIED,
     };
     insert(Origin::Out, key, state, now);
+}
+
+/// Egress, under an allowlist: whether `ip` is this host's SYN-ACK to a
+/// half-open inbound connection the rules admitted (`EMBRYO4`/`EMBRYO6`).
+#[inline(always)]
+pub fn answers_embryo(ip: &Ip) -> bool {
+    if ip.proto != IPPROTO_TCP || ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK
+    {
+        return false;
+    }
+    by_family!(ip, Dir::Out, |key| embryo_of(key).is_some(), false)
+}
+
+/// The live half-open connection `key` (one older than a SYN's timeout is
+/// ignored: the LRU evicts it).
+#[inline(always)]
+fn embryo_of<K: Key>(key: &K) -> Option<*mut Embryo> {
+    let e = K::embryos().get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup of a plain struct.
+    let seen = unsafe { (*e).seen_ns };
+    if now().saturating_sub(seen) > flow_timeout_ns(IPPROTO_TCP, FLOW_TCP_SYN_SENT) {
+        return None;
+    }
+    Some(e)
 }
 
 #[inline(always)]
@@ -294,7 +358,11 @@ pub fn track_ingress(ip: &Ip) -> bool {
 #[inline(always)]
 fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
     let Some(flow) = K::table(Origin::In).get_ptr_mut(key) else {
-        return ip.proto != IPPROTO_TCP || opens_tcp_connection(ip);
+        if ip.proto != IPPROTO_TCP || opens_tcp_connection(ip) {
+            return true;
+        }
+        complete_handshake(ip, key);
+        return false;
     };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
@@ -303,14 +371,52 @@ fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
     false
 }
 
-/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]).
+/// Ingress, a TCP packet of no inbound flow: the ACK of this host's SYN-ACK
+/// (acknowledgment number = its ISN + 1) of a half-open connection moves
+/// that connection to `INBOUND4`/`INBOUND6`. Nothing else records a TCP
+/// flow there: a packet that does not complete a handshake this host
+/// answered (a forged ACK, a flood) records nothing.
+#[inline(always)]
+fn complete_handshake<K: Key>(ip: &Ip, key: &K) {
+    if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_ACK {
+        return;
+    }
+    let Some(e) = embryo_of(key) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup of a plain struct.
+    let (synack, isn) = unsafe { ((*e).synack, (*e).isn) };
+    if synack == 1 && ip.tcp_ack == isn.wrapping_add(1) {
+        insert(Origin::In, key, FLOW_TCP_ESTABLISHED, now());
+        let _ = K::embryos().remove(key);
+    }
+}
+
+#[inline(always)]
+fn embryo_insert<K: Key>(key: &K, e: &Embryo) {
+    let _ = K::embryos().insert(key, e, 0);
+}
+
+/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]): a
+/// TCP connection as half-open (`EMBRYO4`/`EMBRYO6`) until its handshake
+/// completes, the rest in `INBOUND4`/`INBOUND6`.
 #[inline(always)]
 pub fn open_ingress(ip: &Ip) {
-    let state = match ip.proto {
-        IPPROTO_TCP => FLOW_TCP_SYN_SENT,
-        _ => FLOW_UNREPLIED,
-    };
-    by_family!(ip, Dir::In, |key| insert(Origin::In, key, state, now()), ())
+    if ip.proto == IPPROTO_TCP {
+        let e = Embryo {
+            seen_ns: now(),
+            isn: 0,
+            synack: 0,
+        };
+        by_family!(ip, Dir::In, |key| embryo_insert(key, &e), ())
+    } else {
+        by_family!(
+            ip,
+            Dir::In,
+            |key| insert(Origin::In, key, FLOW_UNREPLIED, now()),
+            ()
+        )
+    }
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes

@@ -310,8 +310,10 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // whatever flow its ports match (a remote can plant an inbound entry
     // for any admitted port with one packet; a local user could then
     // connect out from that port as if answering).
-    let reply =
-        !conntrack::opens_tcp_connection(ip) && conntrack::tracked(Origin::In, ip, Dir::Out);
+    // (A SYN-ACK answers a half-open inbound connection: its flow enters
+    // `INBOUND4`/`INBOUND6` only with the ACK that completes the handshake.)
+    let reply = !conntrack::opens_tcp_connection(ip)
+        && (conntrack::tracked(Origin::In, ip, Dir::Out) || conntrack::answers_embryo(ip));
     if (echo_reply || reply)
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
