@@ -105,6 +105,9 @@ fn a_flooding_source_is_limited_and_others_still_connect() {
     );
     let metrics = env.ok(&["metrics"]);
     assert!(metrics.contains("drop_rate_limit"), "{metrics}");
+    let status: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "status"])).unwrap();
+    let counted = &status["counters"]["drop_rate_limit"];
+    assert!(counted["packets"].as_u64() >= Some(30), "{counted}");
 }
 
 #[test]
