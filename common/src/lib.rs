@@ -59,6 +59,10 @@ pub mod maps {
     /// under an egress allowlist and relate ICMP errors to them. Apart from
     /// the connection tables, so an inbound flood cannot evict their flows.
     pub const INBOUND: [&str; 2] = ["INBOUND4", "INBOUND6"];
+    /// `LruHashMap<FlowKey4, Flow>` / `LruHashMap<FlowKey, Flow>`: as
+    /// `INBOUND`, for protocols other than TCP (no handshake to wait for),
+    /// so a flood of them cannot evict an inbound TCP connection.
+    pub const INBOUND_OTHER: [&str; 2] = ["INBOUND_OTHER4", "INBOUND_OTHER6"];
     /// `LruHashMap<FlowKey4, Embryo>` (IPv4) and `LruHashMap<FlowKey,
     /// Embryo>` (IPv6): inbound TCP connections the rules admitted whose
     /// handshake has not completed. A flow moves to `INBOUND` only with the

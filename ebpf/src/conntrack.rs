@@ -56,8 +56,8 @@ pub static CONNTRACK4: LruHashMap<FlowKey4, Flow> =
 #[map]
 pub static CONNTRACK6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
-/// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 flows the rules
-/// admitted. Written by ingress (new flows, refresh) and egress (state of
+/// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 TCP connections the
+/// rules admitted, once their handshake completed (`EMBRYO4` until then). Written by ingress (new flows, refresh) and egress (state of
 /// replies).
 #[map]
 pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
@@ -65,6 +65,19 @@ pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_D
 /// `FlowKey` → `Flow`, as `INBOUND4`: the IPv6 ones.
 #[map]
 pub static INBOUND6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey4` → `Flow`, as `INBOUND4` for the other protocols (UDP, ICMP
+/// echo, the rest), which have no handshake: a source can plant an entry
+/// with one forged packet. Their own table, so such a flood evicts only
+/// their kind, never an inbound TCP connection.
+#[map]
+pub static INBOUND_OTHER4: LruHashMap<FlowKey4, Flow> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Flow`, as `INBOUND_OTHER4`: the IPv6 ones.
+#[map]
+pub static INBOUND_OTHER6: LruHashMap<FlowKey, Flow> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FlowKey4` → `Embryo`: inbound IPv4 TCP connections the rules admitted
 /// whose handshake is not complete (SYN seen; this host's SYN-ACK and its
@@ -132,7 +145,9 @@ pub enum Origin {
 /// A connection-table key: `FlowKey4` (IPv4) or `FlowKey` (IPv6), each
 /// with its own two tables.
 pub trait Key: Sized + 'static {
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow>;
+    /// The table of `origin`'s flows of protocol `proto` (inbound TCP and
+    /// inbound other protocols are apart).
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow>;
     /// The half-open inbound TCP connections of this family.
     fn embryos() -> &'static LruHashMap<Self, Embryo>;
     fn proto(&self) -> u8;
@@ -140,10 +155,11 @@ pub trait Key: Sized + 'static {
 
 impl Key for FlowKey4 {
     #[inline(always)]
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow> {
         match origin {
             Origin::Out => &CONNTRACK4,
-            Origin::In => &INBOUND4,
+            Origin::In if proto == IPPROTO_TCP => &INBOUND4,
+            Origin::In => &INBOUND_OTHER4,
         }
     }
 
@@ -160,10 +176,11 @@ impl Key for FlowKey4 {
 
 impl Key for FlowKey {
     #[inline(always)]
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow> {
         match origin {
             Origin::Out => &CONNTRACK6,
-            Origin::In => &INBOUND6,
+            Origin::In if proto == IPPROTO_TCP => &INBOUND6,
+            Origin::In => &INBOUND_OTHER6,
         }
     }
 
@@ -275,7 +292,7 @@ pub fn track_egress(ip: &Ip) {
 fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
     let now = now();
     for origin in [Origin::Out, Origin::In] {
-        if let Some(flow) = K::table(origin).get_ptr_mut(key) {
+        if let Some(flow) = K::table(origin, key.proto()).get_ptr_mut(key) {
             // SAFETY: pointer from a successful lookup; concurrent writers
             // only race on a timestamp and a state byte, both benign.
             let flow = unsafe { &mut *flow };
@@ -339,7 +356,7 @@ fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
         state,
         _pad: [0; 7],
     };
-    let _ = K::table(origin).insert(key, &flow, 0);
+    let _ = K::table(origin, key.proto()).insert(key, &flow, 0);
 }
 
 /// Ingress, after the rules admitted `ip`: refreshes its inbound flow (at
@@ -357,7 +374,7 @@ pub fn track_ingress(ip: &Ip) -> bool {
 
 #[inline(always)]
 fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
-    let Some(flow) = K::table(Origin::In).get_ptr_mut(key) else {
+    let Some(flow) = K::table(Origin::In, key.proto()).get_ptr_mut(key) else {
         if ip.proto != IPPROTO_TCP || opens_tcp_connection(ip) {
             return true;
         }
@@ -449,12 +466,12 @@ pub fn tracked(origin: Origin, ip: &Ip, dir: Dir) -> bool {
 /// packet's one clock read), or `None` (an expired one is removed).
 #[inline(always)]
 fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
-    let flow = K::table(origin).get_ptr_mut(key)?;
+    let flow = K::table(origin, key.proto()).get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
     let now = now();
     if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
-        let _ = K::table(origin).remove(key);
+        let _ = K::table(origin, key.proto()).remove(key);
         return None;
     }
     Some((flow, now))

@@ -20,7 +20,7 @@ const OUT: u16 = 9000;
 /// More than `INBOUND4` holds (65536): every entry a SYN could plant would
 /// evict an older one.
 const FLOOD: u32 = 131_072;
-/// Each forged SYN is sent this often.
+/// Each forged packet is sent this often.
 const REPEAT: u32 = 2;
 const ETH_P_ALL: u16 = 0x0003;
 const SYN: u8 = 0x02;
@@ -64,21 +64,33 @@ fn packet_socket(ns: &Netns, ifname: &str) -> Socket {
     })
 }
 
-/// `FLOOD` SYNs to the host's `APP`, each from another (source address,
-/// port) in 10.200.128.0/17: off the host's /24, so nothing answers them
-/// (and their checksums are not even right: only the data path sees them).
-fn spoofed_syn_flood(pair: &Pair) {
+/// `FLOOD` SYNs (or UDP datagrams) to the host's `APP`, each from another
+/// (source address, port) in 10.200.128.0/17: off the host's /24, so
+/// nothing answers them (and their checksums are not even right: only the
+/// data path sees them).
+fn spoofed_flood(pair: &Pair, udp: bool) {
     let host_mac = mac(&pair.host, HOST_IFACE);
     let s = packet_socket(&pair.peer, PEER_IFACE);
-    for i in 0..FLOOD {
-        let src = format!("10.200.{}.{}", 128 + ((i >> 8) & 127), i & 255);
-        let sport = 1000 + (i >> 15) as u16;
-        let mut frame = Pkt::new(&src, HOST_V4).tcp(sport, APP, SYN).bytes();
-        frame[..6].copy_from_slice(&host_mac);
-        // Twice: an entry the first SYN planted is then one the table has
-        // seen used, which its LRU keeps as long as any other.
+    let frames: Vec<Vec<u8>> = (0..FLOOD)
+        .map(|i| {
+            let src = format!("10.200.{}.{}", 128 + ((i >> 8) & 127), i & 255);
+            let sport = 1000 + (i >> 15) as u16;
+            let pkt = Pkt::new(&src, HOST_V4);
+            let mut frame = if udp {
+                pkt.udp(sport, APP)
+            } else {
+                pkt.tcp(sport, APP, SYN)
+            }
+            .bytes();
+            frame[..6].copy_from_slice(&host_mac);
+            frame
+        })
+        .collect();
+    // Each packet twice in a row: an entry the first planted is then one
+    // the table has seen used, which its LRU keeps as long as any other.
+    for frame in &frames {
         for _ in 0..REPEAT {
-            s.send(&frame).expect("send frame");
+            s.send(frame).expect("send frame");
         }
     }
 }
@@ -102,10 +114,29 @@ fn carries(from: &mut TcpStream, to: &mut TcpStream, line: &[u8]) -> io::Result<
 #[test]
 fn a_spoofed_syn_flood_leaves_outbound_and_established_inbound_flows_intact() {
     require_root!();
+    flood_leaves_flows_intact(false);
+}
+
+/// UDP has no handshake: a forged datagram to an admitted port plants an
+/// inbound flow. Those live apart from TCP's, so this flood cannot evict
+/// the established TCP connection either.
+#[test]
+fn a_spoofed_udp_flood_leaves_established_tcp_flows_intact() {
+    require_root!();
+    flood_leaves_flows_intact(true);
+}
+
+fn flood_leaves_flows_intact(udp: bool) {
+    // Everything on one CPU, as a flood that arrives on the victim flow's
+    // receive queue: the kernel's LRU maps keep per-CPU lists, and an
+    // entry made on another CPU than the flood's would be spared by chance.
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
     let pair = Pair::new().unwrap();
     let pins = PinDir::new().unwrap();
-    // An ingress rule admitting APP from anywhere (the spoofed sources
-    // too), and an egress rule, which makes outbound an allowlist.
+    // An ingress rule admitting APP (TCP and UDP) from anywhere (the
+    // spoofed sources too), and an egress rule, which makes outbound an allowlist.
     let rules = format!(
         "[[ingress_rules]]\nid = \"app\"\nfrom_port = {APP}\nto_port = {APP}\nip_ranges = []\n\
          [[egress_rules]]\nid = \"out\"\nfrom_port = {OUT}\nto_port = {OUT}\nip_ranges = [\"{PEER_V4}/32\"]\n"
@@ -133,12 +164,12 @@ fn a_spoofed_syn_flood_leaves_outbound_and_established_inbound_flows_intact() {
     carries(&mut remote, &mut outbound, b"before\n").expect(control);
 
     let admitted = pins.counter(Reason::PassRule);
-    spoofed_syn_flood(&pair);
+    spoofed_flood(&pair, udp);
     // The flood reached the data path and the rule admitted it.
     let flood = pins.counter(Reason::PassRule) - admitted;
     assert!(
         flood >= u64::from(FLOOD * REPEAT) * 9 / 10,
-        "only {flood} of {} forged SYNs were admitted",
+        "only {flood} of {} forged packets were admitted",
         FLOOD * REPEAT
     );
 

@@ -553,7 +553,7 @@ impl Kernel {
             portcullis_common::maps::CONNTRACK,
             portcullis_common::maps::INBOUND,
         );
-        for [v4, v6] in [out, inbound] {
+        for [v4, v6] in [out, inbound, portcullis_common::maps::INBOUND_OTHER] {
             clear::<portcullis_common::FlowKey4, portcullis_common::Flow>(dir.join(v4));
             clear::<FlowKey, portcullis_common::Flow>(dir.join(v6));
         }
