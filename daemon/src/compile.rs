@@ -744,6 +744,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_rules_own_rate_limit_is_on_its_slot_only() {
+        let mut set = RuleSet::default();
+        set.ingress_rules
+            .push(rule("a", 80, 80, &[], Protocol::Tcp));
+        let mut limited = rule("b", 81, 81, &[], Protocol::Tcp);
+        (limited.rate, limited.burst) = (Some(4), Some(10));
+        set.ingress_rules.push(limited);
+        set.egress_rules.push(rule("c", 82, 82, &[], Protocol::Tcp));
+        let image = compile(&set, &Limits::default()).unwrap();
+        let limits: Vec<(&str, Option<u64>)> = image
+            .slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.limit.map(|l| l.interval_ns)))
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                ("", None),
+                ("ssh", None),
+                ("rule:a", None),
+                ("rule:b", Some(250_000_000)),
+                ("rule:c", None),
+            ]
+        );
+        let b = image.slots[3].limit.unwrap();
+        assert_eq!(b.burst_ns, 10 * 250_000_000);
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }

@@ -255,4 +255,32 @@ mod tests {
         assert_eq!(super::hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         assert_eq!(super::hex(&[]), "");
     }
+
+    #[test]
+    fn the_default_limit_carries_the_prefix_mask_and_the_ban() {
+        let l = super::RateLimit {
+            rate: 1000,
+            burst: None,
+            ipv6_prefix: 56,
+            ban_seconds: Some(3),
+        };
+        let e = l.default_entry();
+        assert_eq!((e.interval_ns, e.burst_ns), (1_000_000, 1_000_000_000));
+        assert_eq!(e.ban_ns, 3_000_000_000);
+        assert_eq!(
+            e.v6_mask[..8],
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]
+        );
+        assert_eq!(e.v6_mask[8..], [0; 8]);
+        let all = super::RateLimit {
+            ipv6_prefix: 128,
+            ..l.clone()
+        };
+        assert_eq!(all.default_entry().v6_mask, [0xff; 16]);
+        let one = super::RateLimit {
+            ipv6_prefix: 1,
+            ..l
+        };
+        assert_eq!(one.default_entry().v6_mask[0], 0x80);
+    }
 }

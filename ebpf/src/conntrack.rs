@@ -16,8 +16,18 @@
 //! egress allowlist (with the rules still admitting the flow) and what an
 //! ICMP error about the flow is related to. A reply is a packet of a tracked
 //! flow, never a packet that merely comes from a served port. Its own table,
-//! so a flood of admitted inbound flows (SYNs from spoofed sources to a
-//! public port) evicts only inbound flows, never the flows this host opened.
+//! so a flood of admitted inbound flows evicts only inbound flows, never the
+//! flows this host opened.
+//!
+//! The SYN-flood guard: an inbound TCP connection enters `INBOUND4`/`6` only
+//! when its handshake completes. The admitted SYN makes a half-open entry
+//! (`EMBRYO4`/`6`); this host's SYN-ACK (egress) records its sequence
+//! number there; the ACK of exactly that number plus one (which an
+//! off-path sender cannot know) moves the connection to `INBOUND4`/`6`.
+//! Forged SYNs or ACKs, in any number, fill only the half-open table.
+//! Protocols without a handshake (UDP, ICMP echo, the rest) have tables of
+//! their own (`INBOUND_OTHER4`/`6`), so a forged flood of them cannot evict
+//! an inbound TCP connection either.
 //!
 //! Only this host's own packets shorten a flow's life: an inbound FIN or RST
 //! (which anyone who knows or guesses the 4-tuple can forge, since no

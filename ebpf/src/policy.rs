@@ -3,9 +3,11 @@
 //! [`Reason`]. The order (ingress): flows this host opened (`established`,
 //! called first by `main.rs`), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
-//! its tracked flows), the deny sets (`deny::denied`), the rules, and last
-//! the ping setting for an echo request no rule admitted. What the rules admit is
-//! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
+//! its tracked flows), the deny sets (`deny::denied`) and the rate limiter's
+//! bans (`ratelimit::banned`), the rules, and last the ping setting for an
+//! echo request no rule admitted. What the rules admit is recorded as an
+//! inbound flow (`conntrack::track_ingress`); a new one first meets its
+//! source's rate limit (`ratelimit::over_limit`).
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
