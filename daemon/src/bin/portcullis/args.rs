@@ -349,6 +349,13 @@ pub enum RulesCmd {
         /// A note shown in `rules list`.
         #[arg(long)]
         description: Option<String>,
+        /// New flows per second each source may open through this rule
+        /// (ingress; instead of `[rate_limit]`'s default).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// With --rate: new flows a source may open at once (default: the rate).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
         /// Add to the egress list instead (destinations in --ip-range).
         #[arg(long)]
         egress: bool,

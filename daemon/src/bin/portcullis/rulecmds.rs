@@ -25,6 +25,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             ip_ranges,
             protocol,
             description,
+            rate,
+            burst,
             egress,
             change,
         } => {
@@ -35,8 +37,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 ip_ranges,
                 protocol: protocol.into(),
                 description,
-                rate: None,
-                burst: None,
+                rate,
+                burst,
             };
             add(ctx, rule, egress, &change)
         }
@@ -58,7 +60,14 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         p => (proto_name(p).to_string(), format!(" {ports}")),
     };
     let dir = if egress { "to" } else { "from" };
-    format!("{proto}{ports} {dir} {nets}")
+    let limit = match (r.rate, r.burst) {
+        (Some(rate), burst) => format!(
+            ", at most {rate} new flows/s per source (burst {})",
+            burst.unwrap_or(rate)
+        ),
+        (None, _) => String::new(),
+    };
+    format!("{proto}{ports} {dir} {nets}{limit}")
 }
 
 fn ports(r: &FirewallRule) -> String {
