@@ -95,6 +95,16 @@ fn spoofed_flood(pair: &Pair, udp: bool) {
     }
 }
 
+/// Entries in the pinned IPv4 table `name` (`INBOUND4`, ...).
+fn entries<V: aya::Pod>(pins: &PinDir, name: &str) -> usize {
+    let path = portcullis::dataplane::maps_dir(pins.path()).join(name);
+    let map: aya::maps::HashMap<_, portcullis_common::FlowKey4, V> = aya::maps::HashMap::try_from(
+        aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(path).unwrap()),
+    )
+    .unwrap();
+    map.keys().filter_map(Result::ok).count()
+}
+
 /// Accepts one connection on `listener` (in whatever namespace it was made).
 fn accept(listener: &TcpListener) -> TcpStream {
     let (s, _) = listener.accept().expect("accept");
@@ -150,6 +160,10 @@ fn flood_leaves_flows_intact(udp: bool) {
         .peer
         .enter(|| TcpListener::bind(sock(PEER_V4, OUT)))
         .unwrap();
+    let app6 = pair
+        .host
+        .enter(|| TcpListener::bind(sock(HOST_V6, APP)))
+        .unwrap();
     let _daemon = Daemon::start(&pair.host, &config).expect("portcullisd");
 
     // An admitted inbound flow and an outbound flow, working.
@@ -173,6 +187,20 @@ fn flood_leaves_flows_intact(udp: bool) {
         FLOOD * REPEAT
     );
 
+    // Where the flood went: the forged packets filled their own table, not
+    // the one of inbound TCP connections, which holds the real one.
+    let tcp = entries::<portcullis_common::Flow>(&pins, "INBOUND4");
+    let (table, planted) = if udp {
+        let n = entries::<portcullis_common::Flow>(&pins, "INBOUND_OTHER4");
+        ("INBOUND_OTHER4", n)
+    } else {
+        (
+            "EMBRYO4",
+            entries::<portcullis_common::Embryo>(&pins, "EMBRYO4"),
+        )
+    };
+    assert!(tcp <= 2, "{tcp} inbound TCP connections after the flood");
+    assert!(planted > 30_000, "only {planted} entries in {table}");
     // The server speaks first: its segment leaves only while the flow is
     // still tracked as an admitted inbound one.
     carries(&mut served, &mut client, b"after\n")
@@ -185,4 +213,8 @@ fn flood_leaves_flows_intact(udp: bool) {
     let mut late = tcp_connect(&pair.peer, sock(HOST_V4, APP)).expect("a new client connects");
     let mut late_served = accept(&app);
     carries(&mut late_served, &mut late, b"hello\n").expect("the new flow");
+    // And over IPv6 (its half-open and inbound tables are its own).
+    let mut late6 = tcp_connect(&pair.peer, sock(HOST_V6, APP)).expect("a new IPv6 client");
+    let mut late6_served = accept(&app6);
+    carries(&mut late6_served, &mut late6, b"hello\n").expect("the new IPv6 flow");
 }
