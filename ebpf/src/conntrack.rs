@@ -67,7 +67,8 @@ pub static CONNTRACK4: LruHashMap<FlowKey4, Flow> =
 pub static CONNTRACK6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 TCP connections the
-/// rules admitted, once their handshake completed (`EMBRYO4` until then). Written by ingress (new flows, refresh) and egress (state of
+/// rules admitted, once their handshake completed (`EMBRYO4` until then).
+/// Written by ingress (new flows, refresh) and egress (state of
 /// replies).
 #[map]
 pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
@@ -426,7 +427,7 @@ fn embryo_insert<K: Key>(key: &K, e: &Embryo) {
 
 /// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]): a
 /// TCP connection as half-open (`EMBRYO4`/`EMBRYO6`) until its handshake
-/// completes, the rest in `INBOUND4`/`INBOUND6`.
+/// completes, the rest in `INBOUND_OTHER4`/`INBOUND_OTHER6`.
 #[inline(always)]
 pub fn open_ingress(ip: &Ip) {
     if ip.proto == IPPROTO_TCP {
