@@ -90,7 +90,20 @@ fn spoofed_flood(pair: &Pair, udp: bool) {
     // the table has seen used, which its LRU keeps as long as any other.
     for frame in &frames {
         for _ in 0..REPEAT {
-            s.send(frame).expect("send frame");
+            send(&s, frame);
+        }
+    }
+}
+
+/// Sends `frame`, waiting while the interface's queue is full.
+fn send(s: &Socket, frame: &[u8]) {
+    loop {
+        match s.send(frame) {
+            Ok(_) => return,
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            Err(e) => panic!("send frame: {e}"),
         }
     }
 }
