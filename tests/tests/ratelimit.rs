@@ -135,6 +135,17 @@ fn a_source_over_its_limit_is_banned_and_unbanned_on_time() {
             == 0),
         "the lifted ban is still listed"
     );
+    // An operator lifts a ban before its time (with the source's bucket,
+    // so its next flow does not ban it again), one source or all.
+    flood(&env, A4, APP, 10);
+    assert!(!env.reaches(A4, 22), "banned again");
+    let out = env.ok(&["deny", "remove", "ratelimit", A4]);
+    assert!(out.contains("1 removed"), "{out}");
+    assert!(env.reaches(A4, 22), "the lifted ban still holds");
+    flood(&env, A4, APP, 10);
+    assert!(!env.reaches(A4, APP), "banned again");
+    env.ok(&["deny", "flush", "ratelimit"]);
+    assert!(env.reaches(A4, APP), "the flushed ban still holds");
     // The set name is the rate limiter's: no one can add to it.
     let out = env.cli(&["deny", "add", "ratelimit", B4]);
     assert!(!out.status.success(), "{}", said(&out));

@@ -195,6 +195,9 @@ impl Core {
         name: &str,
         prefixes: &[IpNet],
     ) -> Result<DenyChanged, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_lift(Some(prefixes));
+        }
         denylist::check_name(name).map_err(ChangeError::Config)?;
         let Some(set) = self.deny.get(name) else {
             return Err(ChangeError::Config(format!("no deny set {name:?}")));
@@ -264,6 +267,9 @@ impl Core {
 
     /// Removes every entry of set `name`, and the set.
     pub fn deny_flush(&mut self, name: &str) -> Result<DenyChanged, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_lift(None);
+        }
         let all: Vec<IpNet> = self
             .deny
             .get(name)

@@ -2,9 +2,13 @@
 //! `ratelimit` (read from the data path's `RATE_BANS`, which the data path
 //! itself writes when a source exceeds its limit; see `ebpf/src/ratelimit.rs`).
 
+use ipnet::IpNet;
 use portcullis_common::Reason;
 
-use super::{ChangeError, Core, deny::DenyListed, deny::DenySetView};
+use super::{
+    ChangeError, Core,
+    deny::{DenyChanged, DenyListed, DenySetView},
+};
 use crate::{dataplane, denylist::RATELIMIT_SET, model::unix_now};
 
 impl Core {
@@ -36,6 +40,30 @@ impl Core {
             dropped_packets: dropped.packets,
             dropped_bytes: dropped.bytes,
             entries,
+        })
+    }
+
+    /// Lifts the bans of `sources` (each as listed: an IPv4 address, an
+    /// IPv6 prefix), or every ban (`deny remove` / `deny flush ratelimit`).
+    pub(super) fn ratelimit_lift(
+        &mut self,
+        sources: Option<&[IpNet]>,
+    ) -> Result<DenyChanged, ChangeError> {
+        let removed = self
+            .dataplane
+            .rate_unban(sources)
+            .map_err(ChangeError::Internal)?;
+        let entries = self
+            .dataplane
+            .rate_bans()
+            .map_err(ChangeError::Internal)?
+            .len();
+        tracing::info!(removed, "rate limiter: bans lifted");
+        Ok(DenyChanged {
+            set: RATELIMIT_SET.to_string(),
+            removed,
+            entries,
+            ..DenyChanged::default()
         })
     }
 
