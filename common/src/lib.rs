@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 11;
+pub const LAYOUT_VERSION: u32 = 12;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -59,6 +59,16 @@ pub mod maps {
     /// under an egress allowlist and relate ICMP errors to them. Apart from
     /// the connection tables, so an inbound flood cannot evict their flows.
     pub const INBOUND: [&str; 2] = ["INBOUND4", "INBOUND6"];
+    /// `LruHashMap<FlowKey4, Flow>` / `LruHashMap<FlowKey, Flow>`: as
+    /// `INBOUND`, for protocols other than TCP (no handshake to wait for),
+    /// so a flood of them cannot evict an inbound TCP connection.
+    pub const INBOUND_OTHER: [&str; 2] = ["INBOUND_OTHER4", "INBOUND_OTHER6"];
+    /// `LruHashMap<FlowKey4, Embryo>` (IPv4) and `LruHashMap<FlowKey,
+    /// Embryo>` (IPv6): inbound TCP connections the rules admitted whose
+    /// handshake has not completed. A flow moves to `INBOUND` only with the
+    /// ACK of this host's SYN-ACK, so a flood of SYNs (spoofed or not)
+    /// evicts embryos, never an established inbound flow.
+    pub const EMBRYO: [&str; 2] = ["EMBRYO4", "EMBRYO6"];
     /// `LruHashMap<FragKey, u64>`: fragmented packets whose first fragment
     /// passed, per direction.
     pub const FRAGMENTS: &str = "FRAGMENTS";
@@ -88,6 +98,15 @@ pub mod maps {
     /// `Array<ExplainResult>`, 1 entry, not pinned: what the explain
     /// instance (`EXPLAIN` = 1) decided for the last crafted packet.
     pub const EXPLAIN_RESULT: &str = "EXPLAIN_RESULT";
+    /// `Array<RateLimit>` per generation, indexed by rule slot: a rule's own
+    /// limit on new flows per source; entry 0 (`SLOT_NONE`) is the default.
+    pub const RATE_LIMITS: [&str; 2] = ["RATE_LIMITS_0", "RATE_LIMITS_1"];
+    /// `LruHashMap<RateKey, u64>`: each source's token bucket (GCRA: its
+    /// theoretical arrival time, `CLOCK_MONOTONIC` ns).
+    pub const RATE_BUCKETS: &str = "RATE_BUCKETS";
+    /// `LruHashMap<RateKey, u64>`: sources banned for exceeding a limit ->
+    /// until when (`CLOCK_BOOTTIME` ns). Written by the data path.
+    pub const RATE_BANS: &str = "RATE_BANS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -157,11 +176,15 @@ pub enum Reason {
     /// New inbound traffic from a source in a deny set (not an admin
     /// network); `DENY_STATS[set]` counts it per set.
     DropDenied = 21,
+    /// A new inbound flow over its source's rate limit (`[rate_limit]`, or
+    /// the admitting rule's `rate`), or from a source banned for exceeding
+    /// one (`RATE_BANS`).
+    DropRateLimit = 22,
 }
 
 impl Reason {
     /// Every reason, in counter-index order.
-    pub const ALL: [Reason; 22] = [
+    pub const ALL: [Reason; 23] = [
         Reason::PassArp,
         Reason::PassNeighbor,
         Reason::PassSsh,
@@ -184,6 +207,7 @@ impl Reason {
         Reason::DropOtherCluster,
         Reason::DropEgress,
         Reason::DropDenied,
+        Reason::DropRateLimit,
     ];
 
     /// Number of counters in [`maps::VERDICTS`].
@@ -214,6 +238,7 @@ impl Reason {
             Reason::DropOtherCluster => "drop_other_cluster",
             Reason::DropEgress => "drop_egress",
             Reason::DropDenied => "drop_denied",
+            Reason::DropRateLimit => "drop_rate_limit",
         }
     }
 
@@ -322,6 +347,19 @@ pub struct Flow {
     /// One of the `FLOW_*` states.
     pub state: u8,
     pub _pad: [u8; 7],
+}
+
+/// A half-open inbound TCP connection (`maps::EMBRYO`): when its SYN was
+/// admitted, and this host's initial sequence number once its SYN-ACK left.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Embryo {
+    /// `CLOCK_MONOTONIC` ns of the SYN.
+    pub seen_ns: u64,
+    /// The SYN-ACK's sequence number (valid when `synack` is 1).
+    pub isn: u32,
+    /// 1 once this host answered with a SYN-ACK.
+    pub synack: u32,
 }
 
 /// TCP: SYN sent, no answer yet.
@@ -576,6 +614,45 @@ pub struct DenyEntry {
     pub _pad: u32,
 }
 
+/// A limit on the new inbound flows of one source (GCRA, the generic cell
+/// rate algorithm: a source's bucket holds its theoretical arrival time
+/// `tat`; with `next = max(tat, now) + interval_ns`, a new flow at `now`
+/// is admitted when `next <= now + burst_ns`, and then `tat` becomes
+/// `next`). The daemon computes both figures, so the data path only
+/// adds and compares. `RATE_LIMITS_g[slot]`; entry 0 is the default for
+/// new inbound traffic, and alone carries `ban_ns` and `v6_mask`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    /// The emission interval: 1e9 / rate, in ns. 0: no limit (a rule's
+    /// entry: the default applies).
+    pub interval_ns: u64,
+    /// burst * `interval_ns`: how far ahead of now a source's `tat` may run.
+    pub burst_ns: u64,
+    /// A source over its limit is banned this long (`RATE_BANS`); 0: never.
+    pub ban_ns: u64,
+    /// IPv6 sources share a bucket per prefix: the mask of its length
+    /// (`ipv6_prefix`; IPv4: per address).
+    pub v6_mask: [u8; 16],
+}
+
+/// The key of a source's bucket and of its ban: its address (IPv6 masked
+/// with `RateLimit::v6_mask`), and the slot of the rule whose own limit it
+/// counts against (0: the default limit; always 0 for a ban).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RateKey {
+    pub addr: [u8; 16],
+    pub slot: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Sources with a bucket (`RATE_BUCKETS`) and banned sources (`RATE_BANS`)
+/// held at once; the least recently used are evicted.
+pub const RATE_BUCKETS_ENTRIES: u32 = 65536;
+pub const RATE_BANS_ENTRIES: u32 = 65536;
+
 /// Deny sets a host may have (set ids 0..DENY_SETS_MAX index `DENY_STATS`).
 pub const DENY_SETS_MAX: u32 = 256;
 /// Default capacity of each deny trie (entries are allocated as inserted).
@@ -673,6 +750,12 @@ mod pod {
     unsafe impl aya::Pod for super::VolumeKey {}
     // SAFETY: plain #[repr(C)] struct of u32s, no padding.
     unsafe impl aya::Pod for super::ExplainResult {}
+    // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
+    unsafe impl aya::Pod for super::RateLimit {}
+    // SAFETY: plain #[repr(C)] struct of integers, no padding.
+    unsafe impl aya::Pod for super::Embryo {}
+    // SAFETY: plain #[repr(C)] struct of a byte array and integers, padding explicit.
+    unsafe impl aya::Pod for super::RateKey {}
 }
 
 #[cfg(test)]
@@ -711,5 +794,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<Segment>(), 8);
         assert_eq!(core::mem::size_of::<DenyEntry>(), 16);
         assert_eq!(core::mem::size_of::<VolumeKey>(), 20);
+        assert_eq!(core::mem::size_of::<RateLimit>(), 40);
+        assert_eq!(core::mem::size_of::<RateKey>(), 24);
     }
 }

@@ -43,6 +43,9 @@ pub struct Slot {
     pub name: String,
     pub kind: u32,
     pub dir: u8,
+    /// An ingress rule's own rate limit (`rate`, `burst`), as the data path
+    /// reads it from `RATE_LIMITS_g[slot]`.
+    pub limit: Option<portcullis_common::RateLimit>,
 }
 
 /// One rule in one direction, in priority order.
@@ -147,17 +150,13 @@ fn networks(cidrs: &[String]) -> Vec<IpNet> {
 
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
     let mut entries = Vec::new();
-    let mut slots = vec![Slot {
-        name: String::new(),
-        kind: 0,
-        dir: 0,
-    }];
+    let mut slots = vec![Slot::new(String::new(), 0, 0)];
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports, the ICMP types of a rule, per family)
     // is one entry per set, all on its slot.
     let mut push = |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>| {
         let index = slots.len() as u32;
-        slots.push(Slot { name, kind, dir });
+        slots.push(Slot::new(name, kind, dir));
         for (ports, nets) in port_sets {
             entries.push(Entry {
                 dir,
@@ -217,6 +216,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
             );
         }
     }
+    rule_limits(set, &mut slots);
     (entries, slots)
 }
 
@@ -243,6 +243,30 @@ fn rule_port_sets(r: &crate::rules::FirewallRule) -> Vec<(Ports, Vec<IpNet>)> {
             (ports, family)
         })
         .collect()
+}
+
+impl Slot {
+    fn new(name: String, kind: u32, dir: u8) -> Self {
+        Slot {
+            name,
+            kind,
+            dir,
+            limit: None,
+        }
+    }
+}
+
+/// Each ingress rule's own rate limit, on its slot.
+fn rule_limits(set: &RuleSet, slots: &mut [Slot]) {
+    let ingress = slots
+        .iter_mut()
+        .skip(1)
+        .filter(|s| s.kind == SLOT_KIND_RULE && s.dir == DIR_INGRESS);
+    for (slot, r) in ingress.zip(&set.ingress_rules) {
+        slot.limit = r
+            .rate
+            .map(|rate| crate::model::RateLimit::entry(rate, r.burst));
+    }
 }
 
 /// The straightforward evaluator: the first entry that matches, or `SLOT_NONE`.
@@ -739,7 +763,38 @@ mod tests {
             description: None,
             icmp_types: Vec::new(),
             expires: None,
+            rate: None,
+            burst: None,
         }
+    }
+
+    #[test]
+    fn a_rules_own_rate_limit_is_on_its_slot_only() {
+        let mut set = RuleSet::default();
+        set.ingress_rules
+            .push(rule("a", 80, 80, &[], Protocol::Tcp));
+        let mut limited = rule("b", 81, 81, &[], Protocol::Tcp);
+        (limited.rate, limited.burst) = (Some(4), Some(10));
+        set.ingress_rules.push(limited);
+        set.egress_rules.push(rule("c", 82, 82, &[], Protocol::Tcp));
+        let image = compile(&set, &Limits::default()).unwrap();
+        let limits: Vec<(&str, Option<u64>)> = image
+            .slots
+            .iter()
+            .map(|s| (s.name.as_str(), s.limit.map(|l| l.interval_ns)))
+            .collect();
+        assert_eq!(
+            limits,
+            [
+                ("", None),
+                ("ssh", None),
+                ("rule:a", None),
+                ("rule:b", Some(250_000_000)),
+                ("rule:c", None),
+            ]
+        );
+        let b = image.slots[3].limit.unwrap();
+        assert_eq!(b.burst_ns, 10 * 250_000_000);
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -1020,6 +1075,8 @@ pub mod strategies {
                 description: None,
                 icmp_types: types.iter().map(ToString::to_string).collect(),
                 expires: None,
+                rate: None,
+                burst: None,
             })
     }
 

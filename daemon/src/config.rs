@@ -73,6 +73,10 @@ pub struct Config {
     /// least recently used flow is evicted.
     #[serde(default = "default_conntrack_entries")]
     pub conntrack_entries: u32,
+    /// `[rate_limit]`: the default limit on new inbound flows per source
+    /// (none unless set). Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<crate::model::RateLimit>,
     /// How the egress program attaches: `auto` (TCX on kernels that have it,
     /// 6.6 and later; a clsact qdisc filter otherwise), `tcx` or `clsact`.
     #[serde(default)]
@@ -603,6 +607,9 @@ impl Config {
         }
         self.api.validate()?;
         self.egress_volume.validate()?;
+        if let Some(limit) = &self.rate_limit {
+            limit.check().map_err(anyhow::Error::msg)?;
+        }
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
                 "conntrack_entries: {} is out of range (256 to 16777216)",
@@ -642,6 +649,8 @@ impl Config {
                 description: Some("readiness health endpoint ([readiness.health])".into()),
                 icmp_types: Vec::new(),
                 expires: None,
+                rate: None,
+                burst: None,
             })
             .collect()
     }
@@ -905,6 +914,8 @@ ip_ranges = []
             description: Some(odd.into()),
             icmp_types: Vec::new(),
             expires: None,
+            rate: None,
+            burst: None,
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -960,6 +971,8 @@ ip_ranges = []
             description: Some("d".into()),
             icmp_types: Vec::new(),
             expires: None,
+            rate: None,
+            burst: None,
         };
         Config {
             interfaces: vec![],
@@ -1004,6 +1017,12 @@ ip_ranges = []
             egress_volume: EgressVolume::default(),
             allow_ping: false,
             conntrack_entries: 256,
+            rate_limit: Some(crate::model::RateLimit {
+                rate: 10,
+                burst: Some(20),
+                ipv6_prefix: 64,
+                ban_seconds: Some(60),
+            }),
             tc_attach: TcAttachMode::Auto,
             xdp_program: XdpProgram::Auto,
             fallback: Fallback::Nftables,

@@ -15,6 +15,7 @@ use thiserror::Error;
 mod deny;
 mod expiry;
 mod explain;
+mod ratelimit;
 mod volume;
 
 use crate::model::unix_now;
@@ -1436,6 +1437,8 @@ mod tests {
                 description: None,
                 icmp_types: Vec::new(),
                 expires: None,
+                rate: None,
+                burst: None,
             }],
             ..Default::default()
         };
@@ -1474,6 +1477,8 @@ mod tests {
             description: None,
             icmp_types: Vec::new(),
             expires: None,
+            rate: None,
+            burst: None,
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

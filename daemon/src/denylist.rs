@@ -21,6 +21,10 @@ pub const MAX_LINE: usize = 512;
 /// Set names: 1 to 64 of `[A-Za-z0-9_.-]`.
 pub const MAX_NAME: usize = 64;
 
+/// The set the rate limiter's bans are listed as (`[rate_limit]
+/// ban_seconds`); written by the data path, not through the API.
+pub const RATELIMIT_SET: &str = "ratelimit";
+
 /// A set name, checked.
 pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
@@ -221,6 +225,11 @@ impl Sets {
     /// The set `name`, created (with the lowest free id) if missing.
     pub fn ensure(&mut self, name: &str, max_sets: u32) -> Result<u32, String> {
         check_name(name)?;
+        if name == RATELIMIT_SET {
+            return Err(format!(
+                "deny set name {name:?} is reserved for the rate limiter's bans ([rate_limit] ban_seconds)"
+            ));
+        }
         if let Some(s) = self.sets.get(name) {
             return Ok(s.id);
         }

@@ -45,6 +45,77 @@ pub enum Mode {
     },
 }
 
+/// `[rate_limit]`: the default limit on the new inbound flows of each source
+/// (a rule's own `rate`/`burst` replace it for that rule). Enforced in XDP
+/// with GCRA over an LRU hash of per-source buckets (`ebpf/src/ratelimit.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// New flows per second, per source.
+    pub rate: u32,
+    /// New flows a source may open at once (default: `rate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// IPv6 sources share a bucket per prefix of this length (IPv4: per
+    /// address).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
+    /// A source that exceeds its limit is banned (all new inbound traffic
+    /// dropped) this long; absent: only its excess is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ban_seconds: Option<u64>,
+}
+
+fn default_ipv6_prefix() -> u8 {
+    64
+}
+
+/// Longest ban: a day.
+pub const BAN_SECONDS_MAX: u64 = 86_400;
+
+impl RateLimit {
+    /// The problem with this section, naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        crate::rules::check_rate(true, Some(self.rate), self.burst)
+            .map_err(|(field, reason)| format!("rate_limit: {field}: {reason}"))?;
+        if !(1..=128).contains(&self.ipv6_prefix) {
+            return Err(format!(
+                "rate_limit: ipv6_prefix: {} is out of range (1 to 128)",
+                self.ipv6_prefix
+            ));
+        }
+        if let Some(b) = self.ban_seconds
+            && !(1..=BAN_SECONDS_MAX).contains(&b)
+        {
+            return Err(format!(
+                "rate_limit: ban_seconds: {b} is out of range (1 to {BAN_SECONDS_MAX})"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The data path's entry for `rate` and `burst` (GCRA: the emission
+    /// interval and the tolerance, so the data path needs no division).
+    pub fn entry(rate: u32, burst: Option<u32>) -> portcullis_common::RateLimit {
+        let interval_ns = 1_000_000_000 / u64::from(rate.max(1));
+        let burst = u64::from(burst.unwrap_or(rate).max(1));
+        portcullis_common::RateLimit {
+            interval_ns,
+            burst_ns: burst * interval_ns,
+            ..Default::default()
+        }
+    }
+
+    /// This default as the data path's entry 0 (with the ban and prefix).
+    pub fn default_entry(&self) -> portcullis_common::RateLimit {
+        portcullis_common::RateLimit {
+            ban_ns: self.ban_seconds.unwrap_or(0) * 1_000_000_000,
+            v6_mask: (u128::MAX << (128 - u32::from(self.ipv6_prefix).min(128))).to_be_bytes(),
+            ..Self::entry(self.rate, self.burst)
+        }
+    }
+}
+
 /// The XDP program variant (see `Config::xdp_program`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -188,5 +259,33 @@ mod tests {
     fn hex_is_lower_case_two_digits_per_byte() {
         assert_eq!(super::hex(&[0x00, 0x0f, 0xa0, 0xff]), "000fa0ff");
         assert_eq!(super::hex(&[]), "");
+    }
+
+    #[test]
+    fn the_default_limit_carries_the_prefix_mask_and_the_ban() {
+        let l = super::RateLimit {
+            rate: 1000,
+            burst: None,
+            ipv6_prefix: 56,
+            ban_seconds: Some(3),
+        };
+        let e = l.default_entry();
+        assert_eq!((e.interval_ns, e.burst_ns), (1_000_000, 1_000_000_000));
+        assert_eq!(e.ban_ns, 3_000_000_000);
+        assert_eq!(
+            e.v6_mask[..8],
+            [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0]
+        );
+        assert_eq!(e.v6_mask[8..], [0; 8]);
+        let all = super::RateLimit {
+            ipv6_prefix: 128,
+            ..l.clone()
+        };
+        assert_eq!(all.default_entry().v6_mask, [0xff; 16]);
+        let one = super::RateLimit {
+            ipv6_prefix: 1,
+            ..l
+        };
+        assert_eq!(one.default_entry().v6_mask[0], 0x80);
     }
 }

@@ -68,6 +68,43 @@ pub struct FirewallRule {
     /// it then, audited, and cuts the flows it alone admitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires: Option<String>,
+    /// Ingress only: new flows per second each source may open through this
+    /// rule (instead of `[rate_limit]`'s default); see `model::RateLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u32>,
+    /// With `rate`: how many new flows a source may open at once (default:
+    /// `rate`, one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// Bounds of a rate (new flows per second) and of a burst.
+pub const RATE_MAX: u32 = 1_000_000;
+
+/// The problem with a rule's (or `[rate_limit]`'s) `rate`/`burst`, as (field, reason).
+pub fn check_rate(
+    ingress: bool,
+    rate: Option<u32>,
+    burst: Option<u32>,
+) -> Result<(), (&'static str, String)> {
+    if !ingress && rate.is_some() {
+        return Err(("rate", "applies to ingress rules only".into()));
+    }
+    if !ingress && burst.is_some() {
+        return Err(("burst", "applies to ingress rules only".into()));
+    }
+    if let Some(r) = rate
+        && !(1..=RATE_MAX).contains(&r)
+    {
+        return Err(("rate", format!("{r} is out of range (1 to {RATE_MAX})")));
+    }
+    match (rate, burst) {
+        (None, Some(_)) => Err(("burst", "needs a rate".into())),
+        (Some(_), Some(b)) if !(1..=RATE_MAX).contains(&b) => {
+            Err(("burst", format!("{b} is out of range (1 to {RATE_MAX})")))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -812,6 +849,8 @@ impl RuleSet {
                 }
                 parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
                 rule.validate_kinds().map_err(|(f, e)| err(f, e))?;
+                check_rate(list == "ingress_rules", rule.rate, rule.burst)
+                    .map_err(|(field, reason)| err(field, reason))?;
             }
         }
         if let Some(cluster) = &self.cluster {
@@ -885,6 +924,8 @@ mod tests {
             description: None,
             icmp_types: Vec::new(),
             expires: None,
+            rate: None,
+            burst: None,
         }
     }
 

@@ -16,8 +16,18 @@
 //! egress allowlist (with the rules still admitting the flow) and what an
 //! ICMP error about the flow is related to. A reply is a packet of a tracked
 //! flow, never a packet that merely comes from a served port. Its own table,
-//! so a flood of admitted inbound flows (SYNs from spoofed sources to a
-//! public port) evicts only inbound flows, never the flows this host opened.
+//! so a flood of admitted inbound flows evicts only inbound flows, never the
+//! flows this host opened.
+//!
+//! The SYN-flood guard: an inbound TCP connection enters `INBOUND4`/`6` only
+//! when its handshake completes. The admitted SYN makes a half-open entry
+//! (`EMBRYO4`/`6`); this host's SYN-ACK (egress) records its sequence
+//! number there; the ACK of exactly that number plus one (which an
+//! off-path sender cannot know) moves the connection to `INBOUND4`/`6`.
+//! Forged SYNs or ACKs, in any number, fill only the half-open table.
+//! Protocols without a handshake (UDP, ICMP echo, the rest) have tables of
+//! their own (`INBOUND_OTHER4`/`6`), so a forged flood of them cannot evict
+//! an inbound TCP connection either.
 //!
 //! Only this host's own packets shorten a flow's life: an inbound FIN or RST
 //! (which anyone who knows or guesses the 4-tuple can forge, since no
@@ -33,11 +43,11 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
 };
 use portcullis_common::{
-    CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, FAMILY_V6, FLOW_REFRESH_NS,
-    FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT,
-    FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FlowKey4, FragKey, ICMP_ECHO_REPLY,
-    ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
+    CONNTRACK_DEFAULT_ENTRIES, DHCP_REPLY_WINDOW_NS, DHCP_V4, DHCP_V6, Embryo, FAMILY_V6,
+    FLOW_REFRESH_NS, FLOW_REPLIED, FLOW_TCP_CLOSED, FLOW_TCP_CLOSING, FLOW_TCP_ESTABLISHED,
+    FLOW_TCP_SYN_SENT, FLOW_UNREPLIED, FRAGMENT_TIMEOUT_NS, Flow, FlowKey, FlowKey4, FragKey,
+    ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP,
+    IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
 use crate::parse::Ip;
@@ -56,8 +66,9 @@ pub static CONNTRACK4: LruHashMap<FlowKey4, Flow> =
 #[map]
 pub static CONNTRACK6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
-/// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 flows the rules
-/// admitted. Written by ingress (new flows, refresh) and egress (state of
+/// `FlowKey4` → `Flow`, as `CONNTRACK4`: inbound IPv4 TCP connections the
+/// rules admitted, once their handshake completed (`EMBRYO4` until then).
+/// Written by ingress (new flows, refresh) and egress (state of
 /// replies).
 #[map]
 pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
@@ -65,6 +76,31 @@ pub static INBOUND4: LruHashMap<FlowKey4, Flow> = LruHashMap::pinned(CONNTRACK_D
 /// `FlowKey` → `Flow`, as `INBOUND4`: the IPv6 ones.
 #[map]
 pub static INBOUND6: LruHashMap<FlowKey, Flow> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey4` → `Flow`, as `INBOUND4` for the other protocols (UDP, ICMP
+/// echo, the rest), which have no handshake: a source can plant an entry
+/// with one forged packet. Their own table, so such a flood evicts only
+/// their kind, never an inbound TCP connection.
+#[map]
+pub static INBOUND_OTHER4: LruHashMap<FlowKey4, Flow> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Flow`, as `INBOUND_OTHER4`: the IPv6 ones.
+#[map]
+pub static INBOUND_OTHER6: LruHashMap<FlowKey, Flow> =
+    LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey4` → `Embryo`: inbound IPv4 TCP connections the rules admitted
+/// whose handshake is not complete (SYN seen; this host's SYN-ACK and its
+/// sequence number). The ACK of that SYN-ACK (acknowledgment number ISN+1,
+/// which an off-path sender cannot guess) moves the flow to `INBOUND4`.
+/// Written by ingress (SYN, ACK) and egress (SYN-ACK).
+#[map]
+pub static EMBRYO4: LruHashMap<FlowKey4, Embryo> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+/// `FlowKey` → `Embryo`, as `EMBRYO4`: the IPv6 ones.
+#[map]
+pub static EMBRYO6: LruHashMap<FlowKey, Embryo> = LruHashMap::pinned(CONNTRACK_DEFAULT_ENTRIES, 0);
 
 /// `FragKey` (addresses, IP id, protocol, direction) → when its first
 /// fragment passed. Ingress admits later fragments of a first fragment that
@@ -120,17 +156,27 @@ pub enum Origin {
 /// A connection-table key: `FlowKey4` (IPv4) or `FlowKey` (IPv6), each
 /// with its own two tables.
 pub trait Key: Sized + 'static {
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow>;
+    /// The table of `origin`'s flows of protocol `proto` (inbound TCP and
+    /// inbound other protocols are apart).
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow>;
+    /// The half-open inbound TCP connections of this family.
+    fn embryos() -> &'static LruHashMap<Self, Embryo>;
     fn proto(&self) -> u8;
 }
 
 impl Key for FlowKey4 {
     #[inline(always)]
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow> {
         match origin {
             Origin::Out => &CONNTRACK4,
-            Origin::In => &INBOUND4,
+            Origin::In if proto == IPPROTO_TCP => &INBOUND4,
+            Origin::In => &INBOUND_OTHER4,
         }
+    }
+
+    #[inline(always)]
+    fn embryos() -> &'static LruHashMap<Self, Embryo> {
+        &EMBRYO4
     }
 
     #[inline(always)]
@@ -141,11 +187,17 @@ impl Key for FlowKey4 {
 
 impl Key for FlowKey {
     #[inline(always)]
-    fn table(origin: Origin) -> &'static LruHashMap<Self, Flow> {
+    fn table(origin: Origin, proto: u8) -> &'static LruHashMap<Self, Flow> {
         match origin {
             Origin::Out => &CONNTRACK6,
-            Origin::In => &INBOUND6,
+            Origin::In if proto == IPPROTO_TCP => &INBOUND6,
+            Origin::In => &INBOUND_OTHER6,
         }
+    }
+
+    #[inline(always)]
+    fn embryos() -> &'static LruHashMap<Self, Embryo> {
+        &EMBRYO6
     }
 
     #[inline(always)]
@@ -251,7 +303,7 @@ pub fn track_egress(ip: &Ip) {
 fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
     let now = now();
     for origin in [Origin::Out, Origin::In] {
-        if let Some(flow) = K::table(origin).get_ptr_mut(key) {
+        if let Some(flow) = K::table(origin, key.proto()).get_ptr_mut(key) {
             // SAFETY: pointer from a successful lookup; concurrent writers
             // only race on a timestamp and a state byte, both benign.
             let flow = unsafe { &mut *flow };
@@ -260,12 +312,54 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
             return;
         }
     }
+    if ip.proto == IPPROTO_TCP
+        && let Some(e) = K::embryos().get_ptr_mut(key)
+    {
+        // A half-open inbound connection: this host's SYN-ACK gives the
+        // sequence number its completing ACK must acknowledge. Nothing
+        // this host sends on it opens a flow of its own.
+        if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
+            && !crate::explain::on()
+        {
+            // SAFETY: pointer from a successful lookup; a racing SYN-ACK
+            // retransmission writes the same number.
+            unsafe {
+                (*e).isn = ip.tcp_seq;
+                (*e).synack = 1;
+            }
+        }
+        return;
+    }
     let state = match ip.proto {
         IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => FLOW_TCP_SYN_SENT,
         IPPROTO_TCP => return,
         _ => FLOW_UNREPLIED,
     };
     insert(Origin::Out, key, state, now);
+}
+
+/// Egress, under an allowlist: whether `ip` is this host's SYN-ACK to a
+/// half-open inbound connection the rules admitted (`EMBRYO4`/`EMBRYO6`).
+#[inline(always)]
+pub fn answers_embryo(ip: &Ip) -> bool {
+    if ip.proto != IPPROTO_TCP || ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_SYN | TCP_ACK
+    {
+        return false;
+    }
+    by_family!(ip, Dir::Out, |key| embryo_of(key).is_some(), false)
+}
+
+/// The live half-open connection `key` (one older than a SYN's timeout is
+/// ignored: the LRU evicts it).
+#[inline(always)]
+fn embryo_of<K: Key>(key: &K) -> Option<*mut Embryo> {
+    let e = K::embryos().get_ptr_mut(key)?;
+    // SAFETY: pointer from a successful lookup of a plain struct.
+    let seen = unsafe { (*e).seen_ns };
+    if now().saturating_sub(seen) > flow_timeout_ns(IPPROTO_TCP, FLOW_TCP_SYN_SENT) {
+        return None;
+    }
+    Some(e)
 }
 
 #[inline(always)]
@@ -278,36 +372,87 @@ fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
         state,
         _pad: [0; 7],
     };
-    let _ = K::table(origin).insert(key, &flow, 0);
+    let _ = K::table(origin, key.proto()).insert(key, &flow, 0);
 }
 
-/// Ingress, after the rules admitted `ip`: records its inbound flow, or
-/// refreshes it (at most once a second), so this host's replies may leave
-/// under an egress allowlist.
+/// Ingress, after the rules admitted `ip`: refreshes its inbound flow (at
+/// most once a second), so this host's replies may leave under an egress
+/// allowlist. `true`: there is none and `ip` would open one (a TCP SYN
+/// without ACK, or any packet of another protocol); the caller checks the
+/// rate limit, then records it with [`open_ingress`].
 #[inline(always)]
-pub fn track_ingress(ip: &Ip) {
+pub fn track_ingress(ip: &Ip) -> bool {
     if ip.later_fragment {
-        return;
+        return false;
     }
-    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), ())
+    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), false)
 }
 
 #[inline(always)]
-fn track_ingress_key<K: Key>(ip: &Ip, key: &K) {
-    let now = now();
-    if let Some(flow) = K::table(Origin::In).get_ptr_mut(key) {
-        // SAFETY: pointer from a successful lookup; see `track_egress`.
-        let flow = unsafe { &mut *flow };
-        let state = next_state(ip, Dir::In, Origin::In, flow.state);
-        touch(flow, state, now);
+fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
+    let Some(flow) = K::table(Origin::In, key.proto()).get_ptr_mut(key) else {
+        if ip.proto != IPPROTO_TCP || opens_tcp_connection(ip) {
+            return true;
+        }
+        complete_handshake(ip, key);
+        return false;
+    };
+    // SAFETY: pointer from a successful lookup; see `track_egress`.
+    let flow = unsafe { &mut *flow };
+    let state = next_state(ip, Dir::In, Origin::In, flow.state);
+    touch(flow, state, now());
+    false
+}
+
+/// Ingress, a TCP packet of no inbound flow: the ACK of this host's SYN-ACK
+/// (acknowledgment number = its ISN + 1) of a half-open connection moves
+/// that connection to `INBOUND4`/`INBOUND6`. Nothing else records a TCP
+/// flow there: a packet that does not complete a handshake this host
+/// answered (a forged ACK, a flood) records nothing.
+#[inline(always)]
+fn complete_handshake<K: Key>(ip: &Ip, key: &K) {
+    if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) != TCP_ACK {
         return;
     }
-    let state = match ip.proto {
-        IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN => FLOW_TCP_SYN_SENT,
-        IPPROTO_TCP => FLOW_TCP_ESTABLISHED,
-        _ => FLOW_UNREPLIED,
+    let Some(e) = embryo_of(key) else {
+        return;
     };
-    insert(Origin::In, key, state, now);
+    // SAFETY: pointer from a successful lookup of a plain struct.
+    let (synack, isn) = unsafe { ((*e).synack, (*e).isn) };
+    if synack == 1 && ip.tcp_ack == isn.wrapping_add(1) && !crate::explain::on() {
+        insert(Origin::In, key, FLOW_TCP_ESTABLISHED, now());
+        let _ = K::embryos().remove(key);
+    }
+}
+
+#[inline(always)]
+fn embryo_insert<K: Key>(key: &K, e: &Embryo) {
+    if crate::explain::on() {
+        return;
+    }
+    let _ = K::embryos().insert(key, e, 0);
+}
+
+/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]): a
+/// TCP connection as half-open (`EMBRYO4`/`EMBRYO6`) until its handshake
+/// completes, the rest in `INBOUND_OTHER4`/`INBOUND_OTHER6`.
+#[inline(always)]
+pub fn open_ingress(ip: &Ip) {
+    if ip.proto == IPPROTO_TCP {
+        let e = Embryo {
+            seen_ns: now(),
+            isn: 0,
+            synack: 0,
+        };
+        by_family!(ip, Dir::In, |key| embryo_insert(key, &e), ())
+    } else {
+        by_family!(
+            ip,
+            Dir::In,
+            |key| insert(Origin::In, key, FLOW_UNREPLIED, now()),
+            ()
+        )
+    }
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes
@@ -340,13 +485,13 @@ pub fn tracked(origin: Origin, ip: &Ip, dir: Dir) -> bool {
 /// packet's one clock read), or `None` (an expired one is removed).
 #[inline(always)]
 fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
-    let flow = K::table(origin).get_ptr_mut(key)?;
+    let flow = K::table(origin, key.proto()).get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
     let now = now();
     if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
         if !crate::explain::on() {
-            let _ = K::table(origin).remove(key);
+            let _ = K::table(origin, key.proto()).remove(key);
         }
         return None;
     }

@@ -87,8 +87,9 @@ pub fn set_of(ip: &Ip) -> u32 {
     entry.map_or(0, |e| e.set.wrapping_add(1))
 }
 
+/// Whether `ip.src` is in an admin network (never banned, never limited).
 #[inline(always)]
-fn exempt(ip: &Ip) -> bool {
+pub fn exempt(ip: &Ip) -> bool {
     if ip.family == FAMILY_V6 {
         DENY_EXEMPT_V6.get(&Key::new(128, ip.src)).is_some()
     } else {

@@ -21,6 +21,8 @@ mod parse;
 #[cfg(target_arch = "bpf")]
 mod policy;
 #[cfg(target_arch = "bpf")]
+mod ratelimit;
+#[cfg(target_arch = "bpf")]
 mod rules;
 #[cfg(target_arch = "bpf")]
 mod volume;

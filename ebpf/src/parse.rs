@@ -117,6 +117,10 @@ pub struct Ip {
     pub hop_limit: u8,
     /// TCP flags (0 for other protocols).
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgment numbers (0 for other protocols, and
+    /// in a quoted packet).
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// Part of a fragmented packet (first or later fragment).
@@ -147,6 +151,8 @@ impl Ip {
             proto: 0,
             hop_limit: 0,
             tcp_flags: 0,
+            tcp_seq: 0,
+            tcp_ack: 0,
             src: [0; 16],
             dst: [0; 16],
             fragment: false,
@@ -347,6 +353,8 @@ fn transport<P: Packet>(p: &P, ip: &mut Ip, quoted: Option<usize>) -> Result<(),
             ip.sport = be16([t[0], t[1]]);
             ip.dport = be16([t[2], t[3]]);
             ip.tcp_flags = t[13];
+            ip.tcp_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+            ip.tcp_ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
         }
         IPPROTO_TCP | IPPROTO_UDP => {
             let u = within::<P, 8>(p, off, end)?;

@@ -3,10 +3,12 @@
 //! [`Reason`]. The order (ingress): flows this host opened (`established`,
 //! called first by `main.rs`), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
-//! its tracked flows), the deny sets (`deny::denied`), the rules, and last
-//! the ping setting for an echo request no rule admitted. ICMP meets the
-//! rules with its type and code as the port (`icmp_port`). What the rules admit is
-//! recorded as an inbound flow (`conntrack::INBOUND4`/`INBOUND6`).
+//! its tracked flows), the deny sets (`deny::denied`) and the rate limiter's
+//! bans (`ratelimit::banned`), the rules, and last the ping setting for an
+//! echo request no rule admitted. ICMP meets the rules with its type and
+//! code as the port (`icmp_port`). What the rules admit is recorded as an
+//! inbound flow (`conntrack::track_ingress`); a new one first meets its
+//! source's rate limit (`ratelimit::over_limit`).
 
 use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, FAMILY_V6, ICMP_DEST_UNREACH, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST,
@@ -21,7 +23,7 @@ use crate::{
     conntrack::{self, Dir, Origin},
     deny,
     parse::{self, Frame, Ip, Packet},
-    rules,
+    ratelimit, rules,
 };
 
 /// ICMPv6 router solicitation .. redirect: neighbour and router discovery.
@@ -121,15 +123,13 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if deny::denied(ip, bytes) {
         return Reason::DropDenied;
     }
+    // A source banned for exceeding a rate limit (`ratelimit.rs`).
+    if ratelimit::banned(ip, ctx.generation) {
+        return Reason::DropRateLimit;
+    }
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
-    if matches!(
-        reason,
-        Reason::PassRule | Reason::PassPeer | Reason::PassSsh
-    ) {
-        conntrack::track_ingress(ip);
-    }
     if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
         Reason::PassPing
     } else {
@@ -158,6 +158,15 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
         SLOT_KIND_SSH => Reason::PassSsh,
         _ => Reason::DropOtherCluster,
     };
+    // What passes is recorded as an inbound flow; a new flow a rule or the
+    // SSH exemption admits counts against its source's rate limit first
+    // (cluster peers are not limited).
+    if reason.passes() && conntrack::track_ingress(ip) {
+        if reason != Reason::PassPeer && ratelimit::over_limit(ip, ctx.generation, m.slot) {
+            return Reason::DropRateLimit;
+        }
+        conntrack::open_ingress(ip);
+    }
     if reason.passes() {
         rules::count(&m, bytes);
     }
@@ -315,8 +324,10 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // whatever flow its ports match (a remote can plant an inbound entry
     // for any admitted port with one packet; a local user could then
     // connect out from that port as if answering).
-    let reply =
-        !conntrack::opens_tcp_connection(ip) && conntrack::tracked(Origin::In, ip, Dir::Out);
+    // (A SYN-ACK answers a half-open inbound connection: its flow enters
+    // `INBOUND4`/`INBOUND6` only with the ACK that completes the handshake.)
+    let reply = !conntrack::opens_tcp_connection(ip)
+        && (conntrack::tracked(Origin::In, ip, Dir::Out) || conntrack::answers_embryo(ip));
     if (echo_reply || reply)
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))

@@ -59,6 +59,13 @@ impl Pkt {
         self
     }
 
+    /// A TCP segment's sequence and acknowledgment numbers (after `tcp`).
+    pub fn seq_ack(mut self, seq: u32, ack: u32) -> Self {
+        self.l4[4..8].copy_from_slice(&seq.to_be_bytes());
+        self.l4[8..12].copy_from_slice(&ack.to_be_bytes());
+        self
+    }
+
     pub fn udp(mut self, sport: u16, dport: u16) -> Self {
         let mut h = vec![0u8; 8];
         h[0..2].copy_from_slice(&sport.to_be_bytes());

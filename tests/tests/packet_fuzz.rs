@@ -351,6 +351,10 @@ impl Model {
             Some(Reason::PassRule | Reason::PassPeer | Reason::PassSsh)
         ) && let Some(Frame::Ip(ip)) = parse(b)
             && let Some(flow) = Model::flow(&ip, false)
+            // A TCP connection only with its SYN (half-open, then completed
+            // by the ACK of this host's SYN-ACK, which these frames, with
+            // sequence numbers 0, never carry).
+            && (ip.proto != TCP || ip.flags & (0x02 | 0x10) == 0x02)
         {
             self.inbound.insert(flow);
         }
@@ -543,10 +547,11 @@ impl Kernel {
         self.pins.counters().unwrap().into_iter().collect()
     }
 
-    /// Empties both connection tables: flows this host opened, inbound flows.
+    /// Empties the connection tables: flows this host opened, inbound
+    /// flows, half-open inbound connections.
     fn clear_flows(&self) {
-        fn clear<K: aya::Pod>(path: std::path::PathBuf) {
-            let mut map: BpfHashMap<_, K, portcullis_common::Flow> =
+        fn clear<K: aya::Pod, V: aya::Pod>(path: std::path::PathBuf) {
+            let mut map: BpfHashMap<_, K, V> =
                 BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
             let keys: Vec<K> = map.keys().flatten().collect();
             for k in keys {
@@ -558,10 +563,13 @@ impl Kernel {
             portcullis_common::maps::CONNTRACK,
             portcullis_common::maps::INBOUND,
         );
-        for [v4, v6] in [out, inbound] {
-            clear::<portcullis_common::FlowKey4>(dir.join(v4));
-            clear::<FlowKey>(dir.join(v6));
+        for [v4, v6] in [out, inbound, portcullis_common::maps::INBOUND_OTHER] {
+            clear::<portcullis_common::FlowKey4, portcullis_common::Flow>(dir.join(v4));
+            clear::<FlowKey, portcullis_common::Flow>(dir.join(v6));
         }
+        let [v4, v6] = portcullis_common::maps::EMBRYO;
+        clear::<portcullis_common::FlowKey4, portcullis_common::Embryo>(dir.join(v4));
+        clear::<FlowKey, portcullis_common::Embryo>(dir.join(v6));
     }
 }
 

@@ -345,8 +345,28 @@ fn connection_table_admits_replies_and_related_errors_only() {
             &Pkt::new(p, h).tcp(443, 41001, ACK).bytes(),
             Reason::DropNoRule,
         );
-        // A TCP packet that is not a SYN opens nothing (inbound-accepted flows).
-        b.egress(&Pkt::new(h, p).tcp(8080, 50000, SYN | ACK).bytes());
+        // A TCP packet that is not a SYN opens nothing (inbound-accepted
+        // flows). The handshake of an admitted inbound connection (SYN, this
+        // host's SYN-ACK, the ACK of its ISN) records it as an inbound flow.
+        b.expect(
+            "an admitted syn",
+            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        b.egress(
+            &Pkt::new(h, p)
+                .tcp(8080, 50000, SYN | ACK)
+                .seq_ack(7000, 1)
+                .bytes(),
+        );
+        b.expect(
+            "the handshake's ack",
+            &Pkt::new(p, h)
+                .tcp(50000, 8080, ACK)
+                .seq_ack(1, 7001)
+                .bytes(),
+            Reason::PassRule,
+        );
         b.expect(
             "after our syn-ack",
             &Pkt::new(p, h).tcp(50000, 8080, ACK).bytes(),

@@ -518,7 +518,7 @@ fn load_dataplane(
         dataplane::maps_dir(pin_dir),
     ];
     portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
-    let dataplane = Dataplane::load_with_deny(
+    let mut dataplane = Dataplane::load_with_deny(
         pin_dir,
         config.conntrack_entries,
         limits,
@@ -530,6 +530,7 @@ fn load_dataplane(
     )
     .context("loading the eBPF data path")?;
     portcullis::host::secure_pin_dirs(pin_dir, &pin_dirs)?;
+    dataplane.rate_limit = config.rate_limit.clone();
     Ok(dataplane)
 }
 

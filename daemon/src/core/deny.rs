@@ -213,6 +213,9 @@ impl Core {
         name: &str,
         prefixes: &[IpNet],
     ) -> Result<DenyChanged, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_lift(Some(prefixes));
+        }
         denylist::check_name(name).map_err(ChangeError::Config)?;
         let Some(set) = self.deny.get(name) else {
             return Err(ChangeError::Config(format!("no deny set {name:?}")));
@@ -282,6 +285,9 @@ impl Core {
 
     /// Removes every entry of set `name`, and the set.
     pub fn deny_flush(&mut self, name: &str) -> Result<DenyChanged, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_lift(None);
+        }
         let all: Vec<IpNet> = self
             .deny
             .get(name)
@@ -299,6 +305,9 @@ impl Core {
 
     /// Set `name`: its size and drops, and its entries unless `count_only`.
     pub fn deny_list(&mut self, name: &str, count_only: bool) -> Result<DenySetView, ChangeError> {
+        if name == denylist::RATELIMIT_SET {
+            return self.ratelimit_view(count_only);
+        }
         let Some(set) = self.deny.get(name) else {
             return Err(ChangeError::Config(format!("no deny set {name:?}")));
         };
@@ -346,7 +355,10 @@ impl Core {
 
     /// Every set, counted.
     pub fn deny_sets(&mut self) -> Vec<DenySetView> {
-        let names: Vec<String> = self.deny.sets().keys().cloned().collect();
+        let mut names: Vec<String> = self.deny.sets().keys().cloned().collect();
+        if self.ratelimit_bans() {
+            names.push(denylist::RATELIMIT_SET.to_string());
+        }
         names
             .iter()
             .filter_map(|n| self.deny_list(n, true).ok())

@@ -104,7 +104,7 @@ impl Dataplane {
             .scratch
             .as_mut()
             .ok_or_else(|| anyhow!("the scratch explain instance did not load"))?;
-        write_image(ebpf, 0, image, flags, None).context("writing the proposed rules")?;
+        write_image(ebpf, 0, image, flags, None, None).context("writing the proposed rules")?;
         let mut active: Array<_, u32> = Array::try_from(map_mut(ebpf, maps::ACTIVE)?)?;
         active.set(0, &0, 0).context("writing the scratch ACTIVE")?;
         run(ebpf, self.programs.ingress_name, program, frame)

@@ -57,6 +57,7 @@ mod flows;
 pub mod links;
 mod mapio;
 mod programs;
+mod ratelimit;
 pub mod sockets;
 pub mod sys;
 pub mod testrun;
@@ -84,10 +85,11 @@ pub use explain::Verdict;
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
 use mapio::{clear_counters, write_array, write_keyed};
+pub use ratelimit::RateBan;
 
 use crate::{
     compile::{Image, Limits, V6Tables},
-    model::XdpProgram,
+    model::{RateLimit, XdpProgram},
 };
 
 /// The compiled eBPF object, built by `build.rs`.
@@ -110,6 +112,9 @@ pub struct Dataplane {
     /// reading them back (`None` until the first write, and after a failed
     /// one).
     v6_written: [Option<Arc<V6Tables>>; 2],
+    /// `[rate_limit]`: the default limit on new inbound flows per source,
+    /// written with each generation (entry 0 of `RATE_LIMITS_g`).
+    pub rate_limit: Option<RateLimit>,
     /// How the maps were sized, so the explain instances load alike.
     params: LoadParams,
     /// The explain instances (`explain.rs`), loaded on first use.
@@ -146,7 +151,8 @@ impl LoadParams {
                 .map_max_entries(generation(maps::V6_PREFIXES, g), limits.prefixes)
                 .map_max_entries(generation(maps::REGIONS, g), limits.regions)
                 .map_max_entries(generation(maps::SEGMENTS, g), limits.segments)
-                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots);
+                .map_max_entries(generation(maps::RULE_STATS, g), limits.slots)
+                .map_max_entries(generation(maps::RATE_LIMITS, g), limits.slots);
         }
         loader
     }
@@ -210,6 +216,7 @@ impl Dataplane {
             v6_written: [None, None],
             params,
             explainer: explain::Explainers::default(),
+            rate_limit: None,
         })
     }
 
@@ -289,7 +296,15 @@ impl Dataplane {
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
         let before = self.v6_written.get_mut(g).and_then(Option::take);
-        let written = write_image(&mut self.ebpf, g, image, flags, before.as_deref())?;
+        let rate_limits = self.rate_limits(image);
+        let written = write_image(
+            &mut self.ebpf,
+            g,
+            image,
+            flags,
+            before.as_deref(),
+            Some(&rate_limits),
+        )?;
         if let Some(w) = self.v6_written.get_mut(g) {
             *w = Some(written);
         }
@@ -330,6 +345,7 @@ fn write_image(
     image: &Image,
     flags: u32,
     before: Option<&V6Tables>,
+    rate_limits: Option<&[portcullis_common::RateLimit]>,
 ) -> anyhow::Result<Arc<V6Tables>> {
     write_array(map_mut(ebpf, generation(maps::V4_ROOT, g))?, &image.v4_root)
         .context("writing the IPv4 table root")?;
@@ -369,6 +385,12 @@ fn write_image(
         image.slots.len(),
     )
     .context("clearing rule counters")?;
+    // `None`: an explain instance's scratch maps, which have no limits of
+    // their own (its `RATE_LIMITS_g` are the live ones: never written here).
+    if let Some(limits) = rate_limits {
+        write_array(map_mut(ebpf, generation(maps::RATE_LIMITS, g))?, limits)
+            .context("writing the rate limits")?;
+    }
     let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
     settings
         .set(
@@ -381,6 +403,22 @@ fn write_image(
         )
         .context("writing SETTINGS")?;
     Ok(v6)
+}
+
+impl Dataplane {
+    /// `RATE_LIMITS_g` for `image`: entry 0 the default, then each slot's
+    /// own limit (zero: none).
+    fn rate_limits(&self, image: &Image) -> Vec<portcullis_common::RateLimit> {
+        let mut out: Vec<_> = image
+            .slots
+            .iter()
+            .map(|s| s.limit.unwrap_or_default())
+            .collect();
+        if let (Some(first), Some(default)) = (out.first_mut(), &self.rate_limit) {
+            *first = default.default_entry();
+        }
+        out
+    }
 }
 
 /// The two programs, for [`Dataplane::test_run`].

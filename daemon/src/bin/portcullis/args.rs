@@ -444,6 +444,13 @@ pub enum RulesCmd {
         /// echo-request, destination-unreachable/4, icmp:13, icmpv6:128.
         #[arg(long = "icmp-type", value_name = "TYPE")]
         icmp_types: Vec<String>,
+        /// New flows per second each source may open through this rule
+        /// (ingress; instead of `[rate_limit]`'s default).
+        #[arg(long)]
+        rate: Option<u32>,
+        /// With --rate: new flows a source may open at once (default: the rate).
+        #[arg(long, requires = "rate")]
+        burst: Option<u32>,
         /// Add to the egress list instead (destinations in --ip-range).
         #[arg(long)]
         egress: bool,

@@ -26,6 +26,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             protocol,
             description,
             icmp_types,
+            rate,
+            burst,
             egress,
             expiry,
             change,
@@ -39,6 +41,8 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 description,
                 icmp_types,
                 expires: expiry.field()?,
+                rate,
+                burst,
             };
             add(ctx, rule, egress, &change)
         }
@@ -63,7 +67,14 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         p => (proto_name(p).to_string(), format!(" {ports}")),
     };
     let dir = if egress { "to" } else { "from" };
-    format!("{proto}{ports} {dir} {nets}")
+    let limit = match (r.rate, r.burst) {
+        (Some(rate), burst) => format!(
+            ", at most {rate} new flows/s per source (burst {})",
+            burst.unwrap_or(rate)
+        ),
+        (None, _) => String::new(),
+    };
+    format!("{proto}{ports} {dir} {nets}{limit}")
 }
 
 fn ports(r: &FirewallRule) -> String {
@@ -226,6 +237,8 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         description: a.description,
         icmp_types: Vec::new(),
         expires: a.expiry.field()?,
+        rate: None,
+        burst: None,
     };
     add(ctx, rule, false, &a.change)
 }

@@ -102,6 +102,8 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
                 description: None,
                 icmp_types: Vec::new(),
                 expires: None,
+                rate: None,
+                burst: None,
             }
         })
         .collect();

@@ -68,6 +68,8 @@ fn rule_set(n: usize) -> RuleSet {
                     description: None,
                     icmp_types: Vec::new(),
                     expires: None,
+                    rate: None,
+                    burst: None,
                 }
             })
             .collect(),
