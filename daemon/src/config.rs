@@ -508,6 +508,7 @@ impl Config {
                 description: Some("readiness health endpoint ([readiness.health])".into()),
                 icmp_types: Vec::new(),
                 expires: None,
+                interfaces: Vec::new(),
             })
             .collect()
     }
@@ -717,6 +718,7 @@ ip_ranges = []
             description: Some(odd.into()),
             icmp_types: Vec::new(),
             expires: None,
+            interfaces: Vec::new(),
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -771,6 +773,7 @@ ip_ranges = []
             description: Some("d".into()),
             icmp_types: Vec::new(),
             expires: None,
+            interfaces: Vec::new(),
         };
         Config {
             interfaces: vec![],

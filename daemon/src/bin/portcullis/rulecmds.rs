@@ -26,6 +26,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             protocol,
             description,
             icmp_types,
+            interfaces,
             egress,
             expiry,
             change,
@@ -39,6 +40,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 description,
                 icmp_types,
                 expires: expiry.field()?,
+                interfaces,
             };
             add(ctx, rule, egress, &change)
         }
@@ -63,7 +65,12 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         p => (proto_name(p).to_string(), format!(" {ports}")),
     };
     let dir = if egress { "to" } else { "from" };
-    format!("{proto}{ports} {dir} {nets}")
+    let on = if r.interfaces.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", r.interfaces.join(", "))
+    };
+    format!("{proto}{ports} {dir} {nets}{on}")
 }
 
 fn ports(r: &FirewallRule) -> String {
@@ -71,6 +78,21 @@ fn ports(r: &FirewallRule) -> String {
         r.from_port.to_string()
     } else {
         format!("{}-{}", r.from_port, r.to_port)
+    }
+}
+
+/// The SOURCES column: the ranges, and the interfaces when the rule names
+/// some (`any on pc2`).
+fn sources_column(r: &FirewallRule) -> String {
+    let nets = if r.ip_ranges.is_empty() {
+        "any".to_string()
+    } else {
+        r.ip_ranges.join(",")
+    };
+    if r.interfaces.is_empty() {
+        nets
+    } else {
+        format!("{nets} on {}", r.interfaces.join(","))
     }
 }
 
@@ -125,11 +147,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     } else {
                         ports(r)
                     },
-                    if r.ip_ranges.is_empty() {
-                        "any".into()
-                    } else {
-                        r.ip_ranges.join(",")
-                    },
+                    sources_column(r),
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
                         .map_or_else(|| "-".into(), |c| c.packets.to_string()),
@@ -222,6 +240,7 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         description: a.description,
         icmp_types: Vec::new(),
         expires: a.expiry.field()?,
+        interfaces: a.interfaces,
     };
     add(ctx, rule, false, &a.change)
 }
