@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 11;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -43,9 +43,6 @@ pub mod maps {
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     /// `PerCpuArray<Counter>` per generation, indexed by rule slot.
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
-    /// `HashMap<u32, u32>` per generation: ifindex -> interface class (1..
-    /// [`crate::IF_CLASSES`]) of the interfaces rules name; absent: class 0.
-    pub const IFCLASS: [&str; 2] = ["IFCLASS_0", "IFCLASS_1"];
     /// `Array<Settings>`, one entry per generation (2).
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<FlowKey4, Flow>`: IPv4 flows the host opened (connection
@@ -420,27 +417,6 @@ pub const SETTING_PASS_ALL: u32 = 1 << 3;
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
-/// Interface classes: 0 is every interface no rule names; 1.. are the
-/// interfaces rules name (`interfaces = ["eth1"]`), one class each. The
-/// ingress rules of class `c > 0` have their own direction byte, `1 + c`
-/// ([`ingress_dir`]), so each class is a rule set of its own in the same
-/// maps and a lookup stays one lookup.
-pub const IF_CLASSES: u32 = 4;
-
-/// The direction byte of the ingress rules of interface class `class`.
-#[inline(always)]
-pub const fn ingress_dir(class: u32) -> u8 {
-    if class == 0 || class >= IF_CLASSES {
-        DIR_INGRESS
-    } else {
-        1 + class as u8
-    }
-}
-
-/// Some rule names interfaces: the data path looks up the packet's
-/// interface class (`IFCLASS_g`); without it, class 0, no lookup.
-pub const SETTING_IF_CLASSES: u32 = 1 << 4;
-
 /// A compiled IPv4 prefix: direction, then the address (its length, like an
 /// LPM key's, counts the direction byte: 8 + prefix length).
 pub type RuleKey4 = [u8; 5];
@@ -583,9 +559,7 @@ pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
 /// chunk` (look at the next 4 bits in that chunk). At most five array reads,
 /// whatever the rules.
 pub const V4_NODE: u32 = 1 << 31;
-/// One block of 65536 per direction byte: egress, and ingress per
-/// interface class.
-pub const V4_ROOT_ENTRIES: u32 = (1 + IF_CLASSES) * 65536;
+pub const V4_ROOT_ENTRIES: u32 = 2 * 65536;
 pub const V4_CHUNK_ENTRIES: u32 = 16;
 
 /// Default capacities of the rule maps; the configuration can raise them.

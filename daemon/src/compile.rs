@@ -112,9 +112,6 @@ pub struct Image {
     /// Index 0 is unused (`SLOT_NONE`).
     pub slots: Vec<Slot>,
     pub egress_allowlist: bool,
-    /// Interfaces the rules name: interface class `i + 1` (the data path's
-    /// `IFCLASS_g`), whose ingress rules have direction `ingress_dir(i + 1)`.
-    pub if_classes: Vec<String>,
     /// SHA-256 of the rule set (canonical JSON), hex.
     pub hash: String,
 }
@@ -149,44 +146,7 @@ fn networks(cidrs: &[String]) -> Vec<IpNet> {
 }
 
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
-    let (entries, slots, scoped) = base_entries(set);
-    (by_interface_class(set, entries, &scoped), slots)
-}
-
-/// Copies each ingress entry into the interface classes it applies to
-/// (direction `ingress_dir(class)`): an entry of a rule without interfaces
-/// into every class, an entry of a rule with some into theirs only (and
-/// not class 0). Order is kept, so each class is its own rule list.
-fn by_interface_class(set: &RuleSet, entries: Vec<Entry>, scoped: &[Vec<String>]) -> Vec<Entry> {
-    let names = set.rule_interfaces();
-    if names.is_empty() {
-        return entries;
-    }
-    let mut out = Vec::new();
-    for (e, on) in entries.into_iter().zip(scoped) {
-        if e.dir != DIR_INGRESS {
-            out.push(e);
-            continue;
-        }
-        for (i, name) in names.iter().enumerate() {
-            if on.is_empty() || on.contains(name) {
-                let mut copy = e.clone();
-                copy.dir = portcullis_common::ingress_dir(i as u32 + 1);
-                out.push(copy);
-            }
-        }
-        if on.is_empty() {
-            out.push(e);
-        }
-    }
-    out
-}
-
-/// The entries as if no rule named interfaces, their slots, and each
-/// entry's interfaces (empty: every interface).
-fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
     let mut entries = Vec::new();
-    let mut scoped: Vec<Vec<String>> = Vec::new();
     let mut slots = vec![Slot {
         name: String::new(),
         kind: 0,
@@ -195,20 +155,18 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports, the ICMP types of a rule, per family)
     // is one entry per set, all on its slot.
-    let mut push =
-        |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>, on: &[String]| {
-            let index = slots.len() as u32;
-            slots.push(Slot { name, kind, dir });
-            for (ports, nets) in port_sets {
-                entries.push(Entry {
-                    dir,
-                    slot: (kind << SLOT_KIND_SHIFT) | index,
-                    ports,
-                    nets,
-                });
-                scoped.push(on.to_vec());
-            }
-        };
+    let mut push = |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>| {
+        let index = slots.len() as u32;
+        slots.push(Slot { name, kind, dir });
+        for (ports, nets) in port_sets {
+            entries.push(Entry {
+                dir,
+                slot: (kind << SLOT_KIND_SHIFT) | index,
+                ports,
+                nets,
+            });
+        }
+    };
     let everything = pclasses(Protocol::Any, 0, u16::MAX);
     if let Some(cluster) = &set.cluster {
         let peers = networks(&cluster.peers);
@@ -219,7 +177,6 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
                     SLOT_KIND_PEER,
                     dir,
                     vec![(everything, peers.clone())],
-                    &[],
                 );
             }
         }
@@ -234,7 +191,7 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
             .iter()
             .map(|&p| (pclasses(Protocol::Tcp, p, p), nets.clone()))
             .collect();
-        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, ports, &[]);
+        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, ports);
     }
     for (dir, rules) in [
         (DIR_INGRESS, &set.ingress_rules),
@@ -246,7 +203,6 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
                 SLOT_KIND_RULE,
                 dir,
                 rule_port_sets(r),
-                &r.interfaces,
             );
         }
     }
@@ -258,11 +214,10 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
                 SLOT_KIND_FOREIGN,
                 DIR_INGRESS,
                 vec![(everything, others)],
-                &[],
             );
         }
     }
-    (entries, slots, scoped)
+    (entries, slots)
 }
 
 /// A rule's port sets, each with its networks. An ICMP rule with
@@ -374,12 +329,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         ..Default::default()
     };
     let mut region_ids = RegionIds::new();
-    image.if_classes = set.rule_interfaces();
-    let classes = image.if_classes.len() as u32;
-    let dirs = [DIR_INGRESS, DIR_EGRESS]
-        .into_iter()
-        .chain((1..=classes).map(portcullis_common::ingress_dir));
-    for dir in dirs {
+    for dir in [DIR_INGRESS, DIR_EGRESS] {
         for v6 in [false, true] {
             prefixes(&entries, dir, v6, &mut image, &mut region_ids)?;
         }
@@ -789,7 +739,6 @@ mod tests {
             description: None,
             icmp_types: Vec::new(),
             expires: None,
-            interfaces: Vec::new(),
         }
     }
 
@@ -980,47 +929,6 @@ mod tests {
         assert_eq!(name(at("10.9.1.1", 42, 42)), "rule:all");
     }
 
-    #[test]
-    fn interface_rules_apply_on_their_interfaces_only() {
-        use portcullis_common::ingress_dir;
-        let mut cluster = rule("cluster", 9000, 9000, &["10.0.0.0/8"], Protocol::Tcp);
-        cluster.interfaces = vec!["eth1".into()];
-        let mut narrow = rule("narrow", 9000, 9001, &["10.1.0.0/16"], Protocol::Tcp);
-        narrow.interfaces = vec!["eth2".into()];
-        let set = RuleSet {
-            ingress_rules: vec![cluster, narrow, rule("web", 443, 443, &[], Protocol::Tcp)],
-            ..Default::default()
-        };
-        set.validate().unwrap();
-        let image = compile(&set, &Limits::default()).unwrap();
-        assert_eq!(image.if_classes, ["eth1", "eth2"]);
-        let (entries, _) = entries(&set);
-        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
-        let at = |class: u32, a: &str, port: u16| {
-            let dir = ingress_dir(class);
-            let slot = image.lookup(dir, ip(a), PCLASS_TCP, port);
-            assert_eq!(slot, reference(&entries, dir, ip(a), PCLASS_TCP, port));
-            slot
-        };
-        // Class 0 (any other interface): neither scoped rule.
-        assert_eq!(at(0, "10.1.2.3", 9000), SLOT_NONE);
-        assert_eq!(name(at(0, "10.1.2.3", 443)), "rule:web");
-        // eth1: the cluster rule, and the unscoped ones.
-        assert_eq!(name(at(1, "10.1.2.3", 9000)), "rule:cluster");
-        assert_eq!(at(1, "10.1.2.3", 9001), SLOT_NONE);
-        assert_eq!(name(at(1, "10.1.2.3", 443)), "rule:web");
-        // eth2: the narrow rule only where it reaches.
-        assert_eq!(name(at(2, "10.1.2.3", 9000)), "rule:narrow");
-        assert_eq!(at(2, "10.2.2.3", 9000), SLOT_NONE);
-        let mut bad = set.clone();
-        bad.egress_rules.push(bad.ingress_rules[0].clone());
-        bad.egress_rules[0].id = "out".into();
-        assert_eq!(bad.validate().unwrap_err().field, "interfaces");
-        let mut many = set;
-        many.ingress_rules[2].interfaces = vec!["eth3".into(), "eth4".into()];
-        assert_eq!(many.validate().unwrap_err().field, "interfaces");
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
         /// The compiled image answers exactly what the one-by-one evaluator does.
@@ -1033,12 +941,7 @@ mod tests {
             let image = compile(&set, &Limits::default()).unwrap();
             let (entries, _) = entries(&set);
             for (addr, pclass, port, egress) in probes {
-                // Egress, or ingress on interface class 0..=2 (the
-                // strategies name two interfaces).
-                let dir = match (egress, port % 3) {
-                    (true, _) => DIR_EGRESS,
-                    (false, c) => portcullis_common::ingress_dir(u32::from(c)),
-                };
+                let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
                 let port = match pclass {
                     PCLASS_ICMP => strategies::icmp_probe(port),
                     PCLASS_OTHER => 0,
@@ -1109,12 +1012,6 @@ pub mod strategies {
                 (Just((from, span, nets, protocol)), types)
             })
             .prop_map(move |((from, span, nets, protocol), types)| FirewallRule {
-                interfaces: match (i < 100, from % 5) {
-                    (true, 0) => vec!["eth1".into()],
-                    (true, 1) => vec!["eth1".into(), "eth2".into()],
-                    (true, 2) => vec!["eth2".into()],
-                    _ => Vec::new(),
-                },
                 id: format!("r{i}"),
                 from_port: from,
                 to_port: from + span,

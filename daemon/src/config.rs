@@ -508,7 +508,6 @@ impl Config {
                 description: Some("readiness health endpoint ([readiness.health])".into()),
                 icmp_types: Vec::new(),
                 expires: None,
-                interfaces: Vec::new(),
             })
             .collect()
     }
@@ -718,7 +717,6 @@ ip_ranges = []
             description: Some(odd.into()),
             icmp_types: Vec::new(),
             expires: None,
-            interfaces: Vec::new(),
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -773,7 +771,6 @@ ip_ranges = []
             description: Some("d".into()),
             icmp_types: Vec::new(),
             expires: None,
-            interfaces: Vec::new(),
         };
         Config {
             interfaces: vec![],

@@ -461,9 +461,6 @@ impl Core {
         ifname: &str,
         tc: crate::config::TcAttachMode,
     ) -> anyhow::Result<dataplane::Attach> {
-        // A rule may name this interface: its class before it is enforced.
-        let image = self.effective()?.unwrap_or_else(|| self.image.clone());
-        self.dataplane.refresh_if_classes(&image)?;
         self.record_outbound(ifname, tc)?;
         self.enforce_on(ifname)
     }
@@ -1417,7 +1414,6 @@ mod tests {
                 description: None,
                 icmp_types: Vec::new(),
                 expires: None,
-                interfaces: Vec::new(),
             }],
             ..Default::default()
         };
@@ -1456,7 +1452,6 @@ mod tests {
             description: None,
             icmp_types: Vec::new(),
             expires: None,
-            interfaces: Vec::new(),
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

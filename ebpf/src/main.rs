@@ -28,29 +28,20 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use portcullis_common::{
-        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_IF_CLASSES,
-        SETTING_PASS_ALL,
+        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PASS_ALL,
     };
 
     use aya_ebpf::EbpfContext as _;
 
     use crate::{events, maps, parse, policy, rules};
 
-    /// The live generation and its settings, read once for this packet,
-    /// and the interface class of `ifindex` when rules name interfaces.
+    /// The live generation and its settings, read once for this packet.
     #[inline(always)]
-    fn ctx(ifindex: u32) -> policy::Ctx {
+    fn ctx() -> policy::Ctx {
         let generation = rules::active();
-        let settings = maps::settings(generation);
-        let ifclass = if settings.flags & SETTING_IF_CLASSES != 0 {
-            rules::if_class(generation, ifindex)
-        } else {
-            0
-        };
         policy::Ctx {
             generation,
-            settings,
-            ifclass,
+            settings: maps::settings(generation),
         }
     }
 
@@ -90,7 +81,7 @@ mod programs {
                     Err(parse::Malformed) => Reason::DropMalformed,
                 };
                 maps::count(reason, bytes);
-                return if reason.passes() || audited(&self::ctx(0), bytes) {
+                return if reason.passes() || audited(&self::ctx(), bytes) {
                     xdp_action::XDP_PASS
                 } else {
                     xdp_action::XDP_DROP
@@ -103,12 +94,11 @@ mod programs {
             maps::count(Reason::PassEstablished, bytes);
             return xdp_action::XDP_PASS;
         }
-        let ifindex = ctx.ingress_ifindex() as u32;
-        let c = self::ctx(ifindex);
+        let c = self::ctx();
         let reason = policy::decide(ctx, &ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {
-            events::report(&ip, reason, DIR_INGRESS, ifindex);
+            events::report(&ip, reason, DIR_INGRESS, ctx.ingress_ifindex() as u32);
         }
         if reason.passes() || audited(&c, bytes) {
             xdp_action::XDP_PASS
@@ -136,7 +126,7 @@ mod programs {
     #[inline(always)]
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
         let bytes = ctx.len() as u64;
-        let c = self::ctx(skb_ifindex(&ctx));
+        let c = self::ctx();
         let ip = match parse::parse(&ctx) {
             Ok(parse::Frame::Ip(ip)) => ip,
             Err(parse::Malformed) if c.settings.flags & SETTING_EGRESS_ALLOWLIST != 0 => {

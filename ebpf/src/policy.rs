@@ -14,8 +14,7 @@ use portcullis_common::{
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP,
     PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, ingress_dir, pclass_port,
-    slot_admits,
+    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port, slot_admits,
 };
 
 use crate::{
@@ -42,9 +41,6 @@ const DHCPV6_CLIENT: u16 = 546;
 pub struct Ctx {
     pub generation: usize,
     pub settings: Settings,
-    /// The packet's interface class (`rules::if_class`; 0 unless a rule
-    /// names interfaces): which ingress rules apply.
-    pub ifclass: u32,
 }
 
 /// Ingress verdict of a frame that is not IP: ARP passes, the rest drops.
@@ -147,7 +143,7 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, bytes: u64) -> Reason {
     let m = rules::lookup(
         ctx.generation,
-        ingress_dir(ctx.ifclass),
+        DIR_INGRESS,
         ip.family,
         &ip.src,
         pclass,
@@ -171,14 +167,7 @@ fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, byt
 /// Whether the rules admit new inbound traffic from `remote` (no counting).
 #[inline(always)]
 fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
-    let m = rules::lookup(
-        ctx.generation,
-        ingress_dir(ctx.ifclass),
-        family,
-        remote,
-        pclass,
-        port,
-    );
+    let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
     slot_admits(m.slot)
 }
 

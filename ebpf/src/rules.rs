@@ -4,7 +4,7 @@
 //! | map            | type              | key                         | value     |
 //! |----------------|-------------------|-----------------------------|-----------|
 //! | `ACTIVE`       | array (1)         | 0                           | live generation (0/1) |
-//! | `V4_ROOT_g`    | array (5 x 65536) | direction (per interface class), top 16 bits | region+1, or chunk (`V4_NODE`) |
+//! | `V4_ROOT_g`    | array (2 x 65536) | direction, top 16 bits      | region+1, or chunk (`V4_NODE`) |
 //! | `V4_CHUNKS_g`  | array (16 x chunks) | chunk, next 4 bits        | region+1, or chunk |
 //! | `V6_BUCKETS_g` | hash (no prealloc) | direction, top 32 bits of the address | prefix lengths of /32 and longer there, longest first (or `V6_BUCKET_OVERFLOW`) |
 //! | `V6_PREFIXES_g` | hash (no prealloc) | direction, length, masked address | region |
@@ -12,7 +12,6 @@
 //! | `REGIONS_g`    | array             | region                      | `Region` (segments per protocol class) |
 //! | `SEGMENTS_g`   | array             | index                       | `Segment` (port run start, slot) |
 //! | `RULE_STATS_g` | per-CPU array     | slot                        | `Counter` |
-//! | `IFCLASS_g`    | hash (64)         | ifindex                     | interface class of an interface rules name |
 //!
 //! `g` is the generation: user space fills the idle one, then flips `ACTIVE`.
 //! A packet reads `ACTIVE` once, so it sees one whole generation.
@@ -75,24 +74,6 @@ pub static SEGMENTS_1: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, MMAPABLE
 pub static RULE_STATS_0: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE_SLOTS, 0);
 #[map]
 pub static RULE_STATS_1: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE_SLOTS, 0);
-/// Interfaces rules name: ifindex -> class (a handful).
-#[map]
-pub static IFCLASS_0: HashMap<u32, u32> = HashMap::pinned(64, 0);
-#[map]
-pub static IFCLASS_1: HashMap<u32, u32> = HashMap::pinned(64, 0);
-
-/// The interface class of `ifindex` in `generation` (0: no rule names it).
-#[inline(always)]
-pub fn if_class(generation: usize, ifindex: u32) -> u32 {
-    // SAFETY: the value is copied out at once; entries only change while
-    // this generation is idle, or one at a time when a link appears.
-    let class = if generation == 0 {
-        unsafe { IFCLASS_0.get(&ifindex) }.copied()
-    } else {
-        unsafe { IFCLASS_1.get(&ifindex) }.copied()
-    };
-    class.unwrap_or(0)
-}
 
 /// One generation's maps.
 struct Generation {

@@ -7,7 +7,7 @@
 
 use portcullis_common::{
     DIR_INGRESS, FlowKey, ICMP_ECHO_REQUEST, ICMPV6_ECHO_REQUEST, IPPROTO_ICMP, IPPROTO_ICMPV6,
-    icmp_port, ingress_dir, pclass_port, slot_admits,
+    icmp_port, pclass_port, slot_admits,
 };
 
 use super::{Actor, ChangeError, Core, compile_with};
@@ -22,12 +22,7 @@ fn admits(image: &Image, k: &FlowKey) -> bool {
         _ => port,
     };
     let remote = flow_remote(k);
-    // On any interface: the flow's interface is not in its key, so a flow a
-    // rule admits on some interfaces only is kept.
-    let classes = (1..=image.if_classes.len() as u32).map(ingress_dir);
-    std::iter::once(DIR_INGRESS)
-        .chain(classes)
-        .any(|dir| slot_admits(image.lookup(dir, remote, pclass, port)))
+    slot_admits(image.lookup(DIR_INGRESS, remote, pclass, port))
 }
 
 /// A configuration file's rule set without the rules whose expiry has

@@ -233,9 +233,16 @@ impl Dataplane {
         image: &Image,
         allow_ping: bool,
     ) -> anyhow::Result<()> {
-        let flags = self.flags(image, allow_ping);
-        self.write_if_classes(g, &image.if_classes)
-            .context("writing the interface classes")?;
+        let mut flags = 0;
+        if self.pass_all {
+            flags |= portcullis_common::SETTING_PASS_ALL;
+        }
+        if allow_ping {
+            flags |= SETTING_PING;
+        }
+        if image.egress_allowlist {
+            flags |= SETTING_EGRESS_ALLOWLIST;
+        }
         write_array(
             map_mut(&mut self.ebpf, generation(maps::V4_ROOT, g))?,
             &image.v4_root,
@@ -299,55 +306,6 @@ impl Dataplane {
             )
             .context("writing SETTINGS")?;
         Ok(())
-    }
-
-    /// `SETTINGS` flags of a generation running `image`.
-    fn flags(&self, image: &Image, allow_ping: bool) -> u32 {
-        let mut flags = 0;
-        if self.pass_all {
-            flags |= portcullis_common::SETTING_PASS_ALL;
-        }
-        if allow_ping {
-            flags |= SETTING_PING;
-        }
-        if image.egress_allowlist {
-            flags |= SETTING_EGRESS_ALLOWLIST;
-        }
-        if !image.if_classes.is_empty() {
-            flags |= portcullis_common::SETTING_IF_CLASSES;
-        }
-        flags
-    }
-
-    /// Writes generation `g`'s interface classes: the ifindex of each
-    /// interface in `names` (that exists now) -> its class (`i + 1`).
-    fn write_if_classes(&mut self, g: usize, names: &[String]) -> anyhow::Result<()> {
-        let mut map: aya::maps::HashMap<_, u32, u32> =
-            aya::maps::HashMap::try_from(map_mut(&mut self.ebpf, generation(maps::IFCLASS, g))?)?;
-        let old: Vec<u32> = map.keys().filter_map(Result::ok).collect();
-        let want: Vec<(u32, u32)> = names
-            .iter()
-            .zip(1u32..)
-            .filter_map(|(n, class)| {
-                nix::net::if_::if_nametoindex(n.as_str())
-                    .ok()
-                    .map(|i| (i, class))
-            })
-            .collect();
-        for k in old.iter().filter(|k| !want.iter().any(|(i, _)| i == *k)) {
-            let _ = map.remove(k);
-        }
-        for (ifindex, class) in want {
-            map.insert(&ifindex, &class, 0)?;
-        }
-        Ok(())
-    }
-
-    /// A link appeared: its interface class in the live generation (one
-    /// entry written), when a rule of `image` (the live one) names it.
-    pub fn refresh_if_classes(&mut self, image: &Image) -> anyhow::Result<()> {
-        let live = self.active()? as usize;
-        self.write_if_classes(live, &image.if_classes)
     }
 }
 

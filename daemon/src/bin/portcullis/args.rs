@@ -231,10 +231,6 @@ pub struct AllowArgs {
     /// The rule's id (default: generated from the protocol and port, like tcp-8080).
     #[arg(long)]
     pub id: Option<String>,
-    /// Admit on this interface only (repeatable; every interface when
-    /// omitted), e.g. a cluster NIC.
-    #[arg(long = "interface", value_name = "IFACE")]
-    pub interfaces: Vec<String>,
     #[command(flatten)]
     pub expiry: Expiry,
     #[command(flatten)]
@@ -387,10 +383,6 @@ pub enum RulesCmd {
         /// echo-request, destination-unreachable/4, icmp:13, icmpv6:128.
         #[arg(long = "icmp-type", value_name = "TYPE")]
         icmp_types: Vec<String>,
-        /// Apply on this interface only (repeatable; every interface when
-        /// omitted), e.g. a cluster NIC. Ingress rules only.
-        #[arg(long = "interface", value_name = "IFACE")]
-        interfaces: Vec<String>,
         /// Add to the egress list instead (destinations in --ip-range).
         #[arg(long)]
         egress: bool,

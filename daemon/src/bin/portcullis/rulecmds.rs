@@ -26,7 +26,6 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             protocol,
             description,
             icmp_types,
-            interfaces,
             egress,
             expiry,
             change,
@@ -40,7 +39,6 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 description,
                 icmp_types,
                 expires: expiry.field()?,
-                interfaces,
             };
             add(ctx, rule, egress, &change)
         }
@@ -65,12 +63,7 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         p => (proto_name(p).to_string(), format!(" {ports}")),
     };
     let dir = if egress { "to" } else { "from" };
-    let on = if r.interfaces.is_empty() {
-        String::new()
-    } else {
-        format!(" on {}", r.interfaces.join(", "))
-    };
-    format!("{proto}{ports} {dir} {nets}{on}")
+    format!("{proto}{ports} {dir} {nets}")
 }
 
 fn ports(r: &FirewallRule) -> String {
@@ -78,21 +71,6 @@ fn ports(r: &FirewallRule) -> String {
         r.from_port.to_string()
     } else {
         format!("{}-{}", r.from_port, r.to_port)
-    }
-}
-
-/// The SOURCES column: the ranges, and the interfaces when the rule names
-/// some (`any on pc2`).
-fn sources_column(r: &FirewallRule) -> String {
-    let nets = if r.ip_ranges.is_empty() {
-        "any".to_string()
-    } else {
-        r.ip_ranges.join(",")
-    };
-    if r.interfaces.is_empty() {
-        nets
-    } else {
-        format!("{nets} on {}", r.interfaces.join(","))
     }
 }
 
@@ -147,7 +125,11 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     } else {
                         ports(r)
                     },
-                    sources_column(r),
+                    if r.ip_ranges.is_empty() {
+                        "any".into()
+                    } else {
+                        r.ip_ranges.join(",")
+                    },
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
                         .map_or_else(|| "-".into(), |c| c.packets.to_string()),
@@ -240,7 +222,6 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         description: a.description,
         icmp_types: Vec::new(),
         expires: a.expiry.field()?,
-        interfaces: a.interfaces,
     };
     add(ctx, rule, false, &a.change)
 }

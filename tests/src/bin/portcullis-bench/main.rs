@@ -102,7 +102,6 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
                 description: None,
                 icmp_types: Vec::new(),
                 expires: None,
-                interfaces: Vec::new(),
             }
         })
         .collect();

@@ -68,7 +68,6 @@ fn rule_set(n: usize) -> RuleSet {
                     description: None,
                     icmp_types: Vec::new(),
                     expires: None,
-                    interfaces: Vec::new(),
                 }
             })
             .collect(),
