@@ -726,6 +726,9 @@ pub struct Status {
     /// does not (a reload refuses to drop them; `rules save` keeps them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub runtime_changes: Vec<String>,
+    /// The etcd member list (`[fleet]`): its revision and staleness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::core::FleetStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -838,6 +841,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         }),
         last_rollback: core.last_rollback().cloned(),
         runtime_changes: core.runtime_changes(),
+        fleet: core.fleet_status(),
     }))
 }
 
@@ -1059,6 +1063,7 @@ async fn metrics(
                 (v.set, v.count, c)
             })
             .collect(),
+        fleet: core.fleet_status().map(|f| (f.revision, f.stale_secs)),
     };
     Ok((
         [(

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 mod deny;
+mod fleet;
 
 use crate::model::unix_now;
 pub use crate::model::{Mode, Pending};
@@ -24,6 +25,7 @@ use crate::{
     state::Store,
 };
 pub use deny::{DenyChanged, DenyListed, DenySetView};
+pub use fleet::{FleetApplied, FleetStatus};
 
 /// Why a change was refused. Each maps to an HTTP status in the API.
 #[derive(Debug, Error)]
@@ -274,6 +276,8 @@ pub struct Core {
     config: Option<(std::path::PathBuf, crate::config::Config)>,
     /// The deny sets (see `core/deny.rs`).
     deny: crate::denylist::Sets,
+    /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
+    fleet: Option<fleet::FleetState>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -367,6 +371,7 @@ impl Core {
             actor: Actor::default(),
             config: None,
             deny: Default::default(),
+            fleet: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -1040,7 +1045,8 @@ impl Core {
         new: crate::config::Config,
         opts: &ReloadOptions,
     ) -> Result<Reloaded, ChangeError> {
-        let next = new.rule_set();
+        let mut next = new.rule_set();
+        self.keep_fleet_peers(&mut next);
         // What the file brings in is held to the API's checks (plain ids,
         // no port 0); rules already live load as they are.
         next.check_additions(&self.rules)?;

@@ -13,7 +13,14 @@ use std::{
 };
 
 /// Modules that must stay pure: no kernel, no host probes.
-const PURE: &[&str] = &["model", "rules", "compile", "config", "denylist"];
+const PURE: &[&str] = &[
+    "model",
+    "rules",
+    "compile",
+    "config",
+    "denylist",
+    "membership",
+];
 
 /// Crates and std paths a pure module may not name: each talks to the
 /// kernel or the host (netlink, bpf, statfs, group lookups, processes).

@@ -45,6 +45,8 @@ const APT_PACKAGES: &[&str] = &[
     "strace",            // the benchmark times the daemon's bpf(2) calls at start
     "libfaketime",       // the attack suite steps the daemon's wall clock
     "binutils",          // objdump: the packaged binaries' glibc floor
+    "etcd-server",       // etcd: the fleet tests' membership store (in namespaces)
+    "etcd-client",       // etcdctl: the fleet tests' users, roles and writes
 ];
 
 #[derive(Parser)]

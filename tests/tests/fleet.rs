@@ -1,0 +1,304 @@
+//! Cluster membership from etcd (issue 20), against a real etcd with TLS
+//! and authentication on, in namespaces on one segment: hosts 1..=N run a
+//! daemon each that registers its addresses and follows the member list;
+//! the next host is an outsider; the last ones run etcd. Real traffic
+//! checks that each host admits exactly the current members.
+
+use std::time::{Duration, Instant};
+
+use portcullis_tests::etcd::{self, Etcd, member_key};
+use portcullis_tests::*;
+
+const PORT: u16 = 7777;
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Host {
+    cfg: ConfigFile,
+    daemon: Option<Daemon>,
+    _pins: PinDir,
+}
+
+fn password(i: usize) -> String {
+    format!("pw-host-{i}")
+}
+
+fn name(i: usize) -> String {
+    format!("host-{i}")
+}
+
+/// Starts the daemon of host `i` following `etcd`.
+fn start_host(lan: &Lan, etcd: &Etcd, i: usize, extra: &str) -> Host {
+    let pins = PinDir::new().unwrap();
+    let pw = etcd.pki.secret(&format!("pw-{i}"), &password(i)).unwrap();
+    let section = etcd::fleet_section(etcd, &name(i), &pw, &[Lan::v4(i), Lan::v6(i)]);
+    let cfg = ConfigFile::new(&config_text(&pins, &format!("{extra}{section}"))).unwrap();
+    let daemon = Daemon::start(lan.host(i), &cfg).expect("start portcullisd");
+    Host {
+        cfg,
+        daemon: Some(daemon),
+        _pins: pins,
+    }
+}
+
+fn reaches(lan: &Lan, from: usize, to: usize) -> bool {
+    tcp_probe(lan.host(from), sock(&Lan::v4(to), PORT)).is_ok()
+}
+
+/// Waits until every host in `hosts` has applied `revision` (or later).
+fn converge(hosts: &[&Host], revision: i64) {
+    for h in hosts {
+        etcd::wait_status(&h.cfg, WAIT, &format!("revision {revision} applied"), |s| {
+            s["fleet"]["revision"]
+                .as_i64()
+                .is_some_and(|r| r >= revision)
+        })
+        .unwrap();
+    }
+}
+
+/// Each of `daemons` admits exactly `members` among `sources` (by traffic).
+fn admits_exactly(lan: &Lan, daemons: &[usize], sources: &[usize], members: &[usize]) {
+    for &to in daemons {
+        for &from in sources.iter().filter(|f| **f != to) {
+            assert_eq!(
+                reaches(lan, from, to),
+                members.contains(&from),
+                "host {to} admitting host {from} (members {members:?})"
+            );
+        }
+    }
+}
+
+fn audit(h: &Host) -> String {
+    std::fs::read_to_string(h.cfg.state_dir().join("audit.log")).unwrap_or_default()
+}
+
+fn lan_with_etcd(daemons: usize, etcd_members: usize) -> (Lan, Etcd) {
+    let lan = Lan::new(daemons + 1 + etcd_members).unwrap();
+    let nodes: Vec<(&Netns, String)> = (daemons + 2..=daemons + 1 + etcd_members)
+        .map(|i| (lan.host(i), Lan::v4(i)))
+        .collect();
+    let etcd = Etcd::start(&nodes).unwrap();
+    let users: Vec<(String, String)> = (1..=daemons).map(|i| (name(i), password(i))).collect();
+    let users: Vec<(&str, &str)> = users
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    etcd.enable_auth(&users).unwrap();
+    for i in 1..=daemons + 1 {
+        TcpServer::start(lan.host(i), sock(&Lan::v4(i), PORT)).unwrap();
+    }
+    (lan, etcd)
+}
+
+/// Three daemons and one etcd: members appear as their daemons register,
+/// an added member is admitted everywhere, a value that does not validate
+/// (a range, an address outside allowed_ranges, not JSON) is refused with
+/// an audit record and changes nothing, a removed member is refused and
+/// its open flows cut, a daemon that stops renewing drops out.
+#[test]
+fn each_host_admits_exactly_the_members_in_etcd() {
+    require_root!();
+    let (lan, etcd) = lan_with_etcd(3, 1);
+    let hosts: Vec<Host> = (1..=3).map(|i| start_host(&lan, &etcd, i, "")).collect();
+    let all: Vec<&Host> = hosts.iter().collect();
+    let sources = [1, 2, 3, 4];
+
+    // Registration: every daemon's key is there, each host admits the others.
+    for h in &all {
+        etcd::wait_status(&h.cfg, WAIT, "three members", |s| {
+            s["fleet"]["members"].as_u64() == Some(3)
+        })
+        .unwrap();
+    }
+    converge(&all, etcd.revision().unwrap());
+    admits_exactly(&lan, &[1, 2, 3], &sources, &[1, 2, 3]);
+
+    // Host A's credentials cannot write B's key.
+    let out = etcd.ctl_as(
+        Some(&format!("{}:{}", name(1), password(1))),
+        &[
+            "put",
+            &member_key(&name(2)),
+            r#"{"addresses":["10.200.10.4"]}"#,
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("permission denied"),
+        "host-1 wrote host-2's key: {err}"
+    );
+
+    // An added member (host 4, no daemon) is admitted everywhere.
+    let rev = etcd
+        .put(&member_key("extra"), r#"{"addresses":["10.200.10.4"]}"#)
+        .unwrap();
+    converge(&all, rev);
+    admits_exactly(&lan, &[1, 2, 3], &sources, &[1, 2, 3, 4]);
+    let generations: Vec<u64> = all
+        .iter()
+        .map(|h| etcd::status(&h.cfg)["generation"].as_u64().unwrap())
+        .collect();
+    assert!(
+        audit(&hosts[0]).contains(&format!("etcd revision {rev}")),
+        "no audit record of revision {rev}"
+    );
+
+    // Values that do not validate: refused, audited, nothing changes.
+    for (value, why) in [
+        (r#"{"addresses":["10.200.10.0/24"]}"#, "is a range"),
+        (r#"{"addresses":["10.99.0.1"]}"#, "outside allowed_ranges"),
+        ("not json", "is not"),
+    ] {
+        let rev = etcd.put(&member_key("bad"), value).unwrap();
+        converge(&all, rev);
+        for (h, g) in all.iter().zip(&generations) {
+            let s = etcd::status(&h.cfg);
+            let refused = s["fleet"]["refused"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            assert!(
+                refused.contains(why) && refused.contains("/members/bad"),
+                "{value}: {refused}"
+            );
+            assert_eq!(
+                s["generation"].as_u64(),
+                Some(*g),
+                "a refused revision changed the rules"
+            );
+            let log = audit(h);
+            let record = log
+                .lines()
+                .find(|l| l.contains(&format!("etcd revision {rev}\"")))
+                .unwrap_or_default();
+            assert!(
+                record.contains("refused"),
+                "no refusal record of revision {rev}: {record}"
+            );
+        }
+        admits_exactly(&lan, &[1, 2, 3], &sources, &[1, 2, 3, 4]);
+    }
+    let rev = etcd.del(&member_key("bad")).unwrap();
+    converge(&all, rev);
+    assert!(etcd::status(&hosts[0].cfg)["fleet"]["refused"].is_null());
+
+    // A removed member: refused, and the flow host 1 opened to it is cut
+    // (its replies no longer pass as established).
+    tcp_echo_server(lan.host(4), sock(&Lan::v4(4), 7000)).unwrap();
+    let mut flow = tcp_connect(lan.host(1), sock(&Lan::v4(4), 7000)).unwrap();
+    echo_roundtrip(&mut flow, b"member\n").unwrap();
+    let rev = etcd.del(&member_key("extra")).unwrap();
+    converge(&all, rev);
+    admits_exactly(&lan, &[1, 2, 3], &sources, &[1, 2, 3]);
+    flow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(
+        echo_roundtrip(&mut flow, b"removed\n").is_err(),
+        "the removed member's open flow still passes"
+    );
+
+    // A daemon that stops renewing its lease drops out of the list.
+    let mut hosts = hosts;
+    let gone = hosts.pop().unwrap();
+    drop(gone.daemon);
+    let all: Vec<&Host> = hosts.iter().collect();
+    for h in &all {
+        etcd::wait_status(&h.cfg, WAIT, "host 3 gone", |s| {
+            s["fleet"]["members"].as_u64() == Some(2)
+        })
+        .unwrap();
+    }
+    admits_exactly(&lan, &[1, 2], &sources, &[1, 2]);
+}
+
+/// Enforcement and readiness never wait for etcd: a daemon starts with
+/// etcd down, says it is stale, and keeps the last applied members across
+/// a restart; a wrong CA or a wrong password is reported naming which.
+#[test]
+fn offline_hosts_keep_the_last_members_and_errors_name_their_cause() {
+    require_root!();
+    let (lan, mut etcd) = lan_with_etcd(2, 1);
+    let mut a = start_host(&lan, &etcd, 1, "");
+    let b = start_host(&lan, &etcd, 2, "");
+    let rev = etcd
+        .put(&member_key("extra"), r#"{"addresses":["10.200.10.3"]}"#)
+        .unwrap();
+    converge(&[&a, &b], rev);
+    for h in [&a, &b] {
+        etcd::wait_status(&h.cfg, WAIT, "three members", |s| {
+            s["fleet"]["members"].as_u64() == Some(3)
+        })
+        .unwrap();
+    }
+    let rev = etcd.revision().unwrap();
+    converge(&[&a, &b], rev);
+    admits_exactly(&lan, &[1, 2], &[1, 2, 3], &[1, 2, 3]);
+
+    // etcd gone: the members stay, across a restart too; READY does not wait.
+    etcd.members[0].kill();
+    drop(a.daemon.take());
+    let started = Instant::now();
+    a.daemon = Some(Daemon::start(lan.host(1), &a.cfg).expect("start without etcd"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "start waited for etcd"
+    );
+    let s = etcd::wait_status(&a.cfg, WAIT, "etcd unreachable reported", |s| {
+        s["fleet"]["error"].is_string()
+    })
+    .unwrap();
+    assert!(s["fleet"]["stale_secs"].is_null(), "{s}");
+    assert_eq!(s["fleet"]["revision"].as_i64(), Some(rev));
+    admits_exactly(&lan, &[1, 2], &[1, 2, 3], &[1, 2, 3]);
+    // The other host synced before: its staleness grows.
+    etcd::wait_status(&b.cfg, WAIT, "staleness reported", |s| {
+        s["fleet"]["stale_secs"].as_u64().is_some_and(|n| n >= 3) && s["fleet"]["error"].is_string()
+    })
+    .unwrap();
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket"])
+        .arg(b.cfg.socket())
+        .arg("http://localhost/v1/metrics")
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("portcullis_fleet_stale_seconds"),
+        "{metrics}"
+    );
+    etcd.members[0].restart().unwrap();
+    let rev = etcd.del(&member_key("extra")).unwrap();
+    converge(&[&a, &b], rev);
+    admits_exactly(&lan, &[1, 2], &[1, 2, 3], &[1, 2]);
+
+    // A wrong CA, then a wrong password: each named.
+    let other = etcd::Pki::new(&["10.200.10.9".to_string()]).unwrap();
+    let pins = PinDir::new().unwrap();
+    let pw = etcd.pki.secret("pw-3", "wrong").unwrap();
+    let section = etcd::fleet_section(&etcd, "host-1", &pw, &[]);
+    let wrong_ca = section.replace(
+        &etcd.pki.ca().display().to_string(),
+        &other.ca().display().to_string(),
+    );
+    let cfg = ConfigFile::new(&config_text(&pins, &wrong_ca)).unwrap();
+    let d = Daemon::start(lan.host(3), &cfg).unwrap();
+    let s = etcd::wait_status(&cfg, WAIT, "wrong CA reported", |s| {
+        s["fleet"]["error"].is_string()
+    })
+    .unwrap();
+    let e = s["fleet"]["error"].as_str().unwrap();
+    assert!(e.contains("ca_file") && e.contains("TLS"), "{e}");
+    drop(d);
+    cfg.rewrite(&config_text(&pins, &section)).unwrap();
+    let d = Daemon::start(lan.host(3), &cfg).unwrap();
+    let s = etcd::wait_status(&cfg, WAIT, "wrong password reported", |s| {
+        s["fleet"]["error"].is_string()
+    })
+    .unwrap();
+    let e = s["fleet"]["error"].as_str().unwrap();
+    assert!(
+        e.contains("credentials of user \"host-1\"") && e.contains("authentication failed"),
+        "{e}"
+    );
+    drop(d);
+}
