@@ -367,6 +367,39 @@ impl Etcd {
         Ok(())
     }
 
+    /// The index of the leader among `members` (all must be running).
+    pub fn leader(&self) -> anyhow::Result<usize> {
+        let out = self.ctl(&["endpoint", "status", "--write-out=json"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let list = v.as_array().context("endpoint status: not a list")?;
+        for s in list {
+            let status = &s["Status"];
+            if status["leader"].as_u64().is_some()
+                && status["leader"] == status["header"]["member_id"]
+            {
+                let endpoint = s["Endpoint"].as_str().unwrap_or_default();
+                return self
+                    .members
+                    .iter()
+                    .position(|m| m.endpoint() == endpoint)
+                    .context("leader not among the members");
+            }
+        }
+        bail!("no leader in {out}")
+    }
+
+    /// Waits until the cluster answers writes again (a leader elected).
+    pub fn wait_writable(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            match self.ctl(&["get", "/health-probe"]) {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
     /// The store's current revision.
     pub fn revision(&self) -> anyhow::Result<i64> {
         let out = self.ctl(&["get", "/", "--write-out=json", "--limit=1"])?;

@@ -302,3 +302,110 @@ fn offline_hosts_keep_the_last_members_and_errors_name_their_cause() {
     );
     drop(d);
 }
+
+/// Waits until each host has applied `revision`, then checks by traffic
+/// that each admits exactly `members` among the hosts and the outsider.
+fn everyone_enforces(
+    lan: &Lan,
+    hosts: &[&Host],
+    daemons: &[usize],
+    revision: i64,
+    members: &[usize],
+) {
+    converge(hosts, revision);
+    let mut sources = daemons.to_vec();
+    sources.push(OUTSIDER);
+    admits_exactly(lan, daemons, &sources, members);
+}
+
+const OUTSIDER: usize = 6;
+
+/// Three etcd members and five daemons: a killed member, then a killed
+/// leader, a partitioned host healed, a daemon restarted during a burst of
+/// changes, a watch resumed from a compacted revision: each ends with every
+/// host on the latest revision (status) and admitting exactly the members
+/// (traffic).
+#[test]
+fn every_host_converges_through_etcd_failures_partitions_and_restarts() {
+    require_root!();
+    let (lan, mut etcd) = lan_with_etcd(5, 3);
+    let mut hosts: Vec<Host> = (1..=5).map(|i| start_host(&lan, &etcd, i, "")).collect();
+    let daemons = [1, 2, 3, 4, 5];
+    for h in &hosts {
+        etcd::wait_status(&h.cfg, WAIT, "five members", |s| {
+            s["fleet"]["members"].as_u64() == Some(5)
+        })
+        .unwrap();
+    }
+    let outsider = format!(r#"{{"addresses":["{}"]}}"#, Lan::v4(OUTSIDER));
+
+    // A follower killed: the others carry on.
+    let leader = etcd.leader().unwrap();
+    let follower = (leader + 1) % 3;
+    etcd.members[follower].kill();
+    let rev = etcd.put(&member_key("outsider"), &outsider).unwrap();
+    let all: Vec<&Host> = hosts.iter().collect();
+    everyone_enforces(&lan, &all, &daemons, rev, &[1, 2, 3, 4, 5, 6]);
+    etcd.members[follower].restart().unwrap();
+    etcd.wait_writable(WAIT).unwrap();
+
+    // The leader killed: a new one is elected, the hosts follow it.
+    let leader = etcd.leader().unwrap();
+    etcd.members[leader].kill();
+    etcd.wait_writable(WAIT).unwrap();
+    let rev = etcd.del(&member_key("outsider")).unwrap();
+    everyone_enforces(&lan, &all, &daemons, rev, &[1, 2, 3, 4, 5]);
+    etcd.members[leader].restart().unwrap();
+    etcd.wait_writable(WAIT).unwrap();
+
+    // Host 5 partitioned: the others follow a change; healed, it catches up.
+    lan.host(5)
+        .ip(&["link", "set", HOST_IFACE, "down"])
+        .unwrap();
+    let rev = etcd.put(&member_key("outsider"), &outsider).unwrap();
+    everyone_enforces(&lan, &all[..4], &[1, 2, 3, 4], rev, &[1, 2, 3, 4, 5, 6]);
+    let healed = Instant::now();
+    lan.host(5).ip(&["link", "set", HOST_IFACE, "up"]).unwrap();
+    converge(&all[4..], rev);
+    eprintln!(
+        "host 5 caught up {:?} after the partition healed",
+        healed.elapsed()
+    );
+    everyone_enforces(&lan, &all, &daemons, rev, &[1, 2, 3, 4, 5, 6]);
+
+    // A daemon restarted during a burst of changes.
+    let mut last = 0;
+    for k in 0..30 {
+        let key = member_key(&format!("burst-{}", k % 5));
+        let value = format!(r#"{{"addresses":["10.200.10.{}"]}}"#, 100 + k);
+        last = etcd.put(&key, &value).unwrap();
+        if k == 5 {
+            hosts[3].daemon.take().map(Daemon::kill);
+        }
+        if k == 15 {
+            hosts[3].daemon = Some(Daemon::start(lan.host(4), &hosts[3].cfg).unwrap());
+        }
+    }
+    for k in 0..5 {
+        last = etcd.del(&member_key(&format!("burst-{k}"))).unwrap();
+    }
+    let all: Vec<&Host> = hosts.iter().collect();
+    everyone_enforces(&lan, &all, &daemons, last, &[1, 2, 3, 4, 5, 6]);
+    for h in &all {
+        let peers = etcd::status(&h.cfg)["fleet"]["members"].as_u64();
+        assert_eq!(peers, Some(6), "five hosts and the outsider");
+    }
+
+    // A daemon whose saved revision was compacted reads the list again.
+    hosts[0].daemon.take().map(Daemon::kill);
+    let rev = etcd.del(&member_key("outsider")).unwrap();
+    etcd.ctl(&["compact", &rev.to_string()]).unwrap();
+    hosts[0].daemon = Some(Daemon::start(lan.host(1), &hosts[0].cfg).unwrap());
+    let all: Vec<&Host> = hosts.iter().collect();
+    everyone_enforces(&lan, &all, &daemons, rev, &[1, 2, 3, 4, 5]);
+    let log = hosts[0].daemon.as_ref().unwrap().log();
+    assert!(
+        log.contains("compacted"),
+        "no full read after compaction:\n{log}"
+    );
+}

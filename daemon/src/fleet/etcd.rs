@@ -335,6 +335,25 @@ impl Client {
         Ok(int(at(&v, "/header/revision")))
     }
 
+    /// Whether `revision` was compacted away. A watch resumed from
+    /// `revision + 1` is complete only if it was not: etcd drops the
+    /// tombstones of deletions at or below the compaction, so a watch from
+    /// the compaction revision itself would miss a member removed there.
+    pub async fn compacted(&self, prefix: &str, revision: i64) -> anyhow::Result<bool> {
+        let end = membership::range_end(prefix.as_bytes());
+        let body = json!({
+            "key": b64(prefix.as_bytes()),
+            "range_end": b64(&end),
+            "revision": revision.to_string(),
+            "count_only": true,
+        });
+        match self.call("/v3/kv/range", &body).await {
+            Ok(_) => Ok(false),
+            Err(e) if format!("{e:#}").contains("has been compacted") => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn grant(&self, ttl: u64) -> anyhow::Result<i64> {
         let v = self
             .call(

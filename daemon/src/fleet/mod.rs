@@ -133,7 +133,14 @@ impl Fleet {
     async fn session(&mut self, client: &mut Client) -> anyhow::Result<()> {
         client.authenticate().await?;
         self.register(client).await?;
-        if self.saved.view.revision == 0 {
+        let saved = self.saved.view.revision;
+        if saved == 0 {
+            self.full_read(client).await?;
+        } else if client.compacted(&self.prefix, saved).await? {
+            warn!(
+                revision = saved,
+                "fleet: the saved revision was compacted; reading the whole list"
+            );
             self.full_read(client).await?;
         }
         let mut watch = client
