@@ -386,6 +386,14 @@ impl Client {
         Ok(int(at(&v, "/header/revision")))
     }
 
+    /// Deletes `key`; the revision it made.
+    pub async fn delete(&self, key: &str) -> anyhow::Result<i64> {
+        let v = self
+            .call("/v3/kv/deleterange", &json!({"key": b64(key.as_bytes())}))
+            .await?;
+        Ok(int(at(&v, "/header/revision")))
+    }
+
     /// Watches every key under `prefix` from `start` on.
     pub async fn watch(&self, prefix: &str, start: i64) -> anyhow::Result<Watch> {
         let end = membership::range_end(prefix.as_bytes());
