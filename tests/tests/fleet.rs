@@ -409,3 +409,98 @@ fn every_host_converges_through_etcd_failures_partitions_and_restarts() {
         "no full read after compaction:\n{log}"
     );
 }
+
+/// Under the shipped unit (`IPAddressDeny=any`) the daemon cannot reach
+/// etcd, and says so; with the drop-in docs/fleet.md gives
+/// (`IPAddressAllow=` the endpoints) it follows the list: a member added in
+/// etcd is admitted by the data path (a closed port answers with a reset
+/// instead of dropping the SYN).
+#[test]
+fn under_the_shipped_unit_etcd_is_reached_through_the_documented_drop_in() {
+    use portcullis_tests::container::*;
+    require_root!();
+    let config = format!(
+        "interfaces = [\"{INSTANCE_IFACE}\"]\n[ssh]\nallow = false\n\
+         [fleet]\nendpoints = [\"https://{CLIENT_V4}:2379\"]\nca_file = \"/etc/portcullis/etcd-ca.pem\"\n\
+         username = \"host-1\"\npassword_file = \"/etc/portcullis/etcd-password\"\nprefix = \"{}\"\n\
+         cluster_id = \"{}\"\nallowed_ranges = [\"10.200.60.0/24\"]\nname = \"host-1\"\n\
+         addresses = [\"{INSTANCE_V4}\"]\nlease_ttl_secs = 3\n",
+        etcd::PREFIX,
+        etcd::CLUSTER
+    );
+    let mut c = Boot::new()
+        .portcullis(&config)
+        .unwrap()
+        .file("/etc/portcullis/etcd-password", "pw-host-1\n", 0o600)
+        .prepare()
+        .unwrap();
+    let etcd = Etcd::start(&[(&c.client, CLIENT_V4.to_string())]).unwrap();
+    etcd.enable_auth(&[("host-1", "pw-host-1")]).unwrap();
+    std::fs::copy(
+        etcd.pki.ca(),
+        c.host_path(std::path::Path::new("/etc/portcullis/etcd-ca.pem")),
+    )
+    .unwrap();
+    c.boot(Duration::from_secs(120)).unwrap();
+    let status = |c: &Container| -> serde_json::Value {
+        let out = c.exec("portcullis", &["--json", "status"]).unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    let journal = |c: &Container| c.journal("portcullis.service");
+
+    // As shipped: enforcing, but etcd is out of reach, and the status says why.
+    let s = c
+        .wait_for("the fleet error", WAIT * 2, || {
+            Some(status(&c)).filter(|s| s["enforcing"] == true && s["fleet"]["error"].is_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", journal(&c)));
+    let e = s["fleet"]["error"].as_str().unwrap();
+    assert!(e.contains("cannot connect to etcd"), "{e}");
+
+    // The drop-in: etcd followed, this host registered.
+    let dir = c.host_path(std::path::Path::new(
+        "/etc/systemd/system/portcullis.service.d",
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("etcd.conf"),
+        format!("[Service]\nIPAddressAllow={CLIENT_V4}\n"),
+    )
+    .unwrap();
+    c.check("systemctl", &["daemon-reload"]).unwrap();
+    c.check("systemctl", &["restart", "portcullis.service"])
+        .unwrap();
+    c.wait_for("registered", WAIT * 2, || {
+        Some(status(&c)).filter(|s| s["fleet"]["members"] == 1 && s["fleet"]["error"].is_null())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", journal(&c)));
+
+    // The client is not a member: its SYN is dropped. Added: admitted.
+    let closed = sock(INSTANCE_V4, 9);
+    let probe = || {
+        c.client
+            .enter(|| std::net::TcpStream::connect_timeout(&closed, PROBE_TIMEOUT))
+    };
+    let err = probe().unwrap_err();
+    assert_ne!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "admitted before it was a member"
+    );
+    let rev = etcd
+        .put(
+            &member_key("client"),
+            &format!(r#"{{"addresses":["{CLIENT_V4}"]}}"#),
+        )
+        .unwrap();
+    c.wait_for("the client admitted", WAIT, || {
+        Some(status(&c)).filter(|s| s["fleet"]["revision"].as_i64() >= Some(rev))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", journal(&c)));
+    let err = probe().unwrap_err();
+    assert_eq!(
+        err.kind(),
+        std::io::ErrorKind::ConnectionRefused,
+        "the member's SYN was not admitted"
+    );
+}

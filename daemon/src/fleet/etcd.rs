@@ -21,6 +21,9 @@ use crate::membership::{self, Event};
 /// A unary call (connect, TLS, request, response) takes at most this long.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A TCP connection is set up within this (inside [`TIMEOUT`]).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Largest response read (a full member list included).
 const MAX_RESPONSE: usize = 64 << 20;
 
@@ -225,8 +228,12 @@ impl Client {
             .get(self.current)
             .cloned()
             .context("no etcd endpoint")?;
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
+        let connect = tokio::net::TcpStream::connect((host.as_str(), port));
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
+            .map_err(|_| {
+                anyhow!("cannot connect to etcd at {url}: no answer within {CONNECT_TIMEOUT:?} (under the shipped unit, IPAddressAllow= must list it: docs/fleet.md)")
+            })?
             .with_context(|| format!("cannot connect to etcd at {url}"))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(host.clone()).map_err(|e| anyhow!("etcd at {url}: {e}"))?;
@@ -288,10 +295,17 @@ impl Client {
             )
             .await
             .map_err(|e| {
-                anyhow!(
-                    "etcd refused the credentials of user {user:?} (password_file {}): {e:#}",
-                    file.display()
-                )
+                let e = format!("{e:#}");
+                // etcd's own answer (`etcdserver: authentication failed`),
+                // not a connection that failed on the way.
+                if e.contains("etcdserver:") {
+                    anyhow!(
+                        "etcd refused the credentials of user {user:?} (password_file {}): {e}",
+                        file.display()
+                    )
+                } else {
+                    anyhow!("cannot log in to etcd as user {user:?}: {e}")
+                }
             })?;
         let token = at(&v, "/token")
             .as_str()
