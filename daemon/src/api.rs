@@ -778,15 +778,20 @@ pub struct ErrorBody {
 /// Evaluates SSH readiness (the core's part under its lock, the probes of
 /// the host outside it).
 pub async fn readiness(api: &Api) -> Report {
-    let live = {
+    let (live, fleet) = {
         let core = api.core.lock().await;
-        Live::of(&core)
+        (Live::of(&core), core.fleet_status())
     };
     let checker = api.readiness.clone();
-    match tokio::task::spawn_blocking(move || checker.report(live)).await {
+    let mut report = match tokio::task::spawn_blocking(move || checker.report(live)).await {
         Ok(report) => report,
         Err(e) => Report::failed(format!("readiness evaluation panicked: {e}")),
+    };
+    // Reported, never gating: enforcement does not wait for etcd.
+    if let Some(f) = fleet {
+        report.checks.push(crate::readiness::fleet_check(&f));
     }
+    report
 }
 
 /// `GET /v1/ready`: the readiness document, 200 when SSH-ready, else 503.

@@ -874,6 +874,27 @@ ip_ranges = []
     }
 
     #[test]
+    fn fleet_settings_are_checked_and_errors_name_the_key() {
+        let base = "[fleet]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/c.pem\"\n\
+                    cluster_id = \"gpu-a\"\nallowed_ranges = [\"10.1.0.0/16\"]\n";
+        let c = Config::parse(base).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!((f.prefix.as_str(), f.lease_ttl_secs), ("/portcullis", 10));
+        let err = |extra: &str, from: &str, to: &str| {
+            let text = format!("{}{extra}", base.replace(from, to));
+            format!("{:#}", Config::parse(&text).unwrap_err())
+        };
+        assert!(err("", "https://", "http://").contains("endpoints[0]"));
+        assert!(err("", "[\"10.1.0.0/16\"]", "[]").contains("allowed_ranges: empty"));
+        assert!(err("addresses = [\"10.9.0.1\"]\n", "", "").contains("addresses[0]"));
+        assert!(err("addresses = [\"10.1.0.0/24\"]\n", "", "").contains("is a range"));
+        assert!(err("username = \"u\"\n", "", "").contains("password_file"));
+        assert!(err("", "gpu-a", "a/b").contains("cluster_id"));
+        assert!(err("", "/c.pem", "c.pem").contains("ca_file"));
+        assert!(err("lease_ttl_secs = 1\n", "", "").contains("lease_ttl_secs"));
+    }
+
+    #[test]
     fn the_default_fallback_fails_closed() {
         assert_eq!(Config::parse("").unwrap().fallback, Fallback::Nftables);
     }

@@ -255,6 +255,25 @@ fn offline_hosts_keep_the_last_members_and_errors_name_their_cause() {
         s["fleet"]["stale_secs"].as_u64().is_some_and(|n| n >= 3) && s["fleet"]["error"].is_string()
     })
     .unwrap();
+    // Readiness reports it as a warning that never gates.
+    let s = etcd::status(&b.cfg);
+    let check = s["readiness"]["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == "fleet"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (check["state"].as_str(), check["gates"].as_bool()),
+        (Some("warn"), Some(false)),
+        "{check}"
+    );
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("etcd not followed"),
+        "{check}"
+    );
     let metrics = std::process::Command::new("curl")
         .args(["-s", "--unix-socket"])
         .arg(b.cfg.socket())
