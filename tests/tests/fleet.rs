@@ -285,6 +285,13 @@ fn offline_hosts_keep_the_last_members_and_errors_name_their_cause() {
         metrics.contains("portcullis_fleet_stale_seconds"),
         "{metrics}"
     );
+    let out = cli(&b.cfg, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("Fleet:") && l.contains("NOT FOLLOWED")),
+        "{text}"
+    );
     etcd.members[0].restart().unwrap();
     let rev = etcd.del(&member_key("extra")).unwrap();
     converge(&[&a, &b], rev);
