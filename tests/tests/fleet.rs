@@ -74,11 +74,15 @@ fn audit(h: &Host) -> String {
 }
 
 fn lan_with_etcd(daemons: usize, etcd_members: usize) -> (Lan, Etcd) {
+    lan_with_etcd_tls(daemons, etcd_members, false)
+}
+
+fn lan_with_etcd_tls(daemons: usize, etcd_members: usize, client_certs: bool) -> (Lan, Etcd) {
     let lan = Lan::new(daemons + 1 + etcd_members).unwrap();
     let nodes: Vec<(&Netns, String)> = (daemons + 2..=daemons + 1 + etcd_members)
         .map(|i| (lan.host(i), Lan::v4(i)))
         .collect();
-    let etcd = Etcd::start(&nodes).unwrap();
+    let etcd = Etcd::start_with(&nodes, client_certs).unwrap();
     let users: Vec<(String, String)> = (1..=daemons).map(|i| (name(i), password(i))).collect();
     let users: Vec<(&str, &str)> = users
         .iter()
@@ -528,5 +532,49 @@ fn under_the_shipped_unit_etcd_is_reached_through_the_documented_drop_in() {
         err.kind(),
         std::io::ErrorKind::ConnectionRefused,
         "the member's SYN was not admitted"
+    );
+}
+
+/// etcd asking for client certificates: a host with `cert_file` and
+/// `key_file` follows it and registers; one without is refused, and the
+/// error names the client certificate.
+#[test]
+fn client_certificates_are_presented_when_etcd_asks_for_them() {
+    require_root!();
+    let (lan, etcd) = lan_with_etcd_tls(2, 1, true);
+    let certs = format!(
+        "cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        etcd.pki.path("client.pem").display(),
+        etcd.pki.path("client-key.pem").display()
+    );
+    let with = |i: usize, certs: &str| {
+        let pins = PinDir::new().unwrap();
+        let pw = etcd.pki.secret(&format!("pw-{i}"), &password(i)).unwrap();
+        let section = etcd::fleet_section(&etcd, &name(i), &pw, &[Lan::v4(i)]);
+        let section = section.replace("[fleet]\n", &format!("[fleet]\n{certs}"));
+        let cfg = ConfigFile::new(&config_text(&pins, &section)).unwrap();
+        let daemon = Daemon::start(lan.host(i), &cfg).expect("start portcullisd");
+        Host {
+            cfg,
+            daemon: Some(daemon),
+            _pins: pins,
+        }
+    };
+    let a = with(1, &certs);
+    etcd::wait_status(&a.cfg, WAIT, "registered with a client certificate", |s| {
+        s["fleet"]["members"].as_u64() == Some(1) && s["fleet"]["error"].is_null()
+    })
+    .unwrap();
+    let b = with(2, "");
+    let s = etcd::wait_status(&b.cfg, WAIT, "refused without one", |s| {
+        s["fleet"]["error"].is_string()
+    })
+    .unwrap();
+    let e = s["fleet"]["error"].as_str().unwrap();
+    assert!(e.contains("TLS") && e.contains("cert_file"), "{e}");
+    assert_eq!(
+        etcd::status(&a.cfg)["fleet"]["members"].as_u64(),
+        Some(1),
+        "host 2 registered without a certificate"
     );
 }

@@ -88,15 +88,39 @@ fn tls_config(cfg: &FleetConfig) -> anyhow::Result<rustls::ClientConfig> {
 /// A connection-level failure names the endpoint and, for TLS, the CA file.
 fn tls_error(url: &str, ca: &std::path::Path, e: std::io::Error) -> anyhow::Error {
     let text = e.to_string();
-    if e.get_ref()
-        .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
-    {
-        return anyhow!(
+    let rustls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match rustls {
+        Some(rustls::Error::InvalidCertificate(_)) => anyhow!(
             "TLS with etcd at {url} failed: {text} (the server's certificate must be signed by the CA in ca_file {})",
             ca.display()
-        );
+        ),
+        Some(rustls::Error::AlertReceived(_)) => anyhow!(
+            "TLS with etcd at {url} failed: {text} (etcd refused this host's client certificate, or its absence: see cert_file and key_file)"
+        ),
+        _ => anyhow!("TLS with etcd at {url} failed: {text}"),
     }
-    anyhow!("TLS with etcd at {url} failed: {text}")
+}
+
+/// A failed exchange. With TLS 1.3 the server checks the client's
+/// certificate after the handshake: its refusal arrives as an alert here.
+fn exchange_error(url: &str, e: hyper::Error) -> anyhow::Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(err) = source {
+        let tls = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::AlertReceived(alert)) = tls {
+            return anyhow!(
+                "TLS with etcd at {url} failed: received fatal alert {alert:?} (etcd refused this host's client certificate, or its absence: see cert_file and key_file)"
+            );
+        }
+        source = err.source();
+    }
+    anyhow!("etcd at {url}: {e}")
 }
 
 /// The etcd client: its endpoints (one in use, the next on failure), TLS,
@@ -146,14 +170,14 @@ impl Lines {
                 if line.iter().all(u8::is_ascii_whitespace) {
                     continue;
                 }
-                return Ok(Some(serde_json::from_slice(&line)?));
+                return parse(&line).map(Some);
             }
             if self.done {
                 if self.buf.iter().all(u8::is_ascii_whitespace) {
                     return Ok(None);
                 }
                 let rest = std::mem::take(&mut self.buf);
-                return Ok(Some(serde_json::from_slice(&rest)?));
+                return parse(&rest).map(Some);
             }
             match self.body.frame().await {
                 Some(frame) => {
@@ -168,6 +192,14 @@ impl Lines {
             }
         }
     }
+}
+
+/// One JSON document; what is not JSON is quoted (bounded) in the error.
+fn parse(bytes: &[u8]) -> anyhow::Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let text = String::from_utf8_lossy(bytes.get(..200).unwrap_or(bytes)).into_owned();
+        anyhow!("not JSON ({e}): {:?}", text.trim())
+    })
 }
 
 /// The error etcd put in a response, if any (unary: `error`/`message`;
@@ -253,7 +285,10 @@ impl Client {
             req = req.header(hyper::header::AUTHORIZATION, token.as_str());
         }
         let req = req.body(Full::new(Bytes::from(body.to_string())))?;
-        Ok(sender.send_request(req).await?)
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| exchange_error(&url, e))
     }
 
     /// A request whose first document is the answer (unary calls, and a
