@@ -201,6 +201,12 @@ fn each_host_admits_exactly_the_members_in_etcd() {
         "the removed member's open flow still passes"
     );
 
+    // A reload (the file names no peers) keeps etcd's: they are not the
+    // file's to drop, nor runtime changes to refuse over.
+    let reloaded = hosts[0].daemon.as_ref().unwrap().reload().unwrap();
+    assert!(reloaded.contains("reloaded"), "{reloaded}");
+    admits_exactly(&lan, &[1], &sources, &[1, 2, 3]);
+
     // A daemon that stops renewing its lease drops out of the list.
     let mut hosts = hosts;
     let gone = hosts.pop().unwrap();
