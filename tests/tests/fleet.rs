@@ -584,3 +584,32 @@ fn client_certificates_are_presented_when_etcd_asks_for_them() {
         "host 2 registered without a certificate"
     );
 }
+
+/// A host whose role may not write the key it names is not registered,
+/// says why, and still follows the member list.
+#[test]
+fn a_host_that_may_not_register_still_follows_the_list() {
+    require_root!();
+    let (lan, etcd) = lan_with_etcd(1, 1);
+    let pins = PinDir::new().unwrap();
+    let pw = etcd.pki.secret("pw-1", &password(1)).unwrap();
+    let section = etcd::fleet_section(&etcd, &name(1), &pw, &[Lan::v4(1)])
+        .replace("\nname = \"host-1\"", "\nname = \"host-9\"");
+    let cfg = ConfigFile::new(&config_text(&pins, &section)).unwrap();
+    let daemon = Daemon::start(lan.host(1), &cfg).unwrap();
+    let rev = etcd
+        .put(&member_key("outsider"), r#"{"addresses":["10.200.10.2"]}"#)
+        .unwrap();
+    let s = etcd::wait_status(&cfg, WAIT, "the list followed", |s| {
+        s["fleet"]["revision"].as_i64() >= Some(rev)
+    })
+    .unwrap();
+    assert_eq!(s["fleet"]["members"].as_u64(), Some(1), "{s}");
+    assert!(s["fleet"]["error"].is_null(), "{s}");
+    assert!(reaches(&lan, 2, 1), "the member is not admitted");
+    let log = daemon.log();
+    assert!(
+        log.contains("not registered") && log.contains("permission denied"),
+        "{log}"
+    );
+}

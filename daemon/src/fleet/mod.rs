@@ -60,6 +60,8 @@ struct Fleet {
     saved: Saved,
     /// A decided revision not yet applied (the core refused for now).
     dirty: bool,
+    /// This host's key is written (with the saved lease).
+    registered: bool,
 }
 
 /// Starts following etcd (returns at once; the task runs until the daemon
@@ -100,6 +102,7 @@ pub async fn spawn(config: FleetConfig, core: Shared, state_dir: PathBuf) -> any
         core,
         saved,
         dirty: false,
+        registered: false,
     };
     tokio::spawn(async move { fleet.run(client).await });
     Ok(())
@@ -132,7 +135,7 @@ impl Fleet {
     /// watch's revision was compacted and the list was read again).
     async fn session(&mut self, client: &mut Client) -> anyhow::Result<()> {
         client.authenticate().await?;
-        self.register(client).await?;
+        self.try_register(client).await;
         let saved = self.saved.view.revision;
         if saved == 0 {
             self.full_read(client).await?;
@@ -249,10 +252,28 @@ impl Fleet {
         Ok(())
     }
 
+    /// Registers, or says why not: the list is followed either way (a
+    /// host whose role may not write its key still enforces the members),
+    /// and the next renewal tries again.
+    async fn try_register(&mut self, client: &Client) {
+        self.registered = false;
+        match self.register(client).await {
+            Ok(()) => self.registered = !self.config.addresses.is_empty(),
+            Err(e) => {
+                warn!(key = %self.key, error = %format!("{e:#}"), "fleet: not registered; following the member list anyway")
+            }
+        }
+    }
+
     /// Renews the lease (or, without registration, reads linearizably):
     /// either fails on an endpoint without a leader. A lease that expired
     /// meanwhile is replaced and the key written again.
     async fn renew(&mut self, client: &Client) -> anyhow::Result<()> {
+        if !self.config.addresses.is_empty() && !self.registered {
+            client.ping(&self.prefix).await?;
+            self.try_register(client).await;
+            return Ok(());
+        }
         match self
             .saved
             .lease
@@ -262,7 +283,7 @@ impl Fleet {
                 if client.keep_alive(id).await? <= 0 {
                     warn!(lease = id, "fleet: the lease expired; registering again");
                     self.saved.lease = None;
-                    self.register(client).await?;
+                    self.try_register(client).await;
                 }
             }
             None => {
