@@ -739,6 +739,9 @@ pub struct Status {
     /// The CrowdSec bouncer, when configured: last successful poll, error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
+    /// The etcd member list (`[fleet]`): its revision and staleness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::core::FleetStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -788,15 +791,20 @@ pub struct ErrorBody {
 /// Evaluates SSH readiness (the core's part under its lock, the probes of
 /// the host outside it).
 pub async fn readiness(api: &Api) -> Report {
-    let live = {
+    let (live, fleet) = {
         let core = api.core.lock().await;
-        Live::of(&core)
+        (Live::of(&core), core.fleet_status())
     };
     let checker = api.readiness.clone();
-    match tokio::task::spawn_blocking(move || checker.report(live)).await {
+    let mut report = match tokio::task::spawn_blocking(move || checker.report(live)).await {
         Ok(report) => report,
         Err(e) => Report::failed(format!("readiness evaluation panicked: {e}")),
+    };
+    // Reported, never gating: enforcement does not wait for etcd.
+    if let Some(f) = fleet {
+        report.checks.push(crate::readiness::fleet_check(&f));
     }
+    report
 }
 
 /// `GET /v1/ready`: the readiness document, 200 when SSH-ready, else 503.
@@ -855,6 +863,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         egress_volume: core.volume_on().then(|| core.volume_status()),
         deny_sets: core.deny_sets(),
         crowdsec: core.crowdsec.clone(),
+        fleet: core.fleet_status(),
     }))
 }
 
@@ -1152,6 +1161,7 @@ async fn metrics(
             })
             .collect(),
         egress_volume: core.volume_on().then(|| core.volume_status()),
+        fleet: core.fleet_status().map(|f| (f.revision, f.stale_secs)),
     };
     Ok((
         [(

@@ -114,6 +114,9 @@ pub struct Config {
     /// A CrowdSec Local API whose ban decisions fill a deny set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crowdsec: Option<crate::crowdsec::CrowdSecConfig>,
+    /// Cluster membership from etcd (`[fleet]`): off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetConfig>,
 }
 
 /// Which drops go to the journal (one structured record each, rate
@@ -157,6 +160,130 @@ fn default_drop_log_reasons() -> Vec<String> {
 
 fn default_drop_log_rate() -> u32 {
     10
+}
+
+/// `[fleet]`: the cluster's peers follow a member list in etcd, and this
+/// host registers its own addresses there (see `crate::membership`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// etcd client URLs, `https://ADDRESS:PORT` (TLS only), tried in turn.
+    pub endpoints: Vec<String>,
+    /// The CA that signed the etcd servers' certificates (PEM).
+    pub ca_file: PathBuf,
+    /// A client certificate and its key (PEM), when etcd asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// etcd user, with its password in `password_file` (owned by root,
+    /// mode 0600 or stricter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Key prefix (default `/portcullis`): members are under
+    /// `<prefix>/<cluster_id>/members/`.
+    #[serde(default = "default_fleet_prefix")]
+    pub prefix: String,
+    pub cluster_id: String,
+    /// Where members may be: a member address outside them is refused.
+    pub allowed_ranges: Vec<String>,
+    /// This host's key under `members/` (default: the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The addresses this host registers (single addresses inside
+    /// `allowed_ranges`); none: it only follows the list.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The registration's lease: the key goes this long after the daemon
+    /// stops renewing it.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_secs: u64,
+}
+
+fn default_fleet_prefix() -> String {
+    "/portcullis".into()
+}
+
+fn default_lease_ttl() -> u64 {
+    10
+}
+
+impl FleetConfig {
+    /// `allowed_ranges`, parsed.
+    pub fn allowed(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        self.allowed_ranges
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.parse::<ipnet::IpNet>()
+                    .map(|n| n.trunc())
+                    .map_err(|_| anyhow::anyhow!("fleet: allowed_ranges[{i}]: {r:?} is not a CIDR"))
+            })
+            .collect()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.endpoints.is_empty() {
+            bail!("fleet: endpoints: at least one etcd endpoint is needed");
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            crate::membership::parse_endpoint(e)
+                .map_err(|why| anyhow::anyhow!("fleet: endpoints[{i}]: {why}"))?;
+        }
+        let paths = [
+            ("ca_file", Some(&self.ca_file)),
+            ("cert_file", self.cert_file.as_ref()),
+            ("key_file", self.key_file.as_ref()),
+            ("password_file", self.password_file.as_ref()),
+        ];
+        for (key, path) in paths {
+            if let Some(p) = path.filter(|p| !p.is_absolute()) {
+                bail!("fleet: {key}: {} must be an absolute path", p.display());
+            }
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            bail!("fleet: cert_file and key_file go together");
+        }
+        if self.username.is_some() != self.password_file.is_some() {
+            bail!("fleet: username and password_file go together");
+        }
+        if !self.prefix.starts_with('/') || self.prefix.ends_with('/') {
+            bail!(
+                "fleet: prefix: {:?} must start with / and not end with /",
+                self.prefix
+            );
+        }
+        if !crate::membership::valid_name(&self.cluster_id) {
+            bail!(
+                "fleet: cluster_id: {:?} is not a name (letters, digits, - _ .)",
+                self.cluster_id
+            );
+        }
+        if let Some(name) = self
+            .name
+            .as_ref()
+            .filter(|n| !crate::membership::valid_name(n))
+        {
+            bail!("fleet: name: {name:?} is not a name (letters, digits, - _ .)");
+        }
+        let allowed = self.allowed()?;
+        if allowed.is_empty() {
+            bail!("fleet: allowed_ranges: empty (no member could ever be admitted)");
+        }
+        for (i, a) in self.addresses.iter().enumerate() {
+            crate::membership::single_address(a, &allowed)
+                .map_err(|why| anyhow::anyhow!("fleet: addresses[{i}]: {why}"))?;
+        }
+        if !(2..=3600).contains(&self.lease_ttl_secs) {
+            bail!(
+                "fleet: lease_ttl_secs: {} is out of range (2 to 3600)",
+                self.lease_ttl_secs
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Where `portcullis rules save` writes, relative to the configuration.
@@ -610,6 +737,9 @@ impl Config {
         if let Some(limit) = &self.rate_limit {
             limit.check().map_err(anyhow::Error::msg)?;
         }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate()?;
+        }
         if !(256..=16 << 20).contains(&self.conntrack_entries) {
             bail!(
                 "conntrack_entries: {} is out of range (256 to 16777216)",
@@ -948,6 +1078,27 @@ ip_ranges = []
     }
 
     #[test]
+    fn fleet_settings_are_checked_and_errors_name_the_key() {
+        let base = "[fleet]\nendpoints = [\"https://10.0.0.1:2379\"]\nca_file = \"/c.pem\"\n\
+                    cluster_id = \"gpu-a\"\nallowed_ranges = [\"10.1.0.0/16\"]\n";
+        let c = Config::parse(base).unwrap();
+        let f = c.fleet.unwrap();
+        assert_eq!((f.prefix.as_str(), f.lease_ttl_secs), ("/portcullis", 10));
+        let err = |extra: &str, from: &str, to: &str| {
+            let text = format!("{}{extra}", base.replace(from, to));
+            format!("{:#}", Config::parse(&text).unwrap_err())
+        };
+        assert!(err("", "https://", "http://").contains("endpoints[0]"));
+        assert!(err("", "[\"10.1.0.0/16\"]", "[]").contains("allowed_ranges: empty"));
+        assert!(err("addresses = [\"10.9.0.1\"]\n", "", "").contains("addresses[0]"));
+        assert!(err("addresses = [\"10.1.0.0/24\"]\n", "", "").contains("is a range"));
+        assert!(err("username = \"u\"\n", "", "").contains("password_file"));
+        assert!(err("", "gpu-a", "a/b").contains("cluster_id"));
+        assert!(err("", "/c.pem", "c.pem").contains("ca_file"));
+        assert!(err("lease_ttl_secs = 1\n", "", "").contains("lease_ttl_secs"));
+    }
+
+    #[test]
     fn the_default_fallback_fails_closed() {
         assert_eq!(Config::parse("").unwrap().fallback, Fallback::Nftables);
     }
@@ -961,6 +1112,36 @@ ip_ranges = []
     /// Every section and key, optional ones set: a struct literal, so a new
     /// field does not compile until it is added here (and then to the
     /// example, which the next test checks).
+    fn every_crowdsec_key() -> crate::crowdsec::CrowdSecConfig {
+        crate::crowdsec::CrowdSecConfig {
+            url: "http://127.0.0.1:8080".into(),
+            api_key_file: "/etc/portcullis/crowdsec.key".into(),
+            poll_interval: "10s".into(),
+            set: "crowdsec".into(),
+            shortest_v4: 16,
+            shortest_v6: 32,
+            ca_file: Some("/etc/crowdsec/ssl/ca.pem".into()),
+            insecure_plain_http: false,
+        }
+    }
+
+    fn every_fleet_key() -> FleetConfig {
+        FleetConfig {
+            endpoints: vec!["https://10.0.0.1:2379".into()],
+            ca_file: "/c".into(),
+            cert_file: Some("/c".into()),
+            key_file: Some("/k".into()),
+            username: Some("u".into()),
+            password_file: Some("/p".into()),
+            prefix: "/portcullis".into(),
+            cluster_id: "c".into(),
+            allowed_ranges: vec!["10.0.0.0/8".into()],
+            name: Some("n".into()),
+            addresses: vec!["10.0.0.2".into()],
+            lease_ttl_secs: 10,
+        }
+    }
+
     fn every_key() -> Config {
         let rule = FirewallRule {
             id: "r".into(),
@@ -1031,16 +1212,8 @@ ip_ranges = []
             egress: Some(crate::rules::EgressMode::Allowlist),
             rules_file: Some("/etc/portcullis/saved/rules.toml".into()),
             saved: None,
-            crowdsec: Some(crate::crowdsec::CrowdSecConfig {
-                url: "http://127.0.0.1:8080".into(),
-                api_key_file: "/etc/portcullis/crowdsec.key".into(),
-                poll_interval: "10s".into(),
-                set: "crowdsec".into(),
-                shortest_v4: 16,
-                shortest_v6: 32,
-                ca_file: Some("/etc/crowdsec/ssl/ca.pem".into()),
-                insecure_plain_http: false,
-            }),
+            crowdsec: Some(every_crowdsec_key()),
+            fleet: Some(every_fleet_key()),
         }
     }
 

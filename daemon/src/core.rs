@@ -15,6 +15,7 @@ use thiserror::Error;
 mod deny;
 mod expiry;
 mod explain;
+mod fleet;
 mod ratelimit;
 mod volume;
 
@@ -28,6 +29,7 @@ use crate::{
     state::Store,
 };
 pub use deny::{DenyChanged, DenyListed, DenySetView};
+pub use fleet::{FleetApplied, FleetStatus};
 pub use volume::VolumeStatus;
 
 /// Why a change was refused. Each maps to an HTTP status in the API.
@@ -294,6 +296,8 @@ pub struct Core {
     deny_names: crate::model::DenySetNames,
     /// The CrowdSec bouncer's state, when one runs (see `bouncer`).
     pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
+    /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
+    fleet: Option<fleet::FleetState>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -391,6 +395,7 @@ impl Core {
             volume_on: false,
             deny_names: Default::default(),
             crowdsec: None,
+            fleet: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -1068,7 +1073,8 @@ impl Core {
         new: crate::config::Config,
         opts: &ReloadOptions,
     ) -> Result<Reloaded, ChangeError> {
-        let next = expiry::unexpired(new.rule_set());
+        let mut next = expiry::unexpired(new.rule_set());
+        self.keep_fleet_peers(&mut next);
         // What the file brings in is held to the API's checks (plain ids,
         // no port 0); rules already live load as they are.
         next.check_additions(&self.rules)?;

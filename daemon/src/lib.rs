@@ -22,6 +22,8 @@
 //! - [`metrics`]: the Prometheus/OpenMetrics text of `/v1/metrics`.
 //! - [`client`]: the CLI's HTTP client over the Unix socket.
 //! - [`fallback`]: the nftables policy applied when enforcement cannot start.
+//! - [`fleet`]: cluster membership from etcd (watch, registration), on the core.
+//! - [`membership`]: the etcd member list's keys and values (pure).
 //! - [`journal`]: logging to the journal (priorities, plain values).
 //! - [`fuzzing`]: entry points the fuzz targets and their replay share.
 //! - [`reload`]: runtime changes against the configuration's baseline (pure).
@@ -64,9 +66,11 @@ pub mod droplog;
 pub mod events;
 pub mod explain;
 pub mod fallback;
+pub mod fleet;
 pub mod fuzzing;
 pub mod host;
 pub mod journal;
+pub mod membership;
 pub mod metrics;
 pub mod model;
 pub mod readiness;

@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub deny_sets: Vec<(String, usize, Count)>,
     /// Egress volume (when counted): the top destinations and the overflow.
     pub egress_volume: Option<crate::core::VolumeStatus>,
+    /// The etcd member list (`[fleet]` only): the revision applied, and
+    /// seconds since the last successful exchange with etcd (`None`: none
+    /// since start).
+    pub fleet: Option<(i64, Option<u64>)>,
 }
 
 /// The `mode` label of each mode.
@@ -76,7 +80,7 @@ fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     registry.register(name, help, g);
 }
 
-/// The mode, readiness and connection-table gauges.
+/// The mode, readiness, connection-table and fleet gauges.
 fn state_gauges(r: &mut Registry, s: &Snapshot) {
     let modes = Family::<Labels, Gauge>::default();
     for m in MODES {
@@ -107,6 +111,20 @@ fn state_gauges(r: &mut Registry, s: &Snapshot) {
             "portcullis_conntrack_capacity",
             "Capacity of the connection table",
             i64::from(capacity),
+        );
+    }
+    if let Some((revision, stale)) = s.fleet {
+        gauge(
+            r,
+            "portcullis_fleet_revision",
+            "The etcd revision of the member list applied (or refused)",
+            revision,
+        );
+        gauge(
+            r,
+            "portcullis_fleet_stale_seconds",
+            "Seconds since the last successful exchange with etcd (-1: none since start)",
+            stale.map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX)),
         );
     }
 }
@@ -289,8 +307,14 @@ mod tests {
                 },
             )],
             egress_volume: None,
+            fleet: Some((12, Some(3))),
         };
         let text = render(&s);
+        assert!(text.contains("portcullis_fleet_revision 12\n"), "{text}");
+        assert!(
+            text.contains("portcullis_fleet_stale_seconds 3\n"),
+            "{text}"
+        );
         for line in [
             "# TYPE portcullis_packets counter",
             "portcullis_packets_total{reason=\"drop_no_rule\"} 3",

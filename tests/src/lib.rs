@@ -12,6 +12,7 @@
 //! - [`daemon`]: the daemon under test, its pins, config file and CLI;
 //! - [`traffic`]: TCP/UDP/ICMP/raw probes, servers, transfers, floods;
 //! - [`ssh`]: a real sshd and sessions to it;
+//! - [`etcd`]: a real etcd cluster in namespaces, with TLS and auth (fleet tests);
 //! - [`container`]: a systemd-nspawn container booting the built package;
 //! - [`packet`]: crafted frames for `BPF_PROG_TEST_RUN`.
 
@@ -27,6 +28,7 @@ pub use portcullis_common::Reason;
 pub mod container;
 pub mod crowdsec;
 pub mod daemon;
+pub mod etcd;
 pub mod net;
 pub mod packet;
 pub mod ssh;

@@ -14,7 +14,14 @@ use std::{
 
 /// Modules that must stay pure: no kernel, no host probes.
 const PURE: &[&str] = &[
-    "model", "rules", "compile", "config", "denylist", "volume", "crowdsec",
+    "model",
+    "rules",
+    "compile",
+    "config",
+    "denylist",
+    "volume",
+    "crowdsec",
+    "membership",
 ];
 
 /// Crates and std paths a pure module may not name: each talks to the

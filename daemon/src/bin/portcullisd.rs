@@ -181,6 +181,7 @@ async fn run(
     // What the host gets if enforcement cannot come up: the SSH exemption of
     // the rules that were live (else the file's).
     let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
+    let state_dir = store.dir().to_owned();
     let (core, links, pending) = match start(&config, &config_path, store).await {
         Ok(started) => started,
         Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e)),
@@ -208,6 +209,12 @@ async fn run(
         sd_notify::NotifyState::Status(&summary),
     ]) {
         warn!(error = %e, "cannot notify the service manager");
+    }
+    // Membership from etcd: followed in the background, never waited for.
+    if let Some(fleet) = &config.fleet
+        && let Err(e) = portcullis::fleet::spawn(fleet.clone(), core.clone(), state_dir).await
+    {
+        error!(error = %format!("{e:#}"), "fleet: etcd cannot be followed; the live peers stay");
     }
     let result = event_loop(signals, &core, services, links).await;
     let _ = std::fs::remove_file(&socket);

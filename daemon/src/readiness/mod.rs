@@ -111,6 +111,34 @@ impl Check {
     }
 }
 
+/// The etcd member list's check (`[fleet]`): never gating. A warning when
+/// etcd is not followed now (the last applied list stays in force) or its
+/// latest revision was refused.
+pub fn fleet_check(f: &crate::core::FleetStatus) -> Check {
+    let age = f
+        .stale_secs
+        .map_or("no exchange with etcd since start".to_string(), |s| {
+            format!("last exchange with etcd {s} s ago")
+        });
+    let (state, detail) = if let Some(e) = &f.error {
+        let detail = format!(
+            "etcd not followed ({age}): {e}; the member list of revision {} stays",
+            f.revision
+        );
+        (State::Warn, detail)
+    } else if let Some(why) = &f.refused {
+        let detail = format!("etcd revision {} refused: {why}", f.revision);
+        (State::Warn, detail)
+    } else {
+        let detail = format!("member list of etcd revision {} ({age})", f.revision);
+        (State::Pass, detail)
+    };
+    Check {
+        gates: false,
+        ..Check::new("fleet", state, detail)
+    }
+}
+
 /// The readiness document: served by the API (`/v1/ready`, and inside
 /// `/v1/status`) and by the optional HTTP health endpoint.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -123,6 +123,22 @@ fn print_windows(s: &Status) {
             r.restored
         );
     }
+    if let Some(f) = &s.fleet {
+        let age = f
+            .stale_secs
+            .map_or("no exchange with etcd since start".into(), |n| {
+                format!("synced {n} s ago")
+            });
+        let trouble = match (&f.error, &f.refused) {
+            (Some(e), _) => format!("; NOT FOLLOWED: {e}"),
+            (None, Some(r)) => format!("; revision REFUSED: {r}"),
+            (None, None) => String::new(),
+        };
+        println!(
+            "Fleet:       cluster {}, etcd revision {}, {} member(s), {age}{trouble}",
+            f.cluster_id, f.revision, f.members
+        );
+    }
     if s.refused_writes > 0 {
         println!(
             "Refused:     {} write(s) refused for lack of permission",
