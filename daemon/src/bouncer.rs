@@ -85,6 +85,33 @@ async fn connect(url: &Url) -> Result<tokio::net::TcpStream, String> {
     }
 }
 
+/// Plain http on this host: the key goes only to a LAPI run by root. Any
+/// user may bind the LAPI's port while the LAPI is down (at boot, on its
+/// restart); such a squatter would get the key and could answer in the
+/// LAPI's name (an empty full pull lifts every ban). The accepted socket
+/// carries its listener's owner, which `sock_diag` reports.
+fn served_by_root(stream: &tokio::net::TcpStream) -> Result<(), String> {
+    let (local, peer) = match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(l), Ok(p)) => (l, p),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(format!("LAPI: cannot read the connection's ends: {e}"));
+        }
+    };
+    if !peer.ip().is_loopback() {
+        return Ok(());
+    }
+    match crate::sockets::peer_uid(local, peer) {
+        Ok(Some(0)) => Ok(()),
+        Ok(Some(uid)) => Err(format!(
+            "LAPI: {peer} is served by uid {uid}, not root: the key is not sent (a local user may hold the LAPI's port)"
+        )),
+        Ok(None) => Err(format!(
+            "LAPI: the server end of the connection to {peer} is not found: the key is not sent"
+        )),
+        Err(e) => Err(format!("LAPI: cannot tell who serves {peer}: {e:#}")),
+    }
+}
+
 /// The TLS client for an https LAPI: it trusts exactly the certificates
 /// in `ca_file` (PEM), ring as the crypto provider.
 pub fn tls_connector(ca_file: &Path) -> Result<tokio_rustls::TlsConnector, String> {
@@ -120,7 +147,10 @@ pub async fn get(
 ) -> Result<Bytes, String> {
     let stream = connect(url).await?;
     match tls {
-        None => exchange(hyper_util::rt::TokioIo::new(stream), url, path, key).await,
+        None => {
+            served_by_root(&stream)?;
+            exchange(hyper_util::rt::TokioIo::new(stream), url, path, key).await
+        }
         Some(tls) => {
             let name = rustls::pki_types::ServerName::try_from(url.host.clone())
                 .map_err(|e| format!("LAPI: {:?} is not a TLS server name: {e}", url.host))?;

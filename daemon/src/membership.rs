@@ -163,18 +163,23 @@ impl View {
         self.revision = self.revision.max(revision);
     }
 
-    /// The cluster's peers (sorted, each once), or why this revision is
-    /// refused: the first key whose value does not validate, named.
-    pub fn peers(&self, allowed: &[IpNet]) -> Result<Vec<String>, String> {
+    /// The cluster's peers (sorted, each once), and each key whose value
+    /// does not validate, named with why. A bad key is refused alone: its
+    /// member admits nothing, and the rest of the list still applies, so
+    /// one bad value (a leaked credential, a newer daemon's format) cannot
+    /// freeze the list and keep removed members admitted everywhere.
+    pub fn peers(&self, allowed: &[IpNet]) -> (Vec<String>, Vec<String>) {
         let mut out: Vec<IpNet> = Vec::new();
+        let mut refused = Vec::new();
         for (key, value) in &self.members {
-            let nets = parse_member(value.as_bytes(), allowed)
-                .map_err(|e| format!("etcd key {key:?}: {e}"))?;
-            out.extend(nets);
+            match parse_member(value.as_bytes(), allowed) {
+                Ok(nets) => out.extend(nets),
+                Err(e) => refused.push(format!("etcd key {key:?}: {e}")),
+            }
         }
         out.sort();
         out.dedup();
-        Ok(out.iter().map(ToString::to_string).collect())
+        (out.iter().map(ToString::to_string).collect(), refused)
     }
 }
 
@@ -235,10 +240,7 @@ mod tests {
             ],
             7,
         );
-        assert_eq!(
-            view.peers(&allowed()).unwrap(),
-            ["10.200.1.2/32", "10.200.1.3/32"]
-        );
+        assert_eq!(view.peers(&allowed()).0, ["10.200.1.2/32", "10.200.1.3/32"]);
         view.apply(
             vec![Event::Put {
                 key: "/p/c/members/c".into(),
@@ -246,7 +248,10 @@ mod tests {
             }],
             8,
         );
-        let e = view.peers(&allowed()).unwrap_err();
+        // Refused alone: the others stay peers.
+        let (peers, refused) = view.peers(&allowed());
+        assert_eq!(peers.len(), 2);
+        let e = refused.join("; ");
         assert!(e.contains("/p/c/members/c") && e.contains("range"), "{e}");
         view.apply(
             vec![Event::Delete {
@@ -255,7 +260,7 @@ mod tests {
             9,
         );
         assert_eq!(view.revision, 9);
-        assert_eq!(view.peers(&allowed()).unwrap().len(), 2);
+        assert_eq!(view.peers(&allowed()), (peers, Vec::new()));
     }
 
     #[test]

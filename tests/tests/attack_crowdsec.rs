@@ -239,3 +239,59 @@ fn plain_http_off_loopback_is_refused_unless_insecure_and_then_warned_about() {
     let out = h.env.ok(&["status"]);
     assert!(out.contains("warning: http://10.200.0.1"), "{out}");
 }
+
+/// A local user who binds the LAPI's loopback port while the LAPI is down
+/// gets no key and cannot lift a ban: the bouncer sends the key over plain
+/// http only to a LAPI run by root (the accepted socket's owner, from
+/// sock_diag).
+#[test]
+fn a_local_user_holding_the_lapi_port_gets_no_key_and_lifts_nothing() {
+    require_root!();
+    let h = Hostile::new("127.0.0.1", &stream(&[ban(1, "Ip", A4, "1h")]));
+    let Hostile {
+        mut env,
+        fake,
+        _keys,
+    } = h;
+    env.start();
+    let banned = || !env.reaches(A4, APP);
+    assert!(eventually(WAIT, banned), "the LAPI's ban is not in force");
+    // The LAPI goes away; an unprivileged user takes its port and answers
+    // with the deletion of the ban.
+    drop(fake);
+    let lift = format!(r#"{{"new":[],"deleted":[{}]}}"#, ban(1, "Ip", A4, "1h"));
+    let script = format!(
+        "import socket\nbody={lift:?}.encode()\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('127.0.0.1',{PORT}))\ns.listen(16)\nwhile True:\n    c,_=s.accept()\n    c.settimeout(2)\n    try:\n        c.recv(16384)\n    except Exception:\n        pass\n    c.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Type: application/json\\r\\nContent-Length: %d\\r\\nConnection: close\\r\\n\\r\\n' % len(body) + body)\n    c.close()\n"
+    );
+    let mut squatter = env
+        .pair
+        .host
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .spawn()
+        .unwrap();
+    let status = || -> serde_json::Value {
+        let s: serde_json::Value = serde_json::from_str(&env.ok(&["--json", "status"])).unwrap();
+        s["crowdsec"].clone()
+    };
+    let refused = eventually(WAIT, || {
+        status()["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not root")
+    });
+    // A few more polls' worth: the ban stays.
+    std::thread::sleep(Duration::from_secs(3));
+    let still = banned();
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert!(refused, "the squatter was not refused: {}", status());
+    assert!(still, "the squatter lifted the ban: {}", status());
+}

@@ -15,7 +15,7 @@ use std::{
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, Map, MapData, PerCpuArray};
-use portcullis_common::{Counter, Flow, FlowKey, FlowKey4, FragKey};
+use portcullis_common::{Counter, Embryo, Flow, FlowKey, FlowKey4, FragKey, RateKey};
 use portcullis_tests::*;
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -189,6 +189,26 @@ fn snapshot(env: &Env) -> BTreeMap<String, String> {
     }
     for name in ["CONNTRACK6", "INBOUND6"] {
         let m: BpfHashMap<_, FlowKey, Flow> =
+            BpfHashMap::try_from(Map::LruHashMap(pin(name))).unwrap();
+        let mut v: Vec<String> = m.iter().map(|e| format!("{:?}", e.unwrap())).collect();
+        v.sort();
+        out.insert(name.into(), v.join("\n"));
+    }
+    let other: BpfHashMap<_, FlowKey4, Flow> =
+        BpfHashMap::try_from(Map::LruHashMap(pin("INBOUND_OTHER4"))).unwrap();
+    let mut v: Vec<String> = other.iter().map(|e| format!("{:?}", e.unwrap())).collect();
+    v.sort();
+    out.insert("INBOUND_OTHER4".into(), v.join("\n"));
+    let embryos: BpfHashMap<_, FlowKey4, Embryo> =
+        BpfHashMap::try_from(Map::LruHashMap(pin("EMBRYO4"))).unwrap();
+    let mut v: Vec<String> = embryos
+        .iter()
+        .map(|e| format!("{:?}", e.unwrap()))
+        .collect();
+    v.sort();
+    out.insert("EMBRYO4".into(), v.join("\n"));
+    for name in ["RATE_BUCKETS", "RATE_BANS"] {
+        let m: BpfHashMap<_, RateKey, u64> =
             BpfHashMap::try_from(Map::LruHashMap(pin(name))).unwrap();
         let mut v: Vec<String> = m.iter().map(|e| format!("{:?}", e.unwrap())).collect();
         v.sort();

@@ -47,6 +47,7 @@ const APT_PACKAGES: &[&str] = &[
     "binutils",          // objdump: the packaged binaries' glibc floor
     "crowdsec",          // a real Local API (crowdsec -no-cs, cscli) for the bouncer tests
     "openssl",           // the bouncer tests' TLS certificates for an https LAPI
+    "python3",           // /usr/bin/python3: an unprivileged squatter on the LAPI's port
     "etcd-server",       // etcd: the fleet tests' membership store (in namespaces)
     "etcd-client",       // etcdctl: the fleet tests' users, roles and writes
 ];

@@ -98,21 +98,24 @@ impl Core {
     }
 
     /// Makes the member list of etcd `revision` the cluster's peers (or
-    /// records why not). `peers` is the list, or why it does not validate.
-    /// `Err`: the change could not be made now (a confirmation window
-    /// open, the disk): the caller retries.
+    /// records why not). `peers` are the valid members' addresses;
+    /// `refused` names each key whose value does not validate (audited;
+    /// those members admit nothing). `Err`: the change could not be made
+    /// now (a confirmation window open, the disk): the caller retries.
     pub fn fleet_apply(
         &mut self,
         cluster_id: &str,
         revision: i64,
         members: usize,
-        peers: Result<Vec<String>, String>,
+        (peers, refused): (Vec<String>, Vec<String>),
     ) -> Result<FleetApplied, ChangeError> {
         let action = format!("etcd revision {revision}");
-        let peers = match peers {
-            Ok(p) => p,
-            Err(why) => return self.fleet_refused(&action, revision, why),
-        };
+        let refused = (!refused.is_empty()).then(|| refused.join("; "));
+        if let Some(why) = &refused {
+            tracing::error!(revision, reason = %why, "etcd: member values refused; those members admit nothing");
+            self.record(None, None, &action, format!("refused: {why}"))
+                .map_err(ChangeError::Internal)?;
+        }
         let mut live = self
             .rules
             .cluster
@@ -121,7 +124,7 @@ impl Core {
             .unwrap_or_default();
         live.sort();
         if live == peers && self.rules.cluster.is_some() {
-            self.fleet_decided(revision, members, None);
+            self.fleet_decided(revision, members, refused);
             return Ok(FleetApplied::Unchanged);
         }
         self.acting(Actor {
@@ -148,7 +151,7 @@ impl Core {
         .map_err(ChangeError::Internal)?;
         self.fleet_baseline();
         self.cut_removed_members(&changed.diff.peers_removed);
-        self.fleet_decided(revision, members, None);
+        self.fleet_decided(revision, members, refused);
         Ok(FleetApplied::Applied(Box::new(changed)))
     }
 

@@ -47,6 +47,29 @@ pub fn listening_tcp(port: u16) -> anyhow::Result<bool> {
     Ok(false)
 }
 
+/// The uid owning the TCP socket at `remote` that is connected to `local`
+/// (the other end of one of this host's connections, when that end is on
+/// this host too: e.g. a loopback server's accepted socket, whose owner is
+/// the listener's). `None`: no such socket here.
+pub fn peer_uid(
+    local: std::net::SocketAddr,
+    remote: std::net::SocketAddr,
+) -> anyhow::Result<Option<u32>> {
+    let family = if remote.is_ipv4() { AF_INET } else { AF_INET6 };
+    let mut uid = None;
+    dump_with(family, IPPROTO_TCP, StateFlags::ESTABLISHED, |r| {
+        let id = &r.header.socket_id;
+        if id.source_address == remote.ip()
+            && id.source_port == remote.port()
+            && id.destination_address == local.ip()
+            && id.destination_port == local.port()
+        {
+            uid = Some(r.header.uid);
+        }
+    })?;
+    Ok(uid)
+}
+
 fn dump(family: u8, protocol: u8, states: StateFlags) -> anyhow::Result<Vec<Connection>> {
     let mut found = Vec::new();
     dump_with(family, protocol, states, |r| {

@@ -37,6 +37,11 @@ struct Saved {
     view: View,
     #[serde(default)]
     lease: Option<i64>,
+    /// Where the list came from (`<prefix>/<cluster_id>/members/`): a
+    /// saved list of another prefix or cluster is read again, never
+    /// resumed (its members would stay in the view for ever).
+    #[serde(default)]
+    source: String,
 }
 
 fn load(dir: &Path) -> Saved {
@@ -69,7 +74,7 @@ struct Fleet {
 /// A setting that cannot work (an unreadable CA file) is reported in the
 /// status and returned; enforcement goes on with the live peers.
 pub async fn spawn(config: FleetConfig, core: Shared, state_dir: PathBuf) -> anyhow::Result<()> {
-    let saved = load(&state_dir);
+    let mut saved = load(&state_dir);
     core.lock()
         .await
         .fleet_follow(&config.cluster_id, saved.view.revision);
@@ -93,6 +98,12 @@ pub async fn spawn(config: FleetConfig, core: Shared, state_dir: PathBuf) -> any
         }
     };
     let prefix = membership::members_prefix(&config.prefix, &config.cluster_id);
+    if saved.source != prefix {
+        // Another prefix or cluster (or a list saved before sources were
+        // recorded): read the whole list, never resume that one.
+        saved.view = View::default();
+        saved.source = prefix.clone();
+    }
     let mut fleet = Fleet {
         key: format!("{prefix}{name}"),
         prefix,
@@ -145,6 +156,10 @@ impl Fleet {
                 "fleet: the saved revision was compacted; reading the whole list"
             );
             self.full_read(client).await?;
+        } else {
+            // The saved list, decided again under this configuration
+            // (`allowed_ranges` may have narrowed since it was saved).
+            self.decide().await;
         }
         let mut watch = client
             .watch(&self.prefix, self.saved.view.revision + 1)
