@@ -138,6 +138,10 @@ pub struct View {
     /// The etcd revision this view is complete at.
     pub revision: i64,
     pub members: BTreeMap<String, String>,
+    /// Each key's last value that validated (saved with the view): what a
+    /// key whose new value is refused still stands for.
+    #[serde(default)]
+    pub valid: BTreeMap<String, String>,
 }
 
 /// A change of one key, as a watch reports it.
@@ -157,6 +161,7 @@ impl View {
                 }
                 Event::Delete { key } => {
                     self.members.remove(&key);
+                    self.valid.remove(&key);
                 }
             }
         }
@@ -164,19 +169,34 @@ impl View {
     }
 
     /// The cluster's peers (sorted, each once), and each key whose value
-    /// does not validate, named with why. A bad key is refused alone: its
-    /// member admits nothing, and the rest of the list still applies, so
-    /// one bad value (a leaked credential, a newer daemon's format) cannot
-    /// freeze the list and keep removed members admitted everywhere.
-    pub fn peers(&self, allowed: &[IpNet]) -> (Vec<String>, Vec<String>) {
+    /// does not validate, named with why. A bad value is refused alone: it
+    /// changes nothing (its key stands for its last valid value, or for
+    /// nothing), and the rest of the list still applies, so one bad value
+    /// (a leaked credential, a newer daemon's format) cannot freeze the
+    /// list and keep removed members admitted everywhere. Records each
+    /// key's valid value.
+    pub fn peers(&mut self, allowed: &[IpNet]) -> (Vec<String>, Vec<String>) {
         let mut out: Vec<IpNet> = Vec::new();
         let mut refused = Vec::new();
         for (key, value) in &self.members {
             match parse_member(value.as_bytes(), allowed) {
-                Ok(nets) => out.extend(nets),
-                Err(e) => refused.push(format!("etcd key {key:?}: {e}")),
+                Ok(nets) => {
+                    out.extend(nets);
+                    self.valid.insert(key.clone(), value.clone());
+                }
+                Err(e) => {
+                    refused.push(format!("etcd key {key:?}: {e}"));
+                    let last = self
+                        .valid
+                        .get(key)
+                        .map(|v| parse_member(v.as_bytes(), allowed));
+                    if let Some(Ok(nets)) = last {
+                        out.extend(nets);
+                    }
+                }
             }
         }
+        self.valid.retain(|k, _| self.members.contains_key(k));
         out.sort();
         out.dedup();
         (out.iter().map(ToString::to_string).collect(), refused)
@@ -261,6 +281,49 @@ mod tests {
         );
         assert_eq!(view.revision, 9);
         assert_eq!(view.peers(&allowed()), (peers, Vec::new()));
+    }
+
+    #[test]
+    fn a_bad_value_changes_nothing_and_freezes_nothing() {
+        let put = |key: &str, value: &str| Event::Put {
+            key: key.into(),
+            value: value.into(),
+        };
+        let mut view = View::default();
+        view.apply(
+            vec![
+                put("/p/c/members/a", r#"{"addresses":["10.200.1.2"]}"#),
+                put("/p/c/members/b", r#"{"addresses":["10.200.1.3"]}"#),
+            ],
+            5,
+        );
+        assert_eq!(view.peers(&allowed()).0.len(), 2);
+        // a's value goes bad: refused, a still stands for its last valid one.
+        view.apply(vec![put("/p/c/members/a", "not json")], 6);
+        let (peers, refused) = view.peers(&allowed());
+        assert_eq!(peers, ["10.200.1.2/32", "10.200.1.3/32"]);
+        assert_eq!(refused.len(), 1);
+        // Meanwhile b's removal applies.
+        view.apply(
+            vec![Event::Delete {
+                key: "/p/c/members/b".into(),
+            }],
+            7,
+        );
+        assert_eq!(view.peers(&allowed()).0, ["10.200.1.2/32"]);
+        // A bad key never valid stands for nothing; a deleted key is gone.
+        view.apply(
+            vec![put("/p/c/members/z", r#"{"addresses":["10.99.0.1"]}"#)],
+            8,
+        );
+        assert_eq!(view.peers(&allowed()).0, ["10.200.1.2/32"]);
+        view.apply(
+            vec![Event::Delete {
+                key: "/p/c/members/a".into(),
+            }],
+            9,
+        );
+        assert!(view.peers(&allowed()).0.is_empty());
     }
 
     #[test]

@@ -200,6 +200,8 @@ impl Fleet {
         self.saved.view = View {
             revision,
             members: pairs.into_iter().collect(),
+            // What each key last validated as stays known across a re-read.
+            valid: std::mem::take(&mut self.saved.view.valid),
         };
         info!(
             revision,
@@ -213,8 +215,8 @@ impl Fleet {
     /// Applies the view's revision; saves it once decided (applied,
     /// unchanged or refused); keeps it to retry when the core cannot now.
     async fn decide(&mut self) {
+        let peers = self.saved.view.peers(&self.allowed);
         let view = &self.saved.view;
-        let peers = view.peers(&self.allowed);
         let result = self.core.lock().await.fleet_apply(
             &self.config.cluster_id,
             view.revision,
