@@ -6,6 +6,7 @@
 //! |--------------------------|------|-----|-------|
 //! | `EGRESS_VOLUME`          | per-CPU hash, `EGRESS_DESTINATIONS` | `VolumeKey` | `Counter` |
 //! | `EGRESS_VOLUME_OVERFLOW` | per-CPU array, 1 | 0 | `Counter`: traffic that found the table full |
+//! | `VOLUME_KEY`             | per-CPU array, 1 | 0 | the key being counted (off the stack) |
 //!
 //! A plain hash, not an LRU: a burst of new destinations cannot evict a
 //! heavy one; what does not fit is counted in the overflow entry, which the
@@ -30,6 +31,12 @@ pub static EGRESS_VOLUME: PerCpuHashMap<VolumeKey, Counter> =
 #[map]
 pub static EGRESS_VOLUME_OVERFLOW: PerCpuArray<Counter> = PerCpuArray::pinned(1, 0);
 
+/// Per CPU: the key being counted. The egress program's stack is near the
+/// 512-byte limit of kernels before 6.9 (which round each frame up); a key
+/// in a map value costs it nothing.
+#[map]
+static VOLUME_KEY: PerCpuArray<VolumeKey> = PerCpuArray::pinned(1, 0);
+
 /// Credits `bytes` and `segments` packets to the destination of `ip`.
 #[inline(always)]
 pub fn count(ip: &Ip, bytes: u64, segments: u64) {
@@ -37,20 +44,31 @@ pub fn count(ip: &Ip, bytes: u64, segments: u64) {
     if crate::explain::on() {
         return;
     }
-    let mut key = VolumeKey {
-        addr: ip.dst,
-        port: 0,
-        proto: ip.proto,
-        family: ip.family,
+    let Some(key) = VOLUME_KEY.get_ptr_mut(0) else {
+        return;
     };
-    if ip.family == FAMILY_V6 {
-        // The /64 (`VOLUME_V6_PREFIX`).
-        key.addr[8..].fill(0);
-    }
-    if matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
-        key.port = ip.dport;
-    }
-    if add(&key, bytes, segments) {
+    // SAFETY: from a successful lookup in a per-CPU map: this CPU's value,
+    // valid while we run, used by this CPU only.
+    let key = unsafe { &mut *key };
+    let d = ip.dst;
+    key.addr = if ip.family == FAMILY_V6 {
+        // The /64 (`VOLUME_V6_PREFIX`), element by element: no memset call
+        // (a call is a second stack frame).
+        [
+            d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], 0, 0, 0, 0, 0, 0, 0, 0,
+        ]
+    } else {
+        d
+    };
+    key.port = if matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
+        ip.dport
+    } else {
+        0
+    };
+    key.proto = ip.proto;
+    key.family = ip.family;
+    let key: &VolumeKey = key;
+    if add(key, bytes, segments) {
         return;
     }
     let new = Counter {
@@ -58,7 +76,7 @@ pub fn count(ip: &Ip, bytes: u64, segments: u64) {
         bytes,
     };
     // Another CPU may have inserted it since: then add to that.
-    if EGRESS_VOLUME.insert(&key, &new, BPF_NOEXIST as u64).is_ok() || add(&key, bytes, segments) {
+    if EGRESS_VOLUME.insert(key, &new, BPF_NOEXIST as u64).is_ok() || add(key, bytes, segments) {
         return;
     }
     if let Some(c) = EGRESS_VOLUME_OVERFLOW.get_ptr_mut(0) {
