@@ -414,15 +414,7 @@ fn restart_over_recreated_maps_verifies_the_programs_anew() {
     env.start();
     let (_, prog) = env.pins.xdp_link(HOST_IFACE).unwrap();
     env.daemon.take().unwrap().kill();
-    let maps = std::fs::read_dir(env.pins.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("maps-v"))
-        })
-        .expect("a maps directory");
+    let maps = portcullis::dataplane::maps_dir(env.pins.path());
     std::fs::remove_file(maps.join("FRAGMENTS")).unwrap();
 
     env.start();

@@ -128,15 +128,7 @@ fn a_transfer_is_reported_within_a_few_percent_and_alerts_once() {
 
 /// Entries in the pinned per-destination table.
 fn table_entries(pins: &PinDir) -> usize {
-    let dir = std::fs::read_dir(pins.path())
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("maps-v"))
-        })
-        .expect("a maps directory");
+    let dir = portcullis::dataplane::maps_dir(pins.path());
     let data = aya::maps::MapData::from_pin(dir.join("EGRESS_VOLUME")).unwrap();
     let map = aya::maps::Map::PerCpuHashMap(data);
     let table: aya::maps::PerCpuHashMap<
