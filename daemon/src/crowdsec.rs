@@ -13,7 +13,10 @@
 //! doubt (an unknown id, or other decisions still held for the prefix),
 //! the tracker asks for a full pull (`startup=true`), which reconciles.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet},
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -188,26 +191,70 @@ pub fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// One decision as the LAPI sends it (other fields ignored).
+/// One decision as the LAPI sends it (other fields skipped, not stored).
+/// The text borrows from the response where it can: a large answer costs
+/// little more than its own bytes.
 #[derive(Clone, Debug, Deserialize)]
-pub struct Decision {
+pub struct Decision<'a> {
     pub id: i64,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub scope: String,
-    pub value: String,
-    pub duration: String,
-    #[serde(default)]
-    pub origin: Option<String>,
+    #[serde(rename = "type", borrow)]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow)]
+    pub scope: Cow<'a, str>,
+    #[serde(borrow)]
+    pub value: Cow<'a, str>,
+    #[serde(borrow)]
+    pub duration: Cow<'a, str>,
 }
 
-/// `GET /v1/decisions/stream`: `null` arrays are empty.
+/// `GET /v1/decisions/stream`: `null` arrays are empty. Each list is read
+/// with a bound: parsing stops at the decision past [`MAX_DECISIONS`]
+/// instead of building a hostile answer's whole list first.
 #[derive(Clone, Debug, Default, Deserialize)]
-pub struct Stream {
-    #[serde(default)]
-    pub new: Option<Vec<Decision>>,
-    #[serde(default)]
-    pub deleted: Option<Vec<Decision>>,
+pub struct Stream<'a> {
+    #[serde(default, borrow, deserialize_with = "bounded")]
+    pub new: Vec<Decision<'a>>,
+    #[serde(default, borrow, deserialize_with = "bounded")]
+    pub deleted: Vec<Decision<'a>>,
+}
+
+/// A JSON array (or `null`) of at most [`MAX_DECISIONS`] decisions.
+fn bounded<'de, D>(de: D) -> Result<Vec<Decision<'de>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<Decision<'de>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {MAX_DECISIONS} decisions, or null")
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(Vec::new())
+        }
+        fn visit_some<D: serde::Deserializer<'de>>(self, de: D) -> Result<Self::Value, D::Error> {
+            de.deserialize_seq(Bounded)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(d) = seq.next_element()? {
+                if out.len() == MAX_DECISIONS {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {MAX_DECISIONS} decisions in one list"
+                    )));
+                }
+                out.push(d);
+            }
+            Ok(out)
+        }
+    }
+    de.deserialize_option(Bounded)
 }
 
 /// A `ban` decision on an address or range: its id, prefix and, for a new
@@ -356,8 +403,7 @@ pub fn check_stream(body: &[u8], cfg: &CrowdSecConfig, now: u64) -> Result<Pulle
     }
     let stream: Stream = serde_json::from_slice(body)
         .map_err(|e| format!("response is not a decision stream: {e}"))?;
-    let new = stream.new.unwrap_or_default();
-    let deleted = stream.deleted.unwrap_or_default();
+    let (new, deleted) = (stream.new, stream.deleted);
     if new.len().saturating_add(deleted.len()) > MAX_DECISIONS {
         return Err(format!(
             "more than {MAX_DECISIONS} decisions in one response"
@@ -552,6 +598,28 @@ mod tests {
             prefix: p.parse().unwrap(),
             expires,
         }
+    }
+
+    /// A hostile answer with too many decisions is refused while it is
+    /// read: parsing stops at the decision past the bound (the garbage
+    /// after it is never reached), it does not build the whole list first.
+    #[test]
+    fn too_many_decisions_stop_the_parse_at_the_bound() {
+        let one = r#"{"id":1,"type":"ban","scope":"Ip","value":"192.0.2.1","duration":"1h"},"#;
+        let mut body = String::with_capacity(one.len() * (MAX_DECISIONS + 1) + 64);
+        body.push_str(r#"{"new":["#);
+        for _ in 0..=MAX_DECISIONS {
+            body.push_str(one);
+        }
+        body.push_str("this is not JSON");
+        let e = check_stream(body.as_bytes(), &cfg(), 0).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+        // Under the bound, the same list parses.
+        let ok = format!(
+            r#"{{"new":[{}],"deleted":null}}"#,
+            one.trim_end_matches(',')
+        );
+        assert_eq!(check_stream(ok.as_bytes(), &cfg(), 0).unwrap().new.len(), 1);
     }
 
     #[test]
