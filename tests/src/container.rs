@@ -25,7 +25,7 @@ use anyhow::{Context as _, bail, ensure};
 use crate::{Netns, addresses, run, unique, veth, workspace_bin};
 
 /// Keep in step with `xtask/src/rootfs.rs`.
-const RECIPE: &str = "bookworm-v1";
+const RECIPE: &str = "bookworm-v2";
 
 /// The instance's interface and addresses, and the client's.
 pub const INSTANCE_IFACE: &str = "eth0";

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context as _, ensure};
 
 /// Bump when anything below changes.
-const RECIPE: &str = "bookworm-v1";
+const RECIPE: &str = "bookworm-v2";
 
 /// What a provider's Debian image has that the tests exercise: systemd and
 /// D-Bus, sshd, cloud-init (NoCloud) with what its modules need (locales,
@@ -31,8 +31,10 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// Installed with apt inside the new root (debootstrap cannot order
-/// cloud-init's Python dependencies itself).
-const APT_PACKAGES: &[&str] = &["cloud-init"];
+/// cloud-init's Python dependencies itself). systemd-resolved is installed
+/// but left disabled: the FQDN test enables it in its own boot (the
+/// forwarder as resolved's upstream); other boots keep a plain resolv.conf.
+const APT_PACKAGES: &[&str] = &["cloud-init", "systemd-resolved"];
 
 /// Where the finished root file system lives (the tests find it here too:
 /// keep in step with `tests/src/container.rs`).
@@ -138,6 +140,30 @@ fn build(root: &Path) -> anyhow::Result<()> {
     )?;
     // Each boot gets its own machine id (the root is shared, read-only).
     std::fs::write(root.join("etc/machine-id"), "")?;
+    disable_resolved(root)?;
     std::fs::write(root.join("etc/portcullis-rootfs"), format!("{RECIPE}\n"))?;
+    Ok(())
+}
+
+/// systemd-resolved off by default: its package enables it and points
+/// /etc/resolv.conf at its stub; the boots that want it enable it.
+fn disable_resolved(root: &Path) -> anyhow::Result<()> {
+    for link in [
+        "etc/systemd/system/multi-user.target.wants/systemd-resolved.service",
+        "etc/systemd/system/sysinit.target.wants/systemd-resolved.service",
+        "etc/systemd/system/dbus-org.freedesktop.resolve1.service",
+    ] {
+        match std::fs::remove_file(root.join(link)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {link}"));
+            }
+            _ => {}
+        }
+    }
+    let conf = root.join("etc/resolv.conf");
+    if conf.is_symlink() {
+        std::fs::remove_file(&conf)?;
+    }
+    std::fs::write(conf, "# the test containers are offline\n")?;
     Ok(())
 }
