@@ -486,6 +486,10 @@ impl Core {
         ifname: &str,
         tc: crate::config::TcAttachMode,
     ) -> anyhow::Result<dataplane::Attach> {
+        // A rule may name this interface: its rule list before it is
+        // enforced (the live generation's `IFDIR` entry).
+        let image = self.effective()?.unwrap_or_else(|| self.image.clone());
+        self.dataplane.refresh_if_dirs(&image)?;
         self.record_outbound(ifname, tc)?;
         self.enforce_on(ifname)
     }
@@ -626,6 +630,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
+        self.check_interfaces(&next)?;
         next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
@@ -918,6 +923,22 @@ impl Core {
                     format!("refused: {e}"),
                 )?;
                 self.store.save_pending(None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces `next`'s rules name are ones this daemon protects
+    /// (see `RuleSet::check_rule_interfaces`); one not protected right now
+    /// (automatic mode, a link yet to appear) is logged.
+    fn check_interfaces(&self, next: &RuleSet) -> Result<(), ChangeError> {
+        let selector = self.config.as_ref().and_then(|(_, c)| c.selector().ok());
+        next.check_rule_interfaces(&self.configured, |n| {
+            selector.as_ref().is_none_or(|s| s.may_protect(n))
+        })?;
+        for name in next.rule_interfaces() {
+            if !self.interfaces.contains_key(&name) {
+                tracing::warn!(interface = %name, "a rule names an interface not protected now: its rules apply there once it is");
             }
         }
         Ok(())
@@ -1445,6 +1466,7 @@ mod tests {
                 expires: None,
                 rate: None,
                 burst: None,
+                interfaces: Vec::new(),
             }],
             ..Default::default()
         };
@@ -1485,6 +1507,7 @@ mod tests {
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

@@ -129,7 +129,7 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
-    let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
+    let reason = by_rules(ctx, p.ifindex(), ip, pclass, port, otherwise, bytes);
     if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
         Reason::PassPing
     } else {
@@ -137,18 +137,23 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
 }
 
-/// New inbound traffic from `ip.src`: what the rules, peers and the SSH
-/// exemption say; `otherwise` when nothing admits it.
+/// New inbound traffic from `ip.src` on interface `ifindex`: what the
+/// rules of that interface, peers and the SSH exemption say; `otherwise`
+/// when nothing admits it.
 #[inline(always)]
-fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, bytes: u64) -> Reason {
-    let m = rules::lookup(
-        ctx.generation,
-        DIR_INGRESS,
-        ip.family,
-        &ip.src,
-        pclass,
-        port,
-    );
+fn by_rules(
+    ctx: &Ctx,
+    ifindex: u32,
+    ip: &Ip,
+    pclass: usize,
+    port: u16,
+    otherwise: Reason,
+    bytes: u64,
+) -> Reason {
+    // The interface's rule list (`rules::ingress_dir`), read here, where it
+    // is used, and nowhere else: the rest of the path does not carry it.
+    let dir = rules::ingress_dir(ctx.generation, ifindex, ctx.settings.ingress_dir);
+    let m = rules::lookup(ctx.generation, dir, ip.family, &ip.src, pclass, port);
     if m.slot == SLOT_NONE {
         return otherwise;
     }

@@ -128,6 +128,9 @@ impl Dataplane {
             }
             paths.push((maps::ACTIVE, dir.join(maps::ACTIVE)));
             paths.push((maps::SETTINGS, dir.join(maps::SETTINGS)));
+            // Empty: a proposed rule set's interface rules are not mapped to
+            // interfaces; the run sees the rules of interfaces none names.
+            paths.push((maps::IFDIR, dir.join(maps::IFDIR)));
         }
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
