@@ -125,6 +125,32 @@ fn an_interface_rule_admits_on_its_interface_only() {
     }
     // The two SYNs of the public peer (and their retransmissions) only.
     assert!(pins.counter(Reason::DropNoRule) >= dropped + 2);
+    // Explain asks the data path as the packet would arrive: on the
+    // cluster NIC the cluster rule admits it, on the public one nothing.
+    let explain = |from: &str, to: &str, on: &str| -> serde_json::Value {
+        let out = cli(
+            &config,
+            &[
+                "--json",
+                "explain",
+                "in",
+                "tcp",
+                from,
+                "->",
+                to,
+                "--interface",
+                on,
+            ],
+        );
+        assert!(out.status.success(), "{}", said(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let e = explain("10.200.2.2:40000", "10.200.2.1:9000", CLUSTER_IF);
+    assert_eq!(e["live"]["credited"], "rule:cluster", "{e}");
+    assert_eq!(e["live"]["passes"], true, "{e}");
+    let e = explain("[fd00:200:2::2]:40000", "[fd00:200::1]:9000", HOST_IFACE);
+    assert_eq!(e["live"]["passes"], false, "{e}");
+    assert_eq!(e["live"]["reason"], "drop_no_rule", "{e}");
     let listed = said(&cli(&config, &["rules", "list"]));
     assert!(listed.contains(&format!("on {CLUSTER_IF}")), "{listed}");
     // Interfaces are for ingress rules: refused on egress, naming the rule
