@@ -760,6 +760,54 @@ impl V6Tables {
     }
 }
 
+/// The packet-less questions about interface rules.
+impl Image {
+    /// [`Image::lookup`] for new inbound traffic arriving on interface
+    /// `on` (`None`: one no rule names): that interface's rule list.
+    pub fn lookup_on(&self, on: Option<&str>, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+        let dir = if self.if_classes.is_empty() {
+            DIR_INGRESS
+        } else {
+            let class = on
+                .and_then(|n| self.if_classes.iter().position(|c| c == n))
+                .map_or(0, |i| i as u32 + 1);
+            portcullis_common::ingress_dir(class)
+        };
+        self.lookup(dir, addr, pclass, port)
+    }
+
+    /// The interfaces with a rule list of their own here or in `other`,
+    /// and `None` (every other interface).
+    fn interface_views<'a>(&'a self, other: &'a Image) -> Vec<Option<&'a str>> {
+        let mut views = vec![None];
+        for name in self.if_classes.iter().chain(&other.if_classes) {
+            if !views.contains(&Some(name.as_str())) {
+                views.push(Some(name.as_str()));
+            }
+        }
+        views
+    }
+
+    /// Whether, on some interface, this image admits new inbound traffic
+    /// from `addr` to `port` and `after` does not. What a packet-less check
+    /// asks about an open flow or a login, whose interface it does not know:
+    /// a change that stops it on any interface counts.
+    pub fn stops_admitting(&self, after: &Image, addr: IpAddr, pclass: usize, port: u16) -> bool {
+        self.interface_views(after).into_iter().any(|on| {
+            portcullis_common::slot_admits(self.lookup_on(on, addr, pclass, port))
+                && !portcullis_common::slot_admits(after.lookup_on(on, addr, pclass, port))
+        })
+    }
+
+    /// Whether some interface's rules admit new inbound traffic from `addr`
+    /// to `port`.
+    pub fn admits_somewhere(&self, addr: IpAddr, pclass: usize, port: u16) -> bool {
+        self.interface_views(self)
+            .into_iter()
+            .any(|on| portcullis_common::slot_admits(self.lookup_on(on, addr, pclass, port)))
+    }
+}
+
 impl Image {
     /// What the data path answers for this image: the same three steps,
     /// with a linear longest-prefix match (for tests).
@@ -1126,6 +1174,35 @@ mod tests {
         let mut many = set;
         many.ingress_rules[2].interfaces = vec!["eth3".into(), "eth4".into()];
         assert_eq!(many.validate().unwrap_err().field, "interfaces");
+    }
+
+    /// The packet-less questions (anti-lockout, would_cut) per interface.
+    #[test]
+    fn packetless_checks_ask_each_interface() {
+        let mut cluster = rule("cluster", 9000, 9000, &["10.0.0.0/8"], Protocol::Tcp);
+        cluster.interfaces = vec!["eth1".into()];
+        let set = RuleSet {
+            ingress_rules: vec![cluster, rule("web", 443, 443, &[], Protocol::Tcp)],
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        assert_eq!(
+            name(image.lookup_on(Some("eth1"), ip("10.5.0.1"), PCLASS_TCP, 9000)),
+            "rule:cluster"
+        );
+        assert_eq!(
+            image.lookup_on(None, ip("10.5.0.1"), PCLASS_TCP, 9000),
+            SLOT_NONE
+        );
+        assert!(image.admits_somewhere(ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(!image.stops_admitting(&image, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        let mut moved = set.clone();
+        moved.ingress_rules[0].interfaces = vec!["eth2".into()];
+        let moved = compile(&moved, &Limits::default()).unwrap();
+        assert!(image.stops_admitting(&moved, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(moved.stops_admitting(&image, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(!image.stops_admitting(&moved, ip("10.5.0.1"), PCLASS_TCP, 443));
     }
 
     proptest! {

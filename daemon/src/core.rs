@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::net::IpAddr;
 
-use portcullis_common::{Counter, DIR_INGRESS, PCLASS_TCP, Reason, pclass_port, slot_admits};
+use portcullis_common::{Counter, PCLASS_TCP, Reason, pclass_port};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -645,8 +645,7 @@ impl Core {
         // login when SSH is turned off for its source.
         if let Some(session) = &opts.caller_session
             && !opts.force
-            && admits_login(session, &self.image)
-            && !admits_login(session, &image)
+            && blocks_login(session, &self.image, &image)
         {
             return Err(ChangeError::BlocksNextLogin(session.to_string()));
         }
@@ -955,13 +954,9 @@ impl Core {
             .filter(|c| {
                 let (pclass, port) = pclass_port(c.proto, c.local_port);
                 let remote = c.remote.to_canonical();
-                let admitted = |img: &Image| {
-                    let slot = img.lookup(DIR_INGRESS, remote, pclass, port);
-                    slot_admits(slot)
-                };
+                // On some interface (the flow's is not known).
                 !self.dataplane.has_flow(&dataplane::flow_key(c))
-                    && admitted(&self.image)
-                    && !admitted(image)
+                    && self.image.stops_admitting(image, remote, pclass, port)
             })
             .map(|c| {
                 let proto = if c.proto == portcullis_common::IPPROTO_TCP {
@@ -988,7 +983,10 @@ impl Core {
             remote_port: s.client_port,
             tcp_syn_sent: false,
         };
-        self.dataplane.has_flow(&dataplane::flow_key(&conn)) || admits_login(s, image)
+        // Rules that name interfaces: admitted somewhere by `image`, and on
+        // no interface stopped (the session's interface is not known).
+        self.dataplane.has_flow(&dataplane::flow_key(&conn))
+            || (admits_login(s, image) && !blocks_login(s, &self.image, image))
     }
 
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,
@@ -1233,7 +1231,7 @@ impl Core {
             };
             // Admitted now and not by `next`: its next login is dropped,
             // and the session itself unless the table tracks it.
-            if admits_login(&s, &self.image) && !admits_login(&s, &image) {
+            if blocks_login(&s, &self.image, &image) {
                 out.push(s.to_string());
             }
         }
@@ -1289,15 +1287,15 @@ fn mode_request(mode: &Mode, opts: &Options) -> Result<Option<ipnet::IpNet>, Cha
 }
 
 /// Whether `image` admits a new connection like the SSH session `s` (its
-/// client to its server port), whatever flows are open.
+/// client to its server port), whatever flows are open, on some interface.
 fn admits_login(s: &Session, image: &Image) -> bool {
-    let slot = image.lookup(
-        DIR_INGRESS,
-        s.client.to_canonical(),
-        PCLASS_TCP,
-        s.server_port,
-    );
-    slot_admits(slot)
+    image.admits_somewhere(s.client.to_canonical(), PCLASS_TCP, s.server_port)
+}
+
+/// Whether going from `live` to `next` stops admitting new connections like
+/// the SSH session `s` on some interface (its own is not known).
+fn blocks_login(s: &Session, live: &Image, next: &Image) -> bool {
+    live.stops_admitting(next, s.client.to_canonical(), PCLASS_TCP, s.server_port)
 }
 
 /// The core as the daemon's tasks share it.
