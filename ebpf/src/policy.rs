@@ -4,7 +4,8 @@
 //! called first by `main.rs`), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
 //! its tracked flows), the deny sets (`deny::denied`) and the rate limiter's
-//! bans (`ratelimit::banned`), the rules, and last the ping setting for an
+//! bans (`ratelimit::banned`), the rules (the list of the interface the
+//! packet arrived on: `rules::ingress_dir`), and last the ping setting for an
 //! echo request no rule admitted. ICMP meets the rules with its type and
 //! code as the port (`icmp_port`). What the rules admit is recorded as an
 //! inbound flow (`conntrack::track_ingress`); a new one first meets its

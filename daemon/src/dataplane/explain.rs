@@ -7,7 +7,7 @@
 //! - *live*: every map is the pinned one (rules of both generations,
 //!   `ACTIVE`, `SETTINGS`, the connection tables, deny sets), so the run
 //!   reads exactly what the attached programs read.
-//! - *scratch* (`explain --rules`): `ACTIVE`, `SETTINGS` and the rule maps
+//! - *scratch* (`explain --rules`): `ACTIVE`, `SETTINGS`, `IFDIR` and the rule maps
 //!   of both generations are fresh maps of its own (created under a private
 //!   directory whose pins are removed at once, so they live only as long as
 //!   the instance); the connection tables and deny sets are the pinned ones.
