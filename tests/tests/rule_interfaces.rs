@@ -327,3 +327,63 @@ fn moving_a_rule_to_another_interface_cuts_its_flows_on_the_old_one() {
     }
     assert!(!reaches(&cluster, HOST2_V4, CLUSTER));
 }
+
+/// Waits until `status` says every configured interface is protected.
+fn wait_enforcing(config: &ConfigFile) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let out = cli(config, &["--json", "status"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        if status["enforcing"] == true {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not protected: {}",
+            said(&out)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The cluster NIC appears after the daemon started, and later is removed
+/// and created again (a new interface index each time): its rules apply
+/// from the moment it is protected.
+#[test]
+fn an_interface_that_appears_later_gets_its_rules() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let cluster = Netns::new("q").unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, CLUSTER)).unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_both(&pins, &rules(CLUSTER_IF))).unwrap();
+    let _daemon = Daemon::start(&pair.host, &config).expect("portcullisd");
+    for round in 0..2 {
+        let _ = pair.host.ip(&["link", "del", CLUSTER_IF]);
+        veth(&pair.host, CLUSTER_IF, &cluster, CLUSTER_PEER_IF).unwrap();
+        addresses(
+            &pair.host,
+            CLUSTER_IF,
+            &format!("{HOST2_V4}/24"),
+            &format!("{HOST2_V6}/64"),
+        )
+        .unwrap();
+        addresses(
+            &cluster,
+            CLUSTER_PEER_IF,
+            &format!("{PEER2_V4}/24"),
+            &format!("{PEER2_V6}/64"),
+        )
+        .unwrap();
+        wait_enforcing(&config);
+        if round == 0 {
+            // Bound to the address; it keeps listening when it comes back.
+            TcpServer::start(&pair.host, sock(HOST2_V4, CLUSTER)).unwrap();
+        }
+        assert!(
+            reaches(&cluster, HOST2_V4, CLUSTER),
+            "round {round}: the cluster NIC's rule does not apply"
+        );
+        assert!(!reaches(&pair.peer, HOST_V4, CLUSTER), "round {round}");
+    }
+}
