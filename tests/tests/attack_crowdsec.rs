@@ -359,4 +359,23 @@ fn bans_over_the_deny_capacity_are_refused_once_not_every_poll() {
     assert!(eventually(WAIT, two), "{}\n{}", h.status(), h.log());
     assert!(!h.env.reaches(A4, APP));
     assert!(h.env.reaches(B4, APP));
+    // Two other bans: as a delta they do not fit beside the two held (the
+    // add is refused, the bouncer pulls whole again); the full replace
+    // makes room by lifting the stale ones first.
+    h.fake.answer(&stream(&[
+        ban(4, "Ip", B4, "1h"),
+        ban(5, "Ip", "10.200.0.5", "1h"),
+    ]));
+    // (B4 is the admin network: held in the set, exempt in the data path.)
+    let swapped = || {
+        let listed = h.env.listed("crowdsec").to_string();
+        listed.contains("10.200.0.5/32") && !listed.contains(&format!("\"{A4}/32\""))
+    };
+    assert!(
+        eventually(WAIT, swapped),
+        "{}\n{}",
+        h.status(),
+        h.env.listed("crowdsec")
+    );
+    assert!(h.env.reaches(A4, APP));
 }
