@@ -387,3 +387,48 @@ fn an_interface_that_appears_later_gets_its_rules() {
         assert!(!reaches(&pair.peer, HOST_V4, CLUSTER), "round {round}");
     }
 }
+
+/// The anti-lockout check with interface rules: the caller's SSH session
+/// (from the cluster network) is admitted only by a rule on the cluster
+/// NIC. A change that moves that rule to the public NIC would cut it (its
+/// next packets meet the cluster NIC's rules): refused without `--force`,
+/// though some interface still admits the source. A change that leaves it
+/// alone goes through.
+#[test]
+fn moving_the_callers_ssh_rule_to_another_interface_is_refused() {
+    require_root!();
+    let (pair, _cluster) = setup();
+    let admin = |on: &str| {
+        format!(
+            "[[ingress_rules]]\nid = \"admin\"\nfrom_port = 22\nto_port = 22\n\
+             ip_ranges = [\"10.200.2.0/24\"]\nprotocol = \"tcp\"\ninterfaces = [\"{on}\"]\n"
+        )
+    };
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_both(&pins, &admin(CLUSTER_IF))).unwrap();
+    let _daemon = Daemon::start(&pair.host, &config).expect("portcullisd");
+    let as_session = |args: &[&str]| {
+        std::process::Command::new(workspace_bin("portcullis").unwrap())
+            .env("SSH_CONNECTION", format!("{PEER2_V4} 50022 {HOST2_V4} 22"))
+            .arg("--socket")
+            .arg(config.socket())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = as_session(&["allow", "7000/tcp"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let moved = config.state_dir().with_file_name("moved.toml");
+    std::fs::write(&moved, admin(HOST_IFACE)).unwrap();
+    let moved = moved.to_str().unwrap();
+    let out = as_session(&["rules", "apply", moved]);
+    let text = said(&out);
+    assert!(
+        !out.status.success() && text.contains("would cut your own SSH session"),
+        "{text}"
+    );
+    let listed = said(&cli(&config, &["rules", "list"]));
+    assert!(listed.contains(&format!("on {CLUSTER_IF}")), "{listed}");
+    let out = as_session(&["rules", "apply", moved, "--force"]);
+    assert!(out.status.success(), "{}", said(&out));
+}
