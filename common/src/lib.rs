@@ -10,7 +10,7 @@
 
 /// Version of the map layouts below. Recorded beside the pins, so a daemon can
 /// tell whether the maps it finds pinned were written by a compatible version.
-pub const LAYOUT_VERSION: u32 = 12;
+pub const LAYOUT_VERSION: u32 = 13;
 
 /// Names of the maps, as the eBPF object declares them and as they are pinned.
 pub mod maps {
@@ -43,6 +43,10 @@ pub mod maps {
     pub const SEGMENTS: [&str; 2] = ["SEGMENTS_0", "SEGMENTS_1"];
     /// `PerCpuArray<Counter>` per generation, indexed by rule slot.
     pub const RULE_STATS: [&str; 2] = ["RULE_STATS_0", "RULE_STATS_1"];
+    /// `HashMap<u64, u32>`: (generation << 32 | ifindex) -> the ingress
+    /// direction byte ([`crate::ingress_dir`]) of an interface rules name;
+    /// absent: `Settings::ingress_dir` of that generation.
+    pub const IFDIR: &str = "IFDIR";
     /// `Array<Settings>`, one entry per generation (2).
     pub const SETTINGS: &str = "SETTINGS";
     /// `LruHashMap<FlowKey4, Flow>`: IPv4 flows the host opened (connection
@@ -262,7 +266,10 @@ pub struct Counter {
 pub struct Settings {
     /// Bit set of `SETTING_*` flags.
     pub flags: u32,
-    pub _reserved: u32,
+    /// The ingress direction byte of interfaces no rule names and no
+    /// `IFDIR` entry covers: `DIR_INGRESS` while no rule names interfaces,
+    /// else `ingress_dir(0)`.
+    pub ingress_dir: u32,
 }
 
 /// Bit 0 is unused: the SSH exemption is a compiled rule (`SLOT_KIND_SSH`)
@@ -486,6 +493,26 @@ pub const VOLUME_V6_PREFIX: usize = 64;
 pub const DIR_INGRESS: u8 = 0;
 pub const DIR_EGRESS: u8 = 1;
 
+/// Ingress rule lists per interface (rules with `interfaces = [..]`).
+/// `DIR_INGRESS` (0) holds every ingress rule whatever its interfaces (the
+/// union): what egress asks about replies, and what the XDP program reads
+/// on every interface while no rule names one. Once one does, each
+/// interface has its list: class 0 (interfaces no rule names: the rules
+/// without `interfaces`) has direction byte 2, the named interfaces (at
+/// most [`IF_CLASSES`]) 3.. ([`ingress_dir`]).
+pub const IF_CLASSES: u32 = 3;
+
+/// The direction byte of the ingress rule list of interface class `class`
+/// (0: interfaces no rule names; 1..=[`IF_CLASSES`]: a named interface).
+#[inline(always)]
+pub const fn ingress_dir(class: u32) -> u8 {
+    if class > IF_CLASSES {
+        DIR_INGRESS
+    } else {
+        2 + class as u8
+    }
+}
+
 /// A compiled IPv4 prefix: direction, then the address (its length, like an
 /// LPM key's, counts the direction byte: 8 + prefix length).
 pub type RuleKey4 = [u8; 5];
@@ -708,7 +735,9 @@ impl Default for ExplainResult {
 /// chunk` (look at the next 4 bits in that chunk). At most five array reads,
 /// whatever the rules.
 pub const V4_NODE: u32 = 1 << 31;
-pub const V4_ROOT_ENTRIES: u32 = 2 * 65536;
+/// One block of 65536 per direction byte: ingress (any interface), egress,
+/// and ingress per interface class ([`ingress_dir`]).
+pub const V4_ROOT_ENTRIES: u32 = (3 + IF_CLASSES) * 65536;
 pub const V4_CHUNK_ENTRIES: u32 = 16;
 
 /// Default capacities of the rule maps; the configuration can raise them.

@@ -254,12 +254,62 @@ fn first(entries: &[Entry]) -> String {
         .map_or_else(|| "-".into(), |e| e.prefix.to_string())
 }
 
+/// A full pull the core refused (more bans than the deny set holds): a
+/// fingerprint of its prefixes and the error.
+type RefusedPull = Option<(u64, String)>;
+
+/// A fingerprint of the set of prefixes `entries` bans (order aside).
+fn fingerprint(entries: &[Entry]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut prefixes: Vec<_> = entries.iter().map(|e| e.prefix).collect();
+    prefixes.sort_unstable();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prefixes.hash(&mut h);
+    h.finish()
+}
+
+/// The full pull's replace, unless the same bans were refused last time:
+/// retrying it every poll changes nothing and costs a journal write, the
+/// kernel writes and their undo, and an audit record each time. The first
+/// answer that names other bans is tried again.
+async fn replace(
+    core: &core::Shared,
+    set: &str,
+    entries: &[Entry],
+    refused: &mut RefusedPull,
+) -> Result<(), String> {
+    let print = fingerprint(entries);
+    if let Some((same, e)) = refused.as_ref()
+        && *same == print
+    {
+        return Err(format!(
+            "{e} (not retried while the LAPI names the same bans)"
+        ));
+    }
+    let what = format!(
+        "crowdsec: full pull into {set}: {} entries (first {})",
+        entries.len(),
+        first(entries)
+    );
+    match change(core, what, |c| c.deny_replace(set, entries)).await {
+        Ok(_) => {
+            *refused = None;
+            Ok(())
+        }
+        Err(e) => {
+            *refused = Some((print, e.clone()));
+            Err(e)
+        }
+    }
+}
+
 /// One poll: a full pull when `tracker` is empty, else a delta.
 async fn poll(
     cfg: &CrowdSecConfig,
     url: &Url,
     tracker: &mut Option<Tracker>,
     core: &core::Shared,
+    refused_pull: &mut RefusedPull,
 ) -> Result<(usize, Vec<String>), String> {
     let key = read_key(&cfg.api_key_file)?;
     let tls = match (&cfg.ca_file, url.tls) {
@@ -281,12 +331,7 @@ async fn poll(
     let set = cfg.set.clone();
     let Some(t) = tracker.as_mut() else {
         let (t, entries) = Tracker::of_startup(&pulled.new);
-        let what = format!(
-            "crowdsec: full pull into {set}: {} entries (first {})",
-            entries.len(),
-            first(&entries)
-        );
-        change(core, what, |c| c.deny_replace(&set, &entries)).await?;
+        replace(core, &set, &entries, refused_pull).await?;
         let held = t.decisions();
         *tracker = Some(t);
         return Ok((held, refused));
@@ -358,8 +403,9 @@ pub async fn run(cfg: CrowdSecConfig, core: core::Shared) {
     );
     core.lock().await.crowdsec = Some(status.clone());
     let mut tracker: Option<Tracker> = None;
+    let mut refused_pull: RefusedPull = None;
     loop {
-        let result = poll(&cfg, &url, &mut tracker, &core).await;
+        let result = poll(&cfg, &url, &mut tracker, &core, &mut refused_pull).await;
         note(&mut status, result, &mut tracker);
         core.lock().await.crowdsec = Some(status.clone());
         tokio::time::sleep(interval).await;

@@ -115,6 +115,10 @@ pub struct Image {
     /// Index 0 is unused (`SLOT_NONE`).
     pub slots: Vec<Slot>,
     pub egress_allowlist: bool,
+    /// Interfaces the rules name: interface class `i + 1` (the data path's
+    /// `IFDIR`), whose ingress rules have direction `ingress_dir(i + 1)`;
+    /// interfaces none names have `ingress_dir(0)`.
+    pub if_classes: Vec<String>,
     /// SHA-256 of the rule set (canonical JSON), hex.
     pub hash: String,
 }
@@ -149,23 +153,66 @@ fn networks(cidrs: &[String]) -> Vec<IpNet> {
 }
 
 pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
+    let (entries, slots, scoped) = base_entries(set);
+    (by_interface_class(set, entries, &scoped), slots)
+}
+
+/// The ingress entries under `DIR_INGRESS` are every ingress rule's,
+/// whatever its interfaces (the union: egress's question about replies,
+/// and every interface's list while no rule names one). When rules name
+/// interfaces, each entry is also copied into the list of each interface
+/// class it applies to (direction `ingress_dir(class)`): an entry of a rule
+/// without interfaces into every class, including class 0 (interfaces no
+/// rule names), an entry of a rule with some into theirs only. Order is
+/// kept, so each class is a rule list of its own, first match credited.
+fn by_interface_class(set: &RuleSet, entries: Vec<Entry>, scoped: &[Vec<String>]) -> Vec<Entry> {
+    let names = set.rule_interfaces();
+    if names.is_empty() {
+        return entries;
+    }
+    let mut copies = Vec::new();
+    for (e, on) in entries.iter().zip(scoped) {
+        if e.dir != DIR_INGRESS {
+            continue;
+        }
+        let classes = std::iter::once(on.is_empty())
+            .chain(names.iter().map(|name| on.is_empty() || on.contains(name)));
+        for (class, applies) in (0u32..).zip(classes) {
+            if applies {
+                let mut copy = e.clone();
+                copy.dir = portcullis_common::ingress_dir(class);
+                copies.push(copy);
+            }
+        }
+    }
+    let mut out = entries;
+    out.extend(copies);
+    out
+}
+
+/// The entries as if no rule named interfaces, their slots, and each
+/// entry's interfaces (empty: every interface).
+fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
     let mut entries = Vec::new();
+    let mut scoped: Vec<Vec<String>> = Vec::new();
     let mut slots = vec![Slot::new(String::new(), 0, 0)];
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports, the ICMP types of a rule, per family)
     // is one entry per set, all on its slot.
-    let mut push = |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>| {
-        let index = slots.len() as u32;
-        slots.push(Slot::new(name, kind, dir));
-        for (ports, nets) in port_sets {
-            entries.push(Entry {
-                dir,
-                slot: (kind << SLOT_KIND_SHIFT) | index,
-                ports,
-                nets,
-            });
-        }
-    };
+    let mut push =
+        |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>, on: &[String]| {
+            let index = slots.len() as u32;
+            slots.push(Slot::new(name, kind, dir));
+            for (ports, nets) in port_sets {
+                entries.push(Entry {
+                    dir,
+                    slot: (kind << SLOT_KIND_SHIFT) | index,
+                    ports,
+                    nets,
+                });
+                scoped.push(on.to_vec());
+            }
+        };
     let everything = pclasses(Protocol::Any, 0, u16::MAX);
     if let Some(cluster) = &set.cluster {
         let peers = networks(&cluster.peers);
@@ -176,6 +223,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                     SLOT_KIND_PEER,
                     dir,
                     vec![(everything, peers.clone())],
+                    &[],
                 );
             }
         }
@@ -190,7 +238,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
             .iter()
             .map(|&p| (pclasses(Protocol::Tcp, p, p), nets.clone()))
             .collect();
-        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, ports);
+        push("ssh".into(), SLOT_KIND_SSH, DIR_INGRESS, ports, &[]);
     }
     for (dir, rules) in [
         (DIR_INGRESS, &set.ingress_rules),
@@ -202,6 +250,7 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                 SLOT_KIND_RULE,
                 dir,
                 rule_port_sets(r),
+                &r.interfaces,
             );
         }
     }
@@ -213,11 +262,12 @@ pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
                 SLOT_KIND_FOREIGN,
                 DIR_INGRESS,
                 vec![(everything, others)],
+                &[],
             );
         }
     }
     rule_limits(set, &mut slots);
-    (entries, slots)
+    (entries, slots, scoped)
 }
 
 /// A rule's port sets, each with its networks. An ICMP rule with
@@ -353,7 +403,17 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         ..Default::default()
     };
     let mut region_ids = RegionIds::new();
-    for dir in [DIR_INGRESS, DIR_EGRESS] {
+    image.if_classes = set.rule_interfaces();
+    // The interface classes' lists: class 0 and one per named interface,
+    // only when rules name some.
+    let classes = match image.if_classes.len() as u32 {
+        0 => 0..0,
+        n => 0..n + 1,
+    };
+    let dirs = [DIR_INGRESS, DIR_EGRESS]
+        .into_iter()
+        .chain(classes.map(portcullis_common::ingress_dir));
+    for dir in dirs {
         for v6 in [false, true] {
             prefixes(&entries, dir, v6, &mut image, &mut region_ids)?;
         }
@@ -486,8 +546,9 @@ fn check_limits(image: &Image, limits: &Limits) -> Result<(), CompileError> {
 /// order of length, so a longer prefix overwrites a shorter one and a new
 /// chunk starts out with the entry it replaces (the shorter prefix's region).
 ///
-/// Indexing here cannot go out of bounds: `root` has 2 x 65536 entries and
-/// is indexed by the direction (0 or 1) times 65536 plus the top 16 bits,
+/// Indexing here cannot go out of bounds: `root` has `V4_ROOT_ENTRIES` (one
+/// 65536 block per direction byte, at most `ingress_dir(IF_CLASSES)`) and
+/// is indexed by the direction times 65536 plus the top 16 bits,
 /// with a run of `2^(16 - plen)` that stays inside the aligned 16-bit block;
 /// chunks are indexed by ids this function appended (`chunk` <
 /// `chunks.len() / 16`) plus a nibble or an aligned run within the chunk.
@@ -699,6 +760,54 @@ impl V6Tables {
     }
 }
 
+/// The packet-less questions about interface rules.
+impl Image {
+    /// [`Image::lookup`] for new inbound traffic arriving on interface
+    /// `on` (`None`: one no rule names): that interface's rule list.
+    pub fn lookup_on(&self, on: Option<&str>, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+        let dir = if self.if_classes.is_empty() {
+            DIR_INGRESS
+        } else {
+            let class = on
+                .and_then(|n| self.if_classes.iter().position(|c| c == n))
+                .map_or(0, |i| i as u32 + 1);
+            portcullis_common::ingress_dir(class)
+        };
+        self.lookup(dir, addr, pclass, port)
+    }
+
+    /// The interfaces with a rule list of their own here or in `other`,
+    /// and `None` (every other interface).
+    fn interface_views<'a>(&'a self, other: &'a Image) -> Vec<Option<&'a str>> {
+        let mut views = vec![None];
+        for name in self.if_classes.iter().chain(&other.if_classes) {
+            if !views.contains(&Some(name.as_str())) {
+                views.push(Some(name.as_str()));
+            }
+        }
+        views
+    }
+
+    /// Whether, on some interface, this image admits new inbound traffic
+    /// from `addr` to `port` and `after` does not. What a packet-less check
+    /// asks about an open flow or a login, whose interface it does not know:
+    /// a change that stops it on any interface counts.
+    pub fn stops_admitting(&self, after: &Image, addr: IpAddr, pclass: usize, port: u16) -> bool {
+        self.interface_views(after).into_iter().any(|on| {
+            portcullis_common::slot_admits(self.lookup_on(on, addr, pclass, port))
+                && !portcullis_common::slot_admits(after.lookup_on(on, addr, pclass, port))
+        })
+    }
+
+    /// Whether some interface's rules admit new inbound traffic from `addr`
+    /// to `port`.
+    pub fn admits_somewhere(&self, addr: IpAddr, pclass: usize, port: u16) -> bool {
+        self.interface_views(self)
+            .into_iter()
+            .any(|on| portcullis_common::slot_admits(self.lookup_on(on, addr, pclass, port)))
+    }
+}
+
 impl Image {
     /// What the data path answers for this image: the same three steps,
     /// with a linear longest-prefix match (for tests).
@@ -765,6 +874,7 @@ mod tests {
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         }
     }
 
@@ -984,6 +1094,117 @@ mod tests {
         assert_eq!(name(at("10.9.1.1", 42, 42)), "rule:all");
     }
 
+    #[test]
+    fn interface_rules_apply_on_their_interfaces_only() {
+        use portcullis_common::ingress_dir;
+        let mut cluster = rule("cluster", 9000, 9000, &["10.0.0.0/8"], Protocol::Tcp);
+        cluster.interfaces = vec!["eth1".into()];
+        let mut narrow = rule("narrow", 9000, 9001, &["10.1.0.0/16"], Protocol::Tcp);
+        narrow.interfaces = vec!["eth2".into()];
+        let set = RuleSet {
+            ingress_rules: vec![cluster, narrow, rule("web", 443, 443, &[], Protocol::Tcp)],
+            ..Default::default()
+        };
+        set.validate().unwrap();
+        let image = compile(&set, &Limits::default()).unwrap();
+        assert_eq!(image.if_classes, ["eth1", "eth2"]);
+        let (entries, _) = entries(&set);
+        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let at = |class: u32, a: &str, port: u16| {
+            let dir = ingress_dir(class);
+            let slot = image.lookup(dir, ip(a), PCLASS_TCP, port);
+            assert_eq!(slot, reference(&entries, dir, ip(a), PCLASS_TCP, port));
+            slot
+        };
+        // Class 0 (any other interface): neither scoped rule.
+        assert_eq!(at(0, "10.1.2.3", 9000), SLOT_NONE);
+        assert_eq!(name(at(0, "10.1.2.3", 443)), "rule:web");
+        // eth1: the cluster rule, and the unscoped ones.
+        assert_eq!(name(at(1, "10.1.2.3", 9000)), "rule:cluster");
+        assert_eq!(at(1, "10.1.2.3", 9001), SLOT_NONE);
+        assert_eq!(name(at(1, "10.1.2.3", 443)), "rule:web");
+        // eth2: the narrow rule only where it reaches.
+        assert_eq!(name(at(2, "10.1.2.3", 9000)), "rule:narrow");
+        assert_eq!(at(2, "10.2.2.3", 9000), SLOT_NONE);
+        // DIR_INGRESS: every interface's rules at once (egress's question
+        // about replies, the expiry's cut).
+        let any = |a: &str, port: u16| image.lookup(DIR_INGRESS, ip(a), PCLASS_TCP, port);
+        assert_eq!(name(any("10.1.2.3", 9000)), "rule:cluster");
+        assert_eq!(name(any("10.1.2.3", 9001)), "rule:narrow");
+        assert_eq!(name(any("10.1.2.3", 443)), "rule:web");
+        assert_eq!(any("10.2.2.3", 9001), SLOT_NONE);
+        // Without interface rules the image is what it always was: one
+        // ingress list.
+        let plain = RuleSet {
+            ingress_rules: vec![rule("web", 443, 443, &[], Protocol::Tcp)],
+            ..Default::default()
+        };
+        let plain = compile(&plain, &Limits::default()).unwrap();
+        assert!(plain.if_classes.is_empty());
+        assert_eq!(
+            plain.lookup(ingress_dir(0), ip("10.1.2.3"), PCLASS_TCP, 443),
+            SLOT_NONE
+        );
+        assert_ne!(
+            plain.lookup(DIR_INGRESS, ip("10.1.2.3"), PCLASS_TCP, 443),
+            SLOT_NONE
+        );
+        // Names a protected interface: explicit list, or automatic mode's
+        // test (here: anything but "lo").
+        let auto = |n: &str| n != "lo";
+        assert!(set.check_rule_interfaces(&[], auto).is_ok());
+        let listed = ["eth1".to_string(), "eth2".to_string()];
+        assert!(set.check_rule_interfaces(&listed, auto).is_ok());
+        let e = set.check_rule_interfaces(&listed[..1], auto).unwrap_err();
+        assert_eq!(
+            (e.field, e.place.as_str()),
+            ("interfaces", "ingress_rules[1] (id \"narrow\")")
+        );
+        assert!(e.reason.contains("\"eth2\""), "{}", e.reason);
+        let mut on_lo = set.clone();
+        on_lo.ingress_rules[2].interfaces = vec!["lo".into()];
+        assert_eq!(
+            on_lo.check_rule_interfaces(&[], auto).unwrap_err().field,
+            "interfaces"
+        );
+        let mut bad = set.clone();
+        bad.egress_rules.push(bad.ingress_rules[0].clone());
+        bad.egress_rules[0].id = "out".into();
+        assert_eq!(bad.validate().unwrap_err().field, "interfaces");
+        let mut many = set;
+        many.ingress_rules[2].interfaces = vec!["eth3".into(), "eth4".into()];
+        assert_eq!(many.validate().unwrap_err().field, "interfaces");
+    }
+
+    /// The packet-less questions (anti-lockout, would_cut) per interface.
+    #[test]
+    fn packetless_checks_ask_each_interface() {
+        let mut cluster = rule("cluster", 9000, 9000, &["10.0.0.0/8"], Protocol::Tcp);
+        cluster.interfaces = vec!["eth1".into()];
+        let set = RuleSet {
+            ingress_rules: vec![cluster, rule("web", 443, 443, &[], Protocol::Tcp)],
+            ..Default::default()
+        };
+        let image = compile(&set, &Limits::default()).unwrap();
+        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        assert_eq!(
+            name(image.lookup_on(Some("eth1"), ip("10.5.0.1"), PCLASS_TCP, 9000)),
+            "rule:cluster"
+        );
+        assert_eq!(
+            image.lookup_on(None, ip("10.5.0.1"), PCLASS_TCP, 9000),
+            SLOT_NONE
+        );
+        assert!(image.admits_somewhere(ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(!image.stops_admitting(&image, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        let mut moved = set.clone();
+        moved.ingress_rules[0].interfaces = vec!["eth2".into()];
+        let moved = compile(&moved, &Limits::default()).unwrap();
+        assert!(image.stops_admitting(&moved, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(moved.stops_admitting(&image, ip("10.5.0.1"), PCLASS_TCP, 9000));
+        assert!(!image.stops_admitting(&moved, ip("10.5.0.1"), PCLASS_TCP, 443));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
         /// The compiled image answers exactly what the one-by-one evaluator does.
@@ -996,7 +1217,13 @@ mod tests {
             let image = compile(&set, &Limits::default()).unwrap();
             let (entries, _) = entries(&set);
             for (addr, pclass, port, egress) in probes {
-                let dir = if egress { DIR_EGRESS } else { DIR_INGRESS };
+                // Egress, ingress on interface class 0..=2 (the
+                // strategies name two interfaces), or on any interface.
+                let dir = match (egress, port % 4) {
+                    (true, _) => DIR_EGRESS,
+                    (false, 3) => DIR_INGRESS,
+                    (false, c) => portcullis_common::ingress_dir(u32::from(c)),
+                };
                 let port = match pclass {
                     PCLASS_ICMP => strategies::icmp_probe(port),
                     PCLASS_OTHER => 0,
@@ -1067,6 +1294,12 @@ pub mod strategies {
                 (Just((from, span, nets, protocol)), types)
             })
             .prop_map(move |((from, span, nets, protocol), types)| FirewallRule {
+                interfaces: match (i < 100, from % 5) {
+                    (true, 0) => vec!["eth1".into()],
+                    (true, 1) => vec!["eth1".into(), "eth2".into()],
+                    (true, 2) => vec!["eth2".into()],
+                    _ => Vec::new(),
+                },
                 id: format!("r{i}"),
                 from_port: from,
                 to_port: from + span,

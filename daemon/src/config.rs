@@ -689,7 +689,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        self.selector()?;
+        let selector = self.selector()?;
         for (i, name) in self.drop_log.reasons.iter().enumerate() {
             let known = portcullis_common::Reason::ALL
                 .iter()
@@ -755,6 +755,8 @@ impl Config {
             }
         }
         self.rule_set().validate()?;
+        self.rule_set()
+            .check_rule_interfaces(&self.interfaces, |n| selector.may_protect(n))?;
         Ok(())
     }
 
@@ -781,6 +783,7 @@ impl Config {
                 expires: None,
                 rate: None,
                 burst: None,
+                interfaces: Vec::new(),
             })
             .collect()
     }
@@ -973,6 +976,39 @@ ip_ranges = []
     }
 
     #[test]
+    fn rule_interfaces_must_be_protected_ones() {
+        let rule = |on: &str| {
+            format!(
+                "[[ingress_rules]]\nid = \"c\"\nfrom_port = 9000\nto_port = 9000\ninterfaces = [\"{on}\"]\n"
+            )
+        };
+        let explicit = "interfaces = [\"eth0\", \"eth1\"]\n";
+        let c = Config::parse(&format!("{explicit}{}", rule("eth1"))).unwrap();
+        assert_eq!(c.rule_set().rule_interfaces(), ["eth1"]);
+        let e = Config::parse(&format!("{explicit}{}", rule("eth2"))).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ingress_rules[0] (id \"c\"): interfaces: \"eth2\" is not an interface Portcullis protects"),
+            "{e}"
+        );
+        // Automatic mode: any name it may select; not loopback, not an
+        // excluded one.
+        assert!(Config::parse(&rule("eth7")).is_ok());
+        for never in ["lo", "docker0"] {
+            let e = Config::parse(&rule(never)).unwrap_err();
+            assert!(e.to_string().contains("interfaces:"), "{never}: {e}");
+        }
+        // Egress rules take none; a bad name is refused.
+        let e = Config::parse(
+            "[[egress_rules]]\nid = \"o\"\nfrom_port = 53\nto_port = 53\ninterfaces = [\"eth0\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("interfaces"), "{e}");
+        let e = Config::parse(&rule("a/b")).unwrap_err();
+        assert!(e.to_string().contains("is not an interface name"), "{e}");
+    }
+
+    #[test]
     fn ssh_ports_and_the_deprecated_alias() {
         let c = Config::parse("[ssh]\nallow = true\nports = [22, 2222]\n").unwrap();
         assert_eq!(c.rule_set().ssh.ports, [22, 2222]);
@@ -1046,6 +1082,7 @@ ip_ranges = []
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         };
         use crate::rules::Protocol::*;
         let set = RuleSet {
@@ -1154,6 +1191,7 @@ ip_ranges = []
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         };
         Config {
             interfaces: vec![],

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use std::net::IpAddr;
 
-use portcullis_common::{Counter, DIR_INGRESS, PCLASS_TCP, Reason, pclass_port, slot_admits};
+use portcullis_common::{Counter, PCLASS_TCP, Reason, pclass_port};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -486,6 +486,10 @@ impl Core {
         ifname: &str,
         tc: crate::config::TcAttachMode,
     ) -> anyhow::Result<dataplane::Attach> {
+        // A rule may name this interface: its rule list before it is
+        // enforced (the live generation's `IFDIR` entry).
+        let image = self.effective()?.unwrap_or_else(|| self.image.clone());
+        self.dataplane.refresh_if_dirs(&image)?;
         self.record_outbound(ifname, tc)?;
         self.enforce_on(ifname)
     }
@@ -626,6 +630,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
+        self.check_interfaces(&next)?;
         next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
@@ -640,8 +645,7 @@ impl Core {
         // login when SSH is turned off for its source.
         if let Some(session) = &opts.caller_session
             && !opts.force
-            && admits_login(session, &self.image)
-            && !admits_login(session, &image)
+            && blocks_login(session, &self.image, &image)
         {
             return Err(ChangeError::BlocksNextLogin(session.to_string()));
         }
@@ -923,6 +927,22 @@ impl Core {
         Ok(())
     }
 
+    /// The interfaces `next`'s rules name are ones this daemon protects
+    /// (see `RuleSet::check_rule_interfaces`); one not protected right now
+    /// (automatic mode, a link yet to appear) is logged.
+    fn check_interfaces(&self, next: &RuleSet) -> Result<(), ChangeError> {
+        let selector = self.config.as_ref().and_then(|(_, c)| c.selector().ok());
+        next.check_rule_interfaces(&self.configured, |n| {
+            selector.as_ref().is_none_or(|s| s.may_protect(n))
+        })?;
+        for name in next.rule_interfaces() {
+            if !self.interfaces.contains_key(&name) {
+                tracing::warn!(interface = %name, "a rule names an interface not protected now: its rules apply there once it is");
+            }
+        }
+        Ok(())
+    }
+
     /// Open connections that `image` would cut: admitted by the live rules
     /// (not by the connection table) and not by `image`.
     fn flows_cut_by(&mut self, image: &Image) -> Vec<String> {
@@ -934,13 +954,9 @@ impl Core {
             .filter(|c| {
                 let (pclass, port) = pclass_port(c.proto, c.local_port);
                 let remote = c.remote.to_canonical();
-                let admitted = |img: &Image| {
-                    let slot = img.lookup(DIR_INGRESS, remote, pclass, port);
-                    slot_admits(slot)
-                };
+                // On some interface (the flow's is not known).
                 !self.dataplane.has_flow(&dataplane::flow_key(c))
-                    && admitted(&self.image)
-                    && !admitted(image)
+                    && self.image.stops_admitting(image, remote, pclass, port)
             })
             .map(|c| {
                 let proto = if c.proto == portcullis_common::IPPROTO_TCP {
@@ -967,7 +983,10 @@ impl Core {
             remote_port: s.client_port,
             tcp_syn_sent: false,
         };
-        self.dataplane.has_flow(&dataplane::flow_key(&conn)) || admits_login(s, image)
+        // Rules that name interfaces: admitted somewhere by `image`, and on
+        // no interface stopped (the session's interface is not known).
+        self.dataplane.has_flow(&dataplane::flow_key(&conn))
+            || (admits_login(s, image) && !blocks_login(s, &self.image, image))
     }
 
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,
@@ -1212,7 +1231,7 @@ impl Core {
             };
             // Admitted now and not by `next`: its next login is dropped,
             // and the session itself unless the table tracks it.
-            if admits_login(&s, &self.image) && !admits_login(&s, &image) {
+            if blocks_login(&s, &self.image, &image) {
                 out.push(s.to_string());
             }
         }
@@ -1268,15 +1287,15 @@ fn mode_request(mode: &Mode, opts: &Options) -> Result<Option<ipnet::IpNet>, Cha
 }
 
 /// Whether `image` admits a new connection like the SSH session `s` (its
-/// client to its server port), whatever flows are open.
+/// client to its server port), whatever flows are open, on some interface.
 fn admits_login(s: &Session, image: &Image) -> bool {
-    let slot = image.lookup(
-        DIR_INGRESS,
-        s.client.to_canonical(),
-        PCLASS_TCP,
-        s.server_port,
-    );
-    slot_admits(slot)
+    image.admits_somewhere(s.client.to_canonical(), PCLASS_TCP, s.server_port)
+}
+
+/// Whether going from `live` to `next` stops admitting new connections like
+/// the SSH session `s` on some interface (its own is not known).
+fn blocks_login(s: &Session, live: &Image, next: &Image) -> bool {
+    live.stops_admitting(next, s.client.to_canonical(), PCLASS_TCP, s.server_port)
 }
 
 /// The core as the daemon's tasks share it.
@@ -1445,6 +1464,7 @@ mod tests {
                 expires: None,
                 rate: None,
                 burst: None,
+                interfaces: Vec::new(),
             }],
             ..Default::default()
         };
@@ -1485,6 +1505,7 @@ mod tests {
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         });
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(

@@ -224,6 +224,15 @@ impl Selector {
         self.explicit.is_empty()
     }
 
+    /// Whether a link named `name` may be protected, its kind unknown: in
+    /// the explicit list, or (automatic mode) not loopback nor excluded.
+    pub fn may_protect(&self, name: &str) -> bool {
+        if !self.explicit.is_empty() {
+            return self.explicit.iter().any(|n| n == name);
+        }
+        name != "lo" && !self.exclude.iter().any(|p| p.matches(name))
+    }
+
     pub fn wants(&self, link: &Link) -> bool {
         if !self.explicit.is_empty() {
             return self.explicit.contains(&link.name);

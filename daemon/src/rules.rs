@@ -76,6 +76,10 @@ pub struct FirewallRule {
     /// `rate`, one second's worth).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
+    /// Ingress rules only: the interfaces the rule applies on (every
+    /// protected interface when empty), e.g. a cluster NIC.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<String>,
 }
 
 /// Bounds of a rate (new flows per second) and of a burst.
@@ -751,6 +755,109 @@ impl FirewallRule {
         if let Some(e) = &self.expires {
             parse_expiry(e).map_err(|e| ("expires", e))?;
         }
+        for name in &self.interfaces {
+            check_ifname(name).map_err(|e| ("interfaces", e))?;
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` is not an interface name, if it is not (Linux: at most 15
+/// bytes; letters, digits and `-_.@`).
+pub fn check_ifname(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not an interface name (1-15 letters, digits, '-', '_', '.', '@')"
+        ))
+    }
+}
+
+/// More distinct interfaces than this named by rules is refused: each is
+/// a class of its own in the data path (`portcullis_common::IF_CLASSES`).
+pub const MAX_RULE_INTERFACES: usize = portcullis_common::IF_CLASSES as usize;
+
+impl RuleSet {
+    /// The interfaces ingress rules name, sorted: interface class `i + 1`.
+    pub fn rule_interfaces(&self) -> Vec<String> {
+        let names: std::collections::BTreeSet<&String> = self
+            .ingress_rules
+            .iter()
+            .flat_map(|r| &r.interfaces)
+            .collect();
+        names.into_iter().cloned().collect()
+    }
+
+    /// Every interface ingress rules name is one Portcullis protects:
+    /// with `configured` (the configuration's explicit `interfaces`) one of
+    /// those; in automatic mode (`configured` empty) one `protectable` says
+    /// it may select (not loopback, not excluded). A rule naming another
+    /// would admit nothing there: refused, never silently ignored.
+    pub fn check_rule_interfaces(
+        &self,
+        configured: &[String],
+        protectable: impl Fn(&str) -> bool,
+    ) -> Result<(), RuleError> {
+        for (i, r) in self.ingress_rules.iter().enumerate() {
+            let bad = r.interfaces.iter().find(|n| {
+                if configured.is_empty() {
+                    !protectable(n)
+                } else {
+                    !configured.contains(n)
+                }
+            });
+            if let Some(name) = bad {
+                let reason = if configured.is_empty() {
+                    format!(
+                        "{name:?} is not an interface Portcullis protects (loopback, or excluded by auto_exclude)"
+                    )
+                } else {
+                    format!(
+                        "{name:?} is not an interface Portcullis protects (interfaces = {configured:?})"
+                    )
+                };
+                return Err(RuleError {
+                    place: format!("ingress_rules[{i}] (id {:?})", r.id),
+                    field: "interfaces",
+                    reason,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Interfaces only on ingress rules, and at most
+    /// [`MAX_RULE_INTERFACES`] of them.
+    fn validate_interfaces(&self) -> Result<(), RuleError> {
+        if let Some((i, r)) = self
+            .egress_rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| !r.interfaces.is_empty())
+        {
+            return Err(RuleError {
+                place: format!("egress_rules[{i}] (id {:?})", r.id),
+                field: "interfaces",
+                reason: "only ingress rules apply to some interfaces".into(),
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, r) in self.ingress_rules.iter().enumerate() {
+            seen.extend(r.interfaces.iter());
+            if seen.len() > MAX_RULE_INTERFACES {
+                return Err(RuleError {
+                    place: format!("ingress_rules[{i}] (id {:?})", r.id),
+                    field: "interfaces",
+                    reason: format!("rules name more than {MAX_RULE_INTERFACES} interfaces in all"),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -865,6 +972,7 @@ impl RuleSet {
             parse_cidrs(&cluster.peers).map_err(|e| err("peers", e))?;
             parse_cidrs(&cluster.other_clusters).map_err(|e| err("other_clusters", e))?;
         }
+        self.validate_interfaces()?;
         self.ssh.validate()
     }
 
@@ -926,6 +1034,7 @@ mod tests {
             expires: None,
             rate: None,
             burst: None,
+            interfaces: Vec::new(),
         }
     }
 

@@ -62,6 +62,9 @@ pub trait Packet {
     /// The length of an outbound GSO packet, whose IP length field may be
     /// 0 (BIG TCP: more than 64 KiB); `None` where that cannot happen (XDP).
     fn gso_len(&self) -> Option<usize>;
+
+    /// The interface the packet arrived on (XDP) or leaves by (TC).
+    fn ifindex(&self) -> u32;
 }
 
 impl Packet for XdpContext {
@@ -81,6 +84,11 @@ impl Packet for XdpContext {
     fn gso_len(&self) -> Option<usize> {
         None
     }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        self.ingress_ifindex() as u32
+    }
 }
 
 impl Packet for TcContext {
@@ -95,6 +103,14 @@ impl Packet for TcContext {
     #[inline(always)]
     fn gso_len(&self) -> Option<usize> {
         Some(self.len() as usize)
+    }
+
+    #[inline(always)]
+    fn ifindex(&self) -> u32 {
+        use aya_ebpf::EbpfContext as _;
+        // SAFETY: a TC program's context is the kernel's `__sk_buff`, valid
+        // for the program's run; `ifindex` is a readable field of it.
+        unsafe { (*self.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
     }
 }
 

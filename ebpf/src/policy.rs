@@ -4,7 +4,8 @@
 //! called first by `main.rs`), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
 //! its tracked flows), the deny sets (`deny::denied`) and the rate limiter's
-//! bans (`ratelimit::banned`), the rules, and last the ping setting for an
+//! bans (`ratelimit::banned`), the rules (the list of the interface the
+//! packet arrived on: `rules::ingress_dir`), and last the ping setting for an
 //! echo request no rule admitted. ICMP meets the rules with its type and
 //! code as the port (`icmp_port`). What the rules admit is recorded as an
 //! inbound flow (`conntrack::track_ingress`); a new one first meets its
@@ -129,7 +130,7 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
-    let reason = by_rules(ctx, ip, pclass, port, otherwise, bytes);
+    let reason = by_rules(ctx, p.ifindex(), ip, pclass, port, otherwise, bytes);
     if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
         Reason::PassPing
     } else {
@@ -137,18 +138,23 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     }
 }
 
-/// New inbound traffic from `ip.src`: what the rules, peers and the SSH
-/// exemption say; `otherwise` when nothing admits it.
+/// New inbound traffic from `ip.src` on interface `ifindex`: what the
+/// rules of that interface, peers and the SSH exemption say; `otherwise`
+/// when nothing admits it.
 #[inline(always)]
-fn by_rules(ctx: &Ctx, ip: &Ip, pclass: usize, port: u16, otherwise: Reason, bytes: u64) -> Reason {
-    let m = rules::lookup(
-        ctx.generation,
-        DIR_INGRESS,
-        ip.family,
-        &ip.src,
-        pclass,
-        port,
-    );
+fn by_rules(
+    ctx: &Ctx,
+    ifindex: u32,
+    ip: &Ip,
+    pclass: usize,
+    port: u16,
+    otherwise: Reason,
+    bytes: u64,
+) -> Reason {
+    // The interface's rule list (`rules::ingress_dir`), read here, where it
+    // is used, and nowhere else: the rest of the path does not carry it.
+    let dir = rules::ingress_dir(ctx.generation, ifindex, ctx.settings.ingress_dir);
+    let m = rules::lookup(ctx.generation, dir, ip.family, &ip.src, pclass, port);
     if m.slot == SLOT_NONE {
         return otherwise;
     }

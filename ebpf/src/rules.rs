@@ -4,7 +4,7 @@
 //! | map            | type              | key                         | value     |
 //! |----------------|-------------------|-----------------------------|-----------|
 //! | `ACTIVE`       | array (1)         | 0                           | live generation (0/1) |
-//! | `V4_ROOT_g`    | array (2 x 65536) | direction, top 16 bits      | region+1, or chunk (`V4_NODE`) |
+//! | `V4_ROOT_g`    | array (6 x 65536) | direction (ingress on any interface, egress, ingress per interface class), top 16 bits | region+1, or chunk (`V4_NODE`) |
 //! | `V4_CHUNKS_g`  | array (16 x chunks) | chunk, next 4 bits        | region+1, or chunk |
 //! | `V6_BUCKETS_g` | hash (no prealloc) | direction, top 32 bits of the address | prefix lengths of /32 and longer there, longest first (or `V6_BUCKET_OVERFLOW`) |
 //! | `V6_PREFIXES_g` | hash (no prealloc) | direction, length, masked address | region |
@@ -12,6 +12,7 @@
 //! | `REGIONS_g`    | array             | region                      | `Region` (segments per protocol class) |
 //! | `SEGMENTS_g`   | array             | index                       | `Segment` (port run start, slot) |
 //! | `RULE_STATS_g` | per-CPU array     | slot                        | `Counter` |
+//! | `IFDIR`        | hash (64)         | generation << 32, ifindex   | ingress direction byte of an interface rules name |
 //!
 //! `g` is the generation: user space fills the idle one, then flips `ACTIVE`.
 //! A packet reads `ACTIVE` once, so it sees one whole generation.
@@ -74,6 +75,27 @@ pub static SEGMENTS_1: Array<Segment> = Array::pinned(DEFAULT_SEGMENTS, MMAPABLE
 pub static RULE_STATS_0: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE_SLOTS, 0);
 #[map]
 pub static RULE_STATS_1: PerCpuArray<Counter> = PerCpuArray::pinned(DEFAULT_RULE_SLOTS, 0);
+/// Interfaces rules name (at most `IF_CLASSES` per generation): the
+/// direction byte of their ingress rule list.
+#[map]
+pub static IFDIR: HashMap<u64, u32> = HashMap::pinned(64, 0);
+
+/// The direction byte of the ingress rules that apply on `ifindex` in
+/// `generation`: its `IFDIR` entry, else the generation's `default`
+/// (`Settings::ingress_dir`). Read once, just before the lookup. Both
+/// branches give the verifier an unknown scalar, so the paths after it
+/// are one state, not two.
+#[inline(always)]
+pub fn ingress_dir(generation: usize, ifindex: u32, default: u32) -> u8 {
+    let key = ((generation as u64) << 32) | u64::from(ifindex);
+    // SAFETY: the value is copied out at once; entries of a generation
+    // only change while it is idle, or one at a time when a link appears.
+    let dir = match unsafe { IFDIR.get(&key) } {
+        Some(d) => *d,
+        None => default,
+    };
+    dir as u8
+}
 
 /// One generation's maps.
 struct Generation {

@@ -295,3 +295,87 @@ fn a_local_user_holding_the_lapi_port_gets_no_key_and_lifts_nothing() {
     assert!(refused, "the squatter was not refused: {}", status());
     assert!(still, "the squatter lifted the ban: {}", status());
 }
+
+/// More bans than the deny set holds (`[capacity] deny_v4_prefixes = 2`,
+/// three IPv4 bans): the full pull is refused, changes nothing, and is not
+/// tried again while the LAPI's answer names the same bans (each poll used
+/// to redo the whole replace: a journal write, the kernel writes and their
+/// undo, an audit record, every second). Once the answer changes (a ban
+/// deleted: two fit), it applies.
+#[test]
+fn bans_over_the_deny_capacity_are_refused_once_not_every_poll() {
+    require_root!();
+    const C4: &str = "10.200.0.4";
+    let three = stream(&[
+        ban(1, "Ip", A4, "1h"),
+        ban(2, "Ip", B4, "1h"),
+        ban(3, "Ip", C4, "1h"),
+    ]);
+    let mut h = Hostile::with("127.0.0.1", &three, "\n[capacity]\ndeny_v4_prefixes = 2\n");
+    h.env.start();
+    let audit = |h: &Hostile| {
+        std::fs::read_to_string(h.env.config.state_dir().join("audit.log")).unwrap_or_default()
+    };
+    let refused = |h: &Hostile| {
+        audit(h)
+            .lines()
+            .filter(|l| l.contains("crowdsec: full pull") && l.contains("refused"))
+            .count()
+    };
+    assert!(
+        eventually(WAIT, || refused(&h) >= 1),
+        "no refused full pull: {}\n{}",
+        h.status(),
+        h.log()
+    );
+    // Five more polls (1 s apart) with the same answer.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(h.fake.served() >= 5, "the LAPI was not polled");
+    assert_eq!(
+        refused(&h),
+        1,
+        "the refused replace was retried:\n{}",
+        audit(&h)
+    );
+    assert!(h.env.reaches(A4, APP), "a refused pull banned A4");
+    let status = h.status();
+    assert_eq!(status["connected"], false, "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deny set"),
+        "{status}"
+    );
+    // Two bans fit.
+    h.fake
+        .answer(&stream(&[ban(1, "Ip", A4, "1h"), ban(2, "Ip", C4, "1h")]));
+    let two = || {
+        let out = h.env.cli(&["--json", "deny", "list", "crowdsec"]);
+        out.status.success()
+            && serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|v| v["count"] == 2)
+    };
+    assert!(eventually(WAIT, two), "{}\n{}", h.status(), h.log());
+    assert!(!h.env.reaches(A4, APP));
+    assert!(h.env.reaches(B4, APP));
+    // Two other bans: as a delta they do not fit beside the two held (the
+    // add is refused, the bouncer pulls whole again); the full replace
+    // makes room by lifting the stale ones first.
+    h.fake.answer(&stream(&[
+        ban(4, "Ip", B4, "1h"),
+        ban(5, "Ip", "10.200.0.5", "1h"),
+    ]));
+    // (B4 is the admin network: held in the set, exempt in the data path.)
+    let swapped = || {
+        let listed = h.env.listed("crowdsec").to_string();
+        listed.contains("10.200.0.5/32") && !listed.contains(&format!("\"{A4}/32\""))
+    };
+    assert!(
+        eventually(WAIT, swapped),
+        "{}\n{}",
+        h.status(),
+        h.env.listed("crowdsec")
+    );
+    assert!(h.env.reaches(A4, APP));
+}

@@ -249,7 +249,8 @@ impl Core {
     }
 
     /// Makes set `name` hold exactly `entries` (a bouncer's start-up
-    /// reconcile): the new entries are added first, then the others removed.
+    /// reconcile): the new entries are added first, then the others removed;
+    /// when old and new do not fit together, the others are removed first.
     pub fn deny_replace(
         &mut self,
         name: &str,
@@ -273,7 +274,18 @@ impl Core {
                 ..DenyChanged::default()
             }
         } else {
-            self.deny_add(name, entries)?
+            match self.deny_add(name, entries) {
+                Ok(c) => c,
+                // No room for the old and the new entries together (a
+                // refused add changes nothing): the stale ones go first.
+                Err(_) if !stale.is_empty() => {
+                    let removed = self.deny_remove(name, &stale)?;
+                    let mut c = self.deny_add(name, entries)?;
+                    c.removed = removed.removed;
+                    return Ok(c);
+                }
+                Err(e) => return Err(e),
+            }
         };
         if !stale.is_empty() {
             let removed = self.deny_remove(name, &stale)?;

@@ -41,7 +41,7 @@ impl Core {
         };
         let verdict = self
             .dataplane
-            .explain(program, &frame)
+            .explain(program, &frame, probe.interface.as_deref())
             .map_err(ChangeError::Internal)?;
         let mut live = self.decision(&verdict, &slots);
         if verdict.result.generation != EXPLAIN_UNSET {
@@ -56,7 +56,7 @@ impl Core {
                 let ping = self.effective_ping(self.allow_ping);
                 let verdict = self
                     .dataplane
-                    .explain_proposed(program, &frame, &image, ping)
+                    .explain_proposed(program, &frame, &image, ping, probe.interface.as_deref())
                     .map_err(ChangeError::Internal)?;
                 Some(self.decision(&verdict, &image.slots))
             }

@@ -7,7 +7,7 @@
 //! - *live*: every map is the pinned one (rules of both generations,
 //!   `ACTIVE`, `SETTINGS`, the connection tables, deny sets), so the run
 //!   reads exactly what the attached programs read.
-//! - *scratch* (`explain --rules`): `ACTIVE`, `SETTINGS` and the rule maps
+//! - *scratch* (`explain --rules`): `ACTIVE`, `SETTINGS`, `IFDIR` and the rule maps
 //!   of both generations are fresh maps of its own (created under a private
 //!   directory whose pins are removed at once, so they live only as long as
 //!   the instance); the connection tables and deny sets are the pinned ones.
@@ -28,7 +28,7 @@ use portcullis_common::{EXPLAIN_GLOBAL, ExplainResult, maps, programs};
 
 use super::{
     Dataplane, EBPF_OBJECT, Program, egress, generation, ingress, map_mut, maps_dir,
-    settings_flags, testrun, write_image,
+    settings_flags, testrun, write_if_dirs, write_image,
 };
 use crate::compile::Image;
 
@@ -63,8 +63,16 @@ pub struct Verdict {
 }
 
 impl Dataplane {
-    /// Runs `program`'s explain instance on `frame` against the live maps.
-    pub fn explain(&mut self, program: Program, frame: &[u8]) -> anyhow::Result<Verdict> {
+    /// Runs `program`'s explain instance on `frame` against the live maps,
+    /// as arriving on `interface` (ingress; `None`: an interface no rule
+    /// names).
+    pub fn explain(
+        &mut self,
+        program: Program,
+        frame: &[u8],
+        interface: Option<&str>,
+    ) -> anyhow::Result<Verdict> {
+        let ifindex = ifindex_of(interface)?;
         if self.explainer.live.is_none() {
             self.explainer.live = Some(self.load_explain(None)?);
         }
@@ -73,7 +81,7 @@ impl Dataplane {
             .live
             .as_mut()
             .ok_or_else(|| anyhow!("the explain instance did not load"))?;
-        run(ebpf, self.programs.ingress_name, program, frame)
+        run(ebpf, self.programs.ingress_name, program, frame, ifindex)
     }
 
     /// Runs `program`'s scratch explain instance on `frame` with `image` as
@@ -84,7 +92,9 @@ impl Dataplane {
         frame: &[u8],
         image: &Image,
         allow_ping: bool,
+        interface: Option<&str>,
     ) -> anyhow::Result<Verdict> {
+        let ifindex = ifindex_of(interface)?;
         if self.explainer.scratch.is_none() {
             let dir = self
                 .pin_dir
@@ -105,9 +115,11 @@ impl Dataplane {
             .as_mut()
             .ok_or_else(|| anyhow!("the scratch explain instance did not load"))?;
         write_image(ebpf, 0, image, flags, None, None).context("writing the proposed rules")?;
+        write_if_dirs(ebpf, 0, &image.if_classes)
+            .context("writing the proposed rules' interfaces")?;
         let mut active: Array<_, u32> = Array::try_from(map_mut(ebpf, maps::ACTIVE)?)?;
         active.set(0, &0, 0).context("writing the scratch ACTIVE")?;
-        run(ebpf, self.programs.ingress_name, program, frame)
+        run(ebpf, self.programs.ingress_name, program, frame, ifindex)
     }
 
     /// Loads an explain instance; with `scratch`, its rule maps, `ACTIVE`
@@ -128,6 +140,8 @@ impl Dataplane {
             }
             paths.push((maps::ACTIVE, dir.join(maps::ACTIVE)));
             paths.push((maps::SETTINGS, dir.join(maps::SETTINGS)));
+            // The proposed rule set's interfaces, not the live ones.
+            paths.push((maps::IFDIR, dir.join(maps::IFDIR)));
         }
         for (name, path) in &paths {
             loader.map_pin_path(name, path.as_path());
@@ -172,12 +186,24 @@ fn remove_scratch_pins(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// One run: the result reset, the program run once, the result read.
+/// The index of `interface`, if one is named.
+fn ifindex_of(interface: Option<&str>) -> anyhow::Result<Option<u32>> {
+    interface
+        .map(|name| {
+            nix::net::if_::if_nametoindex(name)
+                .with_context(|| format!("interface {name:?}: no such interface"))
+        })
+        .transpose()
+}
+
+/// One run: the result reset, the program run once (an ingress frame as
+/// arriving on `ifindex`, when given), the result read.
 fn run(
     ebpf: &mut Ebpf,
     ingress_program: &str,
     program: Program,
     frame: &[u8],
+    ifindex: Option<u32>,
 ) -> anyhow::Result<Verdict> {
     let mut result: Array<_, ExplainResult> =
         Array::try_from(map_mut(ebpf, maps::EXPLAIN_RESULT)?)?;
@@ -187,7 +213,9 @@ fn run(
     let outcome = match program {
         Program::Ingress => {
             let prog = ingress(ebpf, ingress_program)?;
-            testrun::run(prog.fd()?.as_fd(), frame, 1)?
+            testrun::run_on(prog.fd()?.as_fd(), frame, 1, ifindex).with_context(|| {
+                format!("running the explain instance (interface index {ifindex:?})")
+            })?
         }
         Program::Egress => testrun::run(egress(ebpf)?.fd()?.as_fd(), frame, 1)?,
     };

@@ -297,6 +297,8 @@ impl Dataplane {
         // reads the keys from the kernel.
         let before = self.v6_written.get_mut(g).and_then(Option::take);
         let rate_limits = self.rate_limits(image);
+        write_if_dirs(&mut self.ebpf, g, &image.if_classes)
+            .context("writing the interfaces' rule lists (IFDIR)")?;
         let written = write_image(
             &mut self.ebpf,
             g,
@@ -310,6 +312,45 @@ impl Dataplane {
         }
         Ok(())
     }
+
+    /// A link appeared: the live generation's `IFDIR` entries again, so a
+    /// rule of `image` (the live one) naming it applies before it is
+    /// enforced.
+    pub fn refresh_if_dirs(&mut self, image: &Image) -> anyhow::Result<()> {
+        let live = self.active()? as usize;
+        write_if_dirs(&mut self.ebpf, live, &image.if_classes)
+    }
+}
+
+/// Writes generation `g`'s entries of `IFDIR`: the ifindex of each
+/// interface in `names` that exists now -> `ingress_dir(i + 1)`; the
+/// generation's other entries are removed (the other generation's kept).
+fn write_if_dirs(ebpf: &mut Ebpf, g: usize, names: &[String]) -> anyhow::Result<()> {
+    let mut map: aya::maps::HashMap<_, u64, u32> =
+        aya::maps::HashMap::try_from(map_mut(ebpf, maps::IFDIR)?)?;
+    let want: Vec<(u64, u32)> = names
+        .iter()
+        .zip(1u32..)
+        .filter_map(|(n, class)| {
+            let ifindex = nix::net::if_::if_nametoindex(n.as_str()).ok()?;
+            let key = ((g as u64) << 32) | u64::from(ifindex);
+            Some((key, u32::from(portcullis_common::ingress_dir(class))))
+        })
+        .collect();
+    let stale: Vec<u64> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| k >> 32 == g as u64 && !want.iter().any(|(w, _)| w == k))
+        .collect();
+    for k in stale {
+        map.remove(&k)
+            .with_context(|| format!("removing IFDIR entry {k:#x}"))?;
+    }
+    for (key, dir) in want {
+        map.insert(&key, &dir, 0)
+            .with_context(|| format!("writing IFDIR entry {key:#x}"))?;
+    }
+    Ok(())
 }
 
 /// The `Settings` flags of a generation.
@@ -397,7 +438,11 @@ fn write_image(
             g as u32,
             &Settings {
                 flags,
-                _reserved: 0,
+                ingress_dir: u32::from(if image.if_classes.is_empty() {
+                    portcullis_common::DIR_INGRESS
+                } else {
+                    portcullis_common::ingress_dir(0)
+                }),
             },
             0,
         )

@@ -205,7 +205,15 @@ fn admitted_by(rules: &RuleSet, port: u16) -> Vec<String> {
         } else if let Some(id) = name.strip_prefix("rule:")
             && let Some(rule) = rules.ingress_rules.iter().find(|r| r.id == id)
         {
-            from.push(describe_sources(&format!("rule {id:?}"), &rule.ip_ranges));
+            let on = if rule.interfaces.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", rule.interfaces.join(", "))
+            };
+            from.push(describe_sources(
+                &format!("rule {id:?}{on}"),
+                &rule.ip_ranges,
+            ));
         }
     }
     from

@@ -261,6 +261,10 @@ pub struct AllowArgs {
     /// The rule's id (default: generated from the protocol and port, like tcp-8080).
     #[arg(long)]
     pub id: Option<String>,
+    /// Admit on this interface only (repeatable; every interface when
+    /// omitted), e.g. a cluster NIC.
+    #[arg(long = "interface", value_name = "IFACE")]
+    pub interfaces: Vec<String>,
     #[command(flatten)]
     pub expiry: Expiry,
     #[command(flatten)]
@@ -451,6 +455,10 @@ pub enum RulesCmd {
         /// With --rate: new flows a source may open at once (default: the rate).
         #[arg(long, requires = "rate")]
         burst: Option<u32>,
+        /// Apply on this interface only (repeatable; every interface when
+        /// omitted), e.g. a cluster NIC. Ingress rules only.
+        #[arg(long = "interface", value_name = "IFACE")]
+        interfaces: Vec<String>,
         /// Add to the egress list instead (destinations in --ip-range).
         #[arg(long)]
         egress: bool,

@@ -28,6 +28,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             icmp_types,
             rate,
             burst,
+            interfaces,
             egress,
             expiry,
             change,
@@ -43,6 +44,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 expires: expiry.field()?,
                 rate,
                 burst,
+                interfaces,
             };
             add(ctx, rule, egress, &change)
         }
@@ -74,7 +76,12 @@ pub fn describe(r: &FirewallRule, egress: bool) -> String {
         ),
         (None, _) => String::new(),
     };
-    format!("{proto}{ports} {dir} {nets}{limit}")
+    let on = if r.interfaces.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", r.interfaces.join(", "))
+    };
+    format!("{proto}{ports} {dir} {nets}{on}{limit}")
 }
 
 fn ports(r: &FirewallRule) -> String {
@@ -82,6 +89,21 @@ fn ports(r: &FirewallRule) -> String {
         r.from_port.to_string()
     } else {
         format!("{}-{}", r.from_port, r.to_port)
+    }
+}
+
+/// The SOURCES column: the ranges, and the interfaces when the rule names
+/// some (`any on pc2`).
+fn sources_column(r: &FirewallRule) -> String {
+    let nets = if r.ip_ranges.is_empty() {
+        "any".to_string()
+    } else {
+        r.ip_ranges.join(",")
+    };
+    if r.interfaces.is_empty() {
+        nets
+    } else {
+        format!("{nets} on {}", r.interfaces.join(","))
     }
 }
 
@@ -136,11 +158,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     } else {
                         ports(r)
                     },
-                    if r.ip_ranges.is_empty() {
-                        "any".into()
-                    } else {
-                        r.ip_ranges.join(",")
-                    },
+                    sources_column(r),
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
                         .map_or_else(|| "-".into(), |c| c.packets.to_string()),
@@ -239,6 +257,7 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         expires: a.expiry.field()?,
         rate: None,
         burst: None,
+        interfaces: a.interfaces,
     };
     add(ctx, rule, false, &a.change)
 }

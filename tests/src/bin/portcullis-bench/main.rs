@@ -104,6 +104,7 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
                 expires: None,
                 rate: None,
                 burst: None,
+                interfaces: Vec::new(),
             }
         })
         .collect();

@@ -70,6 +70,7 @@ fn rule_set(n: usize) -> RuleSet {
                     expires: None,
                     rate: None,
                     burst: None,
+                    interfaces: Vec::new(),
                 }
             })
             .collect(),
