@@ -16,6 +16,7 @@ mod deny;
 mod expiry;
 mod explain;
 mod fleet;
+pub mod fqdn;
 mod ratelimit;
 mod volume;
 
@@ -296,6 +297,8 @@ pub struct Core {
     deny_names: crate::model::DenySetNames,
     /// The CrowdSec bouncer's state, when one runs (see `bouncer`).
     pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
+    /// The DNS forwarder's status, when one runs (see `core/fqdn.rs`).
+    pub dns: Option<fqdn::DnsStatus>,
     /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
     fleet: Option<fleet::FleetState>,
 }
@@ -395,6 +398,7 @@ impl Core {
             volume_on: false,
             deny_names: Default::default(),
             crowdsec: None,
+            dns: None,
             fleet: None,
         };
         let problems = core.audit.problems().to_vec();
@@ -706,6 +710,8 @@ impl Core {
         self.generation = generation;
         self.allow_ping = allow_ping;
         self.exempt_admin();
+        // Learned destinations of rules that changed or went: gone now.
+        self.fqdn_sweep_logged();
         for warning in self.rules.egress_warnings() {
             tracing::warn!(generation, "{warning}");
         }
@@ -1439,6 +1445,7 @@ mod tests {
                 from_port: 1,
                 to_port: 1,
                 ip_ranges: Vec::new(),
+                names: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: None,
                 icmp_types: Vec::new(),
@@ -1479,6 +1486,7 @@ mod tests {
             from_port: 22,
             to_port: 22,
             ip_ranges: vec!["10.0.0.0/8".into()],
+            names: Vec::new(),
             protocol: crate::rules::Protocol::Tcp,
             description: None,
             icmp_types: Vec::new(),

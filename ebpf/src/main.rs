@@ -15,6 +15,8 @@ mod events;
 #[cfg(target_arch = "bpf")]
 mod explain;
 #[cfg(target_arch = "bpf")]
+mod fqdn;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -126,6 +128,13 @@ mod programs {
         unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
     }
 
+    /// The packet's mark (its socket's SO_MARK): the DNS guard's test.
+    #[inline(always)]
+    fn skb_mark(ctx: &TcContext) -> u32 {
+        // SAFETY: as in `skb_ifindex`; `mark` is a readable field.
+        unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).mark }
+    }
+
     /// The packets an egress frame will leave as: its segments when the
     /// stack hands down one large offloaded frame (GSO), else 1.
     #[inline(always)]
@@ -159,7 +168,7 @@ mod programs {
             }
             _ => return TC_ACT_UNSPEC,
         };
-        let reason = policy::decide_egress(&ip, &c, bytes);
+        let reason = policy::decide_egress(&ip, &c, bytes, skb_mark(&ctx));
         maps::count(reason, bytes);
         if !reason.passes() {
             events::report(&ip, reason, DIR_EGRESS, skb_ifindex(&ctx));

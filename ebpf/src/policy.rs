@@ -15,13 +15,14 @@ use portcullis_common::{
     ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP,
-    PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port, slot_admits,
+    PCLASS_UDP, Reason, SETTING_DNS_GUARD, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER,
+    SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port,
+    slot_admits,
 };
 
 use crate::{
     conntrack::{self, Dir, Origin},
-    deny,
+    deny, fqdn,
     parse::{self, Frame, Ip, Packet},
     ratelimit, rules,
 };
@@ -271,8 +272,9 @@ const MLDV2_REPORT: u8 = 143;
 /// discovery, MLD, DHCP requests, ICMP errors, echo replies to admitted
 /// pings), or be admitted by an egress rule (peers are among those). A
 /// later fragment passes only if its first fragment passed egress.
+/// `mark` is the packet's socket mark (the DNS guard, `fqdn.rs`).
 #[inline(always)]
-pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
     if is_dhcp_request(ip) {
         conntrack::dhcp_requested(ip);
     }
@@ -286,7 +288,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
             _ => Reason::DropEgress,
         }
     } else {
-        allowlist(ip, ctx, bytes)
+        allowlist(ip, ctx, bytes, mark)
     };
     if ip.fragment && !ip.later_fragment && reason.passes() {
         conntrack::remember_fragment(ip, DIR_EGRESS);
@@ -296,7 +298,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
 
 /// Egress under the allowlist, for a packet with its transport header.
 #[inline(always)]
-fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
     // An ICMP reply (an echo reply: ICMP flows are echoes) was admitted as
     // the echo request it answers (code 0).
@@ -346,6 +348,21 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         rules::count(&m, bytes);
         conntrack::track_egress(ip);
         return Reason::PassEgress;
+    }
+    // While FQDN rules exist (`fqdn.rs`): a DNS query leaves only from the
+    // forwarder (its socket mark; the compiled rules never admit ports 53
+    // and 853 then, `compile::carve_dns`); else a destination the forwarder
+    // learned for an FQDN rule. Not credited to the rule's counter: a
+    // second counting path is more than the verifier's budget allows.
+    if ctx.settings.flags & SETTING_DNS_GUARD != 0 {
+        let admitted = match fqdn::dns_query(ip, mark) {
+            Some(forwarder) => forwarder,
+            None => fqdn::admitted(ip, pclass, port),
+        };
+        if admitted {
+            conntrack::track_egress(ip);
+            return Reason::PassEgress;
+        }
     }
     Reason::DropEgress
 }

@@ -1,0 +1,251 @@
+//! FQDN egress rules (issue 19, item 2) with a real DNS server: dnsmasq in
+//! the peer namespace serves a test zone; the protected host resolves
+//! through the daemon's forwarder (127.0.0.153:53) and connects to
+//! servers in the peer namespace. Everything here is real: kernel
+//! programs, the daemon, dnsmasq, sockets.
+
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    thread,
+    time::Duration,
+};
+
+use portcullis_tests::{dns::*, *};
+
+pub const FORWARDER: &str = "127.0.0.153";
+const UPSTREAM: &str = "10.200.0.2";
+const OTHER_RESOLVER: &str = "10.200.0.3";
+/// Addresses the test zone hands out (on the peer).
+const SERVERS: [&str; 4] = ["10.200.0.10", "10.200.0.11", "10.200.0.20", "10.200.0.21"];
+const PORT: u16 = 8443;
+const OTHER_PORT: u16 = 9000;
+
+pub fn rules(floor: u32, max: u32) -> String {
+    format!(
+        "egress = \"allowlist\"\n\
+         [[egress_rules]]\nid = \"api\"\nfrom_port = {PORT}\nto_port = {PORT}\nprotocol = \"tcp\"\n\
+         names = [\"allowed.test\", \"*.wild.test\"]\n\
+         [dns]\nlisten = \"{FORWARDER}:53\"\nupstreams = [\"{UPSTREAM}\"]\nttl_floor = {floor}\nttl_max = {max}\n"
+    )
+}
+
+/// The peer's servers (echo, on both ports of every zone address) and the
+/// two resolvers; checked to answer before anything filters.
+pub fn setup(hosts: &[(&str, &str)], cnames: &[(&str, &str)]) -> (Pair, Dnsmasq, Dnsmasq) {
+    assert!(have_dnsmasq(), "dnsmasq is not installed (APT_PACKAGES)");
+    let pair = Pair::new().expect("namespaces");
+    for a in SERVERS.iter().chain([&OTHER_RESOLVER]) {
+        pair.peer
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", PEER_IFACE])
+            .unwrap();
+    }
+    for a in SERVERS {
+        for port in [PORT, OTHER_PORT] {
+            tcp_echo_server(&pair.peer, tcp(a, port)).unwrap();
+        }
+    }
+    let upstream = Dnsmasq::start(&pair.peer, UPSTREAM, 1, hosts, cnames).unwrap();
+    let other = Dnsmasq::start(&pair.peer, OTHER_RESOLVER, 1, hosts, &[]).unwrap();
+    // Controls: the host reaches both resolvers and every server.
+    for r in [UPSTREAM, OTHER_RESOLVER] {
+        lookup(
+            &pair.host,
+            dns_server(r),
+            "allowed.test",
+            Duration::from_secs(2),
+        )
+        .unwrap_or_else(|e| panic!("control: {r} does not answer: {e}"));
+    }
+    for a in SERVERS {
+        tcp_probe_control(&pair.host, tcp(a, PORT)).expect("control: a server does not answer");
+    }
+    (pair, upstream, other)
+}
+
+pub fn tcp(a: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(a.parse().unwrap(), port)
+}
+
+/// Whether a new TCP connection from the host to `to` is admitted (a drop
+/// is a timeout; anything else fails the test).
+pub fn reaches(pair: &Pair, to: SocketAddr) -> bool {
+    match tcp_probe(&pair.host, to) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => false,
+        Err(e) => panic!("-> {to}: {e}"),
+    }
+}
+
+pub fn resolve(pair: &Pair, name: &str) -> Vec<IpAddr> {
+    lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        name,
+        Duration::from_secs(3),
+    )
+    .unwrap_or_else(|e| panic!("{name} via the forwarder: {e}"))
+}
+
+fn ip(a: &str) -> IpAddr {
+    a.parse().unwrap()
+}
+
+/// Right after a lookup through the forwarder the allowed name's address
+/// is reachable, on the rule's port only; a name no rule lists is not,
+/// also when it shares an address with an allowed name; a CNAME to an
+/// allowed name works; resolvers other than the forwarder are out of reach.
+#[test]
+fn names_admit_what_they_resolve_to_and_nothing_else() {
+    let hosts = [
+        ("allowed.test", SERVERS[0]),
+        ("x.wild.test", SERVERS[1]),
+        ("evil.test", SERVERS[2]),
+        ("shared.wild.test", SERVERS[3]),
+        ("evil2.test", SERVERS[3]),
+    ];
+    let (pair, _up, _other) = setup(&hosts, &[("alias.test", "x.wild.test")]);
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, &rules(30, 60))).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    // Nothing learned yet: no zone address is reachable.
+    for a in SERVERS {
+        assert!(!reaches(&pair, tcp(a, PORT)), "{a} before any lookup");
+    }
+    // The first connection right after the answer.
+    assert_eq!(resolve(&pair, "allowed.test"), vec![ip(SERVERS[0])]);
+    assert!(
+        reaches(&pair, tcp(SERVERS[0], PORT)),
+        "allowed.test right after its lookup"
+    );
+    assert!(
+        !reaches(&pair, tcp(SERVERS[0], OTHER_PORT)),
+        "allowed.test on a port its rule does not list"
+    );
+    // A CNAME to a name under the wildcard.
+    assert_eq!(resolve(&pair, "alias.test"), vec![ip(SERVERS[1])]);
+    assert!(
+        reaches(&pair, tcp(SERVERS[1], PORT)),
+        "alias.test -> x.wild.test"
+    );
+    // A name no rule lists admits nothing.
+    assert_eq!(resolve(&pair, "evil.test"), vec![ip(SERVERS[2])]);
+    assert!(
+        !reaches(&pair, tcp(SERVERS[2], PORT)),
+        "evil.test is not allowed"
+    );
+    // Shared address: admitted for the allowed name's port only.
+    assert_eq!(resolve(&pair, "evil2.test"), vec![ip(SERVERS[3])]);
+    assert!(
+        !reaches(&pair, tcp(SERVERS[3], PORT)),
+        "shared address before the allowed name"
+    );
+    assert_eq!(resolve(&pair, "shared.wild.test"), vec![ip(SERVERS[3])]);
+    assert!(
+        reaches(&pair, tcp(SERVERS[3], PORT)),
+        "shared.wild.test's port"
+    );
+    assert!(
+        !reaches(&pair, tcp(SERVERS[3], OTHER_PORT)),
+        "evil2.test's other port through the shared address"
+    );
+    // Other resolvers, and the upstream itself, are out of reach.
+    for r in [OTHER_RESOLVER, UPSTREAM] {
+        let direct = lookup(
+            &pair.host,
+            dns_server(r),
+            "allowed.test",
+            Duration::from_secs(1),
+        );
+        assert!(
+            direct.is_err(),
+            "a direct query to {r} got through: {direct:?}"
+        );
+    }
+}
+
+/// The addresses of an allowed name change between lookups (dnsmasq
+/// reconfigured): the new one is reachable right after the new lookup;
+/// after the TTL (and the configured maximum) the old one admits no new
+/// flow, but a connection opened while it was valid keeps working.
+#[test]
+fn changed_addresses_and_expiry() {
+    let (pair, mut up, _other) = setup(&[("allowed.test", SERVERS[0])], &[]);
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, &rules(1, 2))).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    assert_eq!(resolve(&pair, "allowed.test"), vec![ip(SERVERS[0])]);
+    let mut open =
+        tcp_connect(&pair.host, tcp(SERVERS[0], PORT)).expect("first address right after lookup");
+    echo_roundtrip(&mut open, b"before\n").unwrap();
+    up.set_hosts(&[("allowed.test", SERVERS[1])]).unwrap();
+    assert_eq!(resolve(&pair, "allowed.test"), vec![ip(SERVERS[1])]);
+    assert!(
+        reaches(&pair, tcp(SERVERS[1], PORT)),
+        "the new address right after the new lookup"
+    );
+    // Past ttl_max (2 s) and the sweep: the old address admits no new flow.
+    thread::sleep(Duration::from_secs(4));
+    assert!(!reaches(&pair, tcp(SERVERS[0], PORT)), "expired address");
+    assert!(!reaches(&pair, tcp(SERVERS[1], PORT)), "expired address");
+    echo_roundtrip(&mut open, b"after expiry\n").expect("a flow opened while the name was valid");
+    // Looked up again after the TTL: reachable again at once.
+    assert_eq!(resolve(&pair, "allowed.test"), vec![ip(SERVERS[1])]);
+    assert!(
+        reaches(&pair, tcp(SERVERS[1], PORT)),
+        "after the TTL, looked up again"
+    );
+}
+
+/// A query to another resolver from an unprivileged local user is dropped
+/// (no socket mark: only the forwarder's queries leave to port 53).
+#[test]
+fn unprivileged_user_cannot_reach_other_resolvers() {
+    let (pair, _up, _other) = setup(&[("allowed.test", SERVERS[0])], &[]);
+    // The client works unfiltered (as nobody too).
+    assert!(
+        nobody_asks(&pair, OTHER_RESOLVER) > 0,
+        "control: nobody's query is answered"
+    );
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, &rules(30, 60))).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    assert_eq!(
+        nobody_asks(&pair, OTHER_RESOLVER),
+        0,
+        "nobody reached another resolver"
+    );
+    assert_eq!(
+        nobody_asks(&pair, UPSTREAM),
+        0,
+        "nobody reached the upstream directly"
+    );
+}
+
+/// Bytes of the answer user `nobody` got from `resolver` (0: none).
+pub fn nobody_asks(pair: &Pair, resolver: &str) -> usize {
+    let q: String = query(0x4242, "allowed.test")
+        .iter()
+        .map(|b| format!("\\x{b:02x}"))
+        .collect();
+    let script = format!(
+        "exec 3<>/dev/udp/{resolver}/53; printf '{q}' >&3; timeout 2 dd bs=4096 count=1 <&3 2>/dev/null | wc -c"
+    );
+    let out = pair
+        .host
+        .command("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "bash",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
