@@ -267,8 +267,14 @@ impl Daemon {
         let log = tempfile::NamedTempFile::new()?;
         let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
         let raw: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
-        let mut cmd = ns.command(workspace_bin("portcullisd")?);
-        cmd.arg("--config")
+        // `LISTEN_PID` is the pid the daemon will have: the shell's, which
+        // execs nsenter, which execs the daemon (no fork on the way).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", "nsenter"])
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(workspace_bin("portcullisd")?)
+            .arg("--config")
             .arg(config.path())
             .arg("--state-dir")
             .arg(config.state_dir())
@@ -281,8 +287,7 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(log.reopen()?);
         // SAFETY: between fork and exec only async-signal-safe calls: dup2
-        // and fcntl on descriptors this process owns, getpid, and setenv on
-        // the child's own copy of the environment (the child has one thread).
+        // and fcntl on descriptors this process owns.
         unsafe {
             cmd.pre_exec(move || {
                 for (i, fd) in raw.iter().enumerate() {
@@ -292,9 +297,6 @@ impl Daemon {
                     }
                     libc::fcntl(target, libc::F_SETFD, 0);
                 }
-                // nsenter execs the daemon in this same process.
-                let pid = std::ffi::CString::new(libc::getpid().to_string()).unwrap_or_default();
-                libc::setenv(c"LISTEN_PID".as_ptr(), pid.as_ptr(), 1);
                 Ok(())
             });
         }

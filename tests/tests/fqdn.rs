@@ -249,3 +249,91 @@ pub fn nobody_asks(pair: &Pair, resolver: &str) -> usize {
         .parse()
         .unwrap_or(0)
 }
+
+/// A daemon restart (SIGKILL, then a new start given the same listening
+/// sockets, as systemd's socket activation does) loses no answer: a
+/// stream of lookups (a client retrying after 1 s, as stub resolvers do)
+/// gets every answer, and a query sent while no daemon runs waits in the
+/// socket's queue and is answered by the next one (first attempt).
+#[test]
+fn restart_during_lookups_loses_no_answer() {
+    use std::os::fd::AsRawFd as _;
+    let (pair, _up, _other) = setup(&[("allowed.test", SERVERS[0])], &[]);
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, &rules(30, 60))).unwrap();
+    let listen = tcp(FORWARDER, 53);
+    let (udp, tcp_listener) = pair.host.enter(|| {
+        (
+            std::net::UdpSocket::bind(listen).unwrap(),
+            std::net::TcpListener::bind(listen).unwrap(),
+        )
+    });
+    let fds = [
+        (udp.as_raw_fd(), "dns-udp"),
+        (tcp_listener.as_raw_fd(), "dns-tcp"),
+    ];
+    let mut d = Daemon::start_with_fds(&pair.host, &config, &fds).unwrap();
+    assert!(d.log().contains("socket_activated=true"), "{}", d.log());
+    const LOOKUPS: usize = 150;
+    let stream = thread::scope(|s| {
+        let client = s.spawn(|| {
+            let (mut answered, mut retried) = (0, 0);
+            let mut times = Vec::new();
+            for _ in 0..LOOKUPS {
+                for attempt in 0..8 {
+                    let r = lookup(
+                        &pair.host,
+                        dns_server(FORWARDER),
+                        "allowed.test",
+                        Duration::from_secs(1),
+                    );
+                    if r.is_ok_and(|a| a == vec![ip(SERVERS[0])]) {
+                        answered += 1;
+                        retried += usize::from(attempt > 0);
+                        times.push(std::time::Instant::now());
+                        break;
+                    }
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            (answered, retried, times)
+        });
+        thread::sleep(Duration::from_millis(700));
+        let killed = std::time::Instant::now();
+        d.kill_in_place();
+        // While no daemon runs: a query waits in the socket's queue.
+        let waiting = s.spawn(|| {
+            lookup(
+                &pair.host,
+                dns_server(FORWARDER),
+                "allowed.test",
+                Duration::from_secs(15),
+            )
+        });
+        thread::sleep(Duration::from_millis(300));
+        d = Daemon::start_with_fds(&pair.host, &config, &fds).unwrap();
+        let up = std::time::Instant::now();
+        let waited = waiting.join().unwrap();
+        assert_eq!(
+            waited.as_ref().ok(),
+            Some(&vec![ip(SERVERS[0])]),
+            "a query sent while the daemon was down: {waited:?}"
+        );
+        let (answered, retried, times) = client.join().unwrap();
+        let before = times.iter().filter(|t| **t < killed).count();
+        let after = times.iter().filter(|t| **t > up).count();
+        eprintln!("lookups answered before the kill: {before}, after the restart: {after}");
+        assert!(
+            before > 0 && after > 0,
+            "the stream did not span the restart"
+        );
+        (answered, retried)
+    });
+    eprintln!(
+        "lookups answered: {}/{LOOKUPS} ({} after a retry)",
+        stream.0, stream.1
+    );
+    assert_eq!(stream.0, LOOKUPS, "answers lost across the restart");
+    assert!(reaches(&pair, tcp(SERVERS[0], PORT)), "after the restart");
+    drop(d);
+}
