@@ -630,6 +630,7 @@ impl Core {
         let mut next = self.rules.clone();
         edit(&mut next)?;
         next.validate()?;
+        self.check_forwarder(&next)?;
         next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);

@@ -149,6 +149,48 @@ fn names_admit_what_they_resolve_to_and_nothing_else() {
         !reaches(&pair, tcp(SERVERS[3], OTHER_PORT)),
         "evil2.test's other port through the shared address"
     );
+    // `status` shows the forwarder and what it learned.
+    let status = cli(&config, &["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains(&format!("forwarder on {FORWARDER}:53"))
+            && text.contains(" learned destinations"),
+        "{text}"
+    );
+    // A rule with a name added at run time through the CLI: evil2.test's
+    // other port, after its next lookup.
+    let added = cli(
+        &config,
+        &[
+            "rules",
+            "add",
+            "--egress",
+            "--id",
+            "evil2",
+            "--from-port",
+            "9000",
+            "--to-port",
+            "9000",
+            "--protocol",
+            "tcp",
+            "--name",
+            "evil2.test",
+        ],
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    assert!(
+        !reaches(&pair, tcp(SERVERS[3], OTHER_PORT)),
+        "before evil2.test's lookup"
+    );
+    resolve(&pair, "evil2.test");
+    assert!(
+        reaches(&pair, tcp(SERVERS[3], OTHER_PORT)),
+        "the added rule's name, after its lookup"
+    );
     // Other resolvers, and the upstream itself, are out of reach.
     for r in [OTHER_RESOLVER, UPSTREAM] {
         let direct = lookup(

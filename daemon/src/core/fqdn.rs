@@ -193,6 +193,27 @@ impl Core {
         }
     }
 
+    /// Refuses a rule set with names while no forwarder runs: its names
+    /// would admit nothing (the forwarder starts with the daemon).
+    pub(super) fn check_forwarder(
+        &self,
+        next: &crate::rules::RuleSet,
+    ) -> Result<(), super::ChangeError> {
+        if next.has_names() && !self.rules.has_names() && self.dns.is_none() {
+            return Err(super::ChangeError::Config(
+                "egress rules with names need the DNS forwarder, which is not running: set [dns] upstreams (and enabled = true) in the configuration and restart the daemon".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The forwarder's status with the learned destinations counted now.
+    pub fn dns_status(&mut self) -> Option<DnsStatus> {
+        let mut s = self.dns.clone()?;
+        s.entries = self.fqdn_entries();
+        Some(s)
+    }
+
     /// Learned destinations in the data path now.
     pub fn fqdn_entries(&mut self) -> usize {
         self.dataplane.fqdn_entries().map_or(0, |e| e.len())

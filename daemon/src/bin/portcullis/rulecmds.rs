@@ -23,6 +23,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             from_port,
             to_port,
             ip_ranges,
+            names,
             protocol,
             description,
             icmp_types,
@@ -37,7 +38,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 from_port,
                 to_port,
                 ip_ranges,
-                names: Vec::new(),
+                names,
                 protocol: protocol.into(),
                 description,
                 icmp_types,
@@ -55,10 +56,11 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
 /// What a rule admits, in words: `tcp 8080 from any source`.
 pub fn describe(r: &FirewallRule, egress: bool) -> String {
     let ports = ports(r);
-    let nets = if r.ip_ranges.is_empty() {
-        "any address".to_string()
-    } else {
-        r.ip_ranges.join(", ")
+    let nets = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
+        (true, true) => "any address".to_string(),
+        (true, false) => r.names.join(", "),
+        (false, true) => r.ip_ranges.join(", "),
+        (false, false) => format!("{}, {}", r.ip_ranges.join(", "), r.names.join(", ")),
     };
     let (proto, ports) = match r.protocol {
         Protocol::Icmp if !r.icmp_types.is_empty() => {
@@ -137,10 +139,9 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     } else {
                         ports(r)
                     },
-                    if r.ip_ranges.is_empty() {
-                        "any".into()
-                    } else {
-                        r.ip_ranges.join(",")
+                    match (r.ip_ranges.is_empty(), r.names.is_empty()) {
+                        (true, true) => "any".into(),
+                        _ => [r.ip_ranges.as_slice(), r.names.as_slice()].concat().join(","),
                     },
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
