@@ -18,6 +18,7 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     DNS_MARK, DNS_PORT, DNS_TLS_PORT, FQDN_ENTRIES, FqdnEntry, FqdnKey, IPPROTO_TCP, IPPROTO_UDP,
+    PCLASS_TCP, PCLASS_UDP,
 };
 
 use crate::parse::Ip;
@@ -29,26 +30,9 @@ pub static FQDN_DEST: HashMap<FqdnKey, FqdnEntry> = HashMap::pinned(FQDN_ENTRIES
 #[map]
 static FQDN_KEY: PerCpuArray<FqdnKey> = PerCpuArray::pinned(1, 0);
 
-/// Whether a live learned entry admits `ip`'s destination, protocol
-/// class and port (or any port).
-#[inline(always)]
-pub fn admitted(ip: &Ip, pclass: usize, port: u16) -> bool {
-    let Some(key) = FQDN_KEY.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: from a successful lookup in a per-CPU map: this CPU's value,
-    // valid while we run, used by this CPU only.
-    let key = unsafe { &mut *key };
-    key.addr = ip.dst;
-    key.family = ip.family;
-    key.pclass = pclass as u8;
-    key.port = port;
-    if live(key) {
-        return true;
-    }
-    key.port = 0;
-    live(key)
-}
+/// Per CPU: the packet's mark, copied through memory (see `by_name`).
+#[map]
+static FQDN_MARK: PerCpuArray<u32> = PerCpuArray::pinned(1, 0);
 
 #[inline(always)]
 fn live(key: &FqdnKey) -> bool {
@@ -60,16 +44,51 @@ fn live(key: &FqdnKey) -> bool {
     }
 }
 
-/// Under the DNS guard: `Some(true)` for a DNS query (TCP or UDP to port
-/// 53 or 853) the forwarder sent (its socket mark), `Some(false)` for one
-/// anybody else sent, `None` for anything else.
+/// Under the DNS guard, for a new TCP or UDP flow: a DNS
+/// query (to port 53 or 853) is admitted only from the forwarder (the
+/// packet's mark, its socket's), anything else only to a live learned
+/// destination: its address, protocol class and port, or any port.
+///
+/// Asked early in the allowlist (after the connection table, before the
+/// replies and the rules), where few verifier paths reach: asked after the
+/// rules, it pushed the egress program past the verifier's budget, and as
+/// a BPF-to-BPF call anywhere too. It copies the packet's facts (and its
+/// mark) into per-CPU maps and branches only on what it reads back, so its
+/// branches teach the verifier nothing about the packet (whose decision it
+/// would otherwise explore once per outcome here) and keep the egress
+/// program's frame within the 512 bytes kernels before 6.9 allow.
 #[inline(always)]
-pub fn dns_query(ip: &Ip, mark: u32) -> Option<bool> {
-    if !matches!(ip.proto, IPPROTO_TCP | IPPROTO_UDP) {
-        return None;
+pub fn by_name(ip: &Ip) -> bool {
+    let (Some(key), Some(mark)) = (FQDN_KEY.get_ptr_mut(0), FQDN_MARK.get_ptr_mut(0)) else {
+        return false;
+    };
+    // SAFETY: both from successful lookups in per-CPU maps: this CPU's
+    // values, valid while we run, used by this CPU only; the volatile
+    // accesses are to them.
+    let (key, proto, port, mark) = unsafe {
+        core::ptr::write_volatile(mark, ip.mark);
+        let mark = core::ptr::read_volatile(mark);
+        let key = &mut *key;
+        key.addr = ip.dst;
+        key.family = ip.family;
+        core::ptr::write_volatile(&mut key.pclass, ip.proto);
+        core::ptr::write_volatile(&mut key.port, ip.dport);
+        let proto = core::ptr::read_volatile(&key.pclass);
+        let port = core::ptr::read_volatile(&key.port);
+        (key, proto, port, mark)
+    };
+    let pclass = match proto {
+        IPPROTO_TCP => PCLASS_TCP,
+        IPPROTO_UDP => PCLASS_UDP,
+        _ => return false,
+    };
+    if port == DNS_PORT || port == DNS_TLS_PORT {
+        return mark == DNS_MARK;
     }
-    if ip.dport != DNS_PORT && ip.dport != DNS_TLS_PORT {
-        return None;
+    key.pclass = pclass as u8;
+    if live(key) {
+        return true;
     }
-    Some(mark == DNS_MARK)
+    key.port = 0;
+    live(key)
 }

@@ -156,7 +156,7 @@ mod programs {
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
         let bytes = ctx.len() as u64;
         let c = self::ctx();
-        let ip = match parse::parse(&ctx) {
+        let mut ip = match parse::parse(&ctx) {
             Ok(parse::Frame::Ip(ip)) => ip,
             Err(parse::Malformed) if c.settings.flags & SETTING_EGRESS_ALLOWLIST != 0 => {
                 maps::count(Reason::DropMalformed, bytes);
@@ -168,7 +168,8 @@ mod programs {
             }
             _ => return TC_ACT_UNSPEC,
         };
-        let reason = policy::decide_egress(&ip, &c, bytes, skb_mark(&ctx));
+        ip.mark = skb_mark(&ctx);
+        let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {
             events::report(&ip, reason, DIR_EGRESS, skb_ifindex(&ctx));

@@ -272,9 +272,8 @@ const MLDV2_REPORT: u8 = 143;
 /// discovery, MLD, DHCP requests, ICMP errors, echo replies to admitted
 /// pings), or be admitted by an egress rule (peers are among those). A
 /// later fragment passes only if its first fragment passed egress.
-/// `mark` is the packet's socket mark (the DNS guard, `fqdn.rs`).
 #[inline(always)]
-pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
+pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     if is_dhcp_request(ip) {
         conntrack::dhcp_requested(ip);
     }
@@ -288,7 +287,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
             _ => Reason::DropEgress,
         }
     } else {
-        allowlist(ip, ctx, bytes, mark)
+        allowlist(ip, ctx, bytes)
     };
     if ip.fragment && !ip.later_fragment && reason.passes() {
         conntrack::remember_fragment(ip, DIR_EGRESS);
@@ -298,7 +297,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
 
 /// Egress under the allowlist, for a packet with its transport header.
 #[inline(always)]
-fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
+fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
     // An ICMP reply (an echo reply: ICMP flows are echoes) was admitted as
     // the echo request it answers (code 0).
@@ -312,6 +311,16 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
         return Reason::PassEgress;
     }
     if always_sent(ip) {
+        return Reason::PassEgress;
+    }
+    // While FQDN rules exist (`fqdn.rs`): the forwarder's own DNS query
+    // (its socket mark), or a destination it learned for an FQDN rule; the
+    // flow is recorded. Other DNS queries go on and are dropped: the rules
+    // never admit ports 53 and 853 then (`compile::carve_dns`). Not
+    // credited to the FQDN rule's counter (a second counting path does not
+    // fit the verifier's budget).
+    if ctx.settings.flags & SETTING_DNS_GUARD != 0 && fqdn::by_name(ip) {
+        conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
     // A reply on an inbound flow the rules admitted, while they still admit
@@ -348,21 +357,6 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64, mark: u32) -> Reason {
         rules::count(&m, bytes);
         conntrack::track_egress(ip);
         return Reason::PassEgress;
-    }
-    // While FQDN rules exist (`fqdn.rs`): a DNS query leaves only from the
-    // forwarder (its socket mark; the compiled rules never admit ports 53
-    // and 853 then, `compile::carve_dns`); else a destination the forwarder
-    // learned for an FQDN rule. Not credited to the rule's counter: a
-    // second counting path is more than the verifier's budget allows.
-    if ctx.settings.flags & SETTING_DNS_GUARD != 0 {
-        let admitted = match fqdn::dns_query(ip, mark) {
-            Some(forwarder) => forwarder,
-            None => fqdn::admitted(ip, pclass, port),
-        };
-        if admitted {
-            conntrack::track_egress(ip);
-            return Reason::PassEgress;
-        }
     }
     Reason::DropEgress
 }
