@@ -105,23 +105,41 @@ fn passed_fds() -> Vec<(String, RawFd)> {
         .collect()
 }
 
+/// The passed sockets named `dns-udp` and `dns-tcp`; or, when systemd
+/// gave one name to both (a single `.socket` unit with one
+/// `FileDescriptorName=dns`), those named `dns`, told apart by type.
 fn activated() -> anyhow::Result<Option<Listeners>> {
     let fds = passed_fds();
-    let find = |want: &str| fds.iter().find(|(n, _)| n == want).map(|(_, fd)| *fd);
-    let (Some(u), Some(t)) = (find("dns-udp"), find("dns-tcp")) else {
-        return Ok(None);
+    let named = |want: &str| fds.iter().find(|(n, _)| n == want).map(|(_, fd)| *fd);
+    let (u, t) = match (named("dns-udp"), named("dns-tcp")) {
+        (Some(u), Some(t)) => (u, t),
+        _ => {
+            let shared: Vec<RawFd> = fds
+                .iter()
+                .filter(|(n, _)| n == "dns")
+                .map(|(_, fd)| *fd)
+                .collect();
+            match shared.as_slice() {
+                [a, b] => (*a, *b),
+                _ => return Ok(None),
+            }
+        }
     };
     // SAFETY: systemd passed these descriptors to this process (LISTEN_PID
     // is ours) and nothing else in it owns them; each is taken once.
-    let (u, t) = unsafe { (OwnedFd::from_raw_fd(u), OwnedFd::from_raw_fd(t)) };
+    let (a, b) = unsafe { (OwnedFd::from_raw_fd(u), OwnedFd::from_raw_fd(t)) };
     use nix::sys::socket::SockType;
+    let (u, t) = match getsockopt(&a, sockopt::SockType)? {
+        SockType::Datagram => (a, b),
+        _ => (b, a),
+    };
     if getsockopt(&u, sockopt::SockType)? != SockType::Datagram {
-        bail!("the socket named dns-udp is not a datagram socket");
+        bail!("no datagram socket among the DNS sockets systemd passed");
     }
     if getsockopt(&t, sockopt::SockType)? != SockType::Stream
         || !getsockopt(&t, sockopt::AcceptConn)?
     {
-        bail!("the socket named dns-tcp is not a listening stream socket");
+        bail!("no listening stream socket among the DNS sockets systemd passed");
     }
     Ok(Some(Listeners {
         udp: u.into(),

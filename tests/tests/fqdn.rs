@@ -300,7 +300,11 @@ fn restart_during_lookups_loses_no_answer() {
             )
         });
         thread::sleep(Duration::from_millis(300));
-        d = Daemon::start_with_fds(&pair.host, &config, &fds).unwrap();
+        // This time as one `.socket` unit with one FileDescriptorName
+        // passes them: both named `dns`, the stream socket first.
+        let shared = [(tcp_listener.as_raw_fd(), "dns"), (udp.as_raw_fd(), "dns")];
+        d = Daemon::start_with_fds(&pair.host, &config, &shared).unwrap();
+        assert!(d.log().contains("socket_activated=true"), "{}", d.log());
         let up = std::time::Instant::now();
         let waited = waiting.join().unwrap();
         assert_eq!(
