@@ -99,6 +99,11 @@ pub mod maps {
     /// `PerCpuArray<Counter>`, 1 entry: egress traffic to destinations that
     /// found `EGRESS_VOLUME` full.
     pub const EGRESS_VOLUME_OVERFLOW: &str = "EGRESS_VOLUME_OVERFLOW";
+    /// `HashMap<FqdnKey, FqdnEntry>`: destinations the DNS forwarder learned
+    /// for FQDN egress rules (address, protocol class, port; port 0: any)
+    /// -> expiry and rule slot. Written by the daemon before it returns the
+    /// answer; swept by it after expiry.
+    pub const FQDN_DEST: &str = "FQDN_DEST";
     /// `Array<ExplainResult>`, 1 entry, not pinned: what the explain
     /// instance (`EXPLAIN` = 1) decided for the last crafted packet.
     pub const EXPLAIN_RESULT: &str = "EXPLAIN_RESULT";
@@ -458,6 +463,43 @@ pub const SETTING_PASS_ALL: u32 = 1 << 3;
 /// Count what passes egress per destination (`maps::EGRESS_VOLUME`).
 pub const SETTING_EGRESS_VOLUME: u32 = 1 << 4;
 
+/// FQDN egress rules exist: only packets carrying [`DNS_MARK`] (the
+/// forwarder's upstream queries) may leave to port 53 or 853.
+pub const SETTING_DNS_GUARD: u32 = 1 << 5;
+/// The socket mark (SO_MARK) of the DNS forwarder's upstream sockets.
+/// Setting a mark needs CAP_NET_ADMIN in the host's network namespace.
+pub const DNS_MARK: u32 = 0x5043_0053;
+/// The DNS ports only the forwarder may send to under [`SETTING_DNS_GUARD`].
+pub const DNS_PORT: u16 = 53;
+pub const DNS_TLS_PORT: u16 = 853;
+
+/// A destination learned for FQDN egress rules: the address (IPv4 in the
+/// first 4 bytes, the rest zero), the destination port (0: any port) and
+/// the protocol class (`PCLASS_TCP`/`PCLASS_UDP`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FqdnKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub pclass: u8,
+    pub family: u8,
+}
+
+/// Until when (CLOCK_BOOTTIME ns) a learned destination admits new flows,
+/// the rule slot credited, and which rule learned it (a hash of the rule,
+/// so a restarted or reloaded daemon keeps only entries whose rule is
+/// unchanged).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FqdnEntry {
+    pub expires_ns: u64,
+    pub slot: u32,
+    pub rule: u32,
+}
+
+/// Destinations `FQDN_DEST` holds at once.
+pub const FQDN_ENTRIES: u32 = 16384;
+
 /// A destination of egress volume: the address (IPv6 cut to its /64, the
 /// rest zero), the destination port (TCP and UDP; 0 otherwise), protocol
 /// and family.
@@ -757,6 +799,10 @@ pub const MAX_SEGMENTS_PER_CLASS: u32 = 1 << SEARCH_STEPS;
 mod pod {
     // SAFETY: plain #[repr(C)] structs of integers without padding.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: repr(C), plain integers and byte arrays, no padding holes.
+    unsafe impl aya::Pod for super::FqdnKey {}
+    // SAFETY: repr(C), plain integers (explicit padding field).
+    unsafe impl aya::Pod for super::FqdnEntry {}
     // SAFETY: plain #[repr(C)] struct of integers without padding.
     unsafe impl aya::Pod for super::Settings {}
     // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.

@@ -742,6 +742,10 @@ pub struct Status {
     /// The etcd member list (`[fleet]`): its revision and staleness.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<crate::core::FleetStatus>,
+    /// The DNS forwarder for FQDN egress rules, when it runs: where it
+    /// listens, its upstreams, the learned destinations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<crate::core::fqdn::DnsStatus>,
 }
 
 /// A verdict counter, and whether its packets were passed or dropped (so
@@ -864,6 +868,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         deny_sets: core.deny_sets(),
         crowdsec: core.crowdsec.clone(),
         fleet: core.fleet_status(),
+        dns: core.dns_status(),
     }))
 }
 

@@ -25,11 +25,11 @@ use std::{
 
 use ipnet::IpNet;
 use portcullis_common::{
-    DIR_EGRESS, DIR_INGRESS, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP, PCLASS_TCP, PCLASS_UDP, PCLASSES,
-    Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_KIND_FOREIGN, SLOT_KIND_PEER,
-    SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE,
-    V4_ROOT_ENTRIES, V6_BUCKET_LENGTHS, V6_BUCKET_OVERFLOW, V6_SHORT_MAX, V6BucketKey, V6Lengths,
-    V6PrefixKey,
+    DIR_EGRESS, DIR_INGRESS, DNS_PORT, DNS_TLS_PORT, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP,
+    PCLASS_TCP, PCLASS_UDP, PCLASSES, Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK,
+    SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE,
+    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES, V6_BUCKET_LENGTHS, V6_BUCKET_OVERFLOW,
+    V6_SHORT_MAX, V6BucketKey, V6Lengths, V6PrefixKey,
 };
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -119,6 +119,9 @@ pub struct Image {
     /// `IFDIR`), whose ingress rules have direction `ingress_dir(i + 1)`;
     /// interfaces none names have `ingress_dir(0)`.
     pub if_classes: Vec<String>,
+    /// FQDN egress rules exist: the data path's DNS guard is on and learned
+    /// destinations (`FQDN_DEST`) are looked up.
+    pub dns_guard: bool,
     /// SHA-256 of the rule set (canonical JSON), hex.
     pub hash: String,
 }
@@ -199,8 +202,14 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports, the ICMP types of a rule, per family)
     // is one entry per set, all on its slot.
+    let guard = set.egress_allowlist() && set.has_names();
     let mut push =
         |name: String, kind: u32, dir: u8, port_sets: Vec<(Ports, Vec<IpNet>)>, on: &[String]| {
+            let port_sets = if guard && dir == DIR_EGRESS {
+                carve_dns(port_sets)
+            } else {
+                port_sets
+            };
             let index = slots.len() as u32;
             slots.push(Slot::new(name, kind, dir));
             for (ports, nets) in port_sets {
@@ -268,6 +277,51 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
     }
     rule_limits(set, &mut slots);
     (entries, slots, scoped)
+}
+
+/// Under the DNS guard (FQDN rules exist): egress port sets without the
+/// DNS ports (TCP and UDP 53 and 853), which only the forwarder's own
+/// queries may reach (`ebpf/src/fqdn.rs`), whatever a rule's range says.
+fn carve_dns(sets: Vec<(Ports, Vec<IpNet>)>) -> Vec<(Ports, Vec<IpNet>)> {
+    let split = |range: Option<(u16, u16)>| -> Vec<(u16, u16)> {
+        let Some((from, to)) = range else {
+            return Vec::new();
+        };
+        let mut pieces = vec![(from, to)];
+        for dns in [DNS_PORT, DNS_TLS_PORT] {
+            pieces = pieces
+                .into_iter()
+                .flat_map(|(a, b)| {
+                    if dns < a || dns > b {
+                        return vec![(a, b)];
+                    }
+                    let mut out = Vec::new();
+                    if a < dns {
+                        out.push((a, dns - 1));
+                    }
+                    if dns < b {
+                        out.push((dns + 1, b));
+                    }
+                    out
+                })
+                .collect();
+        }
+        pieces
+    };
+    let mut out = Vec::new();
+    for (ports, nets) in sets {
+        let tcp = split(ports[PCLASS_TCP]);
+        let udp = split(ports[PCLASS_UDP]);
+        for i in 0..tcp.len().max(udp.len()).max(1) {
+            let mut p: Ports = if i == 0 { ports } else { [None; PCLASSES] };
+            p[PCLASS_TCP] = tcp.get(i).copied();
+            p[PCLASS_UDP] = udp.get(i).copied();
+            if p.iter().any(Option::is_some) {
+                out.push((p, nets.clone()));
+            }
+        }
+    }
+    out
 }
 
 /// A rule's port sets, each with its networks. An ICMP rule with
@@ -399,6 +453,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
     let mut image = Image {
         egress_allowlist: set.egress_allowlist(),
+        dns_guard: set.egress_allowlist() && set.has_names(),
         hash: hash(set),
         ..Default::default()
     };
@@ -868,6 +923,7 @@ mod tests {
             from_port: from,
             to_port: to,
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
+            names: Vec::new(),
             protocol,
             description: None,
             icmp_types: Vec::new(),
@@ -1304,6 +1360,7 @@ pub mod strategies {
                 from_port: from,
                 to_port: from + span,
                 ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
+                names: Vec::new(),
                 protocol,
                 description: None,
                 icmp_types: types.iter().map(ToString::to_string).collect(),

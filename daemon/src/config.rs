@@ -65,6 +65,9 @@ pub struct Config {
     /// Egress volume per destination: counted, shown, alerted on.
     #[serde(default)]
     pub egress_volume: EgressVolume,
+    /// The DNS forwarder for FQDN egress rules (rules with `names`).
+    #[serde(default)]
+    pub dns: DnsConfig,
     /// Admit inbound ICMP/ICMPv6 echo requests (pings). Replies to this
     /// host's own pings are always admitted.
     #[serde(default)]
@@ -406,6 +409,95 @@ pub struct Capacity {
     /// until filled). Read at start.
     pub deny_v4_prefixes: u32,
     pub deny_v6_prefixes: u32,
+}
+
+/// Where the forwarder listens by default: a loopback address of its own,
+/// so a local dnsmasq, unbound or systemd-resolved (127.0.0.1,
+/// 127.0.0.53) keeps port 53 on theirs.
+pub const DEFAULT_DNS_LISTEN: &str = "127.0.0.153:53";
+
+/// `[dns]`: the DNS forwarder FQDN egress rules need (it runs when a rule
+/// has `names`, or `enabled = true`). Its upstreams are the only resolvers
+/// the host can reach while FQDN rules exist.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Run the forwarder even without FQDN rules (so rules with names can
+    /// be added at run time). Read at start.
+    pub enabled: bool,
+    /// Address and port to listen on (UDP and TCP), unless systemd passes
+    /// sockets named `dns-udp` and `dns-tcp`.
+    pub listen: std::net::SocketAddr,
+    /// Resolvers to ask, in order (`"192.0.2.53"` or `"[2001:db8::53]:53"`);
+    /// required when any rule has names.
+    pub upstreams: Vec<String>,
+    /// A learned address admits new flows for at least this many seconds,
+    /// however short the answer's TTL (the client's connect comes after).
+    pub ttl_floor: u32,
+    /// ... and for at most this many, however long the TTL.
+    pub ttl_max: u32,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            enabled: false,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 153], 53)),
+            upstreams: Vec::new(),
+            ttl_floor: 30,
+            ttl_max: 3600,
+        }
+    }
+}
+
+impl DnsConfig {
+    /// The upstreams as socket addresses (port 53 unless given).
+    pub fn upstream_addrs(&self) -> anyhow::Result<Vec<std::net::SocketAddr>> {
+        self.upstreams
+            .iter()
+            .enumerate()
+            .map(|(i, u)| {
+                u.parse::<std::net::SocketAddr>()
+                    .or_else(|_| {
+                        u.parse::<std::net::IpAddr>()
+                            .map(|ip| std::net::SocketAddr::new(ip, 53))
+                    })
+                    .map_err(|_| anyhow::anyhow!("dns: upstreams[{i}]: {u:?} is not an address"))
+            })
+            .collect()
+    }
+
+    /// Whether the forwarder runs.
+    pub fn wanted(&self, has_names: bool) -> bool {
+        self.enabled || has_names
+    }
+
+    fn validate(&self, has_names: bool) -> anyhow::Result<()> {
+        let upstreams = self.upstream_addrs()?;
+        if self.wanted(has_names) && upstreams.is_empty() {
+            bail!(
+                "dns: upstreams: empty, but egress rules name hosts (the forwarder needs a resolver to ask)"
+            );
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if *u == self.listen || (u.port() == self.listen.port() && u.ip().is_unspecified()) {
+                bail!("dns: upstreams[{i}]: {u} is the forwarder's own address");
+            }
+        }
+        if self.ttl_floor > 3600 {
+            bail!(
+                "dns: ttl_floor: {} is out of range (0 to 3600)",
+                self.ttl_floor
+            );
+        }
+        if self.ttl_max < self.ttl_floor.max(1) || self.ttl_max > 86_400 {
+            bail!(
+                "dns: ttl_max: {} is out of range (ttl_floor, at least 1, to 86400)",
+                self.ttl_max
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[egress_volume]`: what left this host per destination (address, IPv6
@@ -754,9 +846,10 @@ impl Config {
                 bail!("capacity: {key}: {value} is out of range (1 to 16777216)");
             }
         }
-        self.rule_set().validate()?;
-        self.rule_set()
-            .check_rule_interfaces(&self.interfaces, |n| selector.may_protect(n))?;
+        let set = self.rule_set();
+        set.validate()?;
+        set.check_rule_interfaces(&self.interfaces, |n| selector.may_protect(n))?;
+        self.dns.validate(set.has_names())?;
         Ok(())
     }
 
@@ -777,6 +870,7 @@ impl Config {
                 from_port: u32::from(h.listen.port()),
                 to_port: u32::from(h.listen.port()),
                 ip_ranges: h.sources.clone(),
+                names: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: Some("readiness health endpoint ([readiness.health])".into()),
                 icmp_types: Vec::new(),
@@ -1076,6 +1170,7 @@ ip_ranges = []
             from_port: 1,
             to_port: 65535,
             ip_ranges: ranges.iter().map(|r| r.to_string()).collect(),
+            names: Vec::new(),
             protocol,
             description: Some(odd.into()),
             icmp_types: Vec::new(),
@@ -1185,6 +1280,7 @@ ip_ranges = []
             from_port: 1,
             to_port: 1,
             ip_ranges: vec![],
+            names: Vec::new(),
             protocol: crate::rules::Protocol::Tcp,
             description: Some("d".into()),
             icmp_types: Vec::new(),
@@ -1233,6 +1329,7 @@ ip_ranges = []
                 ..ApiConfig::default()
             },
             capacity: Capacity::default(),
+            dns: DnsConfig::default(),
             egress_volume: EgressVolume::default(),
             allow_ping: false,
             conntrack_entries: 256,

@@ -16,6 +16,7 @@ mod deny;
 mod expiry;
 mod explain;
 mod fleet;
+pub mod fqdn;
 mod ratelimit;
 mod volume;
 
@@ -296,6 +297,8 @@ pub struct Core {
     deny_names: crate::model::DenySetNames,
     /// The CrowdSec bouncer's state, when one runs (see `bouncer`).
     pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
+    /// The DNS forwarder's status, when one runs (see `core/fqdn.rs`).
+    pub dns: Option<fqdn::DnsStatus>,
     /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
     fleet: Option<fleet::FleetState>,
 }
@@ -395,6 +398,7 @@ impl Core {
             volume_on: false,
             deny_names: Default::default(),
             crowdsec: None,
+            dns: None,
             fleet: None,
         };
         let problems = core.audit.problems().to_vec();
@@ -631,6 +635,7 @@ impl Core {
         edit(&mut next)?;
         next.validate()?;
         self.check_interfaces(&next)?;
+        self.check_forwarder(&next)?;
         next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
@@ -710,6 +715,8 @@ impl Core {
         self.generation = generation;
         self.allow_ping = allow_ping;
         self.exempt_admin();
+        // Learned destinations of rules that changed or went: gone now.
+        self.fqdn_sweep_logged();
         for warning in self.rules.egress_warnings() {
             tracing::warn!(generation, "{warning}");
         }
@@ -1458,6 +1465,7 @@ mod tests {
                 from_port: 1,
                 to_port: 1,
                 ip_ranges: Vec::new(),
+                names: Vec::new(),
                 protocol: crate::rules::Protocol::Tcp,
                 description: None,
                 icmp_types: Vec::new(),
@@ -1499,6 +1507,7 @@ mod tests {
             from_port: 22,
             to_port: 22,
             ip_ranges: vec!["10.0.0.0/8".into()],
+            names: Vec::new(),
             protocol: crate::rules::Protocol::Tcp,
             description: None,
             icmp_types: Vec::new(),

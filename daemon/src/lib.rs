@@ -36,6 +36,8 @@
 //!   mode, deny sets), written atomically (pure I/O).
 //! - [`sockets`] (`dataplane::sockets`): the kernel's open connections (sock_diag).
 //! - [`testrun`] (`dataplane::testrun`): runs a loaded program on a crafted packet.
+//! - [`dns`]: DNS messages and FQDN rule names, for the forwarder (pure).
+//! - [`forwarder`]: the DNS forwarder for FQDN egress rules (on core).
 //! - [`volume`]: egress volume per destination: totals, top-N, alerts (pure).
 
 // No panic reachable from input in the daemon (issue 14): where one of these
@@ -62,11 +64,13 @@ pub mod core;
 pub mod crowdsec;
 pub mod dataplane;
 pub mod denylist;
+pub mod dns;
 pub mod droplog;
 pub mod events;
 pub mod explain;
 pub mod fallback;
 pub mod fleet;
+pub mod forwarder;
 pub mod fuzzing;
 pub mod host;
 pub mod journal;

@@ -53,6 +53,13 @@ pub struct FirewallRule {
     pub to_port: u32,
     #[serde(default)]
     pub ip_ranges: Vec<String>,
+    /// Egress only, under an egress allowlist: host names whose addresses
+    /// (as the daemon's DNS forwarder learns them) this rule admits,
+    /// exact (`api.example.com`) or `*.example.org` (any name under it, at
+    /// any depth, not `example.org` itself); see `crate::dns`. Beside
+    /// `ip_ranges`, both admit; names alone never mean "any destination".
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
     #[serde(default, skip_serializing_if = "is_default")]
     pub protocol: Protocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -725,6 +732,10 @@ impl FirewallRule {
 
     /// Source (ingress) or destination (egress) networks; any when empty.
     pub fn networks(&self) -> Vec<IpNet> {
+        if self.ip_ranges.is_empty() && !self.names.is_empty() {
+            // Names alone: only what the forwarder learns, never any.
+            return Vec::new();
+        }
         if self.ip_ranges.is_empty() {
             return any();
         }
@@ -863,6 +874,39 @@ impl RuleSet {
 }
 
 impl RuleSet {
+    /// Whether any egress rule names hosts (FQDN rules: the DNS forwarder
+    /// and the DNS guard are needed).
+    pub fn has_names(&self) -> bool {
+        self.egress_rules.iter().any(|r| !r.names.is_empty())
+    }
+
+    /// The problem with `rule`'s `names` (in `list`), if any.
+    fn check_names(&self, list: &str, rule: &FirewallRule) -> Result<(), String> {
+        if list != "egress_rules" {
+            return Err("only egress rules may name hosts".into());
+        }
+        if !self.egress_allowlist() {
+            return Err(
+                "names need egress = \"allowlist\" (under egress = \"allow\" they would admit nothing they do not already)".into(),
+            );
+        }
+        crate::dns::check_rule_names(&rule.names)?;
+        if !matches!(
+            rule.protocol,
+            Protocol::Tcp | Protocol::Udp | Protocol::TcpUdp
+        ) {
+            return Err("rules with names must be tcp, udp or tcp_udp".into());
+        }
+        let all = rule.from_port <= 1 && rule.to_port == u32::from(u16::MAX);
+        if !all && rule.to_port.saturating_sub(rule.from_port) >= crate::dns::MAX_RULE_PORTS {
+            return Err(format!(
+                "a rule with names admits at most {} ports, or all of them (from_port 0 or 1 to 65535)",
+                crate::dns::MAX_RULE_PORTS
+            ));
+        }
+        Ok(())
+    }
+
     /// Removes the rules whose expiry is at or before `now` (Unix seconds)
     /// from both lists; returns them.
     pub fn take_expired(&mut self, now: u64) -> Vec<FirewallRule> {
@@ -956,6 +1000,9 @@ impl RuleSet {
                 }
                 parse_cidrs(&rule.ip_ranges).map_err(|e| err("ip_ranges", e))?;
                 rule.validate_kinds().map_err(|(f, e)| err(f, e))?;
+                if !rule.names.is_empty() {
+                    self.check_names(list, rule).map_err(|e| err("names", e))?;
+                }
                 check_rate(list == "ingress_rules", rule.rate, rule.burst)
                     .map_err(|(field, reason)| err(field, reason))?;
             }
@@ -1028,6 +1075,7 @@ mod tests {
             from_port: from,
             to_port: to,
             ip_ranges: ranges.iter().map(|s| s.to_string()).collect(),
+            names: Vec::new(),
             protocol: Protocol::default(),
             description: None,
             icmp_types: Vec::new(),

@@ -15,6 +15,8 @@ mod events;
 #[cfg(target_arch = "bpf")]
 mod explain;
 #[cfg(target_arch = "bpf")]
+mod fqdn;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -126,6 +128,13 @@ mod programs {
         unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).ifindex }
     }
 
+    /// The packet's mark (its socket's SO_MARK): the DNS guard's test.
+    #[inline(always)]
+    fn skb_mark(ctx: &TcContext) -> u32 {
+        // SAFETY: as in `skb_ifindex`; `mark` is a readable field.
+        unsafe { (*ctx.as_ptr().cast::<aya_ebpf::bindings::__sk_buff>()).mark }
+    }
+
     /// The packets an egress frame will leave as: its segments when the
     /// stack hands down one large offloaded frame (GSO), else 1.
     #[inline(always)]
@@ -147,7 +156,7 @@ mod programs {
     pub fn portcullis_egress(ctx: TcContext) -> i32 {
         let bytes = ctx.len() as u64;
         let c = self::ctx();
-        let ip = match parse::parse(&ctx) {
+        let mut ip = match parse::parse(&ctx) {
             Ok(parse::Frame::Ip(ip)) => ip,
             Err(parse::Malformed) if c.settings.flags & SETTING_EGRESS_ALLOWLIST != 0 => {
                 maps::count(Reason::DropMalformed, bytes);
@@ -159,6 +168,7 @@ mod programs {
             }
             _ => return TC_ACT_UNSPEC,
         };
+        ip.mark = skb_mark(&ctx);
         let reason = policy::decide_egress(&ip, &c, bytes);
         maps::count(reason, bytes);
         if !reason.passes() {

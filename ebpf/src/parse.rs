@@ -158,6 +158,10 @@ pub struct Ip {
     pub l4_off: usize,
     /// Offset just past the IP packet (what its header says it holds).
     pub end: usize,
+    /// Egress only: the packet's mark (its socket's SO_MARK; the DNS
+    /// guard's test, `fqdn.rs`), set by the TC entry point; 0 otherwise.
+    /// Fits in the struct's padding: no stack cost.
+    pub mark: u32,
 }
 
 impl Ip {
@@ -182,6 +186,7 @@ impl Ip {
             frag_offset: 0,
             l4_off: 0,
             end: 0,
+            mark: 0,
         }
     }
 }

@@ -16,13 +16,14 @@ use portcullis_common::{
     ICMP_PARAMETER_PROBLEM, ICMP_TIME_EXCEEDED, ICMPV6_DEST_UNREACH, ICMPV6_ECHO_REPLY,
     ICMPV6_ECHO_REQUEST, ICMPV6_PACKET_TOO_BIG, ICMPV6_PARAMETER_PROBLEM, ICMPV6_TIME_EXCEEDED,
     IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, PCLASS_ICMP, PCLASS_OTHER, PCLASS_TCP,
-    PCLASS_UDP, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER, SLOT_KIND_RULE,
-    SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port, slot_admits,
+    PCLASS_UDP, Reason, SETTING_DNS_GUARD, SETTING_EGRESS_ALLOWLIST, SETTING_PING, SLOT_KIND_PEER,
+    SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE, Settings, icmp_port, pclass_port,
+    slot_admits,
 };
 
 use crate::{
     conntrack::{self, Dir, Origin},
-    deny,
+    deny, fqdn,
     parse::{self, Frame, Ip, Packet},
     ratelimit, rules,
 };
@@ -316,6 +317,16 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         return Reason::PassEgress;
     }
     if always_sent(ip) {
+        return Reason::PassEgress;
+    }
+    // While FQDN rules exist (`fqdn.rs`): the forwarder's own DNS query
+    // (its socket mark), or a destination it learned for an FQDN rule; the
+    // flow is recorded. Other DNS queries go on and are dropped: the rules
+    // never admit ports 53 and 853 then (`compile::carve_dns`). Not
+    // credited to the FQDN rule's counter (a second counting path does not
+    // fit the verifier's budget).
+    if ctx.settings.flags & SETTING_DNS_GUARD != 0 && fqdn::by_name(ip) {
+        conntrack::track_egress(ip);
         return Reason::PassEgress;
     }
     // A reply on an inbound flow the rules admitted, while they still admit

@@ -254,6 +254,58 @@ impl Daemon {
         Ok(Daemon { child, log })
     }
 
+    /// Starts the daemon as systemd would with socket activation: `fds`
+    /// (already open, e.g. listening sockets) become its descriptors 3,
+    /// 4, ... with `LISTEN_FDS`, `LISTEN_FDNAMES` and its own `LISTEN_PID`;
+    /// waits until it is ready.
+    pub fn start_with_fds(
+        ns: &Netns,
+        config: &ConfigFile,
+        fds: &[(std::os::fd::RawFd, &str)],
+    ) -> anyhow::Result<Self> {
+        use std::os::unix::process::CommandExt as _;
+        let log = tempfile::NamedTempFile::new()?;
+        let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
+        let raw: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+        // `LISTEN_PID` is the pid the daemon will have: the shell's, which
+        // execs nsenter, which execs the daemon (no fork on the way).
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", "nsenter"])
+            .arg(format!("--net={}", ns.path().display()))
+            .arg("--")
+            .arg(workspace_bin("portcullisd")?)
+            .arg("--config")
+            .arg(config.path())
+            .arg("--state-dir")
+            .arg(config.state_dir())
+            .arg("--socket")
+            .arg(config.socket())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env("LISTEN_FDS", fds.len().to_string())
+            .env("LISTEN_FDNAMES", names.join(":"))
+            .stdout(Stdio::null())
+            .stderr(log.reopen()?);
+        // SAFETY: between fork and exec only async-signal-safe calls: dup2
+        // and fcntl on descriptors this process owns.
+        unsafe {
+            cmd.pre_exec(move || {
+                for (i, fd) in raw.iter().enumerate() {
+                    let target = 3 + i as i32;
+                    if libc::dup2(*fd, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::fcntl(target, libc::F_SETFD, 0);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn()?;
+        let mut d = Daemon { child, log };
+        d.wait_ready()?;
+        Ok(d)
+    }
+
     /// Waits (up to 20 s) for a daemon that must fail to start to exit;
     /// its exit status and log.
     pub fn expect_exit(mut self) -> anyhow::Result<(std::process::ExitStatus, String)> {

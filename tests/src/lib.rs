@@ -28,6 +28,7 @@ pub use portcullis_common::Reason;
 pub mod container;
 pub mod crowdsec;
 pub mod daemon;
+pub mod dns;
 pub mod etcd;
 pub mod net;
 pub mod packet;

@@ -20,6 +20,7 @@ const PURE: &[&str] = &[
     "config",
     "denylist",
     "volume",
+    "dns",
     "crowdsec",
     "membership",
 ];

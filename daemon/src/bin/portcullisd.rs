@@ -35,7 +35,7 @@ use portcullis::{
     config::{Config, DEFAULT_CONFIG_PATH, Fallback, TcAttachMode},
     core::{self, Core},
     dataplane::{self, Dataplane},
-    fallback, links,
+    fallback, forwarder, links,
     readiness::{self, SystemdView},
     rules::{RuleSet, Ssh},
     state,
@@ -300,6 +300,7 @@ async fn spawn_services(
         tokio::spawn(api::serve_health(listener, api.clone(), health.clone()));
     }
     tokio::spawn(sweep_deny_sets(api.core.clone()));
+    spawn_forwarder(config, api.core.clone()).await;
     if config.egress_volume.enabled {
         tokio::spawn(read_egress_volume(api.clone()));
     }
@@ -309,6 +310,56 @@ async fn spawn_services(
     let listener = api::bind(socket, readers_gid.or(writers_gid))?;
     let server = tokio::spawn(api::serve(listener, api.clone()));
     Ok(Services { api, server })
+}
+
+/// The DNS forwarder for FQDN egress rules, when wanted (`[dns]`), and
+/// the sweep of its expired destinations. A forwarder that cannot listen
+/// is an error in the journal: names then admit nothing (closed).
+async fn spawn_forwarder(config: &Config, core: core::Shared) {
+    let has_names = core.lock().await.rules().has_names();
+    if !config.dns.wanted(has_names) {
+        return;
+    }
+    let upstreams = match config.dns.upstream_addrs() {
+        Ok(u) => u,
+        Err(e) => return error!(error = %format!("{e:#}"), "dns forwarder not started"),
+    };
+    let listeners = match forwarder::listeners(config.dns.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            return error!(error = %format!("{e:#}"), "dns forwarder not started: names admit nothing");
+        }
+    };
+    let listen = listeners.udp.local_addr().unwrap_or(config.dns.listen);
+    info!(listen = %listen, socket_activated = listeners.activated, upstreams = ?upstreams, "dns forwarder");
+    core.lock().await.dns = Some(portcullis::core::fqdn::DnsStatus {
+        listen: listen.to_string(),
+        upstreams: upstreams.iter().map(ToString::to_string).collect(),
+        socket_activated: listeners.activated,
+        ..Default::default()
+    });
+    let settings = forwarder::Settings {
+        upstreams,
+        ttl_floor: config.dns.ttl_floor,
+        ttl_max: config.dns.ttl_max,
+    };
+    tokio::spawn({
+        let core = core.clone();
+        async move {
+            if let Err(e) = forwarder::run(core, settings, listeners).await {
+                error!(error = %format!("{e:#}"), "dns forwarder stopped");
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+        loop {
+            tick.tick().await;
+            if let Err(e) = core.lock().await.fqdn_sweep() {
+                error!(error = %format!("{e:#}"), "cannot sweep the learned destinations");
+            }
+        }
+    });
 }
 
 /// Removes expired deny-set entries every second (the data path ignores

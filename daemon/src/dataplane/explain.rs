@@ -27,8 +27,8 @@ use aya::{Ebpf, maps::Array};
 use portcullis_common::{EXPLAIN_GLOBAL, ExplainResult, maps, programs};
 
 use super::{
-    Dataplane, EBPF_OBJECT, Program, egress, generation, ingress, map_mut, maps_dir,
-    settings_flags, testrun, write_if_dirs, write_image,
+    Dataplane, EBPF_OBJECT, Program, dns_guard_flag, egress, generation, ingress, map_mut,
+    maps_dir, settings_flags, testrun, write_if_dirs, write_image,
 };
 use crate::compile::Image;
 
@@ -108,7 +108,7 @@ impl Dataplane {
             allow_ping,
             image.egress_allowlist,
             self.egress_volume,
-        );
+        ) | dns_guard_flag(image);
         let ebpf = self
             .explainer
             .scratch

@@ -9,6 +9,7 @@
 //! - `counters`: the per-CPU counters, summed;
 //! - `flows`: the connection table (seed, look up, cut);
 //! - `deny`: the deny sets' tries, their admin exemption and counters;
+//! - `fqdn`: destinations learned for FQDN egress rules (write, sweep);
 //! - `volume`: egress volume per destination (read, idle entries deleted);
 //! - [`sys`]: the one `bpf(2)` wrapper and the `bpf_attr` layouts it takes;
 //! - [`testrun`]: `BPF_PROG_TEST_RUN` on a crafted packet;
@@ -34,6 +35,7 @@
 //!                                the admin networks no ban applies to; drops per set
 //! <pin_dir>/maps-vN/EGRESS_VOLUME, EGRESS_VOLUME_OVERFLOW
 //!                                egress volume per destination; what found it full
+//! <pin_dir>/maps-vN/FQDN_DEST       destinations the DNS forwarder learned for FQDN rules
 //! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
 //!                                the programs, adopted by a restart of the same
 //!                                build over the same maps (`programs`)
@@ -54,6 +56,7 @@ mod counters;
 mod deny;
 mod explain;
 mod flows;
+mod fqdn;
 pub mod links;
 mod mapio;
 mod programs;
@@ -292,7 +295,7 @@ impl Dataplane {
             allow_ping,
             image.egress_allowlist,
             self.egress_volume,
-        );
+        ) | dns_guard_flag(image);
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
         let before = self.v6_written.get_mut(g).and_then(Option::take);
@@ -351,6 +354,15 @@ fn write_if_dirs(ebpf: &mut Ebpf, g: usize, names: &[String]) -> anyhow::Result<
             .with_context(|| format!("writing IFDIR entry {key:#x}"))?;
     }
     Ok(())
+}
+
+/// The DNS guard's flag for `image` (FQDN egress rules exist).
+fn dns_guard_flag(image: &Image) -> u32 {
+    if image.dns_guard {
+        portcullis_common::SETTING_DNS_GUARD
+    } else {
+        0
+    }
 }
 
 /// The `Settings` flags of a generation.

@@ -438,6 +438,12 @@ pub enum RulesCmd {
         /// Source CIDR (repeatable; none means any source).
         #[arg(long = "ip-range", value_name = "CIDR")]
         ip_ranges: Vec<String>,
+        /// With --egress: a host name this rule admits as the daemon's DNS
+        /// forwarder resolves it, `api.example.com` or `*.example.org` (any
+        /// name under it, not itself); repeatable. Without --ip-range it
+        /// admits only those names' addresses.
+        #[arg(long = "name", value_name = "NAME")]
+        names: Vec<String>,
         /// Which protocols the rule covers.
         #[arg(long, value_enum, default_value = "tcp-udp")]
         protocol: ProtocolArg,

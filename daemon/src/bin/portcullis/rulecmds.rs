@@ -23,6 +23,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
             from_port,
             to_port,
             ip_ranges,
+            names,
             protocol,
             description,
             icmp_types,
@@ -38,6 +39,7 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
                 from_port,
                 to_port,
                 ip_ranges,
+                names,
                 protocol: protocol.into(),
                 description,
                 icmp_types,
@@ -56,10 +58,11 @@ pub fn rules(ctx: &Ctx, cmd: RulesCmd) -> anyhow::Result<()> {
 /// What a rule admits, in words: `tcp 8080 from any source`.
 pub fn describe(r: &FirewallRule, egress: bool) -> String {
     let ports = ports(r);
-    let nets = if r.ip_ranges.is_empty() {
-        "any address".to_string()
-    } else {
-        r.ip_ranges.join(", ")
+    let nets = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
+        (true, true) => "any address".to_string(),
+        (true, false) => r.names.join(", "),
+        (false, true) => r.ip_ranges.join(", "),
+        (false, false) => format!("{}, {}", r.ip_ranges.join(", "), r.names.join(", ")),
     };
     let (proto, ports) = match r.protocol {
         Protocol::Icmp if !r.icmp_types.is_empty() => {
@@ -95,10 +98,11 @@ fn ports(r: &FirewallRule) -> String {
 /// The SOURCES column: the ranges, and the interfaces when the rule names
 /// some (`any on pc2`).
 fn sources_column(r: &FirewallRule) -> String {
-    let nets = if r.ip_ranges.is_empty() {
-        "any".to_string()
-    } else {
-        r.ip_ranges.join(",")
+    let nets = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
+        (true, true) => "any".to_string(),
+        _ => [r.ip_ranges.as_slice(), r.names.as_slice()]
+            .concat()
+            .join(","),
     };
     if r.interfaces.is_empty() {
         nets
@@ -251,6 +255,7 @@ pub fn allow(ctx: &Ctx, a: AllowArgs) -> anyhow::Result<()> {
         from_port,
         to_port,
         ip_ranges: a.from,
+        names: Vec::new(),
         protocol,
         description: a.description,
         icmp_types: Vec::new(),

@@ -99,6 +99,22 @@ fn print_status(s: &Status) -> bool {
     if let Some(c) = &s.crowdsec {
         print_crowdsec(c);
     }
+    if let Some(d) = &s.dns {
+        println!(
+            "DNS:         forwarder on {}{} -> {}; {} learned destinations; {} answers ({} admitting), {} SERVFAIL",
+            d.listen,
+            if d.socket_activated {
+                " (socket-activated)"
+            } else {
+                ""
+            },
+            d.upstreams.join(", "),
+            d.entries,
+            d.answers,
+            d.admitting,
+            d.servfails
+        );
+    }
     print_readiness(&s.readiness);
     print_traffic(s);
     println!("Audit head:  {}", s.audit_head);

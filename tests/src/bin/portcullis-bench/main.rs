@@ -98,6 +98,7 @@ fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
                 from_port: from,
                 to_port: from + rng.random_range(0..1000),
                 ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
+                names: Vec::new(),
                 protocol: Default::default(),
                 description: None,
                 icmp_types: Vec::new(),

@@ -64,6 +64,7 @@ fn rule_set(n: usize) -> RuleSet {
                     from_port: from.into(),
                     to_port: to.into(),
                     ip_ranges: vec![format!("{src}/32")],
+                    names: Vec::new(),
                     protocol: Protocol::Udp,
                     description: None,
                     icmp_types: Vec::new(),

@@ -1,0 +1,53 @@
+//! Destinations learned for FQDN egress rules (`FQDN_DEST`, see
+//! `ebpf/src/fqdn.rs`): written by the DNS forwarder before it returns an
+//! answer, walked to sweep expired entries and to drop those whose rule is
+//! gone after a reload.
+
+use anyhow::Context as _;
+use aya::maps::HashMap;
+use portcullis_common::{FqdnEntry, FqdnKey, maps};
+
+use super::{Dataplane, map_mut};
+
+impl Dataplane {
+    /// Writes `entries`; an existing entry that lasts longer keeps its
+    /// expiry. Fails (and the caller answers SERVFAIL) when the table is full.
+    pub fn fqdn_write(&mut self, entries: &[(FqdnKey, FqdnEntry)]) -> anyhow::Result<()> {
+        let mut table: HashMap<_, FqdnKey, FqdnEntry> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::FQDN_DEST)?)?;
+        for (key, entry) in entries {
+            let mut entry = *entry;
+            if let Ok(old) = table.get(key, 0)
+                && old.rule == entry.rule
+                && old.expires_ns > entry.expires_ns
+            {
+                entry.expires_ns = old.expires_ns;
+            }
+            table
+                .insert(key, &entry, 0)
+                .context("writing a learned destination (FQDN_DEST full?)")?;
+        }
+        Ok(())
+    }
+
+    /// Every learned destination.
+    pub fn fqdn_entries(&mut self) -> anyhow::Result<Vec<(FqdnKey, FqdnEntry)>> {
+        let table: HashMap<_, FqdnKey, FqdnEntry> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::FQDN_DEST)?)?;
+        // An entry deleted while we walk is simply not there.
+        Ok(table.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Deletes the entries of `keys`.
+    pub fn fqdn_forget(&mut self, keys: &[FqdnKey]) -> anyhow::Result<()> {
+        let mut table: HashMap<_, FqdnKey, FqdnEntry> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::FQDN_DEST)?)?;
+        for key in keys {
+            match table.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting a learned destination"),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! Attacks on the FQDN egress rules' resolver path (issue 19): answers
+//! spoofed by a host in the peer namespace (wrong id, wrong source
+//! address, wrong source port, another question), an answer carrying
+//! records for names nobody asked, and queries to other resolvers from an
+//! unprivileged local user. The "upstream" here is a socket the test
+//! holds, so it sees each query (id and source port: a stronger attacker
+//! than an off-path one) and answers when the test says.
+
+use std::{
+    io,
+    net::{SocketAddr, UdpSocket},
+    thread,
+    time::Duration,
+};
+
+use portcullis_tests::{dns::*, *};
+
+const FORWARDER: &str = "127.0.0.153";
+const UPSTREAM: &str = "10.200.0.4";
+const SPOOFER: &str = "10.200.0.5";
+const OTHER_RESOLVER: &str = "10.200.0.3";
+const PORT: u16 = 8443;
+/// .30: what spoofed answers claim; .31: the real answer; .32: a record
+/// for a name nobody asked (under the allowed wildcard).
+const SERVERS: [&str; 3] = ["10.200.0.30", "10.200.0.31", "10.200.0.32"];
+
+fn addr(a: &str, port: u16) -> SocketAddr {
+    SocketAddr::new(a.parse().unwrap(), port)
+}
+
+fn config(pins: &PinDir, upstream: &str) -> ConfigFile {
+    ConfigFile::new(&config_text(
+        pins,
+        &format!(
+            "egress = \"allowlist\"\n\
+             [[egress_rules]]\nid = \"api\"\nfrom_port = {PORT}\nto_port = {PORT}\nprotocol = \"tcp\"\n\
+             names = [\"allowed.test\", \"*.wild.test\"]\n\
+             [dns]\nlisten = \"{FORWARDER}:53\"\nupstreams = [\"{upstream}\"]\nttl_floor = 30\nttl_max = 60\n"
+        ),
+    ))
+    .unwrap()
+}
+
+fn reaches(pair: &Pair, to: SocketAddr) -> bool {
+    match tcp_probe(&pair.host, to) {
+        Ok(()) => true,
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => false,
+        Err(e) => panic!("-> {to}: {e}"),
+    }
+}
+
+fn pair_with(addresses: &[&str]) -> Pair {
+    let pair = Pair::new().expect("namespaces");
+    for a in addresses {
+        pair.peer
+            .ip(&["addr", "add", &format!("{a}/24"), "dev", PEER_IFACE])
+            .unwrap();
+    }
+    pair
+}
+
+/// Spoofed answers (wrong id; right id from another address; right id
+/// from the upstream's address on another port; right id for another
+/// question) admit nothing; the real answer, carrying an extra record for
+/// a name nobody asked (under the allowed wildcard), admits only the
+/// asked name's address.
+#[test]
+fn spoofed_and_unasked_answers_admit_nothing() {
+    let pair = pair_with(&[UPSTREAM, SPOOFER, SERVERS[0], SERVERS[1], SERVERS[2]]);
+    for a in SERVERS {
+        tcp_echo_server(&pair.peer, addr(a, PORT)).unwrap();
+        tcp_probe_control(&pair.host, addr(a, PORT)).expect("control: server");
+    }
+    let upstream = pair
+        .peer
+        .enter(|| UdpSocket::bind(addr(UPSTREAM, 53)))
+        .unwrap();
+    let other_port = pair
+        .peer
+        .enter(|| UdpSocket::bind(addr(UPSTREAM, 5353)))
+        .unwrap();
+    let spoofer = pair
+        .peer
+        .enter(|| UdpSocket::bind(addr(SPOOFER, 53)))
+        .unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, UPSTREAM);
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    let got = thread::scope(|s| {
+        let client = s.spawn(|| {
+            lookup(
+                &pair.host,
+                dns_server(FORWARDER),
+                "allowed.test",
+                Duration::from_secs(10),
+            )
+        });
+        let mut buf = [0u8; 512];
+        let (n, forwarder) = upstream.recv_from(&mut buf).expect("the forwarder's query");
+        let q = buf[..n].to_vec();
+        let id = u16::from_be_bytes([q[0], q[1]]);
+        let claim = [("allowed.test", SERVERS[0])];
+        // Wrong id, from the right address and port.
+        upstream
+            .send_to(&response(&q, id ^ 0x5a5a, &claim), forwarder)
+            .unwrap();
+        // Right id, from another address.
+        spoofer
+            .send_to(&response(&q, id, &claim), forwarder)
+            .unwrap();
+        // Right id, from the upstream's address but another port.
+        other_port
+            .send_to(&response(&q, id, &claim), forwarder)
+            .unwrap();
+        // Right id and source, another question.
+        let mut other_q = query(id, "other.wild.test");
+        other_q[0..2].copy_from_slice(&id.to_be_bytes());
+        upstream
+            .send_to(
+                &response(&other_q, id, &[("other.wild.test", SERVERS[0])]),
+                forwarder,
+            )
+            .unwrap();
+        thread::sleep(Duration::from_millis(300));
+        assert!(
+            !reaches(&pair, addr(SERVERS[0], PORT)),
+            "a spoofed answer admitted its address"
+        );
+        // The real answer, with a record for a name nobody asked.
+        let real = response(
+            &q,
+            id,
+            &[
+                ("allowed.test", SERVERS[1]),
+                ("unasked.wild.test", SERVERS[2]),
+            ],
+        );
+        upstream.send_to(&real, forwarder).unwrap();
+        client
+            .join()
+            .unwrap()
+            .expect("the real answer reaches the client")
+    });
+    assert!(
+        reaches(&pair, addr(SERVERS[1], PORT)),
+        "the asked name's address"
+    );
+    assert!(
+        !reaches(&pair, addr(SERVERS[0], PORT)),
+        "a spoofed answer's address"
+    );
+    assert!(
+        !reaches(&pair, addr(SERVERS[2], PORT)),
+        "a record for a name nobody asked"
+    );
+    assert_eq!(got, vec![SERVERS[1].parse::<std::net::IpAddr>().unwrap()]);
+}
+
+/// A local unprivileged user (nobody) cannot query another resolver, nor
+/// the upstream directly: only the forwarder's marked queries leave to
+/// port 53.
+#[test]
+fn unprivileged_user_cannot_reach_other_resolvers() {
+    assert!(have_dnsmasq(), "dnsmasq is not installed (APT_PACKAGES)");
+    let pair = pair_with(&[UPSTREAM, OTHER_RESOLVER]);
+    let hosts = [("allowed.test", SERVERS[0])];
+    let _up = Dnsmasq::start(&pair.peer, UPSTREAM, 30, &hosts, &[]).unwrap();
+    let _other = Dnsmasq::start(&pair.peer, OTHER_RESOLVER, 30, &hosts, &[]).unwrap();
+    // Control: nobody's client works while nothing filters.
+    for r in [OTHER_RESOLVER, UPSTREAM] {
+        assert!(
+            nobody_asks(&pair.host, r, "allowed.test") > 0,
+            "control: nobody -> {r}"
+        );
+    }
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, UPSTREAM);
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    // Through the forwarder it works.
+    lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(3),
+    )
+    .expect("via the forwarder");
+    for r in [OTHER_RESOLVER, UPSTREAM] {
+        assert_eq!(
+            nobody_asks(&pair.host, r, "allowed.test"),
+            0,
+            "nobody reached {r}"
+        );
+    }
+}
