@@ -126,10 +126,22 @@ impl Boot {
                 "/etc/systemd/system/multi-user.target.wants/portcullis.service",
                 "/etc/systemd/system/portcullis.service",
             );
-        for unit in ["portcullis.service", "run-bpffs.mount"] {
+        for unit in [
+            "portcullis.service",
+            "run-bpffs.mount",
+            "portcullis-dns.socket",
+        ] {
             boot = boot.file(
                 &format!("/etc/systemd/system/{unit}"),
                 std::fs::read(units.join(unit))?,
+                0o644,
+            );
+        }
+        // The package's examples (the DNS forwarder's drop-ins).
+        for example in ["portcullis-dns.conf", "resolved-portcullis.conf"] {
+            boot = boot.file(
+                &format!("/usr/share/doc/portcullis/examples/dns/{example}"),
+                std::fs::read(units.join("dns").join(example))?,
                 0o644,
             );
         }

@@ -327,7 +327,15 @@ async fn spawn_forwarder(config: &Config, core: core::Shared) {
     let listeners = match forwarder::listeners(config.dns.listen) {
         Ok(l) => l,
         Err(e) => {
-            return error!(error = %format!("{e:#}"), "dns forwarder not started: names admit nothing");
+            let why = forwarder_error(&e);
+            error!(error = %why, "dns forwarder not started: names admit nothing");
+            core.lock().await.dns = Some(portcullis::core::fqdn::DnsStatus {
+                listen: config.dns.listen.to_string(),
+                upstreams: upstreams.iter().map(ToString::to_string).collect(),
+                error: Some(why),
+                ..Default::default()
+            });
+            return;
         }
     };
     let listen = listeners.udp.local_addr().unwrap_or(config.dns.listen);
@@ -360,6 +368,24 @@ async fn spawn_forwarder(config: &Config, core: core::Shared) {
             }
         }
     });
+}
+
+/// Why the forwarder cannot listen, and, when it lacks the privilege to
+/// bind (the shipped unit grants no CAP_NET_BIND_SERVICE), what to install.
+fn forwarder_error(e: &anyhow::Error) -> String {
+    let denied = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+    });
+    if denied {
+        format!(
+            "{e:#}: under the shipped unit, systemd must hold the forwarder's sockets: enable \
+             portcullis-dns.socket with the drop-in in /usr/share/doc/portcullis/examples/dns/ \
+             (docs/egress-fqdn.md)"
+        )
+    } else {
+        format!("{e:#}")
+    }
 }
 
 /// Removes expired deny-set entries every second (the data path ignores

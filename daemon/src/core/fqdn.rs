@@ -31,6 +31,10 @@ pub struct DnsStatus {
     pub answers: u64,
     pub admitting: u64,
     pub servfails: u64,
+    /// Why the forwarder is not running (names then admit nothing), with
+    /// what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The rule's identity in `FqdnEntry::rule`: a hash of what decides what

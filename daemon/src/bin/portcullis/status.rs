@@ -99,7 +99,11 @@ fn print_status(s: &Status) -> bool {
     if let Some(c) = &s.crowdsec {
         print_crowdsec(c);
     }
-    if let Some(d) = &s.dns {
+    if let Some(d) = &s.dns
+        && let Some(e) = &d.error
+    {
+        println!("DNS:         FORWARDER NOT RUNNING (names admit nothing): {e}");
+    } else if let Some(d) = &s.dns {
         println!(
             "DNS:         forwarder on {}{} -> {}; {} learned destinations; {} answers ({} admitting), {} SERVFAIL",
             d.listen,
