@@ -96,6 +96,14 @@ pub enum CompileError {
         "one source region needs {needed} port segments for one protocol, more than {max}; split the overlapping rules"
     )]
     TooManySegments { needed: usize, max: u32 },
+    #[error(
+        "the rules name {named} interfaces ({names}); at most {max} may have rules of their own"
+    )]
+    TooManyInterfaces {
+        named: usize,
+        names: String,
+        max: u32,
+    },
 }
 
 /// The compiled maps of one generation.
@@ -459,6 +467,15 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     };
     let mut region_ids = RegionIds::new();
     image.if_classes = set.rule_interfaces();
+    // Checked here too (not only by `RuleSet::validate`): a fourth named
+    // interface would get the data path's fallback, every ingress rule.
+    if image.if_classes.len() > portcullis_common::IF_CLASSES as usize {
+        return Err(CompileError::TooManyInterfaces {
+            named: image.if_classes.len(),
+            names: image.if_classes.join(", "),
+            max: portcullis_common::IF_CLASSES,
+        });
+    }
     // The interface classes' lists: class 0 and one per named interface,
     // only when rules name some.
     let classes = match image.if_classes.len() as u32 {
@@ -1148,6 +1165,30 @@ mod tests {
         assert_eq!(at("192.0.2.1", 128, 0), SLOT_NONE, "128 is an ICMPv6 type");
         // A rule without types still covers every type and code.
         assert_eq!(name(at("10.9.1.1", 42, 42)), "rule:all");
+    }
+
+    /// More named interfaces than the data path has lists for is refused
+    /// by compile itself, not only by `RuleSet::validate` (the data path
+    /// would give a fourth interface every ingress rule).
+    #[test]
+    fn more_named_interfaces_than_lists_is_refused() {
+        let rules = ["eth1", "eth2", "eth3", "eth4"]
+            .iter()
+            .map(|n| {
+                let mut r = rule(n, 9000, 9000, &["10.0.0.0/8"], Protocol::Tcp);
+                r.interfaces = vec![(*n).into()];
+                r
+            })
+            .collect();
+        let set = RuleSet {
+            ingress_rules: rules,
+            ..Default::default()
+        };
+        let e = compile(&set, &Limits::default()).unwrap_err();
+        assert!(
+            matches!(e, CompileError::TooManyInterfaces { named: 4, .. }),
+            "{e}"
+        );
     }
 
     #[test]

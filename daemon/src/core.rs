@@ -1405,41 +1405,91 @@ impl Core {
 pub fn lockdown_rules(live: &RuleSet, admin: Option<&str>) -> RuleSet {
     use ipnet::IpNet;
     let admin: Option<IpNet> = admin.and_then(|a| crate::rules::parse_cidr(a).ok());
-    let live_ssh: Vec<IpNet> = if live.ssh.allow {
-        live.ssh.networks().unwrap_or_default()
-    } else {
+    let ssh_rules = || {
         live.ingress_rules
             .iter()
             .filter(|r| live.ssh.ports.iter().any(|&p| r.admits_tcp_port(p)))
+    };
+    // Rules that name interfaces admit SSH only there: they stay scoped
+    // (below) and never widen the exemption, which applies everywhere.
+    let live_ssh: Vec<IpNet> = if live.ssh.allow {
+        live.ssh.networks().unwrap_or_default()
+    } else {
+        ssh_rules()
+            .filter(|r| r.interfaces.is_empty())
             .flat_map(|r| r.networks())
             .collect()
     };
-    let mut sources: Vec<IpNet> = Vec::new();
-    if let Some(admin) = admin {
-        for net in live_ssh {
-            let both = if admin.contains(&net) {
-                Some(net)
-            } else if net.contains(&admin) {
-                Some(admin)
-            } else {
-                None
-            };
-            if let Some(n) = both
-                && !sources.contains(&n)
-            {
-                sources.push(n);
-            }
-        }
-    }
+    let sources = admin.map(|a| narrowed(&live_ssh, a)).unwrap_or_default();
+    let scoped = match admin {
+        Some(a) if !live.ssh.allow => scoped_ssh(ssh_rules(), &live.ssh.ports, a),
+        _ => Vec::new(),
+    };
     RuleSet {
         ssh: crate::rules::Ssh {
             allow: !sources.is_empty(),
             sources: sources.iter().map(ToString::to_string).collect(),
             ports: live.ssh.ports.clone(),
         },
+        ingress_rules: scoped,
         egress_rules: live.egress_rules.clone(),
         ..Default::default()
     }
+}
+
+/// The networks both `nets` and `admin` cover (each net inside the admin
+/// network, or the admin network inside a net), without repeats.
+fn narrowed(nets: &[ipnet::IpNet], admin: ipnet::IpNet) -> Vec<ipnet::IpNet> {
+    let mut out: Vec<ipnet::IpNet> = Vec::new();
+    for net in nets {
+        let both = if admin.contains(net) {
+            Some(*net)
+        } else if net.contains(&admin) {
+            Some(admin)
+        } else {
+            None
+        };
+        if let Some(n) = both
+            && !out.contains(&n)
+        {
+            out.push(n);
+        }
+    }
+    out
+}
+
+/// Lockdown's copies of the live rules that admit SSH on some interfaces
+/// only: SSH ports only, sources narrowed to the admin network, the same
+/// interfaces.
+fn scoped_ssh<'a>(
+    rules: impl Iterator<Item = &'a crate::rules::FirewallRule>,
+    ports: &[u16],
+    admin: ipnet::IpNet,
+) -> Vec<crate::rules::FirewallRule> {
+    let mut out = Vec::new();
+    for r in rules.filter(|r| !r.interfaces.is_empty()) {
+        let nets = narrowed(&r.networks(), admin);
+        if nets.is_empty() {
+            continue;
+        }
+        for &port in ports.iter().filter(|&&p| r.admits_tcp_port(p)) {
+            out.push(crate::rules::FirewallRule {
+                id: format!("lockdown-{}-{port}", r.id),
+                from_port: u32::from(port),
+                to_port: u32::from(port),
+                ip_ranges: nets.iter().map(ToString::to_string).collect(),
+                names: Vec::new(),
+                protocol: crate::rules::Protocol::Tcp,
+                description: Some(format!("lockdown: SSH as rule {:?} admitted it", r.id)),
+                icmp_types: Vec::new(),
+                expires: None,
+                rate: None,
+                burst: None,
+                interfaces: r.interfaces.clone(),
+            });
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -1523,5 +1573,51 @@ mod tests {
         );
         // Without an admin network, nobody.
         assert!(!lockdown_rules(&live(true, &[]), None).ssh.allow);
+    }
+
+    /// A rule admitting SSH on one interface only never becomes the
+    /// exemption (which applies on every interface): lockdown keeps it on
+    /// its interface, narrowed to the admin network.
+    #[test]
+    fn lockdown_keeps_an_interface_scoped_ssh_rule_on_its_interface() {
+        let mut set = live(false, &[]);
+        set.ingress_rules.push(crate::rules::FirewallRule {
+            id: "admin".into(),
+            from_port: 20,
+            to_port: 30,
+            ip_ranges: vec!["10.0.0.0/8".into()],
+            names: Vec::new(),
+            protocol: crate::rules::Protocol::Tcp,
+            description: None,
+            icmp_types: Vec::new(),
+            expires: None,
+            rate: None,
+            burst: None,
+            interfaces: vec!["eth1".into()],
+        });
+        let l = lockdown_rules(&set, Some("10.1.0.0/16"));
+        assert!(
+            !l.ssh.allow,
+            "the scoped rule widened to the exemption: {:?}",
+            l.ssh
+        );
+        assert_eq!(l.ingress_rules.len(), 1, "{:?}", l.ingress_rules);
+        let r = &l.ingress_rules[0];
+        assert_eq!(
+            (r.from_port, r.to_port, &r.ip_ranges, &r.interfaces),
+            (
+                22,
+                22,
+                &vec!["10.1.0.0/16".to_string()],
+                &vec!["eth1".to_string()]
+            )
+        );
+        assert!(l.validate().is_ok());
+        // An admin network outside the rule's sources: nothing.
+        assert!(
+            lockdown_rules(&set, Some("192.0.2.0/24"))
+                .ingress_rules
+                .is_empty()
+        );
     }
 }

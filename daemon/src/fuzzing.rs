@@ -76,6 +76,8 @@ fn check_rule_set(set: &RuleSet) {
     let image = match compile::compile(set, &FUZZ_LIMITS) {
         Ok(image) => image,
         Err(CompileError::TooLarge { .. } | CompileError::TooManySegments { .. }) => return,
+        // `validate` allows at most as many named interfaces as compile.
+        Err(e @ CompileError::TooManyInterfaces { .. }) => panic!("a valid set was refused: {e}"),
     };
     let (entries, _) = compile::entries(set);
     for (dir, addr, pclass, port) in probes(set) {

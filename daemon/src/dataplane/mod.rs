@@ -331,15 +331,19 @@ impl Dataplane {
 fn write_if_dirs(ebpf: &mut Ebpf, g: usize, names: &[String]) -> anyhow::Result<()> {
     let mut map: aya::maps::HashMap<_, u64, u32> =
         aya::maps::HashMap::try_from(map_mut(ebpf, maps::IFDIR)?)?;
-    let want: Vec<(u64, u32)> = names
-        .iter()
-        .zip(1u32..)
-        .filter_map(|(n, class)| {
-            let ifindex = nix::net::if_::if_nametoindex(n.as_str()).ok()?;
-            let key = ((g as u64) << 32) | u64::from(ifindex);
-            Some((key, u32::from(portcullis_common::ingress_dir(class))))
-        })
-        .collect();
+    let mut want: Vec<(u64, u32)> = Vec::new();
+    for (n, class) in names.iter().zip(1u32..) {
+        // Absent (ENODEV): its rules apply once it appears and is
+        // protected (`Core::protect` writes its entry). Any other failure
+        // is an error, not a silently missing entry.
+        let ifindex = match nix::net::if_::if_nametoindex(n.as_str()) {
+            Ok(i) => i,
+            Err(nix::errno::Errno::ENODEV) => continue,
+            Err(e) => return Err(e).with_context(|| format!("interface {n:?}: its index")),
+        };
+        let key = ((g as u64) << 32) | u64::from(ifindex);
+        want.push((key, u32::from(portcullis_common::ingress_dir(class))));
+    }
     let stale: Vec<u64> = map
         .keys()
         .filter_map(Result::ok)
