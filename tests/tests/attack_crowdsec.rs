@@ -378,4 +378,23 @@ fn bans_over_the_deny_capacity_are_refused_once_not_every_poll() {
         h.env.listed("crowdsec")
     );
     assert!(h.env.reaches(A4, APP));
+    // Three bans again, none of them held: the new list does not fit even
+    // alone; the replace is refused and the bans in force stay (the stale
+    // ones lifted to make room come back).
+    h.fake.answer(&stream(&[
+        ban(6, "Ip", A4, "1h"),
+        ban(7, "Ip", C4, "1h"),
+        ban(8, "Ip", "10.200.0.6", "1h"),
+    ]));
+    assert!(
+        eventually(WAIT, || refused(&h) >= 2),
+        "no second refused pull: {}\n{}",
+        h.status(),
+        audit(&h)
+    );
+    let listed = h.env.listed("crowdsec").to_string();
+    assert!(
+        listed.contains("10.200.0.5/32"),
+        "a refused replace lifted the bans in force: {listed}"
+    );
 }

@@ -279,10 +279,34 @@ impl Core {
                 // No room for the old and the new entries together (a
                 // refused add changes nothing): the stale ones go first.
                 Err(_) if !stale.is_empty() => {
+                    let held: Vec<Entry> = self
+                        .deny
+                        .get(name)
+                        .map(|s| {
+                            stale
+                                .iter()
+                                .filter_map(|p| {
+                                    s.entries.get(p).map(|&expires| Entry {
+                                        prefix: *p,
+                                        expires,
+                                    })
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     let removed = self.deny_remove(name, &stale)?;
-                    let mut c = self.deny_add(name, entries)?;
-                    c.removed = removed.removed;
-                    return Ok(c);
+                    return match self.deny_add(name, entries) {
+                        Ok(mut c) => {
+                            c.removed = removed.removed;
+                            Ok(c)
+                        }
+                        // The new list does not fit even alone: the stale
+                        // bans go back, so a refused replace changes nothing.
+                        Err(e) => {
+                            self.deny_add(name, &held)?;
+                            Err(e)
+                        }
+                    };
                 }
                 Err(e) => return Err(e),
             }
