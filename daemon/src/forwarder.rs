@@ -48,6 +48,12 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 65535;
 /// Queries in flight at once (more wait).
 const MAX_INFLIGHT: usize = 256;
+/// TCP clients served at once: a connection beyond them is closed at once
+/// (each holds a task, a descriptor and its buffered query).
+const MAX_TCP_CLIENTS: usize = 64;
+/// How long a TCP client gets to send each query's length prefix (an idle
+/// or half-sent connection gives its place up after this).
+const TCP_IDLE: Duration = Duration::from_secs(2);
 
 /// What the forwarder needs from `[dns]`.
 #[derive(Clone, Debug)]
@@ -161,6 +167,7 @@ struct Ctx {
     settings: Settings,
     stats: Stats,
     inflight: tokio::sync::Semaphore,
+    tcp_clients: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves both listeners until the process ends.
@@ -174,6 +181,7 @@ pub async fn run(core: Shared, settings: Settings, listeners: Listeners) -> anyh
         settings,
         stats: Stats::default(),
         inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
+        tcp_clients: Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS)),
     });
     tokio::spawn(report(ctx.clone()));
     tokio::spawn(serve_tcp(tcp, ctx.clone()));
@@ -198,7 +206,15 @@ async fn report(ctx: Arc<Ctx>) {
 async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<Ctx>) -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let (n, client) = sock.recv_from(&mut buf).await?;
+        // An error (e.g. ICMP unreachable for an earlier answer) is one
+        // datagram's: service goes on.
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS forwarder: receiving a query");
+                continue;
+            }
+        };
         let query = buf.get(..n).unwrap_or_default().to_vec();
         let Ok(permit) = ctx.inflight.acquire().await else {
             return Ok(());
@@ -220,9 +236,14 @@ async fn serve_tcp(listener: TcpListener, ctx: Arc<Ctx>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // At the cap the connection is closed at once (dropped here).
+        let Ok(place) = ctx.tcp_clients.clone().try_acquire_owned() else {
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _ = timeout(CLIENT_TIMEOUT, serve_tcp_client(stream, &ctx)).await;
+            drop(place);
         });
     }
 }
@@ -230,7 +251,7 @@ async fn serve_tcp(listener: TcpListener, ctx: Arc<Ctx>) {
 /// One TCP client: length-prefixed queries, answered in turn.
 async fn serve_tcp_client(mut stream: TcpStream, ctx: &Ctx) -> anyhow::Result<()> {
     loop {
-        let Ok(query) = read_framed(&mut stream).await else {
+        let Ok(query) = read_client_query(&mut stream).await else {
             return Ok(());
         };
         let _permit = ctx.inflight.acquire().await?;
@@ -241,10 +262,27 @@ async fn serve_tcp_client(mut stream: TcpStream, ctx: &Ctx) -> anyhow::Result<()
     }
 }
 
+/// A client's next query: its length prefix within [`TCP_IDLE`], then
+/// the body (memory grows only with the bytes that arrive).
+async fn read_client_query(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    let len = timeout(TCP_IDLE, stream.read_u16()).await??;
+    read_body(stream, len).await
+}
+
 async fn read_framed(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
-    let len = usize::from(stream.read_u16().await?);
-    let mut msg = vec![0u8; len];
-    stream.read_exact(&mut msg).await?;
+    let len = stream.read_u16().await?;
+    read_body(stream, len).await
+}
+
+async fn read_body(stream: &mut TcpStream, len: u16) -> anyhow::Result<Vec<u8>> {
+    let mut msg = Vec::new();
+    (&mut *stream)
+        .take(u64::from(len))
+        .read_to_end(&mut msg)
+        .await?;
+    if msg.len() != usize::from(len) {
+        bail!("connection closed within a message");
+    }
     Ok(msg)
 }
 

@@ -195,3 +195,63 @@ fn unprivileged_user_cannot_reach_other_resolvers() {
         );
     }
 }
+
+/// The daemon's open descriptors now.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Many more TCP connections to the forwarder than it serves at once
+/// (64), each sending half a length prefix and then nothing: its
+/// descriptors stay bounded, a UDP lookup is answered meanwhile, and a TCP
+/// lookup is answered once the idle connections have given up their place
+/// (2 s) — while the attacker's connections are still open.
+#[test]
+fn half_open_tcp_clients_cannot_exhaust_the_forwarder() {
+    use std::io::Write as _;
+    assert!(have_dnsmasq(), "dnsmasq is not installed (APT_PACKAGES)");
+    let pair = pair_with(&[UPSTREAM]);
+    let hosts = [("allowed.test", SERVERS[0])];
+    let _up = Dnsmasq::start(&pair.peer, UPSTREAM, 30, &hosts, &[]).unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, UPSTREAM);
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    let before = fds(d.pid());
+    const ATTACK: usize = 600;
+    let mut held = Vec::new();
+    for _ in 0..ATTACK {
+        let mut s = pair
+            .host
+            .enter(|| std::net::TcpStream::connect(dns_server(FORWARDER)))
+            .expect("connect");
+        let _ = s.write_all(&[0xFF]);
+        held.push(s);
+    }
+    thread::sleep(Duration::from_millis(500));
+    let during = fds(d.pid());
+    println!("daemon descriptors: {before} before, {during} with {ATTACK} half-open clients");
+    assert!(
+        during <= before + 64 + 16,
+        "the daemon holds {during} descriptors ({before} before {ATTACK} half-open TCP clients)"
+    );
+    lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(3),
+    )
+    .expect("a UDP lookup during the attack");
+    thread::sleep(Duration::from_secs(2));
+    let r = ask_tcp(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(3),
+    )
+    .expect("a TCP lookup during the attack");
+    assert_eq!(r.rcode, 0);
+    assert_eq!(portcullis::dns::chain(&r).addresses.len(), 1);
+    drop(held);
+}
