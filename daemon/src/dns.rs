@@ -244,9 +244,12 @@ fn read_record(msg: &[u8], at: usize) -> Result<(Record, usize), Malformed> {
 }
 
 /// What an answer admits: the names on the CNAME chain from the question
-/// name (the question name first) and the addresses whose owner is on it,
-/// each with the smallest TTL along its path. Records whose owner is not
-/// on the chain are ignored.
+/// name (the question name first) and the addresses owned by the last name
+/// on it (the end of the chain), each with the smallest TTL along the
+/// chain. Addresses of a name partway along the chain (which has a CNAME,
+/// so cannot also have addresses) and records whose owner is not on the
+/// chain are ignored; so is everything when the chain ends on a name that
+/// still has a CNAME (a loop, or longer than [`MAX_CHAIN`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Chain {
     pub names: Vec<String>,
@@ -272,10 +275,14 @@ pub fn chain(r: &Response) -> Chain {
         names.push(target.clone());
         current = target;
     }
+    let aliased = r
+        .answers
+        .iter()
+        .any(|rec| rec.owner == current && matches!(rec.data, Data::Cname(_)));
     let addresses = r
         .answers
         .iter()
-        .filter(|rec| names.contains(&rec.owner))
+        .filter(|rec| !aliased && rec.owner == current)
         .filter_map(|rec| match rec.data {
             Data::Addr(a) => Some((a, rec.ttl.min(ttl))),
             _ => None,
@@ -454,6 +461,36 @@ mod tests {
             c.addresses,
             vec![(IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)), 60)]
         );
+    }
+
+    #[test]
+    fn only_the_end_of_the_chain_owns_addresses() {
+        // A hostile server: its own name aliases an allowed one, and
+        // carries an address of its own beside the alias.
+        let m = response(
+            "x.evil.net",
+            &[
+                ("x.evil.net", TYPE_CNAME, 300, cname("api.allowed.com")),
+                ("x.evil.net", TYPE_A, 300, vec![6, 6, 6, 6]),
+                ("api.allowed.com", TYPE_A, 60, vec![10, 200, 0, 2]),
+            ],
+        );
+        let c = chain(&parse_response(&m).unwrap());
+        assert_eq!(c.names, vec!["x.evil.net", "api.allowed.com"]);
+        assert_eq!(
+            c.addresses,
+            vec![(IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)), 60)]
+        );
+        // A chain that loops ends on a name with a CNAME: no addresses.
+        let m = response(
+            "a.example",
+            &[
+                ("a.example", TYPE_CNAME, 300, cname("b.example")),
+                ("b.example", TYPE_CNAME, 300, cname("a.example")),
+                ("b.example", TYPE_A, 300, vec![6, 6, 6, 6]),
+            ],
+        );
+        assert!(chain(&parse_response(&m).unwrap()).addresses.is_empty());
     }
 
     #[test]

@@ -255,3 +255,61 @@ fn half_open_tcp_clients_cannot_exhaust_the_forwarder() {
     assert_eq!(portcullis::dns::chain(&r).addresses.len(), 1);
     drop(held);
 }
+
+/// A hostile authoritative answer for a name of its own that aliases an
+/// allowed name and carries an address of its own beside the alias:
+/// only the allowed name's (the chain's end's) address is admitted.
+#[test]
+fn mid_chain_addresses_admit_nothing() {
+    let pair = pair_with(&[UPSTREAM, SERVERS[0], SERVERS[1]]);
+    for a in [SERVERS[0], SERVERS[1]] {
+        tcp_echo_server(&pair.peer, addr(a, PORT)).unwrap();
+        tcp_probe_control(&pair.host, addr(a, PORT)).expect("control: server");
+    }
+    let upstream = pair
+        .peer
+        .enter(|| UdpSocket::bind(addr(UPSTREAM, 53)))
+        .unwrap();
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, UPSTREAM);
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    thread::scope(|s| {
+        let client = s.spawn(|| {
+            lookup(
+                &pair.host,
+                dns_server(FORWARDER),
+                "x.evil.test",
+                Duration::from_secs(10),
+            )
+        });
+        let mut buf = [0u8; 512];
+        let (n, forwarder) = upstream.recv_from(&mut buf).expect("the forwarder's query");
+        let q = buf[..n].to_vec();
+        let id = u16::from_be_bytes([q[0], q[1]]);
+        let hostile = response(
+            &q,
+            id,
+            &[
+                ("x.evil.test", "cname:allowed.test"),
+                ("x.evil.test", SERVERS[0]),
+                ("allowed.test", SERVERS[1]),
+            ],
+        );
+        upstream.send_to(&hostile, forwarder).unwrap();
+        client
+            .join()
+            .unwrap()
+            .expect("the answer reaches the client");
+    });
+    assert!(
+        !reaches(&pair, addr(SERVERS[0], PORT)),
+        "an address owned by a name partway along the chain was admitted"
+    );
+    assert!(
+        reaches(&pair, addr(SERVERS[1], PORT)),
+        "the chain's end's address"
+    );
+}
