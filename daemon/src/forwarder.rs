@@ -9,7 +9,10 @@
 //! socket on a random source port, connected to the upstream: the kernel
 //! delivers only datagrams from that address and port, and an answer is
 //! accepted only with the same id and the same question (else it is
-//! dropped and the wait goes on). The upstream sockets carry
+//! dropped and the wait goes on). The question goes upstream with the case
+//! of its letters randomised (0x20) and the answer must repeat it exactly;
+//! the client gets its own spelling back. Client EDNS options (Client
+//! Subnet, cookies) are not forwarded. The upstream sockets carry
 //! [`DNS_MARK`]: the only DNS queries the data path lets leave while FQDN
 //! rules exist. An upstream failure is a SERVFAIL to the client, as is an
 //! answer whose destinations cannot be written.
@@ -299,13 +302,19 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> 
 /// `None` for a message that is not a query (dropped).
 async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let parsed = dns::parse_query(query).ok()?;
+    if dns::opcode(query) != 0 {
+        return Some(dns::refusal(query, &parsed, dns::RCODE_NOTIMP));
+    }
     for &upstream in &ctx.settings.upstreams {
         let id = random_u16();
-        let sent = dns::with_id(query, id);
+        // 0x20: one random bit per letter of the name, which the answer's
+        // question must repeat exactly.
+        let sent = dns::upstream_query(query, &parsed, id, &random_bytes::<32>());
+        let question = dns::question_wire(&sent).unwrap_or_default();
         let got = if tcp {
-            exchange_tcp(upstream, &sent, id, &parsed.question).await
+            exchange_tcp(upstream, &sent, id, question).await
         } else {
-            exchange_udp(upstream, &sent, id, &parsed.question).await
+            exchange_udp(upstream, &sent, id, question).await
         };
         let Ok((raw, response)) = got else { continue };
         ctx.stats.answers.fetch_add(1, Ordering::Relaxed);
@@ -320,7 +329,7 @@ async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
                 if n > 0 {
                     ctx.stats.admitting.fetch_add(1, Ordering::Relaxed);
                 }
-                return Some(dns::with_id(&raw, parsed.id));
+                return Some(dns::for_client(&raw, query, &parsed));
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), name = %parsed.question.name, "cannot admit the answer's addresses: SERVFAIL");
@@ -334,12 +343,17 @@ async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
 
 /// 16 random bits from the kernel.
 fn random_u16() -> u16 {
-    let mut b = [0u8; 2];
+    u16::from_ne_bytes(random_bytes())
+}
+
+/// `N` random bytes from the kernel.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     // /dev/urandom does not fail once open; a zero id would still be checked.
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
     }
-    u16::from_ne_bytes(b)
+    b
 }
 
 /// A UDP socket marked as the forwarder's, bound to a random port (the
@@ -368,17 +382,18 @@ fn upstream_udp(upstream: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(UdpSocket::from_std(sock)?)
 }
 
-/// Whether `raw` is the answer to our query `id` for `question`.
-fn accept(raw: &[u8], id: u16, question: &dns::Question) -> Option<dns::Response> {
+/// Whether `raw` is the answer to our query `id` for `question` (the
+/// question section as sent: the case of each letter must match, 0x20).
+fn accept(raw: &[u8], id: u16, question: &[u8]) -> Option<dns::Response> {
     let r = dns::parse_response(raw).ok()?;
-    (r.id == id && dns::same_question(question, &r)).then_some(r)
+    (r.id == id && dns::question_wire(raw) == Some(question)).then_some(r)
 }
 
 async fn exchange_udp(
     upstream: SocketAddr,
     query: &[u8],
     id: u16,
-    question: &dns::Question,
+    question: &[u8],
 ) -> anyhow::Result<(Vec<u8>, dns::Response)> {
     let sock = upstream_udp(upstream)?;
     sock.send(query).await?;
@@ -398,7 +413,7 @@ async fn exchange_tcp(
     upstream: SocketAddr,
     query: &[u8],
     id: u16,
-    question: &dns::Question,
+    question: &[u8],
 ) -> anyhow::Result<(Vec<u8>, dns::Response)> {
     let sock = if upstream.is_ipv4() {
         TcpSocket::new_v4()?

@@ -124,6 +124,17 @@ fn spoofed_and_unasked_answers_admit_nothing() {
                 forwarder,
             )
             .unwrap();
+        // Right id and source, the question in another case (0x20: the
+        // forwarder sent a random spelling; this one flips every letter).
+        let mut flipped = q.clone();
+        for b in &mut flipped[12..n - 4] {
+            if b.is_ascii_alphabetic() {
+                *b ^= 0x20;
+            }
+        }
+        upstream
+            .send_to(&response(&flipped, id, &claim), forwarder)
+            .unwrap();
         thread::sleep(Duration::from_millis(300));
         assert!(
             !reaches(&pair, addr(SERVERS[0], PORT)),
