@@ -193,10 +193,20 @@ pub async fn run(core: Shared, settings: Settings, listeners: Listeners) -> anyh
 
 /// Copies the counters into the core's status every second.
 async fn report(ctx: Arc<Ctx>) {
+    let mut warned = false;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut core = ctx.core.lock().await;
         let entries = core.fqdn_entries();
+        let high = entries * 5 > portcullis_common::FQDN_ENTRIES as usize * 4;
+        if high && !warned {
+            tracing::warn!(
+                entries,
+                capacity = portcullis_common::FQDN_ENTRIES,
+                "the learned destinations are over 80% full (when full, those closest to expiry are evicted)"
+            );
+        }
+        warned = high;
         if let Some(s) = core.dns.as_mut() {
             s.entries = entries;
             s.answers = ctx.stats.answers.load(Ordering::Relaxed);

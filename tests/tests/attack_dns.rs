@@ -324,3 +324,89 @@ fn mid_chain_addresses_admit_nothing() {
         "the chain's end's address"
     );
 }
+
+/// Learned destinations now, from `status`.
+fn learned(config: &ConfigFile) -> usize {
+    let out = cli(config, &["status"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains(" learned destinations"))
+        .unwrap_or_else(|| panic!("no DNS line in status: {text}"));
+    let before = line.split(" learned destinations").next().unwrap();
+    before.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A local user floods the learned destinations (FQDN_DEST, 16384
+/// entries) with answers for names under an allowed wildcard, 40
+/// addresses each, for a rule of 64 ports over TCP and UDP (128 entries
+/// per address): each answer admits at most 32 addresses, and once the
+/// table is full a later lookup of an allowed name still admits (the
+/// entries closest to expiry make room) instead of failing.
+#[test]
+fn a_flood_of_answers_cannot_stop_later_admissions() {
+    assert!(have_dnsmasq(), "dnsmasq is not installed (APT_PACKAGES)");
+    const FLOOD_NAMES: usize = 6;
+    let pair = pair_with(&[UPSTREAM, SERVERS[1]]);
+    tcp_echo_server(&pair.peer, addr(SERVERS[1], 8000)).unwrap();
+    tcp_probe_control(&pair.host, addr(SERVERS[1], 8000)).expect("control: server");
+    let flood: Vec<(String, String)> = (0..FLOOD_NAMES)
+        .flat_map(|i| {
+            (0..40).map(move |j| {
+                (
+                    format!("flood{i}.wild.test"),
+                    format!("10.200.{}.{j}", 10 + i),
+                )
+            })
+        })
+        .collect();
+    let mut hosts: Vec<(&str, &str)> = flood
+        .iter()
+        .map(|(n, a)| (n.as_str(), a.as_str()))
+        .collect();
+    hosts.push(("allowed.test", SERVERS[1]));
+    let _up = Dnsmasq::start(&pair.peer, UPSTREAM, 300, &hosts, &[]).unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(
+        &pins,
+        &format!(
+            "egress = \"allowlist\"\n\
+             [[egress_rules]]\nid = \"api\"\nfrom_port = 8000\nto_port = 8063\nprotocol = \"tcp+udp\"\n\
+             names = [\"allowed.test\", \"*.wild.test\"]\n\
+             [dns]\nlisten = \"{FORWARDER}:53\"\nupstreams = [\"{UPSTREAM}\"]\nttl_floor = 30\nttl_max = 600\n"
+        ),
+    ))
+    .unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    for i in 0..FLOOD_NAMES {
+        let r = ask_tcp(
+            &pair.host,
+            dns_server(FORWARDER),
+            &format!("flood{i}.wild.test"),
+            Duration::from_secs(10),
+        )
+        .expect("a flood lookup");
+        assert_eq!(r.rcode, 0, "flood{i}: rcode");
+        assert_eq!(portcullis::dns::chain(&r).addresses.len(), 40);
+        if i == 0 {
+            thread::sleep(Duration::from_millis(1500));
+            assert_eq!(learned(&config), 32 * 128, "one answer's entries");
+        }
+    }
+    thread::sleep(Duration::from_millis(1500));
+    let full = learned(&config);
+    println!("learned destinations after the flood: {full}");
+    assert!(full > 16384 - 4096, "the flood filled the table ({full})");
+    let got = lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(5),
+    )
+    .expect("an allowed lookup after the flood");
+    assert_eq!(got, vec![SERVERS[1].parse::<std::net::IpAddr>().unwrap()]);
+    assert!(
+        reaches(&pair, addr(SERVERS[1], 8000)),
+        "the allowed name's address after the flood"
+    );
+}

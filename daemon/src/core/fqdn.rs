@@ -6,9 +6,12 @@
 use std::net::IpAddr;
 
 use portcullis_common::{
-    FAMILY_V4, FAMILY_V6, FqdnEntry, FqdnKey, PCLASS_TCP, PCLASS_UDP, SLOT_KIND_RULE,
+    FAMILY_V4, FAMILY_V6, FQDN_ENTRIES, FqdnEntry, FqdnKey, PCLASS_TCP, PCLASS_UDP, SLOT_KIND_RULE,
     SLOT_KIND_SHIFT,
 };
+
+/// Addresses one answer may admit (the first ones on the chain's end).
+pub const MAX_ANSWER_ADDRESSES: usize = 32;
 
 use super::Core;
 use crate::{
@@ -134,7 +137,7 @@ impl Core {
                 continue;
             }
             let hash = rule_hash(rule);
-            for &(addr, ttl) in &chain.addresses {
+            for &(addr, ttl) in chain.addresses.iter().take(MAX_ANSWER_ADDRESSES) {
                 let secs = u64::from(ttl.max(floor).min(max));
                 let entry = FqdnEntry {
                     expires_ns: now.saturating_add(secs * 1_000_000_000),
@@ -144,8 +147,32 @@ impl Core {
                 entries.extend(keys(rule, addr).into_iter().map(|k| (k, entry)));
             }
         }
-        self.dataplane.fqdn_write(&entries)?;
+        if self.dataplane.fqdn_write(&entries).is_err() {
+            // Full: the entries closest to expiry make room, so a flood of
+            // answers cannot stop a later lookup from admitting.
+            self.fqdn_make_room(&entries)?;
+            self.dataplane.fqdn_write(&entries)?;
+        }
         Ok(entries.len())
+    }
+
+    /// Deletes the learned destinations closest to expiry (none of
+    /// `new`'s keys) until `new` fits with 1/64 of the table to spare.
+    fn fqdn_make_room(&mut self, new: &[(FqdnKey, FqdnEntry)]) -> anyhow::Result<()> {
+        let keep: std::collections::HashSet<FqdnKey> = new.iter().map(|(k, _)| *k).collect();
+        let mut all = self.dataplane.fqdn_entries()?;
+        all.retain(|(k, _)| !keep.contains(k));
+        all.sort_by_key(|(_, e)| e.expires_ns);
+        let cap = FQDN_ENTRIES as usize;
+        let want = new.len() + cap / 64;
+        let excess = (all.len() + want).saturating_sub(cap);
+        let gone: Vec<FqdnKey> = all.iter().take(excess).map(|(k, _)| *k).collect();
+        tracing::warn!(
+            evicted = gone.len(),
+            capacity = cap,
+            "the learned destinations are full: evicting those closest to expiry"
+        );
+        self.dataplane.fqdn_forget(&gone)
     }
 
     /// Deletes learned destinations that expired, or whose rule is gone or
