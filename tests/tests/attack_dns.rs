@@ -410,3 +410,114 @@ fn a_flood_of_answers_cannot_stop_later_admissions() {
         "the allowed name's address after the flood"
     );
 }
+
+/// A tiny DNS server on `at` in `ns`: answers every query with `answer`
+/// as the A record of the question's name, until the returned flag is set.
+fn responder(
+    ns: &Netns,
+    at: SocketAddr,
+    answer: &'static str,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    responder_ttl(ns, at, answer, |_| 60)
+}
+
+/// [`responder`] with the TTL `ttl` gives each name.
+fn responder_ttl(
+    ns: &Netns,
+    at: SocketAddr,
+    answer: &'static str,
+    ttl: fn(&str) -> u32,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::sync::atomic::Ordering;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sock = ns.enter(|| UdpSocket::bind(at)).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let flag = stop.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while !flag.load(Ordering::Relaxed) {
+            let Ok((n, from)) = sock.recv_from(&mut buf) else {
+                continue;
+            };
+            let q = &buf[..n];
+            let Ok(parsed) = portcullis::dns::parse_query(q) else {
+                continue;
+            };
+            let r = response(
+                &q[..parsed.question_end],
+                parsed.id,
+                &[(parsed.question.name.as_str(), answer)],
+            );
+            let mut r = r;
+            let at = r.len() - 10;
+            r[at..at + 4].copy_from_slice(&ttl(&parsed.question.name).to_be_bytes());
+            let _ = sock.send_to(&r, from);
+        }
+    });
+    stop
+}
+
+/// Whether a UDP query from a socket in `ns` carrying the forwarder's
+/// mark (root sets SO_MARK) to `to` gets an answer.
+fn marked_query_answered(ns: &Netns, to: SocketAddr) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    let mark: u32 = portcullis_common::DNS_MARK;
+    // SAFETY: setsockopt on a socket we own, with a u32 option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&mark as *const u32).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "SO_MARK: {}", io::Error::last_os_error());
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sock.send_to(&query(0x4343, "allowed.test"), to).unwrap();
+    let mut buf = [0u8; 512];
+    sock.recv_from(&mut buf).is_ok()
+}
+
+/// The forwarder's mark admits only its upstreams (address and port, here
+/// on port 5353, which works): a process on the host that sets the mark
+/// (root here; CAP_NET_RAW suffices since Linux 5.17) reaches the
+/// upstream but not another resolver on port 53.
+#[test]
+fn the_mark_admits_only_the_upstreams() {
+    let pair = pair_with(&[UPSTREAM, OTHER_RESOLVER, SERVERS[0]]);
+    let upstream = addr(UPSTREAM, 5353);
+    let other = addr(OTHER_RESOLVER, 53);
+    let stop_up = responder(&pair.peer, upstream, SERVERS[0]);
+    let stop_other = responder(&pair.peer, other, SERVERS[0]);
+    // Control: both answer while nothing filters.
+    assert!(
+        marked_query_answered(&pair.host, upstream),
+        "control: upstream"
+    );
+    assert!(marked_query_answered(&pair.host, other), "control: other");
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, &upstream.to_string());
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    let got = lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(5),
+    )
+    .expect("a lookup through an upstream on port 5353");
+    assert_eq!(got, vec![SERVERS[0].parse::<std::net::IpAddr>().unwrap()]);
+    assert!(
+        marked_query_answered(&pair.host, upstream),
+        "a marked query to the upstream"
+    );
+    assert!(
+        !marked_query_answered(&pair.host, other),
+        "a marked query reached another resolver"
+    );
+    for s in [stop_up, stop_other] {
+        s.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -53,16 +53,11 @@ pub fn rule_hash(r: &FirewallRule) -> u32 {
 /// port of its range (port 0 never: it means any), or port 0 when the rule
 /// admits every port.
 pub fn keys(r: &FirewallRule, addr: IpAddr) -> Vec<FqdnKey> {
-    let (family, bytes) = match addr {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            if let Some(head) = b.get_mut(..4) {
-                head.copy_from_slice(&a.octets());
-            }
-            (FAMILY_V4, b)
-        }
-        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
-    };
+    let FqdnKey {
+        addr: bytes,
+        family,
+        ..
+    } = keys_for(addr, 0);
     let pclasses: &[usize] = match r.protocol {
         Protocol::Tcp => &[PCLASS_TCP],
         Protocol::Udp => &[PCLASS_UDP],
@@ -89,6 +84,26 @@ pub fn keys(r: &FirewallRule, addr: IpAddr) -> Vec<FqdnKey> {
             })
         })
         .collect()
+}
+
+/// The key of `addr` (its family and bytes) with `port`, protocol class 0.
+fn keys_for(addr: IpAddr, port: u16) -> FqdnKey {
+    let (family, bytes) = match addr {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            if let Some(head) = b.get_mut(..4) {
+                head.copy_from_slice(&a.octets());
+            }
+            (FAMILY_V4, b)
+        }
+        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+    };
+    FqdnKey {
+        addr: bytes,
+        port,
+        pclass: 0,
+        family,
+    }
 }
 
 /// Whether `key` is one of rule `r`'s keys (its protocol and ports).
@@ -218,6 +233,23 @@ impl Core {
         if let Err(e) = self.fqdn_sweep() {
             tracing::error!(error = %format!("{e:#}"), "cannot sweep the learned destinations");
         }
+    }
+
+    /// Writes the forwarder's upstreams into the data path: the only
+    /// destinations (address, port, TCP and UDP) its mark admits.
+    pub fn dns_upstreams(&mut self, upstreams: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+        let keys: Vec<FqdnKey> = upstreams
+            .iter()
+            .flat_map(|u| {
+                let any = keys_for(u.ip(), 0);
+                [PCLASS_TCP, PCLASS_UDP].map(move |pclass| FqdnKey {
+                    port: u.port(),
+                    pclass: pclass as u8,
+                    ..any
+                })
+            })
+            .collect();
+        self.dataplane.dns_upstreams_set(&keys)
     }
 
     /// Refuses a rule set with names while no forwarder runs: its names
