@@ -521,3 +521,45 @@ fn the_mark_admits_only_the_upstreams() {
         s.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// Two rules admit the same address and port: a short-lived answer for
+/// one (TTL 1) does not cut the other's long-lived entry (TTL 600) — the
+/// later expiry is kept, with its rule.
+#[test]
+fn a_short_answer_does_not_cut_another_rules_entry() {
+    let pair = pair_with(&[UPSTREAM, SERVERS[0]]);
+    tcp_echo_server(&pair.peer, addr(SERVERS[0], PORT)).unwrap();
+    tcp_probe_control(&pair.host, addr(SERVERS[0], PORT)).expect("control: server");
+    let upstream = addr(UPSTREAM, 53);
+    let stop = responder_ttl(&pair.peer, upstream, SERVERS[0], |n| {
+        if n == "short.test" { 1 } else { 600 }
+    });
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(
+        &pins,
+        &format!(
+            "egress = \"allowlist\"\n\
+             [[egress_rules]]\nid = \"long\"\nfrom_port = {PORT}\nto_port = {PORT}\nprotocol = \"tcp\"\nnames = [\"long.test\"]\n\
+             [[egress_rules]]\nid = \"short\"\nfrom_port = {PORT}\nto_port = {PORT}\nprotocol = \"tcp\"\nnames = [\"short.test\"]\n\
+             [dns]\nlisten = \"{FORWARDER}:53\"\nupstreams = [\"{UPSTREAM}\"]\nttl_floor = 1\nttl_max = 600\n"
+        ),
+    ))
+    .unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    for name in ["long.test", "short.test"] {
+        lookup(
+            &pair.host,
+            dns_server(FORWARDER),
+            name,
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    // Past the short TTL and a sweep.
+    thread::sleep(Duration::from_secs(4));
+    assert!(
+        reaches(&pair, addr(SERVERS[0], PORT)),
+        "the long-lived name's entry was cut by a short answer for another rule's name"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+}

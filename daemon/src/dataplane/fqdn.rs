@@ -17,15 +17,13 @@ impl Dataplane {
         let mut table: HashMap<_, FqdnKey, FqdnEntry> =
             HashMap::try_from(map_mut(&mut self.ebpf, maps::FQDN_DEST)?)?;
         for (key, entry) in entries {
-            let mut entry = *entry;
             if let Ok(old) = table.get(key, 0)
-                && old.rule == entry.rule
-                && old.expires_ns > entry.expires_ns
+                && old.expires_ns >= entry.expires_ns
             {
-                entry.expires_ns = old.expires_ns;
+                continue;
             }
             table
-                .insert(key, &entry, 0)
+                .insert(key, entry, 0)
                 .context("writing a learned destination (FQDN_DEST full?)")?;
         }
         Ok(())
