@@ -563,3 +563,42 @@ fn a_short_answer_does_not_cut_another_rules_entry() {
     );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
 }
+
+/// A DNS flow opened before the daemon (a connected UDP socket to another
+/// resolver, answered then) is cut once the DNS guard is on: the same
+/// socket gets no answer after the first sweep.
+#[test]
+fn dns_flows_from_before_the_guard_are_cut() {
+    let pair = pair_with(&[UPSTREAM, OTHER_RESOLVER, SERVERS[0]]);
+    let other = addr(OTHER_RESOLVER, 53);
+    let stop_up = responder(&pair.peer, addr(UPSTREAM, 53), SERVERS[0]);
+    let stop_other = responder(&pair.peer, other, SERVERS[0]);
+    let sock = pair.host.enter(|| UdpSocket::bind("0.0.0.0:0")).unwrap();
+    sock.connect(other).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let answered = |sock: &UdpSocket| {
+        sock.send(&query(0x4444, "allowed.test")).unwrap();
+        let mut buf = [0u8; 512];
+        sock.recv(&mut buf).is_ok()
+    };
+    assert!(answered(&sock), "control: the other resolver answers");
+    let pins = PinDir::new().unwrap();
+    let config = config(&pins, UPSTREAM);
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    lookup(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(5),
+    )
+    .expect("via the forwarder");
+    // After a sweep (every 2 s).
+    thread::sleep(Duration::from_secs(3));
+    assert!(
+        !answered(&sock),
+        "a DNS flow opened before the guard still passes"
+    );
+    for s in [stop_up, stop_other] {
+        s.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}

@@ -194,6 +194,7 @@ impl Core {
     /// changed (by its hash); gives the rest their rule's current slot.
     /// Returns (kept, deleted).
     pub fn fqdn_sweep(&mut self) -> anyhow::Result<(usize, usize)> {
+        self.cut_dns_flows_once()?;
         let now = boottime_ns();
         let rules: Vec<(FirewallRule, u32)> = self
             .fqdn_rules()
@@ -233,6 +234,34 @@ impl Core {
         if let Err(e) = self.fqdn_sweep() {
             tracing::error!(error = %format!("{e:#}"), "cannot sweep the learned destinations");
         }
+    }
+
+    /// Once after the DNS guard turns on: cuts the connection-table flows
+    /// to port 53 or 853 other than to the forwarder's upstreams (a DNS or
+    /// DoT flow opened before would otherwise keep passing).
+    fn cut_dns_flows_once(&mut self) -> anyhow::Result<()> {
+        if !self.image.dns_guard {
+            self.dns_flows_cut = false;
+            return Ok(());
+        }
+        if self.dns_flows_cut {
+            return Ok(());
+        }
+        let upstreams: Vec<std::net::SocketAddr> = self
+            .dns
+            .as_ref()
+            .map(|d| d.upstreams.iter().filter_map(|u| u.parse().ok()).collect())
+            .unwrap_or_default();
+        let cut = self.dataplane.cut_dns_flows(|addr, port| {
+            upstreams
+                .iter()
+                .any(|u| u.ip().to_canonical() == addr.to_canonical() && u.port() == port)
+        })?;
+        self.dns_flows_cut = true;
+        if cut > 0 {
+            tracing::info!(cut, "DNS guard on: DNS flows opened before it cut");
+        }
+        Ok(())
     }
 
     /// Writes the forwarder's upstreams into the data path: the only

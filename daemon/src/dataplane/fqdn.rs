@@ -49,6 +49,39 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Removes the connection-table flows to port 53 or 853 that `keep`
+    /// (remote address, port) refuses: DNS flows opened before the DNS
+    /// guard turned on then meet it. Returns how many went.
+    pub fn cut_dns_flows(
+        &mut self,
+        keep: impl Fn(std::net::IpAddr, u16) -> bool,
+    ) -> anyhow::Result<usize> {
+        use portcullis_common::{DNS_PORT, DNS_TLS_PORT, FlowKey, FlowKey4};
+        let dns = |port: u16| port == DNS_PORT || port == DNS_TLS_PORT;
+        let mut v4: HashMap<_, FlowKey4, portcullis_common::Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        let doomed4: Vec<FlowKey4> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dns(k.remote_port) && !keep(k.remote.into(), k.remote_port))
+            .collect();
+        for key in &doomed4 {
+            // Gone already (aged out): nothing left to cut.
+            let _ = v4.remove(key);
+        }
+        let mut v6: HashMap<_, FlowKey, portcullis_common::Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        let doomed6: Vec<FlowKey> = v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dns(k.remote_port) && !keep(super::flow_remote(k), k.remote_port))
+            .collect();
+        for key in &doomed6 {
+            let _ = v6.remove(key);
+        }
+        Ok(doomed4.len() + doomed6.len())
+    }
+
     /// Every learned destination.
     pub fn fqdn_entries(&mut self) -> anyhow::Result<Vec<(FqdnKey, FqdnEntry)>> {
         let table: HashMap<_, FqdnKey, FqdnEntry> =
