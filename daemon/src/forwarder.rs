@@ -137,6 +137,12 @@ fn activated() -> anyhow::Result<Option<Listeners>> {
     // SAFETY: systemd passed these descriptors to this process (LISTEN_PID
     // is ours) and nothing else in it owns them; each is taken once.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(u), OwnedFd::from_raw_fd(t)) };
+    // Not inherited by what the daemon runs (nft, sshd -T).
+    for fd in [&a, &b] {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+            .context("setting FD_CLOEXEC on a passed DNS socket")?;
+    }
     use nix::sys::socket::SockType;
     let (u, t) = match getsockopt(&a, sockopt::SockType)? {
         SockType::Datagram => (a, b),

@@ -196,10 +196,11 @@ impl Core {
     pub fn fqdn_sweep(&mut self) -> anyhow::Result<(usize, usize)> {
         self.cut_dns_flows_once()?;
         let now = boottime_ns();
-        let rules: Vec<(FirewallRule, u32)> = self
+        // Each rule's hash once per sweep, not once per entry.
+        let rules: Vec<(FirewallRule, u32, u32)> = self
             .fqdn_rules()
             .into_iter()
-            .map(|(r, s)| (r.clone(), s))
+            .map(|(r, s)| (r.clone(), s, rule_hash(r)))
             .collect();
         let mut gone = Vec::new();
         let mut moved = Vec::new();
@@ -207,9 +208,9 @@ impl Core {
         for (key, entry) in self.dataplane.fqdn_entries()? {
             let rule = rules
                 .iter()
-                .find(|(r, _)| rule_hash(r) == entry.rule && fits(r, &key));
+                .find(|(r, _, hash)| *hash == entry.rule && fits(r, &key));
             match rule {
-                Some((_, slot)) if entry.expires_ns > now => {
+                Some((_, slot, _)) if entry.expires_ns > now => {
                     kept += 1;
                     if *slot != entry.slot {
                         moved.push((
