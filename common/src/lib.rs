@@ -104,6 +104,10 @@ pub mod maps {
     /// -> expiry and rule slot. Written by the daemon before it returns the
     /// answer; swept by it after expiry.
     pub const FQDN_DEST: &str = "FQDN_DEST";
+    /// `HashMap<FqdnKey, u8>`: the forwarder's upstreams (address, port,
+    /// protocol class), the only destinations a packet with `DNS_MARK` is
+    /// admitted to by its mark. Filled by the daemon from `[dns] upstreams`.
+    pub const DNS_UPSTREAM: &str = "DNS_UPSTREAM";
     /// `Array<ExplainResult>`, 1 entry, not pinned: what the explain
     /// instance (`EXPLAIN` = 1) decided for the last crafted packet.
     pub const EXPLAIN_RESULT: &str = "EXPLAIN_RESULT";
@@ -499,6 +503,9 @@ pub struct FqdnEntry {
 
 /// Destinations `FQDN_DEST` holds at once.
 pub const FQDN_ENTRIES: u32 = 16384;
+/// Upstreams `[dns]` may list (each takes a TCP and a UDP entry in
+/// `DNS_UPSTREAM`).
+pub const DNS_MAX_UPSTREAMS: u32 = 8;
 
 /// A destination of egress volume: the address (IPv6 cut to its /64, the
 /// rest zero), the destination port (TCP and UDP; 0 otherwise), protocol

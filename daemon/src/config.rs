@@ -479,6 +479,13 @@ impl DnsConfig {
                 "dns: upstreams: empty, but egress rules name hosts (the forwarder needs a resolver to ask)"
             );
         }
+        if upstreams.len() > portcullis_common::DNS_MAX_UPSTREAMS as usize {
+            bail!(
+                "dns: upstreams: {} listed, at most {}",
+                upstreams.len(),
+                portcullis_common::DNS_MAX_UPSTREAMS
+            );
+        }
         for (i, u) in upstreams.iter().enumerate() {
             if *u == self.listen || (u.port() == self.listen.port() && u.ip().is_unspecified()) {
                 bail!("dns: upstreams[{i}]: {u} is the forwarder's own address");

@@ -299,6 +299,8 @@ pub struct Core {
     pub crowdsec: Option<crate::crowdsec::BouncerStatus>,
     /// The DNS forwarder's status, when one runs (see `core/fqdn.rs`).
     pub dns: Option<fqdn::DnsStatus>,
+    /// Whether DNS flows were cut since the DNS guard turned on.
+    dns_flows_cut: bool,
     /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
     fleet: Option<fleet::FleetState>,
 }
@@ -399,6 +401,7 @@ impl Core {
             deny_names: Default::default(),
             crowdsec: None,
             dns: None,
+            dns_flows_cut: false,
             fleet: None,
         };
         let problems = core.audit.problems().to_vec();

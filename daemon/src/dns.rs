@@ -244,9 +244,12 @@ fn read_record(msg: &[u8], at: usize) -> Result<(Record, usize), Malformed> {
 }
 
 /// What an answer admits: the names on the CNAME chain from the question
-/// name (the question name first) and the addresses whose owner is on it,
-/// each with the smallest TTL along its path. Records whose owner is not
-/// on the chain are ignored.
+/// name (the question name first) and the addresses owned by the last name
+/// on it (the end of the chain), each with the smallest TTL along the
+/// chain. Addresses of a name partway along the chain (which has a CNAME,
+/// so cannot also have addresses) and records whose owner is not on the
+/// chain are ignored; so is everything when the chain ends on a name that
+/// still has a CNAME (a loop, or longer than [`MAX_CHAIN`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Chain {
     pub names: Vec<String>,
@@ -272,10 +275,14 @@ pub fn chain(r: &Response) -> Chain {
         names.push(target.clone());
         current = target;
     }
+    let aliased = r
+        .answers
+        .iter()
+        .any(|rec| rec.owner == current && matches!(rec.data, Data::Cname(_)));
     let addresses = r
         .answers
         .iter()
-        .filter(|rec| names.contains(&rec.owner))
+        .filter(|rec| !aliased && rec.owner == current)
         .filter_map(|rec| match rec.data {
             Data::Addr(a) => Some((a, rec.ttl.min(ttl))),
             _ => None,
@@ -302,6 +309,120 @@ pub fn servfail(query: &[u8], parsed: &Query) -> Vec<u8> {
         counts.copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
     }
     out
+}
+
+/// The OPT pseudo-record's type (EDNS, RFC 6891).
+pub const TYPE_OPT: u16 = 41;
+/// Largest UDP payload the forwarder advertises upstream.
+pub const EDNS_PAYLOAD: u16 = 1232;
+pub const RCODE_NOTIMP: u8 = 4;
+
+/// `query` as the forwarder sends it upstream: id `id`, the client's flags
+/// and question with the case of each letter of the name flipped where
+/// `bits` (one bit per byte of the name, in order) says so (0x20), no
+/// answer or authority records, and — when the client sent an OPT record —
+/// a fresh OPT with its DO flag and version, the payload size capped at
+/// [`EDNS_PAYLOAD`], and no options: EDNS Client Subnet, cookies and every
+/// other client option stay behind; any other additional record too.
+pub fn upstream_query(query: &[u8], parsed: &Query, id: u16, bits: &[u8]) -> Vec<u8> {
+    let mut out = with_id(query.get(..parsed.question_end).unwrap_or(query), id);
+    if let Some(counts) = out.get_mut(4..12) {
+        counts.copy_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    }
+    flip_case(&mut out, bits);
+    if let Some((payload, ttl)) = client_opt(query, parsed) {
+        if let Some(ar) = out.get_mut(10..12) {
+            ar.copy_from_slice(&[0, 1]);
+        }
+        // Root owner, OPT, payload size, extended rcode 0, version, DO
+        // only, no options.
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&payload.clamp(512, EDNS_PAYLOAD).to_be_bytes());
+        out.extend_from_slice(&(ttl & 0x00FF_8000).to_be_bytes());
+        out.extend_from_slice(&[0, 0]);
+    }
+    out
+}
+
+/// Flips the case of the question name's letters (from offset 12, plain
+/// labels; stops at a pointer or the root) where `bits` says so.
+fn flip_case(msg: &mut [u8], bits: &[u8]) {
+    let mut pos = HEADER;
+    let mut i = 0usize;
+    while let Some(&len) = msg.get(pos) {
+        if len == 0 || len & 0xC0 != 0 {
+            return;
+        }
+        let len = usize::from(len);
+        for at in pos + 1..=pos + len {
+            let flip = bits.get(i / 8).is_some_and(|b| b >> (i % 8) & 1 == 1);
+            i += 1;
+            if let Some(c) = msg.get_mut(at)
+                && flip
+                && c.is_ascii_alphabetic()
+            {
+                *c ^= 0x20;
+            }
+        }
+        pos += 1 + len;
+    }
+}
+
+/// The client's OPT record (payload size, TTL field) if it sent one among
+/// its additional records.
+fn client_opt(query: &[u8], parsed: &Query) -> Option<(u16, u32)> {
+    let skip = usize::from(u16_at(query, 6).ok()?) + usize::from(u16_at(query, 8).ok()?);
+    let extra = usize::from(u16_at(query, 10).ok()?);
+    let mut at = parsed.question_end;
+    for n in 0..skip.saturating_add(extra).min(64) {
+        let (_, after) = read_name(query, at).ok()?;
+        let rtype = u16_at(query, after).ok()?;
+        let class = u16_at(query, after + 2).ok()?;
+        let ttl = u32_at(query, after + 4).ok()?;
+        let len = usize::from(u16_at(query, after + 8).ok()?);
+        if n >= skip && rtype == TYPE_OPT {
+            return Some((class, ttl));
+        }
+        at = after + 10 + len;
+    }
+    None
+}
+
+/// The question section of `msg` as sent (name, type and class, the case
+/// of its letters kept): what 0x20 compares.
+pub fn question_wire(msg: &[u8]) -> Option<&[u8]> {
+    let (_, end) = read_question(msg).ok()?;
+    msg.get(HEADER..end)
+}
+
+/// The upstream's `answer` for the client: the client's id and the
+/// client's own spelling of the question (same length: only the case
+/// differs).
+pub fn for_client(answer: &[u8], query: &[u8], parsed: &Query) -> Vec<u8> {
+    let mut out = with_id(answer, parsed.id);
+    if let (Some(theirs), Some(ours)) = (
+        query.get(HEADER..parsed.question_end),
+        out.get_mut(HEADER..parsed.question_end),
+    ) {
+        ours.copy_from_slice(theirs);
+    }
+    out
+}
+
+/// An answer with `rcode` and no records to `query` (its header and
+/// question, as received).
+pub fn refusal(query: &[u8], parsed: &Query, rcode: u8) -> Vec<u8> {
+    let mut out = servfail(query, parsed);
+    if let Some(flags) = out.get_mut(3) {
+        *flags = 0x80 | (rcode & 0x0F);
+    }
+    out
+}
+
+/// The opcode of a message (0: QUERY).
+pub fn opcode(msg: &[u8]) -> u8 {
+    msg.get(2).map_or(0xFF, |f| (f >> 3) & 0x0F)
 }
 
 /// `msg` with its id replaced (a query's for upstream, or the client's).
@@ -454,6 +575,75 @@ mod tests {
             c.addresses,
             vec![(IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)), 60)]
         );
+    }
+
+    #[test]
+    fn only_the_end_of_the_chain_owns_addresses() {
+        // A hostile server: its own name aliases an allowed one, and
+        // carries an address of its own beside the alias.
+        let m = response(
+            "x.evil.net",
+            &[
+                ("x.evil.net", TYPE_CNAME, 300, cname("api.allowed.com")),
+                ("x.evil.net", TYPE_A, 300, vec![6, 6, 6, 6]),
+                ("api.allowed.com", TYPE_A, 60, vec![10, 200, 0, 2]),
+            ],
+        );
+        let c = chain(&parse_response(&m).unwrap());
+        assert_eq!(c.names, vec!["x.evil.net", "api.allowed.com"]);
+        assert_eq!(
+            c.addresses,
+            vec![(IpAddr::V4(Ipv4Addr::new(10, 200, 0, 2)), 60)]
+        );
+        // A chain that loops ends on a name with a CNAME: no addresses.
+        let m = response(
+            "a.example",
+            &[
+                ("a.example", TYPE_CNAME, 300, cname("b.example")),
+                ("b.example", TYPE_CNAME, 300, cname("a.example")),
+                ("b.example", TYPE_A, 300, vec![6, 6, 6, 6]),
+            ],
+        );
+        assert!(chain(&parse_response(&m).unwrap()).addresses.is_empty());
+    }
+
+    #[test]
+    fn upstream_queries_flip_case_and_drop_client_options() {
+        let mut m = header(0x1234, 0x0100, 1, 0);
+        m[11] = 1;
+        name(&mut m, "api.example.com");
+        m.extend_from_slice(&[0, 1, 0, 1]);
+        let q = parse_query(&m).unwrap();
+        // OPT: payload 4096, DO, an ECS option (family 1, /24, 192.0.2).
+        m.extend_from_slice(&[0, 0, 41, 0x10, 0, 0, 0, 0x80, 0, 0, 11]);
+        m.extend_from_slice(&[0, 8, 0, 7, 0, 1, 24, 0, 192, 0, 2]);
+        let up = upstream_query(&m, &q, 0x4242, &[0xFF; 4]);
+        let wire = question_wire(&up).unwrap();
+        assert_eq!(&wire[..4], b"\x03API");
+        assert_eq!(&up[..2], &[0x42, 0x42]);
+        // One question, one fresh OPT (1232, DO) without options.
+        assert_eq!(&up[4..12], &[0, 1, 0, 0, 0, 0, 0, 1]);
+        let opt = &up[q.question_end..];
+        assert_eq!(opt, &[0, 0, 41, 0x04, 0xD0, 0, 0, 0x80, 0, 0, 0]);
+        // No bits: the spelling is kept; no OPT from the client: none.
+        let plain = upstream_query(&m[..q.question_end], &q, 1, &[]);
+        assert_eq!(&plain[12..], &m[12..q.question_end]);
+        // The client gets its own spelling back.
+        let mut answer = up.clone();
+        answer[2] |= 0x80;
+        let back = for_client(&answer, &m, &q);
+        assert_eq!(
+            &back[..q.question_end],
+            &{
+                let mut h = m[..q.question_end].to_vec();
+                h[2] |= 0x80;
+                h[10..12].copy_from_slice(&[0, 1]);
+                h
+            }[..]
+        );
+        assert_ne!(question_wire(&up), question_wire(&m));
+        assert_eq!(opcode(&m), 0);
+        assert_eq!(refusal(&m, &q, RCODE_NOTIMP)[3] & 0x0F, RCODE_NOTIMP);
     }
 
     #[test]

@@ -9,7 +9,10 @@
 //! socket on a random source port, connected to the upstream: the kernel
 //! delivers only datagrams from that address and port, and an answer is
 //! accepted only with the same id and the same question (else it is
-//! dropped and the wait goes on). The upstream sockets carry
+//! dropped and the wait goes on). The question goes upstream with the case
+//! of its letters randomised (0x20) and the answer must repeat it exactly;
+//! the client gets its own spelling back. Client EDNS options (Client
+//! Subnet, cookies) are not forwarded. The upstream sockets carry
 //! [`DNS_MARK`]: the only DNS queries the data path lets leave while FQDN
 //! rules exist. An upstream failure is a SERVFAIL to the client, as is an
 //! answer whose destinations cannot be written.
@@ -48,6 +51,12 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 65535;
 /// Queries in flight at once (more wait).
 const MAX_INFLIGHT: usize = 256;
+/// TCP clients served at once: a connection beyond them is closed at once
+/// (each holds a task, a descriptor and its buffered query).
+const MAX_TCP_CLIENTS: usize = 64;
+/// How long a TCP client gets to send each query's length prefix (an idle
+/// or half-sent connection gives its place up after this).
+const TCP_IDLE: Duration = Duration::from_secs(2);
 
 /// What the forwarder needs from `[dns]`.
 #[derive(Clone, Debug)]
@@ -128,6 +137,12 @@ fn activated() -> anyhow::Result<Option<Listeners>> {
     // SAFETY: systemd passed these descriptors to this process (LISTEN_PID
     // is ours) and nothing else in it owns them; each is taken once.
     let (a, b) = unsafe { (OwnedFd::from_raw_fd(u), OwnedFd::from_raw_fd(t)) };
+    // Not inherited by what the daemon runs (nft, sshd -T).
+    for fd in [&a, &b] {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+            .context("setting FD_CLOEXEC on a passed DNS socket")?;
+    }
     use nix::sys::socket::SockType;
     let (u, t) = match getsockopt(&a, sockopt::SockType)? {
         SockType::Datagram => (a, b),
@@ -161,6 +176,7 @@ struct Ctx {
     settings: Settings,
     stats: Stats,
     inflight: tokio::sync::Semaphore,
+    tcp_clients: Arc<tokio::sync::Semaphore>,
 }
 
 /// Serves both listeners until the process ends.
@@ -174,6 +190,7 @@ pub async fn run(core: Shared, settings: Settings, listeners: Listeners) -> anyh
         settings,
         stats: Stats::default(),
         inflight: tokio::sync::Semaphore::new(MAX_INFLIGHT),
+        tcp_clients: Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS)),
     });
     tokio::spawn(report(ctx.clone()));
     tokio::spawn(serve_tcp(tcp, ctx.clone()));
@@ -182,10 +199,20 @@ pub async fn run(core: Shared, settings: Settings, listeners: Listeners) -> anyh
 
 /// Copies the counters into the core's status every second.
 async fn report(ctx: Arc<Ctx>) {
+    let mut warned = false;
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let mut core = ctx.core.lock().await;
         let entries = core.fqdn_entries();
+        let high = entries * 5 > portcullis_common::FQDN_ENTRIES as usize * 4;
+        if high && !warned {
+            tracing::warn!(
+                entries,
+                capacity = portcullis_common::FQDN_ENTRIES,
+                "the learned destinations are over 80% full (when full, those closest to expiry are evicted)"
+            );
+        }
+        warned = high;
         if let Some(s) = core.dns.as_mut() {
             s.entries = entries;
             s.answers = ctx.stats.answers.load(Ordering::Relaxed);
@@ -198,7 +225,15 @@ async fn report(ctx: Arc<Ctx>) {
 async fn serve_udp(sock: Arc<UdpSocket>, ctx: Arc<Ctx>) -> anyhow::Result<()> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     loop {
-        let (n, client) = sock.recv_from(&mut buf).await?;
+        // An error (e.g. ICMP unreachable for an earlier answer) is one
+        // datagram's: service goes on.
+        let (n, client) = match sock.recv_from(&mut buf).await {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(error = %e, "DNS forwarder: receiving a query");
+                continue;
+            }
+        };
         let query = buf.get(..n).unwrap_or_default().to_vec();
         let Ok(permit) = ctx.inflight.acquire().await else {
             return Ok(());
@@ -220,9 +255,14 @@ async fn serve_tcp(listener: TcpListener, ctx: Arc<Ctx>) {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        // At the cap the connection is closed at once (dropped here).
+        let Ok(place) = ctx.tcp_clients.clone().try_acquire_owned() else {
+            continue;
+        };
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let _ = timeout(CLIENT_TIMEOUT, serve_tcp_client(stream, &ctx)).await;
+            drop(place);
         });
     }
 }
@@ -230,7 +270,7 @@ async fn serve_tcp(listener: TcpListener, ctx: Arc<Ctx>) {
 /// One TCP client: length-prefixed queries, answered in turn.
 async fn serve_tcp_client(mut stream: TcpStream, ctx: &Ctx) -> anyhow::Result<()> {
     loop {
-        let Ok(query) = read_framed(&mut stream).await else {
+        let Ok(query) = read_client_query(&mut stream).await else {
             return Ok(());
         };
         let _permit = ctx.inflight.acquire().await?;
@@ -241,10 +281,27 @@ async fn serve_tcp_client(mut stream: TcpStream, ctx: &Ctx) -> anyhow::Result<()
     }
 }
 
+/// A client's next query: its length prefix within [`TCP_IDLE`], then
+/// the body (memory grows only with the bytes that arrive).
+async fn read_client_query(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
+    let len = timeout(TCP_IDLE, stream.read_u16()).await??;
+    read_body(stream, len).await
+}
+
 async fn read_framed(stream: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
-    let len = usize::from(stream.read_u16().await?);
-    let mut msg = vec![0u8; len];
-    stream.read_exact(&mut msg).await?;
+    let len = stream.read_u16().await?;
+    read_body(stream, len).await
+}
+
+async fn read_body(stream: &mut TcpStream, len: u16) -> anyhow::Result<Vec<u8>> {
+    let mut msg = Vec::new();
+    (&mut *stream)
+        .take(u64::from(len))
+        .read_to_end(&mut msg)
+        .await?;
+    if msg.len() != usize::from(len) {
+        bail!("connection closed within a message");
+    }
     Ok(msg)
 }
 
@@ -261,13 +318,19 @@ async fn write_framed(stream: &mut TcpStream, msg: &[u8]) -> anyhow::Result<()> 
 /// `None` for a message that is not a query (dropped).
 async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
     let parsed = dns::parse_query(query).ok()?;
+    if dns::opcode(query) != 0 {
+        return Some(dns::refusal(query, &parsed, dns::RCODE_NOTIMP));
+    }
     for &upstream in &ctx.settings.upstreams {
         let id = random_u16();
-        let sent = dns::with_id(query, id);
+        // 0x20: one random bit per letter of the name, which the answer's
+        // question must repeat exactly.
+        let sent = dns::upstream_query(query, &parsed, id, &random_bytes::<32>());
+        let question = dns::question_wire(&sent).unwrap_or_default();
         let got = if tcp {
-            exchange_tcp(upstream, &sent, id, &parsed.question).await
+            exchange_tcp(upstream, &sent, id, question).await
         } else {
-            exchange_udp(upstream, &sent, id, &parsed.question).await
+            exchange_udp(upstream, &sent, id, question).await
         };
         let Ok((raw, response)) = got else { continue };
         ctx.stats.answers.fetch_add(1, Ordering::Relaxed);
@@ -282,7 +345,7 @@ async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
                 if n > 0 {
                     ctx.stats.admitting.fetch_add(1, Ordering::Relaxed);
                 }
-                return Some(dns::with_id(&raw, parsed.id));
+                return Some(dns::for_client(&raw, query, &parsed));
             }
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), name = %parsed.question.name, "cannot admit the answer's addresses: SERVFAIL");
@@ -296,12 +359,17 @@ async fn answer(ctx: &Ctx, query: &[u8], tcp: bool) -> Option<Vec<u8>> {
 
 /// 16 random bits from the kernel.
 fn random_u16() -> u16 {
-    let mut b = [0u8; 2];
+    u16::from_ne_bytes(random_bytes())
+}
+
+/// `N` random bytes from the kernel.
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
     // /dev/urandom does not fail once open; a zero id would still be checked.
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = f.read_exact(&mut b);
     }
-    u16::from_ne_bytes(b)
+    b
 }
 
 /// A UDP socket marked as the forwarder's, bound to a random port (the
@@ -330,17 +398,18 @@ fn upstream_udp(upstream: SocketAddr) -> anyhow::Result<UdpSocket> {
     Ok(UdpSocket::from_std(sock)?)
 }
 
-/// Whether `raw` is the answer to our query `id` for `question`.
-fn accept(raw: &[u8], id: u16, question: &dns::Question) -> Option<dns::Response> {
+/// Whether `raw` is the answer to our query `id` for `question` (the
+/// question section as sent: the case of each letter must match, 0x20).
+fn accept(raw: &[u8], id: u16, question: &[u8]) -> Option<dns::Response> {
     let r = dns::parse_response(raw).ok()?;
-    (r.id == id && dns::same_question(question, &r)).then_some(r)
+    (r.id == id && dns::question_wire(raw) == Some(question)).then_some(r)
 }
 
 async fn exchange_udp(
     upstream: SocketAddr,
     query: &[u8],
     id: u16,
-    question: &dns::Question,
+    question: &[u8],
 ) -> anyhow::Result<(Vec<u8>, dns::Response)> {
     let sock = upstream_udp(upstream)?;
     sock.send(query).await?;
@@ -360,7 +429,7 @@ async fn exchange_tcp(
     upstream: SocketAddr,
     query: &[u8],
     id: u16,
-    question: &dns::Question,
+    question: &[u8],
 ) -> anyhow::Result<(Vec<u8>, dns::Response)> {
     let sock = if upstream.is_ipv4() {
         TcpSocket::new_v4()?

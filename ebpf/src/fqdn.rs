@@ -6,6 +6,7 @@
 //! | map         | type | key | value |
 //! |-------------|------|-----|-------|
 //! | `FQDN_DEST` | hash, `FQDN_ENTRIES` | `FqdnKey` (address, port or 0, protocol class) | `FqdnEntry` (expiry, rule slot) |
+//! | `DNS_UPSTREAM` | hash, 16 | `FqdnKey` (an upstream's address, port, protocol class) | 1 |
 //! | `FQDN_KEY`  | per-CPU array, 1 | 0 | the key being looked up (off the stack) |
 //!
 //! A plain hash, not an LRU: nothing the data path does evicts an entry;
@@ -17,14 +18,19 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray},
 };
 use portcullis_common::{
-    DNS_MARK, DNS_PORT, DNS_TLS_PORT, FQDN_ENTRIES, FqdnEntry, FqdnKey, IPPROTO_TCP, IPPROTO_UDP,
-    PCLASS_TCP, PCLASS_UDP,
+    DNS_MARK, DNS_MAX_UPSTREAMS, DNS_PORT, DNS_TLS_PORT, FQDN_ENTRIES, FqdnEntry, FqdnKey,
+    IPPROTO_TCP, IPPROTO_UDP, PCLASS_TCP, PCLASS_UDP,
 };
 
 use crate::parse::Ip;
 
 #[map]
 pub static FQDN_DEST: HashMap<FqdnKey, FqdnEntry> = HashMap::pinned(FQDN_ENTRIES, 0);
+
+/// The forwarder's upstreams (address, port, protocol class): where a
+/// marked packet may go by its mark.
+#[map]
+static DNS_UPSTREAM: HashMap<FqdnKey, u8> = HashMap::pinned(2 * DNS_MAX_UPSTREAMS, 0);
 
 /// Per CPU: the key being looked up (the egress stack is near its limit).
 #[map]
@@ -44,9 +50,10 @@ fn live(key: &FqdnKey) -> bool {
     }
 }
 
-/// Under the DNS guard, for a new TCP or UDP flow: a DNS
-/// query (to port 53 or 853) is admitted only from the forwarder (the
-/// packet's mark, its socket's), anything else only to a live learned
+/// Under the DNS guard, for a new TCP or UDP flow: a packet with the
+/// forwarder's mark (its socket's) to one of the forwarder's upstreams
+/// (`DNS_UPSTREAM`: address, port, protocol class) is admitted; any other
+/// to port 53 or 853 is not; anything else only to a live learned
 /// destination: its address, protocol class and port, or any port.
 ///
 /// Asked early in the allowlist (after the connection table, before the
@@ -82,10 +89,14 @@ pub fn by_name(ip: &Ip) -> bool {
         IPPROTO_UDP => PCLASS_UDP,
         _ => return false,
     };
-    if port == DNS_PORT || port == DNS_TLS_PORT {
-        return mark == DNS_MARK;
-    }
     key.pclass = pclass as u8;
+    // SAFETY: a hash map lookup; only whether it found an entry is read.
+    if mark == DNS_MARK && unsafe { DNS_UPSTREAM.get(key) }.is_some() {
+        return true;
+    }
+    if port == DNS_PORT || port == DNS_TLS_PORT {
+        return false;
+    }
     if live(key) {
         return true;
     }

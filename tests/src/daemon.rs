@@ -217,6 +217,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the daemon on `config` in `ns` and waits until it reports
     /// that it enforces.
     pub fn start(ns: &Netns, config: &ConfigFile) -> anyhow::Result<Self> {

@@ -163,6 +163,32 @@ pub fn ask(
     }
 }
 
+/// The answer of `server` over TCP (from `ns`) to a query for `name`.
+pub fn ask_tcp(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<portcullis::dns::Response> {
+    use std::io::Read as _;
+    let id: u16 = rand::random();
+    let mut s = ns.enter(|| std::net::TcpStream::connect_timeout(&server, wait))?;
+    s.set_read_timeout(Some(wait))?;
+    let q = query(id, name);
+    let mut out = (q.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(&q);
+    s.write_all(&out)?;
+    let mut len = [0u8; 2];
+    s.read_exact(&mut len).context("no answer")?;
+    let mut msg = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    s.read_exact(&mut msg).context("answer cut short")?;
+    let r = portcullis::dns::parse_response(&msg).map_err(anyhow::Error::msg)?;
+    if r.id != id {
+        bail!("answer with another id");
+    }
+    Ok(r)
+}
+
 /// Whether `dnsmasq` is installed (the tests need it).
 pub fn have_dnsmasq() -> bool {
     Command::new("dnsmasq").arg("--version").output().is_ok()

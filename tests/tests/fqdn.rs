@@ -263,6 +263,20 @@ fn restart_during_lookups_loses_no_answer() {
     ];
     let mut d = Daemon::start_with_fds(&pair.host, &config, &fds).unwrap();
     assert!(d.log().contains("socket_activated=true"), "{}", d.log());
+    // The passed sockets are not inherited by what the daemon runs.
+    for fd in [3, 4] {
+        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", d.pid())).unwrap();
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .unwrap()
+            .trim();
+        let flags = u32::from_str_radix(flags, 8).unwrap();
+        assert!(
+            flags & libc::O_CLOEXEC as u32 != 0,
+            "the daemon's passed fd {fd} lacks FD_CLOEXEC (flags {flags:o})"
+        );
+    }
     const LOOKUPS: usize = 150;
     let stream = thread::scope(|s| {
         let client = s.spawn(|| {

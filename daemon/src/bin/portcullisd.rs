@@ -338,6 +338,10 @@ async fn spawn_forwarder(config: &Config, core: core::Shared) {
             return;
         }
     };
+    if let Err(e) = core.lock().await.dns_upstreams(&upstreams) {
+        // Closed: the forwarder's queries are then dropped (SERVFAIL).
+        error!(error = %format!("{e:#}"), "cannot write the forwarder's upstreams into the data path");
+    }
     let listen = listeners.udp.local_addr().unwrap_or(config.dns.listen);
     info!(listen = %listen, socket_activated = listeners.activated, upstreams = ?upstreams, "dns forwarder");
     core.lock().await.dns = Some(portcullis::core::fqdn::DnsStatus {

@@ -6,9 +6,12 @@
 use std::net::IpAddr;
 
 use portcullis_common::{
-    FAMILY_V4, FAMILY_V6, FqdnEntry, FqdnKey, PCLASS_TCP, PCLASS_UDP, SLOT_KIND_RULE,
+    FAMILY_V4, FAMILY_V6, FQDN_ENTRIES, FqdnEntry, FqdnKey, PCLASS_TCP, PCLASS_UDP, SLOT_KIND_RULE,
     SLOT_KIND_SHIFT,
 };
+
+/// Addresses one answer may admit (the first ones on the chain's end).
+pub const MAX_ANSWER_ADDRESSES: usize = 32;
 
 use super::Core;
 use crate::{
@@ -54,16 +57,11 @@ pub fn rule_hash(r: &FirewallRule) -> u32 {
 /// port of its range (port 0 never: it means any), or port 0 when the rule
 /// admits every port.
 pub fn keys(r: &FirewallRule, addr: IpAddr) -> Vec<FqdnKey> {
-    let (family, bytes) = match addr {
-        IpAddr::V4(a) => {
-            let mut b = [0u8; 16];
-            if let Some(head) = b.get_mut(..4) {
-                head.copy_from_slice(&a.octets());
-            }
-            (FAMILY_V4, b)
-        }
-        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
-    };
+    let FqdnKey {
+        addr: bytes,
+        family,
+        ..
+    } = keys_for(addr, 0);
     let pclasses: &[usize] = match r.protocol {
         Protocol::Tcp => &[PCLASS_TCP],
         Protocol::Udp => &[PCLASS_UDP],
@@ -90,6 +88,26 @@ pub fn keys(r: &FirewallRule, addr: IpAddr) -> Vec<FqdnKey> {
             })
         })
         .collect()
+}
+
+/// The key of `addr` (its family and bytes) with `port`, protocol class 0.
+fn keys_for(addr: IpAddr, port: u16) -> FqdnKey {
+    let (family, bytes) = match addr {
+        IpAddr::V4(a) => {
+            let mut b = [0u8; 16];
+            if let Some(head) = b.get_mut(..4) {
+                head.copy_from_slice(&a.octets());
+            }
+            (FAMILY_V4, b)
+        }
+        IpAddr::V6(a) => (FAMILY_V6, a.octets()),
+    };
+    FqdnKey {
+        addr: bytes,
+        port,
+        pclass: 0,
+        family,
+    }
 }
 
 /// Whether `key` is one of rule `r`'s keys (its protocol and ports).
@@ -138,7 +156,7 @@ impl Core {
                 continue;
             }
             let hash = rule_hash(rule);
-            for &(addr, ttl) in &chain.addresses {
+            for &(addr, ttl) in chain.addresses.iter().take(MAX_ANSWER_ADDRESSES) {
                 let secs = u64::from(ttl.max(floor).min(max));
                 let entry = FqdnEntry {
                     expires_ns: now.saturating_add(secs * 1_000_000_000),
@@ -148,19 +166,45 @@ impl Core {
                 entries.extend(keys(rule, addr).into_iter().map(|k| (k, entry)));
             }
         }
-        self.dataplane.fqdn_write(&entries)?;
+        if self.dataplane.fqdn_write(&entries).is_err() {
+            // Full: the entries closest to expiry make room, so a flood of
+            // answers cannot stop a later lookup from admitting.
+            self.fqdn_make_room(&entries)?;
+            self.dataplane.fqdn_write(&entries)?;
+        }
         Ok(entries.len())
+    }
+
+    /// Deletes the learned destinations closest to expiry (none of
+    /// `new`'s keys) until `new` fits with 1/64 of the table to spare.
+    fn fqdn_make_room(&mut self, new: &[(FqdnKey, FqdnEntry)]) -> anyhow::Result<()> {
+        let keep: std::collections::HashSet<FqdnKey> = new.iter().map(|(k, _)| *k).collect();
+        let mut all = self.dataplane.fqdn_entries()?;
+        all.retain(|(k, _)| !keep.contains(k));
+        all.sort_by_key(|(_, e)| e.expires_ns);
+        let cap = FQDN_ENTRIES as usize;
+        let want = new.len() + cap / 64;
+        let excess = (all.len() + want).saturating_sub(cap);
+        let gone: Vec<FqdnKey> = all.iter().take(excess).map(|(k, _)| *k).collect();
+        tracing::warn!(
+            evicted = gone.len(),
+            capacity = cap,
+            "the learned destinations are full: evicting those closest to expiry"
+        );
+        self.dataplane.fqdn_forget(&gone)
     }
 
     /// Deletes learned destinations that expired, or whose rule is gone or
     /// changed (by its hash); gives the rest their rule's current slot.
     /// Returns (kept, deleted).
     pub fn fqdn_sweep(&mut self) -> anyhow::Result<(usize, usize)> {
+        self.cut_dns_flows_once()?;
         let now = boottime_ns();
-        let rules: Vec<(FirewallRule, u32)> = self
+        // Each rule's hash once per sweep, not once per entry.
+        let rules: Vec<(FirewallRule, u32, u32)> = self
             .fqdn_rules()
             .into_iter()
-            .map(|(r, s)| (r.clone(), s))
+            .map(|(r, s)| (r.clone(), s, rule_hash(r)))
             .collect();
         let mut gone = Vec::new();
         let mut moved = Vec::new();
@@ -168,9 +212,9 @@ impl Core {
         for (key, entry) in self.dataplane.fqdn_entries()? {
             let rule = rules
                 .iter()
-                .find(|(r, _)| rule_hash(r) == entry.rule && fits(r, &key));
+                .find(|(r, _, hash)| *hash == entry.rule && fits(r, &key));
             match rule {
-                Some((_, slot)) if entry.expires_ns > now => {
+                Some((_, slot, _)) if entry.expires_ns > now => {
                     kept += 1;
                     if *slot != entry.slot {
                         moved.push((
@@ -195,6 +239,51 @@ impl Core {
         if let Err(e) = self.fqdn_sweep() {
             tracing::error!(error = %format!("{e:#}"), "cannot sweep the learned destinations");
         }
+    }
+
+    /// Once after the DNS guard turns on: cuts the connection-table flows
+    /// to port 53 or 853 other than to the forwarder's upstreams (a DNS or
+    /// DoT flow opened before would otherwise keep passing).
+    fn cut_dns_flows_once(&mut self) -> anyhow::Result<()> {
+        if !self.image.dns_guard {
+            self.dns_flows_cut = false;
+            return Ok(());
+        }
+        if self.dns_flows_cut {
+            return Ok(());
+        }
+        let upstreams: Vec<std::net::SocketAddr> = self
+            .dns
+            .as_ref()
+            .map(|d| d.upstreams.iter().filter_map(|u| u.parse().ok()).collect())
+            .unwrap_or_default();
+        let cut = self.dataplane.cut_dns_flows(|addr, port| {
+            upstreams
+                .iter()
+                .any(|u| u.ip().to_canonical() == addr.to_canonical() && u.port() == port)
+        })?;
+        self.dns_flows_cut = true;
+        if cut > 0 {
+            tracing::info!(cut, "DNS guard on: DNS flows opened before it cut");
+        }
+        Ok(())
+    }
+
+    /// Writes the forwarder's upstreams into the data path: the only
+    /// destinations (address, port, TCP and UDP) its mark admits.
+    pub fn dns_upstreams(&mut self, upstreams: &[std::net::SocketAddr]) -> anyhow::Result<()> {
+        let keys: Vec<FqdnKey> = upstreams
+            .iter()
+            .flat_map(|u| {
+                let any = keys_for(u.ip(), 0);
+                [PCLASS_TCP, PCLASS_UDP].map(move |pclass| FqdnKey {
+                    port: u.port(),
+                    pclass: pclass as u8,
+                    ..any
+                })
+            })
+            .collect();
+        self.dataplane.dns_upstreams_set(&keys)
     }
 
     /// Refuses a rule set with names while no forwarder runs: its names

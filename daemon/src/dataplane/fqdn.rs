@@ -10,24 +10,76 @@ use portcullis_common::{FqdnEntry, FqdnKey, maps};
 use super::{Dataplane, map_mut};
 
 impl Dataplane {
-    /// Writes `entries`; an existing entry that lasts longer keeps its
-    /// expiry. Fails (and the caller answers SERVFAIL) when the table is full.
+    /// Writes `entries`; an existing entry that lasts at least as long
+    /// stays as it is (with its rule: a short answer for another rule's
+    /// name does not cut it). Fails when the table is full.
     pub fn fqdn_write(&mut self, entries: &[(FqdnKey, FqdnEntry)]) -> anyhow::Result<()> {
         let mut table: HashMap<_, FqdnKey, FqdnEntry> =
             HashMap::try_from(map_mut(&mut self.ebpf, maps::FQDN_DEST)?)?;
         for (key, entry) in entries {
-            let mut entry = *entry;
             if let Ok(old) = table.get(key, 0)
-                && old.rule == entry.rule
-                && old.expires_ns > entry.expires_ns
+                && old.expires_ns >= entry.expires_ns
             {
-                entry.expires_ns = old.expires_ns;
+                continue;
             }
             table
-                .insert(key, &entry, 0)
+                .insert(key, entry, 0)
                 .context("writing a learned destination (FQDN_DEST full?)")?;
         }
         Ok(())
+    }
+
+    /// Makes `keys` the forwarder's upstreams (`DNS_UPSTREAM`), the only
+    /// destinations its mark admits.
+    pub fn dns_upstreams_set(&mut self, keys: &[FqdnKey]) -> anyhow::Result<()> {
+        let mut table: HashMap<_, FqdnKey, u8> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::DNS_UPSTREAM)?)?;
+        let old: Vec<FqdnKey> = table.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            table
+                .insert(key, &1u8, 0)
+                .context("writing the forwarder's upstreams (DNS_UPSTREAM)")?;
+        }
+        for key in old.iter().filter(|k| !keys.contains(k)) {
+            match table.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("deleting a former upstream"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the connection-table flows to port 53 or 853 that `keep`
+    /// (remote address, port) refuses: DNS flows opened before the DNS
+    /// guard turned on then meet it. Returns how many went.
+    pub fn cut_dns_flows(
+        &mut self,
+        keep: impl Fn(std::net::IpAddr, u16) -> bool,
+    ) -> anyhow::Result<usize> {
+        use portcullis_common::{DNS_PORT, DNS_TLS_PORT, FlowKey, FlowKey4};
+        let dns = |port: u16| port == DNS_PORT || port == DNS_TLS_PORT;
+        let mut v4: HashMap<_, FlowKey4, portcullis_common::Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        let doomed4: Vec<FlowKey4> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dns(k.remote_port) && !keep(k.remote.into(), k.remote_port))
+            .collect();
+        for key in &doomed4 {
+            // Gone already (aged out): nothing left to cut.
+            let _ = v4.remove(key);
+        }
+        let mut v6: HashMap<_, FlowKey, portcullis_common::Flow> =
+            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        let doomed6: Vec<FlowKey> = v6
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| dns(k.remote_port) && !keep(super::flow_remote(k), k.remote_port))
+            .collect();
+        for key in &doomed6 {
+            let _ = v6.remove(key);
+        }
+        Ok(doomed4.len() + doomed6.len())
     }
 
     /// Every learned destination.

@@ -36,6 +36,7 @@
 //! <pin_dir>/maps-vN/EGRESS_VOLUME, EGRESS_VOLUME_OVERFLOW
 //!                                egress volume per destination; what found it full
 //! <pin_dir>/maps-vN/FQDN_DEST       destinations the DNS forwarder learned for FQDN rules
+//! <pin_dir>/maps-vN/DNS_UPSTREAM    the forwarder's upstreams (where its marked packets may go)
 //! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
 //!                                the programs, adopted by a restart of the same
 //!                                build over the same maps (`programs`)
