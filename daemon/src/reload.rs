@@ -101,12 +101,19 @@ fn rule_summary(r: &FirewallRule) -> String {
     } else {
         format!("{}-{}", r.from_port, r.to_port)
     };
-    let from = if r.ip_ranges.is_empty() {
-        "any".to_string()
-    } else {
-        r.ip_ranges.join(",")
+    // A names-only rule admits only what its names resolve to: never "any".
+    let from = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
+        (true, true) => "any".to_string(),
+        _ => [r.ip_ranges.as_slice(), r.names.as_slice()]
+            .concat()
+            .join(","),
     };
-    format!("{proto} {ports} from {from}")
+    let on = if r.interfaces.is_empty() {
+        String::new()
+    } else {
+        format!(" on {}", r.interfaces.join(","))
+    };
+    format!("{proto} {ports} from {from}{on}")
 }
 
 /// Settings a reload applies besides the rules (each `name: old -> new`).
@@ -208,6 +215,25 @@ mod tests {
         let c = conflicts(&ssh_off, &ssh_on, &ssh_off);
         assert_eq!(c.len(), 1, "{c:?}");
         assert!(c[0].starts_with("~ssh"), "{c:?}");
+    }
+
+    /// A names-only egress rule is summarised by its names, never "from
+    /// any"; an interface rule says where it applies.
+    #[test]
+    fn summaries_name_names_and_interfaces() {
+        let live = set(
+            "egress = \"allowlist\"\n[[egress_rules]]\nid = \"api\"\nfrom_port = 443\nto_port = 443\nprotocol = \"tcp\"\nnames = [\"api.example.com\"]\n\
+             [[ingress_rules]]\nid = \"db\"\nfrom_port = 5432\nto_port = 5432\nprotocol = \"tcp\"\nip_ranges = [\"10.0.0.0/8\"]\ninterfaces = [\"eth1\"]\n",
+        );
+        let c = conflicts(&set(""), &live, &set(""));
+        assert!(
+            c.contains(&"+api (egress tcp 443 from api.example.com)".to_string()),
+            "{c:?}"
+        );
+        assert!(
+            c.contains(&"+db (ingress tcp 5432 from 10.0.0.0/8 on eth1)".to_string()),
+            "{c:?}"
+        );
     }
 
     #[test]
