@@ -107,6 +107,11 @@ pub fn dns_server(addr: &str) -> SocketAddr {
 
 /// A query for `name` (type A, RD) with `id`.
 pub fn query(id: u16, name: &str) -> Vec<u8> {
+    query_type(id, name, 1)
+}
+
+/// A query for `name` of record type `qtype` (1 A, 28 AAAA), RD, `id`.
+pub fn query_type(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut m = Vec::new();
     for v in [id, 0x0100, 1, 0, 0, 0] {
         m.extend_from_slice(&v.to_be_bytes());
@@ -115,7 +120,9 @@ pub fn query(id: u16, name: &str) -> Vec<u8> {
         m.push(l.len() as u8);
         m.extend_from_slice(l.as_bytes());
     }
-    m.extend_from_slice(&[0, 0, 1, 0, 1]);
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&[0, 1]);
     m
 }
 
@@ -136,6 +143,36 @@ pub fn lookup(
         .into_iter()
         .map(|(a, _)| a)
         .collect())
+}
+
+/// Asks `server` (UDP, from `ns`) for the AAAA records of `name`: the
+/// addresses on the answer's chain.
+pub fn lookup6(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    wait: Duration,
+) -> anyhow::Result<Vec<IpAddr>> {
+    let id: u16 = rand::random();
+    let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0"))?;
+    sock.set_read_timeout(Some(wait))?;
+    sock.send_to(&query_type(id, name, 28), server)?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).context("no answer")?;
+        let r = portcullis::dns::parse_response(&buf[..n]).map_err(anyhow::Error::msg)?;
+        if from != server || r.id != id {
+            continue;
+        }
+        if r.rcode != 0 {
+            bail!("rcode {}", r.rcode);
+        }
+        return Ok(portcullis::dns::chain(&r)
+            .addresses
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect());
+    }
 }
 
 /// The answer of `server` (UDP, from `ns`) to a query for `name`.

@@ -210,6 +210,72 @@ fn names_admit_what_they_resolve_to_and_nothing_else() {
 /// reconfigured): the new one is reachable right after the new lookup;
 /// after the TTL (and the configured maximum) the old one admits no new
 /// flow, but a connection opened while it was valid keeps working.
+/// AAAA answers admit IPv6 destinations the same way: reachable right
+/// after the lookup on the rule's port only; a name no rule lists, on the
+/// same network, is not.
+#[test]
+fn aaaa_answers_admit_ipv6_destinations() {
+    const ALLOWED6: &str = "fd00:200::10";
+    const EVIL6: &str = "fd00:200::20";
+    let hosts = [
+        ("allowed.test", SERVERS[0]),
+        ("allowed.test", ALLOWED6),
+        ("evil.test", EVIL6),
+    ];
+    let (pair, _up, _other) = setup(&hosts, &[]);
+    for a in [ALLOWED6, EVIL6] {
+        pair.peer
+            .ip(&[
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                PEER_IFACE,
+                "nodad",
+            ])
+            .unwrap();
+        for port in [PORT, OTHER_PORT] {
+            tcp_echo_server(&pair.peer, tcp(a, port)).unwrap();
+        }
+        tcp_probe_control(&pair.host, tcp(a, PORT)).expect("control: a v6 server does not answer");
+    }
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, &rules(30, 60))).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    assert!(
+        !reaches(&pair, tcp(ALLOWED6, PORT)),
+        "{ALLOWED6} before any lookup"
+    );
+    let got = lookup6(
+        &pair.host,
+        dns_server(FORWARDER),
+        "allowed.test",
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert_eq!(got, vec![ip(ALLOWED6)]);
+    assert!(
+        reaches(&pair, tcp(ALLOWED6, PORT)),
+        "allowed.test's IPv6 address right after its AAAA lookup"
+    );
+    assert!(
+        !reaches(&pair, tcp(ALLOWED6, OTHER_PORT)),
+        "allowed.test's IPv6 address on a port its rule does not list"
+    );
+    let got = lookup6(
+        &pair.host,
+        dns_server(FORWARDER),
+        "evil.test",
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    assert_eq!(got, vec![ip(EVIL6)]);
+    assert!(
+        !reaches(&pair, tcp(EVIL6, PORT)),
+        "evil.test (no rule) after its lookup"
+    );
+}
+
 #[test]
 fn changed_addresses_and_expiry() {
     let (pair, mut up, _other) = setup(&[("allowed.test", SERVERS[0])], &[]);
