@@ -467,6 +467,18 @@ impl DnsConfig {
             .collect()
     }
 
+    /// What an operator should hear about `[dns]`: a `listen` address off
+    /// loopback makes the forwarder answer whoever reaches it.
+    pub fn warnings(&self) -> Vec<String> {
+        if self.listen.ip().is_loopback() {
+            return Vec::new();
+        }
+        vec![format!(
+            "dns: listen {} is not a loopback address: every host and container that reaches it may use the forwarder (and have names admitted for this host); let the rules admit its port only from the networks that need it",
+            self.listen
+        )]
+    }
+
     /// Whether the forwarder runs.
     pub fn wanted(&self, has_names: bool) -> bool {
         self.enabled || has_names
@@ -957,6 +969,21 @@ pub(crate) fn only_root_writes(path: &Path, why: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forwarder_listening_off_loopback_is_warned_about() {
+        assert!(DnsConfig::default().warnings().is_empty());
+        let open = DnsConfig {
+            listen: "172.17.0.1:53".parse().unwrap(),
+            ..DnsConfig::default()
+        };
+        let w = open.warnings();
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains("172.17.0.1:53") && w[0].contains("not a loopback"),
+            "{w:?}"
+        );
+    }
 
     #[test]
     fn parses_a_minimal_config_with_defaults() {

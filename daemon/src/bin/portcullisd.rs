@@ -141,7 +141,11 @@ fn check_config(path: &Path, config: &Config) -> anyhow::Result<()> {
     rules
         .check_additions(&portcullis::rules::RuleSet::default())
         .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    for warning in rules.egress_warnings() {
+    for warning in rules
+        .egress_warnings()
+        .into_iter()
+        .chain(config.dns.warnings())
+    {
         eprintln!("{}: warning: {warning}", path.display());
     }
     if !rules.ssh.allow {
@@ -324,6 +328,9 @@ async fn spawn_forwarder(config: &Config, core: core::Shared) {
         Ok(u) => u,
         Err(e) => return error!(error = %format!("{e:#}"), "dns forwarder not started"),
     };
+    for warning in config.dns.warnings() {
+        warn!("{warning}");
+    }
     let listeners = match forwarder::listeners(config.dns.listen) {
         Ok(l) => l,
         Err(e) => {
