@@ -153,26 +153,15 @@ pub fn lookup6(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<Vec<IpAddr>> {
-    let id: u16 = rand::random();
-    let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0"))?;
-    sock.set_read_timeout(Some(wait))?;
-    sock.send_to(&query_type(id, name, 28), server)?;
-    let mut buf = [0u8; 4096];
-    loop {
-        let (n, from) = sock.recv_from(&mut buf).context("no answer")?;
-        let r = portcullis::dns::parse_response(&buf[..n]).map_err(anyhow::Error::msg)?;
-        if from != server || r.id != id {
-            continue;
-        }
-        if r.rcode != 0 {
-            bail!("rcode {}", r.rcode);
-        }
-        return Ok(portcullis::dns::chain(&r)
-            .addresses
-            .into_iter()
-            .map(|(a, _)| a)
-            .collect());
+    let r = ask_type(ns, server, name, 28, wait)?;
+    if r.rcode != 0 {
+        bail!("rcode {}", r.rcode);
     }
+    Ok(portcullis::dns::chain(&r)
+        .addresses
+        .into_iter()
+        .map(|(a, _)| a)
+        .collect())
 }
 
 /// The answer of `server` (UDP, from `ns`) to a query for `name`.
@@ -182,10 +171,22 @@ pub fn ask(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<portcullis::dns::Response> {
+    ask_type(ns, server, name, 1, wait)
+}
+
+/// The answer of `server` (UDP, from `ns`) to a query for the `qtype`
+/// records of `name`.
+pub fn ask_type(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    qtype: u16,
+    wait: Duration,
+) -> anyhow::Result<portcullis::dns::Response> {
     let id: u16 = rand::random();
     let sock = ns.enter(|| UdpSocket::bind("0.0.0.0:0"))?;
     sock.set_read_timeout(Some(wait))?;
-    sock.send_to(&query(id, name), server)?;
+    sock.send_to(&query_type(id, name, qtype), server)?;
     let mut buf = [0u8; 4096];
     loop {
         let (n, from) = sock.recv_from(&mut buf).context("no answer")?;
