@@ -1535,6 +1535,30 @@ mod tests {
         );
     }
 
+    /// A TCP ingress rule for ports `from..=to` from `net`, on `on`.
+    fn tcp_rule(
+        id: &str,
+        from: u32,
+        to: u32,
+        net: &str,
+        on: &[&str],
+    ) -> crate::rules::FirewallRule {
+        crate::rules::FirewallRule {
+            id: id.into(),
+            from_port: from,
+            to_port: to,
+            ip_ranges: vec![net.into()],
+            names: Vec::new(),
+            protocol: crate::rules::Protocol::Tcp,
+            description: None,
+            icmp_types: Vec::new(),
+            expires: None,
+            rate: None,
+            burst: None,
+            interfaces: on.iter().map(|n| (*n).to_string()).collect(),
+        }
+    }
+
     #[test]
     fn lockdown_admits_ssh_only_where_both_the_admin_network_and_the_live_rules_do() {
         let ssh = |set: &RuleSet, admin: &str| lockdown_rules(set, Some(admin)).ssh;
@@ -1555,20 +1579,8 @@ mod tests {
         assert!(!ssh(&live(false, &[]), "10.0.0.0/8").allow);
         // The exemption off but a rule admitting 22 from 10/8: that.
         let mut set = live(false, &[]);
-        set.ingress_rules.push(crate::rules::FirewallRule {
-            id: "ssh".into(),
-            from_port: 22,
-            to_port: 22,
-            ip_ranges: vec!["10.0.0.0/8".into()],
-            names: Vec::new(),
-            protocol: crate::rules::Protocol::Tcp,
-            description: None,
-            icmp_types: Vec::new(),
-            expires: None,
-            rate: None,
-            burst: None,
-            interfaces: Vec::new(),
-        });
+        set.ingress_rules
+            .push(tcp_rule("ssh", 22, 22, "10.0.0.0/8", &[]));
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(
             (s.allow, s.sources),
@@ -1584,20 +1596,8 @@ mod tests {
     #[test]
     fn lockdown_keeps_an_interface_scoped_ssh_rule_on_its_interface() {
         let mut set = live(false, &[]);
-        set.ingress_rules.push(crate::rules::FirewallRule {
-            id: "admin".into(),
-            from_port: 20,
-            to_port: 30,
-            ip_ranges: vec!["10.0.0.0/8".into()],
-            names: Vec::new(),
-            protocol: crate::rules::Protocol::Tcp,
-            description: None,
-            icmp_types: Vec::new(),
-            expires: None,
-            rate: None,
-            burst: None,
-            interfaces: vec!["eth1".into()],
-        });
+        set.ingress_rules
+            .push(tcp_rule("admin", 20, 30, "10.0.0.0/8", &["eth1"]));
         let l = lockdown_rules(&set, Some("10.1.0.0/16"));
         assert!(
             !l.ssh.allow,
