@@ -1513,20 +1513,7 @@ mod tests {
     #[test]
     fn a_diff_summary_reads_like_a_diff() {
         let set = |id: &str| RuleSet {
-            ingress_rules: vec![crate::rules::FirewallRule {
-                id: id.into(),
-                from_port: 1,
-                to_port: 1,
-                ip_ranges: Vec::new(),
-                names: Vec::new(),
-                protocol: crate::rules::Protocol::Tcp,
-                description: None,
-                icmp_types: Vec::new(),
-                expires: None,
-                rate: None,
-                burst: None,
-                interfaces: Vec::new(),
-            }],
+            ingress_rules: vec![tcp_rule(id, 1, 1, &[], &[])],
             ..Default::default()
         };
         assert_eq!(
@@ -1535,19 +1522,20 @@ mod tests {
         );
     }
 
-    /// A TCP ingress rule for ports `from..=to` from `net`, on `on`.
+    /// A TCP ingress rule for ports `from..=to` from `nets` (none: any),
+    /// on `on` (none: every interface).
     fn tcp_rule(
         id: &str,
         from: u32,
         to: u32,
-        net: &str,
+        nets: &[&str],
         on: &[&str],
     ) -> crate::rules::FirewallRule {
         crate::rules::FirewallRule {
             id: id.into(),
             from_port: from,
             to_port: to,
-            ip_ranges: vec![net.into()],
+            ip_ranges: nets.iter().map(|n| (*n).to_string()).collect(),
             names: Vec::new(),
             protocol: crate::rules::Protocol::Tcp,
             description: None,
@@ -1580,7 +1568,7 @@ mod tests {
         // The exemption off but a rule admitting 22 from 10/8: that.
         let mut set = live(false, &[]);
         set.ingress_rules
-            .push(tcp_rule("ssh", 22, 22, "10.0.0.0/8", &[]));
+            .push(tcp_rule("ssh", 22, 22, &["10.0.0.0/8"], &[]));
         let s = ssh(&set, "10.9.0.0/16");
         assert_eq!(
             (s.allow, s.sources),
@@ -1597,7 +1585,7 @@ mod tests {
     fn lockdown_keeps_an_interface_scoped_ssh_rule_on_its_interface() {
         let mut set = live(false, &[]);
         set.ingress_rules
-            .push(tcp_rule("admin", 20, 30, "10.0.0.0/8", &["eth1"]));
+            .push(tcp_rule("admin", 20, 30, &["10.0.0.0/8"], &["eth1"]));
         let l = lockdown_rules(&set, Some("10.1.0.0/16"));
         assert!(
             !l.ssh.allow,

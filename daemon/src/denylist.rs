@@ -160,6 +160,22 @@ pub struct Set {
     pub entries: BTreeMap<IpNet, Expiry>,
 }
 
+impl Set {
+    /// The entries of `prefixes` this set holds, with their expiries (what
+    /// a removal takes away, so it can be put back).
+    pub fn held(&self, prefixes: &[IpNet]) -> Vec<Entry> {
+        prefixes
+            .iter()
+            .filter_map(|p| {
+                self.entries.get(p).map(|&expires| Entry {
+                    prefix: *p,
+                    expires,
+                })
+            })
+            .collect()
+    }
+}
+
 /// The value the data path's trie holds for a prefix: the set that bans it
 /// longest and until when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

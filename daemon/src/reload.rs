@@ -101,19 +101,7 @@ fn rule_summary(r: &FirewallRule) -> String {
     } else {
         format!("{}-{}", r.from_port, r.to_port)
     };
-    // A names-only rule admits only what its names resolve to: never "any".
-    let from = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
-        (true, true) => "any".to_string(),
-        _ => [r.ip_ranges.as_slice(), r.names.as_slice()]
-            .concat()
-            .join(","),
-    };
-    let on = if r.interfaces.is_empty() {
-        String::new()
-    } else {
-        format!(" on {}", r.interfaces.join(","))
-    };
-    format!("{proto} {ports} from {from}{on}")
+    format!("{proto} {ports} from {}", r.sources_text())
 }
 
 /// Settings a reload applies besides the rules (each `name: old -> new`).

@@ -698,6 +698,24 @@ pub fn format_expiry(unix: u64) -> String {
 }
 
 impl FirewallRule {
+    /// Where the rule admits from, in words: its ranges and names (a
+    /// names-only rule is never "any"), and its interfaces when it names
+    /// some (`10.0.0.0/8 on eth1`). The CLI's SOURCES column and the
+    /// reload's drift summary.
+    pub fn sources_text(&self) -> String {
+        let from = match (self.ip_ranges.is_empty(), self.names.is_empty()) {
+            (true, true) => "any".to_string(),
+            _ => [self.ip_ranges.as_slice(), self.names.as_slice()]
+                .concat()
+                .join(","),
+        };
+        if self.interfaces.is_empty() {
+            from
+        } else {
+            format!("{from} on {}", self.interfaces.join(","))
+        }
+    }
+
     /// The ICMP matches of this rule (`None`: every ICMP message, as
     /// without `icmp_types`). Entries that do not parse (validation
     /// refuses them) match nothing: closed, not open.

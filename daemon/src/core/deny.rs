@@ -220,15 +220,7 @@ impl Core {
         let Some(set) = self.deny.get(name) else {
             return Err(ChangeError::Config(format!("no deny set {name:?}")));
         };
-        let removed: Vec<Entry> = prefixes
-            .iter()
-            .filter_map(|p| {
-                set.entries.get(p).map(|e| Entry {
-                    prefix: *p,
-                    expires: *e,
-                })
-            })
-            .collect();
+        let removed = set.held(prefixes);
         let id = set.id;
         let gone: Vec<IpNet> = removed.iter().map(|e| e.prefix).collect();
         let touched = self.deny.remove(name, &gone);
@@ -279,20 +271,10 @@ impl Core {
                 // No room for the old and the new entries together (a
                 // refused add changes nothing): the stale ones go first.
                 Err(_) if !stale.is_empty() => {
-                    let held: Vec<Entry> = self
+                    let held = self
                         .deny
                         .get(name)
-                        .map(|s| {
-                            stale
-                                .iter()
-                                .filter_map(|p| {
-                                    s.entries.get(p).map(|&expires| Entry {
-                                        prefix: *p,
-                                        expires,
-                                    })
-                                })
-                                .collect()
-                        })
+                        .map(|s| s.held(&stale))
                         .unwrap_or_default();
                     let removed = self.deny_remove(name, &stale)?;
                     return match self.deny_add(name, entries) {

@@ -95,22 +95,6 @@ fn ports(r: &FirewallRule) -> String {
     }
 }
 
-/// The SOURCES column: the ranges, and the interfaces when the rule names
-/// some (`any on pc2`).
-fn sources_column(r: &FirewallRule) -> String {
-    let nets = match (r.ip_ranges.is_empty(), r.names.is_empty()) {
-        (true, true) => "any".to_string(),
-        _ => [r.ip_ranges.as_slice(), r.names.as_slice()]
-            .concat()
-            .join(","),
-    };
-    if r.interfaces.is_empty() {
-        nets
-    } else {
-        format!("{nets} on {}", r.interfaces.join(","))
-    }
-}
-
 /// An ICMP rule's PORTS column: its types, or `-` for every type.
 fn icmp_column(r: &FirewallRule) -> String {
     if r.icmp_types.is_empty() {
@@ -162,7 +146,7 @@ fn list(ctx: &Ctx) -> anyhow::Result<()> {
                     } else {
                         ports(r)
                     },
-                    sources_column(r),
+                    r.sources_text(),
                     hits.as_ref()
                         .and_then(|h| h.get(&format!("rule:{}", r.id)))
                         .map_or_else(|| "-".into(), |c| c.packets.to_string()),
