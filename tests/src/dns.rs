@@ -134,26 +134,27 @@ pub fn lookup(
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<Vec<IpAddr>> {
-    let r = ask(ns, server, name, wait)?;
-    if r.rcode != 0 {
-        bail!("rcode {}", r.rcode);
-    }
-    Ok(portcullis::dns::chain(&r)
-        .addresses
-        .into_iter()
-        .map(|(a, _)| a)
-        .collect())
+    lookup_type(ns, server, name, 1, wait)
 }
 
-/// Asks `server` (UDP, from `ns`) for the AAAA records of `name`: the
-/// addresses on the answer's chain.
+/// The same for the AAAA records of `name`.
 pub fn lookup6(
     ns: &Netns,
     server: SocketAddr,
     name: &str,
     wait: Duration,
 ) -> anyhow::Result<Vec<IpAddr>> {
-    let r = ask_type(ns, server, name, 28, wait)?;
+    lookup_type(ns, server, name, 28, wait)
+}
+
+fn lookup_type(
+    ns: &Netns,
+    server: SocketAddr,
+    name: &str,
+    qtype: u16,
+    wait: Duration,
+) -> anyhow::Result<Vec<IpAddr>> {
+    let r = ask_type(ns, server, name, qtype, wait)?;
     if r.rcode != 0 {
         bail!("rcode {}", r.rcode);
     }
