@@ -401,60 +401,154 @@ fn index(slot: u32) -> u32 {
     slot & SLOT_INDEX_MASK
 }
 
-/// Port segments of one protocol class for the entries `on_path`: runs of
-/// ports with the lowest admitting slot, starting at port 0.
-fn segments(entries: &[Entry], on_path: &[usize], pclass: usize) -> Vec<Segment> {
-    // Boundary -> (slots starting, slots ending) as counted multiset changes.
-    let mut events: BTreeMap<u32, Vec<(u32, i32)>> = BTreeMap::new();
-    for e in on_path.iter().filter_map(|&i| entries.get(i)) {
-        if let Some((lo, hi)) = e.ports.get(pclass).copied().flatten() {
-            events.entry(lo as u32).or_default().push((e.slot, 1));
-            events.entry(hi as u32 + 1).or_default().push((e.slot, -1));
-        }
-    }
-    if events.is_empty() {
-        return Vec::new();
-    }
-    let mut active: BTreeMap<u32, (u32, i32)> = BTreeMap::new(); // index -> (slot, count)
-    let mut out: Vec<Segment> = vec![Segment {
+/// A port map of one protocol class: runs of ports, each with the lowest
+/// slot that admits it, the first starting at port 0; empty when nothing
+/// of the class is admitted.
+type PortMap = Vec<Segment>;
+
+/// Whether slot `a` comes before `b` (a lower index; `SLOT_NONE` last).
+fn before(a: u32, b: u32) -> bool {
+    b == SLOT_NONE || (a != SLOT_NONE && index(a) < index(b))
+}
+
+/// `base` with ports `lo..=hi` also admitted by `slot`, where it comes
+/// first: one pass over `base`, so a prefix's map costs what its
+/// container's map and its own rules hold, not its whole chain of rules.
+fn overlay(base: &[Segment], lo: u16, hi: u16, slot: u32) -> PortMap {
+    let none = [Segment {
         start: 0,
         _pad: 0,
         slot: SLOT_NONE,
     }];
-    for (at, changes) in events {
-        if at > u16::MAX as u32 {
-            break;
-        }
-        for (slot, delta) in changes {
-            let e = active.entry(index(slot)).or_insert((slot, 0));
-            e.1 += delta;
-            if e.1 == 0 {
-                active.remove(&index(slot));
-            }
-        }
-        let slot = active.values().next().map_or(SLOT_NONE, |v| v.0);
-        // `out` starts with one segment and only grows.
-        let Some(last) = out.last_mut() else { break };
-        if last.slot == slot {
-            continue;
-        }
-        if last.start as u32 == at {
-            last.slot = slot;
+    let base = if base.is_empty() { &none[..] } else { base };
+    let mut out: PortMap = Vec::with_capacity(base.len() + 2);
+    let mut push = |start: u32, slot: u32| match out.last_mut() {
+        Some(last) if last.slot == slot => {}
+        Some(last) if last.start as u32 == start => last.slot = slot,
+        _ => out.push(Segment {
+            start: start as u16,
+            _pad: 0,
+            slot,
+        }),
+    };
+    let (lo, hi) = (lo as u32, hi as u32);
+    let ends = base
+        .iter()
+        .skip(1)
+        .map(|s| s.start as u32)
+        .chain(std::iter::once(u16::MAX as u32 + 1));
+    for (run, end) in base.iter().zip(ends) {
+        let (from, to) = (run.start as u32, end - 1);
+        let mine = if before(slot, run.slot) {
+            slot
         } else {
-            out.push(Segment {
-                start: at as u16,
-                _pad: 0,
-                slot,
-            });
+            run.slot
+        };
+        if from < lo {
+            push(from, run.slot);
+        }
+        if from.max(lo) <= to.min(hi) {
+            push(from.max(lo), mine);
+        }
+        if to > hi && from.max(hi + 1) <= to {
+            push(from.max(hi + 1), run.slot);
         }
     }
-    // A first run that changed at port 0 may now equal nothing before it.
+    // A first run that changed at port 0 may now equal the one after it.
     out.dedup_by(|b, a| a.slot == b.slot);
     out
 }
 
-/// Region ids by their segment lists: identical regions are stored once.
-type RegionIds = HashMap<[Vec<Segment>; PCLASSES], u32>;
+/// The port maps of a prefix: its container's (`base`) with the entries
+/// `own` of the prefix itself overlaid.
+fn port_maps(entries: &[Entry], base: &[PortMap; PCLASSES], own: &[usize]) -> [PortMap; PCLASSES] {
+    std::array::from_fn(|c| {
+        let mut map = base.get(c).cloned().unwrap_or_default();
+        for e in own.iter().filter_map(|&i| entries.get(i)) {
+            if let Some((lo, hi)) = e.ports.get(c).copied().flatten() {
+                map = overlay(&map, lo, hi, e.slot);
+            }
+        }
+        map
+    })
+}
+
+/// The image's segments and regions as they are built: each distinct port
+/// list stored once in `segments`, each distinct region once in `regions`,
+/// both found again by content (a cheap hash, then the content compared).
+#[derive(Default)]
+struct Layout {
+    lists: HashMap<u64, Vec<u32>, BuildFast>,
+    regions: HashMap<Region, u32, BuildFast>,
+}
+
+impl Layout {
+    /// The region of `maps` in `image` (added when new).
+    fn region(&mut self, image: &mut Image, maps: &[PortMap; PCLASSES]) -> u32 {
+        let mut region = Region::default();
+        for ((map, offset), len) in maps
+            .iter()
+            .zip(region.offset.iter_mut())
+            .zip(region.len.iter_mut())
+        {
+            *len = map.len() as u32;
+            if !map.is_empty() {
+                *offset = self.list(&mut image.segments, map);
+            }
+        }
+        let next = image.regions.len() as u32;
+        *self.regions.entry(region).or_insert_with(|| {
+            image.regions.push(region);
+            next
+        })
+    }
+
+    /// Where `list` starts in `segments` (appended when new).
+    fn list(&mut self, segments: &mut Vec<Segment>, list: &[Segment]) -> u32 {
+        use std::hash::Hasher as _;
+        let mut h = Fast::default();
+        for s in list {
+            h.write_u64(((s.start as u64) << 32) | s.slot as u64);
+        }
+        let same = self.lists.entry(h.finish()).or_default();
+        let found = same
+            .iter()
+            .copied()
+            .find(|&at| segments.get(at as usize..at as usize + list.len()) == Some(list));
+        found.unwrap_or_else(|| {
+            let at = segments.len() as u32;
+            segments.extend_from_slice(list);
+            same.push(at);
+            at
+        })
+    }
+}
+
+/// A multiply-rotate hash (as rustc's FxHash): the compiler hashes
+/// millions of segments. Colliding lists cost comparisons, not a wrong
+/// image; only a writer, who may replace the whole set anyway, chooses them.
+#[derive(Default)]
+struct Fast(u64);
+
+impl std::hash::Hasher for Fast {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word.iter_mut().zip(chunk).for_each(|(w, b)| *w = *b);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7cc1_b727_220a_95);
+    }
+}
+
+type BuildFast = std::hash::BuildHasherDefault<Fast>;
 
 /// Compiles `set` for maps of capacity `limits`.
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
@@ -465,7 +559,7 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         hash: hash(set),
         ..Default::default()
     };
-    let mut region_ids = RegionIds::new();
+    let mut layout = Layout::default();
     image.if_classes = set.rule_interfaces();
     // Checked here too (not only by `RuleSet::validate`): a fourth named
     // interface would get the data path's fallback, every ingress rule.
@@ -487,10 +581,9 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         .chain(classes.map(portcullis_common::ingress_dir));
     for dir in dirs {
         for v6 in [false, true] {
-            prefixes(&entries, dir, v6, &mut image, &mut region_ids)?;
+            prefixes(&entries, dir, v6, &mut image, &mut layout)?;
         }
     }
-    lay_out_regions(&mut image, region_ids);
     image.slots = slots;
     (image.v4_root, image.v4_chunks) = v4_table(&image.v4);
     image.v6_tables = Arc::new(V6Tables::of(&image.v6));
@@ -500,13 +593,13 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
 
 /// The prefixes of direction `dir` and one family into `image.v4` or
 /// `image.v6`, each with the region of every entry whose network contains
-/// it (regions numbered in `region_ids`).
+/// it (regions and their segments laid out by `layout`).
 fn prefixes(
     entries: &[Entry],
     dir: u8,
     v6: bool,
     image: &mut Image,
-    region_ids: &mut RegionIds,
+    layout: &mut Layout,
 ) -> Result<(), CompileError> {
     // Distinct networks of this direction and family, with their entries.
     let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
@@ -518,8 +611,10 @@ fn prefixes(
         }
     }
     // Sorted by (address, length): each network follows the networks
-    // that contain it, so a stack holds the current chain.
-    let mut stack: Vec<((u128, u8), Vec<usize>)> = Vec::new();
+    // that contain it, so a stack holds the current chain, each with the
+    // port maps of every entry on the chain down to it.
+    let mut stack: Vec<((u128, u8), [PortMap; PCLASSES])> = Vec::new();
+    let empty: [PortMap; PCLASSES] = Default::default();
     for ((bits, len), own) in nets {
         while let Some(((top_bits, top_len), _)) = stack.last() {
             if contains(*top_bits, *top_len, bits, len, v6) {
@@ -527,21 +622,18 @@ fn prefixes(
             }
             stack.pop();
         }
-        let mut path = stack.last().map(|(_, p)| p.clone()).unwrap_or_default();
-        path.extend(own);
-        path.sort_unstable();
-        path.dedup();
-        let segs: [Vec<Segment>; PCLASSES] = std::array::from_fn(|c| segments(entries, &path, c));
-        for s in &segs {
-            if s.len() as u32 > MAX_SEGMENTS_PER_CLASS {
-                return Err(CompileError::TooManySegments {
-                    needed: s.len(),
-                    max: MAX_SEGMENTS_PER_CLASS,
-                });
-            }
+        let base = stack.last().map_or(&empty, |(_, maps)| maps);
+        let maps = port_maps(entries, base, &own);
+        if let Some(m) = maps
+            .iter()
+            .find(|m| m.len() as u32 > MAX_SEGMENTS_PER_CLASS)
+        {
+            return Err(CompileError::TooManySegments {
+                needed: m.len(),
+                max: MAX_SEGMENTS_PER_CLASS,
+            });
         }
-        let next = region_ids.len() as u32;
-        let region = *region_ids.entry(segs).or_insert(next);
+        let region = layout.region(image, &maps);
         if v6 {
             let mut key = [0u8; 17];
             key[0] = dir;
@@ -553,36 +645,9 @@ fn prefixes(
             key[1..].copy_from_slice(&(bits as u32).to_be_bytes());
             image.v4.push((key, 8 + len as u32, region));
         }
-        stack.push(((bits, len), path));
+        stack.push(((bits, len), maps));
     }
     Ok(())
-}
-
-/// Lays the regions out in id order; identical segment lists (TCP and UDP
-/// of a Brev rule, or the same ports in two regions) are stored once.
-fn lay_out_regions(image: &mut Image, region_ids: RegionIds) {
-    let mut by_id: Vec<_> = region_ids.into_iter().collect();
-    by_id.sort_by_key(|(_, id)| *id);
-    let mut lists: HashMap<Vec<Segment>, u32> = HashMap::new();
-    for (segs, _) in by_id {
-        let mut region = Region::default();
-        for ((s, len), offset) in segs
-            .into_iter()
-            .zip(region.len.iter_mut())
-            .zip(region.offset.iter_mut())
-        {
-            *len = s.len() as u32;
-            if s.is_empty() {
-                continue;
-            }
-            *offset = *lists.entry(s).or_insert_with_key(|s| {
-                let offset = image.segments.len() as u32;
-                image.segments.extend_from_slice(s);
-                offset
-            });
-        }
-        image.regions.push(region);
-    }
 }
 
 /// Refuses an image larger than the maps.
