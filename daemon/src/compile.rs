@@ -36,6 +36,9 @@ use thiserror::Error;
 
 use crate::rules::{Protocol, RuleSet};
 
+mod index;
+pub use index::Index;
+
 /// What a slot (a counter, and a verdict) stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Slot {
@@ -132,6 +135,12 @@ pub struct Image {
     pub dns_guard: bool,
     /// SHA-256 of the rule set (canonical JSON), hex.
     pub hash: String,
+    /// The entries by network: what [`Image::answer`] and the packet-less
+    /// questions read, also once the image is [stripped](Image::strip).
+    pub index: Arc<Index>,
+    /// [`Image::strip`] took the maps' contents: the data plane refuses to
+    /// write this image (it would empty the rule maps).
+    pub stripped: bool,
 }
 
 /// An admitted port range (inclusive) per protocol class, `None` for none.
@@ -554,6 +563,7 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
     let mut image = Image {
+        index: Arc::new(Index::of(&entries)),
         egress_allowlist: set.egress_allowlist(),
         dns_guard: set.egress_allowlist() && set.has_names(),
         hash: hash(set),
@@ -910,7 +920,29 @@ impl Image {
                 .map_or(0, |i| i as u32 + 1);
             portcullis_common::ingress_dir(class)
         };
-        self.lookup(dir, addr, pclass, port)
+        self.answer(dir, addr, pclass, port)
+    }
+
+    /// The slot that admits new traffic of direction `dir` from `addr` to
+    /// `port` (`SLOT_NONE`: none), from the compact index: what the data
+    /// path answers, also once the image is stripped.
+    pub fn answer(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+        self.index.lookup(dir, addr, pclass, port)
+    }
+
+    /// The image without what only the kernel's maps need once they are
+    /// written (the prefixes, the IPv4 table, regions and segments): what
+    /// the core keeps of the live generation. Its questions are answered
+    /// from [`Image::index`]; [`Image::lookup`] finds nothing in it.
+    pub fn strip(&mut self) {
+        self.v4 = Vec::new();
+        self.v6 = Vec::new();
+        self.v6_tables = Arc::default();
+        self.v4_root = Vec::new();
+        self.v4_chunks = Vec::new();
+        self.regions = Vec::new();
+        self.segments = Vec::new();
+        self.stripped = true;
     }
 
     /// The interfaces with a rule list of their own here or in `other`,
@@ -1391,10 +1423,16 @@ mod tests {
                     PCLASS_OTHER => 0,
                     _ => port,
                 };
+                let want = reference(&entries, dir, addr, pclass, port);
                 prop_assert_eq!(
                     image.lookup(dir, addr, pclass, port),
-                    reference(&entries, dir, addr, pclass, port),
+                    want,
                     "dir {} addr {} class {} port {}", dir, addr, pclass, port
+                );
+                prop_assert_eq!(
+                    image.answer(dir, addr, pclass, port),
+                    want,
+                    "index: dir {} addr {} class {} port {}", dir, addr, pclass, port
                 );
             }
         }

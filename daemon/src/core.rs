@@ -303,6 +303,9 @@ pub struct Core {
     dns_flows_cut: bool,
     /// The etcd member list, when `[fleet]` is set (see `core/fleet.rs`).
     fleet: Option<fleet::FleetState>,
+    /// A change freed memory (the old set, its compile, the request):
+    /// [`Core::release_memory`] gives it back once the request is done.
+    trim_due: bool,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -375,6 +378,8 @@ impl Core {
         let audit = audit::Log::open(store.dir())?;
         store.save(&rules, generation)?;
         dataplane.apply(&image, allow_ping)?;
+        let mut image = image;
+        image.strip();
         let mut core = Core {
             dataplane,
             store,
@@ -403,6 +408,7 @@ impl Core {
             dns: None,
             dns_flows_cut: false,
             fleet: None,
+            trim_due: true,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -712,8 +718,16 @@ impl Core {
             let _ = self.store.save(&self.rules, self.generation);
             return Err(ChangeError::Internal(e));
         }
-        self.carried = totals;
+        // Only what counted: a set of 100k silent rules carries nothing.
+        self.carried = totals
+            .into_iter()
+            .filter(|(_, c)| c.packets != 0 || c.bytes != 0)
+            .collect();
         self.rules = next;
+        self.rules.shrink_to_fit();
+        // The kernel's maps hold the segments now; the core keeps the index.
+        let mut image = image;
+        image.strip();
         self.image = image;
         self.generation = generation;
         self.allow_ping = allow_ping;
@@ -723,7 +737,7 @@ impl Core {
         for warning in self.rules.egress_warnings() {
             tracing::warn!(generation, "{warning}");
         }
-        crate::host::release_free_memory();
+        self.trim_due = true;
         Ok(generation)
     }
 
@@ -744,6 +758,24 @@ impl Core {
                 Ok(Some(image))
             }
             _ => Ok(None),
+        }
+    }
+
+    /// The image the data path should run now, whole: the lockdown set's,
+    /// or the live rules compiled again (the core keeps only their index).
+    fn enforced_image(&self) -> Result<Image, ChangeError> {
+        match self.effective()? {
+            Some(image) => Ok(image),
+            None => Ok(compile_with(&self.rules, &self.service, &self.limits)?),
+        }
+    }
+
+    /// Returns the heap a change freed to the system (`malloc_trim`), once
+    /// per change: called by the daemon's one-second sweep, after the
+    /// request that made the change has dropped its body and its answer.
+    pub fn release_memory(&mut self) {
+        if std::mem::take(&mut self.trim_due) {
+            crate::host::release_free_memory();
         }
     }
 
@@ -805,13 +837,10 @@ impl Core {
         let hash = self.image.hash.clone();
         self.record_intent(self.generation, &hash, &what)?;
         let old = std::mem::replace(&mut self.mode, mode);
-        let result = self.effective().and_then(|effective| {
+        let result = self.enforced_image().and_then(|image| {
             self.dataplane.pass_all = matches!(self.mode, Mode::Audit | Mode::Open);
             self.dataplane
-                .apply(
-                    effective.as_ref().unwrap_or(&self.image),
-                    self.effective_ping(self.allow_ping),
-                )
+                .apply(&image, self.effective_ping(self.allow_ping))
                 .map_err(ChangeError::Internal)
         });
         if let Err(e) = result {

@@ -81,10 +81,16 @@ fn check_rule_set(set: &RuleSet) {
     };
     let (entries, _) = compile::entries(set);
     for (dir, addr, pclass, port) in probes(set) {
+        let want = compile::reference(&entries, dir, addr, pclass, port);
         assert_eq!(
             image.lookup(dir, addr, pclass, port),
-            compile::reference(&entries, dir, addr, pclass, port),
+            want,
             "compiled lookup and reference disagree for dir {dir} {addr} class {pclass} port {port}"
+        );
+        assert_eq!(
+            image.answer(dir, addr, pclass, port),
+            want,
+            "the index and the reference disagree for dir {dir} {addr} class {pclass} port {port}"
         );
     }
 }

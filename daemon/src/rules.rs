@@ -19,7 +19,7 @@
 //! author may have meant the address or the network, and guessing either way
 //! can open or close more than intended.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -927,6 +927,27 @@ impl RuleSet {
 
     /// Removes the rules whose expiry is at or before `now` (Unix seconds)
     /// from both lists; returns them.
+    /// Whether a rule has expired at `now` (a scan, no copy: the sweep
+    /// asks every second).
+    pub fn has_expired(&self, now: u64) -> bool {
+        self.ingress_rules
+            .iter()
+            .chain(&self.egress_rules)
+            .any(|r| r.expires_at().is_some_and(|t| t <= now))
+    }
+
+    /// Gives back the lists' spare capacity (a parsed list grows by
+    /// doubling: up to half again of what it holds).
+    pub fn shrink_to_fit(&mut self) {
+        for list in [&mut self.ingress_rules, &mut self.egress_rules] {
+            list.shrink_to_fit();
+            for r in list.iter_mut() {
+                r.ip_ranges.shrink_to_fit();
+                r.names.shrink_to_fit();
+            }
+        }
+    }
+
     pub fn take_expired(&mut self, now: u64) -> Vec<FirewallRule> {
         let mut gone = Vec::new();
         for list in [&mut self.ingress_rules, &mut self.egress_rules] {
@@ -942,26 +963,41 @@ impl RuleSet {
     /// Refuses new or changed rules (against `before`) that have expired
     /// already at `now`: adding one would admit nothing, or for a moment.
     pub fn check_expiries(&self, before: &RuleSet, now: u64) -> Result<(), RuleError> {
+        // Only a rule already past its expiry needs `before` (once, by id:
+        // a search per rule made adding one rule to 100k a quadratic wait).
+        let mut kept: Option<HashMap<&str, &FirewallRule>> = None;
         for (list, rules) in [
             ("ingress_rules", &self.ingress_rules),
             ("egress_rules", &self.egress_rules),
         ] {
             for (index, rule) in rules.iter().enumerate() {
-                if before.rule(&rule.id) == Some(rule) {
+                let (Some(at), Some(text)) = (rule.expires_at(), &rule.expires) else {
+                    continue;
+                };
+                if at > now {
                     continue;
                 }
-                if let (Some(at), Some(text)) = (rule.expires_at(), &rule.expires)
-                    && at <= now
-                {
-                    return Err(RuleError {
-                        place: format!("{list}[{index}] (id {:?})", rule.id),
-                        field: "expires",
-                        reason: format!("{text} is in the past"),
-                    });
+                let kept = kept.get_or_insert_with(|| before.by_id());
+                if kept.get(rule.id.as_str()) == Some(&rule) {
+                    continue;
                 }
+                return Err(RuleError {
+                    place: format!("{list}[{index}] (id {:?})", rule.id),
+                    field: "expires",
+                    reason: format!("{text} is in the past"),
+                });
             }
         }
         Ok(())
+    }
+
+    /// Every rule by its id (both directions).
+    fn by_id(&self) -> HashMap<&str, &FirewallRule> {
+        self.ingress_rules
+            .iter()
+            .chain(&self.egress_rules)
+            .map(|r| (r.id.as_str(), r))
+            .collect()
     }
 }
 

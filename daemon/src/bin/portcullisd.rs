@@ -401,7 +401,8 @@ fn forwarder_error(e: &anyhow::Error) -> String {
 
 /// Removes expired deny-set entries every second (the data path ignores
 /// them from their expiry on; this frees them and saves the sets), and
-/// expired rules (`Core::expire_rules`: removed, audited, their flows cut).
+/// expired rules (`Core::expire_rules`: removed, audited, their flows cut);
+/// then returns what the last change freed to the system.
 async fn sweep_deny_sets(core: core::Shared) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -413,6 +414,7 @@ async fn sweep_deny_sets(core: core::Shared) {
         if let Err(e) = core.expire_rules() {
             error!(error = %e, "cannot remove expired rules; retrying");
         }
+        core.release_memory();
     }
 }
 

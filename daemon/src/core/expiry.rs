@@ -22,7 +22,7 @@ fn admits(image: &Image, k: &FlowKey) -> bool {
         _ => port,
     };
     let remote = flow_remote(k);
-    slot_admits(image.lookup(DIR_INGRESS, remote, pclass, port))
+    slot_admits(image.answer(DIR_INGRESS, remote, pclass, port))
 }
 
 /// A configuration file's rule set without the rules whose expiry has
@@ -43,6 +43,9 @@ impl Core {
     pub fn expire_rules(&mut self) -> Result<Vec<String>, ChangeError> {
         let now = unix_now();
         self.expire_elsewhere(now)?;
+        if !self.rules.has_expired(now) {
+            return Ok(Vec::new());
+        }
         let mut next = self.rules.clone();
         let expired = next.take_expired(now);
         if expired.is_empty() {

@@ -291,6 +291,12 @@ impl Dataplane {
         image: &Image,
         allow_ping: bool,
     ) -> anyhow::Result<()> {
+        // A stripped image holds no rules: writing it would empty the maps.
+        anyhow::ensure!(
+            !image.stripped,
+            "refusing to write a stripped image of rules {} (the core keeps only its index)",
+            image.hash
+        );
         let flags = settings_flags(
             self.pass_all,
             allow_ping,

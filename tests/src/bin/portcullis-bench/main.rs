@@ -330,6 +330,11 @@ fn main() -> anyhow::Result<()> {
         slots: 110_000,
         v4_chunks: 1_000_000,
     };
+    // PORTCULLIS_BENCH_ONLY=control: only the daemon's API round trips and memory.
+    if std::env::var("PORTCULLIS_BENCH_ONLY").is_ok_and(|v| v == "control") {
+        api_round_trips(&limits)?;
+        return Ok(());
+    }
     println!(
         "rule engine: ns/packet (BPF_PROG_TEST_RUN, {PACKETS} packets x {REPEAT} repeats, median of {RUNS} runs [min-max])"
     );
@@ -780,6 +785,25 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let replace_100k_ms = t.elapsed().as_secs_f64() * 1e3;
     let rss_100k_kib = rss_kib(daemon.id())?;
     let rss_settled_kib = settled_rss_kib(daemon.id())?;
+    // A single add into the 100k-rule set (a few: each compiles the set).
+    let mut adds_100k = Vec::new();
+    for i in 0..3 {
+        let rule = serde_json::json!({"id": format!("big{i}"), "from_port": 2000 + i, "to_port": 2000 + i, "ip_ranges": ["10.9.0.0/16"]});
+        let t = Instant::now();
+        let reply = rt.block_on(client::request(
+            &socket,
+            Method::POST,
+            "/v1/rules/ingress",
+            Some(serde_json::to_vec(&rule)?),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 201,
+            "add into 100k failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        adds_100k.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let rss_after_adds_kib = settled_rss_kib(daemon.id())?;
     let hwm_kib = status_kib(daemon.id(), "VmHWM:")?;
     let _ = daemon.kill();
     let _ = daemon.wait();
@@ -808,7 +832,18 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
         rss_settled_kib / 1024.0,
         hwm_kib / 1024.0
     );
+    let (add_big, add_big_lo, add_big_hi) = median_min_max(adds_100k);
+    println!(
+        "  single rule add into 100k rules  {add_big:8.1} ms [{add_big_lo:.1}-{add_big_hi:.1}] (median of 3; RSS after {:.1} MiB)",
+        rss_after_adds_kib / 1024.0
+    );
     Ok(Control {
+        add_100k_ms: Some(Stat {
+            median: add_big,
+            min: add_big_lo,
+            max: add_big_hi,
+        }),
+        rss_100k_after_adds_mib: rss_after_adds_kib / 1024.0,
         start_ms,
         add_ms: Some(Stat {
             median: add,

@@ -91,6 +91,10 @@ pub struct Control {
     pub rss_100k_settled_mib: f64,
     /// VmHWM (peak resident) at that point.
     pub hwm_100k_mib: f64,
+    /// A single rule added into the 100k-rule set, round trip.
+    pub add_100k_ms: Option<Stat>,
+    /// VmRSS settled after those adds.
+    pub rss_100k_after_adds_mib: f64,
 }
 
 #[derive(Debug, Default, Serialize)]
