@@ -82,7 +82,10 @@ use aya::{
 use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
 use attach::ensure_bpffs;
-pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
+pub use attach::{
+    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, detach_all, maps_dir, pinned_ingress_program,
+    remove_bootstraps, remove_old_layouts,
+};
 pub use counters::read_counters;
 pub use deny::{DenyWrite, boottime_ns, covers};
 pub use explain::Verdict;
