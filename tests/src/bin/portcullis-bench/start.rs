@@ -178,8 +178,7 @@ fn once(
         attached?,
         "{ifname} carries no XDP program after `enforcing`"
     );
-    let full_ms =
-        marks[MARKERS.len() - 2].ok_or_else(|| anyhow::anyhow!("no `enforcing` line"))?;
+    let full_ms = marks[MARKERS.len() - 2].ok_or_else(|| anyhow::anyhow!("no `enforcing` line"))?;
     let bootstrap_ms = marks[2];
     let ready_ms = marks[MARKERS.len() - 1].unwrap_or(f64::NAN);
     Ok(Run {
