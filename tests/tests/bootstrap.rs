@@ -329,3 +329,59 @@ fn a_crash_in_the_bootstrap_window_leaves_the_bootstrap() {
     env.check_full(link);
     drop(d);
 }
+
+/// A map pinned where the daemon's `ACTIVE` goes, of the wrong type: the
+/// full load fails after the bootstrap is attached.
+fn spoil_maps(pins: &PinDir) {
+    let dir = portcullis::dataplane::maps_dir(pins.path());
+    std::fs::create_dir_all(&dir).unwrap();
+    run(std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(dir.join("ACTIVE"))
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "ACTIVE",
+        ]))
+    .unwrap();
+}
+
+/// A start that fails after the bootstrap went on: with the nftables
+/// fallback in place the bootstrap goes, so the fallback's SSH exemption
+/// reaches the host (as before the bootstrap existed); without a fallback
+/// it stays (closed).
+#[test]
+fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
+    for fallback in ["nftables", "none"] {
+        let pair = Pair::new().unwrap();
+        let pins = PinDir::new().unwrap();
+        let config = ConfigFile::new(&config_text(
+            &pins,
+            &format!("fallback = \"{fallback}\"\n[ssh]\nallow = true\n{RULES}"),
+        ))
+        .unwrap();
+        for port in [22, LISTED] {
+            TcpServer::start(&pair.host, sock(HOST_V4, port)).unwrap();
+        }
+        tcp_probe_control(&pair.peer, sock(HOST_V4, 22)).unwrap();
+        spoil_maps(&pins);
+        let d = Daemon::spawn(&pair.host, &config, &[]).unwrap();
+        let (status, log) = d.expect_exit().unwrap();
+        assert!(!status.success(), "{log}");
+        assert!(log.contains("bootstrap enforcing"), "{log}");
+        assert!(log.contains("enforcement cannot start"), "{log}");
+        let ssh = tcp_probe(&pair.peer, sock(HOST_V4, 22));
+        let app = tcp_probe(&pair.peer, sock(HOST_V4, LISTED));
+        assert!(
+            app.is_err(),
+            "fallback {fallback}: [{HOST_V4}]:{LISTED} reachable"
+        );
+        if fallback == "nftables" {
+            assert!(log.contains("bootstrap filter removed"), "{log}");
+            assert!(pins.xdp_link(HOST_IFACE).is_err(), "a link is still pinned");
+            ssh.unwrap_or_else(|e| panic!("SSH under the fallback: {e}\n{log}"));
+        } else {
+            assert!(!log.contains("bootstrap filter removed"), "{log}");
+            assert_eq!(pinned_program(&pins).1, BOOTSTRAP);
+            assert!(ssh.is_err(), "SSH reachable with the bootstrap in place");
+        }
+    }
+}
