@@ -40,7 +40,8 @@
 //! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
 //!                                the programs, adopted by a restart of the same
 //!                                build over the same maps (`programs`)
-//! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
+//! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface (on a fresh start
+//!                                first the bootstrap filter's: `attach::Bootstrap`)
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
 //!
