@@ -280,6 +280,15 @@ impl Env {
                 "neighbour {addr} is {state} during the bootstrap window: ARP/ND dropped"
             );
         }
+        // Whoever asks is told it is the bootstrap, not the rules.
+        let pin_dir = self.pins.path().to_str().unwrap();
+        let out = cli(&self.config, &["status", "--pin-dir", pin_dir]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!("Bootstrap:   {HOST_IFACE}:"))
+                && !text.contains("enforcement pinned"),
+            "status during the bootstrap window:\n{text}"
+        );
         link
     }
 
