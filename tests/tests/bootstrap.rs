@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use portcullis::{
     compile::Limits,
-    dataplane::{BOOTSTRAP, Bootstrap, Dataplane, Program},
+    dataplane::{BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, Dataplane, Program},
     model::XdpProgram,
 };
 use portcullis_tests::{packet::*, *};
@@ -139,13 +139,23 @@ fn mutations(seeds: &[(String, Vec<u8>)], per_seed: usize) -> Vec<(String, Vec<u
     out
 }
 
-/// Whatever the bootstrap passes, the full ingress program passes too.
+/// Whatever the bootstrap passes, the full ingress program passes too
+/// (each variant against its own: multi- and single-buffer).
 #[test]
 fn bootstrap_passes_a_subset_of_the_full_program() {
-    let pins = PinDir::new().unwrap();
-    let mut full = Dataplane::load(pins.path(), 4096, &Limits::default()).unwrap();
-    let mut boot = Bootstrap::load(XdpProgram::Auto).unwrap();
-    assert_eq!(boot.program(), BOOTSTRAP);
+    for (choice, name) in [
+        (XdpProgram::Frags, BOOTSTRAP),
+        (XdpProgram::SingleBuffer, BOOTSTRAP_SINGLE),
+    ] {
+        let pins = PinDir::new().unwrap();
+        let mut full = Dataplane::load_with(pins.path(), 4096, &Limits::default(), choice).unwrap();
+        let mut boot = Bootstrap::load(choice).unwrap();
+        assert_eq!(boot.program(), name);
+        subset(&mut boot, &mut full);
+    }
+}
+
+fn subset(boot: &mut Bootstrap, full: &mut Dataplane) {
     let seeds = seeds();
     let mut frames = seeds.clone();
     frames.extend(mutations(&seeds, 60));
@@ -199,6 +209,15 @@ fn bootstrap_passes_a_subset_of_the_full_program() {
         "{checked} frames, {} passed by the bootstrap, all passed by the full program",
         passed.len()
     );
+}
+
+/// The bootstrap variant the daemon loads (the harness may force the
+/// single-buffer programs: `PORTCULLIS_TEST_XDP_PROGRAM`).
+fn bootstrap_name() -> &'static str {
+    match std::env::var("PORTCULLIS_TEST_XDP_PROGRAM").as_deref() {
+        Ok("single-buffer") => BOOTSTRAP_SINGLE,
+        _ => BOOTSTRAP,
+    }
 }
 
 /// The name of the program the pinned XDP link of `HOST_IFACE` runs, and
@@ -267,7 +286,7 @@ impl Env {
     /// admitted port; ARP and neighbour discovery work.
     fn check_bootstrap_window(&self) -> u32 {
         let (link, program) = pinned_program(&self.pins);
-        assert_eq!(program, BOOTSTRAP, "the interface runs {program:?}");
+        assert_eq!(program, bootstrap_name(), "the interface runs {program:?}");
         for addr in [HOST_V4, HOST_V6] {
             let r = tcp_probe(&self.pair.peer, sock(addr, LISTED));
             assert!(
@@ -389,7 +408,7 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
             ssh.unwrap_or_else(|e| panic!("SSH under the fallback: {e}\n{log}"));
         } else {
             assert!(!log.contains("bootstrap filter removed"), "{log}");
-            assert_eq!(pinned_program(&pins).1, BOOTSTRAP);
+            assert_eq!(pinned_program(&pins).1, bootstrap_name());
             assert!(ssh.is_err(), "SSH reachable with the bootstrap in place");
         }
     }
