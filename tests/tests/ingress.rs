@@ -563,16 +563,26 @@ fn readiness_is_notified_once_enforcing() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // A fresh start first says, in STATUS= alone, that the bootstrap filter
+    // is in place; READY=1 comes with the full program.
     let mut buf = [0u8; 512];
-    let n = sock.recv(&mut buf);
+    let mut msg = String::new();
+    for _ in 0..4 {
+        let n = sock.recv(&mut buf);
+        msg = String::from_utf8_lossy(&buf[..n.expect("no notification")]).into_owned();
+        if msg.contains("READY=1") {
+            break;
+        }
+        assert!(msg.contains("bootstrap filter"), "{msg}");
+    }
     let _ = child.kill();
     let _ = child.wait();
-    let msg = String::from_utf8_lossy(&buf[..n.expect("no notification")]).into_owned();
     assert!(msg.contains("READY=1"), "{msg}");
     assert!(msg.contains("STATUS=enforcing on 1 interface(s)"), "{msg}");
     // It came only after the filter was attached.
     let link = pair.host.ip(&["-d", "link", "show", HOST_IFACE]).unwrap();
     assert!(link.contains("prog/xdp"), "{link}");
+    assert!(link.contains("name portcullis_ingr"), "{link}");
 }
 
 /// A config file is held to the API's checks: port 0 and an id with odd

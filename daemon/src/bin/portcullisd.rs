@@ -188,7 +188,13 @@ async fn run(
     let state_dir = store.dir().to_owned();
     let (core, links, pending) = match start(&config, &config_path, store).await {
         Ok(started) => started,
-        Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e)),
+        Err(e) => {
+            let (e, fallback_in_place) = fail_closed_with(config.fallback, &fallback_ssh, e);
+            if fallback_in_place {
+                remove_bootstraps(&config.pin_dir());
+            }
+            return Err(e);
+        }
     };
     // systemd's soft limit is 1024: take the hard limit, and bound what
     // unprivileged API clients may hold below it.
@@ -656,6 +662,8 @@ async fn start(
         ms = t.elapsed().as_secs_f64() * 1e3,
         restored, "live rule set chosen"
     );
+    let bootstrapped = bootstrap(config, &pin_dir, &targets, &handle).await;
+    test_delay_full_load();
     let limits = config.capacity.limits();
     let mut dataplane = load_dataplane(config, &pin_dir, &limits)?;
     dataplane.egress_volume = config.egress_volume.enabled;
@@ -683,7 +691,14 @@ async fn start(
     // Bans before any new link: a restart keeps every saved ban in force.
     let bans = core.restore_deny().context("restoring the deny sets")?;
     info!(entries = bans, "deny sets restored");
-    let protected = protect_all(&mut core, &targets, &handle, config.tc_attach).await?;
+    let protected = protect_all(
+        &mut core,
+        &targets,
+        &handle,
+        config.tc_attach,
+        &bootstrapped,
+    )
+    .await?;
     // Enforcing: a fallback policy from a failed start is no longer needed.
     if fallback::remove() {
         info!(
@@ -726,6 +741,7 @@ async fn protect_all(
     targets: &[String],
     handle: &rtnetlink::Handle,
     tc_attach: TcAttachMode,
+    bootstrapped: &[String],
 ) -> anyhow::Result<HashSet<String>> {
     for ifname in targets {
         let how = core
@@ -743,11 +759,81 @@ async fn protect_all(
             .enforce_on(ifname)
             .with_context(|| format!("interface {ifname}"))?;
         let mode = xdp_mode(handle, ifname).await;
-        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, "enforcing");
+        let replaced_bootstrap = bootstrapped.contains(ifname);
+        info!(interface = %ifname, attach = ?how, xdp_mode = %mode, replaced_bootstrap, "enforcing");
         core.protected_as(ifname, mode);
         protected.insert(ifname.clone());
     }
     Ok(protected)
+}
+
+/// A fresh start (no ingress link pinned for an interface): the bootstrap
+/// filter (`dataplane::Bootstrap`: ARP and neighbour discovery only) on
+/// each such interface at once, before the full programs are verified; the
+/// full program replaces it under the same link. Returns the interfaces it
+/// went on. A failure is logged and the start goes on as without it: the
+/// full program attaches once verified.
+async fn bootstrap(
+    config: &Config,
+    pin_dir: &Path,
+    targets: &[String],
+    handle: &rtnetlink::Handle,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    if !dataplane::Bootstrap::needed(pin_dir, targets) {
+        return done;
+    }
+    // Checked before anything is pinned there (again by `load_dataplane`).
+    if let Err(e) = portcullis::host::secure_pin_dirs(pin_dir, &[pin_dir.join("links")]) {
+        warn!(error = %format!("{e:#}"), "no bootstrap filter");
+        return done;
+    }
+    let mut boot = match dataplane::Bootstrap::load(config.xdp_program) {
+        Ok(boot) => boot,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no bootstrap filter; interfaces are filtered once the full program is verified");
+            return done;
+        }
+    };
+    for ifname in targets {
+        match boot.attach(pin_dir, ifname) {
+            Ok(true) => {
+                let mode = xdp_mode(handle, ifname).await;
+                info!(interface = %ifname, program = boot.program(), xdp_mode = %mode, passes = "ARP, neighbour discovery", "bootstrap enforcing");
+                done.push(ifname.clone());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(interface = %ifname, error = %format!("{e:#}"), "no bootstrap filter on this interface");
+            }
+        }
+    }
+    if !done.is_empty() {
+        let status = format!(
+            "starting: bootstrap filter on {} (inbound: ARP and neighbour discovery only) while the full programs are verified",
+            done.join(", ")
+        );
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+    }
+    done
+}
+
+/// TEST ONLY, debug builds only: `PORTCULLIS_TEST_DELAY_FULL_LOAD_MS`
+/// delays the full programs' load (at most 30 s) so a test can watch the
+/// bootstrap window. It only delays: nothing attaches or passes that would
+/// not without it. Release builds ignore it.
+fn test_delay_full_load() {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Some(ms) = std::env::var("PORTCULLIS_TEST_DELAY_FULL_LOAD_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    warn!(ms, "test knob: delaying the full programs' load");
+    std::thread::sleep(std::time::Duration::from_millis(ms.min(30_000)));
 }
 
 /// The last live rule set's SSH exemption, if one can be read.
@@ -759,7 +845,27 @@ fn last_live_ssh(store: &state::Store) -> Option<Ssh> {
 /// put the nftables fallback in place before failing. Every exit before
 /// enforcement goes through here.
 fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error {
+    fail_closed_with(fallback, ssh, e).0
+}
+
+/// A failed start with the nftables fallback in place: the bootstrap
+/// filter goes, so the fallback (which admits SSH) governs the interfaces
+/// as it did before the bootstrap existed. Without the fallback in place
+/// the bootstrap stays (closed).
+fn remove_bootstraps(pin_dir: &Path) {
+    match dataplane::remove_bootstraps(pin_dir) {
+        Ok(gone) if !gone.is_empty() => {
+            warn!(interfaces = %gone.join(", "), "bootstrap filter removed: the nftables fallback governs");
+        }
+        Ok(_) => {}
+        Err(e) => error!(error = %format!("{e:#}"), "cannot remove the bootstrap filter"),
+    }
+}
+
+/// [`fail_closed`], and whether the nftables fallback is in place.
+fn fail_closed_with(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> (anyhow::Error, bool) {
     error!(error = %format!("{e:#}"), "enforcement cannot start: the host is NOT protected by Portcullis");
+    let mut in_place = false;
     let status = match fallback {
         Fallback::Nftables => match fallback::apply(ssh) {
             Ok(()) => {
@@ -768,6 +874,7 @@ fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error
                     ssh_ports = ?ssh.ports,
                     "nftables fallback in place: inbound denied except SSH and established flows"
                 );
+                in_place = true;
                 "FAILED: Portcullis cannot enforce; the nftables fallback denies inbound except SSH"
             }
             Err(fe) => {
@@ -781,7 +888,7 @@ fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error
         }
     };
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
-    e
+    (e, in_place)
 }
 
 /// Logs readiness when its summary changes and keeps systemd's `STATUS=`

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow, bail};
+use aya::Ebpf;
 use aya::programs::{
     SchedClassifier, TcAttach, TcAttachType, Xdp, XdpMode,
     links::{FdLink, LinkError, LinkOrder, PinnedLink},
@@ -19,7 +20,7 @@ use portcullis_common::programs;
 use tracing::{info, warn};
 
 use super::{Dataplane, sys};
-use crate::model::TcAttachMode;
+use crate::model::{TcAttachMode, XdpProgram};
 
 /// Priority and handle of our clsact egress filter (the clsact path).
 const CLSACT_PRIORITY: u16 = 0xc0de;
@@ -336,6 +337,175 @@ pub fn detach_all(pin_dir: &Path, interfaces: &[String]) -> anyhow::Result<usize
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("cannot remove {}", pin_dir.display())),
+    }
+    Ok(removed)
+}
+
+/// The bootstrap filter's object (`ebpf/src/bootstrap.rs`), built by
+/// `build.rs` beside the data path's.
+static BOOTSTRAP_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portcullis-bootstrap"));
+
+/// The bootstrap filter's programs (multi- and single-buffer), as the
+/// kernel names them.
+pub const BOOTSTRAP: &str = "pc_bootstrap";
+pub const BOOTSTRAP_SINGLE: &str = "pc_bootstrap_sb";
+
+/// The bootstrap filter, loaded: what a fresh start attaches to each
+/// interface at once, before the full programs are verified. It passes ARP
+/// and neighbour discovery only (`ebpf/src/bootstrap.rs`), a subset of what
+/// the full program passes in any state, and the full program replaces it
+/// atomically under the same pinned link ([`Dataplane::attach_ingress`]
+/// adopts the link: `BPF_LINK_UPDATE`), so an interface never goes from
+/// filtered to unfiltered, and a crash in between leaves the bootstrap.
+pub struct Bootstrap {
+    ebpf: Ebpf,
+    name: &'static str,
+}
+
+impl Bootstrap {
+    /// Loads the variant that matches the full program `choice` will load
+    /// (multi-buffer unless single-buffer is chosen or the kernel refuses
+    /// multi-buffer), so the full program can take its link over.
+    pub fn load(choice: XdpProgram) -> anyhow::Result<Self> {
+        let mut ebpf = Ebpf::load(BOOTSTRAP_OBJECT).context("cannot load the bootstrap filter")?;
+        let mut load = |name: &'static str| -> anyhow::Result<&'static str> {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel refused program {name}"))?;
+            Ok(name)
+        };
+        let name = match choice {
+            XdpProgram::SingleBuffer => load(BOOTSTRAP_SINGLE)?,
+            XdpProgram::Frags => load(BOOTSTRAP)?,
+            XdpProgram::Auto => load(BOOTSTRAP).or_else(|_| load(BOOTSTRAP_SINGLE))?,
+        };
+        Ok(Self { ebpf, name })
+    }
+
+    /// The program loaded.
+    pub fn program(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether any of `interfaces` has no pinned ingress link yet (a fresh
+    /// start, or a new interface): only then is the bootstrap loaded.
+    pub fn needed(pin_dir: &Path, interfaces: &[String]) -> bool {
+        interfaces
+            .iter()
+            .any(|i| !link_pin(pin_dir, "xdp", i).exists())
+    }
+
+    /// Runs the loaded bootstrap program once on `packet`
+    /// (`BPF_PROG_TEST_RUN`), to compare it with the full program.
+    pub fn test_run(&mut self, packet: &[u8]) -> anyhow::Result<super::testrun::Outcome> {
+        use std::os::fd::AsFd as _;
+        let name = self.name;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
+            .try_into()?;
+        Ok(super::testrun::run(prog.fd()?.as_fd(), packet, 1)?)
+    }
+
+    /// Attaches the bootstrap filter to `ifname` and pins its link where
+    /// the ingress link goes (`links/xdp-<ifname>`). `false`, and nothing
+    /// done, when a link is pinned there already: the interface carries an
+    /// earlier daemon's program (or bootstrap), which stays until the full
+    /// program replaces it.
+    pub fn attach(&mut self, pin_dir: &Path, ifname: &str) -> anyhow::Result<bool> {
+        let pin = link_pin(pin_dir, "xdp", ifname);
+        if pin.exists() {
+            return Ok(false);
+        }
+        ensure_bpffs(pin_dir)?;
+        let links = pin_dir.join("links");
+        fs::create_dir_all(&links)
+            .with_context(|| format!("cannot create pin directory {}", links.display()))?;
+        let name = self.name;
+        let prog: &mut Xdp = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
+            .try_into()?;
+        let c_name = CString::new(ifname).context("interface name contains NUL")?;
+        let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
+            Ok(id) => id,
+            // As the full single-buffer program (`attach_ingress`).
+            Err(e) if name == BOOTSTRAP_SINGLE => {
+                warn!(interface = ifname, error = %e, "native XDP refused the single-buffer bootstrap; attaching in generic mode");
+                prog.attach(c_name.as_c_str(), XdpMode::Skb)
+                    .with_context(|| format!("cannot attach the bootstrap filter to {ifname}"))?
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e))
+                    .with_context(|| format!("cannot attach the bootstrap filter to {ifname}"));
+            }
+        };
+        let link: FdLink = prog
+            .take_link(link_id)?
+            .try_into()
+            .map_err(|e: LinkError| {
+                anyhow!("interface {ifname}: XDP link is not a bpf_link: {e}")
+            })?;
+        link.pin(&pin).with_context(|| {
+            format!(
+                "cannot pin the bootstrap link of {ifname} at {}",
+                pin.display()
+            )
+        })?;
+        Ok(true)
+    }
+}
+
+/// The name of the program the pinned XDP link of `ifname` runs, if a link
+/// is pinned there.
+pub fn pinned_ingress_program(pin_dir: &Path, ifname: &str) -> anyhow::Result<Option<String>> {
+    let pin = link_pin(pin_dir, "xdp", ifname);
+    if !pin.exists() {
+        return Ok(None);
+    }
+    let link = FdLink::from(PinnedLink::from_pin(&pin)?);
+    let id = link.info()?.program_id();
+    for info in aya::programs::loaded_programs() {
+        let info = info?;
+        if info.id() == id {
+            return Ok(Some(info.name_as_str().unwrap_or_default().to_owned()));
+        }
+    }
+    bail!("the program (id {id}) of link {} is gone", pin.display())
+}
+
+/// After a failed start, once the nftables fallback is in place: detaches
+/// and unpins the links that still run the bootstrap filter, so the
+/// fallback (which admits SSH) governs, as it did before the bootstrap
+/// existed. Links running a full program stay. Returns the interfaces.
+pub fn remove_bootstraps(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let links = pin_dir.join("links");
+    let entries = match fs::read_dir(&links) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", links.display())),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        let Some(ifname) = name.strip_prefix("xdp-") else {
+            continue;
+        };
+        let program = pinned_ingress_program(pin_dir, ifname)?;
+        if !matches!(program.as_deref(), Some(BOOTSTRAP | BOOTSTRAP_SINGLE)) {
+            continue;
+        }
+        let path = links.join(&name);
+        detach_pinned_link(&path)
+            .with_context(|| format!("cannot detach the bootstrap link {}", path.display()))?;
+        fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+        removed.push(ifname.to_owned());
     }
     Ok(removed)
 }

@@ -40,7 +40,8 @@
 //! <pin_dir>/programs/<build>/portcullis_ingress[_single], portcullis_egress
 //!                                the programs, adopted by a restart of the same
 //!                                build over the same maps (`programs`)
-//! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface
+//! <pin_dir>/links/xdp-<ifname>   the XDP link of one interface (on a fresh start
+//!                                first the bootstrap filter's: `attach::Bootstrap`)
 //! <pin_dir>/links/tcx-<ifname>   the TCX egress link of one interface
 //! ```
 //!
@@ -82,7 +83,10 @@ use aya::{
 use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
 use attach::ensure_bpffs;
-pub use attach::{Attach, detach_all, maps_dir, remove_old_layouts};
+pub use attach::{
+    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, detach_all, maps_dir, pinned_ingress_program,
+    remove_bootstraps, remove_old_layouts,
+};
 pub use counters::read_counters;
 pub use deny::{DenyWrite, boottime_ns, covers};
 pub use explain::Verdict;

@@ -300,6 +300,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
     }
     ingress.sort();
     egress.sort();
+    let bootstrap = bootstrap_only(pin_dir, &ingress);
     let maps = portcullis::dataplane::maps_dir(pin_dir);
     let layout = maps.exists().then_some(portcullis_common::LAYOUT_VERSION);
     if ctx.json {
@@ -308,6 +309,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
             "error": format!("{why:#}"),
             "pin_dir": pin_dir,
             "pinned_ingress": ingress,
+            "bootstrap_ingress": bootstrap,
             "pinned_egress": egress,
             "layout": layout,
         });
@@ -322,10 +324,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
         );
         return Ok(EXIT_DAEMON_DOWN);
     }
-    println!(
-        "Protected:   daemon not running; enforcement pinned on {} (filtering continues with the last rules)",
-        ingress.join(", ")
-    );
+    print_pinned_ingress(&ingress, &bootstrap);
     println!(
         "Egress:      {}",
         if egress.is_empty() {
@@ -343,6 +342,45 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
     }
     println!("Start the daemon to change rules: systemctl start portcullis");
     Ok(EXIT_DAEMON_DOWN)
+}
+
+/// What the pinned XDP links enforce: the last rules, or (`bootstrap`)
+/// only the bootstrap filter.
+fn print_pinned_ingress(ingress: &[String], bootstrap: &[String]) {
+    let full: Vec<&str> = ingress
+        .iter()
+        .filter(|i| !bootstrap.contains(i))
+        .map(String::as_str)
+        .collect();
+    if !full.is_empty() {
+        println!(
+            "Protected:   daemon not running; enforcement pinned on {} (filtering continues with the last rules)",
+            full.join(", ")
+        );
+    }
+    if !bootstrap.is_empty() {
+        println!(
+            "Bootstrap:   {}: only the bootstrap filter (ARP and neighbour discovery pass; no rules, no SSH): the daemon is verifying the full programs, or stopped before it could",
+            bootstrap.join(", ")
+        );
+    }
+}
+
+/// The interfaces of `ingress` whose pinned XDP link runs the bootstrap
+/// filter (a fresh start before its full programs, or one that died then).
+/// One whose program cannot be read (not root) is not counted.
+fn bootstrap_only(pin_dir: &Path, ingress: &[String]) -> Vec<String> {
+    use portcullis::dataplane::{BOOTSTRAP, BOOTSTRAP_SINGLE, pinned_ingress_program};
+    ingress
+        .iter()
+        .filter(|i| {
+            matches!(
+                pinned_ingress_program(pin_dir, i).ok().flatten().as_deref(),
+                Some(BOOTSTRAP | BOOTSTRAP_SINGLE)
+            )
+        })
+        .cloned()
+        .collect()
 }
 
 /// Polls `/v1/ready` until it answers 200 or `timeout` passes. A daemon
