@@ -551,6 +551,12 @@ impl Core {
         &self.rules
     }
 
+    /// The live rules' image as the core keeps it: stripped (see
+    /// [`Image::strip`]), its questions answered from its index.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+
     pub fn generation(&self) -> u64 {
         self.generation
     }

@@ -22,8 +22,10 @@ type Key<B> = (u8, u8, B);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Index {
-    /// Per entry, in priority order: its direction, slot and ports.
-    entries: Vec<(u8, u32, Ports)>,
+    /// Per entry, in priority order: its direction, slot and ports, and
+    /// whether it has a network (one whose sources do not parse has none:
+    /// it admits nothing).
+    entries: Vec<(u8, u32, Ports, bool)>,
     v4: Table<u32>,
     /// IPv6 bits as four words, most significant first (a `u128` would
     /// align each row to 16 bytes: 48 instead of 24).
@@ -105,7 +107,9 @@ impl Index {
             ..Default::default()
         };
         for (i, e) in (0u32..).zip(entries) {
-            index.entries.push((e.dir, e.slot, e.ports));
+            index
+                .entries
+                .push((e.dir, e.slot, e.ports, !e.nets.is_empty()));
             for net in &e.nets {
                 let len = net.prefix_len();
                 match net {
@@ -132,7 +136,20 @@ impl Index {
         };
         first
             .and_then(|i| self.entries.get(i as usize))
-            .map_or(SLOT_NONE, |(_, slot, _)| *slot)
+            .map_or(SLOT_NONE, |(_, slot, _, _)| *slot)
+    }
+
+    /// The slots of the entries of direction `dir` with a network whose
+    /// ports cover `port` of class `pclass`, each once, in priority order:
+    /// who may admit it, from somewhere.
+    pub fn slots_covering(&self, dir: u8, pclass: usize, port: u16) -> Vec<u32> {
+        let mut out: Vec<u32> = Vec::new();
+        for (d, slot, ports, has_net) in &self.entries {
+            if *d == dir && *has_net && covers(ports, pclass, port) && out.last() != Some(slot) {
+                out.push(*slot);
+            }
+        }
+        out
     }
 
     fn first_admitting(
@@ -143,14 +160,18 @@ impl Index {
     ) -> Option<u32> {
         candidates
             .filter(|&i| {
-                self.entries.get(i as usize).is_some_and(|(_, _, ports)| {
-                    ports
-                        .get(pclass)
-                        .copied()
-                        .flatten()
-                        .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
-                })
+                self.entries
+                    .get(i as usize)
+                    .is_some_and(|(_, _, ports, _)| covers(ports, pclass, port))
             })
             .min()
     }
+}
+
+fn covers(ports: &Ports, pclass: usize, port: u16) -> bool {
+    ports
+        .get(pclass)
+        .copied()
+        .flatten()
+        .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
 }

@@ -217,7 +217,12 @@ impl Live {
                 .ssh
                 .ports
                 .iter()
-                .map(|&port| (port, admitted(core.rules(), core.mode(), port)))
+                .map(|&port| {
+                    (
+                        port,
+                        admitted(core.rules(), core.image(), core.mode(), port),
+                    )
+                })
                 .collect(),
         }
     }
@@ -285,6 +290,12 @@ mod tests {
     use crate::rules::FirewallRule;
     use crate::{core::Mode, rules::RuleSet};
     use probes::{safe_path, sshd_settings};
+
+    /// [`probes::admitted`] on the image of `rules`.
+    fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
+        let image = crate::compile::compile(rules, &Default::default()).unwrap();
+        probes::admitted(rules, &image, mode, port)
+    }
 
     fn rule(id: &str, from: u16, to: u16, ranges: &[&str]) -> FirewallRule {
         serde_json::from_value(serde_json::json!({

@@ -2,14 +2,23 @@
 //! path enforces, something listens on the SSH ports, the live rules admit
 //! them, sshd accepts keys (`sshd -T`), the SSH user's `authorized_keys`.
 
-use std::{collections::BTreeMap, path::Path, process::Command};
+use std::{
+    collections::{BTreeMap, HashMap},
+    path::Path,
+    process::Command,
+};
 
 use portcullis_common::{
     DIR_INGRESS, PCLASS_TCP, SLOT_INDEX_MASK, SLOT_KIND_PEER, SLOT_KIND_SHIFT, slot_admits,
 };
 
 use super::{Check, SSH_UNITS, State, SystemdView};
-use crate::{compile, core::Mode, rules::RuleSet, sockets};
+use crate::{
+    compile::Image,
+    core::Mode,
+    rules::{FirewallRule, RuleSet},
+    sockets,
+};
 
 pub(super) fn enforcing(interfaces: &BTreeMap<String, String>, missing: &[String]) -> Check {
     if !missing.is_empty() {
@@ -126,7 +135,8 @@ pub(super) fn admitted_on(per_port: Vec<(u16, Check)>, listening: &[u16]) -> Che
 }
 
 /// Whether the live rules admit new TCP connections to `port`, and from where.
-pub fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
+/// `image` is the live image of `rules` (stripped or whole: its index).
+pub fn admitted(rules: &RuleSet, image: &Image, mode: &Mode, port: u16) -> Check {
     let name = "admitted";
     match mode {
         Mode::Open | Mode::Audit => {
@@ -152,7 +162,7 @@ pub fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
         }
         Mode::Enforce => {}
     }
-    let from = admitted_by(rules, port);
+    let from = admitted_by(rules, image, port);
     if from.is_empty() {
         Check::new(
             name,
@@ -170,40 +180,38 @@ pub fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
     }
 }
 
-/// Who admits new TCP connections to `port`, asked of the compiler's
-/// entries (what the image is built from, with the one admission predicate
+/// Who admits new TCP connections to `port`, asked of the live image's
+/// index (the compiler's entries, with the one admission predicate
 /// `slot_admits`), not re-derived from the rules: the SSH exemption and the
 /// ingress rules, each once, described by their configured sources. Peers
 /// are left out (they admit everything from the cluster, not SSH as such);
 /// an entry without a network (sources that do not parse) admits nothing.
-fn admitted_by(rules: &RuleSet, port: u16) -> Vec<String> {
-    let (entries, slots) = compile::entries(rules);
-    let mut seen = Vec::new();
+/// Service rules (the daemon's own) are in the image, not in `rules`: left
+/// out too.
+fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
+    let slots = image.index.slots_covering(DIR_INGRESS, PCLASS_TCP, port);
+    let mut by_id: Option<HashMap<&str, &FirewallRule>> = None;
     let mut from = Vec::new();
-    for e in &entries {
-        let covers = e
-            .ports
-            .get(PCLASS_TCP)
-            .copied()
-            .flatten()
-            .is_some_and(|(lo, hi)| (lo..=hi).contains(&port));
-        if e.dir != DIR_INGRESS
-            || !slot_admits(e.slot)
-            || e.slot >> SLOT_KIND_SHIFT == SLOT_KIND_PEER
-            || e.nets.is_empty()
-            || !covers
-            || seen.contains(&e.slot)
-        {
+    for slot in slots {
+        if !slot_admits(slot) || slot >> SLOT_KIND_SHIFT == SLOT_KIND_PEER {
             continue;
         }
-        seen.push(e.slot);
-        let name = slots
-            .get((e.slot & SLOT_INDEX_MASK) as usize)
+        let name = image
+            .slots
+            .get((slot & SLOT_INDEX_MASK) as usize)
             .map_or("", |s| s.name.as_str());
         if name == "ssh" {
             from.push(describe_sources("the SSH exemption", &rules.ssh.sources));
         } else if let Some(id) = name.strip_prefix("rule:")
-            && let Some(rule) = rules.ingress_rules.iter().find(|r| r.id == id)
+            && let Some(rule) = by_id
+                .get_or_insert_with(|| {
+                    rules
+                        .ingress_rules
+                        .iter()
+                        .map(|r| (r.id.as_str(), r))
+                        .collect()
+                })
+                .get(id)
         {
             let on = if rule.interfaces.is_empty() {
                 String::new()
