@@ -19,6 +19,7 @@
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
+//! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN) |
 //!
 //! The LRU map has the connection table's key and value types, size and
 //! flags (`CONNTRACK6` in `conntrack.rs`: `FlowKey` -> `Flow`,
@@ -154,6 +155,17 @@ mod programs {
             Some(d) => pass_unless(*d == u32::MAX),
             None => xdp_action::XDP_ABORTED,
         }
+    }
+
+    #[xdp]
+    pub fn floor_lru16_update(_ctx: XdpContext) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 3, 6];
+        let flow = Flow {
+            last_seen_ns: 1,
+            state: 1,
+            _pad: [0; 7],
+        };
+        pass_unless(FLOOR_LRU16.insert(&k, &flow, 0).is_err())
     }
 
     #[xdp]

@@ -8,12 +8,12 @@
 //! | `trunc`   | IPv4 TCP, header cut after 10 bytes     | + IPv4 header parse (then malformed: no event)           |
 //! | `frag`    | IPv4 TCP fragment at offset 1 (8 bytes) | as `trunc`, dropped as a fragment: + drop event (budget) |
 //! | `est`     | IPv4 SYN-ACK of a flow this host opened | + L4 parse, connection-table key and lookup (hit)        |
-//! | `denied`  | IPv4 SYN no rule admits                 | + L4, generation, deny sets, rules (no match), drop event |
+//! | `denied`  | IPv4 SYN no rule admits                 | + L4, generation, deny sets, rules (no match), lookup (miss), drop event |
 //! | `allowed` | IPv4 SYN a rule admits                  | + rules (match), INBOUND miss, EMBRYO update, counters   |
 //!
-//! A SYN without ACK does not look up the connection table (it asks it
-//! only when the policy would drop it, and these flows are not open), so
-//! `denied` and `allowed` carry no connection-table lookup.
+//! A SYN without ACK looks up the connection table only when the policy
+//! would drop it (`policy::established`): `denied` does, after the rules;
+//! `allowed` does not.
 //!
 //! Each round runs every class once (interleaved); a stage's cost is the
 //! difference of two classes within a round, and the figure is the median
@@ -229,7 +229,7 @@ pub fn floor_round(floors: &[OwnedFd], frames: &[Vec<u8>]) -> Vec<f64> {
 /// how each is computed from a round's class costs `v` (in `names` order)
 /// and floor costs net of the empty program `n` (in `floors::PROGRAMS`
 /// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6,
-/// coarse 7, lru16 miss 8, hash 9).
+/// coarse 7, lru16 miss 8, hash 9, lru16 update 10).
 type Derive = fn(&[f64], &[f64], f64) -> (f64, f64);
 const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
@@ -254,16 +254,16 @@ const STAGES: [(&str, &str, &str, Derive); 6] = [
         |v, n, _| (v[3] - v[1], n[3] + n[7]),
     ),
     (
-        "new, denied: L4 + generation + deny + rules",
+        "new, denied: L4 + generation + rules + conntrack miss",
         "denied - trunc - event",
-        "2 array + hash",
-        |v, n, _| (v[4] - v[1] - (v[2] - v[1]), 2.0 * n[1] + n[9]),
+        "2 array + hash + lru16",
+        |v, n, _| (v[4] - v[1] - (v[2] - v[1]), 2.0 * n[1] + n[9] + n[8]),
     ),
     (
-        "new, allowed: + rules match + INBOUND + counter",
+        "new, allowed: + rules match + INBOUND miss + EMBRYO",
         "allowed - trunc",
-        "2 array + hash + lru16 + coarse + counter",
-        |v, n, _| (v[5] - v[1], 2.0 * n[1] + n[9] + n[8] + n[7] + n[2]),
+        "2 array + hash + lru16 + update + coarse + counter",
+        |v, n, _| (v[5] - v[1], 2.0 * n[1] + n[9] + n[8] + n[10] + n[7] + n[2]),
     ),
 ];
 
