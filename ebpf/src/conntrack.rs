@@ -456,14 +456,29 @@ pub fn open_ingress(ip: &Ip) {
 }
 
 /// Ingress: whether `ip` belongs to a live flow this host opened; refreshes
-/// it. Inbound flows do not count: the rules decide those.
+/// it. Inbound flows do not count: the rules decide those. `Lookup::NotSyn`:
+/// a TCP SYN without ACK is not looked up (`false`, as a miss).
 #[inline(always)]
-pub fn match_ingress(ip: &Ip) -> bool {
-    by_family!(ip, Dir::In, |key| match_ingress_key(ip, key), false)
+pub fn match_ingress(ip: &Ip, lookup: Lookup) -> bool {
+    by_family!(ip, Dir::In, |key| match_ingress_key(ip, key, lookup), false)
+}
+
+/// Which packets [`match_ingress`] looks up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Lookup {
+    All,
+    /// All but a TCP SYN without ACK.
+    NotSyn,
 }
 
 #[inline(always)]
-fn match_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
+fn match_ingress_key<K: Key>(ip: &Ip, key: &K, lookup: Lookup) -> bool {
+    // The SYN is skipped here, with its key built, where a miss would end:
+    // its path then joins the misses', so the verifier walks the policy
+    // after it once, not once more for SYNs.
+    if lookup == Lookup::NotSyn && opens_tcp_connection(ip) {
+        return false;
+    }
     let Some((flow, now)) = live(Origin::Out, key) else {
         return false;
     };

@@ -18,6 +18,8 @@
 //! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (conntrack refresh, the event budget) |
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
+//! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
+//! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN) |
 //!
 //! The LRU map has the connection table's key and value types, size and
 //! flags (`CONNTRACK6` in `conntrack.rs`: `FlowKey` -> `Flow`,
@@ -35,7 +37,7 @@ mod programs {
         bindings::xdp_action,
         helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{map, xdp},
-        maps::{Array, LruHashMap, PerCpuArray},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
     };
     use portcullis_common::{CONNTRACK_DEFAULT_ENTRIES, Counter, Flow, FlowKey, Reason};
@@ -52,6 +54,14 @@ mod programs {
 
     #[map]
     static FLOOR_ARRAY: Array<u64> = Array::with_max_entries(2, 0);
+
+    /// As `IFDIR` (`rules.rs`): a small hash of `u64` keys; the benchmark
+    /// inserts the key `floor_hash` looks up ([`HASH_KEY`]).
+    #[map]
+    static FLOOR_HASH: HashMap<u64, u32> = HashMap::with_max_entries(64, 0);
+
+    /// Generation 0, ifindex 1: an `IFDIR` key.
+    const HASH_KEY: u64 = 1;
 
     #[map]
     static FLOOR_COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
@@ -136,6 +146,26 @@ mod programs {
             Some(f) => pass_unless(f.state == u8::MAX),
             None => xdp_action::XDP_PASS,
         }
+    }
+
+    #[xdp]
+    pub fn floor_hash(_ctx: XdpContext) -> u32 {
+        // SAFETY: the value is only read, as a copy.
+        match unsafe { FLOOR_HASH.get(&HASH_KEY) } {
+            Some(d) => pass_unless(*d == u32::MAX),
+            None => xdp_action::XDP_ABORTED,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_lru16_update(_ctx: XdpContext) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 3, 6];
+        let flow = Flow {
+            last_seen_ns: 1,
+            state: 1,
+            _pad: [0; 7],
+        };
+        pass_unless(FLOOR_LRU16.insert(&k, &flow, 0).is_err())
     }
 
     #[xdp]

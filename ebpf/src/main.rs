@@ -37,13 +37,16 @@ mod programs {
         programs::{TcContext, XdpContext},
     };
     use portcullis_common::{
-        DIR_EGRESS, DIR_INGRESS, Reason, SETTING_EGRESS_ALLOWLIST, SETTING_EGRESS_VOLUME,
-        SETTING_PASS_ALL,
+        DIR_EGRESS, DIR_INGRESS, EXPLAIN_UNSET, Reason, SETTING_EGRESS_ALLOWLIST,
+        SETTING_EGRESS_VOLUME, SETTING_PASS_ALL,
     };
 
     use aya_ebpf::EbpfContext as _;
 
-    use crate::{events, explain, maps, parse, policy, rules, volume};
+    use crate::{
+        conntrack::{self, Lookup},
+        events, explain, maps, parse, policy, rules, volume,
+    };
 
     /// The live generation and its settings, read once for this packet.
     #[inline(always)]
@@ -102,13 +105,28 @@ mod programs {
             }
         };
         // A packet of a flow this host opened passes on the connection table
-        // alone: it needs neither the live generation nor its settings.
-        if policy::established(&ip) {
+        // alone: it needs neither the live generation nor its settings. A
+        // TCP SYN without ACK is a reply only in a simultaneous open (rare):
+        // it meets the policy first and asks the connection table only when
+        // the policy would drop it (verdicts as before: `policy::established`).
+        if policy::established(&ip, Lookup::NotSyn) {
             maps::count(Reason::PassEstablished, bytes);
             return xdp_action::XDP_PASS;
         }
         let c = self::ctx();
-        let reason = policy::decide(ctx, &ip, &c, bytes);
+        let mut reason = policy::decide(ctx, &ip, &c, bytes);
+        // (Asked again, not kept: a flag live across `decide` would have the
+        // verifier walk the policy once for each of its values.)
+        if !reason.passes()
+            && conntrack::opens_tcp_connection(&ip)
+            && policy::established(&ip, Lookup::All)
+        {
+            if explain::on() {
+                // A deny set the policy matched did not decide.
+                explain::deny_set(EXPLAIN_UNSET);
+            }
+            reason = Reason::PassEstablished;
+        }
         maps::count(reason, bytes);
         if !reason.passes() {
             events::report(&ip, reason, DIR_INGRESS, ctx.ingress_ifindex() as u32);

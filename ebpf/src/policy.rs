@@ -1,7 +1,8 @@
 //! Stage 2: decide. A function of the parsed frame, the connection table and
 //! the maps the control plane wrote; every branch ends in exactly one
 //! [`Reason`]. The order (ingress): flows this host opened (`established`,
-//! called first by `main.rs`), later fragments, what a host always needs
+//! called first by `main.rs`; for a TCP SYN without ACK last, only when
+//! the rest would drop it), later fragments, what a host always needs
 //! (neighbour discovery, DHCP replies to its own requests, ICMP errors about
 //! its tracked flows), the deny sets (`deny::denied`) and the rate limiter's
 //! bans (`ratelimit::banned`), the rules (the list of the interface the
@@ -22,7 +23,7 @@ use portcullis_common::{
 };
 
 use crate::{
-    conntrack::{self, Dir, Origin},
+    conntrack::{self, Dir, Lookup, Origin},
     deny, fqdn,
     parse::{self, Frame, Ip, Packet},
     ratelimit, rules,
@@ -91,9 +92,18 @@ pub fn later_fragment(ip: &Ip, dir: u8) -> Reason {
 /// host opened (`Reason::PassEstablished`; the caller counts it). A first
 /// fragment of one is remembered, so its later fragments pass too. Later
 /// fragments have no ports: never.
+///
+/// A TCP SYN without ACK is asked after [`decide`] instead, and only when
+/// the policy would drop it: such a SYN belongs to a flow this host opened
+/// only in a simultaneous open, so new connections (admitted or not) skip
+/// the lookup, and the verdict of every SYN stays what it was when this
+/// was asked first. What the policy did on the way stays done (a deny
+/// set's drop counter, a rate-limit charge or ban, a half-open entry), and
+/// a SYN the policy admits is counted as its rule's (`pass_rule`), not as
+/// `pass_established`.
 #[inline(always)]
-pub fn established(ip: &Ip) -> bool {
-    if ip.later_fragment || !conntrack::match_ingress(ip) {
+pub fn established(ip: &Ip, lookup: Lookup) -> bool {
+    if ip.later_fragment || !conntrack::match_ingress(ip, lookup) {
         return false;
     }
     if ip.fragment {

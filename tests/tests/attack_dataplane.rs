@@ -885,3 +885,111 @@ fn a_forged_rst_does_not_cut_an_outbound_connection() {
         .expect("the server's data after 12 s was dropped: a forged RST cut the connection");
     assert_eq!(&buf, b"pushed\n");
 }
+
+// ---- A TCP simultaneous open; a stray SYN -------------------------------------
+
+/// The kernel's state of TCP socket `s` (`TCP_INFO`'s `tcpi_state`):
+/// 2 SYN_SENT, 3 SYN_RECV.
+fn tcp_state(s: &Socket) -> u8 {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes;
+    // `s` is an open socket.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            std::ptr::from_mut(&mut info).cast(),
+            &mut len,
+        );
+        assert_eq!(r, 0, "TCP_INFO: {}", io::Error::last_os_error());
+        info.tcpi_state
+    }
+}
+
+/// A TCP simultaneous open of a connection this host started: the other
+/// end's SYN without ACK crosses this host's SYN. A SYN meets the policy
+/// before the connection table (`policy::established`), which it asks only
+/// when the policy would drop the SYN: this one, which no rule admits,
+/// still passes as a packet of the flow this host opened, and the host's
+/// stack answers it (its socket moves to SYN_RECV). The same SYN to a port
+/// with no flow (a listener no rule admits) is dropped.
+#[test]
+fn a_simultaneous_open_syn_passes_and_a_syn_of_no_flow_does_not() {
+    require_root!();
+    const REMOTE: &str = "10.200.3.5";
+    const REMOTE_PORT: u16 = 5009;
+    const LISTENER_PORT: u16 = 5011;
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    // REMOTE is routed through the peer, which does not forward: this
+    // host's SYN to it leaves and is never answered, so its socket stays in
+    // SYN_SENT until the other end's SYN arrives.
+    pair.host
+        .ip(&["route", "add", "10.200.3.0/24", "via", PEER_V4])
+        .unwrap();
+    let listener = pair
+        .host
+        .enter(|| TcpListener::bind(sock(HOST_V4, LISTENER_PORT)))
+        .unwrap();
+    let (_cfg, _daemon) = start(&pair, &pins, "");
+    let s = pair
+        .host
+        .enter(|| {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.set_nonblocking(true)?;
+            match s.connect(&sock(REMOTE, REMOTE_PORT).into()) {
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => Ok(s),
+                Err(e) => Err(e),
+                Ok(()) => Err(io::Error::other("connected without an answer")),
+            }
+        })
+        .unwrap();
+    let local = s.local_addr().unwrap().as_socket().unwrap().port();
+    assert_eq!(tcp_state(&s), 2, "not in SYN_SENT");
+    // Let this host's SYN leave (the egress program opens the flow).
+    std::thread::sleep(Duration::from_millis(200));
+
+    let (h, r) = (v4(HOST_V4), v4(REMOTE));
+    let (host_mac, peer_mac) = (mac(&pair.host, HOST_IFACE), mac(&pair.peer, PEER_IFACE));
+    let syn_to = |port: u16| {
+        let t = tcp(r.into(), h.into(), REMOTE_PORT, port, 0x0bad_5eed, 0x02);
+        ethernet(
+            host_mac,
+            peer_mac,
+            ETH_P_IP,
+            &ipv4(r, h, 6, 1, (0, false), t.len(), &t),
+        )
+    };
+    let c = pins.counters().unwrap();
+    send_frames(&pair.peer, PEER_IFACE, &[syn_to(local)]);
+    pins.expect_counter(Reason::PassEstablished, c[&Reason::PassEstablished] + 1);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while tcp_state(&s) != 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        tcp_state(&s),
+        3,
+        "the other end's SYN of a simultaneous open did not reach this host's socket"
+    );
+
+    // The same SYN to a port with no flow: dropped before the listener.
+    send_frames(&pair.peer, PEER_IFACE, &[syn_to(LISTENER_PORT)]);
+    pins.expect_counter(Reason::DropNoRule, c[&Reason::DropNoRule] + 1);
+    pins.expect_counter(Reason::PassEstablished, c[&Reason::PassEstablished] + 1);
+    let pending = pair
+        .host
+        .enter(|| std::fs::read_to_string("/proc/thread-self/net/tcp"))
+        .unwrap();
+    let port = format!(":{LISTENER_PORT:04X} ");
+    assert!(
+        !pending
+            .lines()
+            .any(|l| l.contains(&port) && l.split_whitespace().nth(3) == Some("03")),
+        "a SYN of no flow reached the listener:\n{pending}"
+    );
+    drop(listener);
+}

@@ -565,3 +565,26 @@ fn readers_may_explain_but_not_change_the_egress_policy() {
     );
     assert!(said(&out).contains("may not"), "{}", said(&out));
 }
+
+/// The other end's SYN of a TCP simultaneous open, from a source in a deny
+/// set, on a flow this host opened after the ban: the deny set would drop
+/// it, the connection table (asked after the policy for a SYN) passes it,
+/// and `explain` says so without naming the deny set that did not decide.
+#[test]
+fn a_simultaneous_open_syn_from_a_banned_source_explains_as_established() {
+    require_root!();
+    let env = Env::new();
+    let (h4, p4) = (HOST_V4, PEER_V4);
+    env.ok(&["deny", "add", "bad", p4]);
+    let e = env.explain(&format!("in tcp {p4}:9000 -> {h4}:40000"), &[]);
+    assert_eq!(e["live"]["reason"], "drop_denied", "{e}");
+    assert_eq!(e["live"]["deny_set"], "bad", "{e}");
+    // This host may still connect out to it (deny sets are inbound).
+    let open = connect_from(&env.pair.host, h4, sock(p4, 9000))
+        .expect("connection to the egress rule's port");
+    let local = open.local_addr().unwrap().port();
+    let e = env.explain(&format!("in tcp {p4}:9000 -> {h4}:{local}"), &[]);
+    assert_eq!(e["live"]["reason"], "pass_established", "{e}");
+    assert!(e["live"]["deny_set"].is_null(), "{e}");
+    drop(open);
+}

@@ -5,7 +5,8 @@
 //! The model is written from the documented semantics, independently of the
 //! data path's code: a plain parser (VLAN, IPv4 IHL, the IPv6 extension
 //! chain, transport headers, bounds: the frame's and what the IP header says
-//! the packet holds) and the decision order (connection table, DHCP replies
+//! the packet holds) and the decision order (connection table (for a TCP
+//! SYN without ACK: after the rules, when they would drop it), DHCP replies
 //! after a request, neighbour discovery, pings, rules by the one-by-one
 //! reference evaluator; ICMP meets them with its type and code). Its connection table keeps what this host opened
 //! apart from inbound flows the rules admitted, which never admit a packet
@@ -372,12 +373,16 @@ impl Model {
         if ip.later_fragment {
             return None;
         }
-        if Model::flow(&ip, false).is_some_and(|f| self.flows.contains(&f)) {
+        // A flow this host opened; a TCP SYN without ACK (a simultaneous
+        // open) only when the policy would drop it.
+        let opened = Model::flow(&ip, false).is_some_and(|f| self.flows.contains(&f));
+        let syn = ip.proto == TCP && ip.flags & (0x02 | 0x10) == 0x02;
+        if opened && !syn {
             return Some(Reason::PassEstablished);
         }
         let dhcp = if ip.family == 6 { (547, 546) } else { (67, 68) };
         let requested = self.dhcp_requested[usize::from(ip.family == 6)];
-        Some(match ip.proto {
+        let reason = match ip.proto {
             TCP => self.rules(&ip, PCLASS_TCP, ip.dport, Reason::DropNoRule),
             UDP if (ip.sport, ip.dport) == dhcp && requested => Reason::PassDhcp,
             UDP => self.rules(&ip, PCLASS_UDP, ip.dport, Reason::DropNoRule),
@@ -402,6 +407,11 @@ impl Model {
                 }
             }
             _ => self.rules(&ip, PCLASS_OTHER, 0, Reason::DropProtocol),
+        };
+        Some(if opened && !reason.passes() {
+            Reason::PassEstablished
+        } else {
+            reason
         })
     }
 
@@ -494,7 +504,8 @@ fn reply(rng: &mut Xorshift, out: &[u8]) -> Option<Vec<u8>> {
             TCP => p.tcp(
                 ip.dport,
                 ip.sport,
-                *rng.pick(&[SYN | ACK, ACK, 0x04, 0x01 | ACK]),
+                // A bare SYN: the other end of a simultaneous open.
+                *rng.pick(&[SYN | ACK, ACK, 0x04, 0x01 | ACK, SYN]),
             ),
             UDP => p.udp(ip.dport, ip.sport),
             ICMP if ip.icmp_type == 8 => p.icmp(0, 0, ip.icmp_id, b"fuzz"),
@@ -675,6 +686,7 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
     let mut rng = Xorshift(0x5eed_cafe_f00d_0001);
     let (mut inside, mut total) = (0u32, 0u32);
     let mut reasons = HashMap::new();
+    let mut simultaneous = [0u32; 2];
     for round in 0..40u16 {
         kernel.clear_flows();
         model.flows.clear();
@@ -723,7 +735,17 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
                 &format!("round {round} ingress {i}"),
             ) {
                 inside += 1;
-                *reasons.entry(model.verdict(&b).unwrap()).or_insert(0u32) += 1;
+                let reason = model.verdict(&b).unwrap();
+                *reasons.entry(reason).or_insert(0u32) += 1;
+                // The other end's SYN of a simultaneous open: admitted by
+                // the policy, or by the connection table when it would not.
+                if let Some(Frame::Ip(ip)) = parse(&b)
+                    && ip.proto == TCP
+                    && ip.flags & (SYN | ACK) == SYN
+                    && Model::flow(&ip, false).is_some_and(|f| model.flows.contains(&f))
+                {
+                    simultaneous[usize::from(reason == Reason::PassEstablished)] += 1;
+                }
             }
         }
     }
@@ -745,6 +767,10 @@ fn random_and_mutated_packets_get_the_reference_verdicts() {
             "no {r:?} in {reasons:?}"
         );
     }
+    assert!(
+        simultaneous[0] > 0 && simultaneous[1] > 0,
+        "simultaneous-open SYNs (admitted by the policy, by the connection table): {simultaneous:?}"
+    );
     assert!(
         inside * 10 > total * 8,
         "too much outside the model: {inside} of {total}"

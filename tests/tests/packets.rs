@@ -446,6 +446,41 @@ fn connection_table_admits_replies_and_related_errors_only() {
     }
 }
 
+/// A TCP SYN without ACK meets the rules before the connection table: the
+/// other end's SYN of a simultaneous open of a flow this host opened passes
+/// either way, counted as the rule's when one admits it and as established
+/// when none does (the table is asked only then); a SYN of no flow that no
+/// rule admits is dropped.
+#[test]
+fn a_syn_meets_the_rules_before_the_connection_table() {
+    require_root!();
+    let mut b = Bench::new();
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        b.egress(&Pkt::new(h, p).tcp(41000, 443, SYN).bytes());
+        b.egress(&Pkt::new(h, p).tcp(8080, 50000, SYN).bytes());
+        b.expect(
+            "simultaneous open, no rule admits",
+            &Pkt::new(p, h).tcp(443, 41000, SYN).bytes(),
+            Reason::PassEstablished,
+        );
+        b.expect(
+            "simultaneous open, a rule admits",
+            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        b.expect(
+            "a syn of no flow",
+            &Pkt::new(p, h).tcp(443, 41001, SYN).bytes(),
+            Reason::DropNoRule,
+        );
+        b.expect(
+            "after it, the flow's ack",
+            &Pkt::new(p, h).tcp(443, 41000, ACK).bytes(),
+            Reason::PassEstablished,
+        );
+    }
+}
+
 #[test]
 fn echo_requests_follow_the_configuration() {
     require_root!();

@@ -14,7 +14,7 @@ use portcullis::testrun::FLOOR_OBJECT;
 use portcullis_common::{Flow, FlowKey};
 
 /// The floor programs, in the order printed: (program, what it does).
-pub const PROGRAMS: [(&str, &str); 9] = [
+pub const PROGRAMS: [(&str, &str); 11] = [
     ("floor_empty", "empty program (call + return)"),
     ("floor_array", "one array read"),
     ("floor_counter", "one per-CPU counter update"),
@@ -24,6 +24,8 @@ pub const PROGRAMS: [(&str, &str); 9] = [
     ("floor_parse", "bounds-checked eth/IP/L4 parse"),
     ("floor_coarse", "one bpf_ktime_get_coarse_ns"),
     ("floor_lru16_miss", "one LRU lookup, 16-byte key, miss"),
+    ("floor_hash", "one hash lookup, u64 key, hit"),
+    ("floor_lru16_update", "one LRU update, 16-byte key"),
 ];
 
 pub struct Floors {
@@ -34,8 +36,9 @@ pub struct Floors {
 }
 
 impl Floors {
-    /// Loads the floor programs, inserts the key `floor_lru_hit` finds and
-    /// attaches each program to one end of veth pairs `floorN`.
+    /// Loads the floor programs, inserts the keys `floor_lru_hit` and
+    /// `floor_hash` find and attaches each program to one end of veth pairs
+    /// `floorN`.
     pub fn load(ip: impl Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<Self> {
         let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
         {
@@ -61,6 +64,14 @@ impl Floors {
                 },
                 0,
             )?;
+        }
+        {
+            // The key `floor_hash` finds (generation 0, ifindex 1).
+            let map = ebpf
+                .map_mut("FLOOR_HASH")
+                .ok_or_else(|| anyhow::anyhow!("FLOOR_HASH missing"))?;
+            let mut hash: BpfHashMap<&mut MapData, u64, u32> = BpfHashMap::try_from(map)?;
+            hash.insert(&1, &1, 0)?;
         }
         let mut fds = Vec::new();
         let mut links = Vec::new();

@@ -106,6 +106,9 @@ pub struct Report {
     pub control: Control,
     pub floors: Vec<Floor>,
     pub start: crate::start::StartReport,
+    /// What later features add per packet, against their floors
+    /// (`stages::increments`).
+    pub increments: crate::stages::Increments,
 }
 
 impl Report {

@@ -8,30 +8,47 @@
 //! | `trunc`   | IPv4 TCP, header cut after 10 bytes     | + IPv4 header parse (then malformed: no event)           |
 //! | `frag`    | IPv4 TCP fragment at offset 1 (8 bytes) | as `trunc`, dropped as a fragment: + drop event (budget) |
 //! | `est`     | IPv4 SYN-ACK of a flow this host opened | + L4 parse, connection-table key and lookup (hit)        |
-//! | `denied`  | IPv4 SYN no rule admits                 | + L4, lookup (miss), rules (no match), drop event        |
-//! | `allowed` | IPv4 SYN a rule admits                  | + lookup (miss), rules (match), INBOUND update, counters |
+//! | `denied`  | IPv4 SYN no rule admits                 | + L4, generation, deny sets, rules (no match), lookup (miss), drop event |
+//! | `allowed` | IPv4 SYN a rule admits                  | + rules (match), INBOUND miss, EMBRYO update, counters   |
+//!
+//! A SYN without ACK looks up the connection table only when the policy
+//! would drop it (`policy::established`): `denied` does, after the rules;
+//! `allowed` does not.
 //!
 //! Each round runs every class once (interleaved); a stage's cost is the
 //! difference of two classes within a round, and the figure is the median
 //! of the rounds' differences (so a slow round moves both sides).
+//!
+//! **Increments of later features** ([`increments`]): what a feature adds
+//! to a packet that reaches it, as the difference of the same frames under
+//! two rule sets that differ only by that feature, alternated within each
+//! round (the set is made live between the two runs), against the floor of
+//! what the feature does:
+//!
+//! | increment | frames | with / without |
+//! |-----------|--------|----------------|
+//! | interface-scoped rules | IPv4 SYNs no rule admits (ingress) | a rule naming the interface the frames arrive on (`IFDIR` has its entry) / none |
+//! | FQDN check | IPv4 SYNs outside this host's flows that no egress rule admits (egress, allowlist) | an FQDN egress rule (the DNS guard on: `FQDN_DEST` asked) / none |
 
 use std::{
     net::{IpAddr, Ipv4Addr},
-    os::fd::BorrowedFd,
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
 };
 
 use portcullis::{
+    compile::{self, Limits},
     dataplane::{Dataplane, Program},
-    rules::RuleSet,
+    rules::{EgressMode, FirewallRule, RuleSet},
     testrun,
 };
+use portcullis_common::Reason;
 use portcullis_tests::packet::*;
 use rand::{RngExt as _, rngs::StdRng};
 use serde::Serialize;
 
 use crate::report::Stat;
 
-const FRAMES: usize = 256;
+pub const FRAMES: usize = 256;
 const REPEAT: u32 = 50;
 
 pub struct Classes {
@@ -50,6 +67,10 @@ pub struct Stages {
     pub classes: Vec<(String, Stat)>,
     pub stages: Vec<Stage>,
 }
+
+/// The increments of later features ([`increments`]): rows shaped as the
+/// stages (`how` names the two runs whose difference it is).
+pub type Increments = Vec<Stage>;
 
 #[derive(Debug, Serialize)]
 pub struct Stage {
@@ -140,17 +161,34 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
     Ok(c)
 }
 
-/// Each class gets the verdict reason the table above says (so its cost
-/// is the stages it names): one frame of each, counted by reason.
-fn check(c: &Classes, dp: &mut Dataplane) -> anyhow::Result<()> {
-    use portcullis_common::Reason;
+/// Runs `frame` once through `program` and checks it was counted as
+/// `reason` (so its cost is the stages that reason takes).
+pub fn expect_reason(
+    dp: &mut Dataplane,
+    program: Program,
+    what: &str,
+    frame: &[u8],
+    reason: Reason,
+) -> anyhow::Result<()> {
     let pins = dp.pin_dir().to_owned();
-    let count = |reason: Reason| -> anyhow::Result<u64> {
+    let count = || -> anyhow::Result<u64> {
         Ok(portcullis::dataplane::read_counters(&pins)?
             .into_iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, c)| c.packets))
     };
+    let before = count()?;
+    dp.test_run(program, frame, 1)?;
+    anyhow::ensure!(
+        count()? == before + 1,
+        "{what}: the {program:?} program did not count it as {reason:?}"
+    );
+    Ok(())
+}
+
+/// Each class gets the verdict reason the table above says (so its cost
+/// is the stages it names): one frame of each, counted by reason.
+fn check(c: &Classes, dp: &mut Dataplane) -> anyhow::Result<()> {
     let expect = [
         ("arp", &c.arp, Reason::PassArp),
         ("trunc", &c.trunc, Reason::DropMalformed),
@@ -163,12 +201,13 @@ fn check(c: &Classes, dp: &mut Dataplane) -> anyhow::Result<()> {
         let Some(frame) = frames.first() else {
             continue;
         };
-        let before = count(reason)?;
-        dp.test_run(Program::Ingress, frame, 1)?;
-        anyhow::ensure!(
-            count(reason)? == before + 1,
-            "stage class {name}: the ingress program did not count it as {reason:?}"
-        );
+        expect_reason(
+            dp,
+            Program::Ingress,
+            &format!("stage class {name}"),
+            frame,
+            reason,
+        )?;
     }
     Ok(())
 }
@@ -182,15 +221,15 @@ fn ns(fd: BorrowedFd<'_>, frames: &[Vec<u8>]) -> f64 {
 }
 
 /// Mean ns/packet of each floor program over `frames`, per round.
-pub fn floor_round(floors: &[std::os::fd::OwnedFd], frames: &[Vec<u8>]) -> Vec<f64> {
-    use std::os::fd::AsFd as _;
+pub fn floor_round(floors: &[OwnedFd], frames: &[Vec<u8>]) -> Vec<f64> {
     floors.iter().map(|f| ns(f.as_fd(), frames)).collect()
 }
 
 /// The stages: (name, classes, floor programs it is compared with) and
 /// how each is computed from a round's class costs `v` (in `names` order)
 /// and floor costs net of the empty program `n` (in `floors::PROGRAMS`
-/// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6).
+/// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6,
+/// coarse 7, lru16 miss 8, hash 9, lru16 update 10).
 type Derive = fn(&[f64], &[f64], f64) -> (f64, f64);
 const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
@@ -211,31 +250,26 @@ const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
         "established: L4 + conntrack hit + age check",
         "est - trunc",
-        "lru hit + ktime",
-        |v, n, _| (v[3] - v[1], n[3] + n[5]),
+        "lru hit + coarse",
+        |v, n, _| (v[3] - v[1], n[3] + n[7]),
     ),
     (
-        "new, denied: L4 + conntrack miss + rules",
+        "new, denied: L4 + generation + rules + conntrack miss",
         "denied - trunc - event",
-        "lru miss",
-        |v, n, _| (v[4] - v[1] - (v[2] - v[1]), n[4]),
+        "2 array + hash + lru16",
+        |v, n, _| (v[4] - v[1] - (v[2] - v[1]), 2.0 * n[1] + n[9] + n[8]),
     ),
     (
-        "new, allowed: + rules match + INBOUND + counter",
+        "new, allowed: + rules match + INBOUND miss + EMBRYO",
         "allowed - trunc",
-        "2 lru + ktime + counter",
-        |v, n, _| (v[5] - v[1], n[4] + n[3] + n[5] + n[2]),
+        "2 array + hash + lru16 + update + coarse + counter",
+        |v, n, _| (v[5] - v[1], 2.0 * n[1] + n[9] + n[8] + n[10] + n[7] + n[2]),
     ),
 ];
 
 /// Runs the classes interleaved with the floor programs for `rounds`
 /// rounds and derives the stages.
-pub fn measure(
-    fd: BorrowedFd<'_>,
-    c: &Classes,
-    floors: &[std::os::fd::OwnedFd],
-    rounds: usize,
-) -> Stages {
+pub fn measure(fd: BorrowedFd<'_>, c: &Classes, floors: &[OwnedFd], rounds: usize) -> Stages {
     let names = ["arp", "trunc", "frag", "est", "denied", "allowed"];
     let sets = [&c.arp, &c.trunc, &c.frag, &c.est, &c.denied, &c.allowed];
     let mut abs: Vec<Vec<f64>> = vec![vec![]; names.len()];
@@ -275,4 +309,135 @@ pub fn measure(
             })
             .collect(),
     }
+}
+
+/// A TCP rule admitting `port` from `ip_ranges`: ingress, on `interfaces`
+/// (all when empty), or egress to `names` (an FQDN rule).
+fn rule(
+    id: &str,
+    port: u32,
+    ip_ranges: &[&str],
+    names: &[&str],
+    interfaces: &[&str],
+) -> FirewallRule {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+    FirewallRule {
+        id: id.into(),
+        from_port: port,
+        to_port: port,
+        ip_ranges: strings(ip_ranges),
+        names: strings(names),
+        protocol: Default::default(),
+        description: None,
+        icmp_types: Vec::new(),
+        expires: None,
+        rate: None,
+        burst: None,
+        interfaces: strings(interfaces),
+    }
+}
+
+/// The increments of later features (the module's second table), on a
+/// data path of its own loaded with `set` (egress an allowlist), attached
+/// to `ifname` (so a test run stays in the XDP dispatcher). "With" adds an
+/// ingress rule naming `lo` (a test run's frames arrive on the loopback
+/// interface) that the frames do not match, and an FQDN egress rule (to a
+/// port the frames do not go to). Each of `rounds` rounds runs both sets'
+/// frames (the order alternating) and the floor programs.
+pub fn increments(
+    set: &RuleSet,
+    rng: &mut StdRng,
+    floors: &[OwnedFd],
+    ifname: &str,
+    rounds: usize,
+) -> anyhow::Result<Increments> {
+    let local = "10.200.0.1";
+    let mut without = set.clone();
+    without.egress = Some(EgressMode::Allowlist);
+    let mut with = without.clone();
+    with.ingress_rules
+        .push(rule("scoped", 1, &["192.0.2.1/32"], &[], &["lo"]));
+    with.egress_rules
+        .push(rule("by-name", 443, &[], &["bench.test"], &[]));
+    let limits = Limits::default();
+    let images = [
+        compile::compile(&without, &limits)?,
+        compile::compile(&with, &limits)?,
+    ];
+    let pins = portcullis_tests::PinDir::new()?;
+    let mut dp = Dataplane::load(pins.path(), 65536, &limits)?;
+    dp.apply(&images[0], false)?;
+    dp.attach_ingress(ifname)?;
+    let (ingress, egress): (Vec<_>, Vec<_>) = (0..FRAMES)
+        .map(|i| {
+            let inbound = Pkt::new(&random_v4(rng), local)
+                .tcp(40000, rng.random_range(1024..60000), SYN)
+                .bytes();
+            let outbound = Pkt::new(local, &random_v4(rng))
+                .tcp(40000 + i as u16, 8443, SYN)
+                .bytes();
+            (inbound, outbound)
+        })
+        .unzip();
+    for (image, what) in images.iter().zip(["without", "with"]) {
+        dp.apply(image, false)?;
+        let name = format!("increments, {what} the features");
+        expect_reason(
+            &mut dp,
+            Program::Ingress,
+            &name,
+            &ingress[0],
+            Reason::DropNoRule,
+        )?;
+        expect_reason(
+            &mut dp,
+            Program::Egress,
+            &name,
+            &egress[0],
+            Reason::DropEgress,
+        )?;
+    }
+    let (fd_in, fd_eg) = (
+        dp.program_fd(Program::Ingress)?,
+        dp.program_fd(Program::Egress)?,
+    );
+    // Per round: (interface rules, FQDN check), each (increment, floor).
+    let mut rows: [(Vec<f64>, Vec<f64>); 2] = Default::default();
+    for round in 0..rounds {
+        let mut v = [[0.0; 2]; 2];
+        for k in [round % 2, 1 - round % 2] {
+            dp.apply(&images[k], false)?;
+            v[k] = [ns(fd_in.as_fd(), &ingress), ns(fd_eg.as_fd(), &egress)];
+        }
+        let f = floor_round(floors, &ingress);
+        let n: Vec<f64> = f.iter().map(|x| x - f[0]).collect();
+        rows[0].0.push(v[1][0] - v[0][0]);
+        rows[0].1.push(n[9]);
+        rows[1].0.push(v[1][1] - v[0][1]);
+        rows[1].1.push(2.0 * n[9] + 2.0 * n[1]);
+    }
+    let what = [
+        (
+            "interface-scoped rules (ingress, new traffic)",
+            "SYN, a rule names its interface - none does",
+            "hash",
+        ),
+        (
+            "FQDN check (egress allowlist, outside this host's flows)",
+            "SYN, an FQDN rule exists - none does",
+            "2 hash + 2 array",
+        ),
+    ];
+    Ok(what
+        .into_iter()
+        .zip(rows)
+        .map(|((stage, how, floor), (v, f))| Stage {
+            stage: stage.into(),
+            how: how.into(),
+            over_floor: Stat::of(v.iter().zip(&f).map(|(a, b)| a - b).collect()),
+            ns: Stat::of(v),
+            floor: floor.into(),
+            floor_ns: Stat::of(f),
+        })
+        .collect())
 }
