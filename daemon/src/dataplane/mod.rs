@@ -120,6 +120,9 @@ pub struct Dataplane {
     /// reading them back (`None` until the first write, and after a failed
     /// one).
     v6_written: [Option<Arc<V6Tables>>; 2],
+    /// When `ACTIVE` last switched: the generation it left may still be
+    /// read by packets in flight until [`SETTLE`] has passed.
+    switched: Option<std::time::Instant>,
     /// `[rate_limit]`: the default limit on new inbound flows per source,
     /// written with each generation (entry 0 of `RATE_LIMITS_g`).
     pub rate_limit: Option<RateLimit>,
@@ -222,6 +225,7 @@ impl Dataplane {
             pass_all: false,
             egress_volume: false,
             v6_written: [None, None],
+            switched: None,
             params,
             explainer: explain::Explainers::default(),
             rate_limit: None,
@@ -265,15 +269,22 @@ impl Dataplane {
     pub fn apply(&mut self, image: &Image, allow_ping: bool) -> anyhow::Result<u32> {
         let live = self.active()?;
         let idle = (1 - live) as usize;
+        // A packet that read `ACTIVE` before the last switch may still be
+        // walking the generation about to be rewritten: wait out what is
+        // left of the settle time (nothing, unless changes come faster).
+        if let Some(left) = self
+            .switched
+            .and_then(|at| SETTLE.checked_sub(at.elapsed()))
+        {
+            std::thread::sleep(left);
+        }
         self.write_generation(idle, image, allow_ping)
             .with_context(|| format!("writing rule generation {idle}"))?;
         let mut active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;
         active
             .set(0, &(idle as u32), 0)
             .context("switching ACTIVE")?;
-        // A packet that read the old value may still be walking the old maps:
-        // let in-flight packets finish before the next update rewrites them.
-        std::thread::sleep(std::time::Duration::from_millis(2));
+        self.switched = Some(std::time::Instant::now());
         Ok(idle as u32)
     }
 
@@ -402,6 +413,10 @@ fn settings_flags(
     }
     flags
 }
+
+/// How long a packet may still read the generation `ACTIVE` just left (an
+/// XDP or TC run is microseconds; this is a wide margin).
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Writes `image` into generation `g` of `ebpf`'s rule maps and its
 /// `SETTINGS[g]`; `before` is what this process last wrote there (the IPv6
