@@ -41,7 +41,7 @@ use portcullis::{
     rules::{EgressMode, FirewallRule, RuleSet},
     testrun,
 };
-use portcullis_common::Reason;
+use portcullis_common::{DIR_INGRESS, PCLASS_TCP, Reason};
 use portcullis_tests::packet::*;
 use rand::{RngExt as _, rngs::StdRng};
 use serde::Serialize;
@@ -123,6 +123,7 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
                 .map(move |n| (n.network(), port))
         })
         .collect();
+    let index = compile::Index::of(&compile::entries(set).0);
     for i in 0..FRAMES {
         let mut t = Pkt::new(&random_v4(rng), local).tcp(40000, 22, SYN).bytes();
         t.truncate(14 + 20 + 10);
@@ -143,11 +144,18 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
         )?;
         c.est
             .push(Pkt::new(&remote, local).tcp(443, port, SYN | ACK).bytes());
-        c.denied.push(
-            Pkt::new(&random_v4(rng), local)
-                .tcp(40000, rng.random(), SYN)
-                .bytes(),
-        );
+        // A source and port no rule admits (at 100k rules random sources
+        // fall inside some /8 rule's range often enough to matter).
+        let (src, port) = loop {
+            let (src, port): (String, u16) = (random_v4(rng), rng.random());
+            let addr: IpAddr = src.parse()?;
+            let slot = index.lookup(DIR_INGRESS, addr, PCLASS_TCP, port);
+            if !portcullis_common::slot_admits(slot) {
+                break (src, port);
+            }
+        };
+        c.denied
+            .push(Pkt::new(&src, local).tcp(40000, port, SYN).bytes());
         if !v4_rules.is_empty() {
             let (src, port) = v4_rules[rng.random_range(0..v4_rules.len())];
             c.allowed.push(
