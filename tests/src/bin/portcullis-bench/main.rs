@@ -922,9 +922,12 @@ fn rss_kib(pid: u32) -> anyhow::Result<f64> {
     status_kib(pid, "VmRSS:")
 }
 
-/// VmRSS once it has settled: sampled every 200 ms until two samples in a
-/// row are within 1% of each other (at most 10 s).
+/// VmRSS once it has settled: after the daemon's one-second sweep has
+/// returned what the change freed (`Core::release_memory`), sampled every
+/// 200 ms until two samples in a row are within 1% of each other (at most
+/// 10 s).
 fn settled_rss_kib(pid: u32) -> anyhow::Result<f64> {
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     let mut last = rss_kib(pid)?;
     for _ in 0..50 {
         std::thread::sleep(std::time::Duration::from_millis(200));
