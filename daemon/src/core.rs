@@ -4,7 +4,7 @@
 //! validate, compile, save, make live; a step that fails leaves the live
 //! rules as they were.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use std::net::IpAddr;
 
@@ -186,25 +186,24 @@ impl Diff {
     }
 
     pub fn between(old: &RuleSet, new: &RuleSet) -> Diff {
-        let index = |s: &RuleSet| -> BTreeMap<String, crate::rules::FirewallRule> {
+        fn index(s: &RuleSet) -> BTreeMap<String, &crate::rules::FirewallRule> {
             s.ingress_rules
                 .iter()
-                .map(|r| (format!("ingress:{}", r.id), r.clone()))
+                .map(|r| (format!("ingress:{}", r.id), r))
                 .chain(
                     s.egress_rules
                         .iter()
-                        .map(|r| (format!("egress:{}", r.id), r.clone())),
+                        .map(|r| (format!("egress:{}", r.id), r)),
                 )
                 .collect()
-        };
+        }
+        fn peers(s: &RuleSet) -> Vec<&String> {
+            s.cluster.iter().flat_map(|c| &c.peers).collect()
+        }
         let (a, b) = (index(old), index(new));
-        let peers = |s: &RuleSet| {
-            s.cluster
-                .as_ref()
-                .map(|c| c.peers.clone())
-                .unwrap_or_default()
-        };
         let (pa, pb) = (peers(old), peers(new));
+        let (in_a, in_b): (HashSet<&String>, HashSet<&String>) =
+            (pa.iter().copied().collect(), pb.iter().copied().collect());
         Diff {
             added: b.keys().filter(|k| !a.contains_key(*k)).cloned().collect(),
             removed: a.keys().filter(|k| !b.contains_key(*k)).cloned().collect(),
@@ -213,8 +212,16 @@ impl Diff {
                 .filter(|(k, r)| b.get(*k).is_some_and(|n| n != *r))
                 .map(|(k, _)| k.clone())
                 .collect(),
-            peers_added: pb.iter().filter(|p| !pa.contains(p)).cloned().collect(),
-            peers_removed: pa.iter().filter(|p| !pb.contains(p)).cloned().collect(),
+            peers_added: pb
+                .iter()
+                .filter(|p| !in_a.contains(*p))
+                .map(|p| p.to_string())
+                .collect(),
+            peers_removed: pa
+                .iter()
+                .filter(|p| !in_b.contains(*p))
+                .map(|p| p.to_string())
+                .collect(),
             ssh_changed: old.ssh != new.ssh,
             egress_changed: (old.egress_policy() != new.egress_policy())
                 .then(|| format!("{} -> {}", old.egress_policy(), new.egress_policy())),
@@ -654,7 +661,14 @@ impl Core {
         next.check_expiries(&self.rules, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&self.rules, &next);
-        let would_cut = self.flows_cut_by(&image);
+        // Listing the open connections walks the kernel's socket tables
+        // (milliseconds however few there are): not for a change that
+        // only adds.
+        let would_cut = if self.rules.only_appends(&next) {
+            Vec::new()
+        } else {
+            self.flows_cut_by(&image)
+        };
         if let Some(session) = &opts.caller_session
             && !opts.force
             && !self.survives(session, &image)

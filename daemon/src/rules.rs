@@ -927,6 +927,30 @@ impl RuleSet {
 
     /// Removes the rules whose expiry is at or before `now` (Unix seconds)
     /// from both lists; returns them.
+    /// Whether `next` is this set with rules (and cluster peers) appended
+    /// and nothing else changed: whatever this set admits, `next` admits
+    /// (each old rule keeps its place, so the first match stays older, and
+    /// a peer admits everything from its address). A change like that
+    /// cuts no open flow, so the core need not list them.
+    pub fn only_appends(&self, next: &RuleSet) -> bool {
+        fn prefix<T: PartialEq>(old: &[T], new: &[T]) -> bool {
+            new.get(..old.len()) == Some(old)
+        }
+        let cluster = match (&self.cluster, &next.cluster) {
+            (None, None) => true,
+            (None, Some(b)) => b.other_clusters.is_empty(),
+            (Some(a), Some(b)) => {
+                a.id == b.id && a.other_clusters == b.other_clusters && prefix(&a.peers, &b.peers)
+            }
+            (Some(_), None) => false,
+        };
+        cluster
+            && prefix(&self.ingress_rules, &next.ingress_rules)
+            && prefix(&self.egress_rules, &next.egress_rules)
+            && self.ssh == next.ssh
+            && self.egress == next.egress
+    }
+
     /// Whether a rule has expired at `now` (a scan, no copy: the sweep
     /// asks every second).
     pub fn has_expired(&self, now: u64) -> bool {
@@ -1414,5 +1438,56 @@ sources = ["203.0.113.0/24"]
         assert_eq!(s.ssh.networks().unwrap().len(), 1);
         assert_eq!(s.ssh.ports, [22]);
         assert_eq!(s.ingress_rules[0].networks(), any());
+    }
+
+    #[test]
+    fn only_appended_rules_and_peers_count_as_widening() {
+        let mut old = RuleSet::default();
+        old.ingress_rules.push(rule("web", 80, 80, &["10.0.0.0/8"]));
+        old.cluster = Some(Cluster {
+            id: "c".into(),
+            peers: vec!["10.1.0.1/32".into()],
+            other_clusters: vec![],
+        });
+        let appended = |f: &dyn Fn(&mut RuleSet)| {
+            let mut next = old.clone();
+            f(&mut next);
+            old.only_appends(&next)
+        };
+        assert!(appended(&|_| {}));
+        assert!(appended(&|n| n.ingress_rules.push(rule(
+            "db",
+            5432,
+            5432,
+            &[]
+        ))));
+        assert!(appended(&|n| n.egress_rules.push(rule(
+            "out",
+            443,
+            443,
+            &[]
+        ))));
+        assert!(appended(&|n| n
+            .cluster
+            .as_mut()
+            .unwrap()
+            .peers
+            .push("10.1.0.2/32".into())));
+        // Anything else may narrow what passes.
+        assert!(!appended(&|n| n
+            .ingress_rules
+            .insert(0, rule("db", 22, 22, &[]))));
+        assert!(!appended(&|n| n.ingress_rules[0].to_port = 81));
+        assert!(!appended(&|n| n.ingress_rules.clear()));
+        assert!(!appended(&|n| n.cluster.as_mut().unwrap().peers.clear()));
+        assert!(!appended(&|n| n
+            .cluster
+            .as_mut()
+            .unwrap()
+            .other_clusters
+            .push("10.9.0.0/16".into())));
+        assert!(!appended(&|n| n.cluster = None));
+        assert!(!appended(&|n| n.ssh.allow = !n.ssh.allow));
+        assert!(!appended(&|n| n.egress = Some(EgressMode::Allowlist)));
     }
 }
