@@ -372,6 +372,91 @@ fn spoil_maps(pins: &PinDir) {
     .unwrap();
 }
 
+/// The capabilities systemd/portcullis.service leaves the daemon
+/// (`CapabilityBoundingSet=`), as `setpriv` arguments: no CAP_SYS_ADMIN, so
+/// no enumeration of the kernel's programs (`BPF_PROG_GET_NEXT_ID`).
+const UNIT_CAPS: [&str; 3] = [
+    "--bounding-set=-all,+bpf,+net_admin,+perfmon,+dac_read_search,+chown",
+    "--inh-caps=-all",
+    "--",
+];
+
+/// `program` in `ns` (or the host's network when `None`) under the unit's
+/// capabilities; checks first that they really lack CAP_SYS_ADMIN.
+fn unit_caps(ns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let out = std::process::Command::new("setpriv")
+        .args(UNIT_CAPS)
+        .args(["sh", "-c", "grep CapEff /proc/self/status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let eff = u64::from_str_radix(text.trim().trim_start_matches("CapEff:").trim(), 16)
+        .unwrap_or_else(|e| panic!("CapEff under setpriv: {text:?}: {e}"));
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    assert!(
+        eff & (1 << CAP_SYS_ADMIN) == 0 && eff & (1 << CAP_BPF) != 0,
+        "setpriv did not give the unit's capabilities: CapEff {eff:x}"
+    );
+    let mut cmd = match ns {
+        Some(ns) => ns.command("setpriv"),
+        None => std::process::Command::new("setpriv"),
+    };
+    cmd.args(UNIT_CAPS).arg(program);
+    cmd
+}
+
+/// Runs the daemon on `config` in `ns` under the unit's capabilities until
+/// it exits (at most 20 s); its status and log.
+fn failed_start_with_unit_caps(
+    ns: &Netns,
+    config: &ConfigFile,
+) -> (std::process::ExitStatus, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = unit_caps(Some(ns), workspace_bin("portcullisd").unwrap())
+        .arg("--config")
+        .arg(config.path())
+        .arg("--state-dir")
+        .arg(config.state_dir())
+        .arg("--socket")
+        .arg(config.socket())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "portcullisd still runs after 20 s:\n{}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(log.path()).unwrap())
+}
+
+/// `portcullis status --pin-dir` without a daemon, under the unit's
+/// capabilities.
+fn status_with_unit_caps(config: &ConfigFile, pins: &PinDir) -> String {
+    let out = unit_caps(None, workspace_bin("portcullis").unwrap())
+        .arg("--socket")
+        .arg(config.socket())
+        .args(["status", "--pin-dir"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A start that fails after the bootstrap went on: with the nftables
 /// fallback in place the bootstrap goes, so the fallback's SSH exemption
 /// reaches the host (as before the bootstrap existed); without a fallback
@@ -391,8 +476,8 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
         }
         tcp_probe_control(&pair.peer, sock(HOST_V4, 22)).unwrap();
         spoil_maps(&pins);
-        let d = Daemon::spawn(&pair.host, &config, &[]).unwrap();
-        let (status, log) = d.expect_exit().unwrap();
+        // Under the shipped unit's capabilities (no CAP_SYS_ADMIN).
+        let (status, log) = failed_start_with_unit_caps(&pair.host, &config);
         assert!(!status.success(), "{log}");
         assert!(log.contains("bootstrap enforcing"), "{log}");
         assert!(log.contains("enforcement cannot start"), "{log}");
@@ -410,6 +495,15 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
             assert!(!log.contains("bootstrap filter removed"), "{log}");
             assert_eq!(pinned_program(&pins).1, bootstrap_name());
             assert!(ssh.is_err(), "SSH reachable with the bootstrap in place");
+            // Status, without a daemon and CAP_SYS_ADMIN, names the
+            // bootstrap and does not claim the rules.
+            let text = status_with_unit_caps(&config, &pins);
+            assert!(
+                text.contains(&format!("Bootstrap:   {HOST_IFACE}:"))
+                    && text.contains("Protected:   NO (bootstrap filter only)")
+                    && !text.contains("enforcement pinned"),
+                "status with the bootstrap left:\n{text}"
+            );
         }
     }
 }

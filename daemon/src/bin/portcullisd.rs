@@ -853,7 +853,7 @@ fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error
 /// as it did before the bootstrap existed. Without the fallback in place
 /// the bootstrap stays (closed).
 fn remove_bootstraps(pin_dir: &Path) {
-    match dataplane::remove_bootstraps(pin_dir) {
+    match dataplane::remove_bootstraps(pin_dir, &[]) {
         Ok(gone) if !gone.is_empty() => {
             warn!(interfaces = %gone.join(", "), "bootstrap filter removed: the nftables fallback governs");
         }

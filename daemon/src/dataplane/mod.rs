@@ -84,7 +84,7 @@ use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
 use attach::ensure_bpffs;
 pub use attach::{
-    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, detach_all, maps_dir, pinned_ingress_program,
+    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, BootstrapTags, detach_all, maps_dir,
     remove_bootstraps, remove_old_layouts,
 };
 pub use counters::read_counters;
