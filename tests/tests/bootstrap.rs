@@ -495,6 +495,13 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
             assert!(!log.contains("bootstrap filter removed"), "{log}");
             assert_eq!(pinned_program(&pins).1, bootstrap_name());
             assert!(ssh.is_err(), "SSH reachable with the bootstrap in place");
+            // What is said is what is true: closed but for ARP/ND, not open.
+            assert!(
+                log.contains(&format!(
+                    "the bootstrap filter on {HOST_IFACE} passes only ARP and neighbour discovery"
+                )) && !log.contains("the host is OPEN"),
+                "{log}"
+            );
             // Status, without a daemon and CAP_SYS_ADMIN, names the
             // bootstrap and does not claim the rules.
             let text = status_with_unit_caps(&config, &pins);

@@ -514,9 +514,13 @@ impl BootstrapTags {
     /// Whether the pinned XDP link of `ifname` runs the bootstrap filter;
     /// `None` when no link is pinned there.
     pub fn runs_on(&self, pin_dir: &Path, ifname: &str) -> anyhow::Result<Option<bool>> {
+        self.runs_on_pin(&link_pin(pin_dir, "xdp", ifname))
+    }
+
+    /// [`BootstrapTags::runs_on`] for the link pinned at `pin`.
+    fn runs_on_pin(&self, pin: &Path) -> anyhow::Result<Option<bool>> {
         use std::os::fd::AsFd as _;
-        let pin = link_pin(pin_dir, "xdp", ifname);
-        let fd = match obj_get(&pin) {
+        let fd = match obj_get(pin) {
             Ok(fd) => fd,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", pin.display())),
@@ -527,6 +531,39 @@ impl BootstrapTags {
     }
 }
 
+/// The interfaces whose pinned XDP link runs the bootstrap filter (none if
+/// that cannot be told: an error names why).
+pub fn bootstrap_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let names = pinned_xdp_interfaces(pin_dir)?;
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let tags = BootstrapTags::load()?;
+    Ok(names
+        .into_iter()
+        .filter(|i| matches!(tags.runs_on(pin_dir, i), Ok(Some(true))))
+        .collect())
+}
+
+/// The interfaces with a pinned XDP link (`links/xdp-<ifname>`), sorted.
+fn pinned_xdp_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let links = pin_dir.join("links");
+    let entries = match fs::read_dir(&links) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", links.display())),
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("xdp-").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// Detaches and unpins the links that still run the bootstrap filter,
 /// except on `keep`: after a failed start once the nftables fallback is in
 /// place (`keep` empty), so the fallback (which admits SSH) governs, as it
@@ -535,19 +572,9 @@ impl BootstrapTags {
 /// full program stay. A link that cannot be checked or removed is logged
 /// and the others are still done. Returns the interfaces.
 pub fn remove_bootstraps(pin_dir: &Path, keep: &[String]) -> anyhow::Result<Vec<String>> {
-    let links = pin_dir.join("links");
-    let entries = match fs::read_dir(&links) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot list {}", links.display())),
-    };
-    let names: Vec<String> = entries
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let ifname = name.strip_prefix("xdp-")?;
-            (!keep.iter().any(|k| k == ifname)).then(|| ifname.to_owned())
-        })
+    let names: Vec<String> = pinned_xdp_interfaces(pin_dir)?
+        .into_iter()
+        .filter(|i| !keep.contains(i))
         .collect();
     if names.is_empty() {
         return Ok(Vec::new());
