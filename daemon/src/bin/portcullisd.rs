@@ -666,7 +666,7 @@ async fn start(
         restored, "live rule set chosen"
     );
     let bootstrapped = bootstrap(config, pin_dir, &targets, &handle).await;
-    test_delay_full_load();
+    test_delay_full_load().await;
     let limits = config.capacity.limits();
     let mut dataplane = load_dataplane(config, pin_dir, &limits)?;
     dataplane.egress_volume = config.egress_volume.enabled;
@@ -824,8 +824,9 @@ async fn bootstrap(
 /// TEST ONLY, debug builds only: `PORTCULLIS_TEST_DELAY_FULL_LOAD_MS`
 /// delays the full programs' load (at most 30 s) so a test can watch the
 /// bootstrap window. It only delays: nothing attaches or passes that would
-/// not without it. Release builds ignore it.
-fn test_delay_full_load() {
+/// not without it. Release builds ignore it. An async sleep: the runtime
+/// is single-threaded, and the rtnetlink connection task runs on it.
+async fn test_delay_full_load() {
     if !cfg!(debug_assertions) {
         return;
     }
@@ -836,7 +837,7 @@ fn test_delay_full_load() {
         return;
     };
     warn!(ms, "test knob: delaying the full programs' load");
-    std::thread::sleep(std::time::Duration::from_millis(ms.min(30_000)));
+    tokio::time::sleep(std::time::Duration::from_millis(ms.min(30_000))).await;
 }
 
 /// The last live rule set's SSH exemption, if one can be read.
