@@ -457,6 +457,35 @@ fn status_with_unit_caps(config: &ConfigFile, pins: &PinDir) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `portcullis status --pin-dir` without a daemon, as root without any
+/// capability, and as nobody: it cannot tell what the pinned link runs.
+fn status_unprivileged(config: &ConfigFile, pins: &PinDir) -> Vec<String> {
+    let as_root = ["--bounding-set=-all", "--inh-caps=-all", "--"];
+    let as_nobody = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--",
+    ];
+    [&as_root[..], &as_nobody[..]]
+        .iter()
+        .map(|args| {
+            let out = std::process::Command::new("setpriv")
+                .args(*args)
+                .arg(workspace_bin("portcullis").unwrap())
+                .arg("--socket")
+                .arg(config.socket())
+                .args(["status", "--pin-dir"])
+                .arg(pins.path())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
 /// A start that fails after the bootstrap went on: with the nftables
 /// fallback in place the bootstrap goes, so the fallback's SSH exemption
 /// reaches the host (as before the bootstrap existed); without a fallback
@@ -511,6 +540,13 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
                     && !text.contains("enforcement pinned"),
                 "status with the bootstrap left:\n{text}"
             );
+            // Without the means to tell, it says so: never the last rules.
+            for text in status_unprivileged(&config, &pins) {
+                assert!(
+                    text.contains("Unknown:") && !text.contains("enforcement pinned"),
+                    "unprivileged status with the bootstrap left:\n{text}"
+                );
+            }
         }
     }
 }
