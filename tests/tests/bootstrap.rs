@@ -550,3 +550,59 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
         }
     }
 }
+
+/// A bootstrap left on an interface that is then taken out of the
+/// configuration (a crash in the window, then a new configuration) goes
+/// once the next start enforces: it would hold that interface closed, and
+/// a link pinned under a name no longer configured is never replaced.
+#[test]
+fn a_bootstrap_on_an_interface_no_longer_configured_goes() {
+    const EXTRA: &str = "pcd0";
+    let pair = Pair::new().unwrap();
+    pair.host
+        .ip(&["link", "add", EXTRA, "type", "veth", "peer", "name", "pcd1"])
+        .unwrap();
+    for i in [EXTRA, "pcd1"] {
+        pair.host.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let text = |interfaces: &str| {
+        format!(
+            "interfaces = [{interfaces}]\npin_dir = \"{}\"\n[ssh]\nallow = false\n{RULES}",
+            pins.path().display()
+        )
+    };
+    let config = ConfigFile::new(&text(&format!("\"{HOST_IFACE}\", \"{EXTRA}\""))).unwrap();
+    let d = Daemon::spawn(
+        &pair.host,
+        &config,
+        &[("PORTCULLIS_TEST_DELAY_FULL_LOAD_MS", "6000")],
+    )
+    .unwrap();
+    wait_for_log(&d, &format!("bootstrap enforcing interface={EXTRA}"), 15);
+    d.kill();
+    let (_, prog) = pins
+        .xdp_link(EXTRA)
+        .expect("the bootstrap pinned on the extra");
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    assert_eq!(name.as_deref(), Some(bootstrap_name()));
+    config.rewrite(&text(&format!("\"{HOST_IFACE}\""))).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("bootstrap filter removed from interfaces that are not targets")
+            && log.contains(&format!("interfaces={EXTRA}")),
+        "{log}"
+    );
+    assert!(
+        pins.xdp_link(EXTRA).is_err(),
+        "the bootstrap link of {EXTRA} is still pinned"
+    );
+    let shown = pair.host.ip(&["link", "show", EXTRA]).unwrap();
+    assert!(!shown.contains("xdp"), "{EXTRA} still carries XDP: {shown}");
+    assert_eq!(pinned_program(&pins).1, FULL);
+    drop(d);
+}

@@ -702,13 +702,6 @@ async fn start(
         &bootstrapped,
     )
     .await?;
-    // Enforcing: a fallback policy from a failed start is no longer needed.
-    if fallback::remove() {
-        info!(
-            table = fallback::TABLE,
-            "the data path enforces again: removed the nftables fallback"
-        );
-    }
     // A change that awaited confirmation when we stopped: roll it back now
     // if its time is up, else keep waiting for it.
     core.restore_pending()?;
@@ -721,11 +714,7 @@ async fn start(
         Err(e) => error!(error = %e, "cannot remove expired rules yet; retrying"),
     }
     let pending = core.pending_remaining();
-    // Every link now runs this version's programs: maps of older layouts
-    // have no users left.
-    for old in dataplane::remove_old_layouts(pin_dir)? {
-        info!(maps = %old.display(), "removed the maps of an older layout");
-    }
+    enforcing_everywhere(pin_dir, &targets)?;
     let links = LinkWatch {
         handle,
         events,
@@ -734,6 +723,35 @@ async fn start(
         tc_attach: config.tc_attach,
     };
     Ok((core, links, pending))
+}
+
+/// Every target runs this version's full program: what only served until
+/// then goes (the nftables fallback of a failed start, the bootstrap filter
+/// on an interface no longer configured, the maps of older layouts).
+fn enforcing_everywhere(pin_dir: &Path, targets: &[String]) -> anyhow::Result<()> {
+    if fallback::remove() {
+        info!(
+            table = fallback::TABLE,
+            "the data path enforces again: removed the nftables fallback"
+        );
+    }
+    // A bootstrap pinned under a name that is no longer a target (renamed,
+    // removed from the configuration) would hold its interface closed, and
+    // make a later attach there fail (EBUSY).
+    match dataplane::remove_bootstraps(pin_dir, targets) {
+        Ok(gone) if !gone.is_empty() => {
+            warn!(interfaces = %gone.join(", "), "bootstrap filter removed from interfaces that are not targets");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot check for bootstrap filters on interfaces that are not targets")
+        }
+    }
+    // Maps of older layouts have no users left.
+    for old in dataplane::remove_old_layouts(pin_dir)? {
+        info!(maps = %old.display(), "removed the maps of an older layout");
+    }
+    Ok(())
 }
 
 /// Protects `targets`: egress first, so flows opened from now on are
