@@ -606,3 +606,58 @@ fn a_bootstrap_on_an_interface_no_longer_configured_goes() {
     assert_eq!(pinned_program(&pins).1, FULL);
     drop(d);
 }
+
+/// A bootstrap left on an interface that is then renamed (the
+/// configuration following the new name) is taken over by the full program
+/// under the new name: the link moves with no moment unfiltered, and the
+/// start does not fail on the interface being busy.
+#[test]
+fn a_bootstrap_on_a_renamed_interface_is_replaced_under_its_new_name() {
+    const OLD: &str = "pcd0";
+    const NEW: &str = "pcd2";
+    let pair = Pair::new().unwrap();
+    pair.host
+        .ip(&["link", "add", OLD, "type", "veth", "peer", "name", "pcd1"])
+        .unwrap();
+    for i in [OLD, "pcd1"] {
+        pair.host.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let text = |extra: &str| {
+        format!(
+            "interfaces = [\"{HOST_IFACE}\", \"{extra}\"]\npin_dir = \"{}\"\n[ssh]\nallow = false\n{RULES}",
+            pins.path().display()
+        )
+    };
+    let config = ConfigFile::new(&text(OLD)).unwrap();
+    let d = Daemon::spawn(
+        &pair.host,
+        &config,
+        &[("PORTCULLIS_TEST_DELAY_FULL_LOAD_MS", "6000")],
+    )
+    .unwrap();
+    wait_for_log(&d, &format!("bootstrap enforcing interface={OLD}"), 15);
+    d.kill();
+    let (link, _) = pins.xdp_link(OLD).expect("the bootstrap pinned");
+    pair.host.ip(&["link", "set", OLD, "down"]).unwrap();
+    pair.host.ip(&["link", "set", OLD, "name", NEW]).unwrap();
+    pair.host.ip(&["link", "set", NEW, "up"]).unwrap();
+    config.rewrite(&text(NEW)).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("bootstrap link of a renamed interface pinned under its new name"),
+        "{log}"
+    );
+    let (now, prog) = pins
+        .xdp_link(NEW)
+        .expect("a link pinned under the new name");
+    assert_eq!(now, link, "the full program came under a new link");
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    assert_eq!(name.as_deref(), Some(FULL));
+    assert!(pins.xdp_link(OLD).is_err(), "still pinned under {OLD}");
+    drop(d);
+}

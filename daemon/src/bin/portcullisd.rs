@@ -801,6 +801,16 @@ async fn bootstrap(
     handle: &rtnetlink::Handle,
 ) -> Vec<String> {
     let mut done = Vec::new();
+    match dataplane::repin_renamed_bootstraps(pin_dir, targets) {
+        Ok(moved) => {
+            for (old, new) in moved {
+                info!(from = %old, to = %new, "bootstrap link of a renamed interface pinned under its new name");
+            }
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot check for bootstrap links of renamed interfaces")
+        }
+    }
     if !dataplane::Bootstrap::needed(pin_dir, targets) {
         return done;
     }

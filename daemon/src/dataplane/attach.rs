@@ -564,6 +564,75 @@ fn pinned_xdp_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
     Ok(names)
 }
 
+/// A bootstrap link pinned under a name that is not a target, on the
+/// interface (same ifindex) that an unpinned target names now (the
+/// interface was renamed), is pinned again under the target's name, so the
+/// full program replaces it there (a new attach would fail: EBUSY), with no
+/// moment unfiltered. A link that cannot be checked or moved is logged and
+/// the others are still done. Returns the (old, new) names.
+pub fn repin_renamed_bootstraps(
+    pin_dir: &Path,
+    targets: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let stale: Vec<String> = pinned_xdp_interfaces(pin_dir)?
+        .into_iter()
+        .filter(|i| !targets.contains(i))
+        .collect();
+    let unpinned: Vec<(u32, &String)> = targets
+        .iter()
+        .filter(|t| !link_pin(pin_dir, "xdp", t).exists())
+        .filter_map(|t| Some((ifindex(t)?, t)))
+        .collect();
+    if stale.is_empty() || unpinned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tags = BootstrapTags::load()?;
+    let mut moved = Vec::new();
+    for old in stale {
+        match repin_renamed(&tags, pin_dir, &old, &unpinned) {
+            Ok(Some(new)) => moved.push((old, new)),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(interface = %old, error = %format!("{e:#}"), "cannot check a bootstrap link pinned under a name that is not a target");
+            }
+        }
+    }
+    Ok(moved)
+}
+
+/// The index of interface `ifname` in this network namespace.
+fn ifindex(ifname: &str) -> Option<u32> {
+    let c_name = CString::new(ifname).ok()?;
+    // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// [`repin_renamed_bootstraps`] for the link pinned as `old`.
+fn repin_renamed(
+    tags: &BootstrapTags,
+    pin_dir: &Path,
+    old: &str,
+    unpinned: &[(u32, &String)],
+) -> anyhow::Result<Option<String>> {
+    use std::os::fd::AsFd as _;
+    let pin = link_pin(pin_dir, "xdp", old);
+    let fd = obj_get(&pin).with_context(|| format!("cannot open {}", pin.display()))?;
+    if !tags.0.contains(&fdinfo_field(fd.as_fd(), "prog_tag")?) {
+        return Ok(None);
+    }
+    let index: u32 = fdinfo_field(fd.as_fd(), "ifindex")?
+        .parse()
+        .with_context(|| format!("the ifindex of link {}", pin.display()))?;
+    let Some((_, new)) = unpinned.iter().find(|(i, _)| *i == index) else {
+        return Ok(None);
+    };
+    let to = link_pin(pin_dir, "xdp", new);
+    fs::rename(&pin, &to)
+        .with_context(|| format!("cannot move {} to {}", pin.display(), to.display()))?;
+    Ok(Some((*new).clone()))
+}
+
 /// Detaches and unpins the links that still run the bootstrap filter,
 /// except on `keep`: after a failed start once the nftables fallback is in
 /// place (`keep` empty), so the fallback (which admits SSH) governs, as it
