@@ -372,6 +372,120 @@ fn spoil_maps(pins: &PinDir) {
     .unwrap();
 }
 
+/// The capabilities systemd/portcullis.service leaves the daemon
+/// (`CapabilityBoundingSet=`), as `setpriv` arguments: no CAP_SYS_ADMIN, so
+/// no enumeration of the kernel's programs (`BPF_PROG_GET_NEXT_ID`).
+const UNIT_CAPS: [&str; 3] = [
+    "--bounding-set=-all,+bpf,+net_admin,+perfmon,+dac_read_search,+chown",
+    "--inh-caps=-all",
+    "--",
+];
+
+/// `program` in `ns` (or the host's network when `None`) under the unit's
+/// capabilities; checks first that they really lack CAP_SYS_ADMIN.
+fn unit_caps(ns: Option<&Netns>, program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let out = std::process::Command::new("setpriv")
+        .args(UNIT_CAPS)
+        .args(["sh", "-c", "grep CapEff /proc/self/status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let eff = u64::from_str_radix(text.trim().trim_start_matches("CapEff:").trim(), 16)
+        .unwrap_or_else(|e| panic!("CapEff under setpriv: {text:?}: {e}"));
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_BPF: u32 = 39;
+    assert!(
+        eff & (1 << CAP_SYS_ADMIN) == 0 && eff & (1 << CAP_BPF) != 0,
+        "setpriv did not give the unit's capabilities: CapEff {eff:x}"
+    );
+    let mut cmd = match ns {
+        Some(ns) => ns.command("setpriv"),
+        None => std::process::Command::new("setpriv"),
+    };
+    cmd.args(UNIT_CAPS).arg(program);
+    cmd
+}
+
+/// Runs the daemon on `config` in `ns` under the unit's capabilities until
+/// it exits (at most 20 s); its status and log.
+fn failed_start_with_unit_caps(
+    ns: &Netns,
+    config: &ConfigFile,
+) -> (std::process::ExitStatus, String) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut child = unit_caps(Some(ns), workspace_bin("portcullisd").unwrap())
+        .arg("--config")
+        .arg(config.path())
+        .arg("--state-dir")
+        .arg(config.state_dir())
+        .arg("--socket")
+        .arg(config.socket())
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "portcullisd still runs after 20 s:\n{}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(log.path()).unwrap())
+}
+
+/// `portcullis status --pin-dir` without a daemon, under the unit's
+/// capabilities.
+fn status_with_unit_caps(config: &ConfigFile, pins: &PinDir) -> String {
+    let out = unit_caps(None, workspace_bin("portcullis").unwrap())
+        .arg("--socket")
+        .arg(config.socket())
+        .args(["status", "--pin-dir"])
+        .arg(pins.path())
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `portcullis status --pin-dir` without a daemon, as root without any
+/// capability, and as nobody: it cannot tell what the pinned link runs.
+fn status_unprivileged(config: &ConfigFile, pins: &PinDir) -> Vec<String> {
+    let as_root = ["--bounding-set=-all", "--inh-caps=-all", "--"];
+    let as_nobody = [
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--",
+    ];
+    [&as_root[..], &as_nobody[..]]
+        .iter()
+        .map(|args| {
+            let out = std::process::Command::new("setpriv")
+                .args(*args)
+                .arg(workspace_bin("portcullis").unwrap())
+                .arg("--socket")
+                .arg(config.socket())
+                .args(["status", "--pin-dir"])
+                .arg(pins.path())
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        })
+        .collect()
+}
+
 /// A start that fails after the bootstrap went on: with the nftables
 /// fallback in place the bootstrap goes, so the fallback's SSH exemption
 /// reaches the host (as before the bootstrap existed); without a fallback
@@ -391,8 +505,8 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
         }
         tcp_probe_control(&pair.peer, sock(HOST_V4, 22)).unwrap();
         spoil_maps(&pins);
-        let d = Daemon::spawn(&pair.host, &config, &[]).unwrap();
-        let (status, log) = d.expect_exit().unwrap();
+        // Under the shipped unit's capabilities (no CAP_SYS_ADMIN).
+        let (status, log) = failed_start_with_unit_caps(&pair.host, &config);
         assert!(!status.success(), "{log}");
         assert!(log.contains("bootstrap enforcing"), "{log}");
         assert!(log.contains("enforcement cannot start"), "{log}");
@@ -410,6 +524,140 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
             assert!(!log.contains("bootstrap filter removed"), "{log}");
             assert_eq!(pinned_program(&pins).1, bootstrap_name());
             assert!(ssh.is_err(), "SSH reachable with the bootstrap in place");
+            // What is said is what is true: closed but for ARP/ND, not open.
+            assert!(
+                log.contains(&format!(
+                    "the bootstrap filter on {HOST_IFACE} passes only ARP and neighbour discovery"
+                )) && !log.contains("the host is OPEN"),
+                "{log}"
+            );
+            // Status, without a daemon and CAP_SYS_ADMIN, names the
+            // bootstrap and does not claim the rules.
+            let text = status_with_unit_caps(&config, &pins);
+            assert!(
+                text.contains(&format!("Bootstrap:   {HOST_IFACE}:"))
+                    && text.contains("Protected:   NO (bootstrap filter only)")
+                    && !text.contains("enforcement pinned"),
+                "status with the bootstrap left:\n{text}"
+            );
+            // Without the means to tell, it says so: never the last rules.
+            for text in status_unprivileged(&config, &pins) {
+                assert!(
+                    text.contains("Unknown:") && !text.contains("enforcement pinned"),
+                    "unprivileged status with the bootstrap left:\n{text}"
+                );
+            }
         }
     }
+}
+
+/// A bootstrap left on an interface that is then taken out of the
+/// configuration (a crash in the window, then a new configuration) goes
+/// once the next start enforces: it would hold that interface closed, and
+/// a link pinned under a name no longer configured is never replaced.
+#[test]
+fn a_bootstrap_on_an_interface_no_longer_configured_goes() {
+    const EXTRA: &str = "pcd0";
+    let pair = Pair::new().unwrap();
+    pair.host
+        .ip(&["link", "add", EXTRA, "type", "veth", "peer", "name", "pcd1"])
+        .unwrap();
+    for i in [EXTRA, "pcd1"] {
+        pair.host.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let text = |interfaces: &str| {
+        format!(
+            "interfaces = [{interfaces}]\npin_dir = \"{}\"\n[ssh]\nallow = false\n{RULES}",
+            pins.path().display()
+        )
+    };
+    let config = ConfigFile::new(&text(&format!("\"{HOST_IFACE}\", \"{EXTRA}\""))).unwrap();
+    let d = Daemon::spawn(
+        &pair.host,
+        &config,
+        &[("PORTCULLIS_TEST_DELAY_FULL_LOAD_MS", "6000")],
+    )
+    .unwrap();
+    wait_for_log(&d, &format!("bootstrap enforcing interface={EXTRA}"), 15);
+    d.kill();
+    let (_, prog) = pins
+        .xdp_link(EXTRA)
+        .expect("the bootstrap pinned on the extra");
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    assert_eq!(name.as_deref(), Some(bootstrap_name()));
+    config.rewrite(&text(&format!("\"{HOST_IFACE}\""))).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("bootstrap filter removed from interfaces that are not targets")
+            && log.contains(&format!("interfaces={EXTRA}")),
+        "{log}"
+    );
+    assert!(
+        pins.xdp_link(EXTRA).is_err(),
+        "the bootstrap link of {EXTRA} is still pinned"
+    );
+    let shown = pair.host.ip(&["link", "show", EXTRA]).unwrap();
+    assert!(!shown.contains("xdp"), "{EXTRA} still carries XDP: {shown}");
+    assert_eq!(pinned_program(&pins).1, FULL);
+    drop(d);
+}
+
+/// A bootstrap left on an interface that is then renamed (the
+/// configuration following the new name) is taken over by the full program
+/// under the new name: the link moves with no moment unfiltered, and the
+/// start does not fail on the interface being busy.
+#[test]
+fn a_bootstrap_on_a_renamed_interface_is_replaced_under_its_new_name() {
+    const OLD: &str = "pcd0";
+    const NEW: &str = "pcd2";
+    let pair = Pair::new().unwrap();
+    pair.host
+        .ip(&["link", "add", OLD, "type", "veth", "peer", "name", "pcd1"])
+        .unwrap();
+    for i in [OLD, "pcd1"] {
+        pair.host.ip(&["link", "set", i, "up"]).unwrap();
+    }
+    let pins = PinDir::new().unwrap();
+    let text = |extra: &str| {
+        format!(
+            "interfaces = [\"{HOST_IFACE}\", \"{extra}\"]\npin_dir = \"{}\"\n[ssh]\nallow = false\n{RULES}",
+            pins.path().display()
+        )
+    };
+    let config = ConfigFile::new(&text(OLD)).unwrap();
+    let d = Daemon::spawn(
+        &pair.host,
+        &config,
+        &[("PORTCULLIS_TEST_DELAY_FULL_LOAD_MS", "6000")],
+    )
+    .unwrap();
+    wait_for_log(&d, &format!("bootstrap enforcing interface={OLD}"), 15);
+    d.kill();
+    let (link, _) = pins.xdp_link(OLD).expect("the bootstrap pinned");
+    pair.host.ip(&["link", "set", OLD, "down"]).unwrap();
+    pair.host.ip(&["link", "set", OLD, "name", NEW]).unwrap();
+    pair.host.ip(&["link", "set", NEW, "up"]).unwrap();
+    config.rewrite(&text(NEW)).unwrap();
+    let d = Daemon::start(&pair.host, &config).unwrap();
+    let log = d.log();
+    assert!(
+        log.contains("bootstrap link of a renamed interface pinned under its new name"),
+        "{log}"
+    );
+    let (now, prog) = pins
+        .xdp_link(NEW)
+        .expect("a link pinned under the new name");
+    assert_eq!(now, link, "the full program came under a new link");
+    let name = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == prog)
+        .and_then(|p| p.name_as_str().map(str::to_owned));
+    assert_eq!(name.as_deref(), Some(FULL));
+    assert!(pins.xdp_link(OLD).is_err(), "still pinned under {OLD}");
+    drop(d);
 }

@@ -186,14 +186,19 @@ async fn run(
     // the rules that were live (else the file's).
     let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
     let state_dir = store.dir().to_owned();
-    let (core, links, pending) = match start(&config, &config_path, store).await {
+    // Resolved once (a default pin directory depends on what is mounted), so
+    // loading, cleaning up, the failure path and logging all name the same
+    // directory.
+    let pin_dir = config.pin_dir();
+    let (core, links, pending) = match start(&config, &pin_dir, &config_path, store).await {
         Ok(started) => started,
         Err(e) => {
-            let (e, fallback_in_place) = fail_closed_with(config.fallback, &fallback_ssh, e);
-            if fallback_in_place {
-                remove_bootstraps(&config.pin_dir());
-            }
-            return Err(e);
+            return Err(fail_closed_with(
+                config.fallback,
+                &fallback_ssh,
+                e,
+                Some(&pin_dir),
+            ));
         }
     };
     // systemd's soft limit is 1024: take the hard limit, and bound what
@@ -212,7 +217,7 @@ async fn run(
         core::arm_rollback(core.clone(), generation, secs);
     }
     let services = spawn_services(&config, &socket, core.clone()).await?;
-    info!(pin_dir = %config.pin_dir().display(), socket = %socket.display(), generation, fd_limit, status = %summary, "ready");
+    info!(pin_dir = %pin_dir.display(), socket = %socket.display(), generation, fd_limit, status = %summary, "ready");
     // Tell systemd (Type=notify) that the host is protected.
     if let Err(e) = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
@@ -644,6 +649,7 @@ fn load_dataplane(
 /// and seconds left).
 async fn start(
     config: &Config,
+    pin_dir: &Path,
     config_path: &Path,
     store: state::Store,
 ) -> anyhow::Result<(Core, LinkWatch, Option<(u64, u64)>)> {
@@ -651,9 +657,6 @@ async fn start(
     // Checked before anything is attached: a missing group fails the start.
     config.api.writers_gid()?;
     config.api.readers_gid()?;
-    // Resolved once (a default pin directory depends on what is mounted), so
-    // loading, cleaning up and logging all name the same directory.
-    let pin_dir = config.pin_dir();
     let (handle, events, targets) = subscribe_links(&selector).await?;
     let t = std::time::Instant::now();
     debug!(interfaces = targets.len(), "links subscribed");
@@ -662,10 +665,10 @@ async fn start(
         ms = t.elapsed().as_secs_f64() * 1e3,
         restored, "live rule set chosen"
     );
-    let bootstrapped = bootstrap(config, &pin_dir, &targets, &handle).await;
-    test_delay_full_load();
+    let bootstrapped = bootstrap(config, pin_dir, &targets, &handle).await;
+    test_delay_full_load().await;
     let limits = config.capacity.limits();
-    let mut dataplane = load_dataplane(config, &pin_dir, &limits)?;
+    let mut dataplane = load_dataplane(config, pin_dir, &limits)?;
     dataplane.egress_volume = config.egress_volume.enabled;
     info!(
         program = dataplane.ingress_program(),
@@ -699,13 +702,6 @@ async fn start(
         &bootstrapped,
     )
     .await?;
-    // Enforcing: a fallback policy from a failed start is no longer needed.
-    if fallback::remove() {
-        info!(
-            table = fallback::TABLE,
-            "the data path enforces again: removed the nftables fallback"
-        );
-    }
     // A change that awaited confirmation when we stopped: roll it back now
     // if its time is up, else keep waiting for it.
     core.restore_pending()?;
@@ -718,11 +714,7 @@ async fn start(
         Err(e) => error!(error = %e, "cannot remove expired rules yet; retrying"),
     }
     let pending = core.pending_remaining();
-    // Every link now runs this version's programs: maps of older layouts
-    // have no users left.
-    for old in dataplane::remove_old_layouts(&pin_dir)? {
-        info!(maps = %old.display(), "removed the maps of an older layout");
-    }
+    enforcing_everywhere(pin_dir, &targets)?;
     let links = LinkWatch {
         handle,
         events,
@@ -731,6 +723,35 @@ async fn start(
         tc_attach: config.tc_attach,
     };
     Ok((core, links, pending))
+}
+
+/// Every target runs this version's full program: what only served until
+/// then goes (the nftables fallback of a failed start, the bootstrap filter
+/// on an interface no longer configured, the maps of older layouts).
+fn enforcing_everywhere(pin_dir: &Path, targets: &[String]) -> anyhow::Result<()> {
+    if fallback::remove() {
+        info!(
+            table = fallback::TABLE,
+            "the data path enforces again: removed the nftables fallback"
+        );
+    }
+    // A bootstrap pinned under a name that is no longer a target (renamed,
+    // removed from the configuration) would hold its interface closed, and
+    // make a later attach there fail (EBUSY).
+    match dataplane::remove_bootstraps(pin_dir, targets) {
+        Ok(gone) if !gone.is_empty() => {
+            warn!(interfaces = %gone.join(", "), "bootstrap filter removed from interfaces that are not targets");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot check for bootstrap filters on interfaces that are not targets")
+        }
+    }
+    // Maps of older layouts have no users left.
+    for old in dataplane::remove_old_layouts(pin_dir)? {
+        info!(maps = %old.display(), "removed the maps of an older layout");
+    }
+    Ok(())
 }
 
 /// Protects `targets`: egress first, so flows opened from now on are
@@ -780,6 +801,16 @@ async fn bootstrap(
     handle: &rtnetlink::Handle,
 ) -> Vec<String> {
     let mut done = Vec::new();
+    match dataplane::repin_renamed_bootstraps(pin_dir, targets) {
+        Ok(moved) => {
+            for (old, new) in moved {
+                info!(from = %old, to = %new, "bootstrap link of a renamed interface pinned under its new name");
+            }
+        }
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot check for bootstrap links of renamed interfaces")
+        }
+    }
     if !dataplane::Bootstrap::needed(pin_dir, targets) {
         return done;
     }
@@ -821,8 +852,9 @@ async fn bootstrap(
 /// TEST ONLY, debug builds only: `PORTCULLIS_TEST_DELAY_FULL_LOAD_MS`
 /// delays the full programs' load (at most 30 s) so a test can watch the
 /// bootstrap window. It only delays: nothing attaches or passes that would
-/// not without it. Release builds ignore it.
-fn test_delay_full_load() {
+/// not without it. Release builds ignore it. An async sleep: the runtime
+/// is single-threaded, and the rtnetlink connection task runs on it.
+async fn test_delay_full_load() {
     if !cfg!(debug_assertions) {
         return;
     }
@@ -833,7 +865,7 @@ fn test_delay_full_load() {
         return;
     };
     warn!(ms, "test knob: delaying the full programs' load");
-    std::thread::sleep(std::time::Duration::from_millis(ms.min(30_000)));
+    tokio::time::sleep(std::time::Duration::from_millis(ms.min(30_000))).await;
 }
 
 /// The last live rule set's SSH exemption, if one can be read.
@@ -845,7 +877,7 @@ fn last_live_ssh(store: &state::Store) -> Option<Ssh> {
 /// put the nftables fallback in place before failing. Every exit before
 /// enforcement goes through here.
 fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error {
-    fail_closed_with(fallback, ssh, e).0
+    fail_closed_with(fallback, ssh, e, None)
 }
 
 /// A failed start with the nftables fallback in place: the bootstrap
@@ -853,7 +885,7 @@ fn fail_closed(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> anyhow::Error
 /// as it did before the bootstrap existed. Without the fallback in place
 /// the bootstrap stays (closed).
 fn remove_bootstraps(pin_dir: &Path) {
-    match dataplane::remove_bootstraps(pin_dir) {
+    match dataplane::remove_bootstraps(pin_dir, &[]) {
         Ok(gone) if !gone.is_empty() => {
             warn!(interfaces = %gone.join(", "), "bootstrap filter removed: the nftables fallback governs");
         }
@@ -862,11 +894,17 @@ fn remove_bootstraps(pin_dir: &Path) {
     }
 }
 
-/// [`fail_closed`], and whether the nftables fallback is in place.
-fn fail_closed_with(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> (anyhow::Error, bool) {
+/// [`fail_closed`]; with the pin directory (`pin_dir`), the bootstrap
+/// filter is removed once the fallback is in place, and what is said names
+/// the interfaces it still holds.
+fn fail_closed_with(
+    fallback: Fallback,
+    ssh: &Ssh,
+    e: anyhow::Error,
+    pin_dir: Option<&Path>,
+) -> anyhow::Error {
     error!(error = %format!("{e:#}"), "enforcement cannot start: the host is NOT protected by Portcullis");
-    let mut in_place = false;
-    let status = match fallback {
+    let in_place = match fallback {
         Fallback::Nftables => match fallback::apply(ssh) {
             Ok(()) => {
                 warn!(
@@ -874,21 +912,65 @@ fn fail_closed_with(fallback: Fallback, ssh: &Ssh, e: anyhow::Error) -> (anyhow:
                     ssh_ports = ?ssh.ports,
                     "nftables fallback in place: inbound denied except SSH and established flows"
                 );
-                in_place = true;
-                "FAILED: Portcullis cannot enforce; the nftables fallback denies inbound except SSH"
+                true
             }
             Err(fe) => {
-                error!(error = %format!("{fe:#}"), "the nftables fallback failed too: the host is OPEN");
-                "FAILED: Portcullis cannot enforce and the fallback failed: the host is OPEN"
+                error!(error = %format!("{fe:#}"), "the nftables fallback failed too");
+                false
             }
         },
-        Fallback::None => {
-            error!("fallback = \"none\": the host is OPEN until the daemon starts");
-            "FAILED: Portcullis cannot enforce (fallback none): the host is OPEN"
-        }
+        Fallback::None => false,
     };
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
-    (e, in_place)
+    if in_place && let Some(pin_dir) = pin_dir {
+        remove_bootstraps(pin_dir);
+    }
+    let held = pin_dir.map(bootstraps_left).unwrap_or_default();
+    let status = failed_status(fallback, in_place, &held);
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status)]);
+    e
+}
+
+/// The interfaces the bootstrap filter still holds after a failed start.
+fn bootstraps_left(pin_dir: &Path) -> Vec<String> {
+    dataplane::bootstrap_interfaces(pin_dir).unwrap_or_else(|e| {
+        warn!(error = %format!("{e:#}"), "cannot tell which interfaces carry the bootstrap filter");
+        Vec::new()
+    })
+}
+
+/// Logs what a failed start leaves (the fallback, the bootstrap filter on
+/// `held`, or nothing: OPEN) and returns it as systemd's `STATUS=`.
+fn failed_status(fallback: Fallback, in_place: bool, held: &[String]) -> String {
+    let why = match fallback {
+        Fallback::Nftables => "the fallback failed",
+        Fallback::None => "fallback none",
+    };
+    let boot = format!(
+        "the bootstrap filter on {} passes only ARP and neighbour discovery (no SSH) until a daemon starts or `portcullisd --detach` removes it",
+        held.join(", ")
+    );
+    match (in_place, held.is_empty()) {
+        (true, true) => {
+            "FAILED: Portcullis cannot enforce; the nftables fallback denies inbound except SSH"
+                .to_owned()
+        }
+        (true, false) => {
+            error!(interfaces = %held.join(", "), "the bootstrap filter stays on these interfaces: the fallback's SSH exemption does not reach them");
+            format!(
+                "FAILED: Portcullis cannot enforce; the nftables fallback denies inbound except SSH; {boot}"
+            )
+        }
+        (false, true) => {
+            error!("{why}: the host is OPEN until the daemon starts");
+            format!("FAILED: Portcullis cannot enforce ({why}): the host is OPEN")
+        }
+        (false, false) => {
+            error!(interfaces = %held.join(", "), "{why}: {boot}; an interface without a pinned link is OPEN");
+            format!(
+                "FAILED: Portcullis cannot enforce ({why}); {boot}; an interface without a pinned link is OPEN"
+            )
+        }
+    }
 }
 
 /// Logs readiness when its summary changes and keeps systemd's `STATUS=`

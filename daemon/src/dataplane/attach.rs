@@ -233,10 +233,9 @@ pub(super) fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Detaches the pinned link at `path` at once (`BPF_OBJ_GET`, then
-/// `BPF_LINK_DETACH`), whoever else still holds it. aya 0.16 has no call
-/// for this, and its `FdLink` does not lend its fd.
-fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+/// Opens the pinned object at `path` (`BPF_OBJ_GET`): needs only access to
+/// the pin, no capability.
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::{
         fd::{FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -254,7 +253,14 @@ fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
     // pathname points to a NUL-terminated string that outlives the call.
     let fd = unsafe { sys::bpf(sys::BPF_OBJ_GET, &mut get) }?;
     // SAFETY: the kernel just returned this fd to us; we own it.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Detaches the pinned link at `path` at once (`BPF_OBJ_GET`, then
+/// `BPF_LINK_DETACH`), whoever else still holds it. aya 0.16 has no call
+/// for this, and its `FdLink` does not lend its fd.
+fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
+    let fd = obj_get(path)?;
     let detach = sys::LinkDetachAttr {
         link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
     };
@@ -462,50 +468,208 @@ impl Bootstrap {
     }
 }
 
-/// The name of the program the pinned XDP link of `ifname` runs, if a link
-/// is pinned there.
-pub fn pinned_ingress_program(pin_dir: &Path, ifname: &str) -> anyhow::Result<Option<String>> {
-    let pin = link_pin(pin_dir, "xdp", ifname);
-    if !pin.exists() {
-        return Ok(None);
-    }
-    let link = FdLink::from(PinnedLink::from_pin(&pin)?);
-    let id = link.info()?.program_id();
-    for info in aya::programs::loaded_programs() {
-        let info = info?;
-        if info.id() == id {
-            return Ok(Some(info.name_as_str().unwrap_or_default().to_owned()));
-        }
-    }
-    bail!("the program (id {id}) of link {} is gone", pin.display())
+/// A field of `/proc/self/fdinfo/<fd>` (`prog_tag`, `prog_id`).
+fn fdinfo_field(fd: std::os::fd::BorrowedFd<'_>, key: &str) -> anyhow::Result<String> {
+    use std::os::fd::AsRawFd as _;
+    let path = format!("/proc/self/fdinfo/{}", fd.as_raw_fd());
+    let text = fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .map(|v| v.trim().to_owned())
+        .ok_or_else(|| anyhow!("no {key} in {path}"))
 }
 
-/// After a failed start, once the nftables fallback is in place: detaches
-/// and unpins the links that still run the bootstrap filter, so the
-/// fallback (which admits SSH) governs, as it did before the bootstrap
-/// existed. Links running a full program stay. Returns the interfaces.
-pub fn remove_bootstraps(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+/// The kernel's tags (`prog_tag`: a hash of the instructions) of the
+/// bootstrap programs this build loads: what tells a pinned link running
+/// the bootstrap from one running a full program without enumerating the
+/// kernel's programs (`BPF_PROG_GET_NEXT_ID` needs CAP_SYS_ADMIN, which the
+/// systemd unit does not grant). Loading needs CAP_BPF. A bootstrap left by
+/// another build (a crash in the window, then an upgrade) has another tag
+/// and counts as a full program: it stays (closed) until a start replaces it.
+pub struct BootstrapTags(Vec<String>);
+
+impl BootstrapTags {
+    /// Loads both bootstrap variants (the multi-buffer one only where the
+    /// kernel takes it) and reads their tags.
+    pub fn load() -> anyhow::Result<Self> {
+        use std::os::fd::AsFd as _;
+        let mut ebpf = Ebpf::load(BOOTSTRAP_OBJECT).context("cannot load the bootstrap filter")?;
+        let mut tags = Vec::new();
+        for name in [BOOTSTRAP, BOOTSTRAP_SINGLE] {
+            let prog: &mut Xdp = ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
+                .try_into()?;
+            if prog.load().is_err() {
+                continue;
+            }
+            tags.push(fdinfo_field(prog.fd()?.as_fd(), "prog_tag")?);
+        }
+        if tags.is_empty() {
+            bail!("the kernel refused both bootstrap programs");
+        }
+        Ok(Self(tags))
+    }
+
+    /// Whether the pinned XDP link of `ifname` runs the bootstrap filter;
+    /// `None` when no link is pinned there.
+    pub fn runs_on(&self, pin_dir: &Path, ifname: &str) -> anyhow::Result<Option<bool>> {
+        self.runs_on_pin(&link_pin(pin_dir, "xdp", ifname))
+    }
+
+    /// [`BootstrapTags::runs_on`] for the link pinned at `pin`.
+    fn runs_on_pin(&self, pin: &Path) -> anyhow::Result<Option<bool>> {
+        use std::os::fd::AsFd as _;
+        let fd = match obj_get(pin) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", pin.display())),
+        };
+        let tag = fdinfo_field(fd.as_fd(), "prog_tag")
+            .with_context(|| format!("the program of link {}", pin.display()))?;
+        Ok(Some(self.0.contains(&tag)))
+    }
+}
+
+/// The interfaces whose pinned XDP link runs the bootstrap filter (none if
+/// that cannot be told: an error names why).
+pub fn bootstrap_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let names = pinned_xdp_interfaces(pin_dir)?;
+    if names.is_empty() {
+        return Ok(names);
+    }
+    let tags = BootstrapTags::load()?;
+    Ok(names
+        .into_iter()
+        .filter(|i| matches!(tags.runs_on(pin_dir, i), Ok(Some(true))))
+        .collect())
+}
+
+/// The interfaces with a pinned XDP link (`links/xdp-<ifname>`), sorted.
+fn pinned_xdp_interfaces(pin_dir: &Path) -> anyhow::Result<Vec<String>> {
     let links = pin_dir.join("links");
     let entries = match fs::read_dir(&links) {
         Ok(entries) => entries,
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("cannot list {}", links.display())),
     };
-    let mut removed = Vec::new();
-    for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        let Some(ifname) = name.strip_prefix("xdp-") else {
-            continue;
-        };
-        let program = pinned_ingress_program(pin_dir, ifname)?;
-        if !matches!(program.as_deref(), Some(BOOTSTRAP | BOOTSTRAP_SINGLE)) {
-            continue;
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("xdp-").map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// A bootstrap link pinned under a name that is not a target, on the
+/// interface (same ifindex) that an unpinned target names now (the
+/// interface was renamed), is pinned again under the target's name, so the
+/// full program replaces it there (a new attach would fail: EBUSY), with no
+/// moment unfiltered. A link that cannot be checked or moved is logged and
+/// the others are still done. Returns the (old, new) names.
+pub fn repin_renamed_bootstraps(
+    pin_dir: &Path,
+    targets: &[String],
+) -> anyhow::Result<Vec<(String, String)>> {
+    let stale: Vec<String> = pinned_xdp_interfaces(pin_dir)?
+        .into_iter()
+        .filter(|i| !targets.contains(i))
+        .collect();
+    let unpinned: Vec<(u32, &String)> = targets
+        .iter()
+        .filter(|t| !link_pin(pin_dir, "xdp", t).exists())
+        .filter_map(|t| Some((ifindex(t)?, t)))
+        .collect();
+    if stale.is_empty() || unpinned.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tags = BootstrapTags::load()?;
+    let mut moved = Vec::new();
+    for old in stale {
+        match repin_renamed(&tags, pin_dir, &old, &unpinned) {
+            Ok(Some(new)) => moved.push((old, new)),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(interface = %old, error = %format!("{e:#}"), "cannot check a bootstrap link pinned under a name that is not a target");
+            }
         }
-        let path = links.join(&name);
-        detach_pinned_link(&path)
-            .with_context(|| format!("cannot detach the bootstrap link {}", path.display()))?;
-        fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
-        removed.push(ifname.to_owned());
+    }
+    Ok(moved)
+}
+
+/// The index of interface `ifname` in this network namespace.
+fn ifindex(ifname: &str) -> Option<u32> {
+    let c_name = CString::new(ifname).ok()?;
+    // SAFETY: `c_name` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+/// [`repin_renamed_bootstraps`] for the link pinned as `old`.
+fn repin_renamed(
+    tags: &BootstrapTags,
+    pin_dir: &Path,
+    old: &str,
+    unpinned: &[(u32, &String)],
+) -> anyhow::Result<Option<String>> {
+    use std::os::fd::AsFd as _;
+    let pin = link_pin(pin_dir, "xdp", old);
+    let fd = obj_get(&pin).with_context(|| format!("cannot open {}", pin.display()))?;
+    if !tags.0.contains(&fdinfo_field(fd.as_fd(), "prog_tag")?) {
+        return Ok(None);
+    }
+    let index: u32 = fdinfo_field(fd.as_fd(), "ifindex")?
+        .parse()
+        .with_context(|| format!("the ifindex of link {}", pin.display()))?;
+    let Some((_, new)) = unpinned.iter().find(|(i, _)| *i == index) else {
+        return Ok(None);
+    };
+    let to = link_pin(pin_dir, "xdp", new);
+    fs::rename(&pin, &to)
+        .with_context(|| format!("cannot move {} to {}", pin.display(), to.display()))?;
+    Ok(Some((*new).clone()))
+}
+
+/// Detaches and unpins the links that still run the bootstrap filter,
+/// except on `keep`: after a failed start once the nftables fallback is in
+/// place (`keep` empty), so the fallback (which admits SSH) governs, as it
+/// did before the bootstrap existed; after a successful start, those on
+/// interfaces no longer configured (`keep`: the targets). Links running a
+/// full program stay. A link that cannot be checked or removed is logged
+/// and the others are still done. Returns the interfaces.
+pub fn remove_bootstraps(pin_dir: &Path, keep: &[String]) -> anyhow::Result<Vec<String>> {
+    let names: Vec<String> = pinned_xdp_interfaces(pin_dir)?
+        .into_iter()
+        .filter(|i| !keep.contains(i))
+        .collect();
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let tags = BootstrapTags::load()?;
+    let mut removed = Vec::new();
+    for ifname in names {
+        match remove_bootstrap(&tags, pin_dir, &ifname) {
+            Ok(true) => removed.push(ifname),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(interface = %ifname, error = %format!("{e:#}"), "cannot remove the bootstrap filter");
+            }
+        }
     }
     Ok(removed)
+}
+
+/// Detaches and unpins the XDP link of `ifname` if it runs the bootstrap.
+fn remove_bootstrap(tags: &BootstrapTags, pin_dir: &Path, ifname: &str) -> anyhow::Result<bool> {
+    if tags.runs_on(pin_dir, ifname)? != Some(true) {
+        return Ok(false);
+    }
+    let path = link_pin(pin_dir, "xdp", ifname);
+    detach_pinned_link(&path)
+        .with_context(|| format!("cannot detach the bootstrap link {}", path.display()))?;
+    fs::remove_file(&path).with_context(|| format!("cannot unpin {}", path.display()))?;
+    Ok(true)
 }

@@ -84,8 +84,8 @@ use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
 
 use attach::ensure_bpffs;
 pub use attach::{
-    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, detach_all, maps_dir, pinned_ingress_program,
-    remove_bootstraps, remove_old_layouts,
+    Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, BootstrapTags, bootstrap_interfaces,
+    detach_all, maps_dir, remove_bootstraps, remove_old_layouts, repin_renamed_bootstraps,
 };
 pub use counters::read_counters;
 pub use deny::{DenyWrite, boottime_ns, covers};

@@ -300,7 +300,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
     }
     ingress.sort();
     egress.sort();
-    let bootstrap = bootstrap_only(pin_dir, &ingress);
+    let (bootstrap, unknown) = bootstrap_only(pin_dir, &ingress);
     let maps = portcullis::dataplane::maps_dir(pin_dir);
     let layout = maps.exists().then_some(portcullis_common::LAYOUT_VERSION);
     if ctx.json {
@@ -310,6 +310,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
             "pin_dir": pin_dir,
             "pinned_ingress": ingress,
             "bootstrap_ingress": bootstrap,
+            "unknown_ingress": unknown,
             "pinned_egress": egress,
             "layout": layout,
         });
@@ -324,7 +325,7 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
         );
         return Ok(EXIT_DAEMON_DOWN);
     }
-    print_pinned_ingress(&ingress, &bootstrap);
+    print_pinned_ingress(&ingress, &bootstrap, &unknown);
     println!(
         "Egress:      {}",
         if egress.is_empty() {
@@ -344,14 +345,17 @@ fn pinned(ctx: &Ctx, pin_dir: &Path, why: &anyhow::Error) -> anyhow::Result<i32>
     Ok(EXIT_DAEMON_DOWN)
 }
 
-/// What the pinned XDP links enforce: the last rules, or (`bootstrap`)
-/// only the bootstrap filter.
-fn print_pinned_ingress(ingress: &[String], bootstrap: &[String]) {
+/// What the pinned XDP links enforce: the last rules, only the bootstrap
+/// filter (`bootstrap`), or what cannot be told (`unknown`).
+fn print_pinned_ingress(ingress: &[String], bootstrap: &[String], unknown: &[String]) {
     let full: Vec<&str> = ingress
         .iter()
-        .filter(|i| !bootstrap.contains(i))
+        .filter(|i| !bootstrap.contains(i) && !unknown.contains(i))
         .map(String::as_str)
         .collect();
+    if !bootstrap.is_empty() && bootstrap.len() == ingress.len() {
+        println!("Protected:   NO (bootstrap filter only)");
+    }
     if !full.is_empty() {
         println!(
             "Protected:   daemon not running; enforcement pinned on {} (filtering continues with the last rules)",
@@ -364,23 +368,31 @@ fn print_pinned_ingress(ingress: &[String], bootstrap: &[String]) {
             bootstrap.join(", ")
         );
     }
+    if !unknown.is_empty() {
+        println!(
+            "Unknown:     {}: an XDP link is pinned, but whether it runs the last rules or only the bootstrap filter cannot be told (run as root)",
+            unknown.join(", ")
+        );
+    }
 }
 
 /// The interfaces of `ingress` whose pinned XDP link runs the bootstrap
-/// filter (a fresh start before its full programs, or one that died then).
-/// One whose program cannot be read (not root) is not counted.
-fn bootstrap_only(pin_dir: &Path, ingress: &[String]) -> Vec<String> {
-    use portcullis::dataplane::{BOOTSTRAP, BOOTSTRAP_SINGLE, pinned_ingress_program};
-    ingress
-        .iter()
-        .filter(|i| {
-            matches!(
-                pinned_ingress_program(pin_dir, i).ok().flatten().as_deref(),
-                Some(BOOTSTRAP | BOOTSTRAP_SINGLE)
-            )
-        })
-        .cloned()
-        .collect()
+/// filter (a fresh start before its full programs, or one that died then),
+/// and those whose program cannot be told (not root, no CAP_BPF).
+fn bootstrap_only(pin_dir: &Path, ingress: &[String]) -> (Vec<String>, Vec<String>) {
+    let tags = match portcullis::dataplane::BootstrapTags::load() {
+        Ok(tags) => tags,
+        Err(_) => return (Vec::new(), ingress.to_vec()),
+    };
+    let (mut bootstrap, mut unknown) = (Vec::new(), Vec::new());
+    for i in ingress {
+        match tags.runs_on(pin_dir, i) {
+            Ok(Some(true)) => bootstrap.push(i.clone()),
+            Ok(Some(false)) => {}
+            Ok(None) | Err(_) => unknown.push(i.clone()),
+        }
+    }
+    (bootstrap, unknown)
 }
 
 /// Polls `/v1/ready` until it answers 200 or `timeout` passes. A daemon
