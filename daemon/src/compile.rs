@@ -20,6 +20,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
+    rc::Rc,
     sync::Arc,
 };
 
@@ -468,18 +469,73 @@ fn overlay(base: &[Segment], lo: u16, hi: u16, slot: u32) -> PortMap {
     out
 }
 
+/// A port map as laid out in the image: its segments, shared (not copied)
+/// by the prefixes inside it that add nothing to its class, and where
+/// they start in `SEGMENTS`.
+#[derive(Clone, Default)]
+struct Laid {
+    map: Rc<PortMap>,
+    offset: u32,
+}
+
 /// The port maps of a prefix: its container's (`base`) with the entries
-/// `own` of the prefix itself overlaid.
-fn port_maps(entries: &[Entry], base: &[PortMap; PCLASSES], own: &[usize]) -> [PortMap; PCLASSES] {
-    std::array::from_fn(|c| {
-        let mut map = base.get(c).cloned().unwrap_or_default();
-        for e in own.iter().filter_map(|&i| entries.get(i)) {
-            if let Some((lo, hi)) = e.ports.get(c).copied().flatten() {
-                map = overlay(&map, lo, hi, e.slot);
-            }
+/// `own` of the prefix itself overlaid, each new list laid out once. A
+/// class its entries leave alone is its container's, and UDP is TCP's when
+/// both start the same and the entries give both the same ports (a Brev
+/// rule's `tcp_udp`).
+fn port_maps(
+    entries: &[Entry],
+    base: &[Laid; PCLASSES],
+    own: &[usize],
+    layout: &mut Layout,
+    segments: &mut Vec<Segment>,
+) -> Result<[Laid; PCLASSES], CompileError> {
+    let ranges = |c: usize| {
+        own.iter()
+            .filter_map(|&i| entries.get(i))
+            .filter_map(move |e| {
+                let (lo, hi) = e.ports.get(c).copied().flatten()?;
+                Some((lo, hi, e.slot))
+            })
+    };
+    let mut out: [Laid; PCLASSES] = Default::default();
+    let mut tcp: Option<Laid> = None;
+    for (c, (laid, from)) in out.iter_mut().zip(base).enumerate() {
+        if ranges(c).next().is_none() {
+            *laid = from.clone();
+            continue;
         }
-        map
-    })
+        if let Some(t) = &tcp
+            && c == PCLASS_UDP
+            && base
+                .get(PCLASS_TCP)
+                .is_some_and(|b| Rc::ptr_eq(&b.map, &from.map))
+            && ranges(PCLASS_TCP).eq(ranges(PCLASS_UDP))
+        {
+            *laid = t.clone();
+            continue;
+        }
+        let mut map: Option<PortMap> = None;
+        for (lo, hi, slot) in ranges(c) {
+            map = Some(overlay(map.as_deref().unwrap_or(&from.map), lo, hi, slot));
+        }
+        let map = map.unwrap_or_default();
+        if map.len() as u32 > MAX_SEGMENTS_PER_CLASS {
+            return Err(CompileError::TooManySegments {
+                needed: map.len(),
+                max: MAX_SEGMENTS_PER_CLASS,
+            });
+        }
+        let offset = layout.list(segments, &map);
+        *laid = Laid {
+            map: Rc::new(map),
+            offset,
+        };
+        if c == PCLASS_TCP {
+            tcp = Some(laid.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// The image's segments and regions as they are built: each distinct port
@@ -492,17 +548,17 @@ struct Layout {
 }
 
 impl Layout {
-    /// The region of `maps` in `image` (added when new).
-    fn region(&mut self, image: &mut Image, maps: &[PortMap; PCLASSES]) -> u32 {
+    /// The region of the laid-out `maps` in `image` (added when new).
+    fn region(&mut self, image: &mut Image, maps: &[Laid; PCLASSES]) -> u32 {
         let mut region = Region::default();
-        for ((map, offset), len) in maps
+        for ((laid, offset), len) in maps
             .iter()
             .zip(region.offset.iter_mut())
             .zip(region.len.iter_mut())
         {
-            *len = map.len() as u32;
-            if !map.is_empty() {
-                *offset = self.list(&mut image.segments, map);
+            *len = laid.map.len() as u32;
+            if *len != 0 {
+                *offset = laid.offset;
             }
         }
         let next = image.regions.len() as u32;
@@ -512,9 +568,13 @@ impl Layout {
         })
     }
 
-    /// Where `list` starts in `segments` (appended when new).
+    /// Where `list` starts in `segments` (appended when new; 0 for an
+    /// empty list, which has no segments).
     fn list(&mut self, segments: &mut Vec<Segment>, list: &[Segment]) -> u32 {
         use std::hash::Hasher as _;
+        if list.is_empty() {
+            return 0;
+        }
         let mut h = Fast::default();
         for s in list {
             h.write_u64(((s.start as u64) << 32) | s.slot as u64);
@@ -623,8 +683,10 @@ fn prefixes(
     // Sorted by (address, length): each network follows the networks
     // that contain it, so a stack holds the current chain, each with the
     // port maps of every entry on the chain down to it.
-    let mut stack: Vec<((u128, u8), [PortMap; PCLASSES])> = Vec::new();
-    let empty: [PortMap; PCLASSES] = Default::default();
+    let mut stack: Vec<((u128, u8), [Laid; PCLASSES])> = Vec::new();
+    // One empty list for every class, so UDP can follow TCP from the top.
+    let none = Laid::default();
+    let empty: [Laid; PCLASSES] = std::array::from_fn(|_| none.clone());
     for ((bits, len), own) in nets {
         while let Some(((top_bits, top_len), _)) = stack.last() {
             if contains(*top_bits, *top_len, bits, len, v6) {
@@ -633,16 +695,7 @@ fn prefixes(
             stack.pop();
         }
         let base = stack.last().map_or(&empty, |(_, maps)| maps);
-        let maps = port_maps(entries, base, &own);
-        if let Some(m) = maps
-            .iter()
-            .find(|m| m.len() as u32 > MAX_SEGMENTS_PER_CLASS)
-        {
-            return Err(CompileError::TooManySegments {
-                needed: m.len(),
-                max: MAX_SEGMENTS_PER_CLASS,
-            });
-        }
+        let maps = port_maps(entries, base, &own, layout, &mut image.segments)?;
         let region = layout.region(image, &maps);
         if v6 {
             let mut key = [0u8; 17];
