@@ -1102,7 +1102,8 @@ async fn replace_peers(
 }
 
 /// `GET /v1/counters`: by verdict reason, and by rule slot (`rule:<id>`,
-/// `cluster:<id>`, `ssh`; rules removed since the daemon started included).
+/// `cluster:<id>`, `ssh`; rules removed since the daemon started included
+/// when they counted something).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Counters {
     pub generation: u64,

@@ -545,6 +545,9 @@ fn port_maps(
 struct Layout {
     lists: HashMap<u64, Vec<u32>, BuildFast>,
     regions: HashMap<Region, u32, BuildFast>,
+    /// A per-compile seed of the lists' hash: colliding lists cannot be
+    /// prepared in advance to slow the compile down.
+    seed: u64,
 }
 
 impl Layout {
@@ -575,7 +578,7 @@ impl Layout {
         if list.is_empty() {
             return 0;
         }
-        let mut h = Fast::default();
+        let mut h = Fast(self.seed);
         for s in list {
             h.write_u64(((s.start as u64) << 32) | s.slot as u64);
         }
@@ -595,7 +598,7 @@ impl Layout {
 
 /// A multiply-rotate hash (as rustc's FxHash): the compiler hashes
 /// millions of segments. Colliding lists cost comparisons, not a wrong
-/// image; only a writer, who may replace the whole set anyway, chooses them.
+/// image; the lists' hash is seeded per compile (`Layout::seed`).
 #[derive(Default)]
 struct Fast(u64);
 
@@ -629,7 +632,13 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
         hash: hash(set),
         ..Default::default()
     };
-    let mut layout = Layout::default();
+    let mut layout = Layout {
+        seed: {
+            use std::hash::BuildHasher as _;
+            std::collections::hash_map::RandomState::new().hash_one(0u8)
+        },
+        ..Default::default()
+    };
     image.if_classes = set.rule_interfaces();
     // Checked here too (not only by `RuleSet::validate`): a fourth named
     // interface would get the data path's fallback, every ingress rule.
@@ -1036,6 +1045,10 @@ impl Image {
     /// An index outside the image (one that `compile` did not build) admits
     /// nothing.
     pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
+        debug_assert!(
+            !self.stripped,
+            "Image::lookup on a stripped image finds nothing: use answer"
+        );
         let region = match addr {
             IpAddr::V4(a) => {
                 // The same walk as the data path's v4_region.

@@ -693,10 +693,13 @@ impl Core {
                 confirm_by: None,
             });
         }
-        let previous = (self.rules.clone(), self.allow_ping);
+        // The set to roll back to, kept only when a confirmation is asked.
+        let previous = opts
+            .confirm_within
+            .map(|_| (self.rules.clone(), self.allow_ping));
         let allow_ping = opts.allow_ping.unwrap_or(self.allow_ping);
         let generation = self.make_live(next, image, allow_ping)?;
-        let confirm_by = opts.confirm_within.map(|secs| {
+        let confirm_by = opts.confirm_within.zip(previous).map(|(secs, previous)| {
             let deadline = unix_now() + secs;
             let pending = Pending { previous: previous.0, previous_allow_ping: previous.1, generation, deadline };
             if let Err(e) = self.store.save_pending(Some(&pending)) {

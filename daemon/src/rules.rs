@@ -925,13 +925,14 @@ impl RuleSet {
         Ok(())
     }
 
-    /// Removes the rules whose expiry is at or before `now` (Unix seconds)
-    /// from both lists; returns them.
     /// Whether `next` is this set with rules (and cluster peers) appended
-    /// and nothing else changed: whatever this set admits, `next` admits
-    /// (each old rule keeps its place, so the first match stays older, and
-    /// a peer admits everything from its address). A change like that
-    /// cuts no open flow, so the core need not list them.
+    /// and nothing else changed, so that whatever new inbound traffic this
+    /// set admits, `next` admits (each old rule keeps its place among the
+    /// set's rules, so the first match stays the older one, and a peer
+    /// admits everything from its address): such a change cuts no open
+    /// inbound flow, so the core need not list them. Egress is held
+    /// unchanged too: the first egress rule would turn on the allowlist,
+    /// and the first rule with names the DNS guard, both narrowing.
     pub fn only_appends(&self, next: &RuleSet) -> bool {
         fn prefix<T: PartialEq>(old: &[T], new: &[T]) -> bool {
             new.get(..old.len()) == Some(old)
@@ -949,6 +950,8 @@ impl RuleSet {
             && prefix(&self.egress_rules, &next.egress_rules)
             && self.ssh == next.ssh
             && self.egress == next.egress
+            && self.egress_allowlist() == next.egress_allowlist()
+            && self.has_names() == next.has_names()
     }
 
     /// Whether a rule has expired at `now` (a scan, no copy: the sweep
@@ -972,6 +975,8 @@ impl RuleSet {
         }
     }
 
+    /// Removes the rules whose expiry is at or before `now` (Unix seconds)
+    /// from both lists; returns them.
     pub fn take_expired(&mut self, now: u64) -> Vec<FirewallRule> {
         let mut gone = Vec::new();
         for list in [&mut self.ingress_rules, &mut self.egress_rules] {
@@ -1461,7 +1466,8 @@ sources = ["203.0.113.0/24"]
             5432,
             &[]
         ))));
-        assert!(appended(&|n| n.egress_rules.push(rule(
+        // The first egress rule turns the implicit allowlist on: narrower.
+        assert!(!appended(&|n| n.egress_rules.push(rule(
             "out",
             443,
             443,
@@ -1489,5 +1495,11 @@ sources = ["203.0.113.0/24"]
         assert!(!appended(&|n| n.cluster = None));
         assert!(!appended(&|n| n.ssh.allow = !n.ssh.allow));
         assert!(!appended(&|n| n.egress = Some(EgressMode::Allowlist)));
+        // A second egress rule only widens the allowlist.
+        let mut one = old.clone();
+        one.egress_rules.push(rule("out", 443, 443, &[]));
+        let mut two = one.clone();
+        two.egress_rules.push(rule("dns", 53, 53, &[]));
+        assert!(one.only_appends(&two));
     }
 }

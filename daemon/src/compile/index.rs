@@ -7,14 +7,23 @@
 //! A lookup probes each prefix length present in one sorted table per
 //! family (at most 33 for IPv4, 129 for IPv6, each a binary search) and
 //! keeps the first entry, in priority order, that admits the port: the
-//! answer of [`super::reference`], which the tests hold it to.
+//! answer of [`super::reference`], which the tests hold it to. Entries come
+//! in slot order within a direction, so the first entry is the one with
+//! the lowest slot index. A network shared by more than [`SMALL`] entries
+//! (100k rules "from anywhere") gets port maps of its own, so a lookup
+//! stays a few binary searches however the rules are shaped: the core asks
+//! one per open flow, under its lock.
 
-use std::net::IpAddr;
+use std::{collections::HashMap, net::IpAddr};
 
 use ipnet::IpNet;
-use portcullis_common::SLOT_NONE;
+use portcullis_common::{PCLASSES, SLOT_NONE, Segment};
 
-use super::{Entry, Ports};
+use super::{Entry, Ports, before};
+
+/// Networks with at most this many entries are scanned; larger ones have
+/// port maps.
+const SMALL: usize = 8;
 
 /// One entry's network in a table: (direction, prefix length, network
 /// bits) sorts the networks of one length together.
@@ -38,6 +47,10 @@ pub struct Index {
 struct Table<B> {
     nets: Vec<(Key<B>, u32)>,
     lengths: Vec<(u8, u8)>,
+    /// Port maps (per protocol class: runs of ports, the lowest slot of
+    /// the network's own entries) of the networks with more than `SMALL`
+    /// entries, by the position of their first row in `nets`.
+    large: HashMap<u32, [Vec<Segment>; PCLASSES]>,
 }
 
 /// An address's bits (IPv4 in a `u32`, IPv6 in a `u128`).
@@ -76,28 +89,121 @@ impl<B: Bits> Table<B> {
         self.nets.push((key, entry));
     }
 
-    fn seal(&mut self) {
+    fn seal(&mut self, entries: &[(u8, u32, Ports, bool)]) {
         self.nets.sort_unstable();
         self.nets.shrink_to_fit();
         self.lengths = self.nets.iter().map(|((d, l, _), _)| (*d, *l)).collect();
         self.lengths.dedup();
         self.lengths.shrink_to_fit();
+        let mut from = 0;
+        for group in self.nets.chunk_by(|a, b| a.0 == b.0) {
+            if group.len() > SMALL {
+                let own: Vec<&(u8, u32, Ports, bool)> = group
+                    .iter()
+                    .filter_map(|(_, e)| entries.get(*e as usize))
+                    .collect();
+                let maps = std::array::from_fn(|c| port_map(&own, c));
+                self.large.insert(from, maps);
+            }
+            from += group.len() as u32;
+        }
     }
 
-    /// The entries whose network of direction `dir` contains `addr`.
-    fn containing(&self, dir: u8, addr: B) -> impl Iterator<Item = u32> + '_ {
-        let lengths = self.lengths.iter().filter(move |(d, _)| *d == dir);
-        lengths.flat_map(move |&(d, len)| {
+    /// The lowest slot of direction `dir` whose network contains `addr`
+    /// and whose ports cover `port` of class `pclass` (`SLOT_NONE`: none).
+    fn first(
+        &self,
+        dir: u8,
+        addr: B,
+        entries: &[(u8, u32, Ports, bool)],
+        pclass: usize,
+        port: u16,
+    ) -> u32 {
+        let mut best = SLOT_NONE;
+        for &(d, len) in self.lengths.iter().filter(|(d, _)| *d == dir) {
             let key = (d, len, addr.masked(len));
             let from = self.nets.partition_point(|(k, _)| *k < key);
-            self.nets
-                .get(from..)
-                .unwrap_or_default()
-                .iter()
-                .take_while(move |(k, _)| *k == key)
-                .map(|(_, e)| *e)
-        })
+            // `from` is where the key would be: its group only if present.
+            if self.nets.get(from).is_none_or(|(k, _)| *k != key) {
+                continue;
+            }
+            let slot = match self.large.get(&(from as u32)) {
+                Some(maps) => maps.get(pclass).map_or(SLOT_NONE, |m| at(m, port)),
+                None => self
+                    .nets
+                    .get(from..)
+                    .unwrap_or_default()
+                    .iter()
+                    .take_while(|(k, _)| *k == key)
+                    .filter_map(|(_, e)| entries.get(*e as usize))
+                    .find(|(_, _, ports, _)| covers(ports, pclass, port))
+                    .map_or(SLOT_NONE, |(_, slot, _, _)| *slot),
+            };
+            if before(slot, best) {
+                best = slot;
+            }
+        }
+        best
     }
+}
+
+/// The slot of `port` in `map` (runs from port 0; empty: none).
+fn at(map: &[Segment], port: u16) -> u32 {
+    let run = map.partition_point(|s| s.start <= port);
+    run.checked_sub(1)
+        .and_then(|i| map.get(i))
+        .map_or(SLOT_NONE, |s| s.slot)
+}
+
+/// The port map of class `c` for `own` (entries in slot order): each run
+/// of ports with the lowest slot covering it, as the compiler's segments.
+fn port_map(own: &[&(u8, u32, Ports, bool)], c: usize) -> Vec<Segment> {
+    // Boundaries and the entries covering each elementary run, swept in
+    // order with the active slots counted by index.
+    let mut events: Vec<(u32, u32, i32)> = Vec::new();
+    for (_, slot, ports, _) in own {
+        if let Some((lo, hi)) = ports.get(c).copied().flatten() {
+            events.push((lo as u32, *slot, 1));
+            events.push((hi as u32 + 1, *slot, -1));
+        }
+    }
+    if events.is_empty() {
+        return Vec::new();
+    }
+    events.sort_unstable_by_key(|(at, _, _)| *at);
+    let mut active: std::collections::BTreeMap<u32, (u32, i32)> = Default::default();
+    let mut out = vec![Segment {
+        start: 0,
+        _pad: 0,
+        slot: SLOT_NONE,
+    }];
+    for run in events.chunk_by(|a, b| a.0 == b.0) {
+        let Some(&(at, _, _)) = run.first() else {
+            continue;
+        };
+        if at > u16::MAX as u32 {
+            break;
+        }
+        for &(_, slot, delta) in run {
+            let e = active.entry(super::index(slot)).or_insert((slot, 0));
+            e.1 += delta;
+            if e.1 == 0 {
+                active.remove(&super::index(slot));
+            }
+        }
+        let slot = active.values().next().map_or(SLOT_NONE, |v| v.0);
+        match out.last_mut() {
+            Some(last) if last.slot == slot => {}
+            Some(last) if last.start as u32 == at => last.slot = slot,
+            _ => out.push(Segment {
+                start: at as u16,
+                _pad: 0,
+                slot,
+            }),
+        }
+    }
+    out.dedup_by(|b, a| a.slot == b.slot);
+    out
 }
 
 impl Index {
@@ -118,25 +224,19 @@ impl Index {
                 }
             }
         }
-        index.v4.seal();
-        index.v6.seal();
+        index.v4.seal(&index.entries);
+        index.v6.seal(&index.entries);
         index
     }
 
     /// The slot of the first entry of direction `dir` that admits a packet
     /// from `addr` of protocol class `pclass` to `port`, or `SLOT_NONE`.
     pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
-        let first = match addr {
-            IpAddr::V4(a) => {
-                self.first_admitting(self.v4.containing(dir, u32::from(a)), pclass, port)
-            }
-            IpAddr::V6(a) => {
-                self.first_admitting(self.v6.containing(dir, words(a.into())), pclass, port)
-            }
-        };
-        first
-            .and_then(|i| self.entries.get(i as usize))
-            .map_or(SLOT_NONE, |(_, slot, _, _)| *slot)
+        let e = &self.entries;
+        match addr {
+            IpAddr::V4(a) => self.v4.first(dir, u32::from(a), e, pclass, port),
+            IpAddr::V6(a) => self.v6.first(dir, words(a.into()), e, pclass, port),
+        }
     }
 
     /// The slots of the entries of direction `dir` with a network whose
@@ -151,21 +251,6 @@ impl Index {
         }
         out
     }
-
-    fn first_admitting(
-        &self,
-        candidates: impl Iterator<Item = u32>,
-        pclass: usize,
-        port: u16,
-    ) -> Option<u32> {
-        candidates
-            .filter(|&i| {
-                self.entries
-                    .get(i as usize)
-                    .is_some_and(|(_, _, ports, _)| covers(ports, pclass, port))
-            })
-            .min()
-    }
 }
 
 fn covers(ports: &Ports, pclass: usize, port: u16) -> bool {
@@ -174,4 +259,67 @@ fn covers(ports: &Ports, pclass: usize, port: u16) -> bool {
         .copied()
         .flatten()
         .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use portcullis_common::{DIR_INGRESS, PCLASS_TCP, PCLASS_UDP, PCLASSES};
+
+    use super::Index;
+    use crate::{
+        compile::{entries, reference},
+        rules::{FirewallRule, RuleSet},
+    };
+
+    fn rule(id: usize, from: u32, to: u32, ranges: &[&str]) -> FirewallRule {
+        serde_json::from_value(serde_json::json!({
+            "id": format!("r{id}"), "from_port": from, "to_port": to, "ip_ranges": ranges
+        }))
+        .unwrap()
+    }
+
+    /// Many rules on one network (past `SMALL`: its own port maps), nested
+    /// and overlapping ranges, against the one-by-one evaluator.
+    #[test]
+    fn a_network_shared_by_many_rules_answers_as_the_reference() {
+        let mut set = RuleSet::default();
+        for i in 0..40u32 {
+            let from = (i * 37) % 600;
+            let nets: &[&str] = match i % 4 {
+                0 => &[],
+                1 => &["0.0.0.0/0"],
+                2 => &["10.0.0.0/8", "::/0"],
+                _ => &["10.1.0.0/16"],
+            };
+            set.ingress_rules
+                .push(rule(i as usize, from, from + i * 5, nets));
+        }
+        set.validate().unwrap();
+        let (entries, _) = entries(&set);
+        let index = Index::of(&entries);
+        assert!(!index.v4.large.is_empty(), "no network took port maps");
+        let addrs: [IpAddr; 4] = [
+            "10.1.2.3".parse().unwrap(),
+            "10.9.9.9".parse().unwrap(),
+            "192.0.2.1".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ];
+        for addr in addrs {
+            for pclass in 0..PCLASSES {
+                for port in 0..800u16 {
+                    assert_eq!(
+                        index.lookup(DIR_INGRESS, addr, pclass, port),
+                        reference(&entries, DIR_INGRESS, addr, pclass, port),
+                        "{addr} class {pclass} port {port}"
+                    );
+                }
+            }
+        }
+        // A port no rule covers, on both transport classes.
+        for pclass in [PCLASS_TCP, PCLASS_UDP] {
+            assert_eq!(index.lookup(DIR_INGRESS, addrs[0], pclass, 60000), 0);
+        }
+    }
 }

@@ -225,7 +225,9 @@ impl Dataplane {
             pass_all: false,
             egress_volume: false,
             v6_written: [None, None],
-            switched: None,
+            // As if switched now: a previous process may have switched a
+            // moment ago (a restart takes milliseconds, but need not).
+            switched: Some(std::time::Instant::now()),
             params,
             explainer: explain::Explainers::default(),
             rate_limit: None,
