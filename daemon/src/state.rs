@@ -33,12 +33,14 @@ const MODE: &str = "mode.json";
 const BASELINE: &str = "baseline.json";
 const FORMAT: u32 = 1;
 
+/// A saved rule set: read as `Envelope<RuleSet>`, written from a borrow
+/// (`Envelope<&RuleSet>`: a 100k-rule set is not copied to be saved).
 #[derive(Serialize, Deserialize)]
-struct Envelope {
+struct Envelope<R = RuleSet> {
     format: u32,
     generation: u64,
     sha256: String,
-    rules: RuleSet,
+    rules: R,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -99,7 +101,7 @@ impl Store {
             format: FORMAT,
             generation,
             sha256: compile::hash(rules),
-            rules: rules.clone(),
+            rules,
         };
         replace_file(
             &self.dir,
@@ -118,7 +120,7 @@ impl Store {
             format: FORMAT,
             generation: 0,
             sha256: compile::hash(rules),
-            rules: rules.clone(),
+            rules,
         };
         replace_file(
             &self.dir,
