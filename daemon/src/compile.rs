@@ -421,6 +421,21 @@ fn before(a: u32, b: u32) -> bool {
     b == SLOT_NONE || (a != SLOT_NONE && index(a) < index(b))
 }
 
+/// Appends a run of `slot` from port `start` to `map` (ports ascending):
+/// merged into the last run when it has the same slot, replacing it when
+/// it starts at the same port.
+fn push_run(map: &mut PortMap, start: u32, slot: u32) {
+    match map.last_mut() {
+        Some(last) if last.slot == slot => {}
+        Some(last) if last.start as u32 == start => last.slot = slot,
+        _ => map.push(Segment {
+            start: start as u16,
+            _pad: 0,
+            slot,
+        }),
+    }
+}
+
 /// `base` with ports `lo..=hi` also admitted by `slot`, where it comes
 /// first: one pass over `base`, so a prefix's map costs what its
 /// container's map and its own rules hold, not its whole chain of rules.
@@ -432,15 +447,7 @@ fn overlay(base: &[Segment], lo: u16, hi: u16, slot: u32) -> PortMap {
     }];
     let base = if base.is_empty() { &none[..] } else { base };
     let mut out: PortMap = Vec::with_capacity(base.len() + 2);
-    let mut push = |start: u32, slot: u32| match out.last_mut() {
-        Some(last) if last.slot == slot => {}
-        Some(last) if last.start as u32 == start => last.slot = slot,
-        _ => out.push(Segment {
-            start: start as u16,
-            _pad: 0,
-            slot,
-        }),
-    };
+    let mut push = |start: u32, slot: u32| push_run(&mut out, start, slot);
     let (lo, hi) = (lo as u32, hi as u32);
     let ends = base
         .iter()

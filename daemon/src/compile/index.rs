@@ -192,15 +192,7 @@ fn port_map(own: &[&(u8, u32, Ports, bool)], c: usize) -> Vec<Segment> {
             }
         }
         let slot = active.values().next().map_or(SLOT_NONE, |v| v.0);
-        match out.last_mut() {
-            Some(last) if last.slot == slot => {}
-            Some(last) if last.start as u32 == at => last.slot = slot,
-            _ => out.push(Segment {
-                start: at as u16,
-                _pad: 0,
-                slot,
-            }),
-        }
+        super::push_run(&mut out, at, slot);
     }
     out.dedup_by(|b, a| a.slot == b.slot);
     out

@@ -53,30 +53,8 @@ impl Dataplane {
                 }
             }
         }
-        let c_name = CString::new(ifname).context("interface name contains NUL")?;
         let single_buffer = self.programs.ingress_name == programs::INGRESS_SINGLE;
-        let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
-            Ok(id) => id,
-            // A single-buffer program cannot run natively where frames do
-            // not fit a page (jumbo MTUs); generic XDP still filters them.
-            Err(e) if single_buffer => {
-                warn!(interface = ifname, error = %e, "native XDP refused the single-buffer program; attaching in generic mode");
-                prog.attach(c_name.as_c_str(), XdpMode::Skb)
-                    .with_context(|| format!("cannot attach XDP to interface {ifname}"))?
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("cannot attach XDP to interface {ifname}"));
-            }
-        };
-        let link: FdLink = prog
-            .take_link(link_id)?
-            .try_into()
-            .map_err(|e: LinkError| {
-                anyhow!("interface {ifname}: XDP link is not a bpf_link: {e}")
-            })?;
-        link.pin(&pin)
-            .with_context(|| format!("cannot pin the XDP link of {ifname} at {}", pin.display()))?;
+        attach_pinned(prog, ifname, single_buffer, &pin, "XDP")?;
         Ok(Attach::New)
     }
 
@@ -438,34 +416,50 @@ impl Bootstrap {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
             .try_into()?;
-        let c_name = CString::new(ifname).context("interface name contains NUL")?;
-        let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
-            Ok(id) => id,
-            // As the full single-buffer program (`attach_ingress`).
-            Err(e) if name == BOOTSTRAP_SINGLE => {
-                warn!(interface = ifname, error = %e, "native XDP refused the single-buffer bootstrap; attaching in generic mode");
-                prog.attach(c_name.as_c_str(), XdpMode::Skb)
-                    .with_context(|| format!("cannot attach the bootstrap filter to {ifname}"))?
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e))
-                    .with_context(|| format!("cannot attach the bootstrap filter to {ifname}"));
-            }
-        };
-        let link: FdLink = prog
-            .take_link(link_id)?
-            .try_into()
-            .map_err(|e: LinkError| {
-                anyhow!("interface {ifname}: XDP link is not a bpf_link: {e}")
-            })?;
-        link.pin(&pin).with_context(|| {
-            format!(
-                "cannot pin the bootstrap link of {ifname} at {}",
-                pin.display()
-            )
-        })?;
+        attach_pinned(
+            prog,
+            ifname,
+            name == BOOTSTRAP_SINGLE,
+            &pin,
+            "the bootstrap filter",
+        )?;
         Ok(true)
     }
+}
+
+/// Attaches `prog` to `ifname` as a bpf_link and pins the link at `pin`.
+/// A single-buffer program cannot run natively where frames do not fit a
+/// page (jumbo MTUs): where native XDP refuses it, generic XDP still
+/// filters. `what` names the program in errors.
+fn attach_pinned(
+    prog: &mut Xdp,
+    ifname: &str,
+    single_buffer: bool,
+    pin: &Path,
+    what: &str,
+) -> anyhow::Result<()> {
+    let c_name = CString::new(ifname).context("interface name contains NUL")?;
+    let attach_error = || format!("cannot attach {what} to interface {ifname}");
+    let link_id = match prog.attach(c_name.as_c_str(), XdpMode::default()) {
+        Ok(id) => id,
+        Err(e) if single_buffer => {
+            warn!(interface = ifname, error = %e, program = what, "native XDP refused the single-buffer program; attaching in generic mode");
+            prog.attach(c_name.as_c_str(), XdpMode::Skb)
+                .with_context(attach_error)?
+        }
+        Err(e) => return Err(anyhow::Error::new(e)).with_context(attach_error),
+    };
+    let link: FdLink = prog
+        .take_link(link_id)?
+        .try_into()
+        .map_err(|e: LinkError| anyhow!("interface {ifname}: XDP link is not a bpf_link: {e}"))?;
+    link.pin(pin).with_context(|| {
+        format!(
+            "cannot pin the {what} link of {ifname} at {}",
+            pin.display()
+        )
+    })?;
+    Ok(())
 }
 
 /// A field of `/proc/self/fdinfo/<fd>` (`prog_tag`, `prog_id`).

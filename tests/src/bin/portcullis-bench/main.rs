@@ -783,23 +783,11 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut adds = Vec::new();
-    for i in 0..100 {
-        let rule = serde_json::json!({"id": format!("a{i}"), "from_port": 1000 + i, "to_port": 1000 + i, "ip_ranges": []});
-        let t = Instant::now();
-        let reply = rt.block_on(client::request(
-            &socket,
-            Method::POST,
-            "/v1/rules/ingress",
-            Some(serde_json::to_vec(&rule)?),
-        ))?;
-        anyhow::ensure!(
-            reply.status == 201,
-            "add failed: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        adds.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let adds = timed_adds(
+        &rt,
+        &socket,
+        (0..100).map(|i| serde_json::json!({"id": format!("a{i}"), "from_port": 1000 + i, "to_port": 1000 + i, "ip_ranges": []})),
+    )?;
     let mut rng = StdRng::seed_from_u64(10_000);
     let big = shape(10_000, &mut rng);
     let body = serde_json::to_vec(&big)?;
@@ -839,23 +827,11 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let rss_100k_kib = rss_kib(daemon.id())?;
     let rss_settled_kib = settled_rss_kib(daemon.id())?;
     // A single add into the 100k-rule set (a few: each compiles the set).
-    let mut adds_100k = Vec::new();
-    for i in 0..3 {
-        let rule = serde_json::json!({"id": format!("big{i}"), "from_port": 2000 + i, "to_port": 2000 + i, "ip_ranges": ["10.9.0.0/16"]});
-        let t = Instant::now();
-        let reply = rt.block_on(client::request(
-            &socket,
-            Method::POST,
-            "/v1/rules/ingress",
-            Some(serde_json::to_vec(&rule)?),
-        ))?;
-        anyhow::ensure!(
-            reply.status == 201,
-            "add into 100k failed: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        adds_100k.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let adds_100k = timed_adds(
+        &rt,
+        &socket,
+        (0..3).map(|i| serde_json::json!({"id": format!("big{i}"), "from_port": 2000 + i, "to_port": 2000 + i, "ip_ranges": ["10.9.0.0/16"]})),
+    )?;
     let rss_after_adds_kib = settled_rss_kib(daemon.id())?;
     let hwm_kib = status_kib(daemon.id(), "VmHWM:")?;
     let _ = daemon.kill();
@@ -918,6 +894,32 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
 }
 
 /// Resident memory of `pid`, KiB.
+/// Adds each of `rules` through the API, one request each; the round
+/// trips in ms.
+fn timed_adds(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    rules: impl Iterator<Item = serde_json::Value>,
+) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for rule in rules {
+        let t = Instant::now();
+        let reply = rt.block_on(portcullis::client::request(
+            socket,
+            hyper::Method::POST,
+            "/v1/rules/ingress",
+            Some(serde_json::to_vec(&rule)?),
+        ))?;
+        anyhow::ensure!(
+            reply.status == 201,
+            "add {rule} failed: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<f64> {
     status_kib(pid, "VmRSS:")
 }
