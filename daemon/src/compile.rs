@@ -397,14 +397,19 @@ pub fn reference(entries: &[Entry], dir: u8, addr: IpAddr, pclass: usize, port: 
         .iter()
         .find(|e| {
             e.dir == dir
-                && e.ports
-                    .get(pclass)
-                    .copied()
-                    .flatten()
-                    .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
+                && covers(&e.ports, pclass, port)
                 && e.nets.iter().any(|n| n.contains(&addr))
         })
         .map_or(SLOT_NONE, |e| e.slot)
+}
+
+/// Whether `ports` admit `port` of protocol class `pclass`.
+fn covers(ports: &Ports, pclass: usize, port: u16) -> bool {
+    ports
+        .get(pclass)
+        .copied()
+        .flatten()
+        .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
 }
 
 fn index(slot: u32) -> u32 {

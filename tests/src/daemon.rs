@@ -154,6 +154,19 @@ fn with_forced_variants(text: &str) -> String {
 }
 
 impl ConfigFile {
+    /// `cmd` (the daemon, or what execs it) given this configuration, its
+    /// state directory and socket, and the log settings the tests read.
+    pub fn daemon_args<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.arg("--config")
+            .arg(self.path())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--socket")
+            .arg(self.socket())
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+    }
+
     pub fn new(text: &str) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         fs::write(
@@ -242,16 +255,8 @@ impl Daemon {
     /// Starts the daemon without waiting for anything.
     pub fn spawn(ns: &Netns, config: &ConfigFile, env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let log = tempfile::NamedTempFile::new()?;
-        let child = ns
-            .command(workspace_bin("portcullisd")?)
-            .arg("--config")
-            .arg(config.path())
-            .arg("--state-dir")
-            .arg(config.state_dir())
-            .arg("--socket")
-            .arg(config.socket())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+        let child = config
+            .daemon_args(&mut ns.command(workspace_bin("portcullisd")?))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log.reopen()?)
@@ -278,15 +283,9 @@ impl Daemon {
         cmd.args(["-c", "LISTEN_PID=$$ exec \"$@\"", "sh", "nsenter"])
             .arg(format!("--net={}", ns.path().display()))
             .arg("--")
-            .arg(workspace_bin("portcullisd")?)
-            .arg("--config")
-            .arg(config.path())
-            .arg("--state-dir")
-            .arg(config.state_dir())
-            .arg("--socket")
-            .arg(config.socket())
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
+            .arg(workspace_bin("portcullisd")?);
+        config
+            .daemon_args(&mut cmd)
             .env("LISTEN_FDS", fds.len().to_string())
             .env("LISTEN_FDNAMES", names.join(":"))
             .stdout(Stdio::null())

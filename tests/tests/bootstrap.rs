@@ -413,15 +413,11 @@ fn failed_start_with_unit_caps(
     config: &ConfigFile,
 ) -> (std::process::ExitStatus, String) {
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut child = unit_caps(Some(ns), workspace_bin("portcullisd").unwrap())
-        .arg("--config")
-        .arg(config.path())
-        .arg("--state-dir")
-        .arg(config.state_dir())
-        .arg("--socket")
-        .arg(config.socket())
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
+    let mut child = config
+        .daemon_args(&mut unit_caps(
+            Some(ns),
+            workspace_bin("portcullisd").unwrap(),
+        ))
         .stdout(std::process::Stdio::null())
         .stderr(log.reopen().unwrap())
         .spawn()
@@ -559,12 +555,7 @@ fn a_failed_start_hands_the_bootstrap_over_to_the_fallback_only() {
 fn a_bootstrap_on_an_interface_no_longer_configured_goes() {
     const EXTRA: &str = "pcd0";
     let pair = Pair::new().unwrap();
-    pair.host
-        .ip(&["link", "add", EXTRA, "type", "veth", "peer", "name", "pcd1"])
-        .unwrap();
-    for i in [EXTRA, "pcd1"] {
-        pair.host.ip(&["link", "set", i, "up"]).unwrap();
-    }
+    veth(&pair.host, EXTRA, &pair.host, "pcd1").unwrap();
     let pins = PinDir::new().unwrap();
     let text = |interfaces: &str| {
         format!(
@@ -616,12 +607,7 @@ fn a_bootstrap_on_a_renamed_interface_is_replaced_under_its_new_name() {
     const OLD: &str = "pcd0";
     const NEW: &str = "pcd2";
     let pair = Pair::new().unwrap();
-    pair.host
-        .ip(&["link", "add", OLD, "type", "veth", "peer", "name", "pcd1"])
-        .unwrap();
-    for i in [OLD, "pcd1"] {
-        pair.host.ip(&["link", "set", i, "up"]).unwrap();
-    }
+    veth(&pair.host, OLD, &pair.host, "pcd1").unwrap();
     let pins = PinDir::new().unwrap();
     let text = |extra: &str| {
         format!(

@@ -19,7 +19,7 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::IpNet;
 use portcullis_common::{PCLASSES, SLOT_NONE, Segment};
 
-use super::{Entry, Ports, before};
+use super::{Entry, Ports, before, covers};
 
 /// Networks with at most this many entries are scanned; larger ones have
 /// port maps.
@@ -243,14 +243,6 @@ impl Index {
         }
         out
     }
-}
-
-fn covers(ports: &Ports, pclass: usize, port: u16) -> bool {
-    ports
-        .get(pclass)
-        .copied()
-        .flatten()
-        .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
 }
 
 #[cfg(test)]

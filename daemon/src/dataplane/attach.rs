@@ -354,10 +354,7 @@ impl Bootstrap {
     pub fn load(choice: XdpProgram) -> anyhow::Result<Self> {
         let mut ebpf = Ebpf::load(BOOTSTRAP_OBJECT).context("cannot load the bootstrap filter")?;
         let mut load = |name: &'static str| -> anyhow::Result<&'static str> {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
-                .try_into()?;
+            let prog = bootstrap_program(&mut ebpf, name)?;
             prog.load()
                 .with_context(|| format!("the kernel refused program {name}"))?;
             Ok(name)
@@ -388,11 +385,7 @@ impl Bootstrap {
     pub fn test_run(&mut self, packet: &[u8]) -> anyhow::Result<super::testrun::Outcome> {
         use std::os::fd::AsFd as _;
         let name = self.name;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
-            .try_into()?;
+        let prog = bootstrap_program(&mut self.ebpf, name)?;
         Ok(super::testrun::run(prog.fd()?.as_fd(), packet, 1)?)
     }
 
@@ -411,11 +404,7 @@ impl Bootstrap {
         fs::create_dir_all(&links)
             .with_context(|| format!("cannot create pin directory {}", links.display()))?;
         let name = self.name;
-        let prog: &mut Xdp = self
-            .ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
-            .try_into()?;
+        let prog = bootstrap_program(&mut self.ebpf, name)?;
         attach_pinned(
             prog,
             ifname,
@@ -425,6 +414,14 @@ impl Bootstrap {
         )?;
         Ok(true)
     }
+}
+
+/// Program `name` of the bootstrap object, as XDP.
+fn bootstrap_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
+    Ok(ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
+        .try_into()?)
 }
 
 /// Attaches `prog` to `ifname` as a bpf_link and pins the link at `pin`.
@@ -490,10 +487,7 @@ impl BootstrapTags {
         let mut ebpf = Ebpf::load(BOOTSTRAP_OBJECT).context("cannot load the bootstrap filter")?;
         let mut tags = Vec::new();
         for name in [BOOTSTRAP, BOOTSTRAP_SINGLE] {
-            let prog: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("program {name} missing from the bootstrap object"))?
-                .try_into()?;
+            let prog = bootstrap_program(&mut ebpf, name)?;
             if prog.load().is_err() {
                 continue;
             }
