@@ -20,6 +20,7 @@
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
 //! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN) |
+//! | `floor_lru16_update_percpu` | the same in an LRU with per-CPU lists (`BPF_F_NO_COMMON_LRU`) |
 //!
 //! The LRU map has the connection table's key and value types, size and
 //! flags (`CONNTRACK6` in `conntrack.rs`: `FlowKey` -> `Flow`,
@@ -51,6 +52,12 @@ mod programs {
     #[map]
     static FLOOR_LRU16: LruHashMap<[u32; 4], Flow> =
         LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 0);
+
+    /// As `FLOOR_LRU16` with a free list per CPU (`BPF_F_NO_COMMON_LRU`):
+    /// an update takes no lock shared between CPUs.
+    #[map]
+    static FLOOR_LRU16_PERCPU: LruHashMap<[u32; 4], Flow> =
+        LruHashMap::with_max_entries(CONNTRACK_DEFAULT_ENTRIES, 2);
 
     #[map]
     static FLOOR_ARRAY: Array<u64> = Array::with_max_entries(2, 0);
@@ -166,6 +173,17 @@ mod programs {
             _pad: [0; 7],
         };
         pass_unless(FLOOR_LRU16.insert(&k, &flow, 0).is_err())
+    }
+
+    #[xdp]
+    pub fn floor_lru16_update_percpu(_ctx: XdpContext) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 3, 6];
+        let flow = Flow {
+            last_seen_ns: 1,
+            state: 1,
+            _pad: [0; 7],
+        };
+        pass_unless(FLOOR_LRU16_PERCPU.insert(&k, &flow, 0).is_err())
     }
 
     #[xdp]

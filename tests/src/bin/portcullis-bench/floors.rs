@@ -14,7 +14,7 @@ use portcullis::testrun::FLOOR_OBJECT;
 use portcullis_common::{Flow, FlowKey};
 
 /// The floor programs, in the order printed: (program, what it does).
-pub const PROGRAMS: [(&str, &str); 11] = [
+pub const PROGRAMS: [(&str, &str); 12] = [
     ("floor_empty", "empty program (call + return)"),
     ("floor_array", "one array read"),
     ("floor_counter", "one per-CPU counter update"),
@@ -26,6 +26,10 @@ pub const PROGRAMS: [(&str, &str); 11] = [
     ("floor_lru16_miss", "one LRU lookup, 16-byte key, miss"),
     ("floor_hash", "one hash lookup, u64 key, hit"),
     ("floor_lru16_update", "one LRU update, 16-byte key"),
+    (
+        "floor_lru16_update_percpu",
+        "one LRU update, 16-byte key, per-CPU lists",
+    ),
 ];
 
 pub struct Floors {

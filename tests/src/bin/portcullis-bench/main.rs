@@ -389,6 +389,14 @@ fn main() -> anyhow::Result<()> {
     }
     let mut base: Option<Base> = None;
     let floors = floors::Floors::load(ip)?;
+    // PORTCULLIS_BENCH_ONLY=floors: only the kernel's floor per stage.
+    if std::env::var("PORTCULLIS_BENCH_ONLY").is_ok_and(|v| v == "floors") {
+        let mut rng = StdRng::seed_from_u64(0x5eed);
+        let pkts = packets(&shape(1, &mut rng), &mut rng);
+        report.floors = floor_rows(&floors, &pkts);
+        print_floors_and_stages(&report);
+        return Ok(());
+    }
     let largest = sizes.iter().copied().max().unwrap_or(0);
     // The largest set (when it is not the base), kept loaded for the paired
     // comparison with xdp-filter below.
