@@ -944,11 +944,10 @@ async fn put_rules(
     let what = expect.label("replace rules");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change(&opts, |live| {
+            core.change_to(&opts, |live| {
                 let next = rules.over(live);
                 next.check_additions(live)?;
-                *live = next;
-                Ok(())
+                Ok(next)
             })
         })
         .await?;
@@ -968,11 +967,11 @@ async fn add_rule(
     let what = expect.label("add rule");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change(&opts, |live| {
-                let before = live.clone();
-                live.add_rule(direction, rule)?;
-                live.check_additions(&before)?;
-                Ok(())
+            core.change_to(&opts, |live| {
+                let mut next = live.clone();
+                next.add_rule(direction, rule)?;
+                next.check_additions(live)?;
+                Ok(next)
             })
         })
         .await?;

@@ -164,6 +164,38 @@ pub struct Diff {
 }
 
 impl Diff {
+    /// Adds the rules of one list that `new` adds, removes or changes
+    /// against `old` (ids are unique in a valid set). Rules at the same
+    /// place with the same id, the common case (a set sent again, or
+    /// edited), are compared there; only the others are matched by id, so a
+    /// 100k-rule set is not hashed whole.
+    fn compare(&mut self, list: &str, old: &[FirewallRule], new: &[FirewallRule]) {
+        let key = |r: &FirewallRule| format!("{list}:{}", r.id);
+        let mut old_rest: HashMap<&str, &FirewallRule> = HashMap::new();
+        let mut new_rest = Vec::new();
+        for i in 0..old.len().max(new.len()) {
+            match (old.get(i), new.get(i)) {
+                (Some(a), Some(b)) if a.id == b.id => {
+                    if a != b {
+                        self.changed.push(key(b));
+                    }
+                }
+                (a, b) => {
+                    old_rest.extend(a.map(|a| (a.id.as_str(), a)));
+                    new_rest.extend(b);
+                }
+            }
+        }
+        for b in new_rest {
+            match old_rest.remove(b.id.as_str()) {
+                Some(a) if a != b => self.changed.push(key(b)),
+                Some(_) => {}
+                None => self.added.push(key(b)),
+            }
+        }
+        self.removed.extend(old_rest.into_values().map(key));
+    }
+
     /// What a change did, as a journal line reads it: `+https -web ~api
     /// +peer 10.0.0.0/8 ssh`.
     pub fn summary(&self) -> Vec<String> {
@@ -186,32 +218,23 @@ impl Diff {
     }
 
     pub fn between(old: &RuleSet, new: &RuleSet) -> Diff {
-        fn index(s: &RuleSet) -> BTreeMap<String, &crate::rules::FirewallRule> {
-            s.ingress_rules
-                .iter()
-                .map(|r| (format!("ingress:{}", r.id), r))
-                .chain(
-                    s.egress_rules
-                        .iter()
-                        .map(|r| (format!("egress:{}", r.id), r)),
-                )
-                .collect()
-        }
         fn peers(s: &RuleSet) -> Vec<&String> {
             s.cluster.iter().flat_map(|c| &c.peers).collect()
         }
-        let (a, b) = (index(old), index(new));
+        let mut rules = Diff::default();
+        rules.compare("ingress", &old.ingress_rules, &new.ingress_rules);
+        rules.compare("egress", &old.egress_rules, &new.egress_rules);
+        // As the journal and the API list them: `list:id`, sorted.
+        for keys in [&mut rules.added, &mut rules.removed, &mut rules.changed] {
+            keys.sort_unstable();
+        }
         let (pa, pb) = (peers(old), peers(new));
         let (in_a, in_b): (HashSet<&String>, HashSet<&String>) =
             (pa.iter().copied().collect(), pb.iter().copied().collect());
         Diff {
-            added: b.keys().filter(|k| !a.contains_key(*k)).cloned().collect(),
-            removed: a.keys().filter(|k| !b.contains_key(*k)).cloned().collect(),
-            changed: a
-                .iter()
-                .filter(|(k, r)| b.get(*k).is_some_and(|n| n != *r))
-                .map(|(k, _)| k.clone())
-                .collect(),
+            added: rules.added,
+            removed: rules.removed,
+            changed: rules.changed,
             peers_added: pb
                 .iter()
                 .filter(|p| !in_a.contains(*p))
@@ -313,6 +336,9 @@ pub struct Core {
     /// A change freed memory (the old set, its compile, the request):
     /// [`Core::release_memory`] gives it back once the request is done.
     trim_due: bool,
+    /// The set a change replaced, freed by [`Core::release_memory`] after
+    /// the request was answered (freeing 100k rules takes tens of ms).
+    replaced: Option<RuleSet>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -416,6 +442,7 @@ impl Core {
             dns_flows_cut: false,
             fleet: None,
             trim_due: true,
+            replaced: None,
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -639,6 +666,20 @@ impl Core {
         opts: &Options,
         edit: impl FnOnce(&mut RuleSet) -> Result<(), ChangeError>,
     ) -> Result<Changed, ChangeError> {
+        self.change_to(opts, |live| {
+            let mut next = live.clone();
+            edit(&mut next)?;
+            Ok(next)
+        })
+    }
+
+    /// As [`Core::change`], with the next set made by `make` from a borrow
+    /// of the live one: a replace copies nothing of the set it replaces.
+    pub fn change_to(
+        &mut self,
+        opts: &Options,
+        make: impl FnOnce(&RuleSet) -> Result<RuleSet, ChangeError>,
+    ) -> Result<Changed, ChangeError> {
         if let Some(expected) = opts.expected
             && expected != self.generation
         {
@@ -653,8 +694,7 @@ impl Core {
                 deadline: p.deadline,
             });
         }
-        let mut next = self.rules.clone();
-        edit(&mut next)?;
+        let next = make(&self.rules)?;
         next.validate()?;
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
@@ -726,13 +766,18 @@ impl Core {
     ) -> Result<u64, ChangeError> {
         let generation = self.generation + 1;
         // Keep the counters of the generation about to go idle.
-        let totals = self.rule_counters();
+        let totals = self.totals(true);
         // Audited first: nothing goes live without its record.
         self.record_intent(generation, &image.hash, &format!("generation {generation}"))?;
-        // Durable next: a crash after this point restores the new set.
-        self.store
-            .save(&next, generation)
-            .map_err(ChangeError::Internal)?;
+        // Durable next: a crash after this point restores the new set. The
+        // image's hash is the set's when no service rules were compiled in.
+        let saved = if self.service.is_empty() {
+            self.store
+                .save_hashed(&next, generation, image.hash.clone())
+        } else {
+            self.store.save(&next, generation)
+        };
+        saved.map_err(ChangeError::Internal)?;
         let effective = self.effective()?;
         if let Err(e) = self.dataplane.apply(
             effective.as_ref().unwrap_or(&image),
@@ -741,12 +786,8 @@ impl Core {
             let _ = self.store.save(&self.rules, self.generation);
             return Err(ChangeError::Internal(e));
         }
-        // Only what counted: a set of 100k silent rules carries nothing.
-        self.carried = totals
-            .into_iter()
-            .filter(|(_, c)| c.packets != 0 || c.bytes != 0)
-            .collect();
-        self.rules = next;
+        self.carried = totals;
+        self.replaced = Some(std::mem::replace(&mut self.rules, next));
         self.rules.shrink_to_fit();
         // The kernel's maps hold the segments now; the core keeps the index.
         let mut image = image;
@@ -797,6 +838,7 @@ impl Core {
     /// per change: called by the daemon's one-second sweep, after the
     /// request that made the change has dropped its body and its answer.
     pub fn release_memory(&mut self) {
+        self.replaced = None;
         if std::mem::take(&mut self.trim_due) {
             crate::host::release_free_memory();
         }
@@ -1054,9 +1096,19 @@ impl Core {
     /// Packets and bytes per rule (by slot name: `rule:<id>`, `cluster:<id>`,
     /// `ssh`), over every generation since the daemon started.
     pub fn rule_counters(&mut self) -> HashMap<String, Count> {
+        self.totals(false)
+    }
+
+    /// [`Core::rule_counters`]; `counted_only`: only the slots that counted
+    /// something (what a change carries over: a set of 100k silent rules
+    /// carries nothing, and no name is copied for them).
+    fn totals(&mut self, counted_only: bool) -> HashMap<String, Count> {
         let mut totals = self.carried.clone();
         if let Ok(live) = self.dataplane.rule_counters(self.image.slots.len()) {
             for (slot, c) in self.image.slots.iter().zip(live).skip(1) {
+                if counted_only && c.packets == 0 && c.bytes == 0 {
+                    continue;
+                }
                 let t = totals.entry(slot.name.clone()).or_default();
                 t.packets += c.packets;
                 t.bytes += c.bytes;
@@ -1186,10 +1238,7 @@ impl Core {
             caller_session: opts.caller_session.clone(),
             ..Default::default()
         };
-        let changed = self.change(&change, |live| {
-            *live = next.clone();
-            Ok(())
-        })?;
+        let changed = self.change_to(&change, |_| Ok(next.clone()))?;
         if !opts.dry_run {
             // `rules_file` is reloadable: `rules save` writes where the
             // reloaded config reads (else the next reload would read
@@ -1572,6 +1621,53 @@ mod tests {
             Diff::between(&set("web"), &set("https")).summary(),
             ["+https", "-web"]
         );
+    }
+
+    /// The diff as it was first written (every rule keyed `list:id` in a
+    /// sorted map): the reference `Diff::between` is held to.
+    fn reference_diff(old: &RuleSet, new: &RuleSet) -> (Vec<String>, Vec<String>, Vec<String>) {
+        fn index(s: &RuleSet) -> BTreeMap<String, &FirewallRule> {
+            let lists = [("ingress", &s.ingress_rules), ("egress", &s.egress_rules)];
+            lists
+                .into_iter()
+                .flat_map(|(l, rules)| rules.iter().map(move |r| (format!("{l}:{}", r.id), r)))
+                .collect()
+        }
+        let (a, b) = (index(old), index(new));
+        (
+            b.keys().filter(|k| !a.contains_key(*k)).cloned().collect(),
+            a.keys().filter(|k| !b.contains_key(*k)).cloned().collect(),
+            a.iter()
+                .filter(|(k, r)| b.get(*k).is_some_and(|n| n != *r))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        )
+    }
+
+    proptest::proptest! {
+        /// Rules kept in place, moved, changed, added, removed and moved to
+        /// the other list: the same diff as the reference.
+        #[test]
+        fn the_diff_matches_the_reference(
+            old in proptest::collection::vec((0u8..40, 1u32..4, proptest::bool::ANY), 0..30),
+            new in proptest::collection::vec((0u8..40, 1u32..4, proptest::bool::ANY), 0..30),
+        ) {
+            // Ids unique across both lists, as a valid set has them.
+            let set = |rules: &[(u8, u32, bool)]| {
+                let mut seen = HashSet::new();
+                let mut s = RuleSet::default();
+                for &(id, port, egress) in rules {
+                    if seen.insert(id) {
+                        let r = tcp_rule(&format!("r{id}"), port, port, &[], &[]);
+                        if egress { s.egress_rules.push(r) } else { s.ingress_rules.push(r) }
+                    }
+                }
+                s
+            };
+            let (a, b) = (set(&old), set(&new));
+            let d = Diff::between(&a, &b);
+            proptest::prop_assert_eq!((d.added, d.removed, d.changed), reference_diff(&a, &b));
+        }
     }
 
     /// A TCP ingress rule for ports `from..=to` from `nets` (none: any),

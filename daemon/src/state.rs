@@ -95,18 +95,32 @@ impl Store {
 
     /// Writes `rules` as the live set, atomically and durably.
     pub fn save(&self, rules: &RuleSet, generation: u64) -> anyhow::Result<()> {
+        self.save_hashed(rules, generation, compile::hash(rules))
+    }
+
+    /// [`Store::save`] with the set's hash already known (`compile::hash`
+    /// of `rules`: a compiled image carries it), so a 100k-rule set is not
+    /// serialised once more to hash it. Written compact: the file is read
+    /// by the daemon, and shown by `portcullis rules`. A wrong `sha256`
+    /// fails closed: the file is refused at the next start.
+    pub fn save_hashed(
+        &self,
+        rules: &RuleSet,
+        generation: u64,
+        sha256: String,
+    ) -> anyhow::Result<()> {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
         let envelope = Envelope {
             format: FORMAT,
             generation,
-            sha256: compile::hash(rules),
+            sha256,
             rules,
         };
         replace_file(
             &self.dir,
             LIVE,
-            &serde_json::to_vec_pretty(&envelope)?,
+            &serde_json::to_vec(&envelope)?,
             Some(PREVIOUS),
         )
     }
@@ -684,7 +698,7 @@ mod tests {
         // Edited: valid JSON, wrong checksum.
         let text = String::from_utf8(bytes)
             .unwrap()
-            .replace("\"from_port\": 2", "\"from_port\": 1");
+            .replace("\"from_port\":2", "\"from_port\":1");
         fs::write(&live, text).unwrap();
         assert!(store.load().unwrap().unwrap().from_previous);
         // Both damaged: an error, never an empty rule set.

@@ -3,28 +3,27 @@
 use std::path::Path;
 
 use anyhow::Context as _;
-use aya::maps::{MapData, PerCpuArray, PerCpuValues};
+use aya::maps::{MapData, PerCpuArray};
 use portcullis_common::{Counter, Reason, maps};
 
 use super::{Dataplane, generation, map_mut, maps_dir};
 
 /// One counter summed over the CPUs.
-pub(super) fn sum(per_cpu: &PerCpuValues<Counter>) -> Counter {
-    per_cpu.iter().fold(Counter::default(), |a, c| Counter {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-    })
+pub(super) fn sum<'a>(per_cpu: impl IntoIterator<Item = &'a Counter>) -> Counter {
+    per_cpu
+        .into_iter()
+        .fold(Counter::default(), |a, c| Counter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        })
 }
 
 impl Dataplane {
     /// Per-slot counters of the live generation, summed over CPUs.
     pub fn rule_counters(&mut self, slots: usize) -> anyhow::Result<Vec<Counter>> {
         let g = self.active()? as usize;
-        let stats: PerCpuArray<_, Counter> =
-            PerCpuArray::try_from(map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?)?;
-        (0..slots as u32)
-            .map(|slot| Ok(sum(&stats.get(&slot, 0)?)))
-            .collect()
+        let stats = map_mut(&mut self.ebpf, generation(maps::RULE_STATS, g))?;
+        super::mapio::read_counters(stats, slots)
     }
 }
 
@@ -41,6 +40,6 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<Vec<(Reason, Counter)>> {
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
     Reason::ALL
         .iter()
-        .map(|&reason| Ok((reason, sum(&counters.get(&(reason as u32), 0)?))))
+        .map(|&reason| Ok((reason, sum(counters.get(&(reason as u32), 0)?.iter()))))
         .collect()
 }

@@ -1,6 +1,6 @@
 //! The one `bpf(2)` wrapper, and the members of `union bpf_attr` the
 //! daemon passes it (include/uapi/linux/bpf.h), for the commands aya 0.16
-//! does not offer: test runs, batch updates and deletes, key walks, link
+//! does not offer: test runs, batch lookups, updates and deletes, key walks, link
 //! detach and object get. Each layout is checked against the kernel's
 //! offsets by a test below.
 
@@ -9,6 +9,7 @@ use std::io;
 pub const BPF_OBJ_GET: libc::c_long = 7;
 pub const BPF_PROG_TEST_RUN: libc::c_long = 10;
 pub const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+pub const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 pub const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 pub const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 pub const BPF_LINK_DETACH: libc::c_long = 34;

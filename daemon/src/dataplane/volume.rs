@@ -18,13 +18,14 @@ impl Dataplane {
         for item in table.iter() {
             // An entry deleted while we walk is simply not there.
             let Ok((key, values)) = item else { continue };
-            rows.push((key, sum(&values)));
+            rows.push((key, sum(values.iter())));
         }
         let overflow: PerCpuArray<_, Counter> =
             PerCpuArray::try_from(map_mut(&mut self.ebpf, maps::EGRESS_VOLUME_OVERFLOW)?)?;
-        let overflow = sum(&overflow
+        let overflow = sum(overflow
             .get(&0, 0)
-            .context("reading the overflow counter")?);
+            .context("reading the overflow counter")?
+            .iter());
         Ok((rows, overflow))
     }
 

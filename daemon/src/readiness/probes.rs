@@ -9,7 +9,8 @@ use std::{
 };
 
 use portcullis_common::{
-    DIR_INGRESS, PCLASS_TCP, SLOT_INDEX_MASK, SLOT_KIND_PEER, SLOT_KIND_SHIFT, slot_admits,
+    DIR_INGRESS, PCLASS_TCP, SLOT_INDEX_MASK, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
+    slot_admits,
 };
 
 use super::{Check, SSH_UNITS, State, SystemdView};
@@ -190,6 +191,15 @@ pub fn admitted(rules: &RuleSet, image: &Image, mode: &Mode, port: u16) -> Check
 /// out too.
 fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
     let slots = image.index.slots_covering(DIR_INGRESS, PCLASS_TCP, port);
+    // Ingress rules have consecutive slots, in order, from the first rule
+    // slot: a rule is found at its place (checked by id), the map of every
+    // id is made only if that ever fails.
+    let first = image.slots.iter().position(|s| s.kind == SLOT_KIND_RULE);
+    let at_place = |slot: u32, id: &str| {
+        let place = (slot & SLOT_INDEX_MASK) as usize;
+        let rule = rules.ingress_rules.get(place.checked_sub(first?)?)?;
+        (rule.id == id).then_some(rule)
+    };
     let mut by_id: Option<HashMap<&str, &FirewallRule>> = None;
     let mut from = Vec::new();
     for slot in slots {
@@ -203,15 +213,18 @@ fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
         if name == "ssh" {
             from.push(describe_sources("the SSH exemption", &rules.ssh.sources));
         } else if let Some(id) = name.strip_prefix("rule:")
-            && let Some(rule) = by_id
-                .get_or_insert_with(|| {
-                    rules
-                        .ingress_rules
-                        .iter()
-                        .map(|r| (r.id.as_str(), r))
-                        .collect()
-                })
-                .get(id)
+            && let Some(rule) = at_place(slot, id).or_else(|| {
+                by_id
+                    .get_or_insert_with(|| {
+                        rules
+                            .ingress_rules
+                            .iter()
+                            .map(|r| (r.id.as_str(), r))
+                            .collect()
+                    })
+                    .get(id)
+                    .copied()
+            })
         {
             let on = if rule.interfaces.is_empty() {
                 String::new()
