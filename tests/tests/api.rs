@@ -779,3 +779,51 @@ fn slow_requests_are_cut_off_without_affecting_others() {
         "the daemon was affected"
     );
 }
+
+/// Rule counters are read for every slot at once (one batch lookup): with
+/// 300 rules, the packets of the one rule that matched are credited to it,
+/// not to its neighbours, and they are carried across later changes
+/// (which switch generations).
+#[test]
+fn rule_counters_land_on_their_rule_and_survive_changes() {
+    require_root!();
+    let rules: String = (0..300)
+        .map(|i| {
+            format!(
+                "[[ingress_rules]]\nid = \"p{0}\"\nfrom_port = {0}\nto_port = {0}\n",
+                9000 + i
+            )
+        })
+        .collect();
+    let env = Env::new(&rules);
+    TcpServer::start(&env.pair.host, sock(HOST_V4, 9150)).unwrap();
+    for _ in 0..3 {
+        assert!(env.reached(9150));
+    }
+    let packets = |env: &Env, slot: &str| -> u64 {
+        let (status, body) = env.curl("GET", "/v1/counters", None);
+        assert_eq!(status, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["rules"][slot]["packets"].as_u64().unwrap_or(0)
+    };
+    let seen = packets(&env, "rule:p9150");
+    assert!(seen >= 3, "rule:p9150 counted {seen} packets");
+    assert_eq!(packets(&env, "rule:p9149"), 0);
+    assert_eq!(packets(&env, "rule:p9151"), 0);
+    // Two changes: the generation that counted goes idle, then is reused.
+    for port in ["7001", "7002"] {
+        env.cli(&[
+            "rules",
+            "add",
+            "--id",
+            &format!("x{port}"),
+            "--from-port",
+            port,
+            "--to-port",
+            port,
+        ]);
+        assert_eq!(packets(&env, "rule:p9150"), seen, "after adding x{port}");
+    }
+    assert!(env.reached(9150));
+    assert!(packets(&env, "rule:p9150") > seen);
+}
