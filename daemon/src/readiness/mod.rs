@@ -304,6 +304,37 @@ mod tests {
         .unwrap()
     }
 
+    /// Every ingress rule is found at its slot (peers and the SSH exemption
+    /// before them, egress rules after), without the map of every id.
+    #[test]
+    fn each_ingress_rule_is_found_at_its_slot() {
+        let mut rules: RuleSet = serde_json::from_value(serde_json::json!({
+            "cluster": {"id": "c", "peers": ["10.1.0.0/16"]},
+            "egress_rules": [{"id": "out", "from_port": 53, "to_port": 53, "ip_ranges": []}]
+        }))
+        .unwrap();
+        rules.ssh.allow = true;
+        for i in 0..5 {
+            rules
+                .ingress_rules
+                .push(rule(&format!("r{i}"), 22, 22, &[]));
+        }
+        let image = crate::compile::compile(&rules, &Default::default()).unwrap();
+        let first = probes::first_rule_slot(&image);
+        let mut found = 0;
+        for (slot, s) in image.slots.iter().enumerate() {
+            let Some(id) = s.name.strip_prefix("rule:") else {
+                continue;
+            };
+            let at = probes::at_place(&rules, first, slot as u32, id);
+            if s.dir == portcullis_common::DIR_INGRESS {
+                assert_eq!(at.map(|r| r.id.as_str()), Some(id), "slot {slot}");
+                found += 1;
+            }
+        }
+        assert_eq!(found, 5);
+    }
+
     #[test]
     fn ssh_is_admitted_by_the_exemption_or_a_covering_rule_only() {
         let mut rules = RuleSet::default();

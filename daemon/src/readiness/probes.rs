@@ -9,8 +9,7 @@ use std::{
 };
 
 use portcullis_common::{
-    DIR_INGRESS, PCLASS_TCP, SLOT_INDEX_MASK, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT,
-    slot_admits,
+    DIR_INGRESS, PCLASS_TCP, SLOT_INDEX_MASK, SLOT_KIND_PEER, SLOT_KIND_SHIFT, slot_admits,
 };
 
 use super::{Check, SSH_UNITS, State, SystemdView};
@@ -191,15 +190,7 @@ pub fn admitted(rules: &RuleSet, image: &Image, mode: &Mode, port: u16) -> Check
 /// out too.
 fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
     let slots = image.index.slots_covering(DIR_INGRESS, PCLASS_TCP, port);
-    // Ingress rules have consecutive slots, in order, from the first rule
-    // slot: a rule is found at its place (checked by id), the map of every
-    // id is made only if that ever fails.
-    let first = image.slots.iter().position(|s| s.kind == SLOT_KIND_RULE);
-    let at_place = |slot: u32, id: &str| {
-        let place = (slot & SLOT_INDEX_MASK) as usize;
-        let rule = rules.ingress_rules.get(place.checked_sub(first?)?)?;
-        (rule.id == id).then_some(rule)
-    };
+    let first = first_rule_slot(image);
     let mut by_id: Option<HashMap<&str, &FirewallRule>> = None;
     let mut from = Vec::new();
     for slot in slots {
@@ -213,7 +204,7 @@ fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
         if name == "ssh" {
             from.push(describe_sources("the SSH exemption", &rules.ssh.sources));
         } else if let Some(id) = name.strip_prefix("rule:")
-            && let Some(rule) = at_place(slot, id).or_else(|| {
+            && let Some(rule) = at_place(rules, first, slot, id).or_else(|| {
                 by_id
                     .get_or_insert_with(|| {
                         rules
@@ -238,6 +229,26 @@ fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
         }
     }
     from
+}
+
+/// The first slot of a rule (rules have the slots after the peers' and the
+/// SSH exemption's, ingress first).
+pub(super) fn first_rule_slot(image: &Image) -> Option<usize> {
+    image.slots.iter().position(|s| s.name.starts_with("rule:"))
+}
+
+/// The ingress rule `id` on `slot`, found at its place: ingress rules have
+/// consecutive slots, in order, from the first rule slot (`first`). Checked
+/// by id; `None` sends the caller to a map of every id.
+pub(super) fn at_place<'a>(
+    rules: &'a RuleSet,
+    first: Option<usize>,
+    slot: u32,
+    id: &str,
+) -> Option<&'a FirewallRule> {
+    let place = (slot & SLOT_INDEX_MASK) as usize;
+    let rule = rules.ingress_rules.get(place.checked_sub(first?)?)?;
+    (rule.id == id).then_some(rule)
 }
 
 fn describe_sources(by: &str, sources: &[String]) -> String {
