@@ -916,29 +916,31 @@ pub struct V6Tables {
 impl V6Tables {
     /// The tables of the prefixes `v6` (as in [`Image::v6`]).
     pub fn of(v6: &[(RuleKey6, u32, u32)]) -> V6Tables {
-        use std::collections::BTreeSet;
         let bucket = |key: &RuleKey6| [key[0], key[1], key[2], key[3], key[4]];
-        let mut lengths: HashMap<V6BucketKey, BTreeSet<u8>> = HashMap::new();
+        // Per /32, the lengths present (V6_SHORT_MAX+1 ..= 128) as bits of
+        // a mask: bit `len - 32`.
+        let mut lengths: HashMap<V6BucketKey, u128> = HashMap::new();
         for (key, len, _) in v6 {
             if len - 8 > V6_SHORT_MAX {
-                lengths
-                    .entry(bucket(key))
-                    .or_default()
-                    .insert((len - 8) as u8);
+                *lengths.entry(bucket(key)).or_default() |= 1u128 << (len - 8 - 32);
             }
         }
         let mut t = V6Tables {
             short: HashMap::new(),
-            prefixes: HashMap::new(),
-            buckets: HashMap::new(),
+            prefixes: HashMap::with_capacity(v6.len()),
+            buckets: HashMap::with_capacity(lengths.len()),
         };
-        for (b, set) in &lengths {
+        for (b, mask) in &lengths {
             let mut list = [0u8; V6_BUCKET_LENGTHS];
-            if set.len() > V6_BUCKET_LENGTHS {
+            if mask.count_ones() as usize > V6_BUCKET_LENGTHS {
                 list[0] = V6_BUCKET_OVERFLOW;
             } else {
-                for (slot, len) in list.iter_mut().zip(set.iter().rev()) {
-                    *slot = *len;
+                // Longest first.
+                let present = (32..=128u8)
+                    .rev()
+                    .filter(|l| mask & (1u128 << (l - 32)) != 0);
+                for (slot, len) in list.iter_mut().zip(present) {
+                    *slot = len;
                 }
             }
             t.buckets.insert(*b, list);
@@ -1135,6 +1137,42 @@ mod tests {
 
     use super::*;
     use crate::rules::{Cluster, FirewallRule};
+
+    proptest::proptest! {
+        /// The buckets list each /32's lengths longest first (or overflow
+        /// past `V6_BUCKET_LENGTHS`), as a sorted set of the lengths says.
+        #[test]
+        fn v6_buckets_list_the_lengths_longest_first(
+            entries in proptest::collection::vec((0u8..3, 0u8..2, 32u32..=128, proptest::num::u64::ANY), 0..60),
+        ) {
+            use std::collections::{BTreeMap, BTreeSet};
+            let v6: Vec<(RuleKey6, u32, u32)> = entries
+                .iter()
+                .map(|&(net, dir, len, low)| {
+                    let mut key = [0u8; 17];
+                    key[0] = dir;
+                    key[4] = net;
+                    key[9..].copy_from_slice(&low.to_be_bytes());
+                    (key, len + 8, 1)
+                })
+                .collect();
+            let mut want: BTreeMap<[u8; 5], BTreeSet<u8>> = BTreeMap::new();
+            for (key, len, _) in &v6 {
+                want.entry([key[0], key[1], key[2], key[3], key[4]]).or_default().insert((len - 8) as u8);
+            }
+            let t = V6Tables::of(&v6);
+            proptest::prop_assert_eq!(t.buckets.len(), want.len());
+            for (b, lens) in want {
+                let mut list = [0u8; V6_BUCKET_LENGTHS];
+                if lens.len() > V6_BUCKET_LENGTHS {
+                    list[0] = V6_BUCKET_OVERFLOW;
+                } else {
+                    list.iter_mut().zip(lens.iter().rev()).for_each(|(s, l)| *s = *l);
+                }
+                proptest::prop_assert_eq!(t.buckets.get(&b), Some(&list));
+            }
+        }
+    }
 
     fn rule(id: &str, from: u32, to: u32, ranges: &[&str], protocol: Protocol) -> FirewallRule {
         FirewallRule {
