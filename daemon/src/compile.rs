@@ -641,10 +641,10 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 /// 100k-rule set compiles in about two thirds of the time on two CPUs).
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
-    let (image, (index, hash)) = std::thread::scope(|s| {
-        let side = s.spawn(|| (Index::of(&entries), hash(set)));
-        (lay_out(set, &entries), joined(side))
-    });
+    let (image, (index, hash)) = both(
+        || lay_out(set, &entries),
+        || (Index::of(&entries), hash(set)),
+    );
     let mut image = image?;
     image.index = Arc::new(index);
     image.hash = hash;
@@ -653,11 +653,23 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     Ok(image)
 }
 
-/// The value of a scoped thread; its panic, if it panicked, goes on here.
-fn joined<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
-    thread
-        .join()
-        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+/// `(a(), b())`, `b` on a second thread. If no thread can be started (a
+/// cgroup's task limit, memory), `b` runs here after `a`: the compile is
+/// slower, never refused. A panic of `b` goes on here, as it would inline.
+fn both<A, B: Send>(a: impl FnOnce() -> A, b: impl Fn() -> B + Sync) -> (A, B) {
+    std::thread::scope(|s| {
+        let thread = std::thread::Builder::new()
+            .name("compile".into())
+            .spawn_scoped(s, || b());
+        let a = a();
+        let b = match thread {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => b(),
+        };
+        (a, b)
+    })
 }
 
 /// The maps of `set` (prefixes, regions, segments, the IPv4 table and the
@@ -700,10 +712,7 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
         }
     }
     let (v4, v6) = (&image.v4, &image.v6);
-    let ((v4_root, v4_chunks), v6_tables) = std::thread::scope(|s| {
-        let v6_tables = s.spawn(|| V6Tables::of(v6));
-        (v4_table(v4), joined(v6_tables))
-    });
+    let ((v4_root, v4_chunks), v6_tables) = both(|| v4_table(v4), || V6Tables::of(v6));
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
     image.v6_tables = Arc::new(v6_tables);
     Ok(image)

@@ -84,35 +84,38 @@ pub(super) fn read_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Resul
         bail!("not a per-CPU array map");
     };
     let cpus = possible_cpus()?;
-    let mut keys = vec![0u32; slots];
+    // At most this many entries per call, through one buffer: a host may
+    // list hundreds of possible CPUs (16 bytes each per entry).
+    let chunk = slots.clamp(1, READ_CHUNK);
+    let mut keys = vec![0u32; chunk];
     // One value per possible CPU per entry (a `Counter` is 16 bytes: no
     // rounding).
-    let mut values = vec![Counter::default(); slots * cpus];
+    let mut values = vec![Counter::default(); chunk * cpus];
     let mut sums = Vec::with_capacity(slots);
     // Where the last call stopped (the last key it read).
     let mut token = 0u32;
     while sums.len() < slots {
-        let start = sums.len();
         let mut next = 0u32;
+        let want = (slots - sums.len()).min(chunk);
         let mut attr = sys::BatchAttr {
             // No position: from the first key.
-            in_batch: if start == 0 {
+            in_batch: if sums.is_empty() {
                 0
             } else {
                 &token as *const u32 as u64
             },
             out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr().wrapping_add(start) as u64,
-            values: values.as_mut_ptr().wrapping_add(start * cpus) as u64,
-            count: (slots - start) as u32,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: want as u32,
             map_fd: data.fd().as_fd().as_raw_fd() as u32,
             elem_flags: 0,
             flags: 0,
         };
         // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys`
-        // has room for `count` u32 keys and `values` for `count` entries of
-        // `cpus` counters (16 bytes each, as the kernel lays out a per-CPU
-        // value) from `start`; `in_batch` and `out_batch` point at u32 keys;
+        // has room for `count <= chunk` u32 keys and `values` for `count`
+        // entries of `cpus` counters (16 bytes each, as the kernel lays out
+        // a per-CPU value); `in_batch` and `out_batch` point at u32 keys;
         // all outlive the call; the fd is the map's, open.
         let end = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
             Ok(_) => false,
@@ -120,11 +123,9 @@ pub(super) fn read_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Resul
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH on the rule counters"),
         };
-        let read = (attr.count as usize).min(slots - start);
-        let chunk = values
-            .get(start * cpus..(start + read) * cpus)
-            .unwrap_or_default();
-        sums.extend(chunk.chunks(cpus).map(super::counters::sum));
+        let read = (attr.count as usize).min(want);
+        let per_cpu = values.get(..read * cpus).unwrap_or_default();
+        sums.extend(per_cpu.chunks(cpus).map(super::counters::sum));
         if end || read == 0 {
             break;
         }
@@ -137,6 +138,9 @@ pub(super) fn read_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Resul
     );
     Ok(sums)
 }
+
+/// Entries per `BPF_MAP_LOOKUP_BATCH` call of [`read_counters`].
+const READ_CHUNK: usize = 4096;
 
 /// The number of possible CPUs (aya's count, the one the kernel lays
 /// per-CPU values out by).
