@@ -660,7 +660,7 @@ fn both<A, B: Send>(a: impl FnOnce() -> A, b: impl Fn() -> B + Sync) -> (A, B) {
     std::thread::scope(|s| {
         let thread = std::thread::Builder::new()
             .name("compile".into())
-            .spawn_scoped(s, || b());
+            .spawn_scoped(s, &b);
         let a = a();
         let b = match thread {
             Ok(thread) => thread
