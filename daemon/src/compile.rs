@@ -680,13 +680,6 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
         dns_guard: set.egress_allowlist() && set.has_names(),
         ..Default::default()
     };
-    let mut layout = Layout {
-        seed: {
-            use std::hash::BuildHasher as _;
-            std::collections::hash_map::RandomState::new().hash_one(0u8)
-        },
-        ..Default::default()
-    };
     image.if_classes = set.rule_interfaces();
     // Checked here too (not only by `RuleSet::validate`): a fourth named
     // interface would get the data path's fallback, every ingress rule.
@@ -703,19 +696,69 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
         0 => 0..0,
         n => 0..n + 1,
     };
-    let dirs = [DIR_INGRESS, DIR_EGRESS]
+    let dirs: Vec<u8> = [DIR_INGRESS, DIR_EGRESS]
         .into_iter()
-        .chain(classes.map(portcullis_common::ingress_dir));
-    for dir in dirs {
-        for v6 in [false, true] {
-            prefixes(entries, dir, v6, &mut image, &mut layout)?;
-        }
-    }
+        .chain(classes.map(portcullis_common::ingress_dir))
+        .collect();
+    // Each family on its own thread, with lists and regions of its own.
+    let seed = {
+        use std::hash::BuildHasher as _;
+        std::collections::hash_map::RandomState::new().hash_one(0u8)
+    };
+    let (v4, v6) = both(
+        || family(entries, &dirs, false, seed),
+        || family(entries, &dirs, true, seed),
+    );
+    join_families(&mut image, v4?, v6?);
     let (v4, v6) = (&image.v4, &image.v6);
     let ((v4_root, v4_chunks), v6_tables) = both(|| v4_table(v4), || V6Tables::of(v6));
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
     image.v6_tables = Arc::new(v6_tables);
     Ok(image)
+}
+
+/// One family's part of the image (its prefixes, regions and segments),
+/// for every direction in `dirs`.
+fn family(entries: &[Entry], dirs: &[u8], v6: bool, seed: u64) -> Result<Image, CompileError> {
+    let mut part = Image::default();
+    let mut layout = Layout {
+        seed,
+        ..Default::default()
+    };
+    for &dir in dirs {
+        prefixes(entries, dir, v6, &mut part, &mut layout)?;
+    }
+    Ok(part)
+}
+
+/// The two families' parts in `image`: the IPv4 part's regions and
+/// segments first, the IPv6 part's after them (its regions' segment
+/// offsets and its prefixes' regions moved on by the IPv4 part's counts).
+/// A region or list both families have is stored twice.
+fn join_families(image: &mut Image, v4: Image, v6: Image) {
+    let regions = image_len(&v4.regions);
+    let segments = image_len(&v4.segments);
+    (image.v4, image.regions, image.segments) = (v4.v4, v4.regions, v4.segments);
+    image.segments.extend(v6.segments);
+    image.regions.extend(v6.regions.into_iter().map(|mut r| {
+        for (offset, len) in r.offset.iter_mut().zip(r.len) {
+            if len != 0 {
+                *offset += segments;
+            }
+        }
+        r
+    }));
+    image.v6 = v6
+        .v6
+        .into_iter()
+        .map(|(key, len, region)| (key, len, region + regions))
+        .collect();
+}
+
+/// A map's index for `items` entries (the maps are indexed by u32; the
+/// capacity check refuses an image anywhere near this).
+fn image_len<T>(items: &[T]) -> u32 {
+    u32::try_from(items.len()).unwrap_or(u32::MAX)
 }
 
 /// The prefixes of direction `dir` and one family into `image.v4` or

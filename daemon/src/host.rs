@@ -63,6 +63,25 @@ fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
+/// Buffers at least this large get their own mapping from the allocator,
+/// returned to the kernel as soon as they are freed.
+const MMAP_THRESHOLD: libc::c_int = 1 << 20;
+
+/// Fixes glibc's mmap threshold at [`MMAP_THRESHOLD`]. Left to itself the
+/// threshold rises to 32 MiB after the first large buffer is freed, and a
+/// 100k-rule compile's buffers (some made on compile's second thread, in a
+/// second arena) then stay in the arenas as fragments: the settled RSS after
+/// a 100k-rule replace was 112-295 MiB from one run to the next, and 98-100
+/// MiB with the threshold fixed (peak 566 -> 315 MiB).
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's tuning; it is called
+    // before any other thread exists and touches no live allocation.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
+    }
+}
+
 /// Hands the memory a compile freed back to the system: a large rule set's
 /// intermediate buffers would otherwise stay in the allocator's arenas and
 /// in the daemon's RSS until the next change reuses them.

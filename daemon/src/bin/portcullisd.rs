@@ -74,6 +74,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    portcullis::host::tune_allocator();
     portcullis::journal::init();
     let args = Args::parse();
     if let Some(dir) = &args.generate_man {
