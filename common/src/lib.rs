@@ -470,6 +470,17 @@ pub const SETTING_EGRESS_VOLUME: u32 = 1 << 4;
 /// FQDN egress rules exist: only packets carrying [`DNS_MARK`] (the
 /// forwarder's upstream queries) may leave to port 53 or 853.
 pub const SETTING_DNS_GUARD: u32 = 1 << 5;
+/// No rule of this generation names an interface (it has no `IFDIR`
+/// entries): the ingress path does not look the interface up in `IFDIR`,
+/// every interface has `Settings::ingress_dir`. Set with `ingress_dir` from
+/// the same compiled image. A skip, not a switch: without it (settings an
+/// older daemon wrote) the lookup is made, as before.
+pub const SETTING_NO_IF_RULES: u32 = 1 << 6;
+/// The deny tries (`DENY_V4`, `DENY_V6`) were empty when this generation
+/// was written and no entry was added since: the ingress path does not look
+/// a source up in them. The daemon clears it in both generations before it
+/// adds an entry, so while any entry exists it is clear (the lookup made).
+pub const SETTING_NO_DENY: u32 = 1 << 7;
 /// The socket mark (SO_MARK) of the DNS forwarder's upstream sockets.
 /// Setting a mark needs CAP_NET_ADMIN in the host's network namespace.
 pub const DNS_MARK: u32 = 0x5043_0053;

@@ -132,7 +132,7 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         _ => (PCLASS_OTHER, 0, Reason::DropProtocol),
     };
     // Deny sets: before pings, peers, SSH and the rules (`deny.rs`).
-    if deny::denied(ip, bytes) {
+    if deny::denied(ip, ctx.settings.flags, bytes) {
         return Reason::DropDenied;
     }
     // A source banned for exceeding a rate limit (`ratelimit.rs`).
@@ -164,7 +164,12 @@ fn by_rules(
 ) -> Reason {
     // The interface's rule list (`rules::ingress_dir`), read here, where it
     // is used, and nowhere else: the rest of the path does not carry it.
-    let dir = rules::ingress_dir(ctx.generation, ifindex, ctx.settings.ingress_dir);
+    let dir = rules::ingress_dir(
+        ctx.generation,
+        ifindex,
+        ctx.settings.flags,
+        ctx.settings.ingress_dir,
+    );
     let m = rules::lookup(ctx.generation, dir, ip.family, &ip.src, pclass, port);
     if m.slot == SLOT_NONE {
         return otherwise;

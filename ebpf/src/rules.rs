@@ -23,9 +23,9 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     Counter, DEFAULT_PREFIXES, DEFAULT_REGIONS, DEFAULT_RULE_SLOTS, DEFAULT_SEGMENTS,
-    DEFAULT_V4_CHUNKS, FAMILY_V4, Region, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK, SLOT_NONE,
-    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES, V6_BUCKET_OVERFLOW, V6BucketKey,
-    V6Lengths, V6PrefixKey,
+    DEFAULT_V4_CHUNKS, FAMILY_V4, Region, RuleKey6, SEARCH_STEPS, SETTING_NO_IF_RULES,
+    SLOT_INDEX_MASK, SLOT_NONE, Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES,
+    V6_BUCKET_OVERFLOW, V6BucketKey, V6Lengths, V6PrefixKey,
 };
 
 /// Hash maps allocated as entries are inserted (BPF_F_NO_PREALLOC): their
@@ -82,16 +82,24 @@ pub static IFDIR: HashMap<u64, u32> = HashMap::pinned(64, 0);
 
 /// The direction byte of the ingress rules that apply on `ifindex` in
 /// `generation`: its `IFDIR` entry, else the generation's `default`
-/// (`Settings::ingress_dir`). Read once, just before the lookup. Both
-/// branches give the verifier an unknown scalar, so the paths after it
-/// are one state, not two.
+/// (`Settings::ingress_dir`). Read once, just before the lookup; `IFDIR`
+/// is not asked while no rule names an interface (`SETTING_NO_IF_RULES`
+/// in `flags`). Every branch gives the verifier an unknown scalar, so the
+/// paths after it are one state, not several (the skip joins the lookup's
+/// miss: written as an early return instead, it costs the verifier 5%
+/// more instructions).
 #[inline(always)]
-pub fn ingress_dir(generation: usize, ifindex: u32, default: u32) -> u8 {
+pub fn ingress_dir(generation: usize, ifindex: u32, flags: u32, default: u32) -> u8 {
     let key = ((generation as u64) << 32) | u64::from(ifindex);
-    // SAFETY: the value is copied out at once; entries of a generation
-    // only change while it is idle, or one at a time when a link appears.
-    let dir = match unsafe { IFDIR.get(&key) } {
-        Some(d) => *d,
+    let found = if flags & SETTING_NO_IF_RULES == 0 {
+        // SAFETY: the value is copied out at once; entries of a generation
+        // only change while it is idle, or one at a time when a link appears.
+        unsafe { IFDIR.get(&key) }.copied()
+    } else {
+        None
+    };
+    let dir = match found {
+        Some(d) => d,
         None => default,
     };
     dir as u8
