@@ -253,8 +253,17 @@ fn run(a: &Path, b: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     let names = ["v4 allowed", "v4 denied", "v6 allowed", "v6 denied"];
     let mut av: Vec<Vec<f64>> = vec![vec![]; 4];
     let mut bv: Vec<Vec<f64>> = vec![vec![]; 4];
+    // PORTCULLIS_AB_CLASS=i: only class i (0..4, in `names` order).
+    let only: Option<usize> = std::env::var("PORTCULLIS_AB_CLASS")
+        .ok()
+        .and_then(|v| v.parse().ok());
     for r in 0..rounds {
         for (i, frames) in cls.iter().enumerate() {
+            if only.is_some_and(|o| o != i) {
+                av[i].push(0.0);
+                bv[i].push(0.0);
+                continue;
+            }
             let (x, y) = if r % 2 == 0 {
                 let x = ns(fa, frames);
                 (x, ns(fb, frames))
