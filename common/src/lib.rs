@@ -481,6 +481,10 @@ pub const SETTING_NO_IF_RULES: u32 = 1 << 6;
 /// a source up in them. The daemon clears it in both generations before it
 /// adds an entry, so while any entry exists it is clear (the lookup made).
 pub const SETTING_NO_DENY: u32 = 1 << 7;
+/// This generation's `SRC6_g` (IPv6 prefixes shorter than /32) is empty:
+/// the IPv6 lookup does not ask it. Set from the same compiled image as the
+/// trie's entries; without it the trie is asked, as before.
+pub const SETTING_NO_SRC6: u32 = 1 << 8;
 /// The socket mark (SO_MARK) of the DNS forwarder's upstream sockets.
 /// Setting a mark needs CAP_NET_ADMIN in the host's network namespace.
 pub const DNS_MARK: u32 = 0x5043_0053;

@@ -170,7 +170,15 @@ fn by_rules(
         ctx.settings.flags,
         ctx.settings.ingress_dir,
     );
-    let m = rules::lookup(ctx.generation, dir, ip.family, &ip.src, pclass, port);
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        dir,
+        ip.family,
+        &ip.src,
+        pclass,
+        port,
+    );
     if m.slot == SLOT_NONE {
         return otherwise;
     }
@@ -198,7 +206,15 @@ fn by_rules(
 /// Whether the rules admit new inbound traffic from `remote` (no counting).
 #[inline(always)]
 fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
-    let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        DIR_INGRESS,
+        family,
+        remote,
+        pclass,
+        port,
+    );
     slot_admits(m.slot)
 }
 
@@ -373,7 +389,15 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     } else {
         port
     };
-    let m = rules::lookup(ctx.generation, DIR_EGRESS, ip.family, &ip.dst, pclass, port);
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        DIR_EGRESS,
+        ip.family,
+        &ip.dst,
+        pclass,
+        port,
+    );
     if slot_admits(m.slot) {
         rules::count(&m, bytes);
         conntrack::track_egress(ip);

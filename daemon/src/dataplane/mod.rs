@@ -462,6 +462,12 @@ fn write_image(
         before.map(|b| &b.short),
     )
     .context("writing the IPv6 short prefixes (LPM trie)")?;
+    // `SRC6_g` now holds exactly `v6.short`.
+    let no_src6 = if v6.short.is_empty() {
+        portcullis_common::SETTING_NO_SRC6
+    } else {
+        0
+    };
     write_keyed(
         map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
         &v6.prefixes,
@@ -492,7 +498,7 @@ fn write_image(
         write_array(map_mut(ebpf, generation(maps::RATE_LIMITS, g))?, limits)
             .context("writing the rate limits")?;
     }
-    let flags = flags | skip_flags(ebpf, image)?;
+    let flags = flags | no_src6 | skip_flags(ebpf, image)?;
     let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
     settings
         .set(
