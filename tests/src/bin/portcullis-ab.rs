@@ -171,7 +171,14 @@ fn set_for(n: usize) -> (RuleSet, StdRng) {
 
 fn setup(dir: &Path, n: usize) -> anyhow::Result<()> {
     let (set, _) = set_for(n);
-    let limits = Limits::default();
+    // As the benchmark's (room for 100k rules).
+    let limits = Limits {
+        prefixes: 600_000,
+        regions: 600_000,
+        segments: 8_000_000,
+        slots: 110_000,
+        v4_chunks: 1_000_000,
+    };
     let image = compile::compile(&set, &limits)?;
     let fit = |n: usize| ((n as f64 * 1.1) as u32).max(1024);
     let fitted = Limits {
