@@ -318,8 +318,11 @@ fn main() -> anyhow::Result<()> {
             arg(5).parse().unwrap_or(15),
         ),
         "insns" => {
-            let info = aya::programs::ProgramInfo::from_pin(ingress_pin(Path::new(arg(2)))?)?;
-            println!("{:?}", info.verified_instruction_count());
+            let ingress = ingress_pin(Path::new(arg(2)))?;
+            for p in [ingress.clone(), ingress.with_file_name("portcullis_egress")] {
+                let info = aya::programs::ProgramInfo::from_pin(&p)?;
+                println!("{}: {:?}", p.display(), info.verified_instruction_count());
+            }
             Ok(())
         }
         "clean" => {
