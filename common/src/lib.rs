@@ -470,6 +470,21 @@ pub const SETTING_EGRESS_VOLUME: u32 = 1 << 4;
 /// FQDN egress rules exist: only packets carrying [`DNS_MARK`] (the
 /// forwarder's upstream queries) may leave to port 53 or 853.
 pub const SETTING_DNS_GUARD: u32 = 1 << 5;
+/// No rule of this generation names an interface (it has no `IFDIR`
+/// entries): the ingress path does not look the interface up in `IFDIR`,
+/// every interface has `Settings::ingress_dir`. Set with `ingress_dir` from
+/// the same compiled image. A skip, not a switch: without it (settings an
+/// older daemon wrote) the lookup is made, as before.
+pub const SETTING_NO_IF_RULES: u32 = 1 << 6;
+/// The deny tries (`DENY_V4`, `DENY_V6`) were empty when this generation
+/// was written and no entry was added since: the ingress path does not look
+/// a source up in them. The daemon clears it in both generations before it
+/// adds an entry, so while any entry exists it is clear (the lookup made).
+pub const SETTING_NO_DENY: u32 = 1 << 7;
+/// This generation's `SRC6_g` (IPv6 prefixes shorter than /32) is empty:
+/// the IPv6 lookup does not ask it. Set from the same compiled image as the
+/// trie's entries; without it the trie is asked, as before.
+pub const SETTING_NO_SRC6: u32 = 1 << 8;
 /// The socket mark (SO_MARK) of the DNS forwarder's upstream sockets.
 /// Setting a mark needs CAP_NET_ADMIN in the host's network namespace.
 pub const DNS_MARK: u32 = 0x5043_0053;

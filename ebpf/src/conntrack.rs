@@ -245,7 +245,7 @@ fn key4(ip: &Ip, dir: Dir) -> Option<FlowKey4> {
         local_port,
         remote_port,
         proto: ip.proto,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     })
 }
 
@@ -367,11 +367,12 @@ fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
     if crate::explain::on() {
         return;
     }
-    let flow = Flow {
-        last_seen_ns: now,
-        state,
-        _pad: [0; 7],
-    };
+    // Two 8-byte words, not the struct literal: its 7-byte `_pad` would be
+    // zeroed by a call to a byte-by-byte `memset` subprogram.
+    // SAFETY: `Flow` is `repr(C)` {u64, u8, [u8; 7]}: 16 bytes, align 8, no
+    // padding, every bit pattern valid; on this little-endian target the
+    // second word's low byte is `state` and the rest the zeroed `_pad`.
+    let flow: Flow = unsafe { core::mem::transmute([now, u64::from(state)]) };
     let _ = K::table(origin, key.proto()).insert(key, &flow, 0);
 }
 

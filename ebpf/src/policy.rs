@@ -132,7 +132,7 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         _ => (PCLASS_OTHER, 0, Reason::DropProtocol),
     };
     // Deny sets: before pings, peers, SSH and the rules (`deny.rs`).
-    if deny::denied(ip, bytes) {
+    if deny::denied(ip, ctx.settings.flags, bytes) {
         return Reason::DropDenied;
     }
     // A source banned for exceeding a rate limit (`ratelimit.rs`).
@@ -164,8 +164,21 @@ fn by_rules(
 ) -> Reason {
     // The interface's rule list (`rules::ingress_dir`), read here, where it
     // is used, and nowhere else: the rest of the path does not carry it.
-    let dir = rules::ingress_dir(ctx.generation, ifindex, ctx.settings.ingress_dir);
-    let m = rules::lookup(ctx.generation, dir, ip.family, &ip.src, pclass, port);
+    let dir = rules::ingress_dir(
+        ctx.generation,
+        ifindex,
+        ctx.settings.flags,
+        ctx.settings.ingress_dir,
+    );
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        dir,
+        ip.family,
+        &ip.src,
+        pclass,
+        port,
+    );
     if m.slot == SLOT_NONE {
         return otherwise;
     }
@@ -193,7 +206,15 @@ fn by_rules(
 /// Whether the rules admit new inbound traffic from `remote` (no counting).
 #[inline(always)]
 fn admitted_from(ctx: &Ctx, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> bool {
-    let m = rules::lookup(ctx.generation, DIR_INGRESS, family, remote, pclass, port);
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        DIR_INGRESS,
+        family,
+        remote,
+        pclass,
+        port,
+    );
     slot_admits(m.slot)
 }
 
@@ -368,7 +389,15 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     } else {
         port
     };
-    let m = rules::lookup(ctx.generation, DIR_EGRESS, ip.family, &ip.dst, pclass, port);
+    let m = rules::lookup(
+        ctx.generation,
+        ctx.settings.flags,
+        DIR_EGRESS,
+        ip.family,
+        &ip.dst,
+        pclass,
+        port,
+    );
     if slot_admits(m.slot) {
         rules::count(&m, bytes);
         conntrack::track_egress(ip);

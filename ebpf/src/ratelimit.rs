@@ -69,7 +69,7 @@ fn source_key(ip: &Ip, v6_mask: &[u8; 16], slot: u32) -> Option<&'static mut Rat
     key.addr = ip.src;
     key.slot = slot;
     key.family = ip.family;
-    key._pad = [0; 3];
+    key._pad = [0, 0, 0];
     if ip.family == FAMILY_V6 {
         let mut i = 0;
         while i < 16 {

@@ -7,12 +7,15 @@
 use std::net::IpAddr;
 
 use anyhow::Context as _;
-use aya::maps::{
-    Map, PerCpuArray,
-    lpm_trie::{Key, LpmTrie},
+use aya::{
+    Ebpf,
+    maps::{
+        Array, Map, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
 };
 use ipnet::IpNet;
-use portcullis_common::{Counter, DenyEntry, maps};
+use portcullis_common::{Counter, DenyEntry, SETTING_NO_DENY, Settings, maps};
 
 use super::{Dataplane, map_mut};
 
@@ -39,9 +42,38 @@ fn absent(e: &aya::maps::MapError) -> bool {
         || matches!(e, aya::maps::MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::ENOENT))
 }
 
+/// Whether both deny tries are empty (so a generation written now may
+/// carry `SETTING_NO_DENY`).
+pub(super) fn tries_empty(ebpf: &mut Ebpf) -> anyhow::Result<bool> {
+    let t4 = trie::<[u8; 4], DenyEntry>(map_mut(ebpf, maps::DENY_V4)?)?;
+    if t4.keys().next().is_some() {
+        return Ok(false);
+    }
+    let t6 = trie::<[u8; 16], DenyEntry>(map_mut(ebpf, maps::DENY_V6)?)?;
+    Ok(t6.keys().next().is_none())
+}
+
+/// Clears `SETTING_NO_DENY` in both generations' settings: from now on the
+/// ingress path asks the deny tries (before an entry is added to them).
+fn deny_lookups_on(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
+    for g in 0..2u32 {
+        let mut s = settings.get(&g, 0).context("reading SETTINGS")?;
+        if s.flags & SETTING_NO_DENY != 0 {
+            s.flags &= !SETTING_NO_DENY;
+            settings.set(g, &s, 0).context("writing SETTINGS")?;
+        }
+    }
+    Ok(())
+}
+
 impl Dataplane {
-    /// Writes (or deletes) deny-trie entries, in order.
+    /// Writes (or deletes) deny-trie entries, in order; before the first
+    /// entry it adds, the ingress path is told to ask the tries.
     pub fn deny_write(&mut self, writes: &[DenyWrite]) -> anyhow::Result<()> {
+        if writes.iter().any(|(_, value)| value.is_some()) {
+            deny_lookups_on(&mut self.ebpf)?;
+        }
         for (prefix, value) in writes {
             let result = match prefix {
                 IpNet::V4(n) => {
