@@ -44,7 +44,10 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+mod body;
 mod deny;
+
+use body::Body;
 
 pub use deny::{DenyEntries, DenyItem, DenyRemoval, MAX_DENY_BODY};
 
@@ -937,9 +940,9 @@ async fn put_rules(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<crate::rules::Replacement>, JsonRejection>,
+    body: Result<Body<crate::rules::Replacement>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    let Json(rules) = body?;
+    let Body(rules) = body?;
     let opts = expect.options(&caller);
     let what = expect.label("replace rules");
     let changed = api
@@ -960,9 +963,9 @@ async fn add_rule(
     ConnectInfo(caller): ConnectInfo<Caller>,
     UrlPath(direction): UrlPath<Direction>,
     Query(expect): Query<Expect>,
-    body: Result<Json<FirewallRule>, JsonRejection>,
+    body: Result<Body<FirewallRule>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Changed>), ApiError> {
-    let Json(rule) = body?;
+    let Body(rule) = body?;
     let opts = expect.options(&caller);
     let what = expect.label("add rule");
     let changed = api
@@ -990,9 +993,9 @@ async fn put_egress(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<EgressPolicy>, JsonRejection>,
+    body: Result<Body<EgressPolicy>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    let Json(policy) = body?;
+    let Body(policy) = body?;
     let opts = expect.options(&caller);
     let what = expect.label(&format!("set egress {}", policy.egress.name()));
     let changed = api
@@ -1056,10 +1059,10 @@ async fn change_peers(
     api: Api,
     caller: Caller,
     expect: Expect,
-    body: Result<Json<Peers>, JsonRejection>,
+    body: Result<Body<Peers>, JsonRejection>,
     op: PeerEdit,
 ) -> Result<Json<Changed>, ApiError> {
-    let Json(body) = body?;
+    let Body(body) = body?;
     let opts = expect.options(&caller);
     let what = expect.label("change peers");
     let changed = api
@@ -1077,7 +1080,7 @@ async fn add_peers(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<Peers>, JsonRejection>,
+    body: Result<Body<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     change_peers(api, caller, expect, body, PeerEdit::Add).await
 }
@@ -1086,7 +1089,7 @@ async fn remove_peers(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<Peers>, JsonRejection>,
+    body: Result<Body<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     change_peers(api, caller, expect, body, PeerEdit::Remove).await
 }
@@ -1095,7 +1098,7 @@ async fn replace_peers(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<Peers>, JsonRejection>,
+    body: Result<Body<Peers>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
     change_peers(api, caller, expect, body, PeerEdit::Replace).await
 }
@@ -1127,9 +1130,9 @@ const EXPLAIN_PATH: &str = "/v1/explain";
 /// packet, and what a proposed rule set would (see [`crate::explain`]).
 async fn explain(
     State(api): State<Api>,
-    body: Result<Json<crate::explain::Request>, JsonRejection>,
+    body: Result<Body<crate::explain::Request>, JsonRejection>,
 ) -> Result<Json<crate::explain::Explained>, ApiError> {
-    let Json(req) = body?;
+    let Body(req) = body?;
     let mut core = api.core.lock().await;
     Ok(Json(core.explain(&req)?))
 }
@@ -1240,9 +1243,9 @@ async fn put_mode(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     Query(expect): Query<Expect>,
-    body: Result<Json<Mode>, JsonRejection>,
+    body: Result<Body<Mode>, JsonRejection>,
 ) -> Result<Json<Changed>, ApiError> {
-    let Json(mode) = body?;
+    let Body(mode) = body?;
     let what = expect.label(&format!(
         "set mode {}",
         serde_json::to_string(&mode).unwrap_or_default()

@@ -136,6 +136,10 @@ pub struct Image {
     pub dns_guard: bool,
     /// SHA-256 of the rule set (canonical JSON), hex.
     pub hash: String,
+    /// The rule set's canonical JSON (what `hash` is of), until the core
+    /// takes it to save the set with it (`state::Store::save_canonical`):
+    /// a 100k-rule set is serialised once per change, not twice.
+    pub json: Vec<u8>,
     /// The entries by network: what [`Image::answer`] and the packet-less
     /// questions read, also once the image is [stripped](Image::strip).
     pub index: Arc<Index>,
@@ -641,13 +645,13 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 /// 100k-rule set compiles in about two thirds of the time on two CPUs).
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
-    let (image, (index, hash)) = both(
+    let (image, (index, (json, hash))) = both(
         || lay_out(set, &entries),
-        || (Index::of(&entries), hash(set)),
+        || (Index::of(&entries), canonical(set)),
     );
     let mut image = image?;
     image.index = Arc::new(index);
-    image.hash = hash;
+    (image.json, image.hash) = (json, hash);
     image.slots = slots;
     check_limits(&image, limits)?;
     Ok(image)
@@ -943,11 +947,18 @@ fn contains(outer: u128, outer_len: u8, inner: u128, inner_len: u8, v6: bool) ->
 
 /// SHA-256 of the rule set's canonical JSON.
 pub fn hash(set: &RuleSet) -> String {
+    canonical(set).1
+}
+
+/// The rule set's canonical JSON (compact, fields in declaration order)
+/// and its SHA-256, hex.
+pub fn canonical(set: &RuleSet) -> (Vec<u8>, String) {
     // A rule set is plain data (strings, numbers, lists, structs with
     // string keys): serde_json has no way to fail on it.
     #[allow(clippy::expect_used)]
     let json = serde_json::to_vec(set).expect("a rule set always serialises");
-    crate::model::hex(&Sha256::digest(&json))
+    let hash = crate::model::hex(&Sha256::digest(&json));
+    (json, hash)
 }
 
 /// The IPv6 prefixes of an image as the data path looks them up: shorter than /32
@@ -1097,6 +1108,7 @@ impl Image {
         self.v4_chunks = Vec::new();
         self.regions = Vec::new();
         self.segments = Vec::new();
+        self.json = Vec::new();
         self.stripped = true;
     }
 

@@ -771,9 +771,9 @@ impl Core {
         self.record_intent(generation, &image.hash, &format!("generation {generation}"))?;
         // Durable next: a crash after this point restores the new set. The
         // image's hash is the set's when no service rules were compiled in.
-        let saved = if self.service.is_empty() {
+        let saved = if self.service.is_empty() && !image.json.is_empty() {
             self.store
-                .save_hashed(&next, generation, image.hash.clone())
+                .save_canonical(generation, &image.hash, &image.json)
         } else {
             self.store.save(&next, generation)
         };

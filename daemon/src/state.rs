@@ -43,6 +43,27 @@ struct Envelope<R = RuleSet> {
     rules: R,
 }
 
+/// The compact envelope of a set whose canonical JSON is `rules`: what
+/// `serde_json::to_vec(&Envelope { .., rules })` writes (`rules` is the
+/// envelope's last field), without serialising the set again.
+fn envelope_around(generation: u64, sha256: &str, rules: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let head = Envelope {
+        format: FORMAT,
+        generation,
+        sha256: sha256.to_string(),
+        rules: 0u8,
+    };
+    let mut out = serde_json::to_vec(&head)?;
+    // `{...,"rules":0}`: the placeholder and the closing brace give way
+    // to the set's JSON.
+    anyhow::ensure!(out.ends_with(b"0}"), "unexpected envelope shape");
+    out.truncate(out.len() - 2);
+    out.reserve(rules.len() + 1);
+    out.extend_from_slice(rules);
+    out.push(b'}');
+    Ok(out)
+}
+
 #[derive(Serialize, Deserialize)]
 struct SavedMode {
     #[serde(flatten)]
@@ -95,32 +116,23 @@ impl Store {
 
     /// Writes `rules` as the live set, atomically and durably.
     pub fn save(&self, rules: &RuleSet, generation: u64) -> anyhow::Result<()> {
-        self.save_hashed(rules, generation, compile::hash(rules))
+        let (json, sha256) = compile::canonical(rules);
+        self.save_canonical(generation, &sha256, &json)
     }
 
-    /// [`Store::save`] with the set's hash already known (`compile::hash`
-    /// of `rules`: a compiled image carries it), so a 100k-rule set is not
-    /// serialised once more to hash it. Written compact: the file is read
-    /// by the daemon, and shown by `portcullis rules`. A wrong `sha256`
-    /// fails closed: the file is refused at the next start.
-    pub fn save_hashed(
-        &self,
-        rules: &RuleSet,
-        generation: u64,
-        sha256: String,
-    ) -> anyhow::Result<()> {
+    /// [`Store::save`] of a set already serialised: `json` is its canonical
+    /// JSON and `sha256` that JSON's hash (`compile::canonical`; a compiled
+    /// image carries both), so a 100k-rule set is not serialised again to
+    /// be saved. The file is the envelope as serde writes it (compact: it is
+    /// read by the daemon, and shown by `portcullis rules`), byte for byte.
+    /// A wrong `sha256` fails closed: the file is refused at the next start.
+    pub fn save_canonical(&self, generation: u64, sha256: &str, json: &[u8]) -> anyhow::Result<()> {
         fs::create_dir_all(&self.dir)
             .with_context(|| format!("cannot create state directory {}", self.dir.display()))?;
-        let envelope = Envelope {
-            format: FORMAT,
-            generation,
-            sha256,
-            rules,
-        };
         replace_file(
             &self.dir,
             LIVE,
-            &serde_json::to_vec(&envelope)?,
+            &envelope_around(generation, sha256, json)?,
             Some(PREVIOUS),
         )
     }
@@ -631,6 +643,32 @@ mod tests {
             "[[ingress_rules]]\nid = \"r\"\nfrom_port = {port}\nto_port = {port}\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn a_set_saved_from_its_canonical_json_is_the_envelope_serde_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        let mut rules = set(22);
+        rules.ingress_rules[0].ip_ranges = vec!["10.200.0.0/16".into(), "fd00:200::/32".into()];
+        rules.ingress_rules[0].description = Some("a \"quoted\" name".into());
+        let (json, sha256) = compile::canonical(&rules);
+        store.save_canonical(7, &sha256, &json).unwrap();
+        let written = fs::read(dir.path().join(LIVE)).unwrap();
+        let expected = serde_json::to_vec(&Envelope {
+            format: FORMAT,
+            generation: 7,
+            sha256: sha256.clone(),
+            rules: &rules,
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(written).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+        let restored = store.load().unwrap().unwrap();
+        assert_eq!((restored.rules, restored.generation), (rules, 7));
+        assert!(!restored.from_previous);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::{Api, ApiError, Caller};
+use super::{Api, ApiError, Body, Caller};
 use crate::{
     core::{ChangeError, Core, DenyChanged, DenySetView},
     denylist::{self, Entry},
@@ -116,9 +116,9 @@ pub(super) async fn add(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     UrlPath(set): UrlPath<String>,
-    body: Result<Json<DenyEntries>, JsonRejection>,
+    body: Result<Body<DenyEntries>, JsonRejection>,
 ) -> Result<Json<DenyChanged>, ApiError> {
-    let Json(body) = body?;
+    let Body(body) = body?;
     if body.entries.is_empty() {
         return Err(invalid("entries: nothing to add".into()));
     }
@@ -129,9 +129,9 @@ pub(super) async fn replace(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     UrlPath(set): UrlPath<String>,
-    body: Result<Json<DenyEntries>, JsonRejection>,
+    body: Result<Body<DenyEntries>, JsonRejection>,
 ) -> Result<Json<DenyChanged>, ApiError> {
-    let Json(body) = body?;
+    let Body(body) = body?;
     write_entries(
         &api,
         &caller,
@@ -169,9 +169,9 @@ pub(super) async fn remove(
     State(api): State<Api>,
     ConnectInfo(caller): ConnectInfo<Caller>,
     UrlPath(set): UrlPath<String>,
-    body: Result<Json<DenyRemoval>, JsonRejection>,
+    body: Result<Body<DenyRemoval>, JsonRejection>,
 ) -> Result<Json<DenyChanged>, ApiError> {
-    let Json(body) = body?;
+    let Body(body) = body?;
     let label = if body.all {
         format!("deny flush {set}")
     } else {
