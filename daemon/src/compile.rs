@@ -88,6 +88,10 @@ impl Default for Limits {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CompileError {
+    /// A bug of the compiler's own (an invariant of the layout broke): the
+    /// set is refused rather than written wrong.
+    #[error("internal compiler error: {0}")]
+    Internal(&'static str),
     #[error(
         "the rule set needs {needed} {what}, more than the maps hold ({capacity}); raise [capacity] {what} in the configuration"
     )]
@@ -580,6 +584,11 @@ impl Layout {
                 *offset = laid.offset;
             }
         }
+        self.add_region(image, region)
+    }
+
+    /// The id of `region` in `image.regions` (appended when new).
+    fn add_region(&mut self, image: &mut Image, region: Region) -> u32 {
         let next = image.regions.len() as u32;
         *self.regions.entry(region).or_insert_with(|| {
             image.regions.push(region);
@@ -713,7 +722,7 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
         || family(entries, &dirs, false, seed),
         || family(entries, &dirs, true, seed),
     );
-    join_families(&mut image, v4?, v6?);
+    join_families(&mut image, v4?, v6?)?;
     let (v4, v6) = (&image.v4, &image.v6);
     let ((v4_root, v4_chunks), v6_tables) = both(|| v4_table(v4), || V6Tables::of(v6));
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
@@ -722,8 +731,13 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
 }
 
 /// One family's part of the image (its prefixes, regions and segments),
-/// for every direction in `dirs`.
-fn family(entries: &[Entry], dirs: &[u8], v6: bool, seed: u64) -> Result<Image, CompileError> {
+/// for every direction in `dirs`, and the layout that stored them once.
+fn family(
+    entries: &[Entry],
+    dirs: &[u8],
+    v6: bool,
+    seed: u64,
+) -> Result<(Image, Layout), CompileError> {
     let mut part = Image::default();
     let mut layout = Layout {
         seed,
@@ -732,37 +746,50 @@ fn family(entries: &[Entry], dirs: &[u8], v6: bool, seed: u64) -> Result<Image, 
     for &dir in dirs {
         prefixes(entries, dir, v6, &mut part, &mut layout)?;
     }
-    Ok(part)
+    Ok((part, layout))
 }
 
-/// The two families' parts in `image`: the IPv4 part's regions and
-/// segments first, the IPv6 part's after them (its regions' segment
-/// offsets and its prefixes' regions moved on by the IPv4 part's counts).
-/// A region or list both families have is stored twice.
-fn join_families(image: &mut Image, v4: Image, v6: Image) {
-    let regions = image_len(&v4.regions);
-    let segments = image_len(&v4.segments);
+/// The two families' parts in `image`: the IPv4 part as it is, then each
+/// region of the IPv6 part through the IPv4 part's layout, so a list or a
+/// region both families have is stored once, as when one thread laid out
+/// both (a dual-stack rule needs no more of the maps' capacity).
+fn join_families(
+    image: &mut Image,
+    (v4, mut layout): (Image, Layout),
+    (v6, _): (Image, Layout),
+) -> Result<(), CompileError> {
     (image.v4, image.regions, image.segments) = (v4.v4, v4.regions, v4.segments);
-    image.segments.extend(v6.segments);
-    image.regions.extend(v6.regions.into_iter().map(|mut r| {
-        for (offset, len) in r.offset.iter_mut().zip(r.len) {
-            if len != 0 {
-                *offset += segments;
+    let mut moved = Vec::with_capacity(v6.regions.len());
+    for region in &v6.regions {
+        let mut joined = Region::default();
+        let lists = region.offset.iter().zip(&region.len);
+        let into = joined.offset.iter_mut().zip(joined.len.iter_mut());
+        for ((&offset, &len), (joined_offset, joined_len)) in lists.zip(into) {
+            if len == 0 {
+                continue;
             }
+            let list = v6
+                .segments
+                .get(offset as usize..offset as usize + len as usize)
+                .ok_or(CompileError::Internal(
+                    "an IPv6 region outside its segments",
+                ))?;
+            *joined_offset = layout.list(&mut image.segments, list);
+            *joined_len = len;
         }
-        r
-    }));
+        moved.push(layout.add_region(image, joined));
+    }
     image.v6 = v6
         .v6
         .into_iter()
-        .map(|(key, len, region)| (key, len, region + regions))
-        .collect();
-}
-
-/// A map's index for `items` entries (the maps are indexed by u32; the
-/// capacity check refuses an image anywhere near this).
-fn image_len<T>(items: &[T]) -> u32 {
-    u32::try_from(items.len()).unwrap_or(u32::MAX)
+        .map(|(key, len, region)| {
+            moved
+                .get(region as usize)
+                .map(|&joined| (key, len, joined))
+                .ok_or(CompileError::Internal("an IPv6 prefix of no region"))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(())
 }
 
 /// The prefixes of direction `dir` and one family into `image.v4` or
@@ -1253,6 +1280,42 @@ mod tests {
             burst: None,
             interfaces: Vec::new(),
         }
+    }
+
+    #[test]
+    fn dual_stack_rules_take_no_more_regions_or_segments_than_one_family() {
+        // Each rule its own ports and one source per family: the IPv6
+        // prefixes have exactly the IPv4 ones' port lists and regions, so
+        // the families laid out apart must still store each once.
+        let set = |dual: bool| {
+            let mut set = RuleSet::default();
+            for i in 0..40u32 {
+                let mut ranges = vec![format!("10.200.{i}.0/24")];
+                if dual {
+                    ranges.push(format!("fd00:200:{i:x}::/48"));
+                }
+                let ranges: Vec<&str> = ranges.iter().map(String::as_str).collect();
+                set.ingress_rules.push(rule(
+                    &format!("r{i}"),
+                    1000 + i,
+                    1000 + 2 * i,
+                    &ranges,
+                    Protocol::Tcp,
+                ));
+            }
+            set
+        };
+        let (one, both) = (set(false), set(true));
+        let one = compile(&one, &Limits::default()).unwrap();
+        let tight = Limits {
+            regions: one.regions.len() as u32,
+            segments: one.segments.len() as u32,
+            ..Limits::default()
+        };
+        let both = compile(&both, &tight).unwrap();
+        assert_eq!(both.regions.len(), one.regions.len());
+        assert_eq!(both.segments.len(), one.segments.len());
+        assert_eq!(both.v6.len(), one.v6.len() + 40);
     }
 
     #[test]

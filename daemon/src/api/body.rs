@@ -38,13 +38,16 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
-/// Whether the request says `application/json` (parameters allowed).
+/// Whether the request's content type is `application/json` as the `mime`
+/// crate parses it (parameters allowed), the test `axum::Json` makes, less
+/// its `+json` suffixes: stricter, so whatever passes here `axum::Json`
+/// would have taken, and the rest is left to it.
 fn plain_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+        .and_then(|v| v.parse::<mime::Mime>().ok())
+        .is_some_and(|m| m.type_() == mime::APPLICATION && m.subtype() == mime::JSON)
 }
 
 #[cfg(test)]
@@ -113,6 +116,17 @@ mod tests {
                 r#"[{"id":"a","ports":[1]}]"#,
             ),
             (Some("text/plain"), r#"[{"id":"a","ports":[1]}]"#),
+            // What `mime` refuses, `axum::Json` does too (415).
+            (
+                Some("application/json ;charset=utf-8"),
+                r#"[{"id":"a","ports":[1]}]"#,
+            ),
+            (
+                Some("application/json; charset"),
+                r#"[{"id":"a","ports":[1]}]"#,
+            ),
+            (Some("application/json "), r#"[{"id":"a","ports":[1]}]"#),
+            (Some("application/jsonx"), r#"[{"id":"a","ports":[1]}]"#),
             (None, r#"[{"id":"a","ports":[1]}]"#),
         ];
         for (content_type, body) in cases {
