@@ -88,10 +88,6 @@ impl Default for Limits {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum CompileError {
-    /// A bug of the compiler's own (an invariant of the layout broke): the
-    /// set is refused rather than written wrong.
-    #[error("internal compiler error: {0}")]
-    Internal(&'static str),
     #[error(
         "the rule set needs {needed} {what}, more than the maps hold ({capacity}); raise [capacity] {what} in the configuration"
     )]
@@ -655,7 +651,7 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
     let (image, (index, (json, hash))) = both(
-        || lay_out(set, &entries),
+        || lay_out(set, &entries, limits),
         || (Index::of(&entries), canonical(set)),
     );
     let mut image = image?;
@@ -687,7 +683,7 @@ fn both<A, B: Send>(a: impl FnOnce() -> A, b: impl Fn() -> B + Sync) -> (A, B) {
 
 /// The maps of `set` (prefixes, regions, segments, the IPv4 table and the
 /// IPv6 tables) from its `entries`.
-fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
+fn lay_out(set: &RuleSet, entries: &[Entry], limits: &Limits) -> Result<Image, CompileError> {
     let mut image = Image {
         egress_allowlist: set.egress_allowlist(),
         dns_guard: set.egress_allowlist() && set.has_names(),
@@ -713,16 +709,30 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
         .into_iter()
         .chain(classes.map(portcullis_common::ingress_dir))
         .collect();
-    // Each family on its own thread, with lists and regions of its own.
     let seed = {
         use std::hash::BuildHasher as _;
         std::collections::hash_map::RandomState::new().hash_one(0u8)
     };
+    // Each family on its own thread, with lists and regions of its own:
+    // what both have is then stored twice, which the maps' capacity
+    // usually has room for. When it has not, the families are laid out
+    // again on one thread with one layout, storing everything once, so a
+    // set fits exactly when it would have on one thread.
     let (v4, v6) = both(
-        || family(entries, &dirs, false, seed),
-        || family(entries, &dirs, true, seed),
+        || family(entries, &dirs, &[false], seed),
+        || family(entries, &dirs, &[true], seed),
     );
-    join_families(&mut image, v4?, v6?)?;
+    let (v4, v6) = (v4?, v6?);
+    let fits =
+        |what: fn(&Image) -> usize, capacity: u32| what(&v4) + what(&v6) <= capacity as usize;
+    if fits(|i| i.regions.len(), limits.regions) && fits(|i| i.segments.len(), limits.segments) {
+        append_family(&mut image, v4, v6);
+    } else {
+        drop((v4, v6));
+        let one = family(entries, &dirs, &[false, true], seed)?;
+        (image.v4, image.v6) = (one.v4, one.v6);
+        (image.regions, image.segments) = (one.regions, one.segments);
+    }
     let (v4, v6) = (&image.v4, &image.v6);
     let ((v4_root, v4_chunks), v6_tables) = both(|| v4_table(v4), || V6Tables::of(v6));
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
@@ -730,66 +740,51 @@ fn lay_out(set: &RuleSet, entries: &[Entry]) -> Result<Image, CompileError> {
     Ok(image)
 }
 
-/// One family's part of the image (its prefixes, regions and segments),
-/// for every direction in `dirs`, and the layout that stored them once.
-fn family(
-    entries: &[Entry],
-    dirs: &[u8],
-    v6: bool,
-    seed: u64,
-) -> Result<(Image, Layout), CompileError> {
+/// The part of the image of the families `v6s` (`false`: IPv4, `true`:
+/// IPv6): their prefixes, regions and segments, for every direction in
+/// `dirs`, each list and region stored once.
+fn family(entries: &[Entry], dirs: &[u8], v6s: &[bool], seed: u64) -> Result<Image, CompileError> {
     let mut part = Image::default();
     let mut layout = Layout {
         seed,
         ..Default::default()
     };
     for &dir in dirs {
-        prefixes(entries, dir, v6, &mut part, &mut layout)?;
+        for &v6 in v6s {
+            prefixes(entries, dir, v6, &mut part, &mut layout)?;
+        }
     }
-    Ok((part, layout))
+    Ok(part)
 }
 
-/// The two families' parts in `image`: the IPv4 part as it is, then each
-/// region of the IPv6 part through the IPv4 part's layout, so a list or a
-/// region both families have is stored once, as when one thread laid out
-/// both (a dual-stack rule needs no more of the maps' capacity).
-fn join_families(
-    image: &mut Image,
-    (v4, mut layout): (Image, Layout),
-    (v6, _): (Image, Layout),
-) -> Result<(), CompileError> {
+/// The IPv4 part and then the IPv6 part in `image`: the IPv6 part's
+/// regions and segments after the IPv4 part's, its regions' segment
+/// offsets and its prefixes' regions moved on by the IPv4 part's counts.
+fn append_family(image: &mut Image, v4: Image, v6: Image) {
+    let regions = index_of(&v4.regions);
+    let segments = index_of(&v4.segments);
     (image.v4, image.regions, image.segments) = (v4.v4, v4.regions, v4.segments);
-    let mut moved = Vec::with_capacity(v6.regions.len());
-    for region in &v6.regions {
-        let mut joined = Region::default();
-        let lists = region.offset.iter().zip(&region.len);
-        let into = joined.offset.iter_mut().zip(joined.len.iter_mut());
-        for ((&offset, &len), (joined_offset, joined_len)) in lists.zip(into) {
-            if len == 0 {
-                continue;
+    image.segments.extend(v6.segments);
+    image.regions.extend(v6.regions.into_iter().map(|mut r| {
+        for (offset, len) in r.offset.iter_mut().zip(r.len) {
+            // An empty list stays at 0 (`Layout::list`).
+            if len != 0 {
+                *offset += segments;
             }
-            let list = v6
-                .segments
-                .get(offset as usize..offset as usize + len as usize)
-                .ok_or(CompileError::Internal(
-                    "an IPv6 region outside its segments",
-                ))?;
-            *joined_offset = layout.list(&mut image.segments, list);
-            *joined_len = len;
         }
-        moved.push(layout.add_region(image, joined));
-    }
+        r
+    }));
     image.v6 = v6
         .v6
         .into_iter()
-        .map(|(key, len, region)| {
-            moved
-                .get(region as usize)
-                .map(|&joined| (key, len, joined))
-                .ok_or(CompileError::Internal("an IPv6 prefix of no region"))
-        })
-        .collect::<Result<_, _>>()?;
-    Ok(())
+        .map(|(key, len, region)| (key, len, region + regions))
+        .collect();
+}
+
+/// The next index of `items` (the maps are indexed by u32; the capacity
+/// check refuses an image anywhere near u32::MAX).
+fn index_of<T>(items: &[T]) -> u32 {
+    u32::try_from(items.len()).unwrap_or(u32::MAX)
 }
 
 /// The prefixes of direction `dir` and one family into `image.v4` or
@@ -1283,7 +1278,7 @@ mod tests {
     }
 
     #[test]
-    fn dual_stack_rules_take_no_more_regions_or_segments_than_one_family() {
+    fn dual_stack_rules_fit_the_capacity_one_family_needs() {
         // Each rule its own ports and one source per family: the IPv6
         // prefixes have exactly the IPv4 ones' port lists and regions, so
         // the families laid out apart must still store each once.
@@ -1307,15 +1302,40 @@ mod tests {
         };
         let (one, both) = (set(false), set(true));
         let one = compile(&one, &Limits::default()).unwrap();
+        // Laid out apart, the families store their common lists twice.
+        let apart = compile(&both, &Limits::default()).unwrap();
+        assert!(apart.regions.len() >= one.regions.len() + 40);
+        // Without room for that, they are laid out again with one layout.
         let tight = Limits {
             regions: one.regions.len() as u32,
             segments: one.segments.len() as u32,
             ..Limits::default()
         };
-        let both = compile(&both, &tight).unwrap();
-        assert_eq!(both.regions.len(), one.regions.len());
-        assert_eq!(both.segments.len(), one.segments.len());
-        assert_eq!(both.v6.len(), one.v6.len() + 40);
+        let shared = compile(&both, &tight).unwrap();
+        assert!(shared.regions.len() <= one.regions.len());
+        assert!(shared.segments.len() <= one.segments.len());
+        assert_eq!(shared.v6.len(), one.v6.len() + 40);
+        // Both images admit the same.
+        for i in 0..40u32 {
+            let addrs: [IpAddr; 2] = [
+                format!("10.200.{i}.7").parse().unwrap(),
+                format!("fd00:200:{i:x}::7").parse().unwrap(),
+            ];
+            for addr in addrs {
+                for port in [999, 1000 + i, 1000 + 2 * i, 1001 + 2 * i] {
+                    let port = port as u16;
+                    assert_eq!(
+                        apart.lookup(DIR_INGRESS, addr, PCLASS_TCP, port),
+                        shared.lookup(DIR_INGRESS, addr, PCLASS_TCP, port),
+                        "{addr} port {port}"
+                    );
+                }
+            }
+            assert_ne!(
+                apart.lookup(DIR_INGRESS, addrs[1], PCLASS_TCP, 1000 + i as u16),
+                SLOT_NONE
+            );
+        }
     }
 
     #[test]
