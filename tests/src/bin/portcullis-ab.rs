@@ -13,113 +13,21 @@
 #[path = "portcullis-bench/rawbpf.rs"]
 #[allow(dead_code)]
 mod rawbpf;
+#[path = "portcullis-bench/sets.rs"]
+mod sets;
 
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
-use ipnet::IpNet;
-use portcullis::{
-    compile::{self, Limits},
-    dataplane::Dataplane,
-    rules::{Cluster, FirewallRule, RuleSet},
-    testrun,
-};
+use portcullis::{compile, dataplane::Dataplane, rules::RuleSet, testrun};
 use portcullis_common::{DIR_INGRESS, PCLASS_TCP};
-use portcullis_tests::packet::*;
-use rand::{RngExt as _, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
+use sets::shape;
 
 const PACKETS: usize = 2048;
 const REPEAT: u32 = 50;
-
-fn random_net(rng: &mut StdRng, v6: bool) -> IpNet {
-    if v6 {
-        let addr = Ipv6Addr::from(rng.random::<u128>());
-        IpNet::new(IpAddr::V6(addr), rng.random_range(32..=128))
-            .unwrap()
-            .trunc()
-    } else {
-        let addr = Ipv4Addr::from(rng.random::<u32>());
-        IpNet::new(IpAddr::V4(addr), rng.random_range(8..=32))
-            .unwrap()
-            .trunc()
-    }
-}
-
-fn random_in(rng: &mut StdRng, net: &IpNet) -> IpAddr {
-    match net {
-        IpNet::V4(n) => {
-            let host = if n.prefix_len() == 32 {
-                0
-            } else {
-                rng.random::<u32>() >> n.prefix_len()
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
-        }
-        IpNet::V6(n) => {
-            let host = if n.prefix_len() == 128 {
-                0
-            } else {
-                rng.random::<u128>() >> n.prefix_len()
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
-        }
-    }
-}
-
-/// The benchmark's rule set shape (`portcullis-bench`'s `shape`).
-fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
-    let rules = (0..n)
-        .map(|i| {
-            let from = rng.random_range(1..=64_535u32);
-            let nets: Vec<IpNet> = (0..rng.random_range(1..=4))
-                .map(|_| {
-                    let v6 = rng.random();
-                    random_net(rng, v6)
-                })
-                .collect();
-            FirewallRule {
-                id: format!("r{i}"),
-                from_port: from,
-                to_port: from + rng.random_range(0..1000),
-                ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
-                names: Vec::new(),
-                protocol: Default::default(),
-                description: None,
-                icmp_types: Vec::new(),
-                expires: None,
-                rate: None,
-                burst: None,
-                interfaces: Vec::new(),
-            }
-        })
-        .collect();
-    let peers = (0..1000)
-        .map(|i| {
-            let addr = if i % 2 == 0 {
-                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()))
-            };
-            IpNet::from(addr).to_string()
-        })
-        .collect();
-    RuleSet {
-        ingress_rules: rules,
-        cluster: Some(Cluster {
-            id: "bench".into(),
-            peers,
-            other_clusters: vec![],
-        }),
-        ssh: portcullis::rules::Ssh {
-            allow: false,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
 
 /// Frames per class: v4 allowed, v4 denied, v6 allowed, v6 denied (denied
 /// ones checked against the reference index: no rule admits them).
@@ -129,35 +37,17 @@ fn classes(set: &RuleSet, rng: &mut StdRng) -> [Vec<Vec<u8>>; 4] {
     for i in 0..PACKETS {
         let allowed = i % 2 == 0;
         let (src, port) = if allowed {
-            let r = &set.ingress_rules[rng.random_range(0..set.ingress_rules.len())];
-            let nets = r.networks();
-            let net = nets[rng.random_range(0..nets.len())];
-            (
-                random_in(rng, &net),
-                rng.random_range(r.from_port..=r.to_port) as u16,
-            )
+            sets::admitted(set, rng)
         } else {
             loop {
-                let src = if rng.random() {
-                    IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()))
-                } else {
-                    IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
-                };
-                let port: u16 = rng.random();
+                let (src, port) = sets::anywhere(rng);
                 let slot = index.lookup(DIR_INGRESS, src, PCLASS_TCP, port);
                 if !portcullis_common::slot_admits(slot) {
                     break (src, port);
                 }
             }
         };
-        let dst = if src.is_ipv4() {
-            "10.200.0.1"
-        } else {
-            "fd00:200::1"
-        };
-        let frame = Pkt::new(&src.to_string(), dst)
-            .tcp(40000, port, SYN)
-            .bytes();
+        let frame = sets::syn(src, port);
         out[usize::from(src.is_ipv6()) * 2 + usize::from(!allowed)].push(frame);
     }
     out
@@ -171,23 +61,8 @@ fn set_for(n: usize) -> (RuleSet, StdRng) {
 
 fn setup(dir: &Path, n: usize) -> anyhow::Result<()> {
     let (set, _) = set_for(n);
-    // As the benchmark's (room for 100k rules).
-    let limits = Limits {
-        prefixes: 600_000,
-        regions: 600_000,
-        segments: 8_000_000,
-        slots: 110_000,
-        v4_chunks: 1_000_000,
-    };
-    let image = compile::compile(&set, &limits)?;
-    let fit = |n: usize| ((n as f64 * 1.1) as u32).max(1024);
-    let fitted = Limits {
-        prefixes: fit(image.v4.len().max(image.v6.len())),
-        regions: fit(image.regions.len()),
-        segments: fit(image.segments.len()),
-        slots: fit(image.slots.len()),
-        v4_chunks: fit(image.v4_chunks.len() / portcullis_common::V4_CHUNK_ENTRIES as usize),
-    };
+    let image = compile::compile(&set, &sets::CAPACITY)?;
+    let fitted = sets::fitted(&image);
     let mut dp = Dataplane::load(dir, 65536, &fitted)?;
     dp.apply(&image, false)?;
     let info = aya::programs::ProgramInfo::from_pin(ingress_pin(dir)?)?;

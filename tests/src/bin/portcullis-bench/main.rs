@@ -21,156 +21,45 @@
 mod floors;
 mod rawbpf;
 mod report;
+mod sets;
 mod stages;
 mod start;
 mod traffic;
 mod xdpfilter;
 
-use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    os::fd::AsFd as _,
-    time::Instant,
-};
+use std::{net::IpAddr, os::fd::AsFd as _, time::Instant};
 
-use ipnet::IpNet;
 use portcullis::{
     compile::{self, Limits},
     dataplane::{self, Dataplane, Program},
-    rules::{Cluster, FirewallRule, RuleSet},
+    rules::RuleSet,
     testrun,
 };
 use portcullis_tests::{PinDir, is_root, packet::*};
-use rand::{RngExt as _, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 use report::{Control, EngineRow, Floor, Reference, Report, Stat};
+use sets::shape;
 
 const SIZES: [usize; 5] = [1, 100, 1_000, 10_000, 100_000];
 const PACKETS: usize = 2048;
 const REPEAT: u32 = 50;
 const RUNS: usize = 5;
 
-fn random_net(rng: &mut StdRng, v6: bool) -> IpNet {
-    if v6 {
-        let addr = Ipv6Addr::from(rng.random::<u128>());
-        IpNet::new(IpAddr::V6(addr), rng.random_range(32..=128))
-            .unwrap()
-            .trunc()
-    } else {
-        let addr = Ipv4Addr::from(rng.random::<u32>());
-        IpNet::new(IpAddr::V4(addr), rng.random_range(8..=32))
-            .unwrap()
-            .trunc()
-    }
-}
-
-fn random_in(rng: &mut StdRng, net: &IpNet) -> IpAddr {
-    match net {
-        IpNet::V4(n) => {
-            let host = if n.prefix_len() == 32 {
-                0
-            } else {
-                rng.random::<u32>() >> n.prefix_len()
-            };
-            IpAddr::V4(Ipv4Addr::from(u32::from(n.network()) | host))
-        }
-        IpNet::V6(n) => {
-            let host = if n.prefix_len() == 128 {
-                0
-            } else {
-                rng.random::<u128>() >> n.prefix_len()
-            };
-            IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) | host))
-        }
-    }
-}
-
-fn shape(n: usize, rng: &mut StdRng) -> RuleSet {
-    let rules = (0..n)
-        .map(|i| {
-            let from = rng.random_range(1..=64_535u32);
-            let nets: Vec<IpNet> = (0..rng.random_range(1..=4))
-                .map(|_| {
-                    let v6 = rng.random();
-                    random_net(rng, v6)
-                })
-                .collect();
-            FirewallRule {
-                id: format!("r{i}"),
-                from_port: from,
-                to_port: from + rng.random_range(0..1000),
-                ip_ranges: nets.iter().map(|n| n.to_string()).collect(),
-                names: Vec::new(),
-                protocol: Default::default(),
-                description: None,
-                icmp_types: Vec::new(),
-                expires: None,
-                rate: None,
-                burst: None,
-                interfaces: Vec::new(),
-            }
-        })
-        .collect();
-    let peers = (0..1000)
-        .map(|i| {
-            let addr = if i % 2 == 0 {
-                IpAddr::V4(Ipv4Addr::from(rng.random::<u32>()))
-            } else {
-                IpAddr::V6(Ipv6Addr::from(rng.random::<u128>()))
-            };
-            IpNet::from(addr).to_string()
-        })
-        .collect();
-    RuleSet {
-        ingress_rules: rules,
-        cluster: Some(Cluster {
-            id: "bench".into(),
-            peers,
-            other_clusters: vec![],
-        }),
-        // As measured before SSH was on by default: no exemption.
-        ssh: portcullis::rules::Ssh {
-            allow: false,
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 /// A test packet: (v6, admitted by construction, frame).
 type TestPacket = (bool, bool, Vec<u8>);
 
-/// Packets for `set`.
+/// Packets for `set`: SYNs, every other one from a source and to a port a
+/// rule admits.
 fn packets(set: &RuleSet, rng: &mut StdRng) -> Vec<TestPacket> {
     (0..PACKETS)
         .map(|i| {
             let allowed = i % 2 == 0;
             let (src, port) = if allowed {
-                let r = &set.ingress_rules[rng.random_range(0..set.ingress_rules.len())];
-                let nets = r.networks();
-                let net = nets[rng.random_range(0..nets.len())];
-                (
-                    random_in(rng, &net),
-                    rng.random_range(r.from_port..=r.to_port) as u16,
-                )
-            } else if rng.random() {
-                (
-                    IpAddr::V6(Ipv6Addr::from(rng.random::<u128>())),
-                    rng.random(),
-                )
+                sets::admitted(set, rng)
             } else {
-                (
-                    IpAddr::V4(Ipv4Addr::from(rng.random::<u32>())),
-                    rng.random(),
-                )
+                sets::anywhere(rng)
             };
-            let dst = if src.is_ipv4() {
-                "10.200.0.1"
-            } else {
-                "fd00:200::1"
-            };
-            let frame = Pkt::new(&src.to_string(), dst)
-                .tcp(40000, port, SYN)
-                .bytes();
-            (src.is_ipv6(), allowed, frame)
+            (src.is_ipv6(), allowed, sets::syn(src, port))
         })
         .collect()
 }
@@ -345,13 +234,7 @@ fn main() -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
         Err(_) => SIZES.to_vec(),
     };
-    let limits = Limits {
-        prefixes: 600_000,
-        regions: 600_000,
-        segments: 8_000_000,
-        slots: 110_000,
-        v4_chunks: 1_000_000,
-    };
+    let limits = sets::CAPACITY;
     // PORTCULLIS_BENCH_ONLY=control: only the daemon's API round trips and memory.
     if std::env::var("PORTCULLIS_BENCH_ONLY").is_ok_and(|v| v == "control") {
         api_round_trips(&limits)?;
@@ -407,16 +290,7 @@ fn main() -> anyhow::Result<()> {
         let started = Instant::now();
         let image = compile::compile(&set, &limits)?;
         let compile_ms = started.elapsed().as_secs_f64() * 1e3;
-        // Maps sized for this set with 10% to spare, as an operator would
-        // set [capacity]: the memory reported is what this set needs.
-        let fit = |n: usize| ((n as f64 * 1.1) as u32).max(1024);
-        let fitted = Limits {
-            prefixes: fit(image.v4.len().max(image.v6.len())),
-            regions: fit(image.regions.len()),
-            segments: fit(image.segments.len()),
-            slots: fit(image.slots.len()),
-            v4_chunks: fit(image.v4_chunks.len() / portcullis_common::V4_CHUNK_ENTRIES as usize),
-        };
+        let fitted = sets::fitted(&image);
         let pins = PinDir::new()?;
         let mut dp = Dataplane::load(pins.path(), 65536, &fitted)?;
         let started = Instant::now();
