@@ -260,6 +260,15 @@ pub fn ping(ns: &Netns, addr: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Pings `addr` from `ns` until it answers, at most `tries` pings of a
+/// second each: for a test's preconditions on a fresh pair with nothing
+/// attached yet, where a loaded machine can lose the first ping's neighbour
+/// solicitation. Never for an assertion about what a filter passes: that
+/// is one [`ping`].
+pub fn ping_until(ns: &Netns, addr: &str, tries: u32) -> bool {
+    (0..tries).any(|_| ping(ns, addr))
+}
+
 /// A UDP sender that keeps hitting `to` from `from` (one datagram every
 /// `gap`, for at most two minutes) and a sink that counts what arrives, for
 /// tests where nothing may arrive while something else happens.

@@ -328,7 +328,10 @@ fn ipv6_fragment_with_trailing_nd_bytes_does_not_reach_a_denied_port() {
     let pins = PinDir::new().unwrap();
     let listener = udp_bind(&pair.host, sock(HOST_V6, 9999)).unwrap();
     // Neighbours resolved before: the frames go out by hand.
-    assert!(ping(&pair.peer, HOST_V6));
+    assert!(
+        ping_until(&pair.peer, HOST_V6, 5),
+        "no IPv6 ping on the bare pair"
+    );
 
     // Control, unfiltered: the kernel reassembles these frames and delivers.
     send_frames(
@@ -382,7 +385,10 @@ fn ipv4_reads_stay_inside_the_total_length_and_tiny_tcp_fragments_are_dropped() 
     require_root!();
     let pair = Pair::new().unwrap();
     let pins = PinDir::new().unwrap();
-    assert!(ping(&pair.peer, HOST_V4));
+    assert!(
+        ping_until(&pair.peer, HOST_V4, 5),
+        "no IPv4 ping on the bare pair"
+    );
     let cfg = config(&pins, true, "").unwrap();
     let _daemon = Daemon::start(&pair.host, &cfg).unwrap();
     let (hmac, pmac) = (mac(&pair.host, HOST_IFACE), mac(&pair.peer, PEER_IFACE));
