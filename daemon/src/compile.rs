@@ -580,11 +580,6 @@ impl Layout {
                 *offset = laid.offset;
             }
         }
-        self.add_region(image, region)
-    }
-
-    /// The id of `region` in `image.regions` (appended when new).
-    fn add_region(&mut self, image: &mut Image, region: Region) -> u32 {
         let next = image.regions.len() as u32;
         *self.regions.entry(region).or_insert_with(|| {
             image.regions.push(region);
@@ -1280,8 +1275,8 @@ mod tests {
     #[test]
     fn dual_stack_rules_fit_the_capacity_one_family_needs() {
         // Each rule its own ports and one source per family: the IPv6
-        // prefixes have exactly the IPv4 ones' port lists and regions, so
-        // the families laid out apart must still store each once.
+        // prefixes have exactly the IPv4 ones' port lists and regions, so a
+        // set that fits when they are stored once must still compile.
         let set = |dual: bool| {
             let mut set = RuleSet::default();
             for i in 0..40u32 {

@@ -166,24 +166,24 @@ mod programs {
 
     #[xdp]
     pub fn floor_lru16_update(_ctx: XdpContext) -> u32 {
-        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 3, 6];
-        let flow = Flow {
-            last_seen_ns: 1,
-            state: 1,
-            _pad: [0; 7],
-        };
-        pass_unless(FLOOR_LRU16.insert(&k, &flow, 0).is_err())
+        lru16_update(&FLOOR_LRU16)
     }
 
     #[xdp]
     pub fn floor_lru16_update_percpu(_ctx: XdpContext) -> u32 {
+        lru16_update(&FLOOR_LRU16_PERCPU)
+    }
+
+    /// One update of a fixed 16-byte key in `map`.
+    #[inline(always)]
+    fn lru16_update(map: &LruHashMap<[u32; 4], Flow>) -> u32 {
         let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 3, 6];
         let flow = Flow {
             last_seen_ns: 1,
             state: 1,
             _pad: [0; 7],
         };
-        pass_unless(FLOOR_LRU16_PERCPU.insert(&k, &flow, 0).is_err())
+        pass_unless(map.insert(&k, &flow, 0).is_err())
     }
 
     #[xdp]

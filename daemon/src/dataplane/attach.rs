@@ -211,34 +211,11 @@ pub(super) fn ensure_bpffs(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens the pinned object at `path` (`BPF_OBJ_GET`): needs only access to
-/// the pin, no capability.
-fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::{
-        fd::{FromRawFd as _, OwnedFd},
-        unix::ffi::OsStrExt as _,
-    };
-    let cpath = CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let get = sys::ObjGetAttr {
-        pathname: cpath.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-        path_fd: 0,
-        _pad: 0,
-    };
-    let mut get = get;
-    // SAFETY: `get` is `bpf_attr.obj_get`, padding explicit and zero; its
-    // pathname points to a NUL-terminated string that outlives the call.
-    let fd = unsafe { sys::bpf(sys::BPF_OBJ_GET, &mut get) }?;
-    // SAFETY: the kernel just returned this fd to us; we own it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Detaches the pinned link at `path` at once (`BPF_OBJ_GET`, then
 /// `BPF_LINK_DETACH`), whoever else still holds it. aya 0.16 has no call
 /// for this, and its `FdLink` does not lend its fd.
 fn detach_pinned_link(path: &Path) -> std::io::Result<()> {
-    let fd = obj_get(path)?;
+    let fd = sys::obj_get(path)?;
     let detach = sys::LinkDetachAttr {
         link_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
     };
@@ -508,7 +485,7 @@ impl BootstrapTags {
     /// [`BootstrapTags::runs_on`] for the link pinned at `pin`.
     fn runs_on_pin(&self, pin: &Path) -> anyhow::Result<Option<bool>> {
         use std::os::fd::AsFd as _;
-        let fd = match obj_get(pin) {
+        let fd = match sys::obj_get(pin) {
             Ok(fd) => fd,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("cannot open {}", pin.display())),
@@ -605,7 +582,7 @@ fn repin_renamed(
 ) -> anyhow::Result<Option<String>> {
     use std::os::fd::AsFd as _;
     let pin = link_pin(pin_dir, "xdp", old);
-    let fd = obj_get(&pin).with_context(|| format!("cannot open {}", pin.display()))?;
+    let fd = sys::obj_get(&pin).with_context(|| format!("cannot open {}", pin.display()))?;
     if !tags.0.contains(&fdinfo_field(fd.as_fd(), "prog_tag")?) {
         return Ok(None);
     }

@@ -394,14 +394,18 @@ fn dns_guard_flag(image: &Image) -> u32 {
 }
 
 /// The settings flags that let the ingress path skip a lookup, from what
-/// is true when generation `image` is written: `SETTING_NO_IF_RULES` when
+/// is true once generation `image` is written: `SETTING_NO_IF_RULES` when
 /// no rule names an interface (its `IFDIR` entries are written from the same
-/// `if_classes`), `SETTING_NO_DENY` when the kernel's deny tries hold no
-/// entry (`deny_write` clears it before it adds one).
+/// `if_classes`), `SETTING_NO_SRC6` when its `SRC6_g` is empty (written from
+/// `v6_tables.short`), `SETTING_NO_DENY` when the kernel's deny tries hold
+/// no entry (`deny_write` clears it before it adds one).
 fn skip_flags(ebpf: &mut Ebpf, image: &Image) -> anyhow::Result<u32> {
     let mut flags = 0;
     if image.if_classes.is_empty() {
         flags |= portcullis_common::SETTING_NO_IF_RULES;
+    }
+    if image.v6_tables.short.is_empty() {
+        flags |= portcullis_common::SETTING_NO_SRC6;
     }
     if deny::tries_empty(ebpf)? {
         flags |= portcullis_common::SETTING_NO_DENY;
@@ -462,12 +466,6 @@ fn write_image(
         before.map(|b| &b.short),
     )
     .context("writing the IPv6 short prefixes (LPM trie)")?;
-    // `SRC6_g` now holds exactly `v6.short`.
-    let no_src6 = if v6.short.is_empty() {
-        portcullis_common::SETTING_NO_SRC6
-    } else {
-        0
-    };
     write_keyed(
         map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
         &v6.prefixes,
@@ -498,7 +496,7 @@ fn write_image(
         write_array(map_mut(ebpf, generation(maps::RATE_LIMITS, g))?, limits)
             .context("writing the rate limits")?;
     }
-    let flags = flags | no_src6 | skip_flags(ebpf, image)?;
+    let flags = flags | skip_flags(ebpf, image)?;
     let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
     settings
         .set(

@@ -31,6 +31,28 @@ pub unsafe fn bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<i64> {
     }
 }
 
+/// Opens the pinned object at `path` (`BPF_OBJ_GET`): needs only access to
+/// the pin, no capability.
+pub fn obj_get(path: &std::path::Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::{
+        fd::{FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    let cpath = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let mut get = ObjGetAttr {
+        pathname: cpath.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `get` is `bpf_attr.obj_get`, padding explicit and zero; its
+    // pathname points to a NUL-terminated string that outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut get) }?;
+    // SAFETY: the kernel just returned this fd to us; we own it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// `bpf_attr.test` (`BPF_PROG_TEST_RUN`).
 #[repr(C, align(8))]
 #[derive(Default)]

@@ -17,7 +17,7 @@ mod rawbpf;
 mod sets;
 
 use std::{
-    os::fd::{AsFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd},
     path::{Path, PathBuf},
 };
 
@@ -84,26 +84,6 @@ fn ingress_pin(dir: &Path) -> anyhow::Result<PathBuf> {
     anyhow::bail!("no pinned ingress program under {}", dir.display())
 }
 
-/// BPF_OBJ_GET: the pinned object at `path`.
-fn obj_get(path: &Path) -> anyhow::Result<OwnedFd> {
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut attr = ObjGet {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: ObjGet is the BPF_OBJ_GET attr; the path outlives the call.
-    let rc = unsafe { portcullis::bpfsys::bpf(7, &mut attr) }?;
-    // SAFETY: a file descriptor the kernel just returned, owned by no one else.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as i32) })
-}
-
 fn ns(fd: BorrowedFd<'_>, frames: &[Vec<u8>]) -> f64 {
     let total: u64 = frames
         .iter()
@@ -125,8 +105,8 @@ fn run(a: &Path, b: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
         ip(&["link", "set", x, "up"])?;
         ip(&["link", "set", y, "up"])?;
     }
-    let pa = obj_get(&ingress_pin(a)?)?;
-    let pb = obj_get(&ingress_pin(b)?)?;
+    let pa = portcullis::bpfsys::obj_get(&ingress_pin(a)?)?;
+    let pb = portcullis::bpfsys::obj_get(&ingress_pin(b)?)?;
     let (fa, fb) = (pa.as_fd(), pb.as_fd());
     let _la = rawbpf::attach_xdp(fa, nix::net::if_::if_nametoindex("aba0")?)?;
     let _lb = rawbpf::attach_xdp(fb, nix::net::if_::if_nametoindex("abb0")?)?;
