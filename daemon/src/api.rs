@@ -847,7 +847,7 @@ async fn status(State(api): State<Api>) -> Result<Json<Status>, ApiError> {
         hash: core.hash().to_string(),
         interfaces: core.interfaces().clone(),
         missing_interfaces: core.missing_interfaces(),
-        rules: core.rules().ingress_rules.len() + core.rules().egress_rules.len(),
+        rules: core.packed_rules().len(),
         counters,
         refused_writes: core.refused_writes(),
         audit_head: core.audit_head().to_string(),
@@ -932,7 +932,7 @@ async fn get_rules(State(api): State<Api>) -> Json<Rules> {
     Json(Rules {
         generation: core.generation(),
         hash: core.hash().to_string(),
-        rules: core.rules().clone(),
+        rules: core.rules(),
     })
 }
 
@@ -1047,7 +1047,12 @@ pub struct PeerList {
 
 async fn get_peers(State(api): State<Api>) -> Json<PeerList> {
     let core = api.core.lock().await;
-    let cluster = core.rules().cluster.clone().unwrap_or_default();
+    let cluster = core
+        .packed_rules()
+        .head()
+        .cluster
+        .clone()
+        .unwrap_or_default();
     Json(PeerList {
         generation: core.generation(),
         cluster: cluster.id,

@@ -42,14 +42,18 @@ pub use index::Index;
 
 /// What a slot (a counter, and a verdict) stands for.
 #[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// One per rule, kept by the core for the live set: 32 bytes (a boxed name,
+/// a boxed limit only for the rare rule with one), where owned `String` and
+/// an inline limit made it 80.
 pub struct Slot {
     /// `rule:<id>`, `cluster:<id>`, `ssh`, `other-clusters`.
-    pub name: String,
+    pub name: Box<str>,
     pub kind: u32,
     pub dir: u8,
     /// An ingress rule's own rate limit (`rate`, `burst`), as the data path
     /// reads it from `RATE_LIMITS_g[slot]`.
-    pub limit: Option<portcullis_common::RateLimit>,
+    pub limit: Option<Box<portcullis_common::RateLimit>>,
 }
 
 /// One rule in one direction, in priority order.
@@ -298,6 +302,7 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
         }
     }
     rule_limits(set, &mut slots);
+    slots.shrink_to_fit();
     (entries, slots, scoped)
 }
 
@@ -374,7 +379,7 @@ fn rule_port_sets(r: &crate::rules::FirewallRule) -> Vec<(Ports, Vec<IpNet>)> {
 impl Slot {
     fn new(name: String, kind: u32, dir: u8) -> Self {
         Slot {
-            name,
+            name: name.into_boxed_str(),
             kind,
             dir,
             limit: None,
@@ -391,7 +396,7 @@ fn rule_limits(set: &RuleSet, slots: &mut [Slot]) {
     for (slot, r) in ingress.zip(&set.ingress_rules) {
         slot.limit = r
             .rate
-            .map(|rate| crate::model::RateLimit::entry(rate, r.burst));
+            .map(|rate| Box::new(crate::model::RateLimit::entry(rate, r.burst)));
     }
 }
 
@@ -1346,7 +1351,7 @@ mod tests {
         let limits: Vec<(&str, Option<u64>)> = image
             .slots
             .iter()
-            .map(|s| (s.name.as_str(), s.limit.map(|l| l.interval_ns)))
+            .map(|s| (&*s.name, s.limit.as_ref().map(|l| l.interval_ns)))
             .collect();
         assert_eq!(
             limits,
@@ -1358,7 +1363,7 @@ mod tests {
                 ("rule:c", None),
             ]
         );
-        let b = image.slots[3].limit.unwrap();
+        let b = image.slots[3].limit.as_deref().copied().unwrap();
         assert_eq!(b.burst_ns, 10 * 250_000_000);
     }
 
@@ -1377,7 +1382,11 @@ mod tests {
             ..Default::default()
         };
         let image = compile(&set, &Limits::default()).unwrap();
-        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let name = |slot: u32| {
+            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+                .name
+                .to_string()
+        };
         assert_eq!(
             name(image.lookup(DIR_INGRESS, ip("10.1.2.3"), PCLASS_TCP, 80)),
             "rule:narrow-late"
@@ -1467,7 +1476,7 @@ mod tests {
             image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_UDP, 2222),
             SLOT_NONE
         );
-        assert_eq!(image.slots.iter().filter(|s| s.name == "ssh").count(), 1);
+        assert_eq!(image.slots.iter().filter(|s| &*s.name == "ssh").count(), 1);
     }
 
     #[test]
@@ -1521,7 +1530,11 @@ mod tests {
         };
         let image = compile(&set, &Limits::default()).unwrap();
         let (entries, _) = entries(&set);
-        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let name = |slot: u32| {
+            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+                .name
+                .to_string()
+        };
         let at = |a: &str, t: u8, c: u8| {
             let port = portcullis_common::icmp_port(t, c);
             let slot = image.lookup(DIR_INGRESS, ip(a), PCLASS_ICMP, port);
@@ -1588,7 +1601,11 @@ mod tests {
         let image = compile(&set, &Limits::default()).unwrap();
         assert_eq!(image.if_classes, ["eth1", "eth2"]);
         let (entries, _) = entries(&set);
-        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let name = |slot: u32| {
+            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+                .name
+                .to_string()
+        };
         let at = |class: u32, a: &str, port: u16| {
             let dir = ingress_dir(class);
             let slot = image.lookup(dir, ip(a), PCLASS_TCP, port);
@@ -1665,7 +1682,11 @@ mod tests {
             ..Default::default()
         };
         let image = compile(&set, &Limits::default()).unwrap();
-        let name = |slot: u32| image.slots[(slot & SLOT_INDEX_MASK) as usize].name.clone();
+        let name = |slot: u32| {
+            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+                .name
+                .to_string()
+        };
         assert_eq!(
             name(image.lookup_on(Some("eth1"), ip("10.5.0.1"), PCLASS_TCP, 9000)),
             "rule:cluster"

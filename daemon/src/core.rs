@@ -26,7 +26,7 @@ use crate::{
     audit,
     compile::{self, CompileError, Image, Limits},
     dataplane::{self, Dataplane},
-    rules::{EditError, FirewallRule, RuleError, RuleSet},
+    rules::{EditError, FirewallRule, PackedSet, RuleError, RuleSet},
     state::Store,
 };
 pub use deny::{DenyChanged, DenyListed, DenySetView};
@@ -288,7 +288,8 @@ pub struct Core {
     store: Store,
     limits: Limits,
     allow_ping: bool,
-    rules: RuleSet,
+    /// The live rule set, packed (see [`PackedSet`]): a change unpacks it.
+    rules: PackedSet,
     generation: u64,
     image: Image,
     /// Rule counters of earlier generations, by slot name, so totals
@@ -336,9 +337,10 @@ pub struct Core {
     /// A change freed memory (the old set, its compile, the request):
     /// [`Core::release_memory`] gives it back once the request is done.
     trim_due: bool,
-    /// The set a change replaced, freed by [`Core::release_memory`] after
-    /// the request was answered (freeing 100k rules takes tens of ms).
-    replaced: Option<RuleSet>,
+    /// The sets a change unpacked and made, freed by
+    /// [`Core::release_memory`] after the request was answered (freeing
+    /// 100k rules takes tens of ms).
+    replaced: Vec<RuleSet>,
 }
 
 /// How a reload is made (`POST /v1/reload`, SIGHUP).
@@ -418,8 +420,8 @@ impl Core {
             store,
             limits,
             allow_ping,
-            baseline: rules.clone(),
-            rules,
+            rules: PackedSet::pack(&rules),
+            baseline: rules,
             generation,
             image,
             carried: HashMap::new(),
@@ -442,7 +444,7 @@ impl Core {
             dns_flows_cut: false,
             fleet: None,
             trim_due: true,
-            replaced: None,
+            replaced: Vec::new(),
         };
         let problems = core.audit.problems().to_vec();
         if !problems.is_empty() {
@@ -581,7 +583,14 @@ impl Core {
         self.audit.head()
     }
 
-    pub fn rules(&self) -> &RuleSet {
+    /// The live rule set, unpacked (a copy: 100k rules take tens of ms).
+    pub fn rules(&self) -> RuleSet {
+        self.rules.unpack()
+    }
+
+    /// The live rule set as the core keeps it: what asks a few of its
+    /// rules, or its SSH exemption, asks here without unpacking 100k.
+    pub fn packed_rules(&self) -> &PackedSet {
         &self.rules
     }
 
@@ -694,17 +703,18 @@ impl Core {
                 deadline: p.deadline,
             });
         }
-        let next = make(&self.rules)?;
+        let live = self.rules.unpack();
+        let next = make(&live)?;
         next.validate()?;
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
-        next.check_expiries(&self.rules, unix_now())?;
+        next.check_expiries(&live, unix_now())?;
         let image = compile_with(&next, &self.service, &self.limits)?;
-        let diff = Diff::between(&self.rules, &next);
+        let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
         // (milliseconds however few there are): not for a change that
         // only adds.
-        let would_cut = if self.rules.only_appends(&next) {
+        let would_cut = if live.only_appends(&next) {
             Vec::new()
         } else {
             self.flows_cut_by(&image)
@@ -734,11 +744,11 @@ impl Core {
             });
         }
         // The set to roll back to, kept only when a confirmation is asked.
-        let previous = opts
-            .confirm_within
-            .map(|_| (self.rules.clone(), self.allow_ping));
+        let previous = opts.confirm_within.map(|_| (live.clone(), self.allow_ping));
         let allow_ping = opts.allow_ping.unwrap_or(self.allow_ping);
-        let generation = self.make_live(next, image, allow_ping)?;
+        let generation = self.make_live(next, image, allow_ping);
+        self.replaced.push(live);
+        let generation = generation?;
         let confirm_by = opts.confirm_within.zip(previous).map(|(secs, previous)| {
             let deadline = unix_now() + secs;
             let pending = Pending { previous: previous.0, previous_allow_ping: previous.1, generation, deadline };
@@ -783,12 +793,15 @@ impl Core {
             effective.as_ref().unwrap_or(&image),
             self.effective_ping(allow_ping),
         ) {
-            let _ = self.store.save(&self.rules, self.generation);
+            let _ = self.store.save(&self.rules.unpack(), self.generation);
             return Err(ChangeError::Internal(e));
         }
         self.carried = totals;
-        self.replaced = Some(std::mem::replace(&mut self.rules, next));
-        self.rules.shrink_to_fit();
+        self.rules = PackedSet::pack(&next);
+        for warning in next.egress_warnings() {
+            tracing::warn!(generation, "{warning}");
+        }
+        self.replaced.push(next);
         // The kernel's maps hold the segments now; the core keeps the index.
         let mut image = image;
         image.strip();
@@ -798,9 +811,6 @@ impl Core {
         self.exempt_admin();
         // Learned destinations of rules that changed or went: gone now.
         self.fqdn_sweep_logged();
-        for warning in self.rules.egress_warnings() {
-            tracing::warn!(generation, "{warning}");
-        }
         self.trim_due = true;
         Ok(generation)
     }
@@ -813,7 +823,7 @@ impl Core {
     fn effective(&self) -> Result<Option<Image>, ChangeError> {
         match &self.mode {
             Mode::Lockdown { admin } => {
-                let lockdown = lockdown_rules(&self.rules, admin.as_deref());
+                let lockdown = lockdown_rules(&self.rules.unpack(), admin.as_deref());
                 let mut image = compile::compile(&lockdown, &self.limits)?;
                 // Outbound is an allowlist in lockdown even without egress
                 // rules: nothing new leaves (an intruder's beacon included)
@@ -830,7 +840,11 @@ impl Core {
     fn enforced_image(&self) -> Result<Image, ChangeError> {
         match self.effective()? {
             Some(image) => Ok(image),
-            None => Ok(compile_with(&self.rules, &self.service, &self.limits)?),
+            None => Ok(compile_with(
+                &self.rules.unpack(),
+                &self.service,
+                &self.limits,
+            )?),
         }
     }
 
@@ -838,7 +852,7 @@ impl Core {
     /// per change: called by the daemon's one-second sweep, after the
     /// request that made the change has dropped its body and its answer.
     pub fn release_memory(&mut self) {
-        self.replaced = None;
+        self.replaced = Vec::new();
         if std::mem::take(&mut self.trim_due) {
             crate::host::release_free_memory();
         }
@@ -1109,7 +1123,7 @@ impl Core {
                 if counted_only && c.packets == 0 && c.bytes == 0 {
                     continue;
                 }
-                let t = totals.entry(slot.name.clone()).or_default();
+                let t = totals.entry(slot.name.to_string()).or_default();
                 t.packets += c.packets;
                 t.bytes += c.bytes;
             }
@@ -1210,8 +1224,10 @@ impl Core {
         self.keep_fleet_peers(&mut next);
         // What the file brings in is held to the API's checks (plain ids,
         // no port 0); rules already live load as they are.
-        next.check_additions(&self.rules)?;
-        let conflicts = crate::reload::conflicts(&self.baseline, &self.rules, &next);
+        let live = self.rules.unpack();
+        next.check_additions(&live)?;
+        let conflicts = crate::reload::conflicts(&self.baseline, &live, &next);
+        drop(live);
         if !conflicts.is_empty() && !opts.discard_runtime {
             return Err(ChangeError::RuntimeChanges(conflicts));
         }
@@ -1301,11 +1317,11 @@ impl Core {
             )
             .map_err(|e| ChangeError::Config(format!("{e:#}")))?;
         }
-        let text =
-            crate::config::Config::saved_rules_text(&self.rules).map_err(ChangeError::Internal)?;
+        let live = self.rules.unpack();
+        let text = crate::config::Config::saved_rules_text(&live).map_err(ChangeError::Internal)?;
         crate::state::write_new_file(&file, text.as_bytes(), 0o644)
             .map_err(ChangeError::Internal)?;
-        self.baseline = self.rules.clone();
+        self.baseline = live;
         self.store
             .save_baseline(&self.baseline)
             .map_err(ChangeError::Internal)?;
@@ -1326,7 +1342,7 @@ impl Core {
         let Ok(open) = dataplane::connections() else {
             return Ok(Vec::new());
         };
-        let ports = self.rules.ssh.ports.clone();
+        let ports = self.rules.head().ssh.ports.clone();
         let sessions = open.into_iter().filter(|c| {
             c.proto == portcullis_common::IPPROTO_TCP
                 && !c.tcp_syn_sent
@@ -1352,7 +1368,7 @@ impl Core {
     /// Runtime changes: what differs between the live set and the baseline
     /// (as a reload to the baseline would name them).
     pub fn runtime_changes(&self) -> Vec<String> {
-        crate::reload::conflicts(&self.baseline, &self.rules, &self.baseline)
+        crate::reload::conflicts(&self.baseline, &self.rules.unpack(), &self.baseline)
     }
 }
 

@@ -273,7 +273,7 @@ mod harness {
             };
             req.extensions_mut().insert(ConnectInfo(Caller::root()));
             self.runtime.block_on(async {
-                let before = self.core.lock().await.rules().clone();
+                let before = self.core.lock().await.rules();
                 let router = api::router(self.api.clone());
                 let status = match tokio::time::timeout(
                     Duration::from_secs(10),
@@ -290,7 +290,7 @@ mod harness {
                 if !(200..300).contains(&status) {
                     assert_eq!(
                         core.rules(),
-                        &before,
+                        before,
                         "{method} {path}: refused ({status}) but the rules changed"
                     );
                 }

@@ -21,6 +21,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+mod packed;
+pub use packed::PackedSet;
+
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -300,7 +303,11 @@ impl RuleSet {
     /// What an operator should hear about the egress policy: rules that
     /// block nothing, or an allowlist only the rules' presence implies.
     pub fn egress_warnings(&self) -> Vec<String> {
-        let n = self.egress_rules.len();
+        self.egress_warnings_for(self.egress_rules.len())
+    }
+
+    /// [`RuleSet::egress_warnings`] with `n` egress rules.
+    fn egress_warnings_for(&self, n: usize) -> Vec<String> {
         match self.egress {
             Some(EgressMode::Allow) if n > 0 => vec![format!(
                 "egress = \"allow\": the {n} egress rule(s) are accepted and reported but block nothing; set egress = \"allowlist\" to let only what they admit leave"
@@ -961,18 +968,6 @@ impl RuleSet {
             .iter()
             .chain(&self.egress_rules)
             .any(|r| r.expires_at().is_some_and(|t| t <= now))
-    }
-
-    /// Gives back the lists' spare capacity (a parsed list grows by
-    /// doubling: up to half again of what it holds).
-    pub fn shrink_to_fit(&mut self) {
-        for list in [&mut self.ingress_rules, &mut self.egress_rules] {
-            list.shrink_to_fit();
-            for r in list.iter_mut() {
-                r.ip_ranges.shrink_to_fit();
-                r.names.shrink_to_fit();
-            }
-        }
     }
 
     /// Removes the rules whose expiry is at or before `now` (Unix seconds)

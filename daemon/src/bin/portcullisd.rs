@@ -206,7 +206,7 @@ async fn run(
     // unprivileged API clients may hold below it.
     let fd_limit = api::raise_fd_limit();
     let (generation, summary) = (core.generation(), core.protection_summary());
-    for warning in core.rules().egress_warnings() {
+    for warning in core.packed_rules().egress_warnings() {
         warn!(generation, "{warning}");
     }
     let core: core::Shared = Arc::new(Mutex::new(core));
@@ -332,7 +332,7 @@ async fn spawn_services(
 /// the sweep of its expired destinations. A forwarder that cannot listen
 /// is an error in the journal: names then admit nothing (closed).
 async fn spawn_forwarder(config: &Config, core: core::Shared) {
-    let has_names = core.lock().await.rules().has_names();
+    let has_names = core.lock().await.packed_rules().has_names();
     if !config.dns.wanted(has_names) {
         return;
     }

@@ -427,10 +427,9 @@ impl Core {
     /// any (an empty list means "anyone", which exempts nobody) and a
     /// lockdown's `--admin`.
     pub(super) fn admin_networks(&self) -> Vec<IpNet> {
-        let mut out: Vec<IpNet> = if self.rules.ssh.allow {
-            self.rules
-                .ssh
-                .sources
+        let ssh = &self.rules.head().ssh;
+        let mut out: Vec<IpNet> = if ssh.allow {
+            ssh.sources
                 .iter()
                 .filter_map(|s| {
                     s.parse::<IpNet>()

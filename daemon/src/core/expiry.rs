@@ -46,7 +46,7 @@ impl Core {
         if !self.rules.has_expired(now) {
             return Ok(Vec::new());
         }
-        let mut next = self.rules.clone();
+        let mut next = self.rules.unpack();
         let expired = next.take_expired(now);
         if expired.is_empty() {
             return Ok(Vec::new());

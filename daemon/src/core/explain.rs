@@ -50,7 +50,7 @@ impl Core {
         let proposed = match &req.rules {
             None => None,
             Some(replacement) => {
-                let next = replacement.clone().over(&self.rules);
+                let next = replacement.clone().over(self.rules.head());
                 next.validate()?;
                 let image = compile_with(&next, &self.service, &self.limits)?;
                 let ping = self.effective_ping(self.allow_ping);
@@ -78,7 +78,7 @@ impl Core {
         let credited = (r.slot != EXPLAIN_UNSET)
             .then(|| slots.get((r.slot & SLOT_INDEX_MASK) as usize))
             .flatten()
-            .map(|s| s.name.clone());
+            .map(|s| s.name.to_string());
         let deny_set = (r.deny_set != EXPLAIN_UNSET).then(|| {
             self.deny
                 .sets()

@@ -118,12 +118,13 @@ impl Core {
         }
         let mut live = self
             .rules
+            .head()
             .cluster
             .as_ref()
             .map(|c| c.peers.clone())
             .unwrap_or_default();
         live.sort();
-        if live == peers && self.rules.cluster.is_some() {
+        if live == peers && self.rules.head().cluster.is_some() {
             self.fleet_decided(revision, members, refused);
             return Ok(FleetApplied::Unchanged);
         }
@@ -180,7 +181,7 @@ impl Core {
     /// etcd's peers are not a runtime change: the baseline follows them,
     /// so `reload` neither refuses on their account nor drops them.
     fn fleet_baseline(&mut self) {
-        let peers = self.rules.cluster.clone();
+        let peers = self.rules.head().cluster.clone();
         if let Some(cluster) = peers {
             let base = self.baseline.cluster.get_or_insert_with(|| cluster.clone());
             base.peers = cluster.peers;
@@ -195,7 +196,7 @@ impl Core {
         if self.fleet.is_none() {
             return;
         }
-        if let Some(live) = &self.rules.cluster {
+        if let Some(live) = &self.rules.head().cluster {
             let cluster = next.cluster.get_or_insert_with(|| live.clone());
             cluster.peers = live.peers.clone();
         }
@@ -211,7 +212,7 @@ impl Core {
         }
         // The admin network: the SSH exemption's explicit sources (an
         // exemption from anywhere names no network to spare).
-        let ssh = &self.rules.ssh;
+        let ssh = &self.rules.head().ssh;
         let admin = if ssh.allow && !ssh.sources.is_empty() {
             ssh.networks().unwrap_or_default()
         } else {

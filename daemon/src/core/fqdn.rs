@@ -124,14 +124,16 @@ fn fits(r: &FirewallRule, key: &FqdnKey) -> bool {
 
 impl Core {
     /// The FQDN rules (egress rules with names) and their slots now.
-    fn fqdn_rules(&self) -> Vec<(&FirewallRule, u32)> {
+    fn fqdn_rules(&self) -> Vec<(FirewallRule, u32)> {
+        if !self.rules.has_names() {
+            return Vec::new();
+        }
         self.rules
-            .egress_rules
-            .iter()
+            .egress_rules()
             .filter(|r| !r.names.is_empty())
             .filter_map(|r| {
                 let name = format!("rule:{}", r.id);
-                let index = self.image.slots.iter().position(|s| s.name == name)?;
+                let index = self.image.slots.iter().position(|s| *s.name == *name)?;
                 Some((r, (SLOT_KIND_RULE << SLOT_KIND_SHIFT) | index as u32))
             })
             .collect()
@@ -155,7 +157,7 @@ impl Core {
             if !named {
                 continue;
             }
-            let hash = rule_hash(rule);
+            let hash = rule_hash(&rule);
             for &(addr, ttl) in chain.addresses.iter().take(MAX_ANSWER_ADDRESSES) {
                 let secs = u64::from(ttl.max(floor).min(max));
                 let entry = FqdnEntry {
@@ -163,7 +165,7 @@ impl Core {
                     slot,
                     rule: hash,
                 };
-                entries.extend(keys(rule, addr).into_iter().map(|k| (k, entry)));
+                entries.extend(keys(&rule, addr).into_iter().map(|k| (k, entry)));
             }
         }
         if self.dataplane.fqdn_write(&entries).is_err() {
@@ -204,7 +206,10 @@ impl Core {
         let rules: Vec<(FirewallRule, u32, u32)> = self
             .fqdn_rules()
             .into_iter()
-            .map(|(r, s)| (r.clone(), s, rule_hash(r)))
+            .map(|(r, s)| {
+                let hash = rule_hash(&r);
+                (r, s, hash)
+            })
             .collect();
         let mut gone = Vec::new();
         let mut moved = Vec::new();

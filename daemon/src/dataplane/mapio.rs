@@ -193,22 +193,25 @@ fn batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
-/// Makes an idle hash map or LPM trie hold exactly `want`. `before` is what
-/// this process last wrote there; without it the keys present are read from
-/// the kernel. Stale keys go in one `BPF_MAP_DELETE_BATCH`, new and changed
-/// entries in one `BPF_MAP_UPDATE_BATCH`.
+/// Makes an idle hash map or LPM trie hold exactly `want`. `before` is
+/// what this process last wrote there, sorted by key (as this returns it);
+/// without it the keys present are read from the kernel. Stale keys go in
+/// one `BPF_MAP_DELETE_BATCH`, new and changed entries in one
+/// `BPF_MAP_UPDATE_BATCH`. Returns what the map holds now, sorted: a
+/// sorted list is the size of its entries, where a hash map of the IPv6
+/// tables of 100k rules kept 10 MB per generation.
 pub(super) fn write_keyed<K, V>(
     map: &aya::maps::Map,
     want: &std::collections::HashMap<K, V>,
-    before: Option<&std::collections::HashMap<K, V>>,
-) -> anyhow::Result<()>
+    before: Option<&[(K, V)]>,
+) -> anyhow::Result<Vec<(K, V)>>
 where
-    K: aya::Pod + Eq + std::hash::Hash,
+    K: aya::Pod + Ord + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
     let fd = map_fd(map)?;
     let present: Vec<K> = match before {
-        Some(before) => before.keys().copied().collect(),
+        Some(before) => before.iter().map(|(k, _)| *k).collect(),
         None => keys::<K>(fd)?,
     };
     let stale: Vec<K> = present
@@ -216,12 +219,20 @@ where
         .filter(|k| !want.contains_key(k))
         .collect();
     batch(sys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V]).context("removing stale entries")?;
+    let written = |k: &K| {
+        let before = before?;
+        let at = before.binary_search_by(|(b, _)| b.cmp(k)).ok()?;
+        before.get(at).map(|(_, v)| v)
+    };
     let (keys, values): (Vec<K>, Vec<V>) = want
         .iter()
-        .filter(|(k, v)| before.is_none_or(|b| b.get(k) != Some(v)))
+        .filter(|(k, v)| written(k) != Some(*v))
         .map(|(k, v)| (*k, *v))
         .unzip();
-    batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")
+    batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")?;
+    let mut now: Vec<(K, V)> = want.iter().map(|(k, v)| (*k, *v)).collect();
+    now.sort_unstable_by_key(|e| e.0);
+    Ok(now)
 }
 
 /// Every key of a map, read with `BPF_MAP_GET_NEXT_KEY`.

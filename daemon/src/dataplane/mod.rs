@@ -71,7 +71,6 @@ mod volume;
 use std::{
     fs,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use anyhow::{Context as _, anyhow};
@@ -96,7 +95,7 @@ use mapio::{clear_counters, write_array, write_keyed};
 pub use ratelimit::RateBan;
 
 use crate::{
-    compile::{Image, Limits, V6Tables},
+    compile::{Image, Limits},
     model::{RateLimit, XdpProgram},
 };
 
@@ -118,8 +117,9 @@ pub struct Dataplane {
     /// The IPv6 tables this process last wrote to each generation, so an
     /// update writes only what changed and knows the stale keys without
     /// reading them back (`None` until the first write, and after a failed
-    /// one).
-    v6_written: [Option<Arc<V6Tables>>; 2],
+    /// one). Reading them back would walk every bucket of the hash maps
+    /// (a million at 600k prefixes: milliseconds, however few they hold).
+    v6_written: [Option<V6Written>; 2],
     /// When `ACTIVE` last switched: the generation it left may still be
     /// read by packets in flight until [`SETTLE`] has passed.
     switched: Option<std::time::Instant>,
@@ -331,7 +331,7 @@ impl Dataplane {
             g,
             image,
             flags,
-            before.as_deref(),
+            before.as_ref(),
             Some(&rate_limits),
         )?;
         if let Some(w) = self.v6_written.get_mut(g) {
@@ -449,9 +449,9 @@ fn write_image(
     g: usize,
     image: &Image,
     flags: u32,
-    before: Option<&V6Tables>,
+    before: Option<&V6Written>,
     rate_limits: Option<&[portcullis_common::RateLimit]>,
-) -> anyhow::Result<Arc<V6Tables>> {
+) -> anyhow::Result<V6Written> {
     write_array(map_mut(ebpf, generation(maps::V4_ROOT, g))?, &image.v4_root)
         .context("writing the IPv4 table root")?;
     write_array(
@@ -459,25 +459,27 @@ fn write_image(
         &image.v4_chunks,
     )
     .context("writing the IPv4 table chunks")?;
-    let v6 = Arc::clone(&image.v6_tables);
-    write_keyed(
-        map_mut(ebpf, generation(maps::SRC6, g))?,
-        &v6.short,
-        before.map(|b| &b.short),
-    )
-    .context("writing the IPv6 short prefixes (LPM trie)")?;
-    write_keyed(
-        map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
-        &v6.prefixes,
-        before.map(|b| &b.prefixes),
-    )
-    .context("writing the IPv6 prefixes")?;
-    write_keyed(
-        map_mut(ebpf, generation(maps::V6_BUCKETS, g))?,
-        &v6.buckets,
-        before.map(|b| &b.buckets),
-    )
-    .context("writing the IPv6 /32 buckets")?;
+    let v6 = &image.v6_tables;
+    let written = V6Written {
+        short: write_keyed(
+            map_mut(ebpf, generation(maps::SRC6, g))?,
+            &v6.short,
+            before.map(|b| &b.short[..]),
+        )
+        .context("writing the IPv6 short prefixes (LPM trie)")?,
+        prefixes: write_keyed(
+            map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
+            &v6.prefixes,
+            before.map(|b| &b.prefixes[..]),
+        )
+        .context("writing the IPv6 prefixes")?,
+        buckets: write_keyed(
+            map_mut(ebpf, generation(maps::V6_BUCKETS, g))?,
+            &v6.buckets,
+            before.map(|b| &b.buckets[..]),
+        )
+        .context("writing the IPv6 /32 buckets")?,
+    };
     write_array(map_mut(ebpf, generation(maps::REGIONS, g))?, &image.regions)
         .context("writing the regions")?;
     write_array(
@@ -512,7 +514,16 @@ fn write_image(
             0,
         )
         .context("writing SETTINGS")?;
-    Ok(v6)
+    Ok(written)
+}
+
+/// The IPv6 tables (see [`crate::compile::V6Tables`]) as written to one
+/// generation, each sorted by key.
+#[derive(Default)]
+struct V6Written {
+    short: Vec<([u8; 21], u32)>,
+    prefixes: Vec<(portcullis_common::V6PrefixKey, u32)>,
+    buckets: Vec<(portcullis_common::V6BucketKey, portcullis_common::V6Lengths)>,
 }
 
 impl Dataplane {
@@ -522,7 +533,7 @@ impl Dataplane {
         let mut out: Vec<_> = image
             .slots
             .iter()
-            .map(|s| s.limit.unwrap_or_default())
+            .map(|s| s.limit.as_deref().copied().unwrap_or_default())
             .collect();
         if let (Some(first), Some(default)) = (out.first_mut(), &self.rate_limit) {
             *first = default.default_entry();

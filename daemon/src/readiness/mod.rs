@@ -213,14 +213,15 @@ impl Live {
             interfaces: core.interfaces().clone(),
             missing: core.missing_interfaces(),
             admitted: core
-                .rules()
+                .packed_rules()
+                .head()
                 .ssh
                 .ports
                 .iter()
                 .map(|&port| {
                     (
                         port,
-                        admitted(core.rules(), core.image(), core.mode(), port),
+                        admitted(core.packed_rules(), core.image(), core.mode(), port),
                     )
                 })
                 .collect(),
@@ -294,7 +295,7 @@ mod tests {
     /// [`probes::admitted`] on the image of `rules`.
     fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
         let image = crate::compile::compile(rules, &Default::default()).unwrap();
-        probes::admitted(rules, &image, mode, port)
+        probes::admitted(&crate::rules::PackedSet::pack(rules), &image, mode, port)
     }
 
     fn rule(id: &str, from: u16, to: u16, ranges: &[&str]) -> FirewallRule {
@@ -321,14 +322,15 @@ mod tests {
         }
         let image = crate::compile::compile(&rules, &Default::default()).unwrap();
         let first = probes::first_rule_slot(&image);
+        let packed = crate::rules::PackedSet::pack(&rules);
         let mut found = 0;
         for (slot, s) in image.slots.iter().enumerate() {
             let Some(id) = s.name.strip_prefix("rule:") else {
                 continue;
             };
-            let at = probes::at_place(&rules, first, slot as u32, id);
+            let at = probes::at_place(&packed, first, slot as u32, id);
             if s.dir == portcullis_common::DIR_INGRESS {
-                assert_eq!(at.map(|r| r.id.as_str()), Some(id), "slot {slot}");
+                assert_eq!(at.as_ref().map(|r| r.id.as_str()), Some(id), "slot {slot}");
                 found += 1;
             }
         }

@@ -16,7 +16,7 @@ use super::{Check, SSH_UNITS, State, SystemdView};
 use crate::{
     compile::Image,
     core::Mode,
-    rules::{FirewallRule, RuleSet},
+    rules::{FirewallRule, PackedSet},
     sockets,
 };
 
@@ -136,7 +136,7 @@ pub(super) fn admitted_on(per_port: Vec<(u16, Check)>, listening: &[u16]) -> Che
 
 /// Whether the live rules admit new TCP connections to `port`, and from where.
 /// `image` is the live image of `rules` (stripped or whole: its index).
-pub fn admitted(rules: &RuleSet, image: &Image, mode: &Mode, port: u16) -> Check {
+pub fn admitted(rules: &PackedSet, image: &Image, mode: &Mode, port: u16) -> Check {
     let name = "admitted";
     match mode {
         Mode::Open | Mode::Audit => {
@@ -188,10 +188,10 @@ pub fn admitted(rules: &RuleSet, image: &Image, mode: &Mode, port: u16) -> Check
 /// an entry without a network (sources that do not parse) admits nothing.
 /// Service rules (the daemon's own) are in the image, not in `rules`: left
 /// out too.
-fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
+fn admitted_by(rules: &PackedSet, image: &Image, port: u16) -> Vec<String> {
     let slots = image.index.slots_covering(DIR_INGRESS, PCLASS_TCP, port);
     let first = first_rule_slot(image);
-    let mut by_id: Option<HashMap<&str, &FirewallRule>> = None;
+    let mut by_id: Option<HashMap<String, FirewallRule>> = None;
     let mut from = Vec::new();
     for slot in slots {
         if !slot_admits(slot) || slot >> SLOT_KIND_SHIFT == SLOT_KIND_PEER {
@@ -200,21 +200,20 @@ fn admitted_by(rules: &RuleSet, image: &Image, port: u16) -> Vec<String> {
         let name = image
             .slots
             .get((slot & SLOT_INDEX_MASK) as usize)
-            .map_or("", |s| s.name.as_str());
+            .map_or("", |s| &*s.name);
         if name == "ssh" {
-            from.push(describe_sources("the SSH exemption", &rules.ssh.sources));
+            from.push(describe_sources(
+                "the SSH exemption",
+                &rules.head().ssh.sources,
+            ));
         } else if let Some(id) = name.strip_prefix("rule:")
             && let Some(rule) = at_place(rules, first, slot, id).or_else(|| {
                 by_id
                     .get_or_insert_with(|| {
-                        rules
-                            .ingress_rules
-                            .iter()
-                            .map(|r| (r.id.as_str(), r))
-                            .collect()
+                        rules.ingress_rules().map(|r| (r.id.clone(), r)).collect()
                     })
                     .get(id)
-                    .copied()
+                    .cloned()
             })
         {
             let on = if rule.interfaces.is_empty() {
@@ -240,14 +239,14 @@ pub(super) fn first_rule_slot(image: &Image) -> Option<usize> {
 /// The ingress rule `id` on `slot`, found at its place: ingress rules have
 /// consecutive slots, in order, from the first rule slot (`first`). Checked
 /// by id; `None` sends the caller to a map of every id.
-pub(super) fn at_place<'a>(
-    rules: &'a RuleSet,
+pub(super) fn at_place(
+    rules: &PackedSet,
     first: Option<usize>,
     slot: u32,
     id: &str,
-) -> Option<&'a FirewallRule> {
+) -> Option<FirewallRule> {
     let place = (slot & SLOT_INDEX_MASK) as usize;
-    let rule = rules.ingress_rules.get(place.checked_sub(first?)?)?;
+    let rule = rules.ingress_rule(place.checked_sub(first?)?)?;
     (rule.id == id).then_some(rule)
 }
 
