@@ -38,23 +38,9 @@ use thiserror::Error;
 use crate::rules::{Protocol, RuleSet};
 
 mod index;
+mod slots;
 pub use index::Index;
-
-/// What a slot (a counter, and a verdict) stands for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-///
-/// One per rule, kept by the core for the live set: 32 bytes (a boxed name,
-/// a boxed limit only for the rare rule with one), where owned `String` and
-/// an inline limit made it 80.
-pub struct Slot {
-    /// `rule:<id>`, `cluster:<id>`, `ssh`, `other-clusters`.
-    pub name: Box<str>,
-    pub kind: u32,
-    pub dir: u8,
-    /// An ingress rule's own rate limit (`rate`, `burst`), as the data path
-    /// reads it from `RATE_LIMITS_g[slot]`.
-    pub limit: Option<Box<portcullis_common::RateLimit>>,
-}
+pub use slots::{Slot, Slots};
 
 /// One rule in one direction, in priority order.
 #[derive(Clone, Debug)]
@@ -129,7 +115,7 @@ pub struct Image {
     pub regions: Vec<Region>,
     pub segments: Vec<Segment>,
     /// Index 0 is unused (`SLOT_NONE`).
-    pub slots: Vec<Slot>,
+    pub slots: Slots,
     pub egress_allowlist: bool,
     /// Interfaces the rules name: interface class `i + 1` (the data path's
     /// `IFDIR`), whose ingress rules have direction `ingress_dir(i + 1)`;
@@ -181,7 +167,7 @@ fn networks(cidrs: &[String]) -> Vec<IpNet> {
         .collect()
 }
 
-pub fn entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>) {
+pub fn entries(set: &RuleSet) -> (Vec<Entry>, Slots) {
     let (entries, slots, scoped) = base_entries(set);
     (by_interface_class(set, entries, &scoped), slots)
 }
@@ -221,10 +207,11 @@ fn by_interface_class(set: &RuleSet, entries: Vec<Entry>, scoped: &[Vec<String>]
 
 /// The entries as if no rule named interfaces, their slots, and each
 /// entry's interfaces (empty: every interface).
-fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
+fn base_entries(set: &RuleSet) -> (Vec<Entry>, Slots, Vec<Vec<String>>) {
     let mut entries = Vec::new();
     let mut scoped: Vec<Vec<String>> = Vec::new();
-    let mut slots = vec![Slot::new(String::new(), 0, 0)];
+    let mut slots = Slots::default();
+    slots.push("", 0, 0);
     // One slot (one counter) per rule; a rule with several port sets (the
     // SSH exemption on several ports, the ICMP types of a rule, per family)
     // is one entry per set, all on its slot.
@@ -236,8 +223,7 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Vec<Slot>, Vec<Vec<String>>) {
             } else {
                 port_sets
             };
-            let index = slots.len() as u32;
-            slots.push(Slot::new(name, kind, dir));
+            let index = slots.push(&name, kind, dir);
             for (ports, nets) in port_sets {
                 entries.push(Entry {
                     dir,
@@ -376,28 +362,13 @@ fn rule_port_sets(r: &crate::rules::FirewallRule) -> Vec<(Ports, Vec<IpNet>)> {
         .collect()
 }
 
-impl Slot {
-    fn new(name: String, kind: u32, dir: u8) -> Self {
-        Slot {
-            name: name.into_boxed_str(),
-            kind,
-            dir,
-            limit: None,
-        }
-    }
-}
-
 /// Each ingress rule's own rate limit, on its slot.
-fn rule_limits(set: &RuleSet, slots: &mut [Slot]) {
-    let ingress = slots
-        .iter_mut()
-        .skip(1)
-        .filter(|s| s.kind == SLOT_KIND_RULE && s.dir == DIR_INGRESS);
-    for (slot, r) in ingress.zip(&set.ingress_rules) {
-        slot.limit = r
-            .rate
-            .map(|rate| Box::new(crate::model::RateLimit::entry(rate, r.burst)));
-    }
+fn rule_limits(set: &RuleSet, slots: &mut Slots) {
+    let limits = set.ingress_rules.iter().map(|r| {
+        r.rate
+            .map(|rate| crate::model::RateLimit::entry(rate, r.burst))
+    });
+    slots.set_limits(SLOT_KIND_RULE, DIR_INGRESS, limits);
 }
 
 /// The straightforward evaluator: the first entry that matches, or `SLOT_NONE`.
@@ -1351,7 +1322,7 @@ mod tests {
         let limits: Vec<(&str, Option<u64>)> = image
             .slots
             .iter()
-            .map(|s| (&*s.name, s.limit.as_ref().map(|l| l.interval_ns)))
+            .map(|s| (s.name, s.limit.map(|l| l.interval_ns)))
             .collect();
         assert_eq!(
             limits,
@@ -1363,7 +1334,7 @@ mod tests {
                 ("rule:c", None),
             ]
         );
-        let b = image.slots[3].limit.as_deref().copied().unwrap();
+        let b = *image.slots.get(3).unwrap().limit.unwrap();
         assert_eq!(b.burst_ns, 10 * 250_000_000);
     }
 
@@ -1383,7 +1354,10 @@ mod tests {
         };
         let image = compile(&set, &Limits::default()).unwrap();
         let name = |slot: u32| {
-            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+            image
+                .slots
+                .get((slot & SLOT_INDEX_MASK) as usize)
+                .unwrap()
                 .name
                 .to_string()
         };
@@ -1476,7 +1450,7 @@ mod tests {
             image.lookup(DIR_INGRESS, ip("192.0.2.5"), PCLASS_UDP, 2222),
             SLOT_NONE
         );
-        assert_eq!(image.slots.iter().filter(|s| &*s.name == "ssh").count(), 1);
+        assert_eq!(image.slots.iter().filter(|s| s.name == "ssh").count(), 1);
     }
 
     #[test]
@@ -1531,7 +1505,10 @@ mod tests {
         let image = compile(&set, &Limits::default()).unwrap();
         let (entries, _) = entries(&set);
         let name = |slot: u32| {
-            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+            image
+                .slots
+                .get((slot & SLOT_INDEX_MASK) as usize)
+                .unwrap()
                 .name
                 .to_string()
         };
@@ -1602,7 +1579,10 @@ mod tests {
         assert_eq!(image.if_classes, ["eth1", "eth2"]);
         let (entries, _) = entries(&set);
         let name = |slot: u32| {
-            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+            image
+                .slots
+                .get((slot & SLOT_INDEX_MASK) as usize)
+                .unwrap()
                 .name
                 .to_string()
         };
@@ -1683,7 +1663,10 @@ mod tests {
         };
         let image = compile(&set, &Limits::default()).unwrap();
         let name = |slot: u32| {
-            image.slots[(slot & SLOT_INDEX_MASK) as usize]
+            image
+                .slots
+                .get((slot & SLOT_INDEX_MASK) as usize)
+                .unwrap()
                 .name
                 .to_string()
         };

@@ -8,7 +8,7 @@ use portcullis_common::{EXPLAIN_UNSET, Reason, SLOT_INDEX_MASK};
 
 use super::{ChangeError, Core, compile_with};
 use crate::{
-    compile::Slot,
+    compile::Slots,
     dataplane::{Program, Verdict},
     explain::{Decision, Direction, Explained, Request, why},
 };
@@ -35,15 +35,13 @@ impl Core {
             Direction::In => Program::Ingress,
             Direction::Out => Program::Egress,
         };
-        let slots = match self.effective()? {
-            Some(lockdown) => lockdown.slots,
-            None => self.image.slots.clone(),
-        };
+        let lockdown = self.effective()?;
+        let slots = lockdown.map(|l| l.slots);
         let verdict = self
             .dataplane
             .explain(program, &frame, probe.interface.as_deref())
             .map_err(ChangeError::Internal)?;
-        let mut live = self.decision(&verdict, &slots);
+        let mut live = self.decision(&verdict, slots.as_ref().unwrap_or(&self.image.slots));
         if verdict.result.generation != EXPLAIN_UNSET {
             live.generation = Some(self.generation);
         }
@@ -72,7 +70,7 @@ impl Core {
 
     /// Names what a run reported: the reason, the slot's rule and the deny
     /// set.
-    fn decision(&self, v: &Verdict, slots: &[Slot]) -> Decision {
+    fn decision(&self, v: &Verdict, slots: &Slots) -> Decision {
         let r = &v.result;
         let reason = Reason::ALL.iter().copied().find(|x| *x as u32 == r.reason);
         let credited = (r.slot != EXPLAIN_UNSET)

@@ -133,7 +133,7 @@ impl Core {
             .filter(|r| !r.names.is_empty())
             .filter_map(|r| {
                 let name = format!("rule:{}", r.id);
-                let index = self.image.slots.iter().position(|s| *s.name == *name)?;
+                let index = self.image.slots.position(&name)?;
                 Some((r, (SLOT_KIND_RULE << SLOT_KIND_SHIFT) | index as u32))
             })
             .collect()

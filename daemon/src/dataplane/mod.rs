@@ -533,7 +533,7 @@ impl Dataplane {
         let mut out: Vec<_> = image
             .slots
             .iter()
-            .map(|s| s.limit.as_deref().copied().unwrap_or_default())
+            .map(|s| s.limit.copied().unwrap_or_default())
             .collect();
         if let (Some(first), Some(default)) = (out.first_mut(), &self.rate_limit) {
             *first = default.default_entry();

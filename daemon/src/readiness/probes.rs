@@ -200,7 +200,7 @@ fn admitted_by(rules: &PackedSet, image: &Image, port: u16) -> Vec<String> {
         let name = image
             .slots
             .get((slot & SLOT_INDEX_MASK) as usize)
-            .map_or("", |s| &*s.name);
+            .map_or("", |s| s.name);
         if name == "ssh" {
             from.push(describe_sources(
                 "the SSH exemption",
