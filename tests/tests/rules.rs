@@ -326,3 +326,106 @@ fn the_same_test_catches_an_in_place_writer() {
         "the in-place writer was not caught: the test cannot see mixes"
     );
 }
+
+/// The keys of generation `g`'s map `name` (a hash map of `K` to `V`).
+fn pinned_keys<K: aya::Pod + Ord, V: aya::Pod>(pins: &PinDir, name: &str, g: u32) -> Vec<K> {
+    let path = portcullis::dataplane::maps_dir(pins.path()).join(format!("{name}_{g}"));
+    let map: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(Map::HashMap(MapData::from_pin(path).unwrap())).unwrap();
+    let mut keys: Vec<K> = map.keys().map(Result::unwrap).collect();
+    keys.sort_unstable();
+    keys
+}
+
+/// Asserts that the sorted keys `got` are `want`'s, naming how many are
+/// stale or missing (not listing thousands).
+fn same_keys<K: Ord + Copy + std::fmt::Debug>(got: &[K], mut want: Vec<K>, what: &str) {
+    want.sort_unstable();
+    let stale: Vec<&K> = got
+        .iter()
+        .filter(|k| want.binary_search(k).is_err())
+        .collect();
+    let missing: Vec<&K> = want
+        .iter()
+        .filter(|k| got.binary_search(k).is_err())
+        .collect();
+    assert!(
+        stale.is_empty() && missing.is_empty(),
+        "{what}: {} stale keys (first {:?}), {} missing (first {:?})",
+        stale.len(),
+        stale.first(),
+        missing.len(),
+        missing.first()
+    );
+}
+
+/// `n` rules, each admitting TCP port 80 from its own IPv6 /64 under
+/// `fd00:200:<site>::/48`.
+fn v6_rules(site: u16, n: u16) -> RuleSet {
+    let rules = (0..n)
+        .map(|i| portcullis::rules::FirewallRule {
+            id: format!("s{site}-{i}"),
+            from_port: 80,
+            to_port: 80,
+            ip_ranges: vec![format!("fd00:200:{site:x}:{i:x}::/64")],
+            names: Vec::new(),
+            protocol: portcullis::rules::Protocol::Tcp,
+            description: None,
+            icmp_types: Vec::new(),
+            expires: None,
+            rate: None,
+            burst: None,
+            interfaces: Vec::new(),
+        })
+        .collect();
+    RuleSet {
+        ingress_rules: rules,
+        ..Default::default()
+    }
+}
+
+/// The IPv6 tables of a set too large to keep (`V6_KEEP`) are read back
+/// from the kernel when their generation is written next: every key of
+/// the old set goes, and a source only the old set admitted is dropped.
+#[test]
+fn large_ipv6_tables_are_read_back_and_nothing_stale_stays() {
+    require_root!();
+    let pins = PinDir::new().unwrap();
+    let limits = Limits::default();
+    let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
+    let sets = [v6_rules(0xa, 5000), v6_rules(0xb, 5000), v6_rules(0xc, 1)];
+    let images: Vec<_> = sets
+        .iter()
+        .map(|s| compile::compile(s, &limits).unwrap())
+        .collect();
+    for (step, i) in [0, 1, 2, 0, 2, 1].into_iter().enumerate() {
+        let image = &images[i];
+        let g = dp.apply(image, false).unwrap();
+        let want: Vec<[u8; 18]> = image.v6_tables.prefixes.keys().copied().collect();
+        let got = pinned_keys::<[u8; 18], u32>(&pins, "V6_PREFIXES", g);
+        same_keys(
+            &got,
+            want,
+            &format!("step {step}: V6_PREFIXES_{g} (set {i})"),
+        );
+        let want: Vec<[u8; 5]> = image.v6_tables.buckets.keys().copied().collect();
+        let got = pinned_keys::<[u8; 5], [u8; 8]>(&pins, "V6_BUCKETS", g);
+        same_keys(
+            &got,
+            want,
+            &format!("step {step}: V6_BUCKETS_{g} (set {i})"),
+        );
+        // A source of the first set, admitted only while it is live.
+        let src: IpAddr = "fd00:200:a:7::1".parse().unwrap();
+        let dst: IpAddr = "fd00:200::1".parse().unwrap();
+        let out = dp
+            .test_run(
+                Program::Ingress,
+                &frame(src, dst, PCLASS_TCP, 41000 + step as u16, 80),
+                1,
+            )
+            .unwrap();
+        let want = if i == 0 { XDP_PASS } else { XDP_DROP };
+        assert_eq!(out.retval, want, "step {step}: set {i} live");
+    }
+}

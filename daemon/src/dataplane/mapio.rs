@@ -195,44 +195,120 @@ fn batch<K: aya::Pod, V: aya::Pod>(
 
 /// Makes an idle hash map or LPM trie hold exactly `want`. `before` is
 /// what this process last wrote there, sorted by key (as this returns it);
-/// without it the keys present are read from the kernel. Stale keys go in
-/// one `BPF_MAP_DELETE_BATCH`, new and changed entries in one
-/// `BPF_MAP_UPDATE_BATCH`. Returns what the map holds now, sorted: a
-/// sorted list is the size of its entries, where a hash map of the IPv6
-/// tables of 100k rules kept 10 MB per generation.
+/// without it, what the map holds is read from the kernel (a hash map's
+/// entries with `BPF_MAP_LOOKUP_BATCH`, a trie's keys one by one). Stale
+/// keys go in one `BPF_MAP_DELETE_BATCH`, new and changed entries in one
+/// `BPF_MAP_UPDATE_BATCH`.
+///
+/// Returns what the map holds now, sorted, when it holds at most `keep`
+/// entries: a small table is cheaper kept than read back (the batch walks
+/// every bucket of the map, a million at the benchmark's capacity: about
+/// 5 ms however few it holds), a large one cheaper read back than kept
+/// (the IPv6 prefixes of 100k rules are 3 MB per generation, read back in
+/// less time than the rest of a change to such a set takes).
 pub(super) fn write_keyed<K, V>(
     map: &aya::maps::Map,
     want: &std::collections::HashMap<K, V>,
     before: Option<&[(K, V)]>,
-) -> anyhow::Result<Vec<(K, V)>>
+    keep: usize,
+) -> anyhow::Result<Option<Vec<(K, V)>>>
 where
     K: aya::Pod + Ord + std::hash::Hash,
     V: aya::Pod + PartialEq,
 {
     let fd = map_fd(map)?;
-    let present: Vec<K> = match before {
-        Some(before) => before.iter().map(|(k, _)| *k).collect(),
-        None => keys::<K>(fd)?,
+    // What the map holds, sorted by key; a trie read back gives no values.
+    let mut present: Vec<(K, Option<V>)> = match (before, map) {
+        (Some(before), _) => before.iter().map(|(k, v)| (*k, Some(*v))).collect(),
+        (None, aya::maps::Map::HashMap(_)) => entries::<K, V>(fd)?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect(),
+        (None, _) => keys::<K>(fd)?.into_iter().map(|k| (k, None)).collect(),
     };
+    present.sort_unstable_by_key(|e| e.0);
     let stale: Vec<K> = present
-        .into_iter()
+        .iter()
+        .map(|(k, _)| *k)
         .filter(|k| !want.contains_key(k))
         .collect();
     batch(sys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V]).context("removing stale entries")?;
-    let written = |k: &K| {
-        let before = before?;
-        let at = before.binary_search_by(|(b, _)| b.cmp(k)).ok()?;
-        before.get(at).map(|(_, v)| v)
+    let held = |k: &K| {
+        let at = present.binary_search_by(|(p, _)| p.cmp(k)).ok()?;
+        present.get(at).and_then(|(_, v)| v.as_ref())
     };
     let (keys, values): (Vec<K>, Vec<V>) = want
         .iter()
-        .filter(|(k, v)| written(k) != Some(*v))
+        .filter(|(k, v)| held(k) != Some(*v))
         .map(|(k, v)| (*k, *v))
         .unzip();
     batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")?;
+    if want.len() > keep {
+        return Ok(None);
+    }
     let mut now: Vec<(K, V)> = want.iter().map(|(k, v)| (*k, *v)).collect();
     now.sort_unstable_by_key(|e| e.0);
-    Ok(now)
+    Ok(Some(now))
+}
+
+/// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`
+/// ([`READ_CHUNK`] at a time; a call that meets a bucket larger than its
+/// room is asked again with twice the room).
+fn entries<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+) -> anyhow::Result<Vec<(K, V)>> {
+    use std::os::fd::AsRawFd as _;
+    let mut out = Vec::new();
+    let mut chunk = READ_CHUNK;
+    // A hash map's batch position is a bucket number.
+    let mut token = 0u32;
+    let mut first = true;
+    loop {
+        // SAFETY: `K` and `V` are Pod: all-zero bytes are a value of each.
+        let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
+        // SAFETY: as above.
+        let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
+        let mut next = 0u32;
+        let mut attr = sys::BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &token as *const u32 as u64
+            },
+            out_batch: &mut next as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            elem_flags: 0,
+            flags: 0,
+        };
+        // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys`
+        // and `values` have room for `count` keys and values of the map's
+        // sizes (`K` and `V` are its key and value types, as the callers'
+        // tables are); `in_batch` and `out_batch` point at u32 bucket
+        // numbers; all outlive the call; the fd is the map's, open.
+        let end = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+            Ok(_) => false,
+            // The map ended: `attr.count` entries were read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // One bucket holds more than `count` entries: nothing was read.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
+                chunk *= 2;
+                continue;
+            }
+            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+        };
+        let read = (attr.count as usize).min(chunk);
+        keys.truncate(read);
+        values.truncate(read);
+        out.extend(keys.into_iter().zip(values));
+        if end {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
 }
 
 /// Every key of a map, read with `BPF_MAP_GET_NEXT_KEY`.

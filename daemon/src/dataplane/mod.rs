@@ -461,22 +461,27 @@ fn write_image(
     .context("writing the IPv4 table chunks")?;
     let v6 = &image.v6_tables;
     let written = V6Written {
+        // The trie (prefixes shorter than /32, and /32s with too many
+        // lengths) is kept whole: it has no batch lookup to read it back.
         short: write_keyed(
             map_mut(ebpf, generation(maps::SRC6, g))?,
             &v6.short,
-            before.map(|b| &b.short[..]),
+            before.and_then(|b| b.short.as_deref()),
+            usize::MAX,
         )
         .context("writing the IPv6 short prefixes (LPM trie)")?,
         prefixes: write_keyed(
             map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
             &v6.prefixes,
-            before.map(|b| &b.prefixes[..]),
+            before.and_then(|b| b.prefixes.as_deref()),
+            V6_KEEP,
         )
         .context("writing the IPv6 prefixes")?,
         buckets: write_keyed(
             map_mut(ebpf, generation(maps::V6_BUCKETS, g))?,
             &v6.buckets,
-            before.map(|b| &b.buckets[..]),
+            before.and_then(|b| b.buckets.as_deref()),
+            V6_KEEP,
         )
         .context("writing the IPv6 /32 buckets")?,
     };
@@ -518,13 +523,18 @@ fn write_image(
 }
 
 /// The IPv6 tables (see [`crate::compile::V6Tables`]) as written to one
-/// generation, each sorted by key.
+/// generation, each sorted by key; `None`: too large to keep, read back
+/// from the kernel by the next write (see `mapio::write_keyed`).
 #[derive(Default)]
 struct V6Written {
-    short: Vec<([u8; 21], u32)>,
-    prefixes: Vec<(portcullis_common::V6PrefixKey, u32)>,
-    buckets: Vec<(portcullis_common::V6BucketKey, portcullis_common::V6Lengths)>,
+    short: Option<Vec<([u8; 21], u32)>>,
+    prefixes: Option<Vec<(portcullis_common::V6PrefixKey, u32)>>,
+    buckets: Option<Vec<(portcullis_common::V6BucketKey, portcullis_common::V6Lengths)>>,
 }
+
+/// Hash tables of at most this many entries are kept after a write (see
+/// `mapio::write_keyed`).
+const V6_KEEP: usize = 4096;
 
 impl Dataplane {
     /// `RATE_LIMITS_g` for `image`: entry 0 the default, then each slot's
