@@ -746,7 +746,7 @@ impl Core {
         // The set to roll back to, kept only when a confirmation is asked.
         let previous = opts.confirm_within.map(|_| (live.clone(), self.allow_ping));
         let allow_ping = opts.allow_ping.unwrap_or(self.allow_ping);
-        let generation = self.make_live(next, image, allow_ping);
+        let generation = self.make_live(next, image, allow_ping, Some(&live));
         self.replaced.push(live);
         let generation = generation?;
         let confirm_by = opts.confirm_within.zip(previous).map(|(secs, previous)| {
@@ -768,11 +768,15 @@ impl Core {
         })
     }
 
+    /// Makes `next` (compiled: `image`) the live set. `live`: the live set
+    /// unpacked, when the caller has it (its unchanged rules are not packed
+    /// again).
     fn make_live(
         &mut self,
         next: RuleSet,
         image: Image,
         allow_ping: bool,
+        live: Option<&RuleSet>,
     ) -> Result<u64, ChangeError> {
         let generation = self.generation + 1;
         // Keep the counters of the generation about to go idle.
@@ -797,7 +801,10 @@ impl Core {
             return Err(ChangeError::Internal(e));
         }
         self.carried = totals;
-        self.rules = PackedSet::pack(&next);
+        self.rules = match live {
+            Some(live) => self.rules.repack(live, &next),
+            None => PackedSet::pack(&next),
+        };
         for warning in next.egress_warnings() {
             tracing::warn!(generation, "{warning}");
         }
@@ -1009,7 +1016,7 @@ impl Core {
         let image = compile_with(&p.previous, &self.service, &self.limits)?;
         // `make_live` refuses nothing on account of the pending change; it
         // stays set until the previous rules are live.
-        let restored = self.make_live(p.previous, image, p.previous_allow_ping)?;
+        let restored = self.make_live(p.previous, image, p.previous_allow_ping, None)?;
         self.pending = None;
         self.store
             .save_pending(None)

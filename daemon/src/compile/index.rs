@@ -19,7 +19,7 @@ use std::{collections::HashMap, net::IpAddr};
 use ipnet::IpNet;
 use portcullis_common::{PCLASSES, SLOT_NONE, Segment};
 
-use super::{Entry, Ports, before, covers};
+use super::{Entry, before};
 
 /// Networks with at most this many entries are scanned; larger ones have
 /// port maps.
@@ -31,10 +31,9 @@ type Key<B> = (u8, u8, B);
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Index {
-    /// Per entry, in priority order: its direction, slot and ports, and
-    /// whether it has a network (one whose sources do not parse has none:
-    /// it admits nothing).
-    entries: Vec<(u8, u32, Ports, bool)>,
+    /// The entries in priority order, an entry whose classes have different
+    /// port ranges as one row per range (see [`Row`]).
+    entries: Vec<Row>,
     v4: Table<u32>,
     /// IPv6 bits as four words, most significant first (a `u128` would
     /// align each row to 16 bytes: 48 instead of 24).
@@ -51,6 +50,62 @@ struct Table<B> {
     /// the network's own entries) of the networks with more than `SMALL`
     /// entries, by the position of their first row in `nets`.
     large: HashMap<u32, [Vec<Segment>; PCLASSES]>,
+}
+
+/// An entry's ports of the classes that share one range: 12 bytes, where
+/// the entry's direction, slot, four optional ranges and flag took 32 (an
+/// `Any` rule, whose classes have two ranges, is two rows).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Row {
+    slot: u32,
+    lo: u16,
+    hi: u16,
+    dir: u8,
+    /// Bit `c`: protocol class `c` has this range; [`HAS_NET`]: the entry
+    /// has a network (one whose sources do not parse has none: it admits
+    /// nothing).
+    flags: u8,
+}
+
+const HAS_NET: u8 = 1 << 7;
+
+impl Row {
+    /// The row's range, if it is class `c`'s.
+    fn range(&self, c: usize) -> Option<(u16, u16)> {
+        (c < PCLASSES && self.flags & (1 << c) != 0).then_some((self.lo, self.hi))
+    }
+
+    fn covers(&self, c: usize, port: u16) -> bool {
+        self.range(c)
+            .is_some_and(|(lo, hi)| (lo..=hi).contains(&port))
+    }
+
+    /// `e`'s rows: one per distinct range, with the classes that have it.
+    fn of(e: &Entry) -> impl Iterator<Item = Row> + '_ {
+        let has_net = if e.nets.is_empty() { 0 } else { HAS_NET };
+        let ranges = e
+            .ports
+            .iter()
+            .enumerate()
+            .filter_map(|(c, r)| Some((c, (*r)?)));
+        ranges.clone().filter_map(move |(c, range)| {
+            // The first class with this range makes its row.
+            if ranges.clone().any(|(b, r)| b < c && r == range) {
+                return None;
+            }
+            let classes = ranges
+                .clone()
+                .filter(|(_, r)| *r == range)
+                .fold(0u8, |m, (b, _)| m | 1 << b);
+            Some(Row {
+                slot: e.slot,
+                lo: range.0,
+                hi: range.1,
+                dir: e.dir,
+                flags: classes | has_net,
+            })
+        })
+    }
 }
 
 /// An address's bits (IPv4 in a `u32`, IPv6 in a `u128`).
@@ -89,7 +144,7 @@ impl<B: Bits> Table<B> {
         self.nets.push((key, entry));
     }
 
-    fn seal(&mut self, entries: &[(u8, u32, Ports, bool)]) {
+    fn seal(&mut self, entries: &[Row]) {
         self.nets.sort_unstable();
         self.nets.shrink_to_fit();
         self.lengths = self.nets.iter().map(|((d, l, _), _)| (*d, *l)).collect();
@@ -98,7 +153,7 @@ impl<B: Bits> Table<B> {
         let mut from = 0;
         for group in self.nets.chunk_by(|a, b| a.0 == b.0) {
             if group.len() > SMALL {
-                let own: Vec<&(u8, u32, Ports, bool)> = group
+                let own: Vec<&Row> = group
                     .iter()
                     .filter_map(|(_, e)| entries.get(*e as usize))
                     .collect();
@@ -111,14 +166,7 @@ impl<B: Bits> Table<B> {
 
     /// The lowest slot of direction `dir` whose network contains `addr`
     /// and whose ports cover `port` of class `pclass` (`SLOT_NONE`: none).
-    fn first(
-        &self,
-        dir: u8,
-        addr: B,
-        entries: &[(u8, u32, Ports, bool)],
-        pclass: usize,
-        port: u16,
-    ) -> u32 {
+    fn first(&self, dir: u8, addr: B, entries: &[Row], pclass: usize, port: u16) -> u32 {
         let mut best = SLOT_NONE;
         for &(d, len) in self.lengths.iter().filter(|(d, _)| *d == dir) {
             let key = (d, len, addr.masked(len));
@@ -136,8 +184,8 @@ impl<B: Bits> Table<B> {
                     .iter()
                     .take_while(|(k, _)| *k == key)
                     .filter_map(|(_, e)| entries.get(*e as usize))
-                    .find(|(_, _, ports, _)| covers(ports, pclass, port))
-                    .map_or(SLOT_NONE, |(_, slot, _, _)| *slot),
+                    .find(|row| row.covers(pclass, port))
+                    .map_or(SLOT_NONE, |row| row.slot),
             };
             if before(slot, best) {
                 best = slot;
@@ -157,14 +205,14 @@ fn at(map: &[Segment], port: u16) -> u32 {
 
 /// The port map of class `c` for `own` (entries in slot order): each run
 /// of ports with the lowest slot covering it, as the compiler's segments.
-fn port_map(own: &[&(u8, u32, Ports, bool)], c: usize) -> Vec<Segment> {
+fn port_map(own: &[&Row], c: usize) -> Vec<Segment> {
     // Boundaries and the entries covering each elementary run, swept in
     // order with the active slots counted by index.
     let mut events: Vec<(u32, u32, i32)> = Vec::new();
-    for (_, slot, ports, _) in own {
-        if let Some((lo, hi)) = ports.get(c).copied().flatten() {
-            events.push((lo as u32, *slot, 1));
-            events.push((hi as u32 + 1, *slot, -1));
+    for row in own {
+        if let Some((lo, hi)) = row.range(c) {
+            events.push((lo as u32, row.slot, 1));
+            events.push((hi as u32 + 1, row.slot, -1));
         }
     }
     if events.is_empty() {
@@ -204,18 +252,20 @@ impl Index {
             entries: Vec::with_capacity(entries.len()),
             ..Default::default()
         };
-        for (i, e) in (0u32..).zip(entries) {
-            index
-                .entries
-                .push((e.dir, e.slot, e.ports, !e.nets.is_empty()));
-            for net in &e.nets {
-                let len = net.prefix_len();
-                match net {
-                    IpNet::V4(n) => index.v4.push((e.dir, len, u32::from(n.network())), i),
-                    IpNet::V6(n) => index.v6.push((e.dir, len, words(n.network().into())), i),
+        for e in entries {
+            for row in Row::of(e) {
+                let i = index.entries.len() as u32;
+                index.entries.push(row);
+                for net in &e.nets {
+                    let len = net.prefix_len();
+                    match net {
+                        IpNet::V4(n) => index.v4.push((e.dir, len, u32::from(n.network())), i),
+                        IpNet::V6(n) => index.v6.push((e.dir, len, words(n.network().into())), i),
+                    }
                 }
             }
         }
+        index.entries.shrink_to_fit();
         index.v4.seal(&index.entries);
         index.v6.seal(&index.entries);
         index
@@ -236,9 +286,13 @@ impl Index {
     /// who may admit it, from somewhere.
     pub fn slots_covering(&self, dir: u8, pclass: usize, port: u16) -> Vec<u32> {
         let mut out: Vec<u32> = Vec::new();
-        for (d, slot, ports, has_net) in &self.entries {
-            if *d == dir && *has_net && covers(ports, pclass, port) && out.last() != Some(slot) {
-                out.push(*slot);
+        for row in &self.entries {
+            if row.dir == dir
+                && row.flags & HAS_NET != 0
+                && row.covers(pclass, port)
+                && out.last() != Some(&row.slot)
+            {
+                out.push(row.slot);
             }
         }
         out

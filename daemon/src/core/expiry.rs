@@ -56,7 +56,7 @@ impl Core {
             action: "rule expired".into(),
             ..Default::default()
         });
-        let live = self.make_live(next, image, self.allow_ping);
+        let live = self.make_live(next, image, self.allow_ping, None);
         self.acting(Actor::default());
         live?;
         let image = self.image.clone();
