@@ -337,6 +337,9 @@ pub struct Core {
     /// A change freed memory (the old set, its compile, the request):
     /// [`Core::release_memory`] gives it back once the request is done.
     trim_due: bool,
+    /// [`Core::runtime_changes`], worked out once per live set and baseline
+    /// (status asks it: it would unpack 100k rules each time).
+    runtime: std::cell::OnceCell<Vec<String>>,
     /// The sets a change unpacked and made, freed by
     /// [`Core::release_memory`] after the request was answered (freeing
     /// 100k rules takes tens of ms).
@@ -420,7 +423,7 @@ impl Core {
             store,
             limits,
             allow_ping,
-            rules: PackedSet::pack(&rules),
+            rules: PackedSet::pack(&rules)?,
             baseline: rules,
             generation,
             image,
@@ -444,6 +447,7 @@ impl Core {
             dns_flows_cut: false,
             fleet: None,
             trim_due: true,
+            runtime: std::cell::OnceCell::new(),
             replaced: Vec::new(),
         };
         let problems = core.audit.problems().to_vec();
@@ -779,6 +783,12 @@ impl Core {
         live: Option<&RuleSet>,
     ) -> Result<u64, ChangeError> {
         let generation = self.generation + 1;
+        // Packed first: a set the core cannot keep changes nothing.
+        let packed = match live {
+            Some(live) => self.rules.repack(live, &next),
+            None => PackedSet::pack(&next),
+        }
+        .map_err(|e| ChangeError::Internal(e.into()))?;
         // Keep the counters of the generation about to go idle.
         let totals = self.totals(true);
         // Audited first: nothing goes live without its record.
@@ -792,7 +802,8 @@ impl Core {
             self.store.save(&next, generation)
         };
         saved.map_err(ChangeError::Internal)?;
-        let effective = self.effective()?;
+        // In lockdown, the lockdown set of the rules going live.
+        let effective = self.effective_for(Some(&next))?;
         if let Err(e) = self.dataplane.apply(
             effective.as_ref().unwrap_or(&image),
             self.effective_ping(allow_ping),
@@ -801,10 +812,8 @@ impl Core {
             return Err(ChangeError::Internal(e));
         }
         self.carried = totals;
-        self.rules = match live {
-            Some(live) => self.rules.repack(live, &next),
-            None => PackedSet::pack(&next),
-        };
+        self.rules = packed;
+        self.runtime = std::cell::OnceCell::new();
         for warning in next.egress_warnings() {
             tracing::warn!(generation, "{warning}");
         }
@@ -828,9 +837,22 @@ impl Core {
     /// when there is one (no peers, no rules added), else what passed
     /// before. Otherwise the live rules' image.
     fn effective(&self) -> Result<Option<Image>, ChangeError> {
+        self.effective_for(None)
+    }
+
+    /// [`Core::effective`] with `rules` live (`None`: the live set).
+    fn effective_for(&self, rules: Option<&RuleSet>) -> Result<Option<Image>, ChangeError> {
         match &self.mode {
             Mode::Lockdown { admin } => {
-                let lockdown = lockdown_rules(&self.rules.unpack(), admin.as_deref());
+                let live;
+                let rules = match rules {
+                    Some(rules) => rules,
+                    None => {
+                        live = self.rules.unpack();
+                        &live
+                    }
+                };
+                let lockdown = lockdown_rules(rules, admin.as_deref());
                 let mut image = compile::compile(&lockdown, &self.limits)?;
                 // Outbound is an allowlist in lockdown even without egress
                 // rules: nothing new leaves (an intruder's beacon included)
@@ -1169,7 +1191,7 @@ impl Core {
         } else {
             None
         };
-        self.baseline = match saved {
+        let baseline = match saved {
             Some(b) => b,
             None => {
                 let b = config.rule_set();
@@ -1177,6 +1199,7 @@ impl Core {
                 b
             }
         };
+        self.set_baseline(baseline);
         self.config = Some((path.to_owned(), config));
         Ok(())
     }
@@ -1269,7 +1292,7 @@ impl Core {
             if let Some((_, started)) = &mut self.config {
                 started.rules_file = Some(new.rules_file_path(path));
             }
-            self.baseline = next;
+            self.set_baseline(next);
             self.store
                 .save_baseline(&self.baseline)
                 .map_err(ChangeError::Internal)?;
@@ -1328,7 +1351,7 @@ impl Core {
         let text = crate::config::Config::saved_rules_text(&live).map_err(ChangeError::Internal)?;
         crate::state::write_new_file(&file, text.as_bytes(), 0o644)
             .map_err(ChangeError::Internal)?;
-        self.baseline = live;
+        self.set_baseline(live);
         self.store
             .save_baseline(&self.baseline)
             .map_err(ChangeError::Internal)?;
@@ -1375,7 +1398,17 @@ impl Core {
     /// Runtime changes: what differs between the live set and the baseline
     /// (as a reload to the baseline would name them).
     pub fn runtime_changes(&self) -> Vec<String> {
-        crate::reload::conflicts(&self.baseline, &self.rules.unpack(), &self.baseline)
+        self.runtime
+            .get_or_init(|| {
+                crate::reload::conflicts(&self.baseline, &self.rules.unpack(), &self.baseline)
+            })
+            .clone()
+    }
+
+    /// Sets the baseline (what the live set's runtime changes are against).
+    fn set_baseline(&mut self, baseline: RuleSet) {
+        self.baseline = baseline;
+        self.runtime = std::cell::OnceCell::new();
     }
 }
 

@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet};
 
 mod packed;
-pub use packed::PackedSet;
+pub use packed::{PackedSet, TooLarge};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};

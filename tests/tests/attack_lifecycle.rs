@@ -234,6 +234,34 @@ fn lockdown_narrows_egress_and_cuts_sessions_not_from_the_admin_network() {
     assert!(egress(&admitted, 5000));
 }
 
+/// Review finding (session 10): a change made in lockdown put the lockdown
+/// set of the rules it replaced into the kernel, so an egress rule the
+/// operator removed in lockdown still let its traffic out until `enforce`.
+#[test]
+fn an_egress_rule_removed_in_lockdown_stops_admitting_at_once() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, APP_RULES)).unwrap();
+    let _d = Daemon::start(&pair.host, &config).unwrap();
+    let admitted = udp_bind(&pair.peer, sock(PEER_V4, 5000)).unwrap();
+    let egress = || {
+        udp_send(&pair.host, sock(PEER_V4, 5000), b"out").unwrap();
+        udp_received(&admitted)
+    };
+    assert!(egress(), "the egress rule does not admit");
+    json(cli(
+        &config,
+        &["--json", "lockdown", "--admin", "10.200.99.0/24"],
+    ));
+    assert!(egress(), "lockdown keeps the live egress allowlist");
+    json(cli(&config, &["--json", "rules", "remove", "out"]));
+    assert!(
+        !egress(),
+        "an egress rule removed in lockdown still let its traffic out"
+    );
+}
+
 /// Review finding: without egress rules, lockdown left outbound allow-all,
 /// so an intruder's program kept beaconing out (each datagram opened a flow
 /// whose replies came back). In lockdown outbound is an allowlist too.

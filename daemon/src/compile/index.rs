@@ -36,20 +36,26 @@ pub struct Index {
     entries: Vec<Row>,
     v4: Table<u32>,
     /// IPv6 bits as four words, most significant first (a `u128` would
-    /// align each row to 16 bytes: 48 instead of 24).
+    /// align each row to 16 bytes: 32 instead of 20).
     v6: Table<[u32; 4]>,
 }
 
-/// The networks of one family: (key, entry) sorted, and the (direction,
-/// length) pairs present, so a lookup probes only those.
+/// The networks of one family: per (direction, length) present, its rows
+/// (network bits, entry) sorted, so a lookup probes only the lengths
+/// present, with one binary search each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct Table<B> {
-    nets: Vec<(Key<B>, u32)>,
-    lengths: Vec<(u8, u8)>,
+    /// Every group's rows, one group after another (8 bytes a row for
+    /// IPv4, 20 for IPv6: the direction and length are the group's).
+    nets: Vec<(B, u32)>,
+    /// (direction, length, where its rows start in `nets`), sorted.
+    groups: Vec<(u8, u8, u32)>,
     /// Port maps (per protocol class: runs of ports, the lowest slot of
     /// the network's own entries) of the networks with more than `SMALL`
     /// entries, by the position of their first row in `nets`.
     large: HashMap<u32, [Vec<Segment>; PCLASSES]>,
+    /// The rows as they are added, with their keys (emptied by `seal`).
+    added: Vec<(Key<B>, u32)>,
 }
 
 /// An entry's ports of the classes that share one range: 12 bytes, where
@@ -141,48 +147,74 @@ fn from_words(w: [u32; 4]) -> u128 {
 
 impl<B: Bits> Table<B> {
     fn push(&mut self, key: Key<B>, entry: u32) {
-        self.nets.push((key, entry));
+        self.added.push((key, entry));
     }
 
     fn seal(&mut self, entries: &[Row]) {
-        self.nets.sort_unstable();
-        self.nets.shrink_to_fit();
-        self.lengths = self.nets.iter().map(|((d, l, _), _)| (*d, *l)).collect();
-        self.lengths.dedup();
-        self.lengths.shrink_to_fit();
+        let mut added = std::mem::take(&mut self.added);
+        added.sort_unstable();
         let mut from = 0;
-        for group in self.nets.chunk_by(|a, b| a.0 == b.0) {
-            if group.len() > SMALL {
-                let own: Vec<&Row> = group
+        for network in added.chunk_by(|a, b| a.0 == b.0) {
+            let Some(&((dir, len, _), _)) = network.first() else {
+                continue;
+            };
+            if self
+                .groups
+                .last()
+                .is_none_or(|&(d, l, _)| (d, l) != (dir, len))
+            {
+                self.groups.push((dir, len, from));
+            }
+            if network.len() > SMALL {
+                let own: Vec<&Row> = network
                     .iter()
                     .filter_map(|(_, e)| entries.get(*e as usize))
                     .collect();
                 let maps = std::array::from_fn(|c| port_map(&own, c));
                 self.large.insert(from, maps);
             }
-            from += group.len() as u32;
+            from += network.len() as u32;
         }
+        self.nets = added
+            .into_iter()
+            .map(|((_, _, bits), e)| (bits, e))
+            .collect();
+        // Collected in place, the rows would keep the keyed rows' buffer.
+        self.nets.shrink_to_fit();
+        self.groups.shrink_to_fit();
     }
 
     /// The lowest slot of direction `dir` whose network contains `addr`
     /// and whose ports cover `port` of class `pclass` (`SLOT_NONE`: none).
     fn first(&self, dir: u8, addr: B, entries: &[Row], pclass: usize, port: u16) -> u32 {
         let mut best = SLOT_NONE;
-        for &(d, len) in self.lengths.iter().filter(|(d, _)| *d == dir) {
-            let key = (d, len, addr.masked(len));
-            let from = self.nets.partition_point(|(k, _)| *k < key);
-            // `from` is where the key would be: its group only if present.
-            if self.nets.get(from).is_none_or(|(k, _)| *k != key) {
+        let ends = self
+            .groups
+            .iter()
+            .skip(1)
+            .map(|&(_, _, start)| start)
+            .chain(std::iter::once(self.nets.len() as u32));
+        for (&(d, len, start), end) in self.groups.iter().zip(ends) {
+            if d != dir {
                 continue;
             }
-            let slot = match self.large.get(&(from as u32)) {
-                Some(maps) => maps.get(pclass).map_or(SLOT_NONE, |m| at(m, port)),
-                None => self
-                    .nets
-                    .get(from..)
+            let rows = self
+                .nets
+                .get(start as usize..end as usize)
+                .unwrap_or_default();
+            let bits = addr.masked(len);
+            let at = rows.partition_point(|(b, _)| *b < bits);
+            // `at` is where the network would be: its rows only if present.
+            if rows.get(at).is_none_or(|(b, _)| *b != bits) {
+                continue;
+            }
+            let slot = match self.large.get(&(start + at as u32)) {
+                Some(maps) => maps.get(pclass).map_or(SLOT_NONE, |m| at_port(m, port)),
+                None => rows
+                    .get(at..)
                     .unwrap_or_default()
                     .iter()
-                    .take_while(|(k, _)| *k == key)
+                    .take_while(|(b, _)| *b == bits)
                     .filter_map(|(_, e)| entries.get(*e as usize))
                     .find(|row| row.covers(pclass, port))
                     .map_or(SLOT_NONE, |row| row.slot),
@@ -196,7 +228,7 @@ impl<B: Bits> Table<B> {
 }
 
 /// The slot of `port` in `map` (runs from port 0; empty: none).
-fn at(map: &[Segment], port: u16) -> u32 {
+fn at_port(map: &[Segment], port: u16) -> u32 {
     let run = map.partition_point(|s| s.start <= port);
     run.checked_sub(1)
         .and_then(|i| map.get(i))

@@ -7,13 +7,15 @@
 
 use portcullis_common::RateLimit;
 
-/// What a slot stands for, but its name: 16 bytes (the limit is boxed, as
-/// only the rare rule with a `rate` has one).
+/// What a slot stands for, but its name: 8 bytes (the limit is a place in
+/// `Slots::limits`, as only the rare rule with a `rate` has one).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Meta {
-    kind: u32,
+    /// A `SLOT_KIND_*` (two bits).
+    kind: u8,
     dir: u8,
-    limit: Option<Box<RateLimit>>,
+    /// 1 + the limit's index in `Slots::limits`; 0: none.
+    limit: u32,
 }
 
 /// One slot as the callers read it.
@@ -33,6 +35,7 @@ pub struct Slot<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Slots {
     meta: Vec<Meta>,
+    limits: Vec<RateLimit>,
     /// Every name, one after another; `ends[i]` is where slot `i`'s ends.
     names: String,
     ends: Vec<u32>,
@@ -56,14 +59,15 @@ impl Slots {
             .copied()
             .unwrap_or(0);
         let to = self.ends.get(i).copied().unwrap_or(from);
+        let limit = (meta.limit as usize).checked_sub(1);
         Some(Slot {
             name: self
                 .names
                 .get(from as usize..to as usize)
                 .unwrap_or_default(),
-            kind: meta.kind,
+            kind: u32::from(meta.kind),
             dir: meta.dir,
-            limit: meta.limit.as_deref(),
+            limit: limit.and_then(|i| self.limits.get(i)),
         })
     }
 
@@ -81,9 +85,9 @@ impl Slots {
     pub(super) fn push(&mut self, name: &str, kind: u32, dir: u8) -> u32 {
         let index = self.meta.len() as u32;
         self.meta.push(Meta {
-            kind,
+            kind: u8::try_from(kind).unwrap_or(u8::MAX),
             dir,
-            limit: None,
+            limit: 0,
         });
         self.names.push_str(name);
         self.ends
@@ -103,15 +107,22 @@ impl Slots {
             .meta
             .iter_mut()
             .skip(1)
-            .filter(|m| m.kind == kind && m.dir == dir);
+            .filter(|m| u32::from(m.kind) == kind && m.dir == dir);
         for (meta, limit) in slots.zip(limits) {
-            meta.limit = limit.map(Box::new);
+            meta.limit = match limit {
+                Some(limit) => {
+                    self.limits.push(limit);
+                    u32::try_from(self.limits.len()).unwrap_or(0)
+                }
+                None => 0,
+            };
         }
     }
 
     /// Gives back the spare capacity of a list built by pushing.
     pub(super) fn shrink_to_fit(&mut self) {
         self.meta.shrink_to_fit();
+        self.limits.shrink_to_fit();
         self.names.shrink_to_fit();
         self.ends.shrink_to_fit();
     }

@@ -125,12 +125,8 @@ fn fits(r: &FirewallRule, key: &FqdnKey) -> bool {
 impl Core {
     /// The FQDN rules (egress rules with names) and their slots now.
     fn fqdn_rules(&self) -> Vec<(FirewallRule, u32)> {
-        if !self.rules.has_names() {
-            return Vec::new();
-        }
         self.rules
-            .egress_rules()
-            .filter(|r| !r.names.is_empty())
+            .named_egress_rules()
             .filter_map(|r| {
                 let name = format!("rule:{}", r.id);
                 let index = self.image.slots.position(&name)?;

@@ -462,7 +462,7 @@ fn write_image(
     let v6 = &image.v6_tables;
     let written = V6Written {
         // The trie (prefixes shorter than /32, and /32s with too many
-        // lengths) is kept whole: it has no batch lookup to read it back.
+        // lengths) is kept whole: it is small, and read back key by key.
         short: write_keyed(
             map_mut(ebpf, generation(maps::SRC6, g))?,
             &v6.short,

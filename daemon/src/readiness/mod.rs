@@ -295,7 +295,12 @@ mod tests {
     /// [`probes::admitted`] on the image of `rules`.
     fn admitted(rules: &RuleSet, mode: &Mode, port: u16) -> Check {
         let image = crate::compile::compile(rules, &Default::default()).unwrap();
-        probes::admitted(&crate::rules::PackedSet::pack(rules), &image, mode, port)
+        probes::admitted(
+            &crate::rules::PackedSet::pack(rules).unwrap(),
+            &image,
+            mode,
+            port,
+        )
     }
 
     fn rule(id: &str, from: u16, to: u16, ranges: &[&str]) -> FirewallRule {
@@ -322,7 +327,7 @@ mod tests {
         }
         let image = crate::compile::compile(&rules, &Default::default()).unwrap();
         let first = probes::first_rule_slot(&image);
-        let packed = crate::rules::PackedSet::pack(&rules);
+        let packed = crate::rules::PackedSet::pack(&rules).unwrap();
         let mut found = 0;
         for (slot, s) in image.slots.iter().enumerate() {
             let Some(id) = s.name.strip_prefix("rule:") else {

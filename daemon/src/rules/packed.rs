@@ -18,6 +18,11 @@ use std::{
 
 use super::{FirewallRule, Protocol, RuleSet};
 
+/// A rule list whose text does not fit the packed form (more than 4 GiB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the rules' text is more than 4 GiB: the daemon keeps no set that large")]
+pub struct TooLarge;
+
 /// A rule set with its rule lists packed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PackedSet {
@@ -31,6 +36,9 @@ pub struct PackedSet {
     next_expiry: Option<u64>,
     /// An egress rule names hosts (`RuleSet::has_names`).
     has_names: bool,
+    /// The places of the egress rules that name hosts, so a DNS answer
+    /// unpacks those alone.
+    named: Box<[u32]>,
 }
 
 /// One rule list: the rules' encodings one after another, and where each
@@ -42,19 +50,23 @@ struct PackedList {
 }
 
 impl PackedSet {
-    /// Packs `set`.
-    pub fn pack(set: &RuleSet) -> PackedSet {
+    /// Packs `set`; refuses a set whose rules' text is more than 4 GiB (a
+    /// rule's place is a `u32`).
+    pub fn pack(set: &RuleSet) -> Result<PackedSet, TooLarge> {
         Self::pack_over(set, None)
     }
 
     /// Packs `set` where `self` is `previous` packed: a rule `previous` has
     /// at the same place, unchanged, is copied, not encoded again (adding
     /// one rule to 100k encodes one).
-    pub fn repack(&self, previous: &RuleSet, set: &RuleSet) -> PackedSet {
+    pub fn repack(&self, previous: &RuleSet, set: &RuleSet) -> Result<PackedSet, TooLarge> {
         Self::pack_over(set, Some((self, previous)))
     }
 
-    fn pack_over(set: &RuleSet, over: Option<(&PackedSet, &RuleSet)>) -> PackedSet {
+    fn pack_over(
+        set: &RuleSet,
+        over: Option<(&PackedSet, &RuleSet)>,
+    ) -> Result<PackedSet, TooLarge> {
         let head = RuleSet {
             ingress_rules: Vec::new(),
             egress_rules: Vec::new(),
@@ -62,10 +74,10 @@ impl PackedSet {
         };
         let ingress = over.map(|(p, r)| (&p.ingress, &r.ingress_rules[..]));
         let egress = over.map(|(p, r)| (&p.egress, &r.egress_rules[..]));
-        PackedSet {
+        Ok(PackedSet {
             head,
-            ingress: PackedList::pack(&set.ingress_rules, ingress),
-            egress: PackedList::pack(&set.egress_rules, egress),
+            ingress: PackedList::pack(&set.ingress_rules, ingress)?,
+            egress: PackedList::pack(&set.egress_rules, egress)?,
             next_expiry: set
                 .ingress_rules
                 .iter()
@@ -73,7 +85,12 @@ impl PackedSet {
                 .filter_map(FirewallRule::expires_at)
                 .min(),
             has_names: set.has_names(),
-        }
+            named: (0u32..)
+                .zip(&set.egress_rules)
+                .filter(|(_, r)| !r.names.is_empty())
+                .map(|(i, _)| i)
+                .collect(),
+        })
     }
 
     /// The whole set again.
@@ -116,6 +133,11 @@ impl PackedSet {
         self.egress.iter()
     }
 
+    /// The egress rules that name hosts (unpacked alone).
+    pub fn named_egress_rules(&self) -> impl Iterator<Item = FirewallRule> + '_ {
+        self.named.iter().map(|&i| self.egress.rule(i as usize))
+    }
+
     /// The ingress rules (unpacked one by one).
     pub fn ingress_rules(&self) -> impl Iterator<Item = FirewallRule> + '_ {
         self.ingress.iter()
@@ -135,7 +157,10 @@ impl PackedSet {
 impl PackedList {
     /// Packs `rules`; `over`: this list as packed from those rules, whose
     /// unchanged rules are copied.
-    fn pack(rules: &[FirewallRule], over: Option<(&PackedList, &[FirewallRule])>) -> PackedList {
+    fn pack(
+        rules: &[FirewallRule],
+        over: Option<(&PackedList, &[FirewallRule])>,
+    ) -> Result<PackedList, TooLarge> {
         let mut bytes = Vec::new();
         let mut ends = Vec::with_capacity(rules.len());
         let mut text = String::new();
@@ -147,12 +172,12 @@ impl PackedList {
                 Some(old) => bytes.extend_from_slice(old),
                 None => encode(rule, &mut bytes, &mut text),
             }
-            ends.push(u32::try_from(bytes.len()).unwrap_or(u32::MAX));
+            ends.push(u32::try_from(bytes.len()).map_err(|_| TooLarge)?);
         }
-        PackedList {
+        Ok(PackedList {
             bytes: bytes.into_boxed_slice(),
             ends: ends.into_boxed_slice(),
-        }
+        })
     }
 
     /// The rules one by one.
@@ -283,9 +308,16 @@ fn decode(r: &mut Reader<'_>) -> Option<FirewallRule> {
         }
     }
     let [names, icmp_types, interfaces] = lists;
-    let mut optional = |bit| (flags & bit != 0).then(|| r.string()).flatten();
-    let description = optional(HAS_DESCRIPTION);
-    let expires = optional(HAS_EXPIRES);
+    let description = if flags & HAS_DESCRIPTION != 0 {
+        Some(r.string()?)
+    } else {
+        None
+    };
+    let expires = if flags & HAS_EXPIRES != 0 {
+        Some(r.string()?)
+    } else {
+        None
+    };
     let rate = if flags & HAS_RATE != 0 {
         Some(r.u32()?)
     } else {
@@ -444,7 +476,11 @@ impl Reader<'_> {
         let mut n = 0u32;
         for shift in (0..35).step_by(7) {
             let b = self.byte()?;
-            n |= u32::from(b & 0x7f).checked_shl(shift)?;
+            // The fifth byte holds the top four bits only.
+            if shift == 28 && b > 0x0f {
+                return None;
+            }
+            n |= u32::from(b & 0x7f) << shift;
             if b & 0x80 == 0 {
                 return Some(n);
             }
@@ -557,7 +593,7 @@ mod tests {
             egress_rules: vec![full],
             ..Default::default()
         };
-        let packed = PackedSet::pack(&set);
+        let packed = PackedSet::pack(&set).unwrap();
         assert_eq!(packed.unpack(), set);
         assert_eq!(packed.len(), 4);
         assert!(packed.has_names());
@@ -570,7 +606,7 @@ mod tests {
             ingress_rules: (0..100_000).map(|i| rule(&format!("r{i}"))).collect(),
             ..Default::default()
         };
-        let packed = PackedSet::pack(&set);
+        let packed = PackedSet::pack(&set).unwrap();
         let size = packed.ingress.bytes.len() + 4 * packed.ingress.ends.len();
         // Flags and protocol 2, id 7, ports 4, networks 1 + 6 + 18 (as
         // text: 15 + 25), three empty lists 3, its end 4.
@@ -587,11 +623,15 @@ mod tests {
             egress_rules: vec![rule("b"), a],
             ..Default::default()
         };
-        let packed = PackedSet::pack(&set);
+        let packed = PackedSet::pack(&set).unwrap();
         assert!(!packed.has_expired(at - 1));
         assert!(packed.has_expired(at));
         assert_eq!(packed.has_expired(at), set.has_expired(at));
-        assert!(!PackedSet::pack(&RuleSet::default()).has_expired(u64::MAX));
+        assert!(
+            !PackedSet::pack(&RuleSet::default())
+                .unwrap()
+                .has_expired(u64::MAX)
+        );
     }
 
     #[test]
@@ -658,7 +698,7 @@ mod tests {
             let mut r = rule("a");
             r.ip_ranges = texts;
             let set = RuleSet { ingress_rules: vec![r], ..Default::default() };
-            prop_assert_eq!(PackedSet::pack(&set).unpack(), set);
+            prop_assert_eq!(PackedSet::pack(&set).unwrap().unpack(), set);
         }
 
         #[test]
@@ -667,8 +707,8 @@ mod tests {
             b in strategies::rule_set(),
         ) {
             // `b` over `a`, and `a` with rules added, changed and removed.
-            let packed = PackedSet::pack(&a);
-            prop_assert_eq!(packed.repack(&a, &b).unpack(), b.clone());
+            let packed = PackedSet::pack(&a).unwrap();
+            prop_assert_eq!(packed.repack(&a, &b).unwrap().unpack(), b.clone());
             let mut edited = a.clone();
             edited.ingress_rules.extend(b.ingress_rules.iter().cloned());
             if let Some(r) = edited.ingress_rules.first_mut() {
@@ -680,9 +720,16 @@ mod tests {
 
         #[test]
         fn sets_read_back_whole(set in strategies::rule_set()) {
-            let packed = PackedSet::pack(&set);
+            let packed = PackedSet::pack(&set).unwrap();
             prop_assert_eq!(packed.unpack(), set.clone());
             prop_assert_eq!(packed.has_names(), set.has_names());
+            let named: Vec<FirewallRule> = set
+                .egress_rules
+                .iter()
+                .filter(|r| !r.names.is_empty())
+                .cloned()
+                .collect();
+            prop_assert_eq!(packed.named_egress_rules().collect::<Vec<_>>(), named);
             prop_assert_eq!(packed.egress_warnings(), set.egress_warnings());
             for now in [0, u64::MAX] {
                 prop_assert_eq!(packed.has_expired(now), set.has_expired(now));
