@@ -1338,6 +1338,16 @@ mod tests {
         assert_eq!(b.burst_ns, 10 * 250_000_000);
     }
 
+    /// The name of `slot` in `image`.
+    fn slot_name(image: &Image, slot: u32) -> String {
+        image
+            .slots
+            .get((slot & SLOT_INDEX_MASK) as usize)
+            .unwrap()
+            .name
+            .to_string()
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
@@ -1353,14 +1363,7 @@ mod tests {
             ..Default::default()
         };
         let image = compile(&set, &Limits::default()).unwrap();
-        let name = |slot: u32| {
-            image
-                .slots
-                .get((slot & SLOT_INDEX_MASK) as usize)
-                .unwrap()
-                .name
-                .to_string()
-        };
+        let name = |slot: u32| slot_name(&image, slot);
         assert_eq!(
             name(image.lookup(DIR_INGRESS, ip("10.1.2.3"), PCLASS_TCP, 80)),
             "rule:narrow-late"
@@ -1504,14 +1507,7 @@ mod tests {
         };
         let image = compile(&set, &Limits::default()).unwrap();
         let (entries, _) = entries(&set);
-        let name = |slot: u32| {
-            image
-                .slots
-                .get((slot & SLOT_INDEX_MASK) as usize)
-                .unwrap()
-                .name
-                .to_string()
-        };
+        let name = |slot: u32| slot_name(&image, slot);
         let at = |a: &str, t: u8, c: u8| {
             let port = portcullis_common::icmp_port(t, c);
             let slot = image.lookup(DIR_INGRESS, ip(a), PCLASS_ICMP, port);
@@ -1578,14 +1574,7 @@ mod tests {
         let image = compile(&set, &Limits::default()).unwrap();
         assert_eq!(image.if_classes, ["eth1", "eth2"]);
         let (entries, _) = entries(&set);
-        let name = |slot: u32| {
-            image
-                .slots
-                .get((slot & SLOT_INDEX_MASK) as usize)
-                .unwrap()
-                .name
-                .to_string()
-        };
+        let name = |slot: u32| slot_name(&image, slot);
         let at = |class: u32, a: &str, port: u16| {
             let dir = ingress_dir(class);
             let slot = image.lookup(dir, ip(a), PCLASS_TCP, port);
@@ -1662,14 +1651,7 @@ mod tests {
             ..Default::default()
         };
         let image = compile(&set, &Limits::default()).unwrap();
-        let name = |slot: u32| {
-            image
-                .slots
-                .get((slot & SLOT_INDEX_MASK) as usize)
-                .unwrap()
-                .name
-                .to_string()
-        };
+        let name = |slot: u32| slot_name(&image, slot);
         assert_eq!(
             name(image.lookup_on(Some("eth1"), ip("10.5.0.1"), PCLASS_TCP, 9000)),
             "rule:cluster"
