@@ -22,6 +22,7 @@
 use std::collections::{HashMap, HashSet};
 
 mod packed;
+pub(crate) use packed::span;
 pub use packed::{PackedSet, TooLarge};
 
 use ipnet::IpNet;

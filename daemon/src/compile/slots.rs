@@ -53,17 +53,10 @@ impl Slots {
     /// Slot `i`.
     pub fn get(&self, i: usize) -> Option<Slot<'_>> {
         let meta = self.meta.get(i)?;
-        let from = i
-            .checked_sub(1)
-            .and_then(|p| self.ends.get(p))
-            .copied()
-            .unwrap_or(0);
-        let to = self.ends.get(i).copied().unwrap_or(from);
         let limit = (meta.limit as usize).checked_sub(1);
         Some(Slot {
-            name: self
-                .names
-                .get(from as usize..to as usize)
+            name: crate::rules::span(&self.ends, i)
+                .and_then(|r| self.names.get(r))
                 .unwrap_or_default(),
             kind: u32::from(meta.kind),
             dir: meta.dir,

@@ -34,8 +34,6 @@ pub struct PackedSet {
     /// The earliest `expires` of a rule (Unix seconds), so the once-a-second
     /// sweep asks a number, not 100k rules.
     next_expiry: Option<u64>,
-    /// An egress rule names hosts (`RuleSet::has_names`).
-    has_names: bool,
     /// The places of the egress rules that name hosts, so a DNS answer
     /// unpacks those alone.
     named: Box<[u32]>,
@@ -84,7 +82,6 @@ impl PackedSet {
                 .chain(&set.egress_rules)
                 .filter_map(FirewallRule::expires_at)
                 .min(),
-            has_names: set.has_names(),
             named: (0u32..)
                 .zip(&set.egress_rules)
                 .filter(|(_, r)| !r.names.is_empty())
@@ -125,12 +122,7 @@ impl PackedSet {
 
     /// Whether an egress rule names hosts (`RuleSet::has_names`).
     pub fn has_names(&self) -> bool {
-        self.has_names
-    }
-
-    /// The egress rules (unpacked one by one).
-    pub fn egress_rules(&self) -> impl Iterator<Item = FirewallRule> + '_ {
-        self.egress.iter()
+        !self.named.is_empty()
     }
 
     /// The egress rules that name hosts (unpacked alone).
@@ -187,13 +179,7 @@ impl PackedList {
 
     /// The encoding of rule `i`.
     fn bytes_of(&self, i: usize) -> Option<&[u8]> {
-        let from = i
-            .checked_sub(1)
-            .and_then(|p| self.ends.get(p))
-            .copied()
-            .unwrap_or(0);
-        let to = *self.ends.get(i)?;
-        self.bytes.get(from as usize..to as usize)
+        self.bytes.get(span(&self.ends, i)?)
     }
 
     /// Rule `i` (`i` < the list's length).
@@ -208,6 +194,14 @@ impl PackedList {
     fn unpack(&self) -> Vec<FirewallRule> {
         self.iter().collect()
     }
+}
+
+/// Where item `i` is in a buffer of items one after another, `ends[i]`
+/// where each ends.
+pub(crate) fn span(ends: &[u32], i: usize) -> Option<std::ops::Range<usize>> {
+    let from = i.checked_sub(1).map_or(Some(0), |p| ends.get(p).copied())?;
+    let to = *ends.get(i)?;
+    Some(from as usize..to as usize)
 }
 
 const HAS_DESCRIPTION: u8 = 1;
@@ -370,8 +364,6 @@ const NET6: u8 = 4;
 /// bytes format back to (checked here, so reading it back gives the same
 /// text) and the bytes are shorter, else as its text.
 fn put_network(out: &mut Vec<u8>, s: &str, text: &mut String) {
-    // An IPv6 address is 16 bytes: `fd00::1` is shorter as text.
-    let v6_shorter = s.len() > 16;
     let (addr, len) = match s.split_once('/') {
         Some((addr, len)) => match len.parse::<u8>() {
             Ok(len) => (addr, Some(len)),
@@ -379,50 +371,46 @@ fn put_network(out: &mut Vec<u8>, s: &str, text: &mut String) {
         },
         None => (s, None),
     };
-    text.clear();
-    let tag = match addr.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) if len.is_none_or(|l| l <= 32) => {
-            write_v4(text, a.octets());
-            (len.is_some(), a.octets().to_vec())
-        }
-        Ok(IpAddr::V6(a)) if v6_shorter && len.is_none_or(|l| l <= 128) => {
-            write_v6(text, a.octets());
-            (len.is_some(), a.octets().to_vec())
-        }
-        _ => {
-            out.push(TEXT);
-            put_str(out, s);
-            return;
-        }
+    let ip = match addr.parse::<IpAddr>() {
+        // An IPv6 address is 16 bytes: `fd00::1` is shorter as text.
+        Ok(ip) if ip.is_ipv4() || s.len() > 16 => ip,
+        _ => return put_text(out, s),
     };
+    text.clear();
+    write_ip(text, ip);
     if let Some(len) = len {
         let _ = write!(text, "/{len}");
     }
-    match (text == s, tag) {
-        (true, (net, bytes)) => {
-            out.push(match (net, bytes.len()) {
-                (false, 4) => ADDR4,
-                (false, _) => ADDR6,
-                (true, 4) => NET4,
-                (true, _) => NET6,
-            });
-            out.extend(len);
-            out.extend_from_slice(&bytes);
-        }
-        (false, _) => {
-            out.push(TEXT);
-            put_str(out, s);
-        }
+    // Any length reads back as written, in range or not.
+    if text != s {
+        return put_text(out, s);
+    }
+    out.push(match (ip, len) {
+        (IpAddr::V4(_), None) => ADDR4,
+        (IpAddr::V6(_), None) => ADDR6,
+        (IpAddr::V4(_), Some(_)) => NET4,
+        (IpAddr::V6(_), Some(_)) => NET6,
+    });
+    out.extend(len);
+    match ip {
+        IpAddr::V4(a) => out.extend_from_slice(&a.octets()),
+        IpAddr::V6(a) => out.extend_from_slice(&a.octets()),
     }
 }
 
-/// An IPv4 address as `Ipv4Addr` displays it.
-fn write_v4(out: &mut String, octets: [u8; 4]) {
-    for (i, o) in octets.iter().enumerate() {
-        if i > 0 {
-            out.push('.');
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    out.push(TEXT);
+    put_str(out, s);
+}
+
+/// An address as the network's bytes read back: IPv4 as `Ipv4Addr`
+/// displays it, IPv6 by [`write_v6`].
+fn write_ip(out: &mut String, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            let _ = write!(out, "{a}");
         }
-        let _ = write!(out, "{o}");
+        IpAddr::V6(a) => write_v6(out, a.octets()),
     }
 }
 
@@ -496,22 +484,23 @@ impl Reader<'_> {
 
     /// An `ip_ranges` entry `put_network` wrote.
     fn network(&mut self) -> Option<String> {
-        let mut out = String::with_capacity(44);
-        match self.byte()? {
-            TEXT => return self.string(),
-            ADDR4 => write_v4(&mut out, self.bytes()?),
-            ADDR6 => write_v6(&mut out, self.bytes()?),
-            NET4 => {
-                let len = self.byte()?;
-                write_v4(&mut out, self.bytes()?);
-                let _ = write!(out, "/{len}");
-            }
-            NET6 => {
-                let len = self.byte()?;
-                write_v6(&mut out, self.bytes()?);
-                let _ = write!(out, "/{len}");
-            }
+        let tag = self.byte()?;
+        if tag == TEXT {
+            return self.string();
+        }
+        let len = match tag {
+            NET4 | NET6 => Some(self.byte()?),
+            _ => None,
+        };
+        let ip = match tag {
+            ADDR4 | NET4 => IpAddr::from(self.bytes::<4>()?),
+            ADDR6 | NET6 => IpAddr::from(self.bytes::<16>()?),
             _ => return None,
+        };
+        let mut out = String::with_capacity(44);
+        write_ip(&mut out, ip);
+        if let Some(len) = len {
+            let _ = write!(out, "/{len}");
         }
         Some(out)
     }
@@ -672,7 +661,6 @@ mod tests {
         fn addresses_are_written_as_the_standard_library_displays_them(
             a in any::<u128>(),
             zeros in any::<u8>(),
-            b in any::<u32>(),
         ) {
             // Zero groups where `zeros` has a bit, for runs of every length.
             let mut octets = a.to_be_bytes();
@@ -688,9 +676,6 @@ mod tests {
                 write_v6(&mut out, octets);
                 prop_assert_eq!(out, v6.to_string());
             }
-            let mut out = String::new();
-            write_v4(&mut out, b.to_be_bytes());
-            prop_assert_eq!(out, Ipv4Addr::from(b).to_string());
         }
 
         #[test]
