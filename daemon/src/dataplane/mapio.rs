@@ -79,7 +79,7 @@ pub(super) fn clear_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Resu
 /// system call each (about 1 us: 100 ms for the counters of 100k rules,
 /// read at every change).
 pub(super) fn read_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Result<Vec<Counter>> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
+    use std::os::fd::AsFd as _;
     let aya::maps::Map::PerCpuArray(data) = map else {
         bail!("not a per-CPU array map");
     };
@@ -88,48 +88,22 @@ pub(super) fn read_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Resul
     // list hundreds of possible CPUs (16 bytes each per entry).
     let chunk = slots.clamp(1, READ_CHUNK);
     let mut keys = vec![0u32; chunk];
-    // One value per possible CPU per entry (a `Counter` is 16 bytes: no
-    // rounding).
+    // One value per possible CPU per entry.
     let mut values = vec![Counter::default(); chunk * cpus];
     let mut sums = Vec::with_capacity(slots);
-    // Where the last call stopped (the last key it read).
-    let mut token = 0u32;
+    // Where the last call stopped (an array's position is the last key).
+    let mut from = None;
     while sums.len() < slots {
-        let mut next = 0u32;
         let want = (slots - sums.len()).min(chunk);
-        let mut attr = sys::BatchAttr {
-            // No position: from the first key.
-            in_batch: if sums.is_empty() {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: want as u32,
-            map_fd: data.fd().as_fd().as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys`
-        // has room for `count <= chunk` u32 keys and `values` for `count`
-        // entries of `cpus` counters (16 bytes each, as the kernel lays out
-        // a per-CPU value); `in_batch` and `out_batch` point at u32 keys;
-        // all outlive the call; the fd is the map's, open.
-        let end = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
-            Ok(_) => false,
-            // The map ended before `count` entries: `attr.count` were read.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH on the rule counters"),
-        };
-        let read = (attr.count as usize).min(want);
-        let per_cpu = values.get(..read * cpus).unwrap_or_default();
+        // A `Counter` is 16 bytes: per-CPU values need no rounding.
+        let batch = lookup_batch(data.fd().as_fd(), from, &mut keys, &mut values, want, cpus)
+            .context("BPF_MAP_LOOKUP_BATCH on the rule counters")?;
+        let per_cpu = values.get(..batch.read * cpus).unwrap_or_default();
         sums.extend(per_cpu.chunks(cpus).map(super::counters::sum));
-        if end || read == 0 {
+        if batch.end || batch.read == 0 {
             break;
         }
-        token = next;
+        from = Some(batch.next);
     }
     ensure!(
         sums.len() == slots,
@@ -257,58 +231,94 @@ where
 fn entries<K: aya::Pod, V: aya::Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
 ) -> anyhow::Result<Vec<(K, V)>> {
-    use std::os::fd::AsRawFd as _;
     let mut out = Vec::new();
     let mut chunk = READ_CHUNK;
-    // A hash map's batch position is a bucket number.
-    let mut token = 0u32;
-    let mut first = true;
+    // A hash map's position is a bucket number.
+    let mut from = None;
     loop {
         // SAFETY: `K` and `V` are Pod: all-zero bytes are a value of each.
         let mut keys: Vec<K> = vec![unsafe { std::mem::zeroed() }; chunk];
         // SAFETY: as above.
         let mut values: Vec<V> = vec![unsafe { std::mem::zeroed() }; chunk];
-        let mut next = 0u32;
-        let mut attr = sys::BatchAttr {
-            in_batch: if first {
-                0
-            } else {
-                &token as *const u32 as u64
-            },
-            out_batch: &mut next as *mut u32 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            elem_flags: 0,
-            flags: 0,
-        };
-        // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys`
-        // and `values` have room for `count` keys and values of the map's
-        // sizes (`K` and `V` are its key and value types, as the callers'
-        // tables are); `in_batch` and `out_batch` point at u32 bucket
-        // numbers; all outlive the call; the fd is the map's, open.
-        let end = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
-            Ok(_) => false,
-            // The map ended: `attr.count` entries were read.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            // One bucket holds more than `count` entries: nothing was read.
+        let batch = match lookup_batch(fd, from, &mut keys, &mut values, chunk, 1) {
+            Ok(batch) => batch,
+            // One bucket holds more than `chunk` entries: nothing was read.
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
                 chunk *= 2;
                 continue;
             }
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
         };
-        let read = (attr.count as usize).min(chunk);
-        keys.truncate(read);
-        values.truncate(read);
+        keys.truncate(batch.read);
+        values.truncate(batch.read);
         out.extend(keys.into_iter().zip(values));
-        if end {
+        if batch.end {
             return Ok(out);
         }
-        token = next;
-        first = false;
+        from = Some(batch.next);
     }
+}
+
+/// What one `BPF_MAP_LOOKUP_BATCH` call read.
+struct Batch {
+    /// Entries read.
+    read: usize,
+    /// Where the next call starts (the map's own position: the last key
+    /// read of an array, a bucket number of a hash map).
+    next: u32,
+    /// The map ended.
+    end: bool,
+}
+
+/// One `BPF_MAP_LOOKUP_BATCH`: up to `count` entries of the map of `fd`,
+/// from position `from` (`None`: the first) into `keys` and `values`
+/// (`per_key` values per entry: one, or one per possible CPU). `K` and `V`
+/// must be the map's key and (per-CPU) value types; the room is checked.
+fn lookup_batch<K: aya::Pod, V: aya::Pod>(
+    fd: std::os::fd::BorrowedFd<'_>,
+    from: Option<u32>,
+    keys: &mut [K],
+    values: &mut [V],
+    count: usize,
+    per_key: usize,
+) -> std::io::Result<Batch> {
+    use std::os::fd::AsRawFd as _;
+    if keys.len() < count || values.len() < count.saturating_mul(per_key) {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let token = from.unwrap_or(0);
+    let mut next = 0u32;
+    let mut attr = sys::BatchAttr {
+        // No position: from the first entry.
+        in_batch: if from.is_some() {
+            &token as *const u32 as u64
+        } else {
+            0
+        },
+        out_batch: &mut next as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: count as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        elem_flags: 0,
+        flags: 0,
+    };
+    // SAFETY: `attr` is `bpf_attr.batch` (no implicit padding); `keys` has
+    // room for `count` keys and `values` for `count` entries of `per_key`
+    // values (checked above; `K` and `V` are the map's types, as the
+    // callers' maps are); `in_batch` and `out_batch` point at u32
+    // positions; all outlive the call; the fd is the map's, open.
+    let end = match unsafe { sys::bpf(sys::BPF_MAP_LOOKUP_BATCH, &mut attr) } {
+        Ok(_) => false,
+        // The map ended before `count` entries: `attr.count` were read.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+        Err(e) => return Err(e),
+    };
+    Ok(Batch {
+        read: (attr.count as usize).min(count),
+        next,
+        end,
+    })
 }
 
 /// Every key of a map, read with `BPF_MAP_GET_NEXT_KEY`.
