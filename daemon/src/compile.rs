@@ -29,8 +29,8 @@ use portcullis_common::{
     DIR_EGRESS, DIR_INGRESS, DNS_PORT, DNS_TLS_PORT, MAX_SEGMENTS_PER_CLASS, PCLASS_ICMP,
     PCLASS_TCP, PCLASS_UDP, PCLASSES, Region, RuleKey4, RuleKey6, SEARCH_STEPS, SLOT_INDEX_MASK,
     SLOT_KIND_FOREIGN, SLOT_KIND_PEER, SLOT_KIND_RULE, SLOT_KIND_SHIFT, SLOT_KIND_SSH, SLOT_NONE,
-    Segment, V4_CHUNK_ENTRIES, V4_NODE, V4_ROOT_ENTRIES, V6_BUCKET_LENGTHS, V6_BUCKET_OVERFLOW,
-    V6_SHORT_MAX, V6BucketKey, V6Lengths, V6PrefixKey,
+    Segment, V4_CHUNK_ENTRIES, V4_NODE, V6_BUCKET_LENGTHS, V6_BUCKET_OVERFLOW, V6_SHORT_MAX,
+    V6BucketKey, V6Lengths, V6PrefixKey,
 };
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
@@ -843,15 +843,20 @@ fn check_limits(image: &Image, limits: &Limits) -> Result<(), CompileError> {
 /// order of length, so a longer prefix overwrites a shorter one and a new
 /// chunk starts out with the entry it replaces (the shorter prefix's region).
 ///
-/// Indexing here cannot go out of bounds: `root` has `V4_ROOT_ENTRIES` (one
-/// 65536 block per direction byte, at most `ingress_dir(IF_CLASSES)`) and
+/// The root holds the blocks up to the highest direction `prefixes` have
+/// (two without interface rules, of the `V4_ROOT_ENTRIES` the map holds):
+/// a change writes those, not the map's 3 MB. Entries past it read as 0.
+///
+/// Indexing here cannot go out of bounds: `root` has one 65536 block per
+/// direction byte up to the highest of `prefixes` and
 /// is indexed by the direction times 65536 plus the top 16 bits,
 /// with a run of `2^(16 - plen)` that stays inside the aligned 16-bit block;
 /// chunks are indexed by ids this function appended (`chunk` <
 /// `chunks.len() / 16`) plus a nibble or an aligned run within the chunk.
 #[allow(clippy::indexing_slicing)]
 fn v4_table(prefixes: &[(RuleKey4, u32, u32)]) -> (Vec<u32>, Vec<u32>) {
-    let mut root = vec![0u32; V4_ROOT_ENTRIES as usize];
+    let blocks = prefixes.iter().map(|(key, ..)| key[0] as usize + 1).max();
+    let mut root = vec![0u32; blocks.unwrap_or(0) * 65536];
     let mut chunks: Vec<u32> = Vec::new();
     let mut sorted: Vec<_> = prefixes.iter().collect();
     sorted.sort_by_key(|(_, len, _)| *len);

@@ -359,6 +359,41 @@ fn same_keys<K: Ord + Copy + std::fmt::Debug>(got: &[K], mut want: Vec<K>, what:
     );
 }
 
+/// The IPv4 table's root is written only as far as the image's highest
+/// direction: a generation written again with a shorter root keeps nothing
+/// of the longer one. Set A admits 10.200.7.0/24 (a root block for
+/// ingress); B has no IPv4 source (no root at all: the SSH exemption,
+/// which has 0.0.0.0/0, is off in both). Written A, B, B, the
+/// third write lands on A's generation: a source only A admitted is
+/// dropped there, as the reference says.
+#[test]
+fn a_shorter_ipv4_root_leaves_nothing_of_the_longer_one() {
+    require_root!();
+    let pins = PinDir::new().unwrap();
+    let limits = Limits::default();
+    let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
+    let mut a = v6_rules(0xa, 1);
+    a.ingress_rules[0].ip_ranges = vec!["10.200.7.0/24".into()];
+    a.ssh.allow = false;
+    let mut b = v6_rules(0xb, 1);
+    b.ssh.allow = false;
+    let src: IpAddr = "10.200.7.9".parse().unwrap();
+    let dst: IpAddr = "10.200.0.1".parse().unwrap();
+    for (step, set) in [&a, &b, &b].into_iter().enumerate() {
+        let image = compile::compile(set, &limits).unwrap();
+        let g = dp.apply(&image, false).unwrap();
+        let out = dp
+            .test_run(
+                Program::Ingress,
+                &frame(src, dst, PCLASS_TCP, 42000 + step as u16, 80),
+                1,
+            )
+            .unwrap();
+        let want = if step == 0 { XDP_PASS } else { XDP_DROP };
+        assert_eq!(out.retval, want, "step {step}: generation {g}");
+    }
+}
+
 /// `n` rules, each admitting TCP port 80 from its own IPv6 /64 under
 /// `fd00:200:<site>::/48`.
 fn v6_rules(site: u16, n: u16) -> RuleSet {

@@ -17,6 +17,17 @@ use super::{maps_dir, sys};
 /// entries while they change. Entries past `values` need no clearing:
 /// nothing refers to them.
 pub(super) fn write_array<V: aya::Pod>(map: &aya::maps::Map, values: &[V]) -> anyhow::Result<()> {
+    write_array_clearing(map, values, 0)
+}
+
+/// [`write_array`], and entries `values.len()..clear_to` (at most the map's
+/// capacity) zeroed: for an array whose every entry is read (the IPv4
+/// table's root), written shorter than before.
+pub(super) fn write_array_clearing<V: aya::Pod>(
+    map: &aya::maps::Map,
+    values: &[V],
+    clear_to: usize,
+) -> anyhow::Result<()> {
     use std::os::fd::AsFd as _;
     let aya::maps::Map::Array(data) = map else {
         bail!("not an array map");
@@ -27,14 +38,15 @@ pub(super) fn write_array<V: aya::Pod>(map: &aya::maps::Map, values: &[V]) -> an
         "{} entries do not fit in a map of {max}",
         values.len()
     );
+    let entries = values.len().max(clear_to.min(max));
     // The kernel stores array elements at their value size rounded up to 8.
     let stride = size_of::<V>().next_multiple_of(8);
-    let Some(len) = std::num::NonZeroUsize::new(values.len() * stride) else {
+    let Some(len) = std::num::NonZeroUsize::new(entries * stride) else {
         return Ok(());
     };
     use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
     // SAFETY: a new shared mapping of the first `len` bytes of the map's
-    // memory, which holds `max >= values.len()` elements of `stride` bytes;
+    // memory, which holds `max >= entries` elements of `stride` bytes;
     // nothing else in this process refers to it.
     let base = unsafe {
         mmap(
@@ -52,6 +64,14 @@ pub(super) fn write_array<V: aya::Pod>(map: &aya::maps::Map, values: &[V]) -> an
         // V <= len`), aligned (page-aligned base, `stride` a multiple of 8,
         // `V`'s alignment at most 8).
         unsafe { base.cast::<u8>().add(i * stride).cast::<V>().write(*value) };
+    }
+    if entries > values.len() {
+        // SAFETY: bytes `values.len() * stride..len` lie inside the mapping.
+        unsafe {
+            base.cast::<u8>()
+                .add(values.len() * stride)
+                .write_bytes(0, (entries - values.len()) * stride)
+        };
     }
     // SAFETY: the mapping made above, with its length; not used after this.
     unsafe { munmap(base, len.get()) }.context("unmapping the array's memory")?;

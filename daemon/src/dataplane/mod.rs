@@ -91,7 +91,7 @@ pub use deny::{DenyWrite, boottime_ns, covers};
 pub use explain::Verdict;
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
-use mapio::{clear_counters, write_array, write_keyed};
+use mapio::{clear_counters, write_array, write_array_clearing, write_keyed};
 pub use ratelimit::RateBan;
 
 use crate::{
@@ -114,12 +114,13 @@ pub struct Dataplane {
     /// Count egress volume per destination. Takes effect with the next
     /// `apply`.
     pub egress_volume: bool,
-    /// The IPv6 tables this process last wrote to each generation, so an
-    /// update writes only what changed and knows the stale keys without
-    /// reading them back (`None` until the first write, and after a failed
-    /// one). Reading them back would walk every bucket of the hash maps
-    /// (a million at 600k prefixes: milliseconds, however few they hold).
-    v6_written: [Option<V6Written>; 2],
+    /// What this process last wrote to each generation (`None` until the
+    /// first write, and after a failed one): the IPv6 tables, so an update
+    /// writes only what changed and knows the stale keys without reading
+    /// them back (that walks every bucket of the hash maps, a million at
+    /// 600k prefixes: milliseconds, however few they hold); the IPv4 root's
+    /// length, so only what an earlier root wrote past it is zeroed.
+    written: [Option<Written>; 2],
     /// When `ACTIVE` last switched: the generation it left may still be
     /// read by packets in flight until [`SETTLE`] has passed.
     switched: Option<std::time::Instant>,
@@ -224,7 +225,7 @@ impl Dataplane {
             pin_dir: pin_dir.to_owned(),
             pass_all: false,
             egress_volume: false,
-            v6_written: [None, None],
+            written: [None, None],
             // As if switched now: a previous process may have switched a
             // moment ago (a restart takes milliseconds, but need not).
             switched: Some(std::time::Instant::now()),
@@ -322,7 +323,7 @@ impl Dataplane {
         ) | dns_guard_flag(image);
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
-        let before = self.v6_written.get_mut(g).and_then(Option::take);
+        let before = self.written.get_mut(g).and_then(Option::take);
         let rate_limits = self.rate_limits(image);
         write_if_dirs(&mut self.ebpf, g, &image.if_classes)
             .context("writing the interfaces' rule lists (IFDIR)")?;
@@ -334,7 +335,7 @@ impl Dataplane {
             before.as_ref(),
             Some(&rate_limits),
         )?;
-        if let Some(w) = self.v6_written.get_mut(g) {
+        if let Some(w) = self.written.get_mut(g) {
             *w = Some(written);
         }
         Ok(())
@@ -442,25 +443,32 @@ const SETTLE: std::time::Duration = std::time::Duration::from_millis(2);
 
 /// Writes `image` into generation `g` of `ebpf`'s rule maps and its
 /// `SETTINGS[g]`; `before` is what this process last wrote there (the IPv6
-/// keys to remove), `None` to read them from the kernel. Returns the IPv6
-/// tables now written.
+/// keys to remove, the root's length), `None` to read the keys from the
+/// kernel and zero the whole root past the image's. Returns what it wrote.
 fn write_image(
     ebpf: &mut Ebpf,
     g: usize,
     image: &Image,
     flags: u32,
-    before: Option<&V6Written>,
+    before: Option<&Written>,
     rate_limits: Option<&[portcullis_common::RateLimit]>,
-) -> anyhow::Result<V6Written> {
-    write_array(map_mut(ebpf, generation(maps::V4_ROOT, g))?, &image.v4_root)
-        .context("writing the IPv4 table root")?;
+) -> anyhow::Result<Written> {
+    // The root's entries past the image's are read too: those an earlier,
+    // longer root wrote are zeroed (all of them when unknown).
+    write_array_clearing(
+        map_mut(ebpf, generation(maps::V4_ROOT, g))?,
+        &image.v4_root,
+        before.map_or(usize::MAX, |b| b.v4_root),
+    )
+    .context("writing the IPv4 table root")?;
     write_array(
         map_mut(ebpf, generation(maps::V4_CHUNKS, g))?,
         &image.v4_chunks,
     )
     .context("writing the IPv4 table chunks")?;
     let v6 = &image.v6_tables;
-    let written = V6Written {
+    let written = Written {
+        v4_root: image.v4_root.len(),
         // The trie (prefixes shorter than /32, and /32s with too many
         // lengths) is kept whole: it is small, and read back key by key.
         short: write_keyed(
@@ -522,11 +530,14 @@ fn write_image(
     Ok(written)
 }
 
-/// The IPv6 tables (see [`crate::compile::V6Tables`]) as written to one
-/// generation, each sorted by key; `None`: too large to keep, read back
-/// from the kernel by the next write (see `mapio::write_keyed`).
+/// What one generation's maps were last written with, where the next write
+/// needs it: the length of the IPv4 table's root, and the IPv6 tables (see
+/// [`crate::compile::V6Tables`]), each sorted by key (`None`: too large to
+/// keep, read back from the kernel by the next write, see
+/// `mapio::write_keyed`).
 #[derive(Default)]
-struct V6Written {
+struct Written {
+    v4_root: usize,
     short: Option<Vec<([u8; 21], u32)>>,
     prefixes: Option<Vec<(portcullis_common::V6PrefixKey, u32)>>,
     buckets: Option<Vec<(portcullis_common::V6BucketKey, portcullis_common::V6Lengths)>>,
