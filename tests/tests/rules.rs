@@ -428,7 +428,7 @@ fn large_ipv6_tables_are_read_back_and_nothing_stale_stays() {
     let pins = PinDir::new().unwrap();
     let limits = Limits::default();
     let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
-    let sets = [v6_rules(0xa, 5000), v6_rules(0xb, 5000), v6_rules(0xc, 1)];
+    let sets = [v6_rules(0xa, 17000), v6_rules(0xb, 17000), v6_rules(0xc, 1)];
     let images: Vec<_> = sets
         .iter()
         .map(|s| compile::compile(s, &limits).unwrap())
