@@ -35,7 +35,10 @@ use portcullis_common::{
 use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
-use crate::rules::{Protocol, RuleSet};
+use crate::{
+    parallel::both,
+    rules::{Protocol, RuleSet},
+};
 
 mod index;
 mod slots;
@@ -622,6 +625,7 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
     let (image, (index, (json, hash))) = both(
+        "compile",
         || lay_out(set, &entries, limits),
         || (Index::of(&entries), canonical(set)),
     );
@@ -631,25 +635,6 @@ pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     image.slots = slots;
     check_limits(&image, limits)?;
     Ok(image)
-}
-
-/// `(a(), b())`, `b` on a second thread. If no thread can be started (a
-/// cgroup's task limit, memory), `b` runs here after `a`: the compile is
-/// slower, never refused. A panic of `b` goes on here, as it would inline.
-fn both<A, B: Send>(a: impl FnOnce() -> A, b: impl Fn() -> B + Sync) -> (A, B) {
-    std::thread::scope(|s| {
-        let thread = std::thread::Builder::new()
-            .name("compile".into())
-            .spawn_scoped(s, &b);
-        let a = a();
-        let b = match thread {
-            Ok(thread) => thread
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-            Err(_) => b(),
-        };
-        (a, b)
-    })
 }
 
 /// The maps of `set` (prefixes, regions, segments, the IPv4 table and the
@@ -690,6 +675,7 @@ fn lay_out(set: &RuleSet, entries: &[Entry], limits: &Limits) -> Result<Image, C
     // again on one thread with one layout, storing everything once, so a
     // set fits exactly when it would have on one thread.
     let (v4, v6) = both(
+        "compile",
         || family(entries, &dirs, &[false], seed),
         || family(entries, &dirs, &[true], seed),
     );
@@ -705,7 +691,7 @@ fn lay_out(set: &RuleSet, entries: &[Entry], limits: &Limits) -> Result<Image, C
         (image.regions, image.segments) = (one.regions, one.segments);
     }
     let (v4, v6) = (&image.v4, &image.v6);
-    let ((v4_root, v4_chunks), v6_tables) = both(|| v4_table(v4), || V6Tables::of(v6));
+    let ((v4_root, v4_chunks), v6_tables) = both("compile", || v4_table(v4), || V6Tables::of(v6));
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
     image.v6_tables = Arc::new(v6_tables);
     Ok(image)

@@ -7,6 +7,7 @@
 //! - [`api`]: the control API (HTTP over a Unix socket) on top of the core.
 //! - [`audit`]: the hash-chained audit log of every change and refusal.
 //! - [`compile`]: the rule set compiled into the rule maps' image (pure).
+//! - [`parallel`]: two pieces of work side by side (the compile's, a change's).
 //! - [`config`]: the configuration file (pure).
 //! - [`dataplane`]: everything that talks to the kernel's bpf(2), rtnetlink
 //!   and sock_diag: loading, attaching, pinning, writing maps, counters, the
@@ -77,6 +78,7 @@ pub mod journal;
 pub mod membership;
 pub mod metrics;
 pub mod model;
+pub mod parallel;
 pub mod readiness;
 pub mod reload;
 pub mod rules;

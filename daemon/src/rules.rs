@@ -21,7 +21,9 @@
 
 use std::collections::{HashMap, HashSet};
 
+mod cidr;
 mod packed;
+pub use cidr::{parse_cidr, parse_cidrs, quick_v4};
 pub(crate) use packed::span;
 pub use packed::{PackedSet, TooLarge};
 
@@ -496,33 +498,6 @@ pub fn check_id(id: &str) -> Result<(), String> {
         return Err("must start with a letter or a digit".into());
     }
     Ok(())
-}
-
-/// Parses a CIDR (or a bare address, as a host route) and rejects host bits.
-pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    let net: IpNet = match text.parse() {
-        Ok(net) => net,
-        Err(_) => match text.parse::<std::net::IpAddr>() {
-            Ok(addr) => IpNet::from(addr),
-            Err(_) => {
-                return Err(format!(
-                    "{text:?} is not a CIDR (like 10.0.0.0/8 or fd00::/64)"
-                ));
-            }
-        },
-    };
-    if net.trunc() != net {
-        return Err(format!(
-            "{text:?} has host bits set; write {} for the network or {} for the one address",
-            net.trunc(),
-            IpNet::from(net.addr())
-        ));
-    }
-    Ok(net)
-}
-
-pub fn parse_cidrs(list: &[String]) -> Result<Vec<IpNet>, String> {
-    list.iter().map(|c| parse_cidr(c)).collect()
 }
 
 /// ICMP message type names and their numbers in ICMPv4 and ICMPv6. ICMPv6

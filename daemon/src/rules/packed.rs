@@ -54,6 +54,14 @@ impl PackedSet {
         Self::pack_over(set, None)
     }
 
+    /// Whether `set` packs: refuses, as packing would, a set whose rules'
+    /// text is more than 4 GiB, from an upper bound of what packing writes
+    /// (one pass over the lengths). A set this passes packs without fail,
+    /// so a change may pack it beside its writes to the kernel.
+    pub fn fits(set: &RuleSet) -> Result<(), TooLarge> {
+        fits_within(set, u64::from(u32::MAX))
+    }
+
     /// Packs `set` where `self` is `previous` packed: a rule `previous` has
     /// at the same place, unchanged, is copied, not encoded again (adding
     /// one rule to 100k encodes one).
@@ -279,6 +287,49 @@ fn encode(rule: &FirewallRule, out: &mut Vec<u8>, text: &mut String) {
     }
 }
 
+/// [`PackedSet::fits`] with lists of at most `limit` bytes.
+fn fits_within(set: &RuleSet, limit: u64) -> Result<(), TooLarge> {
+    for list in [&set.ingress_rules, &set.egress_rules] {
+        let bound: u64 = list.iter().map(encoded_bound).sum();
+        if bound > limit {
+            return Err(TooLarge);
+        }
+    }
+    Ok(())
+}
+
+/// At least the bytes [`encode`] writes for `rule`: each string as its
+/// text after a varint (at most 5 bytes), each number a varint, a network
+/// at most its text with a tag byte before it (its bytes form is used only
+/// when shorter).
+fn encoded_bound(rule: &FirewallRule) -> u64 {
+    let FirewallRule {
+        id,
+        ip_ranges,
+        names,
+        icmp_types,
+        interfaces,
+        description,
+        expires,
+        ..
+    } = rule;
+    let text = |s: &String| 5 + s.len() as u64;
+    let list = |l: &Vec<String>| 5 + l.iter().map(|s| 1 + text(s)).sum::<u64>();
+    // Flags, protocol, the ports, rate and burst.
+    let fixed = 2 + 4 * 5;
+    fixed
+        + text(id)
+        + [ip_ranges, names, icmp_types, interfaces]
+            .into_iter()
+            .map(list)
+            .sum::<u64>()
+        + [description, expires]
+            .into_iter()
+            .flatten()
+            .map(text)
+            .sum::<u64>()
+}
+
 /// The rule `encode` wrote at the reader's place.
 fn decode(r: &mut Reader<'_>) -> Option<FirewallRule> {
     let flags = r.byte()?;
@@ -364,6 +415,13 @@ const NET6: u8 = 4;
 /// bytes format back to (checked here, so reading it back gives the same
 /// text) and the bytes are shorter, else as its text.
 fn put_network(out: &mut Vec<u8>, s: &str, text: &mut String) {
+    // A canonical IPv4 text formats back to itself (`quick_v4`): no check.
+    if let Some((addr, len)) = super::quick_v4(s) {
+        out.push(if len.is_some() { NET4 } else { ADDR4 });
+        out.extend(len);
+        out.extend_from_slice(&addr.octets());
+        return;
+    }
     let (addr, len) = match s.split_once('/') {
         Some((addr, len)) => match len.parse::<u8>() {
             Ok(len) => (addr, Some(len)),
@@ -701,6 +759,32 @@ mod tests {
             }
             edited.egress_rules.pop();
             prop_assert_eq!(packed.repack(&a, &edited), PackedSet::pack(&edited));
+        }
+
+        #[test]
+        fn a_rule_is_never_packed_longer_than_its_bound(
+            set in strategies::rule_set(),
+            texts in prop::collection::vec(network_text(), 0..6),
+            description in proptest::option::of("\\PC{0,40}"),
+            big in any::<bool>(),
+        ) {
+            let mut r = rule("b");
+            r.ip_ranges = texts;
+            r.description = description;
+            if big {
+                (r.from_port, r.to_port) = (u32::MAX, u32::MAX);
+                (r.rate, r.burst) = (Some(u32::MAX), Some(u32::MAX));
+            }
+            let rules = set.ingress_rules.iter().chain(&set.egress_rules).chain([&r]);
+            for r in rules {
+                let mut out = Vec::new();
+                encode(r, &mut out, &mut String::new());
+                prop_assert!(encoded_bound(r) >= out.len() as u64, "{:?}: {} bytes", r, out.len());
+            }
+            // So a set that fits packs, and one over the limit is refused.
+            let packed = PackedSet::pack(&set).unwrap();
+            let longest = packed.ingress.bytes.len().max(packed.egress.bytes.len()) as u64;
+            prop_assert_eq!(fits_within(&set, longest.saturating_sub(1)).is_err(), longest > 0);
         }
 
         #[test]
