@@ -784,19 +784,27 @@ impl Core {
     ) -> Result<u64, ChangeError> {
         let generation = self.generation + 1;
         // A set the core cannot keep changes nothing. One that fits packs
-        // without fail: beside the writes below, on a second thread (the
-        // writes are system calls and disk flushes; 100k rules take about
-        // 100 ms to pack).
+        // without fail: here, while a second thread writes it (system calls
+        // and disk flushes; 100k rules take about 100 ms to pack). The
+        // packed set is made on this thread so that it lives in the main
+        // arena of the allocator: kept in the second thread's, it held
+        // that arena's pages after the change's garbage was freed.
         PackedSet::fits(&next).map_err(|e| ChangeError::Internal(e.into()))?;
         // Keep the counters of the generation about to go idle.
         let totals = self.totals(true);
         let before = std::mem::take(&mut self.rules);
-        let (written, packed) = crate::parallel::both(
-            "pack",
-            || self.write_live(generation, &next, &image, allow_ping, &before),
+        let core = std::sync::Mutex::new(&mut *self);
+        let (packed, written) = crate::parallel::both(
+            "write",
             || match live {
                 Some(live) => before.repack(live, &next),
                 None => PackedSet::pack(&next),
+            },
+            || match core.lock() {
+                Ok(mut core) => core.write_live(generation, &next, &image, allow_ping, &before),
+                Err(_) => Err(ChangeError::Internal(anyhow::anyhow!(
+                    "the write of generation {generation} was left half done"
+                ))),
             },
         );
         let packed = match (written, packed) {

@@ -428,12 +428,22 @@ fn large_ipv6_tables_are_read_back_and_nothing_stale_stays() {
     let pins = PinDir::new().unwrap();
     let limits = Limits::default();
     let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
-    let sets = [v6_rules(0xa, 17000), v6_rules(0xb, 17000), v6_rules(0xc, 1)];
+    let sets = [
+        v6_rules(0xa, 17000),
+        v6_rules(0xb, 17000),
+        v6_rules(0xc, 1),
+        v6_rules(0xd, 100),
+    ];
     let images: Vec<_> = sets
         .iter()
         .map(|s| compile::compile(s, &limits).unwrap())
         .collect();
-    for (step, i) in [0, 1, 2, 0, 2, 1].into_iter().enumerate() {
+    // Large and small sets in turn: a large set's write drops the tables
+    // kept for the other generation too (read back when it is written).
+    for (step, i) in [0, 1, 2, 0, 2, 1, 2, 3, 0, 3, 1, 2, 0]
+        .into_iter()
+        .enumerate()
+    {
         let image = &images[i];
         let g = dp.apply(image, false).unwrap();
         let want: Vec<[u8; 18]> = image.v6_tables.prefixes.keys().copied().collect();

@@ -335,6 +335,15 @@ impl Dataplane {
             before.as_ref(),
             Some(&rate_limits),
         )?;
+        // A set whose hash tables are too large to keep: the other
+        // generation's kept tables go too (read back when it is written
+        // next), so a large set costs no more memory for the small set it
+        // replaced. The trie stays: it is read back key by key.
+        if (written.prefixes.is_none() || written.buckets.is_none())
+            && let Some(Some(other)) = self.written.get_mut(g ^ 1)
+        {
+            (other.prefixes, other.buckets) = (None, None);
+        }
         if let Some(w) = self.written.get_mut(g) {
             *w = Some(written);
         }
