@@ -18,7 +18,7 @@
 //! the same rules one by one; tests hold the two against each other.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::HashMap,
     net::IpAddr,
     rc::Rc,
     sync::Arc,
@@ -754,15 +754,21 @@ fn prefixes(
     image: &mut Image,
     layout: &mut Layout,
 ) -> Result<(), CompileError> {
-    // Distinct networks of this direction and family, with their entries.
-    let mut nets: BTreeMap<(u128, u8), Vec<usize>> = BTreeMap::new();
-    for (i, e) in entries.iter().enumerate().filter(|(_, e)| e.dir == dir) {
-        for n in e.nets.iter().filter(|n| matches!(n, IpNet::V6(_)) == v6) {
-            nets.entry((net_bits(n), n.prefix_len()))
-                .or_default()
-                .push(i);
-        }
-    }
+    // The networks of this direction and family with their entries, one
+    // sorted list: a network's entries are next to each other, in order.
+    let mut nets: Vec<(u128, u8, usize)> = entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.dir == dir)
+        .flat_map(|(i, e)| {
+            e.nets
+                .iter()
+                .filter(move |n| matches!(n, IpNet::V6(_)) == v6)
+                .map(move |n| (net_bits(n), n.prefix_len(), i))
+        })
+        .collect();
+    nets.sort_unstable();
+    let mut own: Vec<usize> = Vec::new();
     // Sorted by (address, length): each network follows the networks
     // that contain it, so a stack holds the current chain, each with the
     // port maps of every entry on the chain down to it.
@@ -770,7 +776,12 @@ fn prefixes(
     // One empty list for every class, so UDP can follow TCP from the top.
     let none = Laid::default();
     let empty: [Laid; PCLASSES] = std::array::from_fn(|_| none.clone());
-    for ((bits, len), own) in nets {
+    for group in nets.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
+        let Some(&(bits, len, _)) = group.first() else {
+            continue;
+        };
+        own.clear();
+        own.extend(group.iter().map(|&(.., i)| i));
         while let Some(((top_bits, top_len), _)) = stack.last() {
             if contains(*top_bits, *top_len, bits, len, v6) {
                 break;
