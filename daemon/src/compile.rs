@@ -17,12 +17,7 @@
 //! Regions with identical segments are stored once. `reference` evaluates
 //! the same rules one by one; tests hold the two against each other.
 
-use std::{
-    collections::HashMap,
-    net::IpAddr,
-    rc::Rc,
-    sync::Arc,
-};
+use std::{collections::HashMap, net::IpAddr, rc::Rc, sync::Arc};
 
 use ipnet::IpNet;
 use portcullis_common::{
@@ -42,8 +37,10 @@ use crate::{
 
 mod index;
 mod slots;
+mod table;
 pub use index::Index;
 pub use slots::{Slot, Slots};
+pub use table::Table;
 
 /// One rule in one direction, in priority order.
 #[derive(Clone, Debug)]
@@ -964,11 +961,11 @@ pub fn canonical(set: &RuleSet) -> (Vec<u8>, String) {
 pub struct V6Tables {
     /// LPM trie keys as the kernel reads them: the prefix length (counting
     /// the direction byte) in host order, then the `RuleKey6`.
-    pub short: HashMap<[u8; 21], u32>,
+    pub short: Table<[u8; 21], u32>,
     /// `V6_PREFIXES`: (direction, length, masked address) -> region.
-    pub prefixes: HashMap<V6PrefixKey, u32>,
+    pub prefixes: Table<V6PrefixKey, u32>,
     /// `V6_BUCKETS`: per (direction, /32), the lengths present, longest first.
-    pub buckets: HashMap<V6BucketKey, V6Lengths>,
+    pub buckets: Table<V6BucketKey, V6Lengths>,
 }
 
 impl V6Tables {
@@ -977,43 +974,34 @@ impl V6Tables {
         let bucket = |key: &RuleKey6| [key[0], key[1], key[2], key[3], key[4]];
         // Per /32, the lengths present (V6_SHORT_MAX+1 ..= 128) as bits of
         // a mask: bit `len - 32`.
-        let mut lengths: HashMap<V6BucketKey, u128> = HashMap::new();
-        for (key, len, _) in v6 {
-            if len - 8 > V6_SHORT_MAX {
-                *lengths.entry(bucket(key)).or_default() |= 1u128 << (len - 8 - 32);
-            }
-        }
-        let mut t = V6Tables {
-            short: HashMap::new(),
-            prefixes: HashMap::with_capacity(v6.len()),
-            buckets: HashMap::with_capacity(lengths.len()),
-        };
-        for (b, mask) in &lengths {
-            let mut list = [0u8; V6_BUCKET_LENGTHS];
-            if mask.count_ones() as usize > V6_BUCKET_LENGTHS {
-                list[0] = V6_BUCKET_OVERFLOW;
-            } else {
-                // Longest first.
-                let present = (32..=128u8)
-                    .rev()
-                    .filter(|l| mask & (1u128 << (l - 32)) != 0);
-                for (slot, len) in list.iter_mut().zip(present) {
-                    *slot = len;
-                }
-            }
-            t.buckets.insert(*b, list);
-        }
+        let mut lengths: Vec<(V6BucketKey, u128)> = v6
+            .iter()
+            .filter(|(_, len, _)| len - 8 > V6_SHORT_MAX)
+            .map(|(key, len, _)| (bucket(key), 1u128 << (len - 8 - 32)))
+            .collect();
+        lengths.sort_unstable_by_key(|(b, _)| *b);
+        let lengths: Vec<(V6BucketKey, u128)> = lengths
+            .chunk_by(|a, b| a.0 == b.0)
+            .filter_map(|run| Some((run.first()?.0, run.iter().fold(0, |m, (_, l)| m | l))))
+            .collect();
+        let buckets = Table::of(
+            lengths
+                .iter()
+                .map(|&(b, mask)| (b, bucket_lengths(mask)))
+                .collect(),
+        );
+        let mut short = Vec::new();
+        let mut prefixes = Vec::with_capacity(v6.len());
         for &(key, len, region) in v6 {
             let plen = len - 8;
-            let overflow = t
-                .buckets
+            let overflow = buckets
                 .get(&bucket(&key))
                 .is_some_and(|l| l[0] == V6_BUCKET_OVERFLOW);
             if plen <= V6_SHORT_MAX || overflow {
                 let mut k = [0u8; 21];
                 k[..4].copy_from_slice(&len.to_ne_bytes());
                 k[4..].copy_from_slice(&key);
-                t.short.insert(k, region);
+                short.push((k, region));
                 continue;
             }
             let [_, addr @ ..] = key;
@@ -1023,9 +1011,13 @@ impl V6Tables {
             p[0] = key[0];
             p[1] = plen as u8;
             p[2..].copy_from_slice(&masked.to_be_bytes());
-            t.prefixes.insert(p, region);
+            prefixes.push((p, region));
         }
-        t
+        V6Tables {
+            short: Table::of(short),
+            prefixes: Table::of(prefixes),
+            buckets,
+        }
     }
     /// The region of `addr` in direction `dir`, walked as the data path
     /// walks it (`v6_region` in ebpf/src/rules.rs): the /32 bucket's lengths,
@@ -1053,6 +1045,7 @@ impl V6Tables {
         }
         // The LPM trie: the longest stored prefix of this direction containing `addr`.
         self.short
+            .entries()
             .iter()
             .filter_map(|(k, region)| {
                 let (len, key) = k.split_at(4);
@@ -1066,6 +1059,23 @@ impl V6Tables {
             .max_by_key(|(len, _)| *len)
             .map(|(_, region)| region)
     }
+}
+
+/// A bucket's list of lengths from the mask of those present (bit `len -
+/// 32`): longest first, or `V6_BUCKET_OVERFLOW` when they do not fit.
+fn bucket_lengths(mask: u128) -> V6Lengths {
+    let mut list = [0u8; V6_BUCKET_LENGTHS];
+    if mask.count_ones() as usize > V6_BUCKET_LENGTHS {
+        list[0] = V6_BUCKET_OVERFLOW;
+    } else {
+        let present = (32..=128u8)
+            .rev()
+            .filter(|l| mask & (1u128 << (l - 32)) != 0);
+        for (slot, len) in list.iter_mut().zip(present) {
+            *slot = len;
+        }
+    }
+    list
 }
 
 /// The packet-less questions about interface rules.

@@ -202,12 +202,12 @@ fn batch<K: aya::Pod, V: aya::Pod>(
 /// less time than the rest of a change to such a set takes).
 pub(super) fn write_keyed<K, V>(
     map: &aya::maps::Map,
-    want: &std::collections::HashMap<K, V>,
+    want: &crate::compile::Table<K, V>,
     before: Option<&[(K, V)]>,
     keep: usize,
 ) -> anyhow::Result<Option<Vec<(K, V)>>>
 where
-    K: aya::Pod + Ord + std::hash::Hash,
+    K: aya::Pod + Ord,
     V: aya::Pod + PartialEq,
 {
     let fd = map_fd(map)?;
@@ -232,17 +232,17 @@ where
         present.get(at).and_then(|(_, v)| v.as_ref())
     };
     let (keys, values): (Vec<K>, Vec<V>) = want
+        .entries()
         .iter()
-        .filter(|(k, v)| held(k) != Some(*v))
+        .filter(|(k, v)| held(k) != Some(v))
         .map(|(k, v)| (*k, *v))
         .unzip();
     batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")?;
     if want.len() > keep {
         return Ok(None);
     }
-    let mut now: Vec<(K, V)> = want.iter().map(|(k, v)| (*k, *v)).collect();
-    now.sort_unstable_by_key(|e| e.0);
-    Ok(Some(now))
+    // In key order already.
+    Ok(Some(want.entries().to_vec()))
 }
 
 /// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`
