@@ -1067,13 +1067,16 @@ fn bucket_lengths(mask: u128) -> V6Lengths {
     let mut list = [0u8; V6_BUCKET_LENGTHS];
     if mask.count_ones() as usize > V6_BUCKET_LENGTHS {
         list[0] = V6_BUCKET_OVERFLOW;
-    } else {
-        let present = (32..=128u8)
-            .rev()
-            .filter(|l| mask & (1u128 << (l - 32)) != 0);
-        for (slot, len) in list.iter_mut().zip(present) {
-            *slot = len;
-        }
+        return list;
+    }
+    // The set bits, highest first.
+    let mut left = mask;
+    for slot in &mut list {
+        let Some(bit) = 127u32.checked_sub(left.leading_zeros()) else {
+            break;
+        };
+        *slot = 32 + bit as u8;
+        left &= !(1u128 << bit);
     }
     list
 }
