@@ -2,22 +2,27 @@
 //! address as its host route).
 //!
 //! A change to 100k rules reads each network three times (validation, the
-//! compile, packing): a canonical IPv4 network, the common case, is read
-//! here in one pass over its bytes ([`quick_v4`]); anything else goes
-//! through `ipnet`'s parser, whose answer is the reference the fast path
-//! is held to by a property test.
+//! compile, packing): a canonical network, the common case, is read here
+//! in one pass over its bytes ([`quick_v4`], [`quick_v6`]); anything else
+//! goes through `ipnet`'s parser, whose answer is the reference the fast
+//! paths are held to by property tests.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// Parses a CIDR (or a bare address, as a host route) and rejects host bits.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    let net = match quick_v4(text) {
-        Some((addr, len)) => Ipv4Net::new(addr, len.unwrap_or(32))
+    let net = if let Some((addr, len)) = quick_v4(text) {
+        Ipv4Net::new(addr, len.unwrap_or(32))
             .map(IpNet::V4)
-            .map_err(|_| not_a_cidr(text))?,
-        None => parse_slow(text)?,
+            .map_err(|_| not_a_cidr(text))?
+    } else if let Some((addr, len)) = quick_v6(text) {
+        Ipv6Net::new(addr, len.unwrap_or(128))
+            .map(IpNet::V6)
+            .map_err(|_| not_a_cidr(text))?
+    } else {
+        parse_slow(text)?
     };
     if net.trunc() != net {
         return Err(format!(
@@ -70,6 +75,136 @@ pub fn quick_v4(text: &str) -> Option<(Ipv4Addr, Option<u8>)> {
     Some((Ipv4Addr::from(octets), len.map(|l| l as u8)))
 }
 
+/// `text` when it is an IPv6 address exactly as [`write_v6`] writes it
+/// (RFC 5952), with or without `/len` written as a `u8` displays it and at
+/// most 128: the address and the length. The text is read leniently and
+/// then must be what its address writes back to, which only the one
+/// address does: so it reads as `ipnet` reads it. `None` for anything
+/// else, valid or not.
+pub fn quick_v6(text: &str) -> Option<(Ipv6Addr, Option<u8>)> {
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(decimal(len, 128)?)),
+        None => (text, None),
+    };
+    if addr.len() > 39 {
+        return None;
+    }
+    let (head, tail) = match addr.split_once("::") {
+        Some((head, tail)) => (head, Some(tail)),
+        None => (addr, None),
+    };
+    let mut groups = [0u16; 8];
+    let head_n = hex_groups(head, &mut groups)?;
+    let mut rest = [0u16; 8];
+    let tail_n = match tail {
+        Some(tail) => hex_groups(tail, &mut rest)?,
+        None => 0,
+    };
+    let fits = match tail {
+        None => head_n == 8,
+        Some(_) => head_n + tail_n <= 7,
+    };
+    if !fits {
+        return None;
+    }
+    let at = 8 - tail_n;
+    for (to, from) in groups.iter_mut().skip(at).zip(&rest) {
+        *to = *from;
+    }
+    let ip = Ipv6Addr::from(groups);
+    let mut back = Text::default();
+    write_v6(&mut back, ip.octets());
+    (back.as_str() == Some(addr)).then_some((ip, len.map(|l| l as u8)))
+}
+
+/// The colon-separated groups of 1 to 4 hex digits in `part` into
+/// `out`; how many. An empty `part` has none.
+fn hex_groups(part: &str, out: &mut [u16; 8]) -> Option<usize> {
+    if part.is_empty() {
+        return Some(0);
+    }
+    let mut n = 0;
+    for g in part.split(':') {
+        if g.is_empty() || g.len() > 4 || !g.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *out.get_mut(n)? = u16::from_str_radix(g, 16).ok()?;
+        n += 1;
+    }
+    Some(n)
+}
+
+/// An address's text on the stack (at most 39 bytes).
+struct Text {
+    bytes: [u8; 39],
+    len: usize,
+}
+
+impl Default for Text {
+    fn default() -> Self {
+        Text {
+            bytes: [0; 39],
+            len: 0,
+        }
+    }
+}
+
+impl Text {
+    fn as_str(&self) -> Option<&str> {
+        std::str::from_utf8(self.bytes.get(..self.len)?).ok()
+    }
+}
+
+impl std::fmt::Write for Text {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// An IPv6 address as RFC 5952 writes it (as `Ipv6Addr` displays every
+/// address but an IPv4-mapped one, which it writes with a dotted quad):
+/// lower-case groups without leading zeros, the longest run of two or more
+/// zero groups (the first of equals) as `::`.
+pub(crate) fn write_v6(out: &mut impl std::fmt::Write, octets: [u8; 16]) {
+    let groups = std::net::Ipv6Addr::from(octets).segments();
+    // The longest run of zero groups: (start, length).
+    let mut best = (0, 0);
+    let mut at = 0;
+    while at < groups.len() {
+        let run = groups.iter().skip(at).take_while(|g| **g == 0).count();
+        if run > best.1 {
+            best = (at, run);
+        }
+        at += run.max(1);
+    }
+    let (skip_from, skip) = if best.1 >= 2 { best } else { (8, 0) };
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, g) in groups.iter().enumerate() {
+        if (skip_from..skip_from + skip).contains(&i) {
+            if i == skip_from {
+                let _ = out.write_str("::");
+            }
+            continue;
+        }
+        if i > 0 && i != skip_from + skip {
+            let _ = out.write_char(':');
+        }
+        let digits = (4 - (g.leading_zeros() / 4) as usize).max(1);
+        for d in (0..digits).rev() {
+            let nibble = usize::from((g >> (4 * d)) & 0xf);
+            if let Some(&c) = HEX.get(nibble) {
+                let _ = out.write_char(char::from(c));
+            }
+        }
+    }
+}
+
 /// A decimal number of at most `max` written without leading zeros (`0`
 /// itself is one digit): 1 to 3 ASCII digits.
 fn decimal(s: &str, max: u16) -> Option<u16> {
@@ -105,7 +240,65 @@ mod tests {
         ]
     }
 
+    /// Texts near IPv6 networks: addresses as `Ipv6Addr` displays them,
+    /// with zero runs, some changed (upper case, a leading zero, a group
+    /// more or less, `::` doubled), with lengths of 0-140.
+    fn near_v6() -> impl Strategy<Value = String> {
+        let addr = (any::<u128>(), any::<u8>()).prop_map(|(a, zeros)| {
+            let mut g = Ipv6Addr::from(a).segments();
+            for (i, g) in g.iter_mut().enumerate() {
+                if zeros & (1 << i) != 0 {
+                    *g = 0;
+                }
+            }
+            Ipv6Addr::from(g).to_string()
+        });
+        let len = proptest::option::of(0u8..=140);
+        (addr, len, 0u8..8).prop_map(|(a, len, change)| {
+            let a = match change {
+                0 => a.to_uppercase(),
+                1 => a.replacen(':', ":0", 1),
+                2 => format!("{a}:1"),
+                3 => format!("1:{a}"),
+                4 => a.replacen("::", ":::", 1),
+                5 => format!("{a}::"),
+                _ => a,
+            };
+            match len {
+                Some(len) => format!("{a}/{len}"),
+                None => a,
+            }
+        })
+    }
+
     proptest! {
+        /// As `the_fast_path_reads_what_ipnet_reads`, for IPv6.
+        #[test]
+        fn the_ipv6_fast_path_reads_what_ipnet_reads(
+            text in prop_oneof![near_v6(), "[0-9a-fA-F:]{0,24}(/[0-9]{1,3})?"],
+        ) {
+            let reference = parse_slow(&text);
+            match quick_v6(&text) {
+                Some((addr, len)) => {
+                    let net = Ipv6Net::new(addr, len.unwrap_or(128)).unwrap();
+                    prop_assert_eq!(reference, Ok(IpNet::V6(net)));
+                }
+                None => {
+                    // Canonical: as the standard library displays it
+                    // (dotted quads of IPv4-mapped addresses aside).
+                    let canonical = match reference {
+                        Ok(IpNet::V6(net)) => {
+                            let a = net.addr();
+                            a.to_ipv4_mapped().is_none()
+                                && (text == net.to_string() || text == a.to_string())
+                        }
+                        _ => false,
+                    };
+                    prop_assert!(!canonical, "{:?} is canonical but not read fast", text);
+                }
+            }
+        }
+
         /// What the fast path reads, `ipnet` reads the same, and it
         /// formats back to the text; what it leaves, `ipnet` reads or
         /// refuses as before. Every canonical IPv4 text takes it.

@@ -11,12 +11,9 @@
 //! field of the rule, so a field added to `FirewallRule` does not compile
 //! until it is packed too.
 
-use std::{
-    fmt::Write as _,
-    net::{IpAddr, Ipv6Addr},
-};
+use std::{fmt::Write as _, net::IpAddr};
 
-use super::{FirewallRule, Protocol, RuleSet};
+use super::{FirewallRule, Protocol, RuleSet, cidr::write_v6};
 
 /// A rule list whose text does not fit the packed form (more than 4 GiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -415,9 +412,18 @@ const NET6: u8 = 4;
 /// bytes format back to (checked here, so reading it back gives the same
 /// text) and the bytes are shorter, else as its text.
 fn put_network(out: &mut Vec<u8>, s: &str, text: &mut String) {
-    // A canonical IPv4 text formats back to itself (`quick_v4`): no check.
+    // A canonical text formats back to itself (`quick_v4`, `quick_v6`):
+    // no check. An IPv6 address is 16 bytes: `fd00::1` is shorter as text.
     if let Some((addr, len)) = super::quick_v4(s) {
         out.push(if len.is_some() { NET4 } else { ADDR4 });
+        out.extend(len);
+        out.extend_from_slice(&addr.octets());
+        return;
+    }
+    if s.len() > 16
+        && let Some((addr, len)) = super::cidr::quick_v6(s)
+    {
+        out.push(if len.is_some() { NET6 } else { ADDR6 });
         out.extend(len);
         out.extend_from_slice(&addr.octets());
         return;
@@ -469,42 +475,6 @@ fn write_ip(out: &mut String, ip: IpAddr) {
             let _ = write!(out, "{a}");
         }
         IpAddr::V6(a) => write_v6(out, a.octets()),
-    }
-}
-
-/// An IPv6 address as RFC 5952 writes it (as `Ipv6Addr` displays every
-/// address but an IPv4-mapped one, which it writes with a dotted quad):
-/// lower-case groups without leading zeros, the longest run of two or more
-/// zero groups (the first of equals) as `::`.
-fn write_v6(out: &mut String, octets: [u8; 16]) {
-    let groups = Ipv6Addr::from(octets).segments();
-    // The longest run of zero groups: (start, length).
-    let mut best = (0, 0);
-    let mut at = 0;
-    while at < groups.len() {
-        let run = groups.iter().skip(at).take_while(|g| **g == 0).count();
-        if run > best.1 {
-            best = (at, run);
-        }
-        at += run.max(1);
-    }
-    let (skip_from, skip) = if best.1 >= 2 { best } else { (8, 0) };
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, g) in groups.iter().enumerate() {
-        if (skip_from..skip_from + skip).contains(&i) {
-            if i == skip_from {
-                out.push_str("::");
-            }
-            continue;
-        }
-        if i > 0 && i != skip_from + skip {
-            out.push(':');
-        }
-        let digits = (4 - (g.leading_zeros() / 4) as usize).max(1);
-        for d in (0..digits).rev() {
-            let nibble = usize::from((g >> (4 * d)) & 0xf);
-            out.extend(HEX.get(nibble).map(|&c| char::from(c)));
-        }
     }
 }
 
@@ -576,7 +546,7 @@ impl Reader<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv4Addr;
+    use std::net::{Ipv4Addr, Ipv6Addr};
 
     use proptest::prelude::*;
 
