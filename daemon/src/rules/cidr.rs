@@ -114,7 +114,7 @@ pub fn quick_v6(text: &str) -> Option<(Ipv6Addr, Option<u8>)> {
     let ip = Ipv6Addr::from(groups);
     let mut back = Text::default();
     write_v6(&mut back, ip.octets());
-    (back.as_str() == Some(addr)).then_some((ip, len.map(|l| l as u8)))
+    (back.as_bytes() == addr.as_bytes()).then_some((ip, len.map(|l| l as u8)))
 }
 
 /// The colon-separated groups of 1 to 4 hex digits in `part` into
@@ -123,13 +123,22 @@ fn hex_groups(part: &str, out: &mut [u16; 8]) -> Option<usize> {
     if part.is_empty() {
         return Some(0);
     }
-    let mut n = 0;
-    for g in part.split(':') {
-        if g.is_empty() || g.len() > 4 || !g.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let (mut n, mut value, mut digits) = (0, 0u16, 0);
+    // A ':' after the last group ends it as the others are ended.
+    for &b in part.as_bytes().iter().chain(b":") {
+        if b == b':' {
+            if digits == 0 {
+                return None;
+            }
+            *out.get_mut(n)? = value;
+            (n, value, digits) = (n + 1, 0, 0);
+            continue;
+        }
+        let d = char::from(b).to_digit(16)?;
+        if digits == 4 {
             return None;
         }
-        *out.get_mut(n)? = u16::from_str_radix(g, 16).ok()?;
-        n += 1;
+        (value, digits) = (value << 4 | d as u16, digits + 1);
     }
     Some(n)
 }
@@ -150,8 +159,8 @@ impl Default for Text {
 }
 
 impl Text {
-    fn as_str(&self) -> Option<&str> {
-        std::str::from_utf8(self.bytes.get(..self.len)?).ok()
+    fn as_bytes(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
     }
 }
 
