@@ -476,6 +476,33 @@ fn write_image(
     )
     .context("writing the IPv4 table chunks")?;
     let v6 = &image.v6_tables;
+    // The two IPv6 hashes on two threads: the kernel's inserts are most of
+    // a large set's write (250k at 100k rules) and take per-bucket locks.
+    let (prefixes, buckets) = {
+        let ebpf = &*ebpf;
+        crate::parallel::both(
+            "write",
+            || {
+                write_keyed(
+                    map_ref(ebpf, &generation(maps::V6_PREFIXES, g))?,
+                    &v6.prefixes,
+                    before.and_then(|b| b.prefixes.as_deref()),
+                    V6_KEEP,
+                )
+                .context("writing the IPv6 prefixes")
+            },
+            || {
+                write_keyed(
+                    map_ref(ebpf, &generation(maps::V6_BUCKETS, g))?,
+                    &v6.buckets,
+                    before.and_then(|b| b.buckets.as_deref()),
+                    V6_KEEP,
+                )
+                .context("writing the IPv6 /32 buckets")
+            },
+        )
+    };
+    let (prefixes, buckets) = (prefixes?, buckets?);
     let written = Written {
         v4_root: image.v4_root.len(),
         // The trie (prefixes shorter than /32, and /32s with too many
@@ -487,20 +514,8 @@ fn write_image(
             usize::MAX,
         )
         .context("writing the IPv6 short prefixes (LPM trie)")?,
-        prefixes: write_keyed(
-            map_mut(ebpf, generation(maps::V6_PREFIXES, g))?,
-            &v6.prefixes,
-            before.and_then(|b| b.prefixes.as_deref()),
-            V6_KEEP,
-        )
-        .context("writing the IPv6 prefixes")?,
-        buckets: write_keyed(
-            map_mut(ebpf, generation(maps::V6_BUCKETS, g))?,
-            &v6.buckets,
-            before.and_then(|b| b.buckets.as_deref()),
-            V6_KEEP,
-        )
-        .context("writing the IPv6 /32 buckets")?,
+        prefixes,
+        buckets,
     };
     write_array(map_mut(ebpf, generation(maps::REGIONS, g))?, &image.regions)
         .context("writing the regions")?;
@@ -633,6 +648,11 @@ fn ingress<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut Xdp> {
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?;
     Ok(prog.try_into()?)
+}
+
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &str) -> anyhow::Result<&'a aya::maps::Map> {
+    ebpf.map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
 }
 
 fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut aya::maps::Map> {
