@@ -476,33 +476,7 @@ fn write_image(
     )
     .context("writing the IPv4 table chunks")?;
     let v6 = &image.v6_tables;
-    // The two IPv6 hashes on two threads: the kernel's inserts are most of
-    // a large set's write (250k at 100k rules) and take per-bucket locks.
-    let (prefixes, buckets) = {
-        let ebpf = &*ebpf;
-        crate::parallel::both(
-            "write",
-            || {
-                write_keyed(
-                    map_ref(ebpf, &generation(maps::V6_PREFIXES, g))?,
-                    &v6.prefixes,
-                    before.and_then(|b| b.prefixes.as_deref()),
-                    V6_KEEP,
-                )
-                .context("writing the IPv6 prefixes")
-            },
-            || {
-                write_keyed(
-                    map_ref(ebpf, &generation(maps::V6_BUCKETS, g))?,
-                    &v6.buckets,
-                    before.and_then(|b| b.buckets.as_deref()),
-                    V6_KEEP,
-                )
-                .context("writing the IPv6 /32 buckets")
-            },
-        )
-    };
-    let (prefixes, buckets) = (prefixes?, buckets?);
+    let (prefixes, buckets) = write_v6_hashes(ebpf, g, v6, before)?;
     let written = Written {
         v4_root: image.v4_root.len(),
         // The trie (prefixes shorter than /32, and /32s with too many
@@ -554,6 +528,45 @@ fn write_image(
     Ok(written)
 }
 
+/// A kept IPv6 hash table (see [`Written`]).
+type Kept<K, V> = Option<Vec<(K, V)>>;
+
+/// Writes generation `g`'s two IPv6 hashes on two threads (the kernel's
+/// inserts are most of a large set's write, 250k at 100k rules, and take
+/// per-bucket locks); what each now holds when kept.
+fn write_v6_hashes(
+    ebpf: &Ebpf,
+    g: usize,
+    v6: &crate::compile::V6Tables,
+    before: Option<&Written>,
+) -> anyhow::Result<(
+    Kept<portcullis_common::V6PrefixKey, u32>,
+    Kept<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
+)> {
+    let (prefixes, buckets) = crate::parallel::both(
+        "write",
+        || {
+            write_keyed(
+                map_ref(ebpf, generation(maps::V6_PREFIXES, g))?,
+                &v6.prefixes,
+                before.and_then(|b| b.prefixes.as_deref()),
+                V6_KEEP,
+            )
+            .context("writing the IPv6 prefixes")
+        },
+        || {
+            write_keyed(
+                map_ref(ebpf, generation(maps::V6_BUCKETS, g))?,
+                &v6.buckets,
+                before.and_then(|b| b.buckets.as_deref()),
+                V6_KEEP,
+            )
+            .context("writing the IPv6 /32 buckets")
+        },
+    );
+    Ok((prefixes?, buckets?))
+}
+
 /// What one generation's maps were last written with, where the next write
 /// needs it: the length of the IPv4 table's root, and the IPv6 tables (see
 /// [`crate::compile::V6Tables`]), each sorted by key (`None`: too large to
@@ -562,9 +575,9 @@ fn write_image(
 #[derive(Default)]
 struct Written {
     v4_root: usize,
-    short: Option<Vec<([u8; 21], u32)>>,
-    prefixes: Option<Vec<(portcullis_common::V6PrefixKey, u32)>>,
-    buckets: Option<Vec<(portcullis_common::V6BucketKey, portcullis_common::V6Lengths)>>,
+    short: Kept<[u8; 21], u32>,
+    prefixes: Kept<portcullis_common::V6PrefixKey, u32>,
+    buckets: Kept<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
 }
 
 /// Hash tables of at most this many entries are kept after a write (see
