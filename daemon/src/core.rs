@@ -387,6 +387,36 @@ pub struct Actor {
     pub action: String,
 }
 
+/// Appends the audit record of a change about to go live (generation
+/// `generation`, rules `hash`) by `actor`: nothing goes live without it.
+fn record_intent(
+    audit: &mut audit::Log,
+    actor: &Actor,
+    generation: u64,
+    hash: &str,
+    what: &str,
+) -> Result<(), ChangeError> {
+    let action = if actor.action.is_empty() {
+        what.to_string()
+    } else {
+        actor.action.clone()
+    };
+    let r = audit
+        .append(audit::Event {
+            uid: actor.uid,
+            pid: actor.pid,
+            action: &action,
+            outcome: format!("applying: {what}"),
+            generation,
+            rules_hash: hash,
+        })
+        .map_err(|e| {
+            ChangeError::Internal(e.context("cannot write the audit log; nothing changed"))
+        })?;
+    tracing::info!(seq = r.seq, audit_head = %r.hash, action, "audited before going live");
+    Ok(())
+}
+
 /// Compiles `set` with the service rules appended.
 fn compile_with(
     set: &RuleSet,
@@ -650,26 +680,7 @@ impl Core {
         hash: &str,
         what: &str,
     ) -> Result<(), ChangeError> {
-        let action = if self.actor.action.is_empty() {
-            what.to_string()
-        } else {
-            self.actor.action.clone()
-        };
-        let r = self
-            .audit
-            .append(audit::Event {
-                uid: self.actor.uid,
-                pid: self.actor.pid,
-                action: &action,
-                outcome: format!("applying: {what}"),
-                generation,
-                rules_hash: hash,
-            })
-            .map_err(|e| {
-                ChangeError::Internal(e.context("cannot write the audit log; nothing changed"))
-            })?;
-        tracing::info!(seq = r.seq, audit_head = %r.hash, action, "audited before going live");
-        Ok(())
+        record_intent(&mut self.audit, &self.actor, generation, hash, what)
     }
 
     /// Applies `edit` to a copy of the live rules and makes the result live
@@ -842,8 +853,9 @@ impl Core {
     }
 
     /// Audits, saves and writes `next` (compiled: `image`) as `generation`:
-    /// the record first (nothing goes live without it), then the set on
-    /// disk (a crash after this restores it), then the data path. On a
+    /// the audit record and the set on disk (a crash after this restores
+    /// it) beside the write of the data path's idle generation, then the
+    /// switch to that generation, only once all three are done. On a
     /// failure after the save, the store goes back to `before`, the set
     /// still live.
     fn write_live(
@@ -854,29 +866,45 @@ impl Core {
         allow_ping: bool,
         before: &PackedSet,
     ) -> Result<(), ChangeError> {
-        self.record_intent(generation, &image.hash, &format!("generation {generation}"))?;
-        // The image's hash is the set's when no service rules were compiled in.
-        let saved = if self.service.is_empty() && !image.json.is_empty() {
-            self.store
-                .save_canonical(generation, &image.hash, &image.json)
-        } else {
-            self.store.save(next, generation)
-        };
-        saved.map_err(ChangeError::Internal)?;
         // In lockdown, the lockdown set of the rules going live.
-        let applied = self.effective_for(Some(next)).and_then(|effective| {
-            self.dataplane
-                .apply(
-                    effective.as_ref().unwrap_or(image),
-                    self.effective_ping(allow_ping),
-                )
-                .map(drop)
+        let effective = self.effective_for(Some(next))?;
+        let ping = self.effective_ping(allow_ping);
+        // The record and the save (disk flushes) beside the write of the
+        // idle generation, which no packet reads (system calls); the switch
+        // to it only once both are done.
+        let dataplane = std::sync::Mutex::new(&mut self.dataplane);
+        let (durable, written) = crate::parallel::both(
+            "write",
+            || {
+                let what = format!("generation {generation}");
+                record_intent(&mut self.audit, &self.actor, generation, &image.hash, &what)?;
+                // The image's hash is the set's when no service rules
+                // were compiled in.
+                if self.service.is_empty() && !image.json.is_empty() {
+                    self.store
+                        .save_canonical(generation, &image.hash, &image.json)
+                } else {
+                    self.store.save(next, generation)
+                }
                 .map_err(ChangeError::Internal)
-        });
-        if applied.is_err() {
+            },
+            || match dataplane.lock() {
+                Ok(mut dp) => dp.write_idle(effective.as_ref().unwrap_or(image), ping),
+                Err(_) => Err(anyhow::anyhow!(
+                    "the write of generation {generation} was left half done"
+                )),
+            },
+        );
+        // Nothing goes live without its record, nor before a crash would
+        // restore it.
+        durable?;
+        let switched = written
+            .and_then(|g| self.dataplane.switch_to(g))
+            .map_err(ChangeError::Internal);
+        if switched.is_err() {
             let _ = self.store.save(&before.unpack(), self.generation);
         }
-        applied
+        switched
     }
 
     /// Puts the live set (`rules`, `generation`) back on disk and in the

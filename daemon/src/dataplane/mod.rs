@@ -270,6 +270,15 @@ impl Dataplane {
     /// writing fails, the live generation is untouched. Returns the
     /// generation now live.
     pub fn apply(&mut self, image: &Image, allow_ping: bool) -> anyhow::Result<u32> {
+        let idle = self.write_idle(image, allow_ping)?;
+        self.switch_to(idle)?;
+        Ok(idle)
+    }
+
+    /// The first half of [`Dataplane::apply`]: writes `image` into the idle
+    /// generation, which no packet reads, and returns it. Nothing changes
+    /// for traffic until [`Dataplane::switch_to`] that generation.
+    pub fn write_idle(&mut self, image: &Image, allow_ping: bool) -> anyhow::Result<u32> {
         let live = self.active()?;
         let idle = (1 - live) as usize;
         // A packet that read `ACTIVE` before the last switch may still be
@@ -283,12 +292,16 @@ impl Dataplane {
         }
         self.write_generation(idle, image, allow_ping)
             .with_context(|| format!("writing rule generation {idle}"))?;
-        let mut active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;
-        active
-            .set(0, &(idle as u32), 0)
-            .context("switching ACTIVE")?;
-        self.switched = Some(std::time::Instant::now());
         Ok(idle as u32)
+    }
+
+    /// The second half of [`Dataplane::apply`]: makes generation `g`,
+    /// written by [`Dataplane::write_idle`], the live one (one map write).
+    pub fn switch_to(&mut self, g: u32) -> anyhow::Result<()> {
+        let mut active: Array<_, u32> = Array::try_from(map_mut(&mut self.ebpf, maps::ACTIVE)?)?;
+        active.set(0, &(g & 1), 0).context("switching ACTIVE")?;
+        self.switched = Some(std::time::Instant::now());
+        Ok(())
     }
 
     /// Test-only: writes `image` over the live generation in place, the
