@@ -417,6 +417,70 @@ fn record_intent(
     Ok(())
 }
 
+/// What writing a change touches, lent by the core to the thread that
+/// writes while the core's own thread packs the set (see
+/// `Core::make_live`).
+struct Writer<'a> {
+    audit: &'a mut audit::Log,
+    dataplane: &'a mut Dataplane,
+    store: &'a Store,
+    actor: &'a Actor,
+    /// No service rules: the image's JSON and hash are the set's.
+    canonical: bool,
+}
+
+impl Writer<'_> {
+    /// Audits, saves and writes `next` (compiled: `image`; the data path
+    /// gets `shown`, the lockdown set's image in lockdown) as
+    /// `generation`: the audit record and the set on disk (a crash after
+    /// this restores it) beside the write of the data path's idle
+    /// generation, then the switch to that generation, only once all three
+    /// are done. On a failure after the save, the store goes back to the
+    /// live set (`live`, at generation `live_generation`).
+    fn write(
+        &mut self,
+        generation: u64,
+        next: &RuleSet,
+        image: &Image,
+        shown: &Image,
+        ping: bool,
+        (live, live_generation): (&PackedSet, u64),
+    ) -> Result<(), ChangeError> {
+        let (audit, store, actor, canonical) =
+            (&mut *self.audit, self.store, self.actor, self.canonical);
+        let dataplane = std::sync::Mutex::new(&mut *self.dataplane);
+        let (durable, written) = crate::parallel::both(
+            "write",
+            || {
+                let what = format!("generation {generation}");
+                record_intent(audit, actor, generation, &image.hash, &what)?;
+                if canonical && !image.json.is_empty() {
+                    store.save_canonical(generation, &image.hash, &image.json)
+                } else {
+                    store.save(next, generation)
+                }
+                .map_err(ChangeError::Internal)
+            },
+            || match dataplane.lock() {
+                Ok(mut dp) => dp.write_idle(shown, ping),
+                Err(_) => Err(anyhow::anyhow!(
+                    "the write of generation {generation} was left half done"
+                )),
+            },
+        );
+        // Nothing goes live without its record, nor before a crash would
+        // restore it.
+        durable?;
+        let switched = written
+            .and_then(|g| self.dataplane.switch_to(g))
+            .map_err(ChangeError::Internal);
+        if switched.is_err() {
+            let _ = self.store.save(&live.unpack(), live_generation);
+        }
+        switched
+    }
+}
+
 /// Compiles `set` with the service rules appended.
 fn compile_with(
     set: &RuleSet,
@@ -803,16 +867,35 @@ impl Core {
         PackedSet::fits(&next).map_err(|e| ChangeError::Internal(e.into()))?;
         // Keep the counters of the generation about to go idle.
         let totals = self.totals(true);
-        let before = std::mem::take(&mut self.rules);
-        let core = std::sync::Mutex::new(&mut *self);
+        // In lockdown, the data path gets the lockdown set of the rules
+        // going live.
+        let effective = self.effective_for(Some(&next))?;
+        let shown = effective.as_ref().unwrap_or(&image);
+        let ping = self.effective_ping(allow_ping);
+        // The fields the write changes, lent to the second thread; the
+        // live set stays in place, read by both.
+        let writer = std::sync::Mutex::new(Writer {
+            audit: &mut self.audit,
+            dataplane: &mut self.dataplane,
+            store: &self.store,
+            actor: &self.actor,
+            canonical: self.service.is_empty(),
+        });
         let (packed, written) = crate::parallel::both(
             "write",
             || match live {
-                Some(live) => before.repack(live, &next),
+                Some(live) => self.rules.repack(live, &next),
                 None => PackedSet::pack(&next),
             },
-            || match core.lock() {
-                Ok(mut core) => core.write_live(generation, &next, &image, allow_ping, &before),
+            || match writer.lock() {
+                Ok(mut w) => w.write(
+                    generation,
+                    &next,
+                    &image,
+                    shown,
+                    ping,
+                    (&self.rules, self.generation),
+                ),
                 Err(_) => Err(ChangeError::Internal(anyhow::anyhow!(
                     "the write of generation {generation} was left half done"
                 ))),
@@ -820,14 +903,10 @@ impl Core {
         );
         let packed = match (written, packed) {
             (Ok(()), Ok(packed)) => packed,
-            (Err(e), _) => {
-                self.rules = before;
-                return Err(e);
-            }
+            (Err(e), _) => return Err(e),
             (Ok(()), Err(e)) => {
                 // Not reached: `fits` said the set packs. If it were, the
                 // live set goes back where it was.
-                self.rules = before;
                 self.restore_live();
                 return Err(ChangeError::Internal(e.into()));
             }
@@ -850,61 +929,6 @@ impl Core {
         self.fqdn_sweep_logged();
         self.trim_due = true;
         Ok(generation)
-    }
-
-    /// Audits, saves and writes `next` (compiled: `image`) as `generation`:
-    /// the audit record and the set on disk (a crash after this restores
-    /// it) beside the write of the data path's idle generation, then the
-    /// switch to that generation, only once all three are done. On a
-    /// failure after the save, the store goes back to `before`, the set
-    /// still live.
-    fn write_live(
-        &mut self,
-        generation: u64,
-        next: &RuleSet,
-        image: &Image,
-        allow_ping: bool,
-        before: &PackedSet,
-    ) -> Result<(), ChangeError> {
-        // In lockdown, the lockdown set of the rules going live.
-        let effective = self.effective_for(Some(next))?;
-        let ping = self.effective_ping(allow_ping);
-        // The record and the save (disk flushes) beside the write of the
-        // idle generation, which no packet reads (system calls); the switch
-        // to it only once both are done.
-        let dataplane = std::sync::Mutex::new(&mut self.dataplane);
-        let (durable, written) = crate::parallel::both(
-            "write",
-            || {
-                let what = format!("generation {generation}");
-                record_intent(&mut self.audit, &self.actor, generation, &image.hash, &what)?;
-                // The image's hash is the set's when no service rules
-                // were compiled in.
-                if self.service.is_empty() && !image.json.is_empty() {
-                    self.store
-                        .save_canonical(generation, &image.hash, &image.json)
-                } else {
-                    self.store.save(next, generation)
-                }
-                .map_err(ChangeError::Internal)
-            },
-            || match dataplane.lock() {
-                Ok(mut dp) => dp.write_idle(effective.as_ref().unwrap_or(image), ping),
-                Err(_) => Err(anyhow::anyhow!(
-                    "the write of generation {generation} was left half done"
-                )),
-            },
-        );
-        // Nothing goes live without its record, nor before a crash would
-        // restore it.
-        durable?;
-        let switched = written
-            .and_then(|g| self.dataplane.switch_to(g))
-            .map_err(ChangeError::Internal);
-        if switched.is_err() {
-            let _ = self.store.save(&before.unpack(), self.generation);
-        }
-        switched
     }
 
     /// Puts the live set (`rules`, `generation`) back on disk and in the

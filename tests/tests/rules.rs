@@ -394,6 +394,66 @@ fn a_shorter_ipv4_root_leaves_nothing_of_the_longer_one() {
     }
 }
 
+/// A kept IPv6 table written again with the same keys and other values:
+/// P admits A (`fd00:200:1::/64`) on port 80; Q adds Z
+/// (`fd00:200:0::/64`, port 82), sorted before A, so A's region number
+/// moves. Written so that each generation gets both (kept tables, no read-back),
+/// A stays admitted on 80 and Z only while Q is live.
+#[test]
+fn a_kept_ipv6_table_takes_changed_values() {
+    require_root!();
+    let pins = PinDir::new().unwrap();
+    let limits = Limits::default();
+    let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
+    let rule = |id: &str, net: &str, port: u32| {
+        let mut r = v6_rules(0xa, 1).ingress_rules.remove(0);
+        (r.id, r.ip_ranges, r.from_port, r.to_port) = (id.into(), vec![net.into()], port, port);
+        r
+    };
+    let a = rule("a", "fd00:200:1::/64", 80);
+    let p = RuleSet {
+        ingress_rules: vec![a.clone()],
+        ..Default::default()
+    };
+    let q = RuleSet {
+        ingress_rules: vec![rule("z", "fd00:200::/64", 82), a],
+        ..Default::default()
+    };
+    let dst: IpAddr = "fd00:200::1".parse().unwrap();
+    // Each generation gets P and Q in turn.
+    let steps = [
+        (&p, false),
+        (&q, true),
+        (&q, true),
+        (&p, false),
+        (&p, false),
+        (&q, true),
+    ];
+    for (step, (set, is_q)) in steps.into_iter().enumerate() {
+        let g = dp
+            .apply(&compile::compile(set, &limits).unwrap(), false)
+            .unwrap();
+        for (src, port, want) in [
+            ("fd00:200:1::9", 80, XDP_PASS),
+            ("fd00:200::9", 82, if is_q { XDP_PASS } else { XDP_DROP }),
+        ] {
+            let src: IpAddr = src.parse().unwrap();
+            let sport = 43000 + (step * 2) as u16 + u16::from(port == 82);
+            let out = dp
+                .test_run(
+                    Program::Ingress,
+                    &frame(src, dst, PCLASS_TCP, sport, port),
+                    1,
+                )
+                .unwrap();
+            assert_eq!(
+                out.retval, want,
+                "step {step} (generation {g}): {src} port {port}"
+            );
+        }
+    }
+}
+
 /// `n` rules, each admitting TCP port 80 from its own IPv6 /64 under
 /// `fd00:200:<site>::/48`.
 fn v6_rules(site: u16, n: u16) -> RuleSet {
