@@ -23,6 +23,7 @@ const PURE: &[&str] = &[
     "dns",
     "crowdsec",
     "membership",
+    "parallel",
 ];
 
 /// Crates and std paths a pure module may not name: each talks to the
