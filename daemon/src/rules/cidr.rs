@@ -360,6 +360,28 @@ mod tests {
                 .unwrap_err()
                 .contains("not a CIDR")
         );
-        assert_eq!(parse_cidr("10.0.0.0/08"), parse_slow("10.0.0.0/08"));
+        // Texts the fast paths leave are read as before.
+        assert_eq!(parse_cidr("10.0.0.0/08"), Ok("10.0.0.0/8".parse().unwrap()));
+        assert_eq!(parse_cidr("FD00::/8"), Ok("fd00::/8".parse().unwrap()));
+        assert_eq!(
+            parse_cidr("::ffff:1.2.3.4"),
+            Ok("::ffff:1.2.3.4/128".parse().unwrap())
+        );
+        for (text, fast) in [
+            ("::", true),
+            ("::/0", true),
+            ("::1", true),
+            ("fd00::/8", true),
+            ("1:2:3:4:5:6:0:8", true),
+            ("1:2:3:4:5:6::8", false),
+            ("FD00::/8", false),
+            ("fd00:0::/32", false),
+            ("::ffff:1.2.3.4", false),
+            ("fd00::/129", false),
+            ("fd00::/064", false),
+            ("1::2::3", false),
+        ] {
+            assert_eq!(quick_v6(text).is_some(), fast, "{text}");
+        }
     }
 }
