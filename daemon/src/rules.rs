@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 
 mod cidr;
 mod packed;
-pub use cidr::{parse_cidr, parse_cidrs, quick_v4};
+pub use cidr::{parse_cidr, parse_cidrs};
 pub(crate) use packed::span;
 pub use packed::{PackedSet, TooLarge};
 

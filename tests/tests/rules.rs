@@ -359,6 +359,18 @@ fn same_keys<K: Ord + Copy + std::fmt::Debug>(got: &[K], mut want: Vec<K>, what:
     );
 }
 
+/// The ingress program's verdict on a TCP SYN from `src` to `dst`, port
+/// `port`, from source port `sport` (one per probe: no flow is shared).
+fn ingress_verdict(dp: &mut Dataplane, src: IpAddr, dst: IpAddr, sport: u16, port: u16) -> u32 {
+    dp.test_run(
+        Program::Ingress,
+        &frame(src, dst, PCLASS_TCP, sport, port),
+        1,
+    )
+    .unwrap()
+    .retval
+}
+
 /// The IPv4 table's root is written only as far as the image's highest
 /// direction: a generation written again with a shorter root keeps nothing
 /// of the longer one. Set A admits 10.200.7.0/24 (a root block for
@@ -382,15 +394,9 @@ fn a_shorter_ipv4_root_leaves_nothing_of_the_longer_one() {
     for (step, set) in [&a, &b, &b].into_iter().enumerate() {
         let image = compile::compile(set, &limits).unwrap();
         let g = dp.apply(&image, false).unwrap();
-        let out = dp
-            .test_run(
-                Program::Ingress,
-                &frame(src, dst, PCLASS_TCP, 42000 + step as u16, 80),
-                1,
-            )
-            .unwrap();
         let want = if step == 0 { XDP_PASS } else { XDP_DROP };
-        assert_eq!(out.retval, want, "step {step}: generation {g}");
+        let got = ingress_verdict(&mut dp, src, dst, 42000 + step as u16, 80);
+        assert_eq!(got, want, "step {step}: generation {g}");
     }
 }
 
@@ -439,15 +445,9 @@ fn a_kept_ipv6_table_takes_changed_values() {
         ] {
             let src: IpAddr = src.parse().unwrap();
             let sport = 43000 + (step * 2) as u16 + u16::from(port == 82);
-            let out = dp
-                .test_run(
-                    Program::Ingress,
-                    &frame(src, dst, PCLASS_TCP, sport, port),
-                    1,
-                )
-                .unwrap();
             assert_eq!(
-                out.retval, want,
+                ingress_verdict(&mut dp, src, dst, sport, port),
+                want,
                 "step {step} (generation {g}): {src} port {port}"
             );
         }
@@ -523,14 +523,8 @@ fn large_ipv6_tables_are_read_back_and_nothing_stale_stays() {
         // A source of the first set, admitted only while it is live.
         let src: IpAddr = "fd00:200:a:7::1".parse().unwrap();
         let dst: IpAddr = "fd00:200::1".parse().unwrap();
-        let out = dp
-            .test_run(
-                Program::Ingress,
-                &frame(src, dst, PCLASS_TCP, 41000 + step as u16, 80),
-                1,
-            )
-            .unwrap();
         let want = if i == 0 { XDP_PASS } else { XDP_DROP };
-        assert_eq!(out.retval, want, "step {step}: set {i} live");
+        let got = ingress_verdict(&mut dp, src, dst, 41000 + step as u16, 80);
+        assert_eq!(got, want, "step {step}: set {i} live");
     }
 }

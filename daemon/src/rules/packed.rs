@@ -13,7 +13,10 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use super::{FirewallRule, Protocol, RuleSet, cidr::write_v6};
+use super::{
+    FirewallRule, Protocol, RuleSet,
+    cidr::{quick_v4, quick_v6, write_v6},
+};
 
 /// A rule list whose text does not fit the packed form (more than 4 GiB).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -414,14 +417,14 @@ const NET6: u8 = 4;
 fn put_network(out: &mut Vec<u8>, s: &str, text: &mut String) {
     // A canonical text formats back to itself (`quick_v4`, `quick_v6`):
     // no check. An IPv6 address is 16 bytes: `fd00::1` is shorter as text.
-    if let Some((addr, len)) = super::quick_v4(s) {
+    if let Some((addr, len)) = quick_v4(s) {
         out.push(if len.is_some() { NET4 } else { ADDR4 });
         out.extend(len);
         out.extend_from_slice(&addr.octets());
         return;
     }
     if s.len() > 16
-        && let Some((addr, len)) = super::cidr::quick_v6(s)
+        && let Some((addr, len)) = quick_v6(s)
     {
         out.push(if len.is_some() { NET6 } else { ADDR6 });
         out.extend(len);
