@@ -20,11 +20,14 @@
 //! flows this host opened.
 //!
 //! The SYN-flood guard: an inbound TCP connection enters `INBOUND4`/`6` only
-//! when its handshake completes. The admitted SYN makes a half-open entry
-//! (`EMBRYO4`/`6`); this host's SYN-ACK (egress) records its sequence
-//! number there; the ACK of exactly that number plus one (which an
-//! off-path sender cannot know) moves the connection to `INBOUND4`/`6`.
-//! Forged SYNs or ACKs, in any number, fill only the half-open table.
+//! when its handshake completes. This host's SYN-ACK (egress) records its
+//! sequence number in a half-open entry (`EMBRYO4`/`6`); the ACK of exactly
+//! that number plus one (which an off-path sender cannot know) moves the
+//! connection to `INBOUND4`/`6`. Under an egress allowlist the admitted SYN
+//! makes the half-open entry, and only a SYN-ACK that answers one leaves;
+//! without one the SYN-ACK makes it (an admitted SYN costs no table update
+//! on its way in). Forged SYNs or ACKs, in any number, fill only the
+//! half-open table.
 //! Protocols without a handshake (UDP, ICMP echo, the rest) have tables of
 //! their own (`INBOUND_OTHER4`/`6`), so a forged flood of them cannot evict
 //! an inbound TCP connection either.
@@ -312,15 +315,14 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
             return;
         }
     }
+    let synack = ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     if ip.proto == IPPROTO_TCP
         && let Some(e) = K::embryos().get_ptr_mut(key)
     {
         // A half-open inbound connection: this host's SYN-ACK gives the
         // sequence number its completing ACK must acknowledge. Nothing
         // this host sends on it opens a flow of its own.
-        if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK
-            && !crate::explain::on()
-        {
+        if synack && !crate::explain::on() {
             // SAFETY: pointer from a successful lookup; a racing SYN-ACK
             // retransmission writes the same number.
             unsafe {
@@ -328,6 +330,19 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
                 (*e).synack = 1;
             }
         }
+        return;
+    }
+    if ip.proto == IPPROTO_TCP && synack {
+        // This host answers a SYN it received: without an egress allowlist
+        // the admitted SYN recorded nothing (`open_ingress`), and the
+        // answer makes the half-open entry. (Under the allowlist the
+        // SYN-ACK gets here only with that entry or an egress rule.)
+        let e = Embryo {
+            seen_ns: now,
+            isn: ip.tcp_seq,
+            synack: 1,
+        };
+        embryo_insert(key, &e);
         return;
     }
     let state = match ip.proto {
@@ -434,12 +449,20 @@ fn embryo_insert<K: Key>(key: &K, e: &Embryo) {
     let _ = K::embryos().insert(key, e, 0);
 }
 
-/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]): a
-/// TCP connection as half-open (`EMBRYO4`/`EMBRYO6`) until its handshake
-/// completes, the rest in `INBOUND_OTHER4`/`INBOUND_OTHER6`.
+/// Ingress: records the inbound flow `ip` opens (see [`track_ingress`]):
+/// UDP, ICMP echo and the rest in `INBOUND_OTHER4`/`INBOUND_OTHER6`; a TCP
+/// connection as half-open (`EMBRYO4`/`EMBRYO6`) only under an egress
+/// allowlist (`allowlist`), where this host's SYN-ACK must answer an
+/// admitted SYN. Without one, the SYN-ACK itself makes the half-open entry
+/// ([`track_egress`]): the kernel answers only SYNs this program passed, a
+/// SYN the kernel drops costs no table update, and an admitted SYN costs
+/// one LRU update fewer on its way in.
 #[inline(always)]
-pub fn open_ingress(ip: &Ip) {
+pub fn open_ingress(ip: &Ip, allowlist: bool) {
     if ip.proto == IPPROTO_TCP {
+        if !allowlist {
+            return;
+        }
         let e = Embryo {
             seen_ns: now(),
             isn: 0,

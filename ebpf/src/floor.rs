@@ -19,7 +19,7 @@
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
-//! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN) |
+//! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN under an egress allowlist, or for this host's SYN-ACK) |
 //! | `floor_lru16_update_percpu` | the same in an LRU with per-CPU lists (`BPF_F_NO_COMMON_LRU`) |
 //!
 //! The LRU map has the connection table's key and value types, size and

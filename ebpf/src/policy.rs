@@ -195,7 +195,7 @@ fn by_rules(
         if reason != Reason::PassPeer && ratelimit::over_limit(ip, ctx.generation, m.slot) {
             return Reason::DropRateLimit;
         }
-        conntrack::open_ingress(ip);
+        conntrack::open_ingress(ip, ctx.settings.flags & SETTING_EGRESS_ALLOWLIST != 0);
     }
     if reason.passes() {
         rules::count(&m, bytes);

@@ -284,7 +284,8 @@ struct Model {
     entries: Vec<Entry>,
     /// Flows this host opened: they admit inbound packets.
     flows: HashSet<Flow>,
-    /// Inbound flows the rules admitted: they admit nothing inbound, and
+    /// Inbound flows the rules admitted, and half-open inbound TCP
+    /// connections (this host's SYN-ACK): they admit nothing inbound, and
     /// this host's packets on them open no flow of its own.
     inbound: HashSet<Flow>,
     /// Whether this host has sent a DHCP client request (IPv4, IPv6); the
@@ -331,9 +332,19 @@ impl Model {
                 _ => {}
             }
         }
-        if !ip.later_fragment
-            && let Some(flow) = Model::flow(&ip, true)
-            && !self.inbound.contains(&flow)
+        let Some(flow) = Model::flow(&ip, true).filter(|_| !ip.later_fragment) else {
+            return Some(Reason::PassEgress);
+        };
+        let (known, synack) = (
+            self.inbound.contains(&flow) || self.flows.contains(&flow),
+            ip.flags & (0x02 | 0x10 | 0x04) == 0x02 | 0x10,
+        );
+        if ip.proto == TCP && synack && !known {
+            // This host's SYN-ACK makes the half-open entry (no allowlist:
+            // the admitted SYN made none); nothing it sends on that
+            // connection opens a flow of its own.
+            self.inbound.insert(flow);
+        } else if !self.inbound.contains(&flow)
             && (ip.proto != TCP
                 || ip.flags & (0x02 | 0x10 | 0x04) == 0x02
                 || self.flows.contains(&flow))
@@ -352,10 +363,12 @@ impl Model {
             Some(Reason::PassRule | Reason::PassPeer | Reason::PassSsh)
         ) && let Some(Frame::Ip(ip)) = parse(b)
             && let Some(flow) = Model::flow(&ip, false)
-            // A TCP connection only with its SYN (half-open, then completed
-            // by the ACK of this host's SYN-ACK, which these frames, with
-            // sequence numbers 0, never carry).
-            && (ip.proto != TCP || ip.flags & (0x02 | 0x10) == 0x02)
+            // Not a TCP connection: without an egress allowlist its SYN
+            // records nothing; this host's SYN-ACK makes it half-open (see
+            // `egress`), and only the ACK of that SYN-ACK's sequence number
+            // completes it, which these frames, with sequence numbers 0,
+            // never carry.
+            && ip.proto != TCP
         {
             self.inbound.insert(flow);
         }

@@ -312,6 +312,73 @@ fn fragments_pass_only_with_an_admitted_first_fragment() {
     }
 }
 
+/// How many entries the pinned IPv4 LRU table `name` holds.
+fn entries4<V: aya::Pod>(pins: &PinDir, name: &str) -> usize {
+    let path = portcullis::dataplane::maps_dir(pins.path()).join(name);
+    let map: aya::maps::HashMap<_, portcullis_common::FlowKey4, V> = aya::maps::HashMap::try_from(
+        aya::maps::Map::LruHashMap(aya::maps::MapData::from_pin(path).unwrap()),
+    )
+    .unwrap();
+    map.keys().filter_map(Result::ok).count()
+}
+
+/// Without an egress allowlist an admitted SYN writes no table (the
+/// kernel's answer does: this host's SYN-ACK makes the half-open entry), and
+/// the handshake still ends as an inbound flow; under the allowlist the SYN
+/// makes it, and a SYN-ACK that answers no admitted SYN does not leave.
+#[test]
+fn an_admitted_syn_writes_a_table_only_under_the_egress_allowlist() {
+    require_root!();
+    use portcullis_common::{Embryo, Flow};
+    let (h, p) = (H4, P4);
+    let syn = Pkt::new(p, h).tcp(50000, 8080, SYN).bytes();
+    let synack = Pkt::new(h, p)
+        .tcp(8080, 50000, SYN | ACK)
+        .seq_ack(7000, 1)
+        .bytes();
+    let ack = Pkt::new(p, h)
+        .tcp(50000, 8080, ACK)
+        .seq_ack(1, 7001)
+        .bytes();
+
+    let mut b = Bench::new();
+    b.expect("an admitted syn", &syn, Reason::PassRule);
+    assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 0, "the SYN wrote");
+    b.egress(&synack);
+    assert_eq!(
+        entries4::<Embryo>(&b.pins, "EMBRYO4"),
+        1,
+        "no half-open entry"
+    );
+    b.expect("the handshake's ack", &ack, Reason::PassRule);
+    assert_eq!(entries4::<Flow>(&b.pins, "INBOUND4"), 1, "no inbound flow");
+    assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 0);
+
+    let allowlist = "[[egress_rules]]\nid = \"dns\"\nfrom_port = 53\nto_port = 53\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"udp\"\n";
+    let mut b = Bench::with(allowlist, 1024);
+    let stray = Pkt::new(h, p)
+        .tcp(8080, 50001, SYN | ACK)
+        .seq_ack(9000, 1)
+        .bytes();
+    let before = b.pins.counters().unwrap()[&Reason::DropEgress];
+    b.dp.test_run(Program::Egress, &stray, 1).unwrap();
+    assert_eq!(
+        b.pins.counters().unwrap()[&Reason::DropEgress],
+        before + 1,
+        "a SYN-ACK to no admitted SYN left under the allowlist"
+    );
+    assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 0);
+    b.expect("an admitted syn", &syn, Reason::PassRule);
+    assert_eq!(
+        entries4::<Embryo>(&b.pins, "EMBRYO4"),
+        1,
+        "the SYN wrote nothing"
+    );
+    b.dp.test_run(Program::Egress, &synack, 1).unwrap();
+    b.expect("the handshake's ack", &ack, Reason::PassRule);
+    assert_eq!(entries4::<Flow>(&b.pins, "INBOUND4"), 1, "no inbound flow");
+}
+
 #[test]
 fn connection_table_admits_replies_and_related_errors_only() {
     require_root!();

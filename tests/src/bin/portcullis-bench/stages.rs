@@ -9,7 +9,7 @@
 //! | `frag`    | IPv4 TCP fragment at offset 1 (8 bytes) | as `trunc`, dropped as a fragment: + drop event (budget) |
 //! | `est`     | IPv4 SYN-ACK of a flow this host opened | + L4 parse, connection-table key and lookup (hit)        |
 //! | `denied`  | IPv4 SYN no rule admits                 | + L4, generation, deny sets, rules (no match), lookup (miss), drop event |
-//! | `allowed` | IPv4 SYN a rule admits                  | + rules (match), INBOUND miss, EMBRYO update, counters   |
+//! | `allowed` | IPv4 SYN a rule admits                  | + rules (match), INBOUND miss, counters (no EMBRYO update: no egress allowlist) |
 //!
 //! A SYN without ACK looks up the connection table only when the policy
 //! would drop it (`policy::established`): `denied` does, after the rules;
@@ -270,10 +270,10 @@ const STAGES: [(&str, &str, &str, Derive); 6] = [
         |v, n, _| (v[4] - v[1] - (v[2] - v[1]), 2.0 * n[1] + n[8]),
     ),
     (
-        "new, allowed: + rules match + INBOUND miss + EMBRYO",
+        "new, allowed: + rules match + INBOUND miss",
         "allowed - trunc",
-        "2 array + lru16 + update + coarse + counter",
-        |v, n, _| (v[5] - v[1], 2.0 * n[1] + n[8] + n[10] + n[7] + n[2]),
+        "2 array + lru16 + counter",
+        |v, n, _| (v[5] - v[1], 2.0 * n[1] + n[8] + n[2]),
     ),
 ];
 
