@@ -393,9 +393,9 @@ fn insert<K: Key>(origin: Origin, key: &K, state: u8, now: u64) {
 
 /// Ingress, after the rules admitted `ip`: refreshes its inbound flow (at
 /// most once a second), so this host's replies may leave under an egress
-/// allowlist. `true`: there is none and `ip` would open one (a TCP SYN
-/// without ACK, or any packet of another protocol); the caller checks the
-/// rate limit, then records it with [`open_ingress`].
+/// allowlist. `true`: `ip` opens one (a TCP SYN without ACK, always; a
+/// packet of another protocol without a flow); the caller checks the rate
+/// limit, then records it with [`open_ingress`].
 #[inline(always)]
 pub fn track_ingress(ip: &Ip) -> bool {
     if ip.later_fragment {
@@ -406,8 +406,16 @@ pub fn track_ingress(ip: &Ip) -> bool {
 
 #[inline(always)]
 fn track_ingress_key<K: Key>(ip: &Ip, key: &K) -> bool {
+    // A SYN without ACK opens a connection whatever the table holds: it is
+    // not looked up (the skip joins the lookup's miss), and it is charged to
+    // its source's rate limit. A 4-tuple reused from an old inbound
+    // connection gets its state back from this host's SYN-ACK
+    // (`next_state`).
+    if opens_tcp_connection(ip) {
+        return true;
+    }
     let Some(flow) = K::table(Origin::In, key.proto()).get_ptr_mut(key) else {
-        if ip.proto != IPPROTO_TCP || opens_tcp_connection(ip) {
+        if ip.proto != IPPROTO_TCP {
             return true;
         }
         complete_handshake(ip, key);
@@ -569,10 +577,14 @@ fn next_state(ip: &Ip, dir: Dir, origin: Origin, state: u8) -> u8 {
     } else if f & (TCP_SYN | TCP_ACK) == TCP_SYN && from_opener {
         // A new connection reusing the tuple of an old one.
         FLOW_TCP_SYN_SENT
-    } else if state == FLOW_TCP_SYN_SENT
-        && !from_opener
+    } else if !from_opener
         && f & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+        && (state == FLOW_TCP_SYN_SENT || origin == Origin::In)
     {
+        // The answer to a SYN. On an inbound flow it is this host's own
+        // SYN-ACK: it accepted a connection on the flow's 4-tuple, which
+        // may be an old one's, closed or closing (its SYN is not looked
+        // up). The other end's SYN-ACK revives no flow this host opened.
         FLOW_TCP_ESTABLISHED
     } else {
         state

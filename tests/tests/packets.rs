@@ -379,6 +379,64 @@ fn an_admitted_syn_writes_a_table_only_under_the_egress_allowlist() {
     assert_eq!(entries4::<Flow>(&b.pins, "INBOUND4"), 1, "no inbound flow");
 }
 
+/// The states of the inbound IPv4 TCP connections `INBOUND4` holds.
+fn inbound4_states(pins: &PinDir) -> Vec<u8> {
+    let path = portcullis::dataplane::maps_dir(pins.path()).join("INBOUND4");
+    let map: aya::maps::HashMap<_, portcullis_common::FlowKey4, portcullis_common::Flow> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+            aya::maps::MapData::from_pin(path).unwrap(),
+        ))
+        .unwrap();
+    map.iter()
+        .filter_map(Result::ok)
+        .map(|(_, f)| f.state)
+        .collect()
+}
+
+/// A SYN is not looked up in the inbound table: a new connection on the
+/// 4-tuple of an old, closed one is tracked as established again once this
+/// host answers it (its SYN-ACK), not left to age out as closed.
+#[test]
+fn a_reused_four_tuple_of_a_closed_inbound_connection_is_tracked_again() {
+    require_root!();
+    use portcullis_common::{FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED};
+    const RST: u8 = 0x04;
+    let (h, p) = (H4, P4);
+    let mut b = Bench::new();
+    for (round, isn) in [(0, 7000u32), (1, 9000)] {
+        b.expect(
+            "an admitted syn",
+            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        b.egress(
+            &Pkt::new(h, p)
+                .tcp(8080, 50000, SYN | ACK)
+                .seq_ack(isn, 1)
+                .bytes(),
+        );
+        if round == 0 {
+            b.expect(
+                "the handshake's ack",
+                &Pkt::new(p, h)
+                    .tcp(50000, 8080, ACK)
+                    .seq_ack(1, isn + 1)
+                    .bytes(),
+                Reason::PassRule,
+            );
+            assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_ESTABLISHED]);
+            // This host resets the connection.
+            b.egress(&Pkt::new(h, p).tcp(8080, 50000, RST | ACK).bytes());
+            assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_CLOSED]);
+        }
+    }
+    assert_eq!(
+        inbound4_states(&b.pins),
+        vec![FLOW_TCP_ESTABLISHED],
+        "the reused 4-tuple's connection is not tracked as established"
+    );
+}
+
 #[test]
 fn connection_table_admits_replies_and_related_errors_only() {
     require_root!();
