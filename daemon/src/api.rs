@@ -946,13 +946,7 @@ async fn put_rules(
     let opts = expect.options(&caller);
     let what = expect.label("replace rules");
     let changed = api
-        .write(&caller, &what, |core| {
-            core.change_to(&opts, |live| {
-                let next = rules.over(live);
-                next.check_additions(live)?;
-                Ok(next)
-            })
-        })
+        .write(&caller, &what, |core| core.replace(&opts, rules))
         .await?;
     crate::core::watch_confirmation(&api.core, &changed);
     Ok(Json(changed))
@@ -970,11 +964,9 @@ async fn add_rule(
     let what = expect.label("add rule");
     let changed = api
         .write(&caller, &what, |core| {
-            core.change_to(&opts, |live| {
-                let mut next = live.clone();
+            core.change_edit(&opts, |live, next| {
                 next.add_rule(direction, rule)?;
-                next.check_additions(live)?;
-                Ok(next)
+                Ok(next.check_additions(live)?)
             })
         })
         .await?;

@@ -481,6 +481,23 @@ impl Writer<'_> {
     }
 }
 
+/// A set's validation and, when it is valid, its image: the part of a
+/// change that needs nothing of the live set.
+struct Prepared {
+    valid: Result<(), RuleError>,
+    image: Option<Result<Image, CompileError>>,
+}
+
+impl Prepared {
+    /// Validates `set`; compiles it only if it is valid (the compiler is
+    /// never given what validation refuses).
+    fn of(set: &RuleSet, service: &[FirewallRule], limits: &Limits) -> Self {
+        let valid = set.validate();
+        let image = valid.is_ok().then(|| compile_with(set, service, limits));
+        Prepared { valid, image }
+    }
+}
+
 /// Compiles `set` with the service rules appended.
 fn compile_with(
     set: &RuleSet,
@@ -754,20 +771,63 @@ impl Core {
         opts: &Options,
         edit: impl FnOnce(&mut RuleSet) -> Result<(), ChangeError>,
     ) -> Result<Changed, ChangeError> {
-        self.change_to(opts, |live| {
-            let mut next = live.clone();
-            edit(&mut next)?;
-            Ok(next)
-        })
+        self.change_edit(opts, |_, next| edit(next))
+    }
+
+    /// As [`Core::change`], with `edit` also shown the live set. The copy
+    /// it edits is unpacked beside the live set, on a second thread: a
+    /// copy of 100k rules costs what unpacking them does.
+    pub fn change_edit(
+        &mut self,
+        opts: &Options,
+        edit: impl FnOnce(&RuleSet, &mut RuleSet) -> Result<(), ChangeError>,
+    ) -> Result<Changed, ChangeError> {
+        self.may_change(opts)?;
+        let rules = &self.rules;
+        let (live, mut next) =
+            crate::parallel::both("unpack", || rules.unpack(), || rules.unpack());
+        edit(&live, &mut next)?;
+        self.change_from(opts, live, next, None)
     }
 
     /// As [`Core::change`], with the next set made by `make` from a borrow
-    /// of the live one: a replace copies nothing of the set it replaces.
+    /// of the live one.
     pub fn change_to(
         &mut self,
         opts: &Options,
         make: impl FnOnce(&RuleSet) -> Result<RuleSet, ChangeError>,
     ) -> Result<Changed, ChangeError> {
+        self.may_change(opts)?;
+        let live = self.rules.unpack();
+        let next = make(&live)?;
+        self.change_from(opts, live, next, None)
+    }
+
+    /// Replaces the live rules with `replacement` (see [`Core::change`]).
+    /// The new set needs only the live set's head, so it is validated and
+    /// compiled while the live set is unpacked on a second thread (for the
+    /// diff and the checks against it); errors come in the order of
+    /// [`Core::change_to`]'s.
+    pub fn replace(
+        &mut self,
+        opts: &Options,
+        replacement: crate::rules::Replacement,
+    ) -> Result<Changed, ChangeError> {
+        self.may_change(opts)?;
+        let next = replacement.over(self.rules.head());
+        let (service, limits, rules) = (&self.service, &self.limits, &self.rules);
+        let (prepared, live) = crate::parallel::both(
+            "unpack",
+            || Prepared::of(&next, service, limits),
+            || rules.unpack(),
+        );
+        next.check_additions(&live)?;
+        self.change_from(opts, live, next, Some(prepared))
+    }
+
+    /// Refuses a change while another waits for its confirmation, or when
+    /// the caller expected another generation.
+    fn may_change(&self, opts: &Options) -> Result<(), ChangeError> {
         if let Some(expected) = opts.expected
             && expected != self.generation
         {
@@ -782,13 +842,33 @@ impl Core {
                 deadline: p.deadline,
             });
         }
-        let live = self.rules.unpack();
-        let next = make(&live)?;
-        next.validate()?;
+        Ok(())
+    }
+
+    /// Checks `next` against `live` and the host, compiles it (unless
+    /// `prepared` did) and makes it live, or says what it would do.
+    fn change_from(
+        &mut self,
+        opts: &Options,
+        live: RuleSet,
+        next: RuleSet,
+        prepared: Option<Prepared>,
+    ) -> Result<Changed, ChangeError> {
+        let Prepared { valid, image } = match prepared {
+            Some(p) => p,
+            None => Prepared {
+                valid: next.validate(),
+                image: None,
+            },
+        };
+        valid?;
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
-        let image = compile_with(&next, &self.service, &self.limits)?;
+        let image = match image {
+            Some(image) => image?,
+            None => compile_with(&next, &self.service, &self.limits)?,
+        };
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
         // (milliseconds however few there are): not for a change that
