@@ -481,23 +481,6 @@ impl Writer<'_> {
     }
 }
 
-/// A set's validation and, when it is valid, its image: the part of a
-/// change that needs nothing of the live set.
-struct Prepared {
-    valid: Result<(), RuleError>,
-    image: Option<Result<Image, CompileError>>,
-}
-
-impl Prepared {
-    /// Validates `set`; compiles it only if it is valid (the compiler is
-    /// never given what validation refuses).
-    fn of(set: &RuleSet, service: &[FirewallRule], limits: &Limits) -> Self {
-        let valid = set.validate();
-        let image = valid.is_ok().then(|| compile_with(set, service, limits));
-        Prepared { valid, image }
-    }
-}
-
 /// Compiles `set` with the service rules appended.
 fn compile_with(
     set: &RuleSet,
@@ -804,10 +787,11 @@ impl Core {
     }
 
     /// Replaces the live rules with `replacement` (see [`Core::change`]).
-    /// The new set needs only the live set's head, so it is validated and
-    /// compiled while the live set is unpacked on a second thread (for the
-    /// diff and the checks against it); errors come in the order of
-    /// [`Core::change_to`]'s.
+    /// The new set needs only the live set's head, so it is validated
+    /// while the live set is unpacked on a second thread (for the diff and
+    /// the checks against it); errors come in the order of
+    /// [`Core::change_to`]'s, and the set is compiled only once every check
+    /// passed.
     pub fn replace(
         &mut self,
         opts: &Options,
@@ -815,14 +799,10 @@ impl Core {
     ) -> Result<Changed, ChangeError> {
         self.may_change(opts)?;
         let next = replacement.over(self.rules.head());
-        let (service, limits, rules) = (&self.service, &self.limits, &self.rules);
-        let (prepared, live) = crate::parallel::both(
-            "unpack",
-            || Prepared::of(&next, service, limits),
-            || rules.unpack(),
-        );
+        let rules = &self.rules;
+        let (valid, live) = crate::parallel::both("unpack", || next.validate(), || rules.unpack());
         next.check_additions(&live)?;
-        self.change_from(opts, live, next, Some(prepared))
+        self.change_from(opts, live, next, Some(valid))
     }
 
     /// Refuses a change while another waits for its confirmation, or when
@@ -845,30 +825,21 @@ impl Core {
         Ok(())
     }
 
-    /// Checks `next` against `live` and the host, compiles it (unless
-    /// `prepared` did) and makes it live, or says what it would do.
+    /// Checks `next` (validated already when `valid` is its result)
+    /// against `live` and the host, compiles it and makes it live, or says
+    /// what it would do.
     fn change_from(
         &mut self,
         opts: &Options,
         live: RuleSet,
         next: RuleSet,
-        prepared: Option<Prepared>,
+        valid: Option<Result<(), RuleError>>,
     ) -> Result<Changed, ChangeError> {
-        let Prepared { valid, image } = match prepared {
-            Some(p) => p,
-            None => Prepared {
-                valid: next.validate(),
-                image: None,
-            },
-        };
-        valid?;
+        valid.unwrap_or_else(|| next.validate())?;
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
-        let image = match image {
-            Some(image) => image?,
-            None => compile_with(&next, &self.service, &self.limits)?,
-        };
+        let image = compile_with(&next, &self.service, &self.limits)?;
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
         // (milliseconds however few there are): not for a change that
