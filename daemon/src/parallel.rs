@@ -19,3 +19,44 @@ pub fn both<A, B: Send>(name: &str, a: impl FnOnce() -> A, b: impl Fn() -> B + S
         (a, b)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::both;
+
+    #[test]
+    fn both_answer_and_b_runs_on_the_named_thread() {
+        let (a, b) = both(
+            "second",
+            || 1 + 1,
+            || std::thread::current().name().map(str::to_owned),
+        );
+        assert_eq!(a, 2);
+        assert_eq!(b.as_deref(), Some("second"));
+    }
+
+    #[test]
+    #[should_panic(expected = "b failed")]
+    fn a_panic_of_b_goes_on_here() {
+        both("second", || (), || panic!("b failed"));
+    }
+
+    #[test]
+    fn a_panic_of_a_waits_for_b() {
+        let b_done = AtomicBool::new(false);
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            both(
+                "second",
+                || panic!("a failed"),
+                || {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    b_done.store(true, Ordering::SeqCst);
+                },
+            )
+        }));
+        assert!(caught.is_err());
+        assert!(b_done.load(Ordering::SeqCst), "b was not joined");
+    }
+}

@@ -612,6 +612,71 @@ fn dry_runs_confirmation_windows_and_anti_lockout_with_real_traffic() {
     );
 }
 
+/// A whole-set replace (`PUT /v1/rules`, which validates the new set while
+/// the live one is unpacked on a second thread) honours the same options
+/// and checks as a single edit: a dry run changes nothing, an unconfirmed
+/// replace is rolled back on time, an expiry in the past is refused, and
+/// the checks of added rules answer before the whole-set validation.
+#[test]
+fn a_replace_honours_dry_runs_confirmation_windows_expiries_and_check_order() {
+    require_root!();
+    let env = Env::new("");
+    tcp_echo_server(&env.pair.host, sock(HOST_V4, 8080)).unwrap();
+    assert!(env.reached(8080));
+    let generation = || env.cli(&["status"])["generation"].as_u64().unwrap();
+    let g = generation();
+    let closed = r#"{"ingress_rules":[]}"#;
+
+    // Dry run: reported, not applied.
+    let (code, body) = env.curl("PUT", "/v1/rules?dry_run=true", Some(closed));
+    assert_eq!(code, 200, "{body}");
+    let dry: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(dry["dry_run"], true, "{body}");
+    assert_eq!(dry["diff"]["removed"][0], "ingress:app", "{body}");
+    assert_eq!(generation(), g, "a dry-run replace changed the rules");
+    assert!(env.reached(8080), "a dry-run replace closed the port");
+
+    // Confirmation window, not confirmed: rolled back on time.
+    let (code, body) = env.curl("PUT", "/v1/rules?confirm_within=2", Some(closed));
+    assert_eq!(code, 200, "{body}");
+    let applied: Value = serde_json::from_str(&body).unwrap();
+    assert!(applied["confirm_by"].as_u64().is_some(), "{body}");
+    assert!(!env.reached(8080), "the replace was not applied");
+    let started = std::time::Instant::now();
+    while !env.reached(8080) {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(6),
+            "an unconfirmed replace was not rolled back in time"
+        );
+        thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert!(env.cli(&["status"]).get("pending").is_none());
+    assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "app");
+    let g = generation();
+
+    // An expiry in the past: refused, nothing changes.
+    let past = r#"{"ingress_rules":[{"id":"old","from_port":9000,"to_port":9000,"ip_ranges":[],"expires":"2020-01-01T00:00:00Z"}]}"#;
+    let (code, body) = env.curl("PUT", "/v1/rules", Some(past));
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.contains(r#"ingress rule \"old\": expires"#) && body.contains("in the past"),
+        "{body}"
+    );
+
+    // Rule 0 fails only the whole-set validation (ports reversed), rule 1
+    // only the check of added rules (its id): the latter answers, as it
+    // did before validation moved beside the unpack.
+    let both = r#"{"ingress_rules":[{"id":"a","from_port":10,"to_port":5,"ip_ranges":[]},{"id":"b c","from_port":1,"to_port":1,"ip_ranges":[]}]}"#;
+    let (code, body) = env.curl("PUT", "/v1/rules", Some(both));
+    assert_eq!(code, 422, "{body}");
+    assert!(
+        body.contains(r#"ingress rule \"b c\": id"#) && !body.contains("from_port"),
+        "the check of added rules must answer first: {body}"
+    );
+    assert_eq!(generation(), g, "a refused replace changed the rules");
+    assert!(env.reached(8080), "a refused replace closed the port");
+}
+
 /// Emergency controls with real traffic: lockdown keeps open flows and the
 /// admin's SSH and drops everything new; open and audit pass what enforce
 /// drops, counting each such packet; enforce restores the rules.
