@@ -93,6 +93,19 @@ impl Env {
     fn reached(&self, port: u16) -> bool {
         tcp_probe(&self.pair.peer, sock(HOST_V4, port)).is_ok()
     }
+
+    /// Waits until the peer reaches `port` again (a change rolled back for
+    /// want of confirmation); panics after six seconds.
+    fn wait_until_reached(&self, port: u16, what: &str) {
+        let started = std::time::Instant::now();
+        while !self.reached(port) {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(6),
+                "{what}"
+            );
+            thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
 }
 
 #[test]
@@ -555,14 +568,7 @@ fn dry_runs_confirmation_windows_and_anti_lockout_with_real_traffic() {
         String::from_utf8_lossy(&busy.stderr).contains("awaits confirmation"),
         "changes must wait for the confirmation"
     );
-    let started = std::time::Instant::now();
-    while !env.reached(8080) {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(6),
-            "not rolled back in time"
-        );
-        thread::sleep(std::time::Duration::from_millis(200));
-    }
+    env.wait_until_reached(8080, "not rolled back in time");
     assert!(env.cli(&["status"]).get("pending").is_none());
     assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "app");
     let log = std::fs::read_to_string(env.config.state_dir().join("audit.log")).unwrap();
@@ -642,14 +648,7 @@ fn a_replace_honours_dry_runs_confirmation_windows_expiries_and_check_order() {
     let applied: Value = serde_json::from_str(&body).unwrap();
     assert!(applied["confirm_by"].as_u64().is_some(), "{body}");
     assert!(!env.reached(8080), "the replace was not applied");
-    let started = std::time::Instant::now();
-    while !env.reached(8080) {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(6),
-            "an unconfirmed replace was not rolled back in time"
-        );
-        thread::sleep(std::time::Duration::from_millis(200));
-    }
+    env.wait_until_reached(8080, "an unconfirmed replace was not rolled back in time");
     assert!(env.cli(&["status"]).get("pending").is_none());
     assert_eq!(env.cli(&["rules", "get"])["ingress_rules"][0]["id"], "app");
     let g = generation();

@@ -69,6 +69,23 @@ impl Bench {
         let out = self.dp.test_run(Program::Egress, frame, 1).unwrap();
         assert_eq!(out.retval, TC_CONTINUE, "egress must never drop");
     }
+
+    /// An inbound TCP connection's first two steps from `p:50000` to this
+    /// host's `h:8080`: the admitted SYN, and this host's SYN-ACK with
+    /// initial sequence number `isn`.
+    fn syn_and_syn_ack(&mut self, p: &str, h: &str, isn: u32) {
+        self.expect(
+            "an admitted syn",
+            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
+            Reason::PassRule,
+        );
+        self.egress(
+            &Pkt::new(h, p)
+                .tcp(8080, 50000, SYN | ACK)
+                .seq_ack(isn, 1)
+                .bytes(),
+        );
+    }
 }
 
 #[test]
@@ -404,17 +421,7 @@ fn a_reused_four_tuple_of_a_closed_inbound_connection_is_tracked_again() {
     let (h, p) = (H4, P4);
     let mut b = Bench::new();
     for (round, isn) in [(0, 7000u32), (1, 9000)] {
-        b.expect(
-            "an admitted syn",
-            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
-            Reason::PassRule,
-        );
-        b.egress(
-            &Pkt::new(h, p)
-                .tcp(8080, 50000, SYN | ACK)
-                .seq_ack(isn, 1)
-                .bytes(),
-        );
+        b.syn_and_syn_ack(p, h, isn);
         if round == 0 {
             b.expect(
                 "the handshake's ack",
@@ -473,17 +480,7 @@ fn connection_table_admits_replies_and_related_errors_only() {
         // A TCP packet that is not a SYN opens nothing (inbound-accepted
         // flows). The handshake of an admitted inbound connection (SYN, this
         // host's SYN-ACK, the ACK of its ISN) records it as an inbound flow.
-        b.expect(
-            "an admitted syn",
-            &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
-            Reason::PassRule,
-        );
-        b.egress(
-            &Pkt::new(h, p)
-                .tcp(8080, 50000, SYN | ACK)
-                .seq_ack(7000, 1)
-                .bytes(),
-        );
+        b.syn_and_syn_ack(p, h, 7000);
         b.expect(
             "the handshake's ack",
             &Pkt::new(p, h)
