@@ -17,6 +17,7 @@
 //! | `floor_ktime`    | one `bpf_ktime_get_ns` (the exact clock, to compare)         |
 //! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (conntrack refresh, the event budget) |
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
+//! | `floor_lru16_hit` | the same key present (as `CONNTRACK4` for an established IPv4 flow) |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
 //! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
 //! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN under an egress allowlist, or for this host's SYN-ACK) |
@@ -145,14 +146,26 @@ mod programs {
         lru(2)
     }
 
-    #[xdp]
-    pub fn floor_lru16_miss(_ctx: XdpContext) -> u32 {
-        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 2, 6];
+    /// One lookup in `FLOOR_LRU16` of the key with `local_port`; the
+    /// benchmark inserts `local_port` 1 (`floor_lru16_hit`).
+    #[inline(always)]
+    fn lru16(local_port: u32) -> u32 {
+        let k: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | local_port, 6];
         // SAFETY: the value is only read, as a copy.
         match unsafe { FLOOR_LRU16.get(&k) } {
             Some(f) => pass_unless(f.state == u8::MAX),
             None => xdp_action::XDP_PASS,
         }
+    }
+
+    #[xdp]
+    pub fn floor_lru16_miss(_ctx: XdpContext) -> u32 {
+        lru16(2)
+    }
+
+    #[xdp]
+    pub fn floor_lru16_hit(_ctx: XdpContext) -> u32 {
+        lru16(1)
     }
 
     #[xdp]

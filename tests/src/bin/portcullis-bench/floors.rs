@@ -14,7 +14,7 @@ use portcullis::testrun::FLOOR_OBJECT;
 use portcullis_common::{Flow, FlowKey};
 
 /// The floor programs, in the order printed: (program, what it does).
-pub const PROGRAMS: [(&str, &str); 12] = [
+pub const PROGRAMS: [(&str, &str); 13] = [
     ("floor_empty", "empty program (call + return)"),
     ("floor_array", "one array read"),
     ("floor_counter", "one per-CPU counter update"),
@@ -30,6 +30,7 @@ pub const PROGRAMS: [(&str, &str); 12] = [
         "floor_lru16_update_percpu",
         "one LRU update, 16-byte key, per-CPU lists",
     ),
+    ("floor_lru16_hit", "one LRU lookup, 16-byte key, hit"),
 ];
 
 pub struct Floors {
@@ -40,8 +41,8 @@ pub struct Floors {
 }
 
 impl Floors {
-    /// Loads the floor programs, inserts the keys `floor_lru_hit` and
-    /// `floor_hash` find and attaches each program to one end of veth pairs
+    /// Loads the floor programs, inserts the keys `floor_lru_hit`,
+    /// `floor_lru16_hit` and `floor_hash` find and attaches each program to one end of veth pairs
     /// `floorN`.
     pub fn load(ip: impl Fn(&[&str]) -> anyhow::Result<String>) -> anyhow::Result<Self> {
         let mut ebpf = Ebpf::load(FLOOR_OBJECT)?;
@@ -59,6 +60,24 @@ impl Floors {
                 family: 4,
                 _pad: [0; 2],
             };
+            lru.insert(
+                &key,
+                &Flow {
+                    last_seen_ns: 1,
+                    state: 1,
+                    _pad: [0; 7],
+                },
+                0,
+            )?;
+        }
+        {
+            // The key `floor_lru16_hit` finds (`ebpf/src/floor.rs`:
+            // addresses, ports 40000 and 1, TCP).
+            let map = ebpf
+                .map_mut("FLOOR_LRU16")
+                .ok_or_else(|| anyhow::anyhow!("FLOOR_LRU16 missing"))?;
+            let mut lru: BpfHashMap<&mut MapData, [u32; 4], Flow> = BpfHashMap::try_from(map)?;
+            let key: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 1, 6];
             lru.insert(
                 &key,
                 &Flow {
