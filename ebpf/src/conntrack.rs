@@ -293,29 +293,39 @@ macro_rules! by_family {
 }
 
 /// Egress: opens or refreshes the flow of `ip` (a reply on an inbound flow
-/// refreshes that one and opens none).
+/// refreshes that one and opens none). `allowlist`: the egress allowlist is
+/// on, so only an admitted SYN makes a half-open entry (see
+/// [`open_ingress`]).
 #[inline(always)]
-pub fn track_egress(ip: &Ip) {
+pub fn track_egress(ip: &Ip, allowlist: bool) {
     if ip.later_fragment {
         return;
     }
-    by_family!(ip, Dir::Out, |key| track_egress_key(ip, key), ())
+    by_family!(ip, Dir::Out, |key| track_egress_key(ip, key, allowlist), ())
 }
 
 #[inline(always)]
-fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
+fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
     let now = now();
+    let synack = ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     for origin in [Origin::Out, Origin::In] {
         if let Some(flow) = K::table(origin, key.proto()).get_ptr_mut(key) {
             // SAFETY: pointer from a successful lookup; concurrent writers
             // only race on a timestamp and a state byte, both benign.
             let flow = unsafe { &mut *flow };
+            if origin == Origin::In && synack && !live_established(flow, now) {
+                // This host accepts a new connection on the 4-tuple of an
+                // old inbound one (closed, closing, or aged out but not yet
+                // evicted): the old entry goes, and the new connection is
+                // half-open until the ACK of this SYN-ACK, as any other.
+                remove(origin, key);
+                break;
+            }
             let state = next_state(ip, Dir::Out, origin, flow.state);
             touch(flow, state, now);
             return;
         }
     }
-    let synack = ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     if ip.proto == IPPROTO_TCP
         && let Some(e) = K::embryos().get_ptr_mut(key)
     {
@@ -335,8 +345,13 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K) {
     if ip.proto == IPPROTO_TCP && synack {
         // This host answers a SYN it received: without an egress allowlist
         // the admitted SYN recorded nothing (`open_ingress`), and the
-        // answer makes the half-open entry. (Under the allowlist the
-        // SYN-ACK gets here only with that entry or an egress rule.)
+        // answer makes the half-open entry. Under the allowlist only the
+        // admitted SYN makes it: a SYN-ACK that an egress rule let out
+        // answers no SYN the rules admitted (a raw socket's), and opens
+        // nothing.
+        if allowlist {
+            return;
+        }
         let e = Embryo {
             seen_ns: now,
             isn: ip.tcp_seq,
@@ -401,7 +416,24 @@ pub fn track_ingress(ip: &Ip) -> bool {
     if ip.later_fragment {
         return false;
     }
-    by_family!(ip, Dir::In, |key| track_ingress_key(ip, key), false)
+    // An echo request belongs to no inbound flow (its reply is admitted as
+    // the request was, `policy::allowlist`): each one opens one, and is
+    // charged to its source's rate limit.
+    by_family!(
+        ip,
+        Dir::In,
+        |key| track_ingress_key(ip, key),
+        is_echo_request(ip)
+    )
+}
+
+/// An ICMP or ICMPv6 echo request.
+#[inline(always)]
+fn is_echo_request(ip: &Ip) -> bool {
+    matches!(
+        (ip.proto, ip.icmp_type),
+        (IPPROTO_ICMP, ICMP_ECHO_REQUEST) | (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST)
+    )
 }
 
 #[inline(always)]
@@ -449,6 +481,27 @@ fn complete_handshake<K: Key>(ip: &Ip, key: &K) {
     }
 }
 
+/// Under the egress allowlist, an admitted SYN: the half-open entry of its
+/// connection, unless a live one already holds this host's SYN-ACK (a SYN
+/// on that 4-tuple, a retransmission or a forgery from whoever can see the
+/// tuple, would otherwise wipe the number the completing ACK must
+/// acknowledge; the kernel answers it with the same SYN-ACK or none).
+#[inline(always)]
+fn open_embryo<K: Key>(key: &K) {
+    if let Some(e) = embryo_of(key) {
+        // SAFETY: pointer from a successful lookup of a plain struct.
+        if unsafe { (*e).synack } == 1 {
+            return;
+        }
+    }
+    let e = Embryo {
+        seen_ns: now(),
+        isn: 0,
+        synack: 0,
+    };
+    embryo_insert(key, &e);
+}
+
 #[inline(always)]
 fn embryo_insert<K: Key>(key: &K, e: &Embryo) {
     if crate::explain::on() {
@@ -471,12 +524,7 @@ pub fn open_ingress(ip: &Ip, allowlist: bool) {
         if !allowlist {
             return;
         }
-        let e = Embryo {
-            seen_ns: now(),
-            isn: 0,
-            synack: 0,
-        };
-        by_family!(ip, Dir::In, |key| embryo_insert(key, &e), ())
+        by_family!(ip, Dir::In, |key| open_embryo(key), ())
     } else {
         by_family!(
             ip,
@@ -537,12 +585,27 @@ fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
     let now = now();
     if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
-        if !crate::explain::on() {
-            let _ = K::table(origin, key.proto()).remove(key);
-        }
+        remove(origin, key);
         return None;
     }
     Some((flow, now))
+}
+
+/// Whether `flow` is an established TCP connection that has not aged out
+/// at `now`.
+#[inline(always)]
+fn live_established(flow: &Flow, now: u64) -> bool {
+    flow.state == FLOW_TCP_ESTABLISHED
+        && now.saturating_sub(flow.last_seen_ns)
+            <= flow_timeout_ns(IPPROTO_TCP, FLOW_TCP_ESTABLISHED)
+}
+
+/// Removes `key`'s entry from `origin`'s table.
+#[inline(always)]
+fn remove<K: Key>(origin: Origin, key: &K) {
+    if !crate::explain::on() {
+        let _ = K::table(origin, key.proto()).remove(key);
+    }
 }
 
 #[inline(always)]
@@ -579,12 +642,12 @@ fn next_state(ip: &Ip, dir: Dir, origin: Origin, state: u8) -> u8 {
         FLOW_TCP_SYN_SENT
     } else if !from_opener
         && f & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
-        && (state == FLOW_TCP_SYN_SENT || origin == Origin::In)
+        && state == FLOW_TCP_SYN_SENT
     {
-        // The answer to a SYN. On an inbound flow it is this host's own
-        // SYN-ACK: it accepted a connection on the flow's 4-tuple, which
-        // may be an old one's, closed or closing (its SYN is not looked
-        // up). The other end's SYN-ACK revives no flow this host opened.
+        // The answer to this host's SYN. (This host's own SYN-ACK on an
+        // inbound flow that is not established removes that flow instead:
+        // `track_egress`.) The other end's SYN-ACK revives no flow this
+        // host opened.
         FLOW_TCP_ESTABLISHED
     } else {
         state

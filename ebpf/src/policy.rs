@@ -315,7 +315,7 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         conntrack::dhcp_requested(ip);
     }
     if ctx.settings.flags & SETTING_EGRESS_ALLOWLIST == 0 {
-        conntrack::track_egress(ip);
+        conntrack::track_egress(ip, false);
         return Reason::PassEgress;
     }
     let reason = if ip.later_fragment {
@@ -344,7 +344,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         _ => local_port,
     };
     if conntrack::tracked(Origin::Out, ip, Dir::Out) {
-        conntrack::track_egress(ip);
+        conntrack::track_egress(ip, true);
         return Reason::PassEgress;
     }
     if always_sent(ip) {
@@ -357,7 +357,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // credited to the FQDN rule's counter (a second counting path does not
     // fit the verifier's budget).
     if ctx.settings.flags & SETTING_DNS_GUARD != 0 && fqdn::by_name(ip) {
-        conntrack::track_egress(ip);
+        conntrack::track_egress(ip, true);
         return Reason::PassEgress;
     }
     // A reply on an inbound flow the rules admitted, while they still admit
@@ -380,7 +380,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
     {
-        conntrack::track_egress(ip);
+        conntrack::track_egress(ip, true);
         return Reason::PassEgress;
     }
     let (pclass, port) = pclass_port(ip.proto, ip.dport);
@@ -400,7 +400,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     );
     if slot_admits(m.slot) {
         rules::count(&m, bytes);
-        conntrack::track_egress(ip);
+        conntrack::track_egress(ip, true);
         return Reason::PassEgress;
     }
     Reason::DropEgress

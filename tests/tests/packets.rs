@@ -411,36 +411,112 @@ fn inbound4_states(pins: &PinDir) -> Vec<u8> {
 }
 
 /// A SYN is not looked up in the inbound table: a new connection on the
-/// 4-tuple of an old, closed one is tracked as established again once this
-/// host answers it (its SYN-ACK), not left to age out as closed.
+/// 4-tuple of an old, closed one is tracked as established again once its
+/// own handshake completes. This host's SYN-ACK alone does not revive the
+/// old entry (whoever can make the kernel answer a SYN on an old tuple, or
+/// send a SYN-ACK from a raw socket, would otherwise get an established
+/// entry, which relates ICMP errors for days, without a handshake): it
+/// removes it, and the connection is half-open until the ACK. Both with and
+/// without the egress allowlist.
 #[test]
-fn a_reused_four_tuple_of_a_closed_inbound_connection_is_tracked_again() {
+fn a_reused_four_tuple_of_a_closed_inbound_connection_is_tracked_again_after_its_handshake() {
     require_root!();
-    use portcullis_common::{FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED};
+    use portcullis_common::{Embryo, FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED};
     const RST: u8 = 0x04;
     let (h, p) = (H4, P4);
-    let mut b = Bench::new();
-    for (round, isn) in [(0, 7000u32), (1, 9000)] {
-        b.syn_and_syn_ack(p, h, isn);
-        if round == 0 {
-            b.expect(
-                "the handshake's ack",
-                &Pkt::new(p, h)
-                    .tcp(50000, 8080, ACK)
-                    .seq_ack(1, isn + 1)
-                    .bytes(),
-                Reason::PassRule,
-            );
-            assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_ESTABLISHED]);
-            // This host resets the connection.
-            b.egress(&Pkt::new(h, p).tcp(8080, 50000, RST | ACK).bytes());
-            assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_CLOSED]);
-        }
+    let allowlist = "[[egress_rules]]\nid = \"dns\"\nfrom_port = 53\nto_port = 53\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"udp\"\n";
+    for extra in ["", allowlist] {
+        let mut b = Bench::with(extra, 1024);
+        let ack = |isn: u32| {
+            Pkt::new(p, h)
+                .tcp(50000, 8080, ACK)
+                .seq_ack(1, isn + 1)
+                .bytes()
+        };
+        b.syn_and_syn_ack(p, h, 7000);
+        b.expect("the handshake's ack", &ack(7000), Reason::PassRule);
+        assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_ESTABLISHED]);
+        // This host resets the connection.
+        b.egress(&Pkt::new(h, p).tcp(8080, 50000, RST | ACK).bytes());
+        assert_eq!(inbound4_states(&b.pins), vec![FLOW_TCP_CLOSED]);
+        // A new connection on the same 4-tuple.
+        b.syn_and_syn_ack(p, h, 9000);
+        assert_eq!(
+            inbound4_states(&b.pins),
+            Vec::<u8>::new(),
+            "this host's SYN-ACK revived the closed entry ({extra:?})"
+        );
+        assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 1, "{extra:?}");
+        b.expect("the old connection's ack", &ack(7000), Reason::PassRule);
+        assert_eq!(inbound4_states(&b.pins), Vec::<u8>::new(), "{extra:?}");
+        b.expect("the new handshake's ack", &ack(9000), Reason::PassRule);
+        assert_eq!(
+            inbound4_states(&b.pins),
+            vec![FLOW_TCP_ESTABLISHED],
+            "the reused 4-tuple's connection is not tracked as established ({extra:?})"
+        );
     }
+}
+
+/// Under the egress allowlist only an admitted SYN makes a half-open
+/// entry: a SYN-ACK an egress rule lets out (a raw socket's, answering no
+/// SYN) makes none, so the ACK a collaborator sends back opens no inbound
+/// flow and is charged nothing it should have been. And a SYN on a
+/// half-open connection whose SYN-ACK left (a retransmission, or a forgery
+/// from whoever sees the tuple) keeps the number its ACK must acknowledge.
+#[test]
+fn under_the_allowlist_only_an_admitted_syn_makes_a_half_open_entry() {
+    require_root!();
+    use portcullis_common::Embryo;
+    let (h, p) = (H4, P4);
+    // An egress rule that admits this host's packets to the client's port.
+    let rules = "[[egress_rules]]\nid = \"out\"\nfrom_port = 50000\nto_port = 50001\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"tcp\"\n";
+    let mut b = Bench::with(rules, 1024);
+    let raw = Pkt::new(h, p)
+        .tcp(8080, 50001, SYN | ACK)
+        .seq_ack(5000, 1)
+        .bytes();
+    let before = b.pins.counters().unwrap()[&Reason::PassEgress];
+    b.dp.test_run(Program::Egress, &raw, 1).unwrap();
+    assert_eq!(
+        b.pins.counters().unwrap()[&Reason::PassEgress],
+        before + 1,
+        "the egress rule did not pass the SYN-ACK (the test proves nothing)"
+    );
+    assert_eq!(
+        entries4::<Embryo>(&b.pins, "EMBRYO4"),
+        0,
+        "a SYN-ACK answering no admitted SYN made a half-open entry"
+    );
+    b.expect(
+        "the collaborator's ack",
+        &Pkt::new(p, h)
+            .tcp(50001, 8080, ACK)
+            .seq_ack(1, 5001)
+            .bytes(),
+        Reason::PassRule,
+    );
+    assert_eq!(inbound4_states(&b.pins), Vec::<u8>::new());
+
+    // A SYN again after this host's SYN-ACK: the number stays.
+    b.syn_and_syn_ack(p, h, 7000);
+    b.expect(
+        "a second syn",
+        &Pkt::new(p, h).tcp(50000, 8080, SYN).bytes(),
+        Reason::PassRule,
+    );
+    b.expect(
+        "the handshake's ack",
+        &Pkt::new(p, h)
+            .tcp(50000, 8080, ACK)
+            .seq_ack(1, 7001)
+            .bytes(),
+        Reason::PassRule,
+    );
     assert_eq!(
         inbound4_states(&b.pins),
-        vec![FLOW_TCP_ESTABLISHED],
-        "the reused 4-tuple's connection is not tracked as established"
+        vec![portcullis_common::FLOW_TCP_ESTABLISHED],
+        "a SYN on the half-open connection wiped this host's SYN-ACK"
     );
 }
 
@@ -622,6 +698,22 @@ fn echo_requests_follow_the_configuration() {
         &Pkt::new(P4, H4).icmp(13, 0, 7, &[0; 12]).bytes(),
         Reason::DropIcmp,
     );
+}
+
+/// An echo request a rule admits opens a flow as a SYN does: it is charged
+/// to its source's rate limit (here the rule's own, burst 2), and those
+/// over it are dropped as such.
+#[test]
+fn echo_requests_a_rule_admits_count_against_its_rate_limit() {
+    require_root!();
+    let ping = "[[ingress_rules]]\nid = \"ping\"\nfrom_port = 0\nto_port = 0\nip_ranges = []\nprotocol = \"icmp\"\nicmp_types = [\"echo-request\"]\nrate = 1\nburst = 2\n";
+    let mut b = Bench::with(ping, 1024);
+    for (h, p, kind) in [(H4, P4, 8), (H6, P6, 128)] {
+        let echo = |id| Pkt::new(p, h).icmp(kind, 0, id, b"ping").bytes();
+        b.expect("the first echo", &echo(1), Reason::PassRule);
+        b.expect("the second echo", &echo(2), Reason::PassRule);
+        b.expect("the third echo", &echo(3), Reason::DropRateLimit);
+    }
 }
 
 /// Flows age by protocol and state: an idle UDP flow is gone after 30 s, a
