@@ -295,17 +295,35 @@ macro_rules! by_family {
 /// Egress: opens or refreshes the flow of `ip` (a reply on an inbound flow
 /// refreshes that one and opens none). `allowlist`: the egress allowlist is
 /// on, so only an admitted SYN makes a half-open entry (see
-/// [`open_ingress`]).
+/// [`open_ingress`]). A new flow of another protocol than TCP is recorded
+/// as inbound when `served` says it is a service's reply
+/// (`policy::served`), else as a flow this host opened.
 #[inline(always)]
-pub fn track_egress(ip: &Ip, allowlist: bool) {
+pub fn track_egress(ip: &Ip, allowlist: bool, served: impl FnOnce() -> bool) {
     if ip.later_fragment {
         return;
     }
-    by_family!(ip, Dir::Out, |key| track_egress_key(ip, key, allowlist), ())
+    let Some(state) = by_family!(
+        ip,
+        Dir::Out,
+        |key| track_egress_key(ip, key, allowlist),
+        None
+    ) else {
+        return;
+    };
+    let (origin, state) = if ip.proto != IPPROTO_TCP && served() {
+        (Origin::In, FLOW_REPLIED)
+    } else {
+        (Origin::Out, state)
+    };
+    let now = now();
+    by_family!(ip, Dir::Out, |key| insert(origin, key, state, now), ())
 }
 
+/// Refreshes the flow of `ip` going out, or records its half-open state;
+/// the state of the new flow it opens otherwise (the caller records it).
 #[inline(always)]
-fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
+fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) -> Option<u8> {
     let now = now();
     let synack = ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     for origin in [Origin::Out, Origin::In] {
@@ -323,7 +341,7 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
             }
             let state = next_state(ip, Dir::Out, origin, flow.state);
             touch(flow, state, now);
-            return;
+            return None;
         }
     }
     if ip.proto == IPPROTO_TCP
@@ -340,7 +358,7 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
                 (*e).synack = 1;
             }
         }
-        return;
+        return None;
     }
     if ip.proto == IPPROTO_TCP && synack {
         // This host answers a SYN it received: without an egress allowlist
@@ -350,7 +368,7 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
         // answers no SYN the rules admitted (a raw socket's), and opens
         // nothing.
         if allowlist {
-            return;
+            return None;
         }
         let e = Embryo {
             seen_ns: now,
@@ -358,14 +376,15 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) {
             synack: 1,
         };
         embryo_insert(key, &e);
-        return;
+        return None;
     }
-    let state = match ip.proto {
-        IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => FLOW_TCP_SYN_SENT,
-        IPPROTO_TCP => return,
-        _ => FLOW_UNREPLIED,
-    };
-    insert(Origin::Out, key, state, now);
+    match ip.proto {
+        IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => {
+            Some(FLOW_TCP_SYN_SENT)
+        }
+        IPPROTO_TCP => None,
+        _ => Some(FLOW_UNREPLIED),
+    }
 }
 
 /// Egress, under an allowlist: whether `ip` is this host's SYN-ACK to a

@@ -315,26 +315,53 @@ pub fn decide_egress(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         conntrack::dhcp_requested(ip);
     }
     if ctx.settings.flags & SETTING_EGRESS_ALLOWLIST == 0 {
-        conntrack::track_egress(ip, false);
+        conntrack::track_egress(ip, false, || served(ip, ctx));
         return Reason::PassEgress;
     }
-    let reason = if ip.later_fragment {
+    let (reason, track) = if ip.later_fragment {
         match later_fragment(ip, DIR_EGRESS) {
-            Reason::PassFragment => Reason::PassEgress,
-            _ => Reason::DropEgress,
+            Reason::PassFragment => (Reason::PassEgress, false),
+            _ => (Reason::DropEgress, false),
         }
     } else {
-        allowlist(ip, ctx, bytes)
+        match allowlist(ip, ctx, bytes) {
+            Some(track) => (Reason::PassEgress, track),
+            None => (Reason::DropEgress, false),
+        }
     };
+    // One place records the flow under the allowlist. (A service's reply
+    // with no flow passes here only by an egress rule: see `served`.)
+    if track {
+        conntrack::track_egress(ip, true, || false);
+    }
     if ip.fragment && !ip.later_fragment && reason.passes() {
         conntrack::remember_fragment(ip, DIR_EGRESS);
     }
     reason
 }
 
-/// Egress under the allowlist, for a packet with its transport header.
+/// Whether this host's packet `ip` comes from a service the rules admit
+/// its destination to: a UDP datagram (or one of another protocol but TCP
+/// and ICMP) whose destination the ingress rules admit to its source port.
+/// Such a packet with no flow is a service's reply whose inbound flow was
+/// evicted (a flood of forged datagrams does that) or never recorded: its
+/// flow is recorded as inbound, so the rules, the deny sets and the bans
+/// go on deciding what arrives on it. Recorded as a flow this host opened,
+/// everything on it would pass as established, before all three.
 #[inline(always)]
-fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
+fn served(ip: &Ip, ctx: &Ctx) -> bool {
+    let (pclass, port) = match ip.proto {
+        IPPROTO_TCP | IPPROTO_ICMP | IPPROTO_ICMPV6 => return false,
+        proto => pclass_port(proto, ip.sport),
+    };
+    admitted_from(ctx, ip.family, &ip.dst, pclass, port)
+}
+
+/// Egress under the allowlist, for a packet with its transport header:
+/// `Some(track)` when it passes (`track`: its flow is recorded), `None`
+/// when it is dropped.
+#[inline(always)]
+fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Option<bool> {
     let (pclass, local_port) = pclass_port(ip.proto, ip.sport);
     // An ICMP reply (an echo reply: ICMP flows are echoes) was admitted as
     // the echo request it answers (code 0).
@@ -344,11 +371,10 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         _ => local_port,
     };
     if conntrack::tracked(Origin::Out, ip, Dir::Out) {
-        conntrack::track_egress(ip, true);
-        return Reason::PassEgress;
+        return Some(true);
     }
     if always_sent(ip) {
-        return Reason::PassEgress;
+        return Some(false);
     }
     // While FQDN rules exist (`fqdn.rs`): the forwarder's own DNS query
     // (its socket mark), or a destination it learned for an FQDN rule; the
@@ -357,8 +383,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // credited to the FQDN rule's counter (a second counting path does not
     // fit the verifier's budget).
     if ctx.settings.flags & SETTING_DNS_GUARD != 0 && fqdn::by_name(ip) {
-        conntrack::track_egress(ip, true);
-        return Reason::PassEgress;
+        return Some(true);
     }
     // A reply on an inbound flow the rules admitted, while they still admit
     // it; an echo reply to a ping they (or the ping setting) admit. Peers
@@ -380,8 +405,7 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
         && (admitted_from(ctx, ip.family, &ip.dst, pclass, local_port)
             || (echo_reply && ctx.settings.flags & SETTING_PING != 0))
     {
-        conntrack::track_egress(ip, true);
-        return Reason::PassEgress;
+        return Some(true);
     }
     let (pclass, port) = pclass_port(ip.proto, ip.dport);
     let port = if pclass == PCLASS_ICMP {
@@ -400,10 +424,9 @@ fn allowlist(ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     );
     if slot_admits(m.slot) {
         rules::count(&m, bytes);
-        conntrack::track_egress(ip, true);
-        return Reason::PassEgress;
+        return Some(true);
     }
-    Reason::DropEgress
+    None
 }
 
 /// A DHCP client request (source port 68/546 needs privilege to bind: only

@@ -344,6 +344,11 @@ impl Model {
             // the admitted SYN made none); nothing it sends on that
             // connection opens a flow of its own.
             self.inbound.insert(flow);
+        } else if !known && !matches!(ip.proto, TCP | ICMP | ICMPV6) && self.serves(&ip) {
+            // A service's reply (the rules admit its destination to its
+            // source port) with no flow: recorded as inbound, so the rules
+            // go on deciding what arrives on it.
+            self.inbound.insert(flow);
         } else if !self.inbound.contains(&flow)
             && (ip.proto != TCP
                 || ip.flags & (0x02 | 0x10 | 0x04) == 0x02
@@ -426,6 +431,24 @@ impl Model {
         } else {
             reason
         })
+    }
+
+    /// Whether the ingress rules admit this host's outbound `ip`'s
+    /// destination to its source port (`policy::served`).
+    fn serves(&self, ip: &Ip) -> bool {
+        let (pclass, port) = if ip.proto == UDP {
+            (PCLASS_UDP, ip.sport)
+        } else {
+            (PCLASS_OTHER, 0)
+        };
+        let slot = compile::reference(
+            &self.entries,
+            DIR_INGRESS,
+            addr(ip.family, &ip.dst),
+            pclass,
+            port,
+        );
+        portcullis_common::slot_admits(slot)
     }
 
     fn rules(&self, ip: &Ip, pclass: usize, port: u16, otherwise: Reason) -> Reason {

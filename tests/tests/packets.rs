@@ -700,6 +700,45 @@ fn echo_requests_follow_the_configuration() {
     );
 }
 
+/// Without an egress allowlist, a service's UDP reply that finds no flow
+/// (its inbound entry evicted: a flood of forged datagrams to any admitted
+/// port does that) is recorded as the inbound flow it is, not as a flow
+/// this host opened: what arrives on it is still decided by the rules (so
+/// by removing a rule, and by bans and deny sets before them), where a
+/// flow this host opened would pass it as established, before all of them.
+/// A client flow from a port no rule serves is still this host's own.
+#[test]
+fn a_services_reply_without_a_flow_opens_no_flow_that_passes_before_the_rules() {
+    require_root!();
+    let (h, p) = (H4, P4);
+    let mut b = Bench::new();
+    b.egress(&Pkt::new(h, p).udp(8080, 40000).bytes());
+    let request = Pkt::new(p, h).udp(40000, 8080).bytes();
+    b.expect("the client's next datagram", &request, Reason::PassRule);
+    // The rule goes: so does what it admitted.
+    let none = Config::parse(&format!(
+        "interfaces = [\"unused0\"]\npin_dir = \"{}\"\n[ssh]\nallow = false\n",
+        b.pins.path().display()
+    ))
+    .unwrap();
+    let limits = none.capacity.limits();
+    let image = compile::compile(&none.rule_set(), &limits).unwrap();
+    b.dp.apply(&image, false).unwrap();
+    b.expect(
+        "the client's datagram once no rule admits it",
+        &request,
+        Reason::DropNoRule,
+    );
+    // This host's own client flow (from a port no rule serves) still
+    // admits its replies.
+    b.egress(&Pkt::new(h, p).udp(40001, 53).bytes());
+    b.expect(
+        "the answer to this host's query",
+        &Pkt::new(p, h).udp(53, 40001).bytes(),
+        Reason::PassEstablished,
+    );
+}
+
 /// An echo request a rule admits opens a flow as a SYN does: it is charged
 /// to its source's rate limit (here the rule's own, burst 2), and those
 /// over it are dropped as such.
