@@ -18,6 +18,10 @@ const P4: &str = "10.200.0.2";
 const H6: &str = "fd00:200::1";
 const P6: &str = "fd00:200::2";
 
+/// An egress rule unrelated to the flows tested: with it the egress
+/// allowlist is on (the config's default when egress rules exist).
+const ALLOWLIST: &str = "[[egress_rules]]\nid = \"dns\"\nfrom_port = 53\nto_port = 53\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"udp\"\n";
+
 struct Bench {
     dp: Dataplane,
     pins: PinDir,
@@ -63,6 +67,13 @@ impl Bench {
         assert_eq!(got, reason, "{what}: credited {}", got.name());
         let want = if reason.passes() { XDP_PASS } else { XDP_DROP };
         assert_eq!(action, want, "{what}: action {action}");
+    }
+
+    /// Runs the egress program and checks `frame` was counted as `reason`.
+    fn egress_counted(&mut self, frame: &[u8], reason: Reason, what: &str) {
+        let before = self.pins.counters().unwrap()[&reason];
+        self.dp.test_run(Program::Egress, frame, 1).unwrap();
+        assert_eq!(self.pins.counters().unwrap()[&reason], before + 1, "{what}");
     }
 
     fn egress(&mut self, frame: &[u8]) {
@@ -371,18 +382,16 @@ fn an_admitted_syn_writes_a_table_only_under_the_egress_allowlist() {
     assert_eq!(entries4::<Flow>(&b.pins, "INBOUND4"), 1, "no inbound flow");
     assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 0);
 
-    let allowlist = "[[egress_rules]]\nid = \"dns\"\nfrom_port = 53\nto_port = 53\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"udp\"\n";
+    let allowlist = ALLOWLIST;
     let mut b = Bench::with(allowlist, 1024);
     let stray = Pkt::new(h, p)
         .tcp(8080, 50001, SYN | ACK)
         .seq_ack(9000, 1)
         .bytes();
-    let before = b.pins.counters().unwrap()[&Reason::DropEgress];
-    b.dp.test_run(Program::Egress, &stray, 1).unwrap();
-    assert_eq!(
-        b.pins.counters().unwrap()[&Reason::DropEgress],
-        before + 1,
-        "a SYN-ACK to no admitted SYN left under the allowlist"
+    b.egress_counted(
+        &stray,
+        Reason::DropEgress,
+        "a SYN-ACK to no admitted SYN left under the allowlist",
     );
     assert_eq!(entries4::<Embryo>(&b.pins, "EMBRYO4"), 0);
     b.expect("an admitted syn", &syn, Reason::PassRule);
@@ -424,7 +433,7 @@ fn a_reused_four_tuple_of_a_closed_inbound_connection_is_tracked_again_after_its
     use portcullis_common::{Embryo, FLOW_TCP_CLOSED, FLOW_TCP_ESTABLISHED};
     const RST: u8 = 0x04;
     let (h, p) = (H4, P4);
-    let allowlist = "[[egress_rules]]\nid = \"dns\"\nfrom_port = 53\nto_port = 53\nip_ranges = [\"10.200.0.2/32\"]\nprotocol = \"udp\"\n";
+    let allowlist = ALLOWLIST;
     for extra in ["", allowlist] {
         let mut b = Bench::with(extra, 1024);
         let ack = |isn: u32| {
@@ -476,12 +485,10 @@ fn under_the_allowlist_only_an_admitted_syn_makes_a_half_open_entry() {
         .tcp(8080, 50001, SYN | ACK)
         .seq_ack(5000, 1)
         .bytes();
-    let before = b.pins.counters().unwrap()[&Reason::PassEgress];
-    b.dp.test_run(Program::Egress, &raw, 1).unwrap();
-    assert_eq!(
-        b.pins.counters().unwrap()[&Reason::PassEgress],
-        before + 1,
-        "the egress rule did not pass the SYN-ACK (the test proves nothing)"
+    b.egress_counted(
+        &raw,
+        Reason::PassEgress,
+        "the egress rule did not pass the SYN-ACK (the test proves nothing)",
     );
     assert_eq!(
         entries4::<Embryo>(&b.pins, "EMBRYO4"),

@@ -33,6 +33,13 @@ pub const PROGRAMS: [(&str, &str); 13] = [
     ("floor_lru16_hit", "one LRU lookup, 16-byte key, hit"),
 ];
 
+/// The value the hit rows find (any live flow).
+const SEEN: Flow = Flow {
+    last_seen_ns: 1,
+    state: 1,
+    _pad: [0; 7],
+};
+
 pub struct Floors {
     /// Program fds in `PROGRAMS` order.
     pub fds: Vec<OwnedFd>,
@@ -60,15 +67,7 @@ impl Floors {
                 family: 4,
                 _pad: [0; 2],
             };
-            lru.insert(
-                &key,
-                &Flow {
-                    last_seen_ns: 1,
-                    state: 1,
-                    _pad: [0; 7],
-                },
-                0,
-            )?;
+            lru.insert(&key, &SEEN, 0)?;
         }
         {
             // The key `floor_lru16_hit` finds (`ebpf/src/floor.rs`:
@@ -78,15 +77,7 @@ impl Floors {
                 .ok_or_else(|| anyhow::anyhow!("FLOOR_LRU16 missing"))?;
             let mut lru: BpfHashMap<&mut MapData, [u32; 4], Flow> = BpfHashMap::try_from(map)?;
             let key: [u32; 4] = [0x0a00_c80a, 0x0200_c80a, 40000 << 16 | 1, 6];
-            lru.insert(
-                &key,
-                &Flow {
-                    last_seen_ns: 1,
-                    state: 1,
-                    _pad: [0; 7],
-                },
-                0,
-            )?;
+            lru.insert(&key, &SEEN, 0)?;
         }
         {
             // The key `floor_hash` finds (generation 0, ifindex 1).
