@@ -303,7 +303,9 @@ pub fn track_egress(ip: &Ip, allowlist: bool, served: impl FnOnce() -> bool) {
     if ip.later_fragment {
         return;
     }
-    let Some(state) = by_family!(
+    // The key is built again to record the flow: `served` (a rules lookup)
+    // stays outside the per-family code, so the verifier walks it once.
+    let Some((state, now)) = by_family!(
         ip,
         Dir::Out,
         |key| track_egress_key(ip, key, allowlist),
@@ -316,14 +318,14 @@ pub fn track_egress(ip: &Ip, allowlist: bool, served: impl FnOnce() -> bool) {
     } else {
         (Origin::Out, state)
     };
-    let now = now();
     by_family!(ip, Dir::Out, |key| insert(origin, key, state, now), ())
 }
 
 /// Refreshes the flow of `ip` going out, or records its half-open state;
-/// the state of the new flow it opens otherwise (the caller records it).
+/// otherwise the state of the new flow it opens and the packet's clock
+/// reading (the caller records it).
 #[inline(always)]
-fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) -> Option<u8> {
+fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) -> Option<(u8, u64)> {
     let now = now();
     let synack = ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN | TCP_ACK;
     for origin in [Origin::Out, Origin::In] {
@@ -380,10 +382,10 @@ fn track_egress_key<K: Key>(ip: &Ip, key: &K, allowlist: bool) -> Option<u8> {
     }
     match ip.proto {
         IPPROTO_TCP if ip.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST) == TCP_SYN => {
-            Some(FLOW_TCP_SYN_SENT)
+            Some((FLOW_TCP_SYN_SENT, now))
         }
         IPPROTO_TCP => None,
-        _ => Some(FLOW_UNREPLIED),
+        _ => Some((FLOW_UNREPLIED, now)),
     }
 }
 
@@ -405,7 +407,7 @@ fn embryo_of<K: Key>(key: &K) -> Option<*mut Embryo> {
     let e = K::embryos().get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup of a plain struct.
     let seen = unsafe { (*e).seen_ns };
-    if now().saturating_sub(seen) > flow_timeout_ns(IPPROTO_TCP, FLOW_TCP_SYN_SENT) {
+    if aged_out(seen, IPPROTO_TCP, FLOW_TCP_SYN_SENT, now()) {
         return None;
     }
     Some(e)
@@ -446,13 +448,14 @@ pub fn track_ingress(ip: &Ip) -> bool {
     )
 }
 
-/// An ICMP or ICMPv6 echo request.
+/// An ICMP echo request in IPv4, or an ICMPv6 one in IPv6.
 #[inline(always)]
-fn is_echo_request(ip: &Ip) -> bool {
-    matches!(
-        (ip.proto, ip.icmp_type),
-        (IPPROTO_ICMP, ICMP_ECHO_REQUEST) | (IPPROTO_ICMPV6, ICMPV6_ECHO_REQUEST)
-    )
+pub fn is_echo_request(ip: &Ip) -> bool {
+    match ip.proto {
+        IPPROTO_ICMP => ip.family != FAMILY_V6 && ip.icmp_type == ICMP_ECHO_REQUEST,
+        IPPROTO_ICMPV6 => ip.family == FAMILY_V6 && ip.icmp_type == ICMPV6_ECHO_REQUEST,
+        _ => false,
+    }
 }
 
 #[inline(always)]
@@ -603,7 +606,7 @@ fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
     let now = now();
-    if now.saturating_sub(seen) > flow_timeout_ns(key.proto(), state) {
+    if aged_out(seen, key.proto(), state, now) {
         remove(origin, key);
         return None;
     }
@@ -615,8 +618,14 @@ fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
 #[inline(always)]
 fn live_established(flow: &Flow, now: u64) -> bool {
     flow.state == FLOW_TCP_ESTABLISHED
-        && now.saturating_sub(flow.last_seen_ns)
-            <= flow_timeout_ns(IPPROTO_TCP, FLOW_TCP_ESTABLISHED)
+        && !aged_out(flow.last_seen_ns, IPPROTO_TCP, FLOW_TCP_ESTABLISHED, now)
+}
+
+/// Whether a flow of `proto` in `state` last seen at `seen` has outlived
+/// its timeout at `now`.
+#[inline(always)]
+fn aged_out(seen: u64, proto: u8, state: u8, now: u64) -> bool {
+    now.saturating_sub(seen) > flow_timeout_ns(proto, state)
 }
 
 /// Removes `key`'s entry from `origin`'s table.

@@ -142,7 +142,10 @@ fn decide_ip<P: Packet>(p: &P, ip: &Ip, ctx: &Ctx, bytes: u64) -> Reason {
     // The one place the ingress path asks the rules about new traffic (the
     // lookup is inlined, so one call site keeps the program small).
     let reason = by_rules(ctx, p.ifindex(), ip, pclass, port, otherwise, bytes);
-    if reason == Reason::DropIcmp && is_echo_request(ip) && ctx.settings.flags & SETTING_PING != 0 {
+    if reason == Reason::DropIcmp
+        && conntrack::is_echo_request(ip)
+        && ctx.settings.flags & SETTING_PING != 0
+    {
         Reason::PassPing
     } else {
         reason
@@ -246,7 +249,7 @@ fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip) -> Option<Reason> {
             Reason::DropIcmp
         });
     }
-    if is_echo_request(ip) {
+    if conntrack::is_echo_request(ip) {
         return None;
     }
     let error = if v6 {
@@ -267,15 +270,6 @@ fn icmp_before_rules<P: Packet>(p: &P, ip: &Ip) -> Option<Reason> {
         return Some(Reason::PassRelated);
     }
     None
-}
-
-#[inline(always)]
-fn is_echo_request(ip: &Ip) -> bool {
-    match ip.proto {
-        IPPROTO_ICMP => ip.family != FAMILY_V6 && ip.icmp_type == ICMP_ECHO_REQUEST,
-        IPPROTO_ICMPV6 => ip.family == FAMILY_V6 && ip.icmp_type == ICMPV6_ECHO_REQUEST,
-        _ => false,
-    }
 }
 
 /// Whether the packet an ICMP error quotes is one this host sent on a

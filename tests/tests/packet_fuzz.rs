@@ -441,24 +441,22 @@ impl Model {
         } else {
             (PCLASS_OTHER, 0)
         };
-        let slot = compile::reference(
+        portcullis_common::slot_admits(self.ingress_slot(ip.family, &ip.dst, pclass, port))
+    }
+
+    /// The slot the ingress rules give new traffic from `remote`.
+    fn ingress_slot(&self, family: u8, remote: &[u8; 16], pclass: usize, port: u16) -> u32 {
+        compile::reference(
             &self.entries,
             DIR_INGRESS,
-            addr(ip.family, &ip.dst),
+            addr(family, remote),
             pclass,
             port,
-        );
-        portcullis_common::slot_admits(slot)
+        )
     }
 
     fn rules(&self, ip: &Ip, pclass: usize, port: u16, otherwise: Reason) -> Reason {
-        let slot = compile::reference(
-            &self.entries,
-            DIR_INGRESS,
-            addr(ip.family, &ip.src),
-            pclass,
-            port,
-        );
+        let slot = self.ingress_slot(ip.family, &ip.src, pclass, port);
         if slot == SLOT_NONE {
             return otherwise;
         }
