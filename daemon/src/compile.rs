@@ -711,15 +711,20 @@ fn family(entries: &[Entry], dirs: &[u8], v6s: &[bool], seed: u64) -> Result<Ima
     Ok(part)
 }
 
-/// The IPv4 part and then the IPv6 part in `image`: the IPv6 part's
-/// regions and segments after the IPv4 part's, its regions' segment
-/// offsets and its prefixes' regions moved on by the IPv4 part's counts.
+/// The IPv6 part and then the IPv4 part in `image`: the IPv4 part's
+/// regions and segments after the IPv6 part's, its regions' segment
+/// offsets and its prefixes' regions moved on by the IPv6 part's counts.
+///
+/// IPv6 first: its prefixes' regions are the values of the IPv6 hash maps,
+/// which the data plane writes entry by entry, and skips when they are the
+/// same as before (`mapio::write_keyed`). So a change to the IPv4 rules
+/// leaves them alone; the IPv4 table is arrays, written whole anyway.
 fn append_family(image: &mut Image, v4: Image, v6: Image) {
-    let regions = index_of(&v4.regions);
-    let segments = index_of(&v4.segments);
-    (image.v4, image.regions, image.segments) = (v4.v4, v4.regions, v4.segments);
-    image.segments.extend(v6.segments);
-    image.regions.extend(v6.regions.into_iter().map(|mut r| {
+    let regions = index_of(&v6.regions);
+    let segments = index_of(&v6.segments);
+    (image.v6, image.regions, image.segments) = (v6.v6, v6.regions, v6.segments);
+    image.segments.extend(v4.segments);
+    image.regions.extend(v4.regions.into_iter().map(|mut r| {
         for (offset, len) in r.offset.iter_mut().zip(r.len) {
             // An empty list stays at 0 (`Layout::list`).
             if len != 0 {
@@ -728,8 +733,8 @@ fn append_family(image: &mut Image, v4: Image, v6: Image) {
         }
         r
     }));
-    image.v6 = v6
-        .v6
+    image.v4 = v4
+        .v4
         .into_iter()
         .map(|(key, len, region)| (key, len, region + regions))
         .collect();
@@ -1469,6 +1474,35 @@ mod tests {
             SLOT_NONE
         );
         assert_eq!(image.slots.iter().filter(|s| s.name == "ssh").count(), 1);
+    }
+
+    /// The IPv6 maps are written entry by entry, and not at all when
+    /// unchanged: an IPv4 rule added (a new IPv4 region) must not move the
+    /// IPv6 prefixes' region numbers.
+    #[test]
+    fn an_ipv4_rule_added_leaves_the_ipv6_tables_as_they_were() {
+        let mut set = RuleSet {
+            ingress_rules: (0..20)
+                .map(|i| {
+                    let (v4, v6) = (format!("10.{i}.0.0/16"), format!("fd00:{i:x}::/32"));
+                    rule(
+                        &format!("r{i}"),
+                        400 + i,
+                        400 + i,
+                        &[&v4, &v6],
+                        Protocol::Tcp,
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let before = compile(&set, &Limits::default()).unwrap();
+        set.ingress_rules
+            .push(rule("v4", 23, 23, &["10.200.9.0/24"], Protocol::Tcp));
+        let after = compile(&set, &Limits::default()).unwrap();
+        assert_eq!(after.v4.len(), before.v4.len() + 1);
+        assert_eq!(after.regions.len(), before.regions.len() + 1);
+        assert_eq!(after.v6_tables, before.v6_tables);
     }
 
     #[test]

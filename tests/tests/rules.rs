@@ -337,6 +337,20 @@ fn pinned_keys<K: aya::Pod + Ord, V: aya::Pod>(pins: &PinDir, name: &str, g: u32
     keys
 }
 
+/// The entries of generation `g`'s pinned hash map `name`, sorted by key.
+fn pinned_entries<K: aya::Pod + Ord, V: aya::Pod>(
+    pins: &PinDir,
+    name: &str,
+    g: u32,
+) -> Vec<(K, V)> {
+    let path = portcullis::dataplane::maps_dir(pins.path()).join(format!("{name}_{g}"));
+    let map: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(Map::HashMap(MapData::from_pin(path).unwrap())).unwrap();
+    let mut entries: Vec<(K, V)> = map.iter().map(Result::unwrap).collect();
+    entries.sort_unstable_by_key(|e| e.0);
+    entries
+}
+
 /// Asserts that the sorted keys `got` are `want`'s, naming how many are
 /// stale or missing (not listing thousands).
 fn same_keys<K: Ord + Copy + std::fmt::Debug>(got: &[K], mut want: Vec<K>, what: &str) {
@@ -476,6 +490,78 @@ fn v6_rules(site: u16, n: u16) -> RuleSet {
     RuleSet {
         ingress_rules: rules,
         ..Default::default()
+    }
+}
+
+/// A generation whose IPv6 tables were too large to keep holds only their
+/// digest: written again with the same tables (an IPv4 rule added) the
+/// write is skipped, with other tables (the same keys mostly, every value
+/// moved by a rule sorted first) it is read back and rewritten. Whichever
+/// happened, each generation's maps hold exactly its image's entries, and
+/// the verdicts follow the live set.
+#[test]
+fn large_ipv6_tables_written_again_hold_exactly_the_new_entries() {
+    require_root!();
+    let pins = PinDir::new().unwrap();
+    let limits = Limits::default();
+    let mut dp = Dataplane::load(pins.path(), 4096, &limits).unwrap();
+    let large = v6_rules(0xa, 17000);
+    let mut first = large.clone();
+    let mut z = v6_rules(0x9, 1).ingress_rules.remove(0);
+    (z.from_port, z.to_port) = (82, 82);
+    first.ingress_rules.insert(0, z);
+    let mut with_v4 = large.clone();
+    let mut v4 = v6_rules(0xb, 1).ingress_rules.remove(0);
+    (v4.id, v4.ip_ranges, v4.from_port, v4.to_port) =
+        ("v4".into(), vec!["10.200.9.0/24".into()], 23, 23);
+    with_v4.ingress_rules.push(v4);
+    let sets = [large, first, with_v4];
+    let images: Vec<_> = sets
+        .iter()
+        .map(|s| compile::compile(s, &limits).unwrap())
+        .collect();
+    assert_eq!(images[2].v6_tables, images[0].v6_tables);
+    let moved = images[1].v6_tables.prefixes.entries().iter();
+    assert!(
+        moved
+            .filter(|(k, v)| images[0].v6_tables.prefixes.get(k).is_some_and(|w| w != v))
+            .count()
+            > 16000,
+        "the rule sorted first moves the other prefixes' regions"
+    );
+    // Each generation in turn: the same tables again (skipped), others.
+    for (step, i) in [0, 1, 2, 1, 0, 2, 2, 0, 1, 1].into_iter().enumerate() {
+        let image = &images[i];
+        let g = dp.apply(image, false).unwrap();
+        let what = format!("step {step}: generation {g} (set {i})");
+        let got = pinned_entries::<[u8; 18], u32>(&pins, "V6_PREFIXES", g);
+        assert!(
+            got == image.v6_tables.prefixes.entries(),
+            "{what}: V6_PREFIXES holds other entries than the image's"
+        );
+        let got = pinned_entries::<[u8; 5], [u8; 8]>(&pins, "V6_BUCKETS", g);
+        assert!(
+            got == image.v6_tables.buckets.entries(),
+            "{what}: V6_BUCKETS holds other entries than the image's"
+        );
+        for (src, port, admitted) in [
+            ("fd00:200:a:7::1", 80, true),
+            ("fd00:200:9::1", 82, i == 1),
+            ("10.200.9.1", 23, i == 2),
+        ] {
+            let want = if admitted { XDP_PASS } else { XDP_DROP };
+            let sport = 44000 + (step * 3) as u16 + port;
+            let src: IpAddr = src.parse().unwrap();
+            let dst: IpAddr = if src.is_ipv4() {
+                "10.200.0.1"
+            } else {
+                "fd00:200::1"
+            }
+            .parse()
+            .unwrap();
+            let got = ingress_verdict(&mut dp, src, dst, sport, port);
+            assert_eq!(got, want, "{what}: {src} port {port}");
+        }
     }
 }
 

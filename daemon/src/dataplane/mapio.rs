@@ -187,62 +187,133 @@ fn batch<K: aya::Pod, V: aya::Pod>(
     Ok(())
 }
 
+/// What this process last wrote to one keyed map of a generation (hash
+/// map or LPM trie), as far as the next write of it needs to know.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) enum Held<K, V> {
+    /// Not known (never written by this process, or a write failed): the
+    /// next write reads the map back from the kernel.
+    #[default]
+    Unknown,
+    /// Its entries, sorted by key: a small map, cheaper kept than read back.
+    Entries(Vec<(K, V)>),
+    /// The [digest](crate::compile::Table::digest) of its entries: a map too
+    /// large to keep. A write of the same table changes nothing and is
+    /// skipped (an add of an IPv4 rule leaves the IPv6 maps of 100k rules
+    /// as they are); another reads the map back.
+    Digest([u8; 32]),
+}
+
+impl<K: Ord + std::hash::Hash, V: std::hash::Hash> Held<K, V> {
+    /// Whether only the map's digest is known: a map too large to keep.
+    pub(super) fn is_digest(&self) -> bool {
+        matches!(self, Held::Digest(_))
+    }
+
+    /// Forgets the entries of a kept map, keeping their digest.
+    pub(super) fn forget_entries(self) -> Held<K, V> {
+        match self {
+            Held::Entries(entries) => {
+                Held::Digest(crate::compile::Table::from_sorted(entries).digest())
+            }
+            other => other,
+        }
+    }
+}
+
 /// Makes an idle hash map or LPM trie hold exactly `want`. `before` is
-/// what this process last wrote there, sorted by key (as this returns it);
-/// without it, what the map holds is read from the kernel (a hash map's
-/// entries with `BPF_MAP_LOOKUP_BATCH`, a trie's keys one by one). Stale
-/// keys go in one `BPF_MAP_DELETE_BATCH`, new and changed entries in one
-/// `BPF_MAP_UPDATE_BATCH`.
+/// what this process last wrote there (as this returns it); when unknown,
+/// or only its digest is and `want`'s differs, what the map holds is read
+/// from the kernel (a hash map's entries with `BPF_MAP_LOOKUP_BATCH`, a
+/// trie's keys one by one). Stale keys go in one `BPF_MAP_DELETE_BATCH`,
+/// new and changed entries in one `BPF_MAP_UPDATE_BATCH`.
 ///
-/// Returns what the map holds now, sorted, when it holds at most `keep`
-/// entries: a small table is cheaper kept than read back (the batch walks
-/// every bucket of the map, a million at the benchmark's capacity: about
-/// 5 ms however few it holds), a large one cheaper read back than kept
-/// (the IPv6 prefixes of 100k rules are 3 MB per generation, read back in
-/// less time than the rest of a change to such a set takes).
+/// Returns what the map holds now: its entries when they are at most
+/// `keep`, their digest otherwise. A small table is cheaper kept than read
+/// back (the batch walks every bucket of the map, a million at the
+/// benchmark's capacity: about 5 ms however few it holds), a large one
+/// cheaper read back than kept (the IPv6 prefixes of 100k rules are 3 MB
+/// per generation).
 pub(super) fn write_keyed<K, V>(
     map: &aya::maps::Map,
     want: &crate::compile::Table<K, V>,
-    before: Option<&[(K, V)]>,
+    before: &Held<K, V>,
     keep: usize,
-) -> anyhow::Result<Option<Vec<(K, V)>>>
+) -> anyhow::Result<Held<K, V>>
 where
-    K: aya::Pod + Ord,
-    V: aya::Pod + PartialEq,
+    K: aya::Pod + Ord + std::hash::Hash,
+    V: aya::Pod + PartialEq + std::hash::Hash,
 {
+    let large = want.len() > keep;
+    let digest = match before {
+        Held::Digest(_) => Some(want.digest()),
+        _ if large => Some(want.digest()),
+        _ => None,
+    };
+    if let (Held::Digest(held), Some(digest)) = (before, digest)
+        && *held == digest
+    {
+        return Ok(Held::Digest(digest));
+    }
     let fd = map_fd(map)?;
     // What the map holds, sorted by key; a trie read back gives no values.
     let mut present: Vec<(K, Option<V>)> = match (before, map) {
-        (Some(before), _) => before.iter().map(|(k, v)| (*k, Some(*v))).collect(),
-        (None, aya::maps::Map::HashMap(_)) => entries::<K, V>(fd)?
+        (Held::Entries(before), _) => before.iter().map(|(k, v)| (*k, Some(*v))).collect(),
+        (_, aya::maps::Map::HashMap(_)) => entries::<K, V>(fd)?
             .into_iter()
             .map(|(k, v)| (k, Some(v)))
             .collect(),
-        (None, _) => keys::<K>(fd)?.into_iter().map(|k| (k, None)).collect(),
+        _ => keys::<K>(fd)?.into_iter().map(|k| (k, None)).collect(),
     };
     present.sort_unstable_by_key(|e| e.0);
-    let stale: Vec<K> = present
-        .iter()
-        .map(|(k, _)| *k)
-        .filter(|k| !want.contains_key(k))
-        .collect();
+    let (stale, (keys, values)) = differences(&present, want.entries());
     batch(sys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V]).context("removing stale entries")?;
-    let held = |k: &K| {
-        let at = present.binary_search_by(|(p, _)| p.cmp(k)).ok()?;
-        present.get(at).and_then(|(_, v)| v.as_ref())
-    };
-    let (keys, values): (Vec<K>, Vec<V>) = want
-        .entries()
-        .iter()
-        .filter(|(k, v)| held(k) != Some(v))
-        .map(|(k, v)| (*k, *v))
-        .unzip();
     batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")?;
-    if want.len() > keep {
-        return Ok(None);
+    Ok(match digest {
+        Some(digest) if large => Held::Digest(digest),
+        // In key order already.
+        _ => Held::Entries(want.entries().to_vec()),
+    })
+}
+
+/// What turns a map holding `present` into one holding `want` (both sorted
+/// by key, each key once): the keys to remove, and the entries to write
+/// (new, or held with another value or none known). One merge of the two
+/// lists: a 100k-rule set's tables are 250k entries each.
+#[allow(clippy::type_complexity)]
+fn differences<K: Ord + Copy, V: PartialEq + Copy>(
+    present: &[(K, Option<V>)],
+    want: &[(K, V)],
+) -> (Vec<K>, (Vec<K>, Vec<V>)) {
+    use std::cmp::Ordering;
+    let (mut stale, mut keys, mut values) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut p, mut w) = (present.iter().peekable(), want.iter().peekable());
+    loop {
+        let order = match (p.peek(), w.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((pk, _)), Some((wk, _))) => pk.cmp(wk),
+        };
+        match order {
+            Ordering::Less => stale.extend(p.next().map(|(k, _)| *k)),
+            Ordering::Greater => {
+                if let Some((k, v)) = w.next() {
+                    keys.push(*k);
+                    values.push(*v);
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((_, held)), Some((k, v))) = (p.next(), w.next())
+                    && held.as_ref() != Some(v)
+                {
+                    keys.push(*k);
+                    values.push(*v);
+                }
+            }
+        }
     }
-    // In key order already.
-    Ok(Some(want.entries().to_vec()))
+    (stale, (keys, values))
 }
 
 /// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`
@@ -405,4 +476,38 @@ pub fn map_memory(pin_dir: &Path) -> anyhow::Result<Vec<(String, u64)>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::differences;
+
+    proptest! {
+        /// The removals and writes turn the map into `want`, and nothing
+        /// is written that the map already holds.
+        #[test]
+        fn differences_turn_what_is_held_into_what_is_wanted_and_no_more(
+            present in prop::collection::btree_map(0u8..32, prop::option::of(0u8..4), 0..24),
+            want in prop::collection::btree_map(0u8..32, 0u8..4, 0..24),
+        ) {
+            let held: Vec<_> = present.iter().map(|(k, v)| (*k, *v)).collect();
+            let wanted: Vec<_> = want.iter().map(|(k, v)| (*k, *v)).collect();
+            let (stale, (keys, values)) = differences(&held, &wanted);
+            let mut map: BTreeMap<u8, Option<u8>> = present.clone();
+            for k in &stale {
+                prop_assert!(!want.contains_key(k));
+                map.remove(k);
+            }
+            for (k, v) in keys.iter().zip(&values) {
+                prop_assert_ne!(present.get(k), Some(&Some(*v)));
+                map.insert(*k, Some(*v));
+            }
+            let expected: BTreeMap<u8, Option<u8>> = want.iter().map(|(k, v)| (*k, Some(*v))).collect();
+            prop_assert_eq!(map, expected);
+        }
+    }
 }

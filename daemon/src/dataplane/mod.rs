@@ -91,7 +91,7 @@ pub use deny::{DenyWrite, boottime_ns, covers};
 pub use explain::Verdict;
 pub use flows::{connections, flow_key, flow_remote};
 pub use mapio::map_memory;
-use mapio::{clear_counters, write_array, write_array_clearing, write_keyed};
+use mapio::{Held, clear_counters, write_array, write_array_clearing, write_keyed};
 pub use ratelimit::RateBan;
 
 use crate::{
@@ -349,13 +349,14 @@ impl Dataplane {
             Some(&rate_limits),
         )?;
         // A set whose hash tables are too large to keep: the other
-        // generation's kept tables go too (read back when it is written
-        // next), so a large set costs no more memory for the small set it
-        // replaced. The trie stays: it is read back key by key.
-        if (written.prefixes.is_none() || written.buckets.is_none())
+        // generation's kept tables go too (only their digests stay), so a
+        // large set costs no more memory for the small set it replaced.
+        // The trie stays: it is read back key by key.
+        if (written.prefixes.is_digest() || written.buckets.is_digest())
             && let Some(Some(other)) = self.written.get_mut(g ^ 1)
         {
-            (other.prefixes, other.buckets) = (None, None);
+            other.prefixes = std::mem::take(&mut other.prefixes).forget_entries();
+            other.buckets = std::mem::take(&mut other.buckets).forget_entries();
         }
         if let Some(w) = self.written.get_mut(g) {
             *w = Some(written);
@@ -497,7 +498,7 @@ fn write_image(
         short: write_keyed(
             map_mut(ebpf, generation(maps::SRC6, g))?,
             &v6.short,
-            before.and_then(|b| b.short.as_deref()),
+            before.map_or(&Held::Unknown, |b| &b.short),
             usize::MAX,
         )
         .context("writing the IPv6 short prefixes (LPM trie)")?,
@@ -541,20 +542,17 @@ fn write_image(
     Ok(written)
 }
 
-/// A kept IPv6 hash table (see [`Written`]).
-type Kept<K, V> = Option<Vec<(K, V)>>;
-
 /// Writes generation `g`'s two IPv6 hashes on two threads (the kernel's
 /// inserts are most of a large set's write, 250k at 100k rules, and take
-/// per-bucket locks); what each now holds when kept.
+/// per-bucket locks); what each now holds (see [`Held`]).
 fn write_v6_hashes(
     ebpf: &Ebpf,
     g: usize,
     v6: &crate::compile::V6Tables,
     before: Option<&Written>,
 ) -> anyhow::Result<(
-    Kept<portcullis_common::V6PrefixKey, u32>,
-    Kept<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
+    Held<portcullis_common::V6PrefixKey, u32>,
+    Held<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
 )> {
     let (prefixes, buckets) = crate::parallel::both(
         "write",
@@ -562,7 +560,7 @@ fn write_v6_hashes(
             write_keyed(
                 map_ref(ebpf, generation(maps::V6_PREFIXES, g))?,
                 &v6.prefixes,
-                before.and_then(|b| b.prefixes.as_deref()),
+                before.map_or(&Held::Unknown, |b| &b.prefixes),
                 V6_KEEP,
             )
             .context("writing the IPv6 prefixes")
@@ -571,7 +569,7 @@ fn write_v6_hashes(
             write_keyed(
                 map_ref(ebpf, generation(maps::V6_BUCKETS, g))?,
                 &v6.buckets,
-                before.and_then(|b| b.buckets.as_deref()),
+                before.map_or(&Held::Unknown, |b| &b.buckets),
                 V6_KEEP,
             )
             .context("writing the IPv6 /32 buckets")
@@ -582,15 +580,14 @@ fn write_v6_hashes(
 
 /// What one generation's maps were last written with, where the next write
 /// needs it: the length of the IPv4 table's root, and the IPv6 tables (see
-/// [`crate::compile::V6Tables`]), each sorted by key (`None`: too large to
-/// keep, read back from the kernel by the next write, see
-/// `mapio::write_keyed`).
+/// [`crate::compile::V6Tables`]): their entries, or only their digest when
+/// too large to keep (see `mapio::write_keyed`).
 #[derive(Default)]
 struct Written {
     v4_root: usize,
-    short: Kept<[u8; 21], u32>,
-    prefixes: Kept<portcullis_common::V6PrefixKey, u32>,
-    buckets: Kept<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
+    short: Held<[u8; 21], u32>,
+    prefixes: Held<portcullis_common::V6PrefixKey, u32>,
+    buckets: Held<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
 }
 
 /// Hash tables of at most this many entries are kept after a write (see
