@@ -414,19 +414,25 @@ fn forwarder_error(e: &anyhow::Error) -> String {
 /// Removes expired deny-set entries every second (the data path ignores
 /// them from their expiry on; this frees them and saves the sets), and
 /// expired rules (`Core::expire_rules`: removed, audited, their flows cut);
-/// then returns what the last change freed to the system.
+/// then frees what the last change left and returns the heap to the
+/// system, without the core held and off the event loop.
 async fn sweep_deny_sets(core: core::Shared) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let mut core = core.lock().await;
-        if let Err(e) = core.deny_sweep() {
-            error!(error = %e, "deny sets: cannot remove expired entries");
+        let garbage = {
+            let mut core = core.lock().await;
+            if let Err(e) = core.deny_sweep() {
+                error!(error = %e, "deny sets: cannot remove expired entries");
+            }
+            if let Err(e) = core.expire_rules() {
+                error!(error = %e, "cannot remove expired rules; retrying");
+            }
+            core.take_garbage()
+        };
+        if let Err(e) = tokio::task::spawn_blocking(move || garbage.release()).await {
+            error!(error = %e, "freeing the last change's memory failed");
         }
-        if let Err(e) = core.expire_rules() {
-            error!(error = %e, "cannot remove expired rules; retrying");
-        }
-        core.release_memory();
     }
 }
 

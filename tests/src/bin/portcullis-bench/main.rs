@@ -807,7 +807,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<f64> {
 }
 
 /// VmRSS once it has settled: after the daemon's one-second sweep has
-/// returned what the change freed (`Core::release_memory`), sampled every
+/// returned what the change freed (`Garbage::release`), sampled every
 /// 200 ms until two samples in a row are within 1% of each other (at most
 /// 10 s).
 fn settled_rss_kib(pid: u32) -> anyhow::Result<f64> {
