@@ -253,7 +253,12 @@ where
     if let (Held::Digest(held), Some(digest)) = (before, digest)
         && *held == digest
     {
-        return Ok(Held::Digest(digest));
+        // The map holds `want` already (a small table is kept again).
+        return Ok(if large {
+            Held::Digest(digest)
+        } else {
+            Held::Entries(want.entries().to_vec())
+        });
     }
     let fd = map_fd(map)?;
     // What the map holds, sorted by key; a trie read back gives no values.
