@@ -132,13 +132,7 @@ fn kernel_verdicts_and_counters_match_the_reference() {
                 PCLASS_OTHER => 0,
                 _ => port,
             };
-            let local: IpAddr = if addr.is_ipv4() {
-                "10.200.0.1"
-            } else {
-                "fd00:200::1"
-            }
-            .parse()
-            .unwrap();
+            let local = local_for(addr);
 
             // Ingress: new traffic from `addr`, arriving (a test run) on an
             // interface no rule names: its list once rules name some.
@@ -329,12 +323,10 @@ fn the_same_test_catches_an_in_place_writer() {
 
 /// The keys of generation `g`'s map `name` (a hash map of `K` to `V`).
 fn pinned_keys<K: aya::Pod + Ord, V: aya::Pod>(pins: &PinDir, name: &str, g: u32) -> Vec<K> {
-    let path = portcullis::dataplane::maps_dir(pins.path()).join(format!("{name}_{g}"));
-    let map: aya::maps::HashMap<_, K, V> =
-        aya::maps::HashMap::try_from(Map::HashMap(MapData::from_pin(path).unwrap())).unwrap();
-    let mut keys: Vec<K> = map.keys().map(Result::unwrap).collect();
-    keys.sort_unstable();
-    keys
+    pinned_entries::<K, V>(pins, name, g)
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// The entries of generation `g`'s pinned hash map `name`, sorted by key.
@@ -371,6 +363,16 @@ fn same_keys<K: Ord + Copy + std::fmt::Debug>(got: &[K], mut want: Vec<K>, what:
         missing.len(),
         missing.first()
     );
+}
+
+/// This host's test address of `remote`'s family.
+fn local_for(remote: IpAddr) -> IpAddr {
+    let local = if remote.is_ipv4() {
+        "10.200.0.1"
+    } else {
+        "fd00:200::1"
+    };
+    local.parse().unwrap()
 }
 
 /// The ingress program's verdict on a TCP SYN from `src` to `dst`, port
@@ -558,14 +560,7 @@ fn large_ipv6_tables_written_again_hold_exactly_the_new_entries() {
             let want = if admitted { XDP_PASS } else { XDP_DROP };
             let sport = 44000 + (step * 4) as u16 + port;
             let src: IpAddr = src.parse().unwrap();
-            let dst: IpAddr = if src.is_ipv4() {
-                "10.200.0.1"
-            } else {
-                "fd00:200::1"
-            }
-            .parse()
-            .unwrap();
-            let got = ingress_verdict(&mut dp, src, dst, sport, port);
+            let got = ingress_verdict(&mut dp, src, local_for(src), sport, port);
             assert_eq!(got, want, "{what}: {src} port {port}");
         }
     }

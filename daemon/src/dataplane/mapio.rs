@@ -245,20 +245,17 @@ where
     V: aya::Pod + PartialEq + std::hash::Hash,
 {
     let large = want.len() > keep;
-    let digest = match before {
-        Held::Digest(_) => Some(want.digest()),
-        _ if large => Some(want.digest()),
-        _ => None,
+    let digest = (large || before.is_digest()).then(|| want.digest());
+    // What the map holds once it holds `want` (entries in key order already).
+    let holds_want = || match digest {
+        Some(digest) if large => Held::Digest(digest),
+        _ => Held::Entries(want.entries().to_vec()),
     };
     if let (Held::Digest(held), Some(digest)) = (before, digest)
         && *held == digest
     {
         // The map holds `want` already (a small table is kept again).
-        return Ok(if large {
-            Held::Digest(digest)
-        } else {
-            Held::Entries(want.entries().to_vec())
-        });
+        return Ok(holds_want());
     }
     let fd = map_fd(map)?;
     // What the map holds, sorted by key; a trie read back gives no values.
@@ -274,11 +271,7 @@ where
     let (stale, (keys, values)) = differences(&present, want.entries());
     batch(sys::BPF_MAP_DELETE_BATCH, fd, &stale, &[] as &[V]).context("removing stale entries")?;
     batch(sys::BPF_MAP_UPDATE_BATCH, fd, &keys, &values).context("writing entries")?;
-    Ok(match digest {
-        Some(digest) if large => Held::Digest(digest),
-        // In key order already.
-        _ => Held::Entries(want.entries().to_vec()),
-    })
+    Ok(holds_want())
 }
 
 /// What turns a map holding `present` into one holding `want` (both sorted
