@@ -355,6 +355,11 @@ pub struct Garbage {
 }
 
 impl Garbage {
+    /// Nothing to free: no change since the last sweep.
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty() && !self.trim
+    }
+
     /// Frees the sets, then returns the heap the change freed to the
     /// system (`malloc_trim`), once per change.
     pub fn release(self) {

@@ -430,6 +430,9 @@ async fn sweep_deny_sets(core: core::Shared) {
             }
             core.take_garbage()
         };
+        if garbage.is_empty() {
+            continue;
+        }
         if let Err(e) = tokio::task::spawn_blocking(move || garbage.release()).await {
             error!(error = %e, "freeing the last change's memory failed");
         }
