@@ -751,3 +751,51 @@ fn nothing_goes_live_without_its_audit_record() {
         "{text}"
     );
 }
+
+/// A second `portcullisd` on the same pin directory (run by hand beside the
+/// service, say) used to load, rewrite the live maps with its own rules and
+/// open what the first enforced; one on the same state directory would
+/// fork the audit chain and overwrite the live set. Each is now refused,
+/// exits without touching anything (no fallback: the first enforces), and
+/// names the directory and the daemon that holds it.
+#[test]
+fn a_second_daemon_on_the_same_pins_or_state_is_refused_and_changes_nothing() {
+    require_root!();
+    let pair = Pair::new().unwrap();
+    let pins = PinDir::new().unwrap();
+    let config = ConfigFile::new(&config_text(&pins, "")).unwrap();
+    let first = Daemon::start(&pair.host, &config).unwrap();
+    TcpServer::start(&pair.host, sock(HOST_V4, 8080)).unwrap();
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+    let before = json(cli(&config, &["--json", "status"]));
+
+    // Same pins, its own state: its rules would admit 8080.
+    let intruder = ConfigFile::new(&config_text(&pins, APP_RULES)).unwrap();
+    // Own pins, the first one's state directory.
+    let other_pins = PinDir::new().unwrap();
+    let thief = ConfigFile::new(&config_text(&other_pins, APP_RULES)).unwrap();
+    std::os::unix::fs::symlink(config.state_dir(), thief.state_dir()).unwrap();
+    for (second, dir) in [
+        (&intruder, pins.path().to_owned()),
+        // Named as it was given (the link to the first one's).
+        (&thief, thief.state_dir()),
+    ] {
+        let d = Daemon::spawn(&pair.host, second, &[]).unwrap();
+        let (status, log) = d.expect_exit().unwrap();
+        assert!(!status.success(), "{log}");
+        let names = format!(
+            "another portcullisd (pid {}) holds {}",
+            first.pid(),
+            dir.display()
+        );
+        assert!(log.contains(&names), "{names}:\n{log}");
+        assert!(!second.socket().exists(), "{log}");
+        assert!(fallback_table(&pair.host).is_none(), "{log}");
+    }
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
+    let after = json(cli(&config, &["--json", "status"]));
+    assert_eq!(after["generation"], before["generation"], "{after}");
+    assert_eq!(after["hash"], before["hash"], "{after}");
+    assert_eq!(after["audit_head"], before["audit_head"], "{after}");
+    assert!(rule_ids(&config).is_empty());
+}

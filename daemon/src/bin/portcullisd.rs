@@ -35,7 +35,9 @@ use portcullis::{
     config::{Config, DEFAULT_CONFIG_PATH, Fallback, TcAttachMode},
     core::{self, Core},
     dataplane::{self, Dataplane},
-    fallback, forwarder, links,
+    fallback, forwarder,
+    instance::{self, ClaimError, Instance},
+    links,
     readiness::{self, SystemdView},
     rules::{RuleSet, Ssh},
     state,
@@ -191,6 +193,27 @@ async fn run(
     // loading, cleaning up, the failure path and logging all name the same
     // directory.
     let pin_dir = config.pin_dir();
+    // Before anything is touched: a second daemon on the same directories
+    // would write the first one's live maps and state. Refused, it leaves
+    // everything as it is (the holder enforces); a directory that cannot
+    // be claimed at all fails the start like any other error below.
+    let _instance = match Instance::claim(&[&pin_dir, &state_dir], instance::WAIT) {
+        Ok(instance) => {
+            for (dir, pid) in &instance.ignored {
+                warn!(dir = %dir.display(), pid, "a process that is not root holds this directory's lock: not a daemon's; going on without it");
+            }
+            instance
+        }
+        Err(e @ ClaimError::Held { .. }) => return Err(e.into()),
+        Err(e) => {
+            return Err(fail_closed_with(
+                config.fallback,
+                &fallback_ssh,
+                e.into(),
+                Some(&pin_dir),
+            ));
+        }
+    };
     let (core, links, pending) = match start(&config, &pin_dir, &config_path, store).await {
         Ok(started) => started,
         Err(e) => {
