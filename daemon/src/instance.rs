@@ -12,19 +12,23 @@
 //! restart, and a refused daemon touches nothing (no fallback either: the
 //! holder enforces).
 //!
-//! Anyone who can open a directory can `flock` it. A claim held by a
-//! process that is not root is therefore not a daemon's and does not count:
-//! the start goes on without it (warned), so an unprivileged user holding a
-//! lock cannot keep the firewall from starting after a reboot. Directories
-//! this makes are 0700, which such a user cannot open in the first place.
+//! The lock is not on the directory itself: anyone who can open a
+//! directory can `flock` it, and a local user holding the claim would keep
+//! the firewall from starting. It is on a root-only file (0600, in a
+//! root-only directory) named after the directory's canonical path, which
+//! only root can open and so lock.
 
 use std::{
     fs::File,
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use nix::fcntl::{Flock, FlockArg};
+
+/// Where the lock files are (the unit's `RuntimeDirectory`).
+pub const LOCK_DIR: &str = "/run/portcullis";
 
 /// How long a start waits for the claim: a daemon that was just killed or
 /// told to stop may still be exiting (systemd waits for it, a person
@@ -36,9 +40,6 @@ pub const WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Instance {
     _held: Vec<Flock<File>>,
-    /// Directories whose lock a process that is not root holds: the start
-    /// went on without it (the daemon logs these).
-    pub ignored: Vec<(PathBuf, u32)>,
 }
 
 /// Why the directories could not be claimed.
@@ -52,108 +53,110 @@ pub enum ClaimError {
         .dir.display()
     )]
     Held { dir: PathBuf, holder: Option<u32> },
-    /// The directory cannot be made or opened.
-    #[error("cannot claim {}: {source}", .dir.display())]
-    Io {
-        dir: PathBuf,
-        source: std::io::Error,
-    },
+    /// The directory, or its lock file, cannot be made or opened.
+    #[error("cannot claim {}: {what}", .dir.display())]
+    Io { dir: PathBuf, what: String },
 }
 
 impl Instance {
-    /// Claims each of `dirs` (made when missing), waiting up to `wait` for
-    /// a holder to go away.
-    pub fn claim(dirs: &[&Path], wait: Duration) -> Result<Instance, ClaimError> {
+    /// Claims each of `dirs` (made when missing) with a lock file in
+    /// `lock_dir`, waiting up to `wait` for a holder to go away.
+    pub fn claim(dirs: &[&Path], lock_dir: &Path, wait: Duration) -> Result<Instance, ClaimError> {
         let deadline = Instant::now() + wait;
-        let mut instance = Instance {
-            _held: Vec::with_capacity(dirs.len()),
-            ignored: Vec::new(),
-        };
+        let mut held = Vec::with_capacity(dirs.len());
         for &dir in dirs {
-            match claim_one(dir, deadline)? {
-                Ok(lock) => instance._held.push(lock),
-                Err(pid) => instance.ignored.push((dir.to_owned(), pid)),
-            }
+            held.push(claim_one(dir, lock_dir, deadline)?);
         }
-        Ok(instance)
+        Ok(Instance { _held: held })
     }
 }
 
-/// Who holds a directory's lock, from `/proc`.
-#[derive(Debug, PartialEq, Eq)]
-enum Holder {
-    Root(u32),
-    /// A process that is not root: no daemon (see the module's doc).
-    Unprivileged(u32),
-    Unknown,
-}
-
-/// `dir`'s lock, or the pid of the unprivileged process that holds it.
-fn claim_one(dir: &Path, deadline: Instant) -> Result<Result<Flock<File>, u32>, ClaimError> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let io = |source| ClaimError::Io {
+fn claim_one(dir: &Path, lock_dir: &Path, deadline: Instant) -> Result<Flock<File>, ClaimError> {
+    let io = |what: String| ClaimError::Io {
         dir: dir.to_owned(),
-        source,
+        what,
     };
-    if !dir.is_dir() {
+    let make = |d: &Path, mode: u32| {
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(io)?;
-    }
-    // A directory opened read-only: flock needs no write access, and the
-    // lock is on the directory itself (bpffs has no room for a lock file).
-    let mut file = File::open(dir).map_err(io)?;
+            .mode(mode)
+            .create(d)
+            .map_err(|e| io(format!("cannot make {}: {e}", d.display())))
+    };
+    make(dir, 0o700)?;
+    // Searchable: the API socket may be in there too (its own mode and
+    // the lock files' keep others out of each).
+    make(lock_dir, 0o755)?;
+    // Named after where the directory really is: a link to it is the same
+    // directory.
+    let canonical = std::fs::canonicalize(dir).map_err(|e| io(e.to_string()))?;
+    let path = lock_dir.join(lock_name(&canonical));
+    let mut file = open_lock(&path).map_err(|e| io(format!("{}: {e}", path.display())))?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(Ok(lock)),
-            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
-                let holder = holder(&back);
-                if let Holder::Unprivileged(pid) = holder {
-                    return Ok(Err(pid));
-                }
-                if Instant::now() >= deadline {
-                    return Err(ClaimError::Held {
-                        dir: dir.to_owned(),
-                        holder: match holder {
-                            Holder::Root(pid) => Some(pid),
-                            _ => None,
-                        },
-                    });
-                }
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 file = back;
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err((_, errno)) => return Err(io(errno.into())),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(ClaimError::Held {
+                    dir: dir.to_owned(),
+                    holder: holder(&back),
+                });
+            }
+            Err((_, errno)) => return Err(io(format!("{}: {errno}", path.display()))),
         }
     }
 }
 
-/// The process holding a `flock` on `file`: its pid from `/proc/locks`,
-/// its effective uid from `/proc/<pid>/status`.
-fn holder(file: &File) -> Holder {
-    let Some(pid) = holder_pid(file) else {
-        return Holder::Unknown;
+/// The lock file at `path`: made 0600 when missing, never through a link,
+/// and refused unless it is a regular file of this user's that nobody else
+/// may open (else someone else could hold the claim).
+fn open_lock(path: &Path) -> std::io::Result<File> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    let me = nix::unistd::geteuid().as_raw();
+    let why = if !meta.is_file() {
+        "not a regular file"
+    } else if meta.uid() != me {
+        "owned by another user"
+    } else if meta.mode() & 0o077 != 0 {
+        "others may open it"
+    } else if std::fs::metadata(path.parent().unwrap_or(path))?.uid() != me {
+        "in a directory of another user's"
+    } else {
+        return Ok(file);
     };
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    match effective_uid(&status) {
-        Some(0) => Holder::Root(pid),
-        Some(_) => Holder::Unprivileged(pid),
-        None => Holder::Unknown,
+    Err(std::io::Error::other(format!(
+        "{why}: remove it and start again"
+    )))
+}
+
+/// A file name for `dir` (absolute): its path with `/` as `-` (and `-` as
+/// `\x2d`, as systemd escapes paths), so two directories never share one.
+fn lock_name(dir: &Path) -> String {
+    let mut name = String::new();
+    for c in dir.to_string_lossy().trim_start_matches('/').chars() {
+        match c {
+            '/' => name.push('-'),
+            '-' | '\\' => name.push_str(&format!("\\x{:02x}", c as u32)),
+            c => name.push(c),
+        }
     }
+    name + ".lock"
 }
 
-/// The effective uid in a `/proc/<pid>/status` text ("Uid: real effective
-/// saved fs").
-fn effective_uid(status: &str) -> Option<u32> {
-    let line = status.lines().find_map(|l| l.strip_prefix("Uid:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// The pid holding a `flock` on `file`, from `/proc/locks`.
-fn holder_pid(file: &File) -> Option<u32> {
-    use std::os::unix::fs::MetadataExt as _;
+/// The pid holding a `flock` on `file`, from `/proc/locks` (for the error
+/// message only: `None` when it cannot be told, as under the unit's
+/// `ProcSubset=pid`).
+fn holder(file: &File) -> Option<u32> {
     let meta = file.metadata().ok()?;
     let dev = meta.dev();
     let id = format!(
@@ -184,12 +187,17 @@ fn holder_in(locks: &str, id: &str) -> Option<u32> {
 mod tests {
     use super::*;
 
+    fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let top = tempfile::tempdir().unwrap();
+        let (pins, locks) = (top.path().join("pins"), top.path().join("locks"));
+        (top, pins, locks)
+    }
+
     #[test]
     fn a_second_claim_is_refused_until_the_first_is_dropped() {
-        let dir = tempfile::tempdir().unwrap();
-        let pins = dir.path().join("pins");
-        let first = Instance::claim(&[&pins], WAIT).unwrap();
-        let err = Instance::claim(&[&pins], Duration::ZERO).unwrap_err();
+        let (_top, pins, locks) = dirs();
+        let first = Instance::claim(&[&pins], &locks, WAIT).unwrap();
+        let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
         let ClaimError::Held { dir: at, holder } = &err else {
             panic!("{err}");
         };
@@ -197,66 +205,58 @@ mod tests {
         assert_eq!(*holder, Some(std::process::id()), "{err}");
         assert!(err.to_string().contains("another portcullisd"), "{err}");
         drop(first);
-        Instance::claim(&[&pins], Duration::ZERO).unwrap();
+        Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn a_link_to_a_claimed_directory_is_the_same_directory() {
+        let (top, pins, locks) = dirs();
+        let _first = Instance::claim(&[&pins], &locks, WAIT).unwrap();
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(&pins, &link).unwrap();
+        let err = Instance::claim(&[&link], &locks, Duration::ZERO).unwrap_err();
+        assert!(matches!(err, ClaimError::Held { .. }), "{err}");
     }
 
     #[test]
     fn a_claim_waits_for_a_holder_that_goes_away() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = Instance::claim(&[dir.path()], WAIT).unwrap();
+        let (_top, pins, locks) = dirs();
+        let first = Instance::claim(&[&pins], &locks, WAIT).unwrap();
         let release = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
             drop(first);
         });
-        Instance::claim(&[dir.path()], WAIT).unwrap();
+        Instance::claim(&[&pins], &locks, WAIT).unwrap();
         release.join().unwrap();
     }
 
+    /// A lock file others could open (so lock) is not trusted, nor a link
+    /// put where it goes.
     #[test]
-    fn a_lock_held_by_an_unprivileged_process_does_not_count() {
-        let dir = tempfile::tempdir().unwrap();
-        let shared = dir.path().join("shared");
-        std::fs::create_dir(&shared).unwrap();
-        // World-readable: any user can open it, and so flock it.
-        for d in [dir.path(), &shared] {
-            std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
-        if !nix::unistd::geteuid().is_root()
-            || std::process::Command::new("setpriv")
-                .arg("--help")
-                .output()
-                .is_err()
-        {
-            eprintln!("skipped: needs root and setpriv");
-            return;
-        }
-        let mut user = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "flock"])
-            .arg(&shared)
-            .args(["sleep", "30"])
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        let claim = loop {
-            let claim = Instance::claim(&[&shared], WAIT).unwrap();
-            if !claim.ignored.is_empty() || Instant::now() > deadline {
-                break claim;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let _ = user.kill();
-        let _ = user.wait();
-        assert_eq!(claim.ignored.len(), 1, "{claim:?}");
-        assert_eq!(claim.ignored[0].0, shared);
+    fn lock_files_others_could_open_or_links_are_refused() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (top, pins, locks) = dirs();
+        std::fs::create_dir_all(&pins).unwrap();
+        std::fs::create_dir_all(&locks).unwrap();
+        let name = locks.join(lock_name(&std::fs::canonicalize(&pins).unwrap()));
+        std::fs::write(&name, "").unwrap();
+        std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("others may open it"), "{err}");
+        std::fs::remove_file(&name).unwrap();
+        std::os::unix::fs::symlink(top.path().join("elsewhere"), &name).unwrap();
+        let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
+        assert!(matches!(err, ClaimError::Io { .. }), "{err}");
+        assert!(!top.path().join("elsewhere").exists());
     }
 
     #[test]
-    fn status_files_give_the_effective_uid() {
-        let status = "Name:\tflock\nUid:\t1000\t0\t0\t0\nGid:\t0\t0\t0\t0\n";
-        assert_eq!(effective_uid(status), Some(0));
-        assert_eq!(effective_uid("Uid:\t0\t65534\t0\t0\n"), Some(65534));
-        assert_eq!(effective_uid("Name: x\n"), None);
+    fn lock_names_keep_paths_apart() {
+        assert_eq!(
+            lock_name(Path::new("/sys/fs/bpf/portcullis")),
+            "sys-fs-bpf-portcullis.lock"
+        );
+        assert_ne!(lock_name(Path::new("/a-b")), lock_name(Path::new("/a/b")));
     }
 
     #[test]

@@ -798,4 +798,46 @@ fn a_second_daemon_on_the_same_pins_or_state_is_refused_and_changes_nothing() {
     assert_eq!(after["hash"], before["hash"], "{after}");
     assert_eq!(after["audit_head"], before["audit_head"], "{after}");
     assert!(rule_ids(&config).is_empty());
+
+    // A local user cannot hold the claim to keep the daemon from starting:
+    // it can flock a directory it can open (pins left world-searchable, as
+    // older versions made them), but not the root-only lock file.
+    drop(first);
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(pins.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "flock",
+            "-n",
+        ])
+        .args(args);
+        cmd
+    };
+    let lock_file = format!(
+        "/run/portcullis/{}.lock",
+        pins.path()
+            .to_string_lossy()
+            .trim_start_matches('/')
+            .replace('-', "\\x2d")
+            .replace('/', "-")
+    );
+    assert!(fs::metadata(&lock_file).is_ok(), "{lock_file}");
+    let taken = as_nobody(&[&lock_file, "true"]).output().unwrap();
+    assert!(!taken.status.success(), "a local user locked {lock_file}");
+    let pins_path = pins.path().to_string_lossy().into_owned();
+    let mut holder = as_nobody(&[&pins_path, "sleep", "30"]).spawn().unwrap();
+    thread::sleep(Duration::from_millis(300));
+    assert!(
+        holder.try_wait().unwrap().is_none(),
+        "the user holds the pins"
+    );
+    let again = Daemon::start(&pair.host, &config);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    again.unwrap();
+    assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
 }

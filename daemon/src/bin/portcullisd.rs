@@ -197,13 +197,9 @@ async fn run(
     // would write the first one's live maps and state. Refused, it leaves
     // everything as it is (the holder enforces); a directory that cannot
     // be claimed at all fails the start like any other error below.
-    let _instance = match Instance::claim(&[&pin_dir, &state_dir], instance::WAIT) {
-        Ok(instance) => {
-            for (dir, pid) in &instance.ignored {
-                warn!(dir = %dir.display(), pid, "a process that is not root holds this directory's lock: not a daemon's; going on without it");
-            }
-            instance
-        }
+    let lock_dir = Path::new(instance::LOCK_DIR);
+    let _instance = match Instance::claim(&[&pin_dir, &state_dir], lock_dir, instance::WAIT) {
+        Ok(instance) => instance,
         Err(e @ ClaimError::Held { .. }) => return Err(e.into()),
         Err(e) => {
             return Err(fail_closed_with(
