@@ -1,4 +1,4 @@
-//! One daemon per pin directory and state directory.
+//! One daemon per pin directory, state directory and API socket.
 //!
 //! The data plane remembers what it last wrote to each generation's maps
 //! and skips writes of tables that are already there (`mapio::Held`); the
@@ -16,7 +16,11 @@
 //! directory can `flock` it, and a local user holding the claim would keep
 //! the firewall from starting. It is on a root-only file (0600, in a
 //! root-only directory) named after the directory's canonical path, which
-//! only root can open and so lock.
+//! only root can open and so lock. The API socket is claimed the same way
+//! (a second daemon would unlink the first one's to bind its own).
+//!
+//! The lock files are in `/run`, which is per mount namespace: a daemon in
+//! a container with a `/run` of its own and the host's bpffs is not seen.
 
 use std::{
     fs::File,
@@ -26,6 +30,7 @@ use std::{
 };
 
 use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest as _, Sha256};
 
 /// Where the lock files are (the unit's `RuntimeDirectory`).
 pub const LOCK_DIR: &str = "/run/portcullis";
@@ -45,83 +50,121 @@ pub struct Instance {
 /// Why the directories could not be claimed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClaimError {
-    /// Another process holds one of them: it enforces, so this one must
-    /// leave everything as it is.
+    /// Another process holds one of them: a daemon that enforces there, so
+    /// this one must leave everything as it is.
     #[error(
-        "another portcullisd{} holds {}: it enforces the rules there; stop it first (systemctl stop portcullis), or give this daemon a pin directory and a state directory of its own",
-        .holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-        .dir.display()
+        "{} is in use by another portcullisd{} (it holds {}): stop that one first, or give this daemon a pin directory, a state directory and a --socket of its own",
+        .path.display(),
+        .holder.map(|p| format!(", pid {p}")).unwrap_or_default(),
+        .lock.display()
     )]
-    Held { dir: PathBuf, holder: Option<u32> },
-    /// The directory, or its lock file, cannot be made or opened.
-    #[error("cannot claim {}: {what}", .dir.display())]
-    Io { dir: PathBuf, what: String },
+    Held {
+        path: PathBuf,
+        lock: PathBuf,
+        holder: Option<u32>,
+    },
+    /// The lock file cannot be made or opened.
+    #[error("cannot claim {}: {what}", .path.display())]
+    Io { path: PathBuf, what: String },
 }
 
 impl Instance {
-    /// Claims each of `dirs` (made when missing) with a lock file in
-    /// `lock_dir`, waiting up to `wait` for a holder to go away.
-    pub fn claim(dirs: &[&Path], lock_dir: &Path, wait: Duration) -> Result<Instance, ClaimError> {
+    /// Claims each of `paths` (directories or the socket; they need not
+    /// exist) with a lock file in `lock_dir`, waiting up to `wait` for a
+    /// holder to go away. Paths that are one place are claimed once.
+    pub fn claim(paths: &[&Path], lock_dir: &Path, wait: Duration) -> Result<Instance, ClaimError> {
         let deadline = Instant::now() + wait;
-        let mut held = Vec::with_capacity(dirs.len());
-        for &dir in dirs {
-            held.push(claim_one(dir, lock_dir, deadline)?);
+        let mut held = Vec::with_capacity(paths.len());
+        let mut names: Vec<String> = Vec::with_capacity(paths.len());
+        for &path in paths {
+            let name = lock_name(&resolved(path));
+            if names.contains(&name) {
+                continue;
+            }
+            let lock = lock_dir.join(&name);
+            held.push(claim_one(path, &lock, deadline)?);
+            names.push(name);
         }
         Ok(Instance { _held: held })
     }
 }
 
-fn claim_one(dir: &Path, lock_dir: &Path, deadline: Instant) -> Result<Flock<File>, ClaimError> {
+/// Where `path` really is: canonical when it exists, else its parent's
+/// canonical path and its name (the directory is made later, by its
+/// owner), else `path` as given.
+fn resolved(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| path.to_owned()),
+        _ => path.to_owned(),
+    }
+}
+
+fn claim_one(path: &Path, lock: &Path, deadline: Instant) -> Result<Flock<File>, ClaimError> {
     let io = |what: String| ClaimError::Io {
-        dir: dir.to_owned(),
+        path: path.to_owned(),
         what,
     };
-    let make = |d: &Path, mode: u32| {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(mode)
-            .create(d)
-            .map_err(|e| io(format!("cannot make {}: {e}", d.display())))
-    };
-    make(dir, 0o700)?;
-    // Searchable: the API socket may be in there too (its own mode and
-    // the lock files' keep others out of each).
-    make(lock_dir, 0o755)?;
-    // Named after where the directory really is: a link to it is the same
-    // directory.
-    let canonical = std::fs::canonicalize(dir).map_err(|e| io(e.to_string()))?;
-    let path = lock_dir.join(lock_name(&canonical));
-    let mut file = open_lock(&path).map_err(|e| io(format!("{}: {e}", path.display())))?;
+    let mut file = open_lock(lock).map_err(|e| io(format!("{}: {e}", lock.display())))?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => return Ok(lock),
+            Ok(held) => return Ok(held),
             Err((back, nix::errno::Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
                 file = back;
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
                 return Err(ClaimError::Held {
-                    dir: dir.to_owned(),
+                    path: path.to_owned(),
+                    lock: lock.to_owned(),
                     holder: holder(&back),
                 });
             }
-            Err((_, errno)) => return Err(io(format!("{}: {errno}", path.display()))),
+            Err((_, errno)) => return Err(io(format!("{}: {errno}", lock.display()))),
         }
     }
 }
 
-/// The lock file at `path`: made 0600 when missing, never through a link,
-/// and refused unless it is a regular file of this user's that nobody else
-/// may open (else someone else could hold the claim).
+/// The lock file at `path`, never through a link: opened read-only when it
+/// exists (a `flock` needs no more, and a read-only `/run` still tells a
+/// held claim), else made 0600 (its directory 0755: the API socket may be
+/// there too). Refused unless it is a regular file of this user's nobody
+/// else may open, in a directory nobody else may write (else someone else
+/// could hold the claim, or swap the file).
 fn open_lock(path: &Path) -> std::io::Result<File> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(path)?;
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(dir)?;
+            }
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+            {
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => open()?,
+                made => made?,
+            }
+        }
+        opened => opened?,
+    };
     let meta = file.metadata()?;
+    let dir = std::fs::metadata(path.parent().unwrap_or(path))?;
     let me = nix::unistd::geteuid().as_raw();
     let why = if !meta.is_file() {
         "not a regular file"
@@ -129,8 +172,8 @@ fn open_lock(path: &Path) -> std::io::Result<File> {
         "owned by another user"
     } else if meta.mode() & 0o077 != 0 {
         "others may open it"
-    } else if std::fs::metadata(path.parent().unwrap_or(path))?.uid() != me {
-        "in a directory of another user's"
+    } else if dir.uid() != me || dir.mode() & 0o022 != 0 {
+        "in a directory others may write"
     } else {
         return Ok(file);
     };
@@ -139,18 +182,28 @@ fn open_lock(path: &Path) -> std::io::Result<File> {
     )))
 }
 
-/// A file name for `dir` (absolute): its path with `/` as `-` (and `-` as
-/// `\x2d`, as systemd escapes paths), so two directories never share one.
-fn lock_name(dir: &Path) -> String {
-    let mut name = String::new();
-    for c in dir.to_string_lossy().trim_start_matches('/').chars() {
-        match c {
-            '/' => name.push('-'),
-            '-' | '\\' => name.push_str(&format!("\\x{:02x}", c as u32)),
-            c => name.push(c),
-        }
-    }
-    name + ".lock"
+/// A file name for `path` (resolved): its last component (readable, at
+/// most 64 bytes) and a SHA-256 of the whole path, so two paths never
+/// share one and no name is too long.
+fn lock_name(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt as _;
+    let last: String = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    let digest = Sha256::digest(path.as_os_str().as_bytes());
+    let hex: String = digest.iter().take(12).map(|b| format!("{b:02x}")).collect();
+    format!("{last}-{hex}.lock")
 }
 
 /// The pid holding a `flock` on `file`, from `/proc/locks` (for the error
@@ -198,12 +251,16 @@ mod tests {
         let (_top, pins, locks) = dirs();
         let first = Instance::claim(&[&pins], &locks, WAIT).unwrap();
         let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
-        let ClaimError::Held { dir: at, holder } = &err else {
+        let ClaimError::Held { path, lock, holder } = &err else {
             panic!("{err}");
         };
-        assert_eq!(at, &pins);
+        assert_eq!(path, &pins);
+        assert!(lock.starts_with(&locks), "{err}");
         assert_eq!(*holder, Some(std::process::id()), "{err}");
-        assert!(err.to_string().contains("another portcullisd"), "{err}");
+        assert!(
+            err.to_string().contains("in use by another portcullisd"),
+            "{err}"
+        );
         drop(first);
         Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap();
     }
@@ -211,11 +268,23 @@ mod tests {
     #[test]
     fn a_link_to_a_claimed_directory_is_the_same_directory() {
         let (top, pins, locks) = dirs();
+        std::fs::create_dir(&pins).unwrap();
         let _first = Instance::claim(&[&pins], &locks, WAIT).unwrap();
         let link = top.path().join("link");
         std::os::unix::fs::symlink(&pins, &link).unwrap();
         let err = Instance::claim(&[&link], &locks, Duration::ZERO).unwrap_err();
         assert!(matches!(err, ClaimError::Held { .. }), "{err}");
+    }
+
+    /// A pin directory and a state directory that are one place are
+    /// claimed once: the daemon does not refuse itself.
+    #[test]
+    fn one_place_named_twice_is_claimed_once() {
+        let (top, pins, locks) = dirs();
+        std::fs::create_dir(&pins).unwrap();
+        let link = top.path().join("link");
+        std::os::unix::fs::symlink(&pins, &link).unwrap();
+        Instance::claim(&[&pins, &link, &pins], &locks, Duration::ZERO).unwrap();
     }
 
     #[test]
@@ -230,19 +299,23 @@ mod tests {
         release.join().unwrap();
     }
 
-    /// A lock file others could open (so lock) is not trusted, nor a link
-    /// put where it goes.
+    /// A lock file others could open (so lock) is not trusted, nor one in a
+    /// directory others may write, nor a link put where it goes.
     #[test]
-    fn lock_files_others_could_open_or_links_are_refused() {
+    fn lock_files_others_could_open_or_swap_or_links_are_refused() {
         use std::os::unix::fs::PermissionsExt as _;
         let (top, pins, locks) = dirs();
-        std::fs::create_dir_all(&pins).unwrap();
         std::fs::create_dir_all(&locks).unwrap();
-        let name = locks.join(lock_name(&std::fs::canonicalize(&pins).unwrap()));
+        let name = locks.join(lock_name(&resolved(&pins)));
         std::fs::write(&name, "").unwrap();
         std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
         assert!(err.to_string().contains("others may open it"), "{err}");
+        std::fs::set_permissions(&name, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
+        assert!(err.to_string().contains("others may write"), "{err}");
+        std::fs::set_permissions(&locks, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::remove_file(&name).unwrap();
         std::os::unix::fs::symlink(top.path().join("elsewhere"), &name).unwrap();
         let err = Instance::claim(&[&pins], &locks, Duration::ZERO).unwrap_err();
@@ -251,12 +324,15 @@ mod tests {
     }
 
     #[test]
-    fn lock_names_keep_paths_apart() {
-        assert_eq!(
-            lock_name(Path::new("/sys/fs/bpf/portcullis")),
-            "sys-fs-bpf-portcullis.lock"
+    fn lock_names_are_short_readable_and_apart() {
+        let name = lock_name(Path::new("/sys/fs/bpf/portcullis"));
+        assert!(
+            name.starts_with("portcullis-") && name.ends_with(".lock"),
+            "{name}"
         );
         assert_ne!(lock_name(Path::new("/a-b")), lock_name(Path::new("/a/b")));
+        let long = format!("/{}", "x-".repeat(500));
+        assert!(lock_name(Path::new(&long)).len() < 100);
     }
 
     #[test]

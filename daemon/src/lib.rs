@@ -29,7 +29,7 @@
 //! - [`fuzzing`]: entry points the fuzz targets and their replay share.
 //! - [`reload`]: runtime changes against the configuration's baseline (pure).
 //! - [`host`]: host probes at start-up (bpffs, groups) and memory release.
-//! - [`instance`]: one daemon per pin and state directory (a `flock` on each).
+//! - [`instance`]: one daemon per pin directory, state directory and socket.
 //! - [`model`]: the plain types the layers share (mode, pending change,
 //!   connections, links and their selector) (pure).
 //! - [`links`] (`dataplane::links`): which interfaces to protect; watching for new ones.

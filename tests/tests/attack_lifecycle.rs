@@ -775,18 +775,23 @@ fn a_second_daemon_on_the_same_pins_or_state_is_refused_and_changes_nothing() {
     let other_pins = PinDir::new().unwrap();
     let thief = ConfigFile::new(&config_text(&other_pins, APP_RULES)).unwrap();
     std::os::unix::fs::symlink(config.state_dir(), thief.state_dir()).unwrap();
+    // A configuration that does not load: the fallback's nftables table
+    // would go over the first one's enforcement.
+    let broken = ConfigFile::new("interfaces = [").unwrap();
+    std::os::unix::fs::symlink(config.state_dir(), broken.state_dir()).unwrap();
     for (second, dir) in [
         (&intruder, pins.path().to_owned()),
         // Named as it was given (the link to the first one's).
         (&thief, thief.state_dir()),
+        (&broken, broken.state_dir()),
     ] {
         let d = Daemon::spawn(&pair.host, second, &[]).unwrap();
         let (status, log) = d.expect_exit().unwrap();
         assert!(!status.success(), "{log}");
         let names = format!(
-            "another portcullisd (pid {}) holds {}",
-            first.pid(),
-            dir.display()
+            "{} is in use by another portcullisd, pid {}",
+            dir.display(),
+            first.pid()
         );
         assert!(log.contains(&names), "{names}:\n{log}");
         assert!(!second.socket().exists(), "{log}");
@@ -817,14 +822,17 @@ fn a_second_daemon_on_the_same_pins_or_state_is_refused_and_changes_nothing() {
         .args(args);
         cmd
     };
-    let lock_file = format!(
-        "/run/portcullis/{}.lock",
-        pins.path()
-            .to_string_lossy()
-            .trim_start_matches('/')
-            .replace('-', "\\x2d")
-            .replace('/', "-")
-    );
+    let unique = pins
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let lock_file = fs::read_dir("/run/portcullis")
+        .unwrap()
+        .map(|e| e.unwrap().path().to_string_lossy().into_owned())
+        .find(|p| p.contains(&format!("/{unique}-")))
+        .expect("the pins' lock file");
     assert!(fs::metadata(&lock_file).is_ok(), "{lock_file}");
     let taken = as_nobody(&[&lock_file, "true"]).output().unwrap();
     assert!(!taken.status.success(), "a local user locked {lock_file}");

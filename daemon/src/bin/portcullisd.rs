@@ -93,6 +93,11 @@ fn main() -> anyhow::Result<()> {
                 .state_dir
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
+            // Not over a daemon that runs here: its enforcement stays.
+            let _instance = match claim(&[&state_dir]) {
+                Err(held @ ClaimError::Held { .. }) => return Err(e.context(held)),
+                claimed => claimed,
+            };
             let ssh = last_live_ssh(&state::Store::new(&state_dir)).unwrap_or_else(|| Ssh {
                 allow: true,
                 ..Ssh::default()
@@ -116,12 +121,32 @@ fn main() -> anyhow::Result<()> {
     let socket = args
         .socket
         .unwrap_or_else(|| api::socket_path(config.api.socket.as_deref()));
-    runtime.block_on(run(
-        config,
-        args.config,
-        state::Store::new(&state_dir),
-        socket,
-    ))
+    let store = state::Store::new(&state_dir);
+    // Resolved once (a default pin directory depends on what is mounted), so
+    // the claim, loading, cleaning up, the failure path and logging all name
+    // the same directory.
+    let pin_dir = config.pin_dir();
+    // Before anything is touched, and held until the runtime (and the
+    // garbage it may still free into the maps) is gone: a second daemon on
+    // the same pins, state or socket would write the first one's. Refused,
+    // it leaves everything as it is (the holder enforces); a claim that
+    // cannot be made at all fails the start like any other error.
+    let _instance = match claim(&[&pin_dir, &state_dir, &socket]) {
+        Ok(instance) => instance,
+        Err(e @ ClaimError::Held { .. }) => return Err(e.into()),
+        Err(e) => {
+            let ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
+            return Err(fail_closed(config.fallback, &ssh, e.into()));
+        }
+    };
+    let result = runtime.block_on(run(config, args.config, store, pin_dir, socket));
+    drop(runtime);
+    result
+}
+
+/// This daemon's claim on `paths` (see [`Instance`]).
+fn claim(paths: &[&Path]) -> Result<Instance, ClaimError> {
+    Instance::claim(paths, Path::new(instance::LOCK_DIR), instance::WAIT)
 }
 
 /// `--generate-man DIR`: this program's man page (packaging).
@@ -182,6 +207,7 @@ async fn run(
     config: Config,
     config_path: PathBuf,
     store: state::Store,
+    pin_dir: PathBuf,
     socket: PathBuf,
 ) -> anyhow::Result<()> {
     let signals = Signals::new()?;
@@ -189,27 +215,6 @@ async fn run(
     // the rules that were live (else the file's).
     let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
     let state_dir = store.dir().to_owned();
-    // Resolved once (a default pin directory depends on what is mounted), so
-    // loading, cleaning up, the failure path and logging all name the same
-    // directory.
-    let pin_dir = config.pin_dir();
-    // Before anything is touched: a second daemon on the same directories
-    // would write the first one's live maps and state. Refused, it leaves
-    // everything as it is (the holder enforces); a directory that cannot
-    // be claimed at all fails the start like any other error below.
-    let lock_dir = Path::new(instance::LOCK_DIR);
-    let _instance = match Instance::claim(&[&pin_dir, &state_dir], lock_dir, instance::WAIT) {
-        Ok(instance) => instance,
-        Err(e @ ClaimError::Held { .. }) => return Err(e.into()),
-        Err(e) => {
-            return Err(fail_closed_with(
-                config.fallback,
-                &fallback_ssh,
-                e.into(),
-                Some(&pin_dir),
-            ));
-        }
-    };
     let (core, links, pending) = match start(&config, &pin_dir, &config_path, store).await {
         Ok(started) => started,
         Err(e) => {
