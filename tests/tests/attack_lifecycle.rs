@@ -797,6 +797,14 @@ fn a_second_daemon_on_the_same_pins_or_state_is_refused_and_changes_nothing() {
         assert!(!second.socket().exists(), "{log}");
         assert!(fallback_table(&pair.host).is_none(), "{log}");
     }
+    // Detaching under the running daemon would leave it reporting
+    // enforcement that is gone: refused.
+    let out = detach(&pair.host, &config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--detach is for a stopped daemon"),
+        "{err}"
+    );
     assert!(tcp_probe(&pair.peer, sock(HOST_V4, 8080)).is_err());
     let after = json(cli(&config, &["--json", "status"]));
     assert_eq!(after["generation"], before["generation"], "{after}");

@@ -308,7 +308,8 @@ fn clsact_egress_path_records_flows_and_is_adopted() {
     );
     check_reply();
 
-    // Detach removes the filter too.
+    // Detach (of a stopped daemon's pins) removes the filter too.
+    drop(daemon);
     let out = detach(&pair.host, &cfg);
     assert!(
         out.status.success(),
@@ -322,7 +323,6 @@ fn clsact_egress_path_records_flows_and_is_adopted() {
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&gone.stdout).contains("portcullis_egre"));
-    drop(daemon);
 }
 
 /// A port published the way container runtimes do it (DNAT in the protected

@@ -112,7 +112,17 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     if args.detach {
-        return runtime.block_on(detach(&config));
+        // Not under a running daemon: it would go on reporting enforcement
+        // that is gone (and attach new interfaces again).
+        let pin_dir = config.pin_dir();
+        let _instance = Instance::claim(&[&pin_dir], Path::new(instance::LOCK_DIR), std::time::Duration::ZERO)
+            .map_err(|e| match e {
+                ClaimError::Held { .. } => anyhow::Error::new(e).context(
+                    "--detach is for a stopped daemon: stop the service first (systemctl stop portcullis; a daemon that does not stop can be killed), then detach",
+                ),
+                e => e.into(),
+            })?;
+        return runtime.block_on(detach(&config, &pin_dir));
     }
     let state_dir = args
         .state_dir
@@ -188,7 +198,7 @@ fn check_config(path: &Path, config: &Config) -> anyhow::Result<()> {
 }
 
 /// `--detach`: every pinned link removed (stop enforcing).
-async fn detach(config: &Config) -> anyhow::Result<()> {
+async fn detach(config: &Config, pin_dir: &Path) -> anyhow::Result<()> {
     // Every link: in automatic mode the config names none.
     let (connection, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(connection);
@@ -197,8 +207,7 @@ async fn detach(config: &Config) -> anyhow::Result<()> {
         .into_iter()
         .map(|l| l.name)
         .collect();
-    let pin_dir = config.pin_dir();
-    let n = dataplane::detach_all(&pin_dir, &names)?;
+    let n = dataplane::detach_all(pin_dir, &names)?;
     info!(links = n, pin_dir = %pin_dir.display(), "detached; inbound traffic is no longer filtered");
     Ok(())
 }
