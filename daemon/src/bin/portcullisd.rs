@@ -122,7 +122,7 @@ fn main() -> anyhow::Result<()> {
                 ),
                 e => e.into(),
             })?;
-        return runtime.block_on(detach(&config, &pin_dir));
+        return runtime.block_on(detach(&pin_dir));
     }
     let state_dir = args
         .state_dir
@@ -198,7 +198,7 @@ fn check_config(path: &Path, config: &Config) -> anyhow::Result<()> {
 }
 
 /// `--detach`: every pinned link removed (stop enforcing).
-async fn detach(config: &Config, pin_dir: &Path) -> anyhow::Result<()> {
+async fn detach(pin_dir: &Path) -> anyhow::Result<()> {
     // Every link: in automatic mode the config names none.
     let (connection, handle, _) = rtnetlink::new_connection()?;
     tokio::spawn(connection);
