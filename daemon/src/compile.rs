@@ -31,7 +31,7 @@ use sha2::{Digest as _, Sha256};
 use thiserror::Error;
 
 use crate::{
-    parallel::both,
+    parallel::both_over,
     rules::{Protocol, RuleSet},
 };
 
@@ -621,7 +621,8 @@ type BuildFast = std::hash::BuildHasherDefault<Fast>;
 /// 100k-rule set compiles in about two thirds of the time on two CPUs).
 pub fn compile(set: &RuleSet, limits: &Limits) -> Result<Image, CompileError> {
     let (entries, slots) = entries(set);
-    let (image, (index, (json, hash))) = both(
+    let (image, (index, (json, hash))) = both_over(
+        entries.len(),
         "compile",
         || lay_out(set, &entries, limits),
         || (Index::of(&entries), canonical(set)),
@@ -671,7 +672,8 @@ fn lay_out(set: &RuleSet, entries: &[Entry], limits: &Limits) -> Result<Image, C
     // usually has room for. When it has not, the families are laid out
     // again on one thread with one layout, storing everything once, so a
     // set fits exactly when it would have on one thread.
-    let (v4, v6) = both(
+    let (v4, v6) = both_over(
+        entries.len(),
         "compile",
         || family(entries, &dirs, &[false], seed),
         || family(entries, &dirs, &[true], seed),
@@ -688,7 +690,12 @@ fn lay_out(set: &RuleSet, entries: &[Entry], limits: &Limits) -> Result<Image, C
         (image.regions, image.segments) = (one.regions, one.segments);
     }
     let (v4, v6) = (&image.v4, &image.v6);
-    let ((v4_root, v4_chunks), v6_tables) = both("compile", || v4_table(v4), || V6Tables::of(v6));
+    let ((v4_root, v4_chunks), v6_tables) = both_over(
+        v4.len() + v6.len(),
+        "compile",
+        || v4_table(v4),
+        || V6Tables::of(v6),
+    );
     (image.v4_root, image.v4_chunks) = (v4_root, v4_chunks);
     image.v6_tables = Arc::new(v6_tables);
     Ok(image)

@@ -792,7 +792,7 @@ impl Core {
         self.may_change(opts)?;
         let rules = &self.rules;
         let (live, mut next) =
-            crate::parallel::both("unpack", || rules.unpack(), || rules.unpack());
+            crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack());
         edit(&live, &mut next)?;
         self.change_from(opts, live, next, None)
     }
@@ -824,7 +824,9 @@ impl Core {
         self.may_change(opts)?;
         let next = replacement.over(self.rules.head());
         let rules = &self.rules;
-        let (valid, live) = crate::parallel::both("unpack", || next.validate(), || rules.unpack());
+        let weight = next.ingress_rules.len() + next.egress_rules.len() + rules.len();
+        let (valid, live) =
+            crate::parallel::both_over(weight, "unpack", || next.validate(), || rules.unpack());
         next.check_additions(&live)?;
         self.change_from(opts, live, next, Some(valid))
     }
@@ -956,7 +958,10 @@ impl Core {
             actor: &self.actor,
             canonical: self.service.is_empty(),
         });
-        let (packed, written) = crate::parallel::both(
+        // (A small set's repack is quick: the write, with its own second
+        // thread for the disk, goes on here.)
+        let (packed, written) = crate::parallel::both_over(
+            next.ingress_rules.len() + next.egress_rules.len(),
             "write",
             || match live {
                 Some(live) => self.rules.repack(live, &next),

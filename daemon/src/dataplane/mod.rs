@@ -554,7 +554,8 @@ fn write_v6_hashes(
     Held<portcullis_common::V6PrefixKey, u32>,
     Held<portcullis_common::V6BucketKey, portcullis_common::V6Lengths>,
 )> {
-    let (prefixes, buckets) = crate::parallel::both(
+    let (prefixes, buckets) = crate::parallel::both_over(
+        v6.prefixes.len() + v6.buckets.len(),
         "write",
         || {
             write_keyed(
