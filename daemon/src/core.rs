@@ -824,7 +824,7 @@ impl Core {
         self.may_change(opts)?;
         let next = replacement.over(self.rules.head());
         let rules = &self.rules;
-        let weight = next.ingress_rules.len() + next.egress_rules.len() + rules.len();
+        let weight = next.rule_count() + rules.len();
         let (valid, live) =
             crate::parallel::both_over(weight, "unpack", || next.validate(), || rules.unpack());
         next.check_additions(&live)?;
@@ -961,7 +961,7 @@ impl Core {
         // (A small set's repack is quick: the write, with its own second
         // thread for the disk, goes on here.)
         let (packed, written) = crate::parallel::both_over(
-            next.ingress_rules.len() + next.egress_rules.len(),
+            next.rule_count(),
             "write",
             || match live {
                 Some(live) => self.rules.repack(live, &next),

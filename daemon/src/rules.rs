@@ -395,12 +395,17 @@ impl RuleSet {
         Ok(())
     }
 
+    /// How many rules the two lists hold (as `PackedSet::len`).
+    pub fn rule_count(&self) -> usize {
+        self.ingress_rules.len() + self.egress_rules.len()
+    }
+
     /// Removes the rule with `id` from whichever list holds it.
     pub fn remove_rule(&mut self, id: &str) -> Result<(), EditError> {
-        let before = self.ingress_rules.len() + self.egress_rules.len();
+        let before = self.rule_count();
         self.ingress_rules.retain(|r| r.id != id);
         self.egress_rules.retain(|r| r.id != id);
-        if self.ingress_rules.len() + self.egress_rules.len() == before {
+        if self.rule_count() == before {
             return Err(EditError::NoRule(id.to_string()));
         }
         Ok(())

@@ -94,9 +94,10 @@ fn main() -> anyhow::Result<()> {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(state::DEFAULT_STATE_DIR));
             // Not over a daemon that runs here: its enforcement stays.
-            let _instance = match claim(&[&state_dir]) {
+            // (A claim that cannot be made does not stop the fallback.)
+            let _instance = match claim(&[&state_dir], instance::WAIT) {
                 Err(held @ ClaimError::Held { .. }) => return Err(e.context(held)),
-                claimed => claimed,
+                claimed => claimed.ok(),
             };
             let ssh = last_live_ssh(&state::Store::new(&state_dir)).unwrap_or_else(|| Ssh {
                 allow: true,
@@ -115,8 +116,7 @@ fn main() -> anyhow::Result<()> {
         // Not under a running daemon: it would go on reporting enforcement
         // that is gone (and attach new interfaces again).
         let pin_dir = config.pin_dir();
-        let _instance = Instance::claim(&[&pin_dir], Path::new(instance::LOCK_DIR), std::time::Duration::ZERO)
-            .map_err(|e| match e {
+        let _instance = claim(&[&pin_dir], std::time::Duration::ZERO).map_err(|e| match e {
                 ClaimError::Held { .. } => anyhow::Error::new(e).context(
                     "--detach is for a stopped daemon: stop the service first (systemctl stop portcullis; a daemon that does not stop can be killed), then detach",
                 ),
@@ -132,6 +132,9 @@ fn main() -> anyhow::Result<()> {
         .socket
         .unwrap_or_else(|| api::socket_path(config.api.socket.as_deref()));
     let store = state::Store::new(&state_dir);
+    // What the host gets if enforcement cannot come up: the SSH exemption of
+    // the rules that were live (else the file's).
+    let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
     // Resolved once (a default pin directory depends on what is mounted), so
     // the claim, loading, cleaning up, the failure path and logging all name
     // the same directory.
@@ -141,22 +144,27 @@ fn main() -> anyhow::Result<()> {
     // the same pins, state or socket would write the first one's. Refused,
     // it leaves everything as it is (the holder enforces); a claim that
     // cannot be made at all fails the start like any other error.
-    let _instance = match claim(&[&pin_dir, &state_dir, &socket]) {
+    let _instance = match claim(&[&pin_dir, &state_dir, &socket], instance::WAIT) {
         Ok(instance) => instance,
         Err(e @ ClaimError::Held { .. }) => return Err(e.into()),
-        Err(e) => {
-            let ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
-            return Err(fail_closed(config.fallback, &ssh, e.into()));
-        }
+        Err(e) => return Err(fail_closed(config.fallback, &fallback_ssh, e.into())),
     };
-    let result = runtime.block_on(run(config, args.config, store, pin_dir, socket));
+    let result = runtime.block_on(run(
+        config,
+        args.config,
+        store,
+        pin_dir,
+        socket,
+        fallback_ssh,
+    ));
     drop(runtime);
     result
 }
 
-/// This daemon's claim on `paths` (see [`Instance`]).
-fn claim(paths: &[&Path]) -> Result<Instance, ClaimError> {
-    Instance::claim(paths, Path::new(instance::LOCK_DIR), instance::WAIT)
+/// This daemon's claim on `paths` (see [`Instance`]), waiting up to `wait`
+/// for a holder to go away.
+fn claim(paths: &[&Path], wait: std::time::Duration) -> Result<Instance, ClaimError> {
+    Instance::claim(paths, Path::new(instance::LOCK_DIR), wait)
 }
 
 /// `--generate-man DIR`: this program's man page (packaging).
@@ -212,17 +220,18 @@ async fn detach(pin_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The daemon from start to exit, on what `main` resolved and claimed:
+/// `fallback_ssh` is the SSH exemption the fallback keeps if enforcement
+/// cannot come up.
 async fn run(
     config: Config,
     config_path: PathBuf,
     store: state::Store,
     pin_dir: PathBuf,
     socket: PathBuf,
+    fallback_ssh: Ssh,
 ) -> anyhow::Result<()> {
     let signals = Signals::new()?;
-    // What the host gets if enforcement cannot come up: the SSH exemption of
-    // the rules that were live (else the file's).
-    let fallback_ssh = last_live_ssh(&store).unwrap_or_else(|| config.rule_set().ssh);
     let state_dir = store.dir().to_owned();
     let (core, links, pending) = match start(&config, &pin_dir, &config_path, store).await {
         Ok(started) => started,
