@@ -22,6 +22,16 @@
 //! | `floor_hash`     | one hash lookup of a `u64` key that is present (as `IFDIR`)  |
 //! | `floor_lru16_update` | one LRU update of a 16-byte key (as `EMBRYO4` for an admitted SYN under an egress allowlist, or for this host's SYN-ACK) |
 //! | `floor_lru16_update_percpu` | the same in an LRU with per-CPU lists (`BPF_F_NO_COMMON_LRU`) |
+//! | `floor_cold`     | one read of a 256 MiB array at an index from the packet's source address |
+//! | `floor_cold8`    | eight such reads, each index from the value the last one read |
+//!
+//! The cold rows price what the rule lookup pays at 100k rules and the
+//! others do not show: its reads land in 225 MiB of rule maps, a
+//! different place for each packet's source, so a packet's first run
+//! misses the caches and the TLB on each read, and its next runs
+//! (`BPF_PROG_TEST_RUN` repeats each packet) find them cached, as the rule
+//! lookup's do. The lookup's reads depend on each other (the IPv4 table's
+//! steps, the region, the segments' binary search), as `floor_cold8`'s do.
 //!
 //! The LRU map has the connection table's key and value types, size and
 //! flags (`CONNTRACK6` in `conntrack.rs`: `FlowKey` -> `Flow`,
@@ -62,6 +72,14 @@ mod programs {
 
     #[map]
     static FLOOR_ARRAY: Array<u64> = Array::with_max_entries(2, 0);
+
+    /// `FLOOR_COLD`'s entries: 2^25 of 8 bytes, 256 MiB.
+    const COLD_ENTRIES: u32 = 1 << 25;
+
+    /// An array the size of a 100k-rule set's maps, mmapable as the rule
+    /// arrays are (`BPF_F_MMAPABLE`): the cold rows read it.
+    #[map]
+    static FLOOR_COLD: Array<u64> = Array::with_max_entries(COLD_ENTRIES, 1024);
 
     /// As `IFDIR` (`rules.rs`): a small hash of `u64` keys; the benchmark
     /// inserts the key `floor_hash` looks up ([`HASH_KEY`]).
@@ -197,6 +215,61 @@ mod programs {
             _pad: [0; 7],
         };
         pass_unless(map.insert(&k, &flow, 0).is_err())
+    }
+
+    /// An index of `FLOOR_COLD` from `x` (a multiplicative hash).
+    #[inline(always)]
+    fn cold_index(x: u32) -> u32 {
+        x.wrapping_mul(0x9e37_79b1) >> 7
+    }
+
+    /// The value at `index` of `FLOOR_COLD` (0: every entry is).
+    #[inline(always)]
+    fn cold(index: u32) -> Option<u64> {
+        let v = FLOOR_COLD.get_ptr(index)?;
+        // SAFETY: a pointer from a successful array lookup, read once.
+        Some(unsafe { read_volatile(v) })
+    }
+
+    /// Four bytes of the source address (IPv4: all of it; IPv6: its
+    /// middle), different for each of the benchmark's packets.
+    #[inline(always)]
+    fn source_bits(ctx: &XdpContext) -> Option<u32> {
+        bytes::<4>(ctx, 26).map(u32::from_ne_bytes)
+    }
+
+    #[xdp]
+    pub fn floor_cold(ctx: XdpContext) -> u32 {
+        match source_bits(&ctx).and_then(|x| cold(cold_index(x))) {
+            Some(v) => pass_unless(v == u64::MAX),
+            None => xdp_action::XDP_ABORTED,
+        }
+    }
+
+    #[xdp]
+    pub fn floor_cold8(ctx: XdpContext) -> u32 {
+        let Some(mut x) = source_bits(&ctx) else {
+            return xdp_action::XDP_ABORTED;
+        };
+        // Unrolled (eight reads, no loop for the verifier to bound); each
+        // index waits for the value before it.
+        macro_rules! step {
+            () => {
+                match cold(cold_index(x)) {
+                    Some(v) => x = x.wrapping_add(1) ^ v as u32,
+                    None => return xdp_action::XDP_ABORTED,
+                }
+            };
+        }
+        step!();
+        step!();
+        step!();
+        step!();
+        step!();
+        step!();
+        step!();
+        step!();
+        pass_unless(x == u32::MAX)
     }
 
     #[xdp]

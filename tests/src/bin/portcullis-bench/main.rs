@@ -557,7 +557,45 @@ the kernel's floor per stage (ebpf/src/floor.rs; {PACKETS} packets, median of {R
             );
         }
     }
+    print_lookup_growth(report);
     print_increments(&report.increments);
+}
+
+/// What the new stages gain from the smallest to the largest rule set,
+/// beside the kernel's floor for the reads the rule lookup makes there:
+/// eight dependent reads of a 256 MiB array (`floor_cold8`; 225 MiB of
+/// rule maps at 100k rules), each packet's first run missing the caches.
+fn print_lookup_growth(report: &Report) {
+    let new_stage = |r: &EngineRow, prefix: &str| {
+        r.stages
+            .as_ref()?
+            .stages
+            .iter()
+            .find(|s| s.stage.starts_with(prefix))
+            .map(|s| s.ns.median)
+    };
+    let cold = report
+        .floors
+        .iter()
+        .find(|f| f.program == "floor_cold8")
+        .map(|f| f.net_of_empty.median);
+    let (Some(first), Some(last), Some(cold)) = (report.engine.first(), report.engine.last(), cold)
+    else {
+        return;
+    };
+    println!(
+        "\n  the rule lookup from {} to {} rules, against 8 dependent cold reads (floor_cold8, net of empty: {cold:.1} ns)",
+        first.rules, last.rules
+    );
+    for prefix in ["new, denied", "new, allowed"] {
+        if let (Some(a), Some(b)) = (new_stage(first, prefix), new_stage(last, prefix)) {
+            println!(
+                "    {prefix:<14} {a:6.1} -> {b:6.1} ns/packet: +{:.1} ns, {:.2}x floor_cold8",
+                b - a,
+                (b - a) / cold
+            );
+        }
+    }
 }
 
 fn print_increments(rows: &[stages::Stage]) {
