@@ -412,6 +412,12 @@ pub const fn flow_timeout_ns(proto: u8, state: u8) -> u64 {
 /// The data path rewrites `last_seen_ns` at most this often per flow.
 pub const FLOW_REFRESH_NS: u64 = SEC;
 
+/// The map flag of arrays user space writes through a shared mapping of
+/// their memory (`BPF_F_MMAPABLE`): a memory copy, where a batch update
+/// copies entry by entry in the kernel. Lookups from a program are
+/// unchanged.
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
 /// Default size of [`maps::CONNTRACK`]; the config can change it.
 pub const CONNTRACK_DEFAULT_ENTRIES: u32 = 65536;
 

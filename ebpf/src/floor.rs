@@ -52,7 +52,9 @@ mod programs {
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
     };
-    use portcullis_common::{CONNTRACK_DEFAULT_ENTRIES, Counter, Flow, FlowKey, Reason};
+    use portcullis_common::{
+        BPF_F_MMAPABLE, CONNTRACK_DEFAULT_ENTRIES, Counter, Flow, FlowKey, Reason,
+    };
 
     #[map]
     static FLOOR_LRU: LruHashMap<FlowKey, Flow> =
@@ -79,7 +81,7 @@ mod programs {
     /// An array the size of a 100k-rule set's maps, mmapable as the rule
     /// arrays are (`BPF_F_MMAPABLE`): the cold rows read it.
     #[map]
-    static FLOOR_COLD: Array<u64> = Array::with_max_entries(COLD_ENTRIES, 1024);
+    static FLOOR_COLD: Array<u64> = Array::with_max_entries(COLD_ENTRIES, BPF_F_MMAPABLE);
 
     /// As `IFDIR` (`rules.rs`): a small hash of `u64` keys; the benchmark
     /// inserts the key `floor_hash` looks up ([`HASH_KEY`]).

@@ -30,7 +30,7 @@ use portcullis_common::{
 use crate::{conntrack, deny, parse::Ip};
 
 /// Written through a shared mapping, as the rule arrays (`rules.rs`).
-const MMAPABLE: u32 = 1 << 10;
+const MMAPABLE: u32 = portcullis_common::BPF_F_MMAPABLE;
 
 #[map]
 pub static RATE_LIMITS_0: Array<RateLimit> = Array::pinned(DEFAULT_RULE_SLOTS, MMAPABLE);

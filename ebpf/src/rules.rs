@@ -31,10 +31,8 @@ use portcullis_common::{
 /// Hash maps allocated as entries are inserted (BPF_F_NO_PREALLOC): their
 /// memory follows the rule set, not the capacity.
 const NO_PREALLOC: u32 = 1;
-/// Arrays user space writes through a shared mapping of their memory
-/// (BPF_F_MMAPABLE): a memory copy, where a batch update still copies entry
-/// by entry in the kernel. Lookups from the program are unchanged.
-const MMAPABLE: u32 = 1 << 10;
+/// Arrays user space writes through a shared mapping of their memory.
+const MMAPABLE: u32 = portcullis_common::BPF_F_MMAPABLE;
 
 #[map]
 pub static ACTIVE: Array<u32> = Array::pinned(1, 0);
