@@ -35,9 +35,11 @@ use crate::{
     rules::{Protocol, RuleSet},
 };
 
+mod append;
 mod index;
 mod slots;
 mod table;
+pub use append::{Delta, Extent, LiveMaps, append};
 pub use index::Index;
 pub use slots::{Slot, Slots};
 pub use table::Table;
@@ -134,8 +136,12 @@ pub struct Image {
     /// questions read, also once the image is [stripped](Image::strip).
     pub index: Arc<Index>,
     /// [`Image::strip`] took the maps' contents: the data plane refuses to
-    /// write this image (it would empty the rule maps).
+    /// write this image (it would empty the rule maps), unless it carries a
+    /// [`Image::delta`].
     pub stripped: bool,
+    /// An image made by [`append`]: the changes to write over the live
+    /// generation's arrays, in place of the maps' contents.
+    pub delta: Option<Arc<Delta>>,
 }
 
 /// An admitted port range (inclusive) per protocol class, `None` for none.
@@ -1137,6 +1143,7 @@ impl Image {
         self.regions = Vec::new();
         self.segments = Vec::new();
         self.json = Vec::new();
+        self.delta = None;
         self.stripped = true;
     }
 

@@ -865,7 +865,7 @@ impl Core {
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
-        let image = compile_with(&next, &self.service, &self.limits)?;
+        let image = self.compile_next(&live, &next)?;
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
         // (milliseconds however few there are): not for a change that
@@ -922,6 +922,39 @@ impl Core {
             would_cut,
             confirm_by,
         })
+    }
+
+    /// `next` compiled: over the live generation's maps when it only
+    /// appends ingress rules of IPv4 sources and the data plane can take
+    /// the delta (see [`compile::append`]: a single add into 100k rules
+    /// writes a few cells and regions, not the whole image), else whole.
+    fn compile_next(&mut self, live: &RuleSet, next: &RuleSet) -> Result<Image, CompileError> {
+        let plain = self.service.is_empty() && !matches!(self.mode, Mode::Lockdown { .. });
+        if plain && live.only_appends(next) {
+            match self.dataplane.live_arrays(&self.image.hash) {
+                Ok(Some((maps, base))) => {
+                    if let Some(image) =
+                        compile::append(live, &self.image, next, &maps, base, &self.limits)
+                    {
+                        if let Some(d) = &image.delta {
+                            tracing::info!(
+                                root_cells = d.root.len(),
+                                chunk_cells = d.chunks.len(),
+                                regions = d.regions.len(),
+                                segments = d.segments.len(),
+                                "rules appended: compiled as a delta over the live maps"
+                            );
+                        }
+                        return Ok(image);
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the live rule maps; compiling the whole set");
+                }
+            }
+        }
+        compile_with(next, &self.service, &self.limits)
     }
 
     /// Makes `next` (compiled: `image`) the live set. `live`: the live set

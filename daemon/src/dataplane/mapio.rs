@@ -78,6 +78,143 @@ pub(super) fn write_array_clearing<V: aya::Pod>(
     Ok(())
 }
 
+/// A shared mapping of the first entries of an array map's memory (the
+/// rule arrays are `BPF_F_MMAPABLE`), unmapped when dropped. Entries are
+/// read and written by index at the kernel's stride (the value size
+/// rounded up to 8), never past the mapping.
+pub(super) struct Mapping {
+    base: std::ptr::NonNull<std::ffi::c_void>,
+    len: usize,
+    stride: usize,
+    entries: usize,
+}
+
+impl Mapping {
+    /// The first `entries` entries (at most the map's capacity) of array
+    /// map `map` of values `V`; writable when `write`. `None` for none.
+    pub(super) fn of<V: aya::Pod>(
+        map: &aya::maps::Map,
+        entries: usize,
+        write: bool,
+    ) -> anyhow::Result<Option<Mapping>> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap};
+        use std::os::fd::AsFd as _;
+        let aya::maps::Map::Array(data) = map else {
+            bail!("not an array map");
+        };
+        let max = data.info()?.max_entries() as usize;
+        ensure!(
+            entries <= max,
+            "{entries} entries do not fit in a map of {max}"
+        );
+        let stride = size_of::<V>().next_multiple_of(8);
+        let Some(len) = std::num::NonZeroUsize::new(entries * stride) else {
+            return Ok(None);
+        };
+        let prot = if write {
+            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE
+        } else {
+            ProtFlags::PROT_READ
+        };
+        // SAFETY: a new shared mapping of the first `len` bytes of the
+        // map's memory, which holds `max >= entries` elements of `stride`
+        // bytes; only this `Mapping` refers to it, and unmaps it on drop.
+        let base = unsafe { mmap(None, len, prot, MapFlags::MAP_SHARED, data.fd().as_fd(), 0) }
+            .context("mapping the array's memory")?;
+        Ok(Some(Mapping {
+            base,
+            len: len.get(),
+            stride,
+            entries,
+        }))
+    }
+
+    /// Entry `i`, read as a `V` (of the size this mapping was made for).
+    pub(super) fn get<V: aya::Pod>(&self, i: usize) -> Option<V> {
+        if i >= self.entries || size_of::<V>() > self.stride {
+            return None;
+        }
+        // SAFETY: entry `i` lies inside the mapping (`i * stride + size_of
+        // V <= len`); read unaligned, as a plain-data value.
+        Some(unsafe {
+            self.base
+                .cast::<u8>()
+                .add(i * self.stride)
+                .cast::<V>()
+                .read_unaligned()
+        })
+    }
+
+    /// Writes entry `i` (the mapping must be writable).
+    pub(super) fn set<V: aya::Pod>(&mut self, i: usize, value: V) -> anyhow::Result<()> {
+        ensure!(
+            i < self.entries && size_of::<V>() <= self.stride,
+            "entry {i} is past the {} entries mapped",
+            self.entries
+        );
+        // SAFETY: as in `get`; the mapping was made writable (a write to a
+        // read-only one faults, it does not corrupt).
+        unsafe {
+            self.base
+                .cast::<u8>()
+                .add(i * self.stride)
+                .cast::<V>()
+                .write_unaligned(value)
+        };
+        Ok(())
+    }
+
+    /// Copies the first `entries` entries of `from` (mapped at the same
+    /// stride; `None`: none) over this mapping's, and zeroes this mapping's
+    /// entries from there to `zero_to`.
+    pub(super) fn copy_from(
+        &mut self,
+        from: Option<&Mapping>,
+        entries: usize,
+        zero_to: usize,
+    ) -> anyhow::Result<()> {
+        let zero_to = zero_to.max(entries);
+        let (from_stride, from_entries) = from.map_or((self.stride, 0), |f| (f.stride, f.entries));
+        ensure!(
+            self.stride == from_stride && entries <= from_entries && zero_to <= self.entries,
+            "copying {entries} entries of {from_entries} into {}",
+            self.entries
+        );
+        // SAFETY: both ranges lie inside their mappings (checked above), and
+        // two mappings of two maps do not overlap.
+        unsafe {
+            if let Some(from) = from {
+                std::ptr::copy_nonoverlapping(
+                    from.base.cast::<u8>().as_ptr(),
+                    self.base.cast::<u8>().as_ptr(),
+                    entries * self.stride,
+                );
+            }
+            self.base
+                .cast::<u8>()
+                .add(entries * self.stride)
+                .write_bytes(0, (zero_to - entries) * self.stride);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Mapping::of`, with its length; not
+        // used after this.
+        if let Err(e) = unsafe { nix::sys::mman::munmap(self.base, self.len) } {
+            tracing::warn!(error = %e, "cannot unmap a rule array");
+        }
+    }
+}
+
+// SAFETY: a `Mapping` is plain memory shared with the kernel, owned by one
+// value; reads through `&self` do not race with writes, which take `&mut`.
+unsafe impl Send for Mapping {}
+// SAFETY: as above: `&Mapping` only reads.
+unsafe impl Sync for Mapping {}
+
 /// Zeroes the first `slots` entries of a per-CPU counter array with one
 /// `BPF_MAP_UPDATE_BATCH` (a per-CPU array cannot be mapped), instead of a
 /// system call per slot.
@@ -208,6 +345,22 @@ impl<K: Ord + std::hash::Hash, V: std::hash::Hash> Held<K, V> {
     /// Whether only the map's digest is known: a map too large to keep.
     pub(super) fn is_digest(&self) -> bool {
         matches!(self, Held::Digest(_))
+    }
+
+    /// Whether `self` and `other` are known to hold the same entries.
+    pub(super) fn same_as(&self, other: &Held<K, V>) -> bool
+    where
+        K: Clone + PartialEq,
+        V: Clone + PartialEq,
+    {
+        match (self, other) {
+            (Held::Entries(a), Held::Entries(b)) => a == b,
+            (Held::Digest(a), Held::Digest(b)) => a == b,
+            (Held::Entries(e), Held::Digest(d)) | (Held::Digest(d), Held::Entries(e)) => {
+                crate::compile::Table::from_sorted(e.clone()).digest() == *d
+            }
+            _ => false,
+        }
     }
 
     /// Forgets the entries of a kept map, keeping their digest.

@@ -55,6 +55,7 @@
 
 mod attach;
 mod counters;
+mod delta;
 mod deny;
 mod explain;
 mod flows;
@@ -324,7 +325,7 @@ impl Dataplane {
     ) -> anyhow::Result<()> {
         // A stripped image holds no rules: writing it would empty the maps.
         anyhow::ensure!(
-            !image.stripped,
+            !image.stripped || image.delta.is_some(),
             "refusing to write a stripped image of rules {} (the core keeps only its index)",
             image.hash
         );
@@ -334,12 +335,24 @@ impl Dataplane {
             image.egress_allowlist,
             self.egress_volume,
         ) | dns_guard_flag(image);
+        write_if_dirs(&mut self.ebpf, g, &image.if_classes)
+            .context("writing the interfaces' rule lists (IFDIR)")?;
+        if let Some(delta) = &image.delta {
+            // Forgotten unless the write succeeds: the next write then
+            // reads the kernel's maps, and no delta is written over them.
+            let (kept, result) = match self.write_delta(g, image, delta, flags) {
+                Ok(written) => (Some(written), Ok(())),
+                Err(e) => (None, Err(e)),
+            };
+            if let Some(slot) = self.written.get_mut(g) {
+                *slot = kept;
+            }
+            return result;
+        }
         // Forgotten until the writes succeed: after a failure, the next write
         // reads the keys from the kernel.
         let before = self.written.get_mut(g).and_then(Option::take);
         let rate_limits = self.rate_limits(image);
-        write_if_dirs(&mut self.ebpf, g, &image.if_classes)
-            .context("writing the interfaces' rule lists (IFDIR)")?;
         let written = write_image(
             &mut self.ebpf,
             g,
@@ -423,12 +436,12 @@ fn dns_guard_flag(image: &Image) -> u32 {
 /// `if_classes`), `SETTING_NO_SRC6` when its `SRC6_g` is empty (written from
 /// `v6_tables.short`), `SETTING_NO_DENY` when the kernel's deny tries hold
 /// no entry (`deny_write` clears it before it adds one).
-fn skip_flags(ebpf: &mut Ebpf, image: &Image) -> anyhow::Result<u32> {
+fn skip_flags(ebpf: &mut Ebpf, image: &Image, short_empty: bool) -> anyhow::Result<u32> {
     let mut flags = 0;
     if image.if_classes.is_empty() {
         flags |= portcullis_common::SETTING_NO_IF_RULES;
     }
-    if image.v6_tables.short.is_empty() {
+    if short_empty {
         flags |= portcullis_common::SETTING_NO_SRC6;
     }
     if deny::tries_empty(ebpf)? {
@@ -492,6 +505,7 @@ fn write_image(
     let v6 = &image.v6_tables;
     let (prefixes, buckets) = write_v6_hashes(ebpf, g, v6, before)?;
     let written = Written {
+        rules: (image.hash.clone(), crate::compile::Extent::of(image)),
         v4_root: image.v4_root.len(),
         // The trie (prefixes shorter than /32, and /32s with too many
         // lengths) is kept whole: it is small, and read back key by key.
@@ -512,6 +526,22 @@ fn write_image(
         &image.segments,
     )
     .context("writing the port segments")?;
+    let short_empty = image.v6_tables.short.is_empty();
+    write_generation_rest(ebpf, g, image, flags, short_empty, rate_limits)?;
+    Ok(written)
+}
+
+/// What a generation holds besides its rule tables: its rule counters
+/// cleared, its rate limits (`None`: an explain instance's scratch maps)
+/// and `SETTINGS[g]` (`short_empty`: its `SRC6_g` is empty).
+fn write_generation_rest(
+    ebpf: &mut Ebpf,
+    g: usize,
+    image: &Image,
+    flags: u32,
+    short_empty: bool,
+    rate_limits: Option<&[portcullis_common::RateLimit]>,
+) -> anyhow::Result<()> {
     clear_counters(
         map_mut(ebpf, generation(maps::RULE_STATS, g))?,
         image.slots.len(),
@@ -523,7 +553,7 @@ fn write_image(
         write_array(map_mut(ebpf, generation(maps::RATE_LIMITS, g))?, limits)
             .context("writing the rate limits")?;
     }
-    let flags = flags | skip_flags(ebpf, image)?;
+    let flags = flags | skip_flags(ebpf, image, short_empty)?;
     let mut settings: Array<_, Settings> = Array::try_from(map_mut(ebpf, maps::SETTINGS)?)?;
     settings
         .set(
@@ -539,7 +569,7 @@ fn write_image(
             0,
         )
         .context("writing SETTINGS")?;
-    Ok(written)
+    Ok(())
 }
 
 /// Writes generation `g`'s two IPv6 hashes on two threads (the kernel's
@@ -585,6 +615,10 @@ fn write_v6_hashes(
 /// too large to keep (see `mapio::write_keyed`).
 #[derive(Default)]
 struct Written {
+    /// The hash of the rules written and how much of the arrays they
+    /// fill: what a [`crate::compile::Delta`] over this generation starts
+    /// from.
+    rules: (String, crate::compile::Extent),
     v4_root: usize,
     short: Held<[u8; 21], u32>,
     prefixes: Held<portcullis_common::V6PrefixKey, u32>,

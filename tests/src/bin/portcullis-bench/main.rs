@@ -746,12 +746,15 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let replace_100k_ms = t.elapsed().as_secs_f64() * 1e3;
     let rss_100k_kib = rss_kib(daemon.id())?;
     let rss_settled_kib = settled_rss_kib(daemon.id())?;
-    // A single add into the 100k-rule set (a few: each compiles the set).
-    let adds_100k = timed_adds(
+    // Single adds into the 100k-rule set: the first is compiled whole (the
+    // idle generation holds the 10k set, so no delta goes over it), the
+    // next ones as deltas over the live maps.
+    let mut adds_100k = timed_adds(
         &rt,
         &socket,
-        (0..3).map(|i| serde_json::json!({"id": format!("big{i}"), "from_port": 2000 + i, "to_port": 2000 + i, "ip_ranges": ["10.9.0.0/16"]})),
+        (0..4).map(|i| serde_json::json!({"id": format!("big{i}"), "from_port": 2000 + i, "to_port": 2000 + i, "ip_ranges": [format!("10.{}.0.0/16", 9 + i)]})),
     )?;
+    let add_100k_first_ms = adds_100k.remove(0);
     let rss_after_adds_kib = settled_rss_kib(daemon.id())?;
     let hwm_kib = status_kib(daemon.id(), "VmHWM:")?;
     let _ = daemon.kill();
@@ -783,9 +786,10 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     );
     let (add_big, add_big_lo, add_big_hi) = median_min_max(adds_100k);
     println!(
-        "  single rule add into 100k rules  {add_big:8.1} ms [{add_big_lo:.1}-{add_big_hi:.1}] (median of 3; RSS after {:.1} MiB)",
+        "  single rule add into 100k rules  {add_big:8.1} ms [{add_big_lo:.1}-{add_big_hi:.1}] (median of 3, each a delta; RSS after {:.1} MiB)",
         rss_after_adds_kib / 1024.0
     );
+    println!("    the first add after the replace, compiled whole {add_100k_first_ms:8.1} ms");
     Ok(Control {
         add_100k_ms: Some(Stat {
             median: add_big,
@@ -793,6 +797,7 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
             max: add_big_hi,
         }),
         rss_100k_after_adds_mib: rss_after_adds_kib / 1024.0,
+        add_100k_first_ms,
         start_ms,
         add_ms: Some(Stat {
             median: add,

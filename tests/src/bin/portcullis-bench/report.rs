@@ -91,8 +91,12 @@ pub struct Control {
     pub rss_100k_settled_mib: f64,
     /// VmHWM (peak resident) at that point.
     pub hwm_100k_mib: f64,
-    /// A single rule added into the 100k-rule set, round trip.
+    /// A single rule added into the 100k-rule set, round trip: the adds
+    /// after the first, each compiled as a delta over the live maps.
     pub add_100k_ms: Option<Stat>,
+    /// The first add after the 100k replace, compiled whole (the idle
+    /// generation still holds the set before it: no delta over it).
+    pub add_100k_first_ms: f64,
     /// VmRSS settled after those adds.
     pub rss_100k_after_adds_mib: f64,
 }
