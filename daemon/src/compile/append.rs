@@ -71,6 +71,9 @@ impl Extent {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
     pub base: Extent,
+    /// The hash of the rules the live generation holds: the data plane
+    /// writes the delta only over those.
+    pub base_hash: String,
     /// The root's length once written: the live one's, or one block more.
     pub root_len: u32,
     pub root: Vec<(u32, u32)>,
@@ -167,7 +170,8 @@ pub fn append(
     if !ipv4_ingress {
         return None;
     }
-    let delta = delta(maps, base, &added, limits)?;
+    let mut delta = delta(maps, base, &added, limits).ok()?;
+    delta.base_hash = image.hash.clone();
     let (index, (json, hash)) = crate::parallel::both_over(
         entries.len(),
         "compile",
@@ -187,12 +191,40 @@ pub fn append(
     })
 }
 
+/// Why a delta was not made (the change is then compiled whole).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Refused {
+    /// It would need more work than [`WORK_BUDGET`]: a whole compile is
+    /// as quick, and its garbage bounded by the set.
+    Budget,
+    /// What it appends would not fit the maps.
+    Capacity,
+    /// The live maps are not as the extent says (or hold an IPv6 source).
+    Maps,
+}
+
+/// Cells visited plus segments read and written, at most, for one delta:
+/// about 50 ms. An add of a /16 into 100k rules does a few thousand; an
+/// append that reaches every region (`0.0.0.0/0`), many times over (many
+/// ICMP types, many rules), stops here instead of growing with the live
+/// regions times the entries appended.
+const WORK_BUDGET: u64 = 1 << 20;
+
 /// The delta that overlays `added` (IPv4, ingress) on the live maps, or
-/// `None` when it does not fit `limits` or the maps are not as `base` says.
-fn delta(maps: &impl LiveMaps, base: Extent, added: &[&Entry], limits: &Limits) -> Option<Delta> {
+/// why not: it does not fit `limits`, needs more than [`WORK_BUDGET`], or
+/// the maps are not as `base` says.
+fn delta(
+    maps: &impl LiveMaps,
+    base: Extent,
+    added: &[&Entry],
+    limits: &Limits,
+) -> Result<Delta, Refused> {
     let mut work = Work {
         maps,
         base,
+        limits: *limits,
+        budget: WORK_BUDGET,
+        why: None,
         root_len: base.root,
         root: HashMap::new(),
         chunks: HashMap::new(),
@@ -202,17 +234,25 @@ fn delta(maps: &impl LiveMaps, base: Extent, added: &[&Entry], limits: &Limits) 
         lists: HashMap::new(),
         region_ids: HashMap::new(),
     };
-    let mut prefixes = 0u32;
+    let mut nets = std::collections::HashSet::new();
     for entry in added {
         // Per entry: each live region under its networks becomes one new
         // region (the same one wherever it appears).
         let mut memo: HashMap<u32, u32> = HashMap::new();
         for net in &entry.nets {
-            let IpNet::V4(net) = net else { return None };
-            prefixes = prefixes.saturating_add(1);
-            work.cover(u32::from(net.network()), net.prefix_len(), entry, &mut memo)?;
+            let IpNet::V4(net) = net else {
+                return Err(Refused::Maps);
+            };
+            nets.insert((u32::from(net.network()), net.prefix_len()));
+            if work
+                .cover(u32::from(net.network()), net.prefix_len(), entry, &mut memo)
+                .is_none()
+            {
+                return Err(work.why.unwrap_or(Refused::Maps));
+            }
         }
     }
+    let prefixes = u32::try_from(nets.len()).unwrap_or(u32::MAX);
     let mut chunks: Vec<(u32, u32)> = work.chunks.into_iter().collect();
     let first_new = base.chunks;
     chunks.extend((first_new..).zip(work.new_chunks));
@@ -221,6 +261,7 @@ fn delta(maps: &impl LiveMaps, base: Extent, added: &[&Entry], limits: &Limits) 
     root.sort_unstable();
     let delta = Delta {
         base,
+        base_hash: String::new(),
         root_len: work.root_len,
         root,
         chunks,
@@ -237,13 +278,22 @@ fn delta(maps: &impl LiveMaps, base: Extent, added: &[&Entry], limits: &Limits) 
         // table's node bit.
         && extent.regions < V4_NODE - 1
         && extent.chunks / V4_CHUNK_ENTRIES < V4_NODE;
-    fits.then_some(delta)
+    if fits {
+        Ok(delta)
+    } else {
+        Err(Refused::Capacity)
+    }
 }
 
 /// The delta as it is built: cells written so far over the live ones.
 struct Work<'a, M> {
     maps: &'a M,
     base: Extent,
+    limits: Limits,
+    /// Work left (see [`WORK_BUDGET`]).
+    budget: u64,
+    /// Why the last `None` was returned, when not for the maps.
+    why: Option<Refused>,
     /// The root's length once written (longer than the live one's when
     /// the appended rules are the first of their direction).
     root_len: u32,
@@ -266,6 +316,22 @@ enum Cell {
 }
 
 impl<M: LiveMaps> Work<'_, M> {
+    /// Takes `n` from the budget; `None` once it is spent.
+    fn spend(&mut self, n: u64) -> Option<()> {
+        match self.budget.checked_sub(n) {
+            Some(left) => {
+                self.budget = left;
+                Some(())
+            }
+            None => self.refuse(Refused::Budget),
+        }
+    }
+
+    fn refuse<T>(&mut self, why: Refused) -> Option<T> {
+        self.why = Some(why);
+        None
+    }
+
     fn get(&self, cell: Cell) -> Option<u32> {
         match cell {
             Cell::Root(i) if i < self.base.root => {
@@ -332,6 +398,9 @@ impl<M: LiveMaps> Work<'_, M> {
             } else {
                 let cells = self.base.chunks + self.new_chunks.len() as u32;
                 let id = cells / V4_CHUNK_ENTRIES;
+                if id >= self.limits.v4_chunks {
+                    return self.refuse(Refused::Capacity);
+                }
                 self.new_chunks
                     .extend(std::iter::repeat_n(current, V4_CHUNK_ENTRIES as usize));
                 self.set(at, V4_NODE | id)?;
@@ -361,6 +430,7 @@ impl<M: LiveMaps> Work<'_, M> {
         memo: &mut HashMap<u32, u32>,
         depth: u32,
     ) -> Option<()> {
+        self.spend(1)?;
         let value = self.get(cell)?;
         if value & V4_NODE != 0 {
             if depth >= 32 {
@@ -408,6 +478,7 @@ impl<M: LiveMaps> Work<'_, M> {
                 continue;
             };
             let (offset, len) = (*out.offset.get(c)?, *out.len.get(c)?);
+            self.spend(u64::from(len) + 2)?;
             let list: Vec<Segment> = (offset..offset.checked_add(len)?)
                 .map(|s| self.segment(s))
                 .collect::<Option<_>>()?;
@@ -421,6 +492,9 @@ impl<M: LiveMaps> Work<'_, M> {
         }
         if let Some(&id) = self.region_ids.get(&out) {
             return Some(id);
+        }
+        if self.base.regions as usize + self.regions.len() >= self.limits.regions as usize {
+            return self.refuse(Refused::Capacity);
         }
         let id = self
             .base
@@ -437,6 +511,10 @@ impl<M: LiveMaps> Work<'_, M> {
         let len = u32::try_from(list.len()).ok()?;
         if let Some(&at) = self.lists.get(&list) {
             return Some((at, len));
+        }
+        let after = self.base.segments as usize + self.segments.len() + list.len();
+        if after > self.limits.segments as usize {
+            return self.refuse(Refused::Capacity);
         }
         let at = self
             .base
@@ -613,6 +691,64 @@ mod tests {
             next.ingress_rules.insert(0, ipv4_only(added, 0));
             prop_assert!(append(&live, &whole, &next, &whole, Extent::of(&whole), &limits).is_none());
         }
+    }
+
+    /// An append that reaches every region, many times over (here 40
+    /// rules from anywhere over 300 regions), stops at the work budget: its
+    /// work and garbage would grow with the live regions times the rules
+    /// appended (each rule's lists over the last one's), where a whole
+    /// compile's are bounded by the set. It is compiled whole.
+    #[test]
+    fn an_append_over_everything_many_times_stops_at_the_work_budget() {
+        let rule = |id: String, port: u32, net: String| FirewallRule {
+            id,
+            from_port: port,
+            to_port: port,
+            ip_ranges: vec![net],
+            names: Vec::new(),
+            protocol: crate::rules::Protocol::Tcp,
+            description: None,
+            icmp_types: Vec::new(),
+            expires: None,
+            rate: None,
+            burst: None,
+            interfaces: Vec::new(),
+        };
+        let live = RuleSet {
+            ingress_rules: (0..300)
+                .map(|i| {
+                    rule(
+                        format!("l{i}"),
+                        1000 + i,
+                        format!("10.{}.{}.0/24", i / 256, i % 256),
+                    )
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let roomy = Limits {
+            regions: 1 << 20,
+            segments: 1 << 24,
+            ..Limits::default()
+        };
+        let whole = compile(&live, &roomy).unwrap();
+        let mut next = live.clone();
+        next.ingress_rules
+            .extend((0..40).map(|i| rule(format!("a{i}"), 2000 + 2 * i, "0.0.0.0/0".into())));
+        let (entries, _) = entries(&next);
+        let added: Vec<&Entry> = entries
+            .iter()
+            .filter(|e| crate::compile::index(e.slot) as usize >= whole.slots.len())
+            .collect();
+        assert_eq!(added.len(), 40);
+        assert_eq!(
+            delta(&whole, Extent::of(&whole), &added, &roomy).err(),
+            Some(Refused::Budget)
+        );
+        assert!(append(&live, &whole, &next, &whole, Extent::of(&whole), &roomy).is_none());
+        // One such rule is a delta.
+        next.ingress_rules.truncate(301);
+        assert!(append(&live, &whole, &next, &whole, Extent::of(&whole), &roomy).is_some());
     }
 
     /// An append that would not fit the maps is left to the whole compile,

@@ -103,6 +103,17 @@ impl Dataplane {
     ) -> anyhow::Result<Written> {
         let live = g ^ 1;
         ensure!(
+            self.active()? as usize == live,
+            "a delta is written into the idle generation only"
+        );
+        ensure!(
+            self.written
+                .get(live)
+                .and_then(Option::as_ref)
+                .is_some_and(|w| w.rules.0 == delta.base_hash && w.rules.1 == delta.base),
+            "the live generation does not hold the rules the delta was compiled over"
+        );
+        ensure!(
             self.idle_matches_live(live),
             "the idle generation's IPv6 tables are not the live one's: a delta cannot be written"
         );
