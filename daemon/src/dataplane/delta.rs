@@ -2,17 +2,25 @@
 //! rule arrays copied over the idle one's (a memory copy through shared
 //! mappings), then the delta's cells and appended regions and segments.
 //!
-//! Only when the two generations' IPv6 tables are known to be the same (a
-//! delta changes none of them) and both were written by this process: the
-//! idle generation then holds the live one's rules once the copy is done,
-//! and the delta's changes on top. Otherwise [`Dataplane::live_arrays`]
-//! says no and the core compiles the change whole.
+//! A delta changes no IPv6 table: the idle generation's are made the live
+//! one's first, unless this process knows they are (both written by it
+//! with the same tables: every delta after the first one after a whole
+//! change). Only over a live generation this process wrote with the rules
+//! the core holds; otherwise [`Dataplane::live_arrays`] says no and the
+//! core compiles the change whole.
 
 use anyhow::{Context as _, ensure};
 use portcullis_common::{Region, Segment, maps};
 
-use super::{Dataplane, Written, generation, map_mut, map_ref, mapio::Mapping};
-use crate::compile::{Delta, Extent, Image, LiveMaps};
+use std::os::fd::AsFd as _;
+
+use portcullis_common::{V6BucketKey, V6Lengths, V6PrefixKey};
+
+use super::{
+    Dataplane, Written, generation, map_mut, map_ref,
+    mapio::{Held, Mapping, entries, map_fd, write_keyed},
+};
+use crate::compile::{Delta, Extent, Image, LiveMaps, Table};
 
 /// The live generation's rule arrays, mapped read-only as far as an
 /// [`Extent`] says they are used.
@@ -43,18 +51,15 @@ impl LiveMaps for LiveArrays {
 
 impl Dataplane {
     /// The live generation's rule arrays and how much of them its rules
-    /// fill, when they hold the rules of hash `hash` and the idle
-    /// generation can take a [`Delta`] over them: both generations written
-    /// by this process, with the same IPv6 tables. `None` otherwise.
+    /// fill, when they hold the rules of hash `hash` (written by this
+    /// process, its IPv6 trie known entry by entry): what a [`Delta`] is
+    /// compiled over. `None` otherwise.
     pub fn live_arrays(&mut self, hash: &str) -> anyhow::Result<Option<(LiveArrays, Extent)>> {
         let live = self.active()? as usize;
         let extent = match self.written.get(live) {
-            Some(Some(w)) if w.rules.0 == hash => w.rules.1,
+            Some(Some(w)) if w.rules.0 == hash && matches!(w.short, Held::Entries(_)) => w.rules.1,
             _ => return Ok(None),
         };
-        if !self.idle_matches_live(live) {
-            return Ok(None);
-        }
         let ebpf = &self.ebpf;
         let map = |names, entries: u32| -> anyhow::Result<Option<Mapping>> {
             let map = map_ref(ebpf, generation(names, live))?;
@@ -79,21 +84,14 @@ impl Dataplane {
         )))
     }
 
-    /// Whether both generations were written by this process and hold the
-    /// same IPv6 tables.
-    fn idle_matches_live(&self, live: usize) -> bool {
-        let (Some(Some(l)), Some(Some(i))) = (self.written.get(live), self.written.get(live ^ 1))
-        else {
-            return false;
-        };
-        l.short.same_as(&i.short)
-            && l.prefixes.same_as(&i.prefixes)
-            && l.buckets.same_as(&i.buckets)
-    }
-
     /// Writes generation `g` (idle) as the live one with `delta` on top:
     /// `image` gives what else a generation holds (slots, rate limits,
     /// interfaces, settings). Returns what `g` holds now.
+    ///
+    /// The idle generation's IPv6 tables are made the live one's first
+    /// when they are not known to be (the first delta after a whole
+    /// change, or after the start): read from the live maps, written as a
+    /// whole write writes them (only what differs).
     pub(super) fn write_delta(
         &mut self,
         g: usize,
@@ -106,69 +104,46 @@ impl Dataplane {
             self.active()? as usize == live,
             "a delta is written into the idle generation only"
         );
+        let idle_w = self.written.get_mut(g).and_then(Option::take);
+        let Some(Some(live_w)) = self.written.get(live) else {
+            anyhow::bail!("the live generation was not written by this process");
+        };
         ensure!(
-            self.written
-                .get(live)
-                .and_then(Option::as_ref)
-                .is_some_and(|w| w.rules.0 == delta.base_hash && w.rules.1 == delta.base),
+            live_w.rules.0 == delta.base_hash && live_w.rules.1 == delta.base,
             "the live generation does not hold the rules the delta was compiled over"
         );
-        ensure!(
-            self.idle_matches_live(live),
-            "the idle generation's IPv6 tables are not the live one's: a delta cannot be written"
-        );
-        let (Some(Some(live_w)), Some(Some(idle_w))) =
-            (self.written.get(live), self.written.get(g))
-        else {
-            anyhow::bail!("a generation was not written by this process");
+        let Held::Entries(short) = &live_w.short else {
+            anyhow::bail!("the live generation's IPv6 trie is not known entry by entry");
+        };
+        let short_empty = short.is_empty();
+        let same_v6 = idle_w.as_ref().is_some_and(|i| {
+            live_w.short.same_as(&i.short)
+                && live_w.prefixes.same_as(&i.prefixes)
+                && live_w.buckets.same_as(&i.buckets)
+        });
+        let (short, prefixes, buckets) = if same_v6 {
+            (
+                live_w.short.clone(),
+                live_w.prefixes.clone(),
+                live_w.buckets.clone(),
+            )
+        } else {
+            let short = Table::from_sorted(short.clone());
+            self.copy_v6(live, idle_w.as_ref(), &short)?
         };
         let held = Written {
             rules: (image.hash.clone(), delta.extent()),
             v4_root: delta.root_len as usize,
-            short: live_w.short.clone(),
-            prefixes: live_w.prefixes.clone(),
-            buckets: live_w.buckets.clone(),
+            short,
+            prefixes,
+            buckets,
         };
-        let (base, extent) = (delta.base, delta.extent());
-        let short_empty = matches!(&live_w.short, super::mapio::Held::Entries(e) if e.is_empty());
-        let root_to = idle_w.v4_root.max(extent.root as usize);
-        let ebpf = &mut self.ebpf;
-        copy::<u32>(ebpf, maps::V4_ROOT, g, base.root, root_to, &delta.root)
-            .context("writing the IPv4 table root")?;
-        copy::<u32>(
-            ebpf,
-            maps::V4_CHUNKS,
-            g,
-            base.chunks,
-            extent.chunks as usize,
-            &delta.chunks,
-        )
-        .context("writing the IPv4 table chunks")?;
-        let appended = |at: u32, n: usize| (at..).zip(0..n).map(|(i, _)| i);
-        let regions: Vec<(u32, Region)> = appended(base.regions, delta.regions.len())
-            .zip(delta.regions.iter().copied())
-            .collect();
-        copy::<Region>(
-            ebpf,
-            maps::REGIONS,
-            g,
-            base.regions,
-            extent.regions as usize,
-            &regions,
-        )
-        .context("writing the regions")?;
-        let segments: Vec<(u32, Segment)> = appended(base.segments, delta.segments.len())
-            .zip(delta.segments.iter().copied())
-            .collect();
-        copy::<Segment>(
-            ebpf,
-            maps::SEGMENTS,
-            g,
-            base.segments,
-            extent.segments as usize,
-            &segments,
-        )
-        .context("writing the port segments")?;
+        let extent = delta.extent();
+        // Unknown: every entry an earlier root may have written.
+        let root_to = idle_w.map_or(portcullis_common::V4_ROOT_ENTRIES as usize, |i| {
+            i.v4_root.max(extent.root as usize)
+        });
+        write_arrays(&mut self.ebpf, g, delta, root_to)?;
         let rate_limits = self.rate_limits(image);
         super::write_generation_rest(
             &mut self.ebpf,
@@ -180,6 +155,103 @@ impl Dataplane {
         )?;
         Ok(held)
     }
+
+    /// The live generation's IPv6 tables (its trie: `short`) written into
+    /// the idle one (`before`: what this process last wrote there); what
+    /// the idle maps hold now.
+    #[allow(clippy::type_complexity)]
+    fn copy_v6(
+        &self,
+        live: usize,
+        before: Option<&Written>,
+        short: &Table<[u8; 21], u32>,
+    ) -> anyhow::Result<(
+        Held<[u8; 21], u32>,
+        Held<V6PrefixKey, u32>,
+        Held<V6BucketKey, V6Lengths>,
+    )> {
+        let g = live ^ 1;
+        let ebpf = &self.ebpf;
+        let read = |names| -> anyhow::Result<std::os::fd::OwnedFd> {
+            Ok(map_fd(map_ref(ebpf, generation(names, live))?)?.try_clone_to_owned()?)
+        };
+        let prefixes = Table::of(entries::<V6PrefixKey, u32>(
+            read(maps::V6_PREFIXES)?.as_fd(),
+        )?);
+        let buckets = Table::of(entries::<V6BucketKey, V6Lengths>(
+            read(maps::V6_BUCKETS)?.as_fd(),
+        )?);
+        let short = write_keyed(
+            map_ref(ebpf, generation(maps::SRC6, g))?,
+            short,
+            before.map_or(&Held::Unknown, |b| &b.short),
+            usize::MAX,
+        )
+        .context("writing the IPv6 short prefixes (LPM trie)")?;
+        let prefixes = write_keyed(
+            map_ref(ebpf, generation(maps::V6_PREFIXES, g))?,
+            &prefixes,
+            before.map_or(&Held::Unknown, |b| &b.prefixes),
+            super::V6_KEEP,
+        )
+        .context("writing the IPv6 prefixes")?;
+        let buckets = write_keyed(
+            map_ref(ebpf, generation(maps::V6_BUCKETS, g))?,
+            &buckets,
+            before.map_or(&Held::Unknown, |b| &b.buckets),
+            super::V6_KEEP,
+        )
+        .context("writing the IPv6 /32 buckets")?;
+        Ok((short, prefixes, buckets))
+    }
+}
+
+/// Generation `g`'s rule arrays: the live generation's copied over (the
+/// root zeroed past the live one's up to `root_to`), then `delta`.
+fn write_arrays(
+    ebpf: &mut aya::Ebpf,
+    g: usize,
+    delta: &Delta,
+    root_to: usize,
+) -> anyhow::Result<()> {
+    let (base, extent) = (delta.base, delta.extent());
+    copy::<u32>(ebpf, maps::V4_ROOT, g, base.root, root_to, &delta.root)
+        .context("writing the IPv4 table root")?;
+    copy::<u32>(
+        ebpf,
+        maps::V4_CHUNKS,
+        g,
+        base.chunks,
+        extent.chunks as usize,
+        &delta.chunks,
+    )
+    .context("writing the IPv4 table chunks")?;
+    let appended = |at: u32, n: usize| (at..).zip(0..n).map(|(i, _)| i);
+    let regions: Vec<(u32, Region)> = appended(base.regions, delta.regions.len())
+        .zip(delta.regions.iter().copied())
+        .collect();
+    copy::<Region>(
+        ebpf,
+        maps::REGIONS,
+        g,
+        base.regions,
+        extent.regions as usize,
+        &regions,
+    )
+    .context("writing the regions")?;
+    let segments: Vec<(u32, Segment)> = appended(base.segments, delta.segments.len())
+        .zip(delta.segments.iter().copied())
+        .collect();
+    copy::<Segment>(
+        ebpf,
+        maps::SEGMENTS,
+        g,
+        base.segments,
+        extent.segments as usize,
+        &segments,
+    )
+    .context("writing the port segments")?;
+    Ok(())
 }
 
 /// Generation `g` of array `names`: the live generation's first `entries`

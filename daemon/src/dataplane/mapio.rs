@@ -470,7 +470,7 @@ fn differences<K: Ord + Copy, V: PartialEq + Copy>(
 /// Every entry of a hash map, read with `BPF_MAP_LOOKUP_BATCH`
 /// ([`READ_CHUNK`] at a time; a call that meets a bucket larger than its
 /// room is asked again with twice the room).
-fn entries<K: aya::Pod, V: aya::Pod>(
+pub(super) fn entries<K: aya::Pod, V: aya::Pod>(
     fd: std::os::fd::BorrowedFd<'_>,
 ) -> anyhow::Result<Vec<(K, V)>> {
     let mut out = Vec::new();
@@ -590,7 +590,7 @@ fn keys<K: aya::Pod>(fd: std::os::fd::BorrowedFd<'_>) -> anyhow::Result<Vec<K>> 
 }
 
 /// The file descriptor of a map of any of the kinds this module writes.
-fn map_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
+pub(super) fn map_fd(map: &aya::maps::Map) -> anyhow::Result<std::os::fd::BorrowedFd<'_>> {
     use aya::maps::Map;
     use std::os::fd::AsFd as _;
     match map {

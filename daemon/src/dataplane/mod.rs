@@ -630,7 +630,7 @@ struct Written {
 /// entries each for the benchmark's 10k), at most 600 KB per generation.
 /// Reading them back instead costs two walks of every bucket, about 17 ms
 /// of a 10k-rule replace at the benchmark's capacity.
-const V6_KEEP: usize = 16384;
+pub(super) const V6_KEEP: usize = 16384;
 
 impl Dataplane {
     /// `RATE_LIMITS_g` for `image`: entry 0 the default, then each slot's

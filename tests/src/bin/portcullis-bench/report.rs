@@ -94,8 +94,8 @@ pub struct Control {
     /// A single rule added into the 100k-rule set, round trip: the adds
     /// after the first, each compiled as a delta over the live maps.
     pub add_100k_ms: Option<Stat>,
-    /// The first add after the 100k replace, compiled whole (the idle
-    /// generation still holds the set before it: no delta over it).
+    /// The first add after the 100k replace: a delta too, which also makes
+    /// the idle generation's IPv6 tables (the 10k set's) the live one's.
     pub add_100k_first_ms: f64,
     /// VmRSS settled after those adds.
     pub rss_100k_after_adds_mib: f64,
