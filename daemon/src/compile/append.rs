@@ -693,14 +693,9 @@ mod tests {
         }
     }
 
-    /// An append that reaches every region, many times over (here 40
-    /// rules from anywhere over 300 regions), stops at the work budget: its
-    /// work and garbage would grow with the live regions times the rules
-    /// appended (each rule's lists over the last one's), where a whole
-    /// compile's are bounded by the set. It is compiled whole.
-    #[test]
-    fn an_append_over_everything_many_times_stops_at_the_work_budget() {
-        let rule = |id: String, port: u32, net: String| FirewallRule {
+    /// A TCP rule on one port from one network.
+    fn tcp(id: String, port: u32, net: String) -> FirewallRule {
+        FirewallRule {
             id,
             from_port: port,
             to_port: port,
@@ -713,11 +708,20 @@ mod tests {
             rate: None,
             burst: None,
             interfaces: Vec::new(),
-        };
+        }
+    }
+
+    /// An append that reaches every region, many times over (here 40
+    /// rules from anywhere over 300 regions), stops at the work budget: its
+    /// work and garbage would grow with the live regions times the rules
+    /// appended (each rule's lists over the last one's), where a whole
+    /// compile's are bounded by the set. It is compiled whole.
+    #[test]
+    fn an_append_over_everything_many_times_stops_at_the_work_budget() {
         let live = RuleSet {
             ingress_rules: (0..300)
                 .map(|i| {
-                    rule(
+                    tcp(
                         format!("l{i}"),
                         1000 + i,
                         format!("10.{}.{}.0/24", i / 256, i % 256),
@@ -734,7 +738,7 @@ mod tests {
         let whole = compile(&live, &roomy).unwrap();
         let mut next = live.clone();
         next.ingress_rules
-            .extend((0..40).map(|i| rule(format!("a{i}"), 2000 + 2 * i, "0.0.0.0/0".into())));
+            .extend((0..40).map(|i| tcp(format!("a{i}"), 2000 + 2 * i, "0.0.0.0/0".into())));
         let (entries, _) = entries(&next);
         let added: Vec<&Entry> = entries
             .iter()
@@ -755,27 +759,14 @@ mod tests {
     /// which says what does not fit.
     #[test]
     fn an_append_past_the_capacity_is_compiled_whole() {
-        let rule = |id: &str, net: &str| FirewallRule {
-            id: id.into(),
-            from_port: 80,
-            to_port: 80,
-            ip_ranges: vec![net.into()],
-            names: Vec::new(),
-            protocol: Default::default(),
-            description: None,
-            icmp_types: Vec::new(),
-            expires: None,
-            rate: None,
-            burst: None,
-            interfaces: Vec::new(),
-        };
         let live = RuleSet {
-            ingress_rules: vec![rule("a", "10.0.0.0/24")],
+            ingress_rules: vec![tcp("a".into(), 80, "10.0.0.0/24".into())],
             ..Default::default()
         };
         let whole = compile(&live, &Limits::default()).unwrap();
         let mut next = live.clone();
-        next.ingress_rules.push(rule("b", "10.1.2.3/32"));
+        next.ingress_rules
+            .push(tcp("b".into(), 80, "10.1.2.3/32".into()));
         let tight = Limits {
             v4_chunks: (whole.v4_chunks.len() / 16) as u32,
             ..Limits::default()
