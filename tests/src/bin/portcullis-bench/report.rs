@@ -86,7 +86,11 @@ pub struct Control {
     pub rss_idle_mib: f64,
     pub rss_10k_mib: f64,
     pub rss_100k_mib: f64,
+    /// The median of `replace_100k_runs_ms`.
     pub replace_100k_ms: f64,
+    /// Each 100k replace, in order (the benchmark's set, another, the
+    /// benchmark's again).
+    pub replace_100k_runs_ms: Vec<f64>,
     /// VmRSS once it stopped moving after the 100k replace (see `settled_rss`).
     pub rss_100k_settled_mib: f64,
     /// VmHWM (peak resident) at that point.
