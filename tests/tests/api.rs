@@ -934,14 +934,10 @@ fn appended_rules_are_written_as_a_delta_and_admit_exactly_their_traffic() {
     };
     assert!(!env.reached(9001));
     add("first", 9001, "10.200.0.2/32");
-    assert_eq!(
-        deltas(),
-        1,
-        "the first add after the start was compiled whole"
-    );
+    assert_eq!(deltas(), 1, "the first add after the start was not a delta");
     assert!(env.reached(9001));
     add("second", 9002, "10.200.0.2/32");
-    assert_eq!(deltas(), 2, "the second add was compiled whole");
+    assert_eq!(deltas(), 2, "the second add was not a delta");
     assert!(env.reached(9002) && env.reached(9001));
     // A source elsewhere admits nothing from the peer; a wider one does.
     add("elsewhere", 9003, "10.200.0.99/32");
@@ -963,11 +959,7 @@ fn appended_rules_are_written_as_a_delta_and_admit_exactly_their_traffic() {
         );
     }
     add("again", 9002, "10.200.0.0/16");
-    assert_eq!(
-        deltas(),
-        5,
-        "the add after a whole change was compiled whole"
-    );
+    assert_eq!(deltas(), 5, "the add after a whole change was not a delta");
     assert!(env.reached(9002));
     // What was compiled as deltas is what a whole compile makes: the
     // rules as listed and their hash, after a restart too.

@@ -339,7 +339,7 @@ impl Dataplane {
             .context("writing the interfaces' rule lists (IFDIR)")?;
         if let Some(delta) = &image.delta {
             // Forgotten unless the write succeeds: the next write then
-            // reads the kernel's maps, and no delta is written over them.
+            // reads the idle generation's IPv6 maps back from the kernel.
             let (kept, result) = match self.write_delta(g, image, delta, flags) {
                 Ok(written) => (Some(written), Ok(())),
                 Err(e) => (None, Err(e)),
