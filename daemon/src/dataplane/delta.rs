@@ -18,9 +18,9 @@ use portcullis_common::{V6BucketKey, V6Lengths, V6PrefixKey};
 
 use super::{
     Dataplane, Written, generation, map_mut, map_ref,
-    mapio::{Held, Mapping, entries, map_fd, write_keyed},
+    mapio::{Held, Mapping, capacity, entries, map_fd},
 };
-use crate::compile::{Delta, Extent, Image, LiveMaps, Table};
+use crate::compile::{Delta, Extent, Image, LiveMaps, Table, V6Tables};
 
 /// The live generation's rule arrays, mapped read-only as far as an
 /// [`Extent`] says they are used.
@@ -129,7 +129,7 @@ impl Dataplane {
             )
         } else {
             let short = Table::from_sorted(short.clone());
-            self.copy_v6(live, idle_w.as_ref(), &short)?
+            self.copy_v6(live, idle_w.as_ref(), short)?
         };
         let held = Written {
             rules: (image.hash.clone(), delta.extent()),
@@ -139,10 +139,8 @@ impl Dataplane {
             buckets,
         };
         let extent = delta.extent();
-        // Unknown: every entry an earlier root may have written.
-        let root_to = idle_w.map_or(portcullis_common::V4_ROOT_ENTRIES as usize, |i| {
-            i.v4_root.max(extent.root as usize)
-        });
+        // Unknown: every entry of the map (an earlier root may have written any).
+        let root_to = idle_w.map_or(usize::MAX, |i| i.v4_root.max(extent.root as usize));
         write_arrays(&mut self.ebpf, g, delta, root_to)?;
         let rate_limits = self.rate_limits(image);
         super::write_generation_rest(
@@ -164,7 +162,7 @@ impl Dataplane {
         &self,
         live: usize,
         before: Option<&Written>,
-        short: &Table<[u8; 21], u32>,
+        short: Table<[u8; 21], u32>,
     ) -> anyhow::Result<(
         Held<[u8; 21], u32>,
         Held<V6PrefixKey, u32>,
@@ -181,27 +179,13 @@ impl Dataplane {
         let buckets = Table::of(entries::<V6BucketKey, V6Lengths>(
             read(maps::V6_BUCKETS)?.as_fd(),
         )?);
-        let short = write_keyed(
-            map_ref(ebpf, generation(maps::SRC6, g))?,
+        let v6 = V6Tables {
             short,
-            before.map_or(&Held::Unknown, |b| &b.short),
-            usize::MAX,
-        )
-        .context("writing the IPv6 short prefixes (LPM trie)")?;
-        let prefixes = write_keyed(
-            map_ref(ebpf, generation(maps::V6_PREFIXES, g))?,
-            &prefixes,
-            before.map_or(&Held::Unknown, |b| &b.prefixes),
-            super::V6_KEEP,
-        )
-        .context("writing the IPv6 prefixes")?;
-        let buckets = write_keyed(
-            map_ref(ebpf, generation(maps::V6_BUCKETS, g))?,
-            &buckets,
-            before.map_or(&Held::Unknown, |b| &b.buckets),
-            super::V6_KEEP,
-        )
-        .context("writing the IPv6 /32 buckets")?;
+            prefixes,
+            buckets,
+        };
+        let short = super::write_short(ebpf, g, &v6, before)?;
+        let (prefixes, buckets) = super::write_v6_hashes(ebpf, g, &v6, before)?;
         Ok((short, prefixes, buckets))
     }
 }
@@ -226,36 +210,46 @@ fn write_arrays(
         &delta.chunks,
     )
     .context("writing the IPv4 table chunks")?;
-    let appended = |at: u32, n: usize| (at..).zip(0..n).map(|(i, _)| i);
-    let regions: Vec<(u32, Region)> = appended(base.regions, delta.regions.len())
-        .zip(delta.regions.iter().copied())
-        .collect();
     copy::<Region>(
         ebpf,
         maps::REGIONS,
         g,
         base.regions,
         extent.regions as usize,
-        &regions,
+        &[],
     )
+    .and_then(|idle| append_to(idle, base.regions, &delta.regions))
     .context("writing the regions")?;
-    let segments: Vec<(u32, Segment)> = appended(base.segments, delta.segments.len())
-        .zip(delta.segments.iter().copied())
-        .collect();
     copy::<Segment>(
         ebpf,
         maps::SEGMENTS,
         g,
         base.segments,
         extent.segments as usize,
-        &segments,
+        &[],
     )
+    .and_then(|idle| append_to(idle, base.segments, &delta.segments))
     .context("writing the port segments")?;
     Ok(())
 }
 
+/// `values` written from entry `at` of `idle` (none mapped: there must be
+/// none to write).
+fn append_to<V: aya::Pod>(idle: Option<Mapping>, at: u32, values: &[V]) -> anyhow::Result<()> {
+    match idle {
+        Some(mut idle) => idle.write_slice(at as usize, values),
+        None if values.is_empty() => Ok(()),
+        None => anyhow::bail!(
+            "{} entries appended to an array none of which is mapped",
+            values.len()
+        ),
+    }
+}
+
 /// Generation `g` of array `names`: the live generation's first `entries`
-/// entries copied over, zeroed from there to `to`, then `cells` written.
+/// entries copied over, zeroed from there to `to` (at most the map's
+/// capacity), then `cells` written; the idle mapping, for what is
+/// appended (`None`: nothing is mapped, `to` is 0).
 fn copy<V: aya::Pod>(
     ebpf: &mut aya::Ebpf,
     names: [&'static str; 2],
@@ -263,16 +257,17 @@ fn copy<V: aya::Pod>(
     entries: u32,
     to: usize,
     cells: &[(u32, V)],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<Mapping>> {
     let entries = entries as usize;
-    let to = to.max(entries);
     let from = Mapping::of::<V>(map_ref(ebpf, generation(names, g ^ 1))?, entries, false)?;
-    let Some(mut idle) = Mapping::of::<V>(map_mut(ebpf, generation(names, g))?, to, true)? else {
-        return Ok(());
+    let map = map_mut(ebpf, generation(names, g))?;
+    let to = to.min(capacity(map)?).max(entries);
+    let Some(mut idle) = Mapping::of::<V>(map, to, true)? else {
+        return Ok(None);
     };
     idle.copy_from(from.as_ref(), entries, to)?;
     for &(i, value) in cells {
         idle.set(i as usize, value)?;
     }
-    Ok(())
+    Ok(Some(idle))
 }

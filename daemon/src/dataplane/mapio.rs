@@ -28,54 +28,26 @@ pub(super) fn write_array_clearing<V: aya::Pod>(
     values: &[V],
     clear_to: usize,
 ) -> anyhow::Result<()> {
-    use std::os::fd::AsFd as _;
-    let aya::maps::Map::Array(data) = map else {
-        bail!("not an array map");
-    };
-    let max = data.info()?.max_entries() as usize;
+    let max = capacity(map)?;
     ensure!(
         values.len() <= max,
         "{} entries do not fit in a map of {max}",
         values.len()
     );
     let entries = values.len().max(clear_to.min(max));
-    // The kernel stores array elements at their value size rounded up to 8.
-    let stride = size_of::<V>().next_multiple_of(8);
-    let Some(len) = std::num::NonZeroUsize::new(entries * stride) else {
+    let Some(mut mapped) = Mapping::of::<V>(map, entries, true)? else {
         return Ok(());
     };
-    use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-    // SAFETY: a new shared mapping of the first `len` bytes of the map's
-    // memory, which holds `max >= entries` elements of `stride` bytes;
-    // nothing else in this process refers to it.
-    let base = unsafe {
-        mmap(
-            None,
-            len,
-            ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-            MapFlags::MAP_SHARED,
-            data.fd().as_fd(),
-            0,
-        )
-    }
-    .context("mapping the array's memory")?;
-    for (i, value) in values.iter().enumerate() {
-        // SAFETY: element `i` lies inside the mapping (`i * stride + size_of
-        // V <= len`), aligned (page-aligned base, `stride` a multiple of 8,
-        // `V`'s alignment at most 8).
-        unsafe { base.cast::<u8>().add(i * stride).cast::<V>().write(*value) };
-    }
-    if entries > values.len() {
-        // SAFETY: bytes `values.len() * stride..len` lie inside the mapping.
-        unsafe {
-            base.cast::<u8>()
-                .add(values.len() * stride)
-                .write_bytes(0, (entries - values.len()) * stride)
-        };
-    }
-    // SAFETY: the mapping made above, with its length; not used after this.
-    unsafe { munmap(base, len.get()) }.context("unmapping the array's memory")?;
-    Ok(())
+    mapped.write_slice(0, values)?;
+    mapped.zero(values.len(), entries)
+}
+
+/// The number of entries array map `map` holds.
+pub(super) fn capacity(map: &aya::maps::Map) -> anyhow::Result<usize> {
+    let aya::maps::Map::Array(data) = map else {
+        bail!("not an array map");
+    };
+    Ok(data.info()?.max_entries() as usize)
 }
 
 /// A shared mapping of the first entries of an array map's memory (the
@@ -102,7 +74,7 @@ impl Mapping {
         let aya::maps::Map::Array(data) = map else {
             bail!("not an array map");
         };
-        let max = data.info()?.max_entries() as usize;
+        let max = capacity(map)?;
         ensure!(
             entries <= max,
             "{entries} entries do not fit in a map of {max}"
@@ -147,19 +119,49 @@ impl Mapping {
 
     /// Writes entry `i` (the mapping must be writable).
     pub(super) fn set<V: aya::Pod>(&mut self, i: usize, value: V) -> anyhow::Result<()> {
+        self.write_slice(i, std::slice::from_ref(&value))
+    }
+
+    /// Writes `values` from entry `at` on (the mapping must be writable).
+    pub(super) fn write_slice<V: aya::Pod>(
+        &mut self,
+        at: usize,
+        values: &[V],
+    ) -> anyhow::Result<()> {
         ensure!(
-            i < self.entries && size_of::<V>() <= self.stride,
-            "entry {i} is past the {} entries mapped",
+            at.saturating_add(values.len()) <= self.entries && size_of::<V>() <= self.stride,
+            "entries {at}..{} are past the {} entries mapped",
+            at.saturating_add(values.len()),
             self.entries
         );
-        // SAFETY: as in `get`; the mapping was made writable (a write to a
-        // read-only one faults, it does not corrupt).
+        for (i, value) in (at..).zip(values) {
+            // SAFETY: entry `i` lies inside the mapping (`i * stride + size_of
+            // V <= len`, checked above); the mapping was made writable (a
+            // write to a read-only one faults, it does not corrupt).
+            unsafe {
+                self.base
+                    .cast::<u8>()
+                    .add(i * self.stride)
+                    .cast::<V>()
+                    .write_unaligned(*value)
+            };
+        }
+        Ok(())
+    }
+
+    /// Zeroes entries `from..to` (the mapping must be writable).
+    pub(super) fn zero(&mut self, from: usize, to: usize) -> anyhow::Result<()> {
+        ensure!(
+            from <= to && to <= self.entries,
+            "entries {from}..{to} are past the {} entries mapped",
+            self.entries
+        );
+        // SAFETY: bytes `from * stride..to * stride` lie inside the mapping.
         unsafe {
             self.base
                 .cast::<u8>()
-                .add(i * self.stride)
-                .cast::<V>()
-                .write_unaligned(value)
+                .add(from * self.stride)
+                .write_bytes(0, (to - from) * self.stride)
         };
         Ok(())
     }
@@ -180,22 +182,18 @@ impl Mapping {
             "copying {entries} entries of {from_entries} into {}",
             self.entries
         );
-        // SAFETY: both ranges lie inside their mappings (checked above), and
-        // two mappings of two maps do not overlap.
-        unsafe {
-            if let Some(from) = from {
+        if let Some(from) = from {
+            // SAFETY: both ranges lie inside their mappings (checked above),
+            // and two mappings of two maps do not overlap.
+            unsafe {
                 std::ptr::copy_nonoverlapping(
                     from.base.cast::<u8>().as_ptr(),
                     self.base.cast::<u8>().as_ptr(),
                     entries * self.stride,
-                );
-            }
-            self.base
-                .cast::<u8>()
-                .add(entries * self.stride)
-                .write_bytes(0, (zero_to - entries) * self.stride);
+                )
+            };
         }
-        Ok(())
+        self.zero(entries, zero_to)
     }
 }
 

@@ -507,15 +507,7 @@ fn write_image(
     let written = Written {
         rules: (image.hash.clone(), crate::compile::Extent::of(image)),
         v4_root: image.v4_root.len(),
-        // The trie (prefixes shorter than /32, and /32s with too many
-        // lengths) is kept whole: it is small, and read back key by key.
-        short: write_keyed(
-            map_mut(ebpf, generation(maps::SRC6, g))?,
-            &v6.short,
-            before.map_or(&Held::Unknown, |b| &b.short),
-            usize::MAX,
-        )
-        .context("writing the IPv6 short prefixes (LPM trie)")?,
+        short: write_short(ebpf, g, v6, before)?,
         prefixes,
         buckets,
     };
@@ -570,6 +562,24 @@ fn write_generation_rest(
         )
         .context("writing SETTINGS")?;
     Ok(())
+}
+
+/// Writes generation `g`'s IPv6 trie (prefixes shorter than /32, and /32s
+/// with too many lengths), kept whole: it is small, and read back key by
+/// key. What it holds now.
+fn write_short(
+    ebpf: &Ebpf,
+    g: usize,
+    v6: &crate::compile::V6Tables,
+    before: Option<&Written>,
+) -> anyhow::Result<Held<[u8; 21], u32>> {
+    write_keyed(
+        map_ref(ebpf, generation(maps::SRC6, g))?,
+        &v6.short,
+        before.map_or(&Held::Unknown, |b| &b.short),
+        usize::MAX,
+    )
+    .context("writing the IPv6 short prefixes (LPM trie)")
 }
 
 /// Writes generation `g`'s two IPv6 hashes on two threads (the kernel's
