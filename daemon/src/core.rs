@@ -865,12 +865,13 @@ impl Core {
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
-        let image = self.compile_next(&live, &next)?;
+        let appends = live.only_appends(&next);
+        let image = self.compile_next(&live, &next, appends)?;
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
         // (milliseconds however few there are): not for a change that
         // only adds.
-        let would_cut = if live.only_appends(&next) {
+        let would_cut = if appends {
             Vec::new()
         } else {
             self.flows_cut_by(&image)
@@ -928,9 +929,15 @@ impl Core {
     /// appends ingress rules of IPv4 sources and the data plane can take
     /// the delta (see [`compile::append`]: a single add into 100k rules
     /// writes a few cells and regions, not the whole image), else whole.
-    fn compile_next(&mut self, live: &RuleSet, next: &RuleSet) -> Result<Image, CompileError> {
+    /// `appends`: `live.only_appends(next)`, which the caller has.
+    fn compile_next(
+        &mut self,
+        live: &RuleSet,
+        next: &RuleSet,
+        appends: bool,
+    ) -> Result<Image, CompileError> {
         let plain = self.service.is_empty() && !matches!(self.mode, Mode::Lockdown { .. });
-        if plain && live.only_appends(next) {
+        if plain && appends {
             match self.dataplane.live_arrays(&self.image.hash) {
                 Ok(Some((maps, base))) => {
                     if let Some(image) =
