@@ -662,8 +662,6 @@ fn machine() -> String {
 /// Round trips through the API socket of a real daemon: single rule adds,
 /// and replacing the whole set with 10k rules.
 fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
-    use hyper::Method;
-    use portcullis::client;
     let pins = PinDir::new()?;
     let dir = tempfile::tempdir()?;
     let socket = dir.path().join("api.sock");
@@ -713,19 +711,7 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let body = serde_json::to_vec(&big)?;
     let mut replaces = Vec::new();
     for _ in 0..3 {
-        let t = Instant::now();
-        let reply = rt.block_on(client::request(
-            &socket,
-            Method::PUT,
-            "/v1/rules",
-            Some(body.clone()),
-        ))?;
-        anyhow::ensure!(
-            reply.status == 200,
-            "replace failed: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        replaces.push(t.elapsed().as_secs_f64() * 1e3);
+        replaces.push(timed_replace(&rt, &socket, &body)?);
     }
     let rss_10k_kib = rss_kib(daemon.id())?;
     // And whole 100k-rule sets: the benchmark's, another, the benchmark's
@@ -739,19 +725,7 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
     let (ours, other) = (huge(100_000)?, huge(100_001)?);
     let mut replaces_100k = Vec::new();
     for body in [&ours, &other, &ours] {
-        let t = Instant::now();
-        let reply = rt.block_on(client::request(
-            &socket,
-            Method::PUT,
-            "/v1/rules",
-            Some(body.clone()),
-        ))?;
-        anyhow::ensure!(
-            reply.status == 200,
-            "100k replace failed: {}",
-            String::from_utf8_lossy(&reply.body)
-        );
-        replaces_100k.push(t.elapsed().as_secs_f64() * 1e3);
+        replaces_100k.push(timed_replace(&rt, &socket, body)?);
     }
     drop((ours, other));
     let (replace_100k_ms, rep100_lo, rep100_hi) = median_min_max(replaces_100k.clone());
@@ -832,6 +806,28 @@ fn api_round_trips(limits: &Limits) -> anyhow::Result<Control> {
         rss_100k_settled_mib: rss_settled_kib / 1024.0,
         hwm_100k_mib: hwm_kib / 1024.0,
     })
+}
+
+/// Replaces the rules with `body` through the API (`PUT /v1/rules`); the
+/// round trip in ms.
+fn timed_replace(
+    rt: &tokio::runtime::Runtime,
+    socket: &std::path::Path,
+    body: &[u8],
+) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    let reply = rt.block_on(portcullis::client::request(
+        socket,
+        hyper::Method::PUT,
+        "/v1/rules",
+        Some(body.to_vec()),
+    ))?;
+    anyhow::ensure!(
+        reply.status == 200,
+        "replace failed: {}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    Ok(t.elapsed().as_secs_f64() * 1e3)
 }
 
 /// Resident memory of `pid`, KiB.
