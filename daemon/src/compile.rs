@@ -1273,7 +1273,13 @@ mod tests {
         }
     }
 
-    fn rule(id: &str, from: u32, to: u32, ranges: &[&str], protocol: Protocol) -> FirewallRule {
+    pub(super) fn rule(
+        id: &str,
+        from: u32,
+        to: u32,
+        ranges: &[&str],
+        protocol: Protocol,
+    ) -> FirewallRule {
         FirewallRule {
             id: id.into(),
             from_port: from,

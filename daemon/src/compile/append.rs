@@ -693,22 +693,9 @@ mod tests {
         }
     }
 
-    /// A TCP rule on one port from one network.
+    /// A TCP rule on one port from one network (`compile`'s test rule).
     fn tcp(id: String, port: u32, net: String) -> FirewallRule {
-        FirewallRule {
-            id,
-            from_port: port,
-            to_port: port,
-            ip_ranges: vec![net],
-            names: Vec::new(),
-            protocol: crate::rules::Protocol::Tcp,
-            description: None,
-            icmp_types: Vec::new(),
-            expires: None,
-            rate: None,
-            burst: None,
-            interfaces: Vec::new(),
-        }
+        crate::compile::tests::rule(&id, port, port, &[&net], crate::rules::Protocol::Tcp)
     }
 
     /// An append that reaches every region, many times over (here 40
