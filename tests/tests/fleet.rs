@@ -304,6 +304,7 @@ fn offline_hosts_keep_the_last_members_and_errors_name_their_cause() {
         "{text}"
     );
     etcd.members[0].restart().unwrap();
+    etcd.wait_writable(WAIT).unwrap();
     let rev = etcd.del(&member_key("extra")).unwrap();
     converge(&[&a, &b], rev);
     admits_exactly(&lan, &[1, 2], &[1, 2, 3], &[1, 2]);
