@@ -75,10 +75,36 @@ fn scrape(socket: &std::path::Path) -> (u16, String) {
 fn the_scrape_matches_the_saved_series() {
     require_root!();
     let pair = Pair::new().unwrap();
+    // The egress volume series are labelled by destination. The host's own
+    // IPv6 chatter (multicast listener reports and router solicitations,
+    // sent at random moments after its addresses come up) would add a
+    // series on some runs and not on others; the test sends one datagram.
+    pair.host
+        .sysctl(&format!("net.ipv6.conf.{HOST_IFACE}.disable_ipv6"), "1")
+        .unwrap();
     let pins = PinDir::new().unwrap();
     let config = ConfigFile::new(&config_text(&pins, RULES)).unwrap();
     let _daemon = Daemon::start(&pair.host, &config).unwrap();
-    let (code, text) = scrape(&config.socket());
+    // The egress rule admits DNS to the test range: one datagram to the
+    // peer is the host's only egress.
+    let sink = udp_bind(&pair.peer, sock(PEER_V4, 53)).unwrap();
+    udp_send(&pair.host, sock(PEER_V4, 53), b"query").unwrap();
+    assert!(
+        udp_received(&sink),
+        "the host's DNS datagram reaches the peer"
+    );
+    let dns_series = format!(
+        "portcullis_egress_bytes_total{{destination=\"{PEER_V4}\",protocol=\"udp\",port=\"53\"}}"
+    );
+    // The data path's volume table is read into the ledger once a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (code, text) = loop {
+        let (code, text) = scrape(&config.socket());
+        if text.contains(&dns_series) || std::time::Instant::now() > deadline {
+            break (code, text);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
     assert_eq!(code, 200, "{text}");
     let got = normalize(&text);
     if std::env::var_os("PORTCULLIS_BLESS").is_some() {
