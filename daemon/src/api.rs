@@ -963,12 +963,7 @@ async fn add_rule(
     let opts = expect.options(&caller);
     let what = expect.label("add rule");
     let changed = api
-        .write(&caller, &what, |core| {
-            core.change_edit(&opts, |live, next| {
-                next.add_rule(direction, rule)?;
-                Ok(next.check_additions(live)?)
-            })
-        })
+        .write(&caller, &what, |core| core.add_rule(&opts, direction, rule))
         .await?;
     crate::core::watch_confirmation(&api.core, &changed);
     Ok((StatusCode::CREATED, Json(changed)))

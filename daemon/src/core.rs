@@ -794,7 +794,25 @@ impl Core {
         let (live, mut next) =
             crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack());
         edit(&live, &mut next)?;
-        self.change_from(opts, live, next, None)
+        self.change_from(opts, live, next, None, None)
+    }
+
+    /// Adds `rule` to the `direction` list (see [`Core::change`]). An
+    /// ingress rule that names no host or interface is checked alone, and
+    /// the change is known to only append ([`RuleSet::add_checked`]).
+    pub fn add_rule(
+        &mut self,
+        opts: &Options,
+        direction: crate::rules::Direction,
+        rule: FirewallRule,
+    ) -> Result<Changed, ChangeError> {
+        self.may_change(opts)?;
+        let appends = crate::rules::checked_alone(direction, &rule).then_some(true);
+        let rules = &self.rules;
+        let (live, mut next) =
+            crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack());
+        let valid = next.add_checked(&live, direction, rule)?;
+        self.change_from(opts, live, next, Some(valid), appends)
     }
 
     /// As [`Core::change`], with the next set made by `make` from a borrow
@@ -807,7 +825,7 @@ impl Core {
         self.may_change(opts)?;
         let live = self.rules.unpack();
         let next = make(&live)?;
-        self.change_from(opts, live, next, None)
+        self.change_from(opts, live, next, None, None)
     }
 
     /// Replaces the live rules with `replacement` (see [`Core::change`]).
@@ -828,7 +846,7 @@ impl Core {
         let (valid, live) =
             crate::parallel::both_over(weight, "unpack", || next.validate(), || rules.unpack());
         next.check_additions(&live)?;
-        self.change_from(opts, live, next, Some(valid))
+        self.change_from(opts, live, next, Some(valid), None)
     }
 
     /// Refuses a change while another waits for its confirmation, or when
@@ -853,19 +871,22 @@ impl Core {
 
     /// Checks `next` (validated already when `valid` is its result)
     /// against `live` and the host, compiles it and makes it live, or says
-    /// what it would do.
+    /// what it would do. `appends`: `live.only_appends(&next)`, when the
+    /// caller knows it.
     fn change_from(
         &mut self,
         opts: &Options,
         live: RuleSet,
         next: RuleSet,
         valid: Option<Result<(), RuleError>>,
+        appends: Option<bool>,
     ) -> Result<Changed, ChangeError> {
         valid.unwrap_or_else(|| next.validate())?;
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
-        let appends = live.only_appends(&next);
+        let appends = appends.unwrap_or_else(|| live.only_appends(&next));
+        debug_assert_eq!(appends, live.only_appends(&next));
         let image = self.compile_next(&live, &next, appends)?;
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables
