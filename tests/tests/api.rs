@@ -978,3 +978,71 @@ fn appended_rules_are_written_as_a_delta_and_admit_exactly_their_traffic() {
     assert_eq!(env.cli(&["status"])["hash"], hash);
     assert!(env.reached(9001) && env.reached(9002) && env.reached(9003));
 }
+
+/// A delta changes no IPv6 table, so the first one after a whole change
+/// makes the idle generation's IPv6 tables the live ones first: there,
+/// the idle generation held the set before the last replace. IPv6
+/// verdicts after the delta (asked of the live maps with `explain`, which
+/// runs the loaded program over them) are the live set's, for prefixes
+/// in the trie (shorter than /32) and in the hashes.
+#[test]
+fn ipv6_verdicts_after_a_delta_are_the_live_sets() {
+    require_root!();
+    let env = Env::new("");
+    let replace = |rules: &str| {
+        let body = format!(r#"{{"ingress_rules":[{rules}],"egress_rules":[]}}"#);
+        let (code, reply) = env.curl("PUT", "/v1/rules", Some(&body));
+        assert_eq!(code, 200, "{reply}");
+    };
+    let rule = |id: &str, port: u16, source: &str| {
+        format!(r#"{{"id":"{id}","from_port":{port},"to_port":{port},"ip_ranges":["{source}"]}}"#)
+    };
+    // Held by the generation that goes idle at the second replace: the
+    // peer's address (after two others) under the third of its regions,
+    // which the second set does not have: left in place, these tables
+    // would drop 7001.
+    replace(
+        &[
+            rule("x", 7100, "fd00:200::/128"),
+            rule("y", 7101, "fd00:200::1/128"),
+            rule("old", 7000, "fd00:200::2/128"),
+            rule("old-short", 7002, "fd00::/16"),
+        ]
+        .join(","),
+    );
+    replace(
+        &[
+            rule("new", 7001, "fd00:200::/64"),
+            rule("new-short", 7003, "fd00::/20"),
+        ]
+        .join(","),
+    );
+    let (code, reply) = env.curl(
+        "POST",
+        "/v1/rules/ingress",
+        Some(&rule("v4", 9001, "10.200.0.2/32")),
+    );
+    assert_eq!(code, 201, "{reply}");
+    let log = env.daemon.as_ref().unwrap().log();
+    assert_eq!(
+        log.matches("compiled as a delta over the live maps")
+            .count(),
+        1,
+        "the add was not a delta: {log}"
+    );
+    for (port, reason, credited) in [
+        (7000, "drop_no_rule", None),
+        (7001, "pass_rule", Some("rule:new")),
+        (7002, "drop_no_rule", None),
+        (7003, "pass_rule", Some("rule:new-short")),
+    ] {
+        let packet = format!("in tcp [{PEER_V6}]:40000 -> [{HOST_V6}]:{port}");
+        let mut args = vec!["explain"];
+        args.extend(packet.split_whitespace());
+        let e = env.cli(&args);
+        assert_eq!(e["live"]["reason"], reason, "{packet}: {e}");
+        if let Some(credited) = credited {
+            assert_eq!(e["live"]["credited"], credited, "{packet}: {e}");
+        }
+    }
+}

@@ -73,10 +73,21 @@ impl PackedSet {
         set: &RuleSet,
         over: Option<(&PackedSet, &RuleSet)>,
     ) -> Result<PackedSet, TooLarge> {
+        // The head's fields one by one: `..set.clone()` cloned the rules
+        // too, to drop them (100k rules: tens of ms).
+        let RuleSet {
+            ingress_rules: _,
+            egress_rules: _,
+            cluster,
+            ssh,
+            egress,
+        } = set;
         let head = RuleSet {
             ingress_rules: Vec::new(),
             egress_rules: Vec::new(),
-            ..set.clone()
+            cluster: cluster.clone(),
+            ssh: ssh.clone(),
+            egress: *egress,
         };
         let ingress = over.map(|(p, r)| (&p.ingress, &r.ingress_rules[..]));
         let egress = over.map(|(p, r)| (&p.egress, &r.egress_rules[..]));
@@ -199,8 +210,12 @@ impl PackedList {
         decode(&mut Reader(bytes)).expect("a packed rule reads back")
     }
 
+    /// The rules, with room for one more: the copy an add edits takes
+    /// its rule without moving the others.
     fn unpack(&self) -> Vec<FirewallRule> {
-        self.iter().collect()
+        let mut rules = Vec::with_capacity(self.ends.len() + 1);
+        rules.extend(self.iter());
+        rules
     }
 }
 
