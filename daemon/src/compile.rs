@@ -298,6 +298,31 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Slots, Vec<Vec<String>>) {
     (entries, slots, scoped)
 }
 
+/// What [`entries`] adds for `added`, ingress rules appended to a set
+/// whose slots are `slots`, when no slot follows the ingress rules' (no
+/// egress rule, no other clusters) and no rule names an interface: the
+/// added rules' entries, and `slots` with theirs. An add into 100k rules
+/// makes its own entries, not the whole set's.
+fn appended_entries(slots: &Slots, added: &[crate::rules::FirewallRule]) -> (Vec<Entry>, Slots) {
+    let mut slots = slots.clone();
+    let mut entries = Vec::new();
+    for r in added {
+        let index = slots.push(&format!("rule:{}", r.id), SLOT_KIND_RULE, DIR_INGRESS);
+        let limit = r
+            .rate
+            .map(|rate| crate::model::RateLimit::entry(rate, r.burst));
+        slots.set_limit(index, limit);
+        entries.extend(rule_port_sets(r).into_iter().map(|(ports, nets)| Entry {
+            dir: DIR_INGRESS,
+            slot: (SLOT_KIND_RULE << SLOT_KIND_SHIFT) | index,
+            ports,
+            nets,
+        }));
+    }
+    slots.shrink_to_fit();
+    (entries, slots)
+}
+
 /// Under the DNS guard (FQDN rules exist): egress port sets without the
 /// DNS ports (TCP and UDP 53 and 853), which only the forwarder's own
 /// queries may reach (`ebpf/src/fqdn.rs`), whatever a rule's range says.

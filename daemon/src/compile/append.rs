@@ -152,18 +152,23 @@ pub fn append(
     if !same_rest {
         return None;
     }
-    let (entries, slots) = super::entries(next);
-    let old = image.slots.len();
-    let kept = slots.len() > old
-        && slots.len() <= limits.slots as usize
-        && (0..old).all(|i| slots.get(i) == image.slots.get(i));
-    if !kept {
+    // The appended rules' slots come last only when no slot follows the
+    // ingress rules': no egress rule (equal in both sets) and no other
+    // clusters (a slot when any of their networks parses).
+    let last = next.egress_rules.is_empty()
+        && next
+            .cluster
+            .as_ref()
+            .is_none_or(|c| super::networks(&c.other_clusters).is_empty());
+    let appended = next.ingress_rules.get(live.ingress_rules.len()..)?;
+    if !last {
         return None;
     }
-    let added: Vec<&Entry> = entries
-        .iter()
-        .filter(|e| super::index(e.slot) as usize >= old)
-        .collect();
+    let (entries, slots) = super::appended_entries(&image.slots, appended);
+    if slots.len() > limits.slots as usize {
+        return None;
+    }
+    let added: Vec<&Entry> = entries.iter().collect();
     let ipv4_ingress = added
         .iter()
         .all(|e| e.dir == DIR_INGRESS && e.nets.iter().all(|n| matches!(n, IpNet::V4(_))));
@@ -173,9 +178,9 @@ pub fn append(
     let mut delta = delta(maps, base, &added, limits).ok()?;
     delta.base_hash = image.hash.clone();
     let (index, (json, hash)) = crate::parallel::both_over(
-        entries.len(),
+        next.rule_count(),
         "compile",
-        || super::Index::of(&entries),
+        || image.index.appended(&added),
         || super::canonical(next),
     );
     Some(Image {
@@ -566,8 +571,12 @@ mod tests {
         if let Some(c) = &mut set.cluster {
             c.other_clusters.clear();
         }
-        for r in &mut set.ingress_rules {
+        for (i, r) in set.ingress_rules.iter_mut().enumerate() {
             r.interfaces.clear();
+            // Some with a rate limit (a slot's limit, in slot order).
+            if i % 3 == 1 {
+                (r.rate, r.burst) = (Some(10 + i as u32), Some(50));
+            }
         }
         set
     }
@@ -576,6 +585,9 @@ mod tests {
     fn ipv4_only(mut r: FirewallRule, id: usize) -> FirewallRule {
         r.id = format!("added{id}");
         r.interfaces.clear();
+        if id % 2 == 1 {
+            r.rate = Some(7);
+        }
         r.ip_ranges.retain(|n| !n.contains(':'));
         if r.ip_ranges.is_empty() {
             r.ip_ranges.push("10.0.64.0/18".into());
@@ -653,6 +665,9 @@ mod tests {
             let fast2 = append(&next, &fast, &after, &maps, delta.extent(), &limits).unwrap();
             let maps2 = written(&maps, fast2.delta.as_ref().unwrap());
             same_verdicts(&maps2, &after, &probes)?;
+            let again2 = compile(&after, &limits).unwrap();
+            prop_assert_eq!(&fast2.slots, &again2.slots);
+            prop_assert_eq!(&fast2.index, &again2.index);
         }
 
         /// What the fast path cannot keep exact is compiled whole: a source

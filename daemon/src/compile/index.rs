@@ -115,7 +115,7 @@ impl Row {
 }
 
 /// An address's bits (IPv4 in a `u32`, IPv6 in a `u128`).
-trait Bits: Ord + Copy {
+trait Bits: Ord + Copy + Default {
     /// The bits under a prefix of `len` (the others cleared).
     fn masked(self, len: u8) -> Self;
 }
@@ -151,13 +151,24 @@ impl<B: Bits> Table<B> {
     }
 
     fn seal(&mut self, entries: &[Row]) {
-        let mut added = std::mem::take(&mut self.added);
-        added.sort_unstable();
+        self.added.sort_unstable();
+        self.seal_sorted(entries, |_| None);
+    }
+
+    /// `seal` of rows sorted already; `kept(key)`: the port maps of the
+    /// network `key` when they are known not to change (made otherwise).
+    fn seal_sorted(
+        &mut self,
+        entries: &[Row],
+        kept: impl Fn(&Key<B>) -> Option<[Vec<Segment>; PCLASSES]>,
+    ) {
+        let added = std::mem::take(&mut self.added);
         let mut from = 0;
         for network in added.chunk_by(|a, b| a.0 == b.0) {
-            let Some(&((dir, len, _), _)) = network.first() else {
+            let Some(&(key, _)) = network.first() else {
                 continue;
             };
+            let (dir, len, _) = key;
             if self
                 .groups
                 .last()
@@ -166,11 +177,13 @@ impl<B: Bits> Table<B> {
                 self.groups.push((dir, len, from));
             }
             if network.len() > SMALL {
-                let own: Vec<&Row> = network
-                    .iter()
-                    .filter_map(|(_, e)| entries.get(*e as usize))
-                    .collect();
-                let maps = std::array::from_fn(|c| port_map(&own, c));
+                let maps = kept(&key).unwrap_or_else(|| {
+                    let own: Vec<&Row> = network
+                        .iter()
+                        .filter_map(|(_, e)| entries.get(*e as usize))
+                        .collect();
+                    std::array::from_fn(|c| port_map(&own, c))
+                });
                 self.large.insert(from, maps);
             }
             from += network.len() as u32;
@@ -182,6 +195,62 @@ impl<B: Bits> Table<B> {
         // Collected in place, the rows would keep the keyed rows' buffer.
         self.nets.shrink_to_fit();
         self.groups.shrink_to_fit();
+    }
+
+    /// The rows with their keys, in key order (as `seal` sorted them),
+    /// each with its place in `nets`.
+    fn keyed(&self) -> impl Iterator<Item = (u32, Key<B>, u32)> + '_ {
+        let ends = self
+            .groups
+            .iter()
+            .skip(1)
+            .map(|&(_, _, start)| start)
+            .chain(std::iter::once(self.nets.len() as u32));
+        self.groups
+            .iter()
+            .zip(ends)
+            .flat_map(move |(&(dir, len, start), end)| {
+                (start..end)
+                    .zip(
+                        self.nets
+                            .get(start as usize..end as usize)
+                            .unwrap_or_default(),
+                    )
+                    .map(move |(at, &(bits, e))| (at, (dir, len, bits), e))
+            })
+    }
+
+    /// The table with the rows `more` added, whose entries come after
+    /// every entry of its own: what `seal` makes of all the rows (`more`
+    /// sorts after the rows of the same network), keeping the port maps
+    /// of the networks `more` does not add to.
+    fn extended(&self, mut more: Vec<(Key<B>, u32)>, entries: &[Row]) -> Table<B> {
+        more.sort_unstable();
+        let mut rows = Vec::with_capacity(self.nets.len() + more.len());
+        let mut large_at: std::collections::BTreeMap<Key<B>, u32> = Default::default();
+        let mut new = more.iter().peekable();
+        for (at, key, e) in self.keyed() {
+            while let Some(&&row) = new.peek().filter(|(k, _)| *k < key) {
+                rows.push(row);
+                new.next();
+            }
+            if self.large.contains_key(&at) {
+                large_at.insert(key, at);
+            }
+            rows.push((key, e));
+        }
+        rows.extend(new.copied());
+        let mut table = Table {
+            added: rows,
+            ..Default::default()
+        };
+        table.seal_sorted(entries, |key| {
+            if more.binary_search_by(|(k, _)| k.cmp(key)).is_ok() {
+                return None;
+            }
+            large_at.get(key).and_then(|at| self.large.get(at)).cloned()
+        });
+        table
     }
 
     /// The lowest slot of direction `dir` whose network contains `addr`
@@ -303,6 +372,33 @@ impl Index {
         index
     }
 
+    /// `Index::of` the entries of this index followed by `added` (whose
+    /// slots come after every slot here), without the entries of this
+    /// one: a rule appended to 100k does not build the index again.
+    pub fn appended(&self, added: &[&Entry]) -> Index {
+        let mut entries = Vec::with_capacity(self.entries.len() + added.len());
+        entries.extend_from_slice(&self.entries);
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for e in added {
+            for row in Row::of(e) {
+                let i = entries.len() as u32;
+                entries.push(row);
+                for net in &e.nets {
+                    let len = net.prefix_len();
+                    match net {
+                        IpNet::V4(n) => v4.push(((e.dir, len, u32::from(n.network())), i)),
+                        IpNet::V6(n) => v6.push(((e.dir, len, words(n.network().into())), i)),
+                    }
+                }
+            }
+        }
+        Index {
+            v4: self.v4.extended(v4, &entries),
+            v6: self.v6.extended(v6, &entries),
+            entries,
+        }
+    }
+
     /// The slot of the first entry of direction `dir` that admits a packet
     /// from `addr` of protocol class `pclass` to `port`, or `SLOT_NONE`.
     pub fn lookup(&self, dir: u8, addr: IpAddr, pclass: usize, port: u16) -> u32 {
@@ -339,7 +435,7 @@ mod tests {
 
     use super::Index;
     use crate::{
-        compile::{entries, reference},
+        compile::{Entry, entries, reference},
         rules::{FirewallRule, RuleSet},
     };
 
@@ -390,6 +486,36 @@ mod tests {
         // A port no rule covers, on both transport classes.
         for pclass in [PCLASS_TCP, PCLASS_UDP] {
             assert_eq!(index.lookup(DIR_INGRESS, addrs[0], pclass, 60000), 0);
+        }
+        // Built from any first part and the rest appended: the same index
+        // (networks past `SMALL` before the split, after it, across it).
+        for split in 0..=entries.len() {
+            let rest: Vec<&Entry> = entries[split..].iter().collect();
+            assert!(
+                Index::of(&entries[..split]).appended(&rest) == index,
+                "split at entry {split}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// An index with entries appended is the index of all of them.
+        #[test]
+        fn an_index_appended_to_is_the_index_of_all_its_entries(
+            mut set in crate::compile::strategies::rule_set(),
+            split in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            // (Rules on interfaces add copies of entries at the end, out of
+            // slot order; an append never has them.)
+            for r in set.ingress_rules.iter_mut().chain(&mut set.egress_rules) {
+                r.interfaces.clear();
+            }
+            let (entries, _) = entries(&set);
+            let split = split.index(entries.len() + 1);
+            let rest: Vec<&Entry> = entries[split..].iter().collect();
+            proptest::prop_assert!(
+                Index::of(&entries[..split]).appended(&rest) == Index::of(&entries)
+            );
         }
     }
 }

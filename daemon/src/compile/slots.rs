@@ -112,6 +112,15 @@ impl Slots {
         }
     }
 
+    /// Gives slot `index`, the last one pushed, the limit `limit` (so the
+    /// limits stay in the order `set_limits` gives them).
+    pub(super) fn set_limit(&mut self, index: u32, limit: Option<RateLimit>) {
+        if let (Some(limit), Some(meta)) = (limit, self.meta.get_mut(index as usize)) {
+            self.limits.push(limit);
+            meta.limit = u32::try_from(self.limits.len()).unwrap_or(0);
+        }
+    }
+
     /// Gives back the spare capacity of a list built by pushing.
     pub(super) fn shrink_to_fit(&mut self) {
         self.meta.shrink_to_fit();
