@@ -1140,7 +1140,8 @@ impl RuleSet {
         }
         let index = self.ingress_rules.len().saturating_sub(1);
         let Some(rule) = self.ingress_rules.get(index) else {
-            return Ok(Ok(()));
+            // Not reached (the rule was just pushed): the whole set's checks.
+            return Ok(self.check_additions(live).and_then(|()| self.validate()));
         };
         Ok(check_added("ingress_rules", index, rule)
             .and_then(|()| self.check_rule("ingress_rules", index, rule, |_| true)))

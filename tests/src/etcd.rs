@@ -426,8 +426,21 @@ impl Etcd {
         Ok(())
     }
 
-    /// The index of the leader among `members` (all must be running).
+    /// The index of the leader among `members` (all must be running; a
+    /// member just restarted may take a moment to answer, so this asks
+    /// again for up to 15 s).
     pub fn leader(&self) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match self.leader_now() {
+                Ok(i) => return Ok(i),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
+    fn leader_now(&self) -> anyhow::Result<usize> {
         let out = self.ctl(&["endpoint", "status", "--write-out=json"])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
         let list = v.as_array().context("endpoint status: not a list")?;

@@ -16,14 +16,16 @@ fn has_xdp(ns: &Netns, dev: &str) -> bool {
 
 /// Creates `host_if` in `host` joined to a new namespace, addressed
 /// 10.200.5.1/24 and 10.200.5.2/24; returns the new namespace.
-fn late_link(host: &Netns, host_if: &str) -> Netns {
+fn late_link(host: &Netns, host_if: &str) -> (Netns, Instant) {
     let late = Netns::new("l").unwrap();
+    // The link appears now (the namespace made before it is not its time).
+    let created = Instant::now();
     veth(host, host_if, &late, "l0").unwrap();
     host.ip(&["addr", "add", "10.200.5.1/24", "dev", host_if])
         .unwrap();
     late.ip(&["addr", "add", "10.200.5.2/24", "dev", "l0"])
         .unwrap();
-    late
+    (late, created)
 }
 
 #[test]
@@ -62,8 +64,7 @@ fn automatic_selection_and_links_that_appear_later() {
 
     // A new link is protected within a second of appearing.
     TcpServer::start(&pair.host, sock(HOST_V4, 9090)).unwrap();
-    let created = Instant::now();
-    let late = late_link(&pair.host, "pc5");
+    let (late, created) = late_link(&pair.host, "pc5");
     while !has_xdp(&pair.host, "pc5") {
         assert!(
             created.elapsed() < Duration::from_secs(1),

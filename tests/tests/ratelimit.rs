@@ -93,12 +93,13 @@ fn a_flooding_source_is_limited_and_others_still_connect() {
         dropped >= 30,
         "only {dropped} drop_rate_limit after the flood"
     );
+    // The flooding source is over its limit now (asked first: its bucket
+    // gets a flow back a second after the flood), and only for a while.
+    assert!(!env.reaches(A4, APP), "the flooding source is not limited");
     // Another source is not limited by the first one's flood.
     assert!(env.reaches(B4, APP), "another source cannot connect");
     // The flow opened before the flood is not a new flow: it keeps working.
     echo_roundtrip(&mut open, b"after\n").expect("the established flow stopped");
-    // The flooding source is over its limit now, and only for a while.
-    assert!(!env.reaches(A4, APP), "the flooding source is not limited");
     assert!(
         eventually(Duration::from_secs(15), || env.reaches(A4, APP)),
         "the limit does not refill"
@@ -114,7 +115,8 @@ fn a_flooding_source_is_limited_and_others_still_connect() {
 fn a_source_over_its_limit_is_banned_and_unbanned_on_time() {
     require_root!();
     let mut env = env(
-        "[rate_limit]\nrate = 1\nburst = 3\nban_seconds = 2\n",
+        // Long enough for the checks below to run inside the ban.
+        "[rate_limit]\nrate = 1\nburst = 3\nban_seconds = 5\n",
         "allow = true\n",
     );
     env.start();

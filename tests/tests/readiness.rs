@@ -175,18 +175,19 @@ fn readiness_follows_systemd_sshd_and_the_rules() {
         "refused by sshd, not by the network: {out:?}"
     );
 
-    // Stopping sshd's unit: not ready, within two seconds (the fallback poll
-    // is 60 s, so this is the D-Bus signals at work), naming the unit.
+    // Stopping sshd's unit: not ready within seconds (the fallback poll is
+    // 60 s, so this is the D-Bus signals at work; they take milliseconds,
+    // the bound is for a loaded machine), naming the unit.
     c.check("systemctl", &["stop", "ssh.service"]).unwrap();
     let stopped = Instant::now();
     let s = c
-        .wait_for("readiness to drop", Duration::from_secs(10), || {
+        .wait_for("readiness to drop", Duration::from_secs(20), || {
             Some(status(&c)).filter(|s| check(s, "ssh_unit")["state"] == "fail")
         })
         .unwrap();
     let took = stopped.elapsed();
     eprintln!("ssh.service stop seen by readiness after {took:?}");
-    assert!(took < Duration::from_secs(2), "took {took:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
     assert!(!ready(&s));
     let why = check(&s, "ssh_unit")["detail"].as_str().unwrap_or("");
     assert!(why.contains("ssh.service is inactive"), "{why}");
