@@ -599,20 +599,31 @@ fn operator_transcript() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = tcp_probe(&env.pair.peer, sock(HOST_V4, 9090));
-    std::thread::sleep(Duration::from_millis(500));
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    // A try every 300 ms until one is shown (the stream may take a while
+    // to open on a loaded machine), for at most 5 s.
+    let mut shown = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !shown.contains(":9090 tcp (drop_no_rule)") && std::time::Instant::now() < deadline {
+        let _ = tcp_probe(&env.pair.peer, sock(HOST_V4, 9090));
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(300)) {
+            shown.push_str(&line);
+            shown.push('\n');
+        }
+    }
     let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
+    let _ = child.wait();
     transcript.push_str(&format!(
-        "# Follow drops live (Ctrl-C ends).\n$ portcullis watch --port 9090\n{}^C\n",
-        String::from_utf8_lossy(&out.stdout)
+        "# Follow drops live (Ctrl-C ends).\n$ portcullis watch --port 9090\n{shown}^C\n"
     ));
     assert!(transcript.contains("Added rule tcp-8080"), "{transcript}");
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains(":9090 tcp (drop_no_rule)"),
-        "{transcript}"
-    );
+    assert!(shown.contains(":9090 tcp (drop_no_rule)"), "{transcript}");
     if let Ok(path) = std::env::var("PORTCULLIS_WRITE_TRANSCRIPT") {
         let state_dir = env.config.state_dir();
         let transcript = transcript.replace(state_dir.to_str().unwrap(), "/var/lib/portcullis");
