@@ -547,8 +547,9 @@ fn dry_runs_confirmation_windows_and_anti_lockout_with_real_traffic() {
     );
     echo_roundtrip(&mut open, b"still\n").expect("a dry run cut the flow");
 
-    // Confirmation window, not confirmed: rolled back on time.
-    let applied = env.cli(&["rules", "remove", "app", "--confirm-within", "2"]);
+    // Confirmation window, not confirmed: rolled back on time. (4 s: a
+    // dropped probe and a CLI call must fit inside it.)
+    let applied = env.cli(&["rules", "remove", "app", "--confirm-within", "4"]);
     assert!(applied["confirm_by"].as_u64().is_some());
     assert!(!env.reached(8080), "the change was not applied");
     let busy = env.cli_as(

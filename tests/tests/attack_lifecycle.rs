@@ -610,7 +610,8 @@ fn a_clock_step_does_not_stall_a_rollback() {
         ],
     )
     .unwrap();
-    add_unconfirmed(&config, "trial", "2");
+    // (5 s: the clock must step before the rollback is due.)
+    add_unconfirmed(&config, "trial", "5");
     assert_eq!(rule_ids(&config), ["trial"]);
     // The daemon's wall clock steps an hour back.
     fs::write(&clock, "-1h\n").unwrap();

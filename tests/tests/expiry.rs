@@ -84,7 +84,8 @@ fn an_expiring_rule_is_removed_on_time_with_its_flows() {
     require_root!();
     let env = Env::new();
     assert!(!env.reaches(HOST_V4), "control: nothing admits {PORT} yet");
-    env.ok(&["allow", "8080/tcp", "--for", "3s"]);
+    // (6 s: a listing and two connections must fit before it expires.)
+    env.ok(&["allow", "8080/tcp", "--for", "6s"]);
     let listed = env.ok(&["rules", "list"]);
     assert!(
         listed.contains("tcp-8080") && listed.contains('Z'),
