@@ -197,9 +197,9 @@ impl<B: Bits> Table<B> {
         self.groups.shrink_to_fit();
     }
 
-    /// The rows with their keys, in key order (as `seal` sorted them),
-    /// each with its place in `nets`.
-    fn keyed(&self) -> impl Iterator<Item = (u32, Key<B>, u32)> + '_ {
+    /// Each group as (direction, length, where its rows start in `nets`,
+    /// where they end).
+    fn spans(&self) -> impl Iterator<Item = (u8, u8, u32, u32)> + '_ {
         let ends = self
             .groups
             .iter()
@@ -209,15 +209,21 @@ impl<B: Bits> Table<B> {
         self.groups
             .iter()
             .zip(ends)
-            .flat_map(move |(&(dir, len, start), end)| {
-                (start..end)
-                    .zip(
-                        self.nets
-                            .get(start as usize..end as usize)
-                            .unwrap_or_default(),
-                    )
-                    .map(move |(at, &(bits, e))| (at, (dir, len, bits), e))
-            })
+            .map(|(&(dir, len, start), end)| (dir, len, start, end))
+    }
+
+    /// The rows with their keys, in key order (as `seal` sorted them),
+    /// each with its place in `nets`.
+    fn keyed(&self) -> impl Iterator<Item = (u32, Key<B>, u32)> + '_ {
+        self.spans().flat_map(move |(dir, len, start, end)| {
+            (start..end)
+                .zip(
+                    self.nets
+                        .get(start as usize..end as usize)
+                        .unwrap_or_default(),
+                )
+                .map(move |(at, &(bits, e))| (at, (dir, len, bits), e))
+        })
     }
 
     /// The table with the rows `more` added, whose entries come after
@@ -257,13 +263,7 @@ impl<B: Bits> Table<B> {
     /// and whose ports cover `port` of class `pclass` (`SLOT_NONE`: none).
     fn first(&self, dir: u8, addr: B, entries: &[Row], pclass: usize, port: u16) -> u32 {
         let mut best = SLOT_NONE;
-        let ends = self
-            .groups
-            .iter()
-            .skip(1)
-            .map(|&(_, _, start)| start)
-            .chain(std::iter::once(self.nets.len() as u32));
-        for (&(d, len, start), end) in self.groups.iter().zip(ends) {
+        for (d, len, start, end) in self.spans() {
             if d != dir {
                 continue;
             }
