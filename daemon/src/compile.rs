@@ -229,14 +229,8 @@ fn base_entries(set: &RuleSet) -> (Vec<Entry>, Slots, Vec<Vec<String>>) {
             } else {
                 port_sets
             };
-            let index = slots.push(&name, kind, dir);
-            for (ports, nets) in port_sets {
-                entries.push(Entry {
-                    dir,
-                    slot: (kind << SLOT_KIND_SHIFT) | index,
-                    ports,
-                    nets,
-                });
+            for e in slot_entries(&mut slots, &name, kind, dir, port_sets) {
+                entries.push(e);
                 scoped.push(on.to_vec());
             }
         };
@@ -307,20 +301,40 @@ fn appended_entries(slots: &Slots, added: &[crate::rules::FirewallRule]) -> (Vec
     let mut slots = slots.clone();
     let mut entries = Vec::new();
     for r in added {
-        let index = slots.push(&format!("rule:{}", r.id), SLOT_KIND_RULE, DIR_INGRESS);
-        let limit = r
-            .rate
-            .map(|rate| crate::model::RateLimit::entry(rate, r.burst));
-        slots.set_limit(index, limit);
-        entries.extend(rule_port_sets(r).into_iter().map(|(ports, nets)| Entry {
-            dir: DIR_INGRESS,
-            slot: (SLOT_KIND_RULE << SLOT_KIND_SHIFT) | index,
-            ports,
-            nets,
-        }));
+        let name = format!("rule:{}", r.id);
+        let sets = rule_port_sets(r);
+        entries.extend(slot_entries(
+            &mut slots,
+            &name,
+            SLOT_KIND_RULE,
+            DIR_INGRESS,
+            sets,
+        ));
+        slots.limit_last(
+            r.rate
+                .map(|rate| crate::model::RateLimit::entry(rate, r.burst)),
+        );
     }
     slots.shrink_to_fit();
     (entries, slots)
+}
+
+/// A new slot `name` of `kind` in `dir`, pushed onto `slots`, and its
+/// entries: one per port set, all on that slot.
+fn slot_entries(
+    slots: &mut Slots,
+    name: &str,
+    kind: u32,
+    dir: u8,
+    port_sets: Vec<(Ports, Vec<IpNet>)>,
+) -> impl Iterator<Item = Entry> + use<> {
+    let slot = (kind << SLOT_KIND_SHIFT) | slots.push(name, kind, dir);
+    port_sets.into_iter().map(move |(ports, nets)| Entry {
+        dir,
+        slot,
+        ports,
+        nets,
+    })
 }
 
 /// Under the DNS guard (FQDN rules exist): egress port sets without the

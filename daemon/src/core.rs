@@ -781,20 +781,24 @@ impl Core {
         self.change_edit(opts, |_, next| edit(next))
     }
 
-    /// As [`Core::change`], with `edit` also shown the live set. The copy
-    /// it edits is unpacked beside the live set, on a second thread: a
-    /// copy of 100k rules costs what unpacking them does.
+    /// As [`Core::change`], with `edit` also shown the live set (the copy
+    /// it edits: [`Core::unpacked_twice`]).
     pub fn change_edit(
         &mut self,
         opts: &Options,
         edit: impl FnOnce(&RuleSet, &mut RuleSet) -> Result<(), ChangeError>,
     ) -> Result<Changed, ChangeError> {
         self.may_change(opts)?;
-        let rules = &self.rules;
-        let (live, mut next) =
-            crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack());
+        let (live, mut next) = self.unpacked_twice();
         edit(&live, &mut next)?;
         self.change_from(opts, live, next, None, None)
+    }
+
+    /// The live set unpacked twice, on two threads: one to compare with,
+    /// one to edit (a copy of 100k rules costs what unpacking them does).
+    fn unpacked_twice(&self) -> (RuleSet, RuleSet) {
+        let rules = &self.rules;
+        crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack())
     }
 
     /// Adds `rule` to the `direction` list (see [`Core::change`]). An
@@ -808,9 +812,7 @@ impl Core {
     ) -> Result<Changed, ChangeError> {
         self.may_change(opts)?;
         let appends = crate::rules::checked_alone(direction, &rule).then_some(true);
-        let rules = &self.rules;
-        let (live, mut next) =
-            crate::parallel::both_over(rules.len(), "unpack", || rules.unpack(), || rules.unpack());
+        let (live, mut next) = self.unpacked_twice();
         let valid = next.add_checked(&live, direction, rule)?;
         self.change_from(opts, live, next, Some(valid), appends)
     }
@@ -885,8 +887,8 @@ impl Core {
         self.check_interfaces(&next)?;
         self.check_forwarder(&next)?;
         next.check_expiries(&live, unix_now())?;
+        debug_assert!(appends.is_none_or(|known| known == live.only_appends(&next)));
         let appends = appends.unwrap_or_else(|| live.only_appends(&next));
-        debug_assert_eq!(appends, live.only_appends(&next));
         let image = self.compile_next(&live, &next, appends)?;
         let diff = Diff::between(&live, &next);
         // Listing the open connections walks the kernel's socket tables

@@ -160,10 +160,10 @@ pub fn append(
             .cluster
             .as_ref()
             .is_none_or(|c| super::networks(&c.other_clusters).is_empty());
-    let appended = next.ingress_rules.get(live.ingress_rules.len()..)?;
     if !last {
         return None;
     }
+    let appended = next.ingress_rules.get(live.ingress_rules.len()..)?;
     let (entries, slots) = super::appended_entries(&image.slots, appended);
     if slots.len() > limits.slots as usize {
         return None;

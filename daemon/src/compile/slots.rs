@@ -112,10 +112,10 @@ impl Slots {
         }
     }
 
-    /// Gives slot `index`, the last one pushed, the limit `limit` (so the
-    /// limits stay in the order `set_limits` gives them).
-    pub(super) fn set_limit(&mut self, index: u32, limit: Option<RateLimit>) {
-        if let (Some(limit), Some(meta)) = (limit, self.meta.get_mut(index as usize)) {
+    /// Gives the slot pushed last the limit `limit` (so the limits stay
+    /// in the order `set_limits` gives them).
+    pub(super) fn limit_last(&mut self, limit: Option<RateLimit>) {
+        if let (Some(limit), Some(meta)) = (limit, self.meta.last_mut()) {
             self.limits.push(limit);
             meta.limit = u32::try_from(self.limits.len()).unwrap_or(0);
         }
