@@ -764,6 +764,11 @@ pub const EVENTS_PER_SECOND_PER_CPU: u64 = 200;
 /// events) is compiled out by the verifier and the decision is written to
 /// `EXPLAIN_RESULT` instead.
 pub const EXPLAIN_GLOBAL: &str = "EXPLAIN";
+/// Read-only global of the programs (`ebpf/src/clock.rs`): nanoseconds
+/// per jiffy, 0 to read the coarse clock. Set by the loader.
+pub const CLOCK_TICK_GLOBAL: &str = "CLOCK_TICK_NS";
+/// Read-only global of the programs: `jiffies × tick − CLOCK_MONOTONIC`.
+pub const CLOCK_OFFSET_GLOBAL: &str = "CLOCK_OFFSET_NS";
 /// `ExplainResult` field not set by the run (no reason counted, no slot
 /// credited, no deny set hit).
 pub const EXPLAIN_UNSET: u32 = u32::MAX;

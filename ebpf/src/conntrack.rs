@@ -41,7 +41,6 @@
 //! inbound packet without an entry is simply not matched (fails closed).
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, LruHashMap},
 };
@@ -53,7 +52,7 @@ use portcullis_common::{
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
-use crate::parse::Ip;
+use crate::{clock::now, parse::Ip};
 
 /// `FlowKey4` (this host's address and port, the other end's, protocol:
 /// 16 bytes) → `Flow` (last seen, state): the IPv4 flows this host opened.
@@ -127,17 +126,6 @@ const TCP_ACK: u8 = 0x10;
 #[inline(always)]
 pub fn opens_tcp_connection(ip: &Ip) -> bool {
     ip.proto == IPPROTO_TCP && ip.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-}
-
-/// CLOCK_MONOTONIC at the kernel's last tick (`bpf_ktime_get_coarse_ns`,
-/// Linux 5.11): a memory read, where the exact clock reads the clock source
-/// (a paravirtual clock on a VM). Every timeout here is a second or more,
-/// and the daemon's own `CLOCK_MONOTONIC` readings (seeded flows) are at
-/// most a tick ahead of it, which `saturating_sub` absorbs.
-#[inline(always)]
-pub fn now() -> u64 {
-    // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Direction of a packet relative to this host.

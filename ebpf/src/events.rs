@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use portcullis_common::{DropEvent, EVENTS_PER_SECOND_PER_CPU, Reason};
 
-use crate::{conntrack::now, parse::Ip};
+use crate::{clock::now, parse::Ip};
 
 #[map]
 pub static EVENTS: RingBuf = RingBuf::pinned(256 * 1024, 0);

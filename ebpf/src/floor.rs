@@ -16,6 +16,7 @@
 //! | `floor_lru_miss` | one LRU hash lookup of a `FlowKey` that is absent            |
 //! | `floor_ktime`    | one `bpf_ktime_get_ns` (the exact clock, to compare)         |
 //! | `floor_coarse`   | one `bpf_ktime_get_coarse_ns` (conntrack refresh, the event budget) |
+//! | `floor_jiffies`  | one `bpf_jiffies64` (the verifier inlines it as a load of `jiffies`) |
 //! | `floor_lru16_miss` | one LRU lookup of a 16-byte key (an IPv4 5-tuple), absent  |
 //! | `floor_lru16_hit` | the same key present (as `CONNTRACK4` for an established IPv4 flow) |
 //! | `floor_parse`    | Ethernet, IPv4 (IHL) or IPv6, TCP/UDP ports, bounds-checked  |
@@ -47,7 +48,7 @@ mod programs {
 
     use aya_ebpf::{
         bindings::xdp_action,
-        helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+        helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
         macros::{map, xdp},
         maps::{Array, HashMap, LruHashMap, PerCpuArray},
         programs::XdpContext,
@@ -284,6 +285,12 @@ mod programs {
     pub fn floor_coarse(_ctx: XdpContext) -> u32 {
         // SAFETY: a helper without arguments or side effects.
         pass_unless(unsafe { bpf_ktime_get_coarse_ns() } == 0)
+    }
+
+    #[xdp]
+    pub fn floor_jiffies(_ctx: XdpContext) -> u32 {
+        // SAFETY: a helper without arguments or side effects.
+        pass_unless(unsafe { bpf_jiffies64() } == 0)
     }
 
     /// `N` bytes at `offset`, bounds-checked as the data path's parser does.

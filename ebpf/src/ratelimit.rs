@@ -27,7 +27,7 @@ use portcullis_common::{
     SLOT_INDEX_MASK,
 };
 
-use crate::{conntrack, deny, parse::Ip};
+use crate::{clock, deny, parse::Ip};
 
 /// Written through a shared mapping, as the rule arrays (`rules.rs`).
 const MMAPABLE: u32 = portcullis_common::BPF_F_MMAPABLE;
@@ -132,7 +132,7 @@ pub fn over_limit(ip: &Ip, generation: usize, slot: u32) -> bool {
     let Some(key) = source_key(ip, &default.v6_mask, bucket) else {
         return false;
     };
-    let now = conntrack::now();
+    let now = clock::now();
     // The explain instance decides as the live one but charges and bans
     // nothing (`explain.rs`).
     let explain = crate::explain::on();

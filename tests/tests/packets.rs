@@ -808,6 +808,62 @@ fn flows_age_out_by_protocol_and_state() {
     assert_eq!(table.keys().count(), 1, "expired flows were not removed");
 }
 
+/// The programs' clock is `CLOCK_MONOTONIC` to a tick (`ebpf/src/clock.rs`:
+/// `jiffies` times the kernel's tick, less an offset the loader sampled):
+/// a flow opened between two readings of `CLOCK_MONOTONIC` is stamped
+/// between them. Flows the daemon seeds are stamped with `CLOCK_MONOTONIC`
+/// and events' wall times are reckoned from it, so a clock off by more
+/// would age seeded flows wrongly and misdate every event.
+#[test]
+fn the_programs_clock_is_the_monotonic_clock() {
+    require_root!();
+    use aya::maps::{HashMap, Map, MapData};
+    use portcullis_common::{Flow, FlowKey4};
+
+    let mut b = Bench::new();
+    let clock = b.dp.clock();
+    let configured = std::path::Path::new("/proc/config.gz").exists()
+        || std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .is_ok_and(|r| std::path::Path::new(&format!("/boot/config-{}", r.trim())).exists());
+    if configured {
+        assert_ne!(
+            clock.tick_ns, 0,
+            "the kernel's tick was not learned: {clock}"
+        );
+    }
+    let tick = if clock.tick_ns == 0 {
+        10_000_000
+    } else {
+        clock.tick_ns
+    };
+    let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK4");
+    let table: HashMap<_, FlowKey4, Flow> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(&path).unwrap())).unwrap();
+    for port in 0..20u16 {
+        let before = monotonic_ns();
+        b.egress(&Pkt::new(H4, P4).udp(50000 + port, 53).bytes());
+        let after = monotonic_ns();
+        let port = (50000 + port).to_be();
+        let seen = table
+            .iter()
+            .map(Result::unwrap)
+            .find(|(k, _)| k.local_port == port || k.local_port == port.swap_bytes())
+            .expect("the flow just opened")
+            .1
+            .last_seen_ns;
+        assert!(
+            seen + 2 * tick >= before && seen <= after + tick,
+            "flow stamped {seen}, CLOCK_MONOTONIC {before}..{after} ({clock})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(7));
+    }
+}
+
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 /// A full connection table evicts the least recently used flows; traffic
 /// that matches no flow meets the policy (it does not fail open).
 #[test]

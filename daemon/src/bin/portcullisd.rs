@@ -725,6 +725,7 @@ async fn start(
     info!(
         program = dataplane.ingress_program(),
         adopted = dataplane.programs_adopted(),
+        clock = %dataplane.clock(),
         ms = t.elapsed().as_secs_f64() * 1e3,
         "XDP ingress program loaded"
     );

@@ -6,6 +6,7 @@
 //! - `programs`: verify and load the programs, or adopt the pinned ones;
 //! - `attach`: attach, adopt, pin and detach links; the pin directories;
 //! - `mapio`: raw map I/O (mapped arrays, batch writes, key walks);
+//! - `clock`: the running kernel's tick, for the programs' clock;
 //! - `counters`: the per-CPU counters, summed;
 //! - `flows`: the connection table (seed, look up, cut);
 //! - `deny`: the deny sets' tries, their admin exemption and counters;
@@ -54,6 +55,7 @@
 //! the pins exist the host stays protected, whether or not a daemon runs.
 
 mod attach;
+mod clock;
 mod counters;
 mod delta;
 mod deny;
@@ -80,13 +82,16 @@ use aya::{
     maps::{Array, MapData},
     programs::{SchedClassifier, Xdp},
 };
-use portcullis_common::{SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps};
+use portcullis_common::{
+    CLOCK_OFFSET_GLOBAL, CLOCK_TICK_GLOBAL, SETTING_EGRESS_ALLOWLIST, SETTING_PING, Settings, maps,
+};
 
 use attach::ensure_bpffs;
 pub use attach::{
     Attach, BOOTSTRAP, BOOTSTRAP_SINGLE, Bootstrap, BootstrapTags, bootstrap_interfaces,
     detach_all, maps_dir, remove_bootstraps, remove_old_layouts, repin_renamed_bootstraps,
 };
+pub use clock::Clock;
 pub use counters::read_counters;
 pub use deny::{DenyWrite, boottime_ns, covers};
 pub use explain::Verdict;
@@ -140,13 +145,18 @@ struct LoadParams {
     conntrack_entries: u32,
     limits: Limits,
     deny: [u32; 2],
+    /// The programs' clock (`clock.rs`), probed once per process so the
+    /// explain instances read the live programs' time.
+    clock: Clock,
 }
 
 impl LoadParams {
     /// A loader that reuses the maps pinned under `maps_dir`, sized alike.
-    fn loader<'a>(&self, maps_dir: &'a Path) -> EbpfLoader<'a> {
+    fn loader<'a>(&'a self, maps_dir: &'a Path) -> EbpfLoader<'a> {
         let mut loader = EbpfLoader::new();
         loader
+            .override_global(CLOCK_TICK_GLOBAL, &self.clock.tick_ns, true)
+            .override_global(CLOCK_OFFSET_GLOBAL, &self.clock.offset_ns, true)
             .default_map_pin_directory(maps_dir)
             .map_max_entries(maps::CONNTRACK4, self.conntrack_entries)
             .map_max_entries(maps::CONNTRACK6, self.conntrack_entries)
@@ -209,6 +219,7 @@ impl Dataplane {
             conntrack_entries,
             limits: *limits,
             deny,
+            clock: Clock::probe(),
         };
         let mut ebpf = params
             .loader(&maps_dir)
@@ -247,6 +258,12 @@ impl Dataplane {
 
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
+    }
+
+    /// The clock the programs this process loaded read (adopted programs
+    /// keep the one they were loaded with: the same, to a tick).
+    pub fn clock(&self) -> Clock {
+        self.params.clock
     }
 
     /// The XDP program variant loaded.

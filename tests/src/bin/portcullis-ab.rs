@@ -5,8 +5,9 @@
 //!    path pinned under DIR (left pinned) with the benchmark's N-rule set
 //!    (same seed as `portcullis-bench`).
 //! 2. With either build: `portcullis-ab run DIR_A DIR_B N [ROUNDS]` runs the
-//!    benchmark's new-traffic frames (v4/v6, allowed/denied SYNs) through
-//!    both pinned programs, A and B alternating within each round, and
+//!    benchmark's new-traffic frames (v4/v6, allowed/denied SYNs) and
+//!    established-flow frames (v4/v6 ACKs of flows `setup` opened through
+//!    that build's egress program) through both pinned programs, A and B alternating within each round, and
 //!    prints per class the medians of A, B and of B - A (per round).
 //! 3. `portcullis-ab clean DIR` removes the pins.
 
@@ -21,8 +22,14 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use portcullis::{compile, dataplane::Dataplane, rules::RuleSet, testrun};
+use portcullis::{
+    compile,
+    dataplane::{Dataplane, Program},
+    rules::RuleSet,
+    testrun,
+};
 use portcullis_common::{DIR_INGRESS, PCLASS_TCP};
+use portcullis_tests::packet::{ACK, Pkt, SYN};
 use rand::{SeedableRng, rngs::StdRng};
 use sets::shape;
 
@@ -53,6 +60,35 @@ fn classes(set: &RuleSet, rng: &mut StdRng) -> [Vec<Vec<u8>>; 4] {
     out
 }
 
+/// Frames of one class.
+type Frames = Vec<Vec<u8>>;
+
+/// Established flows per family (IPv4, IPv6): the SYN this host sends to
+/// open each (egress) and the other end's ACK on it (ingress), from
+/// sources anywhere (seeded apart from the rule set's frames).
+fn established() -> [(Frames, Frames); 2] {
+    let mut rng = StdRng::seed_from_u64(0xe57);
+    let mut out: [(Frames, Frames); 2] = Default::default();
+    for i in 0..PACKETS {
+        let (remote, rport) = sets::anywhere(&mut rng);
+        let host = if remote.is_ipv4() {
+            "10.200.0.1"
+        } else {
+            "fd00:200::1"
+        };
+        let remote = remote.to_string();
+        let lport = 32_768 + (i % 28_000) as u16;
+        let family = &mut out[usize::from(host.contains(':'))];
+        family
+            .0
+            .push(Pkt::new(host, &remote).tcp(lport, rport, SYN).bytes());
+        family
+            .1
+            .push(Pkt::new(&remote, host).tcp(rport, lport, ACK).bytes());
+    }
+    out
+}
+
 fn set_for(n: usize) -> (RuleSet, StdRng) {
     let mut rng = StdRng::seed_from_u64(0x5eed + n as u64);
     let set = shape(n, &mut rng);
@@ -65,6 +101,11 @@ fn setup(dir: &Path, n: usize) -> anyhow::Result<()> {
     let fitted = sets::fitted(&image);
     let mut dp = Dataplane::load(dir, 65536, &fitted)?;
     dp.apply(&image, false)?;
+    for (syns, _) in established() {
+        for syn in &syns {
+            dp.test_run(Program::Egress, syn, 1)?;
+        }
+    }
     let info = aya::programs::ProgramInfo::from_pin(ingress_pin(dir)?)?;
     println!(
         "loaded {n} rules under {}; ingress verified_insns {:?}",
@@ -111,11 +152,22 @@ fn run(a: &Path, b: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     let _la = rawbpf::attach_xdp(fa, nix::net::if_::if_nametoindex("aba0")?)?;
     let _lb = rawbpf::attach_xdp(fb, nix::net::if_::if_nametoindex("abb0")?)?;
     let (set, mut rng) = set_for(n);
-    let cls = classes(&set, &mut rng);
-    let names = ["v4 allowed", "v4 denied", "v6 allowed", "v6 denied"];
-    let mut av: Vec<Vec<f64>> = vec![vec![]; 4];
-    let mut bv: Vec<Vec<f64>> = vec![vec![]; 4];
-    // PORTCULLIS_AB_CLASS=i: only class i (0..4, in `names` order).
+    let [v4, v6] = established();
+    let cls: Vec<Vec<Vec<u8>>> = classes(&set, &mut rng)
+        .into_iter()
+        .chain([v4.1, v6.1])
+        .collect();
+    let names = [
+        "v4 allowed",
+        "v4 denied",
+        "v6 allowed",
+        "v6 denied",
+        "v4 est",
+        "v6 est",
+    ];
+    let mut av: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    let mut bv: Vec<Vec<f64>> = vec![vec![]; names.len()];
+    // PORTCULLIS_AB_CLASS=i: only class i (0..6, in `names` order).
     let only: Option<usize> = std::env::var("PORTCULLIS_AB_CLASS")
         .ok()
         .and_then(|v| v.parse().ok());
@@ -142,7 +194,7 @@ fn run(a: &Path, b: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
         a.display(),
         b.display()
     );
-    for i in 0..4 {
+    for i in 0..names.len() {
         let d: Vec<f64> = av[i].iter().zip(&bv[i]).map(|(x, y)| y - x).collect();
         let (dmin, dmax) = d
             .iter()

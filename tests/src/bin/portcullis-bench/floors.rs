@@ -14,7 +14,7 @@ use portcullis::testrun::FLOOR_OBJECT;
 use portcullis_common::{Flow, FlowKey};
 
 /// The floor programs, in the order printed: (program, what it does).
-pub const PROGRAMS: [(&str, &str); 15] = [
+pub const PROGRAMS: [(&str, &str); 16] = [
     ("floor_empty", "empty program (call + return)"),
     ("floor_array", "one array read"),
     ("floor_counter", "one per-CPU counter update"),
@@ -33,6 +33,7 @@ pub const PROGRAMS: [(&str, &str); 15] = [
     ("floor_lru16_hit", "one LRU lookup, 16-byte key, hit"),
     ("floor_cold", "one read, 256 MiB array, index by source"),
     ("floor_cold8", "8 dependent reads, 256 MiB array"),
+    ("floor_jiffies", "one bpf_jiffies64 (inlined)"),
 ];
 
 /// The value the hit rows find (any live flow).

@@ -238,7 +238,8 @@ pub fn floor_round(floors: &[OwnedFd], frames: &[Vec<u8>]) -> Vec<f64> {
 /// and floor costs net of the empty program `n` (in `floors::PROGRAMS`
 /// order: array 1, counter 2, lru hit 3, lru miss 4, ktime 5, parse 6,
 /// coarse 7, lru16 miss 8, hash 9, lru16 update 10, lru16 update per-CPU
-/// 11, lru16 hit 12).
+/// 11, lru16 hit 12, cold 13, cold8 14, jiffies 15). The programs' clock
+/// is `jiffies` (`ebpf/src/clock.rs`).
 type Derive = fn(&[f64], &[f64], f64) -> (f64, f64);
 const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
@@ -253,15 +254,15 @@ const STAGES: [(&str, &str, &str, Derive); 6] = [
     (
         "drop event (budget spent)",
         "frag - trunc",
-        "ktime + counter",
-        |v, n, _| (v[2] - v[1], n[5] + n[2]),
+        "jiffies + counter",
+        |v, n, _| (v[2] - v[1], n[15] + n[2]),
     ),
     (
         // The classes are IPv4: `CONNTRACK4`'s 16-byte key.
         "established: L4 + conntrack hit + age check",
         "est - trunc",
-        "lru16 hit + coarse",
-        |v, n, _| (v[3] - v[1], n[12] + n[7]),
+        "lru16 hit + jiffies",
+        |v, n, _| (v[3] - v[1], n[12] + n[15]),
     ),
     // No hash lookup: `IFDIR` is asked only while a rule names an
     // interface (`SETTING_NO_IF_RULES`), which the benchmark's sets do not.
