@@ -191,8 +191,8 @@ pub fn flow_key(c: &Connection) -> FlowKey {
     }
 }
 
-/// `CLOCK_MONOTONIC`, the clock of `bpf_ktime_get_coarse_ns` (which lags it
-/// by at most a tick).
+/// `CLOCK_MONOTONIC`, the programs' clock (`ebpf/src/clock.rs`, which lags
+/// it by at most a tick).
 fn monotonic_ns() -> u64 {
     // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
