@@ -47,6 +47,28 @@ impl PinDir {
 
     /// Waits until counter `reason` reaches `want` and checks it stays there
     /// (no more than `want`): asserts the exact count of packets.
+    /// The counters once each `(reason, delta)` of `want` has moved by at
+    /// least `delta` since `before` (or 10 s have passed), and 100 ms more
+    /// for any extra movement to show: a loaded machine may take longer
+    /// than a fixed sleep to run frames already sent through the programs.
+    pub fn counters_once_moved(
+        &self,
+        before: &HashMap<Reason, u64>,
+        want: &[(Reason, u64)],
+    ) -> HashMap<Reason, u64> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.counters().unwrap();
+            let moved = want.iter().all(|(r, d)| now[r] - before[r] >= *d);
+            if moved || Instant::now() >= deadline {
+                break;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(100));
+        self.counters().unwrap()
+    }
+
     pub fn expect_counter(&self, reason: Reason, want: u64) {
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut got = self.counter(reason);
@@ -99,8 +121,12 @@ fn remove_stale_pins() {
     }
 }
 
-/// Mounts bpffs on /sys/fs/bpf if it is not there yet.
+/// Mounts bpffs on /sys/fs/bpf if it is not there yet. One test thread at
+/// a time: two that both found it missing would mount it twice, and pins
+/// made under the first mount would vanish under the second.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
+    static MOUNTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = MOUNTING.lock().unwrap_or_else(|e| e.into_inner());
     let mounted = fs::read_to_string("/proc/self/mounts")?
         .lines()
         .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.starts_with("bpf "));

@@ -19,6 +19,8 @@ use crate::Netns;
 pub struct Dnsmasq {
     child: Child,
     hosts: tempfile::NamedTempFile,
+    /// Where it answers (`set_hosts` asks it until it has read the file).
+    server: SocketAddr,
 }
 
 impl Dnsmasq {
@@ -52,6 +54,7 @@ impl Dnsmasq {
         let mut d = Dnsmasq {
             child: cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?,
             hosts: file,
+            server: dns_server(addr),
         };
         // Up once it answers.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -73,15 +76,32 @@ impl Dnsmasq {
         Ok(d)
     }
 
-    /// Rewrites the hosts file and makes dnsmasq read it again (SIGHUP).
-    pub fn set_hosts(&mut self, hosts: &[(&str, &str)]) -> anyhow::Result<()> {
+    /// Rewrites the hosts file and makes dnsmasq read it again (SIGHUP);
+    /// returns once it answers the first name with its new address (asked
+    /// from `ns`), so a loaded machine's late reread is not taken for an
+    /// old answer.
+    pub fn set_hosts(&mut self, ns: &Netns, hosts: &[(&str, &str)]) -> anyhow::Result<()> {
         write_hosts(self.hosts.path(), hosts)?;
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGHUP,
         )?;
-        thread::sleep(Duration::from_millis(200));
-        Ok(())
+        let Some(&(name, addr)) = hosts.first() else {
+            thread::sleep(Duration::from_millis(200));
+            return Ok(());
+        };
+        let want: IpAddr = addr.parse()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = lookup(ns, self.server, name, Duration::from_millis(200));
+            if got.as_ref().is_ok_and(|a| a.contains(&want)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("dnsmasq still answers {name} with {got:?}, not {want}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -440,8 +440,7 @@ fn ipv4_reads_stay_inside_the_total_length_and_tiny_tcp_fragments_are_dropped() 
     for (what, frames, want) in cases {
         let c = pins.counters().unwrap();
         send_frames(&pair.peer, PEER_IFACE, &frames);
-        std::thread::sleep(Duration::from_millis(300));
-        let now = pins.counters().unwrap();
+        let now = pins.counters_once_moved(&c, want);
         for &(reason, delta) in want {
             let moved = now[&reason] - c[&reason];
             if moved != delta {

@@ -286,7 +286,8 @@ fn changed_addresses_and_expiry() {
     let mut open =
         tcp_connect(&pair.host, tcp(SERVERS[0], PORT)).expect("first address right after lookup");
     echo_roundtrip(&mut open, b"before\n").unwrap();
-    up.set_hosts(&[("allowed.test", SERVERS[1])]).unwrap();
+    up.set_hosts(&pair.peer, &[("allowed.test", SERVERS[1])])
+        .unwrap();
     assert_eq!(resolve(&pair, "allowed.test"), vec![ip(SERVERS[1])]);
     assert!(
         reaches(&pair, tcp(SERVERS[1], PORT)),
@@ -344,6 +345,7 @@ fn restart_during_lookups_loses_no_answer() {
         );
     }
     const LOOKUPS: usize = 150;
+    let first_answer = std::sync::atomic::AtomicBool::new(false);
     let stream = thread::scope(|s| {
         let client = s.spawn(|| {
             let (mut answered, mut retried) = (0, 0);
@@ -360,6 +362,7 @@ fn restart_during_lookups_loses_no_answer() {
                         answered += 1;
                         retried += usize::from(attempt > 0);
                         times.push(std::time::Instant::now());
+                        first_answer.store(true, std::sync::atomic::Ordering::Relaxed);
                         break;
                     }
                 }
@@ -367,7 +370,14 @@ fn restart_during_lookups_loses_no_answer() {
             }
             (answered, retried, times)
         });
-        thread::sleep(Duration::from_millis(700));
+        // Some answers before the kill, however slow the machine is.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !first_answer.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        thread::sleep(Duration::from_millis(200));
         let killed = std::time::Instant::now();
         d.kill_in_place();
         // While no daemon runs: a query waits in the socket's queue.
