@@ -356,8 +356,8 @@ impl FlowKey4 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Flow {
-    /// `CLOCK_MONOTONIC` (`bpf_ktime_get_coarse_ns`: as of the kernel's
-    /// last tick) of the last packet, rounded to
+    /// `CLOCK_MONOTONIC` (the programs' clock, `ebpf/src/clock.rs`: as of
+    /// the kernel's last tick) of the last packet, rounded to
     /// the refresh interval: the data path rewrites it at most once a second.
     pub last_seen_ns: u64,
     /// One of the `FLOW_*` states.

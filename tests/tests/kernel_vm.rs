@@ -89,6 +89,7 @@ fn build_initramfs(cache: &Path, work: &Path) -> anyhow::Result<PathBuf> {
         "dev",
         "run",
         "tmp",
+        "boot",
         "lib/modules",
     ] {
         fs::create_dir_all(root.join(d))?;
@@ -122,6 +123,12 @@ fn build_initramfs(cache: &Path, work: &Path) -> anyhow::Result<PathBuf> {
                 .join(path.file_name().context("module name")?),
         )?;
     }
+    // As a Debian host has it: the data path's clock learns the tick from it.
+    let release = fs::read_to_string(cache.join("kernel/release"))?;
+    fs::copy(
+        cache.join("kernel/config"),
+        root.join("boot").join(format!("config-{}", release.trim())),
+    )?;
     let init = root.join("init");
     fs::write(&init, INIT)?;
     fs::set_permissions(&init, fs::Permissions::from_mode(0o755))?;
@@ -298,6 +305,16 @@ fn debian12_kernel_loads_attaches_and_enforces() {
     assert!(
         vm.iter().any(|l| l.starts_with("daemon ready")),
         "portcullisd did not reach ready on Linux {}; its log:\n{}",
+        release.trim(),
+        daemon_log.join("\n")
+    );
+    // Debian 12's kernel is HZ 250: the programs read jiffies, not the
+    // coarse clock (`ebpf/src/clock.rs`).
+    assert!(
+        daemon_log
+            .iter()
+            .any(|l| l.contains("clock=jiffies, 4000000 ns a tick")),
+        "the data path's clock is not jiffies on Linux {}; the daemon's log:\n{}",
         release.trim(),
         daemon_log.join("\n")
     );

@@ -1,18 +1,33 @@
 //! The data path's clock constants (`ebpf/src/clock.rs`): the kernel's
 //! tick, from its configuration, and the offset that makes `jiffies × tick`
-//! read as `CLOCK_MONOTONIC`, from one sample of both. The loader sets
-//! them as read-only globals; without either, the programs read the coarse
-//! clock (`Clock::COARSE`), which is slower, never wrong.
+//! read as `CLOCK_MONOTONIC`, from a sample of both. The loader sets them
+//! as read-only globals; without them, the programs read the coarse clock
+//! (`Clock::COARSE`), which is slower, never wrong.
 //!
 //! Both sources are the running kernel's own: `/proc/config.gz` (built
-//! into the kernel) or `/boot/config-<release>` for `CONFIG_HZ`, and
-//! `/proc/timer_list` (root only) for `jiffies` beside `now at … nsecs`,
-//! which is `CLOCK_MONOTONIC`. The kernel advances `jiffies` by one for
-//! each `TICK_NSEC` of `CLOCK_MONOTONIC`, so the two stay together for the
-//! life of the boot; programs pinned by an earlier daemon keep the
-//! constants they were loaded with, which are as good.
+//! into the kernel) or `/boot/config-<release>` for `CONFIG_HZ`, and the
+//! first `jiffies:` line of `/proc/timer_list` (root only), read between
+//! two readings of `CLOCK_MONOTONIC`. A tick that does not fit the sample
+//! (a config file of another build of the same release) is refused: a
+//! 64-bit kernel starts `jiffies` at `2^32 − 300 × HZ` (`INITIAL_JIFFIES`)
+//! and, on the tickless kernels clouds run, advances it by one for each
+//! `TICK_NSEC` of `CLOCK_MONOTONIC`, so `jiffies` less its start, times the
+//! tick, is the time since boot to within the boot's first moments. That
+//! also keeps the two together for the life of the boot; programs pinned
+//! by an earlier daemon keep the constants they were loaded with, which
+//! are as good.
 
-use std::{fs, io::Read as _};
+use std::{
+    fs,
+    io::{BufReader, Read as _},
+};
+
+use tracing::warn;
+
+/// How far `jiffies` since boot, times the tick, may be from
+/// `CLOCK_MONOTONIC` (the boot's first moments before the tick runs; a
+/// wrong `HZ` is off by minutes, except within seconds of the 300th).
+const PLAUSIBLE_NS: i128 = 10_000_000_000;
 
 /// What the programs' `now()` is made of.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,31 +45,36 @@ impl Clock {
         offset_ns: 0,
     };
 
-    /// The running kernel's: its tick and one sample of `jiffies` against
-    /// `CLOCK_MONOTONIC`; [`Clock::COARSE`] if either cannot be read.
+    /// The running kernel's: its tick and a sample of `jiffies` against
+    /// `CLOCK_MONOTONIC`; [`Clock::COARSE`] if either cannot be read or
+    /// they do not fit together.
     pub fn probe() -> Clock {
         let Some(hz) = kernel_config().as_deref().and_then(config_hz) else {
             return Clock::COARSE;
         };
-        let Some((monotonic_ns, jiffies)) = fs::read_to_string("/proc/timer_list")
-            .ok()
-            .as_deref()
-            .and_then(timer_list_sample)
-        else {
+        let tick_ns = tick_ns(hz);
+        let Some((jiffies, monotonic_ns)) = jiffies_sample(tick_ns) else {
             return Clock::COARSE;
         };
+        if !plausible(hz, jiffies, monotonic_ns) {
+            warn!(
+                hz,
+                jiffies,
+                monotonic_ns,
+                "the kernel configuration's HZ does not fit its jiffies; the data path reads the coarse clock"
+            );
+            return Clock::COARSE;
+        }
         Clock::from_sample(hz, jiffies, monotonic_ns)
     }
 
-    /// The constants for a kernel of `hz` that read `jiffies` at
-    /// `monotonic_ns`. The sample is one tick old at most (a tick's first
-    /// nanosecond is when `jiffies` took its value), so the clock it makes
-    /// lags `CLOCK_MONOTONIC` by less than a tick, as the coarse clock does.
+    /// The constants for a kernel of `hz` whose `jiffies` took the value
+    /// `jiffies` at `monotonic_ns`.
     pub fn from_sample(hz: u64, jiffies: u64, monotonic_ns: u64) -> Clock {
         if hz == 0 {
             return Clock::COARSE;
         }
-        let tick_ns = (1_000_000_000 + hz / 2) / hz;
+        let tick_ns = tick_ns(hz);
         Clock {
             tick_ns,
             offset_ns: jiffies.wrapping_mul(tick_ns).wrapping_sub(monotonic_ns),
@@ -102,19 +122,53 @@ fn config_hz(config: &str) -> Option<u64> {
         .filter(|&hz| hz > 0)
 }
 
-/// `(CLOCK_MONOTONIC ns, jiffies)` from `/proc/timer_list`: its header's
-/// `now at N nsecs` and the first `jiffies: N` after it.
-fn timer_list_sample(text: &str) -> Option<(u64, u64)> {
-    let mut lines = text.lines();
-    let now = lines.by_ref().find_map(|l| {
-        l.strip_prefix("now at ")?
-            .strip_suffix(" nsecs")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    let jiffies = lines.find_map(|l| l.strip_prefix("jiffies:")?.trim().parse().ok())?;
-    Some((now, jiffies))
+/// The kernel's `TICK_NSEC` for `hz` (rounded as it rounds it).
+fn tick_ns(hz: u64) -> u64 {
+    (1_000_000_000 + hz / 2) / hz
+}
+
+/// `(jiffies, CLOCK_MONOTONIC ns when jiffies took that value)`: the
+/// quickest of three reads of `/proc/timer_list` up to its first
+/// `jiffies:` line, each between two readings of `CLOCK_MONOTONIC`.
+/// `jiffies` took its value at the start of a tick, at most a tick before
+/// it was read: the middle of that span is the estimate, within half a
+/// tick and half the read.
+fn jiffies_sample(tick_ns: u64) -> Option<(u64, u64)> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    for _ in 0..3 {
+        let before = monotonic_ns()?;
+        let file = fs::File::open("/proc/timer_list").ok()?;
+        let jiffies = first_jiffies(BufReader::new(file))?;
+        let after = monotonic_ns()?;
+        let took = after.saturating_sub(before);
+        if best.is_none_or(|(_, _, t)| took < t) {
+            best = Some((jiffies, before, took));
+        }
+    }
+    let (jiffies, before, took) = best?;
+    Some((jiffies, (before + took / 2).saturating_sub(tick_ns / 2)))
+}
+
+/// The value of the first `jiffies: N` line (the rest is not read: the
+/// file goes on with every CPU's timers).
+fn first_jiffies(text: impl std::io::BufRead) -> Option<u64> {
+    text.lines()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("jiffies:")?.trim().parse().ok())
+}
+
+/// Whether `jiffies` at `monotonic_ns` fits a 64-bit kernel of `hz`: its
+/// count since `INITIAL_JIFFIES`, times the tick, is the time since boot
+/// to within [`PLAUSIBLE_NS`].
+fn plausible(hz: u64, jiffies: u64, monotonic_ns: u64) -> bool {
+    let initial = u64::from((300 * hz as u32).wrapping_neg());
+    let since_boot = i128::from(jiffies.wrapping_sub(initial) as i64) * i128::from(tick_ns(hz));
+    (since_boot - i128::from(monotonic_ns)).abs() <= PLAUSIBLE_NS
+}
+
+fn monotonic_ns() -> Option<u64> {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
+    Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
 
 #[cfg(test)]
@@ -132,14 +186,28 @@ mod tests {
     }
 
     #[test]
-    fn a_timer_list_gives_the_monotonic_time_and_jiffies() {
+    fn jiffies_are_read_from_the_first_cpu_of_a_timer_list() {
         let text = "Timer List Version: v0.10\nHRTIMER_MAX_CLOCK_BASES: 8\nnow at 31744817072316 nsecs\n\ncpu: 0\n  .idle_jiffies   : 4302828360\n  .last_jiffies   : 4302828435\njiffies: 4302828436\n\ncpu: 1\njiffies: 4302828437\n";
-        assert_eq!(
-            timer_list_sample(text),
-            Some((31_744_817_072_316, 4_302_828_436))
-        );
-        assert_eq!(timer_list_sample("jiffies: 5\nnow at 7 nsecs\n"), None);
-        assert_eq!(timer_list_sample("now at 7 nsecs\n"), None);
+        assert_eq!(first_jiffies(text.as_bytes()), Some(4_302_828_436));
+        assert_eq!(first_jiffies("now at 7 nsecs\n".as_bytes()), None);
+        assert_eq!(first_jiffies("jiffies: x\n".as_bytes()), None);
+    }
+
+    /// From this machine's `/proc/timer_list` (HZ 250, up 31744.8 s): the
+    /// right HZ fits, the others do not, and early in a boot too.
+    #[test]
+    fn only_the_kernels_hz_fits_its_jiffies() {
+        let (jiffies, monotonic) = (4_302_828_435, 31_744_817_072_316);
+        assert!(plausible(250, jiffies, monotonic));
+        for wrong in [100, 300, 1000] {
+            assert!(!plausible(wrong, jiffies, monotonic), "HZ {wrong}");
+        }
+        // Five seconds after boot, HZ 1000: jiffies 2^32 - 300,000 + 5,000.
+        let early = (1u64 << 32) - 300_000 + 5_000;
+        assert!(plausible(1000, early, 5_000_000_000));
+        for wrong in [100, 250, 300] {
+            assert!(!plausible(wrong, early, 5_000_000_000), "HZ {wrong}");
+        }
     }
 
     #[test]

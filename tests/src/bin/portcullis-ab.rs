@@ -63,12 +63,23 @@ fn classes(set: &RuleSet, rng: &mut StdRng) -> [Vec<Vec<u8>>; 4] {
 /// Frames of one class.
 type Frames = Vec<Vec<u8>>;
 
-/// Established flows per family (IPv4, IPv6): the SYN this host sends to
-/// open each (egress) and the other end's ACK on it (ingress), from
-/// sources anywhere (seeded apart from the rule set's frames).
-fn established() -> [(Frames, Frames); 2] {
+/// Established flows of one family.
+#[derive(Default)]
+struct Flows {
+    /// The SYN this host sends to open each (egress).
+    syns: Frames,
+    /// The other end's answer (ingress): the flow is established, with
+    /// the timeout of one (a flow left at SYN_SENT ages out in 60 s).
+    synacks: Frames,
+    /// The other end's ACKs on it, the class measured.
+    acks: Frames,
+}
+
+/// Established flows per family (IPv4, IPv6), from sources anywhere
+/// (seeded apart from the rule set's frames).
+fn established() -> [Flows; 2] {
     let mut rng = StdRng::seed_from_u64(0xe57);
-    let mut out: [(Frames, Frames); 2] = Default::default();
+    let mut out: [Flows; 2] = Default::default();
     for i in 0..PACKETS {
         let (remote, rport) = sets::anywhere(&mut rng);
         let host = if remote.is_ipv4() {
@@ -79,12 +90,12 @@ fn established() -> [(Frames, Frames); 2] {
         let remote = remote.to_string();
         let lport = 32_768 + (i % 28_000) as u16;
         let family = &mut out[usize::from(host.contains(':'))];
+        let (sent, back) = (Pkt::new(host, &remote), Pkt::new(&remote, host));
+        family.syns.push(sent.tcp(lport, rport, SYN).bytes());
         family
-            .0
-            .push(Pkt::new(host, &remote).tcp(lport, rport, SYN).bytes());
-        family
-            .1
-            .push(Pkt::new(&remote, host).tcp(rport, lport, ACK).bytes());
+            .synacks
+            .push(back.clone().tcp(rport, lport, SYN | ACK).bytes());
+        family.acks.push(back.tcp(rport, lport, ACK).bytes());
     }
     out
 }
@@ -101,9 +112,10 @@ fn setup(dir: &Path, n: usize) -> anyhow::Result<()> {
     let fitted = sets::fitted(&image);
     let mut dp = Dataplane::load(dir, 65536, &fitted)?;
     dp.apply(&image, false)?;
-    for (syns, _) in established() {
-        for syn in &syns {
+    for flows in established() {
+        for (syn, synack) in flows.syns.iter().zip(&flows.synacks) {
             dp.test_run(Program::Egress, syn, 1)?;
+            dp.test_run(Program::Ingress, synack, 1)?;
         }
     }
     let info = aya::programs::ProgramInfo::from_pin(ingress_pin(dir)?)?;
@@ -155,7 +167,7 @@ fn run(a: &Path, b: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     let [v4, v6] = established();
     let cls: Vec<Vec<Vec<u8>>> = classes(&set, &mut rng)
         .into_iter()
-        .chain([v4.1, v6.1])
+        .chain([v4.acks, v6.acks])
         .collect();
     let names = [
         "v4 allowed",
