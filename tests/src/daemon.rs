@@ -45,8 +45,6 @@ impl PinDir {
         self.counters().expect("read counters")[&reason]
     }
 
-    /// Waits until counter `reason` reaches `want` and checks it stays there
-    /// (no more than `want`): asserts the exact count of packets.
     /// The counters once each `(reason, delta)` of `want` has moved by at
     /// least `delta` since `before` (or 10 s have passed), and 100 ms more
     /// for any extra movement to show: a loaded machine may take longer
@@ -69,17 +67,11 @@ impl PinDir {
         self.counters().unwrap()
     }
 
+    /// Waits until counter `reason` reaches `want` and checks it stays there
+    /// (no more than `want`): asserts the exact count of packets.
     pub fn expect_counter(&self, reason: Reason, want: u64) {
-        // Returns as soon as the counter is there: the bound only matters
-        // on a machine slow enough to need it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut got = self.counter(reason);
-        while got < want && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-            got = self.counter(reason);
-        }
-        thread::sleep(Duration::from_millis(100));
-        got = self.counter(reason);
+        let from_zero = HashMap::from([(reason, 0)]);
+        let got = self.counters_once_moved(&from_zero, &[(reason, want)])[&reason];
         assert_eq!(
             got,
             want,

@@ -81,8 +81,10 @@ impl Clock {
         }
     }
 
-    /// The time the programs read when the kernel's `jiffies` is `jiffies`.
-    pub fn at(&self, jiffies: u64) -> u64 {
+    /// The time the programs read when the kernel's `jiffies` is `jiffies`
+    /// (`ebpf/src/clock.rs`, written again for the tests).
+    #[cfg(test)]
+    fn at(&self, jiffies: u64) -> u64 {
         jiffies
             .wrapping_mul(self.tick_ns)
             .wrapping_sub(self.offset_ns)
@@ -161,12 +163,14 @@ fn first_jiffies(text: impl std::io::BufRead) -> Option<u64> {
 /// count since `INITIAL_JIFFIES`, times the tick, is the time since boot
 /// to within [`PLAUSIBLE_NS`].
 fn plausible(hz: u64, jiffies: u64, monotonic_ns: u64) -> bool {
-    let initial = u64::from((300 * hz as u32).wrapping_neg());
+    // `(unsigned int)(-300 * HZ)`, wrapping as C's does for any `HZ`.
+    let initial = u64::from((hz as u32).wrapping_mul(300).wrapping_neg());
     let since_boot = i128::from(jiffies.wrapping_sub(initial) as i64) * i128::from(tick_ns(hz));
     (since_boot - i128::from(monotonic_ns)).abs() <= PLAUSIBLE_NS
 }
 
-fn monotonic_ns() -> Option<u64> {
+/// `CLOCK_MONOTONIC` now, in ns: the programs' clock, to a tick.
+pub(super) fn monotonic_ns() -> Option<u64> {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).ok()?;
     Some(t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
 }
@@ -208,6 +212,14 @@ mod tests {
         for wrong in [100, 250, 300] {
             assert!(!plausible(wrong, early, 5_000_000_000), "HZ {wrong}");
         }
+        // A config file's HZ is not trusted to be small: no overflow, and
+        // a HZ past 10^9 has no tick (the programs read the coarse clock).
+        let _ = plausible(u64::MAX, early, 5_000_000_000);
+        assert_eq!(
+            Clock::from_sample(u64::MAX, early, 5_000_000_000).tick_ns,
+            0
+        );
+        assert!(!plausible(20_000_000, early, 5_000_000_000));
     }
 
     #[test]

@@ -113,7 +113,8 @@ impl Dataplane {
     /// Adds connections that exist now to the connection table, so that
     /// enforcement does not cut them. Existing entries are left as they are.
     pub fn seed_connections(&mut self, connections: &[Connection]) -> anyhow::Result<usize> {
-        let now = monotonic_ns();
+        // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
+        let now = super::clock::monotonic_ns().unwrap_or(0);
         let mut added = 0;
         for c in connections {
             let key = flow_key(c);
@@ -189,13 +190,4 @@ pub fn flow_key(c: &Connection) -> FlowKey {
         family,
         _pad: [0; 2],
     }
-}
-
-/// `CLOCK_MONOTONIC`, the programs' clock (`ebpf/src/clock.rs`, which lags
-/// it by at most a tick).
-fn monotonic_ns() -> u64 {
-    // CLOCK_MONOTONIC cannot fail on Linux; 0 would only age seeded flows.
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
-        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
-    })
 }

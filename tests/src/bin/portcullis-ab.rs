@@ -6,9 +6,10 @@
 //!    (same seed as `portcullis-bench`).
 //! 2. With either build: `portcullis-ab run DIR_A DIR_B N [ROUNDS]` runs the
 //!    benchmark's new-traffic frames (v4/v6, allowed/denied SYNs) and
-//!    established-flow frames (v4/v6 ACKs of flows `setup` opened through
-//!    that build's egress program) through both pinned programs, A and B alternating within each round, and
-//!    prints per class the medians of A, B and of B - A (per round).
+//!    established-flow frames (v4/v6 ACKs of flows `setup` established
+//!    through that build's programs: this host's SYN out, the answer in)
+//!    through both pinned programs, A and B alternating within each round,
+//!    and prints per class the medians of A, B and of B - A (per round).
 //! 3. `portcullis-ab clean DIR` removes the pins.
 
 #[path = "portcullis-bench/rawbpf.rs"]
