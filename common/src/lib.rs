@@ -57,6 +57,12 @@ pub mod maps {
     /// Both connection tables, IPv4 first; each holds up to the configured
     /// number of connections.
     pub const CONNTRACK: [&str; 2] = [CONNTRACK4, CONNTRACK6];
+    /// `PerCpuArray<CachedFlow4>` / `PerCpuArray<CachedFlow6>`, each
+    /// [`crate::FLOW_CACHE_SLOTS`] a CPU: the established-flow caches, direct
+    /// mapped, in front of the connection tables on ingress
+    /// (`ebpf/src/flowcache.rs`). The daemon zeroes them whenever it removes
+    /// connection-table entries.
+    pub const FLOW_CACHE: [&str; 2] = ["FLOW_CACHE4", "FLOW_CACHE6"];
     /// `LruHashMap<FlowKey4, Flow>` (IPv4) and `LruHashMap<FlowKey, Flow>`
     /// (IPv6): inbound flows the rules admitted. They admit no inbound
     /// packet (the rules decide each); they let this host's replies out
@@ -295,7 +301,9 @@ pub const FAMILY_V6: u8 = 6;
 /// local port is the echo identifier and the remote port 0; for protocols
 /// without ports both are 0. The key of the IPv6 tables; the IPv4 tables
 /// use [`FlowKey4`] ([`FlowKey::v4`]).
-#[repr(C)]
+// Aligned to 8 (no size change: 40 bytes, no implicit padding), so the flow
+// cache reads a key as 8-byte words.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
     pub local: [u8; 16],
@@ -308,8 +316,8 @@ pub struct FlowKey {
 }
 
 /// An IPv4 flow (`FlowKey` with 4-byte addresses and no family: the
-/// family is the table's): 16 bytes.
-#[repr(C)]
+/// family is the table's): 16 bytes, aligned to 8 as `FlowKey`.
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey4 {
     pub local: [u8; 4],
@@ -411,6 +419,53 @@ pub const fn flow_timeout_ns(proto: u8, state: u8) -> u64 {
 
 /// The data path rewrites `last_seen_ns` at most this often per flow.
 pub const FLOW_REFRESH_NS: u64 = SEC;
+
+/// Slots per CPU of each flow cache ([`maps::FLOW_CACHE`]); a power of two.
+pub const FLOW_CACHE_SLOTS: u32 = 2048;
+
+/// A slot of a flow cache: a connection-table key as 8-byte words (`N` = 2:
+/// `FlowKey4`; 5: `FlowKey`), until when (the programs' clock) it admits
+/// that flow's inbound packets without a table lookup, and a check word
+/// (the key's hash xor `until_ns`) that a torn write cannot keep. All
+/// zero: empty (`until_ns` 0 is long past).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedFlow<const N: usize> {
+    pub key: [u64; N],
+    pub until_ns: u64,
+    pub check: u64,
+}
+
+impl<const N: usize> Default for CachedFlow<N> {
+    fn default() -> Self {
+        Self {
+            key: [0; N],
+            until_ns: 0,
+            check: 0,
+        }
+    }
+}
+
+/// The IPv4 flow cache's slot.
+pub type CachedFlow4 = CachedFlow<2>;
+/// The IPv6 flow cache's slot.
+pub type CachedFlow6 = CachedFlow<5>;
+
+/// The flow cache's hash of a key's words: the slot is its low bits, the
+/// check word is it xor the expiry. Multiplicative, a few instructions per
+/// word; a sender who picks colliding flows only evicts slots (the table
+/// still answers).
+#[inline(always)]
+pub const fn flow_cache_hash<const N: usize>(words: &[u64; N]) -> u64 {
+    let mut h: u64 = 0;
+    let mut i = 0;
+    while i < N {
+        h = (h ^ words[i]).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+        i += 1;
+    }
+    h
+}
 
 /// The map flag of arrays user space writes through a shared mapping of
 /// their memory (`BPF_F_MMAPABLE`): a memory copy, where a batch update
@@ -842,6 +897,8 @@ mod pod {
     unsafe impl aya::Pod for super::FlowKey {}
     // SAFETY: repr(C), plain integers, no padding left implicit.
     unsafe impl aya::Pod for super::FlowKey4 {}
+    // SAFETY: repr(C) of u64s only, no padding.
+    unsafe impl<const N: usize> aya::Pod for super::CachedFlow<N> {}
     // SAFETY: plain #[repr(C)] struct of integers, padding explicit.
     unsafe impl aya::Pod for super::Flow {}
     // SAFETY: plain #[repr(C)] struct of byte arrays and integers, padding explicit.
@@ -891,6 +948,12 @@ mod tests {
     #[test]
     fn keys_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        assert_eq!(core::mem::size_of::<FlowKey4>(), 16);
+        // The flow cache reads keys as words.
+        assert_eq!(core::mem::align_of::<FlowKey>(), 8);
+        assert_eq!(core::mem::align_of::<FlowKey4>(), 8);
+        assert_eq!(core::mem::size_of::<CachedFlow4>(), 32);
+        assert_eq!(core::mem::size_of::<CachedFlow6>(), 56);
         assert_eq!(core::mem::size_of::<Flow>(), 16);
         assert_eq!(core::mem::size_of::<FragKey>(), 40);
     }

@@ -52,7 +52,11 @@ use portcullis_common::{
     IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, flow_timeout_ns,
 };
 
-use crate::{clock::now, parse::Ip};
+use crate::{
+    clock::now,
+    flowcache::{self, Slot as _},
+    parse::Ip,
+};
 
 /// `FlowKey4` (this host's address and port, the other end's, protocol:
 /// 16 bytes) → `Flow` (last seen, state): the IPv4 flows this host opened.
@@ -153,6 +157,8 @@ pub trait Key: Sized + 'static {
     /// The half-open inbound TCP connections of this family.
     fn embryos() -> &'static LruHashMap<Self, Embryo>;
     fn proto(&self) -> u8;
+    /// The key's place in this family's flow cache (`flowcache.rs`).
+    fn place(&self) -> impl flowcache::Slot;
 }
 
 impl Key for FlowKey4 {
@@ -174,6 +180,11 @@ impl Key for FlowKey4 {
     fn proto(&self) -> u8 {
         self.proto
     }
+
+    #[inline(always)]
+    fn place(&self) -> impl flowcache::Slot {
+        flowcache::place4(self)
+    }
 }
 
 impl Key for FlowKey {
@@ -194,6 +205,11 @@ impl Key for FlowKey {
     #[inline(always)]
     fn proto(&self) -> u8 {
         self.proto
+    }
+
+    #[inline(always)]
+    fn place(&self) -> impl flowcache::Slot {
+        flowcache::place6(self)
     }
 }
 
@@ -569,36 +585,64 @@ fn match_ingress_key<K: Key>(ip: &Ip, key: &K, lookup: Lookup) -> bool {
     if lookup == Lookup::NotSyn && opens_tcp_connection(ip) {
         return false;
     }
-    let Some((flow, now)) = live(Origin::Out, key) else {
+    let now = now();
+    let Some(flow) = live(Origin::Out, key, now) else {
         return false;
     };
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let flow = unsafe { &mut *flow };
     let state = next_state(ip, Dir::In, Origin::Out, flow.state);
     touch(flow, state, now);
+    if settled(key.proto(), flow.state) && !ip.fragment {
+        key.place().store(flow);
+    }
     true
+}
+
+/// Ingress, before anything else: whether this CPU's flow cache admits
+/// `ip` as a reply of an established flow this host opened
+/// (`flowcache.rs`). A SYN without ACK and fragments are never looked up:
+/// they take the table path (`policy::established`), as does every miss.
+#[inline(always)]
+pub fn cached(ip: &Ip) -> bool {
+    if ip.fragment || ip.later_fragment || opens_tcp_connection(ip) {
+        return false;
+    }
+    by_family!(ip, Dir::In, |key| key.place().admits(now()), false)
+}
+
+/// Whether a flow this host opened, in `state`, stays in it whatever
+/// inbound packet comes (`next_state`, `Dir::In`, `Origin::Out`): a TCP
+/// connection once established (an inbound FIN or RST changes nothing);
+/// another protocol once replied. Only such a flow is cached.
+#[inline(always)]
+fn settled(proto: u8, state: u8) -> bool {
+    if proto == IPPROTO_TCP {
+        state == FLOW_TCP_ESTABLISHED
+    } else {
+        state == FLOW_REPLIED
+    }
 }
 
 /// Whether the flow of `ip` going `dir` is a live flow of `origin` (an
 /// expired one is removed).
 #[inline(always)]
 pub fn tracked(origin: Origin, ip: &Ip, dir: Dir) -> bool {
-    by_family!(ip, dir, |key| live(origin, key).is_some(), false)
+    by_family!(ip, dir, |key| live(origin, key, now()).is_some(), false)
 }
 
-/// The live flow `key` of `origin` and the time it was read at (the
-/// packet's one clock read), or `None` (an expired one is removed).
+/// The flow `key` of `origin` if it is live at `now`, or `None` (an expired
+/// one is removed).
 #[inline(always)]
-fn live<K: Key>(origin: Origin, key: &K) -> Option<(*mut Flow, u64)> {
+fn live<K: Key>(origin: Origin, key: &K, now: u64) -> Option<*mut Flow> {
     let flow = K::table(origin, key.proto()).get_ptr_mut(key)?;
     // SAFETY: pointer from a successful lookup; see `track_egress`.
     let (seen, state) = unsafe { ((*flow).last_seen_ns, (*flow).state) };
-    let now = now();
     if aged_out(seen, key.proto(), state, now) {
         remove(origin, key);
         return None;
     }
-    Some((flow, now))
+    Some(flow)
 }
 
 /// Whether `flow` is an established TCP connection that has not aged out

@@ -17,6 +17,8 @@ mod events;
 #[cfg(target_arch = "bpf")]
 mod explain;
 #[cfg(target_arch = "bpf")]
+mod flowcache;
+#[cfg(target_arch = "bpf")]
 mod fqdn;
 #[cfg(target_arch = "bpf")]
 mod maps;
@@ -106,6 +108,12 @@ mod programs {
                 };
             }
         };
+        // A reply of an established flow this host opened, found in this
+        // CPU's flow cache, passes at once (`flowcache.rs`).
+        if conntrack::cached(&ip) {
+            maps::count(Reason::PassEstablished, bytes);
+            return xdp_action::XDP_PASS;
+        }
         // A packet of a flow this host opened passes on the connection table
         // alone: it needs neither the live generation nor its settings. A
         // TCP SYN without ACK is a reply only in a simultaneous open (rare):

@@ -593,8 +593,9 @@ impl Kernel {
     }
 
     /// Empties the connection tables: flows this host opened, inbound
-    /// flows, half-open inbound connections.
-    fn clear_flows(&self) {
+    /// flows, half-open inbound connections; and the flow caches, as the
+    /// daemon does after a removal.
+    fn clear_flows(&mut self) {
         fn clear<K: aya::Pod, V: aya::Pod>(path: std::path::PathBuf) {
             let mut map: BpfHashMap<_, K, V> =
                 BpfHashMap::try_from(Map::LruHashMap(MapData::from_pin(path).unwrap())).unwrap();
@@ -615,6 +616,7 @@ impl Kernel {
         let [v4, v6] = portcullis_common::maps::EMBRYO;
         clear::<portcullis_common::FlowKey4, portcullis_common::Embryo>(dir.join(v4));
         clear::<FlowKey, portcullis_common::Embryo>(dir.join(v6));
+        self.dp.forget_cached_flows().unwrap();
     }
 }
 

@@ -929,3 +929,40 @@ fn an_inbound_flood_does_not_evict_outbound_flows() {
         Reason::PassEstablished,
     );
 }
+
+/// The established-flow cache (`ebpf/src/flowcache.rs`) admits nothing the
+/// connection table no longer holds: a flow the daemon cuts (a ban, a
+/// lockdown, the DNS guard) is refused at its next packet, though its
+/// replies were just admitted from this CPU's cache. (The test runs stay
+/// on one CPU, so every run sees the same per-CPU cache.)
+#[test]
+fn a_cut_flow_is_not_admitted_from_the_flow_cache() {
+    require_root!();
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    let mut b = Bench::new();
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        b.egress(&Pkt::new(h, p).tcp(40001, 9000, SYN).bytes());
+        b.expect(
+            "the answer to this host's syn",
+            &Pkt::new(p, h).tcp(9000, 40001, SYN | ACK).bytes(),
+            Reason::PassEstablished,
+        );
+        for _ in 0..3 {
+            b.expect(
+                "a reply (the table, then the cache)",
+                &Pkt::new(p, h).tcp(9000, 40001, ACK).bytes(),
+                Reason::PassEstablished,
+            );
+        }
+    }
+    assert_eq!(b.dp.cut_flows(|_| false).unwrap(), 2, "flows cut");
+    for (h, p) in [(H4, P4), (H6, P6)] {
+        b.expect(
+            "a reply of the cut flow",
+            &Pkt::new(p, h).tcp(9000, 40001, ACK).bytes(),
+            Reason::DropNoRule,
+        );
+    }
+}
