@@ -60,9 +60,12 @@ pub mod maps {
     /// `PerCpuArray<CachedFlow4>` / `PerCpuArray<CachedFlow6>`, each
     /// [`crate::FLOW_CACHE_SLOTS`] a CPU: the established-flow caches, direct
     /// mapped, in front of the connection tables on ingress
-    /// (`ebpf/src/flowcache.rs`). The daemon zeroes them whenever it removes
-    /// connection-table entries.
+    /// (`ebpf/src/flowcache.rs`).
     pub const FLOW_CACHE: [&str; 2] = ["FLOW_CACHE4", "FLOW_CACHE6"];
+    /// `Array<u64>`, 1 entry: the flow caches' epoch; a slot admits only
+    /// in the epoch it was written in. The daemon moves it on after every
+    /// removal from the connection tables.
+    pub const FLOW_CACHE_EPOCH: &str = "FLOW_CACHE_EPOCH";
     /// `LruHashMap<FlowKey4, Flow>` (IPv4) and `LruHashMap<FlowKey, Flow>`
     /// (IPv6): inbound flows the rules admitted. They admit no inbound
     /// packet (the rules decide each); they let this host's replies out
@@ -421,13 +424,16 @@ pub const fn flow_timeout_ns(proto: u8, state: u8) -> u64 {
 pub const FLOW_REFRESH_NS: u64 = SEC;
 
 /// Slots per CPU of each flow cache ([`maps::FLOW_CACHE`]); a power of two.
-pub const FLOW_CACHE_SLOTS: u32 = 2048;
+/// 1024 a CPU: 88 KiB for both families. (Changing it, or `CachedFlow`,
+/// changes a pinned map's layout: bump [`LAYOUT_VERSION`].)
+pub const FLOW_CACHE_SLOTS: u32 = 1024;
 
 /// A slot of a flow cache: a connection-table key as 8-byte words (`N` = 2:
 /// `FlowKey4`; 5: `FlowKey`), until when (the programs' clock) it admits
 /// that flow's inbound packets without a table lookup, and a check word
-/// (the key's hash xor `until_ns`) that a torn write cannot keep. All
-/// zero: empty (`until_ns` 0 is long past).
+/// (the key's hash xor `until_ns` xor the caches' epoch) that a torn write
+/// or a slot of an old epoch cannot match. All zero: empty (`until_ns` 0
+/// is long past).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CachedFlow<const N: usize> {

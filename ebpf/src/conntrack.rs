@@ -158,7 +158,7 @@ pub trait Key: Sized + 'static {
     fn embryos() -> &'static LruHashMap<Self, Embryo>;
     fn proto(&self) -> u8;
     /// The key's place in this family's flow cache (`flowcache.rs`).
-    fn place(&self) -> impl flowcache::Slot;
+    fn place(&self) -> impl flowcache::Slot + '_;
 }
 
 impl Key for FlowKey4 {
@@ -182,7 +182,7 @@ impl Key for FlowKey4 {
     }
 
     #[inline(always)]
-    fn place(&self) -> impl flowcache::Slot {
+    fn place(&self) -> impl flowcache::Slot + '_ {
         flowcache::place4(self)
     }
 }
@@ -208,7 +208,7 @@ impl Key for FlowKey {
     }
 
     #[inline(always)]
-    fn place(&self) -> impl flowcache::Slot {
+    fn place(&self) -> impl flowcache::Slot + '_ {
         flowcache::place6(self)
     }
 }
@@ -585,6 +585,9 @@ fn match_ingress_key<K: Key>(ip: &Ip, key: &K, lookup: Lookup) -> bool {
     if lookup == Lookup::NotSyn && opens_tcp_connection(ip) {
         return false;
     }
+    // Read before the lookup: a removal after it moves the epoch on, and
+    // the slot written below is then of an old one (`flowcache.rs`).
+    let epoch = flowcache::epoch();
     let now = now();
     let Some(flow) = live(Origin::Out, key, now) else {
         return false;
@@ -593,22 +596,35 @@ fn match_ingress_key<K: Key>(ip: &Ip, key: &K, lookup: Lookup) -> bool {
     let flow = unsafe { &mut *flow };
     let state = next_state(ip, Dir::In, Origin::Out, flow.state);
     touch(flow, state, now);
-    if settled(key.proto(), flow.state) && !ip.fragment {
-        key.place().store(flow);
+    if settled(key.proto(), flow.state) && !ip.fragment && !has_syn(ip) {
+        key.place().store(flow, epoch);
     }
     true
 }
 
+/// A TCP packet with SYN set (a SYN-ACK too): it may change its flow's
+/// state, so it never takes the flow cache.
+#[inline(always)]
+fn has_syn(ip: &Ip) -> bool {
+    ip.proto == IPPROTO_TCP && ip.tcp_flags & TCP_SYN != 0
+}
+
 /// Ingress, before anything else: whether this CPU's flow cache admits
 /// `ip` as a reply of an established flow this host opened
-/// (`flowcache.rs`). A SYN without ACK and fragments are never looked up:
-/// they take the table path (`policy::established`), as does every miss.
+/// (`flowcache.rs`). A TCP SYN (with or without ACK) and fragments are
+/// never looked up: they take the table path (`policy::established`), as
+/// does every miss.
 #[inline(always)]
 pub fn cached(ip: &Ip) -> bool {
-    if ip.fragment || ip.later_fragment || opens_tcp_connection(ip) {
+    if ip.fragment || ip.later_fragment || has_syn(ip) {
         return false;
     }
-    by_family!(ip, Dir::In, |key| key.place().admits(now()), false)
+    by_family!(
+        ip,
+        Dir::In,
+        |key| key.place().admits(now(), flowcache::epoch()),
+        false
+    )
 }
 
 /// Whether a flow this host opened, in `state`, stays in it whatever

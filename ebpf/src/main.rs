@@ -1,6 +1,7 @@
 //! Portcullis data path: three programs (XDP ingress, multi- and
-//! single-buffer; TC egress) over eight modules. Each packet goes through
-//! short stages: parse (`parse`), look up and decide (`conntrack`, `deny`,
+//! single-buffer; TC egress) over a module per stage or table. Each packet
+//! goes through short stages: parse (`parse`), the established-flow cache
+//! (`flowcache`, ingress), look up and decide (`conntrack`, `deny`,
 //! `rules`, `policy`), count (`maps`; egress volume per destination:
 //! `volume`), and report a drop (`events`).
 #![cfg_attr(target_arch = "bpf", no_std)]

@@ -616,7 +616,7 @@ impl Kernel {
         let [v4, v6] = portcullis_common::maps::EMBRYO;
         clear::<portcullis_common::FlowKey4, portcullis_common::Embryo>(dir.join(v4));
         clear::<FlowKey, portcullis_common::Embryo>(dir.join(v6));
-        self.dp.forget_cached_flows().unwrap();
+        self.dp.forget_cached_flows();
     }
 }
 

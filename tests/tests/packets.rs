@@ -966,3 +966,48 @@ fn a_cut_flow_is_not_admitted_from_the_flow_cache() {
         );
     }
 }
+
+/// A SYN-ACK never takes the flow cache: it may answer this host's new
+/// connection on the tuple of a cached flow, and only the table moves that
+/// connection to established. (Review finding: a SYN-ACK admitted from the
+/// cache left it in SYN_SENT, whose timeout is 60 s instead of 5 days.)
+#[test]
+fn a_new_connection_on_a_cached_tuple_is_established_by_its_syn_ack() {
+    require_root!();
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    let mut b = Bench::new();
+    let syn = Pkt::new(H4, P4).tcp(40002, 9000, SYN).bytes();
+    let syn_ack = Pkt::new(P4, H4).tcp(9000, 40002, SYN | ACK).bytes();
+    let reply = Pkt::new(P4, H4).tcp(9000, 40002, ACK).bytes();
+    b.egress(&syn);
+    b.expect("the first syn-ack", &syn_ack, Reason::PassEstablished);
+    for _ in 0..3 {
+        b.expect(
+            "a reply (the table, then the cache)",
+            &reply,
+            Reason::PassEstablished,
+        );
+    }
+    // A new connection on the same tuple (a client that reuses its port).
+    b.egress(&syn);
+    let state = |b: &Bench| {
+        let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK4");
+        let map: aya::maps::HashMap<_, portcullis_common::FlowKey4, portcullis_common::Flow> =
+            aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(
+                aya::maps::MapData::from_pin(path).unwrap(),
+            ))
+            .unwrap();
+        let flows: Vec<_> = map.iter().flatten().collect();
+        assert_eq!(flows.len(), 1, "{flows:?}");
+        flows[0].1.state
+    };
+    assert_eq!(state(&b), portcullis_common::FLOW_TCP_SYN_SENT);
+    b.expect("the new syn-ack", &syn_ack, Reason::PassEstablished);
+    assert_eq!(
+        state(&b),
+        portcullis_common::FLOW_TCP_ESTABLISHED,
+        "the new connection's syn-ack did not establish it"
+    );
+}

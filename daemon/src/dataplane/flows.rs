@@ -4,11 +4,11 @@
 use anyhow::Context as _;
 use aya::maps::{HashMap, MapData};
 use portcullis_common::{
-    CachedFlow4, CachedFlow6, FAMILY_V4, FAMILY_V6, FLOW_CACHE_SLOTS, FLOW_REPLIED,
-    FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow, FlowKey, FlowKey4, maps,
+    FAMILY_V4, FAMILY_V6, FLOW_REPLIED, FLOW_TCP_ESTABLISHED, FLOW_TCP_SYN_SENT, Flow, FlowKey,
+    FlowKey4, maps,
 };
 
-use super::{Dataplane, map_mut, mapio::clear_per_cpu, maps_dir, sockets};
+use super::{Dataplane, map_mut, maps_dir, sockets};
 use crate::model::Connection;
 
 impl Dataplane {
@@ -70,28 +70,32 @@ impl Dataplane {
             let _ = v6.remove(key);
         }
         cut += doomed.len();
-        self.forget_cached_flows()?;
+        if cut > 0 {
+            self.forget_cached_flows();
+        }
         Ok(cut)
     }
 
-    /// Empties the established-flow caches (`ebpf/src/flowcache.rs`), which
-    /// would otherwise admit a removed flow's replies for up to a second:
-    /// called after every removal from the connection tables. Twice, a
-    /// moment apart: a program that found a flow just before its removal
-    /// may write its slot just after the first pass (a program's run takes
-    /// microseconds).
-    pub fn forget_cached_flows(&mut self) -> anyhow::Result<()> {
-        for pass in 0..2 {
-            if pass == 1 {
-                std::thread::sleep(std::time::Duration::from_millis(2));
-            }
-            let [c4, c6] = maps::FLOW_CACHE;
-            clear_per_cpu::<CachedFlow4>(map_mut(&mut self.ebpf, c4)?, FLOW_CACHE_SLOTS as usize)
-                .context("emptying the IPv4 flow cache")?;
-            clear_per_cpu::<CachedFlow6>(map_mut(&mut self.ebpf, c6)?, FLOW_CACHE_SLOTS as usize)
-                .context("emptying the IPv6 flow cache")?;
+    /// Retires every slot of the established-flow caches
+    /// (`ebpf/src/flowcache.rs`), which would otherwise admit a removed
+    /// flow's replies for up to a second: moves their epoch on. Called
+    /// after every removal from the connection tables. A failure is logged,
+    /// not returned: the flows are gone from the tables already, and the
+    /// slots expire within a second.
+    pub fn forget_cached_flows(&mut self) {
+        let result = (|| {
+            let mut epoch: aya::maps::Array<_, u64> =
+                aya::maps::Array::try_from(map_mut(&mut self.ebpf, maps::FLOW_CACHE_EPOCH)?)?;
+            let now = epoch.get(&0, 0)?;
+            epoch.set(0, &now.wrapping_add(1), 0)?;
+            anyhow::Ok(())
+        })();
+        if let Err(e) = result {
+            tracing::warn!(
+                "could not retire the flow caches ({}): removed flows' replies pass for up to a second more: {e:#}",
+                maps::FLOW_CACHE_EPOCH
+            );
         }
-        Ok(())
     }
 
     /// Removes the inbound flows (`INBOUND4`/`INBOUND6`) that `cut` picks,
@@ -129,7 +133,7 @@ impl Dataplane {
             let _ = c6.remove(key);
         }
         if !doomed4.is_empty() || !doomed6.is_empty() {
-            self.forget_cached_flows()?;
+            self.forget_cached_flows();
         }
         Ok(doomed4.len() + doomed6.len())
     }

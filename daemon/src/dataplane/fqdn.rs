@@ -80,7 +80,7 @@ impl Dataplane {
             let _ = v6.remove(key);
         }
         if !doomed4.is_empty() || !doomed6.is_empty() {
-            self.forget_cached_flows()?;
+            self.forget_cached_flows();
         }
         Ok(doomed4.len() + doomed6.len())
     }

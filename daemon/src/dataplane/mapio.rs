@@ -213,15 +213,10 @@ unsafe impl Send for Mapping {}
 // SAFETY: as above: `&Mapping` only reads.
 unsafe impl Sync for Mapping {}
 
-/// Zeroes the first `slots` entries of a per-CPU counter array.
-pub(super) fn clear_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Result<()> {
-    clear_per_cpu::<Counter>(map, slots)
-}
-
-/// Zeroes the first `slots` entries of a per-CPU array of `V` with one
+/// Zeroes the first `slots` entries of a per-CPU counter array with one
 /// `BPF_MAP_UPDATE_BATCH` (a per-CPU array cannot be mapped), instead of a
 /// system call per slot.
-pub(super) fn clear_per_cpu<V: aya::Pod>(map: &aya::maps::Map, slots: usize) -> anyhow::Result<()> {
+pub(super) fn clear_counters(map: &aya::maps::Map, slots: usize) -> anyhow::Result<()> {
     use std::os::fd::AsFd as _;
     let aya::maps::Map::PerCpuArray(data) = map else {
         bail!("not a per-CPU array map");
@@ -229,7 +224,7 @@ pub(super) fn clear_per_cpu<V: aya::Pod>(map: &aya::maps::Map, slots: usize) -> 
     let cpus = possible_cpus()?;
     // Per-CPU values are passed as one value per possible CPU, each rounded
     // up to 8 bytes.
-    let zeros = vec![0u8; slots * cpus * size_of::<V>().next_multiple_of(8)];
+    let zeros = vec![0u8; slots * cpus * size_of::<Counter>().next_multiple_of(8)];
     let keys: Vec<u32> = (0..slots as u32).collect();
     batch(sys::BPF_MAP_UPDATE_BATCH, data.fd().as_fd(), &keys, &zeros)
 }

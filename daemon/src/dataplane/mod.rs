@@ -27,7 +27,8 @@
 //!                   REGIONS_g, SEGMENTS_g, RULE_STATS_g
 //!                                the compiled rules of generation g
 //! <pin_dir>/maps-vN/CONNTRACK4, CONNTRACK6   flows this host opened, per family
-//! <pin_dir>/maps-vN/FLOW_CACHE4, FLOW_CACHE6 per CPU, flows whose replies passed (ingress)
+//! <pin_dir>/maps-vN/FLOW_CACHE4, FLOW_CACHE6, FLOW_CACHE_EPOCH
+//!                                per CPU, flows whose replies passed (ingress); their epoch
 //! <pin_dir>/maps-vN/INBOUND4, INBOUND6       inbound flows the rules admitted (for replies)
 //! <pin_dir>/maps-vN/FRAGMENTS       fragmented packets whose first fragment passed
 //! <pin_dir>/maps-vN/DHCP_REQUESTS   when this host last asked for a lease, per family
