@@ -938,24 +938,10 @@ fn an_inbound_flood_does_not_evict_outbound_flows() {
 #[test]
 fn a_cut_flow_is_not_admitted_from_the_flow_cache() {
     require_root!();
-    let mut one = nix::sched::CpuSet::new();
-    one.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    on_one_cpu();
     let mut b = Bench::new();
     for (h, p) in [(H4, P4), (H6, P6)] {
-        b.egress(&Pkt::new(h, p).tcp(40001, 9000, SYN).bytes());
-        b.expect(
-            "the answer to this host's syn",
-            &Pkt::new(p, h).tcp(9000, 40001, SYN | ACK).bytes(),
-            Reason::PassEstablished,
-        );
-        for _ in 0..3 {
-            b.expect(
-                "a reply (the table, then the cache)",
-                &Pkt::new(p, h).tcp(9000, 40001, ACK).bytes(),
-                Reason::PassEstablished,
-            );
-        }
+        cached_flow(&mut b, h, p, 40001);
     }
     assert_eq!(b.dp.cut_flows(|_| false).unwrap(), 2, "flows cut");
     for (h, p) in [(H4, P4), (H6, P6)] {
@@ -974,24 +960,12 @@ fn a_cut_flow_is_not_admitted_from_the_flow_cache() {
 #[test]
 fn a_new_connection_on_a_cached_tuple_is_established_by_its_syn_ack() {
     require_root!();
-    let mut one = nix::sched::CpuSet::new();
-    one.set(0).unwrap();
-    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+    on_one_cpu();
     let mut b = Bench::new();
-    let syn = Pkt::new(H4, P4).tcp(40002, 9000, SYN).bytes();
-    let syn_ack = Pkt::new(P4, H4).tcp(9000, 40002, SYN | ACK).bytes();
-    let reply = Pkt::new(P4, H4).tcp(9000, 40002, ACK).bytes();
-    b.egress(&syn);
-    b.expect("the first syn-ack", &syn_ack, Reason::PassEstablished);
-    for _ in 0..3 {
-        b.expect(
-            "a reply (the table, then the cache)",
-            &reply,
-            Reason::PassEstablished,
-        );
-    }
+    cached_flow(&mut b, H4, P4, 40002);
     // A new connection on the same tuple (a client that reuses its port).
-    b.egress(&syn);
+    b.egress(&Pkt::new(H4, P4).tcp(40002, 9000, SYN).bytes());
+    let syn_ack = Pkt::new(P4, H4).tcp(9000, 40002, SYN | ACK).bytes();
     let state = |b: &Bench| {
         let path = portcullis::dataplane::maps_dir(b.pins.path()).join("CONNTRACK4");
         let map: aya::maps::HashMap<_, portcullis_common::FlowKey4, portcullis_common::Flow> =
@@ -1010,4 +984,31 @@ fn a_new_connection_on_a_cached_tuple_is_established_by_its_syn_ack() {
         portcullis_common::FLOW_TCP_ESTABLISHED,
         "the new connection's syn-ack did not establish it"
     );
+}
+
+/// Keeps this thread on CPU 0: every test run then sees the same per-CPU
+/// flow cache.
+fn on_one_cpu() {
+    let mut one = nix::sched::CpuSet::new();
+    one.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &one).unwrap();
+}
+
+/// Opens a TCP connection from `h:local` to `p:9000` and admits three of
+/// its replies: the first from the connection table (which caches the
+/// flow), the others from this CPU's flow cache.
+fn cached_flow(b: &mut Bench, h: &str, p: &str, local: u16) {
+    b.egress(&Pkt::new(h, p).tcp(local, 9000, SYN).bytes());
+    b.expect(
+        "the answer to this host's syn",
+        &Pkt::new(p, h).tcp(9000, local, SYN | ACK).bytes(),
+        Reason::PassEstablished,
+    );
+    for _ in 0..3 {
+        b.expect(
+            "a reply (the table, then the cache)",
+            &Pkt::new(p, h).tcp(9000, local, ACK).bytes(),
+            Reason::PassEstablished,
+        );
+    }
 }
