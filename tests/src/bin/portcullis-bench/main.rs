@@ -132,11 +132,12 @@ fn median_min_max(v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// Opens the flows of `pkts` through the egress program (the SYN this host
-/// would have sent for each inbound packet to answer it) and returns what
-/// an established flow carries on them, the common case on a busy host:
-/// the other end's ACK of each (a SYN without ACK would meet the rules
-/// first, `policy::established`). Checks the first of each family passes
-/// as established.
+/// would have sent for each inbound packet to answer it) and the ingress
+/// program (the other end's SYN-ACK, which establishes the flow), and
+/// returns what an established flow carries on them, the common case on a
+/// busy host: the other end's ACK of each (a SYN without ACK would meet the
+/// rules first, `policy::established`). Checks the first of each family
+/// passes as established.
 fn establish(dp: &mut Dataplane, pkts: &[TestPacket]) -> anyhow::Result<Vec<TestPacket>> {
     let mut acks: Vec<TestPacket> = Vec::new();
     for (i, &(v6, allowed, ref inbound)) in pkts.iter().enumerate() {
@@ -152,6 +153,11 @@ fn establish(dp: &mut Dataplane, pkts: &[TestPacket]) -> anyhow::Result<Vec<Test
         dp.test_run(
             Program::Egress,
             &Pkt::new(&dst, &src).tcp(dport, sport, SYN).bytes(),
+            1,
+        )?;
+        dp.test_run(
+            Program::Ingress,
+            &Pkt::new(&src, &dst).tcp(sport, dport, SYN | ACK).bytes(),
             1,
         )?;
         let ack = Pkt::new(&src, &dst).tcp(sport, dport, ACK).bytes();

@@ -7,7 +7,7 @@
 //! | `arp`     | ARP request                             | call, generation + settings reads, Ethernet, counter     |
 //! | `trunc`   | IPv4 TCP, header cut after 10 bytes     | + IPv4 header parse (then malformed: no event)           |
 //! | `frag`    | IPv4 TCP fragment at offset 1 (8 bytes) | as `trunc`, dropped as a fragment: + drop event (budget) |
-//! | `est`     | IPv4 SYN-ACK of a flow this host opened | + L4 parse, connection-table key and lookup (hit)        |
+//! | `est`     | IPv4 ACK of a flow this host opened, established (its SYN-ACK passed) | + L4 parse, key hash, flow-cache hit (a connection-table hit on a flow's first run, which fills the cache) |
 //! | `denied`  | IPv4 SYN no rule admits                 | + L4, generation, deny sets, rules (no match), lookup (miss), drop event |
 //! | `allowed` | IPv4 SYN a rule admits                  | + rules (match), INBOUND miss, counters (no EMBRYO update: no egress allowlist) |
 //!
@@ -101,7 +101,7 @@ fn arp_frame() -> Vec<u8> {
 }
 
 /// The classes' frames for `set`; `est` flows are opened through `dp`'s
-/// egress program.
+/// egress program and established through its ingress program.
 pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::Result<Classes> {
     let local = "10.200.0.1";
     let mut c = Classes {
@@ -142,8 +142,13 @@ pub fn classes(set: &RuleSet, rng: &mut StdRng, dp: &mut Dataplane) -> anyhow::R
             &Pkt::new(local, &remote).tcp(port, 443, SYN).bytes(),
             1,
         )?;
+        dp.test_run(
+            Program::Ingress,
+            &Pkt::new(&remote, local).tcp(443, port, SYN | ACK).bytes(),
+            1,
+        )?;
         c.est
-            .push(Pkt::new(&remote, local).tcp(443, port, SYN | ACK).bytes());
+            .push(Pkt::new(&remote, local).tcp(443, port, ACK).bytes());
         // A source and port no rule admits (at 100k rules random sources
         // fall inside some /8 rule's range often enough to matter).
         let (src, port) = loop {
