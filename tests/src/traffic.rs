@@ -243,10 +243,20 @@ pub fn raw_send(ns: &Netns, to: IpAddr, protocol: i32, payload: &[u8]) -> anyhow
     Ok(())
 }
 
-/// Whether a raw socket receives a packet within its timeout.
-pub fn raw_received(sock: &Socket) -> bool {
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
-    sock.recv(&mut buf).is_ok()
+/// Whether a raw socket receives a packet carrying `marker` within its
+/// timeout. Packets without it are skipped: late copies of an earlier
+/// send (a control sent again while the neighbour was resolved can arrive
+/// all at once, after the test moved on) say nothing about this one.
+pub fn raw_received(sock: &Socket, marker: &[u8]) -> bool {
+    use std::io::Read as _;
+    let mut buf = [0u8; 2048];
+    loop {
+        match (&*sock).read(&mut buf) {
+            Ok(n) if buf[..n].windows(marker.len()).any(|w| w == marker) => return true,
+            Ok(_) => continue,
+            Err(_) => return false,
+        }
+    }
 }
 
 /// One ICMP echo from `ns` to `addr`; true when the reply came back.

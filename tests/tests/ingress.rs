@@ -291,7 +291,7 @@ fn other_ip_protocols_are_dropped() {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let received = loop {
             raw_send(&env.pair.peer, dest(v6), proto, b"\0\0\0\0control").unwrap();
-            if raw_received(sink) {
+            if raw_received(sink, b"control") {
                 break true;
             }
             if std::time::Instant::now() > deadline {
@@ -305,7 +305,10 @@ fn other_ip_protocols_are_dropped() {
     for (&(v6, proto), sink) in cases.iter().zip(&sinks) {
         let before = env.pins.counter(Reason::DropProtocol);
         raw_send(&env.pair.peer, dest(v6), proto, b"\0\0\0\0probe").unwrap();
-        assert!(!raw_received(sink), "protocol {proto} v6={v6} got through");
+        assert!(
+            !raw_received(sink, b"probe"),
+            "protocol {proto} v6={v6} got through"
+        );
         env.pins.expect_counter(Reason::DropProtocol, before + 1);
     }
 }
