@@ -596,27 +596,28 @@ fn match_ingress_key<K: Key>(ip: &Ip, key: &K, lookup: Lookup) -> bool {
     let flow = unsafe { &mut *flow };
     let state = next_state(ip, Dir::In, Origin::Out, flow.state);
     touch(flow, state, now);
-    if settled(key.proto(), flow.state) && !ip.fragment && !has_syn(ip) {
+    if settled(key.proto(), flow.state) && takes_cache(ip) {
         key.place().store(flow, epoch);
     }
     true
 }
 
-/// A TCP packet with SYN set (a SYN-ACK too): it may change its flow's
-/// state, so it never takes the flow cache.
+/// Whether `ip` may be admitted from, or fill, the flow cache: not a
+/// fragment (a first one must be remembered, later ones follow it) nor a
+/// TCP packet with SYN set (a SYN-ACK too: it may change its flow's
+/// state).
 #[inline(always)]
-fn has_syn(ip: &Ip) -> bool {
-    ip.proto == IPPROTO_TCP && ip.tcp_flags & TCP_SYN != 0
+fn takes_cache(ip: &Ip) -> bool {
+    !ip.fragment && !ip.later_fragment && !(ip.proto == IPPROTO_TCP && ip.tcp_flags & TCP_SYN != 0)
 }
 
 /// Ingress, before anything else: whether this CPU's flow cache admits
 /// `ip` as a reply of an established flow this host opened
-/// (`flowcache.rs`). A TCP SYN (with or without ACK) and fragments are
-/// never looked up: they take the table path (`policy::established`), as
-/// does every miss.
+/// (`flowcache.rs`). What does not take the cache ([`takes_cache`]), and
+/// every miss, takes the table path (`policy::established`).
 #[inline(always)]
 pub fn cached(ip: &Ip) -> bool {
-    if ip.fragment || ip.later_fragment || has_syn(ip) {
+    if !takes_cache(ip) {
         return false;
     }
     by_family!(

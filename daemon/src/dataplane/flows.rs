@@ -47,39 +47,55 @@ impl Dataplane {
     /// Removes every flow whose remote address `keep` refuses, so its next
     /// packet meets the policy again; returns how many were removed.
     pub fn cut_flows(&mut self, keep: impl Fn(std::net::IpAddr) -> bool) -> anyhow::Result<usize> {
-        let mut v4: HashMap<_, FlowKey4, Flow> =
+        self.cut_connections(|k| !keep(flow_remote(k)))
+    }
+
+    /// Removes the connection-table flows `pick` selects (IPv4 keys
+    /// widened to `FlowKey`); returns how many.
+    pub(super) fn cut_connections(
+        &mut self,
+        pick: impl Fn(&FlowKey) -> bool,
+    ) -> anyhow::Result<usize> {
+        let v4: HashMap<_, FlowKey4, Flow> =
+            HashMap::try_from(&*map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
+        let doomed4: Vec<FlowKey4> = v4
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| pick(&k.widen()))
+            .collect();
+        let v6: HashMap<_, FlowKey, Flow> =
+            HashMap::try_from(&*map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
+        let doomed6: Vec<FlowKey> = v6.keys().filter_map(Result::ok).filter(&pick).collect();
+        self.remove_connections(&doomed4, &doomed6)?;
+        Ok(doomed4.len() + doomed6.len())
+    }
+
+    /// Removes `keys4` and `keys6` from the connection tables (a key gone
+    /// already, aged out or evicted, is nothing left to cut) and, if there
+    /// were any, retires the flow caches' slots: every removal from the
+    /// tables goes through here.
+    fn remove_connections(&mut self, keys4: &[FlowKey4], keys6: &[FlowKey]) -> anyhow::Result<()> {
+        let mut c4: HashMap<_, FlowKey4, Flow> =
             HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
-        let doomed: Vec<FlowKey4> = v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(flow_remote(&k.widen())))
-            .collect();
-        for key in &doomed {
-            // Gone already (aged out, evicted): nothing left to cut.
-            let _ = v4.remove(key);
+        for key in keys4 {
+            let _ = c4.remove(key);
         }
-        let mut cut = doomed.len();
-        let mut v6: HashMap<_, FlowKey, Flow> =
+        let mut c6: HashMap<_, FlowKey, Flow> =
             HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
-        let doomed: Vec<FlowKey> = v6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| !keep(flow_remote(k)))
-            .collect();
-        for key in &doomed {
-            let _ = v6.remove(key);
+        for key in keys6 {
+            let _ = c6.remove(key);
         }
-        cut += doomed.len();
-        if cut > 0 {
+        if !keys4.is_empty() || !keys6.is_empty() {
             self.forget_cached_flows();
         }
-        Ok(cut)
+        Ok(())
     }
 
     /// Retires every slot of the established-flow caches
     /// (`ebpf/src/flowcache.rs`), which would otherwise admit a removed
     /// flow's replies for up to a second: moves their epoch on. Called
-    /// after every removal from the connection tables. A failure is logged,
+    /// after every removal from the connection tables
+    /// (`remove_connections`), and by tests that empty them. A failure is logged,
     /// not returned: the flows are gone from the tables already, and the
     /// slots expire within a second.
     pub fn forget_cached_flows(&mut self) {
@@ -122,19 +138,7 @@ impl Dataplane {
         for key in &doomed6 {
             let _ = v6.remove(key);
         }
-        let mut c4: HashMap<_, FlowKey4, Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
-        for key in &doomed4 {
-            let _ = c4.remove(key);
-        }
-        let mut c6: HashMap<_, FlowKey, Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
-        for key in &doomed6 {
-            let _ = c6.remove(key);
-        }
-        if !doomed4.is_empty() || !doomed6.is_empty() {
-            self.forget_cached_flows();
-        }
+        self.remove_connections(&doomed4, &doomed6)?;
         Ok(doomed4.len() + doomed6.len())
     }
 

@@ -56,33 +56,9 @@ impl Dataplane {
         &mut self,
         keep: impl Fn(std::net::IpAddr, u16) -> bool,
     ) -> anyhow::Result<usize> {
-        use portcullis_common::{DNS_PORT, DNS_TLS_PORT, FlowKey, FlowKey4};
+        use portcullis_common::{DNS_PORT, DNS_TLS_PORT};
         let dns = |port: u16| port == DNS_PORT || port == DNS_TLS_PORT;
-        let mut v4: HashMap<_, FlowKey4, portcullis_common::Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK4)?)?;
-        let doomed4: Vec<FlowKey4> = v4
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dns(k.remote_port) && !keep(k.remote.into(), k.remote_port))
-            .collect();
-        for key in &doomed4 {
-            // Gone already (aged out): nothing left to cut.
-            let _ = v4.remove(key);
-        }
-        let mut v6: HashMap<_, FlowKey, portcullis_common::Flow> =
-            HashMap::try_from(map_mut(&mut self.ebpf, maps::CONNTRACK6)?)?;
-        let doomed6: Vec<FlowKey> = v6
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| dns(k.remote_port) && !keep(super::flow_remote(k), k.remote_port))
-            .collect();
-        for key in &doomed6 {
-            let _ = v6.remove(key);
-        }
-        if !doomed4.is_empty() || !doomed6.is_empty() {
-            self.forget_cached_flows();
-        }
-        Ok(doomed4.len() + doomed6.len())
+        self.cut_connections(|k| dns(k.remote_port) && !keep(super::flow_remote(k), k.remote_port))
     }
 
     /// Every learned destination.
